@@ -1,0 +1,115 @@
+"""Ignite handlers for SPOCO training: momentum teacher update, progress bar and per-term loss logging."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+
+__all__ = ["MomentumTeacherHandler", "TrainingProgressBar", "LossTermsLogger", "pred_label_batch"]
+
+
+class MomentumTeacherHandler:
+    """
+    Exponential-moving-average update of the teacher after every iteration: ``g <- m * g + (1 - m) * f``.
+
+    Only parameters are averaged (as in SPOCO); buffers, if any, are copied from the student. On a fresh start
+    (iteration 0) the teacher is first set equal to the student, so its random initialisation never matters; when
+    resuming, the teacher loaded from the checkpoint is kept.
+
+    Args:
+        teacher: the momentum teacher network ``g`` (its parameters should not require grad).
+        student: the trained network ``f``; defaults to the engine's ``network`` at attach time.
+        momentum: ``m``, 0.999 in the paper.
+    """
+
+    def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module | None = None, momentum: float = 0.999):
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
+        self.teacher = teacher
+        self.student = student
+        self.momentum = momentum
+
+    def attach(self, engine: Engine) -> None:
+        if self.student is None:
+            self.student = engine.network  # type: ignore[attr-defined]
+        engine.add_event_handler(Events.STARTED, self._sync_if_fresh)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _sync_if_fresh(self, engine: Engine) -> None:
+        if engine.state.iteration == 0:
+            self.teacher.load_state_dict(self.student.state_dict())  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def __call__(self, engine: Engine | None = None) -> None:
+        student_params = dict(self.student.named_parameters())  # type: ignore[union-attr]
+        teacher_params = [p for _, p in self.teacher.named_parameters()]
+        source = [student_params[n] for n, _ in self.teacher.named_parameters()]
+        # one fused op over all tensors: g = m g + (1 - m) f
+        torch._foreach_lerp_(teacher_params, [s.detach() for s in source], 1.0 - self.momentum)
+        for (_, tb), (_, sb) in zip(self.teacher.named_buffers(), self.student.named_buffers()):  # type: ignore
+            tb.copy_(sb)
+
+
+class TrainingProgressBar:
+    """tqdm progress bar over the iterations of each epoch, showing the running loss (rank 0 only)."""
+
+    def __init__(self, persist: bool = False) -> None:
+        self.persist = persist
+
+    def attach(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_rank() != 0:
+                return
+        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": _loss_of(out)})
+
+
+class LossTermsLogger:
+    """
+    Logs the epoch mean of every SPOCO loss term (pull, push, instance, unlabeled, consistency, ...) at the end
+    of each epoch, read from the loss function's ``last_terms`` dict after each iteration.
+
+    Args:
+        loss: the ``SpocoLoss`` instance used by the trainer.
+        name: logger name.
+    """
+
+    def __init__(self, loss: torch.nn.Module, name: str = "spoco") -> None:
+        self.loss = loss
+        self.logger = logging.getLogger(name)
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+
+    def _accumulate(self, engine: Engine) -> None:
+        for k, v in getattr(self.loss, "last_terms", {}).items():
+            self._sums[k] += float(v)
+        self._count += 1
+
+    def _report(self, engine: Engine) -> None:
+        if self._count:
+            terms = "  ".join(f"{k} {v / self._count:.4f}" for k, v in self._sums.items())
+            self.logger.info(f"Epoch {engine.state.epoch}/{engine.state.max_epochs} loss terms: {terms}")
+        self._sums.clear()
+        self._count = 0
+
+
+def _loss_of(output) -> float:
+    if isinstance(output, list):  # decollated batch: every item carries the same loss
+        output = output[0]
+    return float(output["loss"]) if isinstance(output, dict) else float(output)
+
+
+def pred_label_batch(output) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    ``output_transform`` for ignite metrics on an evaluator: stack the decollated ``pred`` and ``label`` items back
+    into ``(B, C, *S)`` batches (every validation volume is its own batch, so sizes match).
+    """
+    items = output if isinstance(output, list) else [output]
+    return torch.stack([i["pred"] for i in items]), torch.stack([i["label"] for i in items])

@@ -1,0 +1,94 @@
+"""Embedding U-Net: MONAI's DynUNet with a linear 1x1 head producing SPOCO pixel embeddings."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import DynUNet
+
+__all__ = ["EmbeddingUNet", "make_teacher", "default_patch_size"]
+
+
+class EmbeddingUNet(DynUNet):
+    """
+    U-Net mapping an image to per-voxel embeddings (SPOCO's ``f``), built on :class:`monai.networks.nets.DynUNet`.
+
+    Each level has two 3x3(x3) convolutions with instance norm and leaky ReLU; the head is a 1x1 convolution with
+    no activation, as SPOCO requires (a bounded head would distort the distance margins of the losses). When
+    ``foreground_head`` is True, one extra output channel (the last) carries a foreground logit, trained only where
+    background was annotated (see ``SpocoLoss``); the embedding channels are unaffected by it.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: number of image channels.
+        embedding_dim: embedding size E (16 in the paper).
+        features: feature maps per level, e.g. ``(16, 32, 64, 128)``; the number of levels is ``len(features)`` (at least 3).
+        strides: per-level down-sampling strides (first entry applies to the input level and is normally 1). Use
+            per-axis strides such as ``[[1, 1, 1], [1, 2, 2], [2, 2, 2]]`` for anisotropic volumes. Defaults to
+            ``[1, 2, 2, ...]``.
+        foreground_head: add the foreground logit channel.
+        norm_name: normalisation, as accepted by DynUNet.
+
+    Shapes:
+        input ``(B, in_channels, *S)``; output ``(B, embedding_dim + foreground_head, *S)``. Every spatial size must be
+        divisible by the product of the strides along that axis (sliding-window inference takes care of it).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        embedding_dim: int = 16,
+        features: Sequence[int] = (16, 32, 64, 128),
+        strides: Sequence[Sequence[int] | int] | None = None,
+        foreground_head: bool = True,
+        norm_name: tuple | str = ("instance", {"affine": True}),
+    ) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be positive, got {embedding_dim}.")
+        features = [int(f) for f in features]
+        if len(features) < 3:  # DynUNet's minimum: input level, one down-sampling, bottleneck
+            raise ValueError(f"features needs at least three levels, got {features}.")
+        if strides is None:
+            strides = [1] + [2] * (len(features) - 1)
+        if len(strides) != len(features):
+            raise ValueError(f"strides ({len(strides)} levels) and features ({len(features)} levels) must match.")
+        self.spatial_dims = spatial_dims
+        self.embedding_dim = embedding_dim
+        self.foreground_head = foreground_head
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=embedding_dim + int(foreground_head),
+            kernel_size=[3] * len(features),
+            strides=list(strides),
+            upsample_kernel_size=list(strides[1:]),
+            filters=features,
+            norm_name=norm_name,
+            act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+            deep_supervision=False,
+            res_block=False,
+        )
+
+
+def make_teacher(student: torch.nn.Module) -> torch.nn.Module:
+    """
+    Momentum teacher ``g``: a frozen deep copy of the student, updated only by :class:`MomentumTeacherHandler`.
+    """
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def default_patch_size(spatial_dims: int) -> list[int]:
+    """Training patch size used when the config does not set ``patch_size``: sized for CPU training."""
+    if spatial_dims == 3:
+        return [32, 64, 64]
+    if spatial_dims == 2:
+        return [192, 192]
+    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from spoco_bundle.networks import EmbeddingUNet, default_patch_size, make_teacher
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 64, 48)), (3, (2, 1, 16, 32, 24))])
+@pytest.mark.parametrize("fg", [True, False])
+def test_output_shape_and_channels(spatial_dims, shape, fg):
+    net = EmbeddingUNet(spatial_dims=spatial_dims, embedding_dim=8, features=(8, 16, 32), foreground_head=fg)
+    out = net(torch.randn(shape))
+    assert out.shape == (shape[0], 8 + int(fg), *shape[2:])
+
+
+def test_head_is_linear():
+    # scaling the head's weights and bias scales the output exactly: no activation after the 1x1 conv
+    torch.manual_seed(0)
+    net = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16), foreground_head=False).eval()
+    x = torch.randn(1, 1, 32, 32)
+    y1 = net(x)
+    head = net.output_block.conv.conv
+    assert head.kernel_size == (1, 1)
+    with torch.no_grad():
+        head.weight.mul_(-3.0)
+        head.bias.mul_(-3.0)
+    torch.testing.assert_close(net(x), -3.0 * y1, rtol=1e-5, atol=1e-5)
+    assert (y1 < 0).any() and (y1 > 0).any()
+
+
+def test_anisotropic_strides():
+    net = EmbeddingUNet(spatial_dims=3, embedding_dim=4, features=(8, 16, 32), strides=[1, [1, 2, 2], 2])
+    assert net(torch.randn(1, 1, 8, 32, 32)).shape == (1, 5, 8, 32, 32)
+
+
+def test_state_dict_roundtrip_strict(tmp_path):
+    net = EmbeddingUNet(spatial_dims=3, embedding_dim=16, features=(8, 16, 16))
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    other = EmbeddingUNet(spatial_dims=3, embedding_dim=16, features=(8, 16, 16))
+    other.load_state_dict(torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True), strict=True)
+    for a, b in zip(net.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_teacher_is_frozen_copy():
+    net = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16))
+    teacher = make_teacher(net)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in net.parameters())
+    for (n1, a), (n2, b) in zip(net.named_parameters(), teacher.named_parameters()):
+        assert n1 == n2 and torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
+@pytest.mark.parametrize("kwargs,msg", [({"spatial_dims": 4}, "spatial_dims"), ({"features": (8, 16)}, "three levels"),
+                                        ({"features": (8, 16, 32), "strides": [1, 2]}, "must match")])
+def test_bad_arguments(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        EmbeddingUNet(**kwargs)
+
+
+def test_default_patch_size():
+    assert len(default_patch_size(2)) == 2 and len(default_patch_size(3)) == 3
+    with pytest.raises(ValueError):
+        default_patch_size(1)

@@ -1,0 +1,96 @@
+"""Momentum teacher: EMA with m = 0.999, sync on a fresh start, no gradients into the teacher."""
+
+import copy
+
+import torch
+from ignite.engine import Engine, Events
+
+from spoco_bundle.handlers import MomentumTeacherHandler
+from spoco_bundle.inferers import TwoViewInferer
+from spoco_bundle.networks import EmbeddingUNet, make_teacher
+
+
+def _nets():
+    torch.manual_seed(0)
+    student = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16))
+    teacher = make_teacher(student)
+    return student, teacher
+
+
+def test_ema_update_follows_momentum():
+    student, teacher = _nets()
+    with torch.no_grad():  # make the two differ
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    g0 = {n: p.detach().double().clone() for n, p in teacher.named_parameters()}
+    f = {n: p.detach().double().clone() for n, p in student.named_parameters()}
+    handler = MomentumTeacherHandler(teacher, student, momentum=0.999)
+    handler()
+    for n, p in teacher.named_parameters():
+        expected = 0.999 * g0[n] + 0.001 * f[n]
+        torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=1e-6)
+    # many steps with a fixed student: g_t - f = m^t (g_0 - f)
+    for _ in range(99):
+        handler()
+    for n, p in teacher.named_parameters():
+        expected = f[n] + 0.999**100 * (g0[n] - f[n])
+        torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=1e-5)
+
+
+def test_sync_on_fresh_start_only():
+    student, teacher = _nets()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(7.0)
+    engine = Engine(lambda e, b: None)
+    engine.network = student
+    MomentumTeacherHandler(teacher, momentum=0.999).attach(engine)
+    seen = {}
+    engine.add_event_handler(Events.ITERATION_STARTED(once=1), lambda e: seen.update(
+        {n: p.clone() for n, p in teacher.named_parameters()}))
+    engine.run([0, 1], max_epochs=1)
+    for n, p in student.named_parameters():  # synced at start, then EMA of an unchanged student = student
+        assert torch.equal(seen[n], p.detach())
+        torch.testing.assert_close(dict(teacher.named_parameters())[n], p.detach())
+
+    # resuming (iteration > 0): the loaded teacher is kept
+    student2, teacher2 = _nets()
+    with torch.no_grad():
+        for p in teacher2.parameters():
+            p.fill_(7.0)
+    engine2 = Engine(lambda e, b: None)
+    engine2.network = student2
+    MomentumTeacherHandler(teacher2, momentum=1.0).attach(engine2)
+    engine2.state.iteration, engine2.state.epoch, engine2.state.epoch_length, engine2.state.max_epochs = 2, 1, 2, 2
+    engine2.run([0, 1], max_epochs=2)
+    assert all(torch.all(p == 7.0) for p in teacher2.parameters())
+
+
+def test_gradients_reach_student_not_teacher():
+    student, teacher = _nets()
+    inferer = TwoViewInferer(teacher)
+    x = torch.randn(2, 1, 32, 32)
+    x_g = x + 0.1 * torch.randn_like(x)
+    s, t = inferer(x, student, x_g)
+    assert s.requires_grad and not t.requires_grad
+    (s * t).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    # student-only call (no second view) returns a single tensor
+    assert isinstance(inferer(x, student), torch.Tensor)
+
+
+def test_teacher_lags_student_during_training():
+    student, teacher = _nets()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    handler = MomentumTeacherHandler(teacher, student, momentum=0.999)
+    start = copy.deepcopy(student.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    for _ in range(3):
+        opt.zero_grad()
+        student(x).pow(2).mean().backward()
+        opt.step()
+        handler()
+    moved_s = sum((p - start[n]).abs().sum() for n, p in student.named_parameters())
+    moved_t = sum((p - start[n]).abs().sum() for n, p in teacher.named_parameters())
+    assert 0 < moved_t < 0.01 * moved_s
