@@ -1,0 +1,423 @@
+"""Loading and label transforms of the SPOCO bundle (array and dictionary versions, MONAI style).
+
+Label convention after :class:`SparseInstanceLabel`: int64, 0 = unlabeled (never background), 1..K = annotated
+objects (consecutive), -1 = annotated background (only when a background id is configured).
+
+Loading in a config (the entries of :func:`load_transforms`; keep ``LoadVolumed`` a top-level entry so that
+MONAI Label can swap it for its own loader)::
+
+    {"_target_": "spoco_bundle.io.LoadVolumed", "keys": ["image", "label"]},
+    {"_target_": "EnsureChannelFirstd", "keys": ["image", "label"], "channel_dim": "no_channel"},
+    {"_target_": "spoco_bundle.transforms.EnsureSpatialDimsd", "keys": ["image", "label"], "spatial_dims": 3},
+    {"_target_": "spoco_bundle.transforms.CheckImageLabeld", "keys": ["image", "label"], "spatial_dims": 3},
+    {"_target_": "CastToTyped", "keys": "image", "dtype": "$np.float32"},
+    {"_target_": "CastToTyped", "keys": "label", "dtype": "$torch.int64"},
+    {"_target_": "spoco_bundle.transforms.SparseInstanceLabeld", "keys": "label", "instance_ratio": 0.1}
+
+No Orientation or Spacing transform: arrays stay in the file's storage order (see :mod:`spoco_bundle.io`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.data.utils import to_affine_nd
+from monai.transforms import CastToTyped, EnsureChannelFirstd, MapTransform, Transform
+from monai.utils import MetaKeys, convert_to_dst_type, convert_to_numpy, ensure_tuple
+
+from spoco_bundle.data import (
+    check_image_array,
+    check_label_array,
+    check_same_shape,
+    spatial_squeeze_axes,
+)
+from spoco_bundle.io import LoadVolumed, split_image_suffix
+
+__all__ = [
+    "object_priority",
+    "SparseInstanceLabel",
+    "SparseInstanceLabeld",
+    "EnsureSpatialDims",
+    "EnsureSpatialDimsd",
+    "CheckImageLabel",
+    "CheckImageLabeld",
+    "load_transforms",
+]
+
+
+def _filename(data: Any, meta: Mapping | None = None) -> str | None:
+    """``filename_or_obj`` from a MetaTensor or a meta dict, if any."""
+    if isinstance(data, MetaTensor):
+        meta = data.meta
+    name = (meta or {}).get("filename_or_obj")
+    return None if name is None else str(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparse instance labels
+# ----------------------------------------------------------------------------------------------------------------
+
+_M64 = np.uint64
+
+
+def object_priority(ids: np.ndarray, seed: int, name: str = "") -> np.ndarray:
+    """
+    A pseudo-random uint64 key per object id that depends only on ``(seed, name, id)``.
+
+    Objects with the smallest keys are kept. Because each key ignores the other ids and the call order, the kept
+    set is the same in every epoch, worker and method, and a smaller ``instance_ratio`` keeps a subset of the
+    objects a larger one keeps. ``name`` is the image's file name without folder and suffix, so the same file gives
+    the same choice wherever it is stored. The hash is splitmix64 over the id xor a SHA-256 salt (Python's
+    ``hash`` is salted per process, so it would not be reproducible).
+    """
+    salt = int.from_bytes(hashlib.sha256(f"{int(seed)}|{name}".encode()).digest()[:8], "little")
+    z = np.asarray(ids).astype(np.int64).astype(_M64) ^ _M64(salt)
+    with np.errstate(over="ignore"):
+        z = z + _M64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> _M64(30))) * _M64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> _M64(27))) * _M64(0x94D049BB133111EB)
+    return z ^ (z >> _M64(31))
+
+
+def _label_name(filename: str | None) -> str:
+    return "" if not filename else split_image_suffix(filename)[0]
+
+
+class SparseInstanceLabel(Transform):
+    """
+    Simulate sparse annotation: keep a reproducible subset of the objects of a dense instance label map and
+    relabel them ``1..K``; every other object becomes 0 (unlabeled).
+
+    Objects are the nonzero ids other than ``background_label``. ``n_keep = floor(instance_ratio * n + 0.5)``
+    (round half up), at least 1 when ``n > 0`` and ``instance_ratio > 0``. Which objects are kept depends only on
+    ``seed``, the file name (``filename_or_obj`` of a MetaTensor, folder and suffix stripped, or ``name``) and the
+    ids (see :func:`object_priority`), never on call order; so the transform is deterministic on purpose (not
+    ``Randomizable``) and can be cached. Kept objects are renumbered ``1..K`` in increasing order of their
+    original ids.
+
+    With ``background_label`` set, voxels with that id become -1 (annotated background). ``background_label=0``
+    is for dense ground truth whose 0 is true background: 0 becomes -1 and the dropped objects become 0, which is
+    then the only unlabeled region. With ``background_label=None``, 0 stays 0 (unlabeled).
+
+    Args:
+        instance_ratio: fraction of objects to keep, in [0, 1]; 1.0 keeps all (dense labels, relabelled).
+        background_label: id of annotated background, or None.
+        seed: selection seed.
+
+    Input: integer label map of any shape, typically ``(1, *spatial)``; numpy array, tensor or MetaTensor.
+    Floating input is accepted only when every value is a whole number; negative ids raise ValueError.
+
+    Output: int64 of the same kind (numpy array / tensor / MetaTensor with its meta), same shape and device.
+    """
+
+    backend = [np.ndarray, torch.Tensor]
+
+    def __init__(self, instance_ratio: float = 1.0, background_label: int | None = None, seed: int = 0) -> None:
+        if not 0.0 <= float(instance_ratio) <= 1.0:
+            raise ValueError(f"instance_ratio must be in [0, 1], got {instance_ratio}.")
+        self.instance_ratio = float(instance_ratio)
+        self.background_label = None if background_label is None else int(background_label)
+        self.seed = int(seed)
+
+    def num_kept(self, num_objects: int) -> int:
+        """Number of objects kept out of ``num_objects``."""
+        if num_objects == 0 or self.instance_ratio == 0.0:
+            return 0
+        return min(num_objects, max(1, int(np.floor(self.instance_ratio * num_objects + 0.5))))
+
+    def kept_ids(self, ids: Sequence[int] | np.ndarray, name: str = "") -> np.ndarray:
+        """The sorted object ids kept from ``ids`` (object ids only: no 0, no background) for image ``name``."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        n_keep = self.num_kept(len(ids))
+        order = np.argsort(object_priority(ids, self.seed, name), kind="stable")
+        return np.sort(ids[order[:n_keep]])
+
+    def __call__(self, label: Any, name: str | None = None) -> Any:
+        """
+        Args:
+            label: dense integer instance labels.
+            name: image name for the selection; default: the MetaTensor's ``filename_or_obj``, else "".
+        """
+        filename = _filename(label)
+        if name is None:
+            name = _label_name(filename)
+        arr = convert_to_numpy(label)
+        if np.issubdtype(arr.dtype, np.floating):
+            if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+                raise ValueError(f"{filename or 'label'}: labels must be integer ids, got non-integer float values.")
+        arr = arr.astype(np.int64, copy=False)
+        if arr.size and arr.min() < 0:
+            raise ValueError(
+                f"{filename or 'label'}: labels contain negative values (min {arr.min()}); expected dense ids >= 0."
+            )
+        max_id = int(arr.max()) if arr.size else 0
+        if max_id < max(2**20, 4 * arr.size):  # small ids: bincount + lookup table, O(N)
+            present = np.flatnonzero(np.bincount(arr.ravel(), minlength=max_id + 1))
+            inverse = None
+        else:  # huge ids (e.g. uint32 hashes): sort-based
+            present, inverse = np.unique(arr, return_inverse=True)
+        is_object = present != 0
+        if self.background_label is not None:
+            is_object &= present != self.background_label
+        kept = self.kept_ids(present[is_object], name)
+        new_values = np.zeros(len(present), dtype=np.int64)
+        new_values[np.searchsorted(present, kept)] = np.arange(1, len(kept) + 1)
+        if self.background_label is not None:
+            new_values[present == self.background_label] = -1
+        if inverse is None:
+            lut = np.zeros(max_id + 1, dtype=np.int64)
+            lut[present] = new_values
+            out = lut[arr]
+        else:
+            out = new_values[inverse.reshape(arr.shape)]
+        return convert_to_dst_type(out, dst=label, dtype=torch.int64 if isinstance(label, torch.Tensor) else np.int64)[
+            0
+        ]
+
+
+class SparseInstanceLabeld(MapTransform):
+    """
+    Dictionary version of :class:`SparseInstanceLabel`.
+
+    Args:
+        keys: label keys.
+        instance_ratio: fraction of objects to keep, in [0, 1].
+        background_label: id of annotated background (becomes -1), or None.
+        seed: selection seed.
+        name_key: key whose file name drives the selection (e.g. ``"image"``); default: each label's own file name
+            (``filename_or_obj`` of the MetaTensor or of ``{key}_meta_dict``).
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    backend = SparseInstanceLabel.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        instance_ratio: float = 1.0,
+        background_label: int | None = None,
+        seed: int = 0,
+        name_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.sparsify = SparseInstanceLabel(instance_ratio, background_label, seed)
+        self.name_key = name_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            src = self.name_key if self.name_key is not None else key
+            filename = _filename(d.get(src), d.get(f"{src}_meta_dict"))
+            d[key] = self.sparsify(d[key], name=_label_name(filename))
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dimensionality and sanity checks after loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _drop_affine_axes(affine: Any, axes: Sequence[int]) -> Any:
+    """Remove spatial ``axes`` (descending) from a homogeneous affine, keeping its size (identity fills in)."""
+    a = convert_to_numpy(affine, wrap_sequence=True).astype(np.float64)
+    rank = a.shape[0] - 1
+    r = rank
+    for ax in axes:
+        if ax < r:  # axes beyond the affine's rank (e.g. NIfTI dim 4) have no geometry
+            keep = [i for i in range(r + 1) if i != ax]
+            a = a[np.ix_(keep, keep)]
+            r -= 1
+    if r < rank:
+        a = to_affine_nd(rank, a)
+    return convert_to_dst_type(a, dst=affine)[0]
+
+
+class EnsureSpatialDims(Transform):
+    """
+    Drop singleton axes of a channel-first ``(C, *S)`` array so that it has exactly ``spatial_dims`` spatial axes,
+    with the rule of :func:`spoco_bundle.data.spatial_squeeze_axes` (trailing singletons first, then leading).
+    E.g. a 2D NIfTI stored as ``(H, W, 1)`` loads as ``(1, H, W, 1)`` and becomes ``(1, H, W)``.
+
+    For a MetaTensor, ``affine``, ``original_affine`` (rows/columns of dropped axes removed, size kept) and
+    ``spatial_shape`` are updated, so that writers see a consistent image.
+
+    Args:
+        spatial_dims: 2 or 3.
+
+    Raises:
+        ValueError: naming ``filename_or_obj`` when the spatial axes cannot be reduced to ``spatial_dims``.
+    """
+
+    backend = [np.ndarray, torch.Tensor]
+
+    def __init__(self, spatial_dims: int = 3) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, img: Any) -> Any:
+        axes = spatial_squeeze_axes(img.shape[1:], self.spatial_dims, _filename(img) or "image")
+        if not axes:
+            return img
+        out = img
+        for ax in axes:  # descending, so indices stay valid
+            out = out.squeeze(ax + 1) if isinstance(out, torch.Tensor) else np.squeeze(out, axis=ax + 1)
+        if isinstance(out, MetaTensor):
+            out.affine = _drop_affine_axes(out.affine, axes)
+            if MetaKeys.ORIGINAL_AFFINE in out.meta:
+                out.meta[MetaKeys.ORIGINAL_AFFINE] = _drop_affine_axes(out.meta[MetaKeys.ORIGINAL_AFFINE], axes)
+            out.meta[MetaKeys.SPATIAL_SHAPE] = np.asarray(out.shape[1:])
+            if hasattr(type(out), "spatial_ndim"):  # monai >= 1.6 caches it; the affine setter may miscount it
+                out.spatial_ndim = out.ndim - 1
+        return out
+
+
+class EnsureSpatialDimsd(MapTransform):
+    """Dictionary version of :class:`EnsureSpatialDims`."""
+
+    backend = EnsureSpatialDims.backend
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int = 3, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.squeeze = EnsureSpatialDims(spatial_dims)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.squeeze(d[key])
+        return d
+
+
+class CheckImageLabel(Transform):
+    """
+    Cheap runtime guard after loading, with the rules of :func:`spoco_bundle.data.validate_datalist`:
+    single channel, ``spatial_dims`` spatial axes, finite image values, integer (non-float) and non-negative
+    labels, equal image/label spatial shapes. Returns its inputs unchanged.
+
+    Labels must still have their file type here: load with ``dtype=None``
+    (:class:`~spoco_bundle.io.LoadVolumed`) and cast after this check.
+
+    Args:
+        spatial_dims: 2 or 3.
+
+    Raises:
+        ValueError: naming ``filename_or_obj`` of the offending MetaTensor.
+    """
+
+    backend = [np.ndarray, torch.Tensor]
+
+    def __init__(self, spatial_dims: int = 3) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        self.spatial_dims = spatial_dims
+
+    def _channel(self, x: Any, name: str, what: str) -> Any:
+        if x.ndim != self.spatial_dims + 1 or x.shape[0] != 1:
+            raise ValueError(
+                f"{name}: {what} has shape {tuple(x.shape)}, expected (1, *spatial) with {self.spatial_dims} "
+                f"spatial dimensions (single channel, spatial_dims={self.spatial_dims})."
+            )
+        return x[0]
+
+    def __call__(
+        self, image: Any, label: Any = None, image_name: str | None = None, label_name: str | None = None
+    ) -> tuple[Any, Any]:
+        """
+        Args:
+            image: ``(1, *spatial)``.
+            label: ``(1, *spatial)`` or None.
+            image_name: name for messages; default ``filename_or_obj`` of the MetaTensor.
+            label_name: likewise for the label.
+        """
+        image_name = image_name or _filename(image) or "image"
+        img = self._channel(image, image_name, "image")
+        check_image_array(img, self.spatial_dims, image_name)
+        if label is not None:
+            label_name = label_name or _filename(label) or "label"
+            lab = self._channel(label, label_name, "label")
+            check_label_array(lab, self.spatial_dims, label_name)
+            check_same_shape(img.shape, lab.shape, image_name, label_name)
+        return image, label
+
+
+class CheckImageLabeld(MapTransform):
+    """
+    Dictionary version of :class:`CheckImageLabel`.
+
+    Args:
+        keys: the image key first, then any label keys (e.g. ``("image", "label")``; ``"image"`` alone checks the
+            image only).
+        spatial_dims: 2 or 3.
+        allow_missing_keys: don't raise for missing keys (e.g. no label at inference).
+    """
+
+    backend = CheckImageLabel.backend
+
+    def __init__(
+        self, keys: KeysCollection = ("image", "label"), spatial_dims: int = 3, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.check = CheckImageLabel(spatial_dims)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image_key, *label_keys = self.keys
+        if image_key not in d:
+            if not self.allow_missing_keys:
+                raise KeyError(f"Key {image_key!r} not found in the data; available: {list(d)}.")
+            return d
+        image = d[image_key]
+        image_name = _filename(image, d.get(f"{image_key}_meta_dict"))
+        for key in label_keys:
+            if key not in d:
+                if not self.allow_missing_keys:
+                    raise KeyError(f"Key {key!r} not found in the data (image {image_name}).")
+                continue
+            self.check(image, d[key], image_name, _filename(d[key], d.get(f"{key}_meta_dict")))
+        if not label_keys or all(k not in d for k in label_keys):
+            self.check(image, None, image_name)
+        return d
+
+
+def load_transforms(
+    keys: KeysCollection = ("image", "label"),
+    spatial_dims: int = 3,
+    image_dtype: Any = np.float32,
+    label_dtype: Any = torch.int64,
+    allow_missing_keys: bool = False,
+) -> list[Transform]:
+    """
+    The loading steps, in storage order (no Orientation, no Spacing):
+    ``LoadVolumed`` (file dtype) -> ``EnsureChannelFirstd("no_channel")`` -> :class:`EnsureSpatialDimsd` ->
+    :class:`CheckImageLabeld` -> cast image to ``image_dtype`` and labels to ``label_dtype``.
+
+    Args:
+        keys: the image key first, then label keys; ``"image"`` alone for inference.
+        spatial_dims: 2 or 3.
+        image_dtype: type of the image after the checks.
+        label_dtype: type of the labels after the checks.
+        allow_missing_keys: e.g. to let one list serve data with and without labels.
+
+    Returns:
+        a list of transforms, to be placed first in a ``Compose`` (as separate entries, so that MONAI Label can
+        replace the ``LoadImaged``).
+    """
+    keys = ensure_tuple(keys)
+    image_key, label_keys = keys[0], keys[1:]
+    transforms: list[Transform] = [
+        LoadVolumed(keys, allow_missing_keys=allow_missing_keys),
+        EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=allow_missing_keys),
+        EnsureSpatialDimsd(keys, spatial_dims, allow_missing_keys=allow_missing_keys),
+        CheckImageLabeld(keys, spatial_dims, allow_missing_keys=allow_missing_keys),
+        CastToTyped(image_key, dtype=image_dtype, allow_missing_keys=allow_missing_keys),
+    ]
+    if label_keys:
+        transforms.append(CastToTyped(label_keys, dtype=label_dtype, allow_missing_keys=allow_missing_keys))
+    return transforms

@@ -1,0 +1,270 @@
+"""Tests of spoco_bundle.io: NIfTI/TIFF reading in storage order with spacing, reader dispatch, TiffWriter."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import torch
+from monai.data import ITKReader, MetaTensor
+from monai.transforms import LoadImaged, SaveImaged
+
+from spoco_bundle.io import (
+    LoadVolumed,
+    NiftiTiffReader,
+    TiffReader,
+    TiffWriter,
+    image_readers,
+    read_image,
+    split_image_suffix,
+)
+
+DATA_DIR = Path(os.environ.get("SPOCO_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+GONUCLEAR = DATA_DIR / "gonuclear"
+needs_data = pytest.mark.skipif(not GONUCLEAR.is_dir(), reason=f"real data not found at {GONUCLEAR}")
+
+
+def ramp(shape, dtype=np.uint16):
+    """Asymmetric array whose value encodes its index: v[i, j, k] = 10000 i + 100 j + k (any swap is visible)."""
+    idx = np.indices(shape)
+    weights = [10 ** (2 * (len(shape) - 1 - a)) for a in range(len(shape))]
+    return sum(w * i for w, i in zip(weights, idx)).astype(dtype)
+
+
+def load(path, key="image"):
+    return LoadVolumed(key)({key: str(path)})[key]
+
+
+def test_split_image_suffix():
+    assert split_image_suffix("/a/b/x.y.nii.gz") == ("x.y", ".nii.gz")
+    assert split_image_suffix("c.TIF") == ("c", ".TIF")
+    assert split_image_suffix("c.ome.tiff") == ("c.ome", ".tiff")
+    assert split_image_suffix("notes.txt") == ("notes.txt", "")
+
+
+def test_nifti_3d_order_dtype_spacing(tmp_path):
+    arr = ramp((5, 7, 9))
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.diag([2.0, 3.0, 4.0, 1.0])), path)
+    img = load(path)
+    assert isinstance(img, MetaTensor)
+    assert tuple(img.shape) == (5, 7, 9)
+    assert not img.dtype.is_floating_point  # dtype=None keeps integers (uint16 -> int32 in torch)
+    np.testing.assert_array_equal(img.numpy(), arr)
+    np.testing.assert_allclose(img.pixdim, [2.0, 3.0, 4.0])
+
+
+def test_nifti_2d(tmp_path):
+    arr = ramp((7, 9), np.uint8)
+    path = tmp_path / "im.nii"
+    nib.save(nib.Nifti1Image(arr, np.diag([0.5, 0.25, 1.0, 1.0])), path)
+    img = load(path)
+    np.testing.assert_array_equal(img.numpy(), arr)
+    assert img.dtype == torch.uint8
+
+
+def test_tiff_imagej_3d_order_dtype_spacing(tmp_path):
+    arr = ramp((5, 7, 9))
+    path = tmp_path / "stack.tif"
+    # ImageJ: resolution = (pixels per unit in x, in y); z spacing in the description
+    tifffile.imwrite(
+        path, arr, imagej=True, resolution=(1 / 0.5, 1 / 0.25), metadata={"spacing": 2.5, "unit": "um", "axes": "ZYX"}
+    )
+    img = load(path)
+    assert tuple(img.shape) == (5, 7, 9)
+    np.testing.assert_array_equal(img.numpy(), arr)
+    assert not img.dtype.is_floating_point
+    np.testing.assert_allclose(img.pixdim, [2.5, 0.25, 0.5])  # (z, y, x) = array axis order
+    assert img.meta["spacing_unit"] == "um"
+    assert math.isnan(img.meta["original_channel_dim"])  # the value NibabelReader uses for "no channel"
+    np.testing.assert_array_equal(img.meta["spatial_shape"], [5, 7, 9])
+    np.testing.assert_allclose(img.meta["original_affine"], np.diag([2.5, 0.25, 0.5, 1.0]))
+
+
+def test_tiff_2d_with_resolution(tmp_path):
+    arr = ramp((7, 9), np.uint8)
+    path = tmp_path / "im.tiff"
+    tifffile.imwrite(path, arr, imagej=True, resolution=(1 / 0.5, 1 / 0.25), metadata={"unit": "um"})
+    img = load(path)
+    np.testing.assert_array_equal(img.numpy(), arr)
+    assert img.dtype == torch.uint8
+    np.testing.assert_allclose(img.pixdim, [0.25, 0.5])  # (y, x)
+    assert img.meta["affine"].shape == (4, 4)
+
+
+def test_tiff_plain_multipage_defaults_to_unit_spacing(tmp_path):
+    arr = ramp((5, 7, 9)).astype(np.float32)
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, arr, photometric="minisblack", metadata=None)
+    img = load(path)
+    np.testing.assert_array_equal(img.numpy(), arr)
+    assert img.dtype == torch.float32
+    np.testing.assert_allclose(img.pixdim, [1.0, 1.0, 1.0])
+
+
+def test_tiff_ome_physical_size(tmp_path):
+    path = tmp_path / "x.ome.tif"
+    arr = ramp((5, 7, 9))
+    tifffile.imwrite(
+        path, arr, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.25, "PhysicalSizeZ": 2.0}
+    )
+    img = load(path)
+    np.testing.assert_array_equal(img.numpy(), arr)
+    np.testing.assert_allclose(img.pixdim, [2.0, 0.25, 0.5])
+    assert img.meta["spacing_unit"] == "um"
+
+
+def test_tiff_resolution_units(tmp_path):
+    arr = ramp((7, 9), np.uint8)
+    cm = tmp_path / "cm.tif"
+    tifffile.imwrite(cm, arr, resolution=(1e4 / 0.5, 1e4 / 0.25), resolutionunit="CENTIMETER")  # 0.5 um, 0.25 um
+    np.testing.assert_allclose(load(cm).pixdim, [0.25, 0.5], rtol=1e-6)
+    inch = tmp_path / "inch.tif"
+    tifffile.imwrite(inch, arr, resolution=(72, 72), resolutionunit="INCH")  # a print DPI, not a pixel size
+    np.testing.assert_allclose(load(inch).pixdim, [1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        ((2, 7, 9), {"imagej": True, "metadata": {"axes": "CYX"}}),
+        ((7, 9, 3), {"photometric": "rgb"}),
+        ((2, 3, 7, 9), {"imagej": True, "metadata": {"axes": "TZYX"}}),
+    ],
+    ids=["channels", "rgb", "4d"],
+)
+def test_tiff_rejects_multichannel_and_4d(tmp_path, shape, kwargs):
+    path = tmp_path / "bad_input.tif"
+    tifffile.imwrite(path, np.zeros(shape, np.uint8), **kwargs)
+    with pytest.raises(ValueError, match="bad_input.tif"):
+        load(path)
+    with pytest.raises(ValueError, match="bad_input.tif"):
+        read_image(path)
+
+
+def test_corrupt_tiff_error_names_file_and_does_not_fall_back(tmp_path):
+    path = tmp_path / "broken_file.tif"
+    path.write_bytes(b"this is not a tiff")
+    with pytest.raises(ValueError, match="broken_file.tif"):
+        load(path)
+
+
+def test_reader_dispatch(tmp_path, caplog):
+    nii, tif = tmp_path / "a.nii.gz", tmp_path / "b.TIF"
+    nib.save(nib.Nifti1Image(ramp((5, 7, 9)), np.eye(4)), nii)
+    tifffile.imwrite(tif, ramp((5, 7, 9)), imagej=True, metadata={"axes": "ZYX"})
+    reader = NiftiTiffReader()
+    assert reader.verify_suffix(str(nii)) and reader.verify_suffix(str(tif)) and reader.verify_suffix("c.nii")
+    assert not reader.verify_suffix("c.png") and not reader.verify_suffix([str(nii), str(tif)])
+    # through plain LoadImaged with our readers: NIfTI via nibabel (NIfTI header keys), TIFF via TiffReader
+    loader = LoadImaged(["n", "t"], reader=image_readers(), dtype=None)
+    with caplog.at_level(logging.INFO):
+        out = loader({"n": str(nii), "t": str(tif)})
+    assert "sform_code" in out["n"].meta and "tiff_axes" not in out["n"].meta
+    assert out["t"].meta["tiff_axes"] == "ZYX" and "sform_code" not in out["t"].meta
+    np.testing.assert_array_equal(out["n"].numpy(), out["t"].numpy())
+    assert "unable to load" not in caplog.text  # no failed reader attempts logged
+    # TiffReader alone declines other suffixes so that LoadImage can try its next reader
+    with pytest.raises(ValueError):
+        TiffReader().read(str(nii))
+
+
+def test_tiff_reader_stacks_several_files(tmp_path):
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"c{i}.tif"))
+        tifffile.imwrite(paths[-1], ramp((7, 9), np.uint8) + i, imagej=True)
+    reader = TiffReader()
+    arr, meta = reader.get_data(reader.read(paths))
+    assert arr.shape == (2, 7, 9) and meta["original_channel_dim"] == 0
+    np.testing.assert_array_equal(arr[1] - arr[0], np.ones((7, 9)))
+
+
+@needs_data
+def test_real_gonuclear_nifti_and_tiff():
+    for name in ("1135_image.nii.gz", "1136_image.tif", "1135_labels.nii.gz", "1136_labels.tif"):
+        img = load(GONUCLEAR / name)
+        assert tuple(img.shape) == (100, 100, 100), name
+        np.testing.assert_allclose(img.pixdim, [0.284, 0.127, 0.127], atol=2e-3, err_msg=name)
+        assert not img.dtype.is_floating_point
+    # independent reference for the TIFF axis order: ITK with reversed indexing gives (Z, Y, X)
+    ours = load(GONUCLEAR / "1136_labels.tif").numpy()
+    itk_reader = ITKReader(reverse_indexing=True)
+    ref, _ = itk_reader.get_data(itk_reader.read(str(GONUCLEAR / "1136_labels.tif")))
+    np.testing.assert_array_equal(ours, ref)
+    # and for NIfTI: nibabel's on-disk order
+    nifti = nib.load(GONUCLEAR / "1135_labels.nii.gz")
+    np.testing.assert_array_equal(load(GONUCLEAR / "1135_labels.nii.gz").numpy(), np.asarray(nifti.dataobj))
+
+
+@pytest.mark.parametrize(
+    "dtype, imagej",
+    [(np.uint8, True), (np.uint16, True), (np.float32, True), (np.uint32, False), (np.int16, False)],
+)
+@pytest.mark.parametrize("shape", [(5, 7, 9), (7, 9)])
+def test_tiff_writer_round_trip(tmp_path, dtype, imagej, shape):
+    arr = ramp(shape, np.uint32)
+    if dtype == np.uint32:
+        arr = arr * 100_000 + 7  # ids beyond uint16
+    elif dtype == np.uint8:
+        arr = arr % 251
+    arr = arr.astype(dtype)
+    spacing = [2.5, 0.25, 0.5][-len(shape) :]
+    affine = np.diag(spacing + [1.0] * (4 - len(shape)))
+    path = tmp_path / "out.tif"
+    writer = TiffWriter()
+    writer.set_data_array(arr[None], channel_dim=0)
+    writer.set_metadata({"affine": affine, "spacing_unit": "um"})
+    writer.write(path)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_imagej == imagej
+    back, meta = read_image(path)
+    assert back.dtype == dtype and back.shape == shape
+    np.testing.assert_array_equal(back, arr)
+    np.testing.assert_allclose(meta["spacing"], spacing, rtol=1e-7)
+    assert meta["spacing_unit"] == "um"
+
+
+def test_tiff_writer_dtype_choice_and_errors(tmp_path):
+    labels = np.zeros((5, 7, 9), np.int64)
+    labels[1, 2, 3] = 70_000
+    writer = TiffWriter()
+    writer.set_data_array(labels, channel_dim=None)
+    writer.set_metadata({})
+    writer.write(tmp_path / "auto.tif")
+    back, _ = read_image(tmp_path / "auto.tif")
+    assert back.dtype == np.uint32 and back[1, 2, 3] == 70_000
+    with pytest.raises(ValueError, match="single-channel"):
+        TiffWriter().set_data_array(np.zeros((2, 7, 9)), channel_dim=0)
+    writer = TiffWriter(output_dtype=np.uint16)
+    writer.set_data_array(labels, channel_dim=None)
+    writer.set_metadata({})
+    with pytest.raises(ValueError, match="uint16"):
+        writer.write(tmp_path / "overflow.tif")
+
+
+def test_save_imaged_round_trip_through_loader(tmp_path):
+    arr = ramp((5, 7, 9))
+    src = tmp_path / "src_labels.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.diag([2.5, 0.25, 0.5, 1.0])), src)
+    data = LoadVolumed("label", ensure_channel_first=True)({"label": str(src)})
+    saver = SaveImaged(
+        "label",
+        output_dir=str(tmp_path / "out"),
+        output_postfix="",
+        output_ext=".tif",
+        writer="spoco_bundle.io.TiffWriter",
+        output_dtype=np.uint16,
+        separate_folder=False,
+        print_log=False,
+    )
+    saver(data)
+    back = load(tmp_path / "out" / "src_labels.tif")
+    np.testing.assert_array_equal(back.numpy(), arr)
+    np.testing.assert_allclose(back.pixdim, [2.5, 0.25, 0.5])
