@@ -34,12 +34,12 @@ class MomentumTeacherHandler:
         self.momentum = momentum
 
     def attach(self, engine: Engine) -> None:
-        if self.student is None:
-            self.student = engine.network  # type: ignore[attr-defined]
         engine.add_event_handler(Events.STARTED, self._sync_if_fresh)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def _sync_if_fresh(self, engine: Engine) -> None:
+        if self.student is None:  # MONAI workflows attach handlers before they set `network`, so look it up here
+            self.student = engine.network  # type: ignore[attr-defined]
         if engine.state.iteration == 0:
             self.teacher.load_state_dict(self.student.state_dict())  # type: ignore[union-attr]
 

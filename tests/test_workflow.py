@@ -1,0 +1,128 @@
+"""The training bundle through MONAI's own entry points: config properties, CLI runs in 3D and 2D, resume, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from spoco_bundle.synthetic import write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "configs" / "train.json")
+META = str(ROOT / "metadata.json")
+
+
+def _run_training(tmp: Path, dataset: Path, *overrides: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--meta_file", META,
+           "--bundle_root", str(tmp / "bundle"), "--dataset_dir", str(dataset), "--device", "cpu",
+           "--features", "[8,16,32]", "--num_workers", "0", *overrides]
+    # run from an unrelated working directory, as a user would
+    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"training failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny3d(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("syn3d")
+    write_synthetic_dataset(out, n_train=2, n_val=1, n_test=0, shape=(16, 48, 48), seed=1)
+    return out
+
+
+def test_check_properties(tmp_path, tiny3d):
+    wf = ConfigWorkflow(config_file=TRAIN, meta_file=META, workflow_type="train", bundle_root=str(tmp_path),
+                        dataset_dir=str(tiny3d))
+    wf.initialize()
+    assert wf.check_properties() == []
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    for key in ("bundle_root", "device", "dataset_dir", "output_dir", "network_def", "train#trainer",
+                "train#trainer#max_epochs", "train#dataset#data", "train#handlers", "val_interval"):
+        assert key in parser, key
+    assert all(isinstance(h, dict) for h in parser["train#handlers"])
+
+
+def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
+    proc = _run_training(tmp_path, tiny3d, "--epochs", "2", "--val_interval", "1", "--instance_ratio", "0.5",
+                         "--patch_size", "[16,32,32]")
+    log = proc.stdout + proc.stderr
+    assert "loss terms: pull" in log and "consistency" in log
+    models = tmp_path / "bundle" / "models"
+    state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"features": [8, 16, 32]})
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(state, strict=True)  # the plain student state dict
+    resume = torch.load(models / "resume.pt", map_location="cpu", weights_only=True)
+    assert {"model", "teacher", "optimizer", "trainer", "lr_scheduler"} <= set(resume)
+    assert resume["trainer"]["iteration"] == 2 * resume["trainer"]["epoch_length"]  # 2 epochs
+    teacher = torch.load(models / "teacher.pt", map_location="cpu", weights_only=True)
+    assert teacher.keys() == state.keys()
+    # the teacher is an EMA of the student: close to, but not equal to, the student after training
+    diff = max((teacher[k].float() - resume["model"][k].float()).abs().max().item() for k in state)
+    assert 0 < diff
+
+
+def test_resume_continues_from_checkpoint(tmp_path, tiny3d):
+    _run_training(tmp_path, tiny3d, "--epochs", "1", "--val_interval", "5", "--patch_size", "[16,32,32]")
+    proc = _run_training(tmp_path, tiny3d, "--epochs", "2", "--val_interval", "5", "--patch_size", "[16,32,32]",
+                         "--resume", "True")
+    log = proc.stdout + proc.stderr
+    assert "Restored all variables" in log
+    assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log  # epoch 1 was not trained again
+    resume = torch.load(tmp_path / "bundle" / "models" / "resume.pt", map_location="cpu", weights_only=True)
+    assert resume["trainer"]["iteration"] == 2 * resume["trainer"]["epoch_length"]
+
+
+def test_train_2d_tiff_without_validation(tmp_path):
+    data = tmp_path / "syn2d"
+    write_synthetic_dataset(data, n_train=2, n_val=0, n_test=0, shape=(64, 64), seed=2, ext=".tif", spatial_dims=2)
+    _run_training(tmp_path, data, "--spatial_dims", "2", "--epochs", "1", "--patch_size", "[48,48]",
+                  "--background_label", "0", "--instance_ratio", "0.5")
+    state = torch.load(tmp_path / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert state["input_block.conv1.conv.weight"].ndim == 4  # 2D convolutions
+
+
+def test_images_smaller_than_patch_are_padded(tmp_path):
+    data = tmp_path / "small"
+    write_synthetic_dataset(data, n_train=1, n_val=0, n_test=0, shape=(40, 40), seed=3, spatial_dims=2)
+    _run_training(tmp_path, data, "--spatial_dims", "2", "--epochs", "1", "--patch_size", "[64,64]")
+    assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("problem", ["float_label", "no_objects", "shape_mismatch", "empty"])
+def test_bad_data_fails_with_file_name(tmp_path, problem):
+    import nibabel as nib
+    import numpy as np
+
+    data = tmp_path / "bad"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    img = np.random.rand(16, 32, 32).astype(np.float32)
+    lab = np.zeros((16, 32, 32), np.uint16)
+    lab[4:10, 4:12, 4:12] = 3
+    if problem == "float_label":
+        lab = lab.astype(np.float32)
+    elif problem == "no_objects":
+        lab[:] = 0
+    elif problem == "shape_mismatch":
+        lab = lab[:, :, :30]
+    if problem != "empty":
+        nib.save(nib.Nifti1Image(img, np.eye(4)), data / "imagesTr" / "vol.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), data / "labelsTr" / "vol.nii.gz")
+    proc = _run_training(tmp_path, data, "--epochs", "1", "--patch_size", "[16,32,32]", expect_ok=False)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    expected = {"float_label": "vol.nii.gz", "no_objects": "annotated", "shape_mismatch": "vol.nii.gz",
+                "empty": "empty"}[problem]
+    assert expected in log
+    assert not (tmp_path / "bundle" / "models" / "model.pt").exists()
