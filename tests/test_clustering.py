@@ -1,0 +1,273 @@
+"""Tests of spoco_bundle.clustering on synthetic embeddings with known instances.
+
+The synthetic embeddings follow the geometry the SPOCO losses train for: every object (and the background) has
+a centre in R^E, centres at least 2 delta_d apart (many close to that margin), per-voxel Gaussian noise so that
+most voxels lie within delta_v of their centre, a few outliers, touching blob-shaped objects, a large background
+cluster, and optionally a blurred centre field (network outputs change over a voxel or two at borders).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from spoco_bundle.clustering import (
+    HAVE_NUMBA,
+    cluster_consistency,
+    cluster_embeddings,
+    cluster_fast,
+    cluster_hdbscan,
+    cluster_meanshift,
+    filter_small,
+    relabel_consecutive,
+    remove_background,
+)
+from spoco_bundle.metrics import ap50
+
+BACKENDS = ["numpy"] + (["numba"] if HAVE_NUMBA else [])
+
+
+def make_labels(shape, n_objects, radius=(4.0, 8.0), min_size=20, seed=0) -> np.ndarray:
+    """Touching blobs: each voxel goes to the ball (centre, radius) with the smallest distance / radius."""
+    rng = np.random.default_rng(seed)
+    best = np.full(shape, 1.0)
+    lab = np.zeros(shape, np.int32)
+    for k in range(1, n_objects + 1):
+        c = rng.uniform(0, shape)
+        r = rng.uniform(*radius)
+        lo = np.maximum(np.floor(c - r).astype(int), 0)
+        hi = np.minimum(np.ceil(c + r).astype(int) + 1, shape)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
+        d = np.sqrt(sum((g - ci) ** 2 for g, ci in zip(grids, c))) / r
+        upd = d < best[sl]
+        best[sl][upd] = d[upd]
+        lab[sl][upd] = k
+    # one connected piece per object, at least min_size voxels, ids 1..n
+    out = np.zeros_like(lab)
+    nxt = 1
+    for k, sl in enumerate(ndimage.find_objects(lab), 1):
+        if sl is None:
+            continue
+        cc, n = ndimage.label(lab[sl] == k)
+        if n == 0:
+            continue
+        sizes = np.bincount(cc.ravel())
+        sizes[0] = 0
+        if sizes.max() >= min_size:
+            out[sl][cc == np.argmax(sizes)] = nxt
+            nxt += 1
+    return out
+
+
+def make_centres(n, dim=16, delta_d=2.0, seed=0) -> np.ndarray:
+    """n points, pairwise >= 2 delta_d apart, each new one placed 2-2.6 delta_d from an earlier one."""
+    rng = np.random.default_rng(seed)
+    cs = [rng.standard_normal(dim)]
+    while len(cs) < n:
+        v = rng.standard_normal(dim)
+        c = cs[rng.integers(len(cs))] + v / np.linalg.norm(v) * rng.uniform(2.0, 2.6) * delta_d
+        if np.linalg.norm(np.array(cs) - c, axis=1).min() >= 2 * delta_d:
+            cs.append(c)
+    return np.array(cs, np.float32)
+
+
+def make_embeddings(labels, dim=16, noise=0.1, bg_noise=0.1, outliers=0.01, blur=0.0, seed=0) -> np.ndarray:
+    """Embeddings (dim, *S): centre of the voxel's label (row 0 = background) + noise; 1% outliers."""
+    rng = np.random.default_rng(seed)
+    cs = make_centres(int(labels.max()) + 1, dim, seed=seed)
+    sigma = np.where(labels == 0, bg_noise, noise).astype(np.float32)
+    sigma[rng.random(labels.shape) < outliers] = 0.8
+    emb = np.empty((dim,) + labels.shape, np.float32)
+    for c in range(dim):
+        field = cs[:, c][labels]
+        if blur:
+            field = ndimage.gaussian_filter(field, blur)
+        emb[c] = field + sigma * rng.standard_normal(labels.shape, dtype=np.float32)
+    return emb
+
+
+@pytest.fixture(scope="module")
+def data2d():
+    lab = make_labels((96, 96), 14, (5, 11), seed=1)
+    return lab, make_embeddings(lab, seed=2)
+
+
+@pytest.fixture(scope="module")
+def data3d():
+    lab = make_labels((24, 48, 48), 24, (4, 8), seed=3)
+    return lab, make_embeddings(lab, blur=0.5, seed=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_recovers_objects(data2d, data3d, backend):
+    for lab, emb in (data2d, data3d):
+        seg = cluster_fast(emb, backend=backend)
+        assert seg.dtype == np.int32 and seg.shape == lab.shape
+        assert ap50(lab, seg) >= 0.95
+        # consecutive ids and background (the largest cluster) removed
+        assert set(np.unique(seg)) == set(range(seg.max() + 1))
+        assert (seg[lab == 0] == 0).mean() > 0.99
+
+
+def test_fast_harder_cases():
+    # strong blur (3-4 voxel wide borders) and noisier background: still one cluster per object
+    lab = make_labels((20, 40, 40), 16, (4, 8), seed=5)
+    seg = cluster_fast(make_embeddings(lab, blur=1.0, bg_noise=0.15, seed=6))
+    assert ap50(lab, seg) >= 0.95
+    # two distant objects with the same embedding centre (the losses only separate objects seen in one
+    # training patch): a non-spatial merge joins them, the default adjacency merge keeps them apart
+    lab = np.zeros((40, 80), np.int32)
+    lab[5:20, 5:20], lab[5:20, 60:75], lab[25:35, 30:45] = 1, 2, 3
+    emb = make_embeddings(np.where(lab == 2, 1, lab), seed=7)  # objects 1 and 2 share a centre
+    assert ap50(lab, cluster_fast(emb)) == 1.0
+    assert ap50(lab, cluster_fast(emb, merge="global")) < 1.0
+
+
+def test_fast_background_pockets_and_fg_mask(data2d):
+    lab, emb = data2d
+    # background enclosed by objects: not connected to the main background, still removed with it
+    ring = np.zeros((60, 60), np.int32)
+    ring[15:45, 15:45] = 1
+    ring[25:35, 25:35] = 0
+    ring[18:23, 37:42] = 2
+    seg = cluster_fast(make_embeddings(ring, seed=8))
+    assert ap50(ring, seg) == 1.0 and (seg[25:35, 25:35] == 0).all()
+    # with a foreground mask nothing is dropped as "largest" and voxels outside stay 0
+    fg = lab > 0
+    seg = cluster_fast(emb, fg_mask=fg)
+    assert (seg[~fg] == 0).all() and ap50(lab, seg) >= 0.95
+    assert seg.max() == lab.max()
+    # min_size removes small objects (cut in the widest gap between object sizes, so noise cannot flip one)
+    sizes = np.sort(np.bincount(lab.ravel())[1:])
+    i = int(np.argmax(sizes[1:] / sizes[:-1]))
+    cut = int((sizes[i] + sizes[i + 1]) // 2)
+    seg = cluster_fast(emb, min_size=cut)
+    assert seg.max() == np.sum(sizes >= cut) and np.bincount(seg.ravel())[1:].min() >= cut
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+def test_backends_agree(data2d, data3d):
+    # same labels, up to the rare voxel within reach of two touching components' means (see cluster_fast)
+    for lab, emb in (data2d, data3d):
+        a = cluster_fast(emb, backend="numba")
+        b = cluster_fast(emb, backend="numpy")
+        assert a.max() == b.max() and np.mean(a != b) < 1e-3
+
+
+def test_fast_not_worse_than_hdbscan():
+    # the acceptance criterion: AP50 within 0.01 of HDBSCAN on the same embeddings
+    for shape, n, blur, seed in (((80, 80), 12, 0.0, 11), ((16, 40, 40), 14, 0.5, 12)):
+        lab = make_labels(shape, n, (4, 9), seed=seed)
+        emb = make_embeddings(lab, blur=blur, seed=seed)
+        ap_fast = ap50(lab, cluster_fast(emb))
+        ap_hdb = ap50(lab, cluster_hdbscan(emb, min_size=16, max_points=8000))
+        assert ap_fast >= ap_hdb - 0.01, (ap_fast, ap_hdb)
+        assert ap_fast >= 0.95
+
+
+def test_hdbscan_and_meanshift_recover_objects():
+    lab2 = make_labels((48, 48), 6, (4, 9), seed=21)
+    emb2 = make_embeddings(lab2, seed=22)
+    seg = cluster_hdbscan(emb2, min_size=16)
+    assert ap50(lab2, seg) >= 0.95
+    # subsampled: the rest is assigned to the nearest cluster mean
+    seg = cluster_hdbscan(emb2, min_size=16, max_points=800)
+    assert ap50(lab2, seg) >= 0.95
+    lab3 = make_labels((10, 20, 20), 5, (3, 6), seed=23)
+    assert ap50(lab3, cluster_embeddings(make_embeddings(lab3, seed=24), "hdbscan", min_size=10)) >= 0.95
+    # mean-shift in 16-D is slow and needs compact clusters: small, clean input
+    lab = make_labels((24, 24), 4, (3, 7), seed=25)
+    seg = cluster_meanshift(make_embeddings(lab, noise=0.05, bg_noise=0.05, outliers=0.0, seed=26), min_size=8)
+    assert ap50(lab, seg) >= 0.95
+    lab3 = make_labels((6, 16, 16), 4, (3, 6), seed=27)
+    emb3 = make_embeddings(lab3, noise=0.05, bg_noise=0.05, outliers=0.0, seed=28)
+    seg = cluster_embeddings(emb3, "meanshift", min_size=8, max_points=600)
+    assert ap50(lab3, seg) >= 0.95
+
+
+def test_consistency_drops_inconsistent_cluster():
+    # anchors are single voxels, so the rule needs compact clusters (pairwise distances mostly < delta_v)
+    lab = make_labels((64, 64), 8, (5, 10), seed=31)
+    emb_f = make_embeddings(lab, noise=0.05, bg_noise=0.05, outliers=0.0, seed=32)
+    rng = np.random.default_rng(33)
+    # the teacher lives in its own (rotated) embedding space, with its own noise
+    rot, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    emb_g = np.einsum("ij,j...->i...", rot, emb_f).astype(np.float32)
+    emb_g += 0.02 * rng.standard_normal(emb_g.shape).astype(np.float32)
+    # ... except that it splits object 1 into two halves with distinct embeddings
+    bad = lab == 1
+    ys = np.nonzero(bad)[0]
+    half = bad & (np.arange(64)[:, None] > np.median(ys))
+    emb_g[:, half] += (3.0 * np.eye(16)[0])[:, None]
+    seg = cluster_consistency(emb_f, emb_g, n_samples=50)
+    assert np.all(seg[bad] == 0)
+    keep = lab.copy()
+    keep[bad] = 0
+    assert ap50(relabel_consecutive(keep), seg) == 1.0
+    # a consistent teacher keeps everything; dispatcher route
+    seg = cluster_embeddings(emb_f, "consistency", emb_g=np.einsum("ij,j...->i...", rot, emb_f).astype(np.float32))
+    assert ap50(lab, seg) >= 0.95
+
+
+def test_post_processing_helpers():
+    lab = np.array([[0, 5, 5, 5], [7, 7, 0, 9], [7, 7, 7, 0]])
+    np.testing.assert_array_equal(relabel_consecutive(lab), [[0, 1, 1, 1], [2, 2, 0, 3], [2, 2, 2, 0]])
+    np.testing.assert_array_equal(filter_small(lab, 3), np.where(lab == 9, 0, lab))
+    np.testing.assert_array_equal(remove_background(lab, "largest"), np.where(lab == 7, 0, lab))
+    np.testing.assert_array_equal(remove_background(lab, "none"), lab)
+    fg = lab != 7
+    # outside the mask first, then the largest remaining (5) goes
+    np.testing.assert_array_equal(remove_background(lab, "largest", fg), np.where(lab == 9, 9, 0))
+    with pytest.raises(ValueError, match="mode"):
+        remove_background(lab, "smallest")
+
+
+def test_input_validation():
+    emb = np.zeros((16, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="Unknown clustering method 'kmeans'.*consistency.*fast.*hdbscan"):
+        cluster_embeddings(emb, "kmeans")
+    with pytest.raises(ValueError, match="emb_g"):
+        cluster_embeddings(emb, "consistency")
+    with pytest.raises(ValueError, match="shape"):
+        cluster_embeddings(np.zeros((8, 8), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        cluster_fast(np.zeros((2, 3, 4, 5, 6), np.float32))
+    bad = emb.copy()
+    bad[0, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        cluster_embeddings(bad)
+    with pytest.raises(ValueError, match="fg_mask"):
+        cluster_fast(emb, fg_mask=np.ones((4, 4), bool))
+    with pytest.raises(ValueError, match="background"):
+        cluster_fast(emb, background="smallest")
+    with pytest.raises(ValueError, match="merge"):
+        cluster_fast(emb, merge="sometimes")
+    with pytest.raises(ValueError, match="backend"):
+        cluster_fast(emb, backend="cuda")
+    with pytest.raises(ValueError, match="same shape"):
+        cluster_consistency(emb, emb[:, :4])
+    with pytest.raises(ValueError, match="floating"):
+        cluster_fast(np.zeros((16, 8, 8), np.int32))
+    # constant embeddings: one cluster, which is the background
+    assert cluster_fast(emb).max() == 0
+    assert cluster_fast(emb, background="none").max() == 1
+
+
+def test_fast_speed_report(capsys):
+    """Prints (does not assert) the throughput of cluster_fast on a 2 Mvoxel volume, E = 16."""
+    lab = make_labels((32, 256, 256), 400, (5, 10), seed=41)
+    emb = make_embeddings(lab, seed=42)
+    cluster_fast(emb[:, :4])  # compile (numba) outside the timing
+    for backend in BACKENDS:
+        t0 = time.perf_counter()
+        seg = cluster_fast(emb, backend=backend)
+        dt = time.perf_counter() - t0
+        with capsys.disabled():
+            print(
+                f"\ncluster_fast[{backend}] {lab.size / 1e6:.1f} Mvoxel: {dt:.2f} s, {lab.size / dt / 1e6:.1f} Mvoxel/s"
+            )
+        assert ap50(lab, seg) >= 0.95
