@@ -35,6 +35,7 @@ import torch
 from spoco_bundle.io import IMAGE_SUFFIXES, read_image, split_image_suffix
 
 __all__ = [
+    "image_files",
     "checked_datalist",
     "build_datalist",
     "validate_datalist",
@@ -372,6 +373,27 @@ def validate_datalist(
         "max_spatial_shape": tuple(int(v) for v in np.max(shapes, axis=0)),
         "spacings": spacings,
     }
+
+
+def image_files(path: str | os.PathLike) -> list[str]:
+    """
+    Inputs to segment: ``path`` itself if it is a NIfTI/TIFF file, else every NIfTI/TIFF file directly in the
+    folder ``path`` (sorted, absolute paths).
+
+    Raises:
+        ValueError: naming the path, when it does not exist or holds no such file.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(path):
+        if not _supported(os.path.basename(path)):
+            raise ValueError(f"Unsupported input file {path}: expected one of {IMAGE_SUFFIXES}.")
+        return [path]
+    if not os.path.isdir(path):
+        raise ValueError(f"Input folder {path} does not exist.")
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if _supported(f) and not f.startswith("."))
+    if not files:
+        raise ValueError(f"Input folder {path} holds no {IMAGE_SUFFIXES} files.")
+    return files
 
 
 def checked_datalist(

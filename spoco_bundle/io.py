@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import nibabel as nib
 import numpy as np
 import tifffile
 from monai.data import ImageReader, ImageWriter, NibabelReader
@@ -37,6 +38,8 @@ __all__ = [
     "image_readers",
     "read_image",
     "LoadVolumed",
+    "label_dtype",
+    "write_label_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -519,3 +522,55 @@ class TiffWriter(ImageWriter):
             tifffile.imwrite(filename, array, imagej=True, **write_kwargs)
         else:
             tifffile.imwrite(filename, array, resolutionunit="NONE", **write_kwargs)
+
+
+def label_dtype(max_id: int) -> np.dtype:
+    """uint16 when the ids fit (ImageJ-readable), else uint32."""
+    if max_id < 0 or max_id > np.iinfo(np.uint32).max:
+        raise ValueError(f"Instance ids up to {max_id} do not fit uint32.")
+    return np.dtype(np.uint16) if max_id <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
+def write_label_image(filename: str | os.PathLike, labels: Any, meta: Mapping | None = None) -> str:
+    """
+    Write an instance label array ``(*S)`` to NIfTI or TIFF (by ``filename``'s suffix) as uint16 (uint32 when the
+    ids need it), with the voxel geometry of ``meta`` (``original_affine`` or ``affine``, as produced by our readers),
+    in the same axis order as the input was read.
+
+    The file is written under a temporary name in the target folder and renamed at the end, so an interrupted
+    or failed write never leaves a partial output behind.
+
+    Returns:
+        the path written.
+    """
+    filename = os.fspath(filename)
+    array = np.asarray(convert_data_type(labels, np.ndarray)[0])
+    if array.ndim not in (2, 3):
+        raise ValueError(f"Label images must be 2D or 3D, got shape {array.shape} for {filename}.")
+    dtype = label_dtype(int(array.max()) if array.size else 0)
+    array = array.astype(dtype)
+    meta = dict(meta or {})
+    affine = meta.get("original_affine", meta.get("affine"))
+    affine = np.eye(4) if affine is None else np.asarray(convert_data_type(affine, np.ndarray)[0], np.float64)
+    os.makedirs(os.path.dirname(os.path.abspath(filename)) or ".", exist_ok=True)
+    stem, ext = split_image_suffix(filename)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(filename)), f".{os.path.basename(stem)}.partial{ext}")
+    try:
+        if _is_nifti(filename):
+            img = nib.Nifti1Image(array, affine)
+            img.header.set_data_dtype(dtype)
+            if "xyzt_units" in meta:  # keep the input's spatial unit (e.g. micron)
+                img.header["xyzt_units"] = int(np.asarray(meta["xyzt_units"]).reshape(-1)[0])
+            nib.save(img, tmp)
+        elif _is_tiff(filename):
+            writer = TiffWriter(output_dtype=dtype)
+            writer.set_data_array(array, channel_dim=None)
+            writer.set_metadata({"affine": affine, "spacing_unit": meta.get("spacing_unit", "")})
+            writer.write(tmp)
+        else:
+            raise ValueError(f"Unsupported output file {filename}: expected one of {IMAGE_SUFFIXES}.")
+        os.replace(tmp, filename)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return filename

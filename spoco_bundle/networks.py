@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import DynUNet
 
-__all__ = ["EmbeddingUNet", "make_teacher", "default_patch_size"]
+__all__ = ["EmbeddingUNet", "make_teacher", "default_patch_size", "load_weights"]
 
 
 class EmbeddingUNet(DynUNet):
@@ -92,3 +92,35 @@ def default_patch_size(spatial_dims: int) -> list[int]:
     if spatial_dims == 2:
         return [192, 192]
     raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+
+
+def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """
+    Load a plain state dict (``model.pt``) into ``network`` strictly, with an error that says what to fix.
+
+    MONAI's own loaders (and MONAI Label) load non-strictly, which silently keeps random weights on a key mismatch;
+    this is the guard against that.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: the file is not a state dict, or its keys/shapes do not match the network.
+    """
+    import os
+
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"Checkpoint {ckpt_path} not found (train first, or pass --ckpt_path).")
+    try:
+        state = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"Cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a resume checkpoint: take the student
+    if not isinstance(state, dict):
+        raise ValueError(f"Checkpoint {ckpt_path} does not hold a state dict (got {type(state).__name__}).")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"Checkpoint {ckpt_path} does not match network_def (check spatial_dims, embedding_dim, features): {e}"
+        ) from e
+    return network

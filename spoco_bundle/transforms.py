@@ -29,8 +29,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
 from monai.transforms import CastToTyped, EnsureChannelFirstd, MapTransform, Transform
-from monai.utils import MetaKeys, convert_to_dst_type, convert_to_numpy, ensure_tuple
+from monai.config import NdarrayOrTensor
+from monai.utils import MetaKeys, TransformBackends, convert_data_type, convert_to_dst_type, convert_to_numpy, ensure_tuple
 
+from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings
 from spoco_bundle.data import (
     check_image_array,
     check_label_array,
@@ -40,6 +42,8 @@ from spoco_bundle.data import (
 from spoco_bundle.io import LoadVolumed, split_image_suffix
 
 __all__ = [
+    "ClusterEmbeddings",
+    "ClusterEmbeddingsd",
     "object_priority",
     "SparseInstanceLabel",
     "SparseInstanceLabeld",
@@ -421,3 +425,94 @@ def load_transforms(
     if label_keys:
         transforms.append(CastToTyped(label_keys, dtype=label_dtype, allow_missing_keys=allow_missing_keys))
     return transforms
+
+
+class ClusterEmbeddings(Transform):
+    """
+    Post-processing: cluster a network output ``(C, *S)`` into an instance label map ``(1, *S)`` (int32,
+    0 = background, 1..n instances), with :func:`spoco_bundle.clustering.cluster_embeddings`.
+
+    The first ``embedding_dim`` channels are the embeddings; a further channel, if present, is the foreground logit
+    of :class:`~spoco_bundle.networks.EmbeddingUNet`.
+
+    Args:
+        method: ``"fast"`` (default), ``"hdbscan"``, ``"meanshift"`` or ``"consistency"`` (then the input holds
+            ``2 * embedding_dim`` (+1) channels: student embeddings, teacher embeddings, see
+            :class:`~spoco_bundle.inferers.StudentTeacherNet`).
+        embedding_dim: E.
+        background: ``"largest"``: drop the largest cluster (for models trained without annotated background);
+            ``"head"``: keep only voxels with foreground probability > ``foreground_threshold`` (models trained with
+            ``background_label``); ``"none"``: keep every cluster.
+        min_size: clusters smaller than this many voxels are set to 0.
+        delta_v, delta_d: the training margins.
+        foreground_threshold: probability threshold of the foreground head.
+        kwargs: further arguments of the clustering function.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        method: str = "fast",
+        embedding_dim: int = 16,
+        background: str = "largest",
+        min_size: int = 16,
+        delta_v: float = 0.5,
+        delta_d: float = 2.0,
+        foreground_threshold: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        if background not in ("largest", "head", "none"):
+            raise ValueError(f"background must be 'largest', 'head' or 'none', got {background!r}.")
+        if method not in CLUSTERING_METHODS:
+            raise ValueError(f"Unknown clustering method {method!r}; valid methods: {sorted(CLUSTERING_METHODS)}.")
+        self.method = method
+        self.embedding_dim = embedding_dim
+        self.background = background
+        self.min_size = min_size
+        self.delta_v = delta_v
+        self.delta_d = delta_d
+        self.foreground_threshold = foreground_threshold
+        self.kwargs = kwargs
+
+    def __call__(self, pred: NdarrayOrTensor) -> NdarrayOrTensor:
+        arr = np.asarray(convert_data_type(pred, np.ndarray, dtype=np.float32)[0])
+        e = self.embedding_dim
+        n_emb = 2 * e if self.method == "consistency" else e
+        if arr.ndim not in (3, 4) or arr.shape[0] not in (n_emb, n_emb + 1):
+            raise ValueError(
+                f"ClusterEmbeddings expects ({n_emb} or {n_emb + 1}, *spatial) for method {self.method!r} "
+                f"and embedding_dim {e}, got shape {arr.shape}."
+            )
+        fg_mask = None
+        if self.background == "head":
+            if arr.shape[0] != n_emb + 1:
+                raise ValueError("background='head' needs a network with a foreground head (one extra channel).")
+            # sigmoid(x) > t  <=>  x > logit(t)
+            t = self.foreground_threshold
+            fg_mask = arr[-1] > np.log(t / (1.0 - t))
+        kwargs = dict(self.kwargs, delta_v=self.delta_v, min_size=self.min_size, fg_mask=fg_mask,
+                      background="none" if self.background != "largest" else "largest")
+        if self.method == "fast":
+            kwargs["delta_d"] = self.delta_d
+        if self.method == "consistency":
+            kwargs["emb_g"] = arr[e: 2 * e]
+        labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)[None]
+        out, *_ = convert_to_dst_type(labels, pred, dtype=torch.int32)
+        return out
+
+
+class ClusterEmbeddingsd(MapTransform):
+    """Dictionary version of :class:`ClusterEmbeddings` (replaces ``pred`` by instance labels)."""
+
+    backend = ClusterEmbeddings.backend
+
+    def __init__(self, keys: KeysCollection = "pred", allow_missing_keys: bool = False, **kwargs: Any) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.cluster = ClusterEmbeddings(**kwargs)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.cluster(d[key])
+        return d
