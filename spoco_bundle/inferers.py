@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
-__all__ = ["TwoViewInferer", "StudentTeacherNet", "segment_files"]
+__all__ = ["TwoViewInferer", "StudentTeacherNet", "network_for_clustering", "segment_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,3 +131,18 @@ def segment_files(
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(files)} inputs failed:\n" + "\n".join(failed))
     return written
+
+
+def network_for_clustering(
+    network: torch.nn.Module, clustering: str, teacher_ckpt_path: str, embedding_dim: int = 16
+) -> torch.nn.Module:
+    """
+    The network inference runs: the student alone, or, for ``clustering="consistency"``, the student beside its
+    teacher loaded (strictly) from ``teacher_ckpt_path`` (written by training as ``teacher.pt``).
+    """
+    if clustering != "consistency":
+        return network
+    from spoco_bundle.networks import load_weights
+
+    teacher = load_weights(copy.deepcopy(network), teacher_ckpt_path, map_location=next(network.parameters()).device)
+    return StudentTeacherNet(network, teacher, embedding_dim)

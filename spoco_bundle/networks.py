@@ -73,6 +73,13 @@ class EmbeddingUNet(DynUNet):
             deep_supervision=False,
             res_block=False,
         )
+        # channels-last convolutions are ~3x faster in the backward pass on CPU (oneDNN) and neutral on GPU
+        self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+        self.to(memory_format=self.memory_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x.contiguous(memory_format=self.memory_format))
+        return out.contiguous()  # standard layout for the losses and clustering
 
 
 def make_teacher(student: torch.nn.Module) -> torch.nn.Module:
