@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end demo on built-in synthetic data: set up .venv, generate synthetic 3D nuclei volumes, train SPOCO
 # on CPU with labels thinned to 10 % of the objects, segment the held-back volumes, print metrics and write a
-# preview PNG. Extra arguments go to the training command (e.g. `bash scripts/demo.sh --epochs 5`).
+# preview PNG. Extra arguments go to the training command (e.g. `bash scripts/demo.sh --epochs 100`).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -16,7 +16,7 @@ echo "[demo] 1/4 synthetic data -> $data"
 echo "[demo] 2/4 training with 10 % of the objects labelled -> $root/models/model.pt"
 "$py" -m monai.bundle run training \
     --config_file configs/train.json --meta_file metadata.json --logging_file configs/logging.conf \
-    --bundle_root "$root" --dataset_dir "$data" --instance_ratio 0.1 "$@"
+    --bundle_root "$root" --dataset_dir "$data" --instance_ratio 0.1 --epochs 35 "$@"
 
 echo "[demo] 3/4 segmenting the held-back volumes -> $out"
 "$py" -m monai.bundle run \

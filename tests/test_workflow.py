@@ -71,6 +71,30 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     diff = max((teacher[k].float() - resume["model"][k].float()).abs().max().item() for k in state)
     assert 0 < diff
 
+    # evaluation of that checkpoint: train.json + evaluate.json, MetricsSaver CSVs per image and mean
+    evaluate = str(ROOT / "configs" / "evaluate.json")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"['{TRAIN}','{evaluate}']",
+           "--meta_file", META, "--bundle_root", str(tmp_path / "bundle"), "--dataset_dir", str(tiny3d),
+           "--output_dir", str(tmp_path / "scores"), "--device", "cpu", "--features", "[8,16,32]",
+           "--patch_size", "[16,32,32]"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = (tmp_path / "scores" / "metrics.csv").read_text()
+    for name in ("val_ap50", "val_map", "val_sbd", "val_arand", "val_voi_split", "val_voi_merge"):
+        assert name in metrics
+    raw = (tmp_path / "scores" / "val_ap50_raw.csv").read_text().splitlines()
+    assert len(raw) == 2 and "nuclei_" in raw[1]  # header + the one validation volume
+
+    # consistency clustering at inference uses teacher.pt next to model.pt
+    infer = str(ROOT / "configs" / "inference.json")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", infer, "--meta_file", META,
+           "--bundle_root", str(tmp_path / "bundle"), "--dataset_dir", str(tiny3d / "imagesTr"),
+           "--output_dir", str(tmp_path / "seg"), "--device", "cpu", "--features", "[8,16,32]",
+           "--patch_size", "[16,32,32]", "--clustering", "consistency"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "seg").glob("*_instances.nii.gz"))) == 3
+
 
 def test_resume_continues_from_checkpoint(tmp_path, tiny3d):
     _run_training(tmp_path, tiny3d, "--epochs", "1", "--val_interval", "5", "--patch_size", "[16,32,32]")
