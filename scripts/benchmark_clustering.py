@@ -1,0 +1,430 @@
+"""
+Clustering benchmark: speed and accuracy of the embedding clusterings on synthetic 3D embedding volumes with known
+instances, and the split of an end-to-end 100^3 inference into network and clustering time.
+
+The synthetic embeddings follow the geometry the SPOCO losses train for (E = 16, delta_v = 0.5, delta_d = 2.0):
+touching, spatially contiguous objects (Voronoi cells of jittered-grid seeds inside smooth random blobs, ~1000
+voxels each, constant density, so the object count grows with the volume), a large background (~60 % of the
+voxels), one centre per object with all centres at least 2 delta_d apart (many close to that margin), Gaussian
+noise of 0.1 per dimension, 1 % outliers (noise 0.8) and borders blurred over about a voxel (Gaussian, sigma 0.5).
+
+Methods run with their default parameters (as the bundle's inference config uses them); ``hdbscan`` and
+``meanshift`` cluster a random subsample (20k / 10k voxels) and assign the rest to the nearest cluster mean.
+``consistency`` uses ``fast`` as its base clustering and a teacher embedding = student + N(0, 0.05^2) per dimension.
+
+    .venv/bin/python scripts/benchmark_clustering.py [--sizes 0.25,1,4,16] [--slow_limit_s 180] [--device cpu]
+
+The last line printed is ``default: <X> Mvoxel/s at <size> Mvoxels, AP50 <Y>`` for ``fast`` on the largest size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import fire
+import numpy as np
+import torch
+from scipy import ndimage
+
+from spoco_bundle.clustering import (
+    HAVE_NUMBA,
+    cluster_consistency,
+    cluster_fast,
+    cluster_hdbscan,
+    cluster_meanshift,
+)
+from spoco_bundle.metrics import segmentation_scores
+
+EMBEDDING_DIM = 16
+DELTA_V = 0.5
+DELTA_D = 2.0
+TEACHER_NOISE = 0.05
+SLOW_METHODS = ("hdbscan", "meanshift", "consistency")
+
+
+def _log(msg: str) -> None:
+    """Progress goes to stderr so that stdout holds only the report."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- synthetic data
+
+
+def volume_shape(mvoxels: float) -> tuple[int, int, int]:
+    """(d, 2d, 2d) with about ``mvoxels`` million voxels, e.g. 0.25 -> 40 x 80 x 80."""
+    d = max(4, int(round((mvoxels * 1e6 / 4) ** (1 / 3))))
+    return d, 2 * d, 2 * d
+
+
+def make_labels(
+    shape: tuple[int, int, int], cell: float = 10.0, fg_fraction: float = 0.4, min_size: int = 64, seed: int = 0
+) -> np.ndarray:
+    """Touching objects: Voronoi cells of jittered-grid seeds, cut to smooth random blobs; int32, 0 = background.
+
+    Every object is one 6-connected piece of at least ``min_size`` voxels (other pieces of a cell become
+    background), ids 1..n consecutive.
+    """
+    rng = np.random.default_rng(seed)
+    # blobs: threshold of a smooth random field, made at 1/4 resolution and upsampled (cheap for large volumes)
+    low = tuple(int(math.ceil(s / 4)) + 1 for s in shape)
+    field = ndimage.gaussian_filter(rng.standard_normal(low, dtype=np.float32), sigma=2.5, mode="wrap")
+    field = ndimage.zoom(field, 4, order=1)[: shape[0], : shape[1], : shape[2]]
+    fg = field > np.quantile(field.reshape(-1)[::31], 1.0 - fg_fraction)
+    del field
+    # seeds on a jittered grid: cells of similar size (~cell^3 voxels), no slivers from clumped random seeds
+    axes = [np.arange(cell / 2, s, cell) for s in shape]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    pts = pts + rng.uniform(-0.35 * cell, 0.35 * cell, pts.shape)
+    pts = np.clip(np.round(pts).astype(np.int64), 0, np.array(shape) - 1)
+    pts = pts[fg[tuple(pts.T)]]
+    seeds = np.zeros(shape, np.int32)
+    seeds[tuple(pts.T)] = np.arange(1, len(pts) + 1, dtype=np.int32)
+    # Voronoi: label of the nearest seed, via the indices of the Euclidean distance transform
+    idx = ndimage.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
+    lab = seeds[idx[0], idx[1], idx[2]]
+    del idx, seeds
+    lab[~fg] = 0
+    del fg
+    # a convex cell cut by a blob can fall apart: keep the largest piece of each cell
+    keep = np.zeros(int(lab.max()) + 1, bool)
+    for k, sl in enumerate(ndimage.find_objects(lab), 1):
+        if sl is None:
+            continue
+        box = lab[sl]
+        pieces, n = ndimage.label(box == k)
+        if n > 1:
+            sizes = np.bincount(pieces.reshape(-1))
+            sizes[0] = 0
+            box[(pieces > 0) & (pieces != np.argmax(sizes))] = 0
+        keep[k] = np.count_nonzero(box == k) >= min_size
+    lut = np.cumsum(keep, dtype=np.int64).astype(np.int32)
+    lut[~keep] = 0
+    return lut[lab]
+
+
+def make_centres(n: int, dim: int = EMBEDDING_DIM, delta_d: float = DELTA_D, seed: int = 0) -> np.ndarray:
+    """n centres (float32), pairwise >= 2 delta_d apart, each placed 2-2.6 delta_d from an earlier one.
+
+    Candidates come in batches and are checked against all accepted centres with one matrix product per batch.
+    """
+    rng = np.random.default_rng(seed)
+    min_d2 = (2.0 * delta_d) ** 2
+    cs = np.empty((n, dim), np.float64)
+    cs[0] = rng.standard_normal(dim)
+    m = 1
+    while m < n:
+        b = min(2 * (n - m), 1024)
+        v = rng.standard_normal((b, dim))
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        cand = cs[rng.integers(m, size=b)] + v * rng.uniform(2.0, 2.6, (b, 1)) * delta_d
+        old = cs[:m]
+        d2 = (cand**2).sum(1)[:, None] + (old**2).sum(1)[None, :] - 2.0 * cand @ old.T
+        start = m
+        for c in cand[d2.min(1) >= min_d2]:
+            if m == n:
+                break
+            if m > start and ((cs[start:m] - c) ** 2).sum(1).min() < min_d2:
+                continue
+            cs[m] = c
+            m += 1
+    return cs.astype(np.float32)
+
+
+def make_embeddings(
+    labels: np.ndarray,
+    dim: int = EMBEDDING_DIM,
+    noise: float = 0.1,
+    outliers: float = 0.01,
+    outlier_noise: float = 0.8,
+    blur: float = 0.5,
+    seed: int = 0,
+) -> np.ndarray:
+    """Embeddings ``(dim, *S)`` float32: the centre of each voxel's label (row 0 = background), blurred, plus noise."""
+    rng = np.random.default_rng(seed)
+    cs = make_centres(int(labels.max()) + 1, dim, seed=seed)
+    sigma = np.full(labels.shape, noise, np.float32)
+    sigma[rng.random(labels.shape, dtype=np.float32) < outliers] = outlier_noise
+    emb = np.empty((dim,) + labels.shape, np.float32)
+    for c in range(dim):
+        centre = cs[:, c][labels]
+        if blur:
+            ndimage.gaussian_filter(centre, blur, output=emb[c])
+        else:
+            emb[c] = centre
+        del centre
+        emb[c] += sigma * rng.standard_normal(labels.shape, dtype=np.float32)
+    return emb
+
+
+def make_teacher(emb: np.ndarray, noise: float = TEACHER_NOISE, seed: int = 1) -> np.ndarray:
+    """Teacher embeddings: the student's plus independent Gaussian noise, channel by channel (bounded memory)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty_like(emb)
+    for c in range(emb.shape[0]):
+        out[c] = emb[c] + noise * rng.standard_normal(emb.shape[1:], dtype=np.float32)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _parse_sizes(sizes) -> list[float]:
+    if isinstance(sizes, (int, float)):
+        return [float(sizes)]
+    if isinstance(sizes, str):
+        sizes = [s for s in sizes.replace(" ", "").split(",") if s]
+    out = sorted(float(s) for s in sizes)
+    if not out or min(out) <= 0:
+        raise ValueError(f"sizes must be positive Mvoxel counts, got {sizes!r}.")
+    return out
+
+
+def _machine_info() -> list[str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    if HAVE_NUMBA:
+        import numba
+
+        nb = f"yes ({numba.__version__})"
+    else:
+        nb = "no (numpy fallback of cluster_fast)"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        f"- CPU: {cpu}",
+        f"- cores: {os.cpu_count()} logical, {usable} usable by this process; load average (1/5/15 min) {load}",
+        f"- torch threads: {torch.get_num_threads()} (torch {torch.__version__}); numpy {np.__version__}",
+        f"- numba available: {nb}",
+        f"- python {platform.python_version()}, {platform.platform()}",
+    ]
+
+
+def _format_row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+def benchmark_clustering(sizes: list[float], slow_limit_s: float) -> tuple[list[str], list[str], dict]:
+    """Return (data table rows, results table rows, {size: (Mvoxel/s, AP50)} of ``fast``)."""
+    methods: dict[str, Callable[..., np.ndarray]] = {
+        "fast": cluster_fast,
+        "hdbscan": cluster_hdbscan,
+        "meanshift": cluster_meanshift,
+        "consistency": lambda emb, emb_g: cluster_consistency(emb, emb_g),
+    }
+    data_rows, rows, fast = [], [], {}
+    history: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}  # (voxels, seconds) of finished runs
+    stopped: dict[str, bool] = {m: False for m in methods}
+    for i, size in enumerate(sizes):
+        shape = volume_shape(size)
+        n_vox = int(np.prod(shape))
+        _log(f"[{time.strftime('%H:%M:%S')}] generating {shape} ({n_vox / 1e6:.2f} Mvoxel) ...")
+        t0 = time.perf_counter()
+        gt = make_labels(shape, seed=i)
+        emb = make_embeddings(gt, seed=100 + i)
+        t_gen = time.perf_counter() - t0
+        n_obj = int(gt.max())
+        fg = float(np.count_nonzero(gt)) / n_vox
+        data_rows.append(
+            _format_row(
+                [f"{size:g}", "x".join(map(str, shape)), f"{n_vox / 1e6:.2f}", n_obj, f"{fg:.2f}", f"{t_gen:.1f}"]
+            )
+        )
+        emb_g = None
+        for name, fn in methods.items():
+            label = f"{size:g} Mvoxel, {name}"
+            hist = history[name]
+            if name != "fast" and hist:
+                # linear extrapolation from the last finished size, or the growth measured between the last two
+                # sizes when that is steeper (e.g. consistency's voxels x clusters cost at constant object density)
+                v1, t1 = hist[-1]
+                power = 1.0
+                if len(hist) > 1:
+                    v0, t0_ = hist[-2]
+                    if t1 > 0 and t0_ > 0 and v1 > v0:
+                        power = max(1.0, math.log(t1 / t0_) / math.log(v1 / v0))
+                expected = t1 * (n_vox / v1) ** power
+                if stopped[name] or expected > slow_limit_s:
+                    rows.append(
+                        _format_row([f"{size:g}", name, f"skipped (> {expected:.0f} s expected)", "", "", "", ""])
+                    )
+                    _log(f"  {label}: skipped (> {expected:.0f} s expected)")
+                    continue
+            if name == "consistency":
+                if emb_g is None:
+                    emb_g = make_teacher(emb, seed=200 + i)
+                args = (emb, emb_g)
+            else:
+                args = (emb,)
+            _log(f"  [{time.strftime('%H:%M:%S')}] {label} ...")
+            t0 = time.perf_counter()
+            seg = fn(*args)
+            dt = time.perf_counter() - t0
+            scores = segmentation_scores(gt, seg)
+            hist.append((n_vox, dt))
+            if name != "fast" and dt > slow_limit_s:
+                stopped[name] = True
+            rate = n_vox / dt / 1e6
+            rows.append(
+                _format_row(
+                    [
+                        f"{size:g}",
+                        name,
+                        f"{dt:.2f}",
+                        f"{rate:.3g}",
+                        f"{scores['ap50']:.3f}",
+                        f"{scores['map']:.3f}",
+                        f"{int(seg.max())} / {n_obj}",
+                    ]
+                )
+            )
+            _log(f"  {label}: {dt:.2f} s, {rate:.3g} Mvoxel/s, AP50 {scores['ap50']:.3f}, {int(seg.max())} objects")
+            if name == "fast":
+                fast[size] = (rate, scores["ap50"])
+            del seg
+        del emb, emb_g, gt
+    return data_rows, rows, fast
+
+
+def benchmark_inference(device: torch.device, shape=(100, 100, 100)) -> list[str]:
+    """Sliding-window network inference + cluster_fast on one volume; rows of a markdown table."""
+    from monai.inferers import SlidingWindowInferer
+
+    from spoco_bundle.networks import EmbeddingUNet
+
+    torch.manual_seed(0)
+    net = EmbeddingUNet(spatial_dims=3, embedding_dim=EMBEDDING_DIM, features=(16, 32, 64, 128)).to(device).eval()
+    inferer = SlidingWindowInferer(roi_size=(32, 64, 64), sw_batch_size=4, overlap=0.25, mode="gaussian")
+    image = torch.rand((1, 1) + tuple(shape), device=device)
+    with torch.no_grad():
+        # warm-up on one window (allocator, oneDNN kernel selection), not timed
+        net(torch.rand((1, 1, 32, 64, 64), device=device))
+        _sync(device)
+        t0 = time.perf_counter()
+        out = inferer(image, net)
+        _sync(device)
+        t_net = time.perf_counter() - t0
+    emb = out[0, :EMBEDDING_DIM].float().cpu().numpy()
+    t0 = time.perf_counter()
+    seg = cluster_fast(emb)
+    t_clu = time.perf_counter() - t0
+    n_vox = int(np.prod(shape))
+    total = t_net + t_clu
+    _log(f"  inference: network {t_net:.2f} s, clustering {t_clu:.2f} s ({int(seg.max())} objects)")
+    return [
+        _format_row(["network (sliding window)", f"{t_net:.2f}", f"{100 * t_net / total:.0f} %", tuple(out.shape)]),
+        _format_row(["clustering (cluster_fast)", f"{t_clu:.2f}", f"{100 * t_clu / total:.0f} %", f"{n_vox / 1e6:g}"]),
+        _format_row(["total", f"{total:.2f}", "100 %", ""]),
+    ]
+
+
+def main(sizes="0.25,1,4,16", slow_limit_s: float = 180.0, device: str = "cpu", inference_size: int = 100) -> None:
+    """Print the clustering benchmark as markdown; the last line summarises ``fast`` on the largest size.
+
+    Args:
+        sizes: embedding volume sizes in Mvoxels (comma-separated).
+        slow_limit_s: seconds a slow method (hdbscan, meanshift, consistency) may take per volume; larger volumes
+            are skipped once it took longer or would by extrapolation.
+        device: torch device of the network in the end-to-end part (clustering always runs on the CPU).
+        inference_size: edge length of the cubic volume of the end-to-end part.
+    """
+    size_list = _parse_sizes(sizes)
+    dev = torch.device(device)
+    t_start = time.perf_counter()
+    print("# Clustering benchmark\n")
+    print(f"Run at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; command: `{' '.join(sys.argv)}`\n")
+    print("## Machine\n")
+    print("\n".join(_machine_info()))
+
+    # numba kernels compile (or load from the on-disk cache) on the first call: keep that out of the timings;
+    # the tiny calls of the other methods keep their imports (hdbscan, sklearn) out of the timings too
+    t0 = time.perf_counter()
+    warm_lab = make_labels((6, 12, 12), cell=5.0, min_size=8, seed=7)
+    warm = make_embeddings(warm_lab, seed=7)
+    t_data = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cluster_fast(warm)
+    t_warm = time.perf_counter() - t0
+    cluster_hdbscan(warm)
+    cluster_meanshift(warm)
+    cluster_consistency(warm, make_teacher(warm))
+    print(
+        f"\nWarm-up (not timed below): one tiny call of cluster_fast ({warm_lab.size} voxels) took {t_warm:.1f} s "
+        f"(numba {'compile / cache load' if HAVE_NUMBA else 'not installed'}); tiny calls of the other methods "
+        f"load their modules (synthetic warm-up data: {t_data:.1f} s)."
+    )
+
+    _log("clustering benchmark ...")
+    data_rows, rows, fast = benchmark_clustering(size_list, slow_limit_s)
+    print("\n## Synthetic embedding volumes\n")
+    print(
+        f"E = {EMBEDDING_DIM}, delta_v = {DELTA_V}, delta_d = {DELTA_D}: Voronoi cells of jittered-grid seeds (spacing "
+        "10) inside smooth random blobs, objects >= 64 voxels, centres >= 2 delta_d apart, noise 0.1 per dimension, "
+        "1 % outliers (0.8), borders blurred (sigma 0.5 voxel). Generation time is not part of any timing.\n"
+    )
+    print(_format_row(["size (Mvoxel)", "shape", "voxels (M)", "objects", "foreground fraction", "generation (s)"]))
+    print(_format_row(["---"] * 6))
+    print("\n".join(data_rows))
+    print(f"\n## Clustering (slow methods limited to {slow_limit_s:g} s per volume)\n")
+    print(_format_row(["size (Mvoxel)", "method", "time (s)", "Mvoxel/s", "AP50", "mAP", "objects found / true"]))
+    print(_format_row(["---"] * 7))
+    print("\n".join(rows))
+    print(
+        "\nmAP = mean AP over IoU 0.50, 0.55, ..., 0.95. All methods with their default parameters and background "
+        "removal (largest cluster). hdbscan and "
+        "meanshift cluster a random subsample (20k / 10k voxels) and assign the other voxels to the nearest cluster "
+        "mean; the subsample does not grow with the volume, so it holds fewer voxels per object as the object count "
+        "grows (about 20k x 0.4 / objects for hdbscan). consistency = cluster_fast on the student, then the paper's "
+        f"consistency test against a teacher embedding (student + N(0, {TEACHER_NOISE}^2) per dimension); its "
+        "anchors are single voxels, so it keeps a cluster only when two voxels of one object are mostly within "
+        "delta_v of each other: with noise 0.1 per dimension their typical distance is sqrt(2 x 16) x 0.1 = 0.57 > "
+        "delta_v and the rule drops (nearly) every cluster, even with a noise-free teacher. Mean-shift turns the "
+        "blurred borders (embeddings between two centres) into extra clusters of more than min_size voxels (false "
+        "positives); without the blur it recovered every object of a small test volume. "
+        "Skipped sizes: extrapolated from the last finished size (linearly, or with the growth exponent measured "
+        "between the last two sizes when steeper)."
+    )
+
+    _log("end-to-end inference ...")
+    inf_rows = benchmark_inference(dev, (inference_size,) * 3)
+    print(f"\n## End-to-end inference of a {inference_size}^3 volume\n")
+    print(
+        "EmbeddingUNet(spatial_dims=3, embedding_dim=16, features=(16, 32, 64, 128)) with **random weights** (timing "
+        "only), SlidingWindowInferer(roi_size=(32, 64, 64), sw_batch_size=4, overlap=0.25, mode='gaussian') under "
+        f"torch.no_grad on device {device} after a one-window warm-up, then cluster_fast on the first 16 channels "
+        "(the 17th is the foreground logit). Embeddings of an untrained network are not those of a trained one, so "
+        "the clustering time here is indicative; see the table above for trained-like embeddings.\n"
+    )
+    print(_format_row(["stage", "time (s)", "share", "output shape / Mvoxel"]))
+    print(_format_row(["---"] * 4))
+    print("\n".join(inf_rows))
+    print(f"\nTotal benchmark wall time: {time.perf_counter() - t_start:.0f} s\n")
+    size = max(fast)
+    rate, ap = fast[size]
+    print(f"default: {rate:.1f} Mvoxel/s at {size:g} Mvoxels, AP50 {ap:.3f}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
