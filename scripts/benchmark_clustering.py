@@ -24,7 +24,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import fire
 import numpy as np
@@ -226,7 +226,9 @@ def _sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------------ benchmark
 
 
-def benchmark_clustering(sizes: list[float], slow_limit_s: float) -> tuple[list[str], list[str], dict]:
+def benchmark_clustering(
+    sizes: list[float], slow_limit_s: float, only: Sequence[str] | None = None
+) -> tuple[list[str], list[str], dict]:
     """Return (data table rows, results table rows, {size: (Mvoxel/s, AP50)} of ``fast``)."""
     methods: dict[str, Callable[..., np.ndarray]] = {
         "fast": cluster_fast,
@@ -234,6 +236,8 @@ def benchmark_clustering(sizes: list[float], slow_limit_s: float) -> tuple[list[
         "meanshift": cluster_meanshift,
         "consistency": lambda emb, emb_g: cluster_consistency(emb, emb_g),
     }
+    if only is not None:
+        methods = {name: fn for name, fn in methods.items() if name in only or name == "fast"}
     data_rows, rows, fast = [], [], {}
     history: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}  # (voxels, seconds) of finished runs
     stopped: dict[str, bool] = {m: False for m in methods}
@@ -340,7 +344,13 @@ def benchmark_inference(device: torch.device, shape=(100, 100, 100)) -> list[str
     ]
 
 
-def main(sizes="0.25,1,4,16", slow_limit_s: float = 180.0, device: str = "cpu", inference_size: int = 100) -> None:
+def main(
+    sizes="0.25,1,4,16",
+    slow_limit_s: float = 180.0,
+    device: str = "cpu",
+    inference_size: int = 100,
+    methods: str = "fast,hdbscan,meanshift,consistency",
+) -> None:
     """Print the clustering benchmark as markdown; the last line summarises ``fast`` on the largest size.
 
     Args:
@@ -348,6 +358,7 @@ def main(sizes="0.25,1,4,16", slow_limit_s: float = 180.0, device: str = "cpu", 
         slow_limit_s: seconds a slow method (hdbscan, meanshift, consistency) may take per volume; larger volumes
             are skipped once it took longer or would by extrapolation.
         device: torch device of the network in the end-to-end part (clustering always runs on the CPU).
+        methods: comma-separated methods to time (``fast`` always runs: the last line reports it).
         inference_size: edge length of the cubic volume of the end-to-end part.
     """
     size_list = _parse_sizes(sizes)
@@ -377,7 +388,8 @@ def main(sizes="0.25,1,4,16", slow_limit_s: float = 180.0, device: str = "cpu", 
     )
 
     _log("clustering benchmark ...")
-    data_rows, rows, fast = benchmark_clustering(size_list, slow_limit_s)
+    method_list = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
+    data_rows, rows, fast = benchmark_clustering(size_list, slow_limit_s, method_list)
     print("\n## Synthetic embedding volumes\n")
     print(
         f"E = {EMBEDDING_DIM}, delta_v = {DELTA_V}, delta_d = {DELTA_D}: Voronoi cells of jittered-grid seeds (spacing "
