@@ -46,9 +46,9 @@ class TwoViewInferer(Inferer):
             return student_out
         if second_view.shape != inputs.shape:
             raise ValueError(f"second view shape {tuple(second_view.shape)} != first view {tuple(inputs.shape)}.")
-        with torch.inference_mode():
+        with torch.no_grad():
             teacher_out = self.teacher(second_view)
-        return student_out, teacher_out.clone()  # a normal tensor (inference tensors cannot enter autograd)
+        return student_out, teacher_out.detach()
 
 
 class StudentTeacherNet(torch.nn.Module):
