@@ -87,8 +87,10 @@ def main(
             step_times.append(t1 - t0)
             loss_times.append(t3 - t2)
     step, lt = float(np.mean(step_times)), float(np.mean(loss_times))
-    print(f"device {dev}, torch threads {torch.get_num_threads()}, patch {tuple(patch)}, batch {batch_size}, "
-          f"features {tuple(features)}, E={embedding_dim}, annotated objects per patch {n_obj}")
+    print(
+        f"device {dev}, torch threads {torch.get_num_threads()}, patch {tuple(patch)}, batch {batch_size}, "
+        f"features {tuple(features)}, E={embedding_dim}, annotated objects per patch {n_obj}"
+    )
     print("| s/iteration (mean of %d) | loss s/iteration | loss share |" % iters)
     print("| --- | --- | --- |")
     print(f"| {step:.3f} | {lt:.3f} | {100 * lt / step:.1f} % |")

@@ -397,7 +397,10 @@ def image_files(path: str | os.PathLike) -> list[str]:
 
 
 def checked_datalist(
-    dataset_dir: str | os.PathLike, section: str = "training", spatial_dims: int = 3, background_label: int | None = None
+    dataset_dir: str | os.PathLike,
+    section: str = "training",
+    spatial_dims: int = 3,
+    background_label: int | None = None,
 ) -> list[dict]:
     """
     :func:`build_datalist` followed by :func:`validate_datalist` (for a non-empty list), logging a one-line summary:

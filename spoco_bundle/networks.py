@@ -15,16 +15,17 @@ class EmbeddingUNet(DynUNet):
     """
     U-Net mapping an image to per-voxel embeddings (SPOCO's ``f``), built on :class:`monai.networks.nets.DynUNet`.
 
-    Each level has two 3x3(x3) convolutions with group norm (8 groups, as the reference U-Net) and leaky ReLU; the head is a 1x1 convolution with
-    no activation, as SPOCO requires (a bounded head would distort the distance margins of the losses). When
-    ``foreground_head`` is True, one extra output channel (the last) carries a foreground logit, trained only where
-    background was annotated (see ``SpocoLoss``); the embedding channels are unaffected by it.
+    Each level has two 3x3(x3) convolutions with group norm (8 groups, as the reference U-Net) and leaky ReLU; the head
+    is a 1x1 convolution with no activation, as SPOCO requires (a bounded head would distort the distance margins of
+    the losses). When ``foreground_head`` is True, one extra output channel (the last) carries a foreground logit,
+    trained only where background was annotated (see ``SpocoLoss``); the embedding channels are unaffected by it.
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: number of image channels.
         embedding_dim: embedding size E (16 in the paper).
-        features: feature maps per level, e.g. ``(16, 32, 64, 128)``; the number of levels is ``len(features)`` (at least 3).
+        features: feature maps per level, e.g. ``(16, 32, 64, 128)``; the number of levels is ``len(features)``
+            (at least 3).
         strides: per-level down-sampling strides (first entry applies to the input level and is normally 1). Use
             per-axis strides such as ``[[1, 1, 1], [1, 2, 2], [2, 2, 2]]`` for anisotropic volumes. Defaults to
             ``[1, 2, 2, ...]``.

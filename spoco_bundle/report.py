@@ -57,7 +57,10 @@ def draw_preview(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], pat
             img, gt, pred = img[z], gt[z], pred[z]
         lo, hi = np.percentile(img, (1, 99.8))
         base = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
-        for ax, lab, title, color in ((ax_p, pred, "prediction", (1.0, 0.2, 0.2)), (ax_g, gt, "ground truth", (0.2, 1.0, 0.2))):
+        for ax, lab, title, color in (
+            (ax_p, pred, "prediction", (1.0, 0.2, 0.2)),
+            (ax_g, gt, "ground truth", (0.2, 1.0, 0.2)),
+        ):
             rgb = np.repeat(base[..., None], 3, axis=-1)
             rgb[_outline(lab)] = color
             ax.imshow(rgb, interpolation="nearest")
@@ -81,8 +84,14 @@ def score_folder(images: str, labels: str, predictions: str, out: str | None = N
             raise ValueError(f"Prediction {pred_path} has shape {pred.shape}, ground truth {lab_path} {gt.shape}.")
         scores = segmentation_scores(gt.astype(np.int64), pred.astype(np.int64))
         name = split_image_suffix(os.path.basename(img_path))[0]
-        rows.append({"image": name, "gt_objects": int(len(np.unique(gt[gt > 0]))),
-                     "pred_objects": int(len(np.unique(pred[pred > 0]))), **scores})
+        rows.append(
+            {
+                "image": name,
+                "gt_objects": int(len(np.unique(gt[gt > 0]))),
+                "pred_objects": int(len(np.unique(pred[pred > 0]))),
+                **scores,
+            }
+        )
         if len(previews) < preview_count:
             previews.append((name, read_image(img_path)[0].astype(np.float32), gt, pred))
     mean = {k: float(np.mean([r[k] for r in rows])) for k in SCORE_NAMES}

@@ -25,12 +25,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
+from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
 from monai.transforms import CastToTyped, EnsureChannelFirstd, MapTransform, Transform
-from monai.config import NdarrayOrTensor
-from monai.utils import MetaKeys, TransformBackends, convert_data_type, convert_to_dst_type, convert_to_numpy, ensure_tuple
+from monai.utils import (
+    MetaKeys,
+    TransformBackends,
+    convert_data_type,
+    convert_to_dst_type,
+    convert_to_numpy,
+    ensure_tuple,
+)
 
 from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings
 from spoco_bundle.data import (
@@ -491,12 +497,17 @@ class ClusterEmbeddings(Transform):
             # sigmoid(x) > t  <=>  x > logit(t)
             t = self.foreground_threshold
             fg_mask = arr[-1] > np.log(t / (1.0 - t))
-        kwargs = dict(self.kwargs, delta_v=self.delta_v, min_size=self.min_size, fg_mask=fg_mask,
-                      background="none" if self.background != "largest" else "largest")
+        kwargs = dict(
+            self.kwargs,
+            delta_v=self.delta_v,
+            min_size=self.min_size,
+            fg_mask=fg_mask,
+            background="none" if self.background != "largest" else "largest",
+        )
         if self.method == "fast":
             kwargs["delta_d"] = self.delta_d
         if self.method == "consistency":
-            kwargs["emb_g"] = arr[e: 2 * e]
+            kwargs["emb_g"] = arr[e : 2 * e]
         labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)[None]
         out, *_ = convert_to_dst_type(labels, pred, dtype=torch.int32)
         return out

@@ -36,9 +36,27 @@ def _save_model(path: Path, spatial_dims: int) -> None:
 
 
 def _infer(cwd: Path, inputs: Path, out: Path, ckpt: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFER, "--meta_file", META,
-           "--dataset_dir", str(inputs), "--output_dir", str(out), "--ckpt_path", str(ckpt), "--device", "cpu",
-           "--features", FEATURES, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        INFER,
+        "--meta_file",
+        META,
+        "--dataset_dir",
+        str(inputs),
+        "--output_dir",
+        str(out),
+        "--ckpt_path",
+        str(ckpt),
+        "--device",
+        "cpu",
+        "--features",
+        FEATURES,
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
@@ -49,8 +67,13 @@ def test_nifti_and_tiff_keep_shape_axes_and_spacing(tmp_path):
     vol = rng.random((12, 40, 36)).astype(np.float32)  # asymmetric: (z, y, x)
     affine = np.diag([2.5, 0.5, 0.4, 1.0])
     nib.save(nib.Nifti1Image(vol, affine), inputs / "a.nii.gz")
-    tifffile.imwrite(inputs / "b.tif", (vol * 1000).astype(np.uint16), imagej=True, resolution=(1 / 0.4, 1 / 0.5),
-                     metadata={"spacing": 2.5, "unit": "um", "axes": "ZYX"})
+    tifffile.imwrite(
+        inputs / "b.tif",
+        (vol * 1000).astype(np.uint16),
+        imagej=True,
+        resolution=(1 / 0.4, 1 / 0.5),
+        metadata={"spacing": 2.5, "unit": "um", "axes": "ZYX"},
+    )
     ckpt = tmp_path / "models" / "model.pt"
     _save_model(ckpt, 3)
     cwd = tmp_path / "elsewhere"
@@ -75,8 +98,18 @@ def test_output_ext_override_and_2d(tmp_path):
     tifffile.imwrite(inputs / "c.tif", img)
     ckpt = tmp_path / "model.pt"
     _save_model(ckpt, 2)
-    proc = _infer(tmp_path, inputs, tmp_path / "out", ckpt, "--spatial_dims", "2", "--patch_size", "[32,32]",
-                  "--output_ext", ".nii.gz")
+    proc = _infer(
+        tmp_path,
+        inputs,
+        tmp_path / "out",
+        ckpt,
+        "--spatial_dims",
+        "2",
+        "--patch_size",
+        "[32,32]",
+        "--output_ext",
+        ".nii.gz",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     labels, _ = read_image(tmp_path / "out" / "c_instances.nii.gz")
     assert labels.shape == (50, 70)

@@ -50,8 +50,14 @@ def test_teacher_is_frozen_copy():
         assert n1 == n2 and torch.equal(a, b) and a.data_ptr() != b.data_ptr()
 
 
-@pytest.mark.parametrize("kwargs,msg", [({"spatial_dims": 4}, "spatial_dims"), ({"features": (8, 16)}, "three levels"),
-                                        ({"features": (8, 16, 32), "strides": [1, 2]}, "must match")])
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"spatial_dims": 4}, "spatial_dims"),
+        ({"features": (8, 16)}, "three levels"),
+        ({"features": (8, 16, 32), "strides": [1, 2]}, "must match"),
+    ],
+)
 def test_bad_arguments(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         EmbeddingUNet(**kwargs)

@@ -46,8 +46,9 @@ def test_sync_on_fresh_start_only():
     engine.network = student
     MomentumTeacherHandler(teacher, momentum=0.999).attach(engine)
     seen = {}
-    engine.add_event_handler(Events.ITERATION_STARTED(once=1), lambda e: seen.update(
-        {n: p.clone() for n, p in teacher.named_parameters()}))
+    engine.add_event_handler(
+        Events.ITERATION_STARTED(once=1), lambda e: seen.update({n: p.clone() for n, p in teacher.named_parameters()})
+    )
     engine.run([0, 1], max_epochs=1)
     for n, p in student.named_parameters():  # synced at start, then EMA of an unchanged student = student
         assert torch.equal(seen[n], p.detach())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +18,28 @@ META = str(ROOT / "metadata.json")
 
 
 def _run_training(tmp: Path, dataset: Path, *overrides: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--meta_file", META,
-           "--bundle_root", str(tmp / "bundle"), "--dataset_dir", str(dataset), "--device", "cpu",
-           "--features", "[8,16,32]", "--num_workers", "0", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        "--meta_file",
+        META,
+        "--bundle_root",
+        str(tmp / "bundle"),
+        "--dataset_dir",
+        str(dataset),
+        "--device",
+        "cpu",
+        "--features",
+        "[8,16,32]",
+        "--num_workers",
+        "0",
+        *overrides,
+    ]
     # run from an unrelated working directory, as a user would
     proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600)
     if expect_ok and proc.returncode != 0:
@@ -38,21 +55,42 @@ def tiny3d(tmp_path_factory) -> Path:
 
 
 def test_check_properties(tmp_path, tiny3d):
-    wf = ConfigWorkflow(config_file=TRAIN, meta_file=META, workflow_type="train", bundle_root=str(tmp_path),
-                        dataset_dir=str(tiny3d))
+    wf = ConfigWorkflow(
+        config_file=TRAIN, meta_file=META, workflow_type="train", bundle_root=str(tmp_path), dataset_dir=str(tiny3d)
+    )
     wf.initialize()
     assert wf.check_properties() == []
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    for key in ("bundle_root", "device", "dataset_dir", "output_dir", "network_def", "train#trainer",
-                "train#trainer#max_epochs", "train#dataset#data", "train#handlers", "val_interval"):
+    for key in (
+        "bundle_root",
+        "device",
+        "dataset_dir",
+        "output_dir",
+        "network_def",
+        "train#trainer",
+        "train#trainer#max_epochs",
+        "train#dataset#data",
+        "train#handlers",
+        "val_interval",
+    ):
         assert key in parser, key
     assert all(isinstance(h, dict) for h in parser["train#handlers"])
 
 
 def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
-    proc = _run_training(tmp_path, tiny3d, "--epochs", "2", "--val_interval", "1", "--instance_ratio", "0.5",
-                         "--patch_size", "[16,32,32]")
+    proc = _run_training(
+        tmp_path,
+        tiny3d,
+        "--epochs",
+        "2",
+        "--val_interval",
+        "1",
+        "--instance_ratio",
+        "0.5",
+        "--patch_size",
+        "[16,32,32]",
+    )
     log = proc.stdout + proc.stderr
     assert "loss terms: pull" in log and "consistency" in log
     models = tmp_path / "bundle" / "models"
@@ -73,10 +111,28 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
 
     # evaluation of that checkpoint: train.json + evaluate.json, MetricsSaver CSVs per image and mean
     evaluate = str(ROOT / "configs" / "evaluate.json")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"['{TRAIN}','{evaluate}']",
-           "--meta_file", META, "--bundle_root", str(tmp_path / "bundle"), "--dataset_dir", str(tiny3d),
-           "--output_dir", str(tmp_path / "scores"), "--device", "cpu", "--features", "[8,16,32]",
-           "--patch_size", "[16,32,32]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        f"['{TRAIN}','{evaluate}']",
+        "--meta_file",
+        META,
+        "--bundle_root",
+        str(tmp_path / "bundle"),
+        "--dataset_dir",
+        str(tiny3d),
+        "--output_dir",
+        str(tmp_path / "scores"),
+        "--device",
+        "cpu",
+        "--features",
+        "[8,16,32]",
+        "--patch_size",
+        "[16,32,32]",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = (tmp_path / "scores" / "metrics.csv").read_text()
@@ -87,10 +143,30 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
 
     # consistency clustering at inference uses teacher.pt next to model.pt
     infer = str(ROOT / "configs" / "inference.json")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", infer, "--meta_file", META,
-           "--bundle_root", str(tmp_path / "bundle"), "--dataset_dir", str(tiny3d / "imagesTr"),
-           "--output_dir", str(tmp_path / "seg"), "--device", "cpu", "--features", "[8,16,32]",
-           "--patch_size", "[16,32,32]", "--clustering", "consistency"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        infer,
+        "--meta_file",
+        META,
+        "--bundle_root",
+        str(tmp_path / "bundle"),
+        "--dataset_dir",
+        str(tiny3d / "imagesTr"),
+        "--output_dir",
+        str(tmp_path / "seg"),
+        "--device",
+        "cpu",
+        "--features",
+        "[8,16,32]",
+        "--patch_size",
+        "[16,32,32]",
+        "--clustering",
+        "consistency",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "seg").glob("*_instances.nii.gz"))) == 3
@@ -98,8 +174,9 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
 
 def test_resume_continues_from_checkpoint(tmp_path, tiny3d):
     _run_training(tmp_path, tiny3d, "--epochs", "1", "--val_interval", "5", "--patch_size", "[16,32,32]")
-    proc = _run_training(tmp_path, tiny3d, "--epochs", "2", "--val_interval", "5", "--patch_size", "[16,32,32]",
-                         "--resume", "True")
+    proc = _run_training(
+        tmp_path, tiny3d, "--epochs", "2", "--val_interval", "5", "--patch_size", "[16,32,32]", "--resume", "True"
+    )
     log = proc.stdout + proc.stderr
     assert "Restored all variables" in log
     assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log  # epoch 1 was not trained again
@@ -110,8 +187,20 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny3d):
 def test_train_2d_tiff_without_validation(tmp_path):
     data = tmp_path / "syn2d"
     write_synthetic_dataset(data, n_train=2, n_val=0, n_test=0, shape=(64, 64), seed=2, ext=".tif", spatial_dims=2)
-    _run_training(tmp_path, data, "--spatial_dims", "2", "--epochs", "1", "--patch_size", "[48,48]",
-                  "--background_label", "0", "--instance_ratio", "0.5")
+    _run_training(
+        tmp_path,
+        data,
+        "--spatial_dims",
+        "2",
+        "--epochs",
+        "1",
+        "--patch_size",
+        "[48,48]",
+        "--background_label",
+        "0",
+        "--instance_ratio",
+        "0.5",
+    )
     state = torch.load(tmp_path / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert state["input_block.conv1.conv.weight"].ndim == 4  # 2D convolutions
 
@@ -146,7 +235,11 @@ def test_bad_data_fails_with_file_name(tmp_path, problem):
     proc = _run_training(tmp_path, data, "--epochs", "1", "--patch_size", "[16,32,32]", expect_ok=False)
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
-    expected = {"float_label": "vol.nii.gz", "no_objects": "annotated", "shape_mismatch": "vol.nii.gz",
-                "empty": "empty"}[problem]
+    expected = {
+        "float_label": "vol.nii.gz",
+        "no_objects": "annotated",
+        "shape_mismatch": "vol.nii.gz",
+        "empty": "empty",
+    }[problem]
     assert expected in log
     assert not (tmp_path / "bundle" / "models" / "model.pt").exists()
