@@ -18,7 +18,9 @@ class MomentumTeacherHandler:
 
     Only parameters are averaged (as in SPOCO); buffers, if any, are copied from the student. On a fresh start
     (iteration 0) the teacher is first set equal to the student, so its random initialisation never matters; when
-    resuming, the teacher loaded from the checkpoint is kept.
+    resuming, the teacher loaded from the checkpoint is kept. A student wrapped in ``DistributedDataParallel`` is
+    unwrapped; as DDP keeps the student identical on all ranks (rank 0's weights are broadcast when it is wrapped,
+    the all-reduced gradients are identical), every rank's teacher stays identical too.
 
     Args:
         teacher: the momentum teacher network ``g`` (its parameters should not require grad).
@@ -40,6 +42,8 @@ class MomentumTeacherHandler:
     def _sync_if_fresh(self, engine: Engine) -> None:
         if self.student is None:  # MONAI workflows attach handlers before they set `network`, so look it up here
             self.student = engine.network  # type: ignore[attr-defined]
+        if isinstance(self.student, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            self.student = self.student.module  # same parameter names as the teacher (no "module." prefix)
         if engine.state.iteration == 0:
             self.teacher.load_state_dict(self.student.state_dict())  # type: ignore[union-attr]
 
