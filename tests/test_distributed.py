@@ -122,7 +122,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
         "--epochs",
         "2",
         "--val_interval",
-        "1",
+        "2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -131,9 +131,9 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
     assert "backend gloo, world size 2" in log
     assert "teacher: parameters identical on all 2 ranks" in log
-    # logs from rank 0 only: one loss-terms line and one validation line per epoch
+    # logs from rank 0 only: one loss-terms line per epoch, one validation (at epoch 2)
     assert log.count("loss terms: pull") == 2, log[-6000:]
-    assert log.count("Metrics -- val_ap50") == 2, log[-6000:]
+    assert log.count("Metrics -- val_ap50") == 1, log[-6000:]
 
     models = bundle / "models"
     # the same model.pt as single-process training: the plain student state dict, loadable strictly
