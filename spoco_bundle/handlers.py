@@ -1,4 +1,4 @@
-"""Ignite handlers for SPOCO training: momentum teacher update, progress bar and per-term loss logging."""
+"""Ignite handlers for SPOCO training: momentum teacher update, foreground calibration, progress bar, loss logging."""
 
 from __future__ import annotations
 
@@ -8,8 +8,17 @@ from collections import defaultdict
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
+from monai.utils import CommonKeys
 
-__all__ = ["MomentumTeacherHandler", "TrainingProgressBar", "LossTermsLogger", "pred_label_batch"]
+from spoco_bundle.losses import labelled_foreground_probability
+
+__all__ = [
+    "MomentumTeacherHandler",
+    "TrainingProgressBar",
+    "LossTermsLogger",
+    "ForegroundCalibrationHandler",
+    "pred_label_batch",
+]
 
 
 class MomentumTeacherHandler:
@@ -117,3 +126,56 @@ def pred_label_batch(output) -> tuple[torch.Tensor, torch.Tensor]:
     """
     items = output if isinstance(output, list) else [output]
     return torch.stack([i["pred"] for i in items]), torch.stack([i["label"] for i in items])
+
+
+class ForegroundCalibrationHandler:
+    """
+    Estimate the label frequency ``c`` of a positive-unlabeled foreground head during training (Elkan & Noto, KDD
+    2008) and store it in the network's ``fg_label_frequency`` buffer, which calibrates the head at inference (see
+    :class:`~spoco_bundle.networks.EmbeddingUNet` and :class:`~spoco_bundle.losses.ForegroundLoss`).
+
+    After every iteration, the mean foreground probability of the student over annotated-object voxels of images
+    without annotated background enters an exponential moving average (bias-corrected, so the first iterations
+    count fully). Images with annotated background do not take part; if no image ever lacks it, ``c`` stays 1.
+
+    Args:
+        network: the student (looked up as ``engine.network`` when None); a DDP wrapper is unwrapped.
+        momentum: weight of the old estimate in the moving average.
+    """
+
+    def __init__(self, network: torch.nn.Module | None = None, momentum: float = 0.98) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+        self.network = network
+        self.momentum = float(momentum)
+        self._sum = 0.0
+        self._weight = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        net = self.network if self.network is not None else engine.network  # type: ignore[attr-defined]
+        if isinstance(net, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            net = net.module
+        buf = getattr(net, "fg_label_frequency", None)
+        output = engine.state.output
+        if buf is None or not isinstance(output, dict):
+            return
+        pred = output.get(CommonKeys.PRED)
+        student = pred[0] if isinstance(pred, (tuple, list)) else pred
+        emb_dim = getattr(net, "embedding_dim", None)
+        if student is None or emb_dim is None or student.shape[1] != emb_dim + 1:
+            return
+        mean, count = labelled_foreground_probability(student[:, -1:], output[CommonKeys.LABEL])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank's voxels count (DDP would otherwise broadcast rank 0's buffer alone)
+            t = torch.tensor([mean * count if count else 0.0, float(count)], dtype=torch.float64, device=student.device)
+            torch.distributed.all_reduce(t)
+            count = int(t[1].item())
+            mean = float(t[0].item()) / count if count else mean
+        if count == 0:
+            return
+        self._sum = self.momentum * self._sum + (1.0 - self.momentum) * mean
+        self._weight = self.momentum * self._weight + (1.0 - self.momentum)
+        buf.fill_(self._sum / self._weight)

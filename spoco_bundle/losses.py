@@ -1019,8 +1019,10 @@ class EmbeddingConsistencyLoss(nn.Module):
 
 
 def _foreground(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BCE on (B, N) logits where the label is known, in images with annotated background."""
-    mask = (labels != 0) & (labels < 0).any(1, keepdim=True)
+    """BCE on (B, N) foreground logits; see :class:`ForegroundLoss` for which voxels count as what."""
+    has_bg = (labels < 0).any(1, keepdim=True)
+    # annotated background: supervised on labelled voxels; none: positive-unlabeled, every voxel counts
+    mask = torch.where(has_bg, labels != 0, torch.ones_like(labels, dtype=torch.bool))
     count = mask.sum()
     if not bool(count > 0):
         return x.sum() * 0
@@ -1028,13 +1030,41 @@ def _foreground(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, bce, torch.zeros_like(bce)).sum() / count
 
 
+def labelled_foreground_probability(logits: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
+    """Mean foreground probability over the annotated-object voxels of images *without* annotated background.
+
+    For a head trained positive-unlabeled (see :class:`ForegroundLoss`) this estimates the label frequency ``c``
+    of Elkan & Noto (2008). Returns ``(mean, count)``; ``(nan, 0)`` when no such voxel exists.
+
+    Inputs: logits ``(B, 1, *S)`` or ``(B, *S)``; target ``(B, 1, *S)`` or ``(B, *S)``.
+    """
+    b = logits.shape[0]
+    x = logits.detach().reshape(b, -1).float()
+    labels = target.reshape(b, -1).to(x.device)
+    if labels.shape != x.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match.")
+    sel = (labels > 0) & ~(labels < 0).any(1, keepdim=True)
+    count = int(sel.sum())
+    if count == 0:
+        return float("nan"), 0
+    return float(torch.sigmoid(x[sel]).mean()), count
+
+
 class ForegroundLoss(nn.Module):
     """
-    Binary cross-entropy (with logits) of an optional foreground head, trained only where the label is known:
-    annotated objects (target > 0) are foreground, annotated background (target < 0) is background, unlabeled
-    voxels (0) are ignored. Only images that contain annotated background take part (otherwise the head would see
-    positives only); the loss is the mean over all their labelled voxels, 0 (attached to the graph) if there are
-    none.
+    Binary cross-entropy (with logits) of the optional foreground head. Two regimes, chosen per image:
+
+    - Images with annotated background (target < 0 somewhere): supervised. Annotated objects (target > 0) are
+      foreground, annotated background is background, unlabeled voxels (0) are ignored.
+    - Images without annotated background: positive-unlabeled. Annotated objects are positives and every unlabeled
+      voxel counts as a negative. Unlabeled voxels are *not* assumed to be background: when the annotated objects
+      are a random subset of all objects, such a head learns ``g(x) = c * P(foreground | x)``, where ``c`` is the
+      fraction of foreground that was annotated (Elkan & Noto, KDD 2008). ``c`` is estimated in training as the
+      mean of ``g`` over annotated voxels (:func:`labelled_foreground_probability`,
+      :class:`~spoco_bundle.handlers.ForegroundCalibrationHandler`) and the network shifts its foreground logit
+      by ``logit(c / 2)`` at inference, so that a probability above 0.5 means ``P(foreground | x) > 0.5``.
+
+    The loss is the mean over all voxels that count, 0 (attached to the graph) if there are none.
 
     Inputs:
         logits: (B, 1, *S) foreground logits; target: (B, 1, *S) or (B, *S) integer labels.
@@ -1071,7 +1101,7 @@ class SpocoLoss(nn.Module):
         instance_weight: weight of the instance Dice term.
         unlabeled_weight: weight of the unlabeled push term.
         consistency_weight: weight of the student/teacher consistency term.
-        foreground_weight: weight of the foreground BCE (only with a foreground channel).
+        foreground_weight: weight of the foreground BCE (only with a foreground channel), see :class:`ForegroundLoss`.
         kernel_threshold: kernel value at distance ``delta_v``.
         instance_anchor: ``"mean"`` or ``"random"``, see :class:`InstanceDiceLoss`.
         max_anchors: consistency anchors per image, see :class:`EmbeddingConsistencyLoss`.

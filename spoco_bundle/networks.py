@@ -17,8 +17,10 @@ class EmbeddingUNet(DynUNet):
 
     Each level has two 3x3(x3) convolutions with group norm (8 groups, as the reference U-Net) and leaky ReLU; the head
     is a 1x1 convolution with no activation, as SPOCO requires (a bounded head would distort the distance margins of
-    the losses). When ``foreground_head`` is True, one extra output channel (the last) carries a foreground logit,
-    trained only where background was annotated (see ``SpocoLoss``); the embedding channels are unaffected by it.
+    the losses). When ``foreground_head`` is True, one extra output channel (the last) carries a foreground logit
+    (see :class:`~spoco_bundle.losses.ForegroundLoss`); the embedding channels are unaffected by it. In eval mode that
+    logit is calibrated with the buffer ``fg_label_frequency`` (the label frequency of positive-unlabeled training,
+    1 when background was annotated), so that ``sigmoid > 0.5`` means "more likely foreground than not".
 
     Args:
         spatial_dims: 2 or 3.
@@ -79,6 +81,9 @@ class EmbeddingUNet(DynUNet):
             deep_supervision=False,
             res_block=False,
         )
+        # fraction of the foreground that was annotated (label frequency c, see spoco_bundle.losses.ForegroundLoss),
+        # estimated during positive-unlabeled training; 1.0 = the head was trained with annotated background
+        self.register_buffer("fg_label_frequency", torch.ones(()))
         # channels-last convolutions are ~3x faster in the backward pass on CPU (oneDNN) and neutral on GPU
         self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
         self.to(memory_format=self.memory_format)
@@ -86,8 +91,19 @@ class EmbeddingUNet(DynUNet):
             self.register_load_state_dict_pre_hook(_refuse_partial_state_dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x.contiguous(memory_format=self.memory_format))
-        return out.contiguous()  # standard layout for the losses and clustering
+        # DynUNet.forward without deep supervision, spelled out (and the layout picked by a branch): TorchScript,
+        # which ckpt_export uses, supports neither super() nor a torch.memory_format attribute
+        if self.spatial_dims == 3:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.output_block(self.skip_layers(x)).contiguous()
+        if self.foreground_head and not self.training:
+            # calibrate the positive-unlabeled head: g > c/2  <=>  P(foreground) > 1/2 (a no-op for c = 1)
+            half_c = (0.5 * self.fg_label_frequency).clamp(1e-6, 1 - 1e-6)
+            shift = torch.log(half_c) - torch.log1p(-half_c)
+            out = torch.cat([out[:, :-1], out[:, -1:] - shift.to(out.dtype)], dim=1)
+        return out  # standard layout for the losses and clustering
 
 
 def _refuse_partial_state_dict(

@@ -28,6 +28,7 @@ from spoco_bundle.losses import (
     SpocoLoss,
     UnlabeledPushLoss,
     kernel_scale,
+    labelled_foreground_probability,
     object_means,
     sample_object_voxels,
     select_consistency_anchors,
@@ -203,14 +204,14 @@ def ref_consistency(student, teacher, target, seed, dv=DV, t=T, eps=EPS, max_anc
 
 
 def ref_foreground(logits, target):
+    # per image: annotated background -> BCE on labelled voxels; none -> positive-unlabeled, BCE on every voxel
     x, lab = _flat(logits, target)
     xs, ys = [], []
     for b in range(x.shape[0]):
-        if (lab[b] == -1).any():
-            known = lab[b] != 0
-            xs.append(x[b, 0][known])
-            ys.append((lab[b][known] > 0).to(x.dtype))
-    if not xs:
+        known = lab[b] != 0 if (lab[b] == -1).any() else torch.ones_like(lab[b], dtype=torch.bool)
+        xs.append(x[b, 0][known])
+        ys.append((lab[b][known] > 0).to(x.dtype))
+    if not sum(len(v) for v in xs):
         return logits.sum() * 0
     return F.binary_cross_entropy_with_logits(torch.cat(xs), torch.cat(ys))
 
@@ -401,21 +402,60 @@ def test_consistency_without_pool_is_zero_with_graph():
 
 def test_foreground_matches_reference():
     _, target = make_case((9, 10), seed=4)
-    target[1][target[1] == -1] = 0  # image 1 has no annotated background: it must not take part
+    target[1][target[1] == -1] = 0  # image 1 has no annotated background: positive-unlabeled, every voxel counts
     logits = torch.randn(2, 1, 9, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     value, grad = value_and_grad(lambda x: ForegroundLoss()(x, target), logits)
     ref_value, ref_grad = value_and_grad(lambda x: ref_foreground(x, target), logits)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
-    assert (grad[1] == 0).all()
+    # image 0 (annotated background): unlabeled voxels get no gradient; image 1: every voxel does
+    assert (grad[0][target[0] == 0] == 0).all() and (grad[0][target[0] != 0] != 0).all()
+    assert (grad[1] != 0).all()
 
 
-def test_foreground_without_background_is_zero():
-    _, target = make_case((5, 6), p_background=0.0, seed=4)
-    logits = torch.randn(2, 1, 5, 6, dtype=torch.float64, requires_grad=True)
-    loss = ForegroundLoss()(logits, target)
-    assert loss.item() == 0.0
-    loss.backward()
+def test_foreground_positive_unlabeled_values():
+    # without annotated background, unlabeled voxels are the negatives of a labelled-vs-unlabeled classifier
+    target = torch.tensor([[[0, 0, 1, 2]]])
+    logits = torch.tensor([[[0.0, 1.0, 2.0, -1.0]]], dtype=torch.float64)
+    expected = (
+        -math.log(1 - torch.sigmoid(torch.tensor(0.0)).item())
+        - math.log(1 - torch.sigmoid(torch.tensor(1.0)).item())
+        - math.log(torch.sigmoid(torch.tensor(2.0)).item())
+        - math.log(torch.sigmoid(torch.tensor(-1.0)).item())
+    ) / 4
+    assert ForegroundLoss()(logits[:, None, None], target[:, None, None]).item() == pytest.approx(expected)
+
+
+def test_labelled_foreground_probability():
+    target = torch.tensor([[0, 1, 1, 2], [-1, 1, 1, 0]])  # image 1 has annotated background: left out
+    logits = torch.tensor([[5.0, 0.0, math.log(3.0), -math.log(3.0)], [0.0, 9.0, 9.0, 9.0]])
+    mean, count = labelled_foreground_probability(logits, target)
+    assert count == 3 and mean == pytest.approx((0.5 + 0.75 + 0.25) / 3)
+    assert labelled_foreground_probability(logits, -target.abs())[1] == 0
+
+
+def test_positive_unlabeled_head_is_calibrated_by_label_frequency():
+    # Elkan & Noto: trained labelled-vs-unlabeled, g(x) -> c * P(fg | x); g / c then separates fg from bg.
+    # Pixels: background intensity 0, foreground intensity 1; 20 % of the foreground is annotated.
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    fg = torch.rand(n, generator=gen) < 0.3
+    x = fg.double() + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
+    labels = torch.where(fg & (torch.rand(n, generator=gen) < 0.2), 1, 0)
+    w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.1)
+    for _ in range(600):
+        opt.zero_grad()
+        loss = ForegroundLoss()((w[0] * x + w[1])[None, None, None], labels[None, None, None])
+        loss.backward()
+        opt.step()
+    logits = (w[0] * x + w[1]).detach()
+    c, _ = labelled_foreground_probability(logits[None], labels[None])
+    assert c == pytest.approx(0.2, abs=0.03)
+    g = torch.sigmoid(logits)
+    assert g[fg].mean().item() == pytest.approx(0.2, abs=0.03)  # uncalibrated, every fg voxel looks like bg
+    calibrated = g / c > 0.5
+    assert (calibrated == fg).double().mean().item() > 0.99
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -67,3 +69,18 @@ def test_default_patch_size():
     assert len(default_patch_size(2)) == 2 and len(default_patch_size(3)) == 3
     with pytest.raises(ValueError):
         default_patch_size(1)
+
+
+def test_foreground_logit_calibrated_in_eval_mode_only():
+    torch.manual_seed(0)
+    net = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16))
+    x = torch.randn(1, 1, 32, 32)
+    assert float(net.fg_label_frequency) == 1.0 and "fg_label_frequency" in net.state_dict()
+    raw = net.train()(x).detach()  # group norm: train and eval outputs agree, so any difference is the shift
+    torch.testing.assert_close(net.eval()(x), raw)  # c = 1: logit(1/2) = 0, nothing changes
+    net.fg_label_frequency.fill_(0.2)
+    out = net(x)
+    torch.testing.assert_close(out[:, :4], raw[:, :4])
+    # sigmoid(out) > 1/2 exactly where sigmoid(raw) > c/2 = 0.1
+    torch.testing.assert_close(out[:, 4], raw[:, 4] - math.log(0.1 / 0.9), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.train()(x), raw)

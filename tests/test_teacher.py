@@ -1,11 +1,13 @@
 """Momentum teacher: EMA with m = 0.999, sync on a fresh start, no gradients into the teacher."""
 
 import copy
+import math
 
+import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from spoco_bundle.handlers import MomentumTeacherHandler
+from spoco_bundle.handlers import ForegroundCalibrationHandler, MomentumTeacherHandler
 from spoco_bundle.inferers import TwoViewInferer
 from spoco_bundle.networks import EmbeddingUNet, make_teacher
 
@@ -95,3 +97,29 @@ def test_teacher_lags_student_during_training():
     moved_s = sum((p - start[n]).abs().sum() for n, p in student.named_parameters())
     moved_t = sum((p - start[n]).abs().sum() for n, p in teacher.named_parameters())
     assert 0 < moved_t < 0.01 * moved_s
+
+
+def test_foreground_calibration_handler_tracks_label_frequency():
+    # the handler averages sigmoid(fg logit) over annotated voxels of images without annotated background
+    net = EmbeddingUNet(spatial_dims=2, embedding_dim=2, features=(8, 8, 8))
+    label = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    label[0, 0, :2] = 1  # image 0: 8 annotated voxels, no annotated background -> counts
+    label[1, 0, 0] = -1  # image 1: annotated background -> left out, whatever its logits
+    label[1, 0, 1] = 2
+    probs = [0.2, 0.4, 0.3]
+
+    def step(engine, _):
+        pred = torch.full((2, 3, 4, 4), 7.0)
+        p = probs[engine.state.iteration - 1]
+        pred[0, 2] = math.log(p / (1 - p))
+        return {"pred": (pred, None), "label": label}
+
+    engine = Engine(step)
+    engine.network = net
+    ForegroundCalibrationHandler(momentum=0.5).attach(engine)
+    seen = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(float(net.fg_label_frequency)))
+    engine.run(range(3), max_epochs=1)
+    # bias-corrected EMA with momentum 0.5: weights 1; 1, 2 (normalised); 1, 2, 4
+    expected = [0.2, (0.2 + 2 * 0.4) / 3, (0.2 + 2 * 0.4 + 4 * 0.3) / 7]
+    assert seen == [pytest.approx(v, rel=1e-6) for v in expected]
