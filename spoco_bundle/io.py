@@ -325,11 +325,25 @@ class NiftiTiffReader(ImageReader):
         reader = self._reader_for(data)
         if reader is None:
             raise ValueError(f"NiftiTiffReader reads only {IMAGE_SUFFIXES} files (all of one kind), got {data}.")
+        if reader is self.nifti_reader:
+            try:
+                return reader, reader.read(data, **kwargs)
+            except Exception as e:  # a broken .nii(.gz): say so in get_data instead of LoadImage trying other readers
+                names = [os.fspath(f) for f in ensure_tuple(data)]
+                return reader, ValueError(f"Cannot read NIfTI file {', '.join(names)}: {type(e).__name__}: {e}")
         return reader, reader.read(data, **kwargs)
 
     def get_data(self, img: tuple[ImageReader, Any]) -> tuple[np.ndarray, dict]:
         reader, obj = img
-        return reader.get_data(obj)
+        if isinstance(obj, ValueError):
+            raise obj
+        try:
+            return reader.get_data(obj)
+        except Exception as e:  # nibabel reads lazily: truncated data only fails here
+            if reader is self.nifti_reader:
+                name = getattr(obj, "get_filename", lambda: None)() or "(unknown file)"
+                raise ValueError(f"Cannot read NIfTI file {name}: {type(e).__name__}: {e}") from e
+            raise
 
 
 def image_readers() -> list[ImageReader]:
