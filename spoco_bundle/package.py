@@ -8,9 +8,10 @@ The bundle holds ``configs/`` (every ``*.json`` of the source, ``logging.conf``,
 ``models/model.pt`` (the student's plain CPU state dict), ``models/model.ts`` (TorchScript from MONAI's
 ``ckpt_export``, checked against the eager network), optionally ``models/teacher.pt``, the ``spoco_bundle`` code,
 ``docs/`` (``README.md`` = model card, ``data_license.txt``, the other guides), ``LICENSE``, and
-``large_files.yml`` when a file exceeds the zoo's 25 MB limit. Extra ``--<id> <value>`` arguments override top-level config ids (e.g. ``features``,
-``embedding_dim``, ``spatial_dims``) in every packaged config that defines them, so the packaged defaults match
-the checkpoint; ``network_data_format`` in the packaged metadata is derived from the packaged inference config.
+``large_files.yml`` when a file exceeds the zoo's 25 MB limit. Extra ``--<id> <value>`` arguments override
+top-level config ids (e.g. ``features``, ``embedding_dim``, ``spatial_dims``) in every packaged config that defines
+them, so the packaged defaults match the checkpoint; ``network_data_format`` in the packaged metadata is derived
+from the packaged inference config.
 """
 
 from __future__ import annotations
