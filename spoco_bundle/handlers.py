@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import defaultdict
 
 import torch
@@ -17,6 +19,7 @@ __all__ = [
     "TrainingProgressBar",
     "LossTermsLogger",
     "ForegroundCalibrationHandler",
+    "TrainingTimeLimit",
     "pred_label_batch",
 ]
 
@@ -179,3 +182,75 @@ class ForegroundCalibrationHandler:
         self._sum = self.momentum * self._sum + (1.0 - self.momentum) * mean
         self._weight = self.momentum * self._weight + (1.0 - self.momentum)
         buf.fill_(self._sum / self._weight)
+
+
+class TrainingTimeLimit:
+    """
+    Stop training after a time budget, annealing the learning rate over that budget.
+
+    With a budget, the progress of training is the larger of the elapsed fraction of the budget and of
+    ``max_epochs``; when ``optimizer`` is given, every iteration sets each group's learning rate to
+    ``base_lr * (1 + cos(pi * progress)) / 2`` (the cosine schedule of the reference, on a time axis), and
+    training stops once the budget is spent. Use it instead of an epoch-based scheduler: ``train.json`` disables its
+    ``LrScheduleHandler`` when ``time_limit_s`` is set. Without a budget (``None``) the handler does nothing.
+
+    Args:
+        max_seconds: the budget, or None.
+        clock: ``"wall"`` (elapsed time) or ``"cpu"`` (CPU time of this process, all threads; stable on a machine
+            shared with other jobs).
+        optimizer: optimizer whose learning rate follows the schedule, or None.
+    """
+
+    def __init__(
+        self, max_seconds: float | None = None, clock: str = "wall", optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        if clock not in ("wall", "cpu"):
+            raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}.")
+        if max_seconds is not None and max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive or None, got {max_seconds}.")
+        self.max_seconds = None if max_seconds is None else float(max_seconds)
+        self.clock = clock
+        self.optimizer = optimizer
+        self._start: float | None = None
+        self._base: list[float] = []
+
+    def _now(self) -> float:
+        return time.process_time() if self.clock == "cpu" else time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return 0.0 if self._start is None else self._now() - self._start
+
+    def attach(self, engine: Engine) -> None:
+        if self.max_seconds is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._schedule)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = self._now()
+        if self.optimizer is not None:
+            self._base = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
+
+    def progress(self, engine: Engine) -> float:
+        state = engine.state
+        # at ITERATION_STARTED the counter already includes the iteration about to run
+        done = max(state.iteration - 1, 0)
+        by_epoch = done / (state.epoch_length * state.max_epochs) if state.epoch_length else 0.0
+        return min(1.0, max(self.elapsed / self.max_seconds, by_epoch))  # type: ignore[operator]
+
+    def _schedule(self, engine: Engine) -> None:
+        if self.optimizer is None:
+            return
+        factor = 0.5 * (1.0 + math.cos(math.pi * self.progress(engine)))
+        for group, base in zip(self.optimizer.param_groups, self._base):
+            group["lr"] = base * factor
+
+    def _check(self, engine: Engine) -> None:
+        if self.elapsed >= self.max_seconds:  # type: ignore[operator]
+            logging.getLogger(__name__).info(
+                f"time limit of {self.max_seconds:.0f} s ({self.clock}) reached after {engine.state.iteration} "
+                f"iterations, epoch {engine.state.epoch}: stopping"
+            )
+            engine.terminate()

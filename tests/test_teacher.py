@@ -2,12 +2,13 @@
 
 import copy
 import math
+import time
 
 import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from spoco_bundle.handlers import ForegroundCalibrationHandler, MomentumTeacherHandler
+from spoco_bundle.handlers import ForegroundCalibrationHandler, MomentumTeacherHandler, TrainingTimeLimit
 from spoco_bundle.inferers import TwoViewInferer
 from spoco_bundle.networks import EmbeddingUNet, make_teacher
 
@@ -123,3 +124,41 @@ def test_foreground_calibration_handler_tracks_label_frequency():
     # bias-corrected EMA with momentum 0.5: weights 1; 1, 2 (normalised); 1, 2, 4
     expected = [0.2, (0.2 + 2 * 0.4) / 3, (0.2 + 2 * 0.4 + 4 * 0.3) / 7]
     assert seen == [pytest.approx(v, rel=1e-6) for v in expected]
+
+
+def test_training_time_limit_stops_and_anneals():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    lrs = []
+
+    def step(engine, _):
+        lrs.append(opt.param_groups[0]["lr"])
+        time.sleep(0.002)
+
+    # the budget ends the run long before its 5000 iterations (10 s of sleeping)
+    engine = Engine(step)
+    limit = TrainingTimeLimit(max_seconds=0.2, optimizer=opt)
+    limit.attach(engine)
+    engine.run(range(5000), max_epochs=1)
+    assert 1 < engine.state.iteration < 5000 and limit.elapsed >= 0.2
+    assert lrs[0] == pytest.approx(0.1, rel=0.05) and all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.01
+
+    # a budget that is never reached: the cosine follows the iterations, 0.1 * (1 + cos(pi * k / 10)) / 2
+    lrs.clear()
+    opt.param_groups[0]["lr"] = 0.1
+    engine = Engine(step)
+    TrainingTimeLimit(max_seconds=1000.0, optimizer=opt).attach(engine)
+    engine.run(range(10), max_epochs=1)
+    assert engine.state.iteration == 10
+    assert lrs == [pytest.approx(0.05 * (1 + math.cos(math.pi * k / 10))) for k in range(10)]
+
+
+def test_training_time_limit_disabled_and_bad_arguments():
+    engine = Engine(lambda e, b: None)
+    TrainingTimeLimit(None).attach(engine)  # no budget: attaches nothing
+    engine.run(range(3), max_epochs=2)
+    assert engine.state.iteration == 6
+    with pytest.raises(ValueError, match="clock"):
+        TrainingTimeLimit(10, clock="gpu")
+    with pytest.raises(ValueError, match="positive"):
+        TrainingTimeLimit(0)

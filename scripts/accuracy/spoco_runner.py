@@ -1,0 +1,182 @@
+"""
+SPOCO in the accuracy benchmark, run exactly as a user runs the bundle: ``python -m monai.bundle run training`` with
+``configs/train.json``, then ``python -m monai.bundle run`` with ``configs/inference.json`` on the test images, each
+in its own process, from the repository's files.
+
+The training data are the split's original (dense) label files, listed in a temporary ``dataset.json``; the config's
+own :class:`~spoco_bundle.transforms.SparseInstanceLabeld` keeps ``instance_ratio`` of the objects with ``seed``
+(the same objects :func:`scripts.accuracy.common.sparsify` gives every other method) and leaves everything else 0 =
+unlabeled; background is *not* annotated (``background_label`` null), so the foreground head is trained
+positive-unlabeled. Training stops at the time budget (``time_limit_s``; the learning rate follows a cosine over
+the budget); no validation data are used (the final model is the result: picking a checkpoint by a dense-label
+score would leak labels the sparse setting does not have).
+
+Variants (ablations of the paper's claims) set one loss weight to 0: ``no_consistency``, ``no_unlabeled_push``,
+``no_instance``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scripts.accuracy.common import REPO_ROOT, Result, Split, budget_clock
+from spoco_bundle.io import read_image, split_image_suffix
+
+__all__ = ["VARIANTS", "SETTINGS", "fit_predict", "available"]
+
+VARIANTS = {
+    "full": {},
+    "no_consistency": {"loss#consistency_weight": 0.0},
+    "no_unlabeled_push": {"loss#unlabeled_weight": 0.0},
+    "no_instance": {"loss#instance_weight": 0.0},
+}
+
+# per data set: training patch and inference options (everything else: the bundle's defaults)
+SETTINGS = {
+    2: {"patch_size": [192, 192], "min_size": 16},
+    3: {"patch_size": [32, 64, 64], "min_size": 64},
+}
+
+_ITERATIONS = re.compile(r"reached after (\d+) iterations")
+
+
+def available() -> tuple[bool, str]:
+    return True, ""
+
+
+def _cli_value(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _run(args: list[str], log_path: Path, threads: int) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    with open(log_path, "w") as log:
+        proc = subprocess.run(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    text = log_path.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:6])} ... failed (exit {proc.returncode}); log {log_path}:\n{text[-3000:]}")
+    return text
+
+
+def fit_predict(
+    split: Split,
+    ratio: float,
+    seed: int,
+    budget_s: float,
+    device: str = "cpu",
+    variant: str = "full",
+    work_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+) -> Result:
+    """Train the bundle on the split's training images for ``budget_s`` seconds and segment its test images."""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown SPOCO variant {variant!r}; valid: {sorted(VARIANTS)}.")
+    threads = threads or int(os.environ.get("SPOCO_BENCH_THREADS", "2"))
+    settings = SETTINGS[split.spatial_dims]
+    work = Path(work_dir or tempfile.mkdtemp(prefix=f"spoco_{split.dataset}_{variant}_"))
+    (work / "test").mkdir(parents=True, exist_ok=True)
+    datalist = {"training": [{"image": i.path, "label": i.label_path} for i in split.train], "validation": []}
+    (work / "dataset.json").write_text(json.dumps(datalist, indent=1))
+    for item in split.test:  # the inference config segments every image of a folder
+        link = work / "test" / os.path.basename(item.path)
+        if not link.exists():
+            link.symlink_to(item.path)
+    device_expr = f"$torch.device('{device}')"
+    py = sys.executable
+    common = {
+        "bundle_root": str(REPO_ROOT),
+        "device": device_expr,
+        "spatial_dims": split.spatial_dims,
+        "patch_size": settings["patch_size"],
+    }
+    train = dict(
+        common,
+        dataset_dir=str(work),
+        ckpt_dir=str(work / "models"),
+        output_dir=str(work / "runs"),
+        instance_ratio=ratio,
+        seed=seed,
+        epochs=1_000_000,
+        time_limit_s=budget_s,
+        time_clock=budget_clock(),
+        **VARIANTS[variant],
+    )
+    args = [
+        py,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        "--meta_file",
+        "configs/metadata.json",
+        "--logging_file",
+        "configs/logging.conf",
+    ]
+    args += [x for k, v in train.items() for x in (f"--{k}", _cli_value(v))]
+    t0, c0 = time.perf_counter(), _children_cpu()
+    log = _run(args, work / "train.log", threads)
+    train_wall, train_cpu = time.perf_counter() - t0, _children_cpu() - c0
+    found = _ITERATIONS.findall(log)
+    iterations = int(found[-1]) if found else -1
+
+    infer = dict(
+        common,
+        dataset_dir=str(work / "test"),
+        output_dir=str(work / "pred"),
+        ckpt_path=str(work / "models" / "model.pt"),
+        background="head",
+        min_size=settings["min_size"],
+        output_ext=".tif",
+    )
+    args = [
+        py,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--meta_file",
+        "configs/metadata.json",
+        "--logging_file",
+        "configs/logging.conf",
+    ]
+    args += [x for k, v in infer.items() for x in (f"--{k}", _cli_value(v))]
+    t0 = time.perf_counter()
+    _run(args, work / "inference.log", threads)
+    infer_wall = time.perf_counter() - t0
+    predictions = []
+    for item in split.test:
+        stem = split_image_suffix(os.path.basename(item.path))[0]
+        pred, _ = read_image(work / "pred" / f"{stem}_instances.tif")
+        pred = np.asarray(pred)
+        if pred.shape != item.labels.shape:
+            raise RuntimeError(f"prediction for {item.path} has shape {pred.shape}, labels {item.labels.shape}")
+        predictions.append(pred.astype(np.int32))
+    info = {
+        "variant": variant,
+        "train_cpu_s": round(train_cpu, 1),
+        "inference_s": round(infer_wall, 1),
+        "threads": threads,
+        "work_dir": str(work),
+        "overrides": {k: v for k, v in train.items() if k != "device"},
+        "background": "head",
+        "min_size": settings["min_size"],
+    }
+    return Result(predictions=predictions, train_seconds=train_wall, iterations=iterations, info=info)
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
