@@ -1,0 +1,436 @@
+"""
+Shared pieces of the accuracy benchmark (``scripts/benchmark_accuracy.py``): data sets, sparse labels, scoring and
+the method interface.
+
+Data (``data_dir``, default ``$SPOCO_DATA_DIR`` or the repository's ``../shared/data``):
+
+- ``dsb2018``: one split, ``dsb2018/split.json`` ``training`` (268 images) -> ``validation`` (66), files
+  ``images/<id>.tif`` and ``labels/<id>.tif``.
+- ``gonuclear``: two splits, ``1135 -> 1136`` and ``1136 -> 1135`` (train on one volume, test on the other), files
+  ``<id>_image.*`` / ``<id>_labels.*`` (NIfTI or TIFF).
+
+Files are read with :func:`spoco_bundle.io.read_image`, so arrays have the bundle's axis order (storage order).
+
+Sparse labels: :func:`sparsify` applies :class:`spoco_bundle.transforms.SparseInstanceLabel` with the *label file's*
+stem as the selection name, which is what :class:`~spoco_bundle.transforms.SparseInstanceLabeld` uses in the
+training config (it reads ``filename_or_obj`` of the loaded label). So a SPOCO run that loads the same label files
+keeps exactly the objects every other method gets. The result is int64, 0 = unlabeled (SPOCO) / background (peers
+without a notion of "unknown", e.g. StarDist), kept objects renumbered 1..K.
+
+Scoring (:func:`score`): AP at IoU t is ``TP / (TP + FP + FN)`` with TP, FP, FN summed over all test images of the
+split before dividing (pooled, as ``stardist.matching.matching_dataset(by_image=False)``); ``ap50`` at t = 0.5,
+``map`` the mean over t = 0.50, 0.55, ..., 0.95. SBD, ARAND and VOI are means over test images. Per-image means of
+AP50 / mAP are kept too (``ap50_per_image``, ``map_per_image``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from monai.data.utils import affine_to_spacing
+
+from spoco_bundle.io import IMAGE_SUFFIXES, read_image, split_image_suffix
+from spoco_bundle.metrics import DEFAULT_THRESHOLDS, _contingency, _true_positives, segmentation_scores
+from spoco_bundle.transforms import SparseInstanceLabel
+
+__all__ = [
+    "DATASETS",
+    "REPO_ROOT",
+    "default_data_dir",
+    "Item",
+    "Split",
+    "Result",
+    "MethodUnavailable",
+    "FitPredict",
+    "load_benchmark",
+    "dataset_available",
+    "selection_name",
+    "sparsify",
+    "kept_ids",
+    "kept_digest",
+    "label_counts",
+    "score",
+    "normalize_image",
+    "Stopwatch",
+    "Budget",
+    "budget_clock",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATASETS = ("dsb2018", "gonuclear")
+GONUCLEAR_VOLUMES = ("1135", "1136")
+
+
+def default_data_dir() -> Path:
+    """``$SPOCO_DATA_DIR`` if set, else ``<repository>/../shared/data``."""
+    env = os.environ.get("SPOCO_DATA_DIR")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+class MethodUnavailable(RuntimeError):
+    """A method cannot run here (missing optional environment or runner); the benchmark reports it as not run."""
+
+
+@dataclass
+class Item:
+    """
+    One image of a benchmark split.
+
+    Args:
+        name: image file stem (e.g. ``0287e7ee5b007c91``, ``1136_image``).
+        image: raw intensities as float32, ``(H, W)`` or ``(Z, Y, X)``.
+        labels: dense instance labels (int32, 0 = background), same shape.
+        spacing: voxel size in array axis order (from the file), or None when the file has none.
+        path: image file path.
+        label_path: label file path; its stem is the sparse-label selection name.
+    """
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, ...] | None
+    path: str
+    label_path: str
+
+    @property
+    def selection_name(self) -> str:
+        return selection_name(self)
+
+
+@dataclass
+class Split:
+    """
+    A training / test split of one data set.
+
+    Args:
+        dataset: data set name (``dsb2018``, ``gonuclear``).
+        name: split name (``train268_val66``, ``1135to1136``, ...).
+        spatial_dims: 2 or 3.
+        train: training images (methods see only ``sparsify`` of their labels).
+        test: held-back images (dense labels, for scoring only).
+    """
+
+    dataset: str
+    name: str
+    spatial_dims: int
+    train: list[Item]
+    test: list[Item]
+
+
+@dataclass
+class Result:
+    """
+    What a method's ``fit_predict`` returns.
+
+    Args:
+        predictions: one integer instance label map per test image of the split (same order and shapes),
+            0 = background.
+        train_seconds: wall time of training (the part limited by the budget).
+        iterations: optimisation steps (or parameter sets tried, for the classical baseline).
+        info: anything worth keeping in the run's JSON (parameters, CPU time, thresholds, ...); JSON-serialisable.
+    """
+
+    predictions: list[np.ndarray]
+    train_seconds: float
+    iterations: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class FitPredict(Protocol):
+    """``fit_predict(split, ratio, seed, budget_s, device) -> Result`` of every benchmark method."""
+
+    def __call__(self, split: Split, ratio: float, seed: int, budget_s: float, device: str) -> Result: ...
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for suffix in IMAGE_SUFFIXES:
+        path = folder / f"{stem}{suffix}"
+        if path.exists():
+            return path
+    raise ValueError(f"{folder}: no file {stem} with one of the suffixes {IMAGE_SUFFIXES}.")
+
+
+def _item(image_path: Path, label_path: Path) -> Item:
+    image, meta = read_image(image_path)
+    labels, _ = read_image(label_path)
+    if image.shape != labels.shape:
+        raise ValueError(
+            f"{image_path}: image shape {image.shape} differs from label shape {labels.shape} ({label_path})."
+        )
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{label_path}: labels must be integers, got {labels.dtype}.")
+    spacing = meta.get("spacing")  # TiffReader; NIfTI: from the affine
+    if spacing is None and "affine" in meta:
+        spacing = affine_to_spacing(np.asarray(meta["affine"], dtype=np.float64), r=image.ndim)
+    spacing = None if spacing is None else tuple(float(s) for s in np.asarray(spacing).reshape(-1)[: image.ndim])
+    return Item(
+        name=split_image_suffix(image_path)[0],
+        image=np.asarray(image, dtype=np.float32),
+        labels=np.asarray(labels).astype(np.int32),
+        spacing=spacing,
+        path=str(image_path),
+        label_path=str(label_path),
+    )
+
+
+def dataset_available(name: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """True when the files of data set ``name`` are under ``data_dir``."""
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if name == "dsb2018":
+        return (root / "dsb2018" / "split.json").is_file()
+    if name == "gonuclear":
+        folder = root / "gonuclear"
+        return all(
+            any((folder / f"{v}_{k}{s}").exists() for s in IMAGE_SUFFIXES)
+            for v in GONUCLEAR_VOLUMES
+            for k in ("image", "labels")
+        )
+    raise ValueError(f"Unknown data set {name!r}; known: {DATASETS}.")
+
+
+def load_benchmark(
+    name: str, data_dir: str | os.PathLike | None = None, max_train: int | None = None, max_test: int | None = None
+) -> list[Split]:
+    """
+    Load the splits of data set ``name``.
+
+    Args:
+        name: ``"dsb2018"`` (one split) or ``"gonuclear"`` (``1135to1136`` and ``1136to1135``).
+        data_dir: folder holding ``dsb2018/`` and ``gonuclear/``; default :func:`default_data_dir`.
+        max_train: keep only the first N training images of each split (quick checks; None = all).
+        max_test: likewise for the test images.
+
+    Raises:
+        FileNotFoundError: naming the folder, when the data set is not there.
+        ValueError: for an unknown name or unreadable files.
+    """
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if name not in DATASETS:
+        raise ValueError(f"Unknown data set {name!r}; known: {DATASETS}.")
+    if not dataset_available(name, root):
+        raise FileNotFoundError(f"Data set {name!r} not found under {root} (expected {root / name}).")
+    if name == "dsb2018":
+        folder = root / "dsb2018"
+        with open(folder / "split.json") as f:
+            split = json.load(f)
+        if not {"training", "validation"} <= set(split):
+            raise ValueError(f"{folder / 'split.json'}: needs 'training' and 'validation' lists, got {sorted(split)}.")
+        train_ids = split["training"][:max_train]
+        test_ids = split["validation"][:max_test]
+
+        def load(ids: Sequence[str]) -> list[Item]:
+            return [_item(_find(folder / "images", i), _find(folder / "labels", i)) for i in ids]
+
+        return [
+            _make_split(
+                "dsb2018",
+                f"train{len(split['training'])}_val{len(split['validation'])}",
+                2,
+                load(train_ids),
+                load(test_ids),
+            )
+        ]
+    folder = root / "gonuclear"
+    items = {v: _item(_find(folder, f"{v}_image"), _find(folder, f"{v}_labels")) for v in GONUCLEAR_VOLUMES}
+    a, b = GONUCLEAR_VOLUMES
+    return [
+        _make_split("gonuclear", f"{a}to{b}", 3, [items[a]], [items[b]]),
+        _make_split("gonuclear", f"{b}to{a}", 3, [items[b]], [items[a]]),
+    ]
+
+
+def _make_split(dataset: str, name: str, spatial_dims: int, train: list[Item], test: list[Item]) -> Split:
+    for item in train + test:
+        if item.image.ndim != spatial_dims:
+            raise ValueError(f"{item.path}: expected a {spatial_dims}D image, got shape {item.image.shape}.")
+    return Split(dataset, name, spatial_dims, train, test)
+
+
+# ------------------------------------------------------------------------------------------------ sparse labels
+
+
+def selection_name(item: Item) -> str:
+    """The name :class:`~spoco_bundle.transforms.SparseInstanceLabeld` derives for this item's label file."""
+    return split_image_suffix(os.path.basename(item.label_path))[0]
+
+
+def sparsify(item: Item, ratio: float, seed: int) -> np.ndarray:
+    """
+    The item's sparse training labels: the objects :class:`~spoco_bundle.transforms.SparseInstanceLabel` keeps
+    (``instance_ratio=ratio``, ``background_label=None``, ``seed``, selection by the label file's stem), renumbered
+    1..K (in the order of their original ids); everything else 0. int64, same shape as the image.
+    """
+    return SparseInstanceLabel(instance_ratio=ratio, background_label=None, seed=seed)(
+        item.labels, name=item.selection_name
+    )
+
+
+def kept_ids(item: Item, ratio: float, seed: int) -> np.ndarray:
+    """Original ids of the objects kept by :func:`sparsify` (sorted)."""
+    ids = np.unique(item.labels)
+    return SparseInstanceLabel(instance_ratio=ratio, background_label=None, seed=seed).kept_ids(
+        ids[ids != 0], item.selection_name
+    )
+
+
+def kept_digest(split: Split, ratio: float, seed: int) -> str:
+    """A short hash of the kept objects of every training image (recorded per run: same value = same objects)."""
+    h = hashlib.sha256()
+    for item in split.train:
+        h.update(f"{item.selection_name}:{','.join(map(str, kept_ids(item, ratio, seed).tolist()))};".encode())
+    return h.hexdigest()[:16]
+
+
+def label_counts(split: Split, ratio: float, seed: int) -> tuple[int, int]:
+    """(kept objects, all objects) over the training images."""
+    kept = total = 0
+    for item in split.train:
+        n = len(np.unique(item.labels)) - int((item.labels == 0).any())
+        total += n
+        kept += SparseInstanceLabel(instance_ratio=ratio, seed=seed).num_kept(n)
+    return kept, total
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def score(predictions: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray], spatial_dims: int) -> dict[str, Any]:
+    """
+    Score predictions of a test set (see the module docstring for the aggregation).
+
+    Args:
+        predictions: integer label maps, 0 = background.
+        ground_truth: dense label maps of the same shapes.
+        spatial_dims: 2 or 3; ARAND and VOI (label 0 one more segment) are added for 3D.
+
+    Returns:
+        ``ap50``, ``map`` (pooled), ``ap50_per_image``, ``map_per_image``, ``sbd`` (means over images), ``arand``,
+        ``voi_split``, ``voi_merge`` (3D only), ``tp50``, ``fp50``, ``fn50``, ``n_gt``, ``n_pred``, and
+        ``per_image``: a list of per-image dicts (``ap50``, ``map``, ``sbd``, ``n_gt``, ``n_pred``, ...).
+    """
+    if len(predictions) != len(ground_truth):
+        raise ValueError(f"{len(predictions)} predictions for {len(ground_truth)} ground-truth images.")
+    if not predictions:
+        raise ValueError("score: no test images.")
+    thresholds = [float(t) for t in DEFAULT_THRESHOLDS]
+    tp = np.zeros(len(thresholds), dtype=np.int64)
+    n_gt = n_pred = 0
+    per_image = []
+    for pred, gt in zip(predictions, ground_truth):
+        pred = np.asarray(pred)
+        gt = np.asarray(gt)
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}.")
+        table = _contingency(gt, pred)
+        tp += _true_positives(table, thresholds)
+        n_gt += table.n_gt
+        n_pred += table.n_seg
+        scores = segmentation_scores(gt, pred)
+        entry = {
+            "ap50": scores["ap50"],
+            "map": scores["map"],
+            "sbd": scores["sbd"],
+            "n_gt": table.n_gt,
+            "n_pred": table.n_seg,
+        }
+        if spatial_dims == 3:
+            entry.update(arand=scores["arand"], voi_split=scores["voi_split"], voi_merge=scores["voi_merge"])
+        per_image.append(entry)
+    denom = (n_gt + n_pred - tp).astype(np.float64)
+    ap = np.where(denom > 0, tp / np.maximum(denom, 1), 1.0)
+    i50 = thresholds.index(0.5)
+    out: dict[str, Any] = {
+        "ap50": float(ap[i50]),
+        "map": float(ap.mean()),
+        "ap50_per_image": float(np.mean([e["ap50"] for e in per_image])),
+        "map_per_image": float(np.mean([e["map"] for e in per_image])),
+        "sbd": float(np.mean([e["sbd"] for e in per_image])),
+        "tp50": int(tp[i50]),
+        "fp50": int(n_pred - tp[i50]),
+        "fn50": int(n_gt - tp[i50]),
+        "n_gt": int(n_gt),
+        "n_pred": int(n_pred),
+        "ap_by_threshold": {f"{t:.2f}": float(a) for t, a in zip(thresholds, ap)},
+    }
+    if spatial_dims == 3:
+        for key in ("arand", "voi_split", "voi_merge"):
+            out[key] = float(np.mean([e[key] for e in per_image]))
+    out["per_image"] = per_image
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def normalize_image(image: np.ndarray, lower: float = 1.0, upper: float = 99.8) -> np.ndarray:
+    """Percentile normalisation to about [0, 1] (as the training config's ScaleIntensityRangePercentilesd)."""
+    image = np.asarray(image, dtype=np.float32)
+    lo, hi = np.percentile(image, (lower, upper))
+    return (image - lo) / max(float(hi - lo), 1e-6)
+
+
+class Stopwatch:
+    """Wall and process CPU time since construction (CPU time sums all threads of this process)."""
+
+    def __init__(self) -> None:
+        self.wall0 = time.perf_counter()
+        self.cpu0 = time.process_time()
+
+    @property
+    def wall(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    @property
+    def cpu(self) -> float:
+        return time.process_time() - self.cpu0
+
+
+BUDGET_CLOCKS = ("wall", "cpu")
+
+
+def budget_clock() -> str:
+    """The clock that training budgets are measured on: ``$SPOCO_BENCH_CLOCK`` (``wall``, default, or ``cpu``).
+
+    ``wall``: training wall time with the benchmark's thread count (what a user waits for on an idle machine).
+    ``cpu``: process CPU time, all threads summed; use it on a machine shared with other jobs, where wall time
+    depends on the other load.
+    """
+    clock = os.environ.get("SPOCO_BENCH_CLOCK", "wall")
+    if clock not in BUDGET_CLOCKS:
+        raise ValueError(f"SPOCO_BENCH_CLOCK must be one of {BUDGET_CLOCKS}, got {clock!r}.")
+    return clock
+
+
+class Budget:
+    """
+    A training-time budget on :func:`budget_clock`'s clock, for a method's training loop.
+
+    Args:
+        seconds: the budget.
+        clock: ``"wall"`` or ``"cpu"``; default :func:`budget_clock`.
+    """
+
+    def __init__(self, seconds: float, clock: str | None = None) -> None:
+        self.seconds = float(seconds)
+        self.clock = clock or budget_clock()
+        if self.clock not in BUDGET_CLOCKS:
+            raise ValueError(f"clock must be one of {BUDGET_CLOCKS}, got {self.clock!r}.")
+        self.watch = Stopwatch()
+
+    @property
+    def used(self) -> float:
+        return self.watch.cpu if self.clock == "cpu" else self.watch.wall
+
+    def exhausted(self) -> bool:
+        return self.used >= self.seconds

@@ -1,0 +1,857 @@
+"""
+Accuracy benchmark: SPOCO (and its ablations) against StarDist and a classical baseline, trained on the same sparse
+labels of real microscopy data, scored on held-back images; regenerates ``docs/benchmarks.md`` and its plots.
+
+    .venv/bin/python scripts/benchmark_accuracy.py [--data_dir ../shared/data] [--datasets dsb2018,gonuclear]
+        [--ratios 0.1,0.4,1.0] [--methods spoco,...,stardist,classical] [--budget_s 600] [--clock wall|cpu]
+        [--threads 2] [--seed 0] [--device cpu|cuda] [--out_dir eval/benchmark] [--docs docs/benchmarks.md]
+        [--force] [--no_run] [--max_train N --max_test N]
+
+- Every (data set, split, method, ratio) is one run in its own subprocess (thread settings, memory, TensorFlow
+  kept apart from torch). Its result is cached as ``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` with the
+  predictions beside it (``.npz``); a run whose JSON exists with the same settings is skipped (``--force`` reruns).
+  So the grid (hours on 2 cores) can be run in pieces, e.g. one ``--methods``/``--ratios`` at a time.
+- Methods that cannot run here (SPOCO runner not written, ``.venv-bench`` missing) are recorded as "not run";
+  failing runs as "failed" with the error; neither is cached. A data set missing under ``--data_dir`` is skipped.
+- ``--budget_s``: the training budget of every run, on ``--clock`` (``wall``: training wall time, ``cpu``: process
+  CPU time, for a machine shared with other jobs), with ``--threads`` threads. Prediction / clustering / StarDist's
+  threshold optimisation are outside the budget and reported separately.
+- ``--no_run``: only rebuild the docs from the cached results. ``--docs ''``: do not write docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `scripts.accuracy` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+
+from scripts.accuracy.common import (  # noqa: E402
+    DATASETS,
+    MethodUnavailable,
+    Result,
+    Split,
+    dataset_available,
+    default_data_dir,
+    kept_digest,
+    label_counts,
+    load_benchmark,
+    score,
+)
+
+# method name -> (runner module, variant or None)
+METHODS: dict[str, tuple[str, str | None]] = {
+    "spoco": ("scripts.accuracy.spoco_runner", "full"),
+    "spoco_no_consistency": ("scripts.accuracy.spoco_runner", "no_consistency"),
+    "spoco_no_unlabeled_push": ("scripts.accuracy.spoco_runner", "no_unlabeled_push"),
+    "spoco_no_instance": ("scripts.accuracy.spoco_runner", "no_instance"),
+    "stardist": ("scripts.accuracy.stardist_peer", None),
+    "classical": ("scripts.accuracy.classical", None),
+}
+METHOD_LABELS = {
+    "spoco": "SPOCO (ours, full loss)",
+    "spoco_no_consistency": "SPOCO without consistency",
+    "spoco_no_unlabeled_push": "SPOCO without unlabeled push",
+    "spoco_no_instance": "SPOCO without instance (Dice) term",
+    "stardist": "StarDist (from scratch, sparse labels)",
+    "classical": "classical (Gauss + Otsu + watershed)",
+}
+DEFAULT_RATIOS = (0.1, 0.4, 1.0)
+EXAMPLE_SPLIT = {"dsb2018": None, "gonuclear": "1135to1136"}  # None: the data set's only split
+CACHE_KEYS = ("budget_s", "clock", "threads", "seed", "device", "max_train", "max_test")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+
+def resolve_method(name: str) -> Callable[..., Result]:
+    """``fit_predict(split, ratio, seed, budget_s, device)`` of a method; MethodUnavailable when it cannot run."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; valid: {list(METHODS)}.")
+    module_name, variant = METHODS[name]
+    if importlib.util.find_spec(module_name) is None:
+        path = module_name.replace(".", "/") + ".py"
+        raise MethodUnavailable(f"{path} does not exist (yet)")
+    module = importlib.import_module(module_name)
+    if hasattr(module, "available"):
+        ok, reason = module.available()
+        if not ok:
+            raise MethodUnavailable(reason)
+    fn = getattr(module, "fit_predict", None)
+    if fn is None:
+        raise MethodUnavailable(f"{module_name} has no fit_predict")
+    return partial(fn, variant=variant) if variant is not None else fn
+
+
+def method_unavailable_reason(name: str) -> str | None:
+    """Cheap check in the parent (no training): the reason a method cannot run, or None."""
+    try:
+        resolve_method(name)
+    except MethodUnavailable as e:
+        return str(e)
+    except Exception:  # a runner that exists but fails to import is a failure: the run records the error
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def run_path(out_dir: str | os.PathLike, dataset: str, split: str, method: str, ratio: float) -> Path:
+    return Path(out_dir) / dataset / split / method / f"ratio_{ratio:.2f}.json"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, memory, torch version and GPU (when one is used) of this machine."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "nproc": os.cpu_count(),
+    }
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_one(
+    split: Split,
+    method: str,
+    ratio: float,
+    out_dir: str | os.PathLike,
+    budget_s: float,
+    seed: int = 0,
+    device: str = "cpu",
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """
+    Run one method on one split and ratio in this process; write ``<run>.json`` (and ``<run>.npz`` with the
+    predictions, keyed by test image name) and return the record.
+
+    Args:
+        split: the data.
+        method: a key of :data:`METHODS`.
+        ratio: fraction of objects kept per training image.
+        out_dir: result folder.
+        budget_s: training budget of the run.
+        seed: sparse-label selection seed (and the method's seed).
+        device: ``cpu`` or ``cuda``.
+        settings: further values recorded in the JSON and compared for caching (``clock``, ``threads``,
+            ``max_train``, ``max_test``).
+    """
+    path = run_path(out_dir, split.dataset, split.name, method, ratio)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept, total = label_counts(split, ratio, seed)
+    record: dict[str, Any] = {
+        "dataset": split.dataset,
+        "split": split.name,
+        "method": method,
+        "ratio": float(ratio),
+        "budget_s": float(budget_s),
+        "seed": int(seed),
+        "device": device,
+        "clock": os.environ.get("SPOCO_BENCH_CLOCK", "wall"),
+        "threads": int(os.environ.get("SPOCO_BENCH_THREADS", os.environ.get("OMP_NUM_THREADS", "0")) or 0),
+        "max_train": None,
+        "max_test": None,
+        **(settings or {}),
+        "n_train": len(split.train),
+        "n_test": len(split.test),
+        "train_names": [it.name for it in split.train][:3] + (["..."] if len(split.train) > 3 else []),
+        "test_names": [it.name for it in split.test],
+        "kept_objects": kept,
+        "total_objects": total,
+        "kept_digest": kept_digest(split, ratio, seed),
+        "machine": machine_info(),
+        "commit": _git_commit(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_start": _loadavg(),
+    }
+    t0 = time.perf_counter()
+    try:
+        fit_predict = resolve_method(method)
+        result = fit_predict(split, ratio, seed, budget_s, device)
+        if len(result.predictions) != len(split.test):
+            raise ValueError(f"{method} returned {len(result.predictions)} predictions for {len(split.test)} images.")
+        for pred, item in zip(result.predictions, split.test):
+            if np.asarray(pred).shape != item.labels.shape:
+                raise ValueError(f"{method}: prediction shape {np.shape(pred)} != {item.labels.shape} ({item.name}).")
+        metrics = score(result.predictions, [it.labels for it in split.test], split.spatial_dims)
+        np.savez_compressed(
+            path.with_suffix(".npz"),
+            **{
+                it.name: np.asarray(p).astype(np.uint16 if np.max(p) < 65536 else np.uint32)
+                for it, p in zip(split.test, result.predictions)
+            },
+        )
+        record.update(
+            status="ok",
+            metrics=metrics,
+            train_seconds=float(result.train_seconds),
+            iterations=int(result.iterations),
+            train_cpu_seconds=result.info.get("train_cpu_seconds"),
+            info=result.info,
+        )
+    except MethodUnavailable as e:
+        record.update(status="not_run", reason=str(e))
+    except Exception as e:  # recorded, not cached: the next invocation retries
+        record.update(status="failed", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+    record["total_seconds"] = time.perf_counter() - t0
+    record["loadavg_end"] = _loadavg()
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1, default=_json_default)
+    return record
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def load_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_cached(record: dict[str, Any] | None, settings: dict[str, Any]) -> bool:
+    """An ``ok`` record made with the same settings."""
+    return bool(record) and record.get("status") == "ok" and all(record.get(k) == settings.get(k) for k in CACHE_KEYS)
+
+
+def collect(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every run record under ``out_dir``."""
+    records = []
+    for path in sorted(Path(out_dir).glob("*/*/*/ratio_*.json")):
+        rec = load_record(path)
+        if rec is not None:
+            rec["_path"] = str(path)
+            records.append(rec)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ docs
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _mean_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over the splits of a data set (3D: both directions) of metrics and times."""
+    keys = ("ap50", "map", "sbd", "arand", "voi_split", "voi_merge", "ap50_per_image")
+    metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys if k in records[0]["metrics"]}
+    return {
+        "metrics": metrics,
+        "train_seconds": float(np.mean([r["train_seconds"] for r in records])),
+        "train_cpu_seconds": (
+            float(np.mean([r["train_cpu_seconds"] for r in records]))
+            if all(r.get("train_cpu_seconds") is not None for r in records)
+            else None
+        ),
+        "iterations": float(np.mean([r["iterations"] for r in records])),
+    }
+
+
+def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> list[str]:
+    head = ["method", "labelled", "AP50", "mAP 0.5:0.95", "SBD"]
+    if spatial_dims == 3:
+        head += ["ARAND", "VOI split", "VOI merge"]
+    else:
+        head += ["AP50 (mean per image)"]
+    head += ["train s (wall)", "train s (CPU)", "iterations"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, ratio, rec in rows:
+        m = rec["metrics"]
+        cells = [METHOD_LABELS.get(method, method), f"{ratio:.0%}", _fmt(m["ap50"]), _fmt(m["map"]), _fmt(m["sbd"])]
+        if spatial_dims == 3:
+            cells += [_fmt(m.get("arand")), _fmt(m.get("voi_split")), _fmt(m.get("voi_merge"))]
+        else:
+            cells += [_fmt(m.get("ap50_per_image"))]
+        cpu = rec.get("train_cpu_seconds")
+        cells += [f"{rec['train_seconds']:.0f}", "-" if cpu is None else f"{cpu:.0f}", f"{rec['iterations']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _colorize(labels: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Image in gray with each object in a pseudo-random colour (id-hashed, so the same id keeps its colour)."""
+    rgb = np.repeat(base[..., None], 3, axis=-1).astype(np.float32)
+    ids = labels.astype(np.int64)
+    if ids.max() > 0:
+        rng = np.random.default_rng(12345)
+        palette = rng.uniform(0.25, 1.0, size=(int(ids.max()) + 1, 3)).astype(np.float32)
+        fg = ids > 0
+        rgb[fg] = 0.35 * rgb[fg] + 0.65 * palette[ids[fg]]
+    return rgb
+
+
+def _plot_curves(dataset: str, by_method: dict[str, dict[float, dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in zip(axes, ("ap50", "map"), ("AP50", "mean AP (IoU 0.50:0.95)")):
+        for method, per_ratio in by_method.items():
+            ratios = sorted(per_ratio)
+            ax.plot(
+                [100 * r for r in ratios],
+                [per_ratio[r]["metrics"][key] for r in ratios],
+                marker="o",
+                label=METHOD_LABELS.get(method, method),
+                linestyle="--" if method.startswith("spoco_") else "-",
+            )
+        ax.set_xlabel("labelled objects per training image (%)")
+        ax.set_ylabel(title)
+        ax.set_ylim(0, 1)
+        ax.set_xlim(0, 105)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{dataset}: {title}" + (" (mean of both directions)" if dataset == "gonuclear" else ""))
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _example_item(split: Split) -> int:
+    """Test image shown in the example figure: the one with the median object count (deterministic)."""
+    counts = [len(np.unique(it.labels)) - 1 for it in split.test]
+    return int(np.argsort(counts, kind="stable")[len(counts) // 2])
+
+
+def _plot_examples(split: Split, runs: dict[str, dict[str, Any]], path: Path) -> str | None:
+    """Image, ground truth and each method's prediction (ratio 0.1 runs) for one test image (3D: central z)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = _example_item(split)
+    item = split.test[idx]
+    preds = {}
+    for method, rec in runs.items():
+        npz = Path(rec["_path"]).with_suffix(".npz")
+        if not npz.exists():
+            continue
+        with np.load(npz) as data:
+            if item.name in data:
+                preds[method] = (data[item.name], rec["metrics"]["per_image"][idx]["ap50"])
+    if not preds:
+        return None
+    z = item.image.shape[0] // 2 if item.image.ndim == 3 else None
+    cut = (lambda a: a[z]) if z is not None else (lambda a: a)
+    img = cut(item.image)
+    lo, hi = np.percentile(img, (1, 99.8))
+    base = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    panels = [("image", np.repeat(base[..., None], 3, -1)), ("ground truth", _colorize(cut(item.labels), base))]
+    panels += [
+        (f"{METHOD_LABELS.get(m, m)}\nAP50 {ap:.2f} (this image)", _colorize(cut(p), base))
+        for m, (p, ap) in preds.items()
+    ]
+    cols = min(4, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (title, rgb) in zip(axes.ravel(), panels):
+        ax.imshow(rgb, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+    where = f"{item.name}" + (f", z = {z} of {item.image.shape[0]}" if z is not None else "")
+    fig.suptitle(f"{split.dataset} {split.name}, held-back image {where}; 10 % labelled", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return item.name
+
+
+def write_docs(
+    records: list[dict[str, Any]],
+    docs_path: str | os.PathLike,
+    splits: dict[str, list[Split]],
+    methods: Sequence[str],
+    ratios: Sequence[float],
+    command: str,
+    data_dir: str,
+    skipped_datasets: dict[str, str] | None = None,
+) -> Path:
+    """
+    Write the markdown report and its PNGs (``<docs dir>/images/benchmark_<dataset>*.png``) from run records.
+
+    Args:
+        records: from :func:`collect`.
+        docs_path: markdown file to write.
+        splits: loaded splits per data set (example figures, expected runs).
+        methods: methods of the grid (order of the tables).
+        ratios: ratios of the grid.
+        command: the command line to state.
+        data_dir: data folder to state.
+        skipped_datasets: data set -> reason, for data sets that were not available.
+    """
+    docs_path = Path(docs_path)
+    img_dir = docs_path.parent / "images"
+    ok = {(r["dataset"], r["split"], r["method"], round(r["ratio"], 4)): r for r in records if r.get("status") == "ok"}
+    bad = {(r["dataset"], r["split"], r["method"], round(r["ratio"], 4)): r for r in records if r.get("status") != "ok"}
+    machines = {
+        json.dumps({k: r["machine"].get(k) for k in ("cpu", "nproc", "mem_gib", "torch", "cuda")}, sort_keys=True)
+        for r in ok.values()
+    }
+    budgets = sorted({(r["budget_s"], r.get("clock"), r.get("threads"), r.get("device")) for r in ok.values()})
+    lines = [
+        "# Accuracy benchmark: sparse labels on real microscopy data",
+        "",
+        "Generated by `scripts/benchmark_accuracy.py` from the cached run results; do not edit by hand.",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "The full grid (each run is cached; the command skips finished runs, so it can be run in pieces):",
+        "",
+        "```bash",
+        "bash scripts/setup_benchmark.sh   # .venv (project) + .venv-bench (StarDist, TensorFlow CPU)",
+        ".venv/bin/python scripts/benchmark_accuracy.py --datasets dsb2018,gonuclear --ratios 0.1,0.4,1.0 \\",
+        "    --methods " + ",".join(METHODS) + " --budget_s 600",
+        "```",
+        "",
+        "## Set-up",
+        "",
+        f"- **Data** (`{data_dir}`, third-party, not in the repository): DSB2018 (2D nuclei, 256x256, fixed split "
+        "`split.json`: train on the 268 training images, score on the 66 validation images) and GoNuclear (3D nuclei, "
+        "two 100^3 crops with anisotropic spacing: train on 1135, test on 1136, and the other way round).",
+        "- **Sparse labels**: per training image, `spoco_bundle.transforms.SparseInstanceLabel(instance_ratio=r, "
+        "background_label=None, seed=0)` keeps `round(r * n)` objects chosen by a hash of (seed, label file name, "
+        "object id); every method gets exactly these objects (the kept-object digest is recorded per run and checked "
+        "equal across methods below). Unkept objects are 0: *unlabeled* for SPOCO, *background* for StarDist.",
+    ]
+    for dataset in splits:
+        for split in splits[dataset]:
+            counts = ", ".join(
+                f"{r:.0%}: {label_counts(split, r, 0)[0]} of {label_counts(split, r, 0)[1]}" for r in ratios
+            )
+            lines.append(f"  - {dataset} {split.name}: kept objects over the training images ({counts}).")
+    lines += [
+        "- **Scores** on the held-back images with dense labels (`spoco_bundle.metrics`): AP at IoU t = "
+        "TP / (TP + FP + FN), TP/FP/FN *pooled over all test images* before dividing (as "
+        "`stardist.matching.matching_dataset`); **AP50** at t = 0.5, **mAP** = mean over t = 0.50, 0.55, ..., 0.95; "
+        "**SBD** (symmetric best Dice), and for 3D **ARAND** and **VOI** split/merge (label 0 one more segment), "
+        "means over test images. For DSB2018 the per-image mean of AP50 is given too.",
+        "- **Budget**: every run trains for the same budget on the same machine; prediction, clustering and "
+        "StarDist's threshold optimisation are outside the budget. 'train s (wall)' is the training loop's wall "
+        "time, 'train s (CPU)' its process CPU time (all threads), 'iterations' optimisation steps (classical: "
+        "parameter sets tried).",
+    ]
+    for b, clock, threads, device in budgets:
+        lines.append(
+            f"  - budget {b:.0f} s of {'process CPU' if clock == 'cpu' else 'wall'} time, {threads} "
+            f"thread(s), device {device}."
+        )
+    subsets = sorted({(r.get("max_train"), r.get("max_test")) for r in ok.values()} - {(None, None)})
+    for mt, ms in subsets:
+        lines.append(
+            f"  - **check runs on a subset**: only the first {mt or 'all'} training and {ms or 'all'} test "
+            "images of each split (`--max_train` / `--max_test`); not comparable to full runs."
+        )
+    lines += ["- **Machine**:"]
+    for m in sorted(machines):
+        d = json.loads(m)
+        gpu = d.get("cuda") or "no GPU"
+        lines.append(
+            f"  - {d.get('cpu')}, {d.get('nproc')} cores, {d.get('mem_gib')} GiB, torch {d.get('torch')}, " f"{gpu}."
+        )
+    loads = [r.get("loadavg_start") for r in ok.values() if r.get("loadavg_start") is not None]
+    if loads:
+        lines.append(
+            f"  - 1-minute load average at the start of the runs: {min(loads):.1f} to {max(loads):.1f} "
+            f"(on 2 cores, above 2 means other jobs shared the CPU and wall times are inflated)."
+        )
+    lines += [
+        "- **Methods**:",
+        "  - SPOCO: `scripts/accuracy/spoco_runner.py` (variants: full loss; without the consistency term; without "
+        "the unlabeled push; without the instance (Dice) term).",
+        "  - StarDist: `scripts/accuracy/stardist_peer.py`, stardist 0.9.2 on TensorFlow 2.15 CPU in `.venv-bench`, "
+        "trained from scratch on the sparse labels (2D: 32 rays, grid 2, patch 128, batch 4; 3D: 96 rays, "
+        "anisotropic, patch 48x96x96, batch 2), probability/NMS thresholds optimised on training images only.",
+        "  - classical: `scripts/accuracy/classical.py`, Gaussian smoothing + Otsu + seeded watershed on the distance "
+        "transform, all lengths relative to a per-image object radius estimate; its 3 parameters are chosen by grid "
+        "search on the training images scored *only on the kept objects* (the same sparse labels as the learners).",
+        "",
+    ]
+    missing: list[str] = []
+    for dataset, dsplits in splits.items():
+        if not dsplits:
+            continue
+        dims = dsplits[0].spatial_dims
+        lines += [f"## {dataset}", ""]
+        by_method: dict[str, dict[float, dict[str, Any]]] = {}
+        rows = []
+        for method in methods:
+            for ratio in ratios:
+                recs = [ok.get((dataset, s.name, method, round(ratio, 4))) for s in dsplits]
+                for s, rec in zip(dsplits, recs):
+                    if rec is None:
+                        b = bad.get((dataset, s.name, method, round(ratio, 4)))
+                        why = "never run" if b is None else f"{b['status'].replace('_', ' ')}: {b.get('reason', '')}"
+                        missing.append(f"{dataset} {s.name} {method} {ratio:.0%}: {why.splitlines()[0][:200]}")
+                if all(r is not None for r in recs):
+                    mean = _mean_record(recs)  # type: ignore[arg-type]
+                    rows.append((method, ratio, mean))
+                    by_method.setdefault(method, {})[ratio] = mean
+        if len(dsplits) > 1:
+            lines += ["Mean of both directions:", ""]
+        lines += _table(rows, dims) if rows else ["No finished runs yet."]
+        lines.append("")
+        if len(dsplits) > 1:
+            for s in dsplits:
+                srows = [
+                    (m, r, ok[(dataset, s.name, m, round(r, 4))])
+                    for m in methods
+                    for r in ratios
+                    if (dataset, s.name, m, round(r, 4)) in ok
+                ]
+                if srows:
+                    lines += (
+                        [
+                            f"{s.name.replace('to', ' -> ')} (train on {s.train[0].name}, test on "
+                            f"{s.test[0].name}):",
+                            "",
+                        ]
+                        + _table(srows, dims)
+                        + [""]
+                    )
+        digests = {}
+        for (d, sname, m, r), rec in ok.items():
+            if d == dataset:
+                digests.setdefault((sname, r), set()).add(rec.get("kept_digest"))
+        inconsistent = [k for k, v in digests.items() if len(v) > 1]
+        lines.append(
+            "Kept objects identical across methods (digest per split and ratio): "
+            + ("yes." if not inconsistent else f"**no** for {inconsistent}.")
+        )
+        lines.append("")
+        if by_method:
+            png = img_dir / f"benchmark_{dataset}.png"
+            _plot_curves(dataset, by_method, png)
+            lines += [f"![{dataset}: AP50 and mAP vs labelled fraction]({os.path.relpath(png, docs_path.parent)})", ""]
+        ex_name = EXAMPLE_SPLIT.get(dataset)
+        ex_split = next((s for s in dsplits if ex_name is None or s.name == ex_name), None)
+        if ex_split is not None:
+            runs = {
+                m: ok[(dataset, ex_split.name, m, round(0.1, 4))]
+                for m in methods
+                if (dataset, ex_split.name, m, round(0.1, 4)) in ok
+            }
+            png = img_dir / f"benchmark_{dataset}_examples.png"
+            shown = _plot_examples(ex_split, runs, png) if runs else None
+            if shown:
+                lines += [
+                    f"Example predictions with 10 % of the objects labelled ({ex_split.name}, held-back image "
+                    f"`{shown}`{', central z slice' if dims == 3 else ''}; colours are arbitrary per object):",
+                    "",
+                    f"![{dataset} examples]({os.path.relpath(png, docs_path.parent)})",
+                    "",
+                ]
+    for dataset, reason in (skipped_datasets or {}).items():
+        missing.append(f"{dataset}: data set skipped ({reason})")
+    lines += ["## Missing runs", ""]
+    lines += [f"- {m}" for m in missing] if missing else ["None: every run of the grid finished."]
+    lines.append("")
+    docs_path.parent.mkdir(parents=True, exist_ok=True)
+    docs_path.write_text("\n".join(lines))
+    return docs_path
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=str(default_data_dir()), help="folder with dsb2018/ and gonuclear/")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--ratios", default=",".join(str(r) for r in DEFAULT_RATIOS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--budget_s", type=float, default=600.0, help="training budget per run (seconds)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="clock of the budget")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per run (torch, OpenMP, TensorFlow)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (SPOCO; StarDist and classical run on CPU)")
+    p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "benchmark"))
+    p.add_argument("--docs", default=str(REPO_ROOT / "docs" / "benchmarks.md"), help="markdown to write ('' = none)")
+    p.add_argument("--force", action="store_true", help="rerun runs that are cached")
+    p.add_argument("--no_run", action="store_true", help="only rebuild the docs from cached results")
+    p.add_argument("--max_train", type=int, default=None, help="use only the first N training images (checks)")
+    p.add_argument("--max_test", type=int, default=None, help="use only the first N test images (checks)")
+    p.add_argument("--_one", nargs=4, metavar=("DATASET", "SPLIT", "METHOD", "RATIO"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.datasets = _csv(args.datasets)
+    args.methods = _csv(args.methods)
+    args.ratios = [float(r) for r in _csv(args.ratios)]
+    for d in args.datasets:
+        if d not in DATASETS:
+            p.error(f"unknown data set {d!r}; valid: {','.join(DATASETS)}")
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; valid: {','.join(METHODS)}")
+    for r in args.ratios:
+        if not 0.0 < r <= 1.0:
+            p.error(f"ratios must be in (0, 1], got {r}")
+    return args
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "budget_s": float(args.budget_s),
+        "clock": args.clock,
+        "threads": int(args.threads),
+        "seed": int(args.seed),
+        "device": args.device,
+        "max_train": args.max_train,
+        "max_test": args.max_test,
+    }
+
+
+def _thread_env(args: argparse.Namespace) -> dict[str, str]:
+    n = str(args.threads)
+    return {
+        "OMP_NUM_THREADS": n,
+        "MKL_NUM_THREADS": n,
+        "OPENBLAS_NUM_THREADS": n,
+        "NUMBA_NUM_THREADS": n,
+        "SPOCO_BENCH_THREADS": n,
+        "SPOCO_BENCH_CLOCK": args.clock,
+        "SPOCO_DATA_DIR": str(args.data_dir),
+    }
+
+
+def _child(args: argparse.Namespace) -> int:
+    dataset, split_name, method, ratio = args._one
+    try:
+        import torch
+
+        torch.set_num_threads(int(args.threads))
+    except ImportError:
+        pass
+    splits = {s.name: s for s in load_benchmark(dataset, args.data_dir, args.max_train, args.max_test)}
+    rec = run_one(
+        splits[split_name],
+        method,
+        float(ratio),
+        args.out_dir,
+        args.budget_s,
+        args.seed,
+        args.device,
+        settings=_settings(args),
+    )
+    return 0 if rec["status"] in ("ok", "not_run") else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._one:
+        return _child(args)
+    settings = _settings(args)
+    splits: dict[str, list[Split]] = {}
+    skipped: dict[str, str] = {}
+    for dataset in args.datasets:
+        if not dataset_available(dataset, args.data_dir):
+            skipped[dataset] = f"not found under {args.data_dir}"
+            _log(f"[benchmark] {dataset}: not found under {args.data_dir}, skipped")
+            continue
+        splits[dataset] = load_benchmark(dataset, args.data_dir, args.max_train, args.max_test)
+    failures = 0
+    if not args.no_run:
+        unavailable = {m: method_unavailable_reason(m) for m in args.methods}
+        env = {**os.environ, **_thread_env(args)}
+        for dataset, dsplits in splits.items():
+            for split in dsplits:
+                for method in args.methods:
+                    for ratio in args.ratios:
+                        path = run_path(args.out_dir, dataset, split.name, method, ratio)
+                        tag = f"{dataset} {split.name} {method} ratio {ratio:g}"
+                        if not args.force and is_cached(load_record(path), settings):
+                            _log(f"[benchmark] {tag}: cached ({path})")
+                            continue
+                        if unavailable[method]:
+                            _log(f"[benchmark] {tag}: not run ({unavailable[method]})")
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                            with open(path, "w") as f:
+                                json.dump(
+                                    {
+                                        "dataset": dataset,
+                                        "split": split.name,
+                                        "method": method,
+                                        "ratio": ratio,
+                                        "status": "not_run",
+                                        "reason": unavailable[method],
+                                        **settings,
+                                    },
+                                    f,
+                                    indent=1,
+                                )
+                            continue
+                        _log(
+                            f"[benchmark] {tag}: running (budget {args.budget_s:g} s {args.clock}, "
+                            f"{args.threads} threads)"
+                        )
+                        cmd = [
+                            sys.executable,
+                            os.path.abspath(__file__),
+                            *_passthrough(args),
+                            "--_one",
+                            dataset,
+                            split.name,
+                            method,
+                            str(ratio),
+                        ]
+                        t0 = time.perf_counter()
+                        try:
+                            proc = subprocess.run(cmd, env=env, timeout=3 * args.budget_s + 1800)
+                            code = proc.returncode
+                        except subprocess.TimeoutExpired:
+                            code = -1
+                        rec = load_record(path) or {}
+                        if code != 0 and rec.get("status") == "ok":
+                            rec = {}
+                        if rec.get("status") == "ok":
+                            m = rec["metrics"]
+                            _log(
+                                f"[benchmark] {tag}: AP50 {m['ap50']:.3f} mAP {m['map']:.3f} SBD {m['sbd']:.3f}, "
+                                f"train {rec['train_seconds']:.0f} s, {rec['iterations']} it, "
+                                f"total {time.perf_counter() - t0:.0f} s"
+                            )
+                        else:
+                            failures += rec.get("status") != "not_run"
+                            reason = rec.get("reason", f"exit code {code}")
+                            _log(f"[benchmark] {tag}: {rec.get('status', 'failed')} ({reason.splitlines()[0][:300]})")
+                            if not rec:
+                                path.parent.mkdir(parents=True, exist_ok=True)
+                                with open(path, "w") as f:
+                                    json.dump(
+                                        {
+                                            "dataset": dataset,
+                                            "split": split.name,
+                                            "method": method,
+                                            "ratio": ratio,
+                                            "status": "failed",
+                                            "reason": reason,
+                                            **settings,
+                                        },
+                                        f,
+                                    )
+    if args.docs:
+        command = " ".join(
+            [".venv/bin/python scripts/benchmark_accuracy.py"]
+            + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]
+        )
+        path = write_docs(
+            collect(args.out_dir),
+            args.docs,
+            splits,
+            args.methods,
+            args.ratios,
+            command,
+            os.path.relpath(args.data_dir, REPO_ROOT),
+            skipped,
+        )
+        _log(f"[benchmark] wrote {path}")
+    return 1 if failures else 0
+
+
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    out = [
+        "--data_dir",
+        str(args.data_dir),
+        "--budget_s",
+        str(args.budget_s),
+        "--clock",
+        args.clock,
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
+        "--out_dir",
+        str(args.out_dir),
+        "--docs",
+        "",
+    ]
+    if args.max_train is not None:
+        out += ["--max_train", str(args.max_train)]
+    if args.max_test is not None:
+        out += ["--max_test", str(args.max_test)]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
