@@ -46,6 +46,12 @@ def dsb_small() -> Split:
     return load_benchmark("dsb2018", DATA_DIR, max_train=6, max_test=4)[0]
 
 
+@pytest.fixture(scope="module")
+def gonuclear() -> list[Split]:
+    _need("gonuclear")
+    return load_benchmark("gonuclear", DATA_DIR)
+
+
 def _pipeline_labels(item: Item, ratio: float, seed: int, spatial_dims: int) -> np.ndarray:
     """What the SPOCO training config's transforms give for this file pair (loading + SparseInstanceLabeld)."""
     pipeline = Compose(
@@ -57,9 +63,9 @@ def _pipeline_labels(item: Item, ratio: float, seed: int, spatial_dims: int) -> 
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.4])
-def test_sparsify_keeps_what_the_training_pipeline_keeps(dsb_small: Split, ratio: float) -> None:
-    _need("gonuclear")
-    gonuclear = load_benchmark("gonuclear", DATA_DIR)
+def test_sparsify_keeps_what_the_training_pipeline_keeps(
+    dsb_small: Split, gonuclear: list[Split], ratio: float
+) -> None:
     cases = [(it, 2) for it in dsb_small.train[:3]] + [(s.train[0], 3) for s in gonuclear]  # TIFF 2D, NIfTI, TIFF 3D
     for item, dims in cases:
         ours = sparsify(item, ratio, seed=0)
@@ -109,15 +115,14 @@ def test_score_pools_like_stardist_matching_dataset(dsb_small: Split) -> None:
     assert ours["n_gt"] == sum(len(np.unique(g)) - 1 for g in gts)
 
 
-def test_classical_segments_2d_and_3d(dsb_small: Split) -> None:
+def test_classical_segments_2d_and_3d(dsb_small: Split, gonuclear: list[Split]) -> None:
     item = dsb_small.test[0]
     seg = classical.segment(item.image)
     assert seg.dtype == np.int32 and seg.shape == item.image.shape
     ids = np.unique(seg)
     np.testing.assert_array_equal(ids, np.arange(len(ids)))  # 0 plus consecutive ids
     assert score([seg], [item.labels], 2)["ap50"] > 0.4
-    _need("gonuclear")
-    vol = load_benchmark("gonuclear", DATA_DIR)[0].test[0]  # 1136, anisotropic spacing
+    vol = gonuclear[0].test[0]  # 1136, anisotropic spacing
     crop = (slice(30, 70), slice(0, 64), slice(0, 64))
     seg3 = classical.segment(vol.image[crop], vol.spacing)
     assert seg3.dtype == np.int32 and seg3.shape == (40, 64, 64) and 1 <= seg3.max() <= 40
