@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Set up .venv (with test extras) and run the test suite. Arguments are passed on to pytest.
+# Set up .venv (with test and lint extras), check the code style (scripts/lint.sh: black, isort, flake8 at 120, the
+# model zoo's rule) and run the test suite. Arguments are passed on to pytest.
 # Then the MONAI Label tests (tests/test_monailabel_{tasks,server}.py, skipped in .venv) run in .venv-monailabel
 # (scripts/setup_monailabel.sh), without network access where this machine allows a private network namespace.
 # SPOCO_MONAILABEL_TESTS=0 leaves that second part out (quick local runs).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-bash scripts/setup_env.sh test
+bash scripts/setup_env.sh test,lint
 status=0
+bash scripts/lint.sh || status=$?
 "$root/.venv/bin/python" -m pytest tests "$@" || status=$?
 if [ "${SPOCO_MONAILABEL_TESTS:-1}" != 0 ]; then
     bash scripts/setup_monailabel.sh
