@@ -10,9 +10,6 @@ from collections import defaultdict
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from monai.utils import CommonKeys
-
-from spoco_bundle.losses import labelled_foreground_probability
 
 __all__ = [
     "MomentumTeacherHandler",
@@ -137,18 +134,25 @@ class ForegroundCalibrationHandler:
     2008) and store it in the network's ``fg_label_frequency`` buffer, which calibrates the head at inference (see
     :class:`~spoco_bundle.networks.EmbeddingUNet` and :class:`~spoco_bundle.losses.ForegroundLoss`).
 
-    After every iteration, the mean foreground probability of the student over annotated-object voxels of images
-    without annotated background enters an exponential moving average (bias-corrected, so the first iterations
-    count fully). Images with annotated background do not take part; if no image ever lacks it, ``c`` stays 1.
+    After every iteration, the loss's ``last_label_frequency`` (mean foreground probability of the student over
+    annotated-object voxels of images without annotated background, see :class:`~spoco_bundle.losses.SpocoLoss`)
+    enters an exponential moving average (bias-corrected, so the first iterations count fully). Images with
+    annotated background do not take part; if no image ever lacks it, ``c`` stays 1. Under DDP the estimate pools
+    every rank's voxels.
 
     Args:
+        loss: the :class:`~spoco_bundle.losses.SpocoLoss` of the trainer (looked up as ``engine.loss_function``
+            when None).
         network: the student (looked up as ``engine.network`` when None); a DDP wrapper is unwrapped.
         momentum: weight of the old estimate in the moving average.
     """
 
-    def __init__(self, network: torch.nn.Module | None = None, momentum: float = 0.98) -> None:
+    def __init__(
+        self, loss: torch.nn.Module | None = None, network: torch.nn.Module | None = None, momentum: float = 0.98
+    ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+        self.loss = loss
         self.network = network
         self.momentum = float(momentum)
         self._sum = 0.0
@@ -159,21 +163,17 @@ class ForegroundCalibrationHandler:
 
     def __call__(self, engine: Engine) -> None:
         net = self.network if self.network is not None else engine.network  # type: ignore[attr-defined]
+        loss = self.loss if self.loss is not None else getattr(engine, "loss_function", None)
         if isinstance(net, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             net = net.module
         buf = getattr(net, "fg_label_frequency", None)
-        output = engine.state.output
-        if buf is None or not isinstance(output, dict):
+        stats = getattr(loss, "last_label_frequency", None)
+        if buf is None or stats is None:
             return
-        pred = output.get(CommonKeys.PRED)
-        student = pred[0] if isinstance(pred, (tuple, list)) else pred
-        emb_dim = getattr(net, "embedding_dim", None)
-        if student is None or emb_dim is None or student.shape[1] != emb_dim + 1:
-            return
-        mean, count = labelled_foreground_probability(student[:, -1:], output[CommonKeys.LABEL])
+        mean, count = stats
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # every rank's voxels count (DDP would otherwise broadcast rank 0's buffer alone)
-            t = torch.tensor([mean * count if count else 0.0, float(count)], dtype=torch.float64, device=student.device)
+            t = torch.tensor([mean * count if count else 0.0, float(count)], dtype=torch.float64, device=buf.device)
             torch.distributed.all_reduce(t)
             count = int(t[1].item())
             mean = float(t[0].item()) / count if count else mean

@@ -1158,6 +1158,8 @@ class SpocoLoss(nn.Module):
             delta_v, kernel_threshold, max_anchors, min_pool_fraction, generator=generator
         )
         self.last_terms: dict[str, float] = {}
+        # (mean foreground probability over annotated voxels of images without annotated background, count)
+        self.last_label_frequency: tuple[float, int] = (float("nan"), 0)
 
     def _split(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = _check_embeddings(x, name)
@@ -1209,6 +1211,7 @@ class SpocoLoss(nn.Module):
             terms["consistency"] = self.consistency._flat_forward(f, teacher.detach().reshape(f.shape), labels, vox)
         if fg is not None and w["foreground"]:
             terms["foreground"] = _foreground(fg.reshape(b, -1), labels)
+            self.last_label_frequency = labelled_foreground_probability(fg.reshape(b, -1), labels)
 
         total = None
         for name, value in terms.items():

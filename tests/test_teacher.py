@@ -10,6 +10,7 @@ from ignite.engine import Engine, Events
 
 from spoco_bundle.handlers import ForegroundCalibrationHandler, MomentumTeacherHandler, TrainingTimeLimit
 from spoco_bundle.inferers import TwoViewInferer
+from spoco_bundle.losses import SpocoLoss
 from spoco_bundle.networks import EmbeddingUNet, make_teacher
 
 
@@ -101,8 +102,10 @@ def test_teacher_lags_student_during_training():
 
 
 def test_foreground_calibration_handler_tracks_label_frequency():
-    # the handler averages sigmoid(fg logit) over annotated voxels of images without annotated background
+    # the handler averages sigmoid(fg logit) over annotated voxels of images without annotated background, as
+    # measured by the loss in the iteration
     net = EmbeddingUNet(spatial_dims=2, embedding_dim=2, features=(8, 8, 8))
+    loss = SpocoLoss(embedding_dim=2)
     label = torch.zeros(2, 1, 4, 4, dtype=torch.long)
     label[0, 0, :2] = 1  # image 0: 8 annotated voxels, no annotated background -> counts
     label[1, 0, 0] = -1  # image 1: annotated background -> left out, whatever its logits
@@ -113,10 +116,11 @@ def test_foreground_calibration_handler_tracks_label_frequency():
         pred = torch.full((2, 3, 4, 4), 7.0)
         p = probs[engine.state.iteration - 1]
         pred[0, 2] = math.log(p / (1 - p))
-        return {"pred": (pred, None), "label": label}
+        return {"loss": loss(pred, label).item()}
 
     engine = Engine(step)
     engine.network = net
+    engine.loss_function = loss
     ForegroundCalibrationHandler(momentum=0.5).attach(engine)
     seen = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(float(net.fg_label_frequency)))

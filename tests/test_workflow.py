@@ -100,6 +100,8 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     parser.update({"features": [8, 16, 32]})
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(state, strict=True)  # the plain student state dict
+    # background unlabeled: the foreground head trained positive-unlabeled and its label frequency was estimated
+    assert 0.0 < float(state["fg_label_frequency"]) < 1.0
     resume = torch.load(models / "resume.pt", map_location="cpu", weights_only=True)
     assert {"model", "teacher", "optimizer", "trainer", "lr_scheduler"} <= set(resume)
     assert resume["trainer"]["iteration"] == 2 * resume["trainer"]["epoch_length"]  # 2 epochs
@@ -203,6 +205,7 @@ def test_train_2d_tiff_without_validation(tmp_path):
     )
     state = torch.load(tmp_path / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert state["input_block.conv1.conv.weight"].ndim == 4  # 2D convolutions
+    assert float(state["fg_label_frequency"]) == 1.0  # annotated background: supervised head, no calibration
 
 
 def test_images_smaller_than_patch_are_padded(tmp_path):

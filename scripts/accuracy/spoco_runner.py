@@ -77,8 +77,15 @@ def fit_predict(
     variant: str = "full",
     work_dir: str | os.PathLike | None = None,
     threads: int | None = None,
+    overrides: dict | None = None,
 ) -> Result:
-    """Train the bundle on the split's training images for ``budget_s`` seconds and segment its test images."""
+    """Train the bundle on the split's training images for ``budget_s`` seconds and segment its test images.
+
+    ``overrides``: further ``train.json`` ids to set (default: the JSON object in ``$SPOCO_BENCH_OVERRIDES``, for
+    hyperparameter studies); they are recorded in the result's ``info``.
+    """
+    if overrides is None:
+        overrides = json.loads(os.environ.get("SPOCO_BENCH_OVERRIDES", "{}"))
     if variant not in VARIANTS:
         raise ValueError(f"Unknown SPOCO variant {variant!r}; valid: {sorted(VARIANTS)}.")
     threads = threads or int(os.environ.get("SPOCO_BENCH_THREADS", "2"))
@@ -110,6 +117,7 @@ def fit_predict(
         time_limit_s=budget_s,
         time_clock=budget_clock(),
         **VARIANTS[variant],
+        **overrides,
     )
     args = [
         py,
