@@ -243,7 +243,7 @@ def run_one(
             metrics=metrics,
             train_seconds=float(result.train_seconds),
             iterations=int(result.iterations),
-            train_cpu_seconds=result.info.get("train_cpu_seconds"),
+            train_cpu_seconds=result.info.get("train_cpu_seconds", result.info.get("train_cpu_s")),
             info=result.info,
         )
     except MethodUnavailable as e:
@@ -274,8 +274,11 @@ def load_record(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def is_cached(record: dict[str, Any] | None, settings: dict[str, Any]) -> bool:
-    """An ``ok`` record made with the same settings."""
-    return bool(record) and record.get("status") == "ok" and all(record.get(k) == settings.get(k) for k in CACHE_KEYS)
+    """An ``ok`` record made with the same settings (for SPOCO also the same ``$SPOCO_BENCH_OVERRIDES``)."""
+    if not record or record.get("status") != "ok":
+        return False
+    keys = CACHE_KEYS + (("overrides",) if str(record.get("method", "")).startswith("spoco") else ())
+    return all(record.get(k) == settings.get(k) for k in keys)
 
 
 def collect(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -677,6 +680,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "max_train": args.max_train,
         "max_test": args.max_test,
+        # hyperparameter overrides the SPOCO runner reads (part of a SPOCO run's identity)
+        "overrides": os.environ.get("SPOCO_BENCH_OVERRIDES") or None,
     }
 
 
