@@ -650,19 +650,39 @@ def _k_orig(p, geo):  # pragma: no cover - runs compiled
     return ((z * h) + (rem // pw - py)) * w + (rem % pw - px)
 
 
+def _k_nearest_block(lab, lab0, lo, hi, p, offsets, emb, o, mu, radius2):  # pragma: no cover - runs compiled
+    """:func:`_k_nearest` for a sweep block: neighbours inside ``[lo, hi)`` are read live, others from ``lab0``."""
+    e = emb.shape[0]
+    best = np.inf
+    best_lab = 0
+    for j in range(offsets.size):
+        q = p + offsets[j]
+        lj = lab[q] if lo <= q < hi else lab0[q]
+        if lj <= 0 or lj == best_lab:
+            continue
+        d2 = 0.0
+        for c in range(e):
+            t = np.float64(emb[c, o]) - mu[lj, c]
+            d2 += t * t
+        if d2 < best:
+            best = d2
+            best_lab = lj
+    return best_lab if best < radius2 else 0
+
+
 def _k_sweep(lab, grow, offsets, emb, mu, radius2, geo):  # pragma: no cover - runs compiled
     """One forward and one backward raster sweep of growth within a finite radius.
 
     A voxel joins the nearest neighbouring label whose mean is within the radius, immediately, so labels travel
     far in one sweep with sequential memory access. Breadth-first rounds (``_k_grow``) then finish to the
-    fixpoint. The fixpoint does not depend on the visiting order as long as every voxel is within the radius of
-    at most one candidate mean (true for means >= 2 radius apart, the SPOCO geometry), so this equals the numpy
-    backend's breadth-first growth.
+    fixpoint. Blocks of the flat index range run in parallel; a block reads its own voxels live and every other
+    voxel from a snapshot taken before the sweep, so the result does not depend on thread timing (where the
+    embeddings are ambiguous, i.e. a voxel is within the radius of several neighbouring means, the visiting order
+    matters, and this order is fixed).
     """
     n_pad = lab.size
     n_blocks = 64
-    # blocks of the flat index range run in parallel; a voxel at a block border may read a neighbour's label
-    # while it is written, and either value leads to the same fixpoint
+    lab0 = lab.copy()
     for b in numba.prange(n_blocks):
         lo = n_pad * b // n_blocks
         hi = n_pad * (b + 1) // n_blocks
@@ -671,7 +691,7 @@ def _k_sweep(lab, grow, offsets, emb, mu, radius2, geo):  # pragma: no cover - r
                 p = k if forward else hi - 1 - (k - lo)
                 if not grow[p]:
                     continue
-                best_lab = _k_nearest(lab, p, offsets, emb, _k_orig(p, geo), mu, radius2)
+                best_lab = _k_nearest_block(lab, lab0, lo, hi, p, offsets, emb, _k_orig(p, geo), mu, radius2)
                 if best_lab > 0:
                     lab[p] = best_lab
                     grow[p] = False
@@ -715,6 +735,7 @@ if HAVE_NUMBA:
     _k_core = numba.njit(parallel=True, cache=True)(_k_core)
     _k_means = numba.njit(cache=True)(_k_means)
     _k_nearest = numba.njit(cache=True, inline="always")(_k_nearest)
+    _k_nearest_block = numba.njit(cache=True, inline="always")(_k_nearest_block)
     _k_orig = numba.njit(cache=True, inline="always")(_k_orig)
     _k_grow = numba.njit(cache=True)(_k_grow)
     _k_sweep = numba.njit(cache=True, parallel=True)(_k_sweep)

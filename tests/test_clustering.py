@@ -271,3 +271,25 @@ def test_fast_speed_report(capsys):
                 f"\ncluster_fast[{backend}] {lab.size / 1e6:.1f} Mvoxel: {dt:.2f} s, {lab.size / dt / 1e6:.1f} Mvoxel/s"
             )
         assert ap50(lab, seg) >= 0.95
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+def test_fast_clustering_does_not_depend_on_thread_count():
+    # weakly separated, noisy embeddings: many voxels are near several means, where the growth order matters
+    import numba
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(16, 24, 64, 64)).astype(np.float32) * 0.6
+    emb[:, :, :32] += 0.8
+    emb = (np.cumsum(emb, axis=3) / 8).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 2, 1):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            results.append(cluster_fast(emb, min_size=4, background="none"))
+    finally:
+        numba.set_num_threads(before)
+    assert results[0].max() > 1
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
