@@ -92,6 +92,8 @@ class EmbeddingUNet(DynUNet):
         # channels-last convolutions are ~3x faster in the backward pass on CPU (oneDNN) and neutral on GPU
         self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
         self.to(memory_format=self.memory_format)
+        # checkpoints of version 0.1 predate the buffer: their head was never calibrated, i.e. c = 1
+        self.register_load_state_dict_pre_hook(_default_label_frequency)
         if strict_load:
             self.register_load_state_dict_pre_hook(_refuse_partial_state_dict)
 
@@ -109,6 +111,13 @@ class EmbeddingUNet(DynUNet):
             shift = torch.log(half_c) - torch.log1p(-half_c)
             out = torch.cat([out[:, :-1], out[:, -1:] - shift.to(out.dtype)], dim=1)
         return out  # standard layout for the losses and clustering
+
+
+def _default_label_frequency(module: torch.nn.Module, state_dict: Mapping, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: a state dict without ``fg_label_frequency`` (bundle 0.1) loads with c = 1."""
+    key = prefix + "fg_label_frequency"
+    if key not in state_dict and any(k.startswith(prefix + "output_block.") for k in state_dict):
+        state_dict[key] = torch.ones(())  # type: ignore[index]
 
 
 def _refuse_partial_state_dict(

@@ -84,3 +84,17 @@ def test_foreground_logit_calibrated_in_eval_mode_only():
     # sigmoid(out) > 1/2 exactly where sigmoid(raw) > c/2 = 0.1
     torch.testing.assert_close(out[:, 4], raw[:, 4] - math.log(0.1 / 0.9), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(net.train()(x), raw)
+
+
+def test_checkpoint_without_label_frequency_loads_with_c_1(tmp_path):
+    # model.pt files of bundle 0.1 have no fg_label_frequency buffer; everything else must still match strictly
+    net = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16))
+    state = net.state_dict()
+    del state["fg_label_frequency"]
+    other = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16))
+    other.fg_label_frequency.fill_(0.3)
+    other.load_state_dict(state, strict=True)
+    assert float(other.fg_label_frequency) == 1.0
+    del state["output_block.conv.conv.bias"]
+    with pytest.raises(RuntimeError):
+        other.load_state_dict(state, strict=True)
