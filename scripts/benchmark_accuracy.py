@@ -378,7 +378,9 @@ def _plot_curves(dataset: str, by_method: dict[str, dict[float, dict[str, Any]]]
         ax.set_ylim(0, 1)
         ax.set_xlim(0, 105)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{dataset}: {title}" + (" (mean of both directions)" if dataset == "gonuclear" else ""))
+        ax.set_title(
+            f"{dataset}: {title}" + (" (mean, both directions)" if dataset == "gonuclear" else ""), fontsize=10
+        )
     axes[1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
