@@ -307,18 +307,27 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _train_cpu(rec: dict[str, Any]) -> float | None:
+    """Training CPU seconds of a run (the SPOCO runner reports them in ``info.train_cpu_s``)."""
+    value = rec.get("train_cpu_seconds")
+    return value if value is not None else (rec.get("info") or {}).get("train_cpu_s")
+
+
+def _budget(rec: dict[str, Any]) -> str:
+    return f"{rec.get('budget_s', 0):.0f} s {rec.get('clock', 'wall')}, {rec.get('threads', '?')} thr"
+
+
 def _mean_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over the splits of a data set (3D: both directions) of metrics and times."""
     keys = ("ap50", "map", "sbd", "arand", "voi_split", "voi_merge", "ap50_per_image")
     metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys if k in records[0]["metrics"]}
+    cpu = [_train_cpu(r) for r in records]
+    budgets = {_budget(r) for r in records}
     return {
         "metrics": metrics,
+        "budget": budgets.pop() if len(budgets) == 1 else "mixed",
         "train_seconds": float(np.mean([r["train_seconds"] for r in records])),
-        "train_cpu_seconds": (
-            float(np.mean([r["train_cpu_seconds"] for r in records]))
-            if all(r.get("train_cpu_seconds") is not None for r in records)
-            else None
-        ),
+        "train_cpu_seconds": float(np.mean(cpu)) if all(c is not None for c in cpu) else None,
         "iterations": float(np.mean([r["iterations"] for r in records])),
     }
 
@@ -329,7 +338,7 @@ def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> 
         head += ["ARAND", "VOI split", "VOI merge"]
     else:
         head += ["AP50 (mean per image)"]
-    head += ["train s (wall)", "train s (CPU)", "iterations"]
+    head += ["budget", "train s (wall)", "train s (CPU)", "iterations"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, ratio, rec in rows:
         m = rec["metrics"]
@@ -338,8 +347,14 @@ def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> 
             cells += [_fmt(m.get("arand")), _fmt(m.get("voi_split")), _fmt(m.get("voi_merge"))]
         else:
             cells += [_fmt(m.get("ap50_per_image"))]
-        cpu = rec.get("train_cpu_seconds")
-        cells += [f"{rec['train_seconds']:.0f}", "-" if cpu is None else f"{cpu:.0f}", f"{rec['iterations']:.0f}"]
+        cpu = rec["train_cpu_seconds"] if "budget" in rec else _train_cpu(rec)
+        budget = rec["budget"] if "budget" in rec else _budget(rec)
+        cells += [
+            budget,
+            f"{rec['train_seconds']:.0f}",
+            "-" if cpu is None else f"{cpu:.0f}",
+            f"{rec['iterations']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
