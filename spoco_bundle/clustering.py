@@ -598,7 +598,7 @@ def _k_grow(lab, grow, offsets, cand, emb, mu, radius2, geo):  # pragma: no cove
             if single and not limited:
                 res[k] = first
                 continue
-            res[k] = _k_nearest(lab, p, offsets, emb, _k_orig(p, geo), mu, radius2)
+            res[k] = _k_nearest(lab, lab, 0, lab.size, p, offsets, emb, _k_orig(p, geo), mu, radius2)
         n_done = 0
         for k in range(m):
             if res[k] > 0:
@@ -622,26 +622,6 @@ def _k_grow(lab, grow, offsets, cand, emb, mu, radius2, geo):  # pragma: no cove
         cur = nxt[:cnt]
 
 
-def _k_nearest(lab, p, offsets, emb, o, mu, radius2):  # pragma: no cover - runs compiled
-    """Label of p's neighbours whose mean is nearest to emb[:, o] (first neighbour wins ties), 0 if too far."""
-    e = emb.shape[0]
-    best = np.inf
-    best_lab = 0
-    for j in range(offsets.size):
-        lj = lab[p + offsets[j]]
-        # a repeat of the current best cannot be strictly better; other repeats lose again
-        if lj <= 0 or lj == best_lab:
-            continue
-        d2 = 0.0
-        for c in range(e):
-            t = np.float64(emb[c, o]) - mu[lj, c]
-            d2 += t * t
-        if d2 < best:
-            best = d2
-            best_lab = lj
-    return best_lab if best < radius2 else 0
-
-
 def _k_orig(p, geo):  # pragma: no cover - runs compiled
     """Original flat index of padded flat index p."""
     ph, pw, pz, py, px, h, w = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
@@ -650,14 +630,19 @@ def _k_orig(p, geo):  # pragma: no cover - runs compiled
     return ((z * h) + (rem // pw - py)) * w + (rem % pw - px)
 
 
-def _k_nearest_block(lab, lab0, lo, hi, p, offsets, emb, o, mu, radius2):  # pragma: no cover - runs compiled
-    """:func:`_k_nearest` for a sweep block: neighbours inside ``[lo, hi)`` are read live, others from ``lab0``."""
+def _k_nearest(lab, lab0, lo, hi, p, offsets, emb, o, mu, radius2):  # pragma: no cover - runs compiled
+    """Label of p's neighbours whose mean is nearest to emb[:, o] (first neighbour wins ties), 0 if too far.
+
+    Neighbours with flat index in ``[lo, hi)`` are read from ``lab``, the others from ``lab0`` (a sweep block reads
+    other blocks from a snapshot; callers without blocks pass ``lab0 = lab``).
+    """
     e = emb.shape[0]
     best = np.inf
     best_lab = 0
     for j in range(offsets.size):
         q = p + offsets[j]
         lj = lab[q] if lo <= q < hi else lab0[q]
+        # a repeat of the current best cannot be strictly better; other repeats lose again
         if lj <= 0 or lj == best_lab:
             continue
         d2 = 0.0
@@ -691,7 +676,7 @@ def _k_sweep(lab, grow, offsets, emb, mu, radius2, geo):  # pragma: no cover - r
                 p = k if forward else hi - 1 - (k - lo)
                 if not grow[p]:
                     continue
-                best_lab = _k_nearest_block(lab, lab0, lo, hi, p, offsets, emb, _k_orig(p, geo), mu, radius2)
+                best_lab = _k_nearest(lab, lab0, lo, hi, p, offsets, emb, _k_orig(p, geo), mu, radius2)
                 if best_lab > 0:
                     lab[p] = best_lab
                     grow[p] = False
@@ -735,7 +720,6 @@ if HAVE_NUMBA:
     _k_core = numba.njit(parallel=True, cache=True)(_k_core)
     _k_means = numba.njit(cache=True)(_k_means)
     _k_nearest = numba.njit(cache=True, inline="always")(_k_nearest)
-    _k_nearest_block = numba.njit(cache=True, inline="always")(_k_nearest_block)
     _k_orig = numba.njit(cache=True, inline="always")(_k_orig)
     _k_grow = numba.njit(cache=True)(_k_grow)
     _k_sweep = numba.njit(cache=True, parallel=True)(_k_sweep)
