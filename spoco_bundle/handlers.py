@@ -131,7 +131,8 @@ def pred_label_batch(output) -> tuple[torch.Tensor, torch.Tensor]:
 class ForegroundCalibrationHandler:
     """
     Estimate the label frequency ``c`` of a positive-unlabeled foreground head during training (Elkan & Noto, KDD
-    2008) and store it in the network's ``fg_label_frequency`` buffer, which calibrates the head at inference (see
+    2008) and store it in the network's ``fg_label_frequency`` buffer, with the loss's
+    ``foreground_positive_weight`` in ``fg_positive_weight``; they calibrate the head at inference (see
     :class:`~spoco_bundle.networks.EmbeddingUNet` and :class:`~spoco_bundle.losses.ForegroundLoss`).
 
     After every iteration, the loss's ``last_label_frequency`` (mean foreground probability of the student over
@@ -182,6 +183,9 @@ class ForegroundCalibrationHandler:
         self._sum = self.momentum * self._sum + (1.0 - self.momentum) * mean
         self._weight = self.momentum * self._weight + (1.0 - self.momentum)
         buf.fill_(self._sum / self._weight)
+        weight = getattr(net, "fg_positive_weight", None)
+        if weight is not None:
+            weight.fill_(float(getattr(loss, "foreground_positive_weight", 1.0)))
 
 
 class TrainingTimeLimit:

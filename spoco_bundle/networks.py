@@ -19,8 +19,10 @@ class EmbeddingUNet(DynUNet):
     is a 1x1 convolution with no activation, as SPOCO requires (a bounded head would distort the distance margins of
     the losses). When ``foreground_head`` is True, one extra output channel (the last) carries a foreground logit
     (see :class:`~spoco_bundle.losses.ForegroundLoss`); the embedding channels are unaffected by it. In eval mode that
-    logit is calibrated with the buffer ``fg_label_frequency`` (the label frequency of positive-unlabeled training,
-    1 when background was annotated), so that ``sigmoid > 0.5`` means "more likely foreground than not".
+    logit is calibrated with the buffers ``fg_label_frequency`` (the label frequency ``c`` of positive-unlabeled
+    training, 1 when background was annotated) and ``fg_positive_weight`` (the weight ``w`` of annotated voxels in that
+    training): the logit is shifted by ``-(logit(c / 2) + log w)``, so that ``sigmoid > 0.5`` means "more likely
+    foreground than not". Both are set by :class:`~spoco_bundle.handlers.ForegroundCalibrationHandler`.
 
     Args:
         spatial_dims: 2 or 3.
@@ -84,6 +86,8 @@ class EmbeddingUNet(DynUNet):
         # fraction of the foreground that was annotated (label frequency c, see spoco_bundle.losses.ForegroundLoss),
         # estimated during positive-unlabeled training; 1.0 = the head was trained with annotated background
         self.register_buffer("fg_label_frequency", torch.ones(()))
+        # weight of annotated voxels in that training (ForegroundLoss positive_weight); 1.0 = unweighted
+        self.register_buffer("fg_positive_weight", torch.ones(()))
         if foreground_head:
             # start the foreground logit at P = 0.12 instead of 0.5: foreground is the minority class, and Adam moves a
             # bias by about the learning rate per step, too slowly for CPU-length runs to get there on their own
@@ -106,18 +110,21 @@ class EmbeddingUNet(DynUNet):
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.output_block(self.skip_layers(x)).contiguous()
         if self.foreground_head and not self.training:
-            # calibrate the positive-unlabeled head: g > c/2  <=>  P(foreground) > 1/2 (a no-op for c = 1)
+            # calibrate the positive-unlabeled head: g > c/2  <=>  P(foreground) > 1/2, where the weighted head's odds
+            # are w times g's (a no-op for c = w = 1)
             half_c = (0.5 * self.fg_label_frequency).clamp(1e-6, 1 - 1e-6)
-            shift = torch.log(half_c) - torch.log1p(-half_c)
+            shift = torch.log(half_c) - torch.log1p(-half_c) + torch.log(self.fg_positive_weight.clamp_min(1e-6))
             out = torch.cat([out[:, :-1], out[:, -1:] - shift.to(out.dtype)], dim=1)
         return out  # standard layout for the losses and clustering
 
 
 def _default_label_frequency(module: torch.nn.Module, state_dict: Mapping, prefix: str, *args) -> None:
-    """``load_state_dict`` pre-hook: a state dict without ``fg_label_frequency`` (bundle 0.1) loads with c = 1."""
-    key = prefix + "fg_label_frequency"
-    if key not in state_dict and any(k.startswith(prefix + "output_block.") for k in state_dict):
-        state_dict[key] = torch.ones(())  # type: ignore[index]
+    """``load_state_dict`` pre-hook: state dicts of bundle 0.1 lack ``fg_label_frequency`` (c = 1), those of 0.1 and
+    0.2 lack ``fg_positive_weight`` (w = 1, their heads were trained unweighted)."""
+    if any(k.startswith(prefix + "output_block.") for k in state_dict):
+        for name in ("fg_label_frequency", "fg_positive_weight"):
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.ones(())  # type: ignore[index]
 
 
 def _refuse_partial_state_dict(

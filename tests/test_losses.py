@@ -203,17 +203,22 @@ def ref_consistency(student, teacher, target, seed, dv=DV, t=T, eps=EPS, max_anc
     return torch.stack(vals).mean() if vals else student.sum() * 0
 
 
-def ref_foreground(logits, target):
-    # per image: annotated background -> BCE on labelled voxels; none -> positive-unlabeled, BCE on every voxel
+def ref_foreground(logits, target, positive_weight=10.0):
+    # per image: annotated background -> BCE on labelled voxels; none -> positive-unlabeled, BCE on every voxel with
+    # the annotated ones weighted positive_weight; the mean is over the voxels that count
     x, lab = _flat(logits, target)
-    xs, ys = [], []
+    xs, ys, ws = [], [], []
     for b in range(x.shape[0]):
-        known = lab[b] != 0 if (lab[b] == -1).any() else torch.ones_like(lab[b], dtype=torch.bool)
+        pu = not (lab[b] == -1).any()
+        known = torch.ones_like(lab[b], dtype=torch.bool) if pu else lab[b] != 0
+        y = (lab[b][known] > 0).to(x.dtype)
         xs.append(x[b, 0][known])
-        ys.append((lab[b][known] > 0).to(x.dtype))
+        ys.append(y)
+        ws.append(1 + (positive_weight - 1) * y if pu else torch.ones_like(y))
     if not sum(len(v) for v in xs):
         return logits.sum() * 0
-    return F.binary_cross_entropy_with_logits(torch.cat(xs), torch.cat(ys))
+    bce = F.binary_cross_entropy_with_logits(torch.cat(xs), torch.cat(ys), reduction="none")
+    return (torch.cat(ws) * bce).mean()
 
 
 def assert_close(actual, expected, rtol=RTOL, atol=ATOL):
@@ -400,12 +405,13 @@ def test_consistency_without_pool_is_zero_with_graph():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_foreground_matches_reference():
+@pytest.mark.parametrize("positive_weight", [1.0, 10.0])
+def test_foreground_matches_reference(positive_weight):
     _, target = make_case((9, 10), seed=4)
     target[1][target[1] == -1] = 0  # image 1 has no annotated background: positive-unlabeled, every voxel counts
     logits = torch.randn(2, 1, 9, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    value, grad = value_and_grad(lambda x: ForegroundLoss()(x, target), logits)
-    ref_value, ref_grad = value_and_grad(lambda x: ref_foreground(x, target), logits)
+    value, grad = value_and_grad(lambda x: ForegroundLoss(positive_weight)(x, target), logits)
+    ref_value, ref_grad = value_and_grad(lambda x: ref_foreground(x, target, positive_weight), logits)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
     # image 0 (annotated background): unlabeled voxels get no gradient; image 1: every voxel does
@@ -423,7 +429,22 @@ def test_foreground_positive_unlabeled_values():
         - math.log(torch.sigmoid(torch.tensor(2.0)).item())
         - math.log(torch.sigmoid(torch.tensor(-1.0)).item())
     ) / 4
-    assert ForegroundLoss()(logits[:, None, None], target[:, None, None]).item() == pytest.approx(expected)
+    loss = ForegroundLoss(positive_weight=1.0)
+    assert loss(logits[:, None, None], target[:, None, None]).item() == pytest.approx(expected)
+    # a positive weight of 3 counts the annotated voxels' terms three times
+    weighted = expected + 2 * (
+        -math.log(torch.sigmoid(torch.tensor(2.0)).item()) - math.log(torch.sigmoid(torch.tensor(-1.0)).item())
+    ) / 4
+    loss = ForegroundLoss(positive_weight=3.0)
+    assert loss(logits[:, None, None], target[:, None, None]).item() == pytest.approx(weighted)
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), float("inf")])
+def test_foreground_positive_weight_is_checked(bad):
+    with pytest.raises(ValueError, match="positive_weight"):
+        ForegroundLoss(bad)
+    with pytest.raises(ValueError, match="positive_weight"):
+        SpocoLoss(foreground_positive_weight=bad)
 
 
 def test_labelled_foreground_probability():
@@ -434,8 +455,10 @@ def test_labelled_foreground_probability():
     assert labelled_foreground_probability(logits, -target.abs())[1] == 0
 
 
-def test_positive_unlabeled_head_is_calibrated_by_label_frequency():
-    # Elkan & Noto: trained labelled-vs-unlabeled, g(x) -> c * P(fg | x); g / c then separates fg from bg.
+@pytest.mark.parametrize("positive_weight", [1.0, 10.0])
+def test_positive_unlabeled_head_is_calibrated_by_label_frequency(positive_weight):
+    # Elkan & Noto: trained labelled-vs-unlabeled, g(x) -> c * P(fg | x); g / c then separates fg from bg. With the
+    # annotated voxels weighted w the head's odds are w times g's, and the same holds after shifting by -log(w).
     # Pixels: background intensity 0, foreground intensity 1; 20 % of the foreground is annotated.
     gen = torch.Generator().manual_seed(0)
     n = 4000
@@ -446,16 +469,17 @@ def test_positive_unlabeled_head_is_calibrated_by_label_frequency():
     opt = torch.optim.Adam([w], lr=0.1)
     for _ in range(600):
         opt.zero_grad()
-        loss = ForegroundLoss()((w[0] * x + w[1])[None, None, None], labels[None, None, None])
+        loss = ForegroundLoss(positive_weight)((w[0] * x + w[1])[None, None, None], labels[None, None, None])
         loss.backward()
         opt.step()
     logits = (w[0] * x + w[1]).detach()
-    c, _ = labelled_foreground_probability(logits[None], labels[None])
+    c, _ = labelled_foreground_probability(logits[None], labels[None], positive_weight)
     assert c == pytest.approx(0.2, abs=0.03)
-    g = torch.sigmoid(logits)
+    g = torch.sigmoid(logits - math.log(positive_weight))
     assert g[fg].mean().item() == pytest.approx(0.2, abs=0.03)  # uncalibrated, every fg voxel looks like bg
     calibrated = g / c > 0.5
-    assert (calibrated == fg).double().mean().item() > 0.99
+    # (logistic in x is only approximately the form of c * P(fg | x), so the weighted fit is slightly worse)
+    assert (calibrated == fg).double().mean().item() > (0.99 if positive_weight == 1.0 else 0.97)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -83,15 +83,25 @@ def test_foreground_logit_calibrated_in_eval_mode_only():
     torch.testing.assert_close(out[:, :4], raw[:, :4])
     # sigmoid(out) > 1/2 exactly where sigmoid(raw) > c/2 = 0.1
     torch.testing.assert_close(out[:, 4], raw[:, 4] - math.log(0.1 / 0.9), rtol=1e-5, atol=1e-5)
+    # a head trained with annotated voxels weighted w has w times the odds: the shift also removes log(w)
+    net.fg_positive_weight.fill_(10.0)
+    out = net(x)
+    torch.testing.assert_close(out[:, 4], raw[:, 4] - math.log(0.1 / 0.9) - math.log(10.0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(net.train()(x), raw)
 
 
 def test_checkpoint_without_label_frequency_loads_with_c_1(tmp_path):
-    # model.pt files of bundle 0.1 have no fg_label_frequency buffer; everything else must still match strictly
+    # model.pt files of bundle 0.1 have neither buffer, those of 0.2 no fg_positive_weight (unweighted heads);
+    # everything else must still match strictly
     net = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16))
     state = net.state_dict()
-    del state["fg_label_frequency"]
+    del state["fg_positive_weight"]
     other = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16))
+    other.fg_positive_weight.fill_(10.0)
+    state["fg_label_frequency"] = torch.tensor(0.2)
+    other.load_state_dict(state, strict=True)
+    assert float(other.fg_positive_weight) == 1.0 and float(other.fg_label_frequency) == pytest.approx(0.2)
+    del state["fg_label_frequency"]
     other.fg_label_frequency.fill_(0.3)
     other.load_state_dict(state, strict=True)
     assert float(other.fg_label_frequency) == 1.0

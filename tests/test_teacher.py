@@ -105,7 +105,7 @@ def test_foreground_calibration_handler_tracks_label_frequency():
     # the handler averages sigmoid(fg logit) over annotated voxels of images without annotated background, as
     # measured by the loss in the iteration
     net = EmbeddingUNet(spatial_dims=2, embedding_dim=2, features=(8, 8, 8))
-    loss = SpocoLoss(embedding_dim=2)
+    loss = SpocoLoss(embedding_dim=2, foreground_positive_weight=4.0)
     label = torch.zeros(2, 1, 4, 4, dtype=torch.long)
     label[0, 0, :2] = 1  # image 0: 8 annotated voxels, no annotated background -> counts
     label[1, 0, 0] = -1  # image 1: annotated background -> left out, whatever its logits
@@ -115,7 +115,7 @@ def test_foreground_calibration_handler_tracks_label_frequency():
     def step(engine, _):
         pred = torch.full((2, 3, 4, 4), 7.0)
         p = probs[engine.state.iteration - 1]
-        pred[0, 2] = math.log(p / (1 - p))
+        pred[0, 2] = math.log(p / (1 - p)) + math.log(4.0)  # a head trained with weight 4 has 4 times the odds
         return {"loss": loss(pred, label).item()}
 
     engine = Engine(step)
@@ -128,6 +128,7 @@ def test_foreground_calibration_handler_tracks_label_frequency():
     # bias-corrected EMA with momentum 0.5: weights 1; 1, 2 (normalised); 1, 2, 4
     expected = [0.2, (0.2 + 2 * 0.4) / 3, (0.2 + 2 * 0.4 + 4 * 0.3) / 7]
     assert seen == [pytest.approx(v, rel=1e-6) for v in expected]
+    assert float(net.fg_positive_weight) == 4.0  # the loss's weight, for the network to undo at inference
 
 
 def test_training_time_limit_stops_and_anneals():

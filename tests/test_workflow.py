@@ -102,6 +102,7 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     net.load_state_dict(state, strict=True)  # the plain student state dict
     # background unlabeled: the foreground head trained positive-unlabeled and its label frequency was estimated
     assert 0.0 < float(state["fg_label_frequency"]) < 1.0
+    assert float(state["fg_positive_weight"]) == 10.0  # the loss's default, undone at inference
     resume = torch.load(models / "resume.pt", map_location="cpu", weights_only=True)
     assert {"model", "teacher", "optimizer", "trainer", "lr_scheduler"} <= set(resume)
     assert resume["trainer"]["iteration"] == 2 * resume["trainer"]["epoch_length"]  # 2 epochs
@@ -205,7 +206,8 @@ def test_train_2d_tiff_without_validation(tmp_path):
     )
     state = torch.load(tmp_path / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert state["input_block.conv1.conv.weight"].ndim == 4  # 2D convolutions
-    assert float(state["fg_label_frequency"]) == 1.0  # annotated background: supervised head, no calibration
+    # annotated background: supervised head, no calibration
+    assert float(state["fg_label_frequency"]) == 1.0 and float(state["fg_positive_weight"]) == 1.0
 
 
 def test_images_smaller_than_patch_are_padded(tmp_path):
