@@ -432,9 +432,12 @@ def test_foreground_positive_unlabeled_values():
     loss = ForegroundLoss(positive_weight=1.0)
     assert loss(logits[:, None, None], target[:, None, None]).item() == pytest.approx(expected)
     # a positive weight of 3 counts the annotated voxels' terms three times
-    weighted = expected + 2 * (
-        -math.log(torch.sigmoid(torch.tensor(2.0)).item()) - math.log(torch.sigmoid(torch.tensor(-1.0)).item())
-    ) / 4
+    weighted = (
+        expected
+        + 2
+        * (-math.log(torch.sigmoid(torch.tensor(2.0)).item()) - math.log(torch.sigmoid(torch.tensor(-1.0)).item()))
+        / 4
+    )
     loss = ForegroundLoss(positive_weight=3.0)
     assert loss(logits[:, None, None], target[:, None, None]).item() == pytest.approx(weighted)
 
