@@ -296,6 +296,33 @@ def collect(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def collect_scale(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Scale-robustness records (``scripts/benchmark_scale.py``) under ``out_dir``."""
+    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/*/scale_ratio_*.json"))]
+
+
+def _scale_lines(scale_records: Sequence[dict[str, Any]], ok: dict, dataset: str) -> list[str]:
+    lines = []
+    for rec in scale_records:
+        if rec.get("dataset") != dataset:
+            continue
+        run = ok.get((dataset, rec["split"], rec["method"], round(rec["ratio"], 4)))
+        # a scale check of an older checkpoint than the cached run's is stale: leave it out
+        if run is None or not rec.get("checkpoint_run") or run.get("info", {}).get("work_dir") != rec["checkpoint_run"]:
+            continue
+        lines += [
+            f"Scale robustness ({rec['method']}, {rec['ratio']:.0%} labelled, `scripts/benchmark_scale.py`): the "
+            f"{rec['n_test']} held-back images and their labels resampled by each factor (image linear, labels "
+            "nearest), segmented by the same model with the same settings:",
+            "",
+            "| scale | AP50 | mAP | SBD |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {r['scale']:g} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |" for r in rec["rows"]]
+        lines.append("")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------ docs
 
 
@@ -464,6 +491,7 @@ def write_docs(
     command: str,
     data_dir: str,
     skipped_datasets: dict[str, str] | None = None,
+    scale_records: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """
     Write the markdown report and its PNGs (``<docs dir>/images/benchmark_<dataset>*.png``) from run records.
@@ -477,6 +505,7 @@ def write_docs(
         command: the command line to state.
         data_dir: data folder to state.
         skipped_datasets: data set -> reason, for data sets that were not available.
+        scale_records: from :func:`collect_scale`.
     """
     docs_path = Path(docs_path)
     img_dir = docs_path.parent / "images"
@@ -616,6 +645,7 @@ def write_docs(
             if d == dataset:
                 digests.setdefault((sname, r), set()).add(rec.get("kept_digest"))
         inconsistent = [k for k, v in digests.items() if len(v) > 1]
+        lines += _scale_lines(scale_records, ok, dataset)
         lines.append(
             "Kept objects identical across methods (digest per split and ratio): "
             + ("yes." if not inconsistent else f"**no** for {inconsistent}.")
@@ -855,6 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command,
             os.path.relpath(args.data_dir, REPO_ROOT),
             skipped,
+            collect_scale(args.out_dir),
         )
         _log(f"[benchmark] wrote {path}")
     return 1 if failures else 0

@@ -29,7 +29,8 @@ from scripts.accuracy.common import (  # noqa: E402
     score,
     sparsify,
 )
-from scripts.benchmark_accuracy import collect, is_cached, run_one, write_docs  # noqa: E402
+from scripts.benchmark_accuracy import collect, collect_scale, is_cached, run_one, write_docs  # noqa: E402
+from scripts.benchmark_scale import rescale  # noqa: E402
 from spoco_bundle.transforms import SparseInstanceLabeld, load_transforms  # noqa: E402
 
 DATA_DIR = default_data_dir()
@@ -152,6 +153,15 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         with np.load(tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / f"ratio_{ratio:.2f}.npz") as data:
             pred = data[tiny[1].name]
         assert score([pred], [tiny[1].labels], 2)["ap50"] == pytest.approx(rec["metrics"]["ap50"])
+    # scale-robustness records: shown only for the checkpoint of the cached run, a stale one is left out
+    path = tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / "ratio_0.10.json"
+    rec = json.loads(path.read_text())
+    rec["info"]["work_dir"] = "/runs/current"
+    path.write_text(json.dumps(rec))
+    for work, ap in (("/runs/current", 0.625), ("/runs/older", 0.875)):
+        scale = {"dataset": "dsb2018", "split": "tiny", "method": "classical", "ratio": 0.1, "n_test": 1}
+        scale.update(checkpoint_run=work, rows=[{"scale": 0.5, "ap50": ap, "map": 0.25, "sbd": 0.5}])
+        (path.parent / f"scale_ratio_0.10{work[-3:]}.json").write_text(json.dumps(scale))
     records = collect(tmp_path / "runs")
     assert len(records) == 2
     doc = write_docs(
@@ -162,8 +172,10 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         [0.1, 1.0],
         "python scripts/benchmark_accuracy.py --test",
         "data",
+        scale_records=collect_scale(tmp_path / "runs"),
     )
     text = doc.read_text()
+    assert "| 0.5 | 0.625 | 0.250 | 0.500 |" in text and "0.875" not in text
     rec = json.loads((tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / "ratio_0.10.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith("| classical") and "| 10% |" in line)
     assert f"| {rec['metrics']['ap50']:.3f} | {rec['metrics']['map']:.3f} | {rec['metrics']['sbd']:.3f} |" in row
@@ -173,3 +185,18 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     for png in ("benchmark_dsb2018.png", "benchmark_dsb2018_examples.png"):
         assert (tmp_path / "docs" / "images" / png).stat().st_size > 10_000
     assert os.path.basename(str(doc)) == "benchmarks.md" and torch.__version__ in text
+
+
+def test_rescale_resamples_images_linearly_and_labels_nearest() -> None:
+    labels = np.zeros((40, 60), np.int32)
+    labels[10:20, 10:30] = 3
+    labels[25:35, 40:50] = 7
+    image = (labels > 0).astype(np.float32) + 0.25
+    for factor in (0.5, 2.0):
+        img, lab = rescale(image, labels, factor)
+        assert img.shape == lab.shape == (round(40 * factor), round(60 * factor))
+        assert set(np.unique(lab)) == {0, 3, 7}  # no interpolated ids
+        assert (lab == 3).sum() == pytest.approx(200 * factor**2, rel=0.15)
+        assert 0.25 <= img.min() and img.max() <= 1.25
+    same = rescale(image, labels, 1.0)
+    assert same[0] is image and same[1] is labels

@@ -31,7 +31,7 @@ import numpy as np
 from scripts.accuracy.common import REPO_ROOT, Result, Split, budget_clock
 from spoco_bundle.io import read_image, split_image_suffix
 
-__all__ = ["VARIANTS", "SETTINGS", "fit_predict", "available"]
+__all__ = ["VARIANTS", "SETTINGS", "fit_predict", "predict", "available"]
 
 VARIANTS = {
     "full": {},
@@ -91,13 +91,9 @@ def fit_predict(
     threads = threads or int(os.environ.get("SPOCO_BENCH_THREADS", "2"))
     settings = SETTINGS[split.spatial_dims]
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"spoco_{split.dataset}_{variant}_"))
-    (work / "test").mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     datalist = {"training": [{"image": i.path, "label": i.label_path} for i in split.train], "validation": []}
     (work / "dataset.json").write_text(json.dumps(datalist, indent=1))
-    for item in split.test:  # the inference config segments every image of a folder
-        link = work / "test" / os.path.basename(item.path)
-        if not link.exists():
-            link.symlink_to(item.path)
     device_expr = f"$torch.device('{device}')"
     py = sys.executable
     common = {
@@ -139,39 +135,9 @@ def fit_predict(
     found = _ITERATIONS.findall(log)
     iterations = int(found[-1]) if found else -1
 
-    infer = dict(
-        common,
-        dataset_dir=str(work / "test"),
-        output_dir=str(work / "pred"),
-        ckpt_path=str(work / "models" / "model.pt"),
-        background="head",
-        min_size=settings["min_size"],
-        output_ext=".tif",
-    )
-    args = [
-        py,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "configs/inference.json",
-        "--meta_file",
-        "configs/metadata.json",
-        "--logging_file",
-        "configs/logging.conf",
-    ]
-    args += [x for k, v in infer.items() for x in (f"--{k}", _cli_value(v))]
     t0 = time.perf_counter()
-    _run(args, work / "inference.log", threads)
+    predictions = predict(work / "models" / "model.pt", split, work, device=device, threads=threads)
     infer_wall = time.perf_counter() - t0
-    predictions = []
-    for item in split.test:
-        stem = split_image_suffix(os.path.basename(item.path))[0]
-        pred, _ = read_image(work / "pred" / f"{stem}_instances.tif")
-        pred = np.asarray(pred)
-        if pred.shape != item.labels.shape:
-            raise RuntimeError(f"prediction for {item.path} has shape {pred.shape}, labels {item.labels.shape}")
-        predictions.append(pred.astype(np.int32))
     info = {
         "variant": variant,
         "train_cpu_s": round(train_cpu, 1),
@@ -183,6 +149,65 @@ def fit_predict(
         "min_size": settings["min_size"],
     }
     return Result(predictions=predictions, train_seconds=train_wall, iterations=iterations, info=info)
+
+
+def predict(
+    ckpt_path: str | os.PathLike,
+    split: Split,
+    work_dir: str | os.PathLike,
+    items: list | None = None,
+    device: str = "cpu",
+    threads: int = 2,
+    tag: str = "",
+) -> list[np.ndarray]:
+    """Segment ``items`` (default: the split's test items; objects with ``path`` and ``labels`` attributes) with
+    ``configs/inference.json`` and the checkpoint, as a user does (``--background head``); returns int32 labels.
+
+    Inputs are linked into ``<work_dir>/test<tag>``, predictions go to ``<work_dir>/pred<tag>``.
+    """
+    items = split.test if items is None else items
+    settings = SETTINGS[split.spatial_dims]
+    work = Path(work_dir)
+    (work / f"test{tag}").mkdir(parents=True, exist_ok=True)
+    for item in items:  # the inference config segments every image of a folder
+        link = work / f"test{tag}" / os.path.basename(item.path)
+        if not link.exists():
+            link.symlink_to(os.path.abspath(item.path))
+    infer = {
+        "bundle_root": str(REPO_ROOT),
+        "device": f"$torch.device('{device}')",
+        "spatial_dims": split.spatial_dims,
+        "patch_size": settings["patch_size"],
+        "dataset_dir": str(work / f"test{tag}"),
+        "output_dir": str(work / f"pred{tag}"),
+        "ckpt_path": str(ckpt_path),
+        "background": "head",
+        "min_size": settings["min_size"],
+        "output_ext": ".tif",
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--meta_file",
+        "configs/metadata.json",
+        "--logging_file",
+        "configs/logging.conf",
+    ]
+    args += [x for k, v in infer.items() for x in (f"--{k}", _cli_value(v))]
+    _run(args, work / f"inference{tag}.log", threads)
+    predictions = []
+    for item in items:
+        stem = split_image_suffix(os.path.basename(item.path))[0]
+        pred, _ = read_image(work / f"pred{tag}" / f"{stem}_instances.tif")
+        pred = np.asarray(pred)
+        if pred.shape != item.labels.shape:
+            raise RuntimeError(f"prediction for {item.path} has shape {pred.shape}, labels {item.labels.shape}")
+        predictions.append(pred.astype(np.int32))
+    return predictions
 
 
 def _children_cpu() -> float:

@@ -1,0 +1,117 @@
+"""
+Scale robustness of a trained SPOCO model from the accuracy benchmark: the held-back 2D images (and their dense
+labels) are resampled by each factor in ``--scales`` (users' images come at other magnifications), segmented with
+the bundle's inference config as a user runs it, and scored against the resampled labels.
+
+    .venv/bin/python scripts/benchmark_scale.py [--dataset dsb2018] [--ratio 0.1] [--scales 0.5,0.75,1,1.5,2]
+        [--method spoco] [--out_dir eval/benchmark] [--threads 2] [--max_test N]
+
+It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
+its work folder) and writes ``scale_ratio_<r>.json`` beside it; ``scripts/benchmark_accuracy.py --no_run`` puts the
+table into ``docs/benchmarks.md``. Images: linear interpolation (``scipy.ndimage.zoom`` order 1), labels: nearest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.accuracy.common import default_data_dir, load_benchmark, score  # noqa: E402
+from scripts.accuracy.spoco_runner import predict  # noqa: E402
+
+
+@dataclass
+class _Scaled:
+    path: str
+    labels: np.ndarray
+
+
+def rescale(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resample an image (linear) and its labels (nearest) by ``factor`` along every axis."""
+    if factor == 1.0:
+        return image, labels
+    img = ndimage.zoom(image.astype(np.float32), factor, order=1)
+    lab = ndimage.zoom(labels, factor, order=0)
+    return img, lab
+
+
+def scale_check(args: argparse.Namespace) -> Path:
+    (split,) = [s for s in load_benchmark(args.dataset, args.data_dir) if args.split in (None, s.name)][:1]
+    run_dir = Path(args.out_dir) / args.dataset / split.name / args.method
+    run = json.loads((run_dir / f"ratio_{args.ratio:.2f}.json").read_text())
+    ckpt = Path(run["info"]["work_dir"]) / "models" / "model.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt} (from {run_dir / f'ratio_{args.ratio:.2f}.json'}) is gone; rerun that run.")
+    test = split.test[: args.max_test] if args.max_test else split.test
+    work = Path(tempfile.mkdtemp(prefix=f"spoco_scale_{args.dataset}_"))
+    rows = []
+    for factor in args.scales:
+        items = []
+        for item in test:
+            img, lab = rescale(item.image, item.labels, factor)
+            path = work / f"in_{factor:g}" / f"{item.name}.tif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_image(img, path)
+            items.append(_Scaled(str(path), lab))
+        t0 = time.perf_counter()
+        preds = predict(ckpt, split, work, items=items, threads=args.threads, tag=f"_{factor:g}")
+        scores = score(preds, [i.labels for i in items], split.spatial_dims)
+        rows.append({"scale": factor, "inference_s": round(time.perf_counter() - t0, 1), **scores})
+        print(f"[scale] {args.dataset} {args.method} ratio {args.ratio:g} scale {factor:g}: AP50 {scores['ap50']:.3f}")
+    out = run_dir / f"scale_ratio_{args.ratio:.2f}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "dataset": args.dataset,
+                "split": split.name,
+                "method": args.method,
+                "ratio": args.ratio,
+                "checkpoint_run": run.get("info", {}).get("work_dir"),
+                "n_test": len(test),
+                "rows": rows,
+            },
+            indent=1,
+            default=float,
+        )
+    )
+    return out
+
+
+def _write_image(image: np.ndarray, path: Path) -> None:
+    import tifffile
+
+    tifffile.imwrite(path, image.astype(np.float32))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=str(default_data_dir()))
+    p.add_argument("--dataset", default="dsb2018", choices=("dsb2018",))
+    p.add_argument("--split", default=None)
+    p.add_argument("--method", default="spoco")
+    p.add_argument("--ratio", type=float, default=0.1)
+    p.add_argument("--scales", default="0.5,0.75,1,1.5,2")
+    p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "benchmark"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max_test", type=int, default=None)
+    args = p.parse_args(argv)
+    args.scales = [float(s) for s in args.scales.split(",") if s.strip()]
+    if any(s <= 0 for s in args.scales):
+        p.error(f"scales must be positive, got {args.scales}")
+    return args
+
+
+if __name__ == "__main__":
+    print(scale_check(parse_args()))
