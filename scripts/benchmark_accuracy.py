@@ -5,7 +5,7 @@ labels of real microscopy data, scored on held-back images; regenerates ``docs/b
     .venv/bin/python scripts/benchmark_accuracy.py [--data_dir ../shared/data] [--datasets dsb2018,gonuclear]
         [--ratios 0.1,0.4,1.0] [--methods spoco,...,stardist,classical] [--budget_s 600] [--clock wall|cpu]
         [--threads 2] [--seed 0] [--device cpu|cuda] [--out_dir eval/benchmark] [--docs docs/benchmarks.md]
-        [--force] [--no_run] [--max_train N --max_test N]
+        [--splits 1135to1136] [--force] [--no_run] [--max_train N --max_test N]
 
 - Every (data set, split, method, ratio) is one run in its own subprocess (thread settings, memory, TensorFlow
   kept apart from torch). Its result is cached as ``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` with the
@@ -701,6 +701,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="clock of the budget")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per run (torch, OpenMP, TensorFlow)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--splits", default="", help="run only these splits, e.g. 1135to1136 (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (SPOCO; StarDist and classical run on CPU)")
     p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "benchmark"))
     p.add_argument("--docs", default=str(REPO_ROOT / "docs" / "benchmarks.md"), help="markdown to write ('' = none)")
@@ -713,6 +714,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.datasets = _csv(args.datasets)
     args.methods = _csv(args.methods)
+    args.splits = _csv(args.splits)
     args.ratios = [float(r) for r in _csv(args.ratios)]
     for d in args.datasets:
         if d not in DATASETS:
@@ -794,6 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = {**os.environ, **_thread_env(args)}
         for dataset, dsplits in splits.items():
             for split in dsplits:
+                if args.splits and split.name not in args.splits:
+                    continue
                 for method in args.methods:
                     for ratio in args.ratios:
                         path = run_path(args.out_dir, dataset, split.name, method, ratio)
