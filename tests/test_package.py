@@ -67,8 +67,9 @@ def _network(seed: int) -> torch.nn.Module:
 def _trained_network(
     image: np.ndarray, labels: np.ndarray, min_objects: int = 4, max_iterations: int = 150
 ) -> torch.nn.Module:
-    """Full-volume SPOCO steps until clustering finds ``min_objects`` objects (a random network gives one smooth
-    blob), so that comparing two inference runs compares a real segmentation; checked every 10 iterations."""
+    """Full-volume SPOCO steps until clustering with the inference defaults (background removed by the foreground
+    head) finds ``min_objects`` objects (a random network gives one smooth blob or nothing), so that comparing two
+    inference runs compares a real segmentation; checked every 10 iterations."""
     net = _network(0)
     loss_fn = SpocoLoss(embedding_dim=16)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -83,8 +84,9 @@ def _trained_network(
         opt.step()
         if it % 10 == 0:
             with torch.no_grad():
-                emb = net.eval()(x)[0, :16].numpy()
-            found = int(cluster_embeddings(emb, method="fast", background="largest", min_size=16).max())
+                out = net.eval()(x)[0].numpy()
+            seg = cluster_embeddings(out[:16], method="fast", fg_mask=out[16] > 0, background="none", min_size=16)
+            found = int(seg.max())
             if found >= min_objects:
                 print(f"trained for {it} iterations: {found} objects")
                 return net
