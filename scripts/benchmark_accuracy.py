@@ -530,7 +530,7 @@ def write_docs(
         "```bash",
         "bash scripts/setup_benchmark.sh   # .venv (project) + .venv-bench (StarDist, TensorFlow CPU)",
         ".venv/bin/python scripts/benchmark_accuracy.py --datasets dsb2018,gonuclear --ratios 0.1,0.4,1.0 \\",
-        "    --methods " + ",".join(METHODS) + " --budget_s 600",
+        "    --methods " + ",".join(METHODS) + " --budget_s 900 --clock cpu --threads 1",
         "```",
         "",
         "## Set-up",
@@ -586,8 +586,11 @@ def write_docs(
         )
     lines += [
         "- **Methods**:",
-        "  - SPOCO: `scripts/accuracy/spoco_runner.py` (variants: full loss; without the consistency term; without "
-        "the unlabeled push; without the instance (Dice) term).",
+        "  - SPOCO: `scripts/accuracy/spoco_runner.py`: `monai.bundle run training` with `configs/train.json` "
+        "(bundle defaults; background not annotated, so the foreground head is trained positive-unlabeled), then "
+        "`configs/inference.json` with `--background head` (variants: full loss; without the consistency term; "
+        "without the unlabeled push; without the instance (Dice) term). Bundle version and settings of each run "
+        "are in its cached JSON.",
         "  - StarDist: `scripts/accuracy/stardist_peer.py`, stardist 0.9.2 on TensorFlow 2.15 CPU in `.venv-bench`, "
         "trained from scratch on the sparse labels (2D: 32 rays, grid 2, patch 128, batch 4; 3D: 96 rays, "
         "anisotropic, patch 48x96x96, batch 2), probability/NMS thresholds optimised on training images only.",
