@@ -589,7 +589,7 @@ def write_docs(
         "  - SPOCO: `scripts/accuracy/spoco_runner.py`: `monai.bundle run training` with `configs/train.json` "
         "(bundle defaults; background not annotated, so the foreground head is trained positive-unlabeled), then "
         "`configs/inference.json` with `--background head` (variants: full loss; without the consistency term; "
-        "without the unlabeled push; without the instance (Dice) term). Bundle version and settings of each run "
+        "without the unlabeled push; without the instance (Dice) term). The git commit and settings of each run "
         "are in its cached JSON.",
         "  - StarDist: `scripts/accuracy/stardist_peer.py`, stardist 0.9.2 on TensorFlow 2.15 CPU in `.venv-bench`, "
         "trained from scratch on the sparse labels (2D: 32 rays, grid 2, patch 128, batch 4; 3D: 96 rays, "
