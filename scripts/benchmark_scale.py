@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from scipy import ndimage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +49,20 @@ def rescale(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.nd
 
 
 def scale_check(args: argparse.Namespace) -> Path:
-    (split,) = [s for s in load_benchmark(args.dataset, args.data_dir) if args.split in (None, s.name)][:1]
+    splits = [s for s in load_benchmark(args.dataset, args.data_dir) if args.split in (None, s.name)]
+    if not splits:
+        raise SystemExit(f"{args.dataset} has no split {args.split!r}.")
+    split = splits[0]
     run_dir = Path(args.out_dir) / args.dataset / split.name / args.method
-    run = json.loads((run_dir / f"ratio_{args.ratio:.2f}.json").read_text())
-    ckpt = Path(run["info"]["work_dir"]) / "models" / "model.pt"
+    record = run_dir / f"ratio_{args.ratio:.2f}.json"
+    if not record.is_file():
+        raise SystemExit(
+            f"{record} not found: run scripts/benchmark_accuracy.py for {args.method} at {args.ratio:g} first."
+        )
+    run = json.loads(record.read_text())
+    ckpt = Path(run.get("info", {}).get("work_dir", "")) / "models" / "model.pt"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"{ckpt} (from {run_dir / f'ratio_{args.ratio:.2f}.json'}) is gone; rerun that run.")
+        raise SystemExit(f"{ckpt} (the checkpoint of {record}) is gone; rerun that run with --force.")
     test = split.test[: args.max_test] if args.max_test else split.test
     work = Path(tempfile.mkdtemp(prefix=f"spoco_scale_{args.dataset}_"))
     rows = []
@@ -90,8 +99,6 @@ def scale_check(args: argparse.Namespace) -> Path:
 
 
 def _write_image(image: np.ndarray, path: Path) -> None:
-    import tifffile
-
     tifffile.imwrite(path, image.astype(np.float32))
 
 
