@@ -94,16 +94,8 @@ def fit_predict(
     work.mkdir(parents=True, exist_ok=True)
     datalist = {"training": [{"image": i.path, "label": i.label_path} for i in split.train], "validation": []}
     (work / "dataset.json").write_text(json.dumps(datalist, indent=1))
-    device_expr = f"$torch.device('{device}')"
-    py = sys.executable
-    common = {
-        "bundle_root": str(REPO_ROOT),
-        "device": device_expr,
-        "spatial_dims": split.spatial_dims,
-        "patch_size": settings["patch_size"],
-    }
     train = dict(
-        common,
+        _common(split, device),
         dataset_dir=str(work),
         ckpt_dir=str(work / "models"),
         output_dir=str(work / "runs"),
@@ -115,22 +107,8 @@ def fit_predict(
         **VARIANTS[variant],
         **overrides,
     )
-    args = [
-        py,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "configs/train.json",
-        "--meta_file",
-        "configs/metadata.json",
-        "--logging_file",
-        "configs/logging.conf",
-    ]
-    args += [x for k, v in train.items() for x in (f"--{k}", _cli_value(v))]
     t0, c0 = time.perf_counter(), _children_cpu()
-    log = _run(args, work / "train.log", threads)
+    log = _bundle_run("configs/train.json", train, work / "train.log", threads, run_id="training")
     train_wall, train_cpu = time.perf_counter() - t0, _children_cpu() - c0
     found = _ITERATIONS.findall(log)
     iterations = int(found[-1]) if found else -1
@@ -149,6 +127,24 @@ def fit_predict(
         "min_size": settings["min_size"],
     }
     return Result(predictions=predictions, train_seconds=train_wall, iterations=iterations, info=info)
+
+
+def _common(split: Split, device: str) -> dict:
+    """Config ids shared by training and inference."""
+    return {
+        "bundle_root": str(REPO_ROOT),
+        "device": f"$torch.device('{device}')",
+        "spatial_dims": split.spatial_dims,
+        "patch_size": SETTINGS[split.spatial_dims]["patch_size"],
+    }
+
+
+def _bundle_run(config: str, ids: dict, log_path: Path, threads: int, run_id: str | None = None) -> str:
+    """``python -m monai.bundle run [run_id]`` with ``config`` and the repository's metadata/logging, ids as flags."""
+    args = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else [])
+    args += ["--config_file", config, "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf"]
+    args += [x for k, v in ids.items() for x in (f"--{k}", _cli_value(v))]
+    return _run(args, log_path, threads)
 
 
 def predict(
@@ -173,32 +169,16 @@ def predict(
         link = work / f"test{tag}" / os.path.basename(item.path)
         if not link.exists():
             link.symlink_to(os.path.abspath(item.path))
-    infer = {
-        "bundle_root": str(REPO_ROOT),
-        "device": f"$torch.device('{device}')",
-        "spatial_dims": split.spatial_dims,
-        "patch_size": settings["patch_size"],
-        "dataset_dir": str(work / f"test{tag}"),
-        "output_dir": str(work / f"pred{tag}"),
-        "ckpt_path": str(ckpt_path),
-        "background": "head",
-        "min_size": settings["min_size"],
-        "output_ext": ".tif",
-    }
-    args = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "configs/inference.json",
-        "--meta_file",
-        "configs/metadata.json",
-        "--logging_file",
-        "configs/logging.conf",
-    ]
-    args += [x for k, v in infer.items() for x in (f"--{k}", _cli_value(v))]
-    _run(args, work / f"inference{tag}.log", threads)
+    infer = dict(
+        _common(split, device),
+        dataset_dir=str(work / f"test{tag}"),
+        output_dir=str(work / f"pred{tag}"),
+        ckpt_path=str(ckpt_path),
+        background="head",
+        min_size=settings["min_size"],
+        output_ext=".tif",
+    )
+    _bundle_run("configs/inference.json", infer, work / f"inference{tag}.log", threads)
     predictions = []
     for item in items:
         stem = split_image_suffix(os.path.basename(item.path))[0]
