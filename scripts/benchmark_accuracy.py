@@ -301,15 +301,27 @@ def collect_scale(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/*/scale_ratio_*.json"))]
 
 
-def _scale_lines(scale_records: Sequence[dict[str, Any]], ok: dict, dataset: str) -> list[str]:
-    lines = []
-    for rec in scale_records:
+def collect_foreground(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Error-breakdown records (``scripts/benchmark_foreground.py``) under ``out_dir``."""
+    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/*/foreground_ratio_*.json"))]
+
+
+def _current(records: Sequence[dict[str, Any]], ok: dict, dataset: str) -> list[dict[str, Any]]:
+    """The records of ``dataset`` made with the checkpoint of the cached run (one of an older checkpoint is stale)."""
+    out = []
+    for rec in records:
         if rec.get("dataset") != dataset:
             continue
         run = ok.get((dataset, rec["split"], rec["method"], round(rec["ratio"], 4)))
-        # a scale check of an older checkpoint than the cached run's is stale: leave it out
-        if run is None or not rec.get("checkpoint_run") or run.get("info", {}).get("work_dir") != rec["checkpoint_run"]:
-            continue
+        current = run is not None and run.get("info", {}).get("work_dir") == rec.get("checkpoint_run")
+        if current and rec.get("checkpoint_run"):
+            out.append(rec)
+    return out
+
+
+def _scale_lines(scale_records: Sequence[dict[str, Any]], ok: dict, dataset: str) -> list[str]:
+    lines = []
+    for rec in _current(scale_records, ok, dataset):
         lines += [
             f"Scale robustness ({rec['method']}, {rec['ratio']:.0%} labelled, `scripts/benchmark_scale.py`): the "
             f"{rec['n_test']} held-back images and their labels resampled by each factor (image linear, labels "
@@ -319,6 +331,26 @@ def _scale_lines(scale_records: Sequence[dict[str, Any]], ok: dict, dataset: str
             "|---|---|---|---|",
         ]
         lines += [f"| {r['scale']:g} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |" for r in rec["rows"]]
+        lines.append("")
+    return lines
+
+
+def _foreground_lines(fg_records: Sequence[dict[str, Any]], ok: dict, dataset: str) -> list[str]:
+    lines = []
+    for rec in _current(fg_records, ok, dataset):
+        px = rec["pixel"]
+        lines += [
+            f"Error breakdown ({rec['method']}, {rec['split']}, {rec['ratio']:.0%} labelled, "
+            f"`scripts/benchmark_foreground.py`): the same model's embeddings clustered with other foreground masks "
+            f"on the {rec['n_test']} held-back images. The head's pixels against the true foreground: precision "
+            f"{px['precision']:.2f}, recall {px['recall']:.2f}, predicted / true area {px['area_ratio']:.2f}.",
+            "",
+            "| foreground mask | AP50 | mAP | SBD |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {r['description']} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |" for r in rec["masks"]]
+        lines += ["", "| head threshold | AP50 | mAP |", "|---|---|---|"]
+        lines += [f"| {r['threshold']:g} | {r['ap50']:.3f} | {r['map']:.3f} |" for r in rec["thresholds"]]
         lines.append("")
     return lines
 
@@ -492,6 +524,7 @@ def write_docs(
     data_dir: str,
     skipped_datasets: dict[str, str] | None = None,
     scale_records: Sequence[dict[str, Any]] = (),
+    foreground_records: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """
     Write the markdown report and its PNGs (``<docs dir>/images/benchmark_<dataset>*.png``) from run records.
@@ -506,6 +539,7 @@ def write_docs(
         data_dir: data folder to state.
         skipped_datasets: data set -> reason, for data sets that were not available.
         scale_records: from :func:`collect_scale`.
+        foreground_records: from :func:`collect_foreground`.
     """
     docs_path = Path(docs_path)
     img_dir = docs_path.parent / "images"
@@ -649,6 +683,7 @@ def write_docs(
                 digests.setdefault((sname, r), set()).add(rec.get("kept_digest"))
         inconsistent = [k for k, v in digests.items() if len(v) > 1]
         lines += _scale_lines(scale_records, ok, dataset)
+        lines += _foreground_lines(foreground_records, ok, dataset)
         lines.append(
             "Kept objects identical across methods (digest per split and ratio): "
             + ("yes." if not inconsistent else f"**no** for {inconsistent}.")
@@ -893,6 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.path.relpath(args.data_dir, REPO_ROOT),
             skipped,
             collect_scale(args.out_dir),
+            collect_foreground(args.out_dir),
         )
         _log(f"[benchmark] wrote {path}")
     return 1 if failures else 0

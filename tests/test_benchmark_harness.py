@@ -29,9 +29,17 @@ from scripts.accuracy.common import (  # noqa: E402
     score,
     sparsify,
 )
-from scripts.benchmark_accuracy import collect, collect_scale, is_cached, run_one, write_docs  # noqa: E402
+from scripts.benchmark_accuracy import (  # noqa: E402
+    collect,
+    collect_foreground,
+    collect_scale,
+    is_cached,
+    run_one,
+    write_docs,
+)
+from scripts.benchmark_foreground import foreground_breakdown  # noqa: E402
 from scripts.benchmark_scale import rescale  # noqa: E402
-from spoco_bundle.transforms import SparseInstanceLabeld, load_transforms  # noqa: E402
+from spoco_bundle.transforms import ClusterEmbeddings, SparseInstanceLabeld, load_transforms  # noqa: E402
 
 DATA_DIR = default_data_dir()
 
@@ -162,6 +170,10 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         scale = {"dataset": "dsb2018", "split": "tiny", "method": "classical", "ratio": 0.1, "n_test": 1}
         scale.update(checkpoint_run=work, rows=[{"scale": 0.5, "ap50": ap, "map": 0.25, "sbd": 0.5}])
         (path.parent / f"scale_ratio_0.10{work[-3:]}.json").write_text(json.dumps(scale))
+        fg = dict(scale, pixel={"precision": 0.61, "recall": 0.97, "area_ratio": 1.6})
+        fg.update(masks=[{"mask": "truth", "description": "truth (oracle)", "ap50": ap, "map": 0.5, "sbd": 0.75}])
+        fg.update(thresholds=[{"threshold": 0.5, "ap50": ap / 2, "map": 0.125}])
+        (path.parent / f"foreground_ratio_0.10{work[-3:]}.json").write_text(json.dumps(fg))
     records = collect(tmp_path / "runs")
     assert len(records) == 2
     doc = write_docs(
@@ -173,9 +185,12 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         "python scripts/benchmark_accuracy.py --test",
         "data",
         scale_records=collect_scale(tmp_path / "runs"),
+        foreground_records=collect_foreground(tmp_path / "runs"),
     )
     text = doc.read_text()
     assert "| 0.5 | 0.625 | 0.250 | 0.500 |" in text and "0.875" not in text
+    assert "| truth (oracle) | 0.625 | 0.500 | 0.750 |" in text and "| 0.5 | 0.312 | 0.125 |" in text
+    assert "precision 0.61, recall 0.97, predicted / true area 1.60" in text and "0.438" not in text
     rec = json.loads((tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / "ratio_0.10.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith("| classical") and "| 10% |" in line)
     assert f"| {rec['metrics']['ap50']:.3f} | {rec['metrics']['map']:.3f} | {rec['metrics']['sbd']:.3f} |" in row
@@ -200,3 +215,28 @@ def test_rescale_resamples_images_linearly_and_labels_nearest() -> None:
         assert 0.25 <= img.min() and img.max() <= 1.25
     same = rescale(image, labels, 1.0)
     assert same[0] is image and same[1] is labels
+
+
+def test_foreground_breakdown_separates_head_halos_from_embedding_errors() -> None:
+    # three 10x10 objects with distinct embeddings; the head also fires on a 3-pixel halo (background embedding)
+    labels = np.zeros((64, 64), np.int32)
+    for k, (y, x) in enumerate(((8, 8), (8, 40), (40, 24)), start=1):
+        labels[y : y + 10, x : x + 10] = k
+    emb = np.zeros((16, 64, 64), np.float32)
+    for k in (1, 2, 3):
+        emb[k - 1][labels == k] = 4.0  # means 4 sqrt(2) apart: beyond the push margin 2 delta_d
+    halo = ndimage.binary_dilation(labels > 0, iterations=3) & (labels == 0)
+    logit = np.where(labels > 0, 5.0, np.where(halo, 1.0, -5.0)).astype(np.float32)  # halo: probability 0.73
+    out = np.concatenate([emb, logit[None]])
+    res = foreground_breakdown([out], [labels], 2, thresholds=(0.5, 0.8))
+    ap = {r["mask"]: r["ap50"] for r in res["masks"]}
+    # each halo ring is its own cluster: 3 true + 3 false objects
+    assert ap == {"head": 0.5, "head_and_truth": 1.0, "head_or_truth": 0.5, "truth": 1.0}
+    assert {r["threshold"]: r["ap50"] for r in res["thresholds"]} == {0.5: 0.5, 0.8: 1.0}
+    n_true, n_head = int((labels > 0).sum()), int((labels > 0).sum() + halo.sum())
+    assert res["pixel"] == pytest.approx({"precision": n_true / n_head, "recall": 1.0, "area_ratio": n_head / n_true})
+    # the default mask is clustered exactly as the bundle's post-processing does it
+    bundle = ClusterEmbeddings(method="fast", embedding_dim=16, background="head", min_size=16)(torch.from_numpy(out))
+    assert score([np.asarray(bundle)[0]], [labels], 2)["ap50"] == ap["head"]
+    with pytest.raises(ValueError, match="does not match labels"):
+        foreground_breakdown([out[:, :32]], [labels], 2)

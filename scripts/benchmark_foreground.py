@@ -1,0 +1,200 @@
+"""
+Error breakdown of a trained SPOCO model from the accuracy benchmark: how much of the gap to the targets is the
+foreground head's, how much the embeddings'. The held-back images are run through the bundle's inference config
+(network, preprocessing, sliding-window inferer, as a user runs it) once; the raw output (embeddings + foreground
+logit) is then clustered exactly like ``ClusterEmbeddingsd`` does (``fast``, ``min_size`` of the benchmark), with
+the foreground mask taken from
+
+- the head (the bundle's default, threshold 0.5 on the calibrated probability), and other head thresholds;
+- the head with the false-positive pixels removed (head AND truth): what a head without halos/false blobs would give;
+- the head with the missed pixels added (head OR truth);
+- the true foreground (oracle): what the embeddings alone can separate.
+
+Also the head's pixel precision / recall against the true foreground (pooled over images) and the ratio of
+predicted to true foreground area.
+
+    .venv/bin/python scripts/benchmark_foreground.py [--dataset dsb2018] [--ratio 0.1] [--method spoco]
+        [--split NAME] [--thresholds 0.2,0.35,0.5,0.65,0.8] [--out_dir eval/benchmark] [--threads 2]
+
+It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
+its work folder) and writes ``foreground_ratio_<r>.json`` beside it; ``scripts/benchmark_accuracy.py --no_run`` puts
+the table into ``docs/benchmarks.md`` (records of an older checkpoint than the cached run's are left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.accuracy.common import default_data_dir, load_benchmark, score  # noqa: E402
+from scripts.accuracy.spoco_runner import SETTINGS  # noqa: E402
+from spoco_bundle.clustering import cluster_fast  # noqa: E402
+
+DEFAULT_THRESHOLD = 0.5
+MASKS = {
+    "head": "head (default)",
+    "head_and_truth": "head AND truth (false-positive pixels removed)",
+    "head_or_truth": "head OR truth (missed pixels added)",
+    "truth": "truth (oracle foreground)",
+}
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1.0 - p)))
+
+
+def foreground_breakdown(
+    outputs: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    spatial_dims: int,
+    embedding_dim: int = 16,
+    min_size: int = 16,
+    thresholds: Sequence[float] = (DEFAULT_THRESHOLD,),
+    delta_v: float = 0.5,
+    delta_d: float = 2.0,
+) -> dict:
+    """
+    Score the clustering of raw network outputs under different foreground masks.
+
+    Args:
+        outputs: per image the network output ``(E + 1, *S)``: embeddings, then the calibrated foreground logit.
+        labels: per image the dense instance labels ``S`` (0 = background).
+        spatial_dims: 2 or 3 (selects the metrics, as in the benchmark).
+        embedding_dim: E.
+        min_size: ``min_size`` of the clustering.
+        thresholds: head probability thresholds to sweep (the default mask uses 0.5).
+
+    Returns:
+        ``{"masks": [{"mask", "description", **scores}], "thresholds": [{"threshold", **scores}],
+        "pixel": {"precision", "recall", "area_ratio"}}`` with the benchmark's pooled scores.
+    """
+    if len(outputs) != len(labels) or not outputs:
+        raise ValueError(f"need one output per label image, got {len(outputs)} outputs and {len(labels)} labels.")
+    preds: dict[str, list[np.ndarray]] = {k: [] for k in MASKS}
+    swept: dict[float, list[np.ndarray]] = {t: [] for t in thresholds}
+    tp = n_pred = n_true = 0
+    for out, lab in zip(outputs, labels):
+        if out.shape != (embedding_dim + 1,) + lab.shape:
+            raise ValueError(f"output shape {out.shape} does not match labels {lab.shape} with E={embedding_dim}.")
+        emb, logit, truth = out[:embedding_dim], out[embedding_dim], lab > 0
+        head = logit > _logit(DEFAULT_THRESHOLD)
+        tp += int((head & truth).sum())
+        n_pred += int(head.sum())
+        n_true += int(truth.sum())
+
+        def seg(mask: np.ndarray) -> np.ndarray:
+            return cluster_fast(emb, delta_v, delta_d, min_size=min_size, fg_mask=mask, background="none")
+
+        for key, mask in (("head", head), ("head_and_truth", head & truth), ("head_or_truth", head | truth)):
+            preds[key].append(seg(mask))
+        preds["truth"].append(seg(truth))
+        for t in thresholds:
+            swept[t].append(preds["head"][-1] if t == DEFAULT_THRESHOLD else seg(logit > _logit(t)))
+    labels = list(labels)
+    return {
+        "masks": [{"mask": k, "description": MASKS[k], **score(p, labels, spatial_dims)} for k, p in preds.items()],
+        "thresholds": [{"threshold": t, **score(p, labels, spatial_dims)} for t, p in swept.items()],
+        "pixel": {
+            "precision": tp / max(n_pred, 1),
+            "recall": tp / max(n_true, 1),
+            "area_ratio": n_pred / max(n_true, 1),
+        },
+    }
+
+
+def network_outputs(ckpt: Path, split, items, device: str = "cpu") -> list[np.ndarray]:
+    """Raw outputs ``(E + 1, *S)`` of the checkpoint on ``items``, with the bundle's inference config pieces."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "configs" / "inference.json"))
+    parser.update(
+        {
+            "bundle_root": str(REPO_ROOT),
+            "ckpt_path": str(ckpt),
+            "device": f"$torch.device('{device}')",
+            "spatial_dims": split.spatial_dims,
+            "patch_size": SETTINGS[split.spatial_dims]["patch_size"],
+        }
+    )
+    network, preprocessing, inferer = (parser.get_parsed_content(k) for k in ("network", "preprocessing", "inferer"))
+    network.eval()
+    outputs = []
+    for item in items:
+        image = preprocessing({"image": str(item.path)})["image"]
+        with torch.no_grad():
+            out = inferer(torch.as_tensor(image)[None].to(device), network)[0].cpu().numpy()
+        if out.shape[1:] != item.labels.shape:
+            raise RuntimeError(f"output for {item.path} has spatial shape {out.shape[1:]}, labels {item.labels.shape}")
+        outputs.append(out.astype(np.float32))
+    return outputs
+
+
+def breakdown(args: argparse.Namespace) -> Path:
+    splits = [s for s in load_benchmark(args.dataset, args.data_dir) if args.split in (None, s.name)]
+    if not splits:
+        raise SystemExit(f"{args.dataset} has no split {args.split!r}.")
+    split = splits[0]
+    run_dir = Path(args.out_dir) / args.dataset / split.name / args.method
+    record = run_dir / f"ratio_{args.ratio:.2f}.json"
+    if not record.is_file():
+        raise SystemExit(
+            f"{record} not found: run scripts/benchmark_accuracy.py for {args.method} at {args.ratio:g} first."
+        )
+    run = json.loads(record.read_text())
+    ckpt = Path(run.get("info", {}).get("work_dir", "")) / "models" / "model.pt"
+    if not ckpt.is_file():
+        raise SystemExit(f"{ckpt} (the checkpoint of {record}) is gone; rerun that run with --force.")
+    torch.set_num_threads(args.threads)
+    test = split.test[: args.max_test] if args.max_test else split.test
+    t0 = time.perf_counter()
+    outputs = network_outputs(ckpt, split, test, args.device)
+    result = foreground_breakdown(
+        outputs,
+        [i.labels for i in test],
+        split.spatial_dims,
+        min_size=SETTINGS[split.spatial_dims]["min_size"],
+        thresholds=args.thresholds,
+    )
+    for row in result["masks"]:
+        print(f"[foreground] {args.dataset} {split.name} {args.method} {args.ratio:g} {row['mask']}: {row['ap50']:.3f}")
+    out = run_dir / f"foreground_ratio_{args.ratio:.2f}.json"
+    info = {"dataset": args.dataset, "split": split.name, "method": args.method, "ratio": args.ratio}
+    info.update(checkpoint_run=run.get("info", {}).get("work_dir"), n_test=len(test))
+    info.update(seconds=round(time.perf_counter() - t0, 1), **result)
+    out.write_text(json.dumps(info, indent=1, default=float))
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=str(default_data_dir()))
+    p.add_argument("--dataset", default="dsb2018", choices=("dsb2018", "gonuclear"))
+    p.add_argument("--split", default=None, help="default: the data set's first split")
+    p.add_argument("--method", default="spoco")
+    p.add_argument("--ratio", type=float, default=0.1)
+    p.add_argument("--thresholds", default="0.2,0.35,0.5,0.65,0.8", help="head probability thresholds to sweep")
+    p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "benchmark"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max_test", type=int, default=None)
+    args = p.parse_args(argv)
+    args.thresholds = sorted({float(t) for t in args.thresholds.split(",") if t.strip()} | {DEFAULT_THRESHOLD})
+    if any(not 0 < t < 1 for t in args.thresholds):
+        p.error(f"thresholds must lie in (0, 1), got {args.thresholds}")
+    return args
+
+
+if __name__ == "__main__":
+    print(breakdown(parse_args()))
