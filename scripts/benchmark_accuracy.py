@@ -382,7 +382,9 @@ def _mean_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys if k in records[0]["metrics"]}
     cpu = [_train_cpu(r) for r in records]
     budgets = {_budget(r) for r in records}
+    commits = {(r.get("commit") or "-")[:7] for r in records}
     return {
+        "commit": commits.pop() if len(commits) == 1 else "mixed",
         "metrics": metrics,
         "budget": budgets.pop() if len(budgets) == 1 else "mixed",
         "train_seconds": float(np.mean([r["train_seconds"] for r in records])),
@@ -397,7 +399,7 @@ def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> 
         head += ["ARAND", "VOI split", "VOI merge"]
     else:
         head += ["AP50 (mean per image)"]
-    head += ["budget", "train s (wall)", "train s (CPU)", "iterations"]
+    head += ["budget", "train s (wall)", "train s (CPU)", "iterations", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, ratio, rec in rows:
         m = rec["metrics"]
@@ -413,6 +415,7 @@ def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> 
             f"{rec['train_seconds']:.0f}",
             "-" if cpu is None else f"{cpu:.0f}",
             f"{rec['iterations']:.0f}",
+            (rec.get("commit") or "-")[:7],  # defaults change between versions: which code ran
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
