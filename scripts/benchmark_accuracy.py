@@ -163,11 +163,18 @@ def _loadavg() -> float | None:
 
 
 def _git_commit() -> str | None:
+    """Short HEAD commit, with ``+dirty`` when the code or configs differ from it (a run then used other code)."""
+    git = ["git", "-C", str(REPO_ROOT)]
     try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or None
+        out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() or None
+        dirty = subprocess.run(
+            git + ["status", "--porcelain", "--untracked-files=no", "--", "configs", "spoco_bundle", "scripts"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return f"{commit}+dirty" if commit and dirty else commit
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -376,13 +383,19 @@ def _budget(rec: dict[str, Any]) -> str:
     return f"{rec.get('budget_s', 0):.0f} s {rec.get('clock', 'wall')}, {rec.get('threads', '?')} thr"
 
 
+def _short(commit: str | None) -> str:
+    if not commit:
+        return "-"
+    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
 def _mean_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over the splits of a data set (3D: both directions) of metrics and times."""
     keys = ("ap50", "map", "sbd", "arand", "voi_split", "voi_merge", "ap50_per_image")
     metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys if k in records[0]["metrics"]}
     cpu = [_train_cpu(r) for r in records]
     budgets = {_budget(r) for r in records}
-    commits = {(r.get("commit") or "-")[:7] for r in records}
+    commits = {_short(r.get("commit")) for r in records}
     return {
         "commit": commits.pop() if len(commits) == 1 else "mixed",
         "metrics": metrics,
@@ -415,7 +428,7 @@ def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> 
             f"{rec['train_seconds']:.0f}",
             "-" if cpu is None else f"{cpu:.0f}",
             f"{rec['iterations']:.0f}",
-            (rec.get("commit") or "-")[:7],  # defaults change between versions: which code ran
+            _short(rec.get("commit")),  # defaults change between versions: which code ran
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -627,7 +640,8 @@ def write_docs(
         "(bundle defaults; background not annotated, so the foreground head is trained positive-unlabeled), then "
         "`configs/inference.json` with `--background head` (variants: full loss; without the consistency term; "
         "without the unlabeled push; without the instance (Dice) term). The git commit and settings of each run "
-        "are in its cached JSON.",
+        "are in its cached JSON; column 'commit' is the code that ran ('+dirty': with uncommitted changes to "
+        "configs/, spoco_bundle/ or scripts/; the record's commit_note, where set, says which).",
         "  - StarDist: `scripts/accuracy/stardist_peer.py`, stardist 0.9.2 on TensorFlow 2.15 CPU in `.venv-bench`, "
         "trained from scratch on the sparse labels (2D: 32 rays, grid 2, patch 128, batch 4; 3D: 96 rays, "
         "anisotropic, patch 48x96x96, batch 2), probability/NMS thresholds optimised on training images only.",

@@ -194,7 +194,10 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     rec = json.loads((tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / "ratio_0.10.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith("| classical") and "| 10% |" in line)
     assert f"| {rec['metrics']['ap50']:.3f} | {rec['metrics']['map']:.3f} | {rec['metrics']['sbd']:.3f} |" in row
-    assert "| 60 s wall, 1 thr |" in row and row.endswith(f"| {(rec['commit'] or '-')[:7]} |")
+    commit = rec["commit"] or "-"
+    assert "| 60 s wall, 1 thr |" in row and row.endswith(
+        f"| {commit[:7]}{'+dirty' if commit.endswith('+dirty') else ''} |"
+    )
     assert "dsb2018 stardist (10%, 100%): never run" in text  # missing runs are listed, not silently dropped
     assert "check runs on a subset" in text
     for png in ("benchmark_dsb2018.png", "benchmark_dsb2018_examples.png"):
