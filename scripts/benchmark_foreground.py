@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.accuracy.common import default_data_dir, load_benchmark, score  # noqa: E402
+from scripts.accuracy.common import cached_checkpoint, default_data_dir, score  # noqa: E402
 from scripts.accuracy.spoco_runner import SETTINGS  # noqa: E402
 from spoco_bundle.clustering import cluster_fast  # noqa: E402
 
@@ -142,20 +142,9 @@ def network_outputs(ckpt: Path, split, items, device: str = "cpu") -> list[np.nd
 
 
 def breakdown(args: argparse.Namespace) -> Path:
-    splits = [s for s in load_benchmark(args.dataset, args.data_dir) if args.split in (None, s.name)]
-    if not splits:
-        raise SystemExit(f"{args.dataset} has no split {args.split!r}.")
-    split = splits[0]
-    run_dir = Path(args.out_dir) / args.dataset / split.name / args.method
-    record = run_dir / f"ratio_{args.ratio:.2f}.json"
-    if not record.is_file():
-        raise SystemExit(
-            f"{record} not found: run scripts/benchmark_accuracy.py for {args.method} at {args.ratio:g} first."
-        )
-    run = json.loads(record.read_text())
-    ckpt = Path(run.get("info", {}).get("work_dir", "")) / "models" / "model.pt"
-    if not ckpt.is_file():
-        raise SystemExit(f"{ckpt} (the checkpoint of {record}) is gone; rerun that run with --force.")
+    split, run_dir, run, ckpt = cached_checkpoint(
+        args.dataset, args.split, args.method, args.ratio, args.out_dir, args.data_dir
+    )
     torch.set_num_threads(args.threads)
     test = split.test[: args.max_test] if args.max_test else split.test
     t0 = time.perf_counter()

@@ -257,6 +257,29 @@ def _make_split(dataset: str, name: str, spatial_dims: int, train: list[Item], t
     return Split(dataset, name, spatial_dims, train, test)
 
 
+def cached_checkpoint(
+    dataset: str, split: str | None, method: str, ratio: float, out_dir: str | os.PathLike, data_dir=None
+) -> tuple[Split, Path, dict[str, Any], Path]:
+    """
+    The checkpoint of a finished benchmark run, for follow-up checks on the same model.
+
+    Returns ``(split, run_dir, record, checkpoint)``; ``split`` None = the data set's first split. Exits with a
+    message (no traceback) for an unknown split, a missing run record or a deleted checkpoint.
+    """
+    splits = [s for s in load_benchmark(dataset, data_dir) if split in (None, s.name)]
+    if not splits:
+        raise SystemExit(f"{dataset} has no split {split!r}.")
+    run_dir = Path(out_dir) / dataset / splits[0].name / method
+    path = run_dir / f"ratio_{ratio:.2f}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run scripts/benchmark_accuracy.py for {method} at {ratio:g} first.")
+    record = json.loads(path.read_text())
+    ckpt = Path(record.get("info", {}).get("work_dir", "")) / "models" / "model.pt"
+    if not ckpt.is_file():
+        raise SystemExit(f"{ckpt} (the checkpoint of {path}) is gone; rerun that run with --force.")
+    return splits[0], run_dir, record, ckpt
+
+
 # ------------------------------------------------------------------------------------------------ sparse labels
 
 
