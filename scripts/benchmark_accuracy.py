@@ -320,8 +320,8 @@ def _current(records: Sequence[dict[str, Any]], ok: dict, dataset: str) -> list[
         if rec.get("dataset") != dataset:
             continue
         run = ok.get((dataset, rec["split"], rec["method"], round(rec["ratio"], 4)))
-        current = run is not None and run.get("info", {}).get("work_dir") == rec.get("checkpoint_run")
-        if current and rec.get("checkpoint_run"):
+        ckpt_run = rec.get("checkpoint_run")
+        if ckpt_run and run is not None and run.get("info", {}).get("work_dir") == ckpt_run:
             out.append(rec)
     return out
 

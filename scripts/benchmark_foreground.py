@@ -38,8 +38,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from scripts.accuracy.common import cached_checkpoint, default_data_dir, score  # noqa: E402
-from scripts.accuracy.spoco_runner import SETTINGS  # noqa: E402
+from scripts.accuracy.spoco_runner import SETTINGS, bundle_ids  # noqa: E402
 from spoco_bundle.clustering import cluster_fast  # noqa: E402
+from spoco_bundle.transforms import ClusterEmbeddings  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.5
 MASKS = {
@@ -48,10 +49,6 @@ MASKS = {
     "head_or_truth": "head OR truth (missed pixels added)",
     "truth": "truth (oracle foreground)",
 }
-
-
-def _logit(p: float) -> float:
-    return float(np.log(p / (1.0 - p)))
 
 
 def foreground_breakdown(
@@ -83,24 +80,30 @@ def foreground_breakdown(
         raise ValueError(f"need one output per label image, got {len(outputs)} outputs and {len(labels)} labels.")
     preds: dict[str, list[np.ndarray]] = {k: [] for k in MASKS}
     swept: dict[float, list[np.ndarray]] = {t: [] for t in thresholds}
+    # head masks go through the bundle's own post-processing, so the "head" rows are what inference gives
+    by_head = {
+        t: ClusterEmbeddings("fast", embedding_dim, "head", min_size, delta_v, delta_d, foreground_threshold=t)
+        for t in set(thresholds) | {DEFAULT_THRESHOLD}
+    }
     tp = n_pred = n_true = 0
     for out, lab in zip(outputs, labels):
         if out.shape != (embedding_dim + 1,) + lab.shape:
             raise ValueError(f"output shape {out.shape} does not match labels {lab.shape} with E={embedding_dim}.")
-        emb, logit, truth = out[:embedding_dim], out[embedding_dim], lab > 0
-        head = logit > _logit(DEFAULT_THRESHOLD)
+        emb, truth = out[:embedding_dim], lab > 0
+        head = out[embedding_dim] > np.log(DEFAULT_THRESHOLD / (1 - DEFAULT_THRESHOLD))  # the default head mask
         tp += int((head & truth).sum())
         n_pred += int(head.sum())
         n_true += int(truth.sum())
+        by_t = {t: np.asarray(cluster(out))[0] for t, cluster in by_head.items()}
 
         def seg(mask: np.ndarray) -> np.ndarray:
             return cluster_fast(emb, delta_v, delta_d, min_size=min_size, fg_mask=mask, background="none")
 
-        for key, mask in (("head", head), ("head_and_truth", head & truth), ("head_or_truth", head | truth)):
+        preds["head"].append(by_t[DEFAULT_THRESHOLD])
+        for key, mask in (("head_and_truth", head & truth), ("head_or_truth", head | truth), ("truth", truth)):
             preds[key].append(seg(mask))
-        preds["truth"].append(seg(truth))
         for t in thresholds:
-            swept[t].append(preds["head"][-1] if t == DEFAULT_THRESHOLD else seg(logit > _logit(t)))
+            swept[t].append(by_t[t])
     labels = list(labels)
     return {
         "masks": [{"mask": k, "description": MASKS[k], **score(p, labels, spatial_dims)} for k, p in preds.items()],
@@ -119,15 +122,7 @@ def network_outputs(ckpt: Path, split, items, device: str = "cpu") -> list[np.nd
 
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "configs" / "inference.json"))
-    parser.update(
-        {
-            "bundle_root": str(REPO_ROOT),
-            "ckpt_path": str(ckpt),
-            "device": f"$torch.device('{device}')",
-            "spatial_dims": split.spatial_dims,
-            "patch_size": SETTINGS[split.spatial_dims]["patch_size"],
-        }
-    )
+    parser.update(dict(bundle_ids(split, device), ckpt_path=str(ckpt)))
     network, preprocessing, inferer = (parser.get_parsed_content(k) for k in ("network", "preprocessing", "inferer"))
     network.eval()
     outputs = []

@@ -95,7 +95,7 @@ def fit_predict(
     datalist = {"training": [{"image": i.path, "label": i.label_path} for i in split.train], "validation": []}
     (work / "dataset.json").write_text(json.dumps(datalist, indent=1))
     train = dict(
-        _common(split, device),
+        bundle_ids(split, device),
         dataset_dir=str(work),
         ckpt_dir=str(work / "models"),
         output_dir=str(work / "runs"),
@@ -129,8 +129,8 @@ def fit_predict(
     return Result(predictions=predictions, train_seconds=train_wall, iterations=iterations, info=info)
 
 
-def _common(split: Split, device: str) -> dict:
-    """Config ids shared by training and inference."""
+def bundle_ids(split: Split, device: str) -> dict:
+    """Config ids shared by training and inference (and by follow-up checks that parse the configs themselves)."""
     return {
         "bundle_root": str(REPO_ROOT),
         "device": f"$torch.device('{device}')",
@@ -170,7 +170,7 @@ def predict(
         if not link.exists():
             link.symlink_to(os.path.abspath(item.path))
     infer = dict(
-        _common(split, device),
+        bundle_ids(split, device),
         dataset_dir=str(work / f"test{tag}"),
         output_dir=str(work / f"pred{tag}"),
         ckpt_path=str(ckpt_path),
