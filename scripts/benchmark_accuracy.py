@@ -53,6 +53,7 @@ from scripts.accuracy.common import (  # noqa: E402
     kept_digest,
     label_counts,
     load_benchmark,
+    run_timeout,
     score,
 )
 
@@ -755,6 +756,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget_s", type=float, default=600.0, help="training budget per run (seconds)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="clock of the budget")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per run (torch, OpenMP, TensorFlow)")
+    p.add_argument(
+        "--timeout_s",
+        type=float,
+        default=None,
+        help="wall-clock limit of one run, 0 = none (default: 3 * budget + 1800 on the wall clock, none on cpu)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--splits", default="", help="run only these splits, e.g. 1135to1136 (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (SPOCO; StarDist and classical run on CPU)")
@@ -806,6 +813,7 @@ def _thread_env(args: argparse.Namespace) -> dict[str, str]:
         "NUMBA_NUM_THREADS": n,
         "SPOCO_BENCH_THREADS": n,
         "SPOCO_BENCH_CLOCK": args.clock,
+        **({} if args.timeout_s is None else {"SPOCO_BENCH_TIMEOUT_S": str(args.timeout_s)}),
         "SPOCO_DATA_DIR": str(args.data_dir),
     }
 
@@ -897,7 +905,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ]
                         t0 = time.perf_counter()
                         try:
-                            proc = subprocess.run(cmd, env=env, timeout=3 * args.budget_s + 1800)
+                            proc = subprocess.run(
+                                cmd, env=env, timeout=run_timeout(args.budget_s, args.clock, args.timeout_s)
+                            )
                             code = proc.returncode
                         except subprocess.TimeoutExpired:
                             code = -1

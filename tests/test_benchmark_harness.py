@@ -26,6 +26,7 @@ from scripts.accuracy.common import (  # noqa: E402
     default_data_dir,
     kept_ids,
     load_benchmark,
+    run_timeout,
     score,
     sparsify,
 )
@@ -203,6 +204,17 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     for png in ("benchmark_dsb2018.png", "benchmark_dsb2018_examples.png"):
         assert (tmp_path / "docs" / "images" / png).stat().st_size > 10_000
     assert os.path.basename(str(doc)) == "benchmarks.md" and torch.__version__ in text
+
+
+def test_run_timeout_has_no_wall_limit_on_the_cpu_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On the cpu clock wall time depends on the machine's load, so a fixed limit would kill finished runs.
+    monkeypatch.delenv("SPOCO_BENCH_TIMEOUT_S", raising=False)
+    assert run_timeout(900, "wall") == 3 * 900 + 1800
+    assert run_timeout(900, "cpu") is None
+    assert run_timeout(900, "cpu", timeout_s=60) == 60
+    assert run_timeout(900, "wall", timeout_s=0) is None
+    monkeypatch.setenv("SPOCO_BENCH_TIMEOUT_S", "120")  # how the benchmark passes --timeout_s to StarDist's worker
+    assert run_timeout(900, "cpu") == 120
 
 
 def test_rescale_resamples_images_linearly_and_labels_nearest() -> None:

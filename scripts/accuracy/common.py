@@ -435,6 +435,21 @@ def budget_clock() -> str:
     return clock
 
 
+def run_timeout(budget_s: float, clock: str | None = None, timeout_s: float | None = None) -> float | None:
+    """Wall-clock limit of one run (training, then prediction), a guard against hangs.
+
+    ``timeout_s`` (else ``$SPOCO_BENCH_TIMEOUT_S``) when given, ``0`` meaning none. Otherwise ``3 * budget_s + 1800``
+    on the ``wall`` clock and none on the ``cpu`` clock (``clock``, else :func:`budget_clock`): there the budget
+    bounds the run's CPU time and its wall time grows with whatever else shares the machine (9 runs on 2 cores
+    took 4.8x their budget), so a fixed limit killed runs that had finished training.
+    """
+    if timeout_s is None and os.environ.get("SPOCO_BENCH_TIMEOUT_S") is not None:
+        timeout_s = float(os.environ["SPOCO_BENCH_TIMEOUT_S"])
+    if timeout_s is not None:
+        return float(timeout_s) if timeout_s > 0 else None
+    return 3 * float(budget_s) + 1800 if (clock or budget_clock()) == "wall" else None
+
+
 class Budget:
     """
     A training-time budget on :func:`budget_clock`'s clock, for a method's training loop.

@@ -63,16 +63,17 @@ def available() -> tuple[bool, str]:
 def fit_predict(split: Any, ratio: float, seed: int, budget_s: float, device: str = "cpu") -> Any:
     """
     Train StarDist on ``split``'s training images with the sparse labels of ``ratio`` / ``seed`` for ``budget_s``
-    seconds of wall time and predict its test images (see the module docstring).
+    seconds (on :func:`~scripts.accuracy.common.budget_clock`'s clock) and predict its test images (see the module
+    docstring).
 
     Args:
         split: :class:`scripts.accuracy.common.Split`.
         ratio: fraction of objects kept per training image.
         seed: selection seed (also seeds TensorFlow, numpy and the validation hold-out).
-        budget_s: wall-time limit of the training loop.
+        budget_s: time limit of the training loop.
         device: only ``cpu`` is supported (tensorflow-cpu); anything else is recorded and ignored.
     """
-    from scripts.accuracy.common import MethodUnavailable, Result, budget_clock, sparsify
+    from scripts.accuracy.common import MethodUnavailable, Result, budget_clock, run_timeout, sparsify
 
     ok, reason = available()
     if not ok:
@@ -108,7 +109,7 @@ def fit_predict(split: Any, ratio: float, seed: int, budget_s: float, device: st
             CUDA_VISIBLE_DEVICES="",
         )
         env.pop("PYTHONPATH", None)  # the worker must not see the project's .venv packages
-        timeout = 2 * float(budget_s) + 1800  # threshold optimisation and prediction come after the budget
+        timeout = run_timeout(budget_s)  # threshold optimisation and prediction come after the budget
         proc = subprocess.run(
             [str(bench_python()), os.path.abspath(__file__), "--worker", tmp],
             env=env,
