@@ -544,7 +544,8 @@ def write_docs(
     foreground_records: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """
-    Write the markdown report and its PNGs (``<docs dir>/images/benchmark_<dataset>*.png``) from run records.
+    Write the markdown report and its PNGs (``<docs dir>/images/benchmark_<dataset>*.png`` for ``benchmarks.md``,
+    ``<docs stem>_<dataset>*.png`` for any other name, so that two reports do not share plots) from run records.
 
     Args:
         records: from :func:`collect`.
@@ -560,6 +561,7 @@ def write_docs(
     """
     docs_path = Path(docs_path)
     img_dir = docs_path.parent / "images"
+    img_prefix = "benchmark" if docs_path.stem == "benchmarks" else docs_path.stem
     ok = {(r["dataset"], r["split"], r["method"], round(r["ratio"], 4)): r for r in records if r.get("status") == "ok"}
     bad = {(r["dataset"], r["split"], r["method"], round(r["ratio"], 4)): r for r in records if r.get("status") != "ok"}
     machines = {
@@ -708,7 +710,7 @@ def write_docs(
         )
         lines.append("")
         if by_method:
-            png = img_dir / f"benchmark_{dataset}.png"
+            png = img_dir / f"{img_prefix}_{dataset}.png"
             _plot_curves(dataset, by_method, png)
             lines += [f"![{dataset}: AP50 and mAP vs labelled fraction]({os.path.relpath(png, docs_path.parent)})", ""]
         ex_name = EXAMPLE_SPLIT.get(dataset)
@@ -719,7 +721,7 @@ def write_docs(
                 for m in methods
                 if (dataset, ex_split.name, m, round(0.1, 4)) in ok
             }
-            png = img_dir / f"benchmark_{dataset}_examples.png"
+            png = img_dir / f"{img_prefix}_{dataset}_examples.png"
             shown = _plot_examples(ex_split, runs, png) if runs else None
             if shown:
                 lines += [

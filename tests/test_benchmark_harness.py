@@ -204,6 +204,20 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     for png in ("benchmark_dsb2018.png", "benchmark_dsb2018_examples.png"):
         assert (tmp_path / "docs" / "images" / png).stat().st_size > 10_000
     assert os.path.basename(str(doc)) == "benchmarks.md" and torch.__version__ in text
+    # a second report (e.g. benchmarks_long.md) gets its own plots and leaves these alone
+    before = (tmp_path / "docs" / "images" / "benchmark_dsb2018.png").read_bytes()
+    long_doc = write_docs(
+        [r for r in records if r["method"] == "classical" and r["ratio"] == 1.0],
+        tmp_path / "docs" / "benchmarks_long.md",
+        {"dsb2018": [split]},
+        ["classical"],
+        [1.0],
+        "python scripts/benchmark_accuracy.py --test",
+        "data",
+    )
+    assert "images/benchmarks_long_dsb2018.png" in long_doc.read_text()
+    assert (tmp_path / "docs" / "images" / "benchmarks_long_dsb2018.png").is_file()
+    assert (tmp_path / "docs" / "images" / "benchmark_dsb2018.png").read_bytes() == before
 
 
 def test_run_timeout_has_no_wall_limit_on_the_cpu_clock(monkeypatch: pytest.MonkeyPatch) -> None:
