@@ -109,7 +109,9 @@ def fit_predict(split: Any, ratio: float, seed: int, budget_s: float, device: st
             CUDA_VISIBLE_DEVICES="",
         )
         env.pop("PYTHONPATH", None)  # the worker must not see the project's .venv packages
-        timeout = run_timeout(budget_s)  # threshold optimisation and prediction come after the budget
+        # the whole run's limit, less a margin: this one fires first, so the TensorFlow worker is not orphaned
+        timeout = run_timeout(budget_s)
+        timeout = None if timeout is None else max(timeout - 300, float(budget_s))
         proc = subprocess.run(
             [str(bench_python()), os.path.abspath(__file__), "--worker", tmp],
             env=env,
