@@ -17,6 +17,7 @@ __all__ = [
     "LossTermsLogger",
     "ForegroundCalibrationHandler",
     "TrainingTimeLimit",
+    "LossWeightWarmup",
     "pred_label_batch",
 ]
 
@@ -258,3 +259,50 @@ class TrainingTimeLimit:
                 f"iterations, epoch {engine.state.epoch}: stopping"
             )
             engine.terminate()
+
+
+class LossWeightWarmup:
+    """
+    Linear warm-up of one term's weight in :class:`~spoco_bundle.losses.SpocoLoss`: from ``min(start, target)`` at
+    the first iteration to ``target`` (the weight the loss was built with) after ``iterations`` iterations, then
+    constant; set before every iteration.
+
+    Why: a large foreground weight helps long runs (the head decides what is an object), but from random weights
+    the foreground BCE then dominates the first Adam steps and a few-iteration run (e.g. two epochs in MONAI Label)
+    finds no objects. Warming the weight up keeps short runs as they are with the small weight. The schedule follows
+    ``engine.state.iteration``, so a resumed run continues where it stopped; a target of 0 (term skipped) stays 0.
+
+    Args:
+        loss: the loss whose ``weights[term]`` is scheduled; its value at construction is the target.
+        term: one of the loss's weights, e.g. ``"foreground"``.
+        start: weight at the first iteration (capped at the target).
+        iterations: length of the warm-up; 0 disables it.
+    """
+
+    def __init__(self, loss: torch.nn.Module, term: str = "foreground", start: float = 20.0, iterations: int = 0):
+        weights = getattr(loss, "weights", None)
+        if not isinstance(weights, dict) or term not in weights:
+            raise ValueError(f"the loss has no weight named {term!r} (its weights: {sorted(weights or {})}).")
+        if not math.isfinite(start) or start < 0:
+            raise ValueError(f"start must be a finite number >= 0, got {start}.")
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}.")
+        self.loss = loss
+        self.term = term
+        self.target = float(weights[term])
+        self.start = min(float(start), self.target)
+        self.iterations = int(iterations)
+
+    def value(self, iteration: int) -> float:
+        """The weight used by the ``iteration``-th iteration (1-based, as ``engine.state.iteration`` counts)."""
+        if self.iterations == 0:
+            return self.target
+        t = min(max(iteration - 1, 0) / self.iterations, 1.0)
+        return self.start + t * (self.target - self.start)
+
+    def attach(self, engine: Engine) -> None:
+        if self.iterations > 0:
+            engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.loss.weights[self.term] = self.value(engine.state.iteration)  # type: ignore[index, union-attr]

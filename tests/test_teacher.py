@@ -8,7 +8,12 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from spoco_bundle.handlers import ForegroundCalibrationHandler, MomentumTeacherHandler, TrainingTimeLimit
+from spoco_bundle.handlers import (
+    ForegroundCalibrationHandler,
+    LossWeightWarmup,
+    MomentumTeacherHandler,
+    TrainingTimeLimit,
+)
 from spoco_bundle.inferers import TwoViewInferer
 from spoco_bundle.losses import SpocoLoss
 from spoco_bundle.networks import EmbeddingUNet, make_teacher
@@ -167,3 +172,40 @@ def test_training_time_limit_disabled_and_bad_arguments():
         TrainingTimeLimit(10, clock="gpu")
     with pytest.raises(ValueError, match="positive"):
         TrainingTimeLimit(0)
+
+
+def test_loss_weight_warmup_ramps_to_the_loss_weight():
+    loss = SpocoLoss(embedding_dim=2, foreground_weight=300.0)
+    warmup = LossWeightWarmup(loss, "foreground", start=20.0, iterations=4)
+    seen = []
+    engine = Engine(lambda e, b: seen.append(loss.weights["foreground"]))
+    warmup.attach(engine)
+    engine.run(range(3), max_epochs=2)
+    # linear from 20 (iteration 1) to 300 (iteration 5), then constant; other terms untouched
+    assert seen == pytest.approx([20.0, 90.0, 160.0, 230.0, 300.0, 300.0])
+    assert loss.weights["pull"] == 1.0
+
+    # resuming at iteration 2 continues the ramp instead of restarting it
+    seen.clear()
+    engine = Engine(lambda e, b: seen.append(loss.weights["foreground"]))
+    warmup.attach(engine)
+    engine.load_state_dict({"iteration": 2, "epoch_length": 2, "max_epochs": 2})  # as CheckpointLoader restores
+    engine.run(range(2))
+    assert seen == pytest.approx([160.0, 230.0])
+
+
+def test_loss_weight_warmup_edge_cases():
+    # a target below start is not ramped down to; a skipped term (0) stays skipped; 0 iterations: no schedule
+    assert LossWeightWarmup(SpocoLoss(foreground_weight=5.0), start=20.0, iterations=10).value(1) == 5.0
+    assert LossWeightWarmup(SpocoLoss(foreground_weight=0.0), start=20.0, iterations=10).value(3) == 0.0
+    loss = SpocoLoss(foreground_weight=100.0)
+    engine = Engine(lambda e, b: None)
+    LossWeightWarmup(loss, start=20.0, iterations=0).attach(engine)
+    engine.run(range(2), max_epochs=1)
+    assert loss.weights["foreground"] == 100.0
+    with pytest.raises(ValueError, match="no weight named 'dice'"):
+        LossWeightWarmup(loss, "dice")
+    with pytest.raises(ValueError, match="start"):
+        LossWeightWarmup(loss, start=float("nan"))
+    with pytest.raises(ValueError, match="iterations"):
+        LossWeightWarmup(loss, iterations=-1)
