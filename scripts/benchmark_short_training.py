@@ -113,9 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     print("| foreground weight | warm-up iterations | epochs (iterations) | objects found | AP50 |")
     print("|---|---|---|---|---|")
     for r in results:
-        print(
-            f"| {r['weight']:g} | {r['warmup']} | {r['epochs']} ({2 * r['epochs']}) | {r['objects']} | {r['ap50']:.3f} |"
-        )
+        cells = [
+            f"{r['weight']:g}",
+            r["warmup"],
+            f"{r['epochs']} ({2 * r['epochs']})",
+            r["objects"],
+            f"{r['ap50']:.3f}",
+        ]
+        print("| " + " | ".join(map(str, cells)) + " |")
     return 0
 
 
