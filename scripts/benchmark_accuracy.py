@@ -647,7 +647,9 @@ def write_docs(
         "configs/, spoco_bundle/ or scripts/; the record's commit_note, where set, says which).",
         "  - StarDist: `scripts/accuracy/stardist_peer.py`, stardist 0.9.2 on TensorFlow 2.15 CPU in `.venv-bench`, "
         "trained from scratch on the sparse labels (2D: 32 rays, grid 2, patch 128, batch 4; 3D: 96 rays, "
-        "anisotropic, patch 48x96x96, batch 2), probability/NMS thresholds optimised on training images only.",
+        "anisotropic, patch 48x96x96, batch 2), the weights with the lowest validation loss kept (StarDist's default; "
+        "validation on held-out training images; runs before 00a8c13 used the last weights), probability/NMS "
+        "thresholds optimised on training images only.",
         "  - classical: `scripts/accuracy/classical.py`, Gaussian smoothing + Otsu + seeded watershed on the distance "
         "transform, all lengths relative to a per-image object radius estimate; its 3 parameters are chosen by grid "
         "search on the training images scored *only on the kept objects* (the same sparse labels as the learners).",
