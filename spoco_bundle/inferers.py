@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
-__all__ = ["TwoViewInferer", "StudentTeacherNet", "network_for_clustering", "segment_files"]
+__all__ = ["TwoViewInferer", "ScaledInferer", "StudentTeacherNet", "network_for_clustering", "segment_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,64 @@ class TwoViewInferer(Inferer):
         with torch.no_grad():
             teacher_out = self.teacher(second_view)
         return student_out, teacher_out.detach()
+
+
+def _check_scale(scale: float | Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(s) for s in (scale if isinstance(scale, Sequence) else (scale,)))
+    if not values or not all(np.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"image_scale must be a positive number (or one per spatial axis), got {scale!r}.")
+    return values
+
+
+class ScaledInferer(Inferer):
+    """
+    Runs ``inferer`` on the input resampled by ``scale`` and resamples the output back onto the input's grid, so
+    that a model trained on objects of one size can segment images taken at another magnification. Clustering,
+    ``min_size`` and the written labels stay on the input's own grid.
+
+    Set ``scale`` to (object size in the training images) / (object size in these images): nuclei twice as large
+    as in training -> 0.5. Resampling is linear (bilinear / trilinear), with Gaussian anti-aliasing where it
+    shrinks (MONAI's ``Resize``); the output (embeddings and foreground logit) is resampled back the same way.
+    ``scale`` 1 (the default) runs ``inferer`` unchanged.
+
+    Args:
+        inferer: the inferer to wrap, e.g. ``SlidingWindowInferer``.
+        scale: one factor for every spatial axis, or one per axis (``(D, H, W)`` order for 3D).
+
+    Shapes:
+        ``inputs``: ``(B, C, *S)``; returns ``(B, C_out, *S)``, the wrapped inferer's output at the input's size.
+
+    Raises:
+        ValueError: a non-positive or non-finite scale, or one per axis that does not match the input's axes.
+    """
+
+    def __init__(self, inferer: Inferer, scale: float | Sequence[float] = 1.0) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.scale = _check_scale(scale)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if all(s == 1.0 for s in self.scale):
+            return self.inferer(inputs, network, *args, **kwargs)
+        from monai.data import MetaTensor
+        from monai.transforms import Resize
+
+        def plain(t: torch.Tensor) -> torch.Tensor:
+            # plain tensors: the resampled copies must not carry (and later be written with) a rescaled affine
+            return t.as_tensor() if isinstance(t, MetaTensor) else t
+
+        spatial = tuple(int(n) for n in inputs.shape[2:])
+        scale = self.scale * len(spatial) if len(self.scale) == 1 else self.scale
+        if len(scale) != len(spatial):
+            raise ValueError(
+                f"image_scale has {len(scale)} factors but the input has {len(spatial)} spatial axes {spatial}."
+            )
+        mode = "bilinear" if len(spatial) == 2 else "trilinear"
+        down = Resize([max(1, round(n * s)) for n, s in zip(spatial, scale)], mode=mode, anti_aliasing=True)
+        x = torch.stack([plain(down(item)) for item in plain(inputs)])
+        out = plain(self.inferer(x, network, *args, **kwargs))
+        back = Resize(spatial, mode=mode, anti_aliasing=True)
+        return torch.stack([plain(back(item)) for item in out]).to(out.dtype)
 
 
 class StudentTeacherNet(torch.nn.Module):
