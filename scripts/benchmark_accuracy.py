@@ -330,15 +330,27 @@ def _current(records: Sequence[dict[str, Any]], ok: dict, dataset: str) -> list[
 def _scale_lines(scale_records: Sequence[dict[str, Any]], ok: dict, dataset: str) -> list[str]:
     lines = []
     for rec in _current(scale_records, ok, dataset):
+        matched = any("matched" in r for r in rec["rows"])
         lines += [
             f"Scale robustness ({rec['method']}, {rec['ratio']:.0%} labelled, `scripts/benchmark_scale.py`): the "
             f"{rec['n_test']} held-back images and their labels resampled by each factor (image linear, labels "
-            "nearest), segmented by the same model with the same settings:",
+            "nearest), segmented by the same model with the same settings"
+            + (
+                "; last column: with the matching `--image_scale 1/factor` (the inference option for images at "
+                "another magnification), scored on the same resampled labels:"
+                if matched
+                else ":"
+            ),
             "",
-            "| scale | AP50 | mAP | SBD |",
-            "|---|---|---|---|",
+            "| scale | AP50 | mAP | SBD |" + (" AP50 with `--image_scale` |" if matched else ""),
+            "|---|---|---|---|" + ("---|" if matched else ""),
         ]
-        lines += [f"| {r['scale']:g} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |" for r in rec["rows"]]
+        for r in rec["rows"]:
+            row = f"| {r['scale']:g} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |"
+            if matched:
+                m = r.get("matched")
+                row += f" {m['ap50']:.3f} ({m['image_scale']:.3g}) |" if m else " (same) |"
+            lines.append(row)
         lines.append("")
     return lines
 

@@ -1,10 +1,13 @@
 """
 Scale robustness of a trained SPOCO model from the accuracy benchmark: the held-back 2D images (and their dense
 labels) are resampled by each factor in ``--scales`` (users' images come at other magnifications), segmented with
-the bundle's inference config as a user runs it, and scored against the resampled labels.
+the bundle's inference config as a user runs it, and scored against the resampled labels: once with the defaults
+(how robust the model itself is) and once with the matching ``--image_scale 1/factor`` (the documented input for
+images at another magnification: the network sees objects at their training size, labels come back on the
+image's grid).
 
     .venv/bin/python scripts/benchmark_scale.py [--dataset dsb2018] [--ratio 0.1] [--scales 0.5,0.75,1,1.5,2]
-        [--method spoco] [--out_dir eval/benchmark] [--threads 2] [--max_test N]
+        [--method spoco] [--out_dir eval/benchmark] [--threads 2] [--max_test N] [--no_matched]
 
 It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
 its work folder) and writes ``scale_ratio_<r>.json`` beside it; ``scripts/benchmark_accuracy.py --no_run`` puts the
@@ -66,8 +69,16 @@ def scale_check(args: argparse.Namespace) -> Path:
         t0 = time.perf_counter()
         preds = predict(ckpt, split, work, items=items, threads=args.threads, tag=f"_{factor:g}")
         scores = score(preds, [i.labels for i in items], split.spatial_dims)
-        rows.append({"scale": factor, "inference_s": round(time.perf_counter() - t0, 1), **scores})
-        print(f"[scale] {args.dataset} {args.method} ratio {args.ratio:g} scale {factor:g}: AP50 {scores['ap50']:.3f}")
+        row = {"scale": factor, "inference_s": round(time.perf_counter() - t0, 1), **scores}
+        msg = f"[scale] {args.dataset} {args.method} ratio {args.ratio:g} scale {factor:g}: AP50 {scores['ap50']:.3f}"
+        if factor != 1.0 and not args.no_matched:
+            ids = {"image_scale": 1.0 / factor}
+            preds = predict(ckpt, split, work, items=items, threads=args.threads, tag=f"_{factor:g}_m", overrides=ids)
+            matched = score(preds, [i.labels for i in items], split.spatial_dims)
+            row["matched"] = {"image_scale": 1.0 / factor, **matched}
+            msg += f", with --image_scale {1.0 / factor:.3g}: {matched['ap50']:.3f}"
+        rows.append(row)
+        print(msg)
     out = run_dir / f"scale_ratio_{args.ratio:.2f}.json"
     out.write_text(
         json.dumps(
@@ -102,6 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "benchmark"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max_test", type=int, default=None)
+    p.add_argument("--no_matched", action="store_true", help="skip the runs with the matching --image_scale")
     args = p.parse_args(argv)
     args.scales = [float(s) for s in args.scales.split(",") if s.strip()]
     if any(s <= 0 for s in args.scales):

@@ -155,9 +155,11 @@ def predict(
     device: str = "cpu",
     threads: int = 2,
     tag: str = "",
+    overrides: dict | None = None,
 ) -> list[np.ndarray]:
     """Segment ``items`` (default: the split's test items; objects with ``path`` and ``labels`` attributes) with
     ``configs/inference.json`` and the checkpoint, as a user does (``--background head``); returns int32 labels.
+    ``overrides``: further ``inference.json`` ids (e.g. ``image_scale``).
 
     Inputs are linked into ``<work_dir>/test<tag>``, predictions go to ``<work_dir>/pred<tag>``.
     """
@@ -177,6 +179,7 @@ def predict(
         background="head",
         min_size=settings["min_size"],
         output_ext=".tif",
+        **(overrides or {}),
     )
     _bundle_run("configs/inference.json", infer, work / f"inference{tag}.log", threads)
     predictions = []
