@@ -102,11 +102,11 @@ class ScaledInferer(Inferer):
                 f"image_scale has {len(scale)} factors but the input has {len(spatial)} spatial axes {spatial}."
             )
         mode = "bilinear" if len(spatial) == 2 else "trilinear"
-        down = Resize([max(1, round(n * s)) for n, s in zip(spatial, scale)], mode=mode, anti_aliasing=True)
-        x = torch.stack([plain(down(item)) for item in plain(inputs)])
+        to_scaled = Resize([max(1, round(n * s)) for n, s in zip(spatial, scale)], mode=mode, anti_aliasing=True)
+        x = torch.stack([plain(to_scaled(item)) for item in plain(inputs)])
         out = plain(self.inferer(x, network, *args, **kwargs))
-        back = Resize(spatial, mode=mode, anti_aliasing=True)
-        return torch.stack([plain(back(item)) for item in out]).to(out.dtype)
+        to_input = Resize(spatial, mode=mode, anti_aliasing=True)
+        return torch.stack([plain(to_input(item)) for item in out]).to(out.dtype)
 
 
 class StudentTeacherNet(torch.nn.Module):
