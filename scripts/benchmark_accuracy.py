@@ -369,6 +369,24 @@ def _foreground_lines(fg_records: Sequence[dict[str, Any]], ok: dict, dataset: s
             "|---|---|---|---|",
         ]
         lines += [f"| {r['description']} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |" for r in rec["masks"]]
+        if rec.get("objects"):
+            lines += [
+                "",
+                "Where the true objects go (judged by the predicted object that overlaps each most): matched (IoU > "
+                "0.5), missed (less than half predicted foreground), merged (that predicted object also holds half "
+                "of another true object), other (split, or badly delineated); for the merged pairs, the median "
+                "distance between the two objects' embedding means (the push term asks for at least 2 delta_d = 4) "
+                "and the share of pairs that touch:",
+                "",
+                "| foreground mask | true objects | matched | missed | merged | other | merged pairs: distance "
+                "| touching |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for r in rec["objects"]:
+                lines.append(
+                    f"| {r['description']} | {r['n_gt']} | {r['matched']} | {r['missed']} | {r['merged']} | "
+                    f"{r['other']} | {_fmt(r['merged_distance_median'], 2)} | {_fmt(r['merged_touching_share'], 2)} |"
+                )
         lines += ["", "| head threshold | AP50 | mAP |", "|---|---|---|"]
         lines += [f"| {r['threshold']:g} | {r['ap50']:.3f} | {r['map']:.3f} |" for r in rec["thresholds"]]
         lines.append("")

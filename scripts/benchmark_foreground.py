@@ -10,8 +10,10 @@ the foreground mask taken from
 - the head with the missed pixels added (head OR truth);
 - the true foreground (oracle): what the embeddings alone can separate.
 
-Also the head's pixel precision / recall against the true foreground (pooled over images) and the ratio of
-predicted to true foreground area.
+Also the head's pixel precision / recall against the true foreground (pooled over images), the ratio of
+predicted to true foreground area, and where the true objects go with the head's mask and with the true mask
+(:func:`object_errors`: matched, missed, merged with a neighbour, other), with the embedding distance between the
+means of merged neighbours (the push term asks for at least ``2 delta_d``).
 
     .venv/bin/python scripts/benchmark_foreground.py [--dataset dsb2018] [--ratio 0.1] [--method spoco]
         [--split NAME] [--thresholds 0.2,0.35,0.5,0.65,0.8] [--out_dir eval/benchmark] [--threads 2]
@@ -37,6 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from scipy import ndimage  # noqa: E402
+
 from scripts.accuracy.common import cached_checkpoint, default_data_dir, score  # noqa: E402
 from scripts.accuracy.spoco_runner import SETTINGS, bundle_ids  # noqa: E402
 from spoco_bundle.clustering import cluster_fast  # noqa: E402
@@ -49,6 +53,64 @@ MASKS = {
     "head_or_truth": "head OR truth (missed pixels added)",
     "truth": "truth (oracle foreground)",
 }
+
+
+OBJECT_FATES = ("matched", "missed", "merged", "other")
+
+
+def object_errors(pred: np.ndarray, labels: np.ndarray, emb: np.ndarray | None = None) -> dict:
+    """
+    What became of each true object in a prediction, judged by the predicted object that overlaps it most:
+
+    - ``matched``: that object has IoU > 0.5 with it (the true positives at IoU 0.5, but for ties at exactly 0.5,
+      which the benchmark's matching counts);
+    - ``missed``: less than half of it is predicted foreground at all;
+    - ``merged``: that predicted object also holds at least half of another true object;
+    - ``other``: the rest (split into pieces, or delineated too loosely or too tightly).
+
+    Args:
+        pred: predicted instance labels ``S`` (0 = background).
+        labels: true instance labels ``S`` (0 = background).
+        emb: optional embeddings ``(E, *S)``; then the distances between the embedding means of each merged object
+            and the true object it was merged with are returned too.
+
+    Returns:
+        counts per fate, ``n_gt``, ``merged_distances`` (list) and ``merged_touching`` (list of bools: the two true
+        objects touch, 8-/26-neighbourhood).
+    """
+    if pred.shape != labels.shape:
+        raise ValueError(f"prediction shape {pred.shape} != labels shape {labels.shape}.")
+    gt, pr = labels.astype(np.int64).ravel(), pred.astype(np.int64).ravel()
+    n_gt, n_pr = int(gt.max(initial=0)), int(pr.max(initial=0))
+    table = np.bincount(gt * (n_pr + 1) + pr, minlength=(n_gt + 1) * (n_pr + 1)).reshape(n_gt + 1, n_pr + 1)
+    gt_size, pr_size = table.sum(1), table.sum(0)
+    out: dict = {k: 0 for k in OBJECT_FATES}
+    out.update(n_gt=0, merged_distances=[], merged_touching=[])
+    means = None
+    for k in np.flatnonzero(gt_size[1:]) + 1:
+        out["n_gt"] += 1
+        if gt_size[k] - table[k, 0] < 0.5 * gt_size[k]:
+            out["missed"] += 1
+            continue
+        j = int(np.argmax(table[k, 1:])) + 1
+        if table[k, j] / (gt_size[k] + pr_size[j] - table[k, j]) > 0.5:
+            out["matched"] += 1
+            continue
+        held = table[1:, j] / np.maximum(gt_size[1:], 1)  # share of each true object inside predicted object j
+        held[k - 1] = 0
+        if held.max(initial=0) < 0.5:
+            out["other"] += 1
+            continue
+        out["merged"] += 1
+        partner = int(np.argmax(held)) + 1
+        if emb is not None:
+            if means is None:
+                ids = np.arange(1, n_gt + 1)
+                means = np.stack([ndimage.mean(c, labels, ids) for c in emb], axis=1)
+            out["merged_distances"].append(float(np.linalg.norm(means[k - 1] - means[partner - 1])))
+        grown = ndimage.binary_dilation(labels == k, np.ones((3,) * labels.ndim, bool))
+        out["merged_touching"].append(bool((grown & (labels == partner)).any()))
+    return out
 
 
 def foreground_breakdown(
@@ -74,7 +136,9 @@ def foreground_breakdown(
 
     Returns:
         ``{"masks": [{"mask", "description", **scores}], "thresholds": [{"threshold", **scores}],
-        "pixel": {"precision", "recall", "area_ratio"}}`` with the benchmark's pooled scores.
+        "objects": [{"mask", "description", **fates}], "pixel": {"precision", "recall", "area_ratio"}}`` with the
+        benchmark's pooled scores; ``objects``: :func:`object_errors` pooled over the images for the head's and
+        the true mask, with ``merged_distance_median`` and ``merged_touching_share`` of the merged pairs.
     """
     if len(outputs) != len(labels) or not outputs:
         raise ValueError(f"need one output per label image, got {len(outputs)} outputs and {len(labels)} labels.")
@@ -86,6 +150,7 @@ def foreground_breakdown(
         for t in set(thresholds) | {DEFAULT_THRESHOLD}
     }
     tp = n_pred = n_true = 0
+    fates: dict[str, dict] = {}
     for out, lab in zip(outputs, labels):
         if out.shape != (embedding_dim + 1,) + lab.shape:
             raise ValueError(f"output shape {out.shape} does not match labels {lab.shape} with E={embedding_dim}.")
@@ -102,18 +167,32 @@ def foreground_breakdown(
         preds["head"].append(by_t[DEFAULT_THRESHOLD])
         for key, mask in (("head_and_truth", head & truth), ("head_or_truth", head | truth), ("truth", truth)):
             preds[key].append(seg(mask))
+        for key in ("head", "truth"):
+            fate = object_errors(preds[key][-1], lab, emb)
+            pooled = fates.setdefault(key, {k: [] if isinstance(v, list) else 0 for k, v in fate.items()})
+            for k, v in fate.items():
+                pooled[k] += v
         for t in thresholds:
             swept[t].append(by_t[t])
     labels = list(labels)
     return {
         "masks": [{"mask": k, "description": MASKS[k], **score(p, labels, spatial_dims)} for k, p in preds.items()],
         "thresholds": [{"threshold": t, **score(p, labels, spatial_dims)} for t, p in swept.items()],
+        "objects": [{"mask": k, "description": MASKS[k], **_summary(v)} for k, v in fates.items()],
         "pixel": {
             "precision": tp / max(n_pred, 1),
             "recall": tp / max(n_true, 1),
             "area_ratio": n_pred / max(n_true, 1),
         },
     }
+
+
+def _summary(fate: dict) -> dict:
+    """Pooled fates with the merged pairs' median embedding distance and touching share (None without pairs)."""
+    dist, touching = fate.pop("merged_distances"), fate.pop("merged_touching")
+    fate["merged_distance_median"] = float(np.median(dist)) if dist else None
+    fate["merged_touching_share"] = float(np.mean(touching)) if touching else None
+    return fate
 
 
 def network_outputs(ckpt: Path, split, items, device: str = "cpu") -> list[np.ndarray]:

@@ -38,7 +38,7 @@ from scripts.benchmark_accuracy import (  # noqa: E402
     run_one,
     write_docs,
 )
-from scripts.benchmark_foreground import foreground_breakdown  # noqa: E402
+from scripts.benchmark_foreground import foreground_breakdown, object_errors  # noqa: E402
 from scripts.benchmark_scale import rescale  # noqa: E402
 from spoco_bundle.transforms import ClusterEmbeddings, SparseInstanceLabeld, load_transforms  # noqa: E402
 
@@ -176,6 +176,8 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         fg = dict(scale, pixel={"precision": 0.61, "recall": 0.97, "area_ratio": 1.6})
         fg.update(masks=[{"mask": "truth", "description": "truth (oracle)", "ap50": ap, "map": 0.5, "sbd": 0.75}])
         fg.update(thresholds=[{"threshold": 0.5, "ap50": ap / 2, "map": 0.125}])
+        fates = {"n_gt": 9, "matched": 5, "missed": 1, "merged": 2, "other": 1, "merged_touching_share": 0.5}
+        fg["objects"] = [{"mask": "head", "description": "head", "merged_distance_median": 1.25, **fates}]
         (path.parent / f"foreground_ratio_0.10{work[-3:]}.json").write_text(json.dumps(fg))
     records = collect(tmp_path / "runs")
     assert len(records) == 2
@@ -195,6 +197,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert "| 1 | 0.800 | 0.500 | 0.750 | (same) |" in text and "matching `--image_scale 1/factor`" in text
     assert "| truth (oracle) | 0.625 | 0.500 | 0.750 |" in text and "| 0.5 | 0.312 | 0.125 |" in text
     assert "precision 0.61, recall 0.97, predicted / true area 1.60" in text and "0.438" not in text
+    assert "| head | 9 | 5 | 1 | 2 | 1 | 1.25 | 0.50 |" in text
     rec = json.loads((tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / "ratio_0.10.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith("| classical") and "| 10% |" in line)
     assert f"| {rec['metrics']['ap50']:.3f} | {rec['metrics']['map']:.3f} | {rec['metrics']['sbd']:.3f} |" in row
@@ -272,3 +275,42 @@ def test_foreground_breakdown_separates_head_halos_from_embedding_errors() -> No
     assert score([np.asarray(bundle)[0]], [labels], 2)["ap50"] == ap["head"]
     with pytest.raises(ValueError, match="does not match labels"):
         foreground_breakdown([out[:, :32]], [labels], 2)
+    head_fates = next(r for r in res["objects"] if r["mask"] == "head")
+    assert {k: head_fates[k] for k in ("n_gt", "matched", "missed", "merged", "other")} == {
+        "n_gt": 3,
+        "matched": 3,
+        "missed": 0,
+        "merged": 0,
+        "other": 0,
+    }
+    assert head_fates["merged_distance_median"] is None
+
+
+def test_object_errors_sorts_true_objects_by_fate() -> None:
+    labels = np.zeros((40, 60), np.int32)
+    pred = np.zeros_like(labels)
+    emb = np.zeros((2, 40, 60), np.float32)
+    labels[2:8, 2:8] = 1  # matched
+    pred[2:8, 2:9] = 1
+    labels[12:18, 2:8], labels[12:18, 8:14] = 2, 3  # touching pair, predicted as one object
+    pred[12:18, 2:15] = 2  # one column wider: IoU 36 / 78 with either
+    emb[0][labels == 2], emb[1][labels == 3] = 1.0, 2.0  # means sqrt(5) apart
+    labels[24:34, 2:12] = 4  # 30 % predicted: missed
+    pred[24:27, 2:12] = 3
+    labels[24:34, 20:30] = 5  # cut in three: best piece IoU 0.4
+    pred[24:27, 20:30], pred[27:30, 20:30], pred[30:34, 20:30] = 4, 5, 7
+    labels[2:8, 30:36], labels[2:8, 38:44] = 6, 7  # two pixels apart, bridged by the prediction
+    pred[2:8, 30:44] = 6
+    res = object_errors(pred, labels, emb)
+    assert {k: res[k] for k in ("n_gt", "matched", "missed", "merged", "other")} == {
+        "n_gt": 7,
+        "matched": 1,
+        "missed": 1,
+        "merged": 4,
+        "other": 1,
+    }
+    assert res["merged_distances"] == pytest.approx([np.sqrt(5), np.sqrt(5), 0.0, 0.0])  # pairs 2-3 and 6-7
+    assert res["merged_touching"] == [True, True, False, False]
+    assert res["matched"] == score([pred], [labels], 2)["tp50"]
+    with pytest.raises(ValueError, match="prediction shape"):
+        object_errors(pred[:, :10], labels)
