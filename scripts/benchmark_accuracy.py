@@ -58,6 +58,7 @@ from scripts.accuracy.common import (  # noqa: E402
 )
 
 # method name -> (runner module, variant or None)
+DEFAULT_OUT_DIR = (REPO_ROOT / "eval" / "benchmark").resolve()
 METHODS: dict[str, tuple[str, str | None]] = {
     "spoco": ("scripts.accuracy.spoco_runner", "full"),
     "spoco_no_consistency": ("scripts.accuracy.spoco_runner", "no_consistency"),
@@ -561,6 +562,14 @@ def _plot_examples(split: Split, runs: dict[str, dict[str, Any]], path: Path) ->
     return item.name
 
 
+def _grid_budget(budgets: Sequence[tuple]) -> str:
+    """Budget flags of the runs shown (budget, clock, threads); the benchmark's defaults when they differ."""
+    if len({b[:3] for b in budgets}) == 1:
+        budget_s, clock, threads = budgets[0][:3]
+        return f"--budget_s {budget_s:g} --clock {clock or 'wall'} --threads {threads or 1}"
+    return "--budget_s 900 --clock cpu --threads 1"
+
+
 def write_docs(
     records: list[dict[str, Any]],
     docs_path: str | os.PathLike,
@@ -572,6 +581,7 @@ def write_docs(
     skipped_datasets: dict[str, str] | None = None,
     scale_records: Sequence[dict[str, Any]] = (),
     foreground_records: Sequence[dict[str, Any]] = (),
+    out_dir: str | None = None,
 ) -> Path:
     """
     Write the markdown report and its PNGs (``<docs dir>/images/benchmark_<dataset>*.png`` for ``benchmarks.md``,
@@ -588,6 +598,7 @@ def write_docs(
         skipped_datasets: data set -> reason, for data sets that were not available.
         scale_records: from :func:`collect_scale`.
         foreground_records: from :func:`collect_foreground`.
+        out_dir: results folder to state in the command that runs the grid (None: the default).
     """
     docs_path = Path(docs_path)
     img_dir = docs_path.parent / "images"
@@ -608,12 +619,14 @@ def write_docs(
         command,
         "```",
         "",
-        "The full grid (each run is cached; the command skips finished runs, so it can be run in pieces):",
+        "The grid of this report, every method at every ratio (each run is cached; the command skips finished runs, so "
+        "it can be run in pieces):",
         "",
         "```bash",
         "bash scripts/setup_benchmark.sh   # .venv (project) + .venv-bench (StarDist, TensorFlow CPU)",
-        ".venv/bin/python scripts/benchmark_accuracy.py --datasets dsb2018,gonuclear --ratios 0.1,0.4,1.0 \\",
-        "    --methods " + ",".join(METHODS) + " --budget_s 900 --clock cpu --threads 1",
+        f".venv/bin/python scripts/benchmark_accuracy.py --datasets {','.join(splits)} "
+        f"--ratios {','.join(f'{r:g}' for r in ratios)} \\",
+        f"    --methods {','.join(methods)} {_grid_budget(budgets)}" + (f" --out_dir {out_dir}" if out_dir else ""),
         "```",
         "",
         "## Set-up",
@@ -799,7 +812,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--splits", default="", help="run only these splits, e.g. 1135to1136 (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (SPOCO; StarDist and classical run on CPU)")
-    p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "benchmark"))
+    p.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR))
     p.add_argument("--docs", default=str(REPO_ROOT / "docs" / "benchmarks.md"), help="markdown to write ('' = none)")
     p.add_argument("--force", action="store_true", help="rerun runs that are cached")
     p.add_argument("--no_run", action="store_true", help="only rebuild the docs from cached results")
@@ -990,6 +1003,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped,
             collect_scale(args.out_dir),
             collect_foreground(args.out_dir),
+            out_dir=(
+                None if Path(args.out_dir).resolve() == DEFAULT_OUT_DIR else os.path.relpath(args.out_dir, REPO_ROOT)
+            ),
         )
         _log(f"[benchmark] wrote {path}")
     return 1 if failures else 0
