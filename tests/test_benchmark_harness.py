@@ -199,7 +199,8 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert "precision 0.61, recall 0.97, predicted / true area 1.60" in text and "0.438" not in text
     assert "| head | 9 | 5 | 1 | 2 | 1 | 1.25 | 0.50 |" in text
     # the command that reruns the grid states the grid and the budget of the runs shown
-    assert "--datasets dsb2018 --ratios 0.1,1 \\\n    --methods classical,stardist --budget_s 60 --clock wall --threads 1\n" in text
+    grid = "--ratios 0.1,1 \\\n    --methods classical,stardist --budget_s 60 --clock wall --threads 1\n"
+    assert "benchmark_accuracy.py --datasets dsb2018 " + grid in text
     rec = json.loads((tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / "ratio_0.10.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith("| classical") and "| 10% |" in line)
     assert f"| {rec['metrics']['ap50']:.3f} | {rec['metrics']['map']:.3f} | {rec['metrics']['sbd']:.3f} |" in row
