@@ -442,8 +442,8 @@ class ClusterEmbeddings(Transform):
     of :class:`~spoco_bundle.networks.EmbeddingUNet`.
 
     Args:
-        method: ``"fast"`` (default), ``"hdbscan"``, ``"meanshift"`` or ``"consistency"`` (then the input holds
-            ``2 * embedding_dim`` (+1) channels: student embeddings, teacher embeddings, see
+        method: ``"fast"`` (default), ``"watershed"``, ``"hdbscan"``, ``"meanshift"`` or ``"consistency"`` (then
+            the input holds ``2 * embedding_dim`` (+1) channels: student embeddings, teacher embeddings, see
             :class:`~spoco_bundle.inferers.StudentTeacherNet`).
         embedding_dim: E.
         background: ``"largest"``: drop the largest cluster (for models trained without annotated background);

@@ -21,6 +21,7 @@ from spoco_bundle.clustering import (
     cluster_fast,
     cluster_hdbscan,
     cluster_meanshift,
+    cluster_watershed,
     filter_small,
     relabel_consecutive,
     remove_background,
@@ -293,3 +294,54 @@ def test_fast_clustering_does_not_depend_on_thread_count():
     assert results[0].max() > 1
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
+
+
+# ------------------------------------------------------------------------------------------------- watershed
+
+
+def test_watershed_recovers_objects(data2d, data3d):
+    for lab, emb in (data2d, data3d):
+        for mask in (None, lab > 0):
+            seg = cluster_watershed(emb, fg_mask=mask)
+            assert seg.dtype == np.int32 and seg.shape == lab.shape
+            assert ap50(lab, seg) >= 0.95
+            assert set(np.unique(seg)) == set(range(seg.max() + 1))
+            assert (seg[lab == 0] == 0).mean() > 0.99
+    assert cluster_embeddings(data2d[1], "watershed").max() == cluster_watershed(data2d[1]).max()
+
+
+def _smooth_border_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Two touching 16x12 objects whose embeddings ramp from one centre to the other over 8 pixels (steps of 0.375,
+    below the 2 delta_v = 1 that fast's core test tolerates), means 3 apart; background far away."""
+    lab = np.zeros((32, 48), np.int32)
+    lab[8:24, 12:24], lab[8:24, 24:36] = 1, 2
+    ramp = np.clip((np.arange(48) - 20) / 8.0, 0.0, 1.0).astype(np.float32)  # 0 up to x=20, 1 from x=28
+    emb = np.zeros((4, 32, 48), np.float32)
+    emb[0] = 3.0 * ramp[None, :]
+    emb[1][lab == 0] = 6.0
+    emb += 0.01 * np.random.default_rng(0).standard_normal(emb.shape).astype(np.float32)
+    return lab, emb
+
+
+def test_watershed_cuts_touching_objects_with_a_smooth_border():
+    lab, emb = _smooth_border_pair()
+    mask = lab > 0
+    # fast's core test links the two through the ramp: one object
+    assert cluster_fast(emb, fg_mask=mask, background="none").max() == 1
+    seg = cluster_watershed(emb, fg_mask=mask, background="none")
+    assert seg.max() == 2 and ap50(lab, seg) == 1.0
+    # the cut is where the ramp is steepest between the two plateaus: the objects' true border, +-1 pixel
+    left = np.flatnonzero(seg[16] == seg[16, 14])
+    assert 22 <= left.max() + 1 <= 26
+    # a merge threshold above the means' distance joins them again
+    assert cluster_watershed(emb, fg_mask=mask, background="none", merge_threshold=3.5).max() == 1
+
+
+def test_watershed_input_validation():
+    lab, emb = _smooth_border_pair()
+    for kwargs in ({"h": 0.0}, {"sigma": -1.0}, {"merge_threshold": -0.5}):
+        with pytest.raises(ValueError, match="need h > 0"):
+            cluster_watershed(emb, **kwargs)
+    with pytest.raises(ValueError, match="fg_mask must have the spatial shape"):
+        cluster_watershed(emb, fg_mask=np.ones((3, 3), bool))
+    assert cluster_watershed(emb, fg_mask=np.zeros(lab.shape, bool)).max() == 0  # empty mask: no objects
