@@ -388,6 +388,11 @@ def _foreground_lines(fg_records: Sequence[dict[str, Any]], ok: dict, dataset: s
                     f"| {r['description']} | {r['n_gt']} | {r['matched']} | {r['missed']} | {r['merged']} | "
                     f"{r['other']} | {_fmt(r['merged_distance_median'], 2)} | {_fmt(r['merged_touching_share'], 2)} |"
                 )
+        if len(rec.get("clusterings", [])) > 1:
+            lines += ["", "| clustering (`--clustering`, head mask) | AP50 | mAP | SBD |", "|---|---|---|---|"]
+            lines += [
+                f"| {r['method']} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |" for r in rec["clusterings"]
+            ]
         lines += ["", "| head threshold | AP50 | mAP |", "|---|---|---|"]
         lines += [f"| {r['threshold']:g} | {r['ap50']:.3f} | {r['map']:.3f} |" for r in rec["thresholds"]]
         lines.append("")

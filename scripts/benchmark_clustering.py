@@ -37,6 +37,7 @@ from spoco_bundle.clustering import (
     cluster_fast,
     cluster_hdbscan,
     cluster_meanshift,
+    cluster_watershed,
 )
 from spoco_bundle.metrics import segmentation_scores
 
@@ -232,6 +233,7 @@ def benchmark_clustering(
     """Return (data table rows, results table rows, {size: (Mvoxel/s, AP50)} of ``fast``)."""
     methods: dict[str, Callable[..., np.ndarray]] = {
         "fast": cluster_fast,
+        "watershed": cluster_watershed,
         "hdbscan": cluster_hdbscan,
         "meanshift": cluster_meanshift,
         "consistency": lambda emb, emb_g: cluster_consistency(emb, emb_g),
@@ -349,7 +351,7 @@ def main(
     slow_limit_s: float = 180.0,
     device: str = "cpu",
     inference_size: int = 100,
-    methods: str = "fast,hdbscan,meanshift,consistency",
+    methods: str = "fast,watershed,hdbscan,meanshift,consistency",
 ) -> None:
     """Print the clustering benchmark as markdown; the last line summarises ``fast`` on the largest size.
 

@@ -8,7 +8,8 @@ the foreground mask taken from
 - the head (the bundle's default, threshold 0.5 on the calibrated probability), and other head thresholds;
 - the head with the false-positive pixels removed (head AND truth): what a head without halos/false blobs would give;
 - the head with the missed pixels added (head OR truth);
-- the true foreground (oracle): what the embeddings alone can separate.
+- the true foreground (oracle): what the embeddings alone can separate;
+- and the head's mask clustered with other ``--clustering`` methods of inference (``--clusterings``).
 
 Also the head's pixel precision / recall against the true foreground (pooled over images), the ratio of
 predicted to true foreground area, and where the true objects go with the head's mask and with the true mask
@@ -16,7 +17,8 @@ predicted to true foreground area, and where the true objects go with the head's
 means of merged neighbours (the push term asks for at least ``2 delta_d``).
 
     .venv/bin/python scripts/benchmark_foreground.py [--dataset dsb2018] [--ratio 0.1] [--method spoco]
-        [--split NAME] [--thresholds 0.2,0.35,0.5,0.65,0.8] [--out_dir eval/benchmark] [--threads 2]
+        [--split NAME] [--thresholds 0.2,0.35,0.5,0.65,0.8] [--clusterings fast,watershed] [--out_dir eval/benchmark]
+        [--threads 2]
 
 It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
 its work folder) and writes ``foreground_ratio_<r>.json`` beside it; ``scripts/benchmark_accuracy.py --no_run`` puts
@@ -122,6 +124,7 @@ def foreground_breakdown(
     thresholds: Sequence[float] = (DEFAULT_THRESHOLD,),
     delta_v: float = 0.5,
     delta_d: float = 2.0,
+    clusterings: Sequence[str] = (),
 ) -> dict:
     """
     Score the clustering of raw network outputs under different foreground masks.
@@ -133,10 +136,12 @@ def foreground_breakdown(
         embedding_dim: E.
         min_size: ``min_size`` of the clustering.
         thresholds: head probability thresholds to sweep (the default mask uses 0.5).
+        clusterings: further clustering methods (``--clustering`` of inference) to score with the head's mask.
 
     Returns:
         ``{"masks": [{"mask", "description", **scores}], "thresholds": [{"threshold", **scores}],
-        "objects": [{"mask", "description", **fates}], "pixel": {"precision", "recall", "area_ratio"}}`` with the
+        "objects": [{"mask", "description", **fates}], "clusterings": [{"method", **scores}],
+        "pixel": {"precision", "recall", "area_ratio"}}`` with the
         benchmark's pooled scores; ``objects``: :func:`object_errors` pooled over the images for the head's and
         the true mask, with ``merged_distance_median`` and ``merged_touching_share`` of the merged pairs.
     """
@@ -149,6 +154,10 @@ def foreground_breakdown(
         t: ClusterEmbeddings("fast", embedding_dim, "head", min_size, delta_v, delta_d, foreground_threshold=t)
         for t in set(thresholds) | {DEFAULT_THRESHOLD}
     }
+    by_method = {
+        m: ClusterEmbeddings(m, embedding_dim, "head", min_size, delta_v, delta_d) for m in clusterings if m != "fast"
+    }
+    clustered: dict[str, list[np.ndarray]] = {m: [] for m in by_method}
     tp = n_pred = n_true = 0
     fates: dict[str, dict] = {}
     for out, lab in zip(outputs, labels):
@@ -174,11 +183,15 @@ def foreground_breakdown(
                 pooled[k] += v
         for t in thresholds:
             swept[t].append(by_t[t])
+        for m, cluster in by_method.items():
+            clustered[m].append(np.asarray(cluster(out))[0])
     labels = list(labels)
     return {
         "masks": [{"mask": k, "description": MASKS[k], **score(p, labels, spatial_dims)} for k, p in preds.items()],
         "thresholds": [{"threshold": t, **score(p, labels, spatial_dims)} for t, p in swept.items()],
         "objects": [{"mask": k, "description": MASKS[k], **_summary(v)} for k, v in fates.items()],
+        "clusterings": [{"method": "fast", **score(preds["head"], labels, spatial_dims)}]
+        + [{"method": m, **score(p, labels, spatial_dims)} for m, p in clustered.items()],
         "pixel": {
             "precision": tp / max(n_pred, 1),
             "recall": tp / max(n_true, 1),
@@ -229,6 +242,7 @@ def breakdown(args: argparse.Namespace) -> Path:
         split.spatial_dims,
         min_size=SETTINGS[split.spatial_dims]["min_size"],
         thresholds=args.thresholds,
+        clusterings=args.clusterings,
     )
     for row in result["masks"]:
         print(f"[foreground] {args.dataset} {split.name} {args.method} {args.ratio:g} {row['mask']}: {row['ap50']:.3f}")
@@ -248,11 +262,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="spoco")
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--thresholds", default="0.2,0.35,0.5,0.65,0.8", help="head probability thresholds to sweep")
+    p.add_argument("--clusterings", default="fast,watershed", help="clustering methods scored with the head's mask")
     p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "benchmark"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max_test", type=int, default=None)
     args = p.parse_args(argv)
+    args.clusterings = [m for m in args.clusterings.split(",") if m.strip()]
     args.thresholds = sorted({float(t) for t in args.thresholds.split(",") if t.strip()} | {DEFAULT_THRESHOLD})
     if any(not 0 < t < 1 for t in args.thresholds):
         p.error(f"thresholds must lie in (0, 1), got {args.thresholds}")

@@ -178,6 +178,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         fg.update(thresholds=[{"threshold": 0.5, "ap50": ap / 2, "map": 0.125}])
         fates = {"n_gt": 9, "matched": 5, "missed": 1, "merged": 2, "other": 1, "merged_touching_share": 0.5}
         fg["objects"] = [{"mask": "head", "description": "head", "merged_distance_median": 1.25, **fates}]
+        fg["clusterings"] = [{"method": m, "ap50": v, "map": 0.25, "sbd": 0.5} for m, v in (("fast", ap), ("ws", 0.7))]
         (path.parent / f"foreground_ratio_0.10{work[-3:]}.json").write_text(json.dumps(fg))
     records = collect(tmp_path / "runs")
     assert len(records) == 2
@@ -198,6 +199,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert "| truth (oracle) | 0.625 | 0.500 | 0.750 |" in text and "| 0.5 | 0.312 | 0.125 |" in text
     assert "precision 0.61, recall 0.97, predicted / true area 1.60" in text and "0.438" not in text
     assert "| head | 9 | 5 | 1 | 2 | 1 | 1.25 | 0.50 |" in text
+    assert "| fast | 0.625 | 0.250 | 0.500 |\n| ws | 0.700 | 0.250 | 0.500 |" in text
     # the command that reruns the grid states the grid and the budget of the runs shown
     grid = "--ratios 0.1,1 \\\n    --methods classical,stardist --budget_s 60 --clock wall --threads 1\n"
     assert "benchmark_accuracy.py --datasets dsb2018 " + grid in text
@@ -266,13 +268,15 @@ def test_foreground_breakdown_separates_head_halos_from_embedding_errors() -> No
     halo = ndimage.binary_dilation(labels > 0, iterations=3) & (labels == 0)
     logit = np.where(labels > 0, 5.0, np.where(halo, 1.0, -5.0)).astype(np.float32)  # halo: probability 0.73
     out = np.concatenate([emb, logit[None]])
-    res = foreground_breakdown([out], [labels], 2, thresholds=(0.5, 0.8))
+    res = foreground_breakdown([out], [labels], 2, thresholds=(0.5, 0.8), clusterings=("fast", "watershed"))
     ap = {r["mask"]: r["ap50"] for r in res["masks"]}
     # each halo ring is its own cluster: 3 true + 3 false objects
     assert ap == {"head": 0.5, "head_and_truth": 1.0, "head_or_truth": 0.5, "truth": 1.0}
     assert {r["threshold"]: r["ap50"] for r in res["thresholds"]} == {0.5: 0.5, 0.8: 1.0}
     n_true, n_head = int((labels > 0).sum()), int((labels > 0).sum() + halo.sum())
     assert res["pixel"] == pytest.approx({"precision": n_true / n_head, "recall": 1.0, "area_ratio": n_head / n_true})
+    # the watershed also keeps each halo ring apart from its object (a large embedding step): the same 3 + 3
+    assert {r["method"]: r["ap50"] for r in res["clusterings"]} == {"fast": 0.5, "watershed": 0.5}
     # the default mask is clustered exactly as the bundle's post-processing does it
     bundle = ClusterEmbeddings(method="fast", embedding_dim=16, background="head", min_size=16)(torch.from_numpy(out))
     assert score([np.asarray(bundle)[0]], [labels], 2)["ap50"] == ap["head"]
