@@ -88,7 +88,7 @@ def object_errors(pred: np.ndarray, labels: np.ndarray, emb: np.ndarray | None =
     gt_size, pr_size = table.sum(1), table.sum(0)
     out: dict = {k: 0 for k in OBJECT_FATES}
     out.update(n_gt=0, merged_distances=[], merged_touching=[])
-    means = None
+    means = boxes = None
     for k in np.flatnonzero(gt_size[1:]) + 1:
         out["n_gt"] += 1
         if gt_size[k] - table[k, 0] < 0.5 * gt_size[k]:
@@ -110,8 +110,12 @@ def object_errors(pred: np.ndarray, labels: np.ndarray, emb: np.ndarray | None =
                 ids = np.arange(1, n_gt + 1)
                 means = np.stack([ndimage.mean(c, labels, ids) for c in emb], axis=1)
             out["merged_distances"].append(float(np.linalg.norm(means[k - 1] - means[partner - 1])))
-        grown = ndimage.binary_dilation(labels == k, np.ones((3,) * labels.ndim, bool))
-        out["merged_touching"].append(bool((grown & (labels == partner)).any()))
+        if boxes is None:
+            boxes = ndimage.find_objects(labels)
+        # object k's bounding box, one voxel wider: all a 3^d dilation of it can reach
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in boxes[k - 1])
+        grown = ndimage.binary_dilation(labels[box] == k, np.ones((3,) * labels.ndim, bool))
+        out["merged_touching"].append(bool((grown & (labels[box] == partner)).any()))
     return out
 
 

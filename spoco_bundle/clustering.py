@@ -1007,12 +1007,14 @@ def cluster_watershed(
     markers, n = ndimage.label(seeds)
     labels = watershed(edges, markers, mask=region)
     lut = np.arange(n + 1)
-    means = _means(labels.reshape(-1), emb.reshape(emb.shape[0], -1), n)
-    if n > 1 and merge_threshold > 0:
-        lut = _merge_adjacent(labels, means, merge_threshold)
     sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
-    if background == "largest":  # enclosed background pockets join the background, as in cluster_fast
-        lut = _absorb_background(lut, sizes, means, merge_threshold)
+    merging = n > 1 and merge_threshold > 0
+    if merging or background == "largest":
+        means = _means(labels.reshape(-1), emb.reshape(emb.shape[0], -1), n)
+        if merging:
+            lut = _merge_adjacent(labels, means, merge_threshold)
+        if background == "largest":  # enclosed background pockets join the background, as in cluster_fast
+            lut = _absorb_background(lut, sizes, means, merge_threshold)
     return _apply_lut(labels, _final_lut(lut, sizes, min_size, background))
 
 
