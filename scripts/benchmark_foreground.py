@@ -45,7 +45,7 @@ from scipy import ndimage  # noqa: E402
 
 from scripts.accuracy.common import cached_checkpoint, default_data_dir, score  # noqa: E402
 from scripts.accuracy.spoco_runner import SETTINGS, bundle_ids  # noqa: E402
-from spoco_bundle.clustering import cluster_fast  # noqa: E402
+from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_fast  # noqa: E402
 from spoco_bundle.transforms import ClusterEmbeddings  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.5
@@ -190,11 +190,13 @@ def foreground_breakdown(
         for m, cluster in by_method.items():
             clustered[m].append(np.asarray(cluster(out))[0])
     labels = list(labels)
+    masks = [{"mask": k, "description": MASKS[k], **score(p, labels, spatial_dims)} for k, p in preds.items()]
+    head_scores = {k: v for k, v in masks[0].items() if k not in ("mask", "description")}  # the "head" row = fast
     return {
-        "masks": [{"mask": k, "description": MASKS[k], **score(p, labels, spatial_dims)} for k, p in preds.items()],
+        "masks": masks,
         "thresholds": [{"threshold": t, **score(p, labels, spatial_dims)} for t, p in swept.items()],
         "objects": [{"mask": k, "description": MASKS[k], **_summary(v)} for k, v in fates.items()],
-        "clusterings": [{"method": "fast", **score(preds["head"], labels, spatial_dims)}]
+        "clusterings": [{"method": "fast", **head_scores}]
         + [{"method": m, **score(p, labels, spatial_dims)} for m, p in clustered.items()],
         "pixel": {
             "precision": tp / max(n_pred, 1),
@@ -272,7 +274,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max_test", type=int, default=None)
     args = p.parse_args(argv)
-    args.clusterings = [m for m in args.clusterings.split(",") if m.strip()]
+    args.clusterings = [m.strip() for m in args.clusterings.split(",") if m.strip()]
+    # checked before the network runs; "consistency" needs the teacher's channels, which this breakdown has not
+    valid = sorted(m for m in CLUSTERING_METHODS if m != "consistency")
+    if any(m not in valid for m in args.clusterings):
+        p.error(f"--clusterings must be among {valid}, got {args.clusterings}")
     args.thresholds = sorted({float(t) for t in args.thresholds.split(",") if t.strip()} | {DEFAULT_THRESHOLD})
     if any(not 0 < t < 1 for t in args.thresholds):
         p.error(f"thresholds must lie in (0, 1), got {args.thresholds}")

@@ -997,6 +997,8 @@ def cluster_watershed(
     if not h > 0 or not merge_threshold >= 0 or not np.all(sigmas >= 0):
         raise ValueError(f"need h > 0, merge_threshold >= 0, sigma >= 0; got {h}, {merge_threshold}, {sigma}.")
     spatial = emb.shape[1:]
+    if sigmas.size not in (1, len(spatial)):
+        raise ValueError(f"sigma needs one value or one per spatial axis {spatial}, got {sigma}.")
     region = np.ones(spatial, bool) if fg_mask is None else fg_mask
     if not region.any():
         return np.zeros(spatial, np.int32)

@@ -52,9 +52,15 @@ class TwoViewInferer(Inferer):
 
 
 def _check_scale(scale: float | Sequence[float]) -> tuple[float, ...]:
-    values = tuple(float(s) for s in (scale if isinstance(scale, Sequence) else (scale,)))
+    message = f"image_scale must be a positive number (or one per spatial axis), got {scale!r}."
+    try:  # a string is a Sequence too: convert it whole, not per character
+        values = tuple(
+            float(s) for s in (scale if isinstance(scale, Sequence) and not isinstance(scale, str) else (scale,))
+        )
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
     if not values or not all(np.isfinite(s) and s > 0 for s in values):
-        raise ValueError(f"image_scale must be a positive number (or one per spatial axis), got {scale!r}.")
+        raise ValueError(message)
     return values
 
 

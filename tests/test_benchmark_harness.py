@@ -39,6 +39,7 @@ from scripts.benchmark_accuracy import (  # noqa: E402
     write_docs,
 )
 from scripts.benchmark_foreground import foreground_breakdown, object_errors  # noqa: E402
+from scripts.benchmark_foreground import parse_args as foreground_args  # noqa: E402
 from scripts.benchmark_scale import rescale  # noqa: E402
 from spoco_bundle.transforms import ClusterEmbeddings, SparseInstanceLabeld, load_transforms  # noqa: E402
 
@@ -321,3 +322,11 @@ def test_object_errors_sorts_true_objects_by_fate() -> None:
     assert res["matched"] == score([pred], [labels], 2)["tp50"]
     with pytest.raises(ValueError, match="prediction shape"):
         object_errors(pred[:, :10], labels)
+
+
+def test_foreground_breakdown_checks_clusterings_before_running(capsys) -> None:
+    assert foreground_args(["--clusterings", " fast, watershed "]).clusterings == ["fast", "watershed"]
+    for bad in ("nope", "fast,consistency"):
+        with pytest.raises(SystemExit):
+            foreground_args(["--clusterings", bad])
+        assert "--clusterings must be among ['fast', 'hdbscan', 'meanshift', 'watershed']" in capsys.readouterr().err

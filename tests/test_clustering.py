@@ -342,6 +342,8 @@ def test_watershed_input_validation():
     for kwargs in ({"h": 0.0}, {"sigma": -1.0}, {"merge_threshold": -0.5}):
         with pytest.raises(ValueError, match="need h > 0"):
             cluster_watershed(emb, **kwargs)
+    with pytest.raises(ValueError, match="sigma needs one value or one per spatial axis"):
+        cluster_watershed(emb, sigma=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="fg_mask must have the spatial shape"):
         cluster_watershed(emb, fg_mask=np.ones((3, 3), bool))
     assert cluster_watershed(emb, fg_mask=np.zeros(lab.shape, bool)).max() == 0  # empty mask: no objects

@@ -185,7 +185,7 @@ def test_scaled_inferer_runs_the_network_at_the_scaled_size_and_maps_back():
         assert torch.equal(ScaledInferer(sw, 1.0)(x, net), sw(x, net))
 
 
-@pytest.mark.parametrize("scale", [0, -1.0, float("nan"), float("inf"), []])
+@pytest.mark.parametrize("scale", [0, -1.0, float("nan"), float("inf"), [], "abc", [0.5, None]])
 def test_scaled_inferer_rejects_bad_scales(scale):
     from monai.inferers import SimpleInferer
 
@@ -193,6 +193,7 @@ def test_scaled_inferer_rejects_bad_scales(scale):
 
     with pytest.raises(ValueError, match="image_scale must be a positive number"):
         ScaledInferer(SimpleInferer(), scale)
+    assert ScaledInferer(SimpleInferer(), "0.5").scale == (0.5,)  # a number given as text is one factor
 
 
 def test_scaled_inferer_needs_one_factor_per_axis():
