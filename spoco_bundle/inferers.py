@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
+from spoco_bundle.transforms import check_scale
+
 __all__ = ["TwoViewInferer", "ScaledInferer", "StudentTeacherNet", "network_for_clustering", "segment_files"]
 
 logger = logging.getLogger(__name__)
@@ -51,19 +53,6 @@ class TwoViewInferer(Inferer):
         return student_out, teacher_out.detach()
 
 
-def _check_scale(scale: float | Sequence[float]) -> tuple[float, ...]:
-    message = f"image_scale must be a positive number (or one per spatial axis), got {scale!r}."
-    try:  # a string is a Sequence too: convert it whole, not per character
-        values = tuple(
-            float(s) for s in (scale if isinstance(scale, Sequence) and not isinstance(scale, str) else (scale,))
-        )
-    except (TypeError, ValueError):
-        raise ValueError(message) from None
-    if not values or not all(np.isfinite(s) and s > 0 for s in values):
-        raise ValueError(message)
-    return values
-
-
 class ScaledInferer(Inferer):
     """
     Runs ``inferer`` on the input resampled by ``scale`` and resamples the output back onto the input's grid, so
@@ -89,7 +78,7 @@ class ScaledInferer(Inferer):
     def __init__(self, inferer: Inferer, scale: float | Sequence[float] = 1.0) -> None:
         super().__init__()
         self.inferer = inferer
-        self.scale = _check_scale(scale)
+        self.scale = check_scale(scale)
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         if all(s == 1.0 for s in self.scale):

@@ -42,8 +42,8 @@ VARIANTS = {
 
 # per data set: training patch and inference options (everything else: the bundle's defaults)
 SETTINGS = {
-    2: {"patch_size": [192, 192], "min_size": 16},
-    3: {"patch_size": [32, 64, 64], "min_size": 64},
+    2: {"patch_size": [192, 192], "image_scale": 1.0, "min_size": 16},
+    3: {"patch_size": [32, 64, 64], "image_scale": 1.0, "min_size": 64},
 }
 
 _ITERATIONS = re.compile(r"reached after (\d+) iterations")
@@ -105,8 +105,8 @@ def fit_predict(
         time_limit_s=budget_s,
         time_clock=budget_clock(),
         **VARIANTS[variant],
-        **overrides,
     )
+    train.update(overrides)  # may replace the data set's patch_size / image_scale
     t0, c0 = time.perf_counter(), _children_cpu()
     log = _bundle_run("configs/train.json", train, work / "train.log", threads, run_id="training")
     train_wall, train_cpu = time.perf_counter() - t0, _children_cpu() - c0
@@ -114,7 +114,9 @@ def fit_predict(
     iterations = int(found[-1]) if found else -1
 
     t0 = time.perf_counter()
-    predictions = predict(work / "models" / "model.pt", split, work, device=device, threads=threads)
+    # inference at the training's patch size and scale
+    shared = {k: train[k] for k in ("patch_size", "image_scale") if k in train}
+    predictions = predict(work / "models" / "model.pt", split, work, device=device, threads=threads, overrides=shared)
     infer_wall = time.perf_counter() - t0
     info = {
         "variant": variant,
@@ -131,11 +133,13 @@ def fit_predict(
 
 def bundle_ids(split: Split, device: str) -> dict:
     """Config ids shared by training and inference (and by follow-up checks that parse the configs themselves)."""
+    settings = SETTINGS[split.spatial_dims]
     return {
         "bundle_root": str(REPO_ROOT),
         "device": f"$torch.device('{device}')",
         "spatial_dims": split.spatial_dims,
-        "patch_size": SETTINGS[split.spatial_dims]["patch_size"],
+        "patch_size": settings["patch_size"],
+        "image_scale": settings["image_scale"],
     }
 
 
@@ -179,8 +183,8 @@ def predict(
         background="head",
         min_size=settings["min_size"],
         output_ext=".tif",
-        **(overrides or {}),
     )
+    infer.update(overrides or {})
     _bundle_run("configs/inference.json", infer, work / f"inference{tag}.log", threads)
     predictions = []
     for item in items:
