@@ -18,6 +18,8 @@ from spoco_bundle.transforms import (
     CheckImageLabeld,
     EnsureSpatialDims,
     EnsureSpatialDimsd,
+    Rescale,
+    Rescaled,
     SparseInstanceLabel,
     SparseInstanceLabeld,
     load_transforms,
@@ -321,3 +323,59 @@ def test_load_transforms_image_only(tmp_path):
     assert tuple(out["image"].shape) == (1, 4, 5, 6) and out["image"].dtype == torch.float32
     np.testing.assert_array_equal(out["image"][0].numpy(), vol)
     np.testing.assert_allclose(out["image"].pixdim, [2.0, 1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------------------------ Rescale
+
+
+def test_rescale_labels_nearest_keeps_ids_dtype_and_blocks():
+    # 4x4x4 blocks of ids: halving keeps every block as an exact 2x2x2 block, doubling back restores the map
+    blocks = np.arange(1, 1 + 2 * 3 * 2, dtype=np.int64).reshape(2, 3, 2)
+    lab = MetaTensor(torch.from_numpy(np.kron(blocks, np.ones((4, 4, 4), np.int64))[None]))
+    half = Rescale(0.5, mode="nearest")(lab)
+    assert tuple(half.shape) == (1, 4, 6, 4) and half.dtype == torch.int64
+    np.testing.assert_array_equal(half[0].numpy(), np.kron(blocks, np.ones((2, 2, 2), np.int64)))
+    np.testing.assert_allclose(half.pixdim, [2.0, 2.0, 2.0])  # the affine follows the new grid
+    back = Rescale(2.0, mode="nearest")(half)
+    np.testing.assert_array_equal(back[0].numpy(), lab[0].numpy())
+
+
+def test_rescale_image_matches_resampled_blob_per_axis():
+    # a smooth Gaussian blob sampled on the fine grid, shrunk 2x in y/x only, equals the blob sampled at the coarse
+    # grid's centres (pixel-centre alignment: a half-pixel shift would exceed the tolerance)
+    z, y, x = np.meshgrid(np.arange(12), np.arange(64), np.arange(64), indexing="ij")
+    blob = np.exp(-((z - 6.0) ** 2 / 18 + (y - 30.5) ** 2 / 72 + (x - 33.5) ** 2 / 72)).astype(np.float32)
+    out = Rescale((1, 0.5, 0.5))(torch.from_numpy(blob[None]))
+    assert tuple(out.shape) == (1, 12, 32, 32) and out.dtype == torch.float32
+    zc, yc, xc = np.meshgrid(np.arange(12), np.arange(32) * 2 + 0.5, np.arange(32) * 2 + 0.5, indexing="ij")
+    expected = np.exp(-((zc - 6.0) ** 2 / 18 + (yc - 30.5) ** 2 / 72 + (xc - 33.5) ** 2 / 72))
+    np.testing.assert_allclose(out[0].numpy(), expected, atol=0.03)
+    # no scale: the input itself
+    img = torch.rand(1, 5, 6)
+    assert Rescale(1.0)(img) is img
+
+
+def test_rescaled_keeps_image_and_labels_aligned_on_numpy():
+    lab = np.zeros((1, 40, 60), np.int32)
+    lab[0, 10:20, 12:30] = 3
+    lab[0, 24:36, 40:52] = 7
+    img = (lab > 0).astype(np.float32) * 0.8 + 0.1
+    out = Rescaled(["image", "label"], scale=[0.5, 0.25], mode=["linear", "nearest"])({"image": img, "label": lab})
+    assert out["image"].shape == (1, 20, 15) and out["label"].shape == (1, 20, 15)
+    assert isinstance(out["label"], np.ndarray) and out["label"].dtype == np.int32
+    assert set(np.unique(out["label"])) == {0, 3, 7}
+    inside = out["image"][out["label"] > 0]
+    assert inside.mean() > 0.75 and out["image"][out["label"] == 0].mean() < 0.2
+
+
+def test_rescale_errors_name_the_problem():
+    for bad in (0, -1, float("nan"), "x", []):
+        with pytest.raises(ValueError, match="image_scale must be a positive number"):
+            Rescale(bad)
+    with pytest.raises(ValueError, match="mode must be"):
+        Rescale(0.5, mode="cubic")
+    img = MetaTensor(torch.zeros(1, 4, 5, 6), meta={"filename_or_obj": "/data/vol_7.nii.gz"})
+    with pytest.raises(ValueError, match=r"vol_7.nii.gz: image_scale has 2 factors but the image has 3 spatial"):
+        Rescale([0.5, 0.5])(img)
+    with pytest.raises(ValueError, match="2 modes given for 3 keys"):
+        Rescaled(["a", "b", "c"], 0.5, mode=["linear", "nearest"])
