@@ -78,7 +78,6 @@ def test_check_properties(tmp_path, tiny3d):
     assert all(isinstance(h, dict) for h in parser["train#handlers"])
 
 
-
 def test_train_image_scale_resamples_images_and_labels_together(tiny3d):
     # the training pipeline up to the random crops, with and without image_scale: the shape follows the factors,
     # every kept object survives, and they still lie on the bright nuclei (no misalignment between the resamplings)
