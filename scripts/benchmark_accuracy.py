@@ -17,6 +17,10 @@ labels of real microscopy data, scored on held-back images; regenerates ``docs/b
   CPU time, for a machine shared with other jobs), with ``--threads`` threads. Prediction / clustering / StarDist's
   threshold optimisation are outside the budget and reported separately.
 - ``--no_run``: only rebuild the docs from the cached results. ``--docs ''``: do not write docs.
+- ``--repredict``: no training; segment the test images again with the checkpoints of finished SPOCO runs (while
+  their work folders exist) and today's ``configs/inference.json`` plus ``--inference_overrides`` (JSON, e.g.
+  ``'{"clustering": "fast"}'``), rescore and update the records; the earlier scores stay in the record
+  (``earlier_predictions``), the record names the commit and clustering of the new predictions.
 """
 
 from __future__ import annotations
@@ -270,6 +274,54 @@ def run_one(
     return record
 
 
+def repredict_one(
+    path: str | os.PathLike,
+    split: Split,
+    device: str = "cpu",
+    threads: int = 2,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """
+    Redo the predictions of the cached SPOCO run at ``path`` with its checkpoint (see ``--repredict``); returns the
+    updated record, or None (with a message) when there is no finished SPOCO run or its checkpoint is gone.
+    """
+    from scripts.accuracy import spoco_runner
+
+    rec = load_record(path)
+    if not rec or rec.get("status") != "ok" or not str(rec.get("method", "")).startswith("spoco"):
+        _log(f"[benchmark] {path}: no finished SPOCO run to repredict")
+        return None
+    t0 = time.perf_counter()
+    try:
+        predictions = spoco_runner.repredict(rec, split, device, threads, overrides)
+    except FileNotFoundError as e:
+        _log(f"[benchmark] {path}: {e}")
+        return None
+    earlier = {k: rec.get(k) for k in ("metrics", "predicted_commit", "clustering") if rec.get(k) is not None}
+    earlier.setdefault("predicted_commit", rec.get("commit"))
+    earlier.setdefault("clustering", rec.get("info", {}).get("clustering", "fast"))  # the default before 0.7.0
+    rec.setdefault("earlier_predictions", []).append(earlier)
+    rec.update(
+        metrics=score(predictions, [it.labels for it in split.test], split.spatial_dims),
+        predicted_commit=_git_commit(),
+        predicted=time.strftime("%Y-%m-%d %H:%M:%S"),
+        clustering=spoco_runner.inference_clustering(overrides),
+        inference_overrides=overrides or {},
+        repredict_seconds=round(time.perf_counter() - t0, 1),
+    )
+    path = Path(path)
+    np.savez_compressed(
+        path.with_suffix(".npz"),
+        **{
+            it.name: np.asarray(p).astype(np.uint16 if np.max(p) < 65536 else np.uint32)
+            for it, p in zip(split.test, predictions)
+        },
+    )
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1, default=_json_default)
+    return rec
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -426,15 +478,34 @@ def _short(commit: str | None) -> str:
     return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
+def _clustering(rec: dict[str, Any]) -> str:
+    """The clustering of a SPOCO run's predictions (runs before it was recorded used ``fast``); '-' for others."""
+    if "clustering" in rec:
+        return str(rec["clustering"])
+    if not str(rec.get("method", "")).startswith("spoco"):
+        return "-"
+    return str(rec.get("info", {}).get("clustering", "fast"))
+
+
+def _commit_cell(rec: dict[str, Any]) -> str:
+    """The commit that trained; after ``--repredict`` also the one that predicted."""
+    cell = _short(rec.get("commit"))
+    if rec.get("predicted_commit"):
+        cell += f", predicted {_short(rec['predicted_commit'])}"
+    return cell
+
+
 def _mean_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over the splits of a data set (3D: both directions) of metrics and times."""
     keys = ("ap50", "map", "sbd", "arand", "voi_split", "voi_merge", "ap50_per_image")
     metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys if k in records[0]["metrics"]}
     cpu = [_train_cpu(r) for r in records]
     budgets = {_budget(r) for r in records}
-    commits = {_short(r.get("commit")) for r in records}
+    commits = {_commit_cell(r) for r in records}
+    clusterings = {_clustering(r) for r in records}
     return {
         "commit": commits.pop() if len(commits) == 1 else "mixed",
+        "clustering": clusterings.pop() if len(clusterings) == 1 else "mixed",
         "metrics": metrics,
         "budget": budgets.pop() if len(budgets) == 1 else "mixed",
         "train_seconds": float(np.mean([r["train_seconds"] for r in records])),
@@ -449,7 +520,7 @@ def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> 
         head += ["ARAND", "VOI split", "VOI merge"]
     else:
         head += ["AP50 (mean per image)"]
-    head += ["budget", "train s (wall)", "train s (CPU)", "iterations", "commit"]
+    head += ["budget", "train s (wall)", "train s (CPU)", "iterations", "clustering", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, ratio, rec in rows:
         m = rec["metrics"]
@@ -465,7 +536,9 @@ def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> 
             f"{rec['train_seconds']:.0f}",
             "-" if cpu is None else f"{cpu:.0f}",
             f"{rec['iterations']:.0f}",
-            _short(rec.get("commit")),  # defaults change between versions: which code ran
+            rec["clustering"] if "budget" in rec else _clustering(rec),
+            # defaults change between versions: which code ran
+            rec["commit"] if "budget" in rec else _commit_cell(rec),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -692,7 +765,9 @@ def write_docs(
         "`configs/inference.json` with `--background head` (variants: full loss; without the consistency term; "
         "without the unlabeled push; without the instance (Dice) term). The git commit and settings of each run "
         "are in its cached JSON; column 'commit' is the code that ran ('+dirty': with uncommitted changes to "
-        "configs/, spoco_bundle/ or scripts/; the record's commit_note, where set, says which).",
+        "configs/, spoco_bundle/ or scripts/; the record's commit_note, where set, says which). 'predicted C': the "
+        "run's checkpoint segmented the test images again at commit C (`--repredict`, same trained model, that "
+        "commit's inference); 'clustering': the `--clustering` of its predictions.",
         "  - StarDist: `scripts/accuracy/stardist_peer.py`, stardist 0.9.2 on TensorFlow 2.15 CPU in `.venv-bench`, "
         "trained from scratch on the sparse labels (2D: 32 rays, grid 2, patch 128, batch 4; 3D: 96 rays, "
         "anisotropic, patch 48x96x96, batch 2), the weights with the lowest validation loss kept (StarDist's default; "
@@ -824,6 +899,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_train", type=int, default=None, help="use only the first N training images (checks)")
     p.add_argument("--max_test", type=int, default=None, help="use only the first N test images (checks)")
     p.add_argument("--stardist3d", action="store_true", help="also train StarDist3D (far too slow for CPU budgets)")
+    p.add_argument(
+        "--repredict", action="store_true", help="no training: segment again with the cached SPOCO runs' checkpoints"
+    )
+    p.add_argument(
+        "--inference_overrides", default="", help="with --repredict: JSON of inference.json ids, e.g. clustering"
+    )
     p.add_argument("--_one", nargs=4, metavar=("DATASET", "SPLIT", "METHOD", "RATIO"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.datasets = _csv(args.datasets)
@@ -906,7 +987,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         splits[dataset] = load_benchmark(dataset, args.data_dir, args.max_train, args.max_test)
     failures = 0
-    if not args.no_run:
+    if args.repredict and not args.no_run:
+        overrides = json.loads(args.inference_overrides) if args.inference_overrides else {}
+        for dataset, dsplits in splits.items():
+            for split in dsplits:
+                if args.splits and split.name not in args.splits:
+                    continue
+                for method in args.methods:
+                    if not method.startswith("spoco"):
+                        continue
+                    for ratio in args.ratios:
+                        path = run_path(args.out_dir, dataset, split.name, method, ratio)
+                        rec = repredict_one(path, split, args.device, args.threads, overrides)
+                        if rec is not None:
+                            m, before = rec["metrics"], rec["earlier_predictions"][-1]["metrics"]
+                            _log(
+                                f"[benchmark] {dataset} {split.name} {method} ratio {ratio:g} repredicted "
+                                f"({rec['clustering']}): AP50 {before['ap50']:.3f} -> {m['ap50']:.3f}, "
+                                f"mAP {before['map']:.3f} -> {m['map']:.3f}, {rec['repredict_seconds']:.0f} s"
+                            )
+    elif not args.no_run:
         unavailable = {m: method_unavailable_reason(m) for m in args.methods}
         env = {**os.environ, **_thread_env(args)}
         for dataset, dsplits in splits.items():

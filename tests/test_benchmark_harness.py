@@ -35,6 +35,7 @@ from scripts.benchmark_accuracy import (  # noqa: E402
     collect_foreground,
     collect_scale,
     is_cached,
+    repredict_one,
     run_one,
     write_docs,
 )
@@ -230,6 +231,36 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert "images/benchmarks_long_dsb2018.png" in long_doc.read_text()
     assert (tmp_path / "docs" / "images" / "benchmarks_long_dsb2018.png").is_file()
     assert (tmp_path / "docs" / "images" / "benchmark_dsb2018.png").read_bytes() == before
+
+
+def test_repredict_reuses_the_checkpoint_and_keeps_the_earlier_scores(
+    dsb_small: Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a real (very short) SPOCO run through the bundle's CLI, then its checkpoint segments the test images again
+    monkeypatch.setenv("SPOCO_BENCH_THREADS", "2")
+    split = Split("dsb2018", "tiny", 2, dsb_small.train[:2], dsb_small.test[:2])
+    rec = run_one(split, "spoco", 1.0, tmp_path / "runs", 4.0)
+    assert rec["status"] == "ok", rec.get("reason")
+    assert rec["info"]["clustering"] == json.loads((ROOT / "configs" / "inference.json").read_text())["clustering"]
+    path = tmp_path / "runs" / "dsb2018" / "tiny" / "spoco" / "ratio_1.00.json"
+    # the same clustering again: the same model and settings give the same scores
+    same = repredict_one(path, split, threads=2, overrides={"clustering": rec["info"]["clustering"]})
+    assert same["metrics"] == rec["metrics"] and same["earlier_predictions"][0]["metrics"] == rec["metrics"]
+    other = "fast" if rec["info"]["clustering"] != "fast" else "watershed"
+    again = repredict_one(path, split, threads=2, overrides={"clustering": other})
+    assert again["clustering"] == other and again["inference_overrides"] == {"clustering": other}
+    assert [e["clustering"] for e in again["earlier_predictions"]] == [rec["info"]["clustering"]] * 2
+    assert again["iterations"] == rec["iterations"] and again["commit"] == rec["commit"]  # training untouched
+    with np.load(path.with_suffix(".npz")) as data:  # the stored predictions are the new ones
+        preds = [data[it.name] for it in split.test]
+    rescored = score(preds, [it.labels for it in split.test], 2)
+    assert {k: rescored[k] for k in ("ap50", "map", "sbd", "tp50")} == pytest.approx(
+        {k: again["metrics"][k] for k in ("ap50", "map", "sbd", "tp50")}
+    )
+    # without the checkpoint nothing is changed
+    (Path(rec["info"]["work_dir"]) / "models" / "model.pt").unlink()
+    assert repredict_one(path, split) is None
+    assert json.loads(path.read_text())["clustering"] == other
 
 
 def test_run_timeout_has_no_wall_limit_on_the_cpu_clock(monkeypatch: pytest.MonkeyPatch) -> None:

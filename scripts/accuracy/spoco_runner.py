@@ -31,7 +31,7 @@ import numpy as np
 from scripts.accuracy.common import REPO_ROOT, Result, Split, budget_clock
 from spoco_bundle.io import read_image, split_image_suffix
 
-__all__ = ["VARIANTS", "SETTINGS", "fit_predict", "predict", "available"]
+__all__ = ["VARIANTS", "SETTINGS", "fit_predict", "predict", "repredict", "inference_clustering", "available"]
 
 VARIANTS = {
     "full": {},
@@ -127,6 +127,7 @@ def fit_predict(
         "overrides": {k: v for k, v in train.items() if k != "device"},
         "background": "head",
         "min_size": settings["min_size"],
+        "clustering": inference_clustering(shared),
     }
     return Result(predictions=predictions, train_seconds=train_wall, iterations=iterations, info=info)
 
@@ -200,3 +201,36 @@ def predict(
 def _children_cpu() -> float:
     t = os.times()
     return t.children_user + t.children_system
+
+
+def inference_clustering(overrides: dict | None = None) -> str:
+    """The clustering method a prediction with ``overrides`` uses (``configs/inference.json``'s default otherwise)."""
+    if overrides and "clustering" in overrides:
+        return str(overrides["clustering"])
+    return str(json.loads((REPO_ROOT / "configs" / "inference.json").read_text())["clustering"])
+
+
+def repredict(
+    record: dict, split: Split, device: str = "cpu", threads: int = 2, overrides: dict | None = None
+) -> list[np.ndarray]:
+    """
+    Segment the split's test images again with the checkpoint of a finished run (``record`` from the benchmark's
+    cache) and today's ``configs/inference.json`` (plus ``overrides``), at the run's patch size and image scale:
+    to score new inference options (clustering) on the same trained models. Outputs go to ``<work_dir>/pred_re``.
+
+    Raises:
+        FileNotFoundError: the run's checkpoint is gone (its work folder is temporary).
+    """
+    info = record.get("info", {})
+    work = Path(info.get("work_dir", ""))
+    ckpt = work / "models" / "model.pt"
+    if not info.get("work_dir") or not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint of this run not found: {ckpt}")
+    trained = info.get("overrides", {})
+    ids = {k: trained[k] for k in ("patch_size", "image_scale") if k in trained}
+    ids.update(overrides or {})
+    out = work / "pred_re"
+    if out.exists():  # no stale files from an earlier repredict
+        for f in out.iterdir():
+            f.unlink()
+    return predict(ckpt, split, work, device=device, threads=threads, tag="_re", overrides=ids)
