@@ -38,7 +38,7 @@ from monai.utils import (
     ensure_tuple,
 )
 
-from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings
+from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings, split_by_shape
 from spoco_bundle.data import (
     check_image_array,
     check_label_array,
@@ -557,6 +557,8 @@ class ClusterEmbeddings(Transform):
         min_size: clusters smaller than this many voxels are set to 0.
         delta_v, delta_d: the training margins.
         foreground_threshold: probability threshold of the foreground head.
+        shape_split: after clustering, split objects shaped like two joined round objects
+            (:func:`~spoco_bundle.clustering.split_by_shape` with ``h=shape_split``); 0: off.
         kwargs: further arguments of the clustering function.
     """
 
@@ -571,8 +573,11 @@ class ClusterEmbeddings(Transform):
         delta_v: float = 0.5,
         delta_d: float = 2.0,
         foreground_threshold: float = 0.5,
+        shape_split: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        if not 0 <= shape_split < 1:
+            raise ValueError(f"shape_split must be in [0, 1) (0: off), got {shape_split!r}.")
         if background not in ("largest", "head", "none"):
             raise ValueError(f"background must be 'largest', 'head' or 'none', got {background!r}.")
         if method not in CLUSTERING_METHODS:
@@ -584,9 +589,17 @@ class ClusterEmbeddings(Transform):
         self.delta_v = delta_v
         self.delta_d = delta_d
         self.foreground_threshold = foreground_threshold
+        self.shape_split = shape_split
         self.kwargs = kwargs
 
-    def __call__(self, pred: NdarrayOrTensor) -> NdarrayOrTensor:
+    def __call__(self, pred: NdarrayOrTensor, spacing: Sequence[float] | None = None) -> NdarrayOrTensor:
+        """
+        Args:
+            pred: network output ``(C, *S)``.
+            spacing: voxel size per spatial axis, for ``shape_split`` (default: the MetaTensor's, else isotropic).
+        """
+        if spacing is None and isinstance(pred, MetaTensor):
+            spacing = [float(v) for v in pred.pixdim]
         arr = np.asarray(convert_data_type(pred, np.ndarray, dtype=np.float32)[0])
         e = self.embedding_dim
         n_emb = 2 * e if self.method == "consistency" else e
@@ -613,22 +626,43 @@ class ClusterEmbeddings(Transform):
             kwargs["delta_d"] = self.delta_d
         if self.method == "consistency":
             kwargs["emb_g"] = arr[e : 2 * e]
-        labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)[None]
-        out, *_ = convert_to_dst_type(labels, pred, dtype=torch.int32)
+        labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)
+        if self.shape_split > 0:
+            if spacing is not None:  # a 2D image's affine may be 4x4 (a third, unused axis)
+                spacing = list(spacing)[: labels.ndim] if len(spacing) >= labels.ndim else None
+            labels = split_by_shape(labels, h=self.shape_split, spacing=spacing, min_size=max(1, self.min_size))
+        out, *_ = convert_to_dst_type(labels[None], pred, dtype=torch.int32)
         return out
 
 
 class ClusterEmbeddingsd(MapTransform):
-    """Dictionary version of :class:`ClusterEmbeddings` (replaces ``pred`` by instance labels)."""
+    """Dictionary version of :class:`ClusterEmbeddings` (replaces ``pred`` by instance labels).
+
+    Args:
+        keys: the network outputs.
+        image_key: the input image, a MetaTensor whose voxel size ``shape_split`` uses (the output of a
+            :class:`~spoco_bundle.inferers.ScaledInferer` is a plain tensor on the image's grid); None: the output's.
+        allow_missing_keys: don't raise for missing keys.
+        kwargs: arguments of :class:`ClusterEmbeddings`.
+    """
 
     backend = ClusterEmbeddings.backend
 
-    def __init__(self, keys: KeysCollection = "pred", allow_missing_keys: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        image_key: str | None = "image",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
         self.cluster = ClusterEmbeddings(**kwargs)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
+        image = d.get(self.image_key) if self.image_key is not None else None
+        spacing = [float(v) for v in image.pixdim] if isinstance(image, MetaTensor) else None
         for key in self.key_iterator(d):
-            d[key] = self.cluster(d[key])
+            d[key] = self.cluster(d[key], spacing=spacing)
         return d

@@ -25,6 +25,7 @@ from spoco_bundle.clustering import (
     filter_small,
     relabel_consecutive,
     remove_background,
+    split_by_shape,
 )
 from spoco_bundle.metrics import ap50
 
@@ -337,6 +338,19 @@ def test_watershed_cuts_touching_objects_with_a_smooth_border():
     assert cluster_watershed(emb, fg_mask=mask, background="none", merge_threshold=3.5).max() == 1
 
 
+def test_watershed_keeps_objects_without_a_seed():
+    # a uniform object has a flat edge map (no basin deeper than h): it must stay one object, not vanish; beside it
+    # an object with an ordinary basin
+    emb = np.zeros((4, 30, 30), np.float32)
+    mask = np.zeros((30, 30), bool)
+    mask[3:12, 3:12] = True
+    mask[16:27, 16:27] = True
+    yy, xx = np.mgrid[:30, :30]
+    emb[0] = np.where(yy >= 16, 5.0 + 0.5 * np.hypot(yy - 21, xx - 21), 0.0)  # a bowl: seed at the centre
+    out = cluster_watershed(emb, fg_mask=mask, background="none", min_size=1)
+    assert len(np.unique(out[mask])) == 2 and (out[:15][mask[:15]] > 0).all() and (out[~mask] == 0).all()
+
+
 def test_watershed_input_validation():
     lab, emb = _smooth_border_pair()
     for kwargs in ({"h": 0.0}, {"sigma": -1.0}, {"merge_threshold": -0.5}):
@@ -347,3 +361,65 @@ def test_watershed_input_validation():
     with pytest.raises(ValueError, match="fg_mask must have the spatial shape"):
         cluster_watershed(emb, fg_mask=np.ones((3, 3), bool))
     assert cluster_watershed(emb, fg_mask=np.zeros(lab.shape, bool)).max() == 0  # empty mask: no objects
+
+
+# ------------------------------------------------------------------------------------------------ split_by_shape
+
+
+def _balls(shape, centres, radii, spacing=None) -> list[np.ndarray]:
+    grids = np.meshgrid(
+        *[np.arange(n) * (1 if spacing is None else spacing[i]) for i, n in enumerate(shape)], indexing="ij"
+    )
+    return [sum((g - c) ** 2 for g, c in zip(grids, centre)) <= r**2 for centre, r in zip(centres, radii)]
+
+
+def _best_iou(part: np.ndarray, objects: list[np.ndarray]) -> float:
+    return max((part & o).sum() / (part | o).sum() for o in objects)
+
+
+def test_split_by_shape_cuts_two_joined_discs_at_the_neck():
+    a, b = _balls((60, 90), [(30, 30), (30, 58)], [15, 15])  # overlapping discs: an 8 with a neck
+    joined = (a | b).astype(np.int32) * 4
+    out = split_by_shape(joined, h=0.1)
+    parts = [out == k for k in np.unique(out[out > 0])]
+    assert len(parts) == 2 and 4 in np.unique(out)  # one part keeps the id, the other gets the next free one
+    halves = [a & (np.arange(90) < 44)[None], b & (np.arange(90) >= 44)[None]]  # the true cut is the neck at x=44
+    assert min(_best_iou(p, halves) for p in parts) > 0.95
+    assert out.dtype == np.int32 and ((out > 0) == (joined > 0)).all()  # nothing added or lost
+
+
+def test_split_by_shape_leaves_round_and_elongated_objects_alone():
+    lab = np.zeros((80, 120), np.int32)
+    lab[_balls((80, 120), [(40, 30)], [18])[0]] = 1
+    y, x = np.mgrid[:80, :120]
+    lab[((y - 40) / 12.0) ** 2 + ((x - 90) / 26.0) ** 2 <= 1] = 2  # a 2:1 ellipse has one ridge, not two peaks
+    np.testing.assert_array_equal(split_by_shape(lab, h=0.1), lab)
+    # an h deeper than the neck keeps even the 8 whole (peaks 15, saddle about 5.4: 0.64 of the peak below it);
+    # parts below min_size cancel the split
+    a, b = _balls((60, 90), [(30, 30), (30, 58)], [15, 15])
+    joined = (a | b).astype(np.int32)
+    assert len(np.unique(split_by_shape(joined, h=0.55))) == 3
+    np.testing.assert_array_equal(split_by_shape(joined, h=0.75), joined)
+    np.testing.assert_array_equal(split_by_shape(joined, h=0.1, min_size=int(a.sum()) + 1), joined)
+
+
+def test_split_by_shape_3d_uses_the_voxel_spacing():
+    # two spheres of radius 4 um overlapping along z (centres 7 um apart), sampled with 1 um z and 0.25 um y/x
+    # voxels: in physical units an 8 along z, split at the neck plane
+    spacing = (1.0, 0.25, 0.25)
+    a, b = _balls((20, 40, 40), [(6.0, 5.0, 5.0), (13.0, 5.0, 5.0)], [4.0, 4.0], spacing)
+    joined = (a | b).astype(np.int32)
+    out = split_by_shape(joined, h=0.1, spacing=spacing)
+    assert len(np.unique(out[out > 0])) == 2
+    assert min(_best_iou(out == k, [a, b]) for k in (1, 2)) > 0.85
+    # one sphere alone stays whole
+    np.testing.assert_array_equal(split_by_shape(a.astype(np.int32), h=0.1, spacing=spacing), a.astype(np.int32))
+
+
+def test_split_by_shape_validation():
+    with pytest.raises(ValueError, match="0 < h < 1"):
+        split_by_shape(np.zeros((4, 4), np.int32), h=1.0)
+    with pytest.raises(ValueError, match="integer array"):
+        split_by_shape(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="spacing needs 2 positive values"):
+        split_by_shape(np.zeros((4, 4), np.int32), spacing=(1.0, 0.0))

@@ -16,6 +16,8 @@ from spoco_bundle.io import LoadVolumed, read_image
 from spoco_bundle.transforms import (
     CheckImageLabel,
     CheckImageLabeld,
+    ClusterEmbeddings,
+    ClusterEmbeddingsd,
     EnsureSpatialDims,
     EnsureSpatialDimsd,
     Rescale,
@@ -379,3 +381,27 @@ def test_rescale_errors_name_the_problem():
         Rescale([0.5, 0.5])(img)
     with pytest.raises(ValueError, match="2 modes given for 3 keys"):
         Rescaled(["a", "b", "c"], 0.5, mode=["linear", "nearest"])
+
+
+# ------------------------------------------------------------------------------------------- ClusterEmbeddings
+
+
+def test_cluster_embeddings_shape_split_uses_the_image_spacing():
+    # one embedding everywhere (the network did not separate them) and a head that marks two spheres of radius 4 um
+    # overlapping along z; voxels 1 x 0.25 x 0.25 um
+    spacing = (1.0, 0.25, 0.25)
+    z, y, x = np.meshgrid(np.arange(20) * 1.0, np.arange(40) * 0.25, np.arange(40) * 0.25, indexing="ij")
+    fg = ((z - 6) ** 2 + (y - 5) ** 2 + (x - 5) ** 2 <= 16) | ((z - 13) ** 2 + (y - 5) ** 2 + (x - 5) ** 2 <= 16)
+    pred = np.zeros((17, 20, 40, 40), np.float32)
+    pred[16] = np.where(fg, 5.0, -5.0)
+    image = MetaTensor(torch.zeros(1, 20, 40, 40), affine=torch.diag(torch.tensor([*spacing, 1.0])))
+    kwargs = dict(keys="pred", method="fast", background="head", min_size=16)
+    whole = ClusterEmbeddingsd(**kwargs)({"pred": torch.from_numpy(pred), "image": image})["pred"]
+    assert set(np.unique(np.asarray(whole))) == {0, 1}
+    split = ClusterEmbeddingsd(shape_split=0.1, **kwargs)({"pred": torch.from_numpy(pred), "image": image})["pred"]
+    split = np.asarray(split)[0]
+    assert set(np.unique(split)) == {0, 1, 2} and ((split > 0) == fg).all()
+    # the cut lies at the neck plane between the centres (z = 9.5 um): each part is one sphere's side
+    assert {int(np.unique(split[z < 9][fg[z < 9]])[0]), int(np.unique(split[z > 10][fg[z > 10]])[0])} == {1, 2}
+    with pytest.raises(ValueError, match="shape_split must be in"):
+        ClusterEmbeddings(shape_split=1.0)
