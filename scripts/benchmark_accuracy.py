@@ -445,6 +445,21 @@ def _foreground_lines(fg_records: Sequence[dict[str, Any]], ok: dict, dataset: s
             lines += [
                 f"| {r['method']} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |" for r in rec["clusterings"]
             ]
+        if rec.get("shape_split"):
+            lines += [
+                "",
+                "Touching objects split by shape (`--shape_split`, `spoco_bundle.clustering.split_by_shape`) after "
+                "each clustering, and, as references without embeddings, the connected components of the mask:",
+                "",
+                "| foreground mask | clustering | AP50 | mAP | SBD |",
+                "|---|---|---|---|---|",
+            ]
+            names = {"head": "head", "truth": "truth (oracle)"}
+            lines += [
+                f"| {names.get(r['mask'], r['mask'])} | {r['method'].replace('components', 'connected components')} "
+                f"| {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |"
+                for r in rec["shape_split"]
+            ]
         lines += ["", "| head threshold | AP50 | mAP |", "|---|---|---|"]
         lines += [f"| {r['threshold']:g} | {r['ap50']:.3f} | {r['map']:.3f} |" for r in rec["thresholds"]]
         lines.append("")

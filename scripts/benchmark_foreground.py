@@ -9,7 +9,9 @@ the foreground mask taken from
 - the head with the false-positive pixels removed (head AND truth): what a head without halos/false blobs would give;
 - the head with the missed pixels added (head OR truth);
 - the true foreground (oracle): what the embeddings alone can separate;
-- and the head's mask clustered with other ``--clustering`` methods of inference (``--clusterings``).
+- and the head's mask clustered with other ``--clustering`` methods of inference (``--clusterings``);
+- each clustering followed by ``--shape_split`` (the inference option), and the connected components of the head's
+  and of the true mask (no embeddings) with and without it: what the embeddings add over the mask alone.
 
 Also the head's pixel precision / recall against the true foreground (pooled over images), the ratio of
 predicted to true foreground area, and where the true objects go with the head's mask and with the true mask
@@ -17,7 +19,8 @@ predicted to true foreground area, and where the true objects go with the head's
 means of merged neighbours (the push term asks for at least ``2 delta_d``).
 
     .venv/bin/python scripts/benchmark_foreground.py [--dataset dsb2018] [--ratio 0.1] [--method spoco]
-        [--split NAME] [--thresholds 0.2,0.35,0.5,0.65,0.8] [--clusterings fast,watershed] [--out_dir eval/benchmark]
+        [--split NAME] [--thresholds 0.2,0.35,0.5,0.65,0.8] [--clusterings fast,watershed] [--shape_split 0.1]
+        [--out_dir eval/benchmark]
         [--threads 2]
 
 It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
@@ -44,8 +47,8 @@ if str(REPO_ROOT) not in sys.path:
 from scipy import ndimage  # noqa: E402
 
 from scripts.accuracy.common import cached_checkpoint, default_data_dir, score  # noqa: E402
-from scripts.accuracy.spoco_runner import SETTINGS, bundle_ids  # noqa: E402
-from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_fast  # noqa: E402
+from scripts.accuracy.spoco_runner import SETTINGS, bundle_ids, run_ids  # noqa: E402
+from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings, cluster_fast, split_by_shape  # noqa: E402
 from spoco_bundle.transforms import ClusterEmbeddings  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.5
@@ -129,6 +132,8 @@ def foreground_breakdown(
     delta_v: float = 0.5,
     delta_d: float = 2.0,
     clusterings: Sequence[str] = (),
+    shape_split: float = 0.0,
+    spacings: Sequence[Sequence[float] | None] | None = None,
 ) -> dict:
     """
     Score the clustering of raw network outputs under different foreground masks.
@@ -141,6 +146,10 @@ def foreground_breakdown(
         min_size: ``min_size`` of the clustering.
         thresholds: head probability thresholds to sweep (the default mask uses 0.5).
         clusterings: further clustering methods (``--clustering`` of inference) to score with the head's mask.
+        shape_split: if > 0, each clustering also with ``shape_split`` (:func:`spoco_bundle.clustering.split_by_shape`),
+            and, as references without embeddings, the connected components of the head's and of the true mask with
+            and without that split, beside the true mask clustered with the clusterings.
+        spacings: per image the voxel size (for ``shape_split``; default isotropic).
 
     Returns:
         ``{"masks": [{"mask", "description", **scores}], "thresholds": [{"threshold", **scores}],
@@ -162,6 +171,7 @@ def foreground_breakdown(
         m: ClusterEmbeddings(m, embedding_dim, "head", min_size, delta_v, delta_d) for m in clusterings if m != "fast"
     }
     clustered: dict[str, list[np.ndarray]] = {m: [] for m in by_method}
+    split_rows: dict[tuple[str, str], list[np.ndarray]] = {}  # (mask, method) -> predictions
     tp = n_pred = n_true = 0
     fates: dict[str, dict] = {}
     for out, lab in zip(outputs, labels):
@@ -189,6 +199,23 @@ def foreground_breakdown(
             swept[t].append(by_t[t])
         for m, cluster in by_method.items():
             clustered[m].append(np.asarray(cluster(out))[0])
+        if shape_split > 0:
+            spacing = None if spacings is None else spacings[len(preds["head"]) - 1]
+
+            def split(lab_: np.ndarray) -> np.ndarray:
+                return split_by_shape(lab_, h=shape_split, spacing=spacing, min_size=max(1, min_size))
+
+            rows = {("head", "fast"): preds["head"][-1], ("truth", "fast"): preds["truth"][-1]}
+            rows.update({("head", m): clustered[m][-1] for m in by_method})
+            for m in by_method:
+                rows[("truth", m)] = cluster_embeddings(
+                    emb, m, delta_v=delta_v, min_size=min_size, fg_mask=truth, background="none"
+                )
+            for key in ("head", "truth"):
+                rows[(key, "components")] = _components(head if key == "head" else truth, min_size)
+            for (key, m), lab_ in list(rows.items()):
+                split_rows.setdefault((key, m), []).append(lab_)
+                split_rows.setdefault((key, f"{m} + shape_split {shape_split:g}"), []).append(split(lab_))
     labels = list(labels)
     masks = [{"mask": k, "description": MASKS[k], **score(p, labels, spatial_dims)} for k, p in preds.items()]
     head_scores = {k: v for k, v in masks[0].items() if k not in ("mask", "description")}  # the "head" row = fast
@@ -198,12 +225,23 @@ def foreground_breakdown(
         "objects": [{"mask": k, "description": MASKS[k], **_summary(v)} for k, v in fates.items()],
         "clusterings": [{"method": "fast", **head_scores}]
         + [{"method": m, **score(p, labels, spatial_dims)} for m, p in clustered.items()],
+        "shape_split": [
+            {"mask": key, "method": m, **score(p, labels, spatial_dims)} for (key, m), p in split_rows.items()
+        ],
         "pixel": {
             "precision": tp / max(n_pred, 1),
             "recall": tp / max(n_true, 1),
             "area_ratio": n_pred / max(n_true, 1),
         },
     }
+
+
+def _components(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Connected components of a mask (face connectivity), those below ``min_size`` voxels dropped: no embeddings."""
+    comp, _ = ndimage.label(mask)
+    sizes = np.bincount(comp.reshape(-1))
+    comp[(sizes < min_size)[comp]] = 0
+    return comp.astype(np.int32)
 
 
 def _summary(fate: dict) -> dict:
@@ -214,13 +252,14 @@ def _summary(fate: dict) -> dict:
     return fate
 
 
-def network_outputs(ckpt: Path, split, items, device: str = "cpu") -> list[np.ndarray]:
-    """Raw outputs ``(E + 1, *S)`` of the checkpoint on ``items``, with the bundle's inference config pieces."""
+def network_outputs(ckpt: Path, split, items, device: str = "cpu", ids: dict | None = None) -> list[np.ndarray]:
+    """Raw outputs ``(E + 1, *S)`` of the checkpoint on ``items``, with the bundle's inference config pieces;
+    ``ids``: the run's own inference ids (:func:`~scripts.accuracy.spoco_runner.run_ids`: patch size, image scale)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "configs" / "inference.json"))
-    parser.update(dict(bundle_ids(split, device), ckpt_path=str(ckpt)))
+    parser.update(dict(bundle_ids(split, device), ckpt_path=str(ckpt), **(ids or {})))
     network, preprocessing, inferer = (parser.get_parsed_content(k) for k in ("network", "preprocessing", "inferer"))
     network.eval()
     outputs = []
@@ -241,7 +280,7 @@ def breakdown(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     test = split.test[: args.max_test] if args.max_test else split.test
     t0 = time.perf_counter()
-    outputs = network_outputs(ckpt, split, test, args.device)
+    outputs = network_outputs(ckpt, split, test, args.device, run_ids(run))
     result = foreground_breakdown(
         outputs,
         [i.labels for i in test],
@@ -249,6 +288,8 @@ def breakdown(args: argparse.Namespace) -> Path:
         min_size=SETTINGS[split.spatial_dims]["min_size"],
         thresholds=args.thresholds,
         clusterings=args.clusterings,
+        shape_split=args.shape_split,
+        spacings=[i.spacing for i in test],
     )
     for row in result["masks"]:
         print(f"[foreground] {args.dataset} {split.name} {args.method} {args.ratio:g} {row['mask']}: {row['ap50']:.3f}")
@@ -269,6 +310,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--thresholds", default="0.2,0.35,0.5,0.65,0.8", help="head probability thresholds to sweep")
     p.add_argument("--clusterings", default="fast,watershed", help="clustering methods scored with the head's mask")
+    p.add_argument("--shape_split", type=float, default=0.1, help="also score with split_by_shape (0: skip)")
     p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "benchmark"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)

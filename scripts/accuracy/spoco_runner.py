@@ -31,7 +31,16 @@ import numpy as np
 from scripts.accuracy.common import REPO_ROOT, Result, Split, budget_clock
 from spoco_bundle.io import read_image, split_image_suffix
 
-__all__ = ["VARIANTS", "SETTINGS", "fit_predict", "predict", "repredict", "inference_clustering", "available"]
+__all__ = [
+    "VARIANTS",
+    "SETTINGS",
+    "fit_predict",
+    "predict",
+    "repredict",
+    "run_ids",
+    "inference_clustering",
+    "available",
+]
 
 VARIANTS = {
     "full": {},
@@ -203,6 +212,12 @@ def _children_cpu() -> float:
     return t.children_user + t.children_system
 
 
+def run_ids(record: dict) -> dict:
+    """The ids a finished run's checkpoint must be segmented with: its training's patch size and image scale."""
+    trained = record.get("info", {}).get("overrides", {})
+    return {k: trained[k] for k in ("patch_size", "image_scale") if k in trained}
+
+
 def inference_clustering(overrides: dict | None = None) -> str:
     """The clustering method a prediction with ``overrides`` uses (``configs/inference.json``'s default otherwise)."""
     if overrides and "clustering" in overrides:
@@ -226,9 +241,7 @@ def repredict(
     ckpt = work / "models" / "model.pt"
     if not info.get("work_dir") or not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint of this run not found: {ckpt}")
-    trained = info.get("overrides", {})
-    ids = {k: trained[k] for k in ("patch_size", "image_scale") if k in trained}
-    ids.update(overrides or {})
+    ids = dict(run_ids(record), **(overrides or {}))
     out = work / "pred_re"
     if out.exists():  # no stale files from an earlier repredict
         for f in out.iterdir():
