@@ -30,6 +30,7 @@ from scripts.accuracy.common import (  # noqa: E402
     score,
     sparsify,
 )
+from scripts.accuracy.spoco_runner import inference_clustering  # noqa: E402
 from scripts.benchmark_accuracy import (  # noqa: E402
     collect,
     collect_foreground,
@@ -241,15 +242,17 @@ def test_repredict_reuses_the_checkpoint_and_keeps_the_earlier_scores(
     split = Split("dsb2018", "tiny", 2, dsb_small.train[:2], dsb_small.test[:2])
     rec = run_one(split, "spoco", 1.0, tmp_path / "runs", 4.0)
     assert rec["status"] == "ok", rec.get("reason")
-    assert rec["info"]["clustering"] == json.loads((ROOT / "configs" / "inference.json").read_text())["clustering"]
+    default = inference_clustering()  # the configs' post-processing, e.g. "watershed + shape_split 0.1"
+    assert rec["info"]["clustering"] == default and default.startswith(
+        json.loads((ROOT / "configs" / "inference.json").read_text())["clustering"]
+    )
     path = tmp_path / "runs" / "dsb2018" / "tiny" / "spoco" / "ratio_1.00.json"
-    # the same clustering again: the same model and settings give the same scores
-    same = repredict_one(path, split, threads=2, overrides={"clustering": rec["info"]["clustering"]})
+    # the same post-processing again: the same model and settings give the same scores
+    same = repredict_one(path, split, threads=2)
     assert same["metrics"] == rec["metrics"] and same["earlier_predictions"][0]["metrics"] == rec["metrics"]
-    other = "fast" if rec["info"]["clustering"] != "fast" else "watershed"
-    again = repredict_one(path, split, threads=2, overrides={"clustering": other})
-    assert again["clustering"] == other and again["inference_overrides"] == {"clustering": other}
-    assert [e["clustering"] for e in again["earlier_predictions"]] == [rec["info"]["clustering"]] * 2
+    again = repredict_one(path, split, threads=2, overrides={"clustering": "fast", "shape_split": 0})
+    assert again["clustering"] == "fast" and again["inference_overrides"] == {"clustering": "fast", "shape_split": 0}
+    assert [e["clustering"] for e in again["earlier_predictions"]] == [default] * 2
     assert again["iterations"] == rec["iterations"] and again["commit"] == rec["commit"]  # training untouched
     with np.load(path.with_suffix(".npz")) as data:  # the stored predictions are the new ones
         preds = [data[it.name] for it in split.test]
@@ -260,7 +263,7 @@ def test_repredict_reuses_the_checkpoint_and_keeps_the_earlier_scores(
     # without the checkpoint nothing is changed
     (Path(rec["info"]["work_dir"]) / "models" / "model.pt").unlink()
     assert repredict_one(path, split) is None
-    assert json.loads(path.read_text())["clustering"] == other
+    assert json.loads(path.read_text())["clustering"] == "fast"
 
 
 def test_run_timeout_has_no_wall_limit_on_the_cpu_clock(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -219,10 +219,12 @@ def run_ids(record: dict) -> dict:
 
 
 def inference_clustering(overrides: dict | None = None) -> str:
-    """The clustering method a prediction with ``overrides`` uses (``configs/inference.json``'s default otherwise)."""
-    if overrides and "clustering" in overrides:
-        return str(overrides["clustering"])
-    return str(json.loads((REPO_ROOT / "configs" / "inference.json").read_text())["clustering"])
+    """The post-processing a prediction with ``overrides`` uses (``configs/inference.json``'s defaults otherwise):
+    the clustering method, and ``+ shape_split h`` when objects are split by shape."""
+    config = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
+    config.update(overrides or {})
+    split = float(config.get("shape_split", 0) or 0)
+    return str(config["clustering"]) + (f" + shape_split {split:g}" if split > 0 else "")
 
 
 def repredict(
