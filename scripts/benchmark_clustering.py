@@ -38,6 +38,7 @@ from spoco_bundle.clustering import (
     cluster_hdbscan,
     cluster_meanshift,
     cluster_watershed,
+    split_by_shape,
 )
 from spoco_bundle.metrics import segmentation_scores
 
@@ -234,6 +235,8 @@ def benchmark_clustering(
     methods: dict[str, Callable[..., np.ndarray]] = {
         "fast": cluster_fast,
         "watershed": cluster_watershed,
+        # the inference default: watershed, then objects shaped like joined round ones split (shape_split 0.1)
+        "watershed+split": lambda emb: split_by_shape(cluster_watershed(emb), h=0.1, min_size=16),
         "hdbscan": cluster_hdbscan,
         "meanshift": cluster_meanshift,
         "consistency": lambda emb, emb_g: cluster_consistency(emb, emb_g),
@@ -351,7 +354,7 @@ def main(
     slow_limit_s: float = 180.0,
     device: str = "cpu",
     inference_size: int = 100,
-    methods: str = "fast,watershed,hdbscan,meanshift,consistency",
+    methods: str = "fast,watershed,watershed+split,hdbscan,meanshift,consistency",
 ) -> None:
     """Print the clustering benchmark as markdown; the last line summarises ``fast`` on the largest size.
 
