@@ -414,14 +414,18 @@ def _foreground_lines(fg_records: Sequence[dict[str, Any]], ok: dict, dataset: s
         px = rec["pixel"]
         lines += [
             f"Error breakdown ({rec['method']}, {rec['split']}, {rec['ratio']:.0%} labelled, "
-            f"`scripts/benchmark_foreground.py`): the same model's embeddings clustered with other foreground masks "
-            f"on the {rec['n_test']} held-back images. The head's pixels against the true foreground: precision "
-            f"{px['precision']:.2f}, recall {px['recall']:.2f}, predicted / true area {px['area_ratio']:.2f}.",
+            f"`scripts/benchmark_foreground.py`): the same model's embeddings clustered (`fast`, no shape split, "
+            f"unless a table says otherwise) with other foreground masks on the {rec['n_test']} held-back images. "
+            f"The head's pixels against the true foreground: precision {px['precision']:.2f}, "
+            f"recall {px['recall']:.2f}, predicted / true area {px['area_ratio']:.2f}.",
             "",
             "| foreground mask | AP50 | mAP | SBD |",
             "|---|---|---|---|",
         ]
-        lines += [f"| {r['description']} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |" for r in rec["masks"]]
+        lines += [
+            f"| {r['description'].replace(' (default)', '')} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |"
+            for r in rec["masks"]
+        ]
         if rec.get("objects"):
             lines += [
                 "",
@@ -437,7 +441,8 @@ def _foreground_lines(fg_records: Sequence[dict[str, Any]], ok: dict, dataset: s
             ]
             for r in rec["objects"]:
                 lines.append(
-                    f"| {r['description']} | {r['n_gt']} | {r['matched']} | {r['missed']} | {r['merged']} | "
+                    f"| {r['description'].replace(' (default)', '')} | {r['n_gt']} | {r['matched']} | {r['missed']} | "
+                    f"{r['merged']} | "
                     f"{r['other']} | {_fmt(r['merged_distance_median'], 2)} | {_fmt(r['merged_touching_share'], 2)} |"
                 )
         if len(rec.get("clusterings", [])) > 1:

@@ -182,6 +182,9 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         fates = {"n_gt": 9, "matched": 5, "missed": 1, "merged": 2, "other": 1, "merged_touching_share": 0.5}
         fg["objects"] = [{"mask": "head", "description": "head", "merged_distance_median": 1.25, **fates}]
         fg["clusterings"] = [{"method": m, "ap50": v, "map": 0.25, "sbd": 0.5} for m, v in (("fast", ap), ("ws", 0.7))]
+        fg["shape_split"] = [
+            {"mask": "truth", "method": "components + shape_split 0.1", "ap50": ap, "map": 0.5, "sbd": 1}
+        ]
         (path.parent / f"foreground_ratio_0.10{work[-3:]}.json").write_text(json.dumps(fg))
     records = collect(tmp_path / "runs")
     assert len(records) == 2
@@ -203,6 +206,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert "precision 0.61, recall 0.97, predicted / true area 1.60" in text and "0.438" not in text
     assert "| head | 9 | 5 | 1 | 2 | 1 | 1.25 | 0.50 |" in text
     assert "| fast | 0.625 | 0.250 | 0.500 |\n| ws | 0.700 | 0.250 | 0.500 |" in text
+    assert "| truth (oracle) | connected components + shape_split 0.1 | 0.625 | 0.500 | 1.000 |" in text
     # the command that reruns the grid states the grid and the budget of the runs shown
     grid = "--ratios 0.1,1 \\\n    --methods classical,stardist --budget_s 60 --clock wall --threads 1\n"
     assert "benchmark_accuracy.py --datasets dsb2018 " + grid in text
