@@ -56,6 +56,19 @@ def _third_party_imports() -> set[str]:
     return {n for n in names if n not in sys.stdlib_module_names and n != "spoco_bundle"}
 
 
+def test_json_files_have_no_duplicate_keys():
+    # json.loads keeps the last of two equal keys silently (MONAI's parser only warns): a changelog entry written
+    # twice would hide the first
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        assert not dup, f"duplicate keys {dup}"
+        return dict(pairs)
+
+    for path in [ROOT / "metadata.json", *sorted((ROOT / "configs").glob("*.json"))]:
+        json.loads(path.read_text(), object_pairs_hook=no_duplicates)
+
+
 def test_metadata_is_valid_and_versioned():
     assert check_metadata(META) == []
     assert META["schema"] == META_SCHEMA_URL
