@@ -645,7 +645,7 @@ def _plot_examples(split: Split, runs: dict[str, dict[str, Any]], path: Path) ->
     ]
     cols = min(4, len(panels))
     rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.9 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (title, rgb) in zip(axes.ravel(), panels):
@@ -653,7 +653,7 @@ def _plot_examples(split: Split, runs: dict[str, dict[str, Any]], path: Path) ->
         ax.set_title(title, fontsize=8)
     where = f"{item.name}" + (f", z = {z} of {item.image.shape[0]}" if z is not None else "")
     fig.suptitle(f"{split.dataset} {split.name}, held-back image {where}; 10 % labelled", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.5)  # two-line panel titles must not run into the row above
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
