@@ -640,9 +640,9 @@ class ClusterEmbeddingsd(MapTransform):
 
     Args:
         keys: the network outputs.
+        allow_missing_keys: don't raise for missing keys.
         image_key: the input image, a MetaTensor whose voxel size ``shape_split`` uses (the output of a
             :class:`~spoco_bundle.inferers.ScaledInferer` is a plain tensor on the image's grid); None: the output's.
-        allow_missing_keys: don't raise for missing keys.
         kwargs: arguments of :class:`ClusterEmbeddings`.
     """
 
@@ -651,8 +651,8 @@ class ClusterEmbeddingsd(MapTransform):
     def __init__(
         self,
         keys: KeysCollection = "pred",
-        image_key: str | None = "image",
         allow_missing_keys: bool = False,
+        image_key: str | None = "image",
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
