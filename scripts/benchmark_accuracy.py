@@ -937,6 +937,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for m in args.methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; valid: {','.join(METHODS)}")
+    try:
+        overrides = json.loads(args.inference_overrides) if args.inference_overrides else {}
+    except ValueError as e:
+        p.error(f"--inference_overrides must be a JSON object of inference.json ids: {e}")
+    if not isinstance(overrides, dict):
+        p.error(f"--inference_overrides must be a JSON object of inference.json ids, got {args.inference_overrides!r}")
+    args.inference_overrides = overrides
     for r in args.ratios:
         if not 0.0 < r <= 1.0:
             p.error(f"ratios must be in (0, 1], got {r}")
@@ -1008,7 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits[dataset] = load_benchmark(dataset, args.data_dir, args.max_train, args.max_test)
     failures = 0
     if args.repredict and not args.no_run:
-        overrides = json.loads(args.inference_overrides) if args.inference_overrides else {}
+        overrides = args.inference_overrides
         for dataset, dsplits in splits.items():
             for split in dsplits:
                 if args.splits and split.name not in args.splits:

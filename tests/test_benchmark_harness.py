@@ -36,6 +36,7 @@ from scripts.benchmark_accuracy import (  # noqa: E402
     collect_foreground,
     collect_scale,
     is_cached,
+    parse_args,
     repredict_one,
     run_one,
     write_docs,
@@ -368,3 +369,13 @@ def test_foreground_breakdown_checks_clusterings_before_running(capsys) -> None:
         with pytest.raises(SystemExit):
             foreground_args(["--clusterings", bad])
         assert "--clusterings must be among ['fast', 'hdbscan', 'meanshift', 'watershed']" in capsys.readouterr().err
+
+
+def test_inference_overrides_are_checked_when_parsed(capsys) -> None:
+    assert parse_args(["--repredict", "--inference_overrides", '{"clustering": "fast"}']).inference_overrides == {
+        "clustering": "fast"
+    }
+    for bad in ("{bad", "[1]"):
+        with pytest.raises(SystemExit):
+            parse_args(["--repredict", "--inference_overrides", bad])
+        assert "--inference_overrides must be a JSON object" in capsys.readouterr().err
