@@ -174,7 +174,9 @@ def foreground_breakdown(
     split_rows: dict[tuple[str, str], list[np.ndarray]] = {}  # (mask, method) -> predictions
     tp = n_pred = n_true = 0
     fates: dict[str, dict] = {}
-    for out, lab in zip(outputs, labels):
+    if spacings is not None and len(spacings) != len(outputs):
+        raise ValueError(f"need one spacing per image, got {len(spacings)} for {len(outputs)} images.")
+    for index, (out, lab) in enumerate(zip(outputs, labels)):
         if out.shape != (embedding_dim + 1,) + lab.shape:
             raise ValueError(f"output shape {out.shape} does not match labels {lab.shape} with E={embedding_dim}.")
         emb, truth = out[:embedding_dim], lab > 0
@@ -200,11 +202,7 @@ def foreground_breakdown(
         for m, cluster in by_method.items():
             clustered[m].append(np.asarray(cluster(out))[0])
         if shape_split > 0:
-            spacing = None if spacings is None else spacings[len(preds["head"]) - 1]
-
-            def split(lab_: np.ndarray) -> np.ndarray:
-                return split_by_shape(lab_, h=shape_split, spacing=spacing, min_size=max(1, min_size))
-
+            spacing = None if spacings is None else spacings[index]
             rows = {("head", "fast"): preds["head"][-1], ("truth", "fast"): preds["truth"][-1]}
             rows.update({("head", m): clustered[m][-1] for m in by_method})
             for m in by_method:
@@ -215,7 +213,8 @@ def foreground_breakdown(
                 rows[(key, "components")] = _components(head if key == "head" else truth, min_size)
             for (key, m), lab_ in list(rows.items()):
                 split_rows.setdefault((key, m), []).append(lab_)
-                split_rows.setdefault((key, f"{m} + shape_split {shape_split:g}"), []).append(split(lab_))
+                parts = split_by_shape(lab_, h=shape_split, spacing=spacing, min_size=max(1, min_size))
+                split_rows.setdefault((key, f"{m} + shape_split {shape_split:g}"), []).append(parts)
     labels = list(labels)
     masks = [{"mask": k, "description": MASKS[k], **score(p, labels, spatial_dims)} for k, p in preds.items()]
     head_scores = {k: v for k, v in masks[0].items() if k not in ("mask", "description")}  # the "head" row = fast

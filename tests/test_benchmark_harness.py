@@ -333,6 +333,25 @@ def test_foreground_breakdown_separates_head_halos_from_embedding_errors() -> No
     assert head_fates["merged_distance_median"] is None
 
 
+def test_foreground_breakdown_shape_split_rows() -> None:
+    # three overlapping discs in a chain with one embedding: every clustering and the connected components give one
+    # object (IoU about 1/3 with each true disc); the shape split gives the three true ones
+    yy, xx = np.mgrid[:60, :120]
+    labels = np.zeros((60, 120), np.int32)
+    for k, cx in enumerate((30, 58, 86), start=1):
+        labels[((yy - 30) ** 2 + (xx - cx) ** 2 <= 225) & (np.abs(xx - cx) <= 14)] = k  # cut at the necks
+    fg = labels > 0
+    out = np.concatenate([np.zeros((16, 60, 120), np.float32), np.where(fg, 5.0, -5.0)[None].astype(np.float32)])
+    res = foreground_breakdown([out], [labels], 2, clusterings=("fast",), shape_split=0.1, spacings=[(1.0, 1.0)])
+    ap = {(r["mask"], r["method"]): r["ap50"] for r in res["shape_split"]}
+    for key in ("head", "truth"):
+        assert ap[(key, "fast")] == 0.0 and ap[(key, "components")] == 0.0
+        assert ap[(key, "fast + shape_split 0.1")] == 1.0 and ap[(key, "components + shape_split 0.1")] == 1.0
+    assert foreground_breakdown([out], [labels], 2)["shape_split"] == []  # off by default
+    with pytest.raises(ValueError, match="one spacing per image"):
+        foreground_breakdown([out], [labels], 2, shape_split=0.1, spacings=[])
+
+
 def test_object_errors_sorts_true_objects_by_fate() -> None:
     labels = np.zeros((40, 60), np.int32)
     pred = np.zeros_like(labels)
