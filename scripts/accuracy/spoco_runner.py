@@ -124,7 +124,7 @@ def fit_predict(
 
     t0 = time.perf_counter()
     # inference at the training's patch size and scale
-    shared = {k: train[k] for k in ("patch_size", "image_scale") if k in train}
+    shared = _inference_ids(train)
     predictions = predict(work / "models" / "model.pt", split, work, device=device, threads=threads, overrides=shared)
     infer_wall = time.perf_counter() - t0
     info = {
@@ -212,10 +212,14 @@ def _children_cpu() -> float:
     return t.children_user + t.children_system
 
 
+def _inference_ids(train_ids: dict) -> dict:
+    """The training ids a checkpoint must be segmented with: its patch size and image scale."""
+    return {k: train_ids[k] for k in ("patch_size", "image_scale") if k in train_ids}
+
+
 def run_ids(record: dict) -> dict:
-    """The ids a finished run's checkpoint must be segmented with: its training's patch size and image scale."""
-    trained = record.get("info", {}).get("overrides", {})
-    return {k: trained[k] for k in ("patch_size", "image_scale") if k in trained}
+    """:func:`_inference_ids` of a finished run, from its record."""
+    return _inference_ids(record.get("info", {}).get("overrides", {}))
 
 
 def inference_clustering(overrides: dict | None = None) -> str:
