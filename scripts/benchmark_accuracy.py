@@ -185,6 +185,17 @@ def _git_commit() -> str | None:
         return None
 
 
+def _save_predictions(path: Path, split: Split, predictions: Sequence[np.ndarray]) -> None:
+    """``<run>.npz`` beside the record: the predictions keyed by test image name (uint16, or uint32 if needed)."""
+    np.savez_compressed(
+        path.with_suffix(".npz"),
+        **{
+            it.name: np.asarray(p).astype(np.uint16 if np.max(p) < 65536 else np.uint32)
+            for it, p in zip(split.test, predictions)
+        },
+    )
+
+
 def run_one(
     split: Split,
     method: str,
@@ -248,13 +259,7 @@ def run_one(
             if np.asarray(pred).shape != item.labels.shape:
                 raise ValueError(f"{method}: prediction shape {np.shape(pred)} != {item.labels.shape} ({item.name}).")
         metrics = score(result.predictions, [it.labels for it in split.test], split.spatial_dims)
-        np.savez_compressed(
-            path.with_suffix(".npz"),
-            **{
-                it.name: np.asarray(p).astype(np.uint16 if np.max(p) < 65536 else np.uint32)
-                for it, p in zip(split.test, result.predictions)
-            },
-        )
+        _save_predictions(path, split, result.predictions)
         record.update(
             status="ok",
             metrics=metrics,
@@ -310,13 +315,7 @@ def repredict_one(
         repredict_seconds=round(time.perf_counter() - t0, 1),
     )
     path = Path(path)
-    np.savez_compressed(
-        path.with_suffix(".npz"),
-        **{
-            it.name: np.asarray(p).astype(np.uint16 if np.max(p) < 65536 else np.uint32)
-            for it, p in zip(split.test, predictions)
-        },
-    )
+    _save_predictions(path, split, predictions)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1, default=_json_default)
     return rec
