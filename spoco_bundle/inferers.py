@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
-from spoco_bundle.transforms import check_scale
+from spoco_bundle.transforms import Rescale, check_scale
 
 __all__ = ["TwoViewInferer", "ScaledInferer", "StudentTeacherNet", "network_for_clustering", "segment_files"]
 
@@ -96,11 +96,11 @@ class ScaledInferer(Inferer):
             raise ValueError(
                 f"image_scale has {len(scale)} factors but the input has {len(spatial)} spatial axes {spatial}."
             )
-        mode = "bilinear" if len(spatial) == 2 else "trilinear"
-        to_scaled = Resize([max(1, round(n * s)) for n, s in zip(spatial, scale)], mode=mode, anti_aliasing=True)
+        # the training-side resampling (Rescale) in, the same interpolation back onto the input's grid
+        to_scaled = Rescale(scale, mode="linear")
         x = torch.stack([plain(to_scaled(item)) for item in plain(inputs)])
         out = plain(self.inferer(x, network, *args, **kwargs))
-        to_input = Resize(spatial, mode=mode, anti_aliasing=True)
+        to_input = Resize(spatial, mode="bilinear" if len(spatial) == 2 else "trilinear", anti_aliasing=True)
         return torch.stack([plain(to_input(item)) for item in out]).to(out.dtype)
 
 
