@@ -66,6 +66,17 @@ def gonuclear() -> list[Split]:
     return load_benchmark("gonuclear", DATA_DIR)
 
 
+def test_relative_data_dir_gives_paths_valid_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the SPOCO runs list the paths in a dataset.json inside their work folder, which the bundle resolves there
+    _need("dsb2018")
+    monkeypatch.chdir(DATA_DIR.parent)
+    split = load_benchmark("dsb2018", DATA_DIR.name, max_train=2, max_test=1)[0]
+    monkeypatch.chdir(tmp_path)
+    for item in split.train + split.test:
+        assert Path(item.path).is_absolute() and Path(item.path).is_file()
+        assert Path(item.label_path).is_file()
+
+
 def _pipeline_labels(item: Item, ratio: float, seed: int, spatial_dims: int) -> np.ndarray:
     """What the SPOCO training config's transforms give for this file pair (loading + SparseInstanceLabeld)."""
     pipeline = Compose(

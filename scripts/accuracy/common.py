@@ -215,7 +215,8 @@ def load_benchmark(
         FileNotFoundError: naming the folder, when the data set is not there.
         ValueError: for an unknown name or unreadable files.
     """
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    # absolute: the SPOCO runs list these paths in a dataset.json that the bundle resolves against its own folder
+    root = (Path(data_dir) if data_dir is not None else default_data_dir()).resolve()
     if name not in DATASETS:
         raise ValueError(f"Unknown data set {name!r}; known: {DATASETS}.")
     if not dataset_available(name, root):
