@@ -838,3 +838,47 @@ def test_kernel_scale():
     assert math.exp(-(DV**2) / kernel_scale(DV, 0.3)) == pytest.approx(0.3)
     with pytest.raises(ValueError):
         kernel_scale(0.0, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the CUDA path (other block sizes, GPU kernels) against the CPU one; skipped without a CUDA device
+# ---------------------------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _loss_on(device: str, student, teacher, target, dtype=torch.float64, seed: int = 5):
+    # a CPU generator on both devices: the same random anchors (see losses._uniform)
+    loss = SpocoLoss(embedding_dim=student.shape[1] - 1, generator=torch.Generator().manual_seed(seed))
+    x = student.to(device, dtype).detach().requires_grad_(True)
+    value = loss((x, teacher.to(device, dtype)), target.to(device))
+    value.backward()
+    return value.detach().cpu(), x.grad.cpu(), loss.last_terms
+
+
+@needs_cuda
+@pytest.mark.parametrize("spatial", SHAPES)
+def test_spoco_loss_on_cuda_matches_cpu(spatial):
+    student, target = make_case(spatial, emb_dim=5, seed=13)
+    teacher = make_teacher(student, 14)
+    fg = torch.randn(2, 1, *spatial, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    student, teacher = torch.cat([student, fg], 1), torch.cat([teacher, fg], 1)
+    v_cpu, g_cpu, t_cpu = _loss_on("cpu", student, teacher, target)
+    v_gpu, g_gpu, t_gpu = _loss_on("cuda", student, teacher, target)
+    assert v_cpu.item() > 0 and g_cpu.abs().sum() > 0
+    assert_close(v_gpu, v_cpu)
+    assert_close(g_gpu, g_cpu)
+    assert t_gpu == pytest.approx(t_cpu, rel=1e-6, abs=1e-9)
+
+
+@needs_cuda
+def test_spoco_loss_on_cuda_matches_cpu_at_training_size():
+    # a 3D training patch in float32 with 30 objects: the CPU sums run in several voxel blocks, the GPU's in one
+    student, target = make_case((32, 64, 64), emb_dim=16, ids=tuple(range(1, 31)), seed=4)
+    teacher = make_teacher(student, 5)
+    fg = torch.randn(2, 1, 32, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    student, teacher = torch.cat([student, fg], 1), torch.cat([teacher, fg], 1)
+    v_cpu, g_cpu, _ = _loss_on("cpu", student, teacher, target, torch.float32)
+    v_gpu, g_gpu, _ = _loss_on("cuda", student, teacher, target, torch.float32)
+    torch.testing.assert_close(v_gpu, v_cpu, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-3, atol=1e-7)
