@@ -660,11 +660,26 @@ def _plot_examples(split: Split, runs: dict[str, dict[str, Any]], path: Path) ->
 
 
 def _grid_budget(budgets: Sequence[tuple]) -> str:
-    """Budget flags of the runs shown (budget, clock, threads); the benchmark's defaults when they differ."""
+    """Budget flags of the runs shown (budget, clock, threads, device); the benchmark's defaults when they differ."""
     if len({b[:3] for b in budgets}) == 1:
         budget_s, clock, threads = budgets[0][:3]
-        return f"--budget_s {budget_s:g} --clock {clock or 'wall'} --threads {threads or 1}"
+        flags = f"--budget_s {budget_s:g} --clock {clock or 'wall'} --threads {threads or 1}"
+        devices = {b[3] for b in budgets}
+        device = devices.pop() if len(devices) == 1 else None
+        return flags + (f" --device {device}" if device not in (None, "cpu") else "")
     return "--budget_s 900 --clock cpu --threads 1"
+
+
+def _study_overrides(records: Sequence[dict[str, Any]]) -> tuple[str | None, str | None]:
+    """The extra ``train.json`` ids (JSON) when every SPOCO run shown set the same ones (else None), and a note
+    when they differ between runs (else None)."""
+    from scripts.accuracy.spoco_runner import study_overrides
+
+    extra = {json.dumps(study_overrides(r), sort_keys=True) for r in records if r["method"].startswith("spoco")}
+    if len(extra) > 1:
+        return None, "SPOCO runs shown set different extra `train.json` ids (`info.overrides` of their records)."
+    only = extra.pop() if extra else "{}"
+    return (only if only != "{}" else None), None
 
 
 def write_docs(
@@ -707,6 +722,8 @@ def write_docs(
         for r in ok.values()
     }
     budgets = sorted({(r["budget_s"], r.get("clock"), r.get("threads"), r.get("device")) for r in ok.values()})
+    study, study_note = _study_overrides(list(ok.values()))
+    study_env = f"SPOCO_BENCH_OVERRIDES='{study}' " if study else ""
     lines = [
         "# Accuracy benchmark: sparse labels on real microscopy data",
         "",
@@ -721,7 +738,7 @@ def write_docs(
         "",
         "```bash",
         "bash scripts/setup_benchmark.sh   # .venv (project) + .venv-bench (StarDist, TensorFlow CPU)",
-        f".venv/bin/python scripts/benchmark_accuracy.py --datasets {','.join(splits)} "
+        f"{study_env}.venv/bin/python scripts/benchmark_accuracy.py --datasets {','.join(splits)} "
         f"--ratios {','.join(f'{r:g}' for r in ratios)} \\",
         f"    --methods {','.join(methods)} {_grid_budget(budgets)}" + (f" --out_dir {out_dir}" if out_dir else ""),
         "```",
@@ -758,6 +775,10 @@ def write_docs(
             f"  - budget {b:.0f} s of {'process CPU' if clock == 'cpu' else 'wall'} time, {threads} "
             f"thread(s), device {device}."
         )
+    if study:
+        lines.append(f"  - SPOCO runs set extra `train.json` ids (`$SPOCO_BENCH_OVERRIDES`): `{study}`.")
+    elif study_note:
+        lines.append(f"  - {study_note}")
     subsets = sorted({(r.get("max_train"), r.get("max_test")) for r in ok.values()} - {(None, None)})
     for mt, ms in subsets:
         lines.append(
@@ -772,10 +793,11 @@ def write_docs(
             f"  - {d.get('cpu')}, {d.get('nproc')} cores, {d.get('mem_gib')} GiB, torch {d.get('torch')}, " f"{gpu}."
         )
     loads = [r.get("loadavg_start") for r in ok.values() if r.get("loadavg_start") is not None]
+    cores = "/".join(sorted({str(r["machine"].get("nproc")) for r in ok.values()}))
     if loads:
         lines.append(
             f"  - 1-minute load average at the start of the runs: {min(loads):.1f} to {max(loads):.1f} "
-            f"(on 2 cores, above 2 means other jobs shared the CPU and wall times are inflated)."
+            f"(on {cores} cores, above {cores} means other jobs shared the CPU and wall times are inflated)."
         )
     lines += [
         "- **Methods**:",

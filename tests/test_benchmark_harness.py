@@ -30,8 +30,10 @@ from scripts.accuracy.common import (  # noqa: E402
     score,
     sparsify,
 )
-from scripts.accuracy.spoco_runner import inference_clustering  # noqa: E402
+from scripts.accuracy.spoco_runner import inference_clustering, study_overrides  # noqa: E402
 from scripts.benchmark_accuracy import (  # noqa: E402
+    _grid_budget,
+    _study_overrides,
     collect,
     collect_foreground,
     collect_scale,
@@ -409,3 +411,25 @@ def test_inference_overrides_are_checked_when_parsed(capsys) -> None:
         with pytest.raises(SystemExit):
             parse_args(["--repredict", "--inference_overrides", bad])
         assert "--inference_overrides must be a JSON object" in capsys.readouterr().err
+
+
+def test_grid_command_states_device_and_study_overrides() -> None:
+    # a report of GPU runs, or of runs with $SPOCO_BENCH_OVERRIDES, must say so in the command that reruns them
+    assert _grid_budget([(280.0, "wall", 2, "cuda")]) == "--budget_s 280 --clock wall --threads 2 --device cuda"
+    assert _grid_budget([(900.0, "cpu", 1, "cpu")]) == "--budget_s 900 --clock cpu --threads 1"
+
+    def record(method: str, **extra) -> dict:
+        ids = {"spatial_dims": 2, "patch_size": [192, 192], "image_scale": 1.0, "seed": 0, "instance_ratio": 0.1}
+        ids.update({"time_limit_s": 900, "loss#consistency_weight": 0.0}, **extra)
+        return {"method": method, "info": {"overrides": ids}}
+
+    assert study_overrides(record("spoco")) == {}
+    assert study_overrides(record("spoco", num_workers=3, patch_size=[128, 128])) == {
+        "num_workers": 3,
+        "patch_size": [128, 128],
+    }
+    runs = [record("spoco", num_workers=3), record("spoco_no_instance", num_workers=3), {"method": "classical"}]
+    assert _study_overrides(runs) == ('{"num_workers": 3}', None)
+    assert _study_overrides(runs + [record("spoco")])[0] is None
+    assert "different" in _study_overrides(runs + [record("spoco")])[1]
+    assert _study_overrides([record("spoco"), {"method": "stardist"}]) == (None, None)

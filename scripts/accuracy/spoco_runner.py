@@ -38,6 +38,7 @@ __all__ = [
     "predict",
     "repredict",
     "run_ids",
+    "study_overrides",
     "inference_clustering",
     "available",
 ]
@@ -220,6 +221,19 @@ def _inference_ids(train_ids: dict) -> dict:
 def run_ids(record: dict) -> dict:
     """:func:`_inference_ids` of a finished run, from its record."""
     return _inference_ids(record.get("info", {}).get("overrides", {}))
+
+
+# train.json ids every run sets itself (paths, ratio, seed, budget, data set) and the variants' loss weights
+_RUN_IDS = {"bundle_root", "device", "spatial_dims", "dataset_dir", "ckpt_dir", "output_dir", "instance_ratio"}
+_RUN_IDS |= {"seed", "epochs", "time_limit_s", "time_clock"} | {k for v in VARIANTS.values() for k in v}
+
+
+def study_overrides(record: dict) -> dict:
+    """The ``train.json`` ids a finished run set beyond the benchmark's own: ``$SPOCO_BENCH_OVERRIDES`` (or a
+    ``overrides`` argument), with ``patch_size`` / ``image_scale`` only where they differ from :data:`SETTINGS`."""
+    ids = record.get("info", {}).get("overrides", {})
+    settings = SETTINGS.get(ids.get("spatial_dims"), {})
+    return {k: v for k, v in ids.items() if k not in _RUN_IDS and not (k in settings and settings[k] == v)}
 
 
 def inference_clustering(overrides: dict | None = None) -> str:
