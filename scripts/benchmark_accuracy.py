@@ -54,6 +54,7 @@ from scripts.accuracy.common import (  # noqa: E402
     Split,
     dataset_available,
     default_data_dir,
+    device_error,
     kept_digest,
     label_counts,
     load_benchmark,
@@ -968,6 +969,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for r in args.ratios:
         if not 0.0 < r <= 1.0:
             p.error(f"ratios must be in (0, 1], got {r}")
+    if (error := device_error(args.device)) is not None:
+        p.error(error)
     return args
 
 

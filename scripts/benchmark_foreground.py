@@ -46,7 +46,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from scipy import ndimage  # noqa: E402
 
-from scripts.accuracy.common import cached_checkpoint, default_data_dir, score  # noqa: E402
+from scripts.accuracy.common import cached_checkpoint, default_data_dir, device_error, score  # noqa: E402
 from scripts.accuracy.spoco_runner import SETTINGS, bundle_ids, run_ids  # noqa: E402
 from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings, cluster_fast, split_by_shape  # noqa: E402
 from spoco_bundle.transforms import ClusterEmbeddings  # noqa: E402
@@ -323,6 +323,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.thresholds = sorted({float(t) for t in args.thresholds.split(",") if t.strip()} | {DEFAULT_THRESHOLD})
     if any(not 0 < t < 1 for t in args.thresholds):
         p.error(f"thresholds must lie in (0, 1), got {args.thresholds}")
+    if (error := device_error(args.device)) is not None:
+        p.error(error)
     return args
 
 

@@ -24,6 +24,7 @@ from scripts.accuracy.common import (  # noqa: E402
     Split,
     dataset_available,
     default_data_dir,
+    device_error,
     kept_ids,
     load_benchmark,
     run_timeout,
@@ -433,3 +434,18 @@ def test_grid_command_states_device_and_study_overrides() -> None:
     assert _study_overrides(runs + [record("spoco")])[0] is None
     assert "different" in _study_overrides(runs + [record("spoco")])[1]
     assert _study_overrides([record("spoco"), {"method": "stardist"}]) == (None, None)
+
+
+def test_device_is_checked_when_parsed(capsys) -> None:
+    assert device_error("cpu") is None
+    for bad in ("gpu", "mps", "cuda:x"):
+        assert "must be cpu or cuda[:N]" in device_error(bad)
+    if torch.cuda.is_available():
+        assert device_error("cuda") is None
+        assert "CUDA device(s)" in device_error(f"cuda:{torch.cuda.device_count()}")
+        return
+    # without a GPU both benchmark scripts stop at once with the reason, instead of failing every run later
+    for parse in (parse_args, foreground_args):
+        with pytest.raises(SystemExit):
+            parse(["--device", "cuda"])
+        assert "this machine has no CUDA device" in capsys.readouterr().err

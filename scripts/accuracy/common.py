@@ -45,6 +45,7 @@ __all__ = [
     "DATASETS",
     "REPO_ROOT",
     "default_data_dir",
+    "device_error",
     "Item",
     "Split",
     "Result",
@@ -182,6 +183,26 @@ def _item(image_path: Path, label_path: Path) -> Item:
         path=str(image_path),
         label_path=str(label_path),
     )
+
+
+def device_error(device: str) -> str | None:
+    """Why ``--device`` cannot run here (None when it can): ``cpu``, or ``cuda`` / ``cuda:N`` with such a device.
+    Checked when the arguments are parsed, instead of every run failing inside its bundle subprocess."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is not None and dev.type == "cpu":
+        return None
+    if dev is None or dev.type != "cuda":
+        return f"--device must be cpu or cuda[:N], got {device!r}"
+    if not torch.cuda.is_available():
+        return f"--device {device}: this machine has no CUDA device (torch {torch.__version__})"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 def dataset_available(name: str, data_dir: str | os.PathLike | None = None) -> bool:
