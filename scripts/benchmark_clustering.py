@@ -216,6 +216,28 @@ def _machine_info() -> list[str]:
     ]
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux: ``5`` into ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_gb() -> float | None:
+    """Peak resident memory of this process since the last reset (``VmHWM``), in GB; None where not readable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _format_row(cells: list) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -258,7 +280,15 @@ def benchmark_clustering(
         fg = float(np.count_nonzero(gt)) / n_vox
         data_rows.append(
             _format_row(
-                [f"{size:g}", "x".join(map(str, shape)), f"{n_vox / 1e6:.2f}", n_obj, f"{fg:.2f}", f"{t_gen:.1f}"]
+                [
+                    f"{size:g}",
+                    "x".join(map(str, shape)),
+                    f"{n_vox / 1e6:.2f}",
+                    n_obj,
+                    f"{fg:.2f}",
+                    f"{emb.nbytes / 1e9:.2f}",
+                    f"{t_gen:.1f}",
+                ]
             )
         )
         emb_g = None
@@ -277,7 +307,7 @@ def benchmark_clustering(
                 expected = t1 * (n_vox / v1) ** power
                 if stopped[name] or expected > slow_limit_s:
                     rows.append(
-                        _format_row([f"{size:g}", name, f"skipped (> {expected:.0f} s expected)", "", "", "", ""])
+                        _format_row([f"{size:g}", name, f"skipped (> {expected:.0f} s expected)", "", "", "", "", ""])
                     )
                     _log(f"  {label}: skipped (> {expected:.0f} s expected)")
                     continue
@@ -288,9 +318,12 @@ def benchmark_clustering(
             else:
                 args = (emb,)
             _log(f"  [{time.strftime('%H:%M:%S')}] {label} ...")
+            # the peak covers the inputs already in memory (embeddings, labels): what a caller needs free
+            peak = _peak_rss_gb() if _reset_peak_rss() else None
             t0 = time.perf_counter()
             seg = fn(*args)
             dt = time.perf_counter() - t0
+            peak = _peak_rss_gb() if peak is not None else None
             scores = segmentation_scores(gt, seg)
             hist.append((n_vox, dt))
             if name != "fast" and dt > slow_limit_s:
@@ -306,10 +339,13 @@ def benchmark_clustering(
                         f"{scores['ap50']:.3f}",
                         f"{scores['map']:.3f}",
                         f"{int(seg.max())} / {n_obj}",
+                        "-" if peak is None else f"{peak:.2f}",
                     ]
                 )
             )
-            _log(f"  {label}: {dt:.2f} s, {rate:.3g} Mvoxel/s, AP50 {scores['ap50']:.3f}, {int(seg.max())} objects")
+            _log(
+                f"  {label}: {dt:.2f} s, {rate:.3g} Mvoxel/s, AP50 {scores['ap50']:.3f}, {int(seg.max())} objects, peak {peak} GB"
+            )
             if name == "fast":
                 fast[size] = (rate, scores["ap50"])
             del seg
@@ -401,12 +437,28 @@ def main(
         "10) inside smooth random blobs, objects >= 64 voxels, centres >= 2 delta_d apart, noise 0.1 per dimension, "
         "1 % outliers (0.8), borders blurred (sigma 0.5 voxel). Generation time is not part of any timing.\n"
     )
-    print(_format_row(["size (Mvoxel)", "shape", "voxels (M)", "objects", "foreground fraction", "generation (s)"]))
-    print(_format_row(["---"] * 6))
+    print(
+        _format_row(
+            [
+                "size (Mvoxel)",
+                "shape",
+                "voxels (M)",
+                "objects",
+                "foreground fraction",
+                "embeddings (GB)",
+                "generation (s)",
+            ]
+        )
+    )
+    print(_format_row(["---"] * 7))
     print("\n".join(data_rows))
     print(f"\n## Clustering (slow methods limited to {slow_limit_s:g} s per volume)\n")
-    print(_format_row(["size (Mvoxel)", "method", "time (s)", "Mvoxel/s", "AP50", "mAP", "objects found / true"]))
-    print(_format_row(["---"] * 7))
+    print(
+        _format_row(
+            ["size (Mvoxel)", "method", "time (s)", "Mvoxel/s", "AP50", "mAP", "objects found / true", "peak RSS (GB)"]
+        )
+    )
+    print(_format_row(["---"] * 8))
     print("\n".join(rows))
     print(
         "\nmAP = mean AP over IoU 0.50, 0.55, ..., 0.95. All methods with their default parameters and background "
@@ -421,7 +473,9 @@ def main(
         "blurred borders (embeddings between two centres) into extra clusters of more than min_size voxels (false "
         "positives); without the blur it recovered every object of a small test volume. "
         "Skipped sizes: extrapolated from the last finished size (linearly, or with the growth exponent measured "
-        "between the last two sizes when steeper)."
+        "between the last two sizes when steeper). Peak RSS: the process's peak resident memory during the call "
+        "(Linux VmHWM, reset before each call), so it includes the embeddings and labels already in memory; '-' "
+        "where the kernel does not offer the reset."
     )
 
     _log("end-to-end inference ...")
