@@ -343,8 +343,9 @@ def benchmark_clustering(
                     ]
                 )
             )
+            mem = "" if peak is None else f", peak RSS {peak:.2f} GB"
             _log(
-                f"  {label}: {dt:.2f} s, {rate:.3g} Mvoxel/s, AP50 {scores['ap50']:.3f}, {int(seg.max())} objects, peak {peak} GB"
+                f"  {label}: {dt:.2f} s, {rate:.3g} Mvoxel/s, AP50 {scores['ap50']:.3f}, {int(seg.max())} objects{mem}"
             )
             if name == "fast":
                 fast[size] = (rate, scores["ap50"])
