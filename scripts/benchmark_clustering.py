@@ -319,11 +319,11 @@ def benchmark_clustering(
                 args = (emb,)
             _log(f"  [{time.strftime('%H:%M:%S')}] {label} ...")
             # the peak covers the inputs already in memory (embeddings, labels): what a caller needs free
-            peak = _peak_rss_gb() if _reset_peak_rss() else None
+            tracked = _reset_peak_rss()
             t0 = time.perf_counter()
             seg = fn(*args)
             dt = time.perf_counter() - t0
-            peak = _peak_rss_gb() if peak is not None else None
+            peak = _peak_rss_gb() if tracked else None
             scores = segmentation_scores(gt, seg)
             hist.append((n_vox, dt))
             if name != "fast" and dt > slow_limit_s:
