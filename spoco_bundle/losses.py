@@ -1018,15 +1018,23 @@ class EmbeddingConsistencyLoss(nn.Module):
         return loss
 
 
-def _foreground(x: torch.Tensor, labels: torch.Tensor, positive_weight: float = 1.0) -> torch.Tensor:
+def _foreground(
+    x: torch.Tensor, labels: torch.Tensor, positive_weight: float = 1.0, annotated_background: bool = False
+) -> torch.Tensor:
     """BCE on (B, N) foreground logits; see :class:`ForegroundLoss` for which voxels count as what."""
+    pos = labels > 0
+    if annotated_background:  # supervised everywhere, objects and painted background weighted as two equal halves
+        neg = labels < 0
+        bce = F.binary_cross_entropy_with_logits(x, pos.to(x.dtype), reduction="none")
+        zero = torch.zeros_like(bce)
+        parts = [torch.where(m, bce, zero).sum() / m.sum() for m in (pos, neg) if bool(m.any())]
+        return 0.5 * sum(parts) if parts else x.sum() * 0  # type: ignore[return-value]
     has_bg = (labels < 0).any(1, keepdim=True)
     # annotated background: supervised on labelled voxels; none: positive-unlabeled, every voxel counts
     mask = torch.where(has_bg, labels != 0, torch.ones_like(labels, dtype=torch.bool))
     count = mask.sum()
     if not bool(count > 0):
         return x.sum() * 0
-    pos = labels > 0
     bce = F.binary_cross_entropy_with_logits(x, pos.to(x.dtype), reduction="none")
     if positive_weight != 1.0:  # only the positive-unlabeled images' positives are up-weighted
         bce = torch.where(pos & ~has_bg, bce * positive_weight, bce)
@@ -1074,25 +1082,31 @@ class ForegroundLoss(nn.Module):
       which multiplies the head's odds by w (logit + log w) without changing what it ranks, and the shift by
       ``log w`` is undone exactly at inference (the network's ``fg_positive_weight`` buffer).
 
+    - With ``annotated_background=True`` (a run whose annotator painted background, e.g. scribbles): every image is
+      supervised, also a patch that holds no painted voxel (so such a patch never turns positive-unlabeled), and the
+      objects and the painted background each weigh half, whatever their voxel counts (strokes are thin).
+
     The loss is the weighted mean over all voxels that count, 0 (attached to the graph) if there are none.
 
     Args:
         positive_weight: weight of annotated-object voxels in positive-unlabeled images (>= 1).
+        annotated_background: train every image supervised, class-balanced (see above).
 
     Inputs:
         logits: (B, 1, *S) foreground logits; target: (B, 1, *S) or (B, *S) integer labels.
     """
 
-    def __init__(self, positive_weight: float = 10.0) -> None:
+    def __init__(self, positive_weight: float = 10.0, annotated_background: bool = False) -> None:
         super().__init__()
         self.positive_weight = _check_positive_weight(positive_weight)
+        self.annotated_background = bool(annotated_background)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = _check_embeddings(logits, "logits")
         if logits.shape[1] != 1:
             raise ValueError(f"logits must have 1 channel, got shape {tuple(logits.shape)}.")
         x, labels = _flatten(logits, target)
-        return _foreground(x[:, 0], labels, self.positive_weight)
+        return _foreground(x[:, 0], labels, self.positive_weight, self.annotated_background)
 
 
 def _check_positive_weight(w: float) -> float:
@@ -1127,6 +1141,8 @@ class SpocoLoss(nn.Module):
         foreground_weight: weight of the foreground BCE (only with a foreground channel), see :class:`ForegroundLoss`.
         foreground_positive_weight: weight of annotated voxels in the positive-unlabeled foreground BCE, see
             :class:`ForegroundLoss`.
+        annotated_background: the run has painted background (``background_label`` set): the foreground BCE is
+            supervised and class-balanced on every image, see :class:`ForegroundLoss`.
         kernel_threshold: kernel value at distance ``delta_v``.
         instance_anchor: ``"mean"`` or ``"random"``, see :class:`InstanceDiceLoss`.
         max_anchors: consistency anchors per image, see :class:`EmbeddingConsistencyLoss`.
@@ -1156,6 +1172,7 @@ class SpocoLoss(nn.Module):
         consistency_weight: float = 1.0,
         foreground_weight: float = 1.0,
         foreground_positive_weight: float = 10.0,
+        annotated_background: bool = False,
         kernel_threshold: float = 0.5,
         instance_anchor: str = "mean",
         max_anchors: int = 20,
@@ -1180,6 +1197,7 @@ class SpocoLoss(nn.Module):
             "foreground": float(foreground_weight),
         }
         self.foreground_positive_weight = _check_positive_weight(foreground_positive_weight)
+        self.annotated_background = bool(annotated_background)
         self.instance = InstanceDiceLoss(delta_v, kernel_threshold, instance_anchor, generator=generator)
         self.consistency = EmbeddingConsistencyLoss(
             delta_v, kernel_threshold, max_anchors, min_pool_fraction, generator=generator
@@ -1238,8 +1256,9 @@ class SpocoLoss(nn.Module):
             terms["consistency"] = self.consistency._flat_forward(f, teacher.detach().reshape(f.shape), labels, vox)
         if fg is not None and w["foreground"]:
             pw = self.foreground_positive_weight
-            terms["foreground"] = _foreground(fg.reshape(b, -1), labels, pw)
-            self.last_label_frequency = labelled_foreground_probability(fg.reshape(b, -1), labels, pw)
+            terms["foreground"] = _foreground(fg.reshape(b, -1), labels, pw, self.annotated_background)
+            if not self.annotated_background:  # a supervised head needs no label frequency (c stays 1)
+                self.last_label_frequency = labelled_foreground_probability(fg.reshape(b, -1), labels, pw)
 
         total = None
         for name, value in terms.items():
