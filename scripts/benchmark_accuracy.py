@@ -69,6 +69,7 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "spoco_no_consistency": ("scripts.accuracy.spoco_runner", "no_consistency"),
     "spoco_no_unlabeled_push": ("scripts.accuracy.spoco_runner", "no_unlabeled_push"),
     "spoco_no_instance": ("scripts.accuracy.spoco_runner", "no_instance"),
+    "spoco_scribbles": ("scripts.accuracy.spoco_runner", "scribbles"),
     "stardist": ("scripts.accuracy.stardist_peer", None),
     "classical": ("scripts.accuracy.classical", None),
 }
@@ -77,6 +78,7 @@ METHOD_LABELS = {
     "spoco_no_consistency": "SPOCO without consistency",
     "spoco_no_unlabeled_push": "SPOCO without unlabeled push",
     "spoco_no_instance": "SPOCO without instance (Dice) term",
+    "spoco_scribbles": "SPOCO, objects + background scribbles",
     "stardist": "StarDist (from scratch, sparse labels)",
     "classical": "classical (Gauss + Otsu + watershed)",
 }

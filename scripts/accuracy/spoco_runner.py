@@ -48,6 +48,9 @@ VARIANTS = {
     "no_consistency": {"loss#consistency_weight": 0.0},
     "no_unlabeled_push": {"loss#unlabeled_weight": 0.0},
     "no_instance": {"loss#instance_weight": 0.0},
+    # objects + background scribbles: strokes simulated in the true background of the dense labels (id 65535, an id
+    # no object of the data sets uses), annotated background for the foreground head
+    "scribbles": {"scribbles": 4, "background_label": 65535},
 }
 
 # per data set: training patch and inference options (everything else: the bundle's defaults)
