@@ -70,6 +70,7 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "spoco_no_unlabeled_push": ("scripts.accuracy.spoco_runner", "no_unlabeled_push"),
     "spoco_no_instance": ("scripts.accuracy.spoco_runner", "no_instance"),
     "spoco_scribbles": ("scripts.accuracy.spoco_runner", "scribbles"),
+    "spoco_mask": ("scripts.accuracy.spoco_runner", "mask"),
     "stardist": ("scripts.accuracy.stardist_peer", None),
     "classical": ("scripts.accuracy.classical", None),
 }
@@ -79,6 +80,7 @@ METHOD_LABELS = {
     "spoco_no_unlabeled_push": "SPOCO without unlabeled push",
     "spoco_no_instance": "SPOCO without instance (Dice) term",
     "spoco_scribbles": "SPOCO, objects + background scribbles",
+    "spoco_mask": "SPOCO, objects only, foreground mask given",
     "stardist": "StarDist (from scratch, sparse labels)",
     "classical": "classical (Gauss + Otsu + watershed)",
 }
@@ -324,6 +326,27 @@ def repredict_one(
     return rec
 
 
+def rescore_one(path: str | os.PathLike, split: Split) -> dict[str, Any] | None:
+    """Score the cached predictions of the finished run at ``path`` again (``--rescore``: metrics added since the
+    run, e.g. the foreground pixel precision / recall); returns the updated record, or None when there is none."""
+    path = Path(path)
+    rec = load_record(path)
+    npz = path.with_suffix(".npz")
+    if not rec or rec.get("status") != "ok" or not npz.is_file():
+        return None
+    with np.load(npz) as saved:
+        missing = [it.name for it in split.test if it.name not in saved]
+        if missing:
+            _log(f"[benchmark] {path}: predictions for {missing[:3]} not in {npz}, not rescored")
+            return None
+        predictions = [saved[it.name].astype(np.int32) for it in split.test]
+    rec["metrics"] = score(predictions, [it.labels for it in split.test], split.spatial_dims)
+    rec["rescored"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1, default=_json_default)
+    return rec
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -519,8 +542,10 @@ def _commit_cell(rec: dict[str, Any]) -> str:
 
 def _mean_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over the splits of a data set (3D: both directions) of metrics and times."""
-    keys = ("ap50", "map", "sbd", "arand", "voi_split", "voi_merge", "ap50_per_image")
-    metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys if k in records[0]["metrics"]}
+    keys = ("ap50", "map", "sbd", "arand", "voi_split", "voi_merge", "ap50_per_image", "fg_precision", "fg_recall")
+    metrics = {
+        k: float(np.mean([r["metrics"][k] for r in records])) for k in keys if all(k in r["metrics"] for r in records)
+    }
     cpu = [_train_cpu(r) for r in records]
     budgets = {_budget(r) for r in records}
     commits = {_commit_cell(r) for r in records}
@@ -542,6 +567,7 @@ def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> 
         head += ["ARAND", "VOI split", "VOI merge"]
     else:
         head += ["AP50 (mean per image)"]
+    head += ["fg precision / recall"]
     head += ["budget", "train s (wall)", "train s (CPU)", "iterations", "clustering", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, ratio, rec in rows:
@@ -551,6 +577,7 @@ def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> 
             cells += [_fmt(m.get("arand")), _fmt(m.get("voi_split")), _fmt(m.get("voi_merge"))]
         else:
             cells += [_fmt(m.get("ap50_per_image"))]
+        cells += [f"{_fmt(m.get('fg_precision'), 2)} / {_fmt(m.get('fg_recall'), 2)}"]
         cpu = rec["train_cpu_seconds"] if "budget" in rec else _train_cpu(rec)
         budget = rec["budget"] if "budget" in rec else _budget(rec)
         cells += [
@@ -564,6 +591,60 @@ def _table(rows: list[tuple[str, float, dict[str, Any]]], spatial_dims: int) -> 
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+# the annotation protocols of issue 24: (row, method, ratio, targets for dsb2018 and the gonuclear mean)
+PROTOCOLS = (
+    ("objects only", "spoco", 0.1, {"dsb2018": 0.80, "gonuclear": 0.60}),
+    ("objects + background scribbles", "spoco_scribbles", 0.1, {"dsb2018": 0.85, "gonuclear": 0.75}),
+    ("objects only, foreground mask given", "spoco_mask", 0.1, {"dsb2018": 0.90, "gonuclear": 0.85}),
+    ("all objects labelled", "spoco", 1.0, {"dsb2018": 0.80, "gonuclear": 0.75}),
+)
+
+
+def _protocol_lines(ok: dict, splits: dict[str, list[Split]], methods: Sequence[str]) -> list[str]:
+    """The summary table of the annotation protocols: AP50 (and the predicted foreground's pixel precision /
+    recall) per data set, mean over a data set's splits, next to the targets; empty when no protocol ran."""
+    rows = [p for p in PROTOCOLS if p[1] in methods]
+    if not any(m != "spoco" for _, m, _, _ in rows):
+        return []
+    datasets = [d for d in splits if splits[d]]
+    head = ["protocol", "labelled"] + [
+        c for d in datasets for c in (f"{d} AP50 (target)", f"{d} fg precision / recall")
+    ]
+    lines = [
+        "## Annotation protocols",
+        "",
+        "What a user gives, each protocol with the bundle's defaults and the same kept objects: *objects only* (some "
+        "objects outlined, background unlabeled; the head is trained positive-unlabeled); *objects + background "
+        "scribbles* (a few thin strokes on background per image, simulated by `spoco_bundle.scribbles` in the true "
+        "background: 4 strokes per image, in 3D on 3 slices, at most 2 % of the background; `--scribbles 4 "
+        "--background_label 65535`); *foreground mask given* (the objects-only model, its embeddings clustered "
+        "inside the true foreground, passed per image with `--foreground_mask_dir`). AP50 of a data set with two "
+        "splits is the mean of both directions; 'fg precision / recall': pixels of the predicted objects against "
+        "the true foreground, pooled over the test images (the mean of the splits' values).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for label, method, ratio, targets in rows:
+        cells = [label, f"{ratio:.0%}"]
+        for d in datasets:
+            recs = [ok.get((d, s.name, method, round(ratio, 4))) for s in splits[d]]
+            target = targets.get(d)
+            if any(r is None for r in recs):
+                cells += [f"not run (>= {target:.2f})" if target is not None else "not run", "-"]
+                continue
+            m = [r["metrics"] for r in recs]  # type: ignore[index]
+            ap50 = float(np.mean([x["ap50"] for x in m]))
+            prec = [x.get("fg_precision") for x in m]
+            rec = [x.get("fg_recall") for x in m]
+            pr = f"{np.mean(prec):.2f} / {np.mean(rec):.2f}" if all(v is not None for v in prec + rec) else "- / -"
+            per_split = " (" + ", ".join(f"{x['ap50']:.3f}" for x in m) + ")" if len(m) > 1 else ""
+            goal = f" (>= {target:.2f}{', met' if ap50 >= target else ''})" if target is not None else ""
+            cells += [f"{ap50:.3f}{per_split}{goal}", pr]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _colorize(labels: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -807,8 +888,9 @@ def write_docs(
         "  - SPOCO: `scripts/accuracy/spoco_runner.py`: `monai.bundle run training` with `configs/train.json` "
         "(bundle defaults; background not annotated, so the foreground head is trained positive-unlabeled), then "
         "`configs/inference.json` with `--background head` (variants: full loss; without the consistency term; "
-        "without the unlabeled push; without the instance (Dice) term). The git commit and settings of each run "
-        "are in its cached JSON; column 'commit' is the code that ran ('+dirty': with uncommitted changes to "
+        "without the unlabeled push; without the instance (Dice) term; the annotation protocols: with simulated "
+        "background scribbles, with the true foreground mask given at inference). The git commit and settings of "
+        "each run are in its cached JSON; column 'commit' is the code that ran ('+dirty': with uncommitted changes to "
         "configs/, spoco_bundle/ or scripts/; the record's commit_note, where set, says which). 'predicted C': the "
         "run's checkpoint segmented the test images again at commit C (`--repredict`, same trained model, that "
         "commit's inference); 'clustering': the `--clustering` of its predictions.",
@@ -822,6 +904,7 @@ def write_docs(
         "search on the training images scored *only on the kept objects* (the same sparse labels as the learners).",
         "",
     ]
+    lines += _protocol_lines(ok, splits, methods)
     missing: dict[tuple[str, str, str], list[str]] = {}  # (data set, method, reason) -> runs
     for dataset, dsplits in splits.items():
         if not dsplits:
@@ -949,6 +1032,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--inference_overrides", default="", help="with --repredict: JSON of inference.json ids, e.g. clustering"
     )
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no training: score the cached predictions (.npz) again with today's metrics and update the records",
+    )
     p.add_argument("--_one", nargs=4, metavar=("DATASET", "SPLIT", "METHOD", "RATIO"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.datasets = _csv(args.datasets)
@@ -1001,6 +1089,7 @@ def _thread_env(args: argparse.Namespace) -> dict[str, str]:
         "SPOCO_BENCH_CLOCK": args.clock,
         **({} if args.timeout_s is None else {"SPOCO_BENCH_TIMEOUT_S": str(args.timeout_s)}),
         "SPOCO_DATA_DIR": str(args.data_dir),
+        "SPOCO_BENCH_OUT_DIR": str(Path(args.out_dir).resolve()),
     }
 
 
@@ -1040,7 +1129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         splits[dataset] = load_benchmark(dataset, args.data_dir, args.max_train, args.max_test)
     failures = 0
-    if args.repredict and not args.no_run:
+    if args.rescore:
+        for dataset, dsplits in splits.items():
+            for split in dsplits:
+                for method in args.methods:
+                    for ratio in args.ratios:
+                        if rescore_one(run_path(args.out_dir, dataset, split.name, method, ratio), split):
+                            _log(f"[benchmark] {dataset} {split.name} {method} ratio {ratio:g}: rescored")
+    elif args.repredict and not args.no_run:
         overrides = args.inference_overrides
         for dataset, dsplits in splits.items():
             for split in dsplits:

@@ -34,6 +34,7 @@ from scripts.accuracy.common import (  # noqa: E402
 from scripts.accuracy.spoco_runner import inference_clustering, study_overrides  # noqa: E402
 from scripts.benchmark_accuracy import (  # noqa: E402
     _grid_budget,
+    _protocol_lines,
     _study_overrides,
     collect,
     collect_foreground,
@@ -41,6 +42,7 @@ from scripts.benchmark_accuracy import (  # noqa: E402
     is_cached,
     parse_args,
     repredict_one,
+    rescore_one,
     run_one,
     write_docs,
 )
@@ -449,3 +451,43 @@ def test_device_is_checked_when_parsed(capsys) -> None:
         with pytest.raises(SystemExit):
             parse(["--device", "cuda"])
         assert "this machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_score_reports_the_foreground_pixel_precision_and_recall() -> None:
+    gt = np.zeros((20, 20), np.int32)
+    gt[2:8, 2:8] = 1  # 36 pixels
+    gt[12:18, 12:18] = 2  # 36 pixels
+    pred = np.zeros_like(gt)
+    pred[2:8, 2:8] = 5  # one object found exactly
+    pred[0:2, 0:9] = 6  # 18 pixels of false foreground; the second object is missed
+    m = score([pred, gt], [gt, gt], 2)  # pooled over both images
+    assert m["fg_precision"] == pytest.approx((36 + 72) / (54 + 72))
+    assert m["fg_recall"] == pytest.approx((36 + 72) / (72 + 72))
+
+
+def test_protocol_table_and_rescore(dsb_small: Split, tmp_path: Path) -> None:
+    # cached records of the protocol methods (predictions stored as a run stores them), scored before the
+    # foreground precision existed: --rescore adds it from the .npz, the summary table shows it with the targets
+    split = Split("dsb2018", "tiny", 2, dsb_small.train[:1], dsb_small.test[:2])
+    truth = [it.labels for it in split.test]
+    half = [np.where(np.arange(t.shape[1])[None] < t.shape[1] // 2, t, 0) for t in truth]  # left halves only
+    for method, preds in (("spoco", half), ("spoco_scribbles", truth)):
+        path = tmp_path / "runs" / "dsb2018" / "tiny" / method / "ratio_0.10.json"
+        path.parent.mkdir(parents=True)
+        np.savez_compressed(path.with_suffix(".npz"), **{it.name: p for it, p in zip(split.test, preds)})
+        metrics = {k: v for k, v in score(preds, truth, 2).items() if not k.startswith("fg_")}
+        rec = {"dataset": "dsb2018", "split": "tiny", "method": method, "ratio": 0.1, "status": "ok"}
+        rec.update(metrics=metrics, train_seconds=1.0, iterations=3, budget_s=1.0, machine={}, commit=None)
+        path.write_text(json.dumps(rec))
+    again = rescore_one(tmp_path / "runs" / "dsb2018" / "tiny" / "spoco" / "ratio_0.10.json", split)
+    assert again["metrics"]["fg_precision"] == pytest.approx(1.0) and 0 < again["metrics"]["fg_recall"] < 1
+    assert rescore_one(tmp_path / "runs" / "dsb2018" / "tiny" / "spoco_mask" / "ratio_0.10.json", split) is None
+    rescore_one(tmp_path / "runs" / "dsb2018" / "tiny" / "spoco_scribbles" / "ratio_0.10.json", split)
+    ok = {(r["dataset"], r["split"], r["method"], round(r["ratio"], 4)): r for r in collect(tmp_path / "runs")}
+    text = "\n".join(_protocol_lines(ok, {"dsb2018": [split]}, ["spoco", "spoco_scribbles", "spoco_mask"]))
+    recall = again["metrics"]["fg_recall"]
+    assert f"| objects only | 10% | {again['metrics']['ap50']:.3f} (>= 0.80) | 1.00 / {recall:.2f} |" in text
+    assert "| objects + background scribbles | 10% | 1.000 (>= 0.85, met) | 1.00 / 1.00 |" in text
+    assert "| objects only, foreground mask given | 10% | not run (>= 0.90) | - |" in text
+    assert "| all objects labelled | 100% | not run (>= 0.80) | - |" in text
+    assert _protocol_lines(ok, {"dsb2018": [split]}, ["spoco", "classical"]) == []  # no protocol in the grid

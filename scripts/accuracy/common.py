@@ -361,8 +361,10 @@ def score(predictions: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray],
 
     Returns:
         ``ap50``, ``map`` (pooled), ``ap50_per_image``, ``map_per_image``, ``sbd`` (means over images), ``arand``,
-        ``voi_split``, ``voi_merge`` (3D only), ``tp50``, ``fp50``, ``fn50``, ``n_gt``, ``n_pred``, and
-        ``per_image``: a list of per-image dicts (``ap50``, ``map``, ``sbd``, ``n_gt``, ``n_pred``, ...).
+        ``voi_split``, ``voi_merge`` (3D only), ``tp50``, ``fp50``, ``fn50``, ``n_gt``, ``n_pred``,
+        ``fg_precision`` / ``fg_recall`` (the predicted objects' pixels against the true foreground, pooled over
+        images: how well the foreground was found, whatever the instances), and ``per_image``: a list of
+        per-image dicts (``ap50``, ``map``, ``sbd``, ``n_gt``, ``n_pred``, ...).
     """
     if len(predictions) != len(ground_truth):
         raise ValueError(f"{len(predictions)} predictions for {len(ground_truth)} ground-truth images.")
@@ -371,12 +373,16 @@ def score(predictions: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray],
     thresholds = [float(t) for t in DEFAULT_THRESHOLDS]
     tp = np.zeros(len(thresholds), dtype=np.int64)
     n_gt = n_pred = 0
+    fg_hit = fg_pred = fg_true = 0
     per_image = []
     for pred, gt in zip(predictions, ground_truth):
         pred = np.asarray(pred)
         gt = np.asarray(gt)
         if pred.shape != gt.shape:
             raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}.")
+        fg_hit += int(np.count_nonzero((pred > 0) & (gt > 0)))
+        fg_pred += int(np.count_nonzero(pred > 0))
+        fg_true += int(np.count_nonzero(gt > 0))
         table = _contingency(gt, pred)
         tp += _true_positives(table, thresholds)
         n_gt += table.n_gt
@@ -407,6 +413,8 @@ def score(predictions: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray],
         "n_gt": int(n_gt),
         "n_pred": int(n_pred),
         "ap_by_threshold": {f"{t:.2f}": float(a) for t, a in zip(thresholds, ap)},
+        "fg_precision": fg_hit / fg_pred if fg_pred else float("nan"),
+        "fg_recall": fg_hit / fg_true if fg_true else float("nan"),
     }
     if spatial_dims == 3:
         for key in ("arand", "voi_split", "voi_merge"):

@@ -12,7 +12,10 @@ the budget); no validation data are used (the final model is the result: picking
 score would leak labels the sparse setting does not have).
 
 Variants (ablations of the paper's claims) set one loss weight to 0: ``no_consistency``, ``no_unlabeled_push``,
-``no_instance``.
+``no_instance``. The annotation protocols: ``full`` is *objects only*; ``scribbles`` adds simulated background strokes
+(:class:`~spoco_bundle.scribbles.SimulateScribbles`); ``mask`` is *foreground mask given*: no training of its own, the
+checkpoint of the finished ``spoco`` run of the same split and ratio (under ``$SPOCO_BENCH_OUT_DIR``) segments the
+test images inside their true foreground (``foreground_mask_dir``, as a user passes a mask per image).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts.accuracy.common import REPO_ROOT, Result, Split, budget_clock
-from spoco_bundle.io import read_image, split_image_suffix
+from spoco_bundle.io import read_image, split_image_suffix, write_label_image
 
 __all__ = [
     "VARIANTS",
@@ -99,9 +102,11 @@ def fit_predict(
     """
     if overrides is None:
         overrides = json.loads(os.environ.get("SPOCO_BENCH_OVERRIDES", "{}"))
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown SPOCO variant {variant!r}; valid: {sorted(VARIANTS)}.")
+    if variant not in VARIANTS and variant != "mask":
+        raise ValueError(f"Unknown SPOCO variant {variant!r}; valid: {sorted(VARIANTS) + ['mask']}.")
     threads = threads or int(os.environ.get("SPOCO_BENCH_THREADS", "2"))
+    if variant == "mask":
+        return _mask_given(split, ratio, device, threads)
     settings = SETTINGS[split.spatial_dims]
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"spoco_{split.dataset}_{variant}_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -143,6 +148,40 @@ def fit_predict(
         "clustering": inference_clustering(shared),
     }
     return Result(predictions=predictions, train_seconds=train_wall, iterations=iterations, info=info)
+
+
+def _mask_given(split: Split, ratio: float, device: str, threads: int) -> Result:
+    """The *foreground mask given* protocol: the objects-only run's checkpoint, its test images segmented inside
+    their true foreground (one mask file per image in ``<work>/masks``). Its training numbers are that run's."""
+    from scripts.benchmark_accuracy import load_record, run_path  # the harness owns the cache layout
+
+    out_dir = os.environ.get("SPOCO_BENCH_OUT_DIR")
+    if not out_dir:
+        raise RuntimeError("the mask protocol needs $SPOCO_BENCH_OUT_DIR (set by scripts/benchmark_accuracy.py)")
+    source = run_path(out_dir, split.dataset, split.name, "spoco", ratio)
+    record = load_record(source)
+    if not record or record.get("status") != "ok":
+        raise RuntimeError(f"the mask protocol reuses the finished 'spoco' run, none at {source}: run it first")
+    work = Path(record["info"]["work_dir"])
+    ckpt = work / "models" / "model.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint of {source} not found: {ckpt}")
+    masks = work / "masks"
+    masks.mkdir(exist_ok=True)
+    for item in split.test:
+        stem = split_image_suffix(os.path.basename(item.path))[0]
+        write_label_image(masks / f"{stem}.tif", (item.labels > 0).astype(np.uint8))
+    t0 = time.perf_counter()
+    ids = dict(run_ids(record), foreground_mask_dir=str(masks))
+    predictions = predict(ckpt, split, work, device=device, threads=threads, tag="_mask", overrides=ids)
+    info = dict(
+        record["info"],
+        inference_s=round(time.perf_counter() - t0, 1),
+        background="mask (true foreground)",
+        derived_from=str(source),
+        clustering=inference_clustering(ids),
+    )
+    return Result(predictions, float(record["train_seconds"]), int(record["iterations"]), info)
 
 
 def bundle_ids(split: Split, device: str) -> dict:
