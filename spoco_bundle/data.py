@@ -36,6 +36,8 @@ from spoco_bundle.io import IMAGE_SUFFIXES, read_image, split_image_suffix
 
 __all__ = [
     "image_files",
+    "foreground_mask_index",
+    "foreground_mask_file",
     "checked_datalist",
     "build_datalist",
     "validate_datalist",
@@ -394,6 +396,67 @@ def image_files(path: str | os.PathLike) -> list[str]:
     if not files:
         raise ValueError(f"Input folder {path} holds no {IMAGE_SUFFIXES} files.")
     return files
+
+
+def foreground_mask_index(mask_dir: str | os.PathLike, images: Sequence[str] = ()) -> dict[str, list[str]]:
+    """
+    The foreground masks in ``mask_dir`` by stem: ``{stem: [paths]}`` for every NIfTI/TIFF file directly in it
+    (the stem is the name without ``.nii``, ``.nii.gz``, ``.tif``, ``.tiff``; see :func:`foreground_mask_file`).
+
+    Args:
+        mask_dir: the folder of masks.
+        images: the images to be segmented; none of them may lie in ``mask_dir`` (their masks have their names).
+
+    Raises:
+        FileNotFoundError: naming the folder, when it does not exist or is not a folder.
+        ValueError: when ``mask_dir`` is the folder of one of ``images``.
+    """
+    folder = os.path.abspath(os.fspath(mask_dir))
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise FileNotFoundError(f"foreground_mask_dir {folder} {what}.")
+    for image in images:
+        if os.path.samefile(os.path.dirname(os.path.abspath(image)) or ".", folder):
+            raise ValueError(
+                f"foreground_mask_dir {folder} is the folder of the input images ({image}): keep the masks in a "
+                "folder of their own, each named like its image."
+            )
+    index: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if _supported(name) and os.path.isfile(path):
+            index.setdefault(split_image_suffix(name)[0], []).append(path)
+    return index
+
+
+def foreground_mask_file(image: str | os.PathLike, index: Mapping[str, Sequence[str]], mask_dir: Any = None) -> str:
+    """
+    The foreground mask of ``image``: the one file of the mask folder with the image's stem, whatever its suffix
+    (``.nii``, ``.nii.gz``, ``.tif``, ``.tiff``): image ``a.tif`` -> mask ``a.tif`` or ``a.nii.gz``, ... Stems compare
+    exactly (case-sensitive), suffixes in any case.
+
+    Args:
+        image: the image path.
+        index: the masks by stem, from :func:`foreground_mask_index`.
+        mask_dir: the mask folder, for messages.
+
+    Raises:
+        FileNotFoundError: naming the image and the expected names, when there is no such mask.
+        ValueError: naming the files, when there are several (e.g. ``a.tif`` and ``a.nii.gz``).
+    """
+    stem = split_image_suffix(image)[0]
+    found = list(index.get(stem, ()))
+    if not found:
+        expected = ", ".join(f"{stem}{s}" for s in IMAGE_SUFFIXES)
+        raise FileNotFoundError(
+            f"no foreground mask for image {os.fspath(image)} in {mask_dir or 'the mask folder'} (expected one of "
+            f"{expected})."
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"{len(found)} candidate foreground masks for image {os.fspath(image)}: {', '.join(found)}; keep one."
+        )
+    return found[0]
 
 
 def checked_datalist(
