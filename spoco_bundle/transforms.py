@@ -20,6 +20,8 @@ No Orientation or Spacing transform: arrays stay in the file's storage order (se
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -28,7 +30,7 @@ import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
-from monai.transforms import CastToTyped, EnsureChannelFirstd, MapTransform, Resize, Transform
+from monai.transforms import CastToTyped, EnsureChannelFirst, EnsureChannelFirstd, MapTransform, Resize, Transform
 from monai.utils import (
     MetaKeys,
     TransformBackends,
@@ -47,9 +49,12 @@ from spoco_bundle.data import (
 )
 from spoco_bundle.io import LoadVolumed, split_image_suffix
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "ClusterEmbeddings",
     "ClusterEmbeddingsd",
+    "LoadForegroundMaskd",
     "object_priority",
     "SparseInstanceLabel",
     "SparseInstanceLabeld",
@@ -553,7 +558,8 @@ class ClusterEmbeddings(Transform):
         embedding_dim: E.
         background: ``"largest"``: drop the largest cluster (for models trained without annotated background);
             ``"head"``: keep only voxels with foreground probability > ``foreground_threshold`` (models trained with
-            ``background_label``); ``"none"``: keep every cluster.
+            ``background_label``); ``"none"``: keep every cluster. A ``fg_mask`` given to the call (a foreground
+            mask file, :class:`LoadForegroundMaskd`) replaces it: then only voxels inside that mask are clustered.
         min_size: clusters smaller than this many voxels are set to 0.
         delta_v, delta_d: the training margins.
         foreground_threshold: probability threshold of the foreground head.
@@ -592,11 +598,15 @@ class ClusterEmbeddings(Transform):
         self.shape_split = shape_split
         self.kwargs = kwargs
 
-    def __call__(self, pred: NdarrayOrTensor, spacing: Sequence[float] | None = None) -> NdarrayOrTensor:
+    def __call__(
+        self, pred: NdarrayOrTensor, spacing: Sequence[float] | None = None, fg_mask: Any = None
+    ) -> NdarrayOrTensor:
         """
         Args:
             pred: network output ``(C, *S)``.
             spacing: voxel size per spatial axis, for ``shape_split`` (default: the MetaTensor's, else isotropic).
+            fg_mask: a given foreground mask ``S`` or ``(1, *S)`` (nonzero = foreground), used in place of
+                ``background`` (the head is then not needed); None: ``background`` decides.
         """
         if spacing is None and isinstance(pred, MetaTensor):
             spacing = [float(v) for v in pred.pixdim]
@@ -608,8 +618,19 @@ class ClusterEmbeddings(Transform):
                 f"ClusterEmbeddings expects ({n_emb} or {n_emb + 1}, *spatial) for method {self.method!r} "
                 f"and embedding_dim {e}, got shape {arr.shape}."
             )
-        fg_mask = None
-        if self.background == "head":
+        background = self.background
+        if fg_mask is not None:
+            fg_mask = np.asarray(convert_to_numpy(fg_mask))
+            if fg_mask.ndim == arr.ndim and fg_mask.shape[0] == 1:
+                fg_mask = fg_mask[0]
+            if fg_mask.shape != arr.shape[1:]:
+                raise ValueError(
+                    f"the foreground mask has shape {fg_mask.shape}, the network output the spatial shape "
+                    f"{arr.shape[1:]}; they must match."
+                )
+            fg_mask = fg_mask != 0
+            background = "mask"
+        elif background == "head":
             if arr.shape[0] != n_emb + 1:
                 raise ValueError("background='head' needs a network with a foreground head (one extra channel).")
             # sigmoid(x) > t  <=>  x > logit(t)
@@ -620,7 +641,7 @@ class ClusterEmbeddings(Transform):
             delta_v=self.delta_v,
             min_size=self.min_size,
             fg_mask=fg_mask,
-            background="none" if self.background != "largest" else "largest",
+            background="largest" if background == "largest" else "none",
         )
         if self.method == "fast":
             kwargs["delta_d"] = self.delta_d
@@ -643,6 +664,9 @@ class ClusterEmbeddingsd(MapTransform):
         allow_missing_keys: don't raise for missing keys.
         image_key: the input image, a MetaTensor whose voxel size ``shape_split`` uses (the output of a
             :class:`~spoco_bundle.inferers.ScaledInferer` is a plain tensor on the image's grid); None: the output's.
+        mask_key: key of a given foreground mask ``(1, *S)`` on the output's grid (:class:`LoadForegroundMaskd`);
+            when the data holds it, clustering keeps to that mask instead of ``background`` (the head); when it
+            does not, ``background`` decides. None: never look for one.
         kwargs: arguments of :class:`ClusterEmbeddings`.
     """
 
@@ -653,16 +677,104 @@ class ClusterEmbeddingsd(MapTransform):
         keys: KeysCollection = "pred",
         allow_missing_keys: bool = False,
         image_key: str | None = "image",
+        mask_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
+        self.mask_key = mask_key
         self.cluster = ClusterEmbeddings(**kwargs)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
         image = d.get(self.image_key) if self.image_key is not None else None
         spacing = [float(v) for v in image.pixdim] if isinstance(image, MetaTensor) else None
+        fg_mask = d.get(self.mask_key) if self.mask_key is not None else None
+        if isinstance(fg_mask, (str, os.PathLike)):
+            raise TypeError(
+                f"'{self.mask_key}' is still a file name ({os.fspath(fg_mask)}): load it first "
+                "(spoco_bundle.transforms.LoadForegroundMaskd in the preprocessing)."
+            )
         for key in self.key_iterator(d):
-            d[key] = self.cluster(d[key], spacing=spacing)
+            d[key] = self.cluster(d[key], spacing=spacing, fg_mask=fg_mask)
+        return d
+
+
+class LoadForegroundMaskd(MapTransform):
+    """
+    Loads a given foreground mask for clustering (inference's ``foreground_mask_dir``): the file named under
+    ``keys`` (put there by :func:`~spoco_bundle.inferers.segment_files`) is read like the images (NIfTI/TIFF in
+    storage order, :class:`~spoco_bundle.io.LoadVolumed`), its singleton axes dropped like the image's
+    (:class:`EnsureSpatialDims`), checked against the already loaded image ``image_key`` and turned into a bool
+    ``(1, *S)`` MetaTensor, nonzero = foreground, which :class:`ClusterEmbeddingsd` (``mask_key``) then uses in
+    place of the foreground head. The mask stays on the image's grid, where clustering runs (also with
+    ``image_scale`` != 1: :class:`~spoco_bundle.inferers.ScaledInferer` resamples the network's output back onto it).
+
+    A missing key is skipped by default (no mask given: nothing happens), so the transform can stay in the
+    inference preprocessing. Logs a warning for an empty mask, a mask that is foreground everywhere, and a
+    non-integer (probability) mask, where every nonzero value counts as foreground.
+
+    Args:
+        keys: keys holding the mask file names.
+        image_key: the loaded image ``(1, *S)`` the masks must match.
+        spatial_dims: 2 or 3.
+        allow_missing_keys: skip absent keys (default True).
+
+    Raises:
+        ValueError: naming the mask and the image, for an unreadable mask, one whose spatial shape differs from the
+            image's or that cannot be reduced to ``spatial_dims`` axes, or NaN values.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "foreground_mask",
+        image_key: str = "image",
+        spatial_dims: int = 3,
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.squeeze = EnsureSpatialDims(spatial_dims)
+        self.channel_first = EnsureChannelFirst(channel_dim="no_channel")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d.get(self.image_key)
+        image_name = _filename(image, d.get(f"{self.image_key}_meta_dict")) or self.image_key
+        for key in self.key_iterator(d):
+            path = d[key]
+            if not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"'{key}' must name a mask file for image {image_name}, got {type(path).__name__}.")
+            path = os.fspath(path)
+            if image is None:
+                raise KeyError(f"load the image '{self.image_key}' before its foreground mask {path}.")
+            try:
+                mask = LoadVolumed(key)({key: path})[key]
+            except Exception as e:
+                cause = e.__cause__ if isinstance(e, RuntimeError) and e.__cause__ is not None else e
+                raise ValueError(f"Cannot read foreground mask {path} (for image {image_name}): {cause}") from e
+            try:
+                mask = self.squeeze(self.channel_first(mask))
+            except ValueError as e:
+                raise ValueError(f"foreground mask for image {image_name}: {e}") from None
+            if tuple(mask.shape[1:]) != tuple(image.shape[1:]):
+                raise ValueError(
+                    f"foreground mask {path} has spatial shape {tuple(mask.shape[1:])}, but image {image_name} has "
+                    f"{tuple(image.shape[1:])}: a mask must have its image's shape (in the files' storage order)."
+                )
+            if mask.is_floating_point():
+                if bool(torch.isnan(mask).any()):
+                    raise ValueError(f"foreground mask {path} (for image {image_name}) contains NaN values.")
+                if not bool(torch.equal(mask, torch.round(mask))):
+                    logger.warning(
+                        f"foreground mask {path} holds non-integer values (a probability map?): every nonzero value "
+                        "counts as foreground; threshold it first."
+                    )
+            mask = mask != 0
+            n = int(mask.sum())
+            if n == 0:
+                logger.warning(f"foreground mask {path} is empty: no objects in {image_name}.")
+            elif n == mask.numel():
+                logger.warning(f"foreground mask {path} is nonzero everywhere: all of {image_name} is foreground.")
+            d[key] = mask
         return d
