@@ -137,23 +137,35 @@ def segment_files(
     output_dir: str,
     output_ext: str | None = None,
     device: str | torch.device = "cpu",
+    foreground_mask_dir: str | os.PathLike | None = None,
+    mask_key: str = "foreground_mask",
 ) -> list[str]:
     """
     Segment every file: preprocessing -> inferer(network) -> postprocessing (clustering) -> write
     ``output_dir/<stem>_instances<ext>`` (``ext`` = ``output_ext`` or the input's own suffix) with the input's
     shape, axis order and voxel geometry.
 
-    A file that fails (unreadable, wrong dimensionality, ...) is reported by name and skipped; the others are still
-    written; at the end a ``RuntimeError`` lists the failures (so the command exits non-zero). Outputs are written
-    atomically, so no partial file is left behind.
+    With ``foreground_mask_dir``, each image's mask there (the one NIfTI/TIFF file with the image's stem, any of
+    the suffixes: :func:`~spoco_bundle.data.foreground_mask_file`) is passed to ``preprocessing`` under
+    ``mask_key`` beside the image (``{"image": path, mask_key: mask_path}``), for
+    :class:`~spoco_bundle.transforms.LoadForegroundMaskd` and :class:`~spoco_bundle.transforms.ClusterEmbeddingsd`.
+
+    A file that fails (unreadable, wrong dimensionality, no or two masks, a mask of another shape, ...) is reported
+    by name and skipped; the others are still written; at the end a ``RuntimeError`` lists the failures (so the
+    command exits non-zero). Outputs are written atomically, so no partial file is left behind. A mask folder that
+    does not exist (or is the images' own folder) is an error before anything is done.
 
     Returns:
         the written paths.
     """
+    from spoco_bundle.data import foreground_mask_file, foreground_mask_index
     from spoco_bundle.io import split_image_suffix, write_label_image
 
     if not files:
         raise ValueError("No input images (.nii, .nii.gz, .tif, .tiff) to segment.")
+    masks = None if foreground_mask_dir is None else foreground_mask_index(foreground_mask_dir, files)
+    if masks is not None:
+        logger.info(f"foreground masks from {os.path.abspath(foreground_mask_dir)} (in place of --background)")
     os.makedirs(output_dir, exist_ok=True)
     network.eval()
     written, failed = [], []
@@ -162,7 +174,10 @@ def segment_files(
         out_path = os.path.join(output_dir, f"{stem}_instances{output_ext or ext}")
         try:
             t0 = time.perf_counter()
-            data = preprocessing({"image": path})
+            item = {"image": path}
+            if masks is not None:
+                item[mask_key] = foreground_mask_file(path, masks, os.path.abspath(foreground_mask_dir))
+            data = preprocessing(item)
             image = data["image"]
             with torch.no_grad():
                 pred = inferer(image[None].to(device), network)[0].cpu()
@@ -173,17 +188,27 @@ def segment_files(
             meta = dict(getattr(image, "meta", {}))
             write_label_image(out_path, np.asarray(labels)[0], meta)
             n = int(np.asarray(labels).max())
+            mask_note = f" in mask {item[mask_key]}" if masks is not None else ""
             logger.info(
-                f"[{i + 1}/{len(files)}] {path}: {n} instances -> {out_path} "
+                f"[{i + 1}/{len(files)}] {path}: {n} instances{mask_note} -> {out_path} "
                 f"(network {t1 - t0:.1f} s, clustering {t2 - t1:.1f} s)"
             )
             written.append(out_path)
         except Exception as e:  # report and go on with the other files
+            e = _transform_error(e)
             logger.error(f"[{i + 1}/{len(files)}] FAILED {path}: {type(e).__name__}: {e}")
             failed.append(f"{path}: {e}")
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(files)} inputs failed:\n" + "\n".join(failed))
     return written
+
+
+def _transform_error(e: BaseException) -> BaseException:
+    """The error a transform raised, not MONAI's ``RuntimeError("applying transform ...")`` wrapper(s) around it,
+    whose message names only the transform object."""
+    while isinstance(e, RuntimeError) and str(e).startswith("applying transform") and e.__cause__ is not None:
+        e = e.__cause__
+    return e
 
 
 def network_for_clustering(
