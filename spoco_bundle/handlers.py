@@ -1,4 +1,5 @@
-"""Ignite handlers for SPOCO training: momentum teacher update, foreground calibration, progress bar, loss logging."""
+"""Ignite handlers for SPOCO training: momentum teacher update, foreground calibration, progress bar, loss logging,
+time budget, the run's length."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
+# max_epochs of a run that only its time budget ends (train.json sets it when time_limit_s is given)
+UNLIMITED_EPOCHS = 10**9
+
 __all__ = [
     "MomentumTeacherHandler",
     "TrainingProgressBar",
     "LossTermsLogger",
     "ForegroundCalibrationHandler",
     "TrainingTimeLimit",
+    "TrainingLengthLogger",
+    "ValidateOnTerminate",
+    "UNLIMITED_EPOCHS",
     "LossWeightWarmup",
     "pred_label_batch",
 ]
@@ -109,7 +116,8 @@ class LossTermsLogger:
     def _report(self, engine: Engine) -> None:
         if self._count:
             terms = "  ".join(f"{k} {v / self._count:.4f}" for k, v in self._sums.items())
-            self.logger.info(f"Epoch {engine.state.epoch}/{engine.state.max_epochs} loss terms: {terms}")
+            of = "" if engine.state.max_epochs >= UNLIMITED_EPOCHS else f"/{engine.state.max_epochs}"
+            self.logger.info(f"Epoch {engine.state.epoch}{of} loss terms: {terms}")
         self._sums.clear()
         self._count = 0
 
@@ -261,6 +269,66 @@ class TrainingTimeLimit:
             engine.terminate()
 
 
+class TrainingLengthLogger:
+    """
+    Logs once, before the first iteration a run trains (after a resumed run's state is loaded), how long the run will
+    be: ``epochs x epoch_length = N iterations``, or, with a time budget, that the budget ends it. Rank 0 only.
+
+    Args:
+        time_limit_s: the budget of :class:`TrainingTimeLimit`, or None.
+        clock: its clock, ``"wall"`` or ``"cpu"``.
+        name: logger name.
+    """
+
+    def __init__(self, time_limit_s: float | None = None, clock: str = "wall", name: str = "spoco") -> None:
+        self.time_limit_s = time_limit_s
+        self.clock = clock
+        self.logger = logging.getLogger(name)
+
+    def attach(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_rank() != 0:
+                return
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        engine.remove_event_handler(self, Events.ITERATION_STARTED)
+        state = engine.state
+        done = state.iteration - 1
+        resumed = f", resuming after iteration {done}" if done > 0 else ""
+        if self.time_limit_s is not None:
+            self.logger.info(
+                f"training until the time limit of {self.time_limit_s:g} s ({self.clock}) is spent (epochs of "
+                f"{state.epoch_length} iterations; `epochs` does not apply){resumed}"
+            )
+        else:
+            total = state.epoch_length * state.max_epochs
+            self.logger.info(
+                f"training {state.max_epochs} epochs x {state.epoch_length} iterations = {total} iterations{resumed}"
+            )
+
+
+class ValidateOnTerminate:
+    """
+    Runs the validator once more when training is terminated (by :class:`TrainingTimeLimit`): the run then ends in
+    the middle of an epoch, where the epoch-level validation does not run, so without this the weights of the last
+    iterations (the lowest learning rates of the schedule) would never be scored, and a budget that ends before the
+    first validation would leave no best-model checkpoint at all.
+
+    Args:
+        validator: the evaluator (``validate#evaluator``); its checkpoint saver keeps the best model as usual.
+    """
+
+    def __init__(self, validator) -> None:
+        self.validator = validator
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.TERMINATE, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.validator.run(engine.state.epoch)
+
+
 class LossWeightWarmup:
     """
     Linear warm-up of one term's weight in :class:`~spoco_bundle.losses.SpocoLoss`: from ``min(start, target)`` at
@@ -268,9 +336,9 @@ class LossWeightWarmup:
     constant; set before every iteration.
 
     Why: a large foreground weight helps long runs (the head decides what is an object), but from random weights
-    the foreground BCE then dominates the first Adam steps and a few-iteration run (e.g. two epochs in MONAI Label)
-    finds no objects. Warming the weight up keeps short runs as they are with the small weight. The schedule follows
-    ``engine.state.iteration``, so a resumed run continues where it stopped; a target of 0 (term skipped) stays 0.
+    the foreground BCE then dominates the first Adam steps and a run of a few iterations finds no objects. Warming
+    the weight up keeps short runs as they are with the small weight. The schedule follows ``engine.state.iteration``,
+    so a resumed run continues where it stopped; a target of 0 (term skipped) stays 0.
 
     Args:
         loss: the loss whose ``weights[term]`` is scheduled; its value at construction is the target.

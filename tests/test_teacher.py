@@ -9,10 +9,14 @@ import torch
 from ignite.engine import Engine, Events
 
 from spoco_bundle.handlers import (
+    UNLIMITED_EPOCHS,
     ForegroundCalibrationHandler,
+    LossTermsLogger,
     LossWeightWarmup,
     MomentumTeacherHandler,
+    TrainingLengthLogger,
     TrainingTimeLimit,
+    ValidateOnTerminate,
 )
 from spoco_bundle.inferers import TwoViewInferer
 from spoco_bundle.losses import SpocoLoss
@@ -172,6 +176,50 @@ def test_training_time_limit_disabled_and_bad_arguments():
         TrainingTimeLimit(10, clock="gpu")
     with pytest.raises(ValueError, match="positive"):
         TrainingTimeLimit(0)
+
+
+def test_validate_on_terminate_scores_the_weights_the_time_limit_stopped_at():
+    class Validator:
+        def __init__(self):
+            self.epochs = []
+
+        def run(self, epoch):
+            self.epochs.append(epoch)
+
+    # the budget ends the run in epoch 1 of 1000-iteration epochs, before any epoch-level validation
+    engine = Engine(lambda e, b: time.sleep(0.002))
+    TrainingTimeLimit(max_seconds=0.05).attach(engine)
+    validator = Validator()
+    ValidateOnTerminate(validator).attach(engine)
+    engine.run(range(3), max_epochs=UNLIMITED_EPOCHS, epoch_length=1000)
+    assert 1 < engine.state.iteration < 1000 and validator.epochs == [1]
+    # a run that ends by its epochs is not terminated: the epoch-level validation is all there is
+    validator.epochs.clear()
+    engine = Engine(lambda e, b: None)
+    ValidateOnTerminate(validator).attach(engine)
+    engine.run(range(3), max_epochs=2)
+    assert validator.epochs == []
+
+
+def test_training_length_is_logged_once(caplog):
+    engine = Engine(lambda e, b: None)
+    TrainingLengthLogger().attach(engine)
+    with caplog.at_level("INFO", logger="spoco"):
+        engine.run(range(5), max_epochs=2, epoch_length=3)
+    assert [r.getMessage() for r in caplog.records] == ["training 2 epochs x 3 iterations = 6 iterations"]
+
+    # a run only its budget ends: the budget is logged, and the epochs are counted without "of 1000000000"
+    caplog.clear()
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: e.terminate())  # as the budget would
+    TrainingLengthLogger(time_limit_s=1800, clock="cpu").attach(engine)
+    LossTermsLogger(SpocoLoss()).attach(engine)
+    with caplog.at_level("INFO", logger="spoco"):
+        engine.run(range(5), max_epochs=UNLIMITED_EPOCHS, epoch_length=2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("training until the time limit of 1800 s (cpu) is spent (epochs of 2 iterations")
+    assert messages[1].startswith("Epoch 1 loss terms")
 
 
 def test_loss_weight_warmup_ramps_to_the_loss_weight():
