@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from spoco_bundle.handlers import UNLIMITED_EPOCHS
 from spoco_bundle.synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +71,11 @@ def test_check_properties(tmp_path, tiny3d):
         "network_def",
         "train#trainer",
         "train#trainer#max_epochs",
+        "train#trainer#epoch_length",
         "train#dataset#data",
         "train#handlers",
+        "epochs",
+        "epoch_length",
         "val_interval",
     ):
         assert key in parser, key
@@ -109,6 +113,8 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
         tiny3d,
         "--epochs",
         "2",
+        "--epoch_length",
+        "2",
         "--val_interval",
         "1",
         "--instance_ratio",
@@ -130,7 +136,7 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     assert float(state["fg_positive_weight"]) == 10.0  # the loss's default, undone at inference
     resume = torch.load(models / "resume.pt", map_location="cpu", weights_only=True)
     assert {"model", "teacher", "optimizer", "trainer", "lr_scheduler"} <= set(resume)
-    assert resume["trainer"]["iteration"] == 2 * resume["trainer"]["epoch_length"]  # 2 epochs
+    assert resume["trainer"]["iteration"] == 4 and resume["trainer"]["epoch_length"] == 2  # 2 epochs of 2
     teacher = torch.load(models / "teacher.pt", map_location="cpu", weights_only=True)
     assert teacher.keys() == state.keys()
     # the teacher is an EMA of the student: close to, but not equal to, the student after training
@@ -201,15 +207,78 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
 
 
 def test_resume_continues_from_checkpoint(tmp_path, tiny3d):
-    _run_training(tmp_path, tiny3d, "--epochs", "1", "--val_interval", "5", "--patch_size", "[16,32,32]")
-    proc = _run_training(
-        tmp_path, tiny3d, "--epochs", "2", "--val_interval", "5", "--patch_size", "[16,32,32]", "--resume", "True"
-    )
+    short = ("--epoch_length", "2", "--val_interval", "5", "--patch_size", "[16,32,32]")
+    _run_training(tmp_path, tiny3d, "--epochs", "1", *short)
+    proc = _run_training(tmp_path, tiny3d, "--epochs", "2", *short, "--resume", "True")
     log = proc.stdout + proc.stderr
     assert "Restored all variables" in log
     assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log  # epoch 1 was not trained again
+    assert "training 2 epochs x 2 iterations = 4 iterations, resuming after iteration 2" in log
     resume = torch.load(tmp_path / "bundle" / "models" / "resume.pt", map_location="cpu", weights_only=True)
-    assert resume["trainer"]["iteration"] == 2 * resume["trainer"]["epoch_length"]
+    assert resume["trainer"]["iteration"] == 4 and resume["trainer"]["epoch_length"] == 2
+
+
+@pytest.fixture(scope="module")
+def one3d(tmp_path_factory) -> Path:
+    """One training volume (and one validation volume): a few large volumes are the case epoch_length is for."""
+    out = tmp_path_factory.mktemp("one3d")
+    write_synthetic_dataset(out, n_train=1, n_val=1, n_test=0, shape=(16, 48, 48), seed=1)
+    return out
+
+
+def test_epoch_length_is_independent_of_the_number_of_images(tmp_path, one3d):
+    # one volume, 2 epochs of 3 iterations: 6 iterations (an epoch is not one pass over the images)
+    proc = _run_training(tmp_path, one3d, "--epochs", "2", "--epoch_length", "3", "--patch_size", "[16,32,32]")
+    log = proc.stdout + proc.stderr
+    assert "training 2 epochs x 3 iterations = 6 iterations" in log
+    assert log.count("loss terms: pull") == 2
+    resume = torch.load(tmp_path / "bundle" / "models" / "resume.pt", map_location="cpu", weights_only=True)
+    assert resume["trainer"]["iteration"] == 6 and resume["trainer"]["epoch_length"] == 3
+    assert resume["lr_scheduler"]["T_max"] == 2  # the cosine spans the run's epochs
+
+
+def test_time_limit_ends_the_run_not_epochs(tmp_path, one3d):
+    # `--epochs 1` alone would stop after 1 epoch; with a budget the budget ends the run, here in the middle of
+    # the first (long) epoch, before any epoch-level validation: the final weights are validated all the same
+    proc = _run_training(
+        tmp_path,
+        one3d,
+        "--epochs",
+        "1",
+        "--epoch_length",
+        "1000",
+        "--time_limit_s",
+        "3",
+        "--patch_size",
+        "[16,32,32]",
+    )
+    log = proc.stdout + proc.stderr
+    assert "training until the time limit of 3 s (wall) is spent (epochs of 1000 iterations" in log
+    assert "time limit of 3 s (wall) reached after" in log
+    assert log.count("Metrics -- val_ap50") == 1
+    models = tmp_path / "bundle" / "models"
+    resume = torch.load(models / "resume.pt", map_location="cpu", weights_only=True)
+    assert 1 < resume["trainer"]["iteration"] < 1000 and resume["trainer"]["max_epochs"] == UNLIMITED_EPOCHS
+    assert (models / "model.pt").is_file()  # the best (here: only) validated weights
+
+
+def test_epoch_length_carries_the_data_order_across_epochs():
+    # what epoch_length relies on in MONAI's workflow (ignite): an epoch shorter than the loader continues the
+    # loader's pass in the next epoch, and an exhausted loader restarts (reshuffled) in the middle of an epoch
+    from monai.data import DataLoader
+    from monai.engines import Workflow
+
+    class Record(Workflow):
+        def _iteration(self, engine, batch):
+            seen.append((engine.state.epoch, int(batch)))
+            return {}
+
+    seen = []
+    torch.manual_seed(0)
+    Record(device="cpu", max_epochs=3, data_loader=DataLoader(list(range(5)), shuffle=True), epoch_length=4).run()
+    assert [e for e, _ in seen] == [1] * 4 + [2] * 4 + [3] * 4
+    items = [i for _, i in seen]
+    assert sorted(items[:5]) == sorted(items[5:10]) == list(range(5))  # whole passes, across epoch boundaries
 
 
 def test_train_2d_tiff_without_validation(tmp_path):
@@ -222,6 +291,8 @@ def test_train_2d_tiff_without_validation(tmp_path):
         "2",
         "--epochs",
         "1",
+        "--epoch_length",
+        "2",
         "--patch_size",
         "[48,48]",
         "--background_label",
@@ -238,7 +309,9 @@ def test_train_2d_tiff_without_validation(tmp_path):
 def test_images_smaller_than_patch_are_padded(tmp_path):
     data = tmp_path / "small"
     write_synthetic_dataset(data, n_train=1, n_val=0, n_test=0, shape=(40, 40), seed=3, spatial_dims=2)
-    _run_training(tmp_path, data, "--spatial_dims", "2", "--epochs", "1", "--patch_size", "[64,64]")
+    _run_training(
+        tmp_path, data, "--spatial_dims", "2", "--epochs", "1", "--epoch_length", "1", "--patch_size", "[64,64]"
+    )
     assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
 
 
