@@ -42,6 +42,7 @@ def test_merged_config_keeps_monai_label_keys():
         "device",
         "network_def",
         "train#trainer#max_epochs",
+        "train#trainer#epoch_length",
         "train#dataset#data",
         "validate#dataset#data",
         "train#handlers",
@@ -58,6 +59,8 @@ def test_merged_config_keeps_monai_label_keys():
         "validate#dataset#data",
         "train#handlers",
         "train#trainer#max_epochs",
+        "train#trainer#epoch_length",
+        "epoch_length",
         "bundle_root",
         "run",
         "training",
@@ -87,8 +90,8 @@ def test_multi_gpu_config_without_torchrun_says_so(tmp_path, monkeypatch):
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
-    # 3 training volumes over 2 ranks: 2 iterations per rank and epoch (single process: 3); 3 validation volumes
-    # split 2 + 1, their metrics gathered across ranks
+    # 3 training volumes over 2 ranks (each rank draws from its shard of 2), 2 epochs of 2 iterations on every rank;
+    # 3 validation volumes split 2 + 1, their metrics gathered across ranks
     data = tmp_path / "data"
     write_synthetic_dataset(data, n_train=3, n_val=3, n_test=0, shape=(16, 32, 32), seed=3)
     # test-only addition: every rank dumps its teacher after training, so the ranks can be compared here
@@ -121,6 +124,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
         "1",
         "--epochs",
         "2",
+        "--epoch_length",
+        "2",
         "--val_interval",
         "2",
     ]
@@ -143,8 +148,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     net.load_state_dict(state, strict=True)
 
     resume = torch.load(models / "resume.pt", map_location="cpu", weights_only=True)
-    assert resume["trainer"]["epoch_length"] == 2  # each rank saw its shard (2 of 3 volumes), not all 3
-    assert resume["trainer"]["iteration"] == 4
+    assert resume["trainer"]["epoch_length"] == 2 and resume["trainer"]["iteration"] == 4
 
     teachers = [torch.load(models / f"teacher_rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1)]
     saved = torch.load(models / "teacher.pt", map_location="cpu", weights_only=True)
