@@ -12,7 +12,8 @@ for each foreground weight / warm-up setting and epoch count, segments a held-ba
         [--out_dir eval/short_training] [--threads 1]
 
 A setting ``W:N`` is ``loss#foreground_weight`` W with ``foreground_warmup_iterations`` N (0: no warm-up).
-One epoch is 2 iterations here (2 volumes, batch of 2 patches from one volume). Results are written to
+One epoch is 2 iterations here (``--epoch_length 2``: one pass over the 2 volumes, batch of 2 patches from one
+volume, as an epoch was before ``epoch_length`` existed, so earlier results stay comparable). Results are written to
 ``<out_dir>/results.json``. CPU only; ~0.5-1.5 min per run on one core.
 """
 
@@ -31,6 +32,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (32, 64, 48)  # the size of the MONAI Label test's volumes
 RATIO = 0.33  # about a third of the objects labelled, as in tests/test_monailabel_server.py
+EPOCH_LENGTH = 2  # iterations per epoch: one pass over the 2 training volumes
 
 
 def _bundle(args: list[str], cwd: Path, threads: int) -> None:
@@ -51,7 +53,8 @@ def run_one(data: Path, run: Path, weight: float, warmup: int, epochs: int, thre
     common = ["--meta_file", str(REPO_ROOT / "configs" / "metadata.json"), "--bundle_root", str(run)]
     _bundle(
         ["training", "--config_file", str(REPO_ROOT / "configs" / "train.json"), *common]
-        + ["--dataset_dir", str(data), "--epochs", str(epochs), "--instance_ratio", str(RATIO)]
+        + ["--dataset_dir", str(data), "--epochs", str(epochs), "--epoch_length", str(EPOCH_LENGTH)]
+        + ["--instance_ratio", str(RATIO)]
         + ["--loss#foreground_weight", str(weight), "--foreground_warmup_iterations", str(warmup)],
         run,
         threads,
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [
             f"{r['weight']:g}",
             r["warmup"],
-            f"{r['epochs']} ({2 * r['epochs']})",
+            f"{r['epochs']} ({EPOCH_LENGTH * r['epochs']})",
             r["objects"],
             f"{r['ap50']:.3f}",
         ]
