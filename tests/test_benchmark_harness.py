@@ -491,3 +491,25 @@ def test_protocol_table_and_rescore(dsb_small: Split, tmp_path: Path) -> None:
     assert "| objects only, foreground mask given | 10% | not run (>= 0.90) | - |" in text
     assert "| all objects labelled | 100% | not run (>= 0.80) | - |" in text
     assert _protocol_lines(ok, {"dsb2018": [split]}, ["spoco", "classical"]) == []  # no protocol in the grid
+
+
+def test_mask_protocol_reuses_the_objects_only_checkpoint(
+    dsb_small: Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # spoco_mask trains nothing: the finished spoco run's model segments the test images inside their true
+    # foreground, given as one mask file per image through the bundle's --foreground_mask_dir
+    monkeypatch.setenv("SPOCO_BENCH_THREADS", "2")
+    monkeypatch.setenv("SPOCO_BENCH_OUT_DIR", str(tmp_path / "runs"))
+    split = Split("dsb2018", "tiny", 2, dsb_small.train[:2], dsb_small.test[:2])
+    missing = run_one(split, "spoco_mask", 0.5, tmp_path / "runs", 4.0)
+    assert missing["status"] == "failed" and "run it first" in missing["reason"]
+    rec = run_one(split, "spoco", 0.5, tmp_path / "runs", 4.0)
+    assert rec["status"] == "ok", rec.get("reason")
+    masked = run_one(split, "spoco_mask", 0.5, tmp_path / "runs", 4.0)
+    assert masked["status"] == "ok", masked.get("reason")
+    assert masked["iterations"] == rec["iterations"] and masked["info"]["derived_from"].endswith("ratio_0.50.json")
+    with np.load(tmp_path / "runs" / "dsb2018" / "tiny" / "spoco_mask" / "ratio_0.50.npz") as data:
+        preds = [data[it.name] for it in split.test]
+    for pred, item in zip(preds, split.test):
+        assert not np.any((pred > 0) & (item.labels == 0))  # nothing outside the given foreground
+    assert masked["metrics"]["fg_precision"] == pytest.approx(1.0)
