@@ -205,7 +205,9 @@ class TrainingTimeLimit:
     ``max_epochs``; when ``optimizer`` is given, every iteration sets each group's learning rate to
     ``base_lr * (1 + cos(pi * progress)) / 2`` (the cosine schedule of the reference, on a time axis), and
     training stops once the budget is spent. Use it instead of an epoch-based scheduler: ``train.json`` disables its
-    ``LrScheduleHandler`` when ``time_limit_s`` is set. Without a budget (``None``) the handler does nothing.
+    ``LrScheduleHandler`` when ``time_limit_s`` is set, and sets ``max_epochs`` to :data:`UNLIMITED_EPOCHS` so that
+    the budget alone ends the run (the by-epoch fraction is then about 0). Without a budget (``None``) the handler
+    does nothing.
 
     Args:
         max_seconds: the budget, or None.
