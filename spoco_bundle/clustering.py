@@ -40,6 +40,7 @@ from scipy.sparse.csgraph import connected_components
 
 __all__ = [
     "CLUSTERING_METHODS",
+    "head_threshold",
     "BACKGROUND_MODES",
     "cluster_embeddings",
     "cluster_fast",
@@ -1369,3 +1370,32 @@ def cluster_embeddings(emb: np.ndarray, method: str = "fast", **kwargs) -> np.nd
             raise ValueError("method 'consistency' needs the teacher embeddings as keyword argument emb_g.")
         return cluster_consistency(emb, kwargs.pop("emb_g"), **kwargs)
     return CLUSTERING_METHODS[method](emb, **kwargs)
+
+
+def head_threshold(logits: np.ndarray, rule: float | str = 0.5, max_samples: int = 1_000_000) -> float:
+    """
+    The probability threshold of the foreground head for one image.
+
+    Args:
+        logits: the (calibrated) foreground logits of the image, any shape.
+        rule: a probability in (0, 1), returned as it is; or ``"otsu"``: Otsu's threshold of the image's head
+            probabilities, which separates the two modes of the map without relying on the calibration (the label
+            frequency ``c`` of positive-unlabeled training, biased when the head memorises the few annotated
+            objects). Large images are subsampled on a regular grid (``max_samples`` values). A map with a single
+            value gives 0.5.
+    """
+    if isinstance(rule, str):
+        if rule != "otsu":
+            raise ValueError(f"foreground threshold must be a probability in (0, 1) or 'otsu', got {rule!r}.")
+        from skimage.filters import threshold_otsu
+
+        x = np.asarray(logits, dtype=np.float32).ravel()
+        x = x[:: max(1, x.size // max_samples)]
+        p = 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+        if p.size == 0 or float(p.max() - p.min()) < 1e-6:
+            return 0.5
+        return float(threshold_otsu(p))
+    t = float(rule)
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"foreground threshold must be a probability in (0, 1) or 'otsu', got {rule!r}.")
+    return t

@@ -40,7 +40,7 @@ from monai.utils import (
     ensure_tuple,
 )
 
-from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings, split_by_shape
+from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings, head_threshold, split_by_shape
 from spoco_bundle.data import (
     check_image_array,
     check_label_array,
@@ -562,7 +562,8 @@ class ClusterEmbeddings(Transform):
             mask file, :class:`LoadForegroundMaskd`) replaces it: then only voxels inside that mask are clustered.
         min_size: clusters smaller than this many voxels are set to 0.
         delta_v, delta_d: the training margins.
-        foreground_threshold: probability threshold of the foreground head.
+        foreground_threshold: probability threshold of the foreground head, or ``"otsu"``: per image, from the head's
+            own probability map (:func:`~spoco_bundle.clustering.head_threshold`).
         shape_split: after clustering, split objects shaped like two joined round objects
             (:func:`~spoco_bundle.clustering.split_by_shape` with ``h=shape_split``); 0: off.
         kwargs: further arguments of the clustering function.
@@ -578,10 +579,11 @@ class ClusterEmbeddings(Transform):
         min_size: int = 16,
         delta_v: float = 0.5,
         delta_d: float = 2.0,
-        foreground_threshold: float = 0.5,
+        foreground_threshold: float | str = 0.5,
         shape_split: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        head_threshold(np.zeros(1), foreground_threshold)  # a clear error now rather than at the first image
         if not 0 <= shape_split < 1:
             raise ValueError(f"shape_split must be in [0, 1) (0: off), got {shape_split!r}.")
         if background not in ("largest", "head", "none"):
@@ -634,7 +636,7 @@ class ClusterEmbeddings(Transform):
             if arr.shape[0] != n_emb + 1:
                 raise ValueError("background='head' needs a network with a foreground head (one extra channel).")
             # sigmoid(x) > t  <=>  x > logit(t)
-            t = self.foreground_threshold
+            t = head_threshold(arr[-1], self.foreground_threshold)
             fg_mask = arr[-1] > np.log(t / (1.0 - t))
         kwargs = dict(
             self.kwargs,

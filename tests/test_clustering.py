@@ -23,6 +23,7 @@ from spoco_bundle.clustering import (
     cluster_meanshift,
     cluster_watershed,
     filter_small,
+    head_threshold,
     relabel_consecutive,
     remove_background,
     split_by_shape,
@@ -423,3 +424,20 @@ def test_split_by_shape_validation():
         split_by_shape(np.zeros((4, 4), np.float32))
     with pytest.raises(ValueError, match="spacing needs 2 positive values"):
         split_by_shape(np.zeros((4, 4), np.int32), spacing=(1.0, 0.0))
+
+
+def test_head_threshold_otsu_finds_the_gap_between_the_modes():
+    # a head whose objects sit at P ~ 0.25 (an over-estimated label frequency) and background at P ~ 0.02:
+    # the fixed 0.5 keeps nothing, Otsu's threshold falls between the two modes
+    rng = np.random.default_rng(0)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    x = np.concatenate([rng.normal(logit(0.02), 0.3, 9000), rng.normal(logit(0.25), 0.3, 1000)])
+    t = head_threshold(x, "otsu")
+    assert 0.03 < t < 0.2
+    assert head_threshold(x, 0.5) == 0.5 and head_threshold(np.full(10, 3.0), "otsu") == 0.5
+    big = np.tile(x, 300)  # subsampled on a grid: the same split of the pixels (anywhere in the gap)
+    t_big = head_threshold(big, "otsu", max_samples=10_000)
+    assert (x > logit(t_big)).mean() == pytest.approx((x > logit(t)).mean(), abs=0.01)
+    for bad in (0.0, 1.0, "mean"):
+        with pytest.raises(ValueError, match="probability in \\(0, 1\\) or 'otsu'"):
+            head_threshold(x, bad)
