@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -62,6 +63,18 @@ def write_studies(root: Path) -> dict:
         sparse[image_id] = str(root / "annotations" / f"{image_id}.nii.gz")
         nib.save(nib.Nifti1Image(labels, img.affine), sparse[image_id])
     return {"studies": studies, "images": images, "sparse": sparse, "dense": dense}
+
+
+def set_epoch_length(bundle: Path, iterations: int) -> None:
+    """
+    Set ``epoch_length`` in a deployed bundle's ``configs/train.json``, where a user would: MONAI Label's training
+    request sets only ``max_epochs``, so its epochs are epochs of this many iterations (100 by default, too many
+    for a test on CPU).
+    """
+    path = Path(bundle) / "configs" / "train.json"
+    config = json.loads(path.read_text())
+    config["epoch_length"] = int(iterations)
+    path.write_text(json.dumps(config, indent=4))
 
 
 def write_bad_inputs(folder: Path) -> dict:

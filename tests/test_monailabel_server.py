@@ -32,6 +32,7 @@ from _monailabel_helpers import (
     load_strict,
     read_result,
     requires_monailabel,
+    set_epoch_length,
     write_bad_inputs,
     write_studies,
 )
@@ -44,6 +45,7 @@ MODEL = "spoco"
 START_TIMEOUT_S = 300
 TRAIN_TIMEOUT_S = 900
 EPOCHS = 2
+EPOCH_LENGTH = 2  # 4 iterations in all, as when an epoch was one pass over the 2 labelled images
 
 
 def _free_port() -> int:
@@ -104,6 +106,7 @@ def server(tmp_path_factory):
     app = apps / "monaibundle"
     assert (app / "main.py").is_file(), "monailabel apps --download did not copy the monaibundle sample app"
     deploy_bundle(app, name=MODEL)  # initial (untrained) weights: the model is listed and can be trained
+    set_epoch_length(app / "model" / MODEL, EPOCH_LENGTH)
     port = _free_port()
     log = root / "server.log"
     cmd = [
@@ -229,9 +232,11 @@ def test_train_from_sparse_labels_then_infer_with_the_new_weights(server, tmp_pa
     assert status["status"] == "DONE", "\n".join(status.get("details", [])) + "\n" + _log_tail(server.log)
 
     assert hashlib.sha256(model_pt.read_bytes()).hexdigest() != before
+    resume = torch.load(server.bundle / "models" / "resume.pt", map_location="cpu", weights_only=True)
+    assert resume["trainer"]["iteration"] == EPOCHS * EPOCH_LENGTH  # max_epochs epochs of the copy's epoch_length
     load_strict(server.bundle)  # the new model.pt is the plain student state dict of network_def
     trained = cli_segmentation(server.bundle, server.images[NIFTI_IDS[2]], tmp_path / "after")
-    assert trained.max() >= 1, "the model trained for two epochs finds no object"
+    assert trained.max() >= 1, "the model trained for two epochs (4 iterations) finds no object"
     assert not np.array_equal(trained, untrained), "training did not change the segmentation"
     for image_id in (NIFTI_IDS[2], TIFF_ID):
         r, out = server.infer(image_id, tmp_path)

@@ -24,6 +24,7 @@ from _monailabel_helpers import (
     load_strict,
     read_result,
     requires_monailabel,
+    set_epoch_length,
     write_bad_inputs,
     write_studies,
 )
@@ -32,9 +33,10 @@ from spoco_bundle.monailabel_compat import deploy_bundle
 
 pytestmark = requires_monailabel
 
-# one epoch (2 iterations) keeps this file fast; the server test trains longer and compares segmentations of a
+# one epoch of 2 iterations keeps this file fast; the server test trains longer and compares segmentations of a
 # model that finds objects, so voxel-wise agreement there is not between two empty maps
 EPOCHS = 1
+EPOCH_LENGTH = 2
 
 
 def _sha(path: Path) -> str:
@@ -59,6 +61,7 @@ def trained(tmp_path_factory):
     studies = write_studies(root)
     app = _fake_app(root)
     bundle = Path(deploy_bundle(app, name="spoco"))
+    set_epoch_length(bundle, EPOCH_LENGTH)
     initial = _sha(bundle / "models" / "model.pt")
     datastore = LocalDatastore(str(studies["studies"]), extensions=["*.nii.gz", "*.nii", "*.tif"], auto_reload=False)
     assert sorted(datastore.list_images()) == sorted(NIFTI_IDS + [TIFF_ID])
@@ -91,9 +94,11 @@ def test_train_task_writes_new_plain_student_weights(trained):
     assert net.state_dict().keys() == state.keys()
     assert (bundle / "models" / "teacher.pt").is_file() and (bundle / "models" / "resume.pt").is_file()
     resume = torch.load(bundle / "models" / "resume.pt", map_location="cpu", weights_only=True)
-    # MONAI Label's max_epochs override reached the trainer, and every epoch ran
-    assert resume["trainer"]["max_epochs"] == EPOCHS
-    assert resume["trainer"]["iteration"] >= EPOCHS and resume["trainer"]["iteration"] % EPOCHS == 0
+    # MONAI Label's max_epochs override reached the trainer, every epoch ran its epoch_length iterations (from the
+    # copy's train.json, not one per image), and the cosine learning-rate schedule spans MONAI Label's epochs
+    assert resume["trainer"]["max_epochs"] == EPOCHS and resume["trainer"]["epoch_length"] == EPOCH_LENGTH
+    assert resume["trainer"]["iteration"] == EPOCHS * EPOCH_LENGTH
+    assert resume["lr_scheduler"]["T_max"] == EPOCHS
 
 
 @pytest.mark.parametrize("image_id", [NIFTI_IDS[2], TIFF_ID])
