@@ -152,7 +152,7 @@ class SimulateScribbles(Transform):
                 "scribbles need a background_label: the id the strokes get, one that no object uses "
                 "(e.g. --background_label 65535)."
             )
-        if background_label is not None and int(background_label) <= 0:
+        if int(strokes) > 0 and int(background_label) <= 0:
             raise ValueError(f"background_label for scribbles must be a positive id, got {background_label}.")
         if not 0.0 < float(max_fraction) <= 1.0:
             raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}.")

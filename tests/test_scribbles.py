@@ -68,6 +68,7 @@ def test_array_transform_paints_the_background_id_and_keeps_the_type():
     np.testing.assert_array_equal(painted, SimulateScribbles(strokes=4, background_label=B).mask(lab, "cell_07"))
     np.testing.assert_array_equal(out[0].numpy()[~painted], lab[~painted])  # objects and the rest unchanged
     assert SimulateScribbles(strokes=0)(lab) is lab  # off: untouched
+    assert SimulateScribbles(strokes=0, background_label=0)(lab) is lab  # off, with the dense-truth background id 0
 
 
 def test_with_sparse_labels_strokes_become_annotated_background():
