@@ -197,7 +197,7 @@ def segment_files(
         except Exception as e:  # report and go on with the other files
             e = _transform_error(e)
             logger.error(f"[{i + 1}/{len(files)}] FAILED {path}: {type(e).__name__}: {e}")
-            failed.append(f"{path}: {e}")
+            failed.append(str(e) if str(e).startswith(path) else f"{path}: {e}")  # the path once
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(files)} inputs failed:\n" + "\n".join(failed))
     return written

@@ -270,7 +270,8 @@ class TiffReader(ImageReader):
             if image.error is not None:
                 raise ValueError(f"Cannot read TIFF file {image.filename}: {image.error}")
             if image.array is None:
-                raise ValueError(f"TIFF file {image.filename} {image.meta['reject']}.")  # type: ignore[index]
+                reject = image.meta["reject"].rstrip(".")  # type: ignore[index]
+                raise ValueError(f"TIFF file {image.filename} {reject}.")
             arrays.append(image.array)
             metas.append(image.meta)
         meta = dict(metas[0])

@@ -130,6 +130,37 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_instances.nii.gz"]  # nothing partial
 
 
+def test_failed_inputs_report_the_root_cause_per_file_and_in_the_summary(tmp_path):
+    """A truncated .nii.gz, an RGB TIFF and a 2D image for a 3D model: each is reported with the reader's or the
+    check's own message, on its FAILED line and in the final summary, never as MONAI's ``applying transform``."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    vol = np.random.default_rng(3).random((12, 32, 32)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), inputs / "good.nii.gz")
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "whole.nii.gz")
+    whole = (tmp_path / "whole.nii.gz").read_bytes()
+    (inputs / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])  # a copy that stopped half-way
+    tifffile.imwrite(inputs / "rgb.tif", (vol[0, :, :, None] * [255, 128, 0]).astype(np.uint8), photometric="rgb")
+    tifffile.imwrite(inputs / "flat.tif", vol[0])  # 2D for a 3D model
+    ckpt = tmp_path / "model.pt"
+    _save_model(ckpt, 3)
+    proc = _infer(tmp_path, inputs, tmp_path / "out", ckpt, "--patch_size", "[8,32,32]")
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "applying transform" not in log and " object at 0x" not in log
+    summary = log[log.index("3 of 4 inputs failed:") :].splitlines()
+    causes = {
+        "truncated.nii.gz": "EOFError: Compressed file ended before the end-of-stream marker was reached",
+        "rgb.tif": "has 3 colour samples per pixel (RGB)",
+        "flat.tif": "image has 2 dimension(s) (32, 32), but spatial_dims=3 needs 3D single-channel images",
+    }
+    for name, cause in causes.items():
+        per_file = [line for line in log.splitlines() if f"FAILED {inputs / name}:" in line]
+        assert len(per_file) == 1 and cause in per_file[0], (name, per_file)
+        assert any(line.startswith(str(inputs / name)) and cause in line for line in summary), (name, summary)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_instances.nii.gz"]
+
+
 def test_missing_and_mismatched_checkpoint(tmp_path):
     net = _network(3)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
