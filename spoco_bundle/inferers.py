@@ -153,25 +153,25 @@ def segment_files(
     A file that fails (unreadable, wrong dimensionality, no or two masks, a mask of another shape, ...) is reported
     by name and skipped; the others are still written; at the end a ``RuntimeError`` lists the failures (so the
     command exits non-zero). Outputs are written atomically, so no partial file is left behind. A mask folder that
-    does not exist (or is the images' own folder) is an error before anything is done.
+    does not exist (or is the images' own folder) is an error before anything is done, and so are two inputs that
+    would be written to one output (same stem: ``a.nii.gz`` and ``a.tif`` with ``output_ext`` ``.tif``).
 
     Returns:
         the written paths.
     """
     from spoco_bundle.data import foreground_mask_file, foreground_mask_index
-    from spoco_bundle.io import split_image_suffix, write_label_image
+    from spoco_bundle.io import write_label_image
 
     if not files:
         raise ValueError("No input images (.nii, .nii.gz, .tif, .tiff) to segment.")
+    out_paths = _output_paths(files, output_dir, output_ext)
     masks = None if foreground_mask_dir is None else foreground_mask_index(foreground_mask_dir, files)
     if masks is not None:
         logger.info(f"foreground masks from {os.path.abspath(foreground_mask_dir)} (in place of --background)")
     os.makedirs(output_dir, exist_ok=True)
     network.eval()
     written, failed = [], []
-    for i, path in enumerate(files):
-        stem, ext = split_image_suffix(os.path.basename(path))
-        out_path = os.path.join(output_dir, f"{stem}_instances{output_ext or ext}")
+    for i, (path, out_path) in enumerate(zip(files, out_paths)):
         try:
             t0 = time.perf_counter()
             item = {"image": path}
@@ -201,6 +201,32 @@ def segment_files(
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(files)} inputs failed:\n" + "\n".join(failed))
     return written
+
+
+def _output_paths(files: Sequence[str], output_dir: str, output_ext: str | None) -> list[str]:
+    """``output_dir/<stem>_instances<ext>`` for each input, in order.
+
+    Raises:
+        ValueError: naming the inputs, when two of them would be written to one output (same stem: ``a.nii.gz`` and
+            ``a.tif`` with ``output_ext`` ``.tif``, ``a.tif`` and ``a.tiff`` with ``.tif``, ...), before any work.
+    """
+    from spoco_bundle.io import split_image_suffix
+
+    out_paths, by_output = [], {}
+    for path in files:
+        stem, ext = split_image_suffix(os.path.basename(path))
+        out_path = os.path.join(output_dir, f"{stem}_instances{output_ext or ext}")
+        out_paths.append(out_path)
+        by_output.setdefault(os.path.normcase(os.path.abspath(out_path)), []).append(path)
+    clashes = [(out, ins) for out, ins in by_output.items() if len(ins) > 1]
+    if clashes:
+        hint = ", or leave out --output_ext (each input keeps its own suffix)" if output_ext else ""
+        raise ValueError(
+            "Inputs with the same name stem would be written to the same output file, the later replacing the "
+            f"earlier: rename one of each, or segment them into separate output folders{hint}. Nothing was "
+            "segmented.\n" + "\n".join(f"{' and '.join(ins)} would both be written to {out}" for out, ins in clashes)
+        )
+    return out_paths
 
 
 def _transform_error(e: BaseException) -> BaseException:

@@ -161,6 +161,37 @@ def test_failed_inputs_report_the_root_cause_per_file_and_in_the_summary(tmp_pat
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_instances.nii.gz"]
 
 
+def test_inputs_that_would_share_an_output_are_refused_before_any_work(tmp_path):
+    """``a.nii.gz`` + ``a.tif`` or ``a.tif`` + ``a.tiff`` with ``--output_ext .tif`` both map to ``a_instances.tif``:
+    the second used to replace the first silently (exit 0). Now an error names both inputs; nothing is written."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    vol = np.random.default_rng(4).random((12, 32, 32)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), inputs / "a.nii.gz")
+    for name in ("a.tif", "b.tif", "c.tif", "c.tiff"):
+        tifffile.imwrite(inputs / name, vol)
+    ckpt = tmp_path / "model.pt"
+    _save_model(ckpt, 3)
+    proc = _infer(tmp_path, inputs, tmp_path / "out", ckpt, "--patch_size", "[8,32,32]", "--output_ext", ".tif")
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "same output file" in log and "Nothing was segmented" in log
+    for group, out in ((("a.nii.gz", "a.tif"), "a_instances.tif"), (("c.tif", "c.tiff"), "c_instances.tif")):
+        names = " and ".join(str(inputs / n) for n in group)
+        assert f"{names} would both be written to {tmp_path / 'out' / out}" in log
+    assert not (tmp_path / "out").exists()  # refused before any work
+    # without --output_ext each keeps its own suffix: no clash
+    from spoco_bundle.inferers import _output_paths
+
+    files = [str(inputs / n) for n in ("a.nii.gz", "a.tif", "c.tif", "c.tiff")]
+    assert [Path(p).name for p in _output_paths(files, str(tmp_path / "out"), None)] == [
+        "a_instances.nii.gz",
+        "a_instances.tif",
+        "c_instances.tif",
+        "c_instances.tiff",
+    ]
+
+
 def test_missing_and_mismatched_checkpoint(tmp_path):
     net = _network(3)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
