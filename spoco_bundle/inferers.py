@@ -154,7 +154,9 @@ def segment_files(
     by name and skipped; the others are still written; at the end a ``RuntimeError`` lists the failures (so the
     command exits non-zero). Outputs are written atomically, so no partial file is left behind. A mask folder that
     does not exist (or is the images' own folder) is an error before anything is done, and so are two inputs that
-    would be written to one output (same stem: ``a.nii.gz`` and ``a.tif`` with ``output_ext`` ``.tif``).
+    would be written to one output (same stem: ``a.nii.gz`` and ``a.tif`` with ``output_ext`` ``.tif``). Inputs
+    that are the outputs of other inputs (``a_instances.tif`` beside ``a.tif``: an earlier run into the input
+    folder) are skipped with a warning.
 
     Returns:
         the written paths.
@@ -164,6 +166,13 @@ def segment_files(
 
     if not files:
         raise ValueError("No input images (.nii, .nii.gz, .tif, .tiff) to segment.")
+    earlier = _earlier_outputs(files)
+    for path, source in earlier.items():
+        logger.warning(
+            f"skipping {path}: the output of {source} from an earlier run (<stem>_instances beside its input); "
+            "to segment it anyway, pass the file itself as --dataset_dir"
+        )
+    files = [path for path in files if path not in earlier]
     out_paths = _output_paths(files, output_dir, output_ext)
     masks = None if foreground_mask_dir is None else foreground_mask_index(foreground_mask_dir, files)
     if masks is not None:
@@ -201,6 +210,26 @@ def segment_files(
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(files)} inputs failed:\n" + "\n".join(failed))
     return written
+
+
+def _earlier_outputs(files: Sequence[str]) -> dict[str, str]:
+    """The inputs that are outputs of another input, ``{output: its input}``: ``<stem>_instances.<any suffix>`` in
+    the folder of an input ``<stem>.<any suffix>`` of ``files`` (what a run with the output folder = the input folder
+    leaves there; a second run would otherwise segment them as images)."""
+    from spoco_bundle.io import split_image_suffix
+
+    by_stem = {}
+    for path in files:
+        folder, name = os.path.split(os.path.abspath(path))
+        by_stem.setdefault((folder, split_image_suffix(name)[0]), path)
+    earlier = {}
+    for path in files:
+        folder, name = os.path.split(os.path.abspath(path))
+        stem = split_image_suffix(name)[0]
+        source = by_stem.get((folder, stem[: -len("_instances")])) if stem.endswith("_instances") else None
+        if source is not None and source != path:
+            earlier[path] = source
+    return earlier
 
 
 def _output_paths(files: Sequence[str], output_dir: str, output_ext: str | None) -> list[str]:

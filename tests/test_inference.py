@@ -192,6 +192,35 @@ def test_inputs_that_would_share_an_output_are_refused_before_any_work(tmp_path)
     ]
 
 
+def test_a_second_run_into_the_input_folder_skips_the_first_runs_outputs(tmp_path):
+    """Output folder = input folder: the second run used to segment ``a_instances.nii.gz`` as an image (writing
+    ``a_instances_instances.nii.gz``). Outputs beside their input are skipped with a message; a file named
+    ``*_instances`` without such an input is still an image."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    vol = np.random.default_rng(5).random((12, 32, 32)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), folder / "a.nii.gz")
+    tifffile.imwrite(folder / "b.tif", vol)
+    tifffile.imwrite(folder / "x_instances.tif", vol)  # no x.* beside it: an image
+    ckpt = tmp_path / "model.pt"
+    _save_model(ckpt, 3)
+    first = _infer(tmp_path, folder, folder, ckpt, "--patch_size", "[8,32,32]")
+    assert first.returncode == 0, first.stderr[-3000:]
+    written = {"a_instances.nii.gz", "b_instances.tif", "x_instances_instances.tif"}
+    assert {p.name for p in folder.iterdir()} == {"a.nii.gz", "b.tif", "x_instances.tif"} | written
+    second = _infer(tmp_path, folder, folder, ckpt, "--patch_size", "[8,32,32]")
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    for output, source in (
+        ("a_instances.nii.gz", "a.nii.gz"),
+        ("b_instances.tif", "b.tif"),
+        ("x_instances_instances.tif", "x_instances.tif"),
+    ):
+        assert f"skipping {folder / output}: the output of {folder / source} from an earlier run" in log
+    assert "[3/3]" in log and "[4/" not in log  # a, b and x_instances segmented again, nothing else
+    assert {p.name for p in folder.iterdir()} == {"a.nii.gz", "b.tif", "x_instances.tif"} | written
+
+
 def test_missing_and_mismatched_checkpoint(tmp_path):
     net = _network(3)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
