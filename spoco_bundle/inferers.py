@@ -152,17 +152,18 @@ def segment_files(
 
     A file that fails (unreadable, wrong dimensionality, no or two masks, a mask of another shape, ...) is reported
     by name and skipped; the others are still written; at the end a ``RuntimeError`` lists the failures (so the
-    command exits non-zero). Outputs are written atomically, so no partial file is left behind. A mask folder that
-    does not exist (or is the images' own folder) is an error before anything is done, and so are two inputs that
-    would be written to one output (same stem: ``a.nii.gz`` and ``a.tif`` with ``output_ext`` ``.tif``). Inputs
-    that are the outputs of other inputs (``a_instances.tif`` beside ``a.tif``: an earlier run into the input
-    folder) are skipped with a warning.
+    command exits non-zero). Outputs are written atomically, so no partial file is left behind; the hidden
+    ``.<stem>_instances.partial<ext>`` of a run killed during a write is removed when a run writes that output
+    again. A mask folder that does not exist (or is the images' own folder) is an error before anything is done, and
+    so are two inputs that would be written to one output (same stem: ``a.nii.gz`` and ``a.tif`` with ``output_ext``
+    ``.tif``). Inputs that are the outputs of other inputs (``a_instances.tif`` beside ``a.tif``: an earlier run
+    into the input folder) are skipped with a warning.
 
     Returns:
         the written paths.
     """
     from spoco_bundle.data import foreground_mask_file, foreground_mask_index
-    from spoco_bundle.io import write_label_image
+    from spoco_bundle.io import partial_path, write_label_image
 
     if not files:
         raise ValueError("No input images (.nii, .nii.gz, .tif, .tiff) to segment.")
@@ -178,6 +179,11 @@ def segment_files(
     if masks is not None:
         logger.info(f"foreground masks from {os.path.abspath(foreground_mask_dir)} (in place of --background)")
     os.makedirs(output_dir, exist_ok=True)
+    for out_path in out_paths:  # a killed earlier run's half-written output (only this run's names: see docs)
+        stale = partial_path(out_path)
+        if os.path.isfile(stale):
+            os.remove(stale)
+            logger.warning(f"removed {stale}, a partial output left by an interrupted earlier run")
     network.eval()
     written, failed = [], []
     for i, (path, out_path) in enumerate(zip(files, out_paths)):

@@ -40,6 +40,7 @@ __all__ = [
     "LoadVolumed",
     "label_dtype",
     "write_label_image",
+    "partial_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -546,6 +547,14 @@ def label_dtype(max_id: int) -> np.dtype:
     return np.dtype(np.uint16) if max_id <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
 
 
+def partial_path(filename: str | os.PathLike) -> str:
+    """The hidden temporary file :func:`write_label_image` writes ``filename`` to before renaming it:
+    ``<folder>/.<stem>.partial<suffix>`` (left behind only when the process is killed during the write)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(filename)))
+    stem, ext = split_image_suffix(name)
+    return os.path.join(folder, f".{stem}.partial{ext}")
+
+
 def write_label_image(filename: str | os.PathLike, labels: Any, meta: Mapping | None = None) -> str:
     """
     Write an instance label array ``(*S)`` to NIfTI or TIFF (by ``filename``'s suffix) as uint16 (uint32 when the
@@ -568,8 +577,7 @@ def write_label_image(filename: str | os.PathLike, labels: Any, meta: Mapping | 
     affine = meta.get("original_affine", meta.get("affine"))
     affine = np.eye(4) if affine is None else np.asarray(convert_data_type(affine, np.ndarray)[0], np.float64)
     os.makedirs(os.path.dirname(os.path.abspath(filename)) or ".", exist_ok=True)
-    stem, ext = split_image_suffix(filename)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(filename)), f".{os.path.basename(stem)}.partial{ext}")
+    tmp = partial_path(filename)
     try:
         if _is_nifti(filename):
             img = nib.Nifti1Image(array, affine)

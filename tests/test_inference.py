@@ -221,6 +221,28 @@ def test_a_second_run_into_the_input_folder_skips_the_first_runs_outputs(tmp_pat
     assert {p.name for p in folder.iterdir()} == {"a.nii.gz", "b.tif", "x_instances.tif"} | written
 
 
+def test_a_killed_writes_partial_file_is_removed_by_the_next_run(tmp_path):
+    """A run killed during a write leaves the hidden ``.<stem>_instances.partial<ext>`` (the atomic write's temporary
+    file) in the output folder; the next run that writes that output removes it and says so."""
+    from spoco_bundle.io import partial_path
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    nib.save(nib.Nifti1Image(np.random.rand(12, 32, 32).astype(np.float32), np.eye(4)), inputs / "a.nii.gz")
+    stale = Path(partial_path(out / "a_instances.nii.gz"))
+    assert stale.name == ".a_instances.partial.nii.gz"
+    stale.write_bytes(b"\x1f\x8b truncated")
+    other = out / ".z_instances.partial.tif"  # not an output of this run (another run may be writing it): kept
+    other.write_bytes(b"II*\x00")
+    ckpt = tmp_path / "model.pt"
+    _save_model(ckpt, 3)
+    proc = _infer(tmp_path, inputs, out, ckpt, "--patch_size", "[8,32,32]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"removed {stale}, a partial output left by an interrupted earlier run" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [other.name, "a_instances.nii.gz"]
+
+
 def test_missing_and_mismatched_checkpoint(tmp_path):
     net = _network(3)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
