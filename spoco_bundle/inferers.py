@@ -178,7 +178,7 @@ def segment_files(
     masks = None if foreground_mask_dir is None else foreground_mask_index(foreground_mask_dir, files)
     if masks is not None:
         logger.info(f"foreground masks from {os.path.abspath(foreground_mask_dir)} (in place of --background)")
-    os.makedirs(output_dir, exist_ok=True)
+    _check_writable_folder(output_dir)
     for out_path in out_paths:  # a killed earlier run's half-written output (only this run's names: see docs)
         stale = partial_path(out_path)
         if os.path.isfile(stale):
@@ -216,6 +216,30 @@ def segment_files(
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(files)} inputs failed:\n" + "\n".join(failed))
     return written
+
+
+def _check_writable_folder(output_dir: str) -> None:
+    """Create ``output_dir`` if needed and write (and remove) a hidden file there, so that a read-only or otherwise
+    unwritable output folder fails before any image is segmented, not after each one is computed.
+
+    Raises:
+        PermissionError: naming the folder and the system's reason.
+    """
+    import tempfile
+
+    folder = os.path.abspath(output_dir)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"Output folder {folder} is a file: choose another --output_dir.")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_check_", dir=folder)
+    except OSError as e:
+        raise PermissionError(
+            f"Output folder {folder} is not writable ({e.strerror or e}): choose another --output_dir or make it "
+            "writable. Nothing was segmented."
+        ) from e
+    os.close(fd)
+    os.remove(probe)
 
 
 def _earlier_outputs(files: Sequence[str]) -> dict[str, str]:

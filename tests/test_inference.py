@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -241,6 +243,50 @@ def test_a_killed_writes_partial_file_is_removed_by_the_next_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"removed {stale}, a partial output left by an interrupted earlier run" in proc.stdout + proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [other.name, "a_instances.nii.gz"]
+
+
+@contextlib.contextmanager
+def _read_only_folder(path: Path):
+    """``path`` as a folder nobody can write to: mode 0555, and for root (whom modes do not stop) immutable."""
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = False
+    try:
+        try:
+            (path / "probe").touch()
+        except OSError:
+            pass  # the mode is enough
+        else:
+            (path / "probe").unlink()
+            chattr = shutil.which("chattr")
+            immutable = chattr is not None and subprocess.run([chattr, "+i", str(path)]).returncode == 0
+            if not immutable:
+                pytest.skip("cannot make a folder read-only here (root, no chattr +i)")
+        yield path
+    finally:
+        if immutable:
+            subprocess.run([shutil.which("chattr"), "-i", str(path)], check=True)
+        path.chmod(0o755)
+
+
+def test_an_unwritable_output_folder_fails_before_any_work(tmp_path):
+    """A read-only output folder used to be found only when each file, already computed, was written."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(np.random.rand(12, 32, 32).astype(np.float32), np.eye(4)), inputs / "a.nii.gz")
+    ckpt = tmp_path / "model.pt"
+    _save_model(ckpt, 3)
+    with _read_only_folder(tmp_path / "out") as out:
+        proc = _infer(tmp_path, inputs, out, ckpt, "--patch_size", "[8,32,32]")
+        assert list(out.iterdir()) == []
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "FAILED" not in log and "instances ->" not in log  # no image was segmented
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(f"error: PermissionError: Output folder {out} is not writable"), proc.stderr[-2000:]
+    (tmp_path / "file").write_text("")
+    proc = _infer(tmp_path, inputs, tmp_path / "file", ckpt, "--patch_size", "[8,32,32]")
+    assert proc.returncode != 0 and f"Output folder {tmp_path / 'file'} is a file" in proc.stderr
 
 
 def test_missing_and_mismatched_checkpoint(tmp_path):
