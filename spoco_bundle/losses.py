@@ -1019,16 +1019,17 @@ class EmbeddingConsistencyLoss(nn.Module):
 
 
 def _foreground(
-    x: torch.Tensor, labels: torch.Tensor, positive_weight: float = 1.0, annotated_background: bool = False
+    x: torch.Tensor, labels: torch.Tensor, positive_weight: float = 1.0, strokes: bool = False
 ) -> torch.Tensor:
     """BCE on (B, N) foreground logits; see :class:`ForegroundLoss` for which voxels count as what."""
     pos = labels > 0
-    if annotated_background:  # supervised everywhere, objects and painted background weighted as two equal halves
-        neg = labels < 0
+    if strokes:  # positive-unlabeled on every voxel, plus the painted strokes as certain negatives of their own
         bce = F.binary_cross_entropy_with_logits(x, pos.to(x.dtype), reduction="none")
-        zero = torch.zeros_like(bce)
-        parts = [torch.where(m, bce, zero).sum() / m.sum() for m in (pos, neg) if bool(m.any())]
-        return 0.5 * sum(parts) if parts else x.sum() * 0  # type: ignore[return-value]
+        loss = torch.where(pos, bce * positive_weight, bce).mean()
+        neg = labels < 0
+        if bool(neg.any()):
+            loss = loss + torch.where(neg, bce, torch.zeros_like(bce)).sum() / neg.sum()
+        return loss
     has_bg = (labels < 0).any(1, keepdim=True)
     # annotated background: supervised on labelled voxels; none: positive-unlabeled, every voxel counts
     mask = torch.where(has_bg, labels != 0, torch.ones_like(labels, dtype=torch.bool))
@@ -1042,9 +1043,10 @@ def _foreground(
 
 
 def labelled_foreground_probability(
-    logits: torch.Tensor, target: torch.Tensor, positive_weight: float = 1.0
+    logits: torch.Tensor, target: torch.Tensor, positive_weight: float = 1.0, strokes: bool = False
 ) -> tuple[float, int]:
-    """Mean foreground probability over the annotated-object voxels of images *without* annotated background.
+    """Mean foreground probability over the annotated-object voxels of images *without* annotated background (of
+    every image with ``strokes=True``: painted strokes leave the head positive-unlabeled, see :class:`ForegroundLoss`).
 
     For a head trained positive-unlabeled (see :class:`ForegroundLoss`) this estimates the label frequency ``c``
     of Elkan & Noto (2008); the logits of a head trained with ``positive_weight`` w are first shifted by
@@ -1057,7 +1059,9 @@ def labelled_foreground_probability(
     labels = target.reshape(b, -1).to(x.device)
     if labels.shape != x.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match.")
-    sel = (labels > 0) & ~(labels < 0).any(1, keepdim=True)
+    sel = labels > 0
+    if not strokes:  # painted strokes keep an image positive-unlabeled; dense annotated background does not
+        sel = sel & ~(labels < 0).any(1, keepdim=True)
     count = int(sel.sum())
     if count == 0:
         return float("nan"), 0
@@ -1082,31 +1086,33 @@ class ForegroundLoss(nn.Module):
       which multiplies the head's odds by w (logit + log w) without changing what it ranks, and the shift by
       ``log w`` is undone exactly at inference (the network's ``fg_positive_weight`` buffer).
 
-    - With ``annotated_background=True`` (a run whose annotator painted background, e.g. scribbles): every image is
-      supervised, also a patch that holds no painted voxel (so such a patch never turns positive-unlabeled), and the
-      objects and the painted background each weigh half, whatever their voxel counts (strokes are thin).
+    - With ``strokes=True`` (the annotator painted a few strokes of background, e.g. scribbles): every image is
+      trained positive-unlabeled as above (unlabeled voxels are the negatives that put the object boundaries where
+      they are: strokes lie far from objects, and a head trained on objects against strokes alone calls the whole
+      neighbourhood of an object foreground), and the mean BCE over the stroke voxels is added as a term of its own,
+      so the few painted voxels count as much as all the rest. ``c`` is estimated on every image.
 
     The loss is the weighted mean over all voxels that count, 0 (attached to the graph) if there are none.
 
     Args:
         positive_weight: weight of annotated-object voxels in positive-unlabeled images (>= 1).
-        annotated_background: train every image supervised, class-balanced (see above).
+        strokes: annotated background is a few painted strokes (see above).
 
     Inputs:
         logits: (B, 1, *S) foreground logits; target: (B, 1, *S) or (B, *S) integer labels.
     """
 
-    def __init__(self, positive_weight: float = 10.0, annotated_background: bool = False) -> None:
+    def __init__(self, positive_weight: float = 10.0, strokes: bool = False) -> None:
         super().__init__()
         self.positive_weight = _check_positive_weight(positive_weight)
-        self.annotated_background = bool(annotated_background)
+        self.strokes = bool(strokes)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = _check_embeddings(logits, "logits")
         if logits.shape[1] != 1:
             raise ValueError(f"logits must have 1 channel, got shape {tuple(logits.shape)}.")
         x, labels = _flatten(logits, target)
-        return _foreground(x[:, 0], labels, self.positive_weight, self.annotated_background)
+        return _foreground(x[:, 0], labels, self.positive_weight, self.strokes)
 
 
 def _check_positive_weight(w: float) -> float:
@@ -1141,8 +1147,8 @@ class SpocoLoss(nn.Module):
         foreground_weight: weight of the foreground BCE (only with a foreground channel), see :class:`ForegroundLoss`.
         foreground_positive_weight: weight of annotated voxels in the positive-unlabeled foreground BCE, see
             :class:`ForegroundLoss`.
-        annotated_background: the run has painted background (``background_label`` set): the foreground BCE is
-            supervised and class-balanced on every image, see :class:`ForegroundLoss`.
+        foreground_strokes: annotated background is a few painted strokes (``background_label`` other than 0):
+            positive-unlabeled foreground BCE plus a stroke term, see :class:`ForegroundLoss`.
         kernel_threshold: kernel value at distance ``delta_v``.
         instance_anchor: ``"mean"`` or ``"random"``, see :class:`InstanceDiceLoss`.
         max_anchors: consistency anchors per image, see :class:`EmbeddingConsistencyLoss`.
@@ -1172,7 +1178,7 @@ class SpocoLoss(nn.Module):
         consistency_weight: float = 1.0,
         foreground_weight: float = 1.0,
         foreground_positive_weight: float = 10.0,
-        annotated_background: bool = False,
+        foreground_strokes: bool = False,
         kernel_threshold: float = 0.5,
         instance_anchor: str = "mean",
         max_anchors: int = 20,
@@ -1197,7 +1203,7 @@ class SpocoLoss(nn.Module):
             "foreground": float(foreground_weight),
         }
         self.foreground_positive_weight = _check_positive_weight(foreground_positive_weight)
-        self.annotated_background = bool(annotated_background)
+        self.foreground_strokes = bool(foreground_strokes)
         self.instance = InstanceDiceLoss(delta_v, kernel_threshold, instance_anchor, generator=generator)
         self.consistency = EmbeddingConsistencyLoss(
             delta_v, kernel_threshold, max_anchors, min_pool_fraction, generator=generator
@@ -1256,9 +1262,9 @@ class SpocoLoss(nn.Module):
             terms["consistency"] = self.consistency._flat_forward(f, teacher.detach().reshape(f.shape), labels, vox)
         if fg is not None and w["foreground"]:
             pw = self.foreground_positive_weight
-            terms["foreground"] = _foreground(fg.reshape(b, -1), labels, pw, self.annotated_background)
-            if not self.annotated_background:  # a supervised head needs no label frequency (c stays 1)
-                self.last_label_frequency = labelled_foreground_probability(fg.reshape(b, -1), labels, pw)
+            strokes = self.foreground_strokes
+            terms["foreground"] = _foreground(fg.reshape(b, -1), labels, pw, strokes)
+            self.last_label_frequency = labelled_foreground_probability(fg.reshape(b, -1), labels, pw, strokes)
 
         total = None
         for name, value in terms.items():
