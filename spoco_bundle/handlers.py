@@ -1,12 +1,14 @@
 """Ignite handlers for SPOCO training: momentum teacher update, foreground calibration, progress bar, loss logging,
-time budget, the run's length."""
+time budget, the run's length, the resume checkpoint."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
@@ -26,6 +28,9 @@ __all__ = [
     "UNLIMITED_EPOCHS",
     "LossWeightWarmup",
     "pred_label_batch",
+    "ResumeCheckpointSaver",
+    "ResumeCheckpointLoader",
+    "handler_of",
 ]
 
 
@@ -148,7 +153,8 @@ class ForegroundCalibrationHandler:
     annotated-object voxels of images without annotated background, see :class:`~spoco_bundle.losses.SpocoLoss`)
     enters an exponential moving average (bias-corrected, so the first iterations count fully). Images with
     annotated background do not take part; if no image ever lacks it, ``c`` stays 1. Under DDP the estimate pools
-    every rank's voxels.
+    every rank's voxels. The average's running sums are the handler's ``state_dict()``, kept in the resume
+    checkpoint: without them a resumed run would restart the average from its next iteration alone.
 
     Args:
         loss: the :class:`~spoco_bundle.losses.SpocoLoss` of the trainer (looked up as ``engine.loss_function``
@@ -167,6 +173,13 @@ class ForegroundCalibrationHandler:
         self.momentum = float(momentum)
         self._sum = 0.0
         self._weight = 0.0
+
+    def state_dict(self) -> dict:
+        return {"sum": self._sum, "weight": self._weight}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sum = float(state["sum"])
+        self._weight = float(state["weight"])
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -207,7 +220,8 @@ class TrainingTimeLimit:
     training stops once the budget is spent. Use it instead of an epoch-based scheduler: ``train.json`` disables its
     ``LrScheduleHandler`` when ``time_limit_s`` is set, and sets ``max_epochs`` to :data:`UNLIMITED_EPOCHS` so that
     the budget alone ends the run (the by-epoch fraction is then about 0). Without a budget (``None``) the handler
-    does nothing.
+    does nothing. The time spent is the handler's ``state_dict()``, kept in the resume checkpoint, so that a resumed
+    run continues the budget and the schedule where it stopped rather than starting both again.
 
     Args:
         max_seconds: the budget, or None.
@@ -227,6 +241,7 @@ class TrainingTimeLimit:
         self.clock = clock
         self.optimizer = optimizer
         self._start: float | None = None
+        self._before = 0.0  # time spent by the run before it was resumed
         self._base: list[float] = []
 
     def _now(self) -> float:
@@ -234,7 +249,15 @@ class TrainingTimeLimit:
 
     @property
     def elapsed(self) -> float:
-        return 0.0 if self._start is None else self._now() - self._start
+        return self._before + (0.0 if self._start is None else self._now() - self._start)
+
+    def state_dict(self) -> dict:
+        return {"elapsed": self.elapsed}
+
+    def load_state_dict(self, state: dict) -> None:
+        # the time since this process started is not counted twice: restart this process's clock here
+        self._before = float(state["elapsed"])
+        self._start = None if self._start is None else self._now()
 
     def attach(self, engine: Engine) -> None:
         if self.max_seconds is None:
@@ -376,3 +399,210 @@ class LossWeightWarmup:
 
     def __call__(self, engine: Engine) -> None:
         self.loss.weights[self.term] = self.value(engine.state.iteration)  # type: ignore[index, union-attr]
+
+
+def handler_of(handlers, name: str):
+    """
+    The one handler of class ``name`` in ``handlers`` (a trainer's handler list), so that a config can put a handler's
+    own state (e.g. :class:`ForegroundCalibrationHandler`'s running sums) into the resume checkpoint without indexing
+    the list.
+
+    Raises:
+        ValueError: no handler, or more than one, of that class.
+    """
+    found = [h for h in handlers or [] if type(h).__name__ == name]
+    if len(found) != 1:
+        raise ValueError(f"expected one {name} in the handler list, found {len(found)}.")
+    return found[0]
+
+
+def _unwrap(obj):
+    if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        return obj.module
+    return obj
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+class ResumeCheckpointSaver:
+    """
+    Keeps one resume checkpoint of the running training, for ``--resume True``: the state dicts of ``save_dict``
+    (student, teacher, optimizer, trainer, scheduler, stateful handlers) written to ``save_path`` every ``interval``
+    iterations and when the run ends (its epochs done or its time budget spent). Each write goes to a temporary file
+    next to it (``.<name>.partial``), is flushed to disk and then renamed over ``save_path``, so a run killed at any
+    moment leaves the previous complete state, never a truncated file, and only ever one file.
+
+    The file belongs to the run in progress: a run started without ``resume`` removes a ``save_path`` left by an
+    earlier run when it starts, so ``--resume True`` can only continue the latest run. Rank 0 alone writes.
+
+    Attach it after the trainer's other handlers: a save that falls on an epoch's last iteration is made when the
+    epoch is complete, after the epoch's handlers (learning-rate step, validation), so that a run resumed from it
+    starts the next epoch with the state a continuous run would have.
+
+    Args:
+        save_path: the checkpoint file (``ckpt_dir/resume.pt``).
+        save_dict: name -> object with ``state_dict()``; a ``DistributedDataParallel`` network is unwrapped.
+        interval: iterations between writes (counted on the trainer's iteration, so a resumed run keeps the rhythm);
+            0 writes only at the end.
+        resume: whether this run continues from ``save_path`` (then the file is kept at the start).
+        name: logger name.
+    """
+
+    def __init__(
+        self, save_path: str, save_dict: dict, interval: int = 100, resume: bool = False, name: str = "spoco"
+    ) -> None:
+        if interval < 0:
+            raise ValueError(f"resume_interval must be >= 0 iterations, got {interval}.")
+        self.save_path = Path(save_path)
+        self.save_dict = save_dict
+        self.interval = int(interval)
+        self.resume = bool(resume)
+        self.logger = logging.getLogger(name)
+        self._last: int | None = None  # the iteration last saved
+
+    @property
+    def partial_path(self) -> Path:
+        return self.save_path.with_name(f".{self.save_path.name}.partial")
+
+    def attach(self, engine: Engine) -> None:
+        if not _is_main_process():
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        if self.interval > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._periodic)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def _periodic(self, engine: Engine) -> None:
+        # an epoch's last iteration is saved once the epoch's handlers (the scheduler's step) have run
+        length = engine.state.epoch_length
+        if not length or engine.state.iteration % length:
+            self(engine)
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        if engine.state.iteration % self.interval == 0:
+            self(engine)
+
+    def _completed(self, engine: Engine) -> None:
+        if self._last != engine.state.iteration:
+            self(engine)
+
+    def _started(self, engine: Engine) -> None:
+        if self.partial_path.exists():
+            self.partial_path.unlink()  # a write cut short by a kill; the file itself is intact
+        if not self.resume and self.save_path.exists():
+            self.save_path.unlink()
+            self.logger.info(f"removed {self.save_path} of an earlier run: this run keeps its own state there")
+
+    def __call__(self, engine: Engine) -> None:
+        state = {k: _unwrap(obj).state_dict() for k, obj in self.save_dict.items()}
+        self.save_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.partial_path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.partial_path, self.save_path)
+        self._last = engine.state.iteration
+        self.logger.info(f"resume state saved: {self.save_path} (iteration {engine.state.iteration})")
+
+
+class ResumeCheckpointLoader:
+    """
+    ``--resume True``: continue the run whose state :class:`ResumeCheckpointSaver` keeps in ``load_path``.
+
+    The file is read and checked when the handler is attached, before training starts, so that a missing file, a
+    file that is not a resume checkpoint, or a run that has nothing left to train (its iterations all done, or its
+    time budget spent) fails with a message saying so, and no other handler writes anything. The state is restored
+    when the trainer starts, with a log line naming the file, the iteration and the epoch.
+
+    A finished run can be extended by resuming it with a larger ``--epochs`` (or ``--time_limit_s``); the trainer
+    then continues with the new length (as MONAI's ``CheckpointLoader``).
+
+    Args:
+        load_path: the checkpoint file (``ckpt_dir/resume.pt``).
+        load_dict: name -> object with ``load_state_dict()``; must include ``trainer``.
+        map_location: ``torch.load``'s ``map_location``.
+        optional: names that may be missing from the file (state that earlier versions of the bundle did not save);
+            their objects then start fresh, with a warning.
+        name: logger name.
+    """
+
+    def __init__(
+        self,
+        load_path: str,
+        load_dict: dict,
+        map_location=None,
+        optional: tuple[str, ...] | list[str] = ("fg_calibration", "time_limit"),
+        name: str = "spoco",
+    ) -> None:
+        if "trainer" not in load_dict:
+            raise ValueError("load_dict must include the trainer ('trainer').")
+        self.load_path = Path(load_path)
+        self.load_dict = load_dict
+        self.map_location = map_location
+        self.optional = tuple(optional)
+        self.logger = logging.getLogger(name)
+        self._checkpoint: dict | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self._checkpoint = self._read(engine)
+        engine.add_event_handler(Events.STARTED, self)
+
+    def _read(self, engine: Engine) -> dict:
+        path = self.load_path
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--resume True: nothing to resume in {path.parent}: {path.name} does not exist (a run writes it every "
+                "resume_interval iterations and at its end). Start the run without --resume, or pass the --ckpt_dir "
+                "of the run to continue."
+            )
+        try:
+            ckpt = torch.load(path, map_location=self.map_location, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"--resume True: cannot read {path}: {type(e).__name__}: {e}") from e
+        missing = [k for k in self.load_dict if k not in self.optional and k not in (ckpt or {})]
+        if not isinstance(ckpt, dict) or missing:
+            raise ValueError(f"--resume True: {path} is not a resume checkpoint of this bundle (missing {missing}).")
+        trainer = ckpt["trainer"]
+        done = int(trainer.get("iteration", trainer.get("epoch", 0) * trainer["epoch_length"]))
+        total = int(engine.state.max_epochs or 0) * int(trainer["epoch_length"])
+        if done >= total:
+            raise ValueError(
+                f"--resume True: the run in {path} is finished ({done} of {total} iterations, "
+                f"{engine.state.max_epochs} epochs of {trainer['epoch_length']}); nothing to resume. Pass a larger "
+                "--epochs to train it on, or start a new run without --resume."
+            )
+        limit = self.load_dict.get("time_limit")
+        budget = getattr(limit, "max_seconds", None)
+        spent = float((ckpt.get("time_limit") or {}).get("elapsed", 0.0))
+        if budget is not None and spent >= budget:
+            raise ValueError(
+                f"--resume True: the run in {path} has spent its time budget ({spent:.0f} s of {budget:g} s); "
+                "nothing to resume. Pass a larger --time_limit_s to train it on, or start a new run without --resume."
+            )
+        return ckpt
+
+    def __call__(self, engine: Engine) -> None:
+        ckpt = self._checkpoint
+        if ckpt is None:
+            raise RuntimeError("ResumeCheckpointLoader was not attached.")
+        prior_max_epochs = engine.state.max_epochs  # the length of this run, not the saved one's (as MONAI's loader)
+        for k, obj in self.load_dict.items():
+            if k in ckpt:
+                _unwrap(obj).load_state_dict(ckpt[k])
+            else:
+                self.logger.warning(f"{self.load_path} holds no {k!r} state (an earlier version): it starts afresh")
+        self._checkpoint = None  # free the memory
+        engine.state.max_epochs = prior_max_epochs
+        state = engine.state
+        length = state.epoch_length
+        into = state.iteration - state.epoch * length
+        where = f", {into} of {length} iterations into epoch {state.epoch + 1}" if into else ""
+        self.logger.info(
+            f"resuming from {self.load_path}: iteration {state.iteration}, epoch {state.epoch} of {state.max_epochs} "
+            f"complete{where}"
+        )

@@ -14,6 +14,8 @@ from spoco_bundle.handlers import (
     LossTermsLogger,
     LossWeightWarmup,
     MomentumTeacherHandler,
+    ResumeCheckpointLoader,
+    ResumeCheckpointSaver,
     TrainingLengthLogger,
     TrainingTimeLimit,
     ValidateOnTerminate,
@@ -257,3 +259,104 @@ def test_loss_weight_warmup_edge_cases():
         LossWeightWarmup(loss, start=float("nan"))
     with pytest.raises(ValueError, match="iterations"):
         LossWeightWarmup(loss, iterations=-1)
+
+
+def test_foreground_calibration_state_continues_the_average():
+    # a run stopped after iteration 1 and resumed with the handler's state gives the same estimates as one run
+    net = EmbeddingUNet(spatial_dims=2, embedding_dim=2, features=(8, 8, 8))
+    loss = SpocoLoss(embedding_dim=2)
+    stats = [(0.2, 8), (0.4, 8), (0.3, 8)]
+
+    def run(handler, iterations):
+        def step(engine, i):
+            loss.last_label_frequency = stats[i]
+            return {"loss": 0.0}
+
+        engine = Engine(step)
+        engine.network, engine.loss_function = net, loss
+        handler.attach(engine)
+        seen = []
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(float(net.fg_label_frequency)))
+        engine.run(iterations, max_epochs=1)
+        return seen
+
+    whole = run(ForegroundCalibrationHandler(momentum=0.5), [0, 1, 2])
+    first = ForegroundCalibrationHandler(momentum=0.5)
+    run(first, [0])
+    resumed = ForegroundCalibrationHandler(momentum=0.5)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    assert run(resumed, [1, 2]) == pytest.approx(whole[1:], rel=1e-12)
+
+
+def test_training_time_limit_state_carries_the_time_spent():
+    limit = TrainingTimeLimit(max_seconds=100.0)
+    engine = Engine(lambda e, b: None)
+    limit.attach(engine)
+    limit.load_state_dict({"elapsed": 60.0})  # before the run starts (as the resume loader, after STARTED, too)
+    engine.run(range(2), max_epochs=1)
+    assert 60.0 <= limit.state_dict()["elapsed"] < 70.0
+    assert TrainingTimeLimit(None).state_dict() == {"elapsed": 0.0}
+
+
+def test_resume_checkpoint_saver_keeps_one_complete_file(tmp_path, caplog):
+    path = tmp_path / "resume.pt"
+    torch.save({"old": 1}, path)  # an earlier run's file
+    (tmp_path / ".resume.pt.partial").write_bytes(b"cut short")  # a write a kill interrupted
+    net = torch.nn.Linear(2, 2)
+    engine = Engine(lambda e, b: None)
+    ResumeCheckpointSaver(str(path), {"model": net, "trainer": engine}, interval=3).attach(engine)
+    with caplog.at_level("INFO", logger="spoco"):
+        engine.run(range(4), max_epochs=2)  # saves at iterations 3, 6 and at the end (8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resume.pt"]  # no partial file, no pile-up
+    state = torch.load(path, weights_only=True)
+    assert state["trainer"]["iteration"] == 8 and set(state) == {"model", "trainer"}
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("resume state saved" in m for m in logged) == 3 and any("of an earlier run" in m for m in logged)
+    assert "saved" in logged[-1] and "(iteration 8)" in logged[-1]
+
+    # an epoch's last iteration is saved after the epoch's own handlers (here: one that counts epochs)
+    counted = torch.nn.Module()
+    counted.register_buffer("epochs", torch.zeros(()))
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: counted.epochs.add_(1))
+    ResumeCheckpointSaver(str(path), {"counted": counted, "trainer": engine}, interval=2, resume=True).attach(engine)
+    engine.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())
+    engine.run(range(4), max_epochs=2)
+    state = torch.load(path, weights_only=True)
+    assert state["trainer"]["iteration"] == 4 and float(state["counted"]["epochs"]) == 1.0
+
+
+def test_resume_checkpoint_loader_restores_or_says_why_not(tmp_path, caplog):
+    path = tmp_path / "resume.pt"
+    net, engine = torch.nn.Linear(2, 2), Engine(lambda e, b: None)
+    engine.state.max_epochs, engine.state.epoch_length = 3, 4
+    with pytest.raises(FileNotFoundError, match=f"nothing to resume in {tmp_path}: resume.pt does not exist"):
+        ResumeCheckpointLoader(str(path), {"model": net, "trainer": engine}).attach(engine)
+    torch.save({"model": net.state_dict()}, path)
+    with pytest.raises(ValueError, match=r"not a resume checkpoint of this bundle \(missing \['trainer'\]\)"):
+        ResumeCheckpointLoader(str(path), {"model": net, "trainer": engine}).attach(engine)
+    torch.save({"model": net.state_dict(), "trainer": {"iteration": 12, "epoch_length": 4, "max_epochs": 3}}, path)
+    with pytest.raises(ValueError, match=r"is finished \(12 of 12 iterations, 3 epochs of 4\); nothing to resume"):
+        ResumeCheckpointLoader(str(path), {"model": net, "trainer": engine}).attach(engine)
+    limit = TrainingTimeLimit(max_seconds=10.0)
+    engine.state.max_epochs = UNLIMITED_EPOCHS
+    torch.save({"trainer": {"iteration": 5, "epoch_length": 4, "max_epochs": 3}, "time_limit": {"elapsed": 11}}, path)
+    with pytest.raises(ValueError, match=r"has spent its time budget \(11 s of 10 s\)"):
+        ResumeCheckpointLoader(str(path), {"trainer": engine, "time_limit": limit}).attach(engine)
+
+    # a run stopped after iteration 6 of 3 x 4: restored, with this run's length; a state missing from an older
+    # file (here the calibration's) starts afresh with a warning
+    saved = torch.nn.Linear(2, 2)
+    torch.save({"model": saved.state_dict(), "trainer": {"iteration": 6, "epoch_length": 4, "max_epochs": 1}}, path)
+    trainer = Engine(lambda e, b: None)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.iteration))
+    calibration = ForegroundCalibrationHandler()
+    trainer.state.max_epochs, trainer.state.epoch_length = 3, 4
+    ResumeCheckpointLoader(str(path), {"model": net, "trainer": trainer, "fg_calibration": calibration}).attach(trainer)
+    with caplog.at_level("INFO", logger="spoco"):
+        trainer.run(range(4), max_epochs=3, epoch_length=4)
+    assert seen == list(range(7, 13)) and torch.equal(net.weight, saved.weight)
+    logged = [r.getMessage() for r in caplog.records]
+    assert f"resuming from {path}: iteration 6, epoch 1 of 3 complete, 2 of 4 iterations into epoch 2" in logged
+    assert any("holds no 'fg_calibration' state" in m for m in logged)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ TRAIN = str(ROOT / "configs" / "train.json")
 META = str(ROOT / "metadata.json")
 
 
-def _run_training(tmp: Path, dataset: Path, *overrides: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
+def _training_command(tmp: Path, dataset: Path, *overrides: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "monai.bundle",
@@ -41,6 +42,17 @@ def _run_training(tmp: Path, dataset: Path, *overrides: str, expect_ok: bool = T
         "0",
         *overrides,
     ]
+
+
+def _network() -> torch.nn.Module:
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"features": [8, 16, 32]})
+    return parser.get_parsed_content("network_def")
+
+
+def _run_training(tmp: Path, dataset: Path, *overrides: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    cmd = _training_command(tmp, dataset, *overrides)
     # run from an unrelated working directory, as a user would
     proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600)
     if expect_ok and proc.returncode != 0:
@@ -206,16 +218,91 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     assert len(list((tmp_path / "seg").glob("*_instances.nii.gz"))) == 3
 
 
-def test_resume_continues_from_checkpoint(tmp_path, tiny3d):
+def test_resume_extends_a_finished_run(tmp_path, tiny3d):
+    # a finished run resumed with more epochs trains the added ones only; with as many, there is nothing to resume
     short = ("--epoch_length", "2", "--val_interval", "5", "--patch_size", "[16,32,32]")
     _run_training(tmp_path, tiny3d, "--epochs", "1", *short)
     proc = _run_training(tmp_path, tiny3d, "--epochs", "2", *short, "--resume", "True")
     log = proc.stdout + proc.stderr
-    assert "Restored all variables" in log
+    resume = tmp_path / "bundle" / "models" / "resume.pt"
+    assert f"resuming from {resume}: iteration 2, epoch 1 of 2 complete" in log
     assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log  # epoch 1 was not trained again
     assert "training 2 epochs x 2 iterations = 4 iterations, resuming after iteration 2" in log
-    resume = torch.load(tmp_path / "bundle" / "models" / "resume.pt", map_location="cpu", weights_only=True)
-    assert resume["trainer"]["iteration"] == 4 and resume["trainer"]["epoch_length"] == 2
+    state = torch.load(resume, map_location="cpu", weights_only=True)
+    assert state["trainer"]["iteration"] == 4 and state["trainer"]["epoch_length"] == 2
+    proc = _run_training(tmp_path, tiny3d, "--epochs", "2", *short, "--resume", "True", expect_ok=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: ValueError: --resume True: the run in {resume} is finished (4 of 4 iterations, 2 epochs of 2); "
+        "nothing to resume. Pass a larger --epochs to train it on, or start a new run without --resume."
+    )
+    assert torch.load(resume, map_location="cpu", weights_only=True)["trainer"]["iteration"] == 4  # untouched
+
+
+def test_resume_after_kill_continues_the_killed_run(tmp_path, tiny3d):
+    # a run killed (-9) in the middle continues from its last periodic resume state: the same total of iterations,
+    # with the optimizer, the learning-rate schedule, the teacher and the calibration state carried over
+    models = tmp_path / "bundle" / "models"
+    resume = models / "resume.pt"
+    models.mkdir(parents=True)
+    torch.save({"trainer": {"iteration": 999}}, resume)  # an earlier run's file: a new run removes it at its start
+    args = ["--epochs", "4", "--epoch_length", "10", "--resume_interval", "5", "--val_interval", "100"]
+    args += ["--patch_size", "[16,32,32]"]
+    cmd = _training_command(tmp_path, tiny3d, *args)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved, deadline = None, time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:  # the file is replaced by a rename: whenever it exists it is complete
+                state = torch.load(resume, map_location="cpu", weights_only=True)
+            except FileNotFoundError:
+                state = None
+            if state is not None and 10 <= state["trainer"].get("iteration", 0) < 999:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = torch.load(resume, map_location="cpu", weights_only=True)  # the state the killed run left
+    done = saved["trainer"]["iteration"]
+    assert 10 <= done < 40 and done % 5 == 0
+    assert {p.name for p in models.iterdir()} <= {"resume.pt", ".resume.pt.partial"}  # one file, no pile-up
+    assert saved["fg_calibration"]["weight"] > 0 and saved["time_limit"] == {"elapsed": 0.0}
+
+    # momentum 1 freezes the teacher: it must stay exactly the saved one (restored, not re-synced to the student)
+    proc = _run_training(tmp_path, tiny3d, *args, "--momentum", "1.0", "--resume", "True")
+    log = proc.stdout + proc.stderr
+    into = f", {done % 10} of 10 iterations into epoch {done // 10 + 1}" if done % 10 else ""
+    assert f"resuming from {resume}: iteration {done}, epoch {done // 10} of 4 complete{into}" in log
+    assert f"training 4 epochs x 10 iterations = 40 iterations, resuming after iteration {done}" in log
+    assert f"Epoch[{done // 10}] Complete" not in log and "Epoch[4] Complete" in log
+    assert {p.name for p in models.iterdir()} == {"resume.pt", "model.pt", "teacher.pt"}
+    final = torch.load(resume, map_location="cpu", weights_only=True)
+    assert final["trainer"]["iteration"] == 40
+    # Adam counted every iteration of the run, before and after the kill
+    assert {float(s["step"]) for s in final["optimizer"]["state"].values()} == {40.0}
+    assert final["lr_scheduler"]["last_epoch"] == 4 and final["lr_scheduler"]["T_max"] == 4  # one cosine over 4
+    params = {n for n, _ in _network().named_parameters()}
+    assert all(torch.equal(final["teacher"][n], saved["teacher"][n]) for n in params)
+    assert not all(torch.equal(final["model"][n], saved["model"][n]) for n in params)  # the student trained on
+    assert final["fg_calibration"]["weight"] > saved["fg_calibration"]["weight"]  # the average went on
+    teacher = torch.load(models / "teacher.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(teacher[n], saved["teacher"][n]) for n in params)
+
+
+def test_resume_without_a_resume_file_fails_clearly(tmp_path, tiny3d):
+    proc = _run_training(tmp_path, tiny3d, "--epochs", "1", "--resume", "True", expect_ok=False)
+    assert proc.returncode != 0
+    models = tmp_path / "bundle" / "models"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: FileNotFoundError: --resume True: nothing to resume in {models}: resume.pt does not exist (a run "
+        "writes it every resume_interval iterations and at its end). Start the run without --resume, or pass the "
+        "--ckpt_dir of the run to continue."
+    )
+    assert list(models.iterdir()) == []  # nothing written
 
 
 @pytest.fixture(scope="module")
