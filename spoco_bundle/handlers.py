@@ -31,6 +31,7 @@ __all__ = [
     "ResumeCheckpointSaver",
     "ResumeCheckpointLoader",
     "handler_of",
+    "BestCheckpointState",
 ]
 
 
@@ -416,6 +417,39 @@ def handler_of(handlers, name: str):
     return found[0]
 
 
+class BestCheckpointState:
+    """
+    The memory of a MONAI ``CheckpointSaver`` that keeps the checkpoint of the best key metric (validation's
+    ``model.pt``): the score and file it holds, as a ``state_dict`` for the resume checkpoint. Without it a resumed
+    run forgets the best score so far, and its first validation replaces ``model.pt`` whatever it scores.
+
+    Args:
+        saver: the ``CheckpointSaver`` with ``save_key_metric=True``; with none (no key metric) the state is empty.
+    """
+
+    def __init__(self, saver) -> None:
+        self.saver = saver
+
+    def _checkpoint(self):
+        return getattr(self.saver, "_key_metric_checkpoint", None)
+
+    def state_dict(self) -> dict:
+        checkpoint = self._checkpoint()
+        saved = [] if checkpoint is None else checkpoint.state_dict()["_saved"]
+        return {"saved": [(float(p), str(f)) for p, f in saved]}
+
+    def load_state_dict(self, state: dict) -> None:
+        checkpoint = self._checkpoint()
+        if checkpoint is None:
+            return
+        # a file that is gone (deleted, or a kill between the removal of the old best and the write of the new) is
+        # forgotten: the saver would fail removing it, and any score beats no file
+        folder = Path(self.saver.save_dir)
+        fixed = getattr(checkpoint.save_handler, "filename", None)  # MONAI's saver writes this name whatever `f`
+        saved = [(p, f) for p, f in state["saved"] if (folder / (fixed or f)).is_file()]
+        checkpoint.load_state_dict({"_saved": saved})
+
+
 def _unwrap(obj):
     if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         return obj.module
@@ -536,7 +570,7 @@ class ResumeCheckpointLoader:
         load_path: str,
         load_dict: dict,
         map_location=None,
-        optional: tuple[str, ...] | list[str] = ("fg_calibration", "time_limit"),
+        optional: tuple[str, ...] | list[str] = ("fg_calibration", "time_limit", "best_model"),
         name: str = "spoco",
     ) -> None:
         if "trainer" not in load_dict:

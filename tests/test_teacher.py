@@ -10,6 +10,7 @@ from ignite.engine import Engine, Events
 
 from spoco_bundle.handlers import (
     UNLIMITED_EPOCHS,
+    BestCheckpointState,
     ForegroundCalibrationHandler,
     LossTermsLogger,
     LossWeightWarmup,
@@ -360,3 +361,43 @@ def test_resume_checkpoint_loader_restores_or_says_why_not(tmp_path, caplog):
     logged = [r.getMessage() for r in caplog.records]
     assert f"resuming from {path}: iteration 6, epoch 1 of 3 complete, 2 of 4 iterations into epoch 2" in logged
     assert any("holds no 'fg_calibration' state" in m for m in logged)
+
+
+def test_best_checkpoint_state_keeps_the_best_score_across_a_resume(tmp_path):
+    from monai.handlers import CheckpointSaver
+
+    def validate(saver, score, weight):
+        net = torch.nn.Linear(1, 1, bias=False)
+        net.weight.data.fill_(weight)
+        saver.save_dict = {"model": net}
+        saver._key_metric_checkpoint.to_save = saver.save_dict
+        evaluator = Engine(lambda e, b: None)
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_ap50=score))
+        saver.attach(evaluator)
+        evaluator.run([0], max_epochs=1)
+
+    def new_saver():
+        net = torch.nn.Linear(1, 1, bias=False)
+        return CheckpointSaver(
+            str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="val_ap50", key_metric_filename="m.pt"
+        )
+
+    def best():
+        return float(torch.load(tmp_path / "m.pt", weights_only=True)["weight"])
+
+    first = new_saver()
+    validate(first, 0.5, 1.0)
+    state = copy.deepcopy(BestCheckpointState(first).state_dict())
+    assert [p for p, _ in state["saved"]] == [0.5] and best() == 1.0
+    resumed = new_saver()
+    BestCheckpointState(resumed).load_state_dict(state)
+    validate(resumed, 0.3, 2.0)  # worse than before the resume: m.pt stays
+    assert best() == 1.0
+    validate(resumed, 0.7, 3.0)
+    assert best() == 3.0
+    (tmp_path / "m.pt").unlink()  # a best file that is gone is forgotten, not removed again
+    forgetful = new_saver()
+    BestCheckpointState(forgetful).load_state_dict({"saved": [(0.9, "model_key_metric=0.9000.pt")]})
+    validate(forgetful, 0.1, 4.0)
+    assert best() == 4.0
+    assert BestCheckpointState(object()).state_dict() == {"saved": []}

@@ -241,12 +241,13 @@ def test_resume_extends_a_finished_run(tmp_path, tiny3d):
 
 def test_resume_after_kill_continues_the_killed_run(tmp_path, tiny3d):
     # a run killed (-9) in the middle continues from its last periodic resume state: the same total of iterations,
-    # with the optimizer, the learning-rate schedule, the teacher and the calibration state carried over
+    # with the optimizer, the learning-rate schedule, the teacher, the calibration state and the best validation
+    # score carried over
     models = tmp_path / "bundle" / "models"
     resume = models / "resume.pt"
     models.mkdir(parents=True)
     torch.save({"trainer": {"iteration": 999}}, resume)  # an earlier run's file: a new run removes it at its start
-    args = ["--epochs", "4", "--epoch_length", "10", "--resume_interval", "5", "--val_interval", "100"]
+    args = ["--epochs", "4", "--epoch_length", "10", "--resume_interval", "5", "--val_interval", "2"]
     args += ["--patch_size", "[16,32,32]"]
     cmd = _training_command(tmp_path, tiny3d, *args)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -289,6 +290,7 @@ def test_resume_after_kill_continues_the_killed_run(tmp_path, tiny3d):
     assert all(torch.equal(final["teacher"][n], saved["teacher"][n]) for n in params)
     assert not all(torch.equal(final["model"][n], saved["model"][n]) for n in params)  # the student trained on
     assert final["fg_calibration"]["weight"] > saved["fg_calibration"]["weight"]  # the average went on
+    assert len(final["best_model"]["saved"]) == 1  # validation's best model.pt (epochs 2 and 4), remembered
     teacher = torch.load(models / "teacher.pt", map_location="cpu", weights_only=True)
     assert all(torch.equal(teacher[n], saved["teacher"][n]) for n in params)
 
