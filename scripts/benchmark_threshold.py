@@ -4,7 +4,7 @@ probability, the bundle's default) against thresholds found per image from the h
 on the *training* images (dense labels; where a setting may be chosen) and, beside them, on the test images.
 
     .venv/bin/python scripts/benchmark_threshold.py [--dataset dsb2018] [--split NAME] [--method spoco]
-        [--ratio 0.1] [--out_dir eval/benchmark] [--max_train 40] [--threads 2]
+        [--ratio 0.1] [--out_dir eval/benchmark] [--max_train 40] [--threads 2] [--rules 0.2,0.35,0.5,otsu]
 
 Each image's raw output (embeddings + calibrated foreground logit) comes from the bundle's inference pieces
 (:func:`scripts.benchmark_foreground.network_outputs`) once; every rule then clusters it with the inference
@@ -75,7 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "benchmark"))
     p.add_argument("--max_train", type=int, default=40, help="training images scored (2D; the first N)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rules", default=",".join(RULES), help="probabilities and/or otsu, comma separated")
     args = p.parse_args(argv)
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     split, run_dir, run, ckpt = cached_checkpoint(
         args.dataset, args.split, args.method, args.ratio, args.out_dir, args.data_dir
     )
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     result = {"dataset": args.dataset, "split": split.name, "method": args.method, "ratio": args.ratio}
     for part, items in (("train", split.train[: args.max_train]), ("test", split.test)):
         outputs = network_outputs(ckpt, split, items, "cpu", run_ids(run))
-        result[part] = study(outputs, items, split.spatial_dims, min_size)
+        result[part] = study(outputs, items, split.spatial_dims, min_size, rules)
     result["checkpoint_run"] = run.get("info", {}).get("work_dir")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (run_dir / f"threshold_ratio_{args.ratio:.2f}.json").write_text(json.dumps(result, indent=1, default=float))
@@ -97,8 +99,10 @@ def main(argv=None) -> int:
             f"| {tr['rule']} | {tr['ap50']:.3f} | {tr['fg_precision']:.2f} / {tr['fg_recall']:.2f} | "
             f"{te['ap50']:.3f} | {te['fg_precision']:.2f} / {te['fg_recall']:.2f} |"
         )
-    otsu = next(r for r in result["test"] if r["rule"] == "otsu")
-    print(f"otsu thresholds on the test images: median {np.median(otsu['chosen']):.2f}")
+    for part in ("train", "test"):
+        for row in result[part]:
+            if row["rule"] == "otsu":
+                print(f"otsu thresholds on the {part} images: median {np.median(row['chosen']):.2f}")
     return 0
 
 
