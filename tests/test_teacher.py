@@ -209,7 +209,7 @@ def test_training_length_is_logged_once(caplog):
     TrainingLengthLogger().attach(engine)
     with caplog.at_level("INFO", logger="spoco"):
         engine.run(range(5), max_epochs=2, epoch_length=3)
-    assert [r.getMessage() for r in caplog.records] == ["training 2 epochs x 3 iterations = 6 iterations"]
+    assert [r.getMessage() for r in caplog.records if r.name == "spoco"] == ["training 2 epochs x 3 iterations = 6 iterations"]
 
     # a run only its budget ends: the budget is logged, and the epochs are counted without "of 1000000000"
     caplog.clear()
@@ -219,7 +219,7 @@ def test_training_length_is_logged_once(caplog):
     LossTermsLogger(SpocoLoss()).attach(engine)
     with caplog.at_level("INFO", logger="spoco"):
         engine.run(range(5), max_epochs=UNLIMITED_EPOCHS, epoch_length=2)
-    messages = [r.getMessage() for r in caplog.records]
+    messages = [r.getMessage() for r in caplog.records if r.name == "spoco"]
     assert len(messages) == 2, messages
     assert messages[0].startswith("training until the time limit of 1800 s (cpu) is spent (epochs of 2 iterations")
     assert messages[1].startswith("Epoch 1 loss terms")
@@ -311,7 +311,7 @@ def test_resume_checkpoint_saver_keeps_one_complete_file(tmp_path, caplog):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resume.pt"]  # no partial file, no pile-up
     state = torch.load(path, weights_only=True)
     assert state["trainer"]["iteration"] == 8 and set(state) == {"model", "trainer"}
-    logged = [r.getMessage() for r in caplog.records]
+    logged = [r.getMessage() for r in caplog.records if r.name == "spoco"]
     assert sum("resume state saved" in m for m in logged) == 3 and any("of an earlier run" in m for m in logged)
     assert "saved" in logged[-1] and "(iteration 8)" in logged[-1]
 
@@ -358,7 +358,7 @@ def test_resume_checkpoint_loader_restores_or_says_why_not(tmp_path, caplog):
     with caplog.at_level("INFO", logger="spoco"):
         trainer.run(range(4), max_epochs=3, epoch_length=4)
     assert seen == list(range(7, 13)) and torch.equal(net.weight, saved.weight)
-    logged = [r.getMessage() for r in caplog.records]
+    logged = [r.getMessage() for r in caplog.records if r.name == "spoco"]
     assert f"resuming from {path}: iteration 6, epoch 1 of 3 complete, 2 of 4 iterations into epoch 2" in logged
     assert any("holds no 'fg_calibration' state" in m for m in logged)
 
