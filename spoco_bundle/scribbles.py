@@ -23,7 +23,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 from scipy import ndimage
 
-from spoco_bundle.transforms import _filename, _label_name
+from spoco_bundle.transforms import _filename, _label_name, item_name
 
 __all__ = ["SimulateScribbles", "SimulateScribblesd", "scribble_slice"]
 
@@ -247,7 +247,5 @@ class SimulateScribblesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            src = self.name_key if self.name_key is not None else key
-            filename = _filename(d.get(src), d.get(f"{src}_meta_dict"))
-            d[key] = self.simulate(d[key], name=_label_name(filename))
+            d[key] = self.simulate(d[key], name=item_name(d, self.name_key if self.name_key is not None else key))
         return d

@@ -107,6 +107,12 @@ def _label_name(filename: str | None) -> str:
     return "" if not filename else split_image_suffix(filename)[0]
 
 
+def item_name(data: Mapping, key: Hashable) -> str:
+    """The file name (folder and suffix stripped) of ``data[key]`` that seeds per-image choices, from its
+    MetaTensor or ``{key}_meta_dict``; "" when there is none."""
+    return _label_name(_filename(data.get(key), data.get(f"{key}_meta_dict")))
+
+
 class SparseInstanceLabel(Transform):
     """
     Simulate sparse annotation: keep a reproducible subset of the objects of a dense instance label map and
@@ -231,9 +237,7 @@ class SparseInstanceLabeld(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            src = self.name_key if self.name_key is not None else key
-            filename = _filename(d.get(src), d.get(f"{src}_meta_dict"))
-            d[key] = self.sparsify(d[key], name=_label_name(filename))
+            d[key] = self.sparsify(d[key], name=item_name(d, self.name_key if self.name_key is not None else key))
         return d
 
 
