@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -191,7 +192,19 @@ def test_infer_returns_an_instance_volume_of_the_image_shape(server, image_id, t
     np.testing.assert_array_equal(labels, cli_segmentation(server.bundle, server.images[image_id], tmp_path))
 
 
+def _log_size(server) -> int:
+    return server.log.stat().st_size
+
+
+def _log_since(server, offset: int) -> str:
+    time.sleep(0.5)  # the server writes its log lines after sending the response
+    with open(server.log, "rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace")
+
+
 def test_bad_inputs_get_clear_http_errors_and_the_server_keeps_serving(server, tmp_path):
+    start = _log_size(server)
     cases = {
         "no_such_image": (404, "image 'no_such_image' is not in the datastore"),
         "corrupt_000": (422, "Cannot read NIfTI file"),
@@ -203,8 +216,57 @@ def test_bad_inputs_get_clear_http_errors_and_the_server_keeps_serving(server, t
         assert message in r.json()["detail"], (image_id, r.text)
     r = server.request("POST", "/infer/no_such_model", params={"image": NIFTI_IDS[0]})
     assert r.status_code == 400 and "no_such_model" in r.json()["detail"]
+    log = _log_since(server, start)
+    assert "-> HTTP 422" in log and "Traceback" not in log, log  # a client error is one line, not a traceback
     r, out = server.infer(NIFTI_IDS[1], tmp_path)
     assert r.status_code == 200 and read_result(out).shape == SHAPE
+
+
+def test_only_studies_of_the_datastore_are_segmented(server, tmp_path):
+    """Any other server path is refused like an unknown id (same status and message: whether a path exists is not
+    revealed), before it is read; a study given by its path inside the studies folder is still served."""
+    outside = tmp_path / "outside_000.nii.gz"  # a readable image, outside the studies folder
+    shutil.copy(server.images[NIFTI_IDS[0]], outside)
+    start = _log_size(server)
+    refused = [
+        str(outside),
+        os.path.relpath(outside, server.root),  # relative to the server's working folder
+        str(server.studies / ".." / "syn_nii" / "imagesTr" / "nuclei_000.nii.gz"),  # .. out of the studies folder
+        "../../etc/passwd",
+        "/etc/passwd",
+        "no_such_image",
+        str(server.studies / "no_such_image.nii.gz"),
+    ]
+    for image in refused:
+        r, _ = server.infer(image, tmp_path)
+        assert r.status_code == 404, (image, r.status_code, r.text)
+        assert f"image '{image}' is not in the datastore" in r.json()["detail"], (image, r.text)
+    # MONAI Label lets params["image"] replace ?image=
+    r = server.request(
+        "POST",
+        f"/infer/{MODEL}",
+        params={"image": NIFTI_IDS[0], "output": "image"},
+        files={"params": (None, json.dumps({"image": str(outside)}))},
+    )
+    assert r.status_code == 404 and f"image '{outside}' is not in the datastore" in r.json()["detail"], r.text
+    r = server.request("POST", f"/infer/{MODEL}", params={"image": NIFTI_IDS[0], "session_id": "no_such_session"})
+    assert r.status_code == 404 and "session 'no_such_session' does not exist" in r.json()["detail"], r.text
+    for params in ({}, {"image": ""}):  # no image at all
+        r = server.request("POST", f"/infer/{MODEL}", params=params)
+        assert r.status_code == 422 and "no image given" in r.json()["detail"], (params, r.status_code, r.text)
+    log = _log_since(server, start)
+    assert "Traceback" not in log, log
+    assert log.count("-> HTTP 404") == len(refused) + 2 and log.count("-> HTTP 422") == 2, log
+    study = server.studies / f"{NIFTI_IDS[1]}.nii.gz"  # a study by its path
+    r = server.request("POST", f"/infer/{MODEL}", params={"image": str(study), "output": "image"})
+    assert r.status_code == 200, r.text
+    (tmp_path / "study_result.nii.gz").write_bytes(r.content)
+    assert read_result(tmp_path / "study_result.nii.gz").shape == SHAPE
+    with open(outside, "rb") as fh:  # an image the client uploads is its own: still segmented
+        r = server.request("POST", f"/infer/{MODEL}", params={"output": "image"}, files={"file": ("upload.nii.gz", fh)})
+    assert r.status_code == 200, r.text
+    (tmp_path / "upload_result.nii.gz").write_bytes(r.content)
+    assert read_result(tmp_path / "upload_result.nii.gz").shape == SHAPE
 
 
 def test_train_from_sparse_labels_then_infer_with_the_new_weights(server, tmp_path):
