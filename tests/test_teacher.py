@@ -209,7 +209,9 @@ def test_training_length_is_logged_once(caplog):
     TrainingLengthLogger().attach(engine)
     with caplog.at_level("INFO", logger="spoco"):
         engine.run(range(5), max_epochs=2, epoch_length=3)
-    assert [r.getMessage() for r in caplog.records if r.name == "spoco"] == ["training 2 epochs x 3 iterations = 6 iterations"]
+    assert [r.getMessage() for r in caplog.records if r.name == "spoco"] == [
+        "training 2 epochs x 3 iterations = 6 iterations"
+    ]
 
     # a run only its budget ends: the budget is logged, and the epochs are counted without "of 1000000000"
     caplog.clear()
