@@ -435,3 +435,25 @@ def test_bad_data_fails_with_file_name(tmp_path, problem):
     }[problem]
     assert expected in log
     assert not (tmp_path / "bundle" / "models" / "model.pt").exists()
+
+
+def test_scribbles_train_a_calibrated_head_and_runs_repeat_bit_for_bit(tmp_path, monkeypatch):
+    # --scribbles paints strokes into dense labels (id --background_label): the head stays positive-unlabeled, so
+    # the model carries a label frequency c < 1; two runs with the same seed and thread count give identical weights
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data = tmp_path / "syn2d"
+    write_synthetic_dataset(data, n_train=2, n_val=0, n_test=0, shape=(64, 64), seed=2, ext=".tif", spatial_dims=2)
+    args = ["--spatial_dims", "2", "--epochs", "1", "--epoch_length", "3", "--patch_size", "[48,48]"]
+    args += ["--scribbles", "3", "--background_label", "65535", "--instance_ratio", "0.5"]
+    states = []
+    for run in ("a", "b", "c"):
+        (tmp_path / run).mkdir()
+    for run in ("a", "b"):
+        _run_training(tmp_path / run, data, *args)
+        states.append(torch.load(tmp_path / run / "bundle" / "models" / "model.pt", weights_only=True))
+    assert 0.0 < float(states[0]["fg_label_frequency"]) < 1.0 and float(states[0]["fg_positive_weight"]) == 10.0
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    # without a background id the strokes have no label to get: a clear error before training
+    proc = _run_training(tmp_path / "c", data, *args[:-4], "--scribbles", "3", expect_ok=False)
+    assert proc.returncode != 0 and "need a background_label" in proc.stderr.strip().splitlines()[-1]
