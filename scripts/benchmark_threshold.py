@@ -37,11 +37,15 @@ from spoco_bundle.transforms import ClusterEmbeddings  # noqa: E402
 RULES = ("0.2", "0.35", "0.5", "otsu")
 
 
+INFERENCE = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
+
+
 def _clusterer(threshold: float | str, min_size: int) -> ClusterEmbeddings:
-    config = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
+    """The inference default's post-processing (clustering, shape split, embedding size) with ``threshold``."""
+    config = INFERENCE
     return ClusterEmbeddings(
         config["clustering"],
-        16,
+        int(config["embedding_dim"]),
         "head",
         min_size,
         foreground_threshold=threshold,

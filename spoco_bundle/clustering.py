@@ -41,6 +41,7 @@ from scipy.sparse.csgraph import connected_components
 __all__ = [
     "CLUSTERING_METHODS",
     "head_threshold",
+    "check_foreground_threshold",
     "BACKGROUND_MODES",
     "cluster_embeddings",
     "cluster_fast",
@@ -1372,6 +1373,16 @@ def cluster_embeddings(emb: np.ndarray, method: str = "fast", **kwargs) -> np.nd
     return CLUSTERING_METHODS[method](emb, **kwargs)
 
 
+def check_foreground_threshold(rule: float | str) -> float | str:
+    """``rule`` of :func:`head_threshold` checked: a probability in (0, 1) as a float, or ``"otsu"``."""
+    if isinstance(rule, str) and rule == "otsu":
+        return rule
+    t = float("nan") if isinstance(rule, str) else float(rule)
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"foreground threshold must be a probability in (0, 1) or 'otsu', got {rule!r}.")
+    return t
+
+
 def head_threshold(logits: np.ndarray, rule: float | str = 0.5, max_samples: int = 1_000_000) -> float:
     """
     The probability threshold of the foreground head for one image.
@@ -1384,18 +1395,14 @@ def head_threshold(logits: np.ndarray, rule: float | str = 0.5, max_samples: int
             objects). Large images are subsampled on a regular grid (``max_samples`` values). A map with a single
             value gives 0.5.
     """
-    if isinstance(rule, str):
-        if rule != "otsu":
-            raise ValueError(f"foreground threshold must be a probability in (0, 1) or 'otsu', got {rule!r}.")
-        from skimage.filters import threshold_otsu
+    rule = check_foreground_threshold(rule)
+    if rule != "otsu":
+        return float(rule)
+    from skimage.filters import threshold_otsu
 
-        x = np.asarray(logits, dtype=np.float32).ravel()
-        x = x[:: max(1, x.size // max_samples)]
-        p = 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
-        if p.size == 0 or float(p.max() - p.min()) < 1e-6:
-            return 0.5
-        return float(threshold_otsu(p))
-    t = float(rule)
-    if not 0.0 < t < 1.0:
-        raise ValueError(f"foreground threshold must be a probability in (0, 1) or 'otsu', got {rule!r}.")
-    return t
+    x = np.asarray(logits, dtype=np.float32).ravel()
+    x = x[:: max(1, x.size // max_samples)]
+    p = 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+    if p.size == 0 or float(p.max() - p.min()) < 1e-6:
+        return 0.5
+    return float(threshold_otsu(p))

@@ -40,7 +40,13 @@ from monai.utils import (
     ensure_tuple,
 )
 
-from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings, head_threshold, split_by_shape
+from spoco_bundle.clustering import (
+    CLUSTERING_METHODS,
+    check_foreground_threshold,
+    cluster_embeddings,
+    head_threshold,
+    split_by_shape,
+)
 from spoco_bundle.data import (
     check_image_array,
     check_label_array,
@@ -587,7 +593,6 @@ class ClusterEmbeddings(Transform):
         shape_split: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        head_threshold(np.zeros(1), foreground_threshold)  # a clear error now rather than at the first image
         if not 0 <= shape_split < 1:
             raise ValueError(f"shape_split must be in [0, 1) (0: off), got {shape_split!r}.")
         if background not in ("largest", "head", "none"):
@@ -600,7 +605,7 @@ class ClusterEmbeddings(Transform):
         self.min_size = min_size
         self.delta_v = delta_v
         self.delta_d = delta_d
-        self.foreground_threshold = foreground_threshold
+        self.foreground_threshold = check_foreground_threshold(foreground_threshold)  # an error now, not per image
         self.shape_split = shape_split
         self.kwargs = kwargs
 
