@@ -1,0 +1,237 @@
+"""
+Object size: what a model was trained on, recorded in the model, so that inference can resample an image taken at
+another magnification to one the model knows (``image_scale="auto"``, :class:`~spoco_bundle.inferers.ScaledInferer`).
+
+- :func:`blob_scale`: an image's characteristic blob size (scale-space peak of the normalised Laplacian of
+  Gaussian). It needs no model, and it moves with the magnification; inference compares it with the training
+  images' (:func:`training_blob_scales`).
+- :func:`training_object_diameter`: the median diameter of the annotated training objects, recorded for users
+  (model card, logs).
+
+The diameter of an object is its *equivalent diameter*: that of the disc (2D) or ball (3D) of the same area or
+volume, in voxels of the grid it is measured on. Objects cut by the image border look smaller than they are, so
+they are left out whenever at least ``MIN_INTERIOR`` objects do not touch it. The median keeps a few merged or
+fragmented objects from moving the estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "MIN_INTERIOR",
+    "equivalent_diameters",
+    "median_diameter",
+    "training_object_diameter",
+    "scale_for",
+    "blob_scale",
+    "training_blob_scales",
+    "BLOB_SIGMAS",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_INTERIOR = 5
+# Gaussian scales (voxels) at which blob_scale looks for the image's characteristic blob size
+BLOB_SIGMAS = tuple(float(v) for v in np.exp(np.linspace(np.log(0.8), np.log(40.0), 24)))
+
+
+def equivalent_diameters(labels: np.ndarray, exclude_border: bool = True) -> np.ndarray:
+    """
+    Equivalent diameters of the objects of an instance label map.
+
+    Args:
+        labels: ``(H, W)`` or ``(D, H, W)`` integer labels (0 and negative ids = not an object).
+        exclude_border: leave out objects that touch the array's border, if at least ``MIN_INTERIOR`` do not.
+
+    Returns:
+        float64 array, one diameter per object (in voxels), empty without objects.
+    """
+    lab = np.asarray(labels)
+    if lab.ndim not in (2, 3):
+        raise ValueError(f"labels must be 2D or 3D, got shape {lab.shape}.")
+    if not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {lab.dtype}.")
+    flat = lab.reshape(-1)
+    flat = np.where(flat > 0, flat, 0).astype(np.int64)
+    sizes = np.bincount(flat)
+    ids = np.flatnonzero(sizes)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return np.zeros(0)
+    if exclude_border:
+        border = np.zeros(sizes.size, bool)
+        for axis in range(lab.ndim):
+            for index in (0, -1):
+                face = np.take(lab, index, axis=axis)
+                border[face[face > 0].astype(np.int64)] = True
+        interior = ids[~border[ids]]
+        if interior.size >= MIN_INTERIOR:
+            ids = interior
+    volume = sizes[ids].astype(np.float64)
+    if lab.ndim == 2:
+        return 2.0 * np.sqrt(volume / math.pi)
+    return np.cbrt(6.0 * volume / math.pi)
+
+
+def median_diameter(label_maps: Iterable[np.ndarray], exclude_border: bool = True) -> float:
+    """Median equivalent diameter over the objects of all ``label_maps`` (pooled); NaN without objects."""
+    parts = [equivalent_diameters(lab, exclude_border) for lab in label_maps]
+    pooled = np.concatenate(parts) if parts else np.zeros(0)
+    return float(np.median(pooled)) if pooled.size else float("nan")
+
+
+def training_object_diameter(
+    label_files: Sequence[str | os.PathLike],
+    instance_ratio: float = 1.0,
+    seed: int = 0,
+    image_scale: float | Sequence[float] = 1.0,
+    background_label: int | None = None,
+) -> float:
+    """
+    Median equivalent diameter of the objects a training run sees, on the network's grid.
+
+    The label files are read with the bundle's reader (:func:`~spoco_bundle.io.read_image`), the objects kept by
+    :class:`~spoco_bundle.transforms.SparseInstanceLabel` with the run's ``instance_ratio``, ``seed`` and
+    ``background_label`` (only annotated objects count: the unlabelled ones are unknown, as in training), and the
+    diameters multiplied by the training's ``image_scale`` (its geometric mean for one factor per axis).
+
+    Returns:
+        the diameter in voxels of the training grid; NaN when no file holds an annotated object.
+    """
+    from spoco_bundle.io import read_image, split_image_suffix
+    from spoco_bundle.transforms import SparseInstanceLabel, check_scale
+
+    scale = check_scale(image_scale)
+    factor = float(np.exp(np.mean(np.log(scale))))
+    select = SparseInstanceLabel(instance_ratio=instance_ratio, background_label=background_label, seed=seed)
+    parts = []
+    for path in label_files:
+        lab = np.squeeze(read_image(path)[0])
+        if lab.ndim not in (2, 3):
+            raise ValueError(f"{path}: a label image must be 2D or 3D, got shape {lab.shape}.")
+        if not np.issubdtype(lab.dtype, np.integer):
+            lab = np.rint(lab).astype(np.int64)
+        # the name SparseInstanceLabeld derives from the label file, so the same objects are kept as in training
+        kept = np.asarray(select(lab, name=split_image_suffix(os.path.basename(os.fspath(path)))[0]))
+        parts.append(equivalent_diameters(kept))
+    pooled = np.concatenate(parts) if parts else np.zeros(0)
+    return float(np.median(pooled)) * factor if pooled.size else float("nan")
+
+
+def scale_for(found: float, trained: float, limits: tuple[float, float] = (0.2, 5.0)) -> float:
+    """
+    The resampling factor that brings objects of diameter ``found`` to ``trained``, clipped to ``limits``.
+
+    Returns 1.0 when either diameter is unknown (NaN, zero or negative).
+    """
+    if not (np.isfinite(found) and np.isfinite(trained) and found > 0 and trained > 0):
+        return 1.0
+    return float(np.clip(trained / found, *limits))
+
+
+def blob_scale(
+    image: np.ndarray, sigmas: Sequence[float] = BLOB_SIGMAS, max_voxels: int = 1 << 21, noise: bool = True
+) -> float:
+    """
+    The characteristic blob size of an image: the Gaussian scale ``sigma`` (voxels) at which the energy of the
+    scale-normalised Laplacian of Gaussian, ``mean((sigma^2 LoG_sigma * I)^2)``, peaks (Lindeberg's scale selection,
+    refined between grid scales by a parabola in log sigma).
+
+    It needs no model and no segmentation, and it moves with the magnification: the same specimen imaged twice as
+    large peaks at twice the sigma. What it means in absolute terms depends on the stain (nuclei, membranes,
+    texture), so it is only compared with the same measure on the training images (``image_scale "auto"``).
+
+    The image is normalised to its 1-99.8 percentiles; a central crop of at most ``max_voxels`` is used, and large
+    scales are computed on a block-averaged copy (factor ``sigma / 2``), which leaves the normalised energy nearly
+    unchanged and keeps the cost low for large volumes.
+
+    Args:
+        image: ``(H, W)`` or ``(D, H, W)`` (a leading channel of size 1 is dropped).
+        sigmas: increasing Gaussian scales in voxels.
+        max_voxels: size of the central crop.
+        noise: subtract the energy of white noise at the image's noise level (from neighbouring voxels' differences).
+
+    Returns:
+        sigma of the peak; the end of the range when the energy peaks there; NaN for a constant image.
+    """
+    from scipy import ndimage
+    from skimage.measure import block_reduce
+
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim in (3, 4) and img.shape[0] == 1:
+        img = img[0]
+    if img.ndim not in (2, 3):
+        raise ValueError(f"image must be 2D or 3D (optionally with one channel), got shape {np.shape(image)}.")
+    side = int(max_voxels ** (1.0 / img.ndim))
+    img = img[tuple(slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in img.shape)]
+    lo, hi = np.percentile(img, (1.0, 99.8))
+    if not hi > lo:
+        return float("nan")
+    img = (img - lo) / (hi - lo)
+    sig = np.asarray(sigmas, dtype=np.float64)
+
+    def spectrum(x: np.ndarray) -> np.ndarray:
+        energy = np.empty(sig.size)
+        reduced: dict[int, np.ndarray] = {}
+        for i, s in enumerate(sig):
+            k = max(1, int(s / 2.0))
+            k = min(k, max(1, min(x.shape) // 8))  # keep at least a few voxels per axis
+            if k not in reduced:
+                reduced[k] = x if k == 1 else block_reduce(x, (k,) * x.ndim, np.mean)
+            sk = s / k
+            energy[i] = np.mean((sk**2 * ndimage.gaussian_laplace(reduced[k], sk, mode="reflect")) ** 2)
+        return energy
+
+    energy = spectrum(img)
+    if noise:
+        # pixel noise puts energy at the finest scales (for white noise it falls as sigma^-d) and can hide the blobs'
+        # peak in noisy volumes: subtract the spectrum of white noise at the image's noise level, estimated robustly
+        # from neighbour differences along the last axis (sqrt(2) sigma for white noise; the few edges barely move
+        # their median)
+        level = float(np.median(np.abs(np.diff(img, axis=-1)))) / (0.6745 * np.sqrt(2.0))
+        if level > 0:
+            white = np.random.default_rng(0).standard_normal(img.shape).astype(np.float32) * level
+            energy = energy - spectrum(white)
+    j = int(np.argmax(energy))
+    if not np.isfinite(energy[j]) or energy[j] <= 0:
+        return float("nan")
+    if 0 < j < sig.size - 1 and bool(np.all(energy[j - 1 : j + 2] > 0)):
+        y0, y1, y2 = np.log(energy[j - 1 : j + 2])
+        x0, x1, x2 = np.log(sig[j - 1 : j + 2])
+        curv = y0 - 2 * y1 + y2
+        if curv < 0:  # a proper maximum: the vertex of the parabola through the three points (even log spacing)
+            return float(np.exp(x1 + 0.5 * (y0 - y2) / curv * (x2 - x1)))
+    return float(sig[j])
+
+
+def training_blob_scales(
+    image_files: Sequence[str | os.PathLike], image_scale: float | Sequence[float] = 1.0
+) -> tuple[float, float, float]:
+    """
+    The 10th, 50th and 90th percentile of :func:`blob_scale` over the training images (read with
+    :func:`~spoco_bundle.io.read_image`), times the training's ``image_scale`` (geometric mean): on the network's grid.
+
+    Returns:
+        three floats; NaN for each when no image has structure (or there is none).
+    """
+    from spoco_bundle.io import read_image
+    from spoco_bundle.transforms import check_scale
+
+    factor = float(np.exp(np.mean(np.log(check_scale(image_scale)))))
+    values = []
+    for path in image_files:
+        image = np.squeeze(read_image(path)[0])
+        if image.ndim not in (2, 3):
+            raise ValueError(f"{path}: a training image must be 2D or 3D (one channel), got shape {image.shape}.")
+        values.append(blob_scale(image))
+    found = np.asarray([v for v in values if np.isfinite(v)])
+    if not found.size:
+        return (float("nan"),) * 3  # type: ignore[return-value]
+    q = np.quantile(found, (0.1, 0.5, 0.9)) * factor
+    return float(q[0]), float(q[1]), float(q[2])

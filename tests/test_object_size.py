@@ -1,0 +1,201 @@
+"""Object size: equivalent diameters and the training objects' diameter from real label files; the blob size of an
+image, the training images' range, and ``image_scale "auto"`` resampling images outside it."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import torch
+from scipy import ndimage
+
+from spoco_bundle.object_size import (
+    MIN_INTERIOR,
+    equivalent_diameters,
+    median_diameter,
+    scale_for,
+    training_object_diameter,
+)
+from spoco_bundle.transforms import SparseInstanceLabel
+
+
+def _discs(shape: tuple[int, ...], centres: list[tuple[int, ...]], radius: float) -> np.ndarray:
+    """Instance labels: one disc / ball of ``radius`` per centre, ids 1..n."""
+    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    lab = np.zeros(shape, np.int32)
+    for k, c in enumerate(centres, 1):
+        lab[sum((g - ci) ** 2 for g, ci in zip(grid, c)) <= radius**2] = k
+    return lab
+
+
+def _grid_centres(shape: tuple[int, int], step: int, offset: int) -> list[tuple[int, int]]:
+    return [
+        (y, x) for y in range(offset, shape[0] - offset + 1, step) for x in range(offset, shape[1] - offset + 1, step)
+    ]
+
+
+def test_equivalent_diameters_of_discs_and_balls():
+    lab = _discs((120, 120), _grid_centres((120, 120), 30, 15), radius=8)
+    d = equivalent_diameters(lab)
+    assert d.shape == (16,) and np.allclose(d, 16.0, rtol=0.03)
+    ball = _discs((40, 40, 40), [(20, 20, 20)], radius=10)
+    assert equivalent_diameters(ball) == pytest.approx(20.0, rel=0.03)
+    assert equivalent_diameters(np.zeros((5, 5), np.int32)).size == 0
+    assert math.isnan(median_diameter([np.zeros((5, 5), np.int32)]))
+    with pytest.raises(ValueError, match="integers"):
+        equivalent_diameters(lab.astype(np.float32))
+    with pytest.raises(ValueError, match="2D or 3D"):
+        equivalent_diameters(np.zeros(5, np.int32))
+
+
+def test_objects_cut_by_the_border_are_left_out_when_enough_others_remain():
+    interior = _discs((100, 100), _grid_centres((100, 100), 25, 20)[:MIN_INTERIOR], radius=6)
+    cut = np.zeros_like(interior)
+    cut[:3, 40:60] = 99  # a sliver of a large object cut by the top border
+    lab = np.where(cut > 0, cut, interior)
+    assert np.allclose(equivalent_diameters(lab), 12.0, rtol=0.05)  # the sliver does not count
+    assert equivalent_diameters(lab, exclude_border=False).size == MIN_INTERIOR + 1
+    few = np.where(cut > 0, cut, np.where(interior > 2, 0, interior))  # two interior objects only: all count
+    assert equivalent_diameters(few).size == 3
+    # negative ids (painted background) are not objects
+    assert equivalent_diameters(np.where(cut > 0, -1, interior)).size == MIN_INTERIOR
+
+
+def test_training_object_diameter_reads_files_and_counts_the_kept_objects(tmp_path):
+    """The diameter training records: the objects its sparse selection keeps, from TIFF and NIfTI files, times the
+    training's image_scale; background_label ids are not objects."""
+    small = _discs((128, 128), _grid_centres((128, 128), 32, 16), radius=5)  # 16 discs of diameter 10
+    large = _discs((128, 128), _grid_centres((128, 128), 64, 32), radius=12)  # 4 discs of diameter 24
+    tifffile.imwrite(tmp_path / "a_labels.tif", small.astype(np.uint16))
+    nib.save(nib.Nifti1Image(large.T.astype(np.int16), np.eye(4)), str(tmp_path / "b_labels.nii.gz"))
+    files = [tmp_path / "a_labels.tif", tmp_path / "b_labels.nii.gz"]
+    # all objects: 16 of diameter 10 and 4 of 24 pooled -> the median is a small one's
+    assert training_object_diameter(files) == pytest.approx(10.0, rel=0.05)
+    assert training_object_diameter(files, image_scale=[0.5, 0.5]) == pytest.approx(5.0, rel=0.05)
+    # a sparse selection: exactly the objects SparseInstanceLabel keeps for these file names
+    keep = SparseInstanceLabel(instance_ratio=0.25, seed=3)
+    kept = [keep(small, name="a_labels"), keep(large, name="b_labels")]
+    assert training_object_diameter(files, instance_ratio=0.25, seed=3) == pytest.approx(median_diameter(kept))
+    # the id of painted background is no object: one disc of diameter 10, two of 30, one of them id 99
+    painted = _discs((128, 128), [(20, 20), (60, 60), (60, 100)], radius=15)
+    painted[painted == 1] = 0
+    painted[_discs((128, 128), [(20, 20)], radius=5) > 0] = 1
+    painted[painted == 3] = 99
+    tifffile.imwrite(tmp_path / "c_labels.tif", painted.astype(np.uint16))
+    assert training_object_diameter([tmp_path / "c_labels.tif"]) == pytest.approx(30.0, rel=0.05)
+    assert training_object_diameter([tmp_path / "c_labels.tif"], background_label=99) == pytest.approx(20.0, rel=0.05)
+    assert math.isnan(training_object_diameter([]))
+
+
+def test_scale_for():
+    assert scale_for(20.0, 10.0) == 0.5
+    assert scale_for(1.0, 100.0) == 5.0  # clipped
+    assert scale_for(float("nan"), 10.0) == 1.0 and scale_for(10.0, 0.0) == 1.0
+
+
+# ------------------------------------------------------------------------------------ blob size, image_scale auto
+
+
+def _blob_image(radius: float, size: int = 192, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """Bright discs of ``radius`` on a grid (as nuclei), slightly blurred, optional Gaussian noise."""
+    lab = _discs((size, size), _grid_centres((size, size), int(4 * radius), int(2 * radius)), radius)
+    img = ndimage.gaussian_filter((lab > 0).astype(np.float32), 1.0)
+    return img + noise * np.random.default_rng(seed).standard_normal(img.shape).astype(np.float32)
+
+
+def test_blob_scale_moves_with_the_magnification():
+    from spoco_bundle.object_size import blob_scale
+
+    b5, b10, b20 = (blob_scale(_blob_image(r)) for r in (5.0, 10.0, 20.0))
+    assert b10 / b5 == pytest.approx(2.0, rel=0.1) and b20 / b10 == pytest.approx(2.0, rel=0.1)
+    # pixel noise as strong as the blobs does not pull the peak to the finest scale
+    assert blob_scale(_blob_image(10.0, noise=0.5)) == pytest.approx(b10, rel=0.15)
+    # 3D
+    ball = ndimage.gaussian_filter(_discs((48, 48, 48), [(24, 24, 24)], 8).astype(np.float32), 1.0)
+    big = ndimage.gaussian_filter(_discs((96, 96, 96), [(48, 48, 48)], 16).astype(np.float32), 1.0)
+    assert blob_scale(big) / blob_scale(ball) == pytest.approx(2.0, rel=0.15)
+    assert math.isnan(blob_scale(np.ones((32, 32), np.float32)))
+    with pytest.raises(ValueError, match="2D or 3D"):
+        blob_scale(np.zeros(8, np.float32))
+
+
+def test_training_blob_scales_from_files(tmp_path):
+    from spoco_bundle.object_size import blob_scale, training_blob_scales
+
+    files = []
+    for k, r in enumerate((4.0, 6.0, 8.0, 10.0, 12.0)):
+        files.append(tmp_path / f"img{k}.tif")
+        tifffile.imwrite(files[-1], _blob_image(r).astype(np.float32))
+    q = training_blob_scales(files)
+    b = [blob_scale(_blob_image(r)) for r in (4.0, 6.0, 8.0, 10.0, 12.0)]
+    assert q == pytest.approx(tuple(np.quantile(b, (0.1, 0.5, 0.9))), rel=1e-4)
+    assert training_blob_scales(files, image_scale=0.5) == pytest.approx(tuple(v / 2 for v in q), rel=1e-4)
+    assert all(math.isnan(v) for v in training_blob_scales([]))
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in network that returns its input twice and records the sizes it saw (the resampling under test
+    does not depend on what the network computes)."""
+
+    def __init__(self, blob_scales: tuple[float, float, float] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("image_blob_scale", torch.tensor(blob_scales or (0.0, 0.0, 0.0)))
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[2:]))
+        return torch.cat([x, x], dim=1)
+
+
+def test_auto_scale_resamples_only_images_outside_the_training_range():
+    from monai.inferers import SimpleInferer
+
+    from spoco_bundle.inferers import ScaledInferer
+    from spoco_bundle.object_size import blob_scale
+
+    trained = [blob_scale(_blob_image(r)) for r in (8.0, 10.0, 12.0)]  # the model saw blobs of radius 8-12
+    net = _Recorder(tuple(trained))
+    inferer = ScaledInferer(SimpleInferer(), "auto")
+    same = torch.as_tensor(_blob_image(9.0))[None, None]
+    out = inferer(same, net)
+    assert inferer.last_scale == (1.0,) and net.seen == [(192, 192)] and torch.equal(out, torch.cat([same, same], 1))
+    large = torch.as_tensor(_blob_image(20.0, size=256))[None, None]  # twice the training median
+    out = inferer(large, net)
+    assert inferer.last_scale[0] == pytest.approx(0.5, rel=0.12)
+    assert net.seen[-1] == (round(256 * inferer.last_scale[0]),) * 2 and out.shape == (1, 2, 256, 256)
+    small = torch.as_tensor(_blob_image(4.0))[None, None]
+    inferer(small, net)
+    assert inferer.last_scale[0] == pytest.approx(2.5, rel=0.12)
+    # the training range given explicitly replaces the record
+    given = ScaledInferer(SimpleInferer(), "auto", blob_scales=[v / 2 for v in trained])
+    given(large, _Recorder())
+    assert given.last_scale[0] == pytest.approx(0.25, rel=0.12)
+
+
+def test_auto_scale_without_a_record_runs_at_one_and_says_so(caplog):
+    from monai.inferers import SimpleInferer
+
+    from spoco_bundle.inferers import ScaledInferer
+
+    net = _Recorder()
+    inferer = ScaledInferer(SimpleInferer(), "auto")
+    with caplog.at_level(logging.WARNING, logger="spoco_bundle.inferers"):
+        inferer(torch.as_tensor(_blob_image(20.0))[None, None], net)
+    assert net.seen == [(192, 192)] and inferer.last_scale == (1.0,)
+    assert "records no blob size of its training images" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0], [3.0, 2.0, 1.0], [0.0, 1.0, 2.0], [1.0, float("nan"), 2.0]])
+def test_auto_scale_arguments_are_checked(bad):
+    from monai.inferers import SimpleInferer
+
+    from spoco_bundle.inferers import ScaledInferer
+
+    with pytest.raises(ValueError, match="blob_scales must be three increasing positive numbers"):
+        ScaledInferer(SimpleInferer(), "auto", blob_scales=bad)
+    with pytest.raises(ValueError, match="image_scale must be a positive number"):
+        ScaledInferer(SimpleInferer(), "automatic")
