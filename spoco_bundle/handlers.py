@@ -1,5 +1,5 @@
-"""Ignite handlers for SPOCO training: momentum teacher update, foreground calibration, progress bar, loss logging,
-time budget, the run's length, the resume checkpoint."""
+"""Ignite handlers for SPOCO training: momentum teacher update, foreground calibration, the training objects' size,
+progress bar, loss logging, time budget, the run's length, the resume checkpoint."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ __all__ = [
     "TrainingProgressBar",
     "LossTermsLogger",
     "ForegroundCalibrationHandler",
+    "ObjectSizeHandler",
     "TrainingTimeLimit",
     "TrainingLengthLogger",
     "ValidateOnTerminate",
@@ -209,6 +210,68 @@ class ForegroundCalibrationHandler:
         weight = getattr(net, "fg_positive_weight", None)
         if weight is not None:
             weight.fill_(float(getattr(loss, "foreground_positive_weight", 1.0)))
+
+
+class ObjectSizeHandler:
+    """
+    Record the size of what the model is trained on in the network's buffers when training starts, so that the
+    model carries it (see :mod:`spoco_bundle.object_size`): ``object_diameter``, the median diameter of the
+    annotated training objects (those the run's sparse selection keeps), and ``image_blob_scale``, the 10th / 50th /
+    90th percentile of the training images' blob size, which inference with ``image_scale="auto"`` compares with
+    each image's. Both on the network's grid (the training's ``image_scale`` applied). Every rank computes the same
+    values from the files; a resumed run recomputes them.
+
+    Args:
+        image_files, label_files: the training datalist's ``image`` and ``label`` entries.
+        instance_ratio, seed, background_label, image_scale: the training run's (see ``train.json``).
+        network: the student (looked up as ``engine.network`` when None); a DDP wrapper is unwrapped.
+    """
+
+    def __init__(
+        self,
+        image_files: list[str],
+        label_files: list[str],
+        instance_ratio: float = 1.0,
+        seed: int = 0,
+        image_scale: float | list[float] = 1.0,
+        background_label: int | None = None,
+        network: torch.nn.Module | None = None,
+    ) -> None:
+        self.image_files = [str(f) for f in image_files]
+        self.label_files = [str(f) for f in label_files]
+        self.instance_ratio = instance_ratio
+        self.seed = seed
+        self.image_scale = image_scale
+        self.background_label = background_label
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from spoco_bundle.object_size import training_blob_scales, training_object_diameter
+
+        net = _unwrap(self.network if self.network is not None else engine.network)  # type: ignore[attr-defined]
+        log = logging.getLogger(__name__)
+        if getattr(net, "object_diameter", None) is not None:
+            d = training_object_diameter(
+                self.label_files, self.instance_ratio, self.seed, self.image_scale, self.background_label
+            )
+            if math.isfinite(d):
+                log.info(f"median diameter of the annotated training objects: {d:.1f} voxels (recorded in the model)")
+            net.object_diameter.fill_(d if math.isfinite(d) else 0.0)
+        if getattr(net, "image_blob_scale", None) is not None:
+            q = training_blob_scales(self.image_files, self.image_scale)
+            if all(math.isfinite(v) for v in q):
+                log.info(
+                    "blob size of the training images (10th / 50th / 90th percentile, voxels): "
+                    + " / ".join(f"{v:.2f}" for v in q)
+                    + " (recorded in the model for image_scale 'auto')"
+                )
+                net.image_blob_scale.copy_(torch.tensor(q, dtype=net.image_blob_scale.dtype))
+            else:
+                log.warning("the training images have no structure to measure: image_scale 'auto' will not resample.")
+                net.image_blob_scale.zero_()
 
 
 class TrainingTimeLimit:

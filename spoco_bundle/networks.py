@@ -88,6 +88,12 @@ class EmbeddingUNet(DynUNet):
         self.register_buffer("fg_label_frequency", torch.ones(()))
         # weight of annotated voxels in that training (ForegroundLoss positive_weight); 1.0 = unweighted
         self.register_buffer("fg_positive_weight", torch.ones(()))
+        # the size of what the model was trained on, recorded by spoco_bundle.handlers.ObjectSizeHandler (0 =
+        # unknown): the median diameter of the annotated objects, and the 10th / 50th / 90th percentile of the
+        # training images' blob size (spoco_bundle.object_size.blob_scale), both in voxels of the network's grid;
+        # inference with image_scale "auto" resamples images whose blob size lies outside that range
+        self.register_buffer("object_diameter", torch.zeros(()))
+        self.register_buffer("image_blob_scale", torch.zeros(3))
         if foreground_head:
             # start the foreground logit at P = 0.12 instead of 0.5: foreground is the minority class, and Adam moves a
             # bias by about the learning rate per step, too slowly for CPU-length runs to get there on their own
@@ -120,11 +126,15 @@ class EmbeddingUNet(DynUNet):
 
 def _default_label_frequency(module: torch.nn.Module, state_dict: Mapping, prefix: str, *args) -> None:
     """``load_state_dict`` pre-hook: state dicts of bundle 0.1 lack ``fg_label_frequency`` (c = 1), those of 0.1 and
-    0.2 lack ``fg_positive_weight`` (w = 1, their heads were trained unweighted)."""
+    0.2 lack ``fg_positive_weight`` (w = 1, their heads were trained unweighted), those before 0.9 lack
+    ``object_diameter`` and ``image_blob_scale`` (0 = unknown)."""
     if any(k.startswith(prefix + "output_block.") for k in state_dict):
         for name in ("fg_label_frequency", "fg_positive_weight"):
             if prefix + name not in state_dict:
                 state_dict[prefix + name] = torch.ones(())  # type: ignore[index]
+        for name, shape in (("object_diameter", ()), ("image_blob_scale", (3,))):
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros(shape)  # type: ignore[index]
 
 
 def _refuse_partial_state_dict(

@@ -105,6 +105,12 @@ def test_checkpoint_without_label_frequency_loads_with_c_1(tmp_path):
     other.fg_label_frequency.fill_(0.3)
     other.load_state_dict(state, strict=True)
     assert float(other.fg_label_frequency) == 1.0
+    # those before 0.9 record no training sizes: unknown (0), so image_scale "auto" leaves images as they are
+    del state["object_diameter"], state["image_blob_scale"]
+    other.object_diameter.fill_(12.0)
+    other.image_blob_scale.fill_(3.0)
+    other.load_state_dict(state, strict=True)
+    assert float(other.object_diameter) == 0.0 and other.image_blob_scale.tolist() == [0.0, 0.0, 0.0]
     del state["output_block.conv.conv.bias"]
     with pytest.raises(RuntimeError):
         other.load_state_dict(state, strict=True)

@@ -11,7 +11,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from spoco_bundle.data import checked_datalist
 from spoco_bundle.handlers import UNLIMITED_EPOCHS
+from spoco_bundle.object_size import training_blob_scales, training_object_diameter
 from spoco_bundle.synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +148,15 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     # background unlabeled: the foreground head trained positive-unlabeled and its label frequency was estimated
     assert 0.0 < float(state["fg_label_frequency"]) < 1.0
     assert float(state["fg_positive_weight"]) == 10.0  # the loss's default, undone at inference
+    # the size of what it was trained on: the kept objects' median diameter and the images' blob size range
+    train = checked_datalist(str(tiny3d), "training", 3)
+    assert float(state["object_diameter"]) == pytest.approx(
+        training_object_diameter([d["label"] for d in train], instance_ratio=0.5, seed=0), rel=1e-5
+    )
+    assert state["image_blob_scale"].tolist() == pytest.approx(
+        list(training_blob_scales([d["image"] for d in train])), rel=1e-5
+    )
+    assert 0 < float(state["image_blob_scale"][0]) <= float(state["image_blob_scale"][2])
     resume = torch.load(models / "resume.pt", map_location="cpu", weights_only=True)
     assert {"model", "teacher", "optimizer", "trainer", "lr_scheduler"} <= set(resume)
     assert resume["trainer"]["iteration"] == 4 and resume["trainer"]["epoch_length"] == 2  # 2 epochs of 2
