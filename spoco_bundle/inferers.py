@@ -59,49 +59,137 @@ class ScaledInferer(Inferer):
     that a model trained on objects of one size can segment images taken at another magnification. Clustering,
     ``min_size`` and the written labels stay on the input's own grid.
 
-    Set ``scale`` to (object size in the training images) / (object size in these images): nuclei twice as large
-    as in training -> 0.5. Resampling is linear (bilinear / trilinear), with Gaussian anti-aliasing where it
-    shrinks (MONAI's ``Resize``); the output (embeddings and foreground logit) is resampled back the same way.
-    ``scale`` 1 (the default) runs ``inferer`` unchanged.
+    A number: (object size in the training images) / (object size in these images): nuclei twice as large as in
+    training -> 0.5. Resampling is linear (bilinear / trilinear), with Gaussian anti-aliasing where it shrinks
+    (MONAI's ``Resize``); the output (embeddings and foreground logit) is resampled back the same way. ``scale`` 1
+    runs ``inferer`` unchanged.
+
+    ``"auto"``: the factor is found per image, without a model pass: the image's characteristic blob size
+    (:func:`~spoco_bundle.object_size.blob_scale`) is compared with the same measure on the training images
+    (``blob_scales``: their 10th, 50th and 90th percentiles, by default the network's ``image_blob_scale`` buffer
+    recorded by :class:`~spoco_bundle.handlers.ObjectSizeHandler`). An image within the training images' range is
+    segmented as it is (1); one outside it is resampled so that its blob size becomes the training median
+    (factor limited to ``limits``). A model that recorded no training images' blob size is run at 1, with a
+    warning. The factor used for the last input is ``last_scale``.
 
     Args:
         inferer: the inferer to wrap, e.g. ``SlidingWindowInferer``.
-        scale: one factor for every spatial axis, or one per axis (``(D, H, W)`` order for 3D).
+        scale: one factor for every spatial axis, one per axis (``(D, H, W)`` order for 3D), or ``"auto"``.
+        blob_scales: for ``"auto"``: low, middle and high blob size of the training images (voxels of the
+            network's grid); None: the network's record.
+        limits: for ``"auto"``: smallest and largest factor.
 
     Shapes:
         ``inputs``: ``(B, C, *S)``; returns ``(B, C_out, *S)``, the wrapped inferer's output at the input's size.
 
     Raises:
-        ValueError: a non-positive or non-finite scale, or one per axis that does not match the input's axes.
+        ValueError: a non-positive or non-finite scale, or one per axis that does not match the input's axes;
+            ``blob_scales`` that are not three increasing positive numbers.
     """
 
-    def __init__(self, inferer: Inferer, scale: float | Sequence[float] = 1.0) -> None:
+    def __init__(
+        self,
+        inferer: Inferer,
+        scale: float | Sequence[float] | str = 1.0,
+        blob_scales: Sequence[float] | None = None,
+        limits: tuple[float, float] = (0.2, 5.0),
+    ) -> None:
         super().__init__()
         self.inferer = inferer
-        self.scale = check_scale(scale)
+        self.auto = isinstance(scale, str) and scale.strip().lower() == "auto"
+        self.scale = (1.0,) if self.auto else check_scale(scale)
+        self.blob_scales = None if blob_scales is None else _check_blob_scales(blob_scales)
+        if not 0 < limits[0] <= 1 <= limits[1]:
+            raise ValueError(f"limits must be (lo, hi) with 0 < lo <= 1 <= hi, got {limits}.")
+        self.limits = (float(limits[0]), float(limits[1]))
+        self.last_scale: tuple[float, ...] = self.scale
+        self._warned = False
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if all(s == 1.0 for s in self.scale):
-            return self.inferer(inputs, network, *args, **kwargs)
-        from monai.data import MetaTensor
-        from monai.transforms import Resize
+        if self.auto:
+            outs = [self._auto(item[None], network, *args, **kwargs) for item in inputs]
+            return torch.cat(outs)
+        self.last_scale = self.scale
+        return self._run(inputs, network, self.scale, *args, **kwargs)
 
-        def plain(t: torch.Tensor) -> torch.Tensor:
-            # plain tensors: the resampled copies must not carry (and later be written with) a rescaled affine
-            return t.as_tensor() if isinstance(t, MetaTensor) else t
-
+    def _run(
+        self, inputs: torch.Tensor, network: Callable, scale: tuple[float, ...], *args: Any, back: bool = True, **kw
+    ) -> torch.Tensor:
+        """The wrapped inferer on ``inputs`` resampled by ``scale``; its output back on the input grid if ``back``."""
+        if all(s == 1.0 for s in scale):
+            return self.inferer(inputs, network, *args, **kw)
         spatial = tuple(int(n) for n in inputs.shape[2:])
-        scale = self.scale * len(spatial) if len(self.scale) == 1 else self.scale
+        scale = scale * len(spatial) if len(scale) == 1 else scale
         if len(scale) != len(spatial):
             raise ValueError(
                 f"image_scale has {len(scale)} factors but the input has {len(spatial)} spatial axes {spatial}."
             )
         # the training-side resampling (Rescale) in, the same interpolation back onto the input's grid
         to_scaled = Rescale(scale, mode="linear")
-        x = torch.stack([plain(to_scaled(item)) for item in plain(inputs)])
-        out = plain(self.inferer(x, network, *args, **kwargs))
-        to_input = Resize(spatial, mode="bilinear" if len(spatial) == 2 else "trilinear", anti_aliasing=True)
-        return torch.stack([plain(to_input(item)) for item in out]).to(out.dtype)
+        x = torch.stack([_plain(to_scaled(item)) for item in _plain(inputs)])
+        out = _plain(self.inferer(x, network, *args, **kw))
+        if not back:
+            return out
+        return _resize_to(out, spatial)
+
+    def _training_blob_scales(self, network: Callable) -> tuple[float, float, float] | None:
+        if self.blob_scales is not None:
+            return self.blob_scales
+        net = network.student if isinstance(network, StudentTeacherNet) else network
+        if isinstance(net, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            net = net.module
+        buf = getattr(net, "image_blob_scale", None)
+        if buf is None or not bool((buf > 0).all()):
+            return None
+        return _check_blob_scales(buf.tolist())
+
+    def find_scale(self, image: np.ndarray, network: Callable) -> float:
+        """The factor ``"auto"`` uses for ``image`` ``(C, *S)`` (1 when the model has no record)."""
+        from spoco_bundle.object_size import blob_scale
+
+        trained = self._training_blob_scales(network)
+        if trained is None:
+            if not self._warned:
+                logger.warning(
+                    "image_scale 'auto': the model records no blob size of its training images (trained before "
+                    "bundle 0.9); images are segmented at scale 1. Give a number as --image_scale to resample them."
+                )
+                self._warned = True
+            return 1.0
+        lo, mid, hi = trained
+        found = blob_scale(image[0])
+        if not np.isfinite(found) or lo <= found <= hi:
+            return 1.0  # within what the model was trained on (or no structure at all): leave the image as it is
+        return float(np.clip(mid / found, *self.limits))
+
+    def _auto(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        scale = self.find_scale(_plain(inputs[0]).detach().cpu().numpy(), network)
+        self.last_scale = (scale,)
+        return self._run(inputs, network, (scale,), *args, **kwargs)
+
+
+def _check_blob_scales(values: Sequence[float]) -> tuple[float, float, float]:
+    v = tuple(float(x) for x in values)
+    if len(v) != 3 or not all(np.isfinite(x) and x > 0 for x in v) or not v[0] <= v[1] <= v[2]:
+        raise ValueError(f"blob_scales must be three increasing positive numbers (low, middle, high), got {values!r}.")
+    return v  # type: ignore[return-value]
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: resampled copies must not carry (and later be written with) a rescaled affine."""
+    from monai.data import MetaTensor
+
+    return t.as_tensor() if isinstance(t, MetaTensor) else t
+
+
+def _resize_to(out: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """``(B, C, *S')`` resampled (linear, anti-aliased) to ``(B, C, *spatial)``."""
+    from monai.transforms import Resize
+
+    if tuple(out.shape[2:]) == tuple(spatial):
+        return out
+    to_input = Resize(spatial, mode="bilinear" if len(spatial) == 2 else "trilinear", anti_aliasing=True)
+    return torch.stack([_plain(to_input(item)) for item in out]).to(out.dtype)
 
 
 class StudentTeacherNet(torch.nn.Module):
@@ -204,6 +292,8 @@ def segment_files(
             write_label_image(out_path, np.asarray(labels)[0], meta)
             n = int(np.asarray(labels).max())
             mask_note = f" in mask {item[mask_key]}" if masks is not None else ""
+            if getattr(inferer, "auto", False):  # the factor image_scale "auto" found for this image
+                mask_note += f" at image_scale {', '.join(f'{v:.3g}' for v in inferer.last_scale)} (auto)"
             logger.info(
                 f"[{i + 1}/{len(files)}] {path}: {n} instances{mask_note} -> {out_path} "
                 f"(network {t1 - t0:.1f} s, clustering {t2 - t1:.1f} s)"
