@@ -409,25 +409,41 @@ def _scale_lines(scale_records: Sequence[dict[str, Any]], ok: dict, dataset: str
     lines = []
     for rec in _current(scale_records, ok, dataset):
         matched = any("matched" in r for r in rec["rows"])
+        auto = any("auto" in r for r in rec["rows"])
+        columns = []
+        if matched:
+            columns.append(
+                "with the matching `--image_scale 1/factor` (for a user who knows the magnification; the factor in "
+                "brackets)"
+            )
+        if auto:
+            source = {"recorded": "recorded in the model", "computed": "computed from the run's training images"}
+            columns.append(
+                "with `--image_scale auto` (the default: the factor is found per image from its blob size and the "
+                f"training images' range, {source.get(rec.get('blob_scales_source'), 'of the training images')}; "
+                "median factor found in brackets)"
+            )
         lines += [
             f"Scale robustness ({rec['method']}, {rec['ratio']:.0%} labelled, `scripts/benchmark_scale.py`): the "
             f"{rec['n_test']} held-back images and their labels resampled by each factor (image linear, labels "
-            "nearest), segmented by the same model with the same settings"
-            + (
-                "; last column: with the matching `--image_scale 1/factor` (the inference option for images at "
-                "another magnification), scored on the same resampled labels:"
-                if matched
-                else ":"
-            ),
+            "nearest), segmented by the same model with `--image_scale 1`"
+            + ("; then " + "; and ".join(columns) if columns else "")
+            + ", scored on the same resampled labels:",
             "",
-            "| scale | AP50 | mAP | SBD |" + (" AP50 with `--image_scale` |" if matched else ""),
-            "|---|---|---|---|" + ("---|" if matched else ""),
+            "| scale | AP50 | mAP | SBD |"
+            + (" AP50 with `--image_scale` |" if matched else "")
+            + (" AP50 with `--image_scale auto` |" if auto else ""),
+            "|---|---|---|---|" + ("---|" if matched else "") + ("---|" if auto else ""),
         ]
         for r in rec["rows"]:
             row = f"| {r['scale']:g} | {r['ap50']:.3f} | {r['map']:.3f} | {r['sbd']:.3f} |"
             if matched:
                 m = r.get("matched")
                 row += f" {m['ap50']:.3f} ({m['image_scale']:.3g}) |" if m else " (same) |"
+            if auto:
+                a = r.get("auto")
+                found = a.get("found_median") if a else None
+                row += f" {a['ap50']:.3f} ({_fmt(found)}) |" if a else " - |"
             lines.append(row)
         lines.append("")
     return lines

@@ -2,12 +2,18 @@
 Scale robustness of a trained SPOCO model from the accuracy benchmark: the held-back 2D images (and their dense
 labels) are resampled by each factor in ``--scales`` (users' images come at other magnifications), segmented with
 the bundle's inference config as a user runs it, and scored against the resampled labels: once with the defaults
-(how robust the model itself is) and once with the matching ``--image_scale 1/factor`` (the documented input for
-images at another magnification: the network sees objects at their training size, labels come back on the
-image's grid).
+(how robust the model itself is: ``--image_scale 1``), once with the matching ``--image_scale 1/factor`` (what a
+user who knows the magnification gives: the network sees objects at their training size, labels come back on the
+image's grid), and once with ``--image_scale auto`` (the default: the bundle finds the factor per image, no
+knowledge of the magnification).
 
-    .venv/bin/python scripts/benchmark_scale.py [--dataset dsb2018] [--ratio 0.1] [--scales 0.5,0.75,1,1.5,2]
-        [--method spoco] [--out_dir eval/benchmark] [--threads 2] [--max_test N] [--no_matched]
+``auto`` compares each image's blob size with the training images'. Models trained since bundle 0.9 record it
+(:class:`~spoco_bundle.handlers.ObjectSizeHandler`); for an older checkpoint it is computed here the same way
+(:func:`spoco_bundle.object_size.training_blob_scales` on the run's training images and image scale) and passed
+as ``--inferer#blob_scales``; the record says which.
+
+    .venv/bin/python scripts/benchmark_scale.py [--dataset dsb2018] [--ratio 0.1] [--scales 0.5,0.75,1,1.5,2,3]
+        [--method spoco] [--out_dir eval/benchmark] [--threads 2] [--max_test N] [--no_matched] [--no_auto]
 
 It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
 its work folder) and writes ``scale_ratio_<r>.json`` beside it; ``scripts/benchmark_accuracy.py --no_run`` puts the
@@ -57,6 +63,7 @@ def scale_check(args: argparse.Namespace) -> Path:
     )
     test = split.test[: args.max_test] if args.max_test else split.test
     work = Path(tempfile.mkdtemp(prefix=f"spoco_scale_{args.dataset}_"))
+    blobs, blobs_source = _training_blob_scales(ckpt, split, run)
     rows = []
     for factor in args.scales:
         items = []
@@ -77,6 +84,16 @@ def scale_check(args: argparse.Namespace) -> Path:
             matched = score(preds, [i.labels for i in items], split.spatial_dims)
             row["matched"] = {"image_scale": 1.0 / factor, **matched}
             msg += f", with --image_scale {1.0 / factor:.3g}: {matched['ap50']:.3f}"
+        if not args.no_auto:
+            ids: dict = {"image_scale": "auto"}
+            if blobs_source == "computed":
+                ids["inferer#blob_scales"] = list(blobs)
+            tag = f"_{factor:g}_auto"
+            preds = predict(ckpt, split, work, items=items, threads=args.threads, tag=tag, overrides=ids)
+            found = _found_scales(work / f"inference{tag}.log")
+            auto = score(preds, [i.labels for i in items], split.spatial_dims)
+            row["auto"] = {"found_median": float(np.median(found)) if found else None, **auto}
+            msg += f", auto: {auto['ap50']:.3f} (median factor {row['auto']['found_median']})"
         rows.append(row)
         print(msg)
     out = run_dir / f"scale_ratio_{args.ratio:.2f}.json"
@@ -89,6 +106,8 @@ def scale_check(args: argparse.Namespace) -> Path:
                 "ratio": args.ratio,
                 "checkpoint_run": run.get("info", {}).get("work_dir"),
                 "n_test": len(test),
+                "blob_scales": list(blobs),
+                "blob_scales_source": blobs_source,
                 "rows": rows,
             },
             indent=1,
@@ -96,6 +115,28 @@ def scale_check(args: argparse.Namespace) -> Path:
         )
     )
     return out
+
+
+def _training_blob_scales(ckpt: Path, split, run: dict) -> tuple[tuple[float, ...], str]:
+    """The model's recorded training images' blob sizes ("recorded"), else computed from its run ("computed")."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    recorded = state.get("image_blob_scale")
+    if recorded is not None and bool((recorded > 0).all()):
+        return tuple(float(v) for v in recorded), "recorded"
+    from spoco_bundle.object_size import training_blob_scales
+
+    scale = run.get("info", {}).get("overrides", {}).get("image_scale", 1.0)
+    return training_blob_scales([i.path for i in split.train], scale), "computed"
+
+
+def _found_scales(log: Path) -> list[float]:
+    """The factors ``image_scale auto`` chose, from the per-file lines of an inference log."""
+    import re
+
+    text = log.read_text() if log.is_file() else ""
+    return [float(m.split(",")[0]) for m in re.findall(r"at image_scale ([0-9.e+-]+(?:, [0-9.e+-]+)*) \(auto\)", text)]
 
 
 def _write_image(image: np.ndarray, path: Path) -> None:
@@ -109,11 +150,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default=None)
     p.add_argument("--method", default="spoco")
     p.add_argument("--ratio", type=float, default=0.1)
-    p.add_argument("--scales", default="0.5,0.75,1,1.5,2")
+    p.add_argument("--scales", default="0.5,0.75,1,1.5,2,3")
     p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "benchmark"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max_test", type=int, default=None)
     p.add_argument("--no_matched", action="store_true", help="skip the runs with the matching --image_scale")
+    p.add_argument("--no_auto", action="store_true", help="skip the runs with --image_scale auto")
     args = p.parse_args(argv)
     args.scales = [float(s) for s in args.scales.split(",") if s.strip()]
     if any(s <= 0 for s in args.scales):
