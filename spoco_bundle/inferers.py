@@ -67,10 +67,11 @@ class ScaledInferer(Inferer):
     ``"auto"``: the factor is found per image, without a model pass: the image's characteristic blob size
     (:func:`~spoco_bundle.object_size.blob_scale`) is compared with the same measure on the training images
     (``blob_scales``: their 10th, 50th and 90th percentiles, by default the network's ``image_blob_scale`` buffer
-    recorded by :class:`~spoco_bundle.handlers.ObjectSizeHandler`). An image within the training images' range is
-    segmented as it is (1); one outside it is resampled so that its blob size becomes the training median
-    (factor limited to ``limits``). A model that recorded no training images' blob size is run at 1, with a
-    warning. The factor used for the last input is ``last_scale``.
+    recorded by :class:`~spoco_bundle.handlers.ObjectSizeHandler`). An image within the training images' range
+    (widened to at least the median / ``min_band`` to the median x ``min_band``) is segmented as it is (1); one
+    outside it is resampled so that its blob size becomes the training median (factor limited to ``limits``). A
+    model that recorded no training images' blob size is run at 1, with a warning. The factor used for the last
+    input is ``last_scale``.
 
     Args:
         inferer: the inferer to wrap, e.g. ``SlidingWindowInferer``.
@@ -78,6 +79,8 @@ class ScaledInferer(Inferer):
         blob_scales: for ``"auto"``: low, middle and high blob size of the training images (voxels of the
             network's grid); None: the network's record.
         limits: for ``"auto"``: smallest and largest factor.
+        min_band: for ``"auto"``: the range in which images are left alone spans at least this factor either side
+            of the training median.
 
     Shapes:
         ``inputs``: ``(B, C, *S)``; returns ``(B, C_out, *S)``, the wrapped inferer's output at the input's size.
@@ -93,6 +96,7 @@ class ScaledInferer(Inferer):
         scale: float | Sequence[float] | str = 1.0,
         blob_scales: Sequence[float] | None = None,
         limits: tuple[float, float] = (0.2, 5.0),
+        min_band: float = 1.25,
     ) -> None:
         super().__init__()
         self.inferer = inferer
@@ -102,6 +106,9 @@ class ScaledInferer(Inferer):
         if not 0 < limits[0] <= 1 <= limits[1]:
             raise ValueError(f"limits must be (lo, hi) with 0 < lo <= 1 <= hi, got {limits}.")
         self.limits = (float(limits[0]), float(limits[1]))
+        if not min_band >= 1:
+            raise ValueError(f"min_band must be >= 1, got {min_band}.")
+        self.min_band = float(min_band)
         self.last_scale: tuple[float, ...] = self.scale
         self._warned = False
 
@@ -112,10 +119,8 @@ class ScaledInferer(Inferer):
         self.last_scale = self.scale
         return self._run(inputs, network, self.scale, *args, **kwargs)
 
-    def _run(
-        self, inputs: torch.Tensor, network: Callable, scale: tuple[float, ...], *args: Any, back: bool = True, **kw
-    ) -> torch.Tensor:
-        """The wrapped inferer on ``inputs`` resampled by ``scale``; its output back on the input grid if ``back``."""
+    def _run(self, inputs: torch.Tensor, network: Callable, scale: tuple[float, ...], *args: Any, **kw) -> torch.Tensor:
+        """The wrapped inferer on ``inputs`` resampled by ``scale``, its output back on the input grid."""
         if all(s == 1.0 for s in scale):
             return self.inferer(inputs, network, *args, **kw)
         spatial = tuple(int(n) for n in inputs.shape[2:])
@@ -127,10 +132,7 @@ class ScaledInferer(Inferer):
         # the training-side resampling (Rescale) in, the same interpolation back onto the input's grid
         to_scaled = Rescale(scale, mode="linear")
         x = torch.stack([_plain(to_scaled(item)) for item in _plain(inputs)])
-        out = _plain(self.inferer(x, network, *args, **kw))
-        if not back:
-            return out
-        return _resize_to(out, spatial)
+        return _resize_to(_plain(self.inferer(x, network, *args, **kw)), spatial)
 
     def _training_blob_scales(self, network: Callable) -> tuple[float, float, float] | None:
         if self.blob_scales is not None:
@@ -157,6 +159,9 @@ class ScaledInferer(Inferer):
                 self._warned = True
             return 1.0
         lo, mid, hi = trained
+        # at least the zoom range a model tolerates anyway (about 0.8-1.25x), also when the training images all
+        # had one blob size (a single training volume)
+        lo, hi = min(lo, mid / self.min_band), max(hi, mid * self.min_band)
         found = blob_scale(image[0])
         if not np.isfinite(found) or lo <= found <= hi:
             return 1.0  # within what the model was trained on (or no structure at all): leave the image as it is

@@ -174,6 +174,13 @@ def test_auto_scale_resamples_only_images_outside_the_training_range():
     given = ScaledInferer(SimpleInferer(), "auto", blob_scales=[v / 2 for v in trained])
     given(large, _Recorder())
     assert given.last_scale[0] == pytest.approx(0.25, rel=0.12)
+    # one training blob size (a single training volume): images within 1.25x either way are left alone
+    b = blob_scale(_blob_image(10.0))
+    single = ScaledInferer(SimpleInferer(), "auto", blob_scales=[b, b, b])
+    single(torch.as_tensor(_blob_image(11.0))[None, None], _Recorder())
+    assert single.last_scale == (1.0,)
+    single(torch.as_tensor(_blob_image(15.0))[None, None], _Recorder())
+    assert single.last_scale[0] == pytest.approx(10.0 / 15.0, rel=0.12)
 
 
 def test_auto_scale_without_a_record_runs_at_one_and_says_so(caplog):
