@@ -1,0 +1,202 @@
+"""
+Train and score the models that ship with the bundle (``models/<name>/``), reproducibly.
+
+    .venv/bin/python scripts/shipped_models.py train nuclei2d [--budget_s 1800] [--threads 2] [--data_dir D]
+    .venv/bin/python scripts/shipped_models.py score nuclei2d [--threads 2] [--data_dir D]
+    .venv/bin/python scripts/shipped_models.py readme
+
+``readme`` rewrites the table of shipped models in README.md (between the ``shipped-models`` markers) from the
+``model.json`` files, so the README's figures are the scored ones.
+
+``train`` runs the bundle's own training (``configs/train.json`` through ``monai.bundle run``, as a user does) on the
+model's training data with *dense* labels (``instance_ratio 1``, ``background_label 0``: every unlabelled pixel is
+background, so the foreground head trains supervised), for a CPU-time budget, and copies the weights to
+``models/<name>/model.pt`` (the model records its training object size, see ``spoco_bundle.object_size``). It
+writes ``models/<name>/model.json``: what the model is, its inference settings (read by ``--model <name>``,
+:mod:`spoco_bundle.shipped`), the exact training settings, iterations, CPU time, machine and commit. ``score``
+segments the model's held-out images with ``configs/inference.json`` and the model's settings (the defaults,
+``--image_scale auto``) and adds the scores (AP50, mAP, SBD, pooled as in ``scripts/benchmark_accuracy.py``) to
+``model.json``; the README copies them from there.
+
+Models:
+
+- ``nuclei2d``: fluorescence nuclei, DSB2018 stage 1 training split of ``../shared/data/dsb2018`` (268 images, CC0)
+  -> validation split (66 images).
+- ``nuclei3d``: 3D nuclei, GoNuclear volume 1135 -> 1136 (one volume each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.accuracy.common import default_data_dir, load_benchmark, score  # noqa: E402
+from scripts.accuracy.spoco_runner import SETTINGS, fit_predict, predict  # noqa: E402
+
+MODELS = {
+    "nuclei2d": {
+        "dataset": "dsb2018",
+        "split": "train268_val66",
+        "description": "fluorescence nuclei, 2D; trained on the DSB2018 stage 1 training split (268 images, dense "
+        "labels, CC0), scored on its validation split (66 images)",
+    },
+    "nuclei3d": {
+        "dataset": "gonuclear",
+        "split": "1135to1136",
+        "description": "nuclei in 3D (plant tissue, confocal); trained on ONE GoNuclear volume (1135, 100^3 voxels, "
+        "54 nuclei, dense labels), scored on the other (1136): very little real 3D data",
+    },
+}
+DENSE = {"instance_ratio": 1.0, "background_label": 0, "time_clock": "cpu"}
+
+
+def model_dir(name: str) -> Path:
+    return REPO_ROOT / "models" / name
+
+
+def _split(name: str, data_dir: str):
+    splits = load_benchmark(MODELS[name]["dataset"], data_dir)
+    return next(s for s in splits if s.name == MODELS[name]["split"])
+
+
+def train(args: argparse.Namespace) -> Path:
+    from scripts.benchmark_accuracy import _git_commit, machine_info
+
+    split = _split(args.name, args.data_dir)
+    work = REPO_ROOT / "eval" / "shipped" / args.name
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t0 = time.strftime("%Y-%m-%d %H:%M:%S")
+    result = fit_predict(split, 1.0, 0, args.budget_s, threads=args.threads, work_dir=work, overrides=dict(DENSE))
+    out = model_dir(args.name)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work / "models" / "model.pt", out / "model.pt")
+    settings = SETTINGS[split.spatial_dims]
+    # what configs/inference.json takes from here with --model (spoco_bundle.shipped)
+    inference = {
+        "spatial_dims": split.spatial_dims,
+        "patch_size": settings["patch_size"],
+        "min_size": settings["min_size"],
+    }
+    scores = score(result.predictions, [i.labels for i in split.test], split.spatial_dims)
+    card = {
+        "name": args.name,
+        "description": MODELS[args.name]["description"],
+        "inference": inference,
+        "training": {
+            "command": f"python scripts/shipped_models.py train {args.name} --budget_s {args.budget_s:g} "
+            f"--threads {args.threads}",
+            "data": f"{split.dataset} {split.name}: {len(split.train)} training images",
+            "settings": {k: v for k, v in result.info["overrides"].items() if k not in ("bundle_root",)},
+            "budget": f"{args.budget_s:g} CPU-s ({args.threads} threads)",
+            "train_cpu_s": result.info["train_cpu_s"],
+            "train_wall_s": round(result.train_seconds, 1),
+            "iterations": result.iterations,
+            "started": t0,
+            "machine": machine_info(),
+            "commit": _git_commit(),
+        },
+        "scores": {"at_training": _scores(scores, split, "training run's own prediction, --image_scale 1")},
+    }
+    for key in ("settings",):
+        card["training"][key].pop("dataset_dir", None)
+        for k in ("ckpt_dir", "output_dir"):
+            card["training"][key].pop(k, None)
+    (out / "model.json").write_text(json.dumps(card, indent=1, default=float) + "\n")
+    print(f"[shipped] {args.name}: {result.iterations} iterations, AP50 {scores['ap50']:.3f} -> {out}")
+    return out
+
+
+def _scores(scores: dict, split, how: str) -> dict:
+    keep = ("ap50", "map", "sbd", "n_gt", "n_pred")
+    return {"images": f"{split.dataset} {split.name}: {len(split.test)} held-out images", "how": how} | {
+        k: scores[k] for k in keep if k in scores
+    }
+
+
+def score_model(args: argparse.Namespace) -> dict:
+    split = _split(args.name, args.data_dir)
+    out = model_dir(args.name)
+    card = json.loads((out / "model.json").read_text())
+    work = REPO_ROOT / "eval" / "shipped" / f"{args.name}_score"
+    if work.exists():
+        shutil.rmtree(work)
+    ids = dict(card["inference"], image_scale="auto")
+    preds = predict(out / "model.pt", split, work, threads=args.threads, overrides=ids)
+    scores = score(preds, [i.labels for i in split.test], split.spatial_dims)
+    card["scores"]["default_inference"] = _scores(scores, split, "configs/inference.json defaults (image_scale auto)")
+    (out / "model.json").write_text(json.dumps(card, indent=1, default=float) + "\n")
+    print(f"[shipped] {args.name} on {split.name}: AP50 {scores['ap50']:.3f}, mAP {scores['map']:.3f}")
+    return scores
+
+
+MARK_BEGIN, MARK_END = (
+    "<!-- shipped-models: begin (scripts/shipped_models.py readme) -->",
+    "<!-- shipped-models: end -->",
+)
+
+
+def readme_table() -> str:
+    lines = [
+        "| `--model` | what | AP50 / mAP on held-out images (default inference) | training |",
+        "|---|---|---|---|",
+    ]
+    for name in sorted(MODELS):
+        path = model_dir(name) / "model.json"
+        if not path.is_file():
+            continue
+        card = json.loads(path.read_text())
+        sc = card["scores"].get("default_inference", {})
+        tr = card["training"]
+        score_cell = f"{sc['ap50']:.3f} / {sc['map']:.3f} ({sc['images']})" if sc else "not scored"
+        machine = tr["machine"]
+        train_cell = (
+            f"{tr['iterations']} iterations, {tr['train_cpu_s']:.0f} CPU-s on {machine.get('nproc')} "
+            f"{machine.get('cpu', 'CPU')} cores{' + ' + machine['cuda'] if machine.get('cuda') else ''}: "
+            f"`{tr['command']}`"
+        )
+        lines.append(f"| `{name}` | {card['description']} | {score_cell} | {train_cell} |")
+    return "\n".join(lines)
+
+
+def write_readme(path: Path = REPO_ROOT / "README.md") -> None:
+    text = path.read_text()
+    if MARK_BEGIN not in text or MARK_END not in text:
+        raise SystemExit(f"{path} has no {MARK_BEGIN} ... {MARK_END} block.")
+    head, rest = text.split(MARK_BEGIN, 1)
+    _, tail = rest.split(MARK_END, 1)
+    path.write_text(head + MARK_BEGIN + "\n" + readme_table() + "\n" + MARK_END + tail)
+    print(f"[shipped] wrote the table of shipped models into {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("train", "score", "readme"))
+    p.add_argument("name", nargs="?", choices=sorted(MODELS))
+    p.add_argument("--budget_s", type=float, default=1800.0, help="training budget in CPU seconds")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data_dir", default=str(default_data_dir()))
+    args = p.parse_args(argv)
+    if args.action == "readme":
+        write_readme()
+        return 0
+    if args.name is None:
+        p.error(f"{args.action} needs a model name: {sorted(MODELS)}")
+    if args.action == "train":
+        train(args)
+    score_model(args)
+    write_readme()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Shipped models: ``--model <name>`` selects ``models/<name>/`` with the settings of its ``model.json``; every model
+of ``scripts/shipped_models.py`` is in the repository, loads strictly and carries what inference needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+
+from scripts.shipped_models import MODELS
+from spoco_bundle import shipped
+
+ROOT = Path(__file__).resolve().parents[1]
+INFER = str(ROOT / "configs" / "inference.json")
+META = str(ROOT / "configs" / "metadata.json")
+DATA = Path(os.environ.get("SPOCO_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def test_selection_by_name(tmp_path):
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "model.json").write_text(json.dumps({"inference": {"spatial_dims": 2}}))
+    assert shipped.available(tmp_path) == ["tiny"]
+    assert shipped.checkpoint(tmp_path, None) == str(tmp_path / "models" / "model.pt")
+    assert shipped.checkpoint(tmp_path, "tiny") == str(tmp_path / "models" / "tiny" / "model.pt")
+    assert shipped.setting(tmp_path, "tiny", "spatial_dims", 3) == 2
+    assert shipped.setting(tmp_path, "tiny", "min_size", 16) == 16 and shipped.setting(tmp_path, None, "x", 5) == 5
+    with pytest.raises(ValueError, match=r"no shipped model 'nuclei' in .*\(shipped: tiny\)"):
+        shipped.checkpoint(tmp_path, "nuclei")
+    (tmp_path / "models" / "tiny" / "model.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read .*model.json"):
+        shipped.setting(tmp_path, "tiny", "spatial_dims", 3)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_shipped_model_loads_with_its_settings_and_records_its_training(name):
+    assert name in shipped.available(ROOT), f"models/{name} is missing: python scripts/shipped_models.py train {name}"
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"bundle_root": str(ROOT), "model": name, "device": "$torch.device('cpu')"})
+    card = shipped.card(ROOT, name)
+    assert parser.get_parsed_content("spatial_dims") == card["inference"]["spatial_dims"]
+    net = parser.get_parsed_content("network")  # a strict load of models/<name>/model.pt
+    assert float(net.object_diameter) > 0 and bool((net.image_blob_scale > 0).all())
+    assert float(net.fg_label_frequency) == 1.0  # dense labels: a supervised head, no calibration needed
+    assert (ROOT / "models" / name / "model.pt").stat().st_size < 10 * 2**20  # a few MB in the repository
+    assert card["training"]["command"].startswith(f"python scripts/shipped_models.py train {name}")
+    assert {"ap50", "map", "sbd"} <= set(card["scores"]["default_inference"])
+
+
+def _dsb_validation(n: int) -> list[str]:
+    split = json.loads((DATA / "dsb2018" / "split.json").read_text())
+    return sorted(split["validation"])[:n]
+
+
+@pytest.mark.skipif(not (DATA / "dsb2018" / "split.json").is_file(), reason="needs ../shared/data/dsb2018")
+def test_nuclei2d_segments_dsb_validation_images_through_the_cli(tmp_path):
+    """``--model nuclei2d`` as a user runs it, on real validation images it never saw, at twice their size too
+    (``--image_scale auto``, the default, finds the factor); an unknown name is one clear line."""
+    import tifffile
+
+    from scripts.accuracy.common import score
+    from scripts.benchmark_scale import rescale
+    from spoco_bundle.io import read_image
+
+    ids = _dsb_validation(4)
+    images = tmp_path / "in"
+    images.mkdir()
+    labels = {}
+    for i in ids:
+        img = np.asarray(read_image(DATA / "dsb2018" / "images" / f"{i}.tif")[0])
+        lab = np.asarray(read_image(DATA / "dsb2018" / "labels" / f"{i}.tif")[0])
+        shutil.copy(DATA / "dsb2018" / "images" / f"{i}.tif", images / f"{i}.tif")
+        labels[i] = lab
+        big_img, big_lab = rescale(img, lab, 2.0)
+        tifffile.imwrite(images / f"{i}_x2.tif", big_img.astype(np.float32))
+        labels[f"{i}_x2"] = big_lab
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFER, "--meta_file", META]
+    cmd += ["--bundle_root", str(ROOT), "--dataset_dir", str(images), "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd + ["--model", "nuclei2d"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    assert log.count("(auto)") == len(labels)
+    preds = {k: np.asarray(read_image(tmp_path / "out" / f"{k}_instances.tif")[0]) for k in labels}
+    one = score([preds[i] for i in ids], [labels[i] for i in ids], 2)["ap50"]
+    two = score([preds[f"{i}_x2"] for i in ids], [labels[f"{i}_x2"] for i in ids], 2)["ap50"]
+    assert one > 0.6 and two > 0.5, (one, two)
+    bad = subprocess.run(cmd + ["--model", "nucleus"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    last = (bad.stdout + bad.stderr).strip().splitlines()[-1]
+    assert bad.returncode != 0 and "no shipped model 'nucleus'" in last and "nuclei2d" in last
