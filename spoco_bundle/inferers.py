@@ -163,8 +163,11 @@ class ScaledInferer(Inferer):
         # had one blob size (a single training volume)
         lo, hi = min(lo, mid / self.min_band), max(hi, mid * self.min_band)
         found = blob_scale(image[0])
-        if not np.isfinite(found) or lo <= found <= hi:
-            return 1.0  # within what the model was trained on (or no structure at all): leave the image as it is
+        if not np.isfinite(found):
+            logger.warning("image_scale 'auto': the image has no structure to measure (constant?); scale 1.")
+            return 1.0
+        if lo <= found <= hi:
+            return 1.0  # within what the model was trained on: leave the image as it is
         return float(np.clip(mid / found, *self.limits))
 
     def _auto(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -195,7 +195,11 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
     import os
 
     if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"Checkpoint {ckpt_path} not found (train first, or pass --ckpt_path).")
+        from spoco_bundle.shipped import available
+
+        shipped = available(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))
+        hint = f", or segment with a shipped model: --model {' / '.join(shipped)}" if shipped else ""
+        raise FileNotFoundError(f"Checkpoint {ckpt_path} not found (train first, or pass --ckpt_path{hint}).")
     try:
         state = torch.load(ckpt_path, map_location=map_location, weights_only=True)
     except Exception as e:

@@ -194,6 +194,11 @@ def test_auto_scale_without_a_record_runs_at_one_and_says_so(caplog):
         inferer(torch.as_tensor(_blob_image(20.0))[None, None], net)
     assert net.seen == [(192, 192)] and inferer.last_scale == (1.0,)
     assert "records no blob size of its training images" in caplog.text
+    # an image with nothing in it: segmented at 1 (empty), with a warning, no error
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spoco_bundle.inferers"):
+        out = ScaledInferer(SimpleInferer(), "auto", blob_scales=[4, 5, 6])(torch.zeros(1, 1, 64, 64), net)
+    assert out.shape == (1, 2, 64, 64) and "no structure to measure" in caplog.text
 
 
 @pytest.mark.parametrize("bad", [[1.0, 2.0], [3.0, 2.0, 1.0], [0.0, 1.0, 2.0], [1.0, float("nan"), 2.0]])

@@ -94,3 +94,18 @@ def test_nuclei2d_segments_dsb_validation_images_through_the_cli(tmp_path):
     bad = subprocess.run(cmd + ["--model", "nucleus"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     last = (bad.stdout + bad.stderr).strip().splitlines()[-1]
     assert bad.returncode != 0 and "no shipped model 'nucleus'" in last and "nuclei2d" in last
+    # no --model and no trained models/model.pt: the error points to the shipped models
+    root = tmp_path / "bundle"
+    shutil.copytree(ROOT / "configs", root / "configs")
+    shutil.copytree(ROOT / "models" / "nuclei2d", root / "models" / "nuclei2d")
+    none = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json")]
+        + ["--bundle_root", str(root), "--dataset_dir", str(images), "--output_dir", str(tmp_path / "o2")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    last = (none.stdout + none.stderr).strip().splitlines()[-1]
+    assert none.returncode != 0 and "not found" in last and "--model nuclei2d" in last, last
