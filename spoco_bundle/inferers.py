@@ -137,9 +137,9 @@ class ScaledInferer(Inferer):
     def _training_blob_scales(self, network: Callable) -> tuple[float, float, float] | None:
         if self.blob_scales is not None:
             return self.blob_scales
-        net = network.student if isinstance(network, StudentTeacherNet) else network
-        if isinstance(net, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            net = net.module
+        from spoco_bundle.distributed import unwrap
+
+        net = unwrap(network.student if isinstance(network, StudentTeacherNet) else network)
         buf = getattr(net, "image_blob_scale", None)
         if buf is None or not bool((buf > 0).all()):
             return None

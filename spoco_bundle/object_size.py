@@ -28,7 +28,6 @@ __all__ = [
     "equivalent_diameters",
     "median_diameter",
     "training_object_diameter",
-    "scale_for",
     "blob_scale",
     "training_blob_scales",
     "BLOB_SIGMAS",
@@ -105,10 +104,9 @@ def training_object_diameter(
         the diameter in voxels of the training grid; NaN when no file holds an annotated object.
     """
     from spoco_bundle.io import read_image, split_image_suffix
-    from spoco_bundle.transforms import SparseInstanceLabel, check_scale
+    from spoco_bundle.transforms import SparseInstanceLabel
 
-    scale = check_scale(image_scale)
-    factor = float(np.exp(np.mean(np.log(scale))))
+    factor = _grid_factor(image_scale)
     select = SparseInstanceLabel(instance_ratio=instance_ratio, background_label=background_label, seed=seed)
     parts = []
     for path in label_files:
@@ -124,15 +122,11 @@ def training_object_diameter(
     return float(np.median(pooled)) * factor if pooled.size else float("nan")
 
 
-def scale_for(found: float, trained: float, limits: tuple[float, float] = (0.2, 5.0)) -> float:
-    """
-    The resampling factor that brings objects of diameter ``found`` to ``trained``, clipped to ``limits``.
+def _grid_factor(image_scale: float | Sequence[float]) -> float:
+    """The length factor of the training's ``image_scale`` (the geometric mean of per-axis factors)."""
+    from spoco_bundle.transforms import check_scale
 
-    Returns 1.0 when either diameter is unknown (NaN, zero or negative).
-    """
-    if not (np.isfinite(found) and np.isfinite(trained) and found > 0 and trained > 0):
-        return 1.0
-    return float(np.clip(trained / found, *limits))
+    return float(np.exp(np.mean(np.log(check_scale(image_scale)))))
 
 
 def blob_scale(
@@ -221,9 +215,8 @@ def training_blob_scales(
         three floats; NaN for each when no image has structure (or there is none).
     """
     from spoco_bundle.io import read_image
-    from spoco_bundle.transforms import check_scale
 
-    factor = float(np.exp(np.mean(np.log(check_scale(image_scale)))))
+    factor = _grid_factor(image_scale)
     values = []
     for path in image_files:
         image = np.squeeze(read_image(path)[0])

@@ -17,7 +17,6 @@ from spoco_bundle.object_size import (
     MIN_INTERIOR,
     equivalent_diameters,
     median_diameter,
-    scale_for,
     training_object_diameter,
 )
 from spoco_bundle.transforms import SparseInstanceLabel
@@ -89,12 +88,6 @@ def test_training_object_diameter_reads_files_and_counts_the_kept_objects(tmp_pa
     assert training_object_diameter([tmp_path / "c_labels.tif"]) == pytest.approx(30.0, rel=0.05)
     assert training_object_diameter([tmp_path / "c_labels.tif"], background_label=99) == pytest.approx(20.0, rel=0.05)
     assert math.isnan(training_object_diameter([]))
-
-
-def test_scale_for():
-    assert scale_for(20.0, 10.0) == 0.5
-    assert scale_for(1.0, 100.0) == 5.0  # clipped
-    assert scale_for(float("nan"), 10.0) == 1.0 and scale_for(10.0, 0.0) == 1.0
 
 
 # ------------------------------------------------------------------------------------ blob size, image_scale auto
