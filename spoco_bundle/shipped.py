@@ -3,8 +3,10 @@ Models that ship with the bundle: ``models/<name>/model.pt`` with ``models/<name
 the inference settings it needs, how it was trained, its scores; written by ``scripts/shipped_models.py``).
 
 ``configs/inference.json`` selects one with ``--model <name>``: the checkpoint and the settings the model was
-trained with (``spatial_dims``, ``patch_size``, ``min_size``) come from its ``model.json``; any of them given on the
-command line still wins. ``--model`` unset (the default) segments with ``models/model.pt``, the user's own training.
+trained with (``spatial_dims``, ``patch_size``, ``min_size``) come from its ``model.json`` (``model_settings``, a
+component that puts the bundle on ``sys.path`` first, like ``network_def``, so that MONAI's zoo commands resolve the
+network from an unpacked bundle); any of them given on the command line still wins. ``--model`` unset (the
+default) segments with ``models/model.pt``, the user's own training.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available", "card", "checkpoint", "setting"]
+__all__ = ["available", "card", "checkpoint", "settings"]
 
 
 def _models_dir(bundle_root: str | os.PathLike) -> Path:
@@ -51,9 +53,7 @@ def checkpoint(bundle_root: str | os.PathLike, name: str | None) -> str:
     return str(_models_dir(bundle_root) / str(name) / "model.pt")
 
 
-def setting(bundle_root: str | os.PathLike, name: str | None, key: str, default: Any) -> Any:
-    """Inference setting ``key`` of shipped model ``name`` (its ``model.json`` ``inference`` section), ``default``
-    for None or when the model does not set it."""
-    if name is None:
-        return default
-    return card(bundle_root, name).get("inference", {}).get(key, default)
+def settings(bundle_root: str | os.PathLike, name: str | None) -> dict[str, Any]:
+    """The inference settings of shipped model ``name`` (its ``model.json`` ``inference`` section); ``{}`` for None.
+    ``configs/inference.json`` builds its ``spatial_dims``, ``patch_size`` and ``min_size`` defaults on this."""
+    return {} if name is None else dict(card(bundle_root, name).get("inference", {}))

@@ -29,13 +29,12 @@ def test_selection_by_name(tmp_path):
     assert shipped.available(tmp_path) == ["tiny"]
     assert shipped.checkpoint(tmp_path, None) == str(tmp_path / "models" / "model.pt")
     assert shipped.checkpoint(tmp_path, "tiny") == str(tmp_path / "models" / "tiny" / "model.pt")
-    assert shipped.setting(tmp_path, "tiny", "spatial_dims", 3) == 2
-    assert shipped.setting(tmp_path, "tiny", "min_size", 16) == 16 and shipped.setting(tmp_path, None, "x", 5) == 5
+    assert shipped.settings(tmp_path, "tiny") == {"spatial_dims": 2} and shipped.settings(tmp_path, None) == {}
     with pytest.raises(ValueError, match=r"no shipped model 'nuclei' in .*\(shipped: tiny\)"):
         shipped.checkpoint(tmp_path, "nuclei")
     (tmp_path / "models" / "tiny" / "model.json").write_text("{")
     with pytest.raises(ValueError, match="cannot read .*model.json"):
-        shipped.setting(tmp_path, "tiny", "spatial_dims", 3)
+        shipped.settings(tmp_path, "tiny")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
