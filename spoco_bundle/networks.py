@@ -215,3 +215,31 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
             f"Checkpoint {ckpt_path} does not match network_def (check spatial_dims, embedding_dim, features): {e}"
         ) from e
     return network
+
+
+def with_pretrained(
+    network: torch.nn.Module, pretrained: str | None, bundle_root: str = ".", map_location: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """
+    ``network`` with the weights of ``pretrained`` loaded strictly (:func:`load_weights`), the starting point of a
+    fine-tuning run (``--pretrained`` in ``train.json``); the network itself for None.
+
+    Args:
+        pretrained: a shipped model's name (``models/<name>/model.pt``, :mod:`spoco_bundle.shipped`) or the path of a
+            checkpoint (``model.pt`` of a training run).
+
+    Raises:
+        ValueError: an unknown name (listing the shipped models), or weights of another architecture.
+        FileNotFoundError: a path that does not exist.
+    """
+    if pretrained is None:
+        return network
+    import os
+
+    from spoco_bundle.shipped import available, checkpoint
+
+    name = str(pretrained)
+    path = checkpoint(bundle_root, name) if name in available(bundle_root) else name
+    if not os.path.isfile(path) and os.sep not in name and not name.endswith(".pt"):
+        checkpoint(bundle_root, name)  # neither a file nor a shipped model: the error lists the shipped ones
+    return load_weights(network, path, map_location)

@@ -116,3 +116,56 @@ def test_nuclei2d_segments_dsb_validation_images_through_the_cli(tmp_path):
     )
     last = (none.stdout + none.stderr).strip().splitlines()[-1]
     assert none.returncode != 0 and "not found" in last and "--model nuclei2d" in last, last
+
+
+def test_pretrained_fine_tunes_from_a_shipped_model_and_refuses_other_architectures(tmp_path):
+    """``--pretrained nuclei2d`` starts training (student and momentum teacher) from the shipped weights; an unknown
+    name or weights of another architecture are one clear line, never a run from random weights."""
+    import torch
+
+    from spoco_bundle.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "syn2d"
+    write_synthetic_dataset(data, n_train=2, n_val=0, n_test=0, shape=(64, 64), seed=4, ext=".tif", spatial_dims=2)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "models" / "nuclei2d", bundle / "models" / "nuclei2d")
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(ROOT / "configs" / "train.json"),
+    ]
+    cmd += ["--meta_file", META, "--bundle_root", str(bundle), "--dataset_dir", str(data), "--device", "cpu"]
+    cmd += ["--num_workers", "0", "--epochs", "1", "--epoch_length", "2", "--patch_size", "[48,48]"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        cmd + ["--spatial_dims", "2", "--pretrained", "nuclei2d", "--instance_ratio", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    start = torch.load(ROOT / "models" / "nuclei2d" / "model.pt", weights_only=True)
+    student = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    teacher = torch.load(bundle / "models" / "teacher.pt", weights_only=True)
+    key = "input_block.conv1.conv.weight"
+    moved = float((student[key] - start[key]).abs().mean())
+    scale = float(start[key].abs().mean())
+    assert 0 < moved < 0.2 * scale  # two steps away from the shipped weights, not from a random start
+    assert float((teacher[key] - start[key]).abs().mean()) < moved  # the momentum teacher started there too
+    written = (bundle / "models" / "model.pt").stat().st_mtime_ns
+    for bad, message in (
+        (["--spatial_dims", "2", "--pretrained", "nucleus"], "no shipped model 'nucleus'"),
+        (["--spatial_dims", "2", "--pretrained", "nuclei2d", "--features", "[8,16,32]"], "does not match network_def"),
+        (["--spatial_dims", "2", "--pretrained", str(tmp_path / "none.pt")], "none.pt not found"),
+    ):
+        proc = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+        # the summary line after the traceback (a checkpoint mismatch lists torch's details below it)
+        summary = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+        assert proc.returncode != 0 and summary and message in summary[-1], summary
+        assert (bundle / "models" / "model.pt").stat().st_mtime_ns == written  # nothing trained, nothing saved
