@@ -56,6 +56,7 @@ MODELS = {
         "54 nuclei, dense labels), scored on the other (1136): very little real 3D data",
     },
 }
+WORK_IDS = ("bundle_root", "dataset_dir", "ckpt_dir", "output_dir")
 DENSE = {"instance_ratio": 1.0, "background_label": 0, "time_clock": "cpu"}
 
 
@@ -97,7 +98,8 @@ def train(args: argparse.Namespace) -> Path:
             "command": f"python scripts/shipped_models.py train {args.name} --budget_s {args.budget_s:g} "
             f"--threads {args.threads}",
             "data": f"{split.dataset} {split.name}: {len(split.train)} training images",
-            "settings": {k: v for k, v in result.info["overrides"].items() if k not in ("bundle_root",)},
+            # the run's train.json ids, less its (temporary) folders
+            "settings": {k: v for k, v in result.info["overrides"].items() if k not in WORK_IDS},
             "budget": f"{args.budget_s:g} CPU-s ({args.threads} threads)",
             "train_cpu_s": result.info["train_cpu_s"],
             "train_wall_s": round(result.train_seconds, 1),
@@ -108,10 +110,6 @@ def train(args: argparse.Namespace) -> Path:
         },
         "scores": {"at_training": _scores(scores, split, "training run's own prediction, --image_scale 1")},
     }
-    for key in ("settings",):
-        card["training"][key].pop("dataset_dir", None)
-        for k in ("ckpt_dir", "output_dir"):
-            card["training"][key].pop(k, None)
     (out / "model.json").write_text(json.dumps(card, indent=1, default=float) + "\n")
     print(f"[shipped] {args.name}: {result.iterations} iterations, AP50 {scores['ap50']:.3f} -> {out}")
     return out

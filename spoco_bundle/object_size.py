@@ -106,20 +106,18 @@ def training_object_diameter(
     from spoco_bundle.io import read_image, split_image_suffix
     from spoco_bundle.transforms import SparseInstanceLabel
 
-    factor = _grid_factor(image_scale)
     select = SparseInstanceLabel(instance_ratio=instance_ratio, background_label=background_label, seed=seed)
-    parts = []
-    for path in label_files:
+
+    def kept(path: str | os.PathLike) -> np.ndarray:
         lab = np.squeeze(read_image(path)[0])
         if lab.ndim not in (2, 3):
             raise ValueError(f"{path}: a label image must be 2D or 3D, got shape {lab.shape}.")
         if not np.issubdtype(lab.dtype, np.integer):
             lab = np.rint(lab).astype(np.int64)
         # the name SparseInstanceLabeld derives from the label file, so the same objects are kept as in training
-        kept = np.asarray(select(lab, name=split_image_suffix(os.path.basename(os.fspath(path)))[0]))
-        parts.append(equivalent_diameters(kept))
-    pooled = np.concatenate(parts) if parts else np.zeros(0)
-    return float(np.median(pooled)) * factor if pooled.size else float("nan")
+        return np.asarray(select(lab, name=split_image_suffix(path)[0]))
+
+    return median_diameter(kept(path) for path in label_files) * _grid_factor(image_scale)
 
 
 def _grid_factor(image_scale: float | Sequence[float]) -> float:

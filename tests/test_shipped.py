@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _bundle_cli import training_command
 from monai.bundle import ConfigParser
 
 from scripts.shipped_models import MODELS
@@ -129,17 +130,9 @@ def test_pretrained_fine_tunes_from_a_shipped_model_and_refuses_other_architectu
     write_synthetic_dataset(data, n_train=2, n_val=0, n_test=0, shape=(64, 64), seed=4, ext=".tif", spatial_dims=2)
     bundle = tmp_path / "bundle"
     shutil.copytree(ROOT / "models" / "nuclei2d", bundle / "models" / "nuclei2d")
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        str(ROOT / "configs" / "train.json"),
-    ]
-    cmd += ["--meta_file", META, "--bundle_root", str(bundle), "--dataset_dir", str(data), "--device", "cpu"]
-    cmd += ["--num_workers", "0", "--epochs", "1", "--epoch_length", "2", "--patch_size", "[48,48]"]
+    cmd = training_command(
+        bundle, data, "--epochs", "1", "--epoch_length", "2", "--patch_size", "[48,48]", features=None
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = subprocess.run(
         cmd + ["--spatial_dims", "2", "--pretrained", "nuclei2d", "--instance_ratio", "0.5"],

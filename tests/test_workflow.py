@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _bundle_cli import training_command
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from spoco_bundle.data import checked_datalist
@@ -22,28 +23,7 @@ META = str(ROOT / "metadata.json")
 
 
 def _training_command(tmp: Path, dataset: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        "--meta_file",
-        META,
-        "--bundle_root",
-        str(tmp / "bundle"),
-        "--dataset_dir",
-        str(dataset),
-        "--device",
-        "cpu",
-        "--features",
-        "[8,16,32]",
-        "--num_workers",
-        "0",
-        *overrides,
-    ]
+    return training_command(tmp / "bundle", dataset, *overrides)
 
 
 def _network() -> torch.nn.Module:
