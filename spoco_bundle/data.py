@@ -348,6 +348,8 @@ def validate_datalist(
         spacings.append(tuple(float(axis_spacing[a]) for a in range(image.ndim) if a not in drop))
         image = np.squeeze(image, axis=drop)
         check_image_array(image, spatial_dims, image_path)
+        if image.size and image.min() == image.max():  # legal, but likely a failed export or an empty channel
+            logger.warning(f"{image_path}: the image is constant (every voxel {image.flat[0]}); it teaches nothing.")
         shapes.append(image.shape)
         if label_key not in item:
             if require_labels:

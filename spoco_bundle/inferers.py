@@ -290,17 +290,23 @@ def segment_files(
                 item[mask_key] = foreground_mask_file(path, masks, os.path.abspath(foreground_mask_dir))
             data = preprocessing(item)
             image = data["image"]
-            with torch.no_grad():
-                pred = inferer(image[None].to(device), network)[0].cpu()
-            t1 = time.perf_counter()
-            data["pred"] = pred
-            labels = postprocessing(data)["pred"]
-            t2 = time.perf_counter()
+            constant = bool(image.max() == image.min())
+            if constant:  # nothing to see: no network pass, an empty segmentation
+                logger.warning(f"[{i + 1}/{len(files)}] {path}: the image is constant (no contrast); 0 instances.")
+                t1 = t2 = time.perf_counter()
+                labels = np.zeros((1, *image.shape[1:]), dtype=np.int32)
+            else:
+                with torch.no_grad():
+                    pred = inferer(image[None].to(device), network)[0].cpu()
+                t1 = time.perf_counter()
+                data["pred"] = pred
+                labels = postprocessing(data)["pred"]
+                t2 = time.perf_counter()
             meta = dict(getattr(image, "meta", {}))
             write_label_image(out_path, np.asarray(labels)[0], meta)
             n = int(np.asarray(labels).max())
             mask_note = f" in mask {item[mask_key]}" if masks is not None else ""
-            if getattr(inferer, "auto", False):  # the factor image_scale "auto" found for this image
+            if getattr(inferer, "auto", False) and not constant:  # the factor "auto" found for this image
                 mask_note += f" at image_scale {', '.join(f'{v:.3g}' for v in inferer.last_scale)} (auto)"
             logger.info(
                 f"[{i + 1}/{len(files)}] {path}: {n} instances{mask_note} -> {out_path} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -217,6 +218,18 @@ def test_validate_no_objects_at_all(tmp_path):
     dl = [pair(tmp_path, n, image((3, 4, 9)), np.zeros((3, 4, 9), np.uint16)) for n in ("p", "q")]
     with pytest.raises(ValueError, match="annotated object"):
         validate_datalist(dl, 3)
+
+
+def test_validate_warns_about_a_constant_16bit_image(tmp_path, caplog):
+    flat = np.full((3, 4, 9), 512, dtype=np.uint16)
+    dl = [
+        pair(tmp_path, "flat", flat, blobs((3, 4, 9), 2)),
+        pair(tmp_path, "ok", image((3, 4, 9)), blobs((3, 4, 9), 2)),
+    ]
+    with caplog.at_level(logging.WARNING, logger="spoco_bundle.data"):
+        assert validate_datalist(dl, 3)["num_objects"] == 4  # legal, so training goes on
+    warned = [r.getMessage() for r in caplog.records if "constant" in r.getMessage()]
+    assert len(warned) == 1 and "flat_img" in warned[0] and "512" in warned[0]
 
 
 @pytest.mark.skipif(not GONUCLEAR.is_dir(), reason=f"real data not found at {GONUCLEAR}")

@@ -381,3 +381,19 @@ def test_image_scale_option_keeps_the_written_geometry(tmp_path):
     bad = _infer(tmp_path, inputs, tmp_path / "out_bad", ckpt, "--patch_size", "[8,32,32]", "--image_scale", "0")
     assert bad.returncode != 0 and "image_scale must be a positive number" in bad.stdout + bad.stderr
     assert not (tmp_path / "out_bad").exists() or not any((tmp_path / "out_bad").iterdir())
+
+
+def test_a_constant_image_gives_an_empty_segmentation_and_a_warning(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    tifffile.imwrite(inputs / "blank16.tif", np.full((40, 60), 1234, dtype=np.uint16))  # a failed 16-bit export
+    tifffile.imwrite(inputs / "noise.tif", np.random.default_rng(2).random((40, 60)).astype(np.float32))
+    ckpt = tmp_path / "model.pt"
+    _save_model(ckpt, 2)
+    proc = _infer(tmp_path, inputs, tmp_path / "out", ckpt, "--spatial_dims", "2", "--patch_size", "[32,32]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "blank16.tif: the image is constant" in log
+    labels, _ = read_image(tmp_path / "out" / "blank16_instances.tif")
+    assert labels.shape == (40, 60) and not np.asarray(labels).any()
+    assert (tmp_path / "out" / "noise_instances.tif").is_file()  # the other image is segmented as usual
