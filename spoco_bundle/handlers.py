@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -83,15 +84,26 @@ class MomentumTeacherHandler:
 
 
 class TrainingProgressBar:
-    """tqdm progress bar over the iterations of each epoch, showing the running loss (rank 0 only)."""
+    """
+    tqdm progress bar over the iterations of each epoch, showing the running loss (rank 0 only), when standard
+    error is a terminal: in a log file or a pipe its carriage-return updates are megabytes of noise, and the
+    epoch's loss line (:class:`LossTermsLogger`) says the same.
 
-    def __init__(self, persist: bool = False) -> None:
+    Args:
+        persist: keep each epoch's finished bar on screen.
+        terminal_only: attach only when ``sys.stderr`` is a terminal (False: always).
+    """
+
+    def __init__(self, persist: bool = False, terminal_only: bool = True) -> None:
         self.persist = persist
+        self.terminal_only = terminal_only
 
     def attach(self, engine: Engine) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_rank() != 0:
                 return
+        if self.terminal_only and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+            return
         ProgressBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": _loss_of(out)})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from _bundle_cli import training_command
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from spoco_bundle.data import checked_datalist
-from spoco_bundle.handlers import UNLIMITED_EPOCHS
+from spoco_bundle.handlers import UNLIMITED_EPOCHS, TrainingProgressBar
 from spoco_bundle.object_size import training_blob_scales, training_object_diameter
 from spoco_bundle.synthetic import write_synthetic_dataset
 
@@ -448,3 +449,23 @@ def test_scribbles_train_a_calibrated_head_and_runs_repeat_bit_for_bit(tmp_path,
     # without a background id the strokes have no label to get: a clear error before training
     proc = _run_training(tmp_path / "c", data, *args[:-4], "--scribbles", "3", expect_ok=False)
     assert proc.returncode != 0 and "need a background_label" in proc.stderr.strip().splitlines()[-1]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from ignite.engine import Engine, Events
+
+    def handlers() -> int:
+        return len(engine._event_handlers[Events.ITERATION_COMPLETED])
+
+    engine = Engine(lambda e, b: {"loss": 0.0})
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file: no carriage-return updates in it
+    TrainingProgressBar().attach(engine)
+    assert handlers() == 0
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    TrainingProgressBar().attach(engine)
+    assert handlers() > 0
