@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.accuracy import classical  # noqa: E402
+from scripts.accuracy import classical, membrane  # noqa: E402
 from scripts.accuracy.common import (  # noqa: E402
     Item,
     Split,
@@ -31,7 +31,7 @@ from scripts.accuracy.common import (  # noqa: E402
     score,
     sparsify,
 )
-from scripts.accuracy.spoco_runner import inference_clustering, study_overrides  # noqa: E402
+from scripts.accuracy.spoco_runner import bundle_ids, inference_clustering, study_overrides  # noqa: E402
 from scripts.benchmark_accuracy import (  # noqa: E402
     _grid_budget,
     _protocol_lines,
@@ -49,6 +49,7 @@ from scripts.benchmark_accuracy import (  # noqa: E402
 from scripts.benchmark_foreground import foreground_breakdown, object_errors  # noqa: E402
 from scripts.benchmark_foreground import parse_args as foreground_args  # noqa: E402
 from scripts.benchmark_scale import rescale  # noqa: E402
+from spoco_bundle.metrics import adapted_rand_error  # noqa: E402
 from spoco_bundle.transforms import ClusterEmbeddings, SparseInstanceLabeld, load_transforms  # noqa: E402
 
 DATA_DIR = default_data_dir()
@@ -516,3 +517,82 @@ def test_mask_protocol_reuses_the_objects_only_checkpoint(
     for pred, item in zip(preds, split.test):
         assert not np.any((pred > 0) & (item.labels == 0))  # nothing outside the given foreground
     assert masked["metrics"]["fg_precision"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "name, n_train, n_test, shape", [("usiigaci", 16, 4, (1022, 1024)), ("isbi2012", 16, 4, (512, 512))]
+)
+def test_the_2d_sets_beyond_nuclei_load_as_dsb2018(name: str, n_train: int, n_test: int, shape: tuple) -> None:
+    _need(name)
+    (split,) = load_benchmark(name, DATA_DIR)
+    assert (split.spatial_dims, len(split.train), len(split.test)) == (2, n_train, n_test)
+    assert split.test[0].image.shape == split.test[0].labels.shape == shape
+    assert {it.name for it in split.train}.isdisjoint(it.name for it in split.test)
+
+
+def test_plant3d_is_split_at_x100_into_files_of_its_own(tmp_path: Path) -> None:
+    _need("plant3d")
+    (split,) = load_benchmark("plant3d", DATA_DIR, cache_dir=tmp_path)
+    train, test = split.train[0], split.test[0]
+    assert train.image.shape == (64, 200, 100) and test.image.shape == (64, 200, 100)
+    whole = load_benchmark("plant3d", DATA_DIR, cache_dir=tmp_path / "again")[0]  # written again, same content
+    np.testing.assert_array_equal(whole.train[0].labels, train.labels)
+    assert Path(train.label_path).parent == tmp_path / "plant3d" and (train.labels > 0).all()  # no background
+    # the SPOCO runs on it ignore the foreground head: every voxel belongs to a cell
+    assert bundle_ids(split, "cpu")["background"] == "none"
+
+
+def test_isbi2012_partition_scores_leave_out_the_membrane() -> None:
+    gt = np.zeros((20, 20), np.int32)
+    gt[:, :9], gt[:, 11:] = 1, 2  # two cells, a 2-pixel membrane between them
+    cells = np.where(np.arange(20)[None, :] < 10, 1, 2) * np.ones((20, 1), np.int32)  # membrane given to the cells
+    isbi = score([cells], [gt], 2, dataset="isbi2012")
+    assert isbi["arand"] == pytest.approx(0.0) and isbi["ap50"] == 1.0
+    assert "arand" not in score([cells], [gt], 2, dataset="dsb2018")  # nuclei: AP only, as before
+    assert adapted_rand_error(gt, cells) > 0.05  # the 3D sets' convention (0 one more segment) would count it
+
+
+def _tissue(rng: np.random.Generator, shape: tuple[int, int] = (96, 96), n: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    """Voronoi cells with bright 2-pixel walls: (image, labels of the cell interiors)."""
+    seeds = rng.uniform(0, shape[0], size=(n, 2))
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    d = np.sort(((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2) ** 0.5, axis=-1)
+    owner = np.argmin(((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2), axis=-1) + 1
+    wall = (d[..., 1] - d[..., 0]) < 2.0
+    image = np.where(wall, 200.0, 60.0) + rng.normal(0, 10, shape)
+    return image.astype(np.float32), np.where(wall, 0, owner).astype(np.int32)
+
+
+def test_membrane_baseline_follows_walls_of_either_polarity() -> None:
+    rng = np.random.default_rng(0)
+    image, labels = _tissue(rng)
+    bright = membrane.segment(image, polarity="bright", drop_boundary=True)
+    assert bright.dtype == np.int32 and score([bright], [labels], 2)["ap50"] > 0.8
+    dark = membrane.segment(255.0 - image, polarity="dark", drop_boundary=True)  # EM: dark membranes
+    assert score([dark], [labels], 2)["ap50"] > 0.8
+    wrong = membrane.segment(image, polarity="dark", drop_boundary=True)
+    assert score([wrong], [labels], 2)["ap50"] < 0.5
+
+
+def test_membrane_baseline_chooses_its_polarity_on_the_training_images() -> None:
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(3):
+        image, labels = _tissue(rng)
+        items.append(Item(f"t{i}", 255.0 - image, labels, None, f"t{i}.tif", f"t{i}_labels.tif"))
+    split = Split("synthetic", "s", 2, items[:2], items[2:])
+    result = membrane.fit_predict(split, ratio=0.4, seed=0, budget_s=600)
+    assert result.info["params"]["polarity"] == "dark" and result.info["grid_complete"]
+    assert score(result.predictions, [items[2].labels], 2)["ap50"] > 0.8
+
+
+def test_stardist_peer_sees_the_image_scale_spoco_gets_and_answers_on_the_test_grid() -> None:
+    from scripts.accuracy.stardist_peer import _rescale, _resize_labels
+
+    labels = np.zeros((1022, 1023), np.int32)
+    labels[100:300, 200:260] = 7
+    small = _rescale(labels, 0.5, order=0)
+    assert small.shape == (511, 512) and set(np.unique(small)) == {0, 7}  # nearest: no mixed ids
+    back = _resize_labels(small, labels.shape)
+    assert back.shape == labels.shape and (back == labels).mean() > 0.99
+    assert _rescale(labels, 1.0, order=0) is labels

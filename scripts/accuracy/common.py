@@ -8,6 +8,11 @@ Data (``data_dir``, default ``$SPOCO_DATA_DIR`` or the repository's ``../shared/
   ``images/<id>.tif`` and ``labels/<id>.tif``.
 - ``gonuclear``: two splits, ``1135 -> 1136`` and ``1136 -> 1135`` (train on one volume, test on the other), files
   ``<id>_image.*`` / ``<id>_labels.*`` (NIfTI or TIFF).
+- ``usiigaci`` (phase-contrast cells, 16 -> 4 images) and ``isbi2012`` (EM neurites, 16 -> 4 slices): one split each,
+  laid out as ``dsb2018``.
+- ``plant3d``: one volume of tissue with no background, split along x: training ``x < 100``, test ``x >= 100``. The
+  two halves are written once as TIFF files under ``<cache_dir>/plant3d`` (default ``eval/data_cache``), because the
+  SPOCO runs read files.
 
 Files are read with :func:`spoco_bundle.io.read_image`, so arrays have the bundle's axis order (storage order).
 
@@ -19,7 +24,10 @@ without a notion of "unknown", e.g. StarDist), kept objects renumbered 1..K.
 
 Scoring (:func:`score`): AP at IoU t is ``TP / (TP + FP + FN)`` with TP, FP, FN summed over all test images of the
 split before dividing (pooled, as ``stardist.matching.matching_dataset(by_image=False)``); ``ap50`` at t = 0.5,
-``map`` the mean over t = 0.50, 0.55, ..., 0.95. SBD, ARAND and VOI are means over test images. Per-image means of
+``map`` the mean over t = 0.50, 0.55, ..., 0.95. SBD, ARAND and VOI are means over test images; ARAND and VOI (the
+partition scores) are reported for the 3D sets and for ``isbi2012``, and on ``isbi2012`` they leave out the pixels
+that are background (membrane) in the ground truth, as the ISBI 2012 challenge's foreground-restricted Rand score
+does. Per-image means of
 AP50 / mAP are kept too (``ap50_per_image``, ``map_per_image``).
 """
 
@@ -59,6 +67,7 @@ __all__ = [
     "kept_digest",
     "label_counts",
     "score",
+    "partition_scores",
     "normalize_image",
     "Stopwatch",
     "Budget",
@@ -66,8 +75,21 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DATASETS = ("dsb2018", "gonuclear")
+# data set -> (spatial dims, how its files are laid out)
+DATASET_LAYOUT = {
+    "dsb2018": (2, "split_json"),
+    "gonuclear": (3, "gonuclear"),
+    "usiigaci": (2, "split_json"),
+    "isbi2012": (2, "split_json"),
+    "plant3d": (3, "plant3d"),
+}
+DATASETS = tuple(DATASET_LAYOUT)
 GONUCLEAR_VOLUMES = ("1135", "1136")
+PLANT3D_SPLIT_X = 100  # training x < 100, test x >= 100 (the data's README)
+# ARAND / VOI: reported for these 2D sets too (the usual scores of dense EM), and computed over the ground truth's
+# foreground only where its background is the membrane between touching objects
+PARTITION_SCORES_2D = ("isbi2012",)
+PARTITION_IGNORE_BACKGROUND = ("isbi2012",)
 
 
 def default_data_dir() -> Path:
@@ -208,9 +230,14 @@ def device_error(device: str) -> str | None:
 def dataset_available(name: str, data_dir: str | os.PathLike | None = None) -> bool:
     """True when the files of data set ``name`` are under ``data_dir``."""
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    if name == "dsb2018":
-        return (root / "dsb2018" / "split.json").is_file()
-    if name == "gonuclear":
+    if name not in DATASET_LAYOUT:
+        raise ValueError(f"Unknown data set {name!r}; known: {DATASETS}.")
+    layout = DATASET_LAYOUT[name][1]
+    if layout == "split_json":
+        return (root / name / "split.json").is_file()
+    if layout == "plant3d":
+        return all(any((root / name / f"plant3d_{k}{s}").exists() for s in IMAGE_SUFFIXES) for k in ("image", "labels"))
+    if layout == "gonuclear":
         folder = root / "gonuclear"
         return all(
             any((folder / f"{v}_{k}{s}").exists() for s in IMAGE_SUFFIXES)
@@ -221,16 +248,22 @@ def dataset_available(name: str, data_dir: str | os.PathLike | None = None) -> b
 
 
 def load_benchmark(
-    name: str, data_dir: str | os.PathLike | None = None, max_train: int | None = None, max_test: int | None = None
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> list[Split]:
     """
     Load the splits of data set ``name``.
 
     Args:
-        name: ``"dsb2018"`` (one split) or ``"gonuclear"`` (``1135to1136`` and ``1136to1135``).
-        data_dir: folder holding ``dsb2018/`` and ``gonuclear/``; default :func:`default_data_dir`.
+        name: one of :data:`DATASETS` (``gonuclear``: ``1135to1136`` and ``1136to1135``; the others one split).
+        data_dir: folder holding the data sets; default :func:`default_data_dir`.
         max_train: keep only the first N training images of each split (quick checks; None = all).
         max_test: likewise for the test images.
+        cache_dir: where ``plant3d``'s two halves are written (default ``$SPOCO_BENCH_CACHE`` or
+            ``eval/data_cache``).
 
     Raises:
         FileNotFoundError: naming the folder, when the data set is not there.
@@ -242,8 +275,9 @@ def load_benchmark(
         raise ValueError(f"Unknown data set {name!r}; known: {DATASETS}.")
     if not dataset_available(name, root):
         raise FileNotFoundError(f"Data set {name!r} not found under {root} (expected {root / name}).")
-    if name == "dsb2018":
-        folder = root / "dsb2018"
+    dims, layout = DATASET_LAYOUT[name]
+    if layout == "split_json":
+        folder = root / name
         with open(folder / "split.json") as f:
             split = json.load(f)
         if not {"training", "validation"} <= set(split):
@@ -254,15 +288,11 @@ def load_benchmark(
         def load(ids: Sequence[str]) -> list[Item]:
             return [_item(_find(folder / "images", i), _find(folder / "labels", i)) for i in ids]
 
-        return [
-            _make_split(
-                "dsb2018",
-                f"train{len(split['training'])}_val{len(split['validation'])}",
-                2,
-                load(train_ids),
-                load(test_ids),
-            )
-        ]
+        split_name = f"train{len(split['training'])}_val{len(split['validation'])}"
+        return [_make_split(name, split_name, dims, load(train_ids), load(test_ids))]
+    if layout == "plant3d":
+        train, test = _plant3d_halves(root / name, cache_dir)
+        return [_make_split(name, f"x{PLANT3D_SPLIT_X}", dims, [train], [test])]
     folder = root / "gonuclear"
     items = {v: _item(_find(folder, f"{v}_image"), _find(folder, f"{v}_labels")) for v in GONUCLEAR_VOLUMES}
     a, b = GONUCLEAR_VOLUMES
@@ -270,6 +300,28 @@ def load_benchmark(
         _make_split("gonuclear", f"{a}to{b}", 3, [items[a]], [items[b]]),
         _make_split("gonuclear", f"{b}to{a}", 3, [items[b]], [items[a]]),
     ]
+
+
+def _plant3d_halves(folder: Path, cache_dir: str | os.PathLike | None) -> tuple[Item, Item]:
+    """The training (x < 100) and test (x >= 100) halves of the plant volume, as files of their own (written when
+    missing or older than the source)."""
+    import tifffile
+
+    cache = Path(cache_dir or os.environ.get("SPOCO_BENCH_CACHE") or REPO_ROOT / "eval" / "data_cache") / "plant3d"
+    image_path, label_path = _find(folder, "plant3d_image"), _find(folder, "plant3d_labels")
+    newest = max(image_path.stat().st_mtime, label_path.stat().st_mtime)
+    halves = {"train": np.s_[..., :PLANT3D_SPLIT_X], "test": np.s_[..., PLANT3D_SPLIT_X:]}
+    paths = {h: (cache / f"plant3d_{h}_image.tif", cache / f"plant3d_{h}_labels.tif") for h in halves}
+    if not all(p.is_file() and p.stat().st_mtime >= newest for pair in paths.values() for p in pair):
+        image, _ = read_image(image_path)
+        labels, _ = read_image(label_path)
+        cache.mkdir(parents=True, exist_ok=True)
+        for half, index in halves.items():
+            for array, path in zip((np.asarray(image), np.asarray(labels)), paths[half]):
+                tmp = path.with_name(path.name + ".part")  # a reader never sees half a file
+                tifffile.imwrite(tmp, np.ascontiguousarray(array[index]), imagej=True, metadata={"axes": "ZYX"})
+                os.replace(tmp, path)
+    return _item(*paths["train"]), _item(*paths["test"])
 
 
 def _make_split(dataset: str, name: str, spatial_dims: int, train: list[Item], test: list[Item]) -> Split:
@@ -350,7 +402,17 @@ def label_counts(split: Split, ratio: float, seed: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ scoring
 
 
-def score(predictions: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray], spatial_dims: int) -> dict[str, Any]:
+def partition_scores(dataset: str | None, spatial_dims: int) -> bool:
+    """Whether ARAND and VOI are reported for a data set (3D sets and :data:`PARTITION_SCORES_2D`)."""
+    return spatial_dims == 3 or dataset in PARTITION_SCORES_2D
+
+
+def score(
+    predictions: Sequence[np.ndarray],
+    ground_truth: Sequence[np.ndarray],
+    spatial_dims: int,
+    dataset: str | None = None,
+) -> dict[str, Any]:
     """
     Score predictions of a test set (see the module docstring for the aggregation).
 
@@ -358,6 +420,8 @@ def score(predictions: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray],
         predictions: integer label maps, 0 = background.
         ground_truth: dense label maps of the same shapes.
         spatial_dims: 2 or 3; ARAND and VOI (label 0 one more segment) are added for 3D.
+        dataset: the data set's name, for its conventions (:func:`partition_scores`; ground-truth background
+            left out of ARAND / VOI for :data:`PARTITION_IGNORE_BACKGROUND`).
 
     Returns:
         ``ap50``, ``map`` (pooled), ``ap50_per_image``, ``map_per_image``, ``sbd`` (means over images), ``arand``,
@@ -371,6 +435,8 @@ def score(predictions: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray],
     if not predictions:
         raise ValueError("score: no test images.")
     thresholds = [float(t) for t in DEFAULT_THRESHOLDS]
+    partition = partition_scores(dataset, spatial_dims)
+    ignore_background = dataset in PARTITION_IGNORE_BACKGROUND
     tp = np.zeros(len(thresholds), dtype=np.int64)
     n_gt = n_pred = 0
     fg_hit = fg_pred = fg_true = 0
@@ -387,7 +453,7 @@ def score(predictions: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray],
         tp += _true_positives(table, thresholds)
         n_gt += table.n_gt
         n_pred += table.n_seg
-        scores = segmentation_scores(gt, pred)
+        scores = segmentation_scores(gt, pred, ignore_background=ignore_background)
         entry = {
             "ap50": scores["ap50"],
             "map": scores["map"],
@@ -395,7 +461,7 @@ def score(predictions: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray],
             "n_gt": table.n_gt,
             "n_pred": table.n_seg,
         }
-        if spatial_dims == 3:
+        if partition:
             entry.update(arand=scores["arand"], voi_split=scores["voi_split"], voi_merge=scores["voi_merge"])
         per_image.append(entry)
     denom = (n_gt + n_pred - tp).astype(np.float64)
@@ -416,7 +482,7 @@ def score(predictions: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray],
         "fg_precision": fg_hit / fg_pred if fg_pred else float("nan"),
         "fg_recall": fg_hit / fg_true if fg_true else float("nan"),
     }
-    if spatial_dims == 3:
+    if partition:
         for key in ("arand", "voi_split", "voi_merge"):
             out[key] = float(np.mean([e[key] for e in per_image]))
     out["per_image"] = per_image

@@ -37,6 +37,8 @@ from spoco_bundle.io import read_image, split_image_suffix, write_label_image
 __all__ = [
     "VARIANTS",
     "SETTINGS",
+    "DATASET_SETTINGS",
+    "settings_for",
     "fit_predict",
     "predict",
     "repredict",
@@ -61,6 +63,19 @@ SETTINGS = {
     2: {"patch_size": [192, 192], "image_scale": 1.0, "min_size": 16},
     3: {"patch_size": [32, 64, 64], "image_scale": 1.0, "min_size": 64},
 }
+
+# the documented settings for data that are not round nuclei (docs/data_kinds.md), chosen on training images only
+DATASET_SETTINGS = {
+    # tissue where every voxel belongs to a cell: no background to find
+    "plant3d": {"background": "none"},
+}
+
+
+def settings_for(split: Split) -> dict:
+    """The training / inference settings of a split: :data:`SETTINGS` of its dimensionality, then
+    :data:`DATASET_SETTINGS` of its data set."""
+    return {**SETTINGS[split.spatial_dims], **DATASET_SETTINGS.get(split.dataset, {})}
+
 
 _ITERATIONS = re.compile(r"reached after (\d+) iterations")
 
@@ -107,7 +122,7 @@ def fit_predict(
     threads = threads or int(os.environ.get("SPOCO_BENCH_THREADS", "2"))
     if variant == "mask":
         return _mask_given(split, ratio, device, threads)
-    settings = SETTINGS[split.spatial_dims]
+    settings = settings_for(split)
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"spoco_{split.dataset}_{variant}_"))
     work.mkdir(parents=True, exist_ok=True)
     datalist = {"training": [{"image": i.path, "label": i.label_path} for i in split.train], "validation": []}
@@ -143,7 +158,7 @@ def fit_predict(
         "threads": threads,
         "work_dir": str(work),
         "overrides": {k: v for k, v in train.items() if k != "device"},
-        "background": "head",
+        "background": shared.get("background", "head"),
         "min_size": settings["min_size"],
         "clustering": inference_clustering(shared),
     }
@@ -186,14 +201,17 @@ def _mask_given(split: Split, ratio: float, device: str, threads: int) -> Result
 
 def bundle_ids(split: Split, device: str) -> dict:
     """Config ids shared by training and inference (and by follow-up checks that parse the configs themselves)."""
-    settings = SETTINGS[split.spatial_dims]
-    return {
+    settings = settings_for(split)
+    ids = {
         "bundle_root": str(REPO_ROOT),
         "device": f"$torch.device('{device}')",
         "spatial_dims": split.spatial_dims,
         "patch_size": settings["patch_size"],
         "image_scale": settings["image_scale"],
     }
+    if "background" in settings:
+        ids["background"] = settings["background"]
+    return ids
 
 
 def _bundle_run(config: str, ids: dict, log_path: Path, threads: int, run_id: str | None = None) -> str:
@@ -221,7 +239,7 @@ def predict(
     Inputs are linked into ``<work_dir>/test<tag>``, predictions go to ``<work_dir>/pred<tag>``.
     """
     items = split.test if items is None else items
-    settings = SETTINGS[split.spatial_dims]
+    settings = settings_for(split)
     work = Path(work_dir)
     (work / f"test{tag}").mkdir(parents=True, exist_ok=True)
     for item in items:  # the inference config segments every image of a folder
@@ -233,10 +251,10 @@ def predict(
         dataset_dir=str(work / f"test{tag}"),
         output_dir=str(work / f"pred{tag}"),
         ckpt_path=str(ckpt_path),
-        background="head",
         min_size=settings["min_size"],
         output_ext=".tif",
     )
+    infer.setdefault("background", "head")  # the data set's own (bundle_ids) where it has one
     infer.update(overrides or {})
     _bundle_run("configs/inference.json", infer, work / f"inference{tag}.log", threads)
     predictions = []
@@ -256,8 +274,9 @@ def _children_cpu() -> float:
 
 
 def _inference_ids(train_ids: dict) -> dict:
-    """The training ids a checkpoint must be segmented with: its patch size and image scale."""
-    return {k: train_ids[k] for k in ("patch_size", "image_scale") if k in train_ids}
+    """The training ids a checkpoint must be segmented with: its patch size, image scale and (where the data set
+    sets it) background."""
+    return {k: train_ids[k] for k in ("patch_size", "image_scale", "background") if k in train_ids}
 
 
 def run_ids(record: dict) -> dict:

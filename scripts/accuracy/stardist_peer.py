@@ -16,6 +16,9 @@ Training (worker):
   configuration with half the patch side, see ``PATCH_2D``); 10 % of the training images (at least 1, fixed by
   ``seed``) are held out as StarDist's validation set (learning-rate schedule and threshold optimisation), as in
   StarDist's own examples;
+- images (and sparse labels, nearest neighbour) resampled by the data set's SPOCO ``image_scale``
+  (:data:`scripts.accuracy.spoco_runner.DATASET_SETTINGS`, e.g. 0.5 for the large Usiigaci cells), predictions
+  resized back to the test image's grid, so both learners see objects of the same size;
 - 3D: ``Config3D`` with 96 rays on a golden spiral, anisotropy from the (sparse) training labels' extents, grid
   ``(1, 2, 2)`` where z is coarser, ``train_patch_size=(48, 96, 96)``, ``train_batch_size=2`` (the 3D example's
   configuration); only one training volume exists, so it is also the validation volume;
@@ -63,6 +66,29 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def _rescale(array: np.ndarray, scale: float, order: int) -> np.ndarray:
+    """``array`` resampled by ``scale`` per axis (``order`` 1: images, 0: labels); unchanged at scale 1."""
+    if scale == 1.0:
+        return array
+    from scipy import ndimage as ndi
+
+    return ndi.zoom(array, scale, order=order, mode="nearest", grid_mode=True)
+
+
+def _resize_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map to ``shape`` (predictions back to the test image's grid)."""
+    if labels.shape == tuple(shape):
+        return labels
+    from scipy import ndimage as ndi
+
+    factors = [t / s for t, s in zip(shape, labels.shape)]
+    out = ndi.zoom(labels, factors, order=0, mode="nearest", grid_mode=True)
+    if out.shape != tuple(shape):  # zoom rounds the output size: pad / crop the last pixel
+        out = np.pad(out, [(0, max(t - o, 0)) for t, o in zip(shape, out.shape)], mode="edge")
+        out = out[tuple(slice(0, t) for t in shape)]
+    return out
+
+
 def fit_predict(split: Any, ratio: float, seed: int, budget_s: float, device: str = "cpu") -> Any:
     """
     Train StarDist on ``split``'s training images with the sparse labels of ``ratio`` / ``seed`` for ``budget_s``
@@ -81,15 +107,18 @@ def fit_predict(split: Any, ratio: float, seed: int, budget_s: float, device: st
     ok, reason = available()
     if not ok:
         raise MethodUnavailable(reason)
+    from scripts.accuracy.spoco_runner import settings_for
+
     threads = int(os.environ.get("SPOCO_BENCH_THREADS", os.environ.get("OMP_NUM_THREADS", "2")))
+    scale = float(settings_for(split)["image_scale"])  # the image scale SPOCO gets on this data set, for a fair match
     with tempfile.TemporaryDirectory(prefix="stardist_peer_") as tmp:
         arrays: dict[str, np.ndarray] = {}
         for i, item in enumerate(split.train):
-            arrays[f"x_train_{i}"] = item.image.astype(np.float32)
-            sparse = sparsify(item, ratio, seed)
+            arrays[f"x_train_{i}"] = _rescale(item.image.astype(np.float32), scale, order=1)
+            sparse = _rescale(sparsify(item, ratio, seed), scale, order=0)
             arrays[f"y_train_{i}"] = sparse.astype(np.uint16 if sparse.max() < 65536 else np.uint32)
         for i, item in enumerate(split.test):
-            arrays[f"x_test_{i}"] = item.image.astype(np.float32)
+            arrays[f"x_test_{i}"] = _rescale(item.image.astype(np.float32), scale, order=1)
         np.savez(os.path.join(tmp, "input.npz"), **arrays)
         config = {
             "spatial_dims": split.spatial_dims,
@@ -127,8 +156,11 @@ def fit_predict(split: Any, ratio: float, seed: int, budget_s: float, device: st
         with open(os.path.join(tmp, "result.json")) as f:
             result = json.load(f)
         with np.load(os.path.join(tmp, "output.npz")) as out:
-            predictions = [out[f"pred_{i}"].astype(np.int32) for i in range(len(split.test))]
+            predictions = [
+                _resize_labels(out[f"pred_{i}"].astype(np.int32), item.image.shape) for i, item in enumerate(split.test)
+            ]
     result["device_requested"] = device
+    result["image_scale"] = scale
     result["log_tail"] = proc.stdout[-2000:]
     return Result(
         predictions=predictions,
