@@ -101,6 +101,18 @@ STARDIST3D_SKIPPED = (
     "StarDist3D does not train within a CPU budget (measured here: fewer than 7 steps of 2 patches 48x96x96 in 600 s "
     "wall on 1 thread of the shared 2-core machine); --stardist3d runs it anyway"
 )
+DATASET_DESCRIPTIONS = {
+    "dsb2018": "DSB2018 (2D nuclei, 256x256, fixed split `split.json`: train on the 268 training images, score on the "
+    "66 validation images)",
+    "gonuclear": "GoNuclear (3D nuclei, two 100^3 crops with anisotropic spacing: train on 1135, test on 1136, and "
+    "the other way round)",
+    "usiigaci": "Usiigaci (2D phase contrast, 1022x1024 16-bit, migrating cells with long irregular shapes; 16 "
+    "training, 4 validation images)",
+    "isbi2012": "ISBI 2012 (2D EM, 512x512, densely packed neurite profiles separated by membranes (label 0); slices "
+    "0-15 training, 16-19 validation; ARAND / VOI over the ground truth's cells only, as the challenge scores)",
+    "plant3d": "plant3d (3D membrane-stained tissue, 64x200x200, every voxel in one of 76 cells: train on x < 100, "
+    "test on x >= 100)",
+}
 CACHE_KEYS = ("budget_s", "clock", "threads", "seed", "device", "max_train", "max_test")
 
 
@@ -858,9 +870,9 @@ def write_docs(
         "",
         "## Set-up",
         "",
-        f"- **Data** (`{data_dir}`, third-party, not in the repository): DSB2018 (2D nuclei, 256x256, fixed split "
-        "`split.json`: train on the 268 training images, score on the 66 validation images) and GoNuclear (3D nuclei, "
-        "two 100^3 crops with anisotropic spacing: train on 1135, test on 1136, and the other way round).",
+        f"- **Data** (`{data_dir}`, third-party, not in the repository): "
+        + "; ".join(DATASET_DESCRIPTIONS[d] for d in splits)
+        + ".",
         "- **Sparse labels**: per training image, `spoco_bundle.transforms.SparseInstanceLabel(instance_ratio=r, "
         "background_label=None, seed=0)` keeps `round(r * n)` objects chosen by a hash of (seed, label file name, "
         "object id); every method gets exactly these objects (the kept-object digest is recorded per run and checked "
@@ -876,7 +888,7 @@ def write_docs(
         "- **Scores** on the held-back images with dense labels (`spoco_bundle.metrics`): AP at IoU t = "
         "TP / (TP + FP + FN), TP/FP/FN *pooled over all test images* before dividing (as "
         "`stardist.matching.matching_dataset`); **AP50** at t = 0.5, **mAP** = mean over t = 0.50, 0.55, ..., 0.95; "
-        "**SBD** (symmetric best Dice), and for 3D **ARAND** and **VOI** split/merge (label 0 one more segment), "
+        "**SBD** (symmetric best Dice), and for 3D and EM **ARAND** and **VOI** split/merge (label 0 one more segment), "
         "means over test images. For DSB2018 the per-image mean of AP50 is given too.",
         "- **Budget**: every run trains for the same budget on the same machine; prediction, clustering and "
         "StarDist's threshold optimisation are outside the budget. 'train s (wall)' is the training loop's wall "

@@ -66,9 +66,14 @@ SETTINGS = {
 
 # the documented settings for data that are not round nuclei (docs/data_kinds.md), chosen on training images only
 DATASET_SETTINGS = {
+    # densely packed neurite profiles, not star-convex: no split by shape, which cuts them along straight lines
+    # (chosen on 4 training images; on usiigaci's training images the split still helps)
+    "isbi2012": {"shape_split": 0.0},
     # tissue where every voxel belongs to a cell: no background to find
     "plant3d": {"background": "none"},
 }
+# the settings above that are inference.json ids (passed to training too, for its validation)
+_INFERENCE_SETTINGS = ("background", "shape_split")
 
 
 def settings_for(split: Split) -> dict:
@@ -209,8 +214,7 @@ def bundle_ids(split: Split, device: str) -> dict:
         "patch_size": settings["patch_size"],
         "image_scale": settings["image_scale"],
     }
-    if "background" in settings:
-        ids["background"] = settings["background"]
+    ids.update({k: settings[k] for k in _INFERENCE_SETTINGS if k in settings})
     return ids
 
 
@@ -275,8 +279,8 @@ def _children_cpu() -> float:
 
 def _inference_ids(train_ids: dict) -> dict:
     """The training ids a checkpoint must be segmented with: its patch size, image scale and (where the data set
-    sets it) background."""
-    return {k: train_ids[k] for k in ("patch_size", "image_scale", "background") if k in train_ids}
+    sets them) background and shape split."""
+    return {k: train_ids[k] for k in ("patch_size", "image_scale", *_INFERENCE_SETTINGS) if k in train_ids}
 
 
 def run_ids(record: dict) -> dict:
