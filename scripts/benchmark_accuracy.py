@@ -888,8 +888,8 @@ def write_docs(
         "- **Scores** on the held-back images with dense labels (`spoco_bundle.metrics`): AP at IoU t = "
         "TP / (TP + FP + FN), TP/FP/FN *pooled over all test images* before dividing (as "
         "`stardist.matching.matching_dataset`); **AP50** at t = 0.5, **mAP** = mean over t = 0.50, 0.55, ..., 0.95; "
-        "**SBD** (symmetric best Dice), and for 3D and EM **ARAND** and **VOI** split/merge (label 0 one more segment), "
-        "means over test images. For DSB2018 the per-image mean of AP50 is given too.",
+        "**SBD** (symmetric best Dice), and for 3D and EM **ARAND** and **VOI** split/merge (label 0 one more "
+        "segment), means over test images. For DSB2018 the per-image mean of AP50 is given too.",
         "- **Budget**: every run trains for the same budget on the same machine; prediction, clustering and "
         "StarDist's threshold optimisation are outside the budget. 'train s (wall)' is the training loop's wall "
         "time, 'train s (CPU)' its process CPU time (all threads), 'iterations' optimisation steps (classical: "
