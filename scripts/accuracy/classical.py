@@ -33,7 +33,7 @@ from scipy import ndimage as ndi
 
 from scripts.accuracy.common import Budget, Item, Result, Split, Stopwatch, normalize_image, sparsify
 
-__all__ = ["GRID", "segment", "estimate_radius", "kept_object_recall_map", "fit_predict"]
+__all__ = ["GRID", "segment", "estimate_radius", "kept_object_recall_map", "fit_predict", "grid_search_result"]
 
 GRID: dict[str, tuple[float, ...]] = {
     "sigma_rel": (0.05, 0.15, 0.3),
@@ -189,7 +189,6 @@ def fit_predict(split: Split, ratio: float, seed: int, budget_s: float, device: 
             parameters so far are used when it runs out).
         device: ignored (CPU only).
     """
-    clock = Stopwatch()
     budget = Budget(budget_s)
     rng = np.random.default_rng(seed)
     train: list[Item] = list(split.train)
@@ -222,23 +221,40 @@ def fit_predict(split: Split, ratio: float, seed: int, budget_s: float, device: 
                 best_score, best_params = value, params
     if best_params is None:  # not even one full pass within the budget: the grid's middle
         best_params = {k: v[len(v) // 2] for k, v in GRID.items()}
-    train_seconds, train_cpu = clock.wall, clock.cpu
+    result = grid_search_result(split, segment, best_params, best_score, tried, len(tune), GRID, out_of_time, budget)
+    result.info["test_radius"] = [float(estimate_radius(it.image, it.spacing)) for it in split.test]
+    return result
+
+
+def grid_search_result(
+    split: Split,
+    segment_fn: Any,
+    params: dict[str, Any],
+    kept_recall_map: float,
+    tried: list[dict[str, Any]],
+    tuning_images: int,
+    grid: dict[str, tuple[Any, ...]],
+    out_of_time: bool,
+    budget: Budget,
+) -> Result:
+    """The :class:`Result` of a grid-searched baseline: its test images segmented with ``params`` by
+    ``segment_fn(image, spacing, **params)``, training time = the search so far (``budget``'s stopwatch)."""
+    train_seconds, train_cpu = budget.watch.wall, budget.watch.cpu
     predict = Stopwatch()
-    predictions = [segment(it.image, it.spacing, **best_params) for it in split.test]
+    predictions = [segment_fn(it.image, it.spacing, **params) for it in split.test]
     return Result(
         predictions=predictions,
         train_seconds=train_seconds,
         iterations=len(tried),
         info={
-            "params": best_params,
-            "kept_recall_map": best_score,
-            "tuning_images": len(tune),
-            "grid": {k: list(v) for k, v in GRID.items()},
+            "params": params,
+            "kept_recall_map": kept_recall_map,
+            "tuning_images": tuning_images,
+            "grid": {k: list(v) for k, v in grid.items()},
             "grid_complete": not out_of_time,
             "budget_clock": budget.clock,
             "train_cpu_seconds": train_cpu,
             "predict_seconds": predict.wall,
             "tried": tried,
-            "test_radius": [float(estimate_radius(it.image, it.spacing)) for it in split.test],
         },
     )

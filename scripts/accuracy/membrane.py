@@ -34,9 +34,10 @@ from scripts.accuracy.classical import (
     _peaks,
     _relabel,
     _relative_spacing,
+    grid_search_result,
     kept_object_recall_map,
 )
-from scripts.accuracy.common import Budget, Item, Result, Split, Stopwatch, normalize_image, sparsify
+from scripts.accuracy.common import Budget, Item, Result, Split, normalize_image, sparsify
 
 __all__ = ["GRID", "segment", "fit_predict"]
 
@@ -120,7 +121,6 @@ def segment(image: np.ndarray, spacing: tuple[float, ...] | None = None, **param
 def fit_predict(split: Split, ratio: float, seed: int, budget_s: float, device: str = "cpu") -> Result:
     """Choose the parameters on the training images (sparse labels) within ``budget_s`` seconds of grid search
     (the best so far when it runs out), then segment the test images. ``device`` is ignored (CPU only)."""
-    clock = Stopwatch()
     budget = Budget(budget_s)
     rng = np.random.default_rng(seed)
     train: list[Item] = list(split.train)
@@ -166,22 +166,4 @@ def fit_predict(split: Split, ratio: float, seed: int, budget_s: float, device: 
             break
     if best is None:
         best = {k: v[0] if k in _FIRST else v[len(v) // 2] for k, v in GRID.items()}
-    train_seconds, train_cpu = clock.wall, clock.cpu
-    predict = Stopwatch()
-    predictions = [segment(it.image, it.spacing, **best) for it in split.test]
-    return Result(
-        predictions=predictions,
-        train_seconds=train_seconds,
-        iterations=len(tried),
-        info={
-            "params": best,
-            "kept_recall_map": best_score,
-            "tuning_images": len(kept),
-            "grid": {k: list(v) for k, v in GRID.items()},
-            "grid_complete": not out_of_time,
-            "budget_clock": budget.clock,
-            "train_cpu_seconds": train_cpu,
-            "predict_seconds": predict.wall,
-            "tried": tried,
-        },
-    )
+    return grid_search_result(split, segment, best, best_score, tried, len(kept), GRID, out_of_time, budget)
