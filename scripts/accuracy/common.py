@@ -237,14 +237,12 @@ def dataset_available(name: str, data_dir: str | os.PathLike | None = None) -> b
         return (root / name / "split.json").is_file()
     if layout == "plant3d":
         return all(any((root / name / f"plant3d_{k}{s}").exists() for s in IMAGE_SUFFIXES) for k in ("image", "labels"))
-    if layout == "gonuclear":
-        folder = root / "gonuclear"
-        return all(
-            any((folder / f"{v}_{k}{s}").exists() for s in IMAGE_SUFFIXES)
-            for v in GONUCLEAR_VOLUMES
-            for k in ("image", "labels")
-        )
-    raise ValueError(f"Unknown data set {name!r}; known: {DATASETS}.")
+    folder = root / "gonuclear"  # the only other layout
+    return all(
+        any((folder / f"{v}_{k}{s}").exists() for s in IMAGE_SUFFIXES)
+        for v in GONUCLEAR_VOLUMES
+        for k in ("image", "labels")
+    )
 
 
 def load_benchmark(
