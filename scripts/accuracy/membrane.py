@@ -50,7 +50,9 @@ GRID: dict[str, tuple[Any, ...]] = {
     "drop_boundary": (False, True),
 }
 TUNE_IMAGES = 8
-_FIRST = ("polarity", "ridge", "drop_boundary")  # defaults of segment(): the first value, else the middle one
+# segment()'s defaults and the fallback of an unfinished search: the first polarity / ridge / drop_boundary value,
+# the middle of the other ranges
+DEFAULTS = {k: v[0] if k in ("polarity", "ridge", "drop_boundary") else v[len(v) // 2] for k, v in GRID.items()}
 BACKGROUND_SIGMA = 8.0  # px (finest axis): slower intensity changes than this are not boundaries
 
 
@@ -107,9 +109,9 @@ class _Prepared:
 
 
 def segment(image: np.ndarray, spacing: tuple[float, ...] | None = None, **params: Any) -> np.ndarray:
-    """Segment one image with the given parameters (defaults: the first polarity, the middle of the rest of
-    :data:`GRID`); int32 labels 1..n, 0 = background / boundary."""
-    p = {k: v[0] if k in _FIRST else v[len(v) // 2] for k, v in GRID.items()}
+    """Segment one image with the given parameters (defaults: :data:`DEFAULTS`); int32 labels 1..n,
+    0 = background / boundary."""
+    p = dict(DEFAULTS)
     unknown = set(params) - set(p)
     if unknown:
         raise ValueError(f"Unknown membrane-baseline parameters {sorted(unknown)}; valid: {sorted(p)}.")
@@ -165,5 +167,5 @@ def fit_predict(split: Split, ratio: float, seed: int, budget_s: float, device: 
         if out_of_time:
             break
     if best is None:
-        best = {k: v[0] if k in _FIRST else v[len(v) // 2] for k, v in GRID.items()}
+        best = dict(DEFAULTS)
     return grid_search_result(split, segment, best, best_score, tried, len(kept), GRID, out_of_time, budget)

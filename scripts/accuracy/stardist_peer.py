@@ -17,8 +17,8 @@ Training (worker):
   ``seed``) are held out as StarDist's validation set (learning-rate schedule and threshold optimisation), as in
   StarDist's own examples;
 - images (and sparse labels, nearest neighbour) resampled by the data set's SPOCO ``image_scale``
-  (:data:`scripts.accuracy.spoco_runner.DATASET_SETTINGS`, e.g. 0.5 for the large Usiigaci cells), predictions
-  resized back to the test image's grid, so both learners see objects of the same size;
+  (:func:`scripts.accuracy.spoco_runner.settings_for`; 1 for every data set today), predictions resized back to
+  the test image's grid, so both learners see objects of the same size;
 - 3D: ``Config3D`` with 96 rays on a golden spiral, anisotropy from the (sparse) training labels' extents, grid
   ``(1, 2, 2)`` where z is coarser, ``train_patch_size=(48, 96, 96)``, ``train_batch_size=2`` (the 3D example's
   configuration); only one training volume exists, so it is also the validation volume;
