@@ -20,6 +20,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 echo "[setup] installing the StarDist peer (requirements/benchmark.txt) into $venv"
+# the project's pins minus TensorBoard's: TensorFlow 2.15 brings its own tensorboard 2.15 and needs protobuf < 5
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+grep -v -i -E '^(tensorboard|tensorboard-data-server|protobuf)==' "$root/requirements/constraints.txt" >"$constraints"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -c "$root/requirements/constraints.txt" -r "$root/requirements/benchmark.txt"
+"$venv/bin/python" -m pip install -q -c "$constraints" -r "$root/requirements/benchmark.txt"
 echo "$want" > "$stamp"

@@ -12,8 +12,9 @@ Train and score the models that ship with the bundle (``models/<name>/``), repro
 model's training data with *dense* labels (``instance_ratio 1``, ``background_label 0``: every unlabelled pixel is
 background, so the foreground head trains supervised), for a CPU-time budget, and copies the weights to
 ``models/<name>/model.pt`` (the model records its training object size, see ``spoco_bundle.object_size``). It
-writes ``models/<name>/model.json``: what the model is, its inference settings (read by ``--model <name>``,
-:mod:`spoco_bundle.shipped`), the exact training settings, iterations, CPU time, machine and commit. ``score``
+writes ``models/<name>/model.json``: the training's own model card (its inference settings, read by
+``--model <name>``, :mod:`spoco_bundle.shipped`; the size of what it was trained on) plus what the model is, the exact
+training settings, iterations, CPU time, machine and commit. ``score``
 segments the model's held-out images with ``configs/inference.json`` and the model's settings (the defaults,
 ``--image_scale auto``) and adds the scores (AP50, mAP, SBD, pooled as in ``scripts/benchmark_accuracy.py``) to
 ``model.json``; the README copies them from there.
@@ -83,23 +84,25 @@ def train(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(work / "models" / "model.pt", out / "model.pt")
     settings = SETTINGS[split.spatial_dims]
-    # what configs/inference.json takes from here with --model (spoco_bundle.shipped)
-    inference = {
-        "spatial_dims": split.spatial_dims,
-        "patch_size": settings["patch_size"],
-        "min_size": settings["min_size"],
-    }
+    # the training's own card (spoco_bundle.handlers.ModelCardWriter): what configs/inference.json takes from here
+    # with --model (spoco_bundle.shipped), the run's settings and the size of what it was trained on
+    trained = json.loads((work / "models" / "model.json").read_text())
+    inference = {**trained["inference"], "spatial_dims": split.spatial_dims, "min_size": settings["min_size"]}
+    run_settings = {**trained["training"]["settings"], **result.info["overrides"]}
+    measured = ("object_diameter", "image_blob_scale", "voxel_size", "voxel_unit")
     scores = score(result.predictions, [i.labels for i in split.test], split.spatial_dims)
     card = {
         "name": args.name,
         "description": MODELS[args.name]["description"],
+        "bundle_version": trained["bundle_version"],
         "inference": inference,
         "training": {
             "command": f"python scripts/shipped_models.py train {args.name} --budget_s {args.budget_s:g} "
             f"--threads {args.threads}",
             "data": f"{split.dataset} {split.name}: {len(split.train)} training images",
             # the run's train.json ids, less its (temporary) folders
-            "settings": {k: v for k, v in result.info["overrides"].items() if k not in WORK_IDS},
+            "settings": {k: v for k, v in run_settings.items() if k not in WORK_IDS},
+            **{k: trained["training"][k] for k in measured if k in trained["training"]},
             "budget": f"{args.budget_s:g} CPU-s ({args.threads} threads)",
             "train_cpu_s": result.info["train_cpu_s"],
             "train_wall_s": round(result.train_seconds, 1),

@@ -33,11 +33,14 @@ _MAIN_ONLY = (
     "CheckpointSaver",
     "StatsHandler",
     "TensorBoardStatsHandler",
+    "TensorBoardImageHandler",
+    "TensorBoardInstancePreview",
     "MLFlowHandler",
     "ClearMLStatsHandler",
     "MetricsSaver",
     "TrainingProgressBar",
     "LossTermsLogger",
+    "ModelCardWriter",
 )
 
 

@@ -1,5 +1,6 @@
 """Ignite handlers for SPOCO training: momentum teacher update, foreground calibration, the training objects' size,
-progress bar, loss logging, time budget, the run's length, the resume checkpoint."""
+progress bar, loss logging, time budget, the run's length, the resume checkpoint, the model card beside
+``model.pt``, a TensorBoard preview of the instances, and the log file."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
+from monai.handlers.tensorboard_handlers import TensorBoardHandler
 
 # max_epochs of a run that only its time budget ends (train.json sets it when time_limit_s is given)
 UNLIMITED_EPOCHS = 10**9
@@ -34,6 +37,11 @@ __all__ = [
     "ResumeCheckpointLoader",
     "handler_of",
     "BestCheckpointState",
+    "ModelCardWriter",
+    "TensorBoardInstancePreview",
+    "instance_preview",
+    "add_log_file",
+    "remove_log_file",
 ]
 
 
@@ -110,18 +118,26 @@ class TrainingProgressBar:
 class LossTermsLogger:
     """
     Logs the epoch mean of every SPOCO loss term (pull, push, instance, unlabeled, consistency, ...) at the end
-    of each epoch, read from the loss function's ``last_terms`` dict after each iteration.
+    of each epoch, read from the loss function's ``last_terms`` dict after each iteration, and the learning rate
+    of the epoch's last iteration.
+
+    The same values are put into ``engine.state.metrics`` (``loss_<term>`` and ``lr``), where MONAI's epoch-level
+    trackers read them: ``TensorBoardStatsHandler`` and ``MLFlowHandler`` (``--tracking mlflow``) attached after this
+    handler plot them per epoch.
 
     Args:
         loss: the ``SpocoLoss`` instance used by the trainer.
+        optimizer: the trainer's optimizer, for the learning rate (its first parameter group); None: not logged.
         name: logger name.
     """
 
-    def __init__(self, loss: torch.nn.Module, name: str = "spoco") -> None:
+    def __init__(self, loss: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, name: str = "spoco"):
         self.loss = loss
+        self.optimizer = optimizer
         self.logger = logging.getLogger(name)
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
+        self._lr: float | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
@@ -131,12 +147,19 @@ class LossTermsLogger:
         for k, v in getattr(self.loss, "last_terms", {}).items():
             self._sums[k] += float(v)
         self._count += 1
+        if self.optimizer is not None:  # before the epoch's scheduler step: the rate this epoch trained with
+            self._lr = float(self.optimizer.param_groups[0]["lr"])
 
     def _report(self, engine: Engine) -> None:
         if self._count:
-            terms = "  ".join(f"{k} {v / self._count:.4f}" for k, v in self._sums.items())
+            means = {k: v / self._count for k, v in self._sums.items()}
+            terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+            lr = "" if self._lr is None else f"  (lr {self._lr:.3g})"
             of = "" if engine.state.max_epochs >= UNLIMITED_EPOCHS else f"/{engine.state.max_epochs}"
-            self.logger.info(f"Epoch {engine.state.epoch}{of} loss terms: {terms}")
+            self.logger.info(f"Epoch {engine.state.epoch}{of} loss terms: {terms}{lr}")
+            engine.state.metrics.update({f"loss_{k}": v for k, v in means.items()})
+            if self._lr is not None:
+                engine.state.metrics["lr"] = self._lr
         self._sums.clear()
         self._count = 0
 
@@ -715,3 +738,243 @@ class ResumeCheckpointLoader:
             f"resuming from {self.load_path}: iteration {state.iteration}, epoch {state.epoch} of {state.max_epochs} "
             f"complete{where}"
         )
+
+
+class ModelCardWriter:
+    """
+    Keeps the card ``model.json`` of the model checkpoint ``model_path`` (:mod:`spoco_bundle.shipped`) in step with
+    it: whenever this run writes the checkpoint (validation's best-model saver, or the final saver when there is no
+    validation), the card is written right after it, atomically, with the settings inference needs
+    (``inference``: shape, patch size, ...), the run's ``train.json`` ids (``training.settings``), the size of what
+    the model was trained on (the network's ``object_diameter`` and ``image_blob_scale``, set by
+    :class:`ObjectSizeHandler`, and the training images' voxel size) and the bundle's version. A checkpoint left by
+    an earlier run keeps its card until this run replaces the weights. Rank 0 only.
+
+    The checkpoint is watched at the trainer's ``EPOCH_COMPLETED``, ``TERMINATE`` and ``COMPLETED``: attach this
+    handler after the savers and validation handlers, so that it runs after them on the same event.
+
+    Args:
+        model_path: the checkpoint the card describes (``ckpt_dir/model.pt``); the card is ``model.json`` beside it.
+        inference: the ``inference.json`` ids inference takes from the card (``spatial_dims``, ``features``,
+            ``embedding_dim``, ``patch_size``, ``min_size``, ``intensity_percentiles``).
+        settings: the run's ``train.json`` ids worth keeping (``evaluate.json`` takes its defaults from them).
+        image_files: the training images, for their voxel size (headers only).
+        network: the student (looked up as ``engine.network`` when None); a DDP wrapper is unwrapped.
+        name: logger name.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        inference: dict,
+        settings: dict | None = None,
+        image_files: list[str] | None = None,
+        network: torch.nn.Module | None = None,
+        name: str = "spoco",
+    ) -> None:
+        if "spatial_dims" not in inference:
+            raise ValueError(f"inference settings must include spatial_dims, got {sorted(inference)}.")
+        self.model_path = Path(model_path)
+        self.inference = dict(inference)
+        self.settings = dict(settings or {})
+        self.image_files = [str(f) for f in image_files or []]
+        self.network = network
+        self.logger = logging.getLogger(name)
+        self._seen: tuple | None = None
+        self._voxel: tuple[list[float] | None, str] = (None, "")
+        self._network: torch.nn.Module | None = None
+
+    def _signature(self) -> tuple | None:
+        try:
+            st = self.model_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def attach(self, engine: Engine) -> None:
+        if not _is_main_process():
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        for event in (Events.EPOCH_COMPLETED, Events.TERMINATE, Events.COMPLETED):
+            engine.add_event_handler(event, self)
+
+    def _started(self, engine: Engine) -> None:
+        from spoco_bundle.object_size import training_voxel_size
+
+        self._seen = self._signature()  # an earlier run's weights: not this run's to describe
+        self._network = _unwrap(self.network if self.network is not None else engine.network)  # type: ignore
+        try:
+            self._voxel = training_voxel_size(self.image_files, int(self.inference["spatial_dims"]))
+        except ValueError as e:  # a detail of the card; the data were checked before training
+            self.logger.warning(f"model card: the training images' voxel size is unknown ({e})")
+
+    def card(self, engine: Engine) -> dict:
+        """The card for the weights saved now."""
+        import monai
+
+        from spoco_bundle.shipped import bundle_version
+
+        net = self._network
+        diameter = getattr(net, "object_diameter", None)
+        blobs = getattr(net, "image_blob_scale", None)
+        voxel_size, voxel_unit = self._voxel
+        return {
+            "description": "weights saved by a training of this bundle (configs/train.json)",
+            "bundle_version": bundle_version(),
+            "inference": _plain(self.inference),
+            "training": {
+                "settings": _plain(self.settings),
+                "object_diameter": None if diameter is None else float(diameter),
+                "image_blob_scale": None if blobs is None else [float(v) for v in blobs.tolist()],
+                "voxel_size": voxel_size,
+                "voxel_unit": voxel_unit,
+                "iteration": int(engine.state.iteration),
+                "epoch": int(engine.state.epoch),
+                "saved": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "monai": monai.__version__,
+                "torch": torch.__version__,
+            },
+        }
+
+    def __call__(self, engine: Engine) -> None:
+        signature = self._signature()
+        if signature is None or signature == self._seen:
+            return
+        from spoco_bundle.shipped import write_card
+
+        path = write_card(self.model_path, self.card(engine))
+        self._seen = signature
+        self.logger.info(f"model card written: {path} (iteration {engine.state.iteration})")
+
+
+def _plain(value):
+    """``value`` as JSON types: tuples as lists, tensors and numpy scalars as numbers, dict keys as strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _plain(value.tolist())
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _instance_colours(ids: np.ndarray) -> np.ndarray:
+    """A fixed, well-spread RGB colour per instance id (uint8, shape ``ids.shape + (3,)``); 0 is black."""
+    ids = ids.astype(np.uint64)
+    rgb = np.stack([(ids * np.uint64(m)) % np.uint64(191) + np.uint64(64) for m in (2654435761, 40503, 9973)], -1)
+    return np.where(ids[..., None] > 0, rgb, 0).astype(np.uint8)
+
+
+def instance_preview(image, label, pred, max_size: int = 512) -> np.ndarray:
+    """
+    One RGB picture of a segmentation: the image (grey, 1-99.8 percentiles), the annotation and the prediction (each
+    object in its own colour over the image) side by side; 3D data show their middle slice along the first axis.
+
+    Args:
+        image: ``(C, *S)`` (channel 0 is shown).
+        label: ``(1, *S)`` instance ids, or None (then that panel is the image alone).
+        pred: ``(1, *S)`` instance ids.
+        max_size: the panels' longest side in pixels (larger data are subsampled).
+
+    Returns:
+        ``(H, 3 * W, 3)`` uint8.
+    """
+
+    def plane(x) -> np.ndarray:
+        a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)[0]
+        a = a[a.shape[0] // 2] if a.ndim == 3 else a
+        step = max(1, int(math.ceil(max(a.shape) / max_size)))
+        return a[::step, ::step]
+
+    img = plane(image).astype(np.float64)
+    lo, hi = np.percentile(img, (1, 99.8)) if img.size else (0.0, 1.0)
+    grey = np.clip((img - lo) / (hi - lo) if hi > lo else img * 0, 0, 1)
+    grey = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    panels = [grey]
+    for ids in (label, pred):
+        if ids is None:
+            panels.append(grey)
+            continue
+        ids = np.clip(plane(ids), 0, None)
+        panels.append(np.where(ids[..., None] > 0, _instance_colours(ids), grey // 2))
+    return np.concatenate(panels, axis=1)
+
+
+class TensorBoardInstancePreview(TensorBoardHandler):
+    """
+    After each validation, a preview in TensorBoard (``IMAGES`` tab, one step per epoch): the first validation
+    image, its annotation and the predicted instances (:func:`instance_preview`). MONAI's ``TensorBoardImageHandler``
+    would show instance ids as grey levels and 3D volumes as GIFs of every slice; this shows one slice in colours.
+
+    Args:
+        summary_writer: a ``SummaryWriter`` to share; None: one of its own in ``log_dir``.
+        log_dir: the TensorBoard folder (``output_dir``).
+        tag: the image's tag.
+        max_size: the panels' longest side in pixels.
+    """
+
+    def __init__(
+        self, summary_writer=None, log_dir: str = "./runs", tag: str = "validation/instances", max_size: int = 512
+    ) -> None:
+        super().__init__(summary_writer=summary_writer, log_dir=log_dir)
+        self.tag = tag
+        self.max_size = int(max_size)
+        self._first: np.ndarray | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._keep_first)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _reset(self, engine: Engine) -> None:
+        self._first = None
+
+    def _keep_first(self, engine: Engine) -> None:
+        if self._first is not None:
+            return
+        out = engine.state.output
+        item = out[0] if isinstance(out, list) and out else out
+        if isinstance(item, dict) and "pred" in item and "image" in item:
+            self._first = instance_preview(item["image"], item.get("label"), item["pred"], self.max_size)
+
+    def __call__(self, engine: Engine) -> None:
+        if self._first is None:
+            return
+        self._writer.add_image(self.tag, self._first, engine.state.epoch, dataformats="HWC")
+        self._writer.flush()
+
+
+def add_log_file(path: str | None) -> str | None:
+    """
+    Also write the log to the file ``path`` (appending; its folder is made): a ``FileHandler`` on the root logger,
+    with the console's format (``configs/logging.conf``) and level. Once per path; nothing for None, and nothing on
+    the ranks other than 0 of a ``torchrun`` launch (``RANK`` > 0). Returns the path written to, or None.
+    """
+    if not path or int(os.environ.get("RANK", "0") or 0) > 0:
+        return None
+    path = os.path.abspath(str(path))
+    root = logging.getLogger()
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in root.handlers):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    formatter = next((h.formatter for h in root.handlers if h.formatter is not None), None)
+    handler.setFormatter(formatter or logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    root.addHandler(handler)
+    logging.getLogger(__name__).info(f"log also written to {path}")
+    return path
+
+
+def remove_log_file(path: str | None) -> None:
+    """Stop writing the log to ``path`` (:func:`add_log_file`) and close the file."""
+    if not path:
+        return
+    path = os.path.abspath(str(path))
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename == path]:
+        root.removeHandler(h)
+        h.close()

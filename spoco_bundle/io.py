@@ -37,6 +37,7 @@ __all__ = [
     "TiffWriter",
     "image_readers",
     "read_image",
+    "read_spacing",
     "LoadVolumed",
     "label_dtype",
     "write_label_image",
@@ -375,6 +376,38 @@ def read_image(filename: str | os.PathLike) -> tuple[np.ndarray, dict]:
     meta = dict(meta)
     meta["filename_or_obj"] = filename
     return array, meta
+
+
+def read_spacing(filename: str | os.PathLike) -> tuple[tuple[int, ...], tuple[float, ...], str]:
+    """
+    The shape, voxel size and its unit of a NIfTI or TIFF file from its header alone (the voxels are not read):
+    what :func:`read_image` would give as the array's shape and the norms of its affine's columns (array order).
+
+    Returns:
+        ``(shape, spacing, unit)``; ``unit`` as the file states it (NIfTI: ``"mm"``, ``"micron"``, ...; TIFF: as
+        :class:`TiffReader` normalises it), ``""`` when it states none.
+
+    Raises:
+        ValueError: naming the file, for an unsupported suffix or a file that cannot be read.
+    """
+    filename = os.fspath(filename)
+    try:
+        if _is_tiff(filename):
+            with tifffile.TiffFile(filename) as tif:
+                series = tif.series[0]
+                shape = tuple(int(v) for v in series.shape)
+                spacing, unit = TiffReader._spacing(tif, series, len(shape))
+            return shape, tuple(float(v) for v in spacing), unit
+        if _is_nifti(filename):
+            img = nib.load(filename)
+            shape = tuple(int(v) for v in img.shape)
+            affine = np.asarray(img.affine, dtype=np.float64)
+            spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)).tolist() + [1.0] * max(0, len(shape) - 3)
+            unit = img.header.get_xyzt_units()[0]
+            return shape, tuple(float(v) for v in spacing[: len(shape)]), "" if unit == "unknown" else str(unit)
+    except Exception as e:
+        raise ValueError(f"Cannot read the header of image file {filename}: {type(e).__name__}: {e}") from e
+    raise ValueError(f"Unsupported image file {filename}: expected one of {IMAGE_SUFFIXES}.")
 
 
 class LoadVolumed(LoadImaged):

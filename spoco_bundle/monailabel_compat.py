@@ -103,9 +103,10 @@ def deploy_bundle(
         app_dir: the app folder, e.g. ``apps/monaibundle`` from ``monailabel apps --download --name monaibundle``.
         name: bundle (model) name; MONAI Label derives the task type from it, so avoid "deepedit", "deepgrow",
             "detection" and "classification" in it.
-        checkpoint: trained student weights (``models/model.pt`` of a training run). None: an untrained network
-            (``network_def`` of ``configs/inference.json`` with fixed seed 0) is saved, so that the model is listed
-            and can be trained from the client; its segmentations are meaningless until then.
+        checkpoint: trained student weights (``models/model.pt`` of a training run), deployed with its
+            ``model.json`` (the network's settings, see :mod:`spoco_bundle.shipped`) when it has one. None: an
+            untrained network (``network_def`` of ``configs/inference.json`` with fixed seed 0) is saved, so that the
+            model is listed and can be trained from the client; its segmentations are meaningless until then.
         source: the bundle to copy; defaults to the repository this module belongs to.
         overwrite: replace an existing ``<app_dir>/model/<name>``.
 
@@ -140,7 +141,11 @@ def deploy_bundle(
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"Checkpoint {checkpoint} not found.")
         from spoco_bundle.networks import load_weights
+        from spoco_bundle.shipped import read_card, write_card
 
+        card = read_card(checkpoint)  # the model card first: the bundle's inference.json builds network_def from it
+        if card is not None:
+            write_card(target, card)
         # load strictly now (an error here, not in the server) and save the plain student state dict
         torch.save(load_weights(_network_def(dest), str(checkpoint)).state_dict(), target)
     else:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from monai.networks.nets import DynUNet
 
-__all__ = ["EmbeddingUNet", "make_teacher", "default_patch_size", "load_weights"]
+__all__ = ["EmbeddingUNet", "make_teacher", "default_patch_size", "load_weights", "architecture"]
 
 
 class EmbeddingUNet(DynUNet):
@@ -188,9 +188,14 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
     MONAI's own loaders (and MONAI Label) load non-strictly, which silently keeps random weights on a key mismatch;
     this is the guard against that.
 
+    The checkpoint's card (``model.json`` beside it, :mod:`spoco_bundle.shipped`) is checked first: a network whose
+    ``spatial_dims``, ``features`` or ``embedding_dim`` contradicts it is refused with one line naming both values.
+    Without a card, a network of another shape is refused with the shape read from the weights
+    (:func:`architecture`).
+
     Raises:
         FileNotFoundError: the checkpoint does not exist.
-        ValueError: the file is not a state dict, or its keys/shapes do not match the network.
+        ValueError: the file is not a state dict, or its keys/shapes do not match the network or its card.
     """
     import os
 
@@ -208,13 +213,57 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
         state = state["model"]  # a resume checkpoint: take the student
     if not isinstance(state, dict):
         raise ValueError(f"Checkpoint {ckpt_path} does not hold a state dict (got {type(state).__name__}).")
+    from spoco_bundle.shipped import check_network
+
+    check_network(network, ckpt_path)  # flags that contradict the checkpoint's model.json: one clear line
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:
+        fg = bool(getattr(network, "foreground_head", True))
+        ours, theirs = architecture(network.state_dict(), fg), architecture(state, fg)
+        if ours is not None and theirs is not None and ours != theirs:
+            differ = [k for k in ours if ours[k] != theirs[k]]
+            flags = " ".join(f"--{k} {_flag(theirs[k])}" for k in differ)
+            raise ValueError(
+                f"Checkpoint {ckpt_path} does not match network_def: its weights have "
+                + ", ".join(f"{k} {theirs[k]}" for k in differ)
+                + ", network_def has "
+                + ", ".join(f"{k} {ours[k]}" for k in differ)
+                + f". Pass {flags} (it has no model.json to take them from: trained before bundle 0.10)."
+            ) from None
         raise ValueError(
             f"Checkpoint {ckpt_path} does not match network_def (check spatial_dims, embedding_dim, features): {e}"
         ) from e
     return network
+
+
+def _flag(value) -> str:
+    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)
+
+
+def architecture(state: Mapping[str, torch.Tensor], foreground_head: bool = True) -> dict | None:
+    """
+    ``spatial_dims``, ``features`` and ``embedding_dim`` of an :class:`EmbeddingUNet` state dict, read from its
+    weight shapes (None when it is not one), to tell what a checkpoint without ``model.json`` was trained with.
+
+    Args:
+        state: a state dict of :class:`EmbeddingUNet`.
+        foreground_head: whether the network's head has the foreground channel (then embedding_dim is one less than
+            the output channels).
+    """
+    try:
+        first = state["input_block.conv1.conv.weight"]
+        downs = sorted(
+            (int(k.split(".")[1]), v.shape[0])
+            for k, v in state.items()
+            if k.startswith("downsamples.") and k.endswith(".conv1.conv.weight")
+        )
+        features = [int(first.shape[0])] + [int(c) for _, c in downs]
+        features.append(int(state["bottleneck.conv1.conv.weight"].shape[0]))
+        out = int(state["output_block.conv.conv.weight"].shape[0])
+    except (KeyError, AttributeError, IndexError, ValueError):
+        return None
+    return {"spatial_dims": first.ndim - 2, "features": features, "embedding_dim": out - int(foreground_head)}
 
 
 def with_pretrained(

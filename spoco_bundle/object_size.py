@@ -7,6 +7,8 @@ another magnification to one the model knows (``image_scale="auto"``, :class:`~s
   images' (:func:`training_blob_scales`).
 - :func:`training_object_diameter`: the median diameter of the annotated training objects, recorded for users
   (model card, logs).
+- :func:`training_voxel_size`: the training images' voxel size as their files state it (model card), to turn the
+  diameter into a physical size.
 
 The diameter of an object is its *equivalent diameter*: that of the disc (2D) or ball (3D) of the same area or
 volume, in voxels of the grid it is measured on. Objects cut by the image border look smaller than they are, so
@@ -30,6 +32,7 @@ __all__ = [
     "training_object_diameter",
     "blob_scale",
     "training_blob_scales",
+    "training_voxel_size",
     "BLOB_SIGMAS",
 ]
 
@@ -226,3 +229,28 @@ def training_blob_scales(
         return (float("nan"),) * 3  # type: ignore[return-value]
     q = np.quantile(found, (0.1, 0.5, 0.9)) * factor
     return float(q[0]), float(q[1]), float(q[2])
+
+
+def training_voxel_size(image_files: Sequence[str | os.PathLike], spatial_dims: int) -> tuple[list[float] | None, str]:
+    """
+    The training images' voxel size, per axis in array order (the median over the images; singleton axes dropped as
+    the training drops them), and its unit (the most common one; ``""`` when the files state none). Read from the
+    headers alone (:func:`~spoco_bundle.io.read_spacing`).
+
+    Returns:
+        ``(voxel_size, unit)``; ``(None, "")`` without images.
+    """
+    from spoco_bundle.data import spatial_squeeze_axes
+    from spoco_bundle.io import read_spacing
+
+    sizes, units = [], []
+    for path in image_files:
+        shape, spacing, unit = read_spacing(path)
+        drop = spatial_squeeze_axes(shape, spatial_dims, path)
+        sizes.append([s for a, s in enumerate(spacing) if a not in drop])
+        units.append(unit)
+    if not sizes:
+        return None, ""
+    median = np.median(np.asarray(sizes, dtype=np.float64), axis=0)
+    unit = max(set(units), key=units.count)
+    return [float(v) for v in median], unit

@@ -5,13 +5,16 @@ Package a trained checkpoint as a MONAI model-zoo bundle: a folder in the zoo la
         [--name spoco_sparse_instance_segmentation] [--features "[8,16,32]" ...]
 
 The bundle holds ``configs/`` (every ``*.json`` of the source, ``logging.conf``, ``metadata.json`` as a real file),
-``models/model.pt`` (the student's plain CPU state dict), ``models/model.ts`` (TorchScript from MONAI's
+``models/model.pt`` (the student's plain CPU state dict) with its ``models/model.json`` (the checkpoint's own
+model.json, which the packaged ``inference.json`` builds its network from, see :mod:`spoco_bundle.shipped`; for a
+checkpoint without one, written from the packaged settings), ``models/model.ts`` (TorchScript from MONAI's
 ``ckpt_export``, checked against the eager network), optionally ``models/teacher.pt``, the ``spoco_bundle`` code,
 ``docs/`` (``README.md`` = model card, ``data_license.txt``, the other guides), ``LICENSE``, and
 ``large_files.yml`` when a file exceeds the zoo's 25 MB limit. Extra ``--<id> <value>`` arguments override
 top-level config ids (e.g. ``features``, ``embedding_dim``, ``spatial_dims``) in every packaged config that defines
-them, so the packaged defaults match the checkpoint; ``network_data_format`` in the packaged metadata is derived
-from the packaged inference config.
+them; a checkpoint with a model.json needs none for its shape (and refuses contradicting ones), one without needs
+them to match its weights. ``network_data_format`` in the packaged metadata is derived from the packaged inference
+config.
 """
 
 from __future__ import annotations
@@ -251,6 +254,25 @@ def _zip_folder(folder: Path, zip_path: Path) -> None:
     os.replace(tmp, zip_path)
 
 
+def _card_of(network: torch.nn.Module, parser, source: str) -> dict:
+    """A model card (:mod:`spoco_bundle.shipped`) for weights that came without one: the settings of the packaged
+    ``inference.json`` they were loaded with."""
+    from spoco_bundle.shipped import bundle_version
+
+    return {
+        "description": f"packaged from {source}, which had no model.json: settings of the packaged inference.json",
+        "bundle_version": bundle_version(),
+        "inference": {
+            "spatial_dims": int(network.spatial_dims),
+            "features": [int(f) for f in network.filters],
+            "embedding_dim": int(network.embedding_dim),
+            "patch_size": [int(v) for v in parser.get_parsed_content("patch_size")],
+            "min_size": int(parser.get_parsed_content("min_size")),
+            "intensity_percentiles": [float(v) for v in parser.get_parsed_content("intensity_percentiles")],
+        },
+    }
+
+
 def repository_root() -> Path:
     """The folder holding ``spoco_bundle/`` and ``configs/``: a checkout of this repository or an unpacked bundle."""
     return Path(__file__).resolve().parents[1]
@@ -274,7 +296,8 @@ def package_bundle(
 
     Args:
         checkpoint: trained weights, ``model.pt`` (plain state dict) or ``resume.pt`` (its student is taken);
-            loaded strictly into the packaged ``network_def``, re-saved as a plain CPU state dict.
+            loaded strictly into the packaged ``network_def``, re-saved as a plain CPU state dict; its
+            ``model.json`` (if any) is packaged beside it.
         output_dir: where the bundle folder and zip are written.
         name: bundle folder name (the zoo's bundle id).
         teacher: optional ``teacher.pt``, needed only for ``--clustering consistency``.
@@ -300,6 +323,7 @@ def package_bundle(
             or the output folder exists (without ``overwrite``).
     """
     from spoco_bundle.networks import load_weights
+    from spoco_bundle.shipped import read_card, write_card
 
     src = Path(source_dir) if source_dir else repository_root()
     out_root = Path(output_dir)
@@ -351,11 +375,17 @@ def package_bundle(
             if doc.is_file():
                 shutil.copy2(doc, stage / "docs" / doc.name)
 
+        # the checkpoint's model card first: the packaged inference.json builds network_def from it
+        card = read_card(checkpoint)
+        if card is not None:
+            write_card(stage / "models" / "model.pt", card)
         # weights: strict load into the packaged network_def, saved as a plain CPU state dict
         parser = _parser(stage / "configs" / "inference.json", stage)
         network = parser.get_parsed_content("network_def")
         load_weights(network, str(checkpoint), map_location="cpu")
         torch.save(network.state_dict(), stage / "models" / "model.pt")
+        if card is None:  # a checkpoint from before bundle 0.10: the packaged model describes itself all the same
+            write_card(stage / "models" / "model.pt", _card_of(network, parser, Path(checkpoint).name))
         if teacher is not None:
             teacher_net = load_weights(copy.deepcopy(network), str(teacher), map_location="cpu")
             torch.save(teacher_net.state_dict(), stage / "models" / "teacher.pt")

@@ -1,22 +1,54 @@
 """
-Models that ship with the bundle: ``models/<name>/model.pt`` with ``models/<name>/model.json`` (what the model is,
-the inference settings it needs, how it was trained, its scores; written by ``scripts/shipped_models.py``).
+Model cards: the ``model.json`` beside a ``model.pt`` that says what the weights are, so that inference needs no
+flags to rebuild the network that fits them. One schema serves the user's own trainings and the shipped models:
 
-``configs/inference.json`` selects one with ``--model <name>``: the checkpoint and the settings the model was
-trained with (``spatial_dims``, ``patch_size``, ``min_size``) come from its ``model.json`` (``model_settings``, a
-component that puts the bundle on ``sys.path`` first, like ``network_def``, so that MONAI's zoo commands resolve the
-network from an unpacked bundle); any of them given on the command line still wins. ``--model`` unset (the
-default) segments with ``models/model.pt``, the user's own training.
+- ``inference``: the ``configs/inference.json`` ids the model needs or was tuned with: ``spatial_dims``,
+  ``features``, ``embedding_dim`` (they define the network's shape), ``patch_size``, ``min_size``,
+  ``intensity_percentiles``;
+- ``training``: how it was trained: ``settings`` (the run's ``train.json`` ids, which ``configs/evaluate.json`` takes
+  its defaults from), and for a training of this bundle the size of what it was trained on (``object_diameter``,
+  ``image_blob_scale`` in voxels of the network's grid, the images' ``voxel_size`` and ``voxel_unit``), the
+  iteration and time of the save;
+- ``bundle_version``: the bundle (``configs/metadata.json``) that wrote it.
+
+Training writes the card of ``ckpt_dir/model.pt`` whenever the weights are saved
+(:class:`~spoco_bundle.handlers.ModelCardWriter`). Shipped models are ``models/<name>/model.pt`` with
+``models/<name>/model.json`` (written by ``scripts/shipped_models.py``, with a description and scores as well).
+
+``configs/inference.json`` reads the card of the checkpoint it loads (``ckpt_path``; ``--model <name>`` selects a
+shipped model's) through ``model_settings`` (a component that puts the bundle on ``sys.path`` first, like
+``network_def``, so that MONAI's zoo commands resolve the network from an unpacked bundle): its ``spatial_dims``,
+``features``, ``embedding_dim``, ``patch_size``, ``min_size`` and ``intensity_percentiles`` default to the card's;
+any of them given on the command line still wins, and a given shape setting that contradicts the card is refused by
+:func:`~spoco_bundle.networks.load_weights` (:func:`check_network`) with one line naming both values. A checkpoint
+without a card (trained before bundle 0.10) is used with the config's defaults, as before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available", "card", "checkpoint", "settings"]
+__all__ = [
+    "SHAPE_SETTINGS",
+    "available",
+    "card",
+    "checkpoint",
+    "settings",
+    "card_path",
+    "read_card",
+    "inference_settings",
+    "training_settings",
+    "check_network",
+    "write_card",
+    "bundle_version",
+]
+
+# the card's inference settings that define the network's shape: a different value cannot load the weights
+SHAPE_SETTINGS = ("spatial_dims", "features", "embedding_dim")
 
 
 def _models_dir(bundle_root: str | os.PathLike) -> Path:
@@ -39,10 +71,7 @@ def card(bundle_root: str | os.PathLike, name: str) -> dict[str, Any]:
     if not path.is_file():
         names = ", ".join(available(bundle_root)) or "none"
         raise ValueError(f"no shipped model {name!r} in {_models_dir(bundle_root)} (shipped: {names}).")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+    return _read_json(path)
 
 
 def checkpoint(bundle_root: str | os.PathLike, name: str | None) -> str:
@@ -54,6 +83,124 @@ def checkpoint(bundle_root: str | os.PathLike, name: str | None) -> str:
 
 
 def settings(bundle_root: str | os.PathLike, name: str | None) -> dict[str, Any]:
-    """The inference settings of shipped model ``name`` (its ``model.json`` ``inference`` section); ``{}`` for None.
-    ``configs/inference.json`` builds its ``spatial_dims``, ``patch_size`` and ``min_size`` defaults on this."""
-    return {} if name is None else dict(card(bundle_root, name).get("inference", {}))
+    """The inference settings of the checkpoint :func:`checkpoint` selects (its card's ``inference`` section);
+    ``{}`` when it has no card."""
+    return inference_settings(checkpoint(bundle_root, name))
+
+
+def card_path(ckpt_path: str | os.PathLike) -> Path:
+    """The card of a checkpoint: ``model.json`` for ``model.pt`` (the same name, suffix ``.json``)."""
+    return Path(ckpt_path).with_suffix(".json")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    if not isinstance(content, dict):
+        raise ValueError(f"cannot read {path}: a model card is a JSON object, got {type(content).__name__}.")
+    return content
+
+
+def read_card(ckpt_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The card of checkpoint ``ckpt_path`` (:func:`card_path`), or None when it has none.
+
+    Raises:
+        ValueError: the card exists but cannot be read (naming the file).
+    """
+    path = card_path(ckpt_path)
+    return _read_json(path) if path.is_file() else None
+
+
+def _section(ckpt_path: str | os.PathLike, *keys: str) -> dict[str, Any]:
+    content: Any = read_card(ckpt_path) or {}
+    for key in keys:
+        content = content.get(key) if isinstance(content, Mapping) else None
+    if content is None:
+        return {}
+    if not isinstance(content, Mapping):
+        raise ValueError(f"{card_path(ckpt_path)}: '{'.'.join(keys)}' must be a JSON object.")
+    return dict(content)
+
+
+def inference_settings(ckpt_path: str | os.PathLike) -> dict[str, Any]:
+    """The ``inference`` section of the card of ``ckpt_path``: ``configs/inference.json``'s defaults for
+    ``spatial_dims``, ``features``, ``embedding_dim``, ``patch_size``, ``min_size``, ``intensity_percentiles``;
+    ``{}`` without a card."""
+    return _section(ckpt_path, "inference")
+
+
+def training_settings(ckpt_path: str | os.PathLike) -> dict[str, Any]:
+    """The ``training.settings`` section of the card of ``ckpt_path``: the ``train.json`` ids of the run, which
+    ``configs/evaluate.json`` takes its defaults from; ``{}`` without a card."""
+    return _section(ckpt_path, "training", "settings")
+
+
+def _flag_value(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_network(network: Any, ckpt_path: str | os.PathLike) -> None:
+    """
+    Refuse to load ``ckpt_path`` into ``network`` when the network's shape settings (``spatial_dims``,
+    ``features``, ``embedding_dim``; the attributes of :class:`~spoco_bundle.networks.EmbeddingUNet`) contradict the
+    checkpoint's card. Nothing is checked without a card, or for a setting the card does not record.
+
+    Raises:
+        ValueError: one line naming the checkpoint, each contradicting setting with its flag, and both values.
+    """
+    recorded = inference_settings(ckpt_path)
+    given = {
+        "spatial_dims": getattr(network, "spatial_dims", None),
+        "features": getattr(network, "filters", None),
+        "embedding_dim": getattr(network, "embedding_dim", None),
+    }
+    problems = []
+    for name in SHAPE_SETTINGS:
+        want, have = recorded.get(name), given[name]
+        if want is None or have is None:
+            continue
+        if (list(want) if isinstance(want, (list, tuple)) else want) != (
+            list(have) if isinstance(have, (list, tuple)) else have
+        ):
+            problems.append(f"--{name} {_flag_value(have)} contradicts its {name} {_flag_value(want)}")
+    if problems:
+        raise ValueError(
+            f"checkpoint {ckpt_path} does not fit the network asked for: {'; '.join(problems)} (recorded in "
+            f"{card_path(ckpt_path)}). Leave these flags out to take the checkpoint's values, or pass the checkpoint "
+            "that was trained with them."
+        )
+
+
+def write_card(ckpt_path: str | os.PathLike, content: Mapping[str, Any]) -> Path:
+    """Write ``content`` as the card of ``ckpt_path`` atomically (a temporary file renamed over it): a reader sees
+    the previous card or the new one, never a partial file. Returns the card's path."""
+    path = card_path(ckpt_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(content, indent=1, default=_json_default) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    try:
+        return float(value)  # numpy / torch scalars
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def bundle_version() -> str:
+    """The bundle's version: ``version`` of ``configs/metadata.json`` beside this package (the repository or an
+    unpacked bundle), else the package's ``__version__``."""
+    meta = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+    try:
+        version = json.loads(meta.read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        version = None
+    if isinstance(version, str):
+        return version
+    from spoco_bundle import __version__
+
+    return __version__

@@ -154,7 +154,10 @@ def test_pretrained_fine_tunes_from_a_shipped_model_and_refuses_other_architectu
     written = (bundle / "models" / "model.pt").stat().st_mtime_ns
     for bad, message in (
         (["--spatial_dims", "2", "--pretrained", "nucleus"], "no shipped model 'nucleus'"),
-        (["--spatial_dims", "2", "--pretrained", "nuclei2d", "--features", "[8,16,32]"], "does not match network_def"),
+        (
+            ["--spatial_dims", "2", "--pretrained", "nuclei2d", "--features", "[8,16,32]"],
+            "--features [8,16,32] contradicts its features [16,32,64,128]",  # its model.json says so, in one line
+        ),
         (["--spatial_dims", "2", "--pretrained", str(tmp_path / "none.pt")], "none.pt not found"),
     ):
         proc = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)

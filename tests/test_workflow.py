@@ -56,6 +56,7 @@ def test_check_properties(tmp_path, tiny3d):
     )
     wf.initialize()
     assert wf.check_properties() == []
+    wf.finalize()  # closes the log file that initialize opened in output_dir
     parser = ConfigParser()
     parser.read_config(TRAIN)
     for key in (
@@ -272,7 +273,7 @@ def test_resume_after_kill_continues_the_killed_run(tmp_path, tiny3d):
     assert f"resuming from {resume}: iteration {done}, epoch {done // 10} of 4 complete{into}" in log
     assert f"training 4 epochs x 10 iterations = 40 iterations, resuming after iteration {done}" in log
     assert f"Epoch[{done // 10}] Complete" not in log and "Epoch[4] Complete" in log
-    assert {p.name for p in models.iterdir()} == {"resume.pt", "model.pt", "teacher.pt"}
+    assert {p.name for p in models.iterdir()} == {"resume.pt", "model.pt", "model.json", "teacher.pt"}
     final = torch.load(resume, map_location="cpu", weights_only=True)
     assert final["trainer"]["iteration"] == 40
     # Adam counted every iteration of the run, before and after the kill
