@@ -596,3 +596,31 @@ def test_stardist_peer_sees_the_image_scale_spoco_gets_and_answers_on_the_test_g
     back = _resize_labels(small, labels.shape)
     assert back.shape == labels.shape and (back == labels).mean() > 0.99
     assert _rescale(labels, 1.0, order=0) is labels
+
+
+def test_learning_speed_screen_scores_on_training_images_it_did_not_train_on(tmp_path: Path) -> None:
+    from scripts.benchmark_learning_speed import _last_terms, tune_split
+
+    items = [Item(f"t{i}", np.zeros((8, 8), np.float32), np.zeros((8, 8), np.int32), None, "", "") for i in range(5)]
+    split = Split("dsb2018", "train5_val2", 2, items, [])
+    tuned = tune_split(split, 2)
+    assert [i.name for i in tuned.train] == ["t0", "t1", "t2"] and [i.name for i in tuned.test] == ["t3", "t4"]
+    assert tuned.name != split.name  # its records never mix with the benchmark's
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="--tune"):
+            tune_split(split, bad)
+    # the loss-terms line as training logs it, learning rate appended
+    log = tmp_path / "train.log"
+    log.write_text(
+        "x\rEpoch 1 loss terms: pull 2.5  push 3.7  total 21.6\n"
+        "INFO - Epoch 15 loss terms: pull 0.4388  push 1.1746  foreground 0.1282  total 40.9  (lr 1.58e-05)\n"
+    )
+    assert _last_terms(log) == {"epoch": 15, "pull": 0.4388, "push": 1.1746, "foreground": 0.1282, "total": 40.9}
+    assert _last_terms(tmp_path / "missing.log") == {}
+
+
+def test_inference_ids_carry_a_studied_network_shape() -> None:
+    from scripts.accuracy.spoco_runner import run_ids
+
+    ids = run_ids({"info": {"overrides": {"patch_size": [192, 192], "features": [8, 16, 32, 64], "seed": 0}}})
+    assert ids == {"patch_size": [192, 192], "features": [8, 16, 32, 64]}

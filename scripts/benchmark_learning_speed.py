@@ -1,0 +1,307 @@
+"""
+Learning-speed screen (issue 24 item 3): which training recipe learns fastest, judged on *training* images only.
+
+Each recipe is a set of ``configs/train.json`` overrides. Every run trains the bundle (``monai.bundle run training``,
+as a user does) for the same CPU budget on the first images of a data set's training split with ``--ratio`` of the
+objects kept, then segments the *last* ``--tune`` training images, which it never saw (an inner split: settings are
+chosen here, never on the validation images the benchmark scores). Reported per run: AP50 / mAP with the head's
+foreground (the user's result), the head's pixel precision / recall, AP50 with the true foreground given (what the
+embeddings alone separate), iterations, CPU seconds and the final epoch's loss terms.
+
+    .venv/bin/python scripts/benchmark_learning_speed.py [--dataset dsb2018] [--tune 40] [--ratios 0.1]
+        [--recipes default,fg20] [--budget_s 300] [--threads 1] [--jobs 2] [--out_dir eval/learning_speed]
+        [--no_run]
+
+``--jobs 2`` runs two 1-thread runs side by side (the deliberate mode on a 2-core machine; the CPU-time budget keeps
+runs comparable, wall times grow). Each run's record is cached as ``<out_dir>/<dataset>/<recipe>/ratio_<r>_<budget>s
+.json`` (a finished run is skipped, so the grid can run in pieces); ``--no_run`` only prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.accuracy import spoco_runner  # noqa: E402
+from scripts.accuracy.common import Split, kept_digest, load_benchmark, score  # noqa: E402
+from spoco_bundle.io import read_image, split_image_suffix, write_label_image  # noqa: E402
+
+# train.json overrides per recipe ("default": the bundle as it ships)
+RECIPES: dict[str, dict] = {
+    "default": {},
+    # the foreground term's weight: 300 (after a warm-up from 20) dominates the shared layers' gradients
+    "fg20": {"loss#foreground_weight": 20.0, "foreground_warmup_iterations": 0},
+    "fg5": {"loss#foreground_weight": 5.0, "foreground_warmup_iterations": 0},
+    "fg1": {"loss#foreground_weight": 1.0, "foreground_warmup_iterations": 0},
+    "lr5e-3": {"learning_rate": 0.005},
+    "lr1e-3": {"learning_rate": 0.001},
+    "lr1e-2": {"learning_rate": 0.01},
+    "lr1e-2_fg1000": {"learning_rate": 0.01, "loss#foreground_weight": 1000.0},
+    "no_consistency": {"loss#consistency_weight": 0.0},
+    "fg1000": {"loss#foreground_weight": 1000.0},
+    # cheaper iterations: half the feature maps (~4x fewer operations), or smaller patches
+    "narrow": {"features": [8, 16, 32, 64]},
+    "patch128": {"patch_size": [128, 128]},
+}
+
+_TERMS = re.compile(r"Epoch (\d+) loss terms: (.*)")
+
+
+def tune_split(split: Split, n_tune: int) -> Split:
+    """Train on all but the last ``n_tune`` training images of ``split``, test on those (dense labels)."""
+    if not 0 < n_tune < len(split.train):
+        raise ValueError(f"--tune must be between 1 and {len(split.train) - 1} for {split.name}, got {n_tune}.")
+    return replace(
+        split,
+        name=f"tune_{split.name}_{len(split.train) - n_tune}_{n_tune}",
+        train=split.train[:-n_tune],
+        test=split.train[-n_tune:],
+    )
+
+
+def record_path(out_dir: Path, dataset: str, recipe: str, ratio: float, budget_s: float) -> Path:
+    return out_dir / dataset / recipe / f"ratio_{ratio:.2f}_{budget_s:g}s.json"
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "configs", "spoco_bundle", "scripts"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        )
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def _last_terms(log: Path) -> dict[str, float]:
+    """The last ``Epoch N loss terms: ...`` line of a training log (unweighted terms), as a dict."""
+    text = log.read_text(errors="replace").replace("\r", "\n") if log.is_file() else ""
+    found = _TERMS.findall(text)
+    if not found:
+        return {}
+    epoch, terms = found[-1]
+    parts = terms.split("(")[0].split()  # "pull 0.43  push 1.17 ... total 40.9  (lr 1.6e-05)"
+    values = {k: float(v) for k, v in zip(parts[::2], parts[1::2])}
+    return {"epoch": int(epoch), **values}
+
+
+def _saved_predictions(split: Split, work: Path, tag: str) -> list[np.ndarray] | None:
+    """The predictions a finished run left in ``<work>/pred<tag>``, or None when any is missing."""
+    out = []
+    for item in split.test:
+        path = work / f"pred{tag}" / f"{split_image_suffix(os.path.basename(item.path))[0]}_instances.tif"
+        if not path.is_file():
+            return None
+        out.append(np.asarray(read_image(path)[0]).astype(np.int32))
+    return out
+
+
+def run_one(
+    split: Split, recipe: str, ratio: float, budget_s: float, threads: int, out_dir: Path, rescore: bool = False
+) -> dict:
+    """Train and score one recipe; returns (and caches) its record. ``rescore``: score the predictions a finished
+    run left in its folder (no training; its CPU time is then unknown)."""
+    path = record_path(out_dir, split.dataset, recipe, ratio, budget_s)
+    work = path.with_suffix("")  # the run's folder: dataset.json, checkpoints, logs, predictions
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_start = os.getloadavg()[0]
+    commit = _commit()  # the code the run starts with
+    truth = [item.labels for item in split.test]
+    if rescore:
+        predictions, oracle = _saved_predictions(split, work, ""), _saved_predictions(split, work, "_mask")
+        log = (work / "train.log").read_text(errors="replace") if (work / "train.log").is_file() else ""
+        found = re.findall(r"reached after (\d+) iterations", log)
+        if predictions is None or oracle is None or not found:
+            raise RuntimeError(f"{work}: no finished run to rescore")
+        iterations, train_cpu, train_wall = int(found[-1]), None, None
+    else:
+        result = spoco_runner.fit_predict(
+            split, ratio, seed=0, budget_s=budget_s, work_dir=work, threads=threads, overrides=RECIPES[recipe]
+        )
+        predictions, iterations = result.predictions, result.iterations
+        train_cpu, train_wall = result.info.get("train_cpu_s"), round(result.train_seconds, 1)
+        # the same checkpoint inside the true foreground: what the embeddings separate without the head's errors
+        masks = work / "masks"
+        masks.mkdir(exist_ok=True)
+        for item in split.test:
+            stem = split_image_suffix(os.path.basename(item.path))[0]
+            write_label_image(masks / f"{stem}.tif", (item.labels > 0).astype("uint8"))
+        ids = dict(spoco_runner.run_ids({"info": result.info}), foreground_mask_dir=str(masks))
+        ckpt = work / "models" / "model.pt"
+        oracle = spoco_runner.predict(ckpt, split, work, threads=threads, tag="_mask", overrides=ids)
+    head = score(predictions, truth, split.spatial_dims, split.dataset)
+    truth_mask = score(oracle, truth, split.spatial_dims, split.dataset)
+    record = {
+        "dataset": split.dataset,
+        "split": split.name,
+        "recipe": recipe,
+        "overrides": RECIPES[recipe],
+        "ratio": ratio,
+        "kept_digest": kept_digest(split, ratio, 0),
+        "budget_s": budget_s,
+        "clock": "cpu",
+        "threads": threads,
+        "commit": commit,
+        "started": started,
+        "loadavg_start": round(load_start, 2),
+        "loadavg_end": round(os.getloadavg()[0], 2),
+        "iterations": iterations,
+        "train_cpu_s": train_cpu,
+        "train_wall_s": train_wall,
+        "rescored": rescore,
+        "loss_terms": _last_terms(work / "train.log"),
+        "head": {k: head[k] for k in ("ap50", "map", "sbd", "fg_precision", "fg_recall")},
+        "truth_mask": {k: truth_mask[k] for k in ("ap50", "map", "sbd")},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return record
+
+
+def table(records: list[dict]) -> str:
+    head = (
+        "| recipe | labelled | AP50 | mAP | fg precision | fg recall | AP50 (true mask) | iterations | CPU s | "
+        "pull | push | instance | consistency | foreground | commit | load |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in sorted(records, key=lambda r: (r["ratio"], r["budget_s"], -r["head"]["ap50"])):
+        t = r["loss_terms"]
+        # a rescored run's load figures are those of the rescoring, not of its training
+        load = "-" if r.get("rescored") else f"{r['loadavg_start']:.1f}-{r['loadavg_end']:.1f}"
+        rows.append(
+            f"| {r['recipe']} | {r['ratio']:.0%} | {r['head']['ap50']:.3f} | {r['head']['map']:.3f} | "
+            f"{r['head']['fg_precision']:.2f} | {r['head']['fg_recall']:.2f} | {r['truth_mask']['ap50']:.3f} | "
+            f"{r['iterations']} | {'-' if r['train_cpu_s'] is None else format(r['train_cpu_s'], '.0f')} | "
+            + " | ".join(
+                f"{t.get(k, float('nan')):.3f}" for k in ("pull", "push", "instance", "consistency", "foreground")
+            )
+            + f" | {r['commit']} | {load} |"
+        )
+    return head + "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="dsb2018")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--tune", type=int, default=40, help="last N training images held out for scoring")
+    p.add_argument("--ratios", default="0.1")
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--budget_s", type=float, default=300.0, help="training budget per run (process CPU seconds)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side")
+    p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "learning_speed"))
+    p.add_argument("--no_run", action="store_true", help="only print the table of cached runs")
+    p.add_argument("--docs", default="", help="also write the report to this markdown file")
+    p.add_argument("--rescore", action="store_true", help="score runs whose folder holds finished predictions")
+    args = p.parse_args()
+
+    os.environ["SPOCO_BENCH_CLOCK"] = "cpu"
+    out_dir = Path(args.out_dir)
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        p.error(f"unknown recipes {unknown}; known: {sorted(RECIPES)}")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    (split,) = load_benchmark(args.dataset, args.data_dir)[:1]
+    split = tune_split(split, args.tune)
+    todo = [
+        (recipe, ratio)
+        for recipe in recipes
+        for ratio in ratios
+        if not record_path(out_dir, split.dataset, recipe, ratio, args.budget_s).is_file()
+    ]
+    if not args.no_run and todo:
+        print(f"{len(todo)} runs to do on {split.name}: {todo}", flush=True)
+        # processes, not threads: each run's CPU time is read from its own process's finished children
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {
+                pool.submit(run_one, split, recipe, ratio, args.budget_s, args.threads, out_dir, args.rescore): (
+                    recipe,
+                    ratio,
+                )
+                for recipe, ratio in todo
+            }
+            for future, key in futures.items():
+                try:
+                    r = future.result()
+                    print(f"{key}: AP50 {r['head']['ap50']:.3f} (true mask {r['truth_mask']['ap50']:.3f})", flush=True)
+                except Exception as e:  # keep the other runs going; the error is in the run's log
+                    print(f"{key}: failed: {e}", file=sys.stderr, flush=True)
+    records = [json.loads(f.read_text()) for f in sorted((out_dir / split.dataset).glob("*/ratio_*s.json"))]
+    records = [r for r in records if r["split"] == split.name]
+    text = report(split, records)
+    print(text)
+    if args.docs:
+        Path(args.docs).write_text(text)
+        print(f"wrote {args.docs}")
+
+
+def report(split: Split, records: list[dict]) -> str:
+    """Markdown: how the screen ran, then one table per budget."""
+    from scripts.benchmark_accuracy import machine_info
+
+    machine = machine_info()
+    lines = [
+        "# Learning-speed screen (issue 24 item 3)",
+        "",
+        "Generated by `scripts/benchmark_learning_speed.py` from its cached runs; do not edit by hand.",
+        "",
+        "```bash",
+        ".venv/bin/python scripts/benchmark_learning_speed.py --recipes <names> --ratios 0.1 --budget_s 300 --jobs 2",
+        ".venv/bin/python scripts/benchmark_learning_speed.py --no_run --docs docs/learning_speed.md",
+        "```",
+        "",
+        f"- **Data**: {split.dataset}, training split only: train on its first {len(split.train)} images with the "
+        f"kept objects of `SparseInstanceLabel(seed=0)`, score on its last {len(split.test)} images (dense labels, "
+        "never seen in training). The benchmark's validation images are not used: settings are chosen here.",
+        "- **Recipes**: `configs/train.json` overrides (`RECIPES` in the script, each run's in its record); "
+        "everything else the bundle's defaults, inference with `configs/inference.json` defaults "
+        "(watershed + shape split, head foreground at 0.5).",
+        "- **Columns**: AP50 / mAP with the head's foreground (what a user gets); the predicted objects' pixels "
+        "against the true foreground (precision / recall); AP50 with the true foreground given (what the embeddings "
+        "separate on their own); the last epoch's unweighted loss terms; 1-minute load average at start-end.",
+        f"- **Machine**: {machine.get('cpu')}, {machine.get('nproc')} cores, torch {machine.get('torch')}, "
+        f"{'GPU ' + str(machine.get('cuda')) if machine.get('cuda') else 'no GPU'}; each run 1 thread with a budget "
+        "of process CPU seconds (enforced inside the training), two runs side by side. 'CPU s' (as measured by the "
+        "script) is blank for runs scored from their saved predictions after a reporting error (`--rescore`) and "
+        "for runs of the first grid whose count included the neighbour run (they shared one process).",
+        "- **Reading it**: a screen at a short budget only says which recipe learns fastest *early*; keep a recipe "
+        "only when it also wins at the budget that matters (the ranking lists under each table show whether the "
+        "order holds from one budget to the next). 'AP50 (true mask)' falling while AP50 rises means the recipe "
+        "buys the head's speed with the embeddings' quality.",
+        "",
+    ]
+    for budget in sorted({r["budget_s"] for r in records}):
+        rows = [r for r in records if r["budget_s"] == budget]
+        lines += [f"## {budget:g} CPU-s per run", "", table(rows), ""]
+        for ratio in sorted({r["ratio"] for r in rows}):
+            ranked = sorted((r for r in rows if r["ratio"] == ratio), key=lambda r: -r["head"]["ap50"])
+            order = ", ".join(f"{r['recipe']} {r['head']['ap50']:.3f}" for r in ranked)
+            lines += [f"- {ratio:.0%} labelled, AP50 best first: {order}"]
+        lines += [""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
