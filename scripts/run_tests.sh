@@ -4,12 +4,25 @@
 # Then the MONAI Label tests (tests/test_monailabel_{tasks,server}.py, skipped in .venv) run in .venv-monailabel
 # (scripts/setup_monailabel.sh), without network access where this machine allows a private network namespace.
 # SPOCO_MONAILABEL_TESTS=0 leaves that second part out (quick local runs).
+# --fast (first argument): the everyday tier only: unit tests and one tiny end-to-end training, no tests marked
+# slow, packaging, distributed, monailabel or benchmark (markers in pyproject.toml, tiers in docs/testing.md).
+# Without it (CI, .ci/run) everything runs.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+fast=0
+if [ "${1:-}" = "--fast" ]; then
+    fast=1
+    shift
+fi
 bash scripts/setup_env.sh test,lint
 status=0
 bash scripts/lint.sh || status=$?
+if [ "$fast" = 1 ]; then
+    "$root/.venv/bin/python" -m pytest tests -m "not (slow or packaging or distributed or monailabel or benchmark)" \
+        "$@" || status=$?
+    exit "$status"
+fi
 "$root/.venv/bin/python" -m pytest tests "$@" || status=$?
 if [ "${SPOCO_MONAILABEL_TESTS:-1}" != 0 ]; then
     bash scripts/setup_monailabel.sh

@@ -259,6 +259,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert (tmp_path / "docs" / "images" / "benchmark_dsb2018.png").read_bytes() == before
 
 
+@pytest.mark.benchmark
 def test_repredict_reuses_the_checkpoint_and_keeps_the_earlier_scores(
     dsb_small: Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -497,6 +498,7 @@ def test_protocol_table_and_rescore(dsb_small: Split, tmp_path: Path) -> None:
     assert _protocol_lines(ok, {"dsb2018": [split]}, ["spoco", "classical"]) == []  # no protocol in the grid
 
 
+@pytest.mark.benchmark
 def test_mask_protocol_reuses_the_objects_only_checkpoint(
     dsb_small: Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

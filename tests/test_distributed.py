@@ -89,6 +89,7 @@ def test_multi_gpu_config_without_torchrun_says_so(tmp_path, monkeypatch):
     assert any("launched with torchrun" in m for m in chain), chain
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes_gloo(tmp_path):
     # 3 training volumes over 2 ranks (each rank draws from its shard of 2), 2 epochs of 2 iterations on every rank;
     # 3 validation volumes split 2 + 1, their metrics gathered across ranks

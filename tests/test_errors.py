@@ -34,6 +34,7 @@ def _tiny_model(path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "missing_input_folder", "missing_training_data"])
+@pytest.mark.slow
 def test_cli_error_ends_on_its_root_cause(tmp_path, case):
     infer = ["--config_file", str(ROOT / "configs" / "inference.json"), "--output_dir", str(tmp_path / "out")]
     if case == "missing_checkpoint":

@@ -42,6 +42,7 @@ def test_scripted_network_matches_eager(kwargs, shape):
     assert torchscript_parity(net, torch.jit.load(f), shape) <= TS_ATOL
 
 
+@pytest.mark.packaging
 def test_ckpt_export_cli_2d(tmp_path):
     """``python -m monai.bundle ckpt_export`` on the repository's inference config, overridden to 2D."""
     parser_overrides = {"spatial_dims": 2, "features": [8, 16, 32]}

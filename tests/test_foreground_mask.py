@@ -135,6 +135,7 @@ def test_load_foreground_mask_reads_checks_and_warns(tmp_path, caplog):
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+@pytest.mark.slow
 def test_cli_clusters_only_inside_the_masks(tmp_path):
     """3D, NIfTI and TIFF images with masks of the other format: no instance outside a mask, while the head's
     foreground on the same images reaches outside it."""
@@ -166,6 +167,7 @@ def test_cli_clusters_only_inside_the_masks(tmp_path):
         assert _labels(tmp_path / "head" / f"{name}_instances{ext}")[~mask].any()  # the head's mask is another
 
 
+@pytest.mark.slow
 def test_cli_full_mask_differs_from_the_head_and_works_with_image_scale(tmp_path):
     """2D TIFF image, NIfTI masks stored (H, W, 1): the mask, not the head, decides the foreground; with
     ``--image_scale`` the mask stays on the input's grid like the written labels."""
@@ -196,6 +198,7 @@ def test_cli_full_mask_differs_from_the_head_and_works_with_image_scale(tmp_path
     assert not labels["part"][mask == 0].any() and (labels["part"][mask != 0] > 0).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_cli_bad_masks_fail_per_file_and_a_missing_folder_before_any_work(tmp_path):
     inputs, masks = tmp_path / "in", tmp_path / "masks"
     inputs.mkdir()

@@ -62,6 +62,7 @@ def _infer(cwd: Path, inputs: Path, out: Path, ckpt: Path, *extra: str) -> subpr
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_nifti_and_tiff_keep_shape_axes_and_spacing(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -93,6 +94,7 @@ def test_nifti_and_tiff_keep_shape_axes_and_spacing(tmp_path):
         assert tif.series[0].shape == vol.shape and tif.imagej_metadata["spacing"] == pytest.approx(2.5)
 
 
+@pytest.mark.slow
 def test_output_ext_override_and_2d(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -117,6 +119,7 @@ def test_output_ext_override_and_2d(tmp_path):
     assert labels.shape == (50, 70)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_skipped_and_reported(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -132,6 +135,7 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_instances.nii.gz"]  # nothing partial
 
 
+@pytest.mark.slow
 def test_failed_inputs_report_the_root_cause_per_file_and_in_the_summary(tmp_path):
     """A truncated .nii.gz, an RGB TIFF and a 2D image for a 3D model: each is reported with the reader's or the
     check's own message, on its FAILED line and in the final summary, never as MONAI's ``applying transform``."""
@@ -163,6 +167,7 @@ def test_failed_inputs_report_the_root_cause_per_file_and_in_the_summary(tmp_pat
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_instances.nii.gz"]
 
 
+@pytest.mark.slow
 def test_inputs_that_would_share_an_output_are_refused_before_any_work(tmp_path):
     """``a.nii.gz`` + ``a.tif`` or ``a.tif`` + ``a.tiff`` with ``--output_ext .tif`` both map to ``a_instances.tif``:
     the second used to replace the first silently (exit 0). Now an error names both inputs; nothing is written."""
@@ -194,6 +199,7 @@ def test_inputs_that_would_share_an_output_are_refused_before_any_work(tmp_path)
     ]
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_input_folder_skips_the_first_runs_outputs(tmp_path):
     """Output folder = input folder: the second run used to segment ``a_instances.nii.gz`` as an image (writing
     ``a_instances_instances.nii.gz``). Outputs beside their input are skipped with a message; a file named
@@ -223,6 +229,7 @@ def test_a_second_run_into_the_input_folder_skips_the_first_runs_outputs(tmp_pat
     assert {p.name for p in folder.iterdir()} == {"a.nii.gz", "b.tif", "x_instances.tif"} | written
 
 
+@pytest.mark.slow
 def test_a_killed_writes_partial_file_is_removed_by_the_next_run(tmp_path):
     """A run killed during a write leaves the hidden ``.<stem>_instances.partial<ext>`` (the atomic write's temporary
     file) in the output folder; the next run that writes that output removes it and says so."""
@@ -269,6 +276,7 @@ def _read_only_folder(path: Path):
         path.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_folder_fails_before_any_work(tmp_path):
     """A read-only output folder used to be found only when each file, already computed, was written."""
     inputs = tmp_path / "in"
@@ -364,6 +372,7 @@ def test_scaled_inferer_needs_one_factor_per_axis():
         ScaledInferer(SimpleInferer(), (0.5, 0.5))(torch.zeros(1, 1, 8, 8, 8), lambda x: x)
 
 
+@pytest.mark.slow
 def test_image_scale_option_keeps_the_written_geometry(tmp_path):
     """``--image_scale`` resamples only what the network sees: the labels come back on the input's grid."""
     inputs = tmp_path / "in"
@@ -383,6 +392,7 @@ def test_image_scale_option_keeps_the_written_geometry(tmp_path):
     assert not (tmp_path / "out_bad").exists() or not any((tmp_path / "out_bad").iterdir())
 
 
+@pytest.mark.slow
 def test_a_constant_image_gives_an_empty_segmentation_and_a_warning(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()

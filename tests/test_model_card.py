@@ -64,6 +64,7 @@ def trained(tmp_path_factory) -> dict:
     return {"root": root, "data": data, "bundle": bundle, "ckpt": bundle / "models" / "model.pt", "inputs": inputs}
 
 
+@pytest.mark.slow
 def test_training_writes_the_card_beside_the_weights(trained):
     ckpt = trained["ckpt"]
     card = json.loads((ckpt.parent / "model.json").read_text())
@@ -92,6 +93,7 @@ def test_training_writes_the_card_beside_the_weights(trained):
     assert shipped.training_settings(ckpt)["spatial_dims"] == 2
 
 
+@pytest.mark.slow
 def test_training_writes_tensorboard_events_and_a_log_file(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -112,6 +114,7 @@ def test_training_writes_tensorboard_events_and_a_log_file(trained):
     assert "loss terms: pull" in log and "model card written" in log and "Metrics -- val_ap50" in log
 
 
+@pytest.mark.slow
 def test_a_2d_model_segments_without_shape_flags(trained, tmp_path):
     out = tmp_path / "out"
     proc = _cli(tmp_path, "--config_file", INFER, "--ckpt_path", str(trained["ckpt"]), "--dataset_dir",
@@ -121,6 +124,7 @@ def test_a_2d_model_segments_without_shape_flags(trained, tmp_path):
     assert labels.shape == (50, 70)
 
 
+@pytest.mark.slow
 def test_a_flag_that_contradicts_the_card_is_one_clear_error(trained, tmp_path):
     out = tmp_path / "out"
     proc = _cli(tmp_path, "--config_file", INFER, "--ckpt_path", str(trained["ckpt"]), "--dataset_dir",
@@ -136,6 +140,7 @@ def test_a_flag_that_contradicts_the_card_is_one_clear_error(trained, tmp_path):
     assert not out.exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_evaluation_takes_its_settings_from_the_card(trained, tmp_path):
     proc = _cli(tmp_path, "--config_file", f"['{TRAIN}','{EVALUATE}']", "--bundle_root", str(trained["bundle"]),
                 "--dataset_dir", str(trained["data"]), "--output_dir", str(tmp_path / "scores"))  # fmt: skip
@@ -144,6 +149,7 @@ def test_evaluation_takes_its_settings_from_the_card(trained, tmp_path):
     assert "Metrics -- val_ap50" in (tmp_path / "scores" / "evaluate.log").read_text()
 
 
+@pytest.mark.slow
 def test_shape_checks_in_process(trained, tmp_path):
     ckpt = trained["ckpt"]
     with pytest.raises(ValueError, match=r"--spatial_dims 3 contradicts its spatial_dims 2; --features"):
@@ -171,6 +177,7 @@ def test_shape_checks_in_process(trained, tmp_path):
     assert parser.get_parsed_content("network").spatial_dims == 2
 
 
+@pytest.mark.slow
 def test_package_and_deployment_carry_the_card(trained, tmp_path):
     from spoco_bundle.monailabel_compat import deploy_bundle
     from spoco_bundle.package import package_bundle

@@ -40,7 +40,7 @@ from _monailabel_helpers import (
 
 from spoco_bundle.monailabel_compat import deploy_bundle
 
-pytestmark = requires_monailabel
+pytestmark = [requires_monailabel, pytest.mark.monailabel]
 
 MODEL = "spoco"
 START_TIMEOUT_S = 300

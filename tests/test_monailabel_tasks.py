@@ -31,7 +31,7 @@ from _monailabel_helpers import (
 
 from spoco_bundle.monailabel_compat import deploy_bundle
 
-pytestmark = requires_monailabel
+pytestmark = [requires_monailabel, pytest.mark.monailabel]
 
 # one epoch of 2 iterations keeps this file fast; the server test trains longer and compares segmentations of a
 # model that finds objects, so voxel-wise agreement there is not between two empty maps

@@ -36,6 +36,9 @@ from spoco_bundle.losses import SpocoLoss
 from spoco_bundle.package import check_metadata, package_bundle, torchscript_parity
 from spoco_bundle.synthetic import generate_nuclei
 
+# builds, unpacks and runs zoo packages: the packaging tier (docs/testing.md)
+pytestmark = pytest.mark.packaging
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "spoco_test_bundle"
 FEATURES = [8, 16, 32]

@@ -68,6 +68,7 @@ def _dsb_validation(n: int) -> list[str]:
 
 
 @pytest.mark.skipif(not (DATA / "dsb2018" / "split.json").is_file(), reason="needs ../shared/data/dsb2018")
+@pytest.mark.slow
 def test_nuclei2d_segments_dsb_validation_images_through_the_cli(tmp_path):
     """``--model nuclei2d`` as a user runs it, on real validation images it never saw, at twice their size too
     (``--image_scale auto``, the default, finds the factor); an unknown name is one clear line."""
@@ -119,6 +120,7 @@ def test_nuclei2d_segments_dsb_validation_images_through_the_cli(tmp_path):
     assert none.returncode != 0 and "not found" in last and "--model nuclei2d" in last, last
 
 
+@pytest.mark.slow
 def test_pretrained_fine_tunes_from_a_shipped_model_and_refuses_other_architectures(tmp_path):
     """``--pretrained nuclei2d`` starts training (student and momentum teacher) from the shipped weights; an unknown
     name or weights of another architecture are one clear line, never a run from random weights."""

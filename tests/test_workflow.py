@@ -103,6 +103,7 @@ def test_train_image_scale_resamples_images_and_labels_together(tiny3d):
     assert inside > outside + 0.2, (inside, outside)
 
 
+@pytest.mark.slow
 def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     proc = _run_training(
         tmp_path,
@@ -211,6 +212,7 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     assert len(list((tmp_path / "seg").glob("*_instances.nii.gz"))) == 3
 
 
+@pytest.mark.slow
 def test_resume_extends_a_finished_run(tmp_path, tiny3d):
     # a finished run resumed with more epochs trains the added ones only; with as many, there is nothing to resume
     short = ("--epoch_length", "2", "--val_interval", "5", "--patch_size", "[16,32,32]")
@@ -232,6 +234,7 @@ def test_resume_extends_a_finished_run(tmp_path, tiny3d):
     assert torch.load(resume, map_location="cpu", weights_only=True)["trainer"]["iteration"] == 4  # untouched
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_the_killed_run(tmp_path, tiny3d):
     # a run killed (-9) in the middle continues from its last periodic resume state: the same total of iterations,
     # with the optimizer, the learning-rate schedule, the teacher, the calibration state and the best validation
@@ -288,6 +291,7 @@ def test_resume_after_kill_continues_the_killed_run(tmp_path, tiny3d):
     assert all(torch.equal(teacher[n], saved["teacher"][n]) for n in params)
 
 
+@pytest.mark.slow
 def test_resume_without_a_resume_file_fails_clearly(tmp_path, tiny3d):
     proc = _run_training(tmp_path, tiny3d, "--epochs", "1", "--resume", "True", expect_ok=False)
     assert proc.returncode != 0
@@ -308,6 +312,7 @@ def one3d(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_epoch_length_is_independent_of_the_number_of_images(tmp_path, one3d):
     # one volume, 2 epochs of 3 iterations: 6 iterations (an epoch is not one pass over the images)
     proc = _run_training(tmp_path, one3d, "--epochs", "2", "--epoch_length", "3", "--patch_size", "[16,32,32]")
@@ -319,6 +324,7 @@ def test_epoch_length_is_independent_of_the_number_of_images(tmp_path, one3d):
     assert resume["lr_scheduler"]["T_max"] == 2  # the cosine spans the run's epochs
 
 
+@pytest.mark.slow
 def test_time_limit_ends_the_run_not_epochs(tmp_path, one3d):
     # `--epochs 1` alone would stop after 1 epoch; with a budget the budget ends the run, here in the middle of
     # the first (long) epoch, before any epoch-level validation: the final weights are validated all the same
@@ -388,6 +394,7 @@ def test_train_2d_tiff_without_validation(tmp_path):
     assert float(state["fg_label_frequency"]) == 1.0 and float(state["fg_positive_weight"]) == 1.0
 
 
+@pytest.mark.slow
 def test_images_smaller_than_patch_are_padded(tmp_path):
     data = tmp_path / "small"
     write_synthetic_dataset(data, n_train=1, n_val=0, n_test=0, shape=(40, 40), seed=3, spatial_dims=2)
@@ -398,6 +405,7 @@ def test_images_smaller_than_patch_are_padded(tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["float_label", "no_objects", "shape_mismatch", "empty"])
+@pytest.mark.slow
 def test_bad_data_fails_with_file_name(tmp_path, problem):
     import nibabel as nib
     import numpy as np
@@ -430,6 +438,7 @@ def test_bad_data_fails_with_file_name(tmp_path, problem):
     assert not (tmp_path / "bundle" / "models" / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_scribbles_train_a_calibrated_head_and_runs_repeat_bit_for_bit(tmp_path, monkeypatch):
     # --scribbles paints strokes into dense labels (id --background_label): the head stays positive-unlabeled, so
     # the model carries a label frequency c < 1; two runs with the same seed and thread count give identical weights
