@@ -43,24 +43,28 @@ def _outline(labels: np.ndarray) -> np.ndarray:
     return edge & (labels > 0)
 
 
-def draw_preview(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str) -> str:
-    """rows: (name, image, ground truth, prediction) 2D or 3D arrays; draws the middle slice of each."""
+def draw_preview(rows: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray]], path: str) -> str:
+    """rows: (name, image, ground truth or None, prediction) 2D or 3D arrays; draws the middle slice of each, the
+    predicted outlines beside the true ones (prediction only where no row has ground truth)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(rows), 2, figsize=(8, 4 * len(rows)), squeeze=False)
-    for (name, img, gt, pred), (ax_p, ax_g) in zip(rows, axes):
+    columns = 2 if any(gt is not None for _, _, gt, _ in rows) else 1
+    fig, axes = plt.subplots(len(rows), columns, figsize=(4 * columns, 4 * len(rows)), squeeze=False)
+    for (name, img, gt, pred), panels in zip(rows, axes):
         if img.ndim == 3:
             z = img.shape[0] // 2
-            img, gt, pred = img[z], gt[z], pred[z]
+            img, pred = img[z], pred[z]
+            gt = None if gt is None else gt[z]
         lo, hi = np.percentile(img, (1, 99.8))
         base = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
-        for ax, lab, title, color in (
-            (ax_p, pred, "prediction", (1.0, 0.2, 0.2)),
-            (ax_g, gt, "ground truth", (0.2, 1.0, 0.2)),
-        ):
+        layers = [(pred, "prediction", (1.0, 0.2, 0.2)), (gt, "ground truth", (0.2, 1.0, 0.2))][:columns]
+        for ax, (lab, title, color) in zip(panels, layers):
+            if lab is None:
+                ax.axis("off")
+                continue
             rgb = np.repeat(base[..., None], 3, axis=-1)
             rgb[_outline(lab)] = color
             ax.imshow(rgb, interpolation="nearest")

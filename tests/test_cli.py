@@ -1,0 +1,88 @@
+"""The ``spoco`` console script: the monai.bundle command it builds, a real segmentation, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SPOCO_DATA_DIR", ROOT.parent / "shared" / "data"))
+SPOCO = [sys.executable, "-m", "spoco_bundle"]  # the entry point `spoco` runs (spoco_bundle.cli:main)
+
+
+def _spoco(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # works without PYTHONPATH
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(SPOCO + args, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("spoco")
+    assert script.is_file(), "pip install -e . should install the `spoco` console script"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, env={**os.environ, "PAGER": "cat"})
+    assert "segment" in out.stdout + out.stderr
+
+
+def test_dry_run_prints_the_bundle_command_with_absolute_paths(tmp_path: Path) -> None:
+    done = _spoco(["segment", "imgs", "out", "--model", "nuclei2d", "--clustering", "fast", "--dry_run"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    cmd = shlex.split(done.stdout.strip().splitlines()[-1])
+    assert cmd[1:4] == ["-m", "monai.bundle", "run"]
+    flags = dict(zip(cmd[4::2], cmd[5::2]))
+    assert flags["--config_file"] == str(ROOT / "configs" / "inference.json")
+    assert flags["--dataset_dir"] == str(tmp_path / "imgs") and flags["--output_dir"] == str(tmp_path / "out")
+    assert flags["--model"] == "nuclei2d" and flags["--clustering"] == "fast" and "--ckpt_path" not in flags
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+    done = _spoco(["train", "data", "--spatial_dims", "2", "--patch_size", "[128,128]", "--dry_run"], tmp_path)
+    cmd = shlex.split(done.stdout.strip().splitlines()[-1])
+    assert cmd[4] == "training"
+    flags = dict(zip(cmd[5::2], cmd[6::2]))
+    assert flags["--dataset_dir"] == str(tmp_path / "data") and flags["--ckpt_dir"] == str(tmp_path / "models")
+    assert json.loads(flags["--patch_size"]) == [128, 128] and flags["--spatial_dims"] == "2"
+
+    done = _spoco(["evaluate", "data", "--dry_run"], tmp_path)
+    flags = dict(zip(*[iter(shlex.split(done.stdout.strip().splitlines()[-1])[4:])] * 2))
+    assert json.loads(flags["--config_file"]) == [str(ROOT / "configs" / f) for f in ("train.json", "evaluate.json")]
+
+
+def test_segment_uses_the_model_spoco_train_wrote_in_the_current_folder(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"")
+    done = _spoco(["segment", "imgs", "out", "--dry_run"], tmp_path)
+    assert "--ckpt_path " + str(tmp_path / "models" / "model.pt") in done.stdout
+
+
+def test_bad_input_is_one_clear_error(tmp_path: Path) -> None:
+    done = _spoco(["segment", "imgs", "out", "--model", "a", "--ckpt", "b"], tmp_path)
+    assert done.returncode != 0 and "--model or --ckpt" in done.stderr
+    done = _spoco(["segment", str(tmp_path / "missing"), str(tmp_path / "out"), "--model", "nuclei2d"], tmp_path)
+    assert done.returncode != 0
+    assert "missing" in done.stderr.strip().splitlines()[-1]  # the bundle's `error:` line names the folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "dsb2018" / "split.json").is_file(), reason="needs ../shared/data/dsb2018")
+def test_segment_with_a_shipped_model_writes_labels_and_a_preview(tmp_path: Path) -> None:
+    from spoco_bundle.io import read_image
+
+    names = json.loads((DATA / "dsb2018" / "split.json").read_text())["validation"][:2]
+    (tmp_path / "in").mkdir()
+    for name in names:
+        (source,) = (DATA / "dsb2018" / "images").glob(f"{name}.*")
+        shutil.copy(source, tmp_path / "in" / source.name)
+    done = _spoco(["segment", "in", "out", "--model", "nuclei2d", "--preview"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in names:
+        labels, _ = read_image(next((tmp_path / "out").glob(f"{name}_instances.*")))
+        assert len(np.unique(np.asarray(labels))) > 3  # several nuclei found
+    preview = tmp_path / "out" / "preview.png"
+    assert preview.stat().st_size > 10_000 and preview.read_bytes()[:4] == b"\x89PNG"
