@@ -23,21 +23,19 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from scripts.accuracy import spoco_runner  # noqa: E402
 from scripts.accuracy.common import Split, kept_digest, load_benchmark, score  # noqa: E402
-from spoco_bundle.io import read_image, split_image_suffix, write_label_image  # noqa: E402
+from scripts.benchmark_accuracy import _git_commit, machine_info  # noqa: E402
+from spoco_bundle.io import split_image_suffix, write_label_image  # noqa: E402
 
 # train.json overrides per recipe ("default": the bundle as it ships)
 RECIPES: dict[str, dict] = {
@@ -76,20 +74,6 @@ def record_path(out_dir: Path, dataset: str, recipe: str, ratio: float, budget_s
     return out_dir / dataset / recipe / f"ratio_{ratio:.2f}_{budget_s:g}s.json"
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "configs", "spoco_bundle", "scripts"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-        )
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
-
-
 def _last_terms(log: Path) -> dict[str, float]:
     """The last ``Epoch N loss terms: ...`` line of a training log (unweighted terms), as a dict."""
     text = log.read_text(errors="replace").replace("\r", "\n") if log.is_file() else ""
@@ -102,17 +86,6 @@ def _last_terms(log: Path) -> dict[str, float]:
     return {"epoch": int(epoch), **values}
 
 
-def _saved_predictions(split: Split, work: Path, tag: str) -> list[np.ndarray] | None:
-    """The predictions a finished run left in ``<work>/pred<tag>``, or None when any is missing."""
-    out = []
-    for item in split.test:
-        path = work / f"pred{tag}" / f"{split_image_suffix(os.path.basename(item.path))[0]}_instances.tif"
-        if not path.is_file():
-            return None
-        out.append(np.asarray(read_image(path)[0]).astype(np.int32))
-    return out
-
-
 def run_one(
     split: Split, recipe: str, ratio: float, budget_s: float, threads: int, out_dir: Path, rescore: bool = False
 ) -> dict:
@@ -122,14 +95,18 @@ def run_one(
     work = path.with_suffix("")  # the run's folder: dataset.json, checkpoints, logs, predictions
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_start = os.getloadavg()[0]
-    commit = _commit()  # the code the run starts with
+    commit = _git_commit() or "unknown"  # the code the run starts with
     truth = [item.labels for item in split.test]
     if rescore:
-        predictions, oracle = _saved_predictions(split, work, ""), _saved_predictions(split, work, "_mask")
         log = (work / "train.log").read_text(errors="replace") if (work / "train.log").is_file() else ""
         found = re.findall(r"reached after (\d+) iterations", log)
-        if predictions is None or oracle is None or not found:
-            raise RuntimeError(f"{work}: no finished run to rescore")
+        try:
+            predictions = spoco_runner.read_predictions(split.test, work)
+            oracle = spoco_runner.read_predictions(split.test, work, "_mask")
+        except FileNotFoundError as e:
+            raise RuntimeError(f"{work}: no finished run to rescore ({e})") from e
+        if not found:
+            raise RuntimeError(f"{work}: no finished run to rescore (no end of training in its train.log)")
         iterations, train_cpu, train_wall = int(found[-1]), None, None
     else:
         result = spoco_runner.fit_predict(
@@ -259,8 +236,6 @@ def main() -> None:
 
 def report(split: Split, records: list[dict]) -> str:
     """Markdown: how the screen ran, then one table per budget."""
-    from scripts.benchmark_accuracy import machine_info
-
     machine = machine_info()
     lines = [
         "# Learning-speed screen (issue 24 item 3)",

@@ -39,7 +39,9 @@ def bundle_root() -> Path:
     Raises:
         SystemExit: with one line saying where ``configs/`` was expected, when it is not there.
     """
-    root = Path(__file__).resolve().parents[1]
+    from spoco_bundle.package import repository_root
+
+    root = repository_root()
     if not (root / "configs" / "train.json").is_file():
         raise SystemExit(
             f"error: the bundle's configs are not beside the installed package (expected {root / 'configs'}); "

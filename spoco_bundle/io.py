@@ -402,7 +402,7 @@ def read_spacing(filename: str | os.PathLike) -> tuple[tuple[int, ...], tuple[fl
             img = nib.load(filename)
             shape = tuple(int(v) for v in img.shape)
             affine = np.asarray(img.affine, dtype=np.float64)
-            spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)).tolist() + [1.0] * max(0, len(shape) - 3)
+            spacing = affine_to_spacing(affine, r=3).tolist() + [1.0] * max(0, len(shape) - 3)
             unit = img.header.get_xyzt_units()[0]
             return shape, tuple(float(v) for v in spacing[: len(shape)]), "" if unit == "unknown" else str(unit)
     except Exception as e:

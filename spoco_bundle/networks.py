@@ -213,7 +213,7 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
         state = state["model"]  # a resume checkpoint: take the student
     if not isinstance(state, dict):
         raise ValueError(f"Checkpoint {ckpt_path} does not hold a state dict (got {type(state).__name__}).")
-    from spoco_bundle.shipped import check_network
+    from spoco_bundle.shipped import check_network, flag_value
 
     check_network(network, ckpt_path)  # flags that contradict the checkpoint's model.json: one clear line
     try:
@@ -223,7 +223,7 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
         ours, theirs = architecture(network.state_dict(), fg), architecture(state, fg)
         if ours is not None and theirs is not None and ours != theirs:
             differ = [k for k in ours if ours[k] != theirs[k]]
-            flags = " ".join(f"--{k} {_flag(theirs[k])}" for k in differ)
+            flags = " ".join(f"--{k} {flag_value(theirs[k])}" for k in differ)
             raise ValueError(
                 f"Checkpoint {ckpt_path} does not match network_def: its weights have "
                 + ", ".join(f"{k} {theirs[k]}" for k in differ)
@@ -235,10 +235,6 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
             f"Checkpoint {ckpt_path} does not match network_def (check spatial_dims, embedding_dim, features): {e}"
         ) from e
     return network
-
-
-def _flag(value) -> str:
-    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)
 
 
 def architecture(state: Mapping[str, torch.Tensor], foreground_head: bool = True) -> dict | None:

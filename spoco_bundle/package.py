@@ -257,15 +257,13 @@ def _zip_folder(folder: Path, zip_path: Path) -> None:
 def _card_of(network: torch.nn.Module, parser, source: str) -> dict:
     """A model card (:mod:`spoco_bundle.shipped`) for weights that came without one: the settings of the packaged
     ``inference.json`` they were loaded with."""
-    from spoco_bundle.shipped import bundle_version
+    from spoco_bundle.shipped import bundle_version, network_settings
 
     return {
         "description": f"packaged from {source}, which had no model.json: settings of the packaged inference.json",
         "bundle_version": bundle_version(),
         "inference": {
-            "spatial_dims": int(network.spatial_dims),
-            "features": [int(f) for f in network.filters],
-            "embedding_dim": int(network.embedding_dim),
+            **network_settings(network),
             "patch_size": [int(v) for v in parser.get_parsed_content("patch_size")],
             "min_size": int(parser.get_parsed_content("min_size")),
             "intensity_percentiles": [float(v) for v in parser.get_parsed_content("intensity_percentiles")],

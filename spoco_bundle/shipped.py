@@ -43,6 +43,8 @@ __all__ = [
     "inference_settings",
     "training_settings",
     "check_network",
+    "network_settings",
+    "flag_value",
     "write_card",
     "bundle_version",
 ]
@@ -137,8 +139,20 @@ def training_settings(ckpt_path: str | os.PathLike) -> dict[str, Any]:
     return _section(ckpt_path, "training", "settings")
 
 
-def _flag_value(value: Any) -> str:
+def flag_value(value: Any) -> str:
+    """``value`` as it is typed on the command line: ``[8,16,32]`` for a list."""
     return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, tuple)) else str(value)
+
+
+def network_settings(network: Any) -> dict[str, Any]:
+    """The shape settings (:data:`SHAPE_SETTINGS`) of an :class:`~spoco_bundle.networks.EmbeddingUNet` (None for
+    one the network does not have)."""
+    features = getattr(network, "filters", None)
+    return {
+        "spatial_dims": getattr(network, "spatial_dims", None),
+        "features": None if features is None else [int(f) for f in features],
+        "embedding_dim": getattr(network, "embedding_dim", None),
+    }
 
 
 def check_network(network: Any, ckpt_path: str | os.PathLike) -> None:
@@ -151,11 +165,7 @@ def check_network(network: Any, ckpt_path: str | os.PathLike) -> None:
         ValueError: one line naming the checkpoint, each contradicting setting with its flag, and both values.
     """
     recorded = inference_settings(ckpt_path)
-    given = {
-        "spatial_dims": getattr(network, "spatial_dims", None),
-        "features": getattr(network, "filters", None),
-        "embedding_dim": getattr(network, "embedding_dim", None),
-    }
+    given = network_settings(network)
     problems = []
     for name in SHAPE_SETTINGS:
         want, have = recorded.get(name), given[name]
@@ -164,7 +174,7 @@ def check_network(network: Any, ckpt_path: str | os.PathLike) -> None:
         if (list(want) if isinstance(want, (list, tuple)) else want) != (
             list(have) if isinstance(have, (list, tuple)) else have
         ):
-            problems.append(f"--{name} {_flag_value(have)} contradicts its {name} {_flag_value(want)}")
+            problems.append(f"--{name} {flag_value(have)} contradicts its {name} {flag_value(want)}")
     if problems:
         raise ValueError(
             f"checkpoint {ckpt_path} does not fit the network asked for: {'; '.join(problems)} (recorded in "

@@ -41,6 +41,7 @@ __all__ = [
     "settings_for",
     "fit_predict",
     "predict",
+    "read_predictions",
     "repredict",
     "run_ids",
     "study_overrides",
@@ -261,10 +262,19 @@ def predict(
     infer.setdefault("background", "head")  # the data set's own (bundle_ids) where it has one
     infer.update(overrides or {})
     _bundle_run("configs/inference.json", infer, work / f"inference{tag}.log", threads)
+    return read_predictions(items, work, tag)
+
+
+def read_predictions(items: list, work_dir: str | os.PathLike, tag: str = "") -> list[np.ndarray]:
+    """The int32 labels :func:`predict` wrote for ``items`` into ``<work_dir>/pred<tag>``.
+
+    Raises:
+        FileNotFoundError: a prediction is missing. RuntimeError: one has another shape than its labels.
+    """
     predictions = []
     for item in items:
         stem = split_image_suffix(os.path.basename(item.path))[0]
-        pred, _ = read_image(work / f"pred{tag}" / f"{stem}_instances.tif")
+        pred, _ = read_image(Path(work_dir) / f"pred{tag}" / f"{stem}_instances.tif")
         pred = np.asarray(pred)
         if pred.shape != item.labels.shape:
             raise RuntimeError(f"prediction for {item.path} has shape {pred.shape}, labels {item.labels.shape}")
