@@ -5,12 +5,15 @@
     spoco segment IN OUT [--model nuclei2d | --ckpt PATH] [--preview] [--any_config_id VALUE ...] [--dry_run]
     spoco evaluate DATA [--ckpt PATH] [--any_config_id VALUE ...] [--dry_run]
     spoco package --checkpoint models/model.pt --output_dir dist [--teacher models/teacher.pt]
+    spoco monailabel-deploy APP [--model nuclei2d | --ckpt PATH] [--name spoco] [--studies DIR] [--overwrite]
 
 ``train``, ``segment`` and ``evaluate`` are thin wrappers: each builds the ``python -m monai.bundle run ...``
 command line of the README (the bundle's configs, metadata and logging configuration, the ids given) and runs it
 from the bundle's folder, so what they do is exactly what that command does; ``--dry_run`` prints the command
 instead. Paths are taken relative to the folder ``spoco`` is called from. ``segment --preview`` also writes
 ``OUT/preview.png``: the predicted instances outlined over each image (the middle slice of a volume).
+``monailabel-deploy`` copies the bundle with a model into a MONAI Label ``monaibundle`` app and prints the command
+that serves it (docs/monailabel.md).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import fire
 
-__all__ = ["bundle_root", "bundle_command", "train", "segment", "evaluate", "main"]
+__all__ = ["bundle_root", "bundle_command", "train", "segment", "evaluate", "monailabel_deploy", "main"]
 
 # ids that name files or folders: made absolute against the caller's folder (the command runs in the bundle's)
 _PATH_IDS = ("dataset_dir", "output_dir", "ckpt_dir", "ckpt_path", "foreground_mask_dir", "pretrained", "bundle_root")
@@ -175,11 +178,50 @@ def evaluate(data: str, ckpt: str | None = None, dry_run: bool = False, **ids: A
     _run(bundle_command(["train.json", "evaluate.json"], ids), dry_run)
 
 
+def monailabel_deploy(
+    app: str,
+    model: str | None = None,
+    ckpt: str | None = None,
+    name: str = "spoco",
+    studies: str = "STUDIES",
+    overwrite: bool = False,
+) -> None:
+    """Put the bundle with a model into a MONAI Label ``monaibundle`` app (``apps/monaibundle`` from
+    ``monailabel apps --download --name monaibundle --output apps``) and print the command that serves it.
+
+    Args:
+        app: the app folder.
+        model: a shipped model by name (``nuclei2d``): segmentations are useful from the first study, and training
+            from the client fine-tunes it.
+        ckpt: weights to deploy instead (a ``model.pt``, with its ``model.json``). Neither: ``models/model.pt`` of the
+            current folder if it exists, else untrained weights (train from the client first).
+        name: the model's name in MONAI Label (``--conf models NAME``).
+        studies: the studies folder to put in the printed command.
+        overwrite: replace an earlier deployment of ``name``.
+    """
+    from spoco_bundle import shipped
+    from spoco_bundle.monailabel_compat import deploy_bundle
+
+    if model is not None and ckpt is not None:
+        raise SystemExit("error: give --model or --ckpt, not both.")
+    try:
+        if model is not None:
+            ckpt = shipped.checkpoint(bundle_root(), model)
+        ckpt = ckpt if ckpt is not None else _own_checkpoint()
+        dest = deploy_bundle(app, name=name, checkpoint=ckpt, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"error: {e}") from None
+    serve = ["monailabel", "start_server", "--app", os.path.abspath(app), "--studies", studies, "--conf", "models"]
+    serve += [name, "--conf", "zoo_source", "github", "--uvicorn_app", "spoco_bundle.monailabel_server:app"]
+    print(f"deployed {ckpt or 'untrained weights'} as {dest}\nserve it (in .venv-monailabel): {shlex.join(serve)}")
+
+
 def main() -> None:
     from spoco_bundle.package import package_bundle
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     commands = {"train": train, "segment": segment, "evaluate": evaluate, "package": package_bundle}
+    commands["monailabel-deploy"] = monailabel_deploy
     fire.Fire(commands, name="spoco")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,9 @@ from monai.utils import MetaKeys
 __all__ = ["MonaiLabelWriterOrderd", "MONAILABEL_IMAGE_PATH_KEY", "deploy_bundle"]
 
 logger = logging.getLogger(__name__)
+
+# the card's network settings a deployment's own training must keep (configs/train.json ids)
+_CARD_TRAIN_IDS = ("spatial_dims", "features", "embedding_dim", "patch_size")
 
 # BasicInferTask.__call__ copies the request's image path to this key; its Writer reads it for the output suffix
 MONAILABEL_IMAGE_PATH_KEY = "image_path"
@@ -146,13 +150,45 @@ def deploy_bundle(
         card = read_card(checkpoint)  # the model card first: the bundle's inference.json builds network_def from it
         if card is not None:
             write_card(target, card)
+            _adopt_card(dest, card.get("inference", {}))
         # load strictly now (an error here, not in the server) and save the plain student state dict
-        torch.save(load_weights(_network_def(dest), str(checkpoint)).state_dict(), target)
+        network = load_weights(_network_def(dest), str(checkpoint))
     else:
         torch.manual_seed(0)
-        torch.save(_network_def(dest).state_dict(), target)
+        network = _network_def(dest)
+    torch.save(network.state_dict(), target)
+    _describe_network(dest, network)
+    if checkpoint is None:
         logger.warning(f"{target}: untrained initial weights; train from the client before trusting segmentations.")
     return str(dest)
+
+
+def _adopt_card(bundle: Path, settings: Mapping[str, Any]) -> None:
+    """Make the deployed copy's training config agree with the model card's network: MONAI Label trains with
+    ``configs/train.json``, and a 2D model must go on training in 2D with its own widths and patch."""
+    ids = {k: settings[k] for k in _CARD_TRAIN_IDS if k in settings}
+    if ids:
+        path = bundle / "configs" / "train.json"
+        config = json.loads(path.read_text())
+        config.update({k: v for k, v in ids.items() if k in config})
+        path.write_text(json.dumps(config, indent=4) + "\n")
+
+
+def _describe_network(bundle: Path, network: torch.nn.Module) -> None:
+    """``network_data_format`` of the copy's metadata from the network it serves: MONAI Label reports the model's
+    dimension from the length of ``inputs.image.spatial_shape``."""
+    from monai.bundle import ConfigParser
+
+    from spoco_bundle.package import network_data_format
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    patch_size = [int(v) for v in parser.get_parsed_content("patch_size")]
+    path = bundle / "configs" / "metadata.json"
+    meta = json.loads(path.read_text())
+    meta["network_data_format"] = network_data_format(meta["network_data_format"], network, patch_size)
+    path.write_text(json.dumps(meta, indent=4) + "\n")
 
 
 def _network_def(bundle: Path) -> torch.nn.Module:

@@ -86,3 +86,36 @@ def test_segment_with_a_shipped_model_writes_labels_and_a_preview(tmp_path: Path
         assert len(np.unique(np.asarray(labels))) > 3  # several nuclei found
     preview = tmp_path / "out" / "preview.png"
     assert preview.stat().st_size > 10_000 and preview.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_monailabel_deploy_puts_a_shipped_model_into_the_app(tmp_path: Path) -> None:
+    import torch
+
+    app = tmp_path / "apps" / "monaibundle"
+    app.mkdir(parents=True)
+    (app / "main.py").write_text("# the stock app's entry point\n")
+    done = _spoco(["monailabel-deploy", "apps/monaibundle", "--model", "nuclei2d", "--studies", "imgs"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dest = app / "model" / "spoco"
+    shipped = ROOT / "models" / "nuclei2d"
+    deployed = torch.load(dest / "models" / "model.pt", map_location="cpu", weights_only=True)
+    reference = torch.load(shipped / "model.pt", map_location="cpu", weights_only=True)
+    assert deployed.keys() == reference.keys() and all(torch.equal(deployed[k], reference[k]) for k in reference)
+    card = json.loads((shipped / "model.json").read_text())
+    assert json.loads((dest / "models" / "model.json").read_text()) == card
+    # the copy trains (from the client) and describes itself as the 2D network it serves
+    train = json.loads((dest / "configs" / "train.json").read_text())
+    assert train["spatial_dims"] == 2 and train["patch_size"] == card["inference"]["patch_size"]
+    fmt = json.loads((dest / "configs" / "metadata.json").read_text())["network_data_format"]
+    assert fmt["inputs"]["image"]["spatial_shape"] == card["inference"]["patch_size"]
+    assert fmt["post_processed_outputs"]["pred"]["spatial_shape"] == ["*", "*"]
+    serve = shlex.split(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    assert serve[:2] == ["monailabel", "start_server"] and serve[serve.index("--app") + 1] == str(app)
+    assert ["--conf", "models", "spoco"] == serve[serve.index("models") - 1 : serve.index("models") + 2]
+
+    again = _spoco(["monailabel-deploy", "apps/monaibundle", "--model", "nuclei2d"], tmp_path)
+    assert again.returncode != 0 and "--overwrite" in again.stderr.strip().splitlines()[-1]
+    unknown = _spoco(["monailabel-deploy", "apps/monaibundle", "--model", "nuclei9d", "--name", "x"], tmp_path)
+    assert unknown.returncode != 0 and "nuclei2d" in unknown.stderr.strip().splitlines()[-1]  # lists the shipped
+    no_app = _spoco(["monailabel-deploy", "nowhere", "--model", "nuclei2d"], tmp_path)
+    assert no_app.returncode != 0 and "main.py" in no_app.stderr.strip().splitlines()[-1]
