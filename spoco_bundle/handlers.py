@@ -760,6 +760,9 @@ class ModelCardWriter:
         settings: the run's ``train.json`` ids worth keeping (``evaluate.json`` takes its defaults from them).
         image_files: the training images, for their voxel size (headers only).
         network: the student (looked up as ``engine.network`` when None); a DDP wrapper is unwrapped.
+        evaluator: the run's validation engine, if any: its best key metric (the score of the weights the
+            best-model saver keeps) goes into the card as ``validation`` (the metric's name, value, epoch and the
+            number of validation images), which the zoo package reports as ``eval_metrics``.
         name: logger name.
     """
 
@@ -770,6 +773,7 @@ class ModelCardWriter:
         settings: dict | None = None,
         image_files: list[str] | None = None,
         network: torch.nn.Module | None = None,
+        evaluator: Engine | None = None,
         name: str = "spoco",
     ) -> None:
         if "spatial_dims" not in inference:
@@ -779,6 +783,7 @@ class ModelCardWriter:
         self.settings = dict(settings or {})
         self.image_files = [str(f) for f in image_files or []]
         self.network = network
+        self.evaluator = evaluator
         self.logger = logging.getLogger(name)
         self._seen: tuple | None = None
         self._voxel: tuple[list[float] | None, str] = (None, "")
@@ -836,13 +841,30 @@ class ModelCardWriter:
             },
         }
 
+    def _validation(self) -> dict | None:
+        """The validation engine's best key metric: what the saved weights scored (None before any validation)."""
+        state = getattr(self.evaluator, "state", None)
+        if state is None or getattr(state, "key_metric_name", None) is None or state.best_metric_epoch < 0:
+            return None
+        loader = getattr(self.evaluator, "data_loader", None)
+        return {
+            "metric": str(state.key_metric_name),
+            "value": float(state.best_metric),
+            "epoch": int(state.best_metric_epoch),
+            "images": len(loader.dataset) if loader is not None and hasattr(loader, "dataset") else None,
+        }
+
     def __call__(self, engine: Engine) -> None:
         signature = self._signature()
         if signature is None or signature == self._seen:
             return
         from spoco_bundle.shipped import write_card
 
-        path = write_card(self.model_path, self.card(engine))
+        card = self.card(engine)
+        validation = self._validation()
+        if validation is not None:
+            card["validation"] = validation
+        path = write_card(self.model_path, card)
         self._seen = signature
         self.logger.info(f"model card written: {path} (iteration {engine.state.iteration})")
 

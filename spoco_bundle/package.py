@@ -271,6 +271,44 @@ def _card_of(network: torch.nn.Module, parser, source: str) -> dict:
     }
 
 
+def model_section(card: Mapping[str, Any] | None) -> str:
+    """The model card's section on the packaged weights, written from their ``model.json`` at packaging time (so
+    the card states what this package's model is and scores, not what the repository's models do)."""
+    card = card or {}
+    training = card.get("training") or {}
+    lines = ["", "## This package's model", "", str(card.get("description", "weights without a model card")) + "."]
+    if training.get("command"):
+        lines.append(
+            f"Trained with `{training['command']}` ({training.get('budget', '')}, {training.get('iterations')} "
+            f"iterations; data: {training.get('data', '')})."
+        )
+    elif training.get("iteration") is not None:
+        lines.append(f"Saved at iteration {training['iteration']} of its training run (`configs/train.json`).")
+    rows = [(name, s) for name, s in (card.get("scores") or {}).items() if isinstance(s, Mapping)]
+    if card.get("validation"):
+        v = card["validation"]
+        rows.append(
+            (
+                "validation",
+                {
+                    "images": f"{v.get('images')} validation images",
+                    "how": "training run",
+                    v["metric"].removeprefix("val_"): v["value"],
+                },
+            )
+        )
+    if rows:
+        lines += ["", "| scores | images | AP50 | mAP | SBD |", "|---|---|---|---|---|"]
+        for name, s in rows:
+            cells = [f"{float(s[k]):.3f}" if isinstance(s.get(k), (int, float)) else "" for k in ("ap50", "map", "sbd")]
+            lines.append(f"| {name} ({s.get('how', '')}) | {s.get('images', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _append_model_section(path: Path, card: Mapping[str, Any] | None) -> None:
+    path.write_text(path.read_text().rstrip("\n") + "\n" + model_section(card))
+
+
 def repository_root() -> Path:
     """The folder holding ``spoco_bundle/`` and ``configs/``: a checkout of this repository or an unpacked bundle."""
     return Path(__file__).resolve().parents[1]
@@ -321,7 +359,7 @@ def package_bundle(
             or the output folder exists (without ``overwrite``).
     """
     from spoco_bundle.networks import load_weights
-    from spoco_bundle.shipped import read_card, write_card
+    from spoco_bundle.shipped import eval_metrics, read_card, write_card
 
     src = Path(source_dir) if source_dir else repository_root()
     out_root = Path(output_dir)
@@ -390,6 +428,8 @@ def package_bundle(
 
         patch_size = [int(s) for s in parser.get_parsed_content("patch_size")]
         meta["network_data_format"] = network_data_format(meta["network_data_format"], network, patch_size)
+        meta["eval_metrics"] = eval_metrics(card)  # the packaged model's own scores, from its card
+        _append_model_section(stage / "docs" / "README.md", card or read_card(stage / "models" / "model.pt"))
         problems = check_metadata(meta)
         if problems:
             raise ValueError("packaged metadata is not valid:\n  " + "\n  ".join(problems))

@@ -9,7 +9,10 @@ flags to rebuild the network that fits them. One schema serves the user's own tr
   its defaults from), and for a training of this bundle the size of what it was trained on (``object_diameter``,
   ``image_blob_scale`` in voxels of the network's grid, the images' ``voxel_size`` and ``voxel_unit``), the
   iteration and time of the save;
-- ``bundle_version``: the bundle (``configs/metadata.json``) that wrote it.
+- ``bundle_version``: the bundle (``configs/metadata.json``) that wrote it;
+- ``validation`` (a training with a validation list): the best key metric of the run's validation, i.e. the score
+  of the weights the best-model saver kept; ``scores`` (shipped models): scores on held-out images, each with the
+  images and how they were segmented. :func:`eval_metrics` turns either into the zoo metadata's ``eval_metrics``.
 
 Training writes the card of ``ckpt_dir/model.pt`` whenever the weights are saved
 (:class:`~spoco_bundle.handlers.ModelCardWriter`). Shipped models are ``models/<name>/model.pt`` with
@@ -47,6 +50,7 @@ __all__ = [
     "flag_value",
     "write_card",
     "bundle_version",
+    "eval_metrics",
 ]
 
 # the card's inference settings that define the network's shape: a different value cannot load the weights
@@ -214,3 +218,22 @@ def bundle_version() -> str:
     from spoco_bundle import __version__
 
     return __version__
+
+
+def eval_metrics(content: Mapping[str, Any] | None, digits: int = 3) -> dict[str, Any]:
+    """The ``eval_metrics`` of bundle metadata for the model a card describes: the held-out scores of a shipped
+    model (its ``scores.default_inference``: what a user gets with the default inference), else the best validation
+    score of the training run (``validation``), else ``{}``. Scores are rounded to ``digits``."""
+    content = content or {}
+    scores = (content.get("scores") or {}).get("default_inference")
+    if scores:
+        out: dict[str, Any] = {k: round(float(scores[k]), digits) for k in ("ap50", "map", "sbd") if k in scores}
+        return {**out, "images": scores.get("images", ""), "inference": scores.get("how", "")}
+    validation = content.get("validation")
+    if validation:
+        return {
+            f"val_{validation['metric'].removeprefix('val_')}": round(float(validation["value"]), digits),
+            "images": f"{validation.get('images')} validation images of the training run (best epoch "
+            f"{validation.get('epoch')})",
+        }
+    return {}

@@ -191,6 +191,13 @@ def test_package_and_deployment_carry_the_card(trained, tmp_path):
     assert parser.get_parsed_content("features") == FEATURES  # no --features override needed
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
+    # the run validated after each epoch: the card holds the best score, which the package reports
+    validation = card["validation"]
+    assert validation["metric"] == "val_ap50" and 0 <= validation["value"] <= 1 and validation["images"] == 1
+    assert validation["epoch"] in (1, 2)
+    assert meta["eval_metrics"]["val_ap50"] == round(validation["value"], 3)
+    model_card = (bundle / "docs" / "README.md").read_text()
+    assert "## This package's model" in model_card and f"{validation['value']:.3f}" in model_card.split("package's")[-1]
     # MONAI Label: the deployed bundle's inference.json builds the 2D network from the card
     app = tmp_path / "app"
     app.mkdir()
@@ -215,6 +222,7 @@ def test_packaging_a_checkpoint_without_card_writes_one(tmp_path):
     card = json.loads((bundle / "models" / "model.json").read_text())
     assert card["inference"]["features"] == [8, 16, 32] and card["inference"]["spatial_dims"] == 3
     assert card["inference"]["patch_size"] == [32, 64, 64] and "old.pt" in card["description"]
+    assert json.loads((bundle / "configs" / "metadata.json").read_text())["eval_metrics"] == {}  # nothing measured
 
 
 def test_card_follows_this_runs_saves_only(tmp_path):

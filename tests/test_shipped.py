@@ -167,3 +167,18 @@ def test_pretrained_fine_tunes_from_a_shipped_model_and_refuses_other_architectu
         summary = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
         assert proc.returncode != 0 and summary and message in summary[-1], summary
         assert (bundle / "models" / "model.pt").stat().st_mtime_ns == written  # nothing trained, nothing saved
+
+
+def test_packaging_a_shipped_model_reports_its_held_out_scores(tmp_path):
+    """The zoo package of ``nuclei2d`` fills ``eval_metrics`` and the model card's section from ``model.json``."""
+    from spoco_bundle.package import package_bundle
+
+    card = shipped.card(ROOT, "nuclei2d")
+    scores = card["scores"]["default_inference"]
+    ckpt = shipped.checkpoint(ROOT, "nuclei2d")
+    bundle = Path(package_bundle(ckpt, str(tmp_path / "dist"), torchscript=False, make_zip=False))
+    metrics = json.loads((bundle / "configs" / "metadata.json").read_text())["eval_metrics"]
+    assert metrics["ap50"] == round(scores["ap50"], 3) and metrics["map"] == round(scores["map"], 3)
+    assert metrics["images"] == scores["images"]
+    section = (bundle / "docs" / "README.md").read_text().split("## This package's model")[-1]
+    assert card["training"]["command"] in section and f"{scores['ap50']:.3f}" in section
