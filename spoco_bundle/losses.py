@@ -1018,14 +1018,33 @@ class EmbeddingConsistencyLoss(nn.Module):
         return loss
 
 
+def held_out_objects(labels: torch.Tensor, fraction: float) -> torch.Tensor | None:
+    """Voxels of the annotated objects (``labels > 0``) that a fixed hash of their id puts in the held-out
+    ``fraction``; None for ``fraction`` 0. The same id is held out in every patch and iteration."""
+    if fraction <= 0:
+        return None
+    ids = labels.clamp(min=0).to(torch.int64)
+    u = ((ids * 2654435761) % 4294967296).to(torch.float64) / 4294967296.0  # Knuth's multiplicative hash in [0, 1)
+    return (labels > 0) & (u < fraction)
+
+
 def _foreground(
-    x: torch.Tensor, labels: torch.Tensor, positive_weight: float = 1.0, strokes: bool = False
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    positive_weight: float = 1.0,
+    strokes: bool = False,
+    held: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """BCE on (B, N) foreground logits; see :class:`ForegroundLoss` for which voxels count as what."""
+    """BCE on (B, N) foreground logits; see :class:`ForegroundLoss` for which voxels count as what; ``held``: voxels
+    left out (the objects that calibrate the head)."""
     pos = labels > 0
     if strokes:  # positive-unlabeled on every voxel, plus the painted strokes as certain negatives of their own
         bce = F.binary_cross_entropy_with_logits(x, pos.to(x.dtype), reduction="none")
-        loss = torch.where(pos, bce * positive_weight, bce).mean()
+        bce = torch.where(pos, bce * positive_weight, bce)
+        if held is None:
+            loss = bce.mean()
+        else:
+            loss = torch.where(held, torch.zeros_like(bce), bce).sum() / (~held).sum().clamp(min=1)
         neg = labels < 0
         if bool(neg.any()):
             loss = loss + torch.where(neg, bce, torch.zeros_like(bce)).sum() / neg.sum()
@@ -1033,6 +1052,8 @@ def _foreground(
     has_bg = (labels < 0).any(1, keepdim=True)
     # annotated background: supervised on labelled voxels; none: positive-unlabeled, every voxel counts
     mask = torch.where(has_bg, labels != 0, torch.ones_like(labels, dtype=torch.bool))
+    if held is not None:
+        mask = mask & ~held
     count = mask.sum()
     if not bool(count > 0):
         return x.sum() * 0
@@ -1043,14 +1064,20 @@ def _foreground(
 
 
 def labelled_foreground_probability(
-    logits: torch.Tensor, target: torch.Tensor, positive_weight: float = 1.0, strokes: bool = False
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    positive_weight: float = 1.0,
+    strokes: bool = False,
+    holdout: float = 0.0,
 ) -> tuple[float, int]:
     """Mean foreground probability over the annotated-object voxels of images *without* annotated background (of
     every image with ``strokes=True``: painted strokes leave the head positive-unlabeled, see :class:`ForegroundLoss`).
 
     For a head trained positive-unlabeled (see :class:`ForegroundLoss`) this estimates the label frequency ``c``
     of Elkan & Noto (2008); the logits of a head trained with ``positive_weight`` w are first shifted by
-    ``-log(w)``, which undoes the weighting. Returns ``(mean, count)``; ``(nan, 0)`` when no such voxel exists.
+    ``-log(w)``, which undoes the weighting. With ``holdout`` > 0 only the voxels of the held-out objects
+    (:func:`held_out_objects`, which the head was not trained on) count: on the objects it fits, a head's mean
+    overstates ``c``. Returns ``(mean, count)``; ``(nan, 0)`` when no such voxel exists.
 
     Inputs: logits ``(B, 1, *S)`` or ``(B, *S)``; target ``(B, 1, *S)`` or ``(B, *S)``.
     """
@@ -1059,7 +1086,8 @@ def labelled_foreground_probability(
     labels = target.reshape(b, -1).to(x.device)
     if labels.shape != x.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match.")
-    sel = labels > 0
+    held = held_out_objects(labels, holdout)
+    sel = labels > 0 if held is None else held
     if not strokes:  # painted strokes keep an image positive-unlabeled; dense annotated background does not
         sel = sel & ~(labels < 0).any(1, keepdim=True)
     count = int(sel.sum())
@@ -1149,6 +1177,9 @@ class SpocoLoss(nn.Module):
             :class:`ForegroundLoss`.
         foreground_strokes: annotated background is a few painted strokes (``background_label`` other than 0):
             positive-unlabeled foreground BCE plus a stroke term, see :class:`ForegroundLoss`.
+        foreground_calibration_holdout: fraction of the annotated objects (chosen by a hash of their id) the
+            foreground BCE leaves out and the label frequency ``c`` is estimated on (``last_label_frequency``); 0:
+            every object trains the head and ``c`` is its mean over them.
         kernel_threshold: kernel value at distance ``delta_v``.
         instance_anchor: ``"mean"`` or ``"random"``, see :class:`InstanceDiceLoss`.
         max_anchors: consistency anchors per image, see :class:`EmbeddingConsistencyLoss`.
@@ -1179,6 +1210,7 @@ class SpocoLoss(nn.Module):
         foreground_weight: float = 1.0,
         foreground_positive_weight: float = 10.0,
         foreground_strokes: bool = False,
+        foreground_calibration_holdout: float = 0.0,
         kernel_threshold: float = 0.5,
         instance_anchor: str = "mean",
         max_anchors: int = 20,
@@ -1204,6 +1236,9 @@ class SpocoLoss(nn.Module):
         }
         self.foreground_positive_weight = _check_positive_weight(foreground_positive_weight)
         self.foreground_strokes = bool(foreground_strokes)
+        if not 0.0 <= foreground_calibration_holdout < 1.0:
+            raise ValueError(f"foreground_calibration_holdout must be in [0, 1), got {foreground_calibration_holdout}.")
+        self.foreground_calibration_holdout = float(foreground_calibration_holdout)
         self.instance = InstanceDiceLoss(delta_v, kernel_threshold, instance_anchor, generator=generator)
         self.consistency = EmbeddingConsistencyLoss(
             delta_v, kernel_threshold, max_anchors, min_pool_fraction, generator=generator
@@ -1263,8 +1298,10 @@ class SpocoLoss(nn.Module):
         if fg is not None and w["foreground"]:
             pw = self.foreground_positive_weight
             strokes = self.foreground_strokes
-            terms["foreground"] = _foreground(fg.reshape(b, -1), labels, pw, strokes)
-            self.last_label_frequency = labelled_foreground_probability(fg.reshape(b, -1), labels, pw, strokes)
+            hold = self.foreground_calibration_holdout
+            held = held_out_objects(labels, hold)
+            terms["foreground"] = _foreground(fg.reshape(b, -1), labels, pw, strokes, held)
+            self.last_label_frequency = labelled_foreground_probability(fg.reshape(b, -1), labels, pw, strokes, hold)
 
         total = None
         for name, value in terms.items():
