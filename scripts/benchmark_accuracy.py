@@ -1039,7 +1039,43 @@ def write_docs(
     lines.append("")
     docs_path.parent.mkdir(parents=True, exist_ok=True)
     docs_path.write_text("\n".join(lines))
+    write_summary(list(ok.values()) + list(bad.values()), docs_path.with_suffix(".json"), command, splits, methods)
     return docs_path
+
+
+# per run in a report's summary: the record's fields, then its scores (where measured)
+SUMMARY_FIELDS = ("dataset", "split", "method", "ratio", "status", "budget_s", "clock", "threads", "device")
+SUMMARY_FIELDS += ("iterations", "kept_digest", "commit", "started")
+SUMMARY_SCORES = ("ap50", "map", "sbd", "arand", "voi_split", "voi_merge", "fg_precision", "fg_recall")
+
+
+def write_summary(
+    records: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    command: str,
+    splits: dict[str, list[Split]],
+    methods: Sequence[str],
+) -> Path:
+    """
+    The machine-readable twin of a report: ``{"command": <the command that rewrites it>, "rows": [...]}`` with one
+    row per run of the report's data sets and methods (keys :data:`SUMMARY_FIELDS`, ``machine`` in words, the scores
+    :data:`SUMMARY_SCORES` the run measured; ``ratio`` as a float, scores unrounded). ``scripts/sync_docs.py``
+    builds the README's results table from it, so the front pages copy their numbers from the benchmark.
+    """
+    names = {(d, s.name) for d, ss in splits.items() for s in ss}
+    rows = []
+    for r in sorted(records, key=lambda r: (r["dataset"], r["split"], methods.index(r["method"]) if r["method"] in
+                                            methods else len(methods), r["ratio"])):  # fmt: skip
+        if (r["dataset"], r["split"]) not in names or r["method"] not in methods:
+            continue
+        row = {k: r.get(k) for k in SUMMARY_FIELDS}
+        m = r.get("machine") or {}
+        row["machine"] = f"{m.get('cpu')}, {m.get('nproc')} cores" + (f", {m['cuda']}" if m.get("cuda") else ", no GPU")
+        row.update({k: r["metrics"][k] for k in SUMMARY_SCORES if k in (r.get("metrics") or {})})
+        rows.append(row)
+    path = Path(path)
+    path.write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=_json_default) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -3,10 +3,11 @@ Train and score the models that ship with the bundle (``models/<name>/``), repro
 
     .venv/bin/python scripts/shipped_models.py train nuclei2d [--budget_s 1800] [--threads 2] [--data_dir D]
     .venv/bin/python scripts/shipped_models.py score nuclei2d [--threads 2] [--data_dir D]
-    .venv/bin/python scripts/shipped_models.py readme
+    .venv/bin/python scripts/shipped_models.py docs
 
-``readme`` rewrites the table of shipped models in README.md (between the ``shipped-models`` markers) from the
-``model.json`` files, so the README's figures are the scored ones.
+``docs`` (also the last step of ``train`` and ``score``) runs ``scripts/sync_docs.py``: the table of shipped models in
+README.md and the model card, and ``metadata.json``'s ``eval_metrics``, are copied from the ``model.json`` files, so
+the figures there are the scored ones.
 
 ``train`` runs the bundle's own training (``configs/train.json`` through ``monai.bundle run``, as a user does) on the
 model's training data with *dense* labels (``instance_ratio 1``, ``background_label 0``: every unlabelled pixel is
@@ -17,7 +18,7 @@ writes ``models/<name>/model.json``: the training's own model card (its inferenc
 training settings, iterations, CPU time, machine and commit. ``score``
 segments the model's held-out images with ``configs/inference.json`` and the model's settings (the defaults,
 ``--image_scale auto``) and adds the scores (AP50, mAP, SBD, pooled as in ``scripts/benchmark_accuracy.py``) to
-``model.json``; the README copies them from there.
+``model.json``; the front pages copy them from there.
 
 Models:
 
@@ -40,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from scripts import sync_docs  # noqa: E402
 from scripts.accuracy.common import default_data_dir, load_benchmark, score  # noqa: E402
 from scripts.accuracy.spoco_runner import SETTINGS, fit_predict, predict  # noqa: E402
 
@@ -141,63 +143,22 @@ def score_model(args: argparse.Namespace) -> dict:
     return scores
 
 
-MARK_BEGIN, MARK_END = (
-    "<!-- shipped-models: begin (scripts/shipped_models.py readme) -->",
-    "<!-- shipped-models: end -->",
-)
-
-
-def readme_table() -> str:
-    lines = [
-        "| `--model` | what | AP50 / mAP on held-out images (default inference) | training |",
-        "|---|---|---|---|",
-    ]
-    for name in sorted(MODELS):
-        path = model_dir(name) / "model.json"
-        if not path.is_file():
-            continue
-        card = json.loads(path.read_text())
-        sc = card["scores"].get("default_inference", {})
-        tr = card["training"]
-        score_cell = f"{sc['ap50']:.3f} / {sc['map']:.3f} ({sc['images']})" if sc else "not scored"
-        machine = tr["machine"]
-        train_cell = (
-            f"{tr['iterations']} iterations, {tr['train_cpu_s']:.0f} CPU-s on {machine.get('nproc')} "
-            f"{machine.get('cpu', 'CPU')} cores{' + ' + machine['cuda'] if machine.get('cuda') else ''}: "
-            f"`{tr['command']}`"
-        )
-        lines.append(f"| `{name}` | {card['description']} | {score_cell} | {train_cell} |")
-    return "\n".join(lines)
-
-
-def write_readme(path: Path = REPO_ROOT / "README.md") -> None:
-    text = path.read_text()
-    if MARK_BEGIN not in text or MARK_END not in text:
-        raise SystemExit(f"{path} has no {MARK_BEGIN} ... {MARK_END} block.")
-    head, rest = text.split(MARK_BEGIN, 1)
-    _, tail = rest.split(MARK_END, 1)
-    path.write_text(head + MARK_BEGIN + "\n" + readme_table() + "\n" + MARK_END + tail)
-    print(f"[shipped] wrote the table of shipped models into {path}")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("train", "score", "readme"))
+    p.add_argument("action", choices=("train", "score", "docs"))
     p.add_argument("name", nargs="?", choices=sorted(MODELS))
     p.add_argument("--budget_s", type=float, default=1800.0, help="training budget in CPU seconds")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data_dir", default=str(default_data_dir()))
     args = p.parse_args(argv)
-    if args.action == "readme":
-        write_readme()
-        return 0
+    if args.action == "docs":
+        return sync_docs.main([])
     if args.name is None:
         p.error(f"{args.action} needs a model name: {sorted(MODELS)}")
     if args.action == "train":
         train(args)
     score_model(args)
-    write_readme()
-    return 0
+    return sync_docs.main([])  # the cards' new figures into README.md, the model card and metadata.json
 
 
 if __name__ == "__main__":

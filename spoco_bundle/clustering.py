@@ -61,7 +61,7 @@ BACKGROUND_MODES = ("largest", "none", "auto")
 # Voxels per work chunk: small enough that per-channel float32 temporaries stay in cache (measured fastest).
 _CHUNK_VOXELS = 1 << 18
 
-try:  # optional: compiled kernels for cluster_fast (same results as the numpy code, several times faster)
+try:  # optional: compiled kernels for cluster_fast (same results as the numpy code, faster)
     import numba
 
     HAVE_NUMBA = True
@@ -826,9 +826,8 @@ def cluster_fast(
 
     Cost: O(N E) for the core test, then O(N) (labelling, growth of the non-core voxels, merging); no (N, K)
     matrices and no float64 copies of the volume. With numba installed the loops run compiled
-    (``backend="auto"``; the kernels compile once, ~20 s, and are cached on disk). Measured on 2 shared CPU cores,
-    E = 16: a 256 x 512 x 512 volume (67 Mvoxel, 17k objects) in 13-18 s (3.8-5 Mvoxel/s, depending on the other
-    jobs on the machine), peak memory 5.5 GB of which 4.3 GB is the input; the numpy backend: 43 s, 6.3 GB.
+    (``backend="auto"``; the kernels compile once on first use and are cached on disk). Speed and peak memory of
+    both backends: ``scripts/benchmark_clustering.py``.
     The backends give the same labels, except that the numba one grows in raster sweeps, which can differ for
     the rare voxel within ``assign_radius`` of the means of two touching components (means closer than
     ``2 assign_radius``).
@@ -1044,8 +1043,8 @@ def cluster_hdbscan(
 ) -> np.ndarray:
     """HDBSCAN clustering (hdbscan package) with ``cluster_selection_epsilon = delta_v``, as in the reference.
 
-    Above ``max_points`` foreground voxels, HDBSCAN runs on a uniform random subsample of ``max_points`` voxels
-    (about 5-10 s for 20k points in 16-D) with ``min_cluster_size`` scaled by the sampling fraction; every other
+    Above ``max_points`` foreground voxels (HDBSCAN's cost grows faster than linearly), HDBSCAN runs on a uniform
+    random subsample of ``max_points`` voxels with ``min_cluster_size`` scaled by the sampling fraction; every other
     voxel gets the nearest cluster mean within ``assign_radius`` (default ``delta_d``) or 0. HDBSCAN noise is 0.
 
     Args:
@@ -1229,8 +1228,7 @@ def cluster_consistency(
     ``"largest"`` remove a real object. Then, for each remaining cluster C, ``n_samples`` random voxels of C
     (with replacement) give anchors ``a = g_i``; ``M_a = {i : ||g_i - a|| < delta_v}`` over the whole image
     (inside ``fg_mask`` when given); C is dropped when the median over anchors of ``IoU(C, M_a)`` is below
-    ``iou_threshold``. Exact, vectorised over voxels and chunked (see ``_consistency_iou``); about 1 s for a
-    100^3 volume with 80 clusters.
+    ``iou_threshold``. Exact, vectorised over voxels and chunked (see ``_consistency_iou``).
 
     The anchors are single voxels, so the rule assumes compact clusters: when the typical distance between two
     voxels of one object exceeds ``delta_v`` (per-voxel spread above ~``delta_v / sqrt(2)``), even consistent

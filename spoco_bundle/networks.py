@@ -99,7 +99,7 @@ class EmbeddingUNet(DynUNet):
             # bias by about the learning rate per step, too slowly for CPU-length runs to get there on their own
             with torch.no_grad():
                 self.output_block.conv.conv.bias[-1].fill_(-2.0)
-        # channels-last convolutions are ~3x faster in the backward pass on CPU (oneDNN) and neutral on GPU
+        # channels-last convolutions are faster in the backward pass on CPU (oneDNN) and neutral on GPU
         self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
         self.to(memory_format=self.memory_format)
         # checkpoints of version 0.1 predate the buffer: their head was never calibrated, i.e. c = 1

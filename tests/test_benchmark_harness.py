@@ -243,6 +243,12 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     for png in ("benchmark_dsb2018.png", "benchmark_dsb2018_examples.png"):
         assert (tmp_path / "docs" / "images" / png).stat().st_size > 10_000
     assert os.path.basename(str(doc)) == "benchmarks.md" and torch.__version__ in text
+    # its machine-readable twin (what scripts/sync_docs.py builds the README's results table from)
+    summary = json.loads((tmp_path / "docs" / "benchmarks.json").read_text())
+    assert summary["command"] == "python scripts/benchmark_accuracy.py --test"
+    assert [(r["method"], r["ratio"]) for r in summary["rows"]] == [("classical", 0.1), ("classical", 1.0)]
+    assert summary["rows"][0]["ap50"] == rec["metrics"]["ap50"] and summary["rows"][0]["status"] == "ok"
+    assert summary["rows"][0]["budget_s"] == 60.0 and summary["rows"][0]["clock"] == "wall"
     # a second report (e.g. benchmarks_long.md) gets its own plots and leaves these alone
     before = (tmp_path / "docs" / "images" / "benchmark_dsb2018.png").read_bytes()
     long_doc = write_docs(

@@ -1,0 +1,211 @@
+"""
+One source for every number on the front pages: copies the measured figures that ``README.md``, the model card
+(``docs/README.md``) and ``metadata.json`` show from the files the measuring scripts write, so no figure there is
+typed by hand and none can drift.
+
+- Block ``results`` (README and model card): the accuracy table, from the summaries ``docs/<page>.json`` that
+  ``python -m benchmarks.accuracy ... --docs docs/<page>.md`` writes beside each benchmark page (:data:`PAGES`).
+- Block ``shipped-models`` (README and model card): one row per shipped model, from ``models/<name>/model.json``
+  (written by ``scripts/shipped_models.py``).
+- ``metadata.json`` ``eval_metrics``: the shipped models' held-out scores, from the same cards
+  (:func:`spoco_bundle.shipped.eval_metrics`; a zoo package made from one model reports that model's alone).
+
+    .venv/bin/python scripts/sync_docs.py           # rewrite what is out of date
+    .venv/bin/python scripts/sync_docs.py --check   # only list it (exit 1); the test suite runs this
+
+A block is the text between ``<!-- NAME: begin ... -->`` and ``<!-- NAME: end -->``; everything outside the blocks
+is prose and stays as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from spoco_bundle.shipped import eval_metrics  # noqa: E402
+
+# benchmark summaries the results table reads (docs/<page>.json beside docs/<page>.md)
+PAGES = ("benchmarks_protocols", "benchmarks_beyond_nuclei")
+# pages with blocks, and the path from each to docs/ (for links)
+FRONT_PAGES = {"README.md": "docs/", "docs/README.md": ""}
+# rows of the results table: (data set, its label, ratio)
+ROWS = (
+    ("dsb2018", "DSB2018 nuclei 2D (66 validation images)", 0.1),
+    ("dsb2018", "DSB2018 nuclei 2D (66 validation images)", 1.0),
+    ("gonuclear", "GoNuclear nuclei 3D (mean of both directions)", 0.1),
+    ("gonuclear", "GoNuclear nuclei 3D (mean of both directions)", 1.0),
+    ("usiigaci", "Usiigaci phase-contrast cells 2D", 0.1),
+    ("usiigaci", "Usiigaci phase-contrast cells 2D", 1.0),
+    ("isbi2012", "ISBI 2012 EM neurites 2D", 0.1),
+    ("isbi2012", "ISBI 2012 EM neurites 2D", 1.0),
+    ("plant3d", "plant tissue 3D, no background", 0.1),
+    ("plant3d", "plant tissue 3D, no background", 1.0),
+)
+# columns: (method in the benchmark, header)
+COLUMNS = (
+    ("spoco", "SPOCO, objects only"),
+    ("spoco_scribbles", "SPOCO + background strokes"),
+    ("spoco_mask", "SPOCO, foreground mask given"),
+    ("stardist", "StarDist"),
+    ("classical", "Otsu + watershed"),
+    ("classical_membrane", "membrane watershed"),
+)
+# data whose usual score is a partition score: ARAND shown beside AP50
+PARTITION = ("isbi2012", "plant3d")
+
+
+def _block(text: str, name: str, content: str, where: str) -> str:
+    begin, end = f"<!-- {name}: begin", f"<!-- {name}: end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"error: {where} has no '{begin} ... -->' ... '{end}' block.")
+    head, rest = text.split(begin, 1)
+    marker, rest = rest.split("-->", 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}{marker}-->\n{content}\n{end}{tail}"
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "–"
+
+
+# ------------------------------------------------------------------------------------------------ results table
+
+
+def load_summaries(docs: Path = REPO_ROOT / "docs") -> list[dict[str, Any]]:
+    """The benchmark summaries of :data:`PAGES`, each with its ``page`` name added."""
+    out = []
+    for page in PAGES:
+        path = docs / f"{page}.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path} is missing: regenerate it with the command in docs/{page}.md")
+        out.append({**json.loads(path.read_text()), "page": page})
+    return out
+
+
+def _cell(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
+    """AP50 of a (data set, method, ratio), the mean over its splits (GoNuclear's two directions), with ARAND where
+    that is the usual score."""
+    ok = [r for r in rows if r.get("status") == "ok" and isinstance(r.get("ap50"), (int, float))]
+    if not ok:
+        return "–"
+    ap50 = sum(r["ap50"] for r in ok) / len(ok)
+    arand = [r["arand"] for r in ok if isinstance(r.get("arand"), (int, float))]
+    return _fmt(ap50) + (f" (ARAND {_fmt(sum(arand) / len(arand))})" if dataset in PARTITION and arand else "")
+
+
+def results_table(summaries: Sequence[Mapping[str, Any]], docs_link: str = "docs/") -> str:
+    """The README's results table: AP50 per data set, labelled fraction and method, from the summaries;
+    ``docs_link``: the path from the page to ``docs/``."""
+    rows = [dict(r, page=s["page"]) for s in summaries for r in s["rows"]]
+    learned = [
+        r for r in rows if r.get("method") not in ("classical", "classical_membrane") and r.get("status") == "ok"
+    ]
+    budgets = sorted({(r.get("budget_s"), r.get("clock"), r.get("threads"), r.get("device")) for r in learned}, key=str)
+    machines = sorted({str(r.get("machine")) for r in learned if r.get("machine")})
+    header = "| data (held-out images) | labelled | " + " | ".join(h for _, h in COLUMNS) + " |"
+    lines = [header, "|---|---|" + "---|" * len(COLUMNS)]
+    for dataset, label, ratio in ROWS:
+        here = [r for r in rows if r.get("dataset") == dataset and abs(float(r.get("ratio", -1)) - ratio) < 1e-9]
+        if not here:
+            continue
+        cells = [_cell([r for r in here if r.get("method") == m], dataset) for m, _ in COLUMNS]
+        lines.append(f"| {label} | {ratio * 100:g} % | " + " | ".join(cells) + " |")
+    pages = ", ".join(f"[docs/{s['page']}.md]({docs_link}{s['page']}.md)" for s in summaries)
+    how = "; ".join(
+        f"{b:g} s of {'process CPU' if clock == 'cpu' else 'wall'} time, {threads} thread{'s' * (threads != 1)}, "
+        f"device {device}"
+        for b, clock, threads, device in budgets
+        if b is not None
+    )
+    lines += [
+        "",
+        f"AP50 on held-out images (ARAND, lower is better, where it is the usual score); every learner trained for "
+        f"the same budget per run ({how}; {' / '.join(machines)}) on the same kept objects; – = not run. Written by "
+        f"`scripts/sync_docs.py` from the benchmark's summaries; full tables, commands and machine load: {pages}.",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ shipped models
+
+
+def shipped_cards(models: Path = REPO_ROOT / "models") -> dict[str, dict[str, Any]]:
+    """The cards of the shipped models, ``models/<name>/model.json``, by name."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(models.glob("*/model.json"))}
+
+
+def shipped_table(cards: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = [
+        "| `--model` | what | AP50 / mAP on held-out images (default inference) | training |",
+        "|---|---|---|---|",
+    ]
+    for name, card in cards.items():
+        sc = (card.get("scores") or {}).get("default_inference", {})
+        tr = card.get("training", {})
+        machine = tr.get("machine", {})
+        score_cell = f"{sc['ap50']:.3f} / {sc['map']:.3f} ({sc['images']})" if sc else "not scored"
+        train_cell = (
+            f"{tr.get('iterations')} iterations, {tr.get('train_cpu_s', 0):.0f} CPU-s on {machine.get('nproc')} "
+            f"{machine.get('cpu', 'CPU')} cores{' + ' + machine['cuda'] if machine.get('cuda') else ''}: "
+            f"`{tr.get('command')}`"
+        )
+        lines.append(f"| `{name}` | {card.get('description', '')} | {score_cell} | {train_cell} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def planned(root: Path = REPO_ROOT) -> dict[Path, str]:
+    """Every file this script owns a part of, with the text it should have."""
+    cards = shipped_cards(root / "models")
+    summaries = load_summaries(root / "docs")
+    blocks: dict[str, Callable[[str], str]] = {
+        "results": lambda link: results_table(summaries, link),
+        "shipped-models": lambda link: shipped_table(cards),
+    }
+    out: dict[Path, str] = {}
+    for rel, link in FRONT_PAGES.items():
+        path = root / rel
+        text = path.read_text()
+        for name, render in blocks.items():
+            text = _block(text, name, render(link), rel)
+        out[path] = text
+    # metadata.json keeps its hand-kept layout: only the eval_metrics line is written (as one line)
+    meta_path = root / "metadata.json"
+    metrics = json.dumps({name: eval_metrics(card) for name, card in cards.items()})
+    text, n = re.subn(r'^(\s*"eval_metrics": ).*?,$', lambda m: m.group(1) + metrics + ",", meta_path.read_text(),
+                      count=1, flags=re.M)  # fmt: skip
+    if n != 1:
+        raise SystemExit(f'error: {meta_path} has no one-line "eval_metrics" entry to write.')
+    out[meta_path] = text
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="only list the files that are out of date (exit 1 if any)")
+    args = p.parse_args(argv)
+    plan = planned()
+    stale = [path for path, text in plan.items() if path.read_text() != text]
+    for path in stale:
+        rel = path.relative_to(REPO_ROOT)
+        print(f"{rel}: out of date" if args.check else f"wrote {rel}")
+        if not args.check:
+            path.write_text(plan[path])
+    if args.check and stale:
+        print("run: .venv/bin/python scripts/sync_docs.py")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
