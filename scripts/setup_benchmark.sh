@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up what the accuracy benchmark (scripts/benchmark_accuracy.py) needs beyond the project:
+# Set up what the accuracy benchmark (python -m benchmarks.accuracy) needs beyond the project:
 #   .venv        the project with its test extras (scripts/setup_env.sh): SPOCO, the classical baseline, scoring;
 #   .venv-bench  StarDist + TensorFlow CPU (requirements/benchmark.txt), a separate environment because TensorFlow
 #                in .venv would be imported by every `import monai`. The StarDist peer runs there as a subprocess.

@@ -17,7 +17,7 @@ writes ``models/<name>/model.json``: the training's own model card (its inferenc
 ``--model <name>``, :mod:`spoco_bundle.shipped`; the size of what it was trained on) plus what the model is, the exact
 training settings, iterations, CPU time, machine and commit. ``score``
 segments the model's held-out images with ``configs/inference.json`` and the model's settings (the defaults,
-``--image_scale auto``) and adds the scores (AP50, mAP, SBD, pooled as in ``scripts/benchmark_accuracy.py``) to
+``--image_scale auto``) and adds the scores (AP50, mAP, SBD, pooled as in ``python -m benchmarks.accuracy``) to
 ``model.json``; the front pages copy them from there.
 
 Models:
@@ -41,9 +41,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.data import default_data_dir, load_benchmark, score  # noqa: E402
+from benchmarks.methods.spoco import SETTINGS, fit_predict, predict  # noqa: E402
+from benchmarks.settings import RunSettings  # noqa: E402
 from scripts import sync_docs  # noqa: E402
-from scripts.accuracy.common import default_data_dir, load_benchmark, score  # noqa: E402
-from scripts.accuracy.spoco_runner import SETTINGS, fit_predict, predict  # noqa: E402
 
 MODELS = {
     "nuclei2d": {
@@ -73,7 +74,7 @@ def _split(name: str, data_dir: str):
 
 
 def train(args: argparse.Namespace) -> Path:
-    from scripts.benchmark_accuracy import _git_commit, machine_info
+    from benchmarks.records import git_commit, machine_info
 
     split = _split(args.name, args.data_dir)
     work = REPO_ROOT / "eval" / "shipped" / args.name
@@ -81,7 +82,8 @@ def train(args: argparse.Namespace) -> Path:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     t0 = time.strftime("%Y-%m-%d %H:%M:%S")
-    result = fit_predict(split, 1.0, 0, args.budget_s, threads=args.threads, work_dir=work, overrides=dict(DENSE))
+    run = RunSettings(budget_s=args.budget_s, clock="cpu", threads=args.threads, seed=0)
+    result = fit_predict(split, 1.0, run, work_dir=work, overrides=dict(DENSE))
     out = model_dir(args.name)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(work / "models" / "model.pt", out / "model.pt")
@@ -111,7 +113,7 @@ def train(args: argparse.Namespace) -> Path:
             "iterations": result.iterations,
             "started": t0,
             "machine": machine_info(),
-            "commit": _git_commit(),
+            "commit": git_commit(),
         },
         "scores": {"at_training": _scores(scores, split, "training run's own prediction, --image_scale 1")},
     }

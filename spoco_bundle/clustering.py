@@ -976,7 +976,7 @@ def cluster_watershed(
        (over-split objects); with ``background="largest"`` regions with a mean that close to the largest region's
        join it (enclosed background pockets), then the shared post-processing (see the module docstring).
 
-    Measured on DSB2018 validation images (``scripts/benchmark_foreground.py``, same models and masks as ``fast``):
+    Measured on DSB2018 validation images (``python -m benchmarks.foreground``, same models and masks as ``fast``):
     see docs/benchmarks.md. ``delta_d`` is accepted for a uniform call signature and not used.
 
     Args:
@@ -1289,7 +1289,7 @@ def split_by_shape(
     inside the clustered objects). ``h`` relative to the object's size makes the
     rule independent of magnification. A split that would leave a part smaller than ``min_size`` voxels is not made.
 
-    Measured on DSB2018 validation images (``scripts/benchmark_foreground.py``, ``shape_split`` rows): see
+    Measured on DSB2018 validation images (``python -m benchmarks.foreground``, ``shape_split`` rows): see
     docs/benchmarks.md.
 
     Args:

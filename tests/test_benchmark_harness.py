@@ -1,4 +1,4 @@
-"""Tests of the accuracy benchmark's harness (scripts/accuracy, scripts/benchmark_accuracy.py) on the real data of
+"""Tests of the accuracy benchmark's harness (the ``benchmarks`` package) on the real data of
 ``SPOCO_DATA_DIR`` (default: the repository's ``../shared/data``); skipped when the data is missing."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.accuracy import classical, membrane  # noqa: E402
-from scripts.accuracy.common import (  # noqa: E402
+from benchmarks.accuracy import parse_args, run_settings  # noqa: E402
+from benchmarks.data import (  # noqa: E402
     Item,
     Split,
     dataset_available,
@@ -27,28 +27,18 @@ from scripts.accuracy.common import (  # noqa: E402
     device_error,
     kept_ids,
     load_benchmark,
-    run_timeout,
     score,
     sparsify,
 )
-from scripts.accuracy.spoco_runner import bundle_ids, inference_clustering, study_overrides  # noqa: E402
-from scripts.benchmark_accuracy import (  # noqa: E402
-    _grid_budget,
-    _protocol_lines,
-    _study_overrides,
-    collect,
-    collect_foreground,
-    collect_scale,
-    is_cached,
-    parse_args,
-    repredict_one,
-    rescore_one,
-    run_one,
-    write_docs,
-)
-from scripts.benchmark_foreground import foreground_breakdown, object_errors  # noqa: E402
-from scripts.benchmark_foreground import parse_args as foreground_args  # noqa: E402
-from scripts.benchmark_scale import rescale  # noqa: E402
+from benchmarks.foreground import foreground_breakdown, object_errors  # noqa: E402
+from benchmarks.foreground import parse_args as foreground_args  # noqa: E402
+from benchmarks.methods import classical, membrane  # noqa: E402
+from benchmarks.methods.spoco import bundle_ids, inference_clustering, study_overrides  # noqa: E402
+from benchmarks.records import collect, collect_foreground, collect_scale, is_cached  # noqa: E402
+from benchmarks.report import _grid_budget, _protocol_lines, _study_overrides, write_docs  # noqa: E402
+from benchmarks.runner import repredict_one, rescore_one, run_one  # noqa: E402
+from benchmarks.scale import rescale  # noqa: E402
+from benchmarks.settings import RunSettings, run_timeout  # noqa: E402
 from spoco_bundle.metrics import adapted_rand_error  # noqa: E402
 from spoco_bundle.transforms import ClusterEmbeddings, SparseInstanceLabeld, load_transforms  # noqa: E402
 
@@ -167,19 +157,13 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         for it in (dsb_small.train[0], dsb_small.test[0])
     ]
     split = Split("dsb2018", "tiny", 2, [tiny[0]], [tiny[1]])
-    settings = {
-        "budget_s": 60.0,
-        "clock": "wall",
-        "threads": 1,
-        "seed": 0,
-        "device": "cpu",
-        "max_train": 1,
-        "max_test": 1,
-    }
+    settings = RunSettings(budget_s=60.0, clock="wall", threads=1, max_train=1, max_test=1)
     for ratio in (0.1, 1.0):
-        rec = run_one(split, "classical", ratio, tmp_path / "runs", 60.0, settings=settings)
+        rec = run_one(split, "classical", ratio, tmp_path / "runs", settings)
         assert rec["status"] == "ok", rec.get("reason")
-        assert is_cached(rec, settings) and not is_cached(rec, {**settings, "budget_s": 30.0})
+        assert rec["settings"] == settings.as_record() and rec["budget_s"] == 60.0 and rec["clock"] == "wall"
+        shorter = RunSettings(budget_s=30.0, clock="wall", threads=1, max_train=1, max_test=1)
+        assert is_cached(rec, settings) and not is_cached(rec, shorter)
         with np.load(tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / f"ratio_{ratio:.2f}.npz") as data:
             pred = data[tiny[1].name]
         assert score([pred], [tiny[1].labels], 2)["ap50"] == pytest.approx(rec["metrics"]["ap50"])
@@ -214,7 +198,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         {"dsb2018": [split]},
         ["classical", "stardist"],
         [0.1, 1.0],
-        "python scripts/benchmark_accuracy.py --test",
+        "python -m benchmarks.accuracy --test",
         "data",
         scale_records=collect_scale(tmp_path / "runs"),
         foreground_records=collect_foreground(tmp_path / "runs"),
@@ -230,7 +214,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert "| truth (oracle) | connected components + shape_split 0.1 | 0.625 | 0.500 | 1.000 |" in text
     # the command that reruns the grid states the grid and the budget of the runs shown
     grid = "--ratios 0.1,1 \\\n    --methods classical,stardist --budget_s 60 --clock wall --threads 1\n"
-    assert "benchmark_accuracy.py --datasets dsb2018 " + grid in text
+    assert "-m benchmarks.accuracy --datasets dsb2018 " + grid in text
     rec = json.loads((tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / "ratio_0.10.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith("| classical") and "| 10% |" in line)
     assert f"| {rec['metrics']['ap50']:.3f} | {rec['metrics']['map']:.3f} | {rec['metrics']['sbd']:.3f} |" in row
@@ -245,7 +229,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert os.path.basename(str(doc)) == "benchmarks.md" and torch.__version__ in text
     # its machine-readable twin (what scripts/sync_docs.py builds the README's results table from)
     summary = json.loads((tmp_path / "docs" / "benchmarks.json").read_text())
-    assert summary["command"] == "python scripts/benchmark_accuracy.py --test"
+    assert summary["command"] == "python -m benchmarks.accuracy --test"
     assert [(r["method"], r["ratio"]) for r in summary["rows"]] == [("classical", 0.1), ("classical", 1.0)]
     assert summary["rows"][0]["ap50"] == rec["metrics"]["ap50"] and summary["rows"][0]["status"] == "ok"
     assert summary["rows"][0]["budget_s"] == 60.0 and summary["rows"][0]["clock"] == "wall"
@@ -257,7 +241,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         {"dsb2018": [split]},
         ["classical"],
         [1.0],
-        "python scripts/benchmark_accuracy.py --test",
+        "python -m benchmarks.accuracy --test",
         "data",
     )
     assert "images/benchmarks_long_dsb2018.png" in long_doc.read_text()
@@ -266,13 +250,10 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
 
 
 @pytest.mark.benchmark
-def test_repredict_reuses_the_checkpoint_and_keeps_the_earlier_scores(
-    dsb_small: Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_repredict_reuses_the_checkpoint_and_keeps_the_earlier_scores(dsb_small: Split, tmp_path: Path) -> None:
     # a real (very short) SPOCO run through the bundle's CLI, then its checkpoint segments the test images again
-    monkeypatch.setenv("SPOCO_BENCH_THREADS", "2")
     split = Split("dsb2018", "tiny", 2, dsb_small.train[:2], dsb_small.test[:2])
-    rec = run_one(split, "spoco", 1.0, tmp_path / "runs", 4.0)
+    rec = run_one(split, "spoco", 1.0, tmp_path / "runs", RunSettings(budget_s=4.0))
     assert rec["status"] == "ok", rec.get("reason")
     default = inference_clustering()  # the configs' post-processing, e.g. "watershed + shape_split 0.1"
     assert rec["info"]["clustering"] == default and default.startswith(
@@ -298,15 +279,32 @@ def test_repredict_reuses_the_checkpoint_and_keeps_the_earlier_scores(
     assert json.loads(path.read_text())["clustering"] == "fast"
 
 
-def test_run_timeout_has_no_wall_limit_on_the_cpu_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_timeout_has_no_wall_limit_on_the_cpu_clock() -> None:
     # On the cpu clock wall time depends on the machine's load, so a fixed limit would kill finished runs.
-    monkeypatch.delenv("SPOCO_BENCH_TIMEOUT_S", raising=False)
     assert run_timeout(900, "wall") == 3 * 900 + 1800
     assert run_timeout(900, "cpu") is None
     assert run_timeout(900, "cpu", timeout_s=60) == 60
     assert run_timeout(900, "wall", timeout_s=0) is None
-    monkeypatch.setenv("SPOCO_BENCH_TIMEOUT_S", "120")  # how the benchmark passes --timeout_s to StarDist's worker
-    assert run_timeout(900, "cpu") == 120
+
+
+def test_settings_travel_as_flags_and_old_records_stay_cached(tmp_path: Path) -> None:
+    # what a run's own process gets: the parent's settings, back through the same command line
+    args = ["--budget_s", "900", "--clock", "cpu", "--threads", "1", "--overrides", '{"learning_rate": 0.005}']
+    args += ["--timeout_s", "0", "--data_dir", str(DATA_DIR), "--out_dir", str(tmp_path / "runs")]
+    settings = run_settings(parse_args(args))
+    assert settings.overrides == {"learning_rate": 0.005} and settings.timeout_s == 0 and settings.clock == "cpu"
+    assert run_settings(parse_args(settings.cli_args())) == settings
+    # a record written before settings were recorded in full (top-level fields only) is still a cache hit
+    old = {"status": "ok", "method": "spoco", "budget_s": 900.0, "clock": "cpu", "threads": 1, "seed": 0}
+    old.update(device="cpu", max_train=None, max_test=None, overrides='{"learning_rate": 0.005}')
+    assert is_cached(old, settings)
+    assert not is_cached(old, RunSettings(budget_s=900.0, clock="cpu", threads=1))  # other overrides: not the same
+    assert is_cached({**old, "method": "classical"}, RunSettings(budget_s=900.0, clock="cpu", threads=1))
+    for bad in ('{"a"', "[1, 2]"):
+        with pytest.raises(SystemExit):
+            parse_args(["--overrides", bad])
+    with pytest.raises(ValueError, match="clock"):
+        RunSettings(clock="gpu")
 
 
 def test_rescale_resamples_images_linearly_and_labels_nearest() -> None:
@@ -428,7 +426,7 @@ def test_inference_overrides_are_checked_when_parsed(capsys) -> None:
 
 
 def test_grid_command_states_device_and_study_overrides() -> None:
-    # a report of GPU runs, or of runs with $SPOCO_BENCH_OVERRIDES, must say so in the command that reruns them
+    # a report of GPU runs, or of runs with --overrides, must say so in the command that reruns them
     assert _grid_budget([(280.0, "wall", 2, "cuda")]) == "--budget_s 280 --clock wall --threads 2 --device cuda"
     assert _grid_budget([(900.0, "cpu", 1, "cpu")]) == "--budget_s 900 --clock cpu --threads 1"
 
@@ -505,19 +503,16 @@ def test_protocol_table_and_rescore(dsb_small: Split, tmp_path: Path) -> None:
 
 
 @pytest.mark.benchmark
-def test_mask_protocol_reuses_the_objects_only_checkpoint(
-    dsb_small: Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mask_protocol_reuses_the_objects_only_checkpoint(dsb_small: Split, tmp_path: Path) -> None:
     # spoco_mask trains nothing: the finished spoco run's model segments the test images inside their true
     # foreground, given as one mask file per image through the bundle's --foreground_mask_dir
-    monkeypatch.setenv("SPOCO_BENCH_THREADS", "2")
-    monkeypatch.setenv("SPOCO_BENCH_OUT_DIR", str(tmp_path / "runs"))
     split = Split("dsb2018", "tiny", 2, dsb_small.train[:2], dsb_small.test[:2])
-    missing = run_one(split, "spoco_mask", 0.5, tmp_path / "runs", 4.0)
+    settings = RunSettings(budget_s=4.0, out_dir=str(tmp_path / "runs"))
+    missing = run_one(split, "spoco_mask", 0.5, tmp_path / "runs", settings)
     assert missing["status"] == "failed" and "run it first" in missing["reason"]
-    rec = run_one(split, "spoco", 0.5, tmp_path / "runs", 4.0)
+    rec = run_one(split, "spoco", 0.5, tmp_path / "runs", settings)
     assert rec["status"] == "ok", rec.get("reason")
-    masked = run_one(split, "spoco_mask", 0.5, tmp_path / "runs", 4.0)
+    masked = run_one(split, "spoco_mask", 0.5, tmp_path / "runs", settings)
     assert masked["status"] == "ok", masked.get("reason")
     assert masked["iterations"] == rec["iterations"] and masked["info"]["derived_from"].endswith("ratio_0.50.json")
     with np.load(tmp_path / "runs" / "dsb2018" / "tiny" / "spoco_mask" / "ratio_0.50.npz") as data:
@@ -589,13 +584,13 @@ def test_membrane_baseline_chooses_its_polarity_on_the_training_images() -> None
         image, labels = _tissue(rng)
         items.append(Item(f"t{i}", 255.0 - image, labels, None, f"t{i}.tif", f"t{i}_labels.tif"))
     split = Split("synthetic", "s", 2, items[:2], items[2:])
-    result = membrane.fit_predict(split, ratio=0.4, seed=0, budget_s=600)
+    result = membrane.fit_predict(split, 0.4, RunSettings(budget_s=600))
     assert result.info["params"]["polarity"] == "dark" and result.info["grid_complete"]
     assert score(result.predictions, [items[2].labels], 2)["ap50"] > 0.8
 
 
 def test_stardist_peer_sees_the_image_scale_spoco_gets_and_answers_on_the_test_grid() -> None:
-    from scripts.accuracy.stardist_peer import _rescale, _resize_labels
+    from benchmarks.methods.stardist_peer import _rescale, _resize_labels
 
     labels = np.zeros((1022, 1023), np.int32)
     labels[100:300, 200:260] = 7
@@ -607,7 +602,7 @@ def test_stardist_peer_sees_the_image_scale_spoco_gets_and_answers_on_the_test_g
 
 
 def test_learning_speed_screen_scores_on_training_images_it_did_not_train_on(tmp_path: Path) -> None:
-    from scripts.benchmark_learning_speed import _last_terms, tune_split
+    from benchmarks.learning_speed import _last_terms, tune_split
 
     items = [Item(f"t{i}", np.zeros((8, 8), np.float32), np.zeros((8, 8), np.int32), None, "", "") for i in range(5)]
     split = Split("dsb2018", "train5_val2", 2, items, [])
@@ -628,7 +623,7 @@ def test_learning_speed_screen_scores_on_training_images_it_did_not_train_on(tmp
 
 
 def test_inference_ids_carry_a_studied_network_shape() -> None:
-    from scripts.accuracy.spoco_runner import run_ids
+    from benchmarks.methods.spoco import run_ids
 
     ids = run_ids({"info": {"overrides": {"patch_size": [192, 192], "features": [8, 16, 32, 64], "seed": 0}}})
     assert ids == {"patch_size": [192, 192], "features": [8, 16, 32, 64]}

@@ -74,8 +74,8 @@ def test_nuclei2d_segments_dsb_validation_images_through_the_cli(tmp_path):
     (``--image_scale auto``, the default, finds the factor); an unknown name is one clear line."""
     import tifffile
 
-    from scripts.accuracy.common import score
-    from scripts.benchmark_scale import rescale
+    from benchmarks.data import score
+    from benchmarks.scale import rescale
     from spoco_bundle.io import read_image
 
     ids = _dsb_validation(4)

@@ -12,11 +12,11 @@ knowledge of the magnification).
 (:func:`spoco_bundle.object_size.training_blob_scales` on the run's training images and image scale) and passed
 as ``--inferer#blob_scales``; the record says which.
 
-    .venv/bin/python scripts/benchmark_scale.py [--dataset dsb2018] [--ratio 0.1] [--scales 0.5,0.75,1,1.5,2,3]
+    .venv/bin/python -m benchmarks.scale [--dataset dsb2018] [--ratio 0.1] [--scales 0.5,0.75,1,1.5,2,3]
         [--method spoco] [--out_dir eval/benchmark] [--threads 2] [--max_test N] [--no_matched] [--no_auto]
 
 It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
-its work folder) and writes ``scale_ratio_<r>.json`` beside it; ``scripts/benchmark_accuracy.py --no_run`` puts the
+its work folder) and writes ``scale_ratio_<r>.json`` beside it; ``python -m benchmarks.accuracy --no_run`` puts the
 table into ``docs/benchmarks.md``. Images: linear interpolation (``scipy.ndimage.zoom`` order 1), labels: nearest.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,12 +33,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from scripts.accuracy.common import cached_checkpoint, default_data_dir, score  # noqa: E402
-from scripts.accuracy.spoco_runner import predict  # noqa: E402
+from benchmarks.data import REPO_ROOT, cached_checkpoint, default_data_dir, score
+from benchmarks.methods.spoco import predict
 
 
 @dataclass

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from scripts.accuracy.common import Budget, Item, Result, Split, Stopwatch, normalize_image, sparsify
+from benchmarks.data import Item, Result, Split, normalize_image, sparsify
+from benchmarks.settings import Budget, RunSettings, Stopwatch
 
 __all__ = ["GRID", "segment", "estimate_radius", "kept_object_recall_map", "fit_predict", "grid_search_result"]
 
@@ -176,20 +177,19 @@ def kept_object_recall_map(sparse: np.ndarray, seg: np.ndarray) -> tuple[np.ndar
     return np.array([(best >= t).sum() for t in THRESHOLDS], dtype=np.int64), int(present.sum())
 
 
-def fit_predict(split: Split, ratio: float, seed: int, budget_s: float, device: str = "cpu") -> Result:
+def fit_predict(split: Split, ratio: float, run: RunSettings) -> Result:
     """
-    Choose the parameters on the training images (sparse labels, see the module docstring) within ``budget_s``
+    Choose the parameters on the training images (sparse labels, see the module docstring) within ``run.budget_s``
     seconds of grid search, then segment the test images.
 
     Args:
         split: benchmark split.
         ratio: fraction of objects kept per training image.
-        seed: selection seed of the kept objects (and of the tuning subset).
-        budget_s: time limit of the grid search on :func:`~scripts.accuracy.common.budget_clock`'s clock (the best
-            parameters so far are used when it runs out).
-        device: ignored (CPU only).
+        run: ``seed`` (selection seed of the kept objects and of the tuning subset), ``budget_s`` on ``clock`` (time
+            limit of the grid search; the best parameters so far are used when it runs out); CPU only.
     """
-    budget = Budget(budget_s)
+    seed = run.seed
+    budget = Budget(run.budget_s, run.clock)
     rng = np.random.default_rng(seed)
     train: list[Item] = list(split.train)
     if len(train) > TUNE_IMAGES:

@@ -1,6 +1,6 @@
 """
-Shared pieces of the accuracy benchmark (``scripts/benchmark_accuracy.py``): data sets, sparse labels, scoring and
-the method interface.
+Data of the accuracy benchmark (``python -m benchmarks.accuracy``): data sets, sparse labels, scoring and the method
+interface.
 
 Data (``data_dir``, default ``$SPOCO_DATA_DIR`` or the repository's ``../shared/data``):
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,12 +68,9 @@ __all__ = [
     "score",
     "partition_scores",
     "normalize_image",
-    "Stopwatch",
-    "Budget",
-    "budget_clock",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # data set -> (spatial dims, how its files are laid out)
 DATASET_LAYOUT = {
     "dsb2018": (2, "split_json"),
@@ -168,9 +164,11 @@ class Result:
 
 
 class FitPredict(Protocol):
-    """``fit_predict(split, ratio, seed, budget_s, device) -> Result`` of every benchmark method."""
+    """``fit_predict(split, ratio, settings) -> Result`` of every benchmark method: train on ``split``'s training
+    images with ``ratio`` of their objects kept, within ``settings.budget_s`` on ``settings.clock`` with
+    ``settings.threads`` threads (:class:`~benchmarks.settings.RunSettings`), and segment its test images."""
 
-    def __call__(self, split: Split, ratio: float, seed: int, budget_s: float, device: str) -> Result: ...
+    def __call__(self, split: Split, ratio: float, settings: Any) -> Result: ...
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -260,8 +258,7 @@ def load_benchmark(
         data_dir: folder holding the data sets; default :func:`default_data_dir`.
         max_train: keep only the first N training images of each split (quick checks; None = all).
         max_test: likewise for the test images.
-        cache_dir: where ``plant3d``'s two halves are written (default ``$SPOCO_BENCH_CACHE`` or
-            ``eval/data_cache``).
+        cache_dir: where ``plant3d``'s two halves are written (default ``eval/data_cache``).
 
     Raises:
         FileNotFoundError: naming the folder, when the data set is not there.
@@ -305,7 +302,7 @@ def _plant3d_halves(folder: Path, cache_dir: str | os.PathLike | None) -> tuple[
     missing or older than the source)."""
     import tifffile
 
-    cache = Path(cache_dir or os.environ.get("SPOCO_BENCH_CACHE") or REPO_ROOT / "eval" / "data_cache") / "plant3d"
+    cache = Path(cache_dir or REPO_ROOT / "eval" / "data_cache") / "plant3d"
     image_path, label_path = _find(folder, "plant3d_image"), _find(folder, "plant3d_labels")
     newest = max(image_path.stat().st_mtime, label_path.stat().st_mtime)
     halves = {"train": np.s_[..., :PLANT3D_SPLIT_X], "test": np.s_[..., PLANT3D_SPLIT_X:]}
@@ -344,7 +341,7 @@ def cached_checkpoint(
     run_dir = Path(out_dir) / dataset / splits[0].name / method
     path = run_dir / f"ratio_{ratio:.2f}.json"
     if not path.is_file():
-        raise SystemExit(f"{path} not found: run scripts/benchmark_accuracy.py for {method} at {ratio:g} first.")
+        raise SystemExit(f"{path} not found: run python -m benchmarks.accuracy for {method} at {ratio:g} first.")
     record = json.loads(path.read_text())
     ckpt = Path(record.get("info", {}).get("work_dir", "")) / "models" / "model.pt"
     if not ckpt.is_file():
@@ -495,74 +492,3 @@ def normalize_image(image: np.ndarray, lower: float = 1.0, upper: float = 99.8) 
     image = np.asarray(image, dtype=np.float32)
     lo, hi = np.percentile(image, (lower, upper))
     return (image - lo) / max(float(hi - lo), 1e-6)
-
-
-class Stopwatch:
-    """Wall and process CPU time since construction (CPU time sums all threads of this process)."""
-
-    def __init__(self) -> None:
-        self.wall0 = time.perf_counter()
-        self.cpu0 = time.process_time()
-
-    @property
-    def wall(self) -> float:
-        return time.perf_counter() - self.wall0
-
-    @property
-    def cpu(self) -> float:
-        return time.process_time() - self.cpu0
-
-
-BUDGET_CLOCKS = ("wall", "cpu")
-
-
-def budget_clock() -> str:
-    """The clock that training budgets are measured on: ``$SPOCO_BENCH_CLOCK`` (``wall``, default, or ``cpu``).
-
-    ``wall``: training wall time with the benchmark's thread count (what a user waits for on an idle machine).
-    ``cpu``: process CPU time, all threads summed; use it on a machine shared with other jobs, where wall time
-    depends on the other load.
-    """
-    clock = os.environ.get("SPOCO_BENCH_CLOCK", "wall")
-    if clock not in BUDGET_CLOCKS:
-        raise ValueError(f"SPOCO_BENCH_CLOCK must be one of {BUDGET_CLOCKS}, got {clock!r}.")
-    return clock
-
-
-def run_timeout(budget_s: float, clock: str | None = None, timeout_s: float | None = None) -> float | None:
-    """Wall-clock limit of one run (training, then prediction), a guard against hangs.
-
-    ``timeout_s`` (else ``$SPOCO_BENCH_TIMEOUT_S``) when given, ``0`` meaning none. Otherwise ``3 * budget_s + 1800``
-    on the ``wall`` clock and none on the ``cpu`` clock (``clock``, else :func:`budget_clock`): there the budget
-    bounds the run's CPU time and its wall time grows with whatever else shares the machine (9 runs on 2 cores
-    took 4.8x their budget), so a fixed limit killed runs that had finished training.
-    """
-    if timeout_s is None and os.environ.get("SPOCO_BENCH_TIMEOUT_S") is not None:
-        timeout_s = float(os.environ["SPOCO_BENCH_TIMEOUT_S"])
-    if timeout_s is not None:
-        return float(timeout_s) if timeout_s > 0 else None
-    return 3 * float(budget_s) + 1800 if (clock or budget_clock()) == "wall" else None
-
-
-class Budget:
-    """
-    A training-time budget on :func:`budget_clock`'s clock, for a method's training loop.
-
-    Args:
-        seconds: the budget.
-        clock: ``"wall"`` or ``"cpu"``; default :func:`budget_clock`.
-    """
-
-    def __init__(self, seconds: float, clock: str | None = None) -> None:
-        self.seconds = float(seconds)
-        self.clock = clock or budget_clock()
-        if self.clock not in BUDGET_CLOCKS:
-            raise ValueError(f"clock must be one of {BUDGET_CLOCKS}, got {self.clock!r}.")
-        self.watch = Stopwatch()
-
-    @property
-    def used(self) -> float:
-        return self.watch.cpu if self.clock == "cpu" else self.watch.wall
-
-    def exhausted(self) -> bool:
-        return self.used >= self.seconds

@@ -3,9 +3,9 @@ StarDist peer of the accuracy benchmark: StarDist2D / StarDist3D (stardist 0.9.2
 scratch on the same sparse labels as every other method. StarDist has no notion of "unlabeled": the objects that
 were not kept are background to it (the handicap SPOCO removes).
 
-It runs in its own environment ``.venv-bench`` (``bash scripts/setup_benchmark.sh``; override the interpreter with
-``$SPOCO_BENCH_PYTHON``), as a subprocess: :func:`fit_predict` (benchmark side, project ``.venv``) writes the raw
-training images, their sparse labels and the test images to a temporary folder, runs this file with ``--worker``
+It runs in its own environment ``.venv-bench`` (``bash scripts/setup_benchmark.sh``; another interpreter with the
+benchmark's ``--stardist_python``), as a subprocess: :func:`fit_predict` (benchmark side, project ``.venv``) writes
+the raw training images, their sparse labels and the test images to a temporary folder, runs this file with ``--worker``
 there, and reads the predictions back. The worker imports only numpy, TensorFlow and StarDist.
 
 Training (worker):
@@ -17,12 +17,12 @@ Training (worker):
   ``seed``) are held out as StarDist's validation set (learning-rate schedule and threshold optimisation), as in
   StarDist's own examples;
 - images (and sparse labels, nearest neighbour) resampled by the data set's SPOCO ``image_scale``
-  (:func:`scripts.accuracy.spoco_runner.settings_for`; 1 for every data set today), predictions resized back to
+  (:func:`benchmarks.methods.spoco.settings_for`; 1 for every data set today), predictions resized back to
   the test image's grid, so both learners see objects of the same size;
 - 3D: ``Config3D`` with 96 rays on a golden spiral, anisotropy from the (sparse) training labels' extents, grid
   ``(1, 2, 2)`` where z is coarser, ``train_patch_size=(48, 96, 96)``, ``train_batch_size=2`` (the 3D example's
   configuration); only one training volume exists, so it is also the validation volume;
-- training stops when its time reaches ``budget_s`` (wall or process CPU time, ``$SPOCO_BENCH_CLOCK``; a Keras
+- training stops when its time reaches ``budget_s`` (wall or process CPU time, the run's ``clock``; a Keras
   callback checks after every step); the validation loss is computed every ``STEPS_PER_EPOCH`` steps (inside the
   budget) and, as StarDist does by default when it has a model folder, the weights with the lowest validation loss
   are the ones used (``weights_best.h5``; with a constant learning rate the last weights are a noisy iterate: two
@@ -52,15 +52,14 @@ VAL_FRACTION = 0.1
 PATCH_2D = 128
 
 
-def bench_python() -> Path:
-    """The interpreter of the StarDist environment: ``$SPOCO_BENCH_PYTHON`` or ``.venv-bench/bin/python``."""
-    env = os.environ.get("SPOCO_BENCH_PYTHON")
-    return Path(env) if env else REPO_ROOT / ".venv-bench" / "bin" / "python"
+def bench_python(path: str | os.PathLike | None = None) -> Path:
+    """The interpreter of the StarDist environment: ``path`` when given, else ``.venv-bench/bin/python``."""
+    return Path(path) if path else REPO_ROOT / ".venv-bench" / "bin" / "python"
 
 
-def available() -> tuple[bool, str]:
-    """(usable, reason if not)."""
-    py = bench_python()
+def available(python: str | os.PathLike | None = None) -> tuple[bool, str]:
+    """(usable, reason if not), for the interpreter :func:`bench_python` picks."""
+    py = bench_python(python)
     if not (py.is_file() and os.access(py, os.X_OK)):
         return False, f"{py} not found: run `bash scripts/setup_benchmark.sh` to install StarDist + TensorFlow CPU"
     return True, ""
@@ -89,27 +88,26 @@ def _resize_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def fit_predict(split: Any, ratio: float, seed: int, budget_s: float, device: str = "cpu") -> Any:
+def fit_predict(split: Any, ratio: float, run: Any) -> Any:
     """
-    Train StarDist on ``split``'s training images with the sparse labels of ``ratio`` / ``seed`` for ``budget_s``
-    seconds (on :func:`~scripts.accuracy.common.budget_clock`'s clock) and predict its test images (see the module
+    Train StarDist on ``split``'s training images with the sparse labels of ``ratio`` / ``run.seed`` for
+    ``run.budget_s`` seconds (on ``run.clock``, ``run.threads`` threads) and predict its test images (see the module
     docstring).
 
     Args:
-        split: :class:`scripts.accuracy.common.Split`.
+        split: :class:`benchmarks.data.Split`.
         ratio: fraction of objects kept per training image.
-        seed: selection seed (also seeds TensorFlow, numpy and the validation hold-out).
-        budget_s: time limit of the training loop.
-        device: only ``cpu`` is supported (tensorflow-cpu); anything else is recorded and ignored.
+        run: :class:`benchmarks.settings.RunSettings`; ``seed`` also seeds TensorFlow, numpy and the validation
+            hold-out; only the ``cpu`` device is supported (tensorflow-cpu), another is recorded and ignored.
     """
-    from scripts.accuracy.common import MethodUnavailable, Result, budget_clock, run_timeout, sparsify
+    from benchmarks.data import MethodUnavailable, Result, sparsify
+    from benchmarks.methods.spoco import settings_for
+    from benchmarks.settings import run_timeout
 
-    ok, reason = available()
+    ok, reason = available(run.stardist_python)
     if not ok:
         raise MethodUnavailable(reason)
-    from scripts.accuracy.spoco_runner import settings_for
-
-    threads = int(os.environ.get("SPOCO_BENCH_THREADS", os.environ.get("OMP_NUM_THREADS", "2")))
+    threads, seed, budget_s = run.threads, run.seed, run.budget_s
     scale = float(settings_for(split)["image_scale"])  # the image scale SPOCO gets on this data set, for a fair match
     with tempfile.TemporaryDirectory(prefix="stardist_peer_") as tmp:
         arrays: dict[str, np.ndarray] = {}
@@ -127,7 +125,7 @@ def fit_predict(split: Any, ratio: float, seed: int, budget_s: float, device: st
             "budget_s": float(budget_s),
             "seed": int(seed),
             "threads": threads,
-            "clock": budget_clock(),
+            "clock": run.clock,
             "spacing": list(split.train[0].spacing) if split.train[0].spacing else None,
         }
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -142,10 +140,10 @@ def fit_predict(split: Any, ratio: float, seed: int, budget_s: float, device: st
         )
         env.pop("PYTHONPATH", None)  # the worker must not see the project's .venv packages
         # the whole run's limit, less a margin: this one fires first, so the TensorFlow worker is not orphaned
-        timeout = run_timeout(budget_s)
+        timeout = run_timeout(budget_s, run.clock, run.timeout_s)
         timeout = None if timeout is None else max(timeout - 300, float(budget_s))
         proc = subprocess.run(
-            [str(bench_python()), os.path.abspath(__file__), "--worker", tmp],
+            [str(bench_python(run.stardist_python)), os.path.abspath(__file__), "--worker", tmp],
             env=env,
             capture_output=True,
             text=True,
@@ -159,7 +157,7 @@ def fit_predict(split: Any, ratio: float, seed: int, budget_s: float, device: st
             predictions = [
                 _resize_labels(out[f"pred_{i}"].astype(np.int32), item.image.shape) for i, item in enumerate(split.test)
             ]
-    result["device_requested"] = device
+    result["device_requested"] = run.device
     result["image_scale"] = scale
     result["log_tail"] = proc.stdout[-2000:]
     return Result(
@@ -317,5 +315,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(sys.argv[2])
     else:
-        print("usage: stardist_peer.py --worker FOLDER (started by scripts/accuracy/stardist_peer.py:fit_predict)")
+        print("usage: stardist_peer.py --worker FOLDER (started by benchmarks/methods/stardist_peer.py:fit_predict)")
         sys.exit(2)

@@ -1,83 +1,24 @@
 """
-Accuracy benchmark: SPOCO (and its ablations) against StarDist and a classical baseline, trained on the same sparse
-labels of real microscopy data, scored on held-back images; regenerates ``docs/benchmarks.md`` and its plots.
-
-    .venv/bin/python scripts/benchmark_accuracy.py [--data_dir ../shared/data]
-        [--datasets dsb2018,gonuclear,usiigaci,isbi2012,plant3d]
-        [--ratios 0.1,0.4,1.0] [--methods spoco,...,stardist,classical,classical_membrane]
-        [--budget_s 600] [--clock wall|cpu] [--threads 2] [--seed 0] [--device cpu|cuda]
-        [--out_dir eval/benchmark] [--docs docs/benchmarks.md]
-        [--splits 1135to1136] [--force] [--no_run] [--max_train N --max_test N]
-
-- Every (data set, split, method, ratio) is one run in its own subprocess (thread settings, memory, TensorFlow
-  kept apart from torch). Its result is cached as ``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` with the
-  predictions beside it (``.npz``); a run whose JSON exists with the same settings is skipped (``--force`` reruns).
-  So the grid (hours on 2 cores) can be run in pieces, e.g. one ``--methods``/``--ratios`` at a time.
-- Methods that cannot run here (SPOCO runner not written, ``.venv-bench`` missing) are recorded as "not run";
-  failing runs as "failed" with the error; neither is cached. A data set missing under ``--data_dir`` is skipped.
-- ``--budget_s``: the training budget of every run, on ``--clock`` (``wall``: training wall time, ``cpu``: process
-  CPU time, for a machine shared with other jobs), with ``--threads`` threads. Prediction / clustering / StarDist's
-  threshold optimisation are outside the budget and reported separately.
-- ``--no_run``: only rebuild the docs from the cached results. ``--docs ''``: do not write docs.
-- ``--repredict``: no training; segment the test images again with the checkpoints of finished SPOCO runs (while
-  their work folders exist) and today's ``configs/inference.json`` plus ``--inference_overrides`` (JSON, e.g.
-  ``'{"clustering": "fast"}'``), rescore and update the records; the earlier scores stay in the record
-  (``earlier_predictions``), the record names the commit and clustering of the new predictions.
+Reports of the accuracy benchmark, from run records (:mod:`benchmarks.records`): a markdown page per grid
+(:func:`write_docs`: set-up, annotation protocols, tables per data set, plots, example figures, missing runs) and
+its machine-readable twin beside it (:func:`write_summary`, ``<page>.json``), which ``scripts/sync_docs.py`` turns
+into the README's results table. Summary keys: ``command`` (the command that rewrites the page) and ``rows``, one per
+run: :data:`SUMMARY_FIELDS`, ``machine`` (in words) and the scores :data:`SUMMARY_SCORES` the run measured.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
 import json
 import os
-import platform
-import shlex
-import subprocess
-import sys
-import time
-import traceback
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `scripts.accuracy` importable
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from benchmarks.data import Split, label_counts, partition_scores
+from benchmarks.records import json_default
 
-from scripts.accuracy.common import (  # noqa: E402
-    DATASETS,
-    MethodUnavailable,
-    Result,
-    Split,
-    dataset_available,
-    default_data_dir,
-    device_error,
-    kept_digest,
-    label_counts,
-    load_benchmark,
-    partition_scores,
-    run_timeout,
-    score,
-)
-
-# method name -> (runner module, variant or None)
-DEFAULT_OUT_DIR = (REPO_ROOT / "eval" / "benchmark").resolve()
-METHODS: dict[str, tuple[str, str | None]] = {
-    "spoco": ("scripts.accuracy.spoco_runner", "full"),
-    "spoco_no_consistency": ("scripts.accuracy.spoco_runner", "no_consistency"),
-    "spoco_no_unlabeled_push": ("scripts.accuracy.spoco_runner", "no_unlabeled_push"),
-    "spoco_no_instance": ("scripts.accuracy.spoco_runner", "no_instance"),
-    "spoco_scribbles": ("scripts.accuracy.spoco_runner", "scribbles"),
-    "spoco_mask": ("scripts.accuracy.spoco_runner", "mask"),
-    "stardist": ("scripts.accuracy.stardist_peer", None),
-    "classical": ("scripts.accuracy.classical", None),
-    "classical_membrane": ("scripts.accuracy.membrane", None),
-}
 METHOD_LABELS = {
     "spoco": "SPOCO (ours, full loss)",
     "spoco_no_consistency": "SPOCO without consistency",
@@ -89,7 +30,7 @@ METHOD_LABELS = {
     "classical": "classical (Gauss + Otsu + watershed)",
     "classical_membrane": "classical for boundaries (seeded watershed on the boundary signal)",
 }
-DEFAULT_RATIOS = (0.1, 0.4, 1.0)
+
 EXAMPLE_SPLIT = {
     "dsb2018": None,
     "gonuclear": "1135to1136",
@@ -97,10 +38,7 @@ EXAMPLE_SPLIT = {
     "isbi2012": None,
     "plant3d": None,
 }  # None: the data set's only split
-STARDIST3D_SKIPPED = (
-    "StarDist3D does not train within a CPU budget (measured here: fewer than 7 steps of 2 patches 48x96x96 in 600 s "
-    "wall on 1 thread of the shared 2-core machine); --stardist3d runs it anyway"
-)
+
 DATASET_DESCRIPTIONS = {
     "dsb2018": "DSB2018 (2D nuclei, 256x256, fixed split `split.json`: train on the 268 training images, score on the "
     "66 validation images)",
@@ -113,306 +51,6 @@ DATASET_DESCRIPTIONS = {
     "plant3d": "plant3d (3D membrane-stained tissue, 64x200x200, every voxel in one of 76 cells: train on x < 100, "
     "test on x >= 100)",
 }
-CACHE_KEYS = ("budget_s", "clock", "threads", "seed", "device", "max_train", "max_test")
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------ methods
-
-
-def resolve_method(name: str) -> Callable[..., Result]:
-    """``fit_predict(split, ratio, seed, budget_s, device)`` of a method; MethodUnavailable when it cannot run."""
-    if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}; valid: {list(METHODS)}.")
-    module_name, variant = METHODS[name]
-    if importlib.util.find_spec(module_name) is None:
-        path = module_name.replace(".", "/") + ".py"
-        raise MethodUnavailable(f"{path} does not exist (yet)")
-    module = importlib.import_module(module_name)
-    if hasattr(module, "available"):
-        ok, reason = module.available()
-        if not ok:
-            raise MethodUnavailable(reason)
-    fn = getattr(module, "fit_predict", None)
-    if fn is None:
-        raise MethodUnavailable(f"{module_name} has no fit_predict")
-    return partial(fn, variant=variant) if variant is not None else fn
-
-
-def method_unavailable_reason(name: str) -> str | None:
-    """Cheap check in the parent (no training): the reason a method cannot run, or None."""
-    try:
-        resolve_method(name)
-    except MethodUnavailable as e:
-        return str(e)
-    except Exception:  # a runner that exists but fails to import is a failure: the run records the error
-        return None
-    return None
-
-
-# ------------------------------------------------------------------------------------------------ runs
-
-
-def run_path(out_dir: str | os.PathLike, dataset: str, split: str, method: str, ratio: float) -> Path:
-    return Path(out_dir) / dataset / split / method / f"ratio_{ratio:.2f}.json"
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, memory, torch version and GPU (when one is used) of this machine."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "nproc": os.cpu_count(),
-    }
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        pass
-    return info
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _git_commit() -> str | None:
-    """Short HEAD commit, with ``+dirty`` when the code or configs differ from it (a run then used other code)."""
-    git = ["git", "-C", str(REPO_ROOT)]
-    try:
-        out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        commit = out.stdout.strip() or None
-        dirty = subprocess.run(
-            git + ["status", "--porcelain", "--untracked-files=no", "--", "configs", "spoco_bundle", "scripts"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return f"{commit}+dirty" if commit and dirty else commit
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _save_predictions(path: Path, split: Split, predictions: Sequence[np.ndarray]) -> None:
-    """``<run>.npz`` beside the record: the predictions keyed by test image name (uint16, or uint32 if needed)."""
-    np.savez_compressed(
-        path.with_suffix(".npz"),
-        **{
-            it.name: np.asarray(p).astype(np.uint16 if np.max(p) < 65536 else np.uint32)
-            for it, p in zip(split.test, predictions)
-        },
-    )
-
-
-def run_one(
-    split: Split,
-    method: str,
-    ratio: float,
-    out_dir: str | os.PathLike,
-    budget_s: float,
-    seed: int = 0,
-    device: str = "cpu",
-    settings: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """
-    Run one method on one split and ratio in this process; write ``<run>.json`` (and ``<run>.npz`` with the
-    predictions, keyed by test image name) and return the record.
-
-    Args:
-        split: the data.
-        method: a key of :data:`METHODS`.
-        ratio: fraction of objects kept per training image.
-        out_dir: result folder.
-        budget_s: training budget of the run.
-        seed: sparse-label selection seed (and the method's seed).
-        device: ``cpu`` or ``cuda``.
-        settings: further values recorded in the JSON and compared for caching (``clock``, ``threads``,
-            ``max_train``, ``max_test``).
-    """
-    path = run_path(out_dir, split.dataset, split.name, method, ratio)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept, total = label_counts(split, ratio, seed)
-    record: dict[str, Any] = {
-        "dataset": split.dataset,
-        "split": split.name,
-        "method": method,
-        "ratio": float(ratio),
-        "budget_s": float(budget_s),
-        "seed": int(seed),
-        "device": device,
-        "clock": os.environ.get("SPOCO_BENCH_CLOCK", "wall"),
-        "threads": int(os.environ.get("SPOCO_BENCH_THREADS", os.environ.get("OMP_NUM_THREADS", "0")) or 0),
-        "max_train": None,
-        "max_test": None,
-        **(settings or {}),
-        "n_train": len(split.train),
-        "n_test": len(split.test),
-        "train_names": [it.name for it in split.train][:3] + (["..."] if len(split.train) > 3 else []),
-        "test_names": [it.name for it in split.test],
-        "kept_objects": kept,
-        "total_objects": total,
-        "kept_digest": kept_digest(split, ratio, seed),
-        "machine": machine_info(),
-        "commit": _git_commit(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "loadavg_start": _loadavg(),
-    }
-    t0 = time.perf_counter()
-    try:
-        fit_predict = resolve_method(method)
-        result = fit_predict(split, ratio, seed, budget_s, device)
-        if len(result.predictions) != len(split.test):
-            raise ValueError(f"{method} returned {len(result.predictions)} predictions for {len(split.test)} images.")
-        for pred, item in zip(result.predictions, split.test):
-            if np.asarray(pred).shape != item.labels.shape:
-                raise ValueError(f"{method}: prediction shape {np.shape(pred)} != {item.labels.shape} ({item.name}).")
-        metrics = score(result.predictions, [it.labels for it in split.test], split.spatial_dims, split.dataset)
-        _save_predictions(path, split, result.predictions)
-        record.update(
-            status="ok",
-            metrics=metrics,
-            train_seconds=float(result.train_seconds),
-            iterations=int(result.iterations),
-            train_cpu_seconds=result.info.get("train_cpu_seconds", result.info.get("train_cpu_s")),
-            info=result.info,
-        )
-    except MethodUnavailable as e:
-        record.update(status="not_run", reason=str(e))
-    except Exception as e:  # recorded, not cached: the next invocation retries
-        record.update(status="failed", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
-    record["total_seconds"] = time.perf_counter() - t0
-    record["loadavg_end"] = _loadavg()
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1, default=_json_default)
-    return record
-
-
-def repredict_one(
-    path: str | os.PathLike,
-    split: Split,
-    device: str = "cpu",
-    threads: int = 2,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any] | None:
-    """
-    Redo the predictions of the cached SPOCO run at ``path`` with its checkpoint (see ``--repredict``); returns the
-    updated record, or None (with a message) when there is no finished SPOCO run or its checkpoint is gone.
-    """
-    from scripts.accuracy import spoco_runner
-
-    rec = load_record(path)
-    if not rec or rec.get("status") != "ok" or not str(rec.get("method", "")).startswith("spoco"):
-        _log(f"[benchmark] {path}: no finished SPOCO run to repredict")
-        return None
-    t0 = time.perf_counter()
-    try:
-        predictions = spoco_runner.repredict(rec, split, device, threads, overrides)
-    except FileNotFoundError as e:
-        _log(f"[benchmark] {path}: {e}")
-        return None
-    earlier = {k: rec.get(k) for k in ("metrics", "predicted_commit", "clustering") if rec.get(k) is not None}
-    earlier.setdefault("predicted_commit", rec.get("commit"))
-    earlier.setdefault("clustering", rec.get("info", {}).get("clustering", "fast"))  # the default before 0.7.0
-    rec.setdefault("earlier_predictions", []).append(earlier)
-    rec.update(
-        metrics=score(predictions, [it.labels for it in split.test], split.spatial_dims, split.dataset),
-        predicted_commit=_git_commit(),
-        predicted=time.strftime("%Y-%m-%d %H:%M:%S"),
-        clustering=spoco_runner.inference_clustering(overrides),
-        inference_overrides=overrides or {},
-        repredict_seconds=round(time.perf_counter() - t0, 1),
-    )
-    path = Path(path)
-    _save_predictions(path, split, predictions)
-    with open(path, "w") as f:
-        json.dump(rec, f, indent=1, default=_json_default)
-    return rec
-
-
-def rescore_one(path: str | os.PathLike, split: Split) -> dict[str, Any] | None:
-    """Score the cached predictions of the finished run at ``path`` again (``--rescore``: metrics added since the
-    run, e.g. the foreground pixel precision / recall); returns the updated record, or None when there is none."""
-    path = Path(path)
-    rec = load_record(path)
-    npz = path.with_suffix(".npz")
-    if not rec or rec.get("status") != "ok" or not npz.is_file():
-        return None
-    with np.load(npz) as saved:
-        missing = [it.name for it in split.test if it.name not in saved]
-        if missing:
-            _log(f"[benchmark] {path}: predictions for {missing[:3]} not in {npz}, not rescored")
-            return None
-        predictions = [saved[it.name].astype(np.int32) for it in split.test]
-    rec["metrics"] = score(predictions, [it.labels for it in split.test], split.spatial_dims, split.dataset)
-    rec["rescored"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    with open(path, "w") as f:
-        json.dump(rec, f, indent=1, default=_json_default)
-    return rec
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
-def load_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def is_cached(record: dict[str, Any] | None, settings: dict[str, Any]) -> bool:
-    """An ``ok`` record made with the same settings (for SPOCO also the same ``$SPOCO_BENCH_OVERRIDES``)."""
-    if not record or record.get("status") != "ok":
-        return False
-    keys = CACHE_KEYS + (("overrides",) if str(record.get("method", "")).startswith("spoco") else ())
-    return all(record.get(k) == settings.get(k) for k in keys)
-
-
-def collect(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every run record under ``out_dir``."""
-    records = []
-    for path in sorted(Path(out_dir).glob("*/*/*/ratio_*.json")):
-        rec = load_record(path)
-        if rec is not None:
-            rec["_path"] = str(path)
-            records.append(rec)
-    return records
-
-
-def collect_scale(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Scale-robustness records (``scripts/benchmark_scale.py``) under ``out_dir``."""
-    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/*/scale_ratio_*.json"))]
-
-
-def collect_foreground(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Error-breakdown records (``scripts/benchmark_foreground.py``) under ``out_dir``."""
-    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/*/foreground_ratio_*.json"))]
 
 
 def _current(records: Sequence[dict[str, Any]], ok: dict, dataset: str) -> list[dict[str, Any]]:
@@ -447,7 +85,7 @@ def _scale_lines(scale_records: Sequence[dict[str, Any]], ok: dict, dataset: str
                 "median factor found in brackets)"
             )
         lines += [
-            f"Scale robustness ({rec['method']}, {rec['ratio']:.0%} labelled, `scripts/benchmark_scale.py`): the "
+            f"Scale robustness ({rec['method']}, {rec['ratio']:.0%} labelled, `python -m benchmarks.scale`): the "
             f"{rec['n_test']} held-back images and their labels resampled by each factor (image linear, labels "
             "nearest), segmented by the same model with `--image_scale 1`"
             + ("; then " + "; and ".join(columns) if columns else "")
@@ -478,7 +116,7 @@ def _foreground_lines(fg_records: Sequence[dict[str, Any]], ok: dict, dataset: s
         px = rec["pixel"]
         lines += [
             f"Error breakdown ({rec['method']}, {rec['split']}, {rec['ratio']:.0%} labelled, "
-            f"`scripts/benchmark_foreground.py`): the same model's embeddings clustered (`fast`, no shape split, "
+            f"`python -m benchmarks.foreground`): the same model's embeddings clustered (`fast`, no shape split, "
             f"unless a table says otherwise) with other foreground masks on the {rec['n_test']} held-back images. "
             f"The head's pixels against the true foreground: precision {px['precision']:.2f}, "
             f"recall {px['recall']:.2f}, predicted / true area {px['area_ratio']:.2f}.",
@@ -798,7 +436,7 @@ def _grid_budget(budgets: Sequence[tuple]) -> str:
 def _study_overrides(records: Sequence[dict[str, Any]]) -> tuple[str | None, str | None]:
     """The extra ``train.json`` ids (JSON) when every SPOCO run shown set the same ones (else None), and a note
     when they differ between runs (else None)."""
-    from scripts.accuracy.spoco_runner import study_overrides
+    from benchmarks.methods.spoco import study_overrides
 
     extra = {json.dumps(study_overrides(r), sort_keys=True) for r in records if r["method"].startswith("spoco")}
     if len(extra) > 1:
@@ -848,11 +486,11 @@ def write_docs(
     }
     budgets = sorted({(r["budget_s"], r.get("clock"), r.get("threads"), r.get("device")) for r in ok.values()})
     study, study_note = _study_overrides(list(ok.values()))
-    study_env = f"SPOCO_BENCH_OVERRIDES='{study}' " if study else ""
+    study_flag = f" --overrides '{study}'" if study else ""
     lines = [
         "# Accuracy benchmark: sparse labels on real microscopy data",
         "",
-        "Generated by `scripts/benchmark_accuracy.py` from the cached run results; do not edit by hand.",
+        "Generated by `python -m benchmarks.accuracy` from the cached run results; do not edit by hand.",
         "",
         "```bash",
         command,
@@ -863,9 +501,10 @@ def write_docs(
         "",
         "```bash",
         "bash scripts/setup_benchmark.sh   # .venv (project) + .venv-bench (StarDist, TensorFlow CPU)",
-        f"{study_env}.venv/bin/python scripts/benchmark_accuracy.py --datasets {','.join(splits)} "
+        f".venv/bin/python -m benchmarks.accuracy --datasets {','.join(splits)} "
         f"--ratios {','.join(f'{r:g}' for r in ratios)} \\",
-        f"    --methods {','.join(methods)} {_grid_budget(budgets)}" + (f" --out_dir {out_dir}" if out_dir else ""),
+        f"    --methods {','.join(methods)} {_grid_budget(budgets)}{study_flag}"
+        + (f" --out_dir {out_dir}" if out_dir else ""),
         "```",
         "",
         "## Set-up",
@@ -901,7 +540,7 @@ def write_docs(
             f"thread(s), device {device}."
         )
     if study:
-        lines.append(f"  - SPOCO runs set extra `train.json` ids (`$SPOCO_BENCH_OVERRIDES`): `{study}`.")
+        lines.append(f"  - SPOCO runs set extra `train.json` ids (`--overrides`): `{study}`.")
     elif study_note:
         lines.append(f"  - {study_note}")
     subsets = sorted({(r.get("max_train"), r.get("max_test")) for r in ok.values()} - {(None, None)})
@@ -926,28 +565,30 @@ def write_docs(
         )
     lines += [
         "- **Methods**:",
-        "  - SPOCO: `scripts/accuracy/spoco_runner.py`: `monai.bundle run training` with `configs/train.json` "
+        "  - SPOCO: `benchmarks/methods/spoco.py`: `monai.bundle run training` with `configs/train.json` "
         "(bundle defaults; background not annotated, so the foreground head is trained positive-unlabeled), then "
         "`configs/inference.json` with `--background head` (variants: full loss; without the consistency term; "
         "without the unlabeled push; without the instance (Dice) term; the annotation protocols: with simulated "
         "background scribbles, with the true foreground mask given at inference). The git commit and settings of "
         "each run are in its cached JSON; column 'commit' is the code that ran ('+dirty': with uncommitted changes to "
-        "configs/, spoco_bundle/ or scripts/; the record's commit_note, where set, says which). 'predicted C': the "
-        "run's checkpoint segmented the test images again at commit C (`--repredict`, same trained model, that "
+        "configs/, spoco_bundle/ or benchmarks/ (scripts/ before the harness moved); the record's commit_note, "
+        "where set, says which). 'predicted C': the run's checkpoint segmented the test images again at commit C "
+        "(`--repredict`, same trained model, that "
         "commit's inference); 'clustering': the `--clustering` of its predictions.",
-        "  - StarDist: `scripts/accuracy/stardist_peer.py`, stardist 0.9.2 on TensorFlow 2.15 CPU in `.venv-bench`, "
+        "  - StarDist: `benchmarks/methods/stardist_peer.py`, stardist 0.9.2 on TensorFlow 2.15 CPU in `.venv-bench`, "
         "trained from scratch on the sparse labels (2D: 32 rays, grid 2, patch 128, batch 4; 3D: 96 rays, "
         "anisotropic, patch 48x96x96, batch 2), the weights with the lowest validation loss kept (StarDist's default; "
         "validation on held-out training images; runs before 00a8c13 used the last weights), probability/NMS "
         "thresholds optimised on training images only.",
-        "  - classical: `scripts/accuracy/classical.py`, Gaussian smoothing + Otsu + seeded watershed on the distance "
-        "transform, all lengths relative to a per-image object radius estimate; its 3 parameters are chosen by grid "
-        "search on the training images scored *only on the kept objects* (the same sparse labels as the learners).",
-        "  - classical for boundaries: `scripts/accuracy/membrane.py`, smoothing + seeded watershed on the boundary "
+        "  - classical: `benchmarks/methods/classical.py`, Gaussian smoothing + Otsu + seeded watershed on the "
+        "distance transform, all lengths relative to a per-image object radius estimate; its 3 parameters are chosen "
+        "by grid search on the training images scored *only on the kept objects* (the same sparse labels as the "
+        "learners).",
+        "  - classical for boundaries: `benchmarks/methods/membrane.py`, smoothing + seeded watershed on the boundary "
         "signal (seeds: maxima of the distance to the thresholded boundaries; polarity bright/dark, smoothing, "
         "threshold, seed distance and whether boundary pixels stay background chosen by the same kept-object grid "
         "search), the established pipeline for membrane stains and EM.",
-        "  - Data sets beyond nuclei use the settings of `scripts/accuracy/spoco_runner.py:DATASET_SETTINGS` (the "
+        "  - Data sets beyond nuclei use the settings of `benchmarks/methods/spoco.py:DATASET_SETTINGS` (the "
         "documented settings for their kind of data, chosen on training images); StarDist gets the same image scale.",
         "",
     ]
@@ -1074,308 +715,5 @@ def write_summary(
         row.update({k: r["metrics"][k] for k in SUMMARY_SCORES if k in (r.get("metrics") or {})})
         rows.append(row)
     path = Path(path)
-    path.write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=_json_default) + "\n")
+    path.write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=json_default) + "\n")
     return path
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--data_dir", default=str(default_data_dir()), help="folder with the data sets (dsb2018/, gonuclear/, ...)"
-    )
-    p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--ratios", default=",".join(str(r) for r in DEFAULT_RATIOS))
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--budget_s", type=float, default=600.0, help="training budget per run (seconds)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="clock of the budget")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads per run (torch, OpenMP, TensorFlow)")
-    p.add_argument(
-        "--timeout_s",
-        type=float,
-        default=None,
-        help="wall-clock limit of one run, 0 = none (default: 3 * budget + 1800 on the wall clock, none on cpu)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--splits", default="", help="run only these splits, e.g. 1135to1136 (default: all)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (SPOCO; StarDist and classical run on CPU)")
-    p.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR))
-    p.add_argument("--docs", default=str(REPO_ROOT / "docs" / "benchmarks.md"), help="markdown to write ('' = none)")
-    p.add_argument("--force", action="store_true", help="rerun runs that are cached")
-    p.add_argument("--no_run", action="store_true", help="only rebuild the docs from cached results")
-    p.add_argument("--max_train", type=int, default=None, help="use only the first N training images (checks)")
-    p.add_argument("--max_test", type=int, default=None, help="use only the first N test images (checks)")
-    p.add_argument("--stardist3d", action="store_true", help="also train StarDist3D (far too slow for CPU budgets)")
-    p.add_argument(
-        "--repredict", action="store_true", help="no training: segment again with the cached SPOCO runs' checkpoints"
-    )
-    p.add_argument(
-        "--inference_overrides", default="", help="with --repredict: JSON of inference.json ids, e.g. clustering"
-    )
-    p.add_argument(
-        "--rescore",
-        action="store_true",
-        help="no training: score the cached predictions (.npz) again with today's metrics and update the records",
-    )
-    p.add_argument("--_one", nargs=4, metavar=("DATASET", "SPLIT", "METHOD", "RATIO"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.datasets = _csv(args.datasets)
-    args.methods = _csv(args.methods)
-    args.splits = _csv(args.splits)
-    args.ratios = [float(r) for r in _csv(args.ratios)]
-    for d in args.datasets:
-        if d not in DATASETS:
-            p.error(f"unknown data set {d!r}; valid: {','.join(DATASETS)}")
-    for m in args.methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; valid: {','.join(METHODS)}")
-    try:
-        overrides = json.loads(args.inference_overrides) if args.inference_overrides else {}
-    except ValueError as e:
-        p.error(f"--inference_overrides must be a JSON object of inference.json ids: {e}")
-    if not isinstance(overrides, dict):
-        p.error(f"--inference_overrides must be a JSON object of inference.json ids, got {args.inference_overrides!r}")
-    args.inference_overrides = overrides
-    for r in args.ratios:
-        if not 0.0 < r <= 1.0:
-            p.error(f"ratios must be in (0, 1], got {r}")
-    if (error := device_error(args.device)) is not None:
-        p.error(error)
-    return args
-
-
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "budget_s": float(args.budget_s),
-        "clock": args.clock,
-        "threads": int(args.threads),
-        "seed": int(args.seed),
-        "device": args.device,
-        "max_train": args.max_train,
-        "max_test": args.max_test,
-        # hyperparameter overrides the SPOCO runner reads (part of a SPOCO run's identity)
-        "overrides": os.environ.get("SPOCO_BENCH_OVERRIDES") or None,
-    }
-
-
-def _thread_env(args: argparse.Namespace) -> dict[str, str]:
-    n = str(args.threads)
-    return {
-        "OMP_NUM_THREADS": n,
-        "MKL_NUM_THREADS": n,
-        "OPENBLAS_NUM_THREADS": n,
-        "NUMBA_NUM_THREADS": n,
-        "SPOCO_BENCH_THREADS": n,
-        "SPOCO_BENCH_CLOCK": args.clock,
-        **({} if args.timeout_s is None else {"SPOCO_BENCH_TIMEOUT_S": str(args.timeout_s)}),
-        "SPOCO_DATA_DIR": str(args.data_dir),
-        "SPOCO_BENCH_OUT_DIR": str(Path(args.out_dir).resolve()),
-    }
-
-
-def _child(args: argparse.Namespace) -> int:
-    dataset, split_name, method, ratio = args._one
-    try:
-        import torch
-
-        torch.set_num_threads(int(args.threads))
-    except ImportError:
-        pass
-    splits = {s.name: s for s in load_benchmark(dataset, args.data_dir, args.max_train, args.max_test)}
-    rec = run_one(
-        splits[split_name],
-        method,
-        float(ratio),
-        args.out_dir,
-        args.budget_s,
-        args.seed,
-        args.device,
-        settings=_settings(args),
-    )
-    return 0 if rec["status"] in ("ok", "not_run") else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args._one:
-        return _child(args)
-    settings = _settings(args)
-    splits: dict[str, list[Split]] = {}
-    skipped: dict[str, str] = {}
-    for dataset in args.datasets:
-        if not dataset_available(dataset, args.data_dir):
-            skipped[dataset] = f"not found under {args.data_dir}"
-            _log(f"[benchmark] {dataset}: not found under {args.data_dir}, skipped")
-            continue
-        splits[dataset] = load_benchmark(dataset, args.data_dir, args.max_train, args.max_test)
-    failures = 0
-    if args.rescore:
-        for dataset, dsplits in splits.items():
-            for split in dsplits:
-                for method in args.methods:
-                    for ratio in args.ratios:
-                        if rescore_one(run_path(args.out_dir, dataset, split.name, method, ratio), split):
-                            _log(f"[benchmark] {dataset} {split.name} {method} ratio {ratio:g}: rescored")
-    elif args.repredict and not args.no_run:
-        overrides = args.inference_overrides
-        for dataset, dsplits in splits.items():
-            for split in dsplits:
-                if args.splits and split.name not in args.splits:
-                    continue
-                for method in args.methods:
-                    if not method.startswith("spoco"):
-                        continue
-                    for ratio in args.ratios:
-                        path = run_path(args.out_dir, dataset, split.name, method, ratio)
-                        rec = repredict_one(path, split, args.device, args.threads, overrides)
-                        if rec is not None:
-                            m, before = rec["metrics"], rec["earlier_predictions"][-1]["metrics"]
-                            _log(
-                                f"[benchmark] {dataset} {split.name} {method} ratio {ratio:g} repredicted "
-                                f"({rec['clustering']}): AP50 {before['ap50']:.3f} -> {m['ap50']:.3f}, "
-                                f"mAP {before['map']:.3f} -> {m['map']:.3f}, {rec['repredict_seconds']:.0f} s"
-                            )
-    elif not args.no_run:
-        unavailable = {m: method_unavailable_reason(m) for m in args.methods}
-        env = {**os.environ, **_thread_env(args)}
-        for dataset, dsplits in splits.items():
-            for split in dsplits:
-                if args.splits and split.name not in args.splits:
-                    continue
-                for method in args.methods:
-                    for ratio in args.ratios:
-                        path = run_path(args.out_dir, dataset, split.name, method, ratio)
-                        tag = f"{dataset} {split.name} {method} ratio {ratio:g}"
-                        if not args.force and is_cached(load_record(path), settings):
-                            _log(f"[benchmark] {tag}: cached ({path})")
-                            continue
-                        reason = unavailable[method]
-                        if method == "stardist" and split.spatial_dims == 3 and not args.stardist3d:
-                            reason = STARDIST3D_SKIPPED
-                        if reason:
-                            _log(f"[benchmark] {tag}: not run ({reason})")
-                            path.parent.mkdir(parents=True, exist_ok=True)
-                            with open(path, "w") as f:
-                                json.dump(
-                                    {
-                                        "dataset": dataset,
-                                        "split": split.name,
-                                        "method": method,
-                                        "ratio": ratio,
-                                        "status": "not_run",
-                                        "reason": reason,
-                                        **settings,
-                                    },
-                                    f,
-                                    indent=1,
-                                )
-                            continue
-                        _log(
-                            f"[benchmark] {tag}: running (budget {args.budget_s:g} s {args.clock}, "
-                            f"{args.threads} threads)"
-                        )
-                        cmd = [
-                            sys.executable,
-                            os.path.abspath(__file__),
-                            *_passthrough(args),
-                            "--_one",
-                            dataset,
-                            split.name,
-                            method,
-                            str(ratio),
-                        ]
-                        t0 = time.perf_counter()
-                        try:
-                            proc = subprocess.run(
-                                cmd, env=env, timeout=run_timeout(args.budget_s, args.clock, args.timeout_s)
-                            )
-                            code = proc.returncode
-                        except subprocess.TimeoutExpired:
-                            code = -1
-                        rec = load_record(path) or {}
-                        if code != 0 and rec.get("status") == "ok":
-                            rec = {}
-                        if rec.get("status") == "ok":
-                            m = rec["metrics"]
-                            _log(
-                                f"[benchmark] {tag}: AP50 {m['ap50']:.3f} mAP {m['map']:.3f} SBD {m['sbd']:.3f}, "
-                                f"train {rec['train_seconds']:.0f} s, {rec['iterations']} it, "
-                                f"total {time.perf_counter() - t0:.0f} s"
-                            )
-                        else:
-                            failures += rec.get("status") != "not_run"
-                            reason = rec.get("reason", f"exit code {code}")
-                            _log(f"[benchmark] {tag}: {rec.get('status', 'failed')} ({reason.splitlines()[0][:300]})")
-                            if not rec:
-                                path.parent.mkdir(parents=True, exist_ok=True)
-                                with open(path, "w") as f:
-                                    json.dump(
-                                        {
-                                            "dataset": dataset,
-                                            "split": split.name,
-                                            "method": method,
-                                            "ratio": ratio,
-                                            "status": "failed",
-                                            "reason": reason,
-                                            **settings,
-                                        },
-                                        f,
-                                    )
-    if args.docs:
-        command = " ".join(
-            [".venv/bin/python scripts/benchmark_accuracy.py"]
-            + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]
-        )
-        path = write_docs(
-            collect(args.out_dir),
-            args.docs,
-            splits,
-            args.methods,
-            args.ratios,
-            command,
-            os.path.relpath(args.data_dir, REPO_ROOT),
-            skipped,
-            collect_scale(args.out_dir),
-            collect_foreground(args.out_dir),
-            out_dir=(
-                None if Path(args.out_dir).resolve() == DEFAULT_OUT_DIR else os.path.relpath(args.out_dir, REPO_ROOT)
-            ),
-        )
-        _log(f"[benchmark] wrote {path}")
-    return 1 if failures else 0
-
-
-def _passthrough(args: argparse.Namespace) -> list[str]:
-    out = [
-        "--data_dir",
-        str(args.data_dir),
-        "--budget_s",
-        str(args.budget_s),
-        "--clock",
-        args.clock,
-        "--threads",
-        str(args.threads),
-        "--seed",
-        str(args.seed),
-        "--device",
-        args.device,
-        "--out_dir",
-        str(args.out_dir),
-        "--docs",
-        "",
-    ]
-    if args.max_train is not None:
-        out += ["--max_train", str(args.max_train)]
-    if args.max_test is not None:
-        out += ["--max_test", str(args.max_test)]
-    return out
-
-
-if __name__ == "__main__":
-    sys.exit(main())

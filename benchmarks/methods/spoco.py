@@ -5,7 +5,7 @@ in its own process, from the repository's files.
 
 The training data are the split's original (dense) label files, listed in a temporary ``dataset.json``; the config's
 own :class:`~spoco_bundle.transforms.SparseInstanceLabeld` keeps ``instance_ratio`` of the objects with ``seed``
-(the same objects :func:`scripts.accuracy.common.sparsify` gives every other method) and leaves everything else 0 =
+(the same objects :func:`benchmarks.data.sparsify` gives every other method) and leaves everything else 0 =
 unlabeled; background is *not* annotated (``background_label`` null), so the foreground head is trained
 positive-unlabeled. Training stops at the time budget (``time_limit_s``; the learning rate follows a cosine over
 the budget); no validation data are used (the final model is the result: picking a checkpoint by a dense-label
@@ -14,7 +14,7 @@ score would leak labels the sparse setting does not have).
 Variants (ablations of the paper's claims) set one loss weight to 0: ``no_consistency``, ``no_unlabeled_push``,
 ``no_instance``. The annotation protocols: ``full`` is *objects only*; ``scribbles`` adds simulated background strokes
 (:class:`~spoco_bundle.scribbles.SimulateScribbles`); ``mask`` is *foreground mask given*: no training of its own, the
-checkpoint of the finished ``spoco`` run of the same split and ratio (under ``$SPOCO_BENCH_OUT_DIR``) segments the
+checkpoint of the finished ``spoco`` run of the same split and ratio (in the settings' ``out_dir``) segments the
 test images inside their true foreground (``foreground_mask_dir``, as a user passes a mask per image).
 """
 
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.accuracy.common import REPO_ROOT, Result, Split, budget_clock
+from benchmarks.data import REPO_ROOT, Result, Split
+from benchmarks.settings import RunSettings, thread_env
 from spoco_bundle.io import read_image, split_image_suffix, write_label_image
 
 __all__ = [
@@ -95,7 +96,7 @@ def _cli_value(value) -> str:
 
 
 def _run(args: list[str], log_path: Path, threads: int) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env = {**os.environ, **thread_env(threads), "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     with open(log_path, "w") as log:
         proc = subprocess.run(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -108,26 +109,23 @@ def _run(args: list[str], log_path: Path, threads: int) -> str:
 def fit_predict(
     split: Split,
     ratio: float,
-    seed: int,
-    budget_s: float,
-    device: str = "cpu",
+    run: RunSettings,
     variant: str = "full",
     work_dir: str | os.PathLike | None = None,
-    threads: int | None = None,
     overrides: dict | None = None,
 ) -> Result:
-    """Train the bundle on the split's training images for ``budget_s`` seconds and segment its test images.
+    """Train the bundle on the split's training images for ``run.budget_s`` seconds (on ``run.clock``, with
+    ``run.threads`` threads) and segment its test images.
 
-    ``overrides``: further ``train.json`` ids to set (default: the JSON object in ``$SPOCO_BENCH_OVERRIDES``, for
-    hyperparameter studies); they are recorded in the result's ``info``.
+    ``overrides``: further ``train.json`` ids to set (default ``run.overrides``, for hyperparameter studies); they are
+    recorded in the result's ``info``. ``work_dir``: the run's folder (default: a new temporary one).
     """
-    if overrides is None:
-        overrides = json.loads(os.environ.get("SPOCO_BENCH_OVERRIDES", "{}"))
+    overrides = run.overrides if overrides is None else overrides
     if variant not in VARIANTS and variant != "mask":
         raise ValueError(f"Unknown SPOCO variant {variant!r}; valid: {sorted(VARIANTS) + ['mask']}.")
-    threads = threads or int(os.environ.get("SPOCO_BENCH_THREADS", "2"))
+    device, threads = run.device, run.threads
     if variant == "mask":
-        return _mask_given(split, ratio, device, threads)
+        return _mask_given(split, ratio, run)
     settings = settings_for(split)
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"spoco_{split.dataset}_{variant}_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -139,10 +137,10 @@ def fit_predict(
         ckpt_dir=str(work / "models"),
         output_dir=str(work / "runs"),
         instance_ratio=ratio,
-        seed=seed,
+        seed=run.seed,
         epochs=1_000_000,
-        time_limit_s=budget_s,
-        time_clock=budget_clock(),
+        time_limit_s=run.budget_s,
+        time_clock=run.clock,
         **VARIANTS[variant],
     )
     train.update(overrides)  # may replace the data set's patch_size / image_scale
@@ -171,15 +169,15 @@ def fit_predict(
     return Result(predictions=predictions, train_seconds=train_wall, iterations=iterations, info=info)
 
 
-def _mask_given(split: Split, ratio: float, device: str, threads: int) -> Result:
+def _mask_given(split: Split, ratio: float, run: RunSettings) -> Result:
     """The *foreground mask given* protocol: the objects-only run's checkpoint, its test images segmented inside
     their true foreground (one mask file per image in ``<work>/masks``). Its training numbers are that run's."""
-    from scripts.benchmark_accuracy import load_record, run_path  # the harness owns the cache layout
+    from benchmarks.records import load_record, run_path  # the harness owns the cache layout
 
-    out_dir = os.environ.get("SPOCO_BENCH_OUT_DIR")
-    if not out_dir:
-        raise RuntimeError("the mask protocol needs $SPOCO_BENCH_OUT_DIR (set by scripts/benchmark_accuracy.py)")
-    source = run_path(out_dir, split.dataset, split.name, "spoco", ratio)
+    if not run.out_dir:
+        raise RuntimeError("the mask protocol needs the results folder of the 'spoco' runs (RunSettings.out_dir)")
+    device, threads = run.device, run.threads
+    source = run_path(run.out_dir, split.dataset, split.name, "spoco", ratio)
     record = load_record(source)
     if not record or record.get("status") != "ok":
         raise RuntimeError(f"the mask protocol reuses the finished 'spoco' run, none at {source}: run it first")
@@ -305,7 +303,7 @@ _RUN_IDS |= {"seed", "epochs", "time_limit_s", "time_clock"} | {k for v in VARIA
 
 
 def study_overrides(record: dict) -> dict:
-    """The ``train.json`` ids a finished run set beyond the benchmark's own: ``$SPOCO_BENCH_OVERRIDES`` (or a
+    """The ``train.json`` ids a finished run set beyond the benchmark's own: ``--overrides`` (or an
     ``overrides`` argument), with ``patch_size`` / ``image_scale`` only where they differ from :data:`SETTINGS`."""
     ids = record.get("info", {}).get("overrides", {})
     settings = SETTINGS.get(ids.get("spatial_dims"), {})

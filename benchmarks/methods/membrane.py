@@ -16,7 +16,7 @@ Per image (intensities normalised to the 1-99.8 percentiles):
    objects smaller than ``0.15`` of a disc / ball of radius ``r`` removed.
 
 Parameters (a 2 x 2 x 3 x 3 x 3 x 2 grid) are chosen on the training images with the sparse labels the learners get,
-by the criterion of :mod:`scripts.accuracy.classical` (recall-type mean AP of the kept objects); at most
+by the criterion of :mod:`benchmarks.methods.classical` (recall-type mean AP of the kept objects); at most
 :data:`TUNE_IMAGES` training images (a fixed random subset) and the time budget.
 """
 
@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from scripts.accuracy.classical import (
+from benchmarks.data import Item, Result, Split, normalize_image, sparsify
+from benchmarks.methods.classical import (
     MIN_SIZE_REL,
     THRESHOLDS,
     _peaks,
@@ -37,7 +38,7 @@ from scripts.accuracy.classical import (
     grid_search_result,
     kept_object_recall_map,
 )
-from scripts.accuracy.common import Budget, Item, Result, Split, normalize_image, sparsify
+from benchmarks.settings import Budget, RunSettings
 
 __all__ = ["GRID", "segment", "fit_predict"]
 
@@ -120,10 +121,12 @@ def segment(image: np.ndarray, spacing: tuple[float, ...] | None = None, **param
     return prep.segment(**p)
 
 
-def fit_predict(split: Split, ratio: float, seed: int, budget_s: float, device: str = "cpu") -> Result:
-    """Choose the parameters on the training images (sparse labels) within ``budget_s`` seconds of grid search
-    (the best so far when it runs out), then segment the test images. ``device`` is ignored (CPU only)."""
-    budget = Budget(budget_s)
+def fit_predict(split: Split, ratio: float, run: RunSettings) -> Result:
+    """Choose the parameters on the training images (sparse labels, selection seed ``run.seed``) within
+    ``run.budget_s`` seconds of grid search on ``run.clock`` (the best so far when it runs out), then segment the
+    test images (CPU only)."""
+    seed = run.seed
+    budget = Budget(run.budget_s, run.clock)
     rng = np.random.default_rng(seed)
     train: list[Item] = list(split.train)
     if len(train) > TUNE_IMAGES:

@@ -1,0 +1,145 @@
+"""
+Run records of the accuracy benchmark: one JSON per (data set, split, method, ratio) at
+``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` with the predictions beside it (``.npz``), holding the
+run's settings (``settings``, and the cache keys at the top level), data, kept-object digest, machine, commit,
+load, scores and timings; how they are found, cached and written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.data import REPO_ROOT, Split
+from benchmarks.settings import CACHE_KEYS, RunSettings
+
+
+def run_path(out_dir: str | os.PathLike, dataset: str, split: str, method: str, ratio: float) -> Path:
+    return Path(out_dir) / dataset / split / method / f"ratio_{ratio:.2f}.json"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, memory, torch version and GPU (when one is used) of this machine."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "nproc": os.cpu_count(),
+    }
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
+def loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def git_commit() -> str | None:
+    """Short HEAD commit, with ``+dirty`` when the code or configs differ from it (a run then used other code)."""
+    git = ["git", "-C", str(REPO_ROOT)]
+    try:
+        out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() or None
+        dirty = subprocess.run(
+            git + ["status", "--porcelain", "--untracked-files=no", "--", "configs", "spoco_bundle", "benchmarks"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return f"{commit}+dirty" if commit and dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_predictions(path: Path, split: Split, predictions: Sequence[np.ndarray]) -> None:
+    """``<run>.npz`` beside the record: the predictions keyed by test image name (uint16, or uint32 if needed)."""
+    np.savez_compressed(
+        path.with_suffix(".npz"),
+        **{
+            it.name: np.asarray(p).astype(np.uint16 if np.max(p) < 65536 else np.uint32)
+            for it, p in zip(split.test, predictions)
+        },
+    )
+
+
+def json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def load_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_cached(record: dict[str, Any] | None, settings: RunSettings | dict[str, Any]) -> bool:
+    """An ``ok`` record made with the same settings (:data:`~benchmarks.settings.CACHE_KEYS`, for SPOCO also the
+    same ``overrides``). Matched on the record's top-level fields, which records of every version have."""
+    if not record or record.get("status") != "ok":
+        return False
+    fields = settings.cache_fields() if isinstance(settings, RunSettings) else settings
+    keys = CACHE_KEYS + (("overrides",) if str(record.get("method", "")).startswith("spoco") else ())
+    return all(record.get(k) == fields.get(k) for k in keys)
+
+
+def write_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write a run record atomically (a temporary file renamed over it): a reader never sees half a record."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(record, indent=1, default=json_default))
+    os.replace(tmp, path)
+
+
+def collect(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every run record under ``out_dir``."""
+    records = []
+    for path in sorted(Path(out_dir).glob("*/*/*/ratio_*.json")):
+        rec = load_record(path)
+        if rec is not None:
+            rec["_path"] = str(path)
+            records.append(rec)
+    return records
+
+
+def collect_scale(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Scale-robustness records (``python -m benchmarks.scale``) under ``out_dir``."""
+    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/*/scale_ratio_*.json"))]
+
+
+def collect_foreground(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Error-breakdown records (``python -m benchmarks.foreground``) under ``out_dir``."""
+    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/*/foreground_ratio_*.json"))]

@@ -1,1 +1,0 @@
-"""Accuracy benchmark of the SPOCO bundle against peers (see ``scripts/benchmark_accuracy.py``)."""
