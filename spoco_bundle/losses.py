@@ -1018,14 +1018,14 @@ class EmbeddingConsistencyLoss(nn.Module):
         return loss
 
 
-def held_out_objects(labels: torch.Tensor, fraction: float) -> torch.Tensor | None:
-    """Voxels of the annotated objects (``labels > 0``) that a fixed hash of their id puts in the held-out
-    ``fraction``; None for ``fraction`` 0. The same id is held out in every patch and iteration."""
-    if fraction <= 0:
+def held_out_objects(labels: torch.Tensor, holdout: bool) -> torch.Tensor | None:
+    """Voxels of the calibration objects (ids above :data:`~spoco_bundle.transforms.CALIBRATION_ID_OFFSET`, marked
+    by :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``); None when ``holdout`` is off."""
+    if not holdout:
         return None
-    ids = labels.clamp(min=0).to(torch.int64)
-    u = ((ids * 2654435761) % 4294967296).to(torch.float64) / 4294967296.0  # Knuth's multiplicative hash in [0, 1)
-    return (labels > 0) & (u < fraction)
+    from spoco_bundle.transforms import CALIBRATION_ID_OFFSET
+
+    return labels > CALIBRATION_ID_OFFSET
 
 
 def _foreground(
@@ -1068,15 +1068,15 @@ def labelled_foreground_probability(
     target: torch.Tensor,
     positive_weight: float = 1.0,
     strokes: bool = False,
-    holdout: float = 0.0,
+    holdout: bool = False,
 ) -> tuple[float, int]:
     """Mean foreground probability over the annotated-object voxels of images *without* annotated background (of
     every image with ``strokes=True``: painted strokes leave the head positive-unlabeled, see :class:`ForegroundLoss`).
 
     For a head trained positive-unlabeled (see :class:`ForegroundLoss`) this estimates the label frequency ``c``
     of Elkan & Noto (2008); the logits of a head trained with ``positive_weight`` w are first shifted by
-    ``-log(w)``, which undoes the weighting. With ``holdout`` > 0 only the voxels of the held-out objects
-    (:func:`held_out_objects`, which the head was not trained on) count: on the objects it fits, a head's mean
+    ``-log(w)``, which undoes the weighting. With ``holdout`` only the voxels of the calibration objects
+    (:func:`held_out_objects`, which the head is not trained on) count: on the objects it fits, a head's mean
     overstates ``c``. Returns ``(mean, count)``; ``(nan, 0)`` when no such voxel exists.
 
     Inputs: logits ``(B, 1, *S)`` or ``(B, *S)``; target ``(B, 1, *S)`` or ``(B, *S)``.
@@ -1177,9 +1177,10 @@ class SpocoLoss(nn.Module):
             :class:`ForegroundLoss`.
         foreground_strokes: annotated background is a few painted strokes (``background_label`` other than 0):
             positive-unlabeled foreground BCE plus a stroke term, see :class:`ForegroundLoss`.
-        foreground_calibration_holdout: fraction of the annotated objects (chosen by a hash of their id) the
-            foreground BCE leaves out and the label frequency ``c`` is estimated on (``last_label_frequency``); 0:
-            every object trains the head and ``c`` is its mean over them.
+        foreground_calibration_holdout: the calibration objects (ids marked by
+            :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``) are left out of the
+            foreground BCE and the label frequency ``c`` is estimated on them alone (``last_label_frequency``);
+            False: every object trains the head and ``c`` is its mean over them.
         kernel_threshold: kernel value at distance ``delta_v``.
         instance_anchor: ``"mean"`` or ``"random"``, see :class:`InstanceDiceLoss`.
         max_anchors: consistency anchors per image, see :class:`EmbeddingConsistencyLoss`.
@@ -1210,7 +1211,7 @@ class SpocoLoss(nn.Module):
         foreground_weight: float = 1.0,
         foreground_positive_weight: float = 10.0,
         foreground_strokes: bool = False,
-        foreground_calibration_holdout: float = 0.0,
+        foreground_calibration_holdout: bool = False,
         kernel_threshold: float = 0.5,
         instance_anchor: str = "mean",
         max_anchors: int = 20,
@@ -1236,9 +1237,7 @@ class SpocoLoss(nn.Module):
         }
         self.foreground_positive_weight = _check_positive_weight(foreground_positive_weight)
         self.foreground_strokes = bool(foreground_strokes)
-        if not 0.0 <= foreground_calibration_holdout < 1.0:
-            raise ValueError(f"foreground_calibration_holdout must be in [0, 1), got {foreground_calibration_holdout}.")
-        self.foreground_calibration_holdout = float(foreground_calibration_holdout)
+        self.foreground_calibration_holdout = bool(foreground_calibration_holdout)
         self.instance = InstanceDiceLoss(delta_v, kernel_threshold, instance_anchor, generator=generator)
         self.consistency = EmbeddingConsistencyLoss(
             delta_v, kernel_threshold, max_anchors, min_pool_fraction, generator=generator

@@ -90,6 +90,10 @@ def _filename(data: Any, meta: Mapping | None = None) -> str | None:
 _M64 = np.uint64
 
 
+# ids from here on mark calibration objects (SparseInstanceLabel calibration_holdout; read by SpocoLoss)
+CALIBRATION_ID_OFFSET = 1 << 24
+
+
 def object_priority(ids: np.ndarray, seed: int, name: str = "") -> np.ndarray:
     """
     A pseudo-random uint64 key per object id that depends only on ``(seed, name, id)``.
@@ -131,6 +135,13 @@ class SparseInstanceLabel(Transform):
     ``Randomizable``) and can be cached. Kept objects are renumbered ``1..K`` in increasing order of their
     original ids.
 
+    With ``calibration_holdout`` f > 0, each kept object is, independently with probability f (a hash of
+    ``(seed, name, id)`` again, so the choice is fixed), a *calibration object*: relabelled
+    ``CALIBRATION_ID_OFFSET + 1..`` instead of ``1..``. It is an annotated object like any other for the embedding
+    terms, but the foreground head is not trained on it and the label frequency ``c`` is estimated on these alone
+    (:class:`~spoco_bundle.losses.SpocoLoss` ``foreground_calibration_holdout``): on the objects a head fits, its
+    mean overstates ``c``.
+
     With ``background_label`` set, voxels with that id become -1 (annotated background). ``background_label=0``
     is for dense ground truth whose 0 is true background: 0 becomes -1 and the dropped objects become 0, which is
     then the only unlabeled region. With ``background_label=None``, 0 stays 0 (unlabeled).
@@ -139,6 +150,7 @@ class SparseInstanceLabel(Transform):
         instance_ratio: fraction of objects to keep, in [0, 1]; 1.0 keeps all (dense labels, relabelled).
         background_label: id of annotated background, or None.
         seed: selection seed.
+        calibration_holdout: probability that a kept object becomes a calibration object, in [0, 1).
 
     Input: integer label map of any shape, typically ``(1, *spatial)``; numpy array, tensor or MetaTensor.
     Floating input is accepted only when every value is a whole number; negative ids raise ValueError.
@@ -148,12 +160,28 @@ class SparseInstanceLabel(Transform):
 
     backend = [np.ndarray, torch.Tensor]
 
-    def __init__(self, instance_ratio: float = 1.0, background_label: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        instance_ratio: float = 1.0,
+        background_label: int | None = None,
+        seed: int = 0,
+        calibration_holdout: float = 0.0,
+    ) -> None:
         if not 0.0 <= float(instance_ratio) <= 1.0:
             raise ValueError(f"instance_ratio must be in [0, 1], got {instance_ratio}.")
+        if not 0.0 <= float(calibration_holdout) < 1.0:
+            raise ValueError(f"calibration_holdout must be in [0, 1), got {calibration_holdout}.")
         self.instance_ratio = float(instance_ratio)
         self.background_label = None if background_label is None else int(background_label)
         self.seed = int(seed)
+        self.calibration_holdout = float(calibration_holdout)
+
+    def calibration_ids(self, kept: np.ndarray, name: str = "") -> np.ndarray:
+        """Which of the ``kept`` ids are calibration objects (a bool per id)."""
+        if self.calibration_holdout <= 0 or len(kept) == 0:
+            return np.zeros(len(kept), dtype=bool)
+        keys = object_priority(kept, self.seed, f"calibration|{name}")
+        return keys.astype(np.float64) / 2.0**64 < self.calibration_holdout
 
     def num_kept(self, num_objects: int) -> int:
         """Number of objects kept out of ``num_objects``."""
@@ -197,7 +225,9 @@ class SparseInstanceLabel(Transform):
             is_object &= present != self.background_label
         kept = self.kept_ids(present[is_object], name)
         new_values = np.zeros(len(present), dtype=np.int64)
-        new_values[np.searchsorted(present, kept)] = np.arange(1, len(kept) + 1)
+        held = self.calibration_ids(kept, name)
+        new_values[np.searchsorted(present, kept[~held])] = np.arange(1, int((~held).sum()) + 1)
+        new_values[np.searchsorted(present, kept[held])] = CALIBRATION_ID_OFFSET + np.arange(1, int(held.sum()) + 1)
         if self.background_label is not None:
             new_values[present == self.background_label] = -1
         if inverse is None:
@@ -223,6 +253,7 @@ class SparseInstanceLabeld(MapTransform):
         name_key: key whose file name drives the selection (e.g. ``"image"``); default: each label's own file name
             (``filename_or_obj`` of the MetaTensor or of ``{key}_meta_dict``).
         allow_missing_keys: don't raise for missing keys.
+        calibration_holdout: see :class:`SparseInstanceLabel`.
     """
 
     backend = SparseInstanceLabel.backend
@@ -235,9 +266,10 @@ class SparseInstanceLabeld(MapTransform):
         seed: int = 0,
         name_key: str | None = None,
         allow_missing_keys: bool = False,
+        calibration_holdout: float = 0.0,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.sparsify = SparseInstanceLabel(instance_ratio, background_label, seed)
+        self.sparsify = SparseInstanceLabel(instance_ratio, background_label, seed, calibration_holdout)
         self.name_key = name_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

@@ -34,6 +34,7 @@ from spoco_bundle.losses import (
     sample_object_voxels,
     select_consistency_anchors,
 )
+from spoco_bundle.transforms import CALIBRATION_ID_OFFSET
 
 RTOL, ATOL = 1e-6, 1e-9  # float64 module vs float64 reference
 
@@ -486,7 +487,7 @@ def test_positive_unlabeled_head_is_calibrated_by_label_frequency(positive_weigh
     assert (calibrated == fg).double().mean().item() > (0.99 if positive_weight == 1.0 else 0.97)
 
 
-def _foreground_term(logits: torch.Tensor, target: torch.Tensor, holdout: float) -> torch.Tensor:
+def _foreground_term(logits: torch.Tensor, target: torch.Tensor, holdout: bool) -> torch.Tensor:
     """SpocoLoss with its foreground term alone (1 embedding channel of zeros), on logits ``(B, 1, N)`` (as 2D)."""
     logits, target = logits[..., None], target[..., None]
     loss = SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
@@ -494,41 +495,45 @@ def _foreground_term(logits: torch.Tensor, target: torch.Tensor, holdout: float)
     return loss(torch.cat([torch.zeros_like(logits), logits], 1), target)
 
 
-def test_held_out_objects_train_nothing_and_alone_estimate_c():
-    target = torch.arange(1, 201).reshape(2, 100)  # 200 objects of one voxel each
+def test_calibration_objects_train_nothing_and_alone_estimate_c():
+    target = torch.arange(1, 201).reshape(2, 100)  # 200 objects of one voxel each, every third a calibration object
+    target[:, ::3] += CALIBRATION_ID_OFFSET
     target[:, :10] = 0
-    held = held_out_objects(target, 0.3)
-    assert held is not None and 0.2 < held.double().mean() < 0.4 and not held[:, :10].any()
-    assert torch.equal(held, held_out_objects(target.clone(), 0.3))  # a fixed choice per id
-    assert held_out_objects(target, 0.0) is None
+    held = held_out_objects(target, True)
+    assert held is not None and torch.equal(held, target > CALIBRATION_ID_OFFSET)
+    assert held_out_objects(target, False) is None
     logits = torch.randn(2, 1, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    _, grad = value_and_grad(lambda x: _foreground_term(x, target, 0.3), logits)
+    _, grad = value_and_grad(lambda x: _foreground_term(x, target, True), logits)
     assert (grad[:, 0][held] == 0).all() and (grad[:, 0][~held] != 0).all()
-    mean, count = labelled_foreground_probability(logits, target, holdout=0.3)
+    mean, count = labelled_foreground_probability(logits, target, holdout=True)
     assert count == int(held.sum()) and mean == pytest.approx(torch.sigmoid(logits[:, 0][held]).mean().item())
-    with pytest.raises(ValueError, match="foreground_calibration_holdout"):
-        SpocoLoss(foreground_calibration_holdout=1.0)
+    # without the holdout the same ids are ordinary objects
+    _, grad = value_and_grad(lambda x: _foreground_term(x, target, False), logits)
+    assert (grad != 0).all()
 
 
 def test_held_out_calibration_separates_foreground():
-    # as the test above it, with one id per annotated pixel and 30 % of them held out: c estimated on the held-out
-    # objects alone calibrates the head that never saw them
+    # as the calibration test above, with one id per annotated pixel and 30 % of them calibration objects (as
+    # SparseInstanceLabel marks them): c estimated on those alone calibrates the head that never saw them
     gen = torch.Generator().manual_seed(0)
     n = 4000
     fg = torch.rand(n, generator=gen) < 0.3
     x = fg.double() + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
-    labels = torch.where(fg & (torch.rand(n, generator=gen) < 0.2), torch.arange(1, n + 1), 0)
-    held = held_out_objects(labels, 0.3)
+    annotated = fg & (torch.rand(n, generator=gen) < 0.2)
+    calibration = torch.rand(n, generator=gen) < 0.3
+    labels = torch.where(annotated, torch.arange(1, n + 1) + CALIBRATION_ID_OFFSET * calibration, 0)
+    held = held_out_objects(labels, True)
     w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([w], lr=0.1)
     for _ in range(600):
         opt.zero_grad()
-        _foreground_term((w[0] * x + w[1])[None, None], labels[None], 0.3).backward()
+        _foreground_term((w[0] * x + w[1])[None, None], labels[None], True).backward()
         opt.step()
     logits = (w[0] * x + w[1]).detach()
-    c, count = labelled_foreground_probability(logits[None], labels[None], holdout=0.3)
+    c, count = labelled_foreground_probability(logits[None], labels[None], holdout=True)
     assert count == int(held.sum()) > 50
-    assert c == pytest.approx(0.2 * 0.7 / (1 - 0.2 * 0.3), abs=0.03)  # annotated-and-trained share of trained fg
+    trained = (annotated & ~held).sum() / (fg & ~held).sum()  # the annotated-and-trained share of trained fg
+    assert c == pytest.approx(trained.item(), abs=0.03)
     assert ((torch.sigmoid(logits) / c > 0.5) == fg).double().mean().item() > 0.98
 
 

@@ -14,6 +14,7 @@ from monai.transforms import EnsureChannelFirstd, LoadImaged, SaveImaged
 
 from spoco_bundle.io import LoadVolumed, read_image
 from spoco_bundle.transforms import (
+    CALIBRATION_ID_OFFSET,
     CheckImageLabel,
     CheckImageLabeld,
     ClusterEmbeddings,
@@ -73,6 +74,28 @@ def test_sparse_counts_and_consecutive_relabel(n, ratio):
     assert (out < 0).sum() == 0
     if ratio == 1.0:
         assert sorted(m.values()) == list(range(1, n + 1))  # keeps all
+
+
+def test_calibration_holdout_marks_a_fixed_share_of_the_kept_objects():
+    orig = dense_labels(54)
+    plain = SparseInstanceLabel(0.5, seed=3)(orig, name="img")
+    marked = SparseInstanceLabel(0.5, seed=3, calibration_holdout=0.3)(orig, name="img")
+    assert np.array_equal(plain > 0, marked > 0)  # the same objects are kept
+    held = np.unique(marked[marked > CALIBRATION_ID_OFFSET]) - CALIBRATION_ID_OFFSET
+    trained = np.unique(marked[(marked > 0) & (marked < CALIBRATION_ID_OFFSET)])
+    assert 0 < len(held) < 27 and len(held) + len(trained) == 27  # 27 kept objects
+    assert np.array_equal(held, np.arange(1, len(held) + 1)) and np.array_equal(trained, np.arange(1, len(trained) + 1))
+    again = SparseInstanceLabel(0.5, seed=3, calibration_holdout=0.3)(orig, name="img")
+    assert np.array_equal(again, marked)  # a fixed choice per (seed, name, id)
+    shares = [
+        (
+            np.unique(SparseInstanceLabel(1.0, seed=s, calibration_holdout=0.3)(orig, name="x")) > CALIBRATION_ID_OFFSET
+        ).sum()
+        for s in range(20)
+    ]
+    assert 0.2 < np.mean(shares) / 54 < 0.4  # each object with probability 0.3
+    with pytest.raises(ValueError, match="calibration_holdout"):
+        SparseInstanceLabel(0.5, calibration_holdout=1.0)
 
 
 def test_sparse_reproducible_independent_of_call_order():
