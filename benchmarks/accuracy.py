@@ -78,10 +78,12 @@ DEFAULT_RATIOS = (0.1, 0.4, 1.0)
 
 
 def _csv(text: str) -> list[str]:
+    """The items of a comma-separated flag."""
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags, checked (names, ratios, JSON objects, device) so that a bad one stops here, not in every run."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--data_dir", default=str(default_data_dir()), help="folder with the data sets (dsb2018/, gonuclear/, ...)"
@@ -156,30 +158,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_settings(args: argparse.Namespace) -> RunSettings:
-    """The :class:`~benchmarks.settings.RunSettings` the flags give (paths made absolute: a run's process works on
-    them from elsewhere)."""
-    return RunSettings(
-        budget_s=float(args.budget_s),
-        clock=args.clock,
-        threads=int(args.threads),
-        seed=int(args.seed),
-        device=args.device,
-        timeout_s=args.timeout_s,
-        overrides=args.overrides,
-        max_train=args.max_train,
-        max_test=args.max_test,
-        data_dir=str(Path(args.data_dir).resolve()),
-        out_dir=str(Path(args.out_dir).resolve()),
-        cache_dir=None if args.cache_dir is None else str(Path(args.cache_dir).resolve()),
-        stardist_python=args.stardist_python,
-    )
-
-
 def _child(args: argparse.Namespace) -> int:
     """One run, in this process (started by :func:`main` with ``--_one``)."""
     dataset, split_name, method, ratio = args._one
-    settings = run_settings(args)
+    settings = RunSettings.from_args(args)
     try:
         import torch
 
@@ -187,7 +169,7 @@ def _child(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     splits = {s.name: s for s in _load(dataset, settings)}
-    rec = run_one(splits[split_name], method, float(ratio), settings.out_dir, settings)
+    rec = run_one(splits[split_name], method, float(ratio), settings)
     return 0 if rec["status"] in ("ok", "not_run") else 1
 
 
@@ -208,14 +190,16 @@ def _unfinished(
 
 
 def _load(dataset: str, settings: RunSettings) -> list[Split]:
+    """The splits of ``dataset`` with the data folder, subset and cache folder of ``settings``."""
     return load_benchmark(dataset, settings.data_dir, settings.max_train, settings.max_test, settings.cache_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the grid (or repredict / rescore), then write the report; exit code 1 when a run failed."""
     args = parse_args(argv)
     if args._one:
         return _child(args)
-    settings = run_settings(args)
+    settings = RunSettings.from_args(args)
     splits: dict[str, list[Split]] = {}
     skipped: dict[str, str] = {}
     for dataset in args.datasets:
@@ -252,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"mAP {before['map']:.3f} -> {m['map']:.3f}, {rec['repredict_seconds']:.0f} s"
                             )
     elif not args.no_run:
-        unavailable = {m: method_unavailable_reason(m) for m in args.methods}
+        unavailable = {m: method_unavailable_reason(m, settings) for m in args.methods}
         # the run's own process: thread limits, and this repository importable (it runs `-m benchmarks.accuracy`)
         path_env = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, **thread_env(settings.threads), "PYTHONPATH": path_env}
@@ -284,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             sys.executable,
                             "-m",
                             "benchmarks.accuracy",
-                            *settings.cli_args(),
+                            *settings.to_args(),
                             "--docs",
                             "",
                             "--_one",

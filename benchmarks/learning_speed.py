@@ -51,6 +51,8 @@ RECIPES: dict[str, dict] = {
     # cheaper iterations: half the feature maps (~4x fewer operations), or smaller patches
     "narrow": {"features": [8, 16, 32, 64]},
     "patch128": {"patch_size": [128, 128]},
+    # the label frequency c estimated on a fifth of the annotated objects, which the head does not train on
+    "calib0.2": {"calibration_holdout": 0.2},
 }
 
 _TERMS = re.compile(r"Epoch (\d+) loss terms: (.*)")
@@ -95,6 +97,7 @@ def run_one(
     load_start = os.getloadavg()[0]
     commit = git_commit() or "unknown"  # the code the run starts with
     truth = [item.labels for item in split.test]
+    run = RunSettings(budget_s=budget_s, clock="cpu", threads=threads, seed=0, overrides=RECIPES[recipe])
     if rescore:
         log = (work / "train.log").read_text(errors="replace") if (work / "train.log").is_file() else ""
         found = re.findall(r"reached after (\d+) iterations", log)
@@ -107,8 +110,7 @@ def run_one(
             raise RuntimeError(f"{work}: no finished run to rescore (no end of training in its train.log)")
         iterations, train_cpu, train_wall = int(found[-1]), None, None
     else:
-        run = RunSettings(budget_s=budget_s, clock="cpu", threads=threads, seed=0)
-        result = spoco_runner.fit_predict(split, ratio, run, work_dir=work, overrides=RECIPES[recipe])
+        result = spoco_runner.fit_predict(split, ratio, run, work_dir=work)
         predictions, iterations = result.predictions, result.iterations
         train_cpu, train_wall = result.info.get("train_cpu_s"), round(result.train_seconds, 1)
         # the same checkpoint inside the true foreground: what the embeddings separate without the head's errors
@@ -132,6 +134,7 @@ def run_one(
         "budget_s": budget_s,
         "clock": "cpu",
         "threads": threads,
+        "settings": run.as_record(),
         "commit": commit,
         "started": started,
         "loadavg_start": round(load_start, 2),

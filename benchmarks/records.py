@@ -22,6 +22,7 @@ from benchmarks.settings import CACHE_KEYS, RunSettings
 
 
 def run_path(out_dir: str | os.PathLike, dataset: str, split: str, method: str, ratio: float) -> Path:
+    """The record of one run: ``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json``."""
     return Path(out_dir) / dataset / split / method / f"ratio_{ratio:.2f}.json"
 
 
@@ -55,6 +56,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def loadavg() -> float | None:
+    """The 1-minute load average (recorded at a run's start and end: other jobs inflate wall times)."""
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
@@ -90,6 +92,7 @@ def save_predictions(path: Path, split: Split, predictions: Sequence[np.ndarray]
 
 
 def json_default(obj: Any) -> Any:
+    """``json.dump``'s fallback for numpy scalars and arrays (anything else as text)."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -98,6 +101,7 @@ def json_default(obj: Any) -> Any:
 
 
 def load_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The record at ``path``; None when it is missing or not valid JSON."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -105,14 +109,36 @@ def load_record(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+def _overrides(value: Any) -> Any:
+    """A record's ``overrides`` as an object: JSON text (records made before the ``--overrides`` flag kept the text of
+    the environment variable verbatim, whatever its spacing) parsed; none and ``{}`` both None."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    return value or None
+
+
 def is_cached(record: dict[str, Any] | None, settings: RunSettings | dict[str, Any]) -> bool:
-    """An ``ok`` record made with the same settings (:data:`~benchmarks.settings.CACHE_KEYS`, for SPOCO also the
-    same ``overrides``). Matched on the record's top-level fields, which records of every version have."""
+    """
+    Whether ``record`` is an ``ok`` run made with the same settings (:data:`~benchmarks.settings.CACHE_KEYS`, for
+    SPOCO also the same ``overrides``), so that it need not run again.
+
+    Matched on the record's top-level fields, which records of every version have: those written before the settings
+    were recorded in full (no ``settings`` key) stay cache hits.
+
+    Args:
+        record: from :func:`load_record` (None: no record).
+        settings: the settings of the run that would be made, or their :meth:`~RunSettings.cache_fields`.
+    """
     if not record or record.get("status") != "ok":
         return False
     fields = settings.cache_fields() if isinstance(settings, RunSettings) else settings
-    keys = CACHE_KEYS + (("overrides",) if str(record.get("method", "")).startswith("spoco") else ())
-    return all(record.get(k) == fields.get(k) for k in keys)
+    if any(record.get(k) != fields.get(k) for k in CACHE_KEYS):
+        return False
+    spoco = str(record.get("method", "")).startswith("spoco")
+    return not spoco or _overrides(record.get("overrides")) == _overrides(fields.get("overrides"))
 
 
 def write_record(path: str | os.PathLike, record: dict[str, Any]) -> None:

@@ -1,9 +1,23 @@
 """
 Reports of the accuracy benchmark, from run records (:mod:`benchmarks.records`): a markdown page per grid
 (:func:`write_docs`: set-up, annotation protocols, tables per data set, plots, example figures, missing runs) and
-its machine-readable twin beside it (:func:`write_summary`, ``<page>.json``), which ``scripts/sync_docs.py`` turns
-into the README's results table. Summary keys: ``command`` (the command that rewrites the page) and ``rows``, one per
-run: :data:`SUMMARY_FIELDS`, ``machine`` (in words) and the scores :data:`SUMMARY_SCORES` the run measured.
+its machine-readable summary beside it (:func:`write_summary`: ``X.json`` for ``X.md``), from which
+``scripts/sync_docs.py`` builds the README's results table. The summary's keys are read by other scripts; keep them
+stable:
+
+- ``command``: the command line the page prints (the one that wrote it, usually with ``--no_run``);
+- ``rows``: one per (dataset, split, method, ratio) of the page's grid that has a record, finished or not, sorted by
+  data set, split, method (in the page's order) and ratio, each with (:data:`SUMMARY_FIELDS`, ``machine``,
+  :data:`SUMMARY_SCORES`):
+
+  - ``dataset``, ``split``, ``method``, ``ratio`` (a float), ``status`` (``ok``, ``failed`` or ``not_run``);
+  - the run's settings ``budget_s``, ``clock``, ``threads``, ``device``;
+  - ``iterations``, ``kept_digest`` (the kept objects: equal across methods), ``commit``, ``started`` and
+    ``machine`` (CPU, cores and GPU in words); None where a run that did not finish has none;
+  - the scores the run measured, unrounded, absent where it has none: ``ap50``, ``map``, ``sbd``,
+    ``fg_precision``, ``fg_recall``, and for 3D and EM data ``arand``, ``voi_split``, ``voi_merge``.
+
+The summary is written with sorted keys and indent 1, so that a rewrite with the same records is the same file.
 """
 
 from __future__ import annotations
@@ -680,7 +694,9 @@ def write_docs(
     lines.append("")
     docs_path.parent.mkdir(parents=True, exist_ok=True)
     docs_path.write_text("\n".join(lines))
-    write_summary(list(ok.values()) + list(bad.values()), docs_path.with_suffix(".json"), command, splits, methods)
+    write_summary(
+        list(ok.values()) + list(bad.values()), docs_path.with_suffix(".json"), command, splits, methods, ratios
+    )
     return docs_path
 
 
@@ -696,24 +712,34 @@ def write_summary(
     command: str,
     splits: dict[str, list[Split]],
     methods: Sequence[str],
+    ratios: Sequence[float],
 ) -> Path:
     """
-    The machine-readable twin of a report: ``{"command": <the command that rewrites it>, "rows": [...]}`` with one
-    row per run of the report's data sets and methods (keys :data:`SUMMARY_FIELDS`, ``machine`` in words, the scores
-    :data:`SUMMARY_SCORES` the run measured; ``ratio`` as a float, scores unrounded). ``scripts/sync_docs.py``
-    builds the README's results table from it, so the front pages copy their numbers from the benchmark.
+    The machine-readable summary of a report (the keys: see the module docstring). ``scripts/sync_docs.py`` builds
+    the README's results table from it, so the front pages copy their numbers from the benchmark.
+
+    Args:
+        records: the runs (from :func:`~benchmarks.records.collect`); those outside the report's grid are left out.
+        path: the JSON file to write (the page's path with ``.json``).
+        command: the command line the page prints.
+        splits, methods, ratios: the report's grid.
     """
     names = {(d, s.name) for d, ss in splits.items() for s in ss}
+    grid_ratios = {round(r, 4) for r in ratios}
+    inside = [
+        r
+        for r in records
+        if (r["dataset"], r["split"]) in names and r["method"] in methods and round(r["ratio"], 4) in grid_ratios
+    ]
     rows = []
-    for r in sorted(records, key=lambda r: (r["dataset"], r["split"], methods.index(r["method"]) if r["method"] in
-                                            methods else len(methods), r["ratio"])):  # fmt: skip
-        if (r["dataset"], r["split"]) not in names or r["method"] not in methods:
-            continue
+    for r in sorted(inside, key=lambda r: (r["dataset"], r["split"], methods.index(r["method"]), r["ratio"])):
         row = {k: r.get(k) for k in SUMMARY_FIELDS}
         m = r.get("machine") or {}
         row["machine"] = f"{m.get('cpu')}, {m.get('nproc')} cores" + (f", {m['cuda']}" if m.get("cuda") else ", no GPU")
         row.update({k: r["metrics"][k] for k in SUMMARY_SCORES if k in (r.get("metrics") or {})})
         rows.append(row)
     path = Path(path)
-    path.write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=json_default) + "\n")
+    path.write_text(
+        json.dumps({"command": command, "rows": rows}, indent=1, sort_keys=True, default=json_default) + "\n"
+    )
     return path

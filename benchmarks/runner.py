@@ -50,8 +50,18 @@ STARDIST3D_SKIPPED = (
 )
 
 
-def resolve_method(name: str) -> Callable[..., Result]:
-    """``fit_predict(split, ratio, settings)`` of a method; MethodUnavailable when it cannot run."""
+def resolve_method(name: str, settings: RunSettings) -> Callable[..., Result]:
+    """
+    ``fit_predict(split, ratio, settings)`` of a method.
+
+    Args:
+        name: a key of :data:`METHODS`.
+        settings: the run's settings; a method module's ``available(settings)`` (where it has one) checks them
+            (e.g. the StarDist interpreter).
+
+    Raises:
+        MethodUnavailable: when the method cannot run here.
+    """
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; valid: {list(METHODS)}.")
     module_name, variant = METHODS[name]
@@ -60,7 +70,7 @@ def resolve_method(name: str) -> Callable[..., Result]:
         raise MethodUnavailable(f"{path} does not exist (yet)")
     module = importlib.import_module(module_name)
     if hasattr(module, "available"):
-        ok, reason = module.available()
+        ok, reason = module.available(settings)
         if not ok:
             raise MethodUnavailable(reason)
     fn = getattr(module, "fit_predict", None)
@@ -69,10 +79,10 @@ def resolve_method(name: str) -> Callable[..., Result]:
     return partial(fn, variant=variant) if variant is not None else fn
 
 
-def method_unavailable_reason(name: str) -> str | None:
-    """Cheap check in the parent (no training): the reason a method cannot run, or None."""
+def method_unavailable_reason(name: str, settings: RunSettings) -> str | None:
+    """Cheap check in the parent (no training): the reason a method cannot run with ``settings``, or None."""
     try:
-        resolve_method(name)
+        resolve_method(name, settings)
     except MethodUnavailable as e:
         return str(e)
     except Exception:  # a runner that exists but fails to import is a failure: the run records the error
@@ -80,22 +90,21 @@ def method_unavailable_reason(name: str) -> str | None:
     return None
 
 
-def run_one(
-    split: Split, method: str, ratio: float, out_dir: str | os.PathLike, settings: RunSettings
-) -> dict[str, Any]:
+def run_one(split: Split, method: str, ratio: float, settings: RunSettings) -> dict[str, Any]:
     """
     Run one method on one split and ratio in this process; write ``<run>.json`` (and ``<run>.npz`` with the
-    predictions, keyed by test image name) and return the record.
+    predictions, keyed by test image name) under ``settings.out_dir`` and return the record.
 
     Args:
         split: the data.
         method: a key of :data:`METHODS`.
         ratio: fraction of objects kept per training image.
-        out_dir: result folder.
-        settings: budget, clock, threads, seed, ... of the run; recorded in full (``settings``) and, as records
-            always had them, the cache keys at the top level.
+        settings: budget, clock, threads, seed, results folder, ... of the run; recorded in full (``settings``)
+            and, as records always had them, the cache keys at the top level.
     """
-    path = run_path(out_dir, split.dataset, split.name, method, ratio)
+    if not settings.out_dir:
+        raise ValueError("run_one needs the results folder (RunSettings.out_dir).")
+    path = run_path(settings.out_dir, split.dataset, split.name, method, ratio)
     path.parent.mkdir(parents=True, exist_ok=True)
     kept, total = label_counts(split, ratio, settings.seed)
     record: dict[str, Any] = {
@@ -119,7 +128,7 @@ def run_one(
     }
     t0 = time.perf_counter()
     try:
-        fit_predict = resolve_method(method)
+        fit_predict = resolve_method(method, settings)
         result = fit_predict(split, ratio, settings)
         if len(result.predictions) != len(split.test):
             raise ValueError(f"{method} returned {len(result.predictions)} predictions for {len(split.test)} images.")

@@ -8,8 +8,8 @@ Also the training-time budget (:class:`Budget`) and the guard against hanging ru
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +25,10 @@ CACHE_KEYS = ("budget_s", "clock", "threads", "seed", "device", "max_train", "ma
 @dataclass(frozen=True)
 class RunSettings:
     """
+    Everything a run's behaviour depends on besides its data, method and ratio: the flags of
+    ``python -m benchmarks.accuracy`` (:meth:`from_args`, :meth:`to_args`), recorded in every run record
+    (:meth:`as_record`).
+
     Args:
         budget_s: training budget of every run (seconds on ``clock``).
         clock: ``"wall"`` (training wall time with ``threads`` threads: what a user waits for on an idle machine) or
@@ -66,16 +70,45 @@ class RunSettings:
         return json.dumps(self.overrides) if self.overrides else None
 
     def as_record(self) -> dict[str, Any]:
-        """Everything, JSON-ready (paths as strings)."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        """Every field, for a run's record (``settings``); JSON-ready."""
+        return asdict(self)
 
     def cache_fields(self) -> dict[str, Any]:
         """The fields a cached record is matched on (:data:`CACHE_KEYS` and ``overrides`` as text)."""
         return {**{k: getattr(self, k) for k in CACHE_KEYS}, "overrides": self.overrides_text()}
 
-    def cli_args(self) -> list[str]:
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunSettings:
+        """
+        The settings that the parsed flags of ``python -m benchmarks.accuracy`` give; the inverse of :meth:`to_args`.
+
+        Args:
+            args: from :func:`benchmarks.accuracy.parse_args` (``overrides`` already a dict). Paths are made absolute:
+                a run's own process and the bundle's subprocesses use them from other folders.
+        """
+
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).resolve())
+
+        return cls(
+            budget_s=float(args.budget_s),
+            clock=args.clock,
+            threads=int(args.threads),
+            seed=int(args.seed),
+            device=args.device,
+            timeout_s=args.timeout_s,
+            overrides=args.overrides,
+            max_train=args.max_train,
+            max_test=args.max_test,
+            data_dir=absolute(args.data_dir),
+            out_dir=absolute(args.out_dir),
+            cache_dir=absolute(args.cache_dir),
+            stardist_python=args.stardist_python,
+        )
+
+    def to_args(self) -> list[str]:
         """The flags of ``python -m benchmarks.accuracy`` that give these settings to a run's own process."""
-        out = ["--budget_s", f"{self.budget_s:g}", "--clock", self.clock, "--threads", str(self.threads)]
+        out = ["--budget_s", str(self.budget_s), "--clock", self.clock, "--threads", str(self.threads)]
         out += ["--seed", str(self.seed), "--device", self.device]
         for flag, value in (
             ("--timeout_s", self.timeout_s),
@@ -148,8 +181,3 @@ class Budget:
 
     def exhausted(self) -> bool:
         return self.used >= self.seconds
-
-
-def child_env(threads: int) -> dict[str, str]:
-    """This process's environment with the thread limits of :func:`thread_env`."""
-    return {**os.environ, **thread_env(threads)}

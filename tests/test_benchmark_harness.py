@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +14,8 @@ import torch
 from monai.transforms import Compose
 from scipy import ndimage
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.accuracy import parse_args, run_settings  # noqa: E402
-from benchmarks.data import (  # noqa: E402
+from benchmarks.accuracy import parse_args
+from benchmarks.data import (
     Item,
     Split,
     dataset_available,
@@ -30,18 +26,19 @@ from benchmarks.data import (  # noqa: E402
     score,
     sparsify,
 )
-from benchmarks.foreground import foreground_breakdown, object_errors  # noqa: E402
-from benchmarks.foreground import parse_args as foreground_args  # noqa: E402
-from benchmarks.methods import classical, membrane  # noqa: E402
-from benchmarks.methods.spoco import bundle_ids, inference_clustering, study_overrides  # noqa: E402
-from benchmarks.records import collect, collect_foreground, collect_scale, is_cached  # noqa: E402
-from benchmarks.report import _grid_budget, _protocol_lines, _study_overrides, write_docs  # noqa: E402
-from benchmarks.runner import repredict_one, rescore_one, run_one  # noqa: E402
-from benchmarks.scale import rescale  # noqa: E402
-from benchmarks.settings import RunSettings, run_timeout  # noqa: E402
-from spoco_bundle.metrics import adapted_rand_error  # noqa: E402
-from spoco_bundle.transforms import ClusterEmbeddings, SparseInstanceLabeld, load_transforms  # noqa: E402
+from benchmarks.foreground import foreground_breakdown, object_errors
+from benchmarks.foreground import parse_args as foreground_args
+from benchmarks.methods import classical, membrane
+from benchmarks.methods.spoco import bundle_ids, inference_clustering, study_overrides
+from benchmarks.records import collect, collect_foreground, collect_scale, is_cached, load_record
+from benchmarks.report import _grid_budget, _protocol_lines, _study_overrides, write_docs
+from benchmarks.runner import method_unavailable_reason, repredict_one, rescore_one, run_one
+from benchmarks.scale import rescale
+from benchmarks.settings import RunSettings, run_timeout
+from spoco_bundle.metrics import adapted_rand_error
+from spoco_bundle.transforms import ClusterEmbeddings, SparseInstanceLabeld, load_transforms
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = default_data_dir()
 
 
@@ -157,13 +154,19 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         for it in (dsb_small.train[0], dsb_small.test[0])
     ]
     split = Split("dsb2018", "tiny", 2, [tiny[0]], [tiny[1]])
-    settings = RunSettings(budget_s=60.0, clock="wall", threads=1, max_train=1, max_test=1)
+    settings = RunSettings(
+        budget_s=60.0, clock="wall", threads=1, max_train=1, max_test=1, out_dir=str(tmp_path / "runs")
+    )
     for ratio in (0.1, 1.0):
-        rec = run_one(split, "classical", ratio, tmp_path / "runs", settings)
+        rec = run_one(split, "classical", ratio, settings)
         assert rec["status"] == "ok", rec.get("reason")
-        assert rec["settings"] == settings.as_record() and rec["budget_s"] == 60.0 and rec["clock"] == "wall"
+        # the record carries every setting of the run, and the cache keys at the top level as before
+        stored = load_record(tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / f"ratio_{ratio:.2f}.json")
+        assert stored["settings"] == settings.as_record() == rec["settings"]
+        assert stored["settings"]["out_dir"] == str(tmp_path / "runs") and stored["settings"]["overrides"] == {}
+        assert rec["budget_s"] == 60.0 and rec["clock"] == "wall" and rec["threads"] == 1
         shorter = RunSettings(budget_s=30.0, clock="wall", threads=1, max_train=1, max_test=1)
-        assert is_cached(rec, settings) and not is_cached(rec, shorter)
+        assert is_cached(stored, settings) and not is_cached(stored, shorter)
         with np.load(tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / f"ratio_{ratio:.2f}.npz") as data:
             pred = data[tiny[1].name]
         assert score([pred], [tiny[1].labels], 2)["ap50"] == pytest.approx(rec["metrics"]["ap50"])
@@ -233,10 +236,11 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert [(r["method"], r["ratio"]) for r in summary["rows"]] == [("classical", 0.1), ("classical", 1.0)]
     assert summary["rows"][0]["ap50"] == rec["metrics"]["ap50"] and summary["rows"][0]["status"] == "ok"
     assert summary["rows"][0]["budget_s"] == 60.0 and summary["rows"][0]["clock"] == "wall"
+    assert list(summary["rows"][0]) == sorted(summary["rows"][0])  # sorted keys: a rewrite is the same file
     # a second report (e.g. benchmarks_long.md) gets its own plots and leaves these alone
     before = (tmp_path / "docs" / "images" / "benchmark_dsb2018.png").read_bytes()
     long_doc = write_docs(
-        [r for r in records if r["method"] == "classical" and r["ratio"] == 1.0],
+        records,
         tmp_path / "docs" / "benchmarks_long.md",
         {"dsb2018": [split]},
         ["classical"],
@@ -247,13 +251,16 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert "images/benchmarks_long_dsb2018.png" in long_doc.read_text()
     assert (tmp_path / "docs" / "images" / "benchmarks_long_dsb2018.png").is_file()
     assert (tmp_path / "docs" / "images" / "benchmark_dsb2018.png").read_bytes() == before
+    # its summary holds the runs of its own grid only
+    long_summary = json.loads((tmp_path / "docs" / "benchmarks_long.json").read_text())
+    assert [(r["method"], r["ratio"]) for r in long_summary["rows"]] == [("classical", 1.0)]
 
 
 @pytest.mark.benchmark
 def test_repredict_reuses_the_checkpoint_and_keeps_the_earlier_scores(dsb_small: Split, tmp_path: Path) -> None:
     # a real (very short) SPOCO run through the bundle's CLI, then its checkpoint segments the test images again
     split = Split("dsb2018", "tiny", 2, dsb_small.train[:2], dsb_small.test[:2])
-    rec = run_one(split, "spoco", 1.0, tmp_path / "runs", RunSettings(budget_s=4.0))
+    rec = run_one(split, "spoco", 1.0, RunSettings(budget_s=4.0, out_dir=str(tmp_path / "runs")))
     assert rec["status"] == "ok", rec.get("reason")
     default = inference_clustering()  # the configs' post-processing, e.g. "watershed + shape_split 0.1"
     assert rec["info"]["clustering"] == default and default.startswith(
@@ -291,20 +298,41 @@ def test_settings_travel_as_flags_and_old_records_stay_cached(tmp_path: Path) ->
     # what a run's own process gets: the parent's settings, back through the same command line
     args = ["--budget_s", "900", "--clock", "cpu", "--threads", "1", "--overrides", '{"learning_rate": 0.005}']
     args += ["--timeout_s", "0", "--data_dir", str(DATA_DIR), "--out_dir", str(tmp_path / "runs")]
-    settings = run_settings(parse_args(args))
+    args += ["--cache_dir", "cache", "--stardist_python", "/opt/sd/bin/python", "--max_train", "3"]
+    settings = RunSettings.from_args(parse_args(args))
     assert settings.overrides == {"learning_rate": 0.005} and settings.timeout_s == 0 and settings.clock == "cpu"
-    assert run_settings(parse_args(settings.cli_args())) == settings
-    # a record written before settings were recorded in full (top-level fields only) is still a cache hit
-    old = {"status": "ok", "method": "spoco", "budget_s": 900.0, "clock": "cpu", "threads": 1, "seed": 0}
-    old.update(device="cpu", max_train=None, max_test=None, overrides='{"learning_rate": 0.005}')
-    assert is_cached(old, settings)
-    assert not is_cached(old, RunSettings(budget_s=900.0, clock="cpu", threads=1))  # other overrides: not the same
-    assert is_cached({**old, "method": "classical"}, RunSettings(budget_s=900.0, clock="cpu", threads=1))
+    assert settings.cache_dir == str(Path("cache").resolve()) and settings.stardist_python == "/opt/sd/bin/python"
+    assert RunSettings.from_args(parse_args(settings.to_args())) == settings
+    assert json.loads(json.dumps(settings.as_record())) == settings.as_record()  # as a record keeps it
+    # a record written before the settings were recorded in full (top-level fields only, overrides as the text of
+    # the environment variable that set them then) still loads and is a cache hit
+    old = {"dataset": "dsb2018", "split": "tiny", "method": "spoco", "ratio": 0.1, "status": "ok", "budget_s": 900.0}
+    old.update(clock="cpu", threads=1, seed=0, device="cpu", max_train=3, max_test=None)
+    old.update(overrides='{"learning_rate":0.005}', metrics={"ap50": 0.5}, machine={}, commit="0123456")
+    path = tmp_path / "runs" / "dsb2018" / "tiny" / "spoco" / "ratio_0.10.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(old, indent=1))
+    loaded = load_record(path)
+    assert "settings" not in loaded and is_cached(loaded, settings)
+    assert [r["method"] for r in collect(tmp_path / "runs")] == ["spoco"]
+    assert not is_cached(loaded, replace(settings, budget_s=600.0)) and not is_cached(loaded, replace(settings, seed=1))
+    assert not is_cached(loaded, replace(settings, overrides={}))
+    assert is_cached({**loaded, "method": "classical"}, replace(settings, overrides={}))  # a SPOCO run's identity only
     for bad in ('{"a"', "[1, 2]"):
         with pytest.raises(SystemExit):
             parse_args(["--overrides", bad])
     with pytest.raises(ValueError, match="clock"):
         RunSettings(clock="gpu")
+
+
+def test_stardist_interpreter_is_a_setting(tmp_path: Path) -> None:
+    # the parent checks the interpreter the runs will use, not the default one
+    missing = RunSettings(stardist_python=str(tmp_path / "none" / "python"))
+    assert "none/python not found" in method_unavailable_reason("stardist", missing)
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    assert method_unavailable_reason("stardist", RunSettings(stardist_python=str(python))) is None
 
 
 def test_rescale_resamples_images_linearly_and_labels_nearest() -> None:
@@ -508,11 +536,11 @@ def test_mask_protocol_reuses_the_objects_only_checkpoint(dsb_small: Split, tmp_
     # foreground, given as one mask file per image through the bundle's --foreground_mask_dir
     split = Split("dsb2018", "tiny", 2, dsb_small.train[:2], dsb_small.test[:2])
     settings = RunSettings(budget_s=4.0, out_dir=str(tmp_path / "runs"))
-    missing = run_one(split, "spoco_mask", 0.5, tmp_path / "runs", settings)
+    missing = run_one(split, "spoco_mask", 0.5, settings)
     assert missing["status"] == "failed" and "run it first" in missing["reason"]
-    rec = run_one(split, "spoco", 0.5, tmp_path / "runs", settings)
+    rec = run_one(split, "spoco", 0.5, settings)
     assert rec["status"] == "ok", rec.get("reason")
-    masked = run_one(split, "spoco_mask", 0.5, tmp_path / "runs", settings)
+    masked = run_one(split, "spoco_mask", 0.5, settings)
     assert masked["status"] == "ok", masked.get("reason")
     assert masked["iterations"] == rec["iterations"] and masked["info"]["derived_from"].endswith("ratio_0.50.json")
     with np.load(tmp_path / "runs" / "dsb2018" / "tiny" / "spoco_mask" / "ratio_0.50.npz") as data:

@@ -47,7 +47,6 @@ __all__ = [
     "run_ids",
     "study_overrides",
     "inference_clustering",
-    "available",
 ]
 
 VARIANTS = {
@@ -85,10 +84,6 @@ def settings_for(split: Split) -> dict:
 
 
 _ITERATIONS = re.compile(r"reached after (\d+) iterations")
-
-
-def available() -> tuple[bool, str]:
-    return True, ""
 
 
 def _cli_value(value) -> str:

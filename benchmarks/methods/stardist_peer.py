@@ -6,7 +6,9 @@ were not kept are background to it (the handicap SPOCO removes).
 It runs in its own environment ``.venv-bench`` (``bash scripts/setup_benchmark.sh``; another interpreter with the
 benchmark's ``--stardist_python``), as a subprocess: :func:`fit_predict` (benchmark side, project ``.venv``) writes
 the raw training images, their sparse labels and the test images to a temporary folder, runs this file with ``--worker``
-there, and reads the predictions back. The worker imports only numpy, TensorFlow and StarDist.
+there, and reads the predictions back. The worker imports only numpy, TensorFlow and StarDist (``.venv-bench`` does
+not install this repository); run by path, its folder comes first on the worker's ``sys.path``, which is why this
+module is not called ``stardist``: it would shadow the package.
 
 Training (worker):
 
@@ -40,9 +42,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # the worker runs in .venv-bench, which has neither this repository nor its packages
+    from benchmarks.settings import RunSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 50  # validation (on the held-out images) after every 50 steps
@@ -57,9 +62,9 @@ def bench_python(path: str | os.PathLike | None = None) -> Path:
     return Path(path) if path else REPO_ROOT / ".venv-bench" / "bin" / "python"
 
 
-def available(python: str | os.PathLike | None = None) -> tuple[bool, str]:
-    """(usable, reason if not), for the interpreter :func:`bench_python` picks."""
-    py = bench_python(python)
+def available(settings: RunSettings) -> tuple[bool, str]:
+    """(usable, reason if not): whether the StarDist interpreter of ``settings`` (:func:`bench_python`) exists."""
+    py = bench_python(settings.stardist_python)
     if not (py.is_file() and os.access(py, os.X_OK)):
         return False, f"{py} not found: run `bash scripts/setup_benchmark.sh` to install StarDist + TensorFlow CPU"
     return True, ""
@@ -88,7 +93,7 @@ def _resize_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def fit_predict(split: Any, ratio: float, run: Any) -> Any:
+def fit_predict(split: Any, ratio: float, run: RunSettings) -> Any:
     """
     Train StarDist on ``split``'s training images with the sparse labels of ``ratio`` / ``run.seed`` for
     ``run.budget_s`` seconds (on ``run.clock``, ``run.threads`` threads) and predict its test images (see the module
@@ -102,9 +107,9 @@ def fit_predict(split: Any, ratio: float, run: Any) -> Any:
     """
     from benchmarks.data import MethodUnavailable, Result, sparsify
     from benchmarks.methods.spoco import settings_for
-    from benchmarks.settings import run_timeout
+    from benchmarks.settings import run_timeout, thread_env
 
-    ok, reason = available(run.stardist_python)
+    ok, reason = available(run)
     if not ok:
         raise MethodUnavailable(reason)
     threads, seed, budget_s = run.threads, run.seed, run.budget_s
@@ -130,14 +135,14 @@ def fit_predict(split: Any, ratio: float, run: Any) -> Any:
         }
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f)
-        env = dict(os.environ)
-        env.update(
-            OMP_NUM_THREADS=str(threads),
-            TF_NUM_INTRAOP_THREADS=str(threads),
-            TF_NUM_INTEROP_THREADS="1",
-            TF_CPP_MIN_LOG_LEVEL="2",
-            CUDA_VISIBLE_DEVICES="",
-        )
+        env = {
+            **os.environ,
+            **thread_env(threads),
+            "TF_NUM_INTRAOP_THREADS": str(threads),
+            "TF_NUM_INTEROP_THREADS": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
         env.pop("PYTHONPATH", None)  # the worker must not see the project's .venv packages
         # the whole run's limit, less a margin: this one fires first, so the TensorFlow worker is not orphaned
         timeout = run_timeout(budget_s, run.clock, run.timeout_s)
