@@ -90,8 +90,9 @@ def _filename(data: Any, meta: Mapping | None = None) -> str | None:
 _M64 = np.uint64
 
 
-# ids from here on mark calibration objects (SparseInstanceLabel calibration_holdout; read by SpocoLoss)
-CALIBRATION_ID_OFFSET = 1 << 24
+# ids above this mark calibration objects (SparseInstanceLabel calibration_holdout; read by SpocoLoss). Below 2**24 by
+# a margin: spatial transforms may carry labels as float32, which holds integers exactly only up to 2**24
+CALIBRATION_ID_OFFSET = 1 << 20
 
 
 def object_priority(ids: np.ndarray, seed: int, name: str = "") -> np.ndarray:
@@ -224,6 +225,11 @@ class SparseInstanceLabel(Transform):
         if self.background_label is not None:
             is_object &= present != self.background_label
         kept = self.kept_ids(present[is_object], name)
+        if self.calibration_holdout > 0 and len(kept) >= CALIBRATION_ID_OFFSET:
+            raise ValueError(
+                f"{filename or 'label'}: {len(kept)} objects kept, too many for calibration_holdout (at most "
+                f"{CALIBRATION_ID_OFFSET - 1})."
+            )
         new_values = np.zeros(len(present), dtype=np.int64)
         held = self.calibration_ids(kept, name)
         new_values[np.searchsorted(present, kept[~held])] = np.arange(1, int((~held).sum()) + 1)

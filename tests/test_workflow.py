@@ -103,6 +103,29 @@ def test_train_image_scale_resamples_images_and_labels_together(tiny3d):
     assert inside > outside + 0.2, (inside, outside)
 
 
+def test_calibration_objects_survive_the_training_transforms(tiny3d):
+    # the whole training pipeline (random crops and augmentation included, as float as they go): the calibration
+    # objects' ids stay above the offset, distinct, and the ordinary ones below it
+    from spoco_bundle.transforms import CALIBRATION_ID_OFFSET
+
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"dataset_dir": str(tiny3d), "instance_ratio": 1.0, "calibration_holdout": 0.5})
+    transform = parser.get_parsed_content("train#preprocessing")
+    loss = parser.get_parsed_content("loss")
+    assert loss.foreground_calibration_holdout
+    held, trained = set(), set()
+    for item in parser.get_parsed_content("train#dataset#data"):
+        for _ in range(3):
+            out = transform(dict(item))
+            for sample in out if isinstance(out, list) else [out]:
+                ids = set(sample["label"].unique().tolist())
+                held |= {i for i in ids if i > CALIBRATION_ID_OFFSET}
+                trained |= {i for i in ids if 0 < i < CALIBRATION_ID_OFFSET}
+                assert CALIBRATION_ID_OFFSET not in ids  # no id rounded onto the offset
+    assert held and trained
+
+
 @pytest.mark.slow
 def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     proc = _run_training(
