@@ -82,6 +82,17 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _json_object(p: argparse.ArgumentParser, flag: str, config: str, text: str) -> dict[str, Any]:
+    """The JSON object of config ids a flag gives ({} for none); a parser error for anything else."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError as e:
+        p.error(f"{flag} must be a JSON object of {config} ids: {e}")
+    if not isinstance(value, dict):
+        p.error(f"{flag} must be a JSON object of {config} ids, got {text!r}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The flags, checked (names, ratios, JSON objects, device) so that a bad one stops here, not in every run."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,20 +147,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for m in args.methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; valid: {','.join(METHODS)}")
-    try:
-        overrides = json.loads(args.inference_overrides) if args.inference_overrides else {}
-    except ValueError as e:
-        p.error(f"--inference_overrides must be a JSON object of inference.json ids: {e}")
-    if not isinstance(overrides, dict):
-        p.error(f"--inference_overrides must be a JSON object of inference.json ids, got {args.inference_overrides!r}")
-    args.inference_overrides = overrides
-    try:
-        overrides = json.loads(args.overrides) if args.overrides else {}
-    except ValueError as e:
-        p.error(f"--overrides must be a JSON object of train.json ids: {e}")
-    if not isinstance(overrides, dict):
-        p.error(f"--overrides must be a JSON object of train.json ids, got {args.overrides!r}")
-    args.overrides = overrides
+    args.inference_overrides = _json_object(p, "--inference_overrides", "inference.json", args.inference_overrides)
+    args.overrides = _json_object(p, "--overrides", "train.json", args.overrides)
     for r in args.ratios:
         if not 0.0 < r <= 1.0:
             p.error(f"ratios must be in (0, 1], got {r}")

@@ -177,6 +177,15 @@ def kept_object_recall_map(sparse: np.ndarray, seg: np.ndarray) -> tuple[np.ndar
     return np.array([(best >= t).sum() for t in THRESHOLDS], dtype=np.int64), int(present.sum())
 
 
+def tuning_images(split: Split, seed: int, count: int = TUNE_IMAGES) -> list[Item]:
+    """The training images the parameters are chosen on: all, or a fixed random ``count`` of them."""
+    train: list[Item] = list(split.train)
+    if len(train) > count:
+        rng = np.random.default_rng(seed)
+        train = [train[i] for i in sorted(rng.choice(len(train), count, replace=False))]
+    return train
+
+
 def fit_predict(split: Split, ratio: float, run: RunSettings) -> Result:
     """
     Choose the parameters on the training images (sparse labels, see the module docstring) within ``run.budget_s``
@@ -190,10 +199,7 @@ def fit_predict(split: Split, ratio: float, run: RunSettings) -> Result:
     """
     seed = run.seed
     budget = Budget(run.budget_s, run.clock)
-    rng = np.random.default_rng(seed)
-    train: list[Item] = list(split.train)
-    if len(train) > TUNE_IMAGES:
-        train = [train[i] for i in sorted(rng.choice(len(train), TUNE_IMAGES, replace=False))]
+    train = tuning_images(split, seed)
     tune = [(_Prepared(it.image, it.spacing), sparsify(it, ratio, seed)) for it in train]
     tune = [(prep, sp) for prep, sp in tune if sp.max() > 0]
     best_params: dict[str, float] | None = None

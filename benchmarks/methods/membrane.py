@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from benchmarks.data import Item, Result, Split, normalize_image, sparsify
+from benchmarks.data import Result, Split, normalize_image, sparsify
 from benchmarks.methods.classical import (
     MIN_SIZE_REL,
     THRESHOLDS,
@@ -37,6 +37,7 @@ from benchmarks.methods.classical import (
     _relative_spacing,
     grid_search_result,
     kept_object_recall_map,
+    tuning_images,
 )
 from benchmarks.settings import Budget, RunSettings
 
@@ -127,10 +128,7 @@ def fit_predict(split: Split, ratio: float, run: RunSettings) -> Result:
     test images (CPU only)."""
     seed = run.seed
     budget = Budget(run.budget_s, run.clock)
-    rng = np.random.default_rng(seed)
-    train: list[Item] = list(split.train)
-    if len(train) > TUNE_IMAGES:
-        train = [train[i] for i in sorted(rng.choice(len(train), TUNE_IMAGES, replace=False))]
+    train = tuning_images(split, seed, TUNE_IMAGES)
     sparse = [sparsify(it, ratio, seed) for it in train]
     kept = [(it, sp) for it, sp in zip(train, sparse) if sp.max() > 0]
     best: dict[str, Any] | None = None
