@@ -30,10 +30,11 @@ import torch
 from monai.bundle import ConfigParser
 from packaging.requirements import Requirement
 
+from spoco_bundle import shipped
 from spoco_bundle.clustering import cluster_embeddings
 from spoco_bundle.io import read_image
 from spoco_bundle.losses import SpocoLoss
-from spoco_bundle.package import check_metadata, package_bundle, torchscript_parity
+from spoco_bundle.package import check_metadata, model_section, package_bundle, torchscript_parity
 from spoco_bundle.synthetic import generate_nuclei
 
 # builds, unpacks and runs zoo packages: the packaging tier (docs/testing.md)
@@ -224,12 +225,13 @@ def test_bundle_layout_metadata_and_zip(packaged):
         names = sorted(n for n in zf.namelist() if not n.endswith("/"))
         assert names == [f"{NAME}/{f}" for f in files]
         assert zf.read(f"{NAME}/models/model.pt") == (bundle / "models" / "model.pt").read_bytes()
-    # metadata: valid, the repository's own except network_data_format, which follows the packaged network
+    # metadata: valid, the repository's own except network_data_format, which follows the packaged network, and
+    # eval_metrics, which are the packaged model's own (from its card), not the shipped models' of the repository
     assert check_metadata(meta) == []
     repo_meta = json.loads((ROOT / "metadata.json").read_text())
-    assert {k: v for k, v in meta.items() if k != "network_data_format"} == {
-        k: v for k, v in repo_meta.items() if k != "network_data_format"
-    }
+    own = ("network_data_format", "eval_metrics")
+    assert {k: v for k, v in meta.items() if k not in own} == {k: v for k, v in repo_meta.items() if k not in own}
+    assert meta["eval_metrics"] == shipped.eval_metrics(shipped.read_card(bundle / "models" / "model.pt"))
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 17
     # configs: the repository's, with the override written into those that define it
     for cfg in (ROOT / "configs").glob("*.json"):
@@ -241,9 +243,12 @@ def test_bundle_layout_metadata_and_zip(packaged):
             assert packed_cfg.pop("features") == FEATURES
             repo_cfg.pop("features")
         assert packed_cfg == repo_cfg, cfg.name
-    for doc in (ROOT / "docs").iterdir():
-        if doc.is_file():
+    for doc in (ROOT / "docs").iterdir():  # copied as they are; the model card gains its packaged-model section
+        if doc.is_file() and doc.name != "README.md":
             assert (bundle / "docs" / doc.name).read_bytes() == doc.read_bytes()
+    card = (bundle / "docs" / "README.md").read_text()
+    assert card.startswith((ROOT / "docs" / "README.md").read_text().rstrip("\n"))
+    assert card.endswith(model_section(shipped.read_card(bundle / "models" / "model.pt")))
     # weights: plain CPU state dicts equal to the inputs
     for name, src in (("model.pt", "ckpt.pt"), ("teacher.pt", "teacher.pt")):
         saved = torch.load(bundle / "models" / name, map_location="cpu", weights_only=True)
