@@ -151,13 +151,16 @@ def deploy_bundle(
         if card is not None:
             write_card(target, card)
             _adopt_card(dest, card.get("inference", {}))
-        # load strictly now (an error here, not in the server) and save the plain student state dict
-        network = load_weights(_network_def(dest), str(checkpoint))
     else:
-        torch.manual_seed(0)
-        network = _network_def(dest)
+        torch.manual_seed(0)  # the untrained network's initial weights, reproducibly
+    from spoco_bundle.package import _parser
+
+    parser = _parser(dest / "configs" / "inference.json", dest)  # the copy's own config (and card)
+    network = parser.get_parsed_content("network_def")
+    if checkpoint is not None:  # load strictly now (an error here, not in the server); saved as the plain student
+        load_weights(network, str(checkpoint))
     torch.save(network.state_dict(), target)
-    _describe_network(dest, network)
+    _describe_network(dest, network, [int(v) for v in parser.get_parsed_content("patch_size")])
     if checkpoint is None:
         logger.warning(f"{target}: untrained initial weights; train from the client before trusting segmentations.")
     return str(dest)
@@ -174,30 +177,15 @@ def _adopt_card(bundle: Path, settings: Mapping[str, Any]) -> None:
         path.write_text(json.dumps(config, indent=4) + "\n")
 
 
-def _describe_network(bundle: Path, network: torch.nn.Module) -> None:
+def _describe_network(bundle: Path, network: torch.nn.Module, patch_size: list[int]) -> None:
     """``network_data_format`` of the copy's metadata from the network it serves: MONAI Label reports the model's
     dimension from the length of ``inputs.image.spatial_shape``."""
-    from monai.bundle import ConfigParser
-
     from spoco_bundle.package import network_data_format
 
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle)
-    patch_size = [int(v) for v in parser.get_parsed_content("patch_size")]
     path = bundle / "configs" / "metadata.json"
     meta = json.loads(path.read_text())
     meta["network_data_format"] = network_data_format(meta["network_data_format"], network, patch_size)
     path.write_text(json.dumps(meta, indent=4) + "\n")
-
-
-def _network_def(bundle: Path) -> torch.nn.Module:
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle)
-    return parser.get_parsed_content("network_def")
 
 
 if __name__ == "__main__":
