@@ -40,6 +40,8 @@ METHOD_LABELS = {
     "spoco_no_instance": "SPOCO without instance (Dice) term",
     "spoco_scribbles": "SPOCO, objects + background scribbles",
     "spoco_mask": "SPOCO, objects only, foreground mask given",
+    "spoco_finetuned": "SPOCO fine-tuned from the shipped nuclei2d",
+    "spoco_shipped": "shipped nuclei2d as it is (no training)",
     "stardist": "StarDist (from scratch, sparse labels)",
     "classical": "classical (Gauss + Otsu + watershed)",
     "classical_membrane": "classical for boundaries (seeded watershed on the boundary signal)",
@@ -51,6 +53,7 @@ EXAMPLE_SPLIT = {
     "usiigaci": None,
     "isbi2012": None,
     "plant3d": None,
+    "gonuclear2d": "1135to1136",
 }  # None: the data set's only split
 
 DATASET_DESCRIPTIONS = {
@@ -64,6 +67,8 @@ DATASET_DESCRIPTIONS = {
     "0-15 training, 16-19 validation; ARAND / VOI over the ground truth's cells only, as the challenge scores)",
     "plant3d": "plant3d (3D membrane-stained tissue, 64x200x200, every voxel in one of 76 cells: train on x < 100, "
     "test on x >= 100)",
+    "gonuclear2d": "GoNuclear 2D slices (every 4th z slice of each GoNuclear volume, 25 images of 100x100 per volume: "
+    "train on the slices of 1135, test on those of 1136, and the other way round)",
 }
 
 
@@ -375,7 +380,8 @@ def _plot_curves(dataset: str, by_method: dict[str, dict[float, dict[str, Any]]]
         ax.set_xlim(0, 105)
         ax.grid(alpha=0.3)
         ax.set_title(
-            f"{dataset}: {title}" + (" (mean, both directions)" if dataset == "gonuclear" else ""), fontsize=10
+            f"{dataset}: {title}" + (" (mean, both directions)" if dataset in ("gonuclear", "gonuclear2d") else ""),
+            fontsize=10,
         )
     axes[1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -39,6 +39,8 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "spoco_no_instance": ("benchmarks.methods.spoco", "no_instance"),
     "spoco_scribbles": ("benchmarks.methods.spoco", "scribbles"),
     "spoco_mask": ("benchmarks.methods.spoco", "mask"),
+    "spoco_finetuned": ("benchmarks.methods.spoco", "finetuned"),
+    "spoco_shipped": ("benchmarks.methods.spoco", "shipped"),
     "stardist": ("benchmarks.methods.stardist_peer", None),
     "classical": ("benchmarks.methods.classical", None),
     "classical_membrane": ("benchmarks.methods.membrane", None),

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.data import REPO_ROOT, Result, Split
+from benchmarks.data import REPO_ROOT, MethodUnavailable, Result, Split
 from benchmarks.settings import RunSettings, thread_env
 from spoco_bundle.io import read_image, split_image_suffix, write_label_image
 
@@ -49,6 +49,9 @@ __all__ = [
     "inference_clustering",
 ]
 
+# the shipped model that fine-tuning starts from, and that the "shipped" variant runs as it is
+SHIPPED_2D = "nuclei2d"
+
 VARIANTS = {
     "full": {},
     "no_consistency": {"loss#consistency_weight": 0.0},
@@ -57,6 +60,8 @@ VARIANTS = {
     # objects + background scribbles: strokes simulated in the true background of the dense labels (id 65535, an id
     # no object of the data sets uses), annotated background for the foreground head
     "scribbles": {"scribbles": 4, "background_label": 65535},
+    # fine-tuning: the same training, started from the shipped 2D nuclei model's weights (issue 19)
+    "finetuned": {"pretrained": SHIPPED_2D},
 }
 
 # per data set: training patch and inference options (everything else: the bundle's defaults)
@@ -116,11 +121,15 @@ def fit_predict(
     recorded in the result's ``info``. ``work_dir``: the run's folder (default: a new temporary one).
     """
     overrides = run.overrides if overrides is None else overrides
-    if variant not in VARIANTS and variant != "mask":
-        raise ValueError(f"Unknown SPOCO variant {variant!r}; valid: {sorted(VARIANTS) + ['mask']}.")
+    if variant not in VARIANTS and variant not in ("mask", "shipped"):
+        raise ValueError(f"Unknown SPOCO variant {variant!r}; valid: {sorted(VARIANTS) + ['mask', 'shipped']}.")
     device, threads = run.device, run.threads
     if variant == "mask":
         return _mask_given(split, ratio, run)
+    if variant in ("finetuned", "shipped") and split.spatial_dims != 2:
+        raise MethodUnavailable(f"the shipped {SHIPPED_2D} model is 2D; {split.dataset} is {split.spatial_dims}D")
+    if variant == "shipped":
+        return _shipped_as_is(split, run, work_dir)
     settings = settings_for(split)
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"spoco_{split.dataset}_{variant}_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -162,6 +171,29 @@ def fit_predict(
         "clustering": inference_clustering(shared),
     }
     return Result(predictions=predictions, train_seconds=train_wall, iterations=iterations, info=info)
+
+
+def _shipped_as_is(split: Split, run: RunSettings, work_dir: str | os.PathLike | None) -> Result:
+    """The shipped 2D model on the test images with no training and inference.json's defaults (its card's settings,
+    ``image_scale`` auto): what a user gets before fine-tuning. The labelled fraction plays no part."""
+    work = Path(work_dir or tempfile.mkdtemp(prefix=f"spoco_{split.dataset}_shipped_"))
+    ckpt = REPO_ROOT / "models" / SHIPPED_2D / "model.pt"
+    t0 = time.perf_counter()
+    ids = {"image_scale": "auto"}  # the data set's patch size is replaced by the card's in inference.json
+    predictions = predict(ckpt, split, work, device=run.device, threads=run.threads, overrides=ids)
+    info = {
+        "variant": "shipped",
+        "model": SHIPPED_2D,
+        "train_cpu_s": 0.0,
+        "inference_s": round(time.perf_counter() - t0, 1),
+        "threads": run.threads,
+        "work_dir": str(work),
+        "overrides": {},
+        "background": "head",
+        "min_size": settings_for(split)["min_size"],
+        "clustering": inference_clustering(ids),
+    }
+    return Result(predictions=predictions, train_seconds=0.0, iterations=0, info=info)
 
 
 def _mask_given(split: Split, ratio: float, run: RunSettings) -> Result:
