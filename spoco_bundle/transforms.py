@@ -609,7 +609,11 @@ class ClusterEmbeddings(Transform):
             ``background_label``); ``"none"``: keep every cluster. A ``fg_mask`` given to the call (a foreground
             mask file, :class:`LoadForegroundMaskd`) replaces it: then only voxels inside that mask are clustered.
         min_size: clusters smaller than this many voxels are set to 0.
-        delta_v, delta_d: the training margins.
+        delta_v, delta_d: the training margins, passed to every method, which derive their distance scales from
+            them. ``delta_d`` sets ``fast``'s first growth radius (``assign_radius``) and, for ``hdbscan`` and
+            ``meanshift``, the radius within which the voxels outside the random subsample (``max_points``) join
+            the nearest cluster mean; ``consistency`` passes it on to its base clustering (``fast``); ``watershed``
+            does not use it (its seed depth and merge threshold come from ``delta_v``).
         foreground_threshold: probability threshold of the foreground head, or ``"otsu"``: per image, from the head's
             own probability map (:func:`~spoco_bundle.clustering.head_threshold`).
         shape_split: after clustering, split objects shaped like two joined round objects
@@ -685,15 +689,15 @@ class ClusterEmbeddings(Transform):
             # sigmoid(x) > t  <=>  x > logit(t)
             t = head_threshold(arr[-1], self.foreground_threshold)
             fg_mask = arr[-1] > np.log(t / (1.0 - t))
+        # every clustering function takes delta_d (consistency passes it on to its base clustering)
         kwargs = dict(
             self.kwargs,
             delta_v=self.delta_v,
+            delta_d=self.delta_d,
             min_size=self.min_size,
             fg_mask=fg_mask,
             background="largest" if background == "largest" else "none",
         )
-        if self.method == "fast":
-            kwargs["delta_d"] = self.delta_d
         if self.method == "consistency":
             kwargs["emb_g"] = arr[e : 2 * e]
         labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)

@@ -12,6 +12,7 @@ import torch
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import EnsureChannelFirstd, LoadImaged, SaveImaged
 
+from spoco_bundle.clustering import cluster_embeddings
 from spoco_bundle.io import LoadVolumed, read_image
 from spoco_bundle.transforms import (
     CALIBRATION_ID_OFFSET,
@@ -428,3 +429,50 @@ def test_cluster_embeddings_shape_split_uses_the_image_spacing():
     assert {int(np.unique(split[z < 9][fg[z < 9]])[0]), int(np.unique(split[z > 10][fg[z > 10]])[0])} == {1, 2}
     with pytest.raises(ValueError, match="shape_split must be in"):
         ClusterEmbeddings(shape_split=1.0)
+
+
+def _two_objects_with_outliers(seed: int = 0) -> np.ndarray:
+    """(4, 40, 40) embeddings: two objects (means 0 and 5 e_0) with little noise, and every 7th voxel an outlier
+    1.2 from its object's mean: within delta_d = 2, outside delta_d = 0.5."""
+    rng = np.random.default_rng(seed)
+    emb = np.zeros((4, 40, 40), np.float32)
+    emb[0, :, 20:] = 5.0
+    emb += 0.05 * rng.standard_normal(emb.shape).astype(np.float32)
+    flat = emb.reshape(4, -1)
+    out = np.arange(flat.shape[1])[3::7]
+    v = rng.standard_normal((4, out.size))
+    flat[:, out] += (1.2 * v / np.linalg.norm(v, axis=0)).astype(np.float32)
+    return emb
+
+
+@pytest.mark.parametrize(
+    "method, min_size, kwargs",
+    [
+        ("fast", 16, dict(fill_radius=0.0)),  # only the growth pass within delta_d
+        ("hdbscan", 16, dict(max_points=400)),  # voxels outside the subsample: nearest mean within delta_d
+        # each sampled outlier is a cluster of its own, which most other outliers join: min_size 1 keeps them
+        ("meanshift", 1, dict(max_points=400)),
+        ("consistency", 16, dict(fill_radius=0.0)),  # delta_d goes to the base clustering (fast)
+        ("watershed", 16, {}),  # accepts delta_d, does not use it
+    ],
+)
+def test_cluster_embeddings_passes_delta_d_to_every_method(method, min_size, kwargs):
+    emb = _two_objects_with_outliers()
+    pred = np.concatenate([emb, emb + 0.01]) if method == "consistency" else emb
+    common = dict(delta_v=0.5, min_size=min_size, fg_mask=None, background="none", **kwargs)
+    if method == "consistency":
+        common["emb_g"] = pred[4:]
+    results = {}
+    for delta_d in (0.5, 2.0):
+        got = np.asarray(
+            ClusterEmbeddings(method, embedding_dim=4, background="none", min_size=min_size, delta_d=delta_d, **kwargs)(
+                torch.as_tensor(pred)
+            )
+        )[0]
+        # the transform gives what the clustering function gives with that delta_d
+        np.testing.assert_array_equal(got, cluster_embeddings(emb, method, delta_d=delta_d, **common))
+        results[delta_d] = got
+    if method == "watershed":
+        np.testing.assert_array_equal(results[0.5], results[2.0])
+    else:  # the outliers (or those outside the subsample) join a cluster only within delta_d = 2
+        assert (results[0.5] == 0).sum() > (results[2.0] == 0).sum()
