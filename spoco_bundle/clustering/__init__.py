@@ -1,0 +1,101 @@
+"""Clustering of pixel embeddings into instance labels.
+
+Every function takes embeddings ``emb`` of shape ``(E, *S)`` (``S`` = ``(H, W)`` or ``(D, H, W)``, any float
+dtype, used as float32) and returns an int32 label array of shape ``S``: 0 = background / unassigned,
+1..n = instances, consecutive.
+
+Methods, one module per family (:data:`CLUSTERING_METHODS` names them; :func:`cluster_embeddings` dispatches):
+
+- :func:`cluster_watershed` (``watershed.py``; the bundle's default, ``clustering`` in configs/inference.json):
+  seeded watershed on the embedding-edge map (largest embedding distance to a face neighbour, smoothed), seeds at
+  its h-minima, then touching regions with close means merged (scikit-image). Cuts touching objects whose
+  embeddings change smoothly across the border, which ``fast`` links into one.
+- :func:`cluster_fast` (``fast.py``; the default ``method`` of :func:`cluster_embeddings` and the base clustering of
+  ``consistency``): spatial, linear-time clustering built on the geometry the SPOCO losses train for (an object's
+  voxels within ``delta_v`` of its mean, object means at least ``2 delta_d`` apart). Voxels whose embedding is
+  within ``2 delta_v`` of every face neighbour are "core" voxels; connected components of core voxels are seeds;
+  the remaining voxels (object borders, outliers) are grown into the adjacent seed with the nearest mean
+  embedding; touching components with close means are merged. See its docstring for why and for the measured
+  speed. Its loops run compiled when numba is installed (optional; a numpy fallback gives the same labels, about
+  2-3 times slower).
+- :func:`cluster_hdbscan`, :func:`cluster_meanshift` (``density.py``): the reference's methods (hdbscan package,
+  ``sklearn.cluster.MeanShift``), on a random subsample of at most ``max_points`` voxels; the other voxels are
+  assigned to the nearest cluster mean (see :func:`assign_to_means`).
+- :func:`cluster_consistency` (``consistency.py``): the paper's consistency clustering with a second (EMA teacher)
+  embedding.
+
+Shared post-processing (``_common.py``), in this order: ``fg_mask`` (voxels outside are never clustered: set to 0
+*before* clustering, which also makes clustering faster), minimum object size (``min_size`` voxels), background
+removal (``background="largest"`` drops the largest remaining cluster, the reference's choice; ``"auto"`` does that
+only when no ``fg_mask`` is given), consecutive relabelling.
+
+After clustering: :func:`split_by_shape` (``shape.py``) splits objects shaped like joined round objects;
+:func:`head_threshold` (``threshold.py``) is the foreground head's probability threshold per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from spoco_bundle.clustering._common import (
+    BACKGROUND_MODES,
+    HAVE_NUMBA,
+    assign_to_means,
+    filter_small,
+    relabel_consecutive,
+    remove_background,
+)
+from spoco_bundle.clustering.consistency import cluster_consistency
+from spoco_bundle.clustering.density import cluster_hdbscan, cluster_meanshift
+from spoco_bundle.clustering.fast import cluster_fast
+from spoco_bundle.clustering.shape import split_by_shape
+from spoco_bundle.clustering.threshold import check_foreground_threshold, head_threshold
+from spoco_bundle.clustering.watershed import cluster_watershed
+
+__all__ = [
+    "HAVE_NUMBA",
+    "CLUSTERING_METHODS",
+    "head_threshold",
+    "check_foreground_threshold",
+    "BACKGROUND_MODES",
+    "cluster_embeddings",
+    "cluster_fast",
+    "cluster_hdbscan",
+    "cluster_meanshift",
+    "cluster_watershed",
+    "cluster_consistency",
+    "split_by_shape",
+    "assign_to_means",
+    "remove_background",
+    "filter_small",
+    "relabel_consecutive",
+]
+
+
+CLUSTERING_METHODS: dict[str, Callable[..., np.ndarray]] = {
+    "fast": cluster_fast,
+    "hdbscan": cluster_hdbscan,
+    "meanshift": cluster_meanshift,
+    "watershed": cluster_watershed,
+    "consistency": cluster_consistency,
+}
+
+
+def cluster_embeddings(emb: np.ndarray, method: str = "fast", **kwargs) -> np.ndarray:
+    """Cluster embeddings ``(E, *S)`` into int32 instance labels ``S`` with the named method.
+
+    Args:
+        emb: embeddings ``(E, H, W)`` or ``(E, D, H, W)``; for ``"consistency"`` the student's (pass the
+            teacher's as ``emb_g``).
+        method: one of ``"fast"``, ``"watershed"``, ``"hdbscan"``, ``"meanshift"``, ``"consistency"``.
+        kwargs: keyword arguments of the method's function.
+    """
+    if method not in CLUSTERING_METHODS:
+        raise ValueError(f"Unknown clustering method {method!r}; valid methods: {sorted(CLUSTERING_METHODS)}.")
+    if method == "consistency":
+        if "emb_g" not in kwargs:
+            raise ValueError("method 'consistency' needs the teacher embeddings as keyword argument emb_g.")
+        return cluster_consistency(emb, kwargs.pop("emb_g"), **kwargs)
+    return CLUSTERING_METHODS[method](emb, **kwargs)

@@ -1,0 +1,118 @@
+"""``watershed`` clustering (the bundle's default, ``clustering`` in configs/inference.json): seeded watershed on
+the embedding-edge map, then touching regions with close means merged (scikit-image)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from spoco_bundle.clustering._common import (
+    _absorb_background,
+    _apply_lut,
+    _check_background,
+    _check_embeddings,
+    _check_mask,
+    _final_lut,
+    _means,
+    _merge_adjacent,
+)
+
+
+def _edge_strength(emb: np.ndarray) -> np.ndarray:
+    """Per voxel the largest embedding distance to a face neighbour, float32 (one channel at a time: no (E, *S)
+    temporaries)."""
+    spatial = emb.shape[1:]
+    out = np.zeros(spatial, np.float32)
+    for axis, n in enumerate(spatial):
+        if n < 2:
+            continue
+        lo = (slice(None),) * axis + (slice(None, -1),)
+        hi = (slice(None),) * axis + (slice(1, None),)
+        d2 = np.zeros(out[lo].shape, np.float32)
+        for channel in emb:
+            diff = channel[hi] - channel[lo]
+            d2 += diff * diff
+        d = np.sqrt(d2)
+        np.maximum(out[lo], d, out=out[lo])
+        np.maximum(out[hi], d, out=out[hi])
+    return out
+
+
+def cluster_watershed(
+    emb: np.ndarray,
+    delta_v: float = 0.5,
+    delta_d: float = 2.0,
+    min_size: int = 16,
+    fg_mask: np.ndarray | None = None,
+    background: str = "auto",
+    sigma: float | Sequence[float] = 1.0,
+    h: float | None = None,
+    merge_threshold: float | None = None,
+) -> np.ndarray:
+    """Seeded watershed on the embedding-edge map.
+
+    1. Edge map: per voxel the largest embedding distance to a face neighbour, Gaussian-smoothed by ``sigma``
+       voxels (per axis if a sequence).
+    2. Seeds: the edge map's regional minima deeper than ``h`` (``0.4 delta_v``; scikit-image ``h_minima``) inside
+       ``fg_mask``; connected seeds are one marker.
+    3. Watershed from the markers over the edge map, inside ``fg_mask`` (scikit-image ``watershed``): every voxel
+       goes to the basin it drains into, so two touching objects are cut at the ridge between them even when the
+       embedding changes in steps smaller than ``2 delta_v`` across their border (where :func:`cluster_fast`'s
+       core test links them).
+    4. Touching regions whose mean embeddings are closer than ``merge_threshold`` (``2 delta_v``) are merged
+       (over-split objects); with ``background="largest"`` regions with a mean that close to the largest region's
+       join it (enclosed background pockets), then the shared post-processing (see :mod:`spoco_bundle.clustering`).
+
+    Measured on DSB2018 validation images (``python -m benchmarks.foreground``, same models and masks as ``fast``):
+    see docs/benchmarks.md. ``delta_d`` is accepted for a uniform call signature and not used.
+
+    Args:
+        emb: embeddings ``(E, H, W)`` or ``(E, D, H, W)``.
+        delta_v: pull margin of training; sets the defaults of ``h`` and ``merge_threshold``.
+        min_size, fg_mask, background: shared post-processing, see :mod:`spoco_bundle.clustering`.
+        sigma: smoothing of the edge map in voxels (0: none).
+        h: minimum depth of a seed's basin, in embedding distance.
+        merge_threshold: touching regions with mean embeddings closer than this are merged (0: no merging).
+    """
+    from skimage.morphology import h_minima
+    from skimage.segmentation import watershed
+
+    emb = _check_embeddings(emb)
+    fg_mask = _check_mask(fg_mask, emb.shape[1:])
+    background = _check_background(background, fg_mask)
+    h = 0.4 * delta_v if h is None else float(h)
+    merge_threshold = 2.0 * delta_v if merge_threshold is None else float(merge_threshold)
+    sigmas = np.atleast_1d(np.asarray(sigma, dtype=np.float64))
+    if not h > 0 or not merge_threshold >= 0 or not np.all(sigmas >= 0):
+        raise ValueError(f"need h > 0, merge_threshold >= 0, sigma >= 0; got {h}, {merge_threshold}, {sigma}.")
+    spatial = emb.shape[1:]
+    if sigmas.size not in (1, len(spatial)):
+        raise ValueError(f"sigma needs one value or one per spatial axis {spatial}, got {sigma}.")
+    region = np.ones(spatial, bool) if fg_mask is None else fg_mask
+    if not region.any():
+        return np.zeros(spatial, np.int32)
+    edges = _edge_strength(emb)
+    if np.any(sigmas > 0):
+        edges = ndimage.gaussian_filter(edges, sigma=sigma)
+    seeds = h_minima(np.where(region, edges, edges.max()), h).astype(bool) & region
+    markers, n = ndimage.label(seeds)
+    labels = watershed(edges, markers, mask=region)
+    # a connected part of the mask without a basin deeper than h (a small or perfectly uniform object) has no seed
+    # and would be dropped by the watershed: it is one region of its own
+    rest = region & (labels == 0)
+    if rest.any():
+        extra, k = ndimage.label(rest)
+        labels[rest] = extra[rest] + n
+        n += k
+    lut = np.arange(n + 1)
+    sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
+    merging = n > 1 and merge_threshold > 0
+    if merging or background == "largest":
+        means = _means(labels.reshape(-1), emb.reshape(emb.shape[0], -1), n)
+        if merging:
+            lut = _merge_adjacent(labels, means, merge_threshold)
+        if background == "largest":  # enclosed background pockets join the background, as in cluster_fast
+            lut = _absorb_background(lut, sizes, means, merge_threshold)
+    return _apply_lut(labels, _final_lut(lut, sizes, min_size, background))
