@@ -53,6 +53,9 @@ RECIPES: dict[str, dict] = {
     "patch128": {"patch_size": [128, 128]},
     # the label frequency c estimated on a fifth of the annotated objects, which the head does not train on
     "calib0.2": {"calibration_holdout": 0.2},
+    # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
+    "finetune": {"pretrained": "nuclei2d"},
+    "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},
 }
 
 _TERMS = re.compile(r"Epoch (\d+) loss terms: (.*)")
