@@ -45,6 +45,7 @@ from typing import Any
 
 from benchmarks.data import (
     DATASETS,
+    DEFAULT_DATASETS,
     REPO_ROOT,
     Split,
     dataset_available,
@@ -99,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data_dir", default=str(default_data_dir()), help="folder with the data sets (dsb2018/, gonuclear/, ...)"
     )
-    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--datasets", default=",".join(DEFAULT_DATASETS))
     p.add_argument("--ratios", default=",".join(str(r) for r in DEFAULT_RATIOS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--budget_s", type=float, default=600.0, help="training budget per run (seconds)")

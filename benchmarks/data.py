@@ -53,6 +53,8 @@ from spoco_bundle.transforms import SparseInstanceLabel
 
 __all__ = [
     "DATASETS",
+    "DEFAULT_DATASETS",
+    "GONUCLEAR2D_STEP",
     "REPO_ROOT",
     "default_data_dir",
     "device_error",
@@ -84,6 +86,8 @@ DATASET_LAYOUT = {
     "gonuclear2d": (2, "gonuclear2d"),
 }
 DATASETS = tuple(DATASET_LAYOUT)
+# the accuracy grid's default: gonuclear2d re-uses GoNuclear's volumes, for the fine-tuning study only
+DEFAULT_DATASETS = tuple(d for d in DATASETS if d != "gonuclear2d")
 GONUCLEAR_VOLUMES = ("1135", "1136")
 PLANT3D_SPLIT_X = 100
 # gonuclear2d: z slices 2, 6, ..., 98 of each 100^3 volume (neighbouring slices cut the same nuclei)

@@ -16,7 +16,9 @@ from scipy import ndimage
 
 from benchmarks.accuracy import parse_args
 from benchmarks.data import (
+    GONUCLEAR2D_STEP,
     Item,
+    MethodUnavailable,
     Split,
     dataset_available,
     default_data_dir,
@@ -29,12 +31,14 @@ from benchmarks.data import (
 from benchmarks.foreground import foreground_breakdown, object_errors
 from benchmarks.foreground import parse_args as foreground_args
 from benchmarks.methods import classical, membrane
+from benchmarks.methods import spoco as spoco_runner
 from benchmarks.methods.spoco import bundle_ids, inference_clustering, study_overrides
 from benchmarks.records import collect, collect_foreground, collect_scale, is_cached, load_record
 from benchmarks.report import _grid_budget, _protocol_lines, _study_overrides, write_docs
 from benchmarks.runner import method_unavailable_reason, repredict_one, rescore_one, run_one
 from benchmarks.scale import rescale
 from benchmarks.settings import RunSettings, run_timeout
+from spoco_bundle.io import read_image
 from spoco_bundle.metrics import adapted_rand_error
 from spoco_bundle.transforms import ClusterEmbeddings, SparseInstanceLabeld, load_transforms
 
@@ -571,6 +575,22 @@ def test_plant3d_is_split_at_x100_into_files_of_its_own(tmp_path: Path) -> None:
     assert Path(train.label_path).parent == tmp_path / "plant3d" and (train.labels > 0).all()  # no background
     # the SPOCO runs on it ignore the foreground head: every voxel belongs to a cell
     assert bundle_ids(split, "cpu")["background"] == "none"
+
+
+def test_gonuclear2d_slices_are_files_that_match_their_volume(tmp_path: Path) -> None:
+    _need("gonuclear")
+    a, b = load_benchmark("gonuclear2d", DATA_DIR, cache_dir=tmp_path)
+    assert (a.name, b.name, a.spatial_dims) == ("1135to1136", "1136to1135", 2)
+    assert len(a.train) == len(a.test) == 100 // GONUCLEAR2D_STEP
+    assert [i.path for i in a.train] == [i.path for i in b.test]  # the same files serve both directions
+    volume = {v: read_image(next(Path(DATA_DIR, "gonuclear").glob(f"{v}_labels.*")))[0] for v in ("1135", "1136")}
+    for item in a.train + a.test:
+        vol, z = item.name.split("_z")[0], int(item.name.split("_z")[1].split("_")[0])
+        np.testing.assert_array_equal(item.labels, np.asarray(volume[vol])[z])
+        assert Path(item.path).parent == tmp_path / "gonuclear2d" and item.spacing == pytest.approx((0.127,) * 2, 0.01)
+    # the shipped 2D model runs on it as it is; the 3D GoNuclear volumes have no 2D model
+    with pytest.raises(MethodUnavailable, match="2D"):
+        spoco_runner.fit_predict(load_benchmark("gonuclear", DATA_DIR)[0], 0.1, RunSettings(), variant="shipped")
 
 
 def test_isbi2012_partition_scores_leave_out_the_membrane() -> None:
