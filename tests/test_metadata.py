@@ -44,7 +44,7 @@ def _pins() -> dict[str, str]:
 def _third_party_imports() -> set[str]:
     """Top-level modules imported by the bundle's code (anywhere in a file) and by its configs' ``$import``."""
     names = set()
-    for f in (ROOT / "spoco_bundle").glob("*.py"):
+    for f in (ROOT / "spoco_bundle").rglob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Import):
                 names |= {a.name.split(".")[0] for a in node.names}

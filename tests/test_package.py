@@ -213,7 +213,8 @@ def test_bundle_layout_metadata_and_zip(packaged):
     expected = ["LICENSE", "configs/inference.json", "configs/train.json", "configs/evaluate.json"]
     expected += ["configs/logging.conf", "configs/metadata.json", "models/model.pt", "models/model.ts"]
     expected += ["models/teacher.pt", "docs/README.md", "docs/data_license.txt", "spoco_bundle/__init__.py"]
-    expected += [f"spoco_bundle/{p.name}" for p in (ROOT / "spoco_bundle").glob("*.py")]
+    code = [p for p in (ROOT / "spoco_bundle").rglob("*.py") if "__pycache__" not in p.parts]  # subpackages too
+    expected += [p.relative_to(ROOT).as_posix() for p in code]
     expected += [f"configs/{p.name}" for p in (ROOT / "configs").glob("*.json")]  # multi_gpu_train.json when present
     files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     assert set(expected) <= set(files), sorted(set(expected) - set(files))
