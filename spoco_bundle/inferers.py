@@ -244,7 +244,7 @@ def segment_files(
     With ``foreground_mask_dir``, each image's mask there (the one NIfTI/TIFF file with the image's stem, any of
     the suffixes: :func:`~spoco_bundle.data.foreground_mask_file`) is passed to ``preprocessing`` under
     ``mask_key`` beside the image (``{"image": path, mask_key: mask_path}``), for
-    :class:`~spoco_bundle.transforms.LoadForegroundMaskd` and :class:`~spoco_bundle.transforms.ClusterEmbeddingsd`.
+    :class:`~spoco_bundle.transforms.LoadForegroundMaskd` and :class:`~spoco_bundle.postprocessing.ForegroundMaskd`.
 
     A file that fails (unreadable, wrong dimensionality, no or two masks, a mask of another shape, ...) is reported
     by name and skipped; the others are still written; at the end a ``RuntimeError`` lists the failures (so the

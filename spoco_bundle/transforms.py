@@ -34,19 +34,11 @@ from monai.transforms import CastToTyped, EnsureChannelFirst, EnsureChannelFirst
 from monai.utils import (
     MetaKeys,
     TransformBackends,
-    convert_data_type,
     convert_to_dst_type,
     convert_to_numpy,
     ensure_tuple,
 )
 
-from spoco_bundle.clustering import (
-    CLUSTERING_METHODS,
-    check_foreground_threshold,
-    cluster_embeddings,
-    head_threshold,
-    split_by_shape,
-)
 from spoco_bundle.data import (
     check_image_array,
     check_label_array,
@@ -54,6 +46,13 @@ from spoco_bundle.data import (
     spatial_squeeze_axes,
 )
 from spoco_bundle.io import LoadVolumed, split_image_suffix
+from spoco_bundle.postprocessing import (
+    ClusterInstances,
+    ForegroundMask,
+    RemoveSmallInstances,
+    SplitByShape,
+    check_network_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -593,8 +592,11 @@ def load_transforms(
 
 class ClusterEmbeddings(Transform):
     """
-    Post-processing: cluster a network output ``(C, *S)`` into an instance label map ``(1, *S)`` (int32,
-    0 = background, 1..n instances), with :func:`spoco_bundle.clustering.cluster_embeddings`.
+    Post-processing in one transform: a network output ``(C, *S)`` to an instance label map ``(1, *S)`` (int32,
+    0 = background, 1..n instances). It is the chain of ``configs/inference.json``'s ``postprocessing``
+    (:mod:`spoco_bundle.postprocessing`): :class:`~spoco_bundle.postprocessing.ForegroundMask` ->
+    :class:`~spoco_bundle.postprocessing.ClusterInstances` -> :class:`~spoco_bundle.postprocessing.SplitByShape` ->
+    :class:`~spoco_bundle.postprocessing.RemoveSmallInstances`, with the same labels.
 
     The first ``embedding_dim`` channels are the embeddings; a further channel, if present, is the foreground logit
     of :class:`~spoco_bundle.networks.EmbeddingUNet`.
@@ -608,12 +610,9 @@ class ClusterEmbeddings(Transform):
             ``"head"``: keep only voxels with foreground probability > ``foreground_threshold`` (models trained with
             ``background_label``); ``"none"``: keep every cluster. A ``fg_mask`` given to the call (a foreground
             mask file, :class:`LoadForegroundMaskd`) replaces it: then only voxels inside that mask are clustered.
-        min_size: clusters smaller than this many voxels are set to 0.
-        delta_v, delta_d: the training margins, passed to every method, which derive their distance scales from
-            them. ``delta_d`` sets ``fast``'s first growth radius (``assign_radius``) and, for ``hdbscan`` and
-            ``meanshift``, the radius within which the voxels outside the random subsample (``max_points``) join
-            the nearest cluster mean; ``consistency`` passes it on to its base clustering (``fast``); ``watershed``
-            does not use it (its seed depth and merge threshold come from ``delta_v``).
+        min_size: objects smaller than this many voxels are set to 0.
+        delta_v, delta_d: the training margins, passed to every method (see
+            :class:`~spoco_bundle.postprocessing.ClusterInstances`).
         foreground_threshold: probability threshold of the foreground head, or ``"otsu"``: per image, from the head's
             own probability map (:func:`~spoco_bundle.clustering.head_threshold`).
         shape_split: after clustering, split objects shaped like two joined round objects
@@ -637,17 +636,17 @@ class ClusterEmbeddings(Transform):
     ) -> None:
         if not 0 <= shape_split < 1:
             raise ValueError(f"shape_split must be in [0, 1) (0: off), got {shape_split!r}.")
-        if background not in ("largest", "head", "none"):
-            raise ValueError(f"background must be 'largest', 'head' or 'none', got {background!r}.")
-        if method not in CLUSTERING_METHODS:
-            raise ValueError(f"Unknown clustering method {method!r}; valid methods: {sorted(CLUSTERING_METHODS)}.")
+        self.foreground = ForegroundMask(background, foreground_threshold, embedding_dim, method)
+        self.cluster = ClusterInstances(method, embedding_dim, background, delta_v, delta_d, min_size, **kwargs)
+        self.split = SplitByShape(shape_split, min_size=min_size)
+        self.remove_small = RemoveSmallInstances(min_size)
         self.method = method
         self.embedding_dim = embedding_dim
         self.background = background
         self.min_size = min_size
         self.delta_v = delta_v
         self.delta_d = delta_d
-        self.foreground_threshold = check_foreground_threshold(foreground_threshold)  # an error now, not per image
+        self.foreground_threshold = self.foreground.threshold
         self.shape_split = shape_split
         self.kwargs = kwargs
 
@@ -661,52 +660,9 @@ class ClusterEmbeddings(Transform):
             fg_mask: a given foreground mask ``S`` or ``(1, *S)`` (nonzero = foreground), used in place of
                 ``background`` (the head is then not needed); None: ``background`` decides.
         """
-        if spacing is None and isinstance(pred, MetaTensor):
-            spacing = [float(v) for v in pred.pixdim]
-        arr = np.asarray(convert_data_type(pred, np.ndarray, dtype=np.float32)[0])
-        e = self.embedding_dim
-        n_emb = 2 * e if self.method == "consistency" else e
-        if arr.ndim not in (3, 4) or arr.shape[0] not in (n_emb, n_emb + 1):
-            raise ValueError(
-                f"ClusterEmbeddings expects ({n_emb} or {n_emb + 1}, *spatial) for method {self.method!r} "
-                f"and embedding_dim {e}, got shape {arr.shape}."
-            )
-        background = self.background
-        if fg_mask is not None:
-            fg_mask = np.asarray(convert_to_numpy(fg_mask))
-            if fg_mask.ndim == arr.ndim and fg_mask.shape[0] == 1:
-                fg_mask = fg_mask[0]
-            if fg_mask.shape != arr.shape[1:]:
-                raise ValueError(
-                    f"the foreground mask has shape {fg_mask.shape}, the network output the spatial shape "
-                    f"{arr.shape[1:]}; they must match."
-                )
-            fg_mask = fg_mask != 0
-            background = "mask"
-        elif background == "head":
-            if arr.shape[0] != n_emb + 1:
-                raise ValueError("background='head' needs a network with a foreground head (one extra channel).")
-            # sigmoid(x) > t  <=>  x > logit(t)
-            t = head_threshold(arr[-1], self.foreground_threshold)
-            fg_mask = arr[-1] > np.log(t / (1.0 - t))
-        # every clustering function takes delta_d (consistency passes it on to its base clustering)
-        kwargs = dict(
-            self.kwargs,
-            delta_v=self.delta_v,
-            delta_d=self.delta_d,
-            min_size=self.min_size,
-            fg_mask=fg_mask,
-            background="largest" if background == "largest" else "none",
-        )
-        if self.method == "consistency":
-            kwargs["emb_g"] = arr[e : 2 * e]
-        labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)
-        if self.shape_split > 0:
-            if spacing is not None:  # a 2D image's affine may be 4x4 (a third, unused axis)
-                spacing = list(spacing)[: labels.ndim] if len(spacing) >= labels.ndim else None
-            labels = split_by_shape(labels, h=self.shape_split, spacing=spacing, min_size=max(1, self.min_size))
-        out, *_ = convert_to_dst_type(labels[None], pred, dtype=torch.int32)
-        return out
+        check_network_output(pred, self.embedding_dim, self.method, "ClusterEmbeddings")
+        labels = self.cluster(pred, self.foreground(pred, fg_mask))
+        return self.remove_small(self.split(labels, spacing))
 
 
 class ClusterEmbeddingsd(MapTransform):
@@ -759,7 +715,8 @@ class LoadForegroundMaskd(MapTransform):
     ``keys`` (put there by :func:`~spoco_bundle.inferers.segment_files`) is read like the images (NIfTI/TIFF in
     storage order, :class:`~spoco_bundle.io.LoadVolumed`), its singleton axes dropped like the image's
     (:class:`EnsureSpatialDims`), checked against the already loaded image ``image_key`` and turned into a bool
-    ``(1, *S)`` MetaTensor, nonzero = foreground, which :class:`ClusterEmbeddingsd` (``mask_key``) then uses in
+    ``(1, *S)`` MetaTensor, nonzero = foreground, which :class:`~spoco_bundle.postprocessing.ForegroundMaskd` and
+    :class:`ClusterEmbeddingsd` (``mask_key``) then use in
     place of the foreground head. The mask stays on the image's grid, where clustering runs (also with
     ``image_scale`` != 1: :class:`~spoco_bundle.inferers.ScaledInferer` resamples the network's output back onto it).
 

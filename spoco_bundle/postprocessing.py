@@ -1,0 +1,519 @@
+"""Post-processing of the network output into instance labels, one step per transform (array and dictionary
+versions, MONAI style); the plain functions behind them are in :mod:`spoco_bundle.clustering`.
+
+``configs/inference.json`` chains them after the inferer, on ``pred`` (the network output ``(C, *S)``: ``E``
+embedding channels, ``E`` more of the teacher for ``consistency``, then the foreground logit when the network has
+the head)::
+
+    ForegroundMaskd        the foreground: a given mask file, else the head's probability > foreground_threshold
+                           (background "head"), else none                      -> foreground_mask (1, *S) bool
+    ClusterInstancesd      cluster the embeddings (clustering) inside foreground_mask; without one, background
+                           "largest" drops the largest cluster                  -> pred = labels (1, *S) int32
+    SplitByShaped          split objects shaped like joined round objects (shape_split; 0: off)
+    RemoveSmallInstancesd  remove objects under min_size voxels, ids 1..n
+
+:class:`~spoco_bundle.transforms.ClusterEmbeddings` is the same chain in one transform.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+from monai.utils import TransformBackends, convert_data_type, convert_to_dst_type, convert_to_numpy
+
+from spoco_bundle.clustering import (
+    CLUSTERING_METHODS,
+    check_foreground_threshold,
+    cluster_embeddings,
+    filter_small,
+    head_threshold,
+    relabel_consecutive,
+    split_by_shape,
+)
+
+__all__ = [
+    "BACKGROUND_CHOICES",
+    "check_network_output",
+    "embedding_channels",
+    "ForegroundMask",
+    "ForegroundMaskd",
+    "ClusterInstances",
+    "ClusterInstancesd",
+    "SplitByShape",
+    "SplitByShaped",
+    "RemoveSmallInstances",
+    "RemoveSmallInstancesd",
+]
+
+# the ``background`` id of configs/inference.json: where the foreground comes from when no mask file is given
+BACKGROUND_CHOICES = ("head", "largest", "none")
+
+# methods whose clustering itself depends on the minimum size (not only a filter of their result)
+_SIZE_AWARE_METHODS = ("hdbscan", "consistency")
+
+
+def _check_background(background: str) -> str:
+    if background not in BACKGROUND_CHOICES:
+        raise ValueError(f"background must be 'largest', 'head' or 'none', got {background!r}.")
+    return background
+
+
+def _check_method(method: str) -> str:
+    if method not in CLUSTERING_METHODS:
+        raise ValueError(f"Unknown clustering method {method!r}; valid methods: {sorted(CLUSTERING_METHODS)}.")
+    return method
+
+
+def embedding_channels(embedding_dim: int, method: str) -> int:
+    """Channels of the network output before the foreground logit: ``E``, or ``2 E`` for ``consistency`` (student and
+    teacher embeddings, see :class:`~spoco_bundle.inferers.StudentTeacherNet`)."""
+    if int(embedding_dim) < 1:
+        raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}.")
+    return 2 * int(embedding_dim) if method == "consistency" else int(embedding_dim)
+
+
+def check_network_output(pred: Any, embedding_dim: int, method: str, name: str) -> tuple[int, ...]:
+    """Check that ``pred`` is a network output ``(C, *S)`` for ``method``: C = the embedding channels (+1 with the
+    foreground head), 2 or 3 spatial axes. Returns its shape.
+
+    Raises:
+        ValueError: naming ``name``, the expected channels and the shape got.
+    """
+    n_emb = embedding_channels(embedding_dim, method)
+    shape = tuple(pred.shape)
+    if len(shape) not in (3, 4) or shape[0] not in (n_emb, n_emb + 1):
+        raise ValueError(
+            f"{name} expects ({n_emb} or {n_emb + 1}, *spatial) for method {method!r} "
+            f"and embedding_dim {embedding_dim}, got shape {shape}."
+        )
+    return shape
+
+
+def _given_mask(mask: Any, spatial: tuple[int, ...]) -> np.ndarray:
+    """A given foreground mask ``S`` or ``(1, *S)`` as a bool array ``S`` (nonzero = foreground)."""
+    if isinstance(mask, (str, os.PathLike)):
+        raise TypeError(
+            f"the foreground mask is still a file name ({os.fspath(mask)}): load it first "
+            "(spoco_bundle.transforms.LoadForegroundMaskd in the preprocessing)."
+        )
+    mask = np.asarray(convert_to_numpy(mask))
+    if mask.ndim == len(spatial) + 1 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.shape != tuple(spatial):
+        raise ValueError(
+            f"the foreground mask has shape {mask.shape}, the network output the spatial shape {tuple(spatial)}; "
+            "they must match."
+        )
+    return mask != 0
+
+
+def _check_labels(labels: Any, name: str) -> np.ndarray:
+    """Instance labels ``(1, *S)`` (S of 2 or 3 axes), non-negative integers, as a numpy array."""
+    arr = np.asarray(convert_to_numpy(labels))
+    if arr.ndim not in (3, 4) or arr.shape[0] != 1:
+        raise ValueError(f"{name} expects instance labels (1, *spatial) with 2 or 3 spatial axes, got {arr.shape}.")
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        raise ValueError(f"{name} expects integer instance labels, got {arr.dtype}.")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{name} expects instance labels >= 0 (0 = background), got min {arr.min()}.")
+    return arr.astype(np.int32) if arr.dtype == bool else arr
+
+
+def _mask_from(data: Mapping[Hashable, Any], mask_key: str | None) -> Any:
+    mask = data.get(mask_key) if mask_key is not None else None
+    if isinstance(mask, (str, os.PathLike)):
+        raise TypeError(
+            f"'{mask_key}' is still a file name ({os.fspath(mask)}): load it first "
+            "(spoco_bundle.transforms.LoadForegroundMaskd in the preprocessing)."
+        )
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------- foreground
+
+
+class ForegroundMask(Transform):
+    """
+    The foreground to cluster in: a given mask, else the foreground head's probability above a threshold
+    (``background="head"``), else none (``"largest"`` / ``"none"``: every voxel is clustered).
+
+    Args:
+        background: ``"head"``: voxels whose foreground probability (sigmoid of the last channel) is above
+            ``threshold`` (models trained with ``background_label``); ``"largest"`` or ``"none"``: no mask (the
+            clustering then decides, see :class:`ClusterInstances`). A mask given to the call (a foreground mask
+            file, :class:`~spoco_bundle.transforms.LoadForegroundMaskd`) replaces all of them.
+        threshold: probability threshold of the head in (0, 1), or ``"otsu"``: per image, from the head's own
+            probability map (:func:`~spoco_bundle.clustering.head_threshold`).
+        embedding_dim: E, the embedding channels of the network.
+        method: the clustering method the output is for; ``"consistency"`` outputs hold ``2 E`` embedding channels
+            (student, teacher) before the head.
+
+    Input: the network output ``(C, *S)``, C = the embedding channels (+1 with the head); S of 2 or 3 axes.
+
+    Output: a bool mask ``(1, *S)`` of the input's kind (tensor / MetaTensor / numpy, same device), or None (no
+    mask).
+
+    Raises:
+        ValueError: a bad option; an input of the wrong shape; ``"head"`` without a head channel; a given mask
+            whose spatial shape differs from the output's.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        background: str = "head",
+        threshold: float | str = 0.5,
+        embedding_dim: int = 16,
+        method: str = "fast",
+    ) -> None:
+        self.background = _check_background(background)
+        self.threshold = check_foreground_threshold(threshold)  # an error now, not per image
+        self.method = _check_method(method)
+        self.n_emb = embedding_channels(embedding_dim, method)
+        self.embedding_dim = int(embedding_dim)
+
+    def __call__(self, pred: NdarrayOrTensor, mask: Any = None) -> NdarrayOrTensor | None:
+        """
+        Args:
+            pred: network output ``(C, *S)``.
+            mask: a given foreground mask ``S`` or ``(1, *S)`` (nonzero = foreground), used as it is (the head is
+                then not needed); None: ``background`` decides.
+        """
+        shape = check_network_output(pred, self.embedding_dim, self.method, "ForegroundMask")
+        if mask is not None:
+            fg = _given_mask(mask, shape[1:])
+        elif self.background == "head":
+            if shape[0] != self.n_emb + 1:
+                raise ValueError("background='head' needs a network with a foreground head (one extra channel).")
+            logit = np.asarray(convert_data_type(pred[-1], np.ndarray, dtype=np.float32)[0])
+            t = head_threshold(logit, self.threshold)
+            fg = logit > np.log(t / (1.0 - t))  # sigmoid(x) > t  <=>  x > logit(t)
+        else:
+            return None
+        return convert_to_dst_type(fg[None], pred, dtype=torch.bool)[0]
+
+
+class ForegroundMaskd(MapTransform):
+    """
+    Dictionary version of :class:`ForegroundMask`: puts the foreground of the network output ``keys`` under
+    ``mask_key``. A mask already there (a loaded mask file) is kept (checked against the output's shape); without
+    one, ``background="head"`` writes the head's mask there and ``"largest"`` / ``"none"`` leave the key absent.
+
+    Args:
+        keys: the network output (one key).
+        mask_key: where a given mask is and the foreground goes (``"foreground_mask"``, as
+            :class:`~spoco_bundle.transforms.LoadForegroundMaskd` and :class:`ClusterInstancesd`).
+        allow_missing_keys: don't raise for a missing output.
+        kwargs: arguments of :class:`ForegroundMask` (``background``, ``threshold``, ``embedding_dim``,
+            ``method``).
+
+    Raises:
+        ValueError: for more than one key (one mask per item).
+        TypeError: when ``mask_key`` still holds a file name (not loaded).
+    """
+
+    backend = ForegroundMask.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        mask_key: str = "foreground_mask",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"ForegroundMaskd makes one mask ('{mask_key}') from one output; got keys {self.keys}.")
+        self.mask_key = mask_key
+        self.foreground = ForegroundMask(**kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = self.foreground(d[key], _mask_from(d, self.mask_key))
+            if mask is not None:
+                d[self.mask_key] = mask
+        return d
+
+
+# ------------------------------------------------------------------------------------------------- clustering
+
+
+class ClusterInstances(Transform):
+    """
+    Cluster the embeddings of a network output ``(C, *S)`` into instance labels ``(1, *S)`` (int32, 0 = background,
+    1..n consecutive) with :func:`spoco_bundle.clustering.cluster_embeddings`, inside a foreground mask when one is
+    given.
+
+    Args:
+        method: ``"fast"`` (default), ``"watershed"``, ``"hdbscan"``, ``"meanshift"`` or ``"consistency"`` (then
+            the input holds ``2 * embedding_dim`` (+1) channels: student embeddings, teacher embeddings, see
+            :class:`~spoco_bundle.inferers.StudentTeacherNet`).
+        embedding_dim: E; the first E channels are the embeddings (a further channel, the foreground logit, is not
+            used here: :class:`ForegroundMask`).
+        background: what is background when no mask is given: ``"largest"`` drops the largest cluster (models
+            trained without annotated background, the reference's rule), ``"none"`` keeps every cluster;
+            ``"head"`` needs the mask (:class:`ForegroundMask`). With a mask, only voxels inside it are clustered
+            and every cluster is kept.
+        delta_v, delta_d: the training margins, passed to every method, which derive their distance scales from
+            them. ``delta_d`` sets ``fast``'s first growth radius (``assign_radius``) and, for ``hdbscan`` and
+            ``meanshift``, the radius within which the voxels outside the random subsample (``max_points``) join
+            the nearest cluster mean; ``consistency`` passes it on to its base clustering (``fast``); ``watershed``
+            does not use it (its seed depth and merge threshold come from ``delta_v``).
+        min_size: the minimum size of the methods whose clustering depends on it: ``hdbscan`` (HDBSCAN's minimum
+            cluster size) and ``consistency`` (smaller clusters are dropped before its test). The other methods keep
+            clusters of every size: removing small objects is :class:`RemoveSmallInstances`'s step (after the shape
+            split; the result is the same as removing them while clustering).
+        kwargs: further arguments of the clustering function.
+
+    Input: the network output ``(C, *S)``, C = the embedding channels (+1 with the head); S of 2 or 3 axes.
+
+    Output: int32 labels ``(1, *S)`` of the input's kind (tensor / MetaTensor with its meta / numpy, same device).
+
+    Raises:
+        ValueError: a bad option; an input of the wrong shape; ``"head"`` without a mask; a mask of another shape.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        method: str = "fast",
+        embedding_dim: int = 16,
+        background: str = "largest",
+        delta_v: float = 0.5,
+        delta_d: float = 2.0,
+        min_size: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        self.method = _check_method(method)
+        embedding_channels(embedding_dim, method)
+        self.embedding_dim = int(embedding_dim)
+        self.background = _check_background(background)
+        self.delta_v = delta_v
+        self.delta_d = delta_d
+        if int(min_size) < 0:
+            raise ValueError(f"min_size must be >= 0, got {min_size!r}.")
+        self.min_size = int(min_size)
+        self.kwargs = kwargs
+
+    def __call__(self, pred: NdarrayOrTensor, fg_mask: Any = None) -> NdarrayOrTensor:
+        """
+        Args:
+            pred: network output ``(C, *S)``.
+            fg_mask: foreground mask ``S`` or ``(1, *S)`` (nonzero = foreground, e.g. from :class:`ForegroundMask`),
+                or None.
+        """
+        check_network_output(pred, self.embedding_dim, self.method, "ClusterInstances")
+        arr = np.asarray(convert_data_type(pred, np.ndarray, dtype=np.float32)[0])
+        e = self.embedding_dim
+        if fg_mask is not None:
+            fg_mask = _given_mask(fg_mask, arr.shape[1:])
+            background = "none"
+        elif self.background == "head":
+            raise ValueError(
+                "background='head' clusters inside the head's foreground mask, and none was given "
+                "(spoco_bundle.postprocessing.ForegroundMask makes it)."
+            )
+        else:
+            background = self.background
+        kwargs = dict(
+            self.kwargs,
+            delta_v=self.delta_v,
+            delta_d=self.delta_d,  # every method takes it (consistency passes it on to its base clustering)
+            min_size=self.min_size if self.method in _SIZE_AWARE_METHODS else 1,
+            fg_mask=fg_mask,
+            background=background,
+        )
+        if self.method == "consistency":
+            kwargs["emb_g"] = arr[e : 2 * e]
+        labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)
+        return convert_to_dst_type(labels[None], pred, dtype=torch.int32)[0]
+
+
+class ClusterInstancesd(MapTransform):
+    """
+    Dictionary version of :class:`ClusterInstances`: replaces the network outputs ``keys`` by their instance labels,
+    clustered inside the mask under ``mask_key`` when the data holds one (from :class:`ForegroundMaskd`).
+
+    Args:
+        keys: the network outputs.
+        mask_key: key of the foreground mask ``(1, *S)``; None: never look for one.
+        allow_missing_keys: don't raise for missing keys.
+        kwargs: arguments of :class:`ClusterInstances`.
+
+    Raises:
+        TypeError: when ``mask_key`` still holds a file name (not loaded).
+    """
+
+    backend = ClusterInstances.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        mask_key: str | None = "foreground_mask",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.cluster = ClusterInstances(**kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        fg_mask = _mask_from(d, self.mask_key)
+        for key in self.key_iterator(d):
+            d[key] = self.cluster(d[key], fg_mask)
+        return d
+
+
+# ---------------------------------------------------------------------------------------------- shape split
+
+
+class SplitByShape(Transform):
+    """
+    Split objects shaped like two (or more) joined round objects (touching nuclei the embeddings did not separate),
+    with :func:`spoco_bundle.clustering.split_by_shape`; 0 turns it off.
+
+    Args:
+        h: relative depth of the distance transform's maxima that become parts, in [0, 1) (smaller splits more;
+            0: off, the labels pass unchanged).
+        min_size: a split that would leave a part smaller than this many voxels is not made.
+        sigma: smoothing of the distance transform in voxels of the finest axis.
+
+    Input: instance labels ``(1, *S)`` (non-negative integers, 0 = background), S of 2 or 3 axes.
+
+    Output: int32 labels of the input's kind: unsplit objects keep their id, new parts get ids after the largest.
+
+    Raises:
+        ValueError: a bad option; labels of the wrong shape or type.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, h: float = 0.1, min_size: int = 1, sigma: float = 1.0) -> None:
+        if not 0 <= float(h) < 1:
+            raise ValueError(f"h (shape_split) must be in [0, 1) (0: off), got {h!r}.")
+        if not float(sigma) >= 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma!r}.")
+        self.h = float(h)
+        self.min_size = max(1, int(min_size))
+        self.sigma = float(sigma)
+
+    def __call__(self, labels: NdarrayOrTensor, spacing: Sequence[float] | None = None) -> NdarrayOrTensor:
+        """
+        Args:
+            labels: instance labels ``(1, *S)``.
+            spacing: voxel size per spatial axis (default: the MetaTensor's, else isotropic).
+        """
+        arr = _check_labels(labels, "SplitByShape")
+        if self.h == 0:
+            return labels
+        if spacing is None and isinstance(labels, MetaTensor):
+            spacing = [float(v) for v in labels.pixdim]
+        if spacing is not None:  # a 2D image's affine may be 4x4 (a third, unused axis)
+            spacing = list(spacing)[: arr.ndim - 1] if len(spacing) >= arr.ndim - 1 else None
+        out = split_by_shape(arr[0], h=self.h, sigma=self.sigma, spacing=spacing, min_size=self.min_size)
+        return convert_to_dst_type(out[None], labels, dtype=torch.int32)[0]
+
+
+class SplitByShaped(MapTransform):
+    """
+    Dictionary version of :class:`SplitByShape`.
+
+    Args:
+        keys: the instance labels.
+        image_key: the input image, a MetaTensor whose voxel size the split uses (the output of a
+            :class:`~spoco_bundle.inferers.ScaledInferer` is a plain tensor on the image's grid); None, or no
+            MetaTensor there: the labels' own.
+        allow_missing_keys: don't raise for missing keys.
+        kwargs: arguments of :class:`SplitByShape` (``h``, ``min_size``, ``sigma``).
+    """
+
+    backend = SplitByShape.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        image_key: str | None = "image",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.split = SplitByShape(**kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d.get(self.image_key) if self.image_key is not None else None
+        spacing = [float(v) for v in image.pixdim] if isinstance(image, MetaTensor) else None
+        for key in self.key_iterator(d):
+            d[key] = self.split(d[key], spacing=spacing)
+        return d
+
+
+# ------------------------------------------------------------------------------------------ minimum size
+
+
+class RemoveSmallInstances(Transform):
+    """
+    Remove objects smaller than ``min_size`` voxels and number the others 1..n in the order of their ids
+    (:func:`~spoco_bundle.clustering.filter_small`, :func:`~spoco_bundle.clustering.relabel_consecutive`).
+
+    An object is an id, whatever its connectivity: one nucleus in two pieces is one object of their total size.
+    (MONAI's ``RemoveSmallObjects`` differs on instance labels: a map holding only id 1 is treated as a binary mask,
+    whose connected pieces are measured apart, and the ids are not renumbered.)
+
+    Args:
+        min_size: smallest kept object in voxels; 0 or 1 keeps every object.
+
+    Input: instance labels ``(1, *S)`` (non-negative integers, 0 = background), S of 2 or 3 axes.
+
+    Output: int32 labels of the input's kind.
+
+    Raises:
+        ValueError: a negative ``min_size``; labels of the wrong shape or type.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, min_size: int = 16) -> None:
+        if int(min_size) < 0:
+            raise ValueError(f"min_size must be >= 0, got {min_size!r}.")
+        self.min_size = int(min_size)
+
+    def __call__(self, labels: NdarrayOrTensor) -> NdarrayOrTensor:
+        arr = _check_labels(labels, "RemoveSmallInstances")
+        out = relabel_consecutive(filter_small(arr, self.min_size))
+        return convert_to_dst_type(out, labels, dtype=torch.int32)[0]
+
+
+class RemoveSmallInstancesd(MapTransform):
+    """
+    Dictionary version of :class:`RemoveSmallInstances`.
+
+    Args:
+        keys: the instance labels.
+        min_size: smallest kept object in voxels.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    backend = RemoveSmallInstances.backend
+
+    def __init__(self, keys: KeysCollection = "pred", min_size: int = 16, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.remove = RemoveSmallInstances(min_size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.remove(d[key])
+        return d

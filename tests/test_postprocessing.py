@@ -1,0 +1,307 @@
+"""The post-processing chain of configs/inference.json (spoco_bundle.postprocessing): the same labels as the
+post-processing in one pass (what ClusterEmbeddings did before it became this chain), on the shipped model's output
+for a real image and on embeddings built here; and each step's checks of its input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.transforms import Compose
+
+from spoco_bundle.clustering import cluster_embeddings, head_threshold, split_by_shape
+from spoco_bundle.postprocessing import (
+    ClusterInstances,
+    ClusterInstancesd,
+    ForegroundMask,
+    ForegroundMaskd,
+    RemoveSmallInstances,
+    RemoveSmallInstancesd,
+    SplitByShape,
+    SplitByShaped,
+)
+from spoco_bundle.transforms import ClusterEmbeddings, ClusterEmbeddingsd
+
+ROOT = Path(__file__).resolve().parents[1]
+INFER = str(ROOT / "configs" / "inference.json")
+DATA = Path(os.environ.get("SPOCO_DATA_DIR", ROOT.parent / "shared" / "data"))
+DSB_IMAGE = DATA / "dsb2018" / "images" / "0287e7ee5b007c91.tif"  # a validation image nuclei2d never saw
+
+
+def _one_pass(
+    pred, method, background, min_size, threshold=0.5, shape_split=0.0, fg_mask=None, spacing=None, e=16, **kw
+):
+    """The post-processing as one function of the clustering package, as ClusterEmbeddings ran it before it became
+    a chain of steps: the foreground (given mask, else the head for "head"), clustering with min_size and background
+    removal inside the clustering function, then the shape split."""
+    arr = np.asarray(pred, dtype=np.float32)
+    if fg_mask is not None:
+        fg, bg = np.asarray(fg_mask).reshape(arr.shape[1:]) != 0, "none"
+    elif background == "head":
+        t = head_threshold(arr[-1], threshold)
+        fg, bg = arr[-1] > np.log(t / (1.0 - t)), "none"
+    else:
+        fg, bg = None, background
+    if method == "consistency":
+        kw["emb_g"] = arr[e : 2 * e]
+    labels = cluster_embeddings(
+        arr[:e], method, delta_v=0.5, delta_d=2.0, min_size=min_size, fg_mask=fg, background=bg, **kw
+    )
+    if shape_split > 0:
+        labels = split_by_shape(labels, h=shape_split, spacing=spacing, min_size=max(1, min_size))
+    return labels
+
+
+def _config_chain(**ids):
+    """configs/inference.json's postprocessing with these ids (as --id value on the command line)."""
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"bundle_root": str(ROOT), "model": "nuclei2d", "device": "$torch.device('cpu')", **ids})
+    return parser.get_parsed_content("postprocessing"), parser.get_parsed_content("min_size")
+
+
+@pytest.fixture(scope="module")
+def nuclei2d_output(tmp_path_factory):
+    """The shipped model's output (17, H, W) on a DSB2018 validation image (a synthetic 2D nuclei image when the
+    data set is not there), with the image (MetaTensor) and a given mask: the lower half of the image."""
+    path = DSB_IMAGE
+    if not path.is_file():
+        from spoco_bundle.synthetic import generate_nuclei
+
+        image, _ = generate_nuclei((192, 192), seed=0, radius_range=(6.0, 10.0))
+        path = tmp_path_factory.mktemp("img") / "synthetic.tif"
+        tifffile.imwrite(path, image.astype(np.float32))
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"bundle_root": str(ROOT), "model": "nuclei2d", "device": "$torch.device('cpu')"})
+    data = parser.get_parsed_content("preprocessing")({"image": str(path)})
+    network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("inferer")
+    with torch.no_grad():
+        pred = inferer(data["image"][None], network)[0]
+    mask = torch.zeros((1, *pred.shape[1:]), dtype=torch.bool)
+    mask[:, pred.shape[1] // 2 :] = True
+    return pred, data["image"], mask
+
+
+CASES = [
+    (method, background, shape_split, masked)
+    for method in ("fast", "watershed")
+    for background in ("head", "largest", "none")
+    for shape_split in (0.0, 0.1)
+    for masked in (False, True)
+]
+
+
+@pytest.mark.parametrize("method, background, shape_split, masked", CASES)
+def test_config_chain_gives_the_one_pass_labels_on_the_shipped_model(
+    nuclei2d_output, method, background, shape_split, masked
+):
+    pred, image, mask = nuclei2d_output
+    chain, min_size = _config_chain(clustering=method, background=background, shape_split=shape_split)
+    data = {"image": image, "pred": pred.clone()}
+    if masked:
+        data["foreground_mask"] = mask
+    got = chain(data)["pred"]
+    spacing = [float(v) for v in image.pixdim][:2]
+    want = _one_pass(pred, method, background, min_size, 0.5, shape_split, mask if masked else None, spacing)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.int32 and got.shape == (1, *want.shape)
+    np.testing.assert_array_equal(np.asarray(got[0]), want)
+    assert want.max() > 3  # a real segmentation, ids 1..n
+    assert set(np.unique(want)) - {0} == set(range(1, int(want.max()) + 1))
+    if masked:
+        assert not want[~np.asarray(mask[0])].any()
+    # ClusterEmbeddings(d), the chain in one transform, gives the same
+    one = ClusterEmbeddingsd(
+        "pred",
+        mask_key="foreground_mask",
+        method=method,
+        background=background,
+        min_size=min_size,
+        shape_split=shape_split,
+    )
+    np.testing.assert_array_equal(np.asarray(one(dict(data, pred=pred))["pred"][0]), want)
+
+
+def test_otsu_threshold_and_the_other_methods_match_the_one_pass_labels(nuclei2d_output):
+    pred, image, mask = nuclei2d_output
+    spacing = [float(v) for v in image.pixdim][:2]
+    chain, min_size = _config_chain(clustering="fast", foreground_threshold="otsu")
+    want = _one_pass(pred, "fast", "head", min_size, "otsu", 0.1, spacing=spacing)
+    np.testing.assert_array_equal(np.asarray(chain({"image": image, "pred": pred})["pred"][0]), want)
+    crop = pred[:, :128, :128]  # mean-shift is slow in 16-D
+    for method, out, kw in [
+        ("hdbscan", pred, dict(max_points=2000)),  # min_size is HDBSCAN's minimum cluster size here
+        ("meanshift", crop, dict(max_points=500)),
+        # student and teacher channels, then the head; min_size applies before its test (which samples anchors
+        # per cluster); at the default iou_threshold this untrained pair keeps no cluster
+        ("consistency", torch.cat([pred[:16], pred[:16], pred[16:]]), dict(iou_threshold=0.1)),
+    ]:
+        given = mask[:, : out.shape[1], : out.shape[2]]
+        for background, masked in (("head", False), ("largest", False), ("none", True)):
+            steps = Compose(
+                [
+                    ForegroundMaskd("pred", background=background, method=method, embedding_dim=16),
+                    ClusterInstancesd("pred", method=method, background=background, min_size=16, **kw),
+                    SplitByShaped("pred", h=0.1, min_size=16),
+                    RemoveSmallInstancesd("pred", min_size=16),
+                ]
+            )
+            data = {"image": image, "pred": out}
+            if masked:
+                data["foreground_mask"] = given
+            want = _one_pass(out, method, background, 16, 0.5, 0.1, given if masked else None, spacing, **kw)
+            np.testing.assert_array_equal(np.asarray(steps(data)["pred"][0]), want, err_msg=f"{method} {background}")
+            one = ClusterEmbeddings(method, 16, background, 16, shape_split=0.1, **kw)
+            got = one(out, spacing=spacing, fg_mask=given if masked else None)
+            np.testing.assert_array_equal(np.asarray(got[0]), want, err_msg=f"{method} {background}")
+
+
+# ------------------------------------------------------------------------------------------------ built embeddings
+
+
+def _built_output() -> tuple[np.ndarray, np.ndarray]:
+    """(5, 48, 64): 4 embedding channels and a head logit. Object A: two overlapping discs with one embedding (an 8
+    the embeddings did not separate), B: a disc, C: a 3 x 3 square (below min_size 16); background embedding 0.
+    Returns the output and a given mask: the foreground left of column 36 (A and C, not B)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:48, :64]
+    a = ((y - 14) ** 2 + (x - 12) ** 2 <= 49) | ((y - 14) ** 2 + (x - 24) ** 2 <= 49)
+    b = (y - 34) ** 2 + (x - 44) ** 2 <= 64
+    c = (y >= 40) & (y < 43) & (x >= 10) & (x < 13)
+    out = np.zeros((5, 48, 64), np.float32)
+    out[4] = -5.0
+    for channel, obj in enumerate((a, b, c)):
+        out[channel][obj] = 3.0
+        out[4][obj] = 5.0
+    out[:4] += 0.02 * rng.standard_normal((4, 48, 64)).astype(np.float32)
+    return out, (a | c) & (x < 36)
+
+
+@pytest.mark.parametrize("method", ["fast", "watershed"])
+@pytest.mark.parametrize("background", ["head", "largest", "none"])
+def test_built_embeddings_chain_matches_and_reads_as_the_method(method, background):
+    out, mask = _built_output()
+    n_found = {}
+    for shape_split in (0.0, 0.1):
+        for given in (None, mask):
+            steps = Compose(
+                [
+                    ForegroundMaskd("pred", background=background, threshold=0.5, embedding_dim=4, method=method),
+                    ClusterInstancesd("pred", method=method, embedding_dim=4, background=background, min_size=16),
+                    SplitByShaped("pred", h=shape_split, min_size=16),
+                    RemoveSmallInstancesd("pred", min_size=16),
+                ]
+            )
+            data = {"pred": torch.as_tensor(out)}
+            if given is not None:
+                data["foreground_mask"] = torch.as_tensor(given)[None]
+            got = np.asarray(steps(data)["pred"][0])
+            want = _one_pass(out, method, background, 16, 0.5, shape_split, given, e=4)
+            np.testing.assert_array_equal(got, want)
+            one = ClusterEmbeddings(method, 4, background, 16, shape_split=shape_split)(out, fg_mask=given)
+            assert isinstance(one, np.ndarray) and one.dtype == np.int32
+            np.testing.assert_array_equal(one[0], want)
+            n_found[shape_split, given is not None] = int(want.max())
+    # A and B (C is too small), and with "none" the background cluster; the shape split cuts A in two
+    assert n_found[0.0, False] == (3 if background == "none" else 2)
+    if background != "none":  # (with "none" it also cuts the background cluster)
+        assert n_found[0.1, False] == 3
+    # the mask file replaces the background rule: A only (C too small, B outside), in two halves with the split
+    assert n_found[0.0, True] == 1 and n_found[0.1, True] == 2
+
+
+def test_chain_keeps_the_output_kind_and_reads_spacing_from_the_image():
+    out, _ = _built_output()
+    pred = MetaTensor(torch.as_tensor(out), affine=torch.diag(torch.tensor([2.0, 0.5, 1.0, 1.0])))
+    labels = ClusterInstances("fast", 4, "head", min_size=16)(pred, ForegroundMask("head", 0.5, 4)(pred))
+    assert isinstance(labels, MetaTensor) and labels.dtype == torch.int32 and labels.shape == (1, 48, 64)
+    assert torch.equal(labels.affine, pred.affine)
+    # anisotropic voxels from the labels' own metadata or from the image: the same as given explicitly
+    split = SplitByShape(0.1, min_size=16)
+    by_meta = split(labels)
+    np.testing.assert_array_equal(np.asarray(by_meta), np.asarray(split(labels.as_tensor(), spacing=[2.0, 0.5])))
+    image = MetaTensor(torch.zeros(1, 48, 64), affine=pred.affine)
+    by_image = SplitByShaped("pred", h=0.1, min_size=16)({"pred": labels.as_tensor(), "image": image})["pred"]
+    np.testing.assert_array_equal(np.asarray(by_image), np.asarray(by_meta))
+    assert SplitByShape(0.0)(labels) is labels  # 0: off
+
+
+def test_remove_small_instances_counts_an_id_whatever_its_pieces_and_renumbers():
+    labels = np.zeros((1, 20, 20), np.int32)
+    labels[0, 0:5, 0:4] = 3  # 20 voxels ...
+    labels[0, 10, 10:13] = 3  # ... plus a detached piece of 3: one object of 23 voxels
+    labels[0, 15:17, 15:17] = 5  # 4 voxels: removed
+    labels[0, 15:20, 0:5] = 7
+    out = RemoveSmallInstances(16)(labels)
+    assert out.dtype == np.int32 and set(np.unique(out)) == {0, 1, 2}
+    assert (out == 1).sum() == 23 and (out == 2).sum() == 25
+    t = RemoveSmallInstancesd("pred", min_size=0)({"pred": torch.as_tensor(labels)})["pred"]
+    assert t.dtype == torch.int32 and set(np.unique(t.numpy())) == {0, 1, 2, 3}  # nothing removed, renumbered
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_each_step_rejects_bad_options_and_input_clearly():
+    out, mask = _built_output()
+    pred = torch.as_tensor(out)
+    with pytest.raises(ValueError, match="background must be 'largest', 'head' or 'none', got 'auto'"):
+        ForegroundMask("auto")
+    with pytest.raises(ValueError, match="foreground threshold must be a probability in"):
+        ForegroundMask("head", 1.5)
+    with pytest.raises(ValueError, match="Unknown clustering method 'kmeans'"):
+        ForegroundMask("head", 0.5, 4, "kmeans")
+    with pytest.raises(ValueError, match="embedding_dim must be a positive integer"):
+        ForegroundMask("head", 0.5, 0)
+    with pytest.raises(ValueError, match=r"ForegroundMask expects \(8 or 9, \*spatial\) for method 'consistency'"):
+        ForegroundMask("head", 0.5, 4, "consistency")(pred)
+    with pytest.raises(ValueError, match=r"ForegroundMask expects .*got shape \(5, 64\)"):
+        ForegroundMask("head", 0.5, 4)(pred[:, 0])
+    with pytest.raises(ValueError, match="needs a network with a foreground head"):
+        ForegroundMask("head", 0.5, 4)(pred[:4])
+    with pytest.raises(ValueError, match=r"mask has shape \(48, 63\).*spatial shape \(48, 64\)"):
+        ForegroundMask("head", 0.5, 4)(pred, torch.as_tensor(mask[:, 1:]))
+    assert ForegroundMask("largest", 0.5, 4)(pred) is None  # no mask: the clustering decides
+    with pytest.raises(ValueError, match="one mask .* from one output"):
+        ForegroundMaskd(["pred", "other"])
+    with pytest.raises(TypeError, match="still a file name .*m.tif.*LoadForegroundMaskd"):
+        ForegroundMaskd("pred", embedding_dim=4)({"pred": pred, "foreground_mask": "m.tif"})
+    with pytest.raises(TypeError, match="still a file name"):
+        ClusterInstancesd("pred", embedding_dim=4)({"pred": pred, "foreground_mask": Path("m.tif")})
+
+    with pytest.raises(ValueError, match="Unknown clustering method"):
+        ClusterInstances("kmeans")
+    with pytest.raises(ValueError, match="background must be"):
+        ClusterInstances("fast", background="mask")
+    with pytest.raises(ValueError, match="min_size must be >= 0"):
+        ClusterInstances("fast", min_size=-1)
+    with pytest.raises(ValueError, match=r"ClusterInstances expects \(4 or 5, \*spatial\)"):
+        ClusterInstances("fast", 4)(pred[:3])
+    with pytest.raises(ValueError, match="background='head' clusters inside the head's foreground mask"):
+        ClusterInstances("fast", 4, "head")(pred)
+    with pytest.raises(ValueError, match=r"mask has shape \(48, 63\)"):
+        ClusterInstances("fast", 4, "head")(pred, mask[:, 1:])
+
+    labels = np.zeros((1, 48, 64), np.int32)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"h \(shape_split\) must be in \[0, 1\)"):
+            SplitByShape(bad)
+    with pytest.raises(ValueError, match="sigma must be >= 0"):
+        SplitByShape(0.1, sigma=-1)
+    for step, name in ((SplitByShape(0.1), "SplitByShape"), (RemoveSmallInstances(16), "RemoveSmallInstances")):
+        with pytest.raises(ValueError, match=rf"{name} expects instance labels \(1, \*spatial\).*\(2, 48, 64\)"):
+            step(np.zeros((2, 48, 64), np.int32))
+        with pytest.raises(ValueError, match=rf"{name} expects integer instance labels, got float32"):
+            step(labels.astype(np.float32))
+        with pytest.raises(ValueError, match=rf"{name} expects instance labels >= 0 .*min -1"):
+            step(labels - 1)
+    with pytest.raises(ValueError, match="min_size must be >= 0"):
+        RemoveSmallInstances(-1)
+    with pytest.raises(ValueError, match="shape_split must be in"):  # the one-transform version, as before
+        ClusterEmbeddings(shape_split=1.0)
