@@ -17,7 +17,13 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import MetaKeys
 
-__all__ = ["MonaiLabelWriterOrderd", "MONAILABEL_IMAGE_PATH_KEY", "deploy_bundle"]
+__all__ = [
+    "MonaiLabelWriterOrderd",
+    "MONAILABEL_IMAGE_PATH_KEY",
+    "MONAILABEL_POSTPROCESSING",
+    "add_monailabel_postprocessing",
+    "deploy_bundle",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +32,12 @@ _CARD_TRAIN_IDS = ("spatial_dims", "features", "embedding_dim", "patch_size")
 
 # BasicInferTask.__call__ copies the request's image path to this key; its Writer reads it for the output suffix
 MONAILABEL_IMAGE_PATH_KEY = "image_path"
+
+# what deploy_bundle appends to the deployed copy's inference ``postprocessing`` (not in the repository's
+# configs/inference.json: only MONAI Label's writer needs it)
+MONAILABEL_POSTPROCESSING = (
+    {"_target_": "spoco_bundle.monailabel_compat.MonaiLabelWriterOrderd", "keys": "pred", "ref_image": "image"},
+)
 
 
 class MonaiLabelWriterOrderd(MapTransform):
@@ -42,8 +54,10 @@ class MonaiLabelWriterOrderd(MapTransform):
     channel axis is dropped, because ``Restored`` keeps it for 3-axis arrays and ITK would then write a 1-voxel-thick
     volume.
 
-    It acts only when the data carries MONAI Label's ``image_path`` key (the bundle's own inference, evaluation and
-    training never set it), so it can stay in ``configs/inference.json`` for every consumer.
+    :func:`deploy_bundle` appends it to the deployed copy's ``postprocessing`` (:data:`MONAILABEL_POSTPROCESSING`);
+    the repository's ``configs/inference.json`` does not hold it. It acts only when the data carries MONAI Label's
+    ``image_path`` key (the bundle's own inference, evaluation and training never set it), so the copy's
+    ``inference.json`` still gives the bundle's own results when run outside MONAI Label.
 
     Args:
         keys: keys of the channel-first instance maps, e.g. ``"pred"``.
@@ -101,7 +115,9 @@ def deploy_bundle(
 
     The copy is self-contained: ``configs/`` (with ``metadata.json`` as a file, not the repository's symlink),
     the ``spoco_bundle`` package, ``LICENSE`` and ``docs/``. MONAI Label trains into this copy (it overwrites
-    ``models/model.pt``), which is why it is a copy and not a link to the repository.
+    ``models/model.pt``), which is why it is a copy and not a link to the repository. The copy's
+    ``configs/inference.json`` gets MONAI Label's result writer appended to its ``postprocessing``
+    (:func:`add_monailabel_postprocessing`).
 
     Args:
         app_dir: the app folder, e.g. ``apps/monaibundle`` from ``monailabel apps --download --name monaibundle``.
@@ -139,6 +155,7 @@ def deploy_bundle(
             shutil.copy(src, dest / item)
     if not (dest / "configs" / "metadata.json").is_file():
         raise FileNotFoundError(f"{source}/configs/metadata.json is missing; MONAI Label requires it.")
+    add_monailabel_postprocessing(dest / "configs" / "inference.json")
     (dest / "models").mkdir()
     target = dest / "models" / "model.pt"
     if checkpoint is not None:
@@ -164,6 +181,24 @@ def deploy_bundle(
     if checkpoint is None:
         logger.warning(f"{target}: untrained initial weights; train from the client before trusting segmentations.")
     return str(dest)
+
+
+def add_monailabel_postprocessing(config_file: str | os.PathLike) -> None:
+    """
+    Append :data:`MONAILABEL_POSTPROCESSING` (:class:`MonaiLabelWriterOrderd`) to the ``postprocessing`` transforms
+    of an inference config file, in place; entries already there are not added again.
+
+    Raises:
+        ValueError: when the config has no ``postprocessing`` Compose with a ``transforms`` list.
+    """
+    path = Path(config_file)
+    config = json.loads(path.read_text())
+    post = config.get("postprocessing")
+    transforms = post.get("transforms") if isinstance(post, dict) else None
+    if not isinstance(transforms, list):
+        raise ValueError(f"{path}: no 'postprocessing' with a 'transforms' list to append MONAI Label's writer to.")
+    transforms.extend(dict(entry) for entry in MONAILABEL_POSTPROCESSING if entry not in transforms)
+    path.write_text(json.dumps(config, indent=4) + "\n")
 
 
 def _adopt_card(bundle: Path, settings: Mapping[str, Any]) -> None:

@@ -12,7 +12,12 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImaged
 
 from spoco_bundle.io import LoadVolumed, write_label_image
-from spoco_bundle.monailabel_compat import MonaiLabelWriterOrderd, deploy_bundle
+from spoco_bundle.monailabel_compat import (
+    MONAILABEL_POSTPROCESSING,
+    MonaiLabelWriterOrderd,
+    add_monailabel_postprocessing,
+    deploy_bundle,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +119,14 @@ def test_deploy_copies_a_self_contained_bundle_with_initial_weights(tmp_path):
     parser = ConfigParser()
     parser.read_config(str(dest / "configs" / "inference.json"))
     load_weights(parser.get_parsed_content("network_def"), str(dest / "models" / "model.pt"))
+    # MONAI Label's writer is merged into the copy's postprocessing, last; the repository's config has none of it
+    ours = json.loads((ROOT / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]
+    copy = json.loads((dest / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]
+    assert not any("monailabel" in step["_target_"] for step in ours)
+    assert copy == ours + list(MONAILABEL_POSTPROCESSING)
+    assert isinstance(parser.get_parsed_content("postprocessing").transforms[-1], MonaiLabelWriterOrderd)
+    add_monailabel_postprocessing(dest / "configs" / "inference.json")  # once only
+    assert json.loads((dest / "configs" / "inference.json").read_text())["postprocessing"]["transforms"] == copy
     with pytest.raises(FileExistsError, match="overwrite"):
         deploy_bundle(app, name="spoco")
     assert Path(deploy_bundle(app, name="spoco", overwrite=True)) == dest
