@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from spoco_bundle.clustering._morphology import local_maxima, reconstruction
+
 
 def split_by_shape(
     labels: np.ndarray,
@@ -39,7 +41,6 @@ def split_by_shape(
     Returns:
         int32 labels of the same shape: unsplit objects keep their id, new parts get ids after the largest one.
     """
-    from skimage.morphology import local_maxima, reconstruction
     from skimage.segmentation import watershed
 
     labels = np.asarray(labels)
@@ -67,7 +68,7 @@ def split_by_shape(
         # h-maxima as the regional maxima of the h-dome reconstruction: unlike skimage's h_maxima residue test,
         # this keeps two equally high peaks one marker when the saddle between them is shallower than h
         dome = reconstruction(dist - h * top, dist, method="dilation")
-        markers, n = ndimage.label(local_maxima(dome, allow_borders=True) & obj)
+        markers, n = ndimage.label(local_maxima(dome) & obj)
         if n < 2:
             continue
         parts = watershed(-dist, markers, mask=obj)

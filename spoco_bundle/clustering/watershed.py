@@ -18,6 +18,7 @@ from spoco_bundle.clustering._common import (
     _means,
     _merge_adjacent,
 )
+from spoco_bundle.clustering._morphology import h_minima
 
 
 def _edge_strength(emb: np.ndarray) -> np.ndarray:
@@ -76,7 +77,6 @@ def cluster_watershed(
         h: minimum depth of a seed's basin, in embedding distance.
         merge_threshold: touching regions with mean embeddings closer than this are merged (0: no merging).
     """
-    from skimage.morphology import h_minima
     from skimage.segmentation import watershed
 
     emb = _check_embeddings(emb)
