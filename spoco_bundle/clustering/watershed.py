@@ -9,6 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from spoco_bundle.clustering._common import (
+    HAVE_NUMBA,
     _absorb_background,
     _apply_lut,
     _check_background,
@@ -17,14 +18,22 @@ from spoco_bundle.clustering._common import (
     _final_lut,
     _means,
     _merge_adjacent,
+    numba,
 )
-from spoco_bundle.clustering._morphology import h_minima
+from spoco_bundle.clustering._morphology import h_minima, watershed
 
 
 def _edge_strength(emb: np.ndarray) -> np.ndarray:
-    """Per voxel the largest embedding distance to a face neighbour, float32 (one channel at a time: no (E, *S)
-    temporaries)."""
-    spatial = emb.shape[1:]
+    """Per voxel the largest embedding distance to a face neighbour, float32."""
+    emb4 = emb if emb.ndim == 4 else emb[:, None]
+    if HAVE_NUMBA:
+        return _k_edges(np.ascontiguousarray(emb4, dtype=np.float32)).reshape(emb.shape[1:])
+    return _edges_numpy(emb4).reshape(emb.shape[1:])
+
+
+def _edges_numpy(emb4: np.ndarray) -> np.ndarray:
+    """:func:`_edge_strength` in numpy, one channel at a time (no (E, *S) temporaries)."""
+    spatial = emb4.shape[1:]
     out = np.zeros(spatial, np.float32)
     for axis, n in enumerate(spatial):
         if n < 2:
@@ -32,13 +41,54 @@ def _edge_strength(emb: np.ndarray) -> np.ndarray:
         lo = (slice(None),) * axis + (slice(None, -1),)
         hi = (slice(None),) * axis + (slice(1, None),)
         d2 = np.zeros(out[lo].shape, np.float32)
-        for channel in emb:
+        for channel in emb4:
             diff = channel[hi] - channel[lo]
             d2 += diff * diff
         d = np.sqrt(d2)
         np.maximum(out[lo], d, out=out[lo])
         np.maximum(out[hi], d, out=out[hi])
     return out
+
+
+def _k_edges(emb: np.ndarray) -> np.ndarray:
+    """:func:`_edge_strength` compiled, a slab of the first axis per thread, channels in the outer loop (the
+    embeddings are channel-first: rows stay contiguous)."""
+    e, nz, ny, nx = emb.shape
+    out = np.empty((nz, ny, nx), np.float32)
+    for z in numba.prange(nz):
+        up = np.zeros((ny, nx), np.float32)  # squared distance to (z + 1, y, x)
+        down = np.zeros((ny, nx), np.float32)  # to (z - 1, y, x)
+        south = np.zeros((ny, nx), np.float32)  # to (z, y + 1, x)
+        east = np.zeros((ny, nx), np.float32)  # to (z, y, x + 1)
+        for c in range(e):
+            for y in range(ny):
+                for x in range(nx):
+                    v = emb[c, z, y, x]
+                    if z + 1 < nz:
+                        t = emb[c, z + 1, y, x] - v
+                        up[y, x] += t * t
+                    if z > 0:
+                        t = emb[c, z - 1, y, x] - v
+                        down[y, x] += t * t
+                    if y + 1 < ny:
+                        t = emb[c, z, y + 1, x] - v
+                        south[y, x] += t * t
+                    if x + 1 < nx:
+                        t = emb[c, z, y, x + 1] - v
+                        east[y, x] += t * t
+        for y in range(ny):
+            for x in range(nx):
+                best = max(up[y, x], down[y, x], south[y, x], east[y, x])
+                if y > 0:
+                    best = max(best, south[y - 1, x])
+                if x > 0:
+                    best = max(best, east[y, x - 1])
+                out[z, y, x] = np.sqrt(best)
+    return out
+
+
+if HAVE_NUMBA:
+    _k_edges = numba.njit(cache=True, parallel=True)(_k_edges)
 
 
 def cluster_watershed(
@@ -77,8 +127,6 @@ def cluster_watershed(
         h: minimum depth of a seed's basin, in embedding distance.
         merge_threshold: touching regions with mean embeddings closer than this are merged (0: no merging).
     """
-    from skimage.segmentation import watershed
-
     emb = _check_embeddings(emb)
     fg_mask = _check_mask(fg_mask, emb.shape[1:])
     background = _check_background(background, fg_mask)
@@ -110,7 +158,7 @@ def cluster_watershed(
     sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
     merging = n > 1 and merge_threshold > 0
     if merging or background == "largest":
-        means = _means(labels.reshape(-1), emb.reshape(emb.shape[0], -1), n)
+        means = _means(labels.reshape(-1), emb.reshape(emb.shape[0], -1), n, HAVE_NUMBA)
         if merging:
             lut = _merge_adjacent(labels, means, merge_threshold)
         if background == "largest":  # enclosed background pockets join the background, as in cluster_fast
