@@ -13,12 +13,20 @@ Methods run with their default parameters (as the bundle's inference config uses
 ``consistency`` uses ``fast`` as its base clustering and a teacher embedding = student + N(0, 0.05^2) per dimension.
 
     .venv/bin/python scripts/benchmark_clustering.py [--sizes 0.25,1,4,16] [--slow_limit_s 180] [--device cpu]
+        [--methods ...] [--real] [--data_dir ../shared/data]
 
-The last line printed is ``default: <X> Mvoxel/s at <size> Mvoxels, AP50 <Y>`` for ``fast`` on the largest size.
+``--real`` adds the inference default on real network outputs: the shipped ``nuclei2d`` model's outputs on the
+DSB2018 validation images (computed first, not timed), post-processed as ``configs/inference.json`` does (foreground
+head, clustering, shape split, minimum size), against ``fast`` without the split.
+
+The last line printed is ``default: <X> Mvoxel/s at <size> Mvoxels, AP50 <Y>`` for the post-processing
+``configs/inference.json`` uses by default (``DEFAULT_METHOD``: its clustering, then its shape split) on the largest
+synthetic size.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -47,6 +55,19 @@ DELTA_V = 0.5
 DELTA_D = 2.0
 TEACHER_NOISE = 0.05
 SLOW_METHODS = ("hdbscan", "meanshift", "consistency")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def inference_default() -> tuple[str, float]:
+    """The default clustering and shape split of configs/inference.json."""
+    with open(os.path.join(REPO_ROOT, "configs", "inference.json")) as f:
+        config = json.load(f)
+    return str(config["clustering"]), float(config["shape_split"])
+
+
+DEFAULT_CLUSTERING, DEFAULT_SHAPE_SPLIT = inference_default()
+# the method name of the default in the tables: "watershed+split" (the clustering, then the shape split)
+DEFAULT_METHOD = DEFAULT_CLUSTERING + ("+split" if DEFAULT_SHAPE_SPLIT > 0 else "")
 
 
 def _log(msg: str) -> None:
@@ -253,19 +274,22 @@ def _sync(device: torch.device) -> None:
 def benchmark_clustering(
     sizes: list[float], slow_limit_s: float, only: Sequence[str] | None = None
 ) -> tuple[list[str], list[str], dict]:
-    """Return (data table rows, results table rows, {size: (Mvoxel/s, AP50)} of ``fast``)."""
+    """Return (data table rows, results table rows, {size: (Mvoxel/s, AP50)} of the inference default)."""
     methods: dict[str, Callable[..., np.ndarray]] = {
         "fast": cluster_fast,
         "watershed": cluster_watershed,
-        # the inference default: watershed, then objects shaped like joined round ones split (shape_split 0.1)
-        "watershed+split": lambda emb: split_by_shape(cluster_watershed(emb), h=0.1, min_size=16),
+        # watershed, then objects shaped like joined round ones split (the inference default: DEFAULT_METHOD)
+        "watershed+split": lambda emb: split_by_shape(
+            cluster_watershed(emb), h=DEFAULT_SHAPE_SPLIT or 0.1, min_size=16
+        ),
+        "fast+split": lambda emb: split_by_shape(cluster_fast(emb), h=DEFAULT_SHAPE_SPLIT or 0.1, min_size=16),
         "hdbscan": cluster_hdbscan,
         "meanshift": cluster_meanshift,
         "consistency": lambda emb, emb_g: cluster_consistency(emb, emb_g),
     }
     if only is not None:
-        methods = {name: fn for name, fn in methods.items() if name in only or name == "fast"}
-    data_rows, rows, fast = [], [], {}
+        methods = {name: fn for name, fn in methods.items() if name in only or name == DEFAULT_METHOD}
+    data_rows, rows, default = [], [], {}
     history: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}  # (voxels, seconds) of finished runs
     stopped: dict[str, bool] = {m: False for m in methods}
     for i, size in enumerate(sizes):
@@ -295,7 +319,7 @@ def benchmark_clustering(
         for name, fn in methods.items():
             label = f"{size:g} Mvoxel, {name}"
             hist = history[name]
-            if name != "fast" and hist:
+            if name != DEFAULT_METHOD and hist:
                 # linear extrapolation from the last finished size, or the growth measured between the last two
                 # sizes when that is steeper (e.g. consistency's voxels x clusters cost at constant object density)
                 v1, t1 = hist[-1]
@@ -326,7 +350,7 @@ def benchmark_clustering(
             peak = _peak_rss_gb() if tracked else None
             scores = segmentation_scores(gt, seg)
             hist.append((n_vox, dt))
-            if name != "fast" and dt > slow_limit_s:
+            if name != DEFAULT_METHOD and dt > slow_limit_s:
                 stopped[name] = True
             rate = n_vox / dt / 1e6
             rows.append(
@@ -347,11 +371,42 @@ def benchmark_clustering(
             _log(
                 f"  {label}: {dt:.2f} s, {rate:.3g} Mvoxel/s, AP50 {scores['ap50']:.3f}, {int(seg.max())} objects{mem}"
             )
-            if name == "fast":
-                fast[size] = (rate, scores["ap50"])
+            if name == DEFAULT_METHOD:
+                default[size] = (rate, scores["ap50"])
             del seg
         del emb, emb_g, gt
-    return data_rows, rows, fast
+    return data_rows, rows, default
+
+
+def benchmark_real(data_dir: str | None) -> list[str]:
+    """The inference default and ``fast`` on the shipped nuclei2d model's outputs for the DSB2018 validation images
+    (the accuracy benchmark's data); rows of a markdown table."""
+    if REPO_ROOT not in sys.path:  # benchmarks/ is a repository tool, not installed
+        sys.path.insert(0, REPO_ROOT)
+    from benchmarks.data import load_benchmark, score
+    from benchmarks.foreground import network_outputs
+    from spoco_bundle.shipped import inference_settings
+    from spoco_bundle.transforms import ClusterEmbeddings
+
+    ckpt = os.path.join(REPO_ROOT, "models", "nuclei2d", "model.pt")
+    min_size = int(inference_settings(ckpt).get("min_size", 16))
+    split = load_benchmark("dsb2018", data_dir)[0]
+    _log(f"  network outputs of nuclei2d on {len(split.test)} DSB2018 validation images (not timed) ...")
+    outputs = network_outputs(ckpt, split, split.test, "cpu", {"image_scale": 1.0})
+    n_vox = sum(int(np.prod(o.shape[1:])) for o in outputs)
+    rows = []
+    for name, method, shape_split in ((DEFAULT_METHOD, DEFAULT_CLUSTERING, DEFAULT_SHAPE_SPLIT), ("fast", "fast", 0)):
+        post = ClusterEmbeddings(method=method, shape_split=shape_split, background="head", min_size=min_size)
+        post(outputs[0][:, :32, :32])  # compiled kernels loaded, not timed
+        t0 = time.perf_counter()
+        seg = [np.asarray(post(o))[0] for o in outputs]
+        dt = time.perf_counter() - t0
+        ap = score(seg, [i.labels for i in split.test], 2, "dsb2018")["ap50"]
+        _log(f"  real {name}: {dt:.2f} s, {n_vox / dt / 1e6:.3g} Mvoxel/s, AP50 {ap:.3f}")
+        rows.append(
+            _format_row([name, len(outputs), f"{n_vox / 1e6:.2f}", f"{dt:.2f}", f"{n_vox / dt / 1e6:.3g}", f"{ap:.3f}"])
+        )
+    return rows
 
 
 def benchmark_inference(device: torch.device, shape=(100, 100, 100)) -> list[str]:
@@ -391,16 +446,21 @@ def main(
     slow_limit_s: float = 180.0,
     device: str = "cpu",
     inference_size: int = 100,
-    methods: str = "fast,watershed,watershed+split,hdbscan,meanshift,consistency",
+    methods: str = "fast,fast+split,watershed,watershed+split,hdbscan,meanshift,consistency",
+    real: bool = False,
+    data_dir: str | None = None,
 ) -> None:
-    """Print the clustering benchmark as markdown; the last line summarises ``fast`` on the largest size.
+    """Print the clustering benchmark as markdown; the last line summarises the inference default on the largest
+    size.
 
     Args:
         sizes: embedding volume sizes in Mvoxels (comma-separated).
         slow_limit_s: seconds a slow method (hdbscan, meanshift, consistency) may take per volume; larger volumes
             are skipped once it took longer or would by extrapolation.
         device: torch device of the network in the end-to-end part (clustering always runs on the CPU).
-        methods: comma-separated methods to time (``fast`` always runs: the last line reports it).
+        methods: comma-separated methods to time (the inference default always runs: the last line reports it).
+        real: also time the default on real network outputs (shipped nuclei2d, DSB2018 validation).
+        data_dir: folder of the data sets for ``real`` (default: SPOCO_DATA_DIR, else ../shared/data).
         inference_size: edge length of the cubic volume of the end-to-end part.
     """
     size_list = _parse_sizes(sizes)
@@ -419,6 +479,7 @@ def main(
     t_data = time.perf_counter() - t0
     t0 = time.perf_counter()
     cluster_fast(warm)
+    split_by_shape(cluster_watershed(warm), h=0.1)  # the default's compiled kernels
     t_warm = time.perf_counter() - t0
     cluster_hdbscan(warm)
     cluster_meanshift(warm)
@@ -431,7 +492,7 @@ def main(
 
     _log("clustering benchmark ...")
     method_list = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
-    data_rows, rows, fast = benchmark_clustering(size_list, slow_limit_s, method_list)
+    data_rows, rows, default = benchmark_clustering(size_list, slow_limit_s, method_list)
     print("\n## Synthetic embedding volumes\n")
     print(
         f"E = {EMBEDDING_DIM}, delta_v = {DELTA_V}, delta_d = {DELTA_D}: Voronoi cells of jittered-grid seeds (spacing "
@@ -492,9 +553,22 @@ def main(
     print(_format_row(["stage", "time (s)", "share", "output shape / Mvoxel"]))
     print(_format_row(["---"] * 4))
     print("\n".join(inf_rows))
+    if real:
+        _log("real network outputs ...")
+        real_rows = benchmark_real(data_dir)
+        print("\n## Real network outputs\n")
+        print(
+            "The shipped nuclei2d model's outputs on the DSB2018 validation images (network time not included), "
+            "post-processed like configs/inference.json (foreground head 0.5, then the clustering; the default with "
+            f"its shape split {DEFAULT_SHAPE_SPLIT:g}, fast without), min_size of the model card.\n"
+        )
+        print(_format_row(["post-processing", "images", "voxels (M)", "time (s)", "Mvoxel/s", "AP50"]))
+        print(_format_row(["---"] * 6))
+        print("\n".join(real_rows))
     print(f"\nTotal benchmark wall time: {time.perf_counter() - t_start:.0f} s\n")
-    size = max(fast)
-    rate, ap = fast[size]
+    print(f"The default post-processing of configs/inference.json: {DEFAULT_METHOD}.")
+    size = max(default)
+    rate, ap = default[size]
     print(f"default: {rate:.1f} Mvoxel/s at {size:g} Mvoxels, AP50 {ap:.3f}")
 
 

@@ -60,6 +60,8 @@ def test_dome_maxima_equals_scikit_image():
         img = img.astype(np.float64)
         ref = skm.local_maxima(skm.reconstruction(img - h, img), allow_borders=True)
         assert np.array_equal(M.dome_maxima(img, h), ref), (img.shape, h)
+        within = img > np.median(img)  # as split_by_shape asks: the maxima inside the object only
+        assert np.array_equal(M.dome_maxima(img, h, within), ref & within), (img.shape, h)
     assert not M.dome_maxima(np.ones((4, 5)), 0.1).any()
 
 

@@ -24,6 +24,15 @@ def _padded(image: np.ndarray, value: float) -> np.ndarray:
     return np.pad(arr, 1, mode="constant", constant_values=value)
 
 
+def _padded_signed(image: np.ndarray, sign: float, dtype: type) -> np.ndarray:
+    """``sign * image`` as :func:`_padded` with -inf, in one copy."""
+    arr = image if image.ndim == 3 else image[None]
+    out = np.full(tuple(n + 2 for n in arr.shape), -np.inf, dtype)
+    inner = out[1:-1, 1:-1, 1:-1]
+    np.multiply(arr, sign, out=inner, casting="unsafe") if sign != 1 else np.copyto(inner, arr, casting="unsafe")
+    return out
+
+
 def _offsets(padded_shape: tuple[int, int, int], ndim: int) -> np.ndarray:
     """Raveled offsets of the full neighbourhood (3^ndim - 1 neighbours), in raster order: negative (already
     visited by a forward scan) first."""
@@ -83,15 +92,15 @@ def _k_dilate(seed: np.ndarray, mask: np.ndarray, offs: np.ndarray) -> None:
                     size += 1
 
 
-def _k_maxima(image: np.ndarray, offs: np.ndarray, out: np.ndarray) -> None:
+def _k_maxima(image: np.ndarray, offs: np.ndarray, out: np.ndarray, starts: np.ndarray) -> None:
     """Regional maxima of ``image`` (flat, padded with -inf) into ``out``: plateaus (connected sets of one value)
-    with no higher neighbour."""
+    with no higher neighbour; only plateaus holding a voxel where ``starts`` is True are looked at."""
     n = image.size
     seen = np.zeros(n, np.bool_)
     stack = np.empty(n, np.int64)
     members = np.empty(n, np.int64)
     for start in range(n):
-        if seen[start] or image[start] == -np.inf:
+        if not starts[start] or seen[start] or image[start] == -np.inf:
             continue
         v = image[start]
         top = 0
@@ -125,40 +134,79 @@ if HAVE_NUMBA:
     _k_maxima = numba.njit(cache=True, nogil=True)(_k_maxima)
 
 
-def _k_dome_maxima(dist: np.ndarray, depth: float, offs: np.ndarray) -> np.ndarray:
-    """Regional maxima of the h-dome reconstruction of ``dist`` (3D, float64): one compiled call per object of
-    :func:`~spoco_bundle.clustering.split_by_shape`, padding included."""
+def _k_h_minima(image: np.ndarray, hv: np.ndarray, rv: np.ndarray, offs: np.ndarray) -> np.ndarray:
+    """:func:`h_minima` of a 3D image in one compiled call: the erosion as a dilation of the negated images, padded
+    here; ``hv``, ``rv``: ``h`` and scikit-image's float tolerance factor as one-element arrays of the image's type
+    (so the arithmetic stays in it, as in numpy)."""
+    nz, ny, nx = image.shape
+    seed = np.full((nz + 2, ny + 2, nx + 2), -np.inf, image.dtype)
+    mask = np.full((nz + 2, ny + 2, nx + 2), -np.inf, image.dtype)
+    h = hv[0]
+    r = rv[0]
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                v = image[z, y, x]
+                mask[z + 1, y + 1, x + 1] = -v
+                seed[z + 1, y + 1, x + 1] = -((v + h) + r * abs(v))
+    _k_dilate(seed.reshape(-1), mask.reshape(-1), offs)
+    out = np.zeros((nz, ny, nx), np.uint8)
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                v = image[z, y, x]
+                if -seed[z + 1, y + 1, x + 1] - v >= h:
+                    out[z, y, x] = 1
+    return out
+
+
+if HAVE_NUMBA:
+    _k_h_minima = numba.njit(cache=True)(_k_h_minima)
+
+
+def _k_dome_maxima(dist: np.ndarray, depth: float, within: np.ndarray, offs: np.ndarray) -> np.ndarray:
+    """Regional maxima inside ``within`` of the h-dome reconstruction of ``dist`` (3D, float64): one compiled call
+    per object of :func:`~spoco_bundle.clustering.split_by_shape`, padding included."""
     nz, ny, nx = dist.shape
     seed = np.full((nz + 2, ny + 2, nx + 2), -np.inf)
     mask = np.full((nz + 2, ny + 2, nx + 2), -np.inf)
+    starts = np.zeros((nz + 2, ny + 2, nx + 2), np.bool_)
     for z in range(nz):
         for y in range(ny):
             for x in range(nx):
                 mask[z + 1, y + 1, x + 1] = dist[z, y, x]
                 seed[z + 1, y + 1, x + 1] = dist[z, y, x] - depth
+                starts[z + 1, y + 1, x + 1] = within[z, y, x]
     _k_dilate(seed.reshape(-1), mask.reshape(-1), offs)
     out = np.zeros(seed.shape, np.bool_)
     inner = seed[1:-1, 1:-1, 1:-1]
     if inner.min() < inner.max():  # a flat dome has no maximum (scikit-image's rule, see local_maxima)
-        _k_maxima(seed.reshape(-1), offs, out.reshape(-1))
-    return out[1:-1, 1:-1, 1:-1]
+        _k_maxima(seed.reshape(-1), offs, out.reshape(-1), starts.reshape(-1))
+    return out[1:-1, 1:-1, 1:-1] & within
 
 
 if HAVE_NUMBA:
     _k_dome_maxima = numba.njit(cache=True, nogil=True)(_k_dome_maxima)
 
 
-def dome_maxima(image: np.ndarray, h: float) -> np.ndarray:
-    """Regional maxima (bool mask) of the h-dome reconstruction of ``image``: ``local_maxima(reconstruction(image -
-    h, image))``, the markers of :func:`~spoco_bundle.clustering.split_by_shape`, in one compiled call."""
+def dome_maxima(image: np.ndarray, h: float, within: np.ndarray | None = None) -> np.ndarray:
+    """Regional maxima (bool mask) of the h-dome reconstruction of ``image`` inside ``within`` (default: everywhere):
+    ``local_maxima(reconstruction(image - h, image)) & within``, the markers of
+    :func:`~spoco_bundle.clustering.split_by_shape`, in one compiled call."""
     image = np.asarray(image, dtype=np.float64)
     if image.ndim not in (2, 3):
         raise ValueError(f"dome_maxima expects a 2D or 3D image, got shape {image.shape}.")
+    within = np.ones(image.shape, bool) if within is None else np.asarray(within, bool)
+    if within.shape != image.shape:
+        raise ValueError(f"within has shape {within.shape}, the image {image.shape}; they must match.")
     if not HAVE_NUMBA or image.size == 0:
-        return local_maxima(reconstruction(image - h, image))
+        return local_maxima(reconstruction(image - h, image)) & within
     img3 = image if image.ndim == 3 else image[None]
+    win3 = within if within.ndim == 3 else within[None]
     padded_shape = tuple(n + 2 for n in img3.shape)
-    out = _k_dome_maxima(np.ascontiguousarray(img3), float(h), _offsets(padded_shape, image.ndim))
+    out = _k_dome_maxima(
+        np.ascontiguousarray(img3), float(h), np.ascontiguousarray(win3), _offsets(padded_shape, image.ndim)
+    )
     return out if image.ndim == 3 else out[0]
 
 
@@ -183,8 +231,8 @@ def reconstruction(seed: np.ndarray, mask: np.ndarray, method: str = "dilation")
 
         return sk_reconstruction(seed, mask, method=method)
     sign = 1.0 if method == "dilation" else -1.0
-    s = _padded(sign * np.asarray(seed, dtype), -np.inf)
-    m = _padded(sign * np.asarray(mask, dtype), -np.inf)
+    s = _padded_signed(seed, sign, dtype)
+    m = _padded_signed(mask, sign, dtype)
     if np.any(s > m):
         raise ValueError(f"reconstruction by {method} needs seed {'<=' if sign > 0 else '>='} mask everywhere.")
     _k_dilate(s.reshape(-1), m.reshape(-1), _offsets(s.shape, seed.ndim))
@@ -202,10 +250,14 @@ def h_minima(image: np.ndarray, h: float) -> np.ndarray:
         return np.zeros(image.shape, dtype=np.uint8)
     if h == 0:
         raise ValueError("h = 0 is ambiguous: every regional minimum.")
-    resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
-    shifted = image + h + resolution
-    residue = reconstruction(shifted, image, method="erosion") - image
-    return (residue >= h).astype(np.uint8)
+    resolution = 2 * np.finfo(image.dtype).resolution  # scikit-image's tolerance: shifted by h + this x |image|
+    if not HAVE_NUMBA:
+        residue = reconstruction(image + h + resolution * np.abs(image), image, method="erosion") - image
+        return (residue >= h).astype(np.uint8)
+    img3 = np.ascontiguousarray(image if image.ndim == 3 else image[None])
+    hv, rv = np.array([h], image.dtype), np.array([resolution], image.dtype)
+    out = _k_h_minima(img3, hv, rv, _offsets(tuple(n + 2 for n in img3.shape), image.ndim))
+    return out if image.ndim == 3 else out[0]
 
 
 def local_maxima(image: np.ndarray) -> np.ndarray:
@@ -222,18 +274,19 @@ def local_maxima(image: np.ndarray) -> np.ndarray:
         return np.zeros(image.shape, dtype=bool)
     padded = _padded(image.astype(np.float64), -np.inf)
     out = np.zeros(padded.shape, dtype=bool)
-    _k_maxima(padded.reshape(-1), _offsets(padded.shape, image.ndim), out.reshape(-1))
+    starts = np.ones(padded.size, dtype=bool)
+    _k_maxima(padded.reshape(-1), _offsets(padded.shape, image.ndim), out.reshape(-1), starts)
     out = out[1:-1, 1:-1, 1:-1]
     return out if image.ndim == 3 else out[0]
 
 
-def _k_watershed(levels: np.ndarray, n_levels: int, labels: np.ndarray, offs: np.ndarray) -> None:
+def _k_watershed(levels: np.ndarray, n_levels: int, labels: np.ndarray, offs: np.ndarray, nxt: np.ndarray) -> None:
     """Seeded watershed by a hierarchical queue (one FIFO per grey level) of the quantised image ``levels`` from
-    ``labels`` > 0 into the voxels where ``labels`` is 0, in place; -1 (outside the mask, the padding) stays."""
+    ``labels`` > 0 into the voxels where ``labels`` is 0, in place; -1 (outside the mask, the padding) stays.
+    ``nxt``: work array of the queues' links, one per voxel."""
     n = levels.size
     head = np.full(n_levels, -1, np.int64)
     tail = np.full(n_levels, -1, np.int64)
-    nxt = np.empty(n, np.int64)
     for p in range(n):
         if labels[p] <= 0:
             continue
@@ -316,7 +369,8 @@ def watershed(image: np.ndarray, markers: np.ndarray, mask: np.ndarray | None = 
     with np.errstate(invalid="ignore", over="ignore"):
         levels = _padded(((image - lo) * scale).astype(np.uint16), 0)
     face = np.array([o for o in _offsets(lab.shape, image.ndim) if o in _face_offsets(lab.shape, image.ndim)], np.int64)
-    _k_watershed(levels.reshape(-1), WATERSHED_LEVELS, lab.reshape(-1), face)
+    nxt = np.empty(lab.size, np.int32 if lab.size < 2**31 else np.int64)  # int32: less memory traffic
+    _k_watershed(levels.reshape(-1), WATERSHED_LEVELS, lab.reshape(-1), face, nxt)
     out = np.maximum(lab[1:-1, 1:-1, 1:-1], 0)
     return out if image.ndim == 3 else out[0]
 

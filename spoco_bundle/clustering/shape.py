@@ -101,7 +101,7 @@ def _split_object(
         return None
     # h-maxima as the regional maxima of the h-dome reconstruction: unlike skimage's h_maxima residue test,
     # this keeps two equally high peaks one marker when the saddle between them is shallower than h
-    markers, n = ndimage.label(dome_maxima(dist, h * top) & obj)
+    markers, n = ndimage.label(dome_maxima(dist, h * top, within=obj))
     if n < 2:
         return None
     parts = watershed(-dist, markers, mask=obj)
