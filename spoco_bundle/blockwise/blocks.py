@@ -1,0 +1,120 @@
+"""What runs on one block of a blockwise segmentation (the ``segment_block`` of
+:func:`~spoco_bundle.blockwise.segment.segment_blockwise`): the network and the post-processing chain of
+configs/inference.json, or the chain alone on embeddings computed elsewhere. Both pickle, for dask.distributed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ClusterBlock", "NetworkBlock", "postprocessing_chain"]
+
+
+def _labels(data: Mapping, key: str) -> np.ndarray:
+    labels = data[key]
+    labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    return labels[0]  # (1, *S) -> S
+
+
+def postprocessing_chain(
+    clustering: str = "watershed",
+    embedding_dim: int = 16,
+    background: str = "head",
+    foreground_threshold: float = 0.5,
+    shape_split: float = 0.1,
+    min_size: int = 16,
+    delta_v: float = 0.5,
+    delta_d: float = 2.0,
+) -> Callable[[dict], Mapping]:
+    """The ``postprocessing`` of configs/inference.json with its ids as arguments (same defaults), on ``"pred"``."""
+    from monai.transforms import Compose
+
+    from spoco_bundle.postprocessing import ClusterInstancesd, ForegroundMaskd, RemoveSmallInstancesd, SplitByShaped
+
+    common = dict(keys="pred", embedding_dim=embedding_dim, background=background)
+    return Compose(
+        [
+            ForegroundMaskd(threshold=foreground_threshold, method=clustering, **common),
+            ClusterInstancesd(method=clustering, delta_v=delta_v, delta_d=delta_d, min_size=min_size, **common),
+            SplitByShaped(keys="pred", h=shape_split, min_size=min_size),
+            RemoveSmallInstancesd(keys="pred", min_size=min_size),
+        ]
+    )
+
+
+class ClusterBlock:
+    """
+    The post-processing chain (foreground, clustering, shape split, size filter: ``postprocessing`` of
+    configs/inference.json, :mod:`spoco_bundle.postprocessing`) on a block of network output ``(C, *S)``.
+
+    Args:
+        postprocessing: a dictionary transform from ``{"pred": (C, *S)}`` to instance labels ``(1, *S)`` under
+            ``"pred"``.
+        spacing: voxel size per spatial axis, for the shape split (None: isotropic).
+
+    Returns (call): int32 labels ``S``.
+    """
+
+    def __init__(self, postprocessing: Callable[[dict], Mapping], spacing: Sequence[float] | None = None) -> None:
+        self.postprocessing = postprocessing
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+
+    def _image(self, spatial: tuple[int, ...]) -> Any:
+        """An empty MetaTensor carrying the voxel size for :class:`~spoco_bundle.postprocessing.SplitByShaped`."""
+        from monai.data import MetaTensor
+
+        affine = np.eye(4)
+        if self.spacing is not None:
+            affine[range(len(self.spacing)), range(len(self.spacing))] = self.spacing
+        return MetaTensor(torch.zeros((1,) + (1,) * len(spatial)), affine=torch.as_tensor(affine))
+
+    def __call__(self, pred: np.ndarray) -> np.ndarray:
+        pred = np.asarray(pred, dtype=np.float32)
+        data = self.postprocessing({"pred": pred, "image": self._image(pred.shape[1:])})
+        return _labels(data, "pred").astype(np.int32)
+
+
+class NetworkBlock(ClusterBlock):
+    """
+    The network and post-processing of configs/inference.json on one block of raw image intensities ``S``:
+    intensities scaled by the whole volume's percentiles (``intensity_range``, so every block is normalised alike),
+    ``inferer`` (a sliding window inside the block, resampling by a fixed image scale) on ``network``, then the chain.
+
+    Args:
+        network: the inference network (eval mode is set on the first call).
+        inferer: e.g. ``ScaledInferer(SlidingWindowInferer(...), scale)`` with a fixed scale.
+        postprocessing: as for :class:`ClusterBlock`.
+        intensity_range: ``(lo, hi)`` intensities mapped to 0 and 1 (the volume's percentiles).
+        spacing: voxel size per spatial axis.
+        device: where the network runs.
+
+    Returns (call): int32 labels ``S``; a constant block (empty space around a sample) gives zeros, no network pass.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        inferer: Callable,
+        postprocessing: Callable[[dict], Mapping],
+        intensity_range: tuple[float, float],
+        spacing: Sequence[float] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(postprocessing, spacing)
+        self.network = network
+        self.inferer = inferer
+        self.lo, self.hi = float(intensity_range[0]), float(intensity_range[1])
+        self.device = str(device)
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:  # type: ignore[override]
+        block = np.asarray(block)
+        if block.size == 0 or block.max() == block.min():
+            return np.zeros(block.shape, dtype=np.int32)
+        x = (block.astype(np.float32) - self.lo) / max(self.hi - self.lo, 1e-12)
+        self.network.eval()
+        with torch.no_grad():
+            pred = self.inferer(torch.from_numpy(x)[None, None].to(self.device), self.network)[0]
+        return super().__call__(pred.detach().cpu().numpy())

@@ -1,0 +1,282 @@
+"""One image end to end, blockwise: what :func:`~spoco_bundle.inferers.segment_files` runs for a Zarr store or for
+a file whose segmentation would not fit the memory budget, and the settings that decide it (``blockwise`` in
+configs/inference.json)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from spoco_bundle.blockwise.blocks import NetworkBlock
+from spoco_bundle.blockwise.grid import choose_block_shape, receptive_field, window_halo, window_tail
+from spoco_bundle.blockwise.segment import check_output, segment_blockwise
+from spoco_bundle.blockwise.store import is_zarr, open_volume
+
+__all__ = ["BlockwiseSettings", "BYTES_PER_VOXEL", "segment_volume"]
+
+logger = logging.getLogger(__name__)
+
+# peak memory of the whole-volume path per voxel (network output of 17 float32 channels, the sliding window's sums
+# and weights, the clustering's copies): about 390 measured for a 0.8-Mvoxel volume (default network, watershed),
+# with a margin; the end-to-end mode of scripts/benchmark_blockwise.py reports peak memory to check it against
+BYTES_PER_VOXEL = 600
+# share of the free memory a run may take by default (the rest: the OS, other programs, estimate errors)
+FREE_MEMORY_SHARE = 0.5
+# voxels of the subsample the intensity percentiles are taken from
+PERCENTILE_SAMPLE = 1 << 23
+# side of the central crop "auto" image_scale measures the blob size on
+SCALE_CROP = 128
+
+
+def free_memory_gb() -> float:
+    """The memory available to new allocations now (psutil's ``available``), in GB."""
+    import psutil
+
+    return psutil.virtual_memory().available / 1e9
+
+
+class BlockwiseSettings:
+    """
+    When and how an image is segmented blockwise (the ``blockwise`` object of configs/inference.json).
+
+    An image is segmented blockwise when it is a Zarr store or when its whole-volume segmentation would need more
+    than ``max_memory_gb`` (estimated at :data:`BYTES_PER_VOXEL` per voxel). The blocks are then sized so that the
+    blocks in flight at once fit that budget too.
+
+    Args:
+        max_memory_gb: the memory budget; None: :data:`FREE_MEMORY_SHARE` of the free memory at the start.
+        scheduler: None: the local threaded scheduler; ``"tcp://host:port"``: the dask.distributed scheduler there
+            (its workers need this package and the input and output folders at the same paths).
+        block_shape: core block per spatial axis (one number or a list); None: the largest that fits the budget.
+        halo: more context on both sides of a block (for the clustering of large objects); None: the halos that keep
+            the sliding window's positions those of the whole volume (``grid.window_halo``), or, for a resampled
+            image, half of what the network sees around a voxel (its receptive field, at most the window).
+        workers: blocks segmented at once on local threads; None: as many as the budget and the cores allow.
+        input_channel, input_time_point: the channel / time point of an OME-Zarr with several.
+        intensity_percentiles: the normalisation's percentiles, taken over the whole volume (a subsample).
+        min_size: objects under this many voxels after stitching are removed.
+        iou_threshold: objects of neighbouring blocks overlapping with IoU above it are one object.
+
+    Raises:
+        ValueError: a non-positive memory budget.
+    """
+
+    def __init__(
+        self,
+        max_memory_gb: float | None = None,
+        scheduler: str | None = None,
+        block_shape: int | Sequence[int] | None = None,
+        halo: int | Sequence[int] | None = None,
+        workers: int | None = None,
+        input_channel: int | None = None,
+        input_time_point: int | None = None,
+        intensity_percentiles: Sequence[float] = (1.0, 99.8),
+        min_size: int = 16,
+        iou_threshold: float = 0.5,
+    ) -> None:
+        if max_memory_gb is not None and not float(max_memory_gb) > 0:
+            raise ValueError(f"max_memory_gb must be positive (or null: half the free memory), got {max_memory_gb!r}.")
+        self.max_memory_gb = None if max_memory_gb is None else float(max_memory_gb)
+        self.scheduler = scheduler or None
+        self.block_shape = block_shape
+        self.halo = halo
+        self.workers = None if workers is None else max(1, int(workers))
+        self.input_channel = input_channel
+        self.input_time_point = input_time_point
+        self.intensity_percentiles = (float(intensity_percentiles[0]), float(intensity_percentiles[1]))
+        self.min_size = int(min_size)
+        self.iou_threshold = float(iou_threshold)
+
+    def budget_gb(self) -> float:
+        return self.max_memory_gb if self.max_memory_gb is not None else FREE_MEMORY_SHARE * free_memory_gb()
+
+    def wanted(self, path: str) -> bool:
+        """Whether ``path`` is segmented blockwise: a Zarr store, or whole-volume memory above the budget."""
+        if is_zarr(path):
+            return True
+        from spoco_bundle.io import read_spacing
+
+        try:
+            shape = read_spacing(path)[0]
+        except ValueError:
+            return False  # the whole-volume path reports it, as before
+        return math.prod(shape) * BYTES_PER_VOXEL / 1e9 > self.budget_gb()
+
+
+def _percentiles(image: Any, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The intensity percentiles of the whole volume from a regular subsample of at most PERCENTILE_SAMPLE voxels."""
+    step = max(1, math.ceil((image.size / PERCENTILE_SAMPLE) ** (1 / image.ndim)))
+    sample = np.asarray(image[(slice(None, None, step),) * image.ndim].compute(), dtype=np.float64)
+    lo, hi = np.percentile(sample, percentiles)
+    return float(lo), float(hi)
+
+
+def _fixed_scale_inferer(inferer: Any, network: Any, image: Any, lo: float, hi: float) -> tuple[Any, float]:
+    """For ``image_scale "auto"``: the factor measured once on a central crop, and an inferer with it fixed (every
+    block resampled alike). Returns ``(inferer, factor)``."""
+    from spoco_bundle.inferers import ScaledInferer
+
+    if not getattr(inferer, "auto", False):
+        scale = getattr(inferer, "scale", (1.0,))
+        return inferer, float(np.prod(scale)) ** (1 / len(scale))
+    crop = tuple(slice(max(0, (s - SCALE_CROP) // 2), max(0, (s - SCALE_CROP) // 2) + SCALE_CROP) for s in image.shape)
+    x = (np.asarray(image[crop].compute(), dtype=np.float32) - lo) / max(hi - lo, 1e-12)
+    scale = inferer.find_scale(x[None], network)
+    logger.info(f"image_scale auto: {scale:.3g}, measured on the central {SCALE_CROP}-voxel crop")
+    return ScaledInferer(inferer.inferer, scale), scale
+
+
+def segment_volume(
+    path: str,
+    out_path: str,
+    network: torch.nn.Module,
+    inferer: Any,
+    postprocessing: Callable,
+    settings: BlockwiseSettings,
+    spatial_dims: int,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """
+    Segment one image (Zarr store, TIFF or NIfTI file) blockwise into ``out_path`` (``.zarr``: OME-Zarr; TIFF, NIfTI:
+    written slab by slab): the whole volume's intensity percentiles and image scale, blocks of at most the budget
+    (:class:`BlockwiseSettings`), :class:`~spoco_bundle.blockwise.blocks.NetworkBlock` on each, stitched.
+
+    Returns:
+        what :func:`~spoco_bundle.blockwise.segment.segment_blockwise` reports (``objects``, ``blocks``, ...).
+
+    Raises:
+        ValueError: naming the path: unreadable input, wrong dimensionality, a block smaller than the network's
+            receptive field, an existing output store.
+    """
+    check_output(out_path)  # before any work
+    image, meta = open_volume(path, settings.input_channel, settings.input_time_point)
+    if image.ndim != spatial_dims:
+        raise ValueError(f"{path} has {image.ndim} spatial axes {tuple(image.shape)}; the model is {spatial_dims}D.")
+    lo, hi = _percentiles(image, settings.intensity_percentiles)
+    if hi <= lo:
+        logger.warning(f"{path}: the image is constant (no contrast); 0 instances.")
+    inferer, scale = _fixed_scale_inferer(inferer, network, image, lo, hi)
+    view = _field_of_view(network, inferer, scale)
+    ndim = image.ndim
+    context = settings.halo
+    context = None if context is None else ((int(context),) * ndim if np.isscalar(context) else tuple(context))
+    windows = _windows(inferer, scale, ndim)
+    tail = None
+    if windows is not None:  # blocks on the sliding window's grid: the whole volume's network output in every core
+        halo_lo, halo_hi, step = window_halo(*windows, context=context)
+        tail = window_tail(image.shape, windows[0], step)
+    else:  # resampled (image_scale != 1) or another inferer: half the field of view, about the same output
+        halo_lo = halo_hi = context or (tuple(math.ceil(v / 2) for v in view) if view else (32,) * ndim)
+        step = (1,) * ndim
+    budget = settings.budget_gb() * 1e9
+    cores = os.cpu_count() or 1
+    voxel_bytes = BYTES_PER_VOXEL * max(1.0, scale) ** ndim
+    block = settings.block_shape
+    if block is None:
+        # one block when the volume fits the budget; else blocks for two at once (one in the network, which uses
+        # every core, one in the single-threaded clustering), as large as that allows: less halo to recompute
+        fits = math.prod(image.shape) * voxel_bytes <= budget
+        per_block = budget / (1 if fits else (settings.workers or min(2, cores))) / voxel_bytes
+        mean_halo = tuple(math.ceil((a + b) / 2) for a, b in zip(halo_lo, halo_hi))
+        block = choose_block_shape(image.shape, int(per_block), mean_halo, minimum=view)
+    block = (int(block),) * ndim if np.isscalar(block) else tuple(int(b) for b in block)  # type: ignore[arg-type]
+    block = tuple(min(b, s) for b, s in zip(block, image.shape))
+    if view is not None:
+        small = [ax for ax, (b, v, s) in enumerate(zip(block, view, image.shape)) if b < min(v, s)]
+        if small:
+            raise ValueError(
+                f"{path}: block_shape {list(block)} is smaller than the network's receptive field {list(view)} "
+                f"(voxels of this image; at most its sliding-window patch) along axis {small[0]}: give larger blocks "
+                "(--block_shape) or more memory (--max_memory_gb)."
+            )
+    # whole strides of the sliding window (not below the field of view), unless the block is the whole axis
+    least = view or (1,) * ndim
+    aligned = tuple(
+        b if b >= s else min(s, max(b // t, math.ceil(v / t)) * t)
+        for b, s, t, v in zip(block, image.shape, step, least)
+    )
+    if settings.block_shape is not None and aligned != block:
+        logger.info(f"block_shape {list(block)} -> {list(aligned)}: whole strides {list(step)} of the sliding window")
+    block = aligned
+    workers = settings.workers
+    if workers is None:  # as many blocks at once as the budget holds
+        ext = math.prod(b + h0 + h1 if b < s else b for b, h0, h1, s in zip(block, halo_lo, halo_hi, image.shape))
+        workers = int(max(1, min(cores, budget // (ext * voxel_bytes))))
+    segmenter = NetworkBlock(network, inferer, postprocessing, (lo, hi), meta.get("spacing"), device)
+    info: dict = {}
+    segment_blockwise(
+        image,
+        segmenter,
+        out_path,
+        block,
+        halo_lo,
+        halo_hi=halo_hi,
+        tail=tail,
+        min_size=settings.min_size,
+        iou_threshold=settings.iou_threshold,
+        scheduler=settings.scheduler,
+        workers=workers,
+        meta=meta,
+        identity=_identity(path, network, postprocessing, (lo, hi, scale)),
+        info=info,
+    )
+    return info
+
+
+def _windows(inferer: Any, scale: float, ndim: int) -> tuple[tuple[int, ...], Any] | None:
+    """``(roi, overlap)`` of the sliding window the network runs in, when its positions can be kept those of the
+    whole volume (a ``SlidingWindowInferer`` on the image's own grid, ``image_scale`` 1); else None."""
+    from monai.inferers import SlidingWindowInferer
+
+    sw = getattr(inferer, "inferer", inferer)
+    if scale != 1.0 or not isinstance(sw, SlidingWindowInferer):
+        return None
+    roi = tuple(int(r) for r in sw.roi_size)
+    if len(roi) != ndim or min(roi) < 1:
+        return None
+    return roi, sw.overlap
+
+
+def _field_of_view(network: torch.nn.Module, inferer: Any, scale: float) -> tuple[int, ...] | None:
+    """What the network sees of the image around a voxel, per axis in the image's voxels: its receptive field, but no
+    more than the sliding window's patch (the whole-volume path never gives it more), divided by the image scale.
+    None when neither is known."""
+    rf = receptive_field(getattr(network, "student", network))
+    roi = getattr(getattr(inferer, "inferer", inferer), "roi_size", None)
+    if rf is None and roi is None:
+        return None
+    n = len(rf if rf is not None else roi)
+    rf = rf or (10**9,) * n
+    roi = tuple(int(r) for r in roi) if roi is not None else (10**9,) * n
+    return tuple(math.ceil(min(a, b) / scale) for a, b in zip(rf, roi))
+
+
+def _describe(obj: Any, depth: int = 4) -> Any:
+    """The settings of a (nested) transform as plain values, for comparing two runs' post-processing."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_describe(v, depth - 1) for v in obj] if depth > 0 else "..."
+    if depth > 0 and hasattr(obj, "__dict__"):
+        attrs = {k: _describe(v, depth - 1) for k, v in sorted(vars(obj).items()) if not k.startswith("_")}
+        return {type(obj).__name__: attrs}
+    return type(obj).__name__
+
+
+def _identity(path: str, network: torch.nn.Module, postprocessing: Any, numbers: Sequence[float]) -> str:
+    """What a resumed run must share with the interrupted one: the input (path, modification time), the network's
+    weights, the post-processing's settings and the normalisation / scale found for the image."""
+    digest = hashlib.sha1()
+    for name, value in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().numpy().tobytes())
+    digest.update(json.dumps(_describe(postprocessing), sort_keys=True, default=str).encode())
+    return f"{os.path.abspath(path)}@{os.path.getmtime(path)}|{digest.hexdigest()}|{list(numbers)}"

@@ -1,0 +1,440 @@
+"""Blockwise segmentation of volumes larger than memory: the block grid, stitching across block borders, blockwise
+against whole-volume results, a real dask.distributed LocalCluster, Zarr / OME-Zarr / TIFF / NIfTI files, bad input
+and interrupted runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from monai.bundle import ConfigParser
+
+from spoco_bundle.blockwise import (
+    BlockGrid,
+    ClusterBlock,
+    choose_block_shape,
+    match_overlap,
+    merge_ids,
+    open_volume,
+    postprocessing_chain,
+    receptive_field,
+    segment_blockwise,
+    window_halo,
+    window_tail,
+    work_path,
+)
+from spoco_bundle.blockwise.synthetic import SyntheticEmbeddings
+from spoco_bundle.blockwise.volume import BlockwiseSettings, segment_volume
+from spoco_bundle.clustering import relabel_consecutive
+from spoco_bundle.inferers import segment_files
+from spoco_bundle.io import read_image
+from spoco_bundle.metrics import ap50
+from spoco_bundle.synthetic import generate_nuclei
+
+ROOT = Path(__file__).resolve().parents[1]
+INFER = str(ROOT / "configs" / "inference.json")
+META = str(ROOT / "metadata.json")
+SHAPE = (48, 96, 96)
+FULL = tuple(slice(0, s) for s in SHAPE)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """The two label images are equal up to a renumbering of the ids (0 stays 0)."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(pairs[0]) == len(np.unique(a)) == len(np.unique(b)) and bool(((pairs[0] == 0) == (pairs[1] == 0)).all())
+
+
+def _crossing(labels: np.ndarray, grid: BlockGrid) -> int:
+    """Objects with voxels in more than one block core."""
+    block_of = np.zeros(labels.shape, dtype=np.int64)
+    for k, index in enumerate(grid.blocks()):
+        block_of[grid.core(index)] = k
+    pairs = np.unique(np.stack([labels.ravel(), block_of.ravel()])[:, labels.ravel() > 0], axis=1)
+    ids, n_blocks = np.unique(pairs[0], return_counts=True)
+    return int((n_blocks > 1).sum())
+
+
+def _split(gt: np.ndarray, seg: np.ndarray, min_share: float = 0.1) -> int:
+    """Ground-truth objects covered by two or more predicted objects, each with at least ``min_share`` of it."""
+    fg = (gt > 0) & (seg > 0)
+    pairs, n = np.unique(np.stack([gt[fg], seg[fg]]), axis=1, return_counts=True)
+    size = dict(zip(*np.unique(gt[gt > 0], return_counts=True)))
+    big = n / np.array([size[g] for g in pairs[0]]) >= min_share
+    ids, parts = np.unique(pairs[0][big], return_counts=True)
+    return int((parts > 1).sum())
+
+
+# ------------------------------------------------------------------------------------------------ grid, stitching
+
+
+def test_blocks_tile_the_volume_and_their_overlap_slabs_line_up():
+    grid = BlockGrid((20, 33, 17), (8, 10, 17), 3)
+    assert grid.grid_shape == (3, 4, 1) and grid.halo == (3, 3, 0)  # an unsplit axis needs no halo
+    cover = np.zeros(grid.shape, dtype=int)
+    for index in grid.blocks():
+        cover[grid.core(index)] += 1
+        ext = grid.extended(index)
+        assert all(
+            0 <= e.start <= c.start and c.stop <= e.stop <= s for e, c, s in zip(ext, grid.core(index), grid.shape)
+        )
+    assert (cover == 1).all()
+    assert len(list(grid.faces())) == 2 * 4 + 3 * 3
+    # two neighbours' views of their overlap, cut from one volume, agree voxel for voxel (padding included), also
+    # with halos on the sliding window's grid (asymmetric, blocks near the end extended for its last window)
+    volume = np.random.default_rng(0).integers(1, 9, grid.shape)
+    aligned = BlockGrid(grid.shape, (8, 8, 8), (4, 8, 4), (2, 4, 2), window_tail(grid.shape, (6, 12, 6), (4, 8, 4)))
+    assert aligned.extended((0, 3, 0))[1] == slice(16, 33)  # core [24, 32) reaches past the last window at 21
+    for g in (grid, aligned):
+        for axis, lower, upper in g.faces():
+            a = g.face_slab(volume[g.extended(lower)], lower, axis, upper_face=True)
+            b = g.face_slab(volume[g.extended(upper)], upper, axis, upper_face=False)
+            assert a.shape == b.shape == g.slab_shape(axis) and (a == b).all()
+            assert (a > 0).sum() > 0
+    with pytest.raises(ValueError, match="halo along axis 0"):
+        BlockGrid((20, 20), 8, (0, 2))  # a split axis without overlap cannot be stitched
+
+
+def test_match_overlap_pairs_objects_by_iou():
+    a = np.array([[1, 1, 1, 1, 0, 2, 2, 0, 3, 3]])
+    b = np.array([[5, 5, 5, 0, 0, 6, 7, 0, 0, 8]])
+    # 1~5: IoU 3/4; 2 and 6/7: 1/2 each (not above 0.5); 3~8: 1/2
+    assert match_overlap(a, b).tolist() == [[1, 5]]
+    assert sorted(match_overlap(a, b, iou_threshold=0.4).tolist()) == [[1, 5], [2, 6], [2, 7], [3, 8]]
+    assert match_overlap(np.zeros((2, 2), int), np.ones((2, 2), int)).shape == (0, 2)
+
+
+def test_merge_ids_unites_chains_drops_empty_and_small_groups_and_numbers_1_to_n():
+    # ids 1..6; 1-3-5 one object across three blocks, 2 alone, 4 only in a halo (size 0), 6 small
+    sizes = np.array([0, 10, 20, 10, 0, 10, 3])
+    lut, n = merge_ids(6, np.array([[1, 3], [3, 5], [4, 2]]), sizes, min_size=5)
+    assert n == 2
+    assert lut[0] == 0 and lut[1] == lut[3] == lut[5] == 1 and lut[2] == lut[4] == 2 and lut[6] == 0
+
+
+def test_block_shape_from_the_memory_budget():
+    assert choose_block_shape((40, 50, 60), 10**6, (4, 4, 4)) == (40, 50, 60)  # fits: one block
+    block = choose_block_shape((1024, 1024, 1024), 2_000_000, (16, 32, 32), minimum=(32, 64, 64))
+    assert np.prod([b + 2 * h for b, h in zip(block, (16, 32, 32))]) <= 2_000_000
+    assert all(b >= m for b, m in zip(block, (32, 64, 64))) and max(block) / min(block) < 2  # about cubic
+    assert choose_block_shape((1024, 1024, 1024), 1000, (16, 32, 32), minimum=(32, 64, 64)) == (32, 64, 64)
+    assert choose_block_shape((8, 4096, 4096), 10**6, (4, 16, 16))[0] == 8  # a thin axis stays whole
+
+
+def test_receptive_field_of_the_bundle_network():
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    net = parser.get_parsed_content("network_def")  # features [16, 32, 64, 128]: three down-samplings
+    assert receptive_field(net) == (75, 75, 75)
+    assert receptive_field(torch.nn.Conv3d(1, 1, 3)) is None
+
+
+def test_blocks_on_the_sliding_window_grid_give_the_whole_volume_network_output():
+    # a real (untrained) U-Net in MONAI's SlidingWindowInferer: with the halos of window_halo and the tail rule, every
+    # window that touches a block's core is one of the whole volume's, so the core's output is the whole volume's
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"ckpt_path": "/none/model.pt", "features": [8, 16, 32]})
+    net, inferer = parser.get_parsed_content("network_def").eval(), parser.get_parsed_content("sliding_window_inferer")
+    roi = tuple(inferer.roi_size)
+    image = np.random.default_rng(0).random((40, 152, 176), dtype=np.float32)
+    lo, hi, stride = window_halo(roi, inferer.overlap)
+    assert (lo, hi, stride) == ((24, 48, 48), (8, 16, 16), (24, 48, 48))
+    grid = BlockGrid(image.shape, (24, 48, 48), lo, hi, window_tail(image.shape, roi, stride))
+    assert grid.grid_shape == (2, 4, 4)
+    with torch.no_grad():
+        whole = inferer(torch.from_numpy(image)[None, None], net)[0].numpy()
+        for index in [(0, 0, 0), (0, 1, 2), (1, 2, 1), (1, 3, 3)]:
+            block = np.ascontiguousarray(image[grid.extended(index)])
+            out = inferer(torch.from_numpy(block)[None, None], net)[0].numpy()
+            core = (slice(None),) + grid.core_in_extended(index)
+            np.testing.assert_allclose(out[core], whole[(slice(None),) + grid.core(index)], atol=1e-4)
+
+
+def _permuted(block: np.ndarray) -> np.ndarray:
+    """A 'segmentation' that finds the true objects but numbers them in its own order, as a block's clustering does."""
+    labels = relabel_consecutive(block)
+    perm = np.concatenate([[0], 1 + np.random.default_rng(int(labels.max())).permutation(int(labels.max()))])
+    return perm[labels].astype(np.int32)
+
+
+def test_objects_crossing_block_borders_get_one_id(tmp_path):
+    syn = SyntheticEmbeddings(SHAPE, cell=14, seed=3)
+    gt = syn.labels(FULL)
+    info: dict = {}
+    out = segment_blockwise(gt, _permuted, tmp_path / "l.ome.zarr", (16, 40, 40), 8, info=info)
+    labels = np.asarray(out)
+    assert _crossing(gt, BlockGrid(SHAPE, (16, 40, 40), 8)) > 50  # the test means something
+    assert _same_partition(gt, labels)
+    assert info["objects"] == labels.max() == len(np.unique(gt)) - 1  # ids 1..n, unique over the volume
+    assert sorted(np.unique(labels)) == list(range(labels.max() + 1))
+
+
+@pytest.mark.parametrize("method", ["fast", "watershed"])
+def test_blockwise_agrees_with_whole_volume_on_synthetic_embeddings(tmp_path, method):
+    syn = SyntheticEmbeddings(SHAPE, seed=1)
+    gt = syn.labels(FULL)
+    segment = ClusterBlock(postprocessing_chain(method, shape_split=0.0, min_size=16))
+    whole = segment(syn[FULL])
+    grid = BlockGrid(SHAPE, (24, 48, 48), 12)
+    blockwise = np.asarray(segment_blockwise(syn, segment, tmp_path / "e.ome.zarr", grid.block_shape, 12, min_size=16))
+    assert ap50(whole, blockwise) >= 0.99
+    assert ap50(gt, blockwise) >= 0.95
+    assert _crossing(blockwise, grid) > 20 and _split(gt, blockwise) == _split(gt, whole) == 0
+
+
+@pytest.mark.slow
+def test_a_local_cluster_of_two_workers_gives_the_threaded_result(tmp_path):
+    from distributed import Client, LocalCluster
+
+    syn = SyntheticEmbeddings(SHAPE, seed=2)
+    segment = ClusterBlock(postprocessing_chain("fast", shape_split=0.0, min_size=16))
+    threaded = np.asarray(segment_blockwise(syn, segment, tmp_path / "t.ome.zarr", (24, 48, 48), 12, min_size=16))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tcp://")
+        info: dict = {}
+        out = segment_blockwise(
+            syn, segment, tmp_path / "d.ome.zarr", (24, 48, 48), 12, min_size=16, scheduler=address, info=info
+        )
+        with Client(address) as client:
+            workers = client.run(os.getpid)  # two processes, not this one
+    assert len(set(workers.values()) - {os.getpid()}) == 2 and info["blocks"] == 8
+    assert (np.asarray(out) == threaded).all()  # the same ids, not only the same objects
+
+
+# ---------------------------------------------------------------------------------------------- files and stores
+
+
+class LevelNet(torch.nn.Module):
+    """A stand-in for a trained network that needs no training: embedding 0 = 20 x the normalised intensity (each
+    object of the test images has one of seven levels), foreground logit positive where the intensity is > 0.05."""
+
+    spatial_dims = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 17, *x.shape[2:])
+        out[:, 0] = 20 * x[:, 0]
+        out[:, 16] = 40 * (x[:, 0] - 0.05)
+        return out
+
+
+def _write_ome_zarr(path: Path, array: np.ndarray, axes: str, scale: list[float]) -> None:
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.create_array("0", shape=array.shape, chunks=(1,) * (array.ndim - 3) + (16, 32, 32), dtype=array.dtype)
+    group["0"][:] = array
+    kinds = {"c": "channel", "t": "time"}
+    group.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "axes": [{"name": a, "type": kinds.get(a, "space")} for a in axes],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+        }
+    ]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """The same volume as ImageJ TIFF, NIfTI and OME-Zarr (voxel size 2 x 1 x 1)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    _, lab = generate_nuclei(SHAPE, seed=0)
+    vol = ((lab % 7 + 1) * (lab > 0) * 1000).astype(np.uint16)
+    tifffile.imwrite(folder / "a.tif", vol, imagej=True, metadata={"axes": "ZYX", "spacing": 2.0}, resolution=(1, 1))
+    nib.save(nib.Nifti1Image(vol, np.diag([2.0, 1.0, 1.0, 1.0])), folder / "b.nii.gz")
+    _write_ome_zarr(folder / "c.ome.zarr", vol, "zyx", [2.0, 1.0, 1.0])
+    return folder
+
+
+def _chain() -> tuple:
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"ckpt_path": "/none/model.pt", "spatial_dims": 3, "image_scale": 1.0, "shape_split": 0.0})
+    return tuple(parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
+
+
+def test_tiff_nifti_and_ome_zarr_blockwise_match_the_whole_volume_path(tmp_path, inputs):
+    pre, inferer, post = _chain()
+    net = LevelNet()
+    files = [str(inputs / n) for n in ("a.tif", "b.nii.gz", "c.ome.zarr")]
+    segment_files(files[:2], pre, net, inferer, post, str(tmp_path / "whole"))
+    settings = BlockwiseSettings(max_memory_gb=0.001)  # the smallest blocks the network allows: 32 x 64 x 64
+    assert settings.wanted(files[0]) and not BlockwiseSettings(max_memory_gb=100).wanted(files[0])
+    written = segment_files(files, pre, net, inferer, post, str(tmp_path / "bw"), blockwise=settings)
+    assert [os.path.basename(p) for p in written] == ["a_instances.tif", "b_instances.nii.gz", "c_instances.ome.zarr"]
+    assert sorted(os.listdir(tmp_path / "bw")) == sorted(os.path.basename(p) for p in written)  # no leftovers
+    whole, whole_meta = read_image(tmp_path / "whole" / "a_instances.tif")
+    assert whole.max() > 20
+    for name in ("a_instances.tif", "b_instances.nii.gz"):
+        labels, meta = read_image(tmp_path / "bw" / name)
+        assert labels.shape == SHAPE and labels.dtype == np.uint16 and ap50(whole, labels) >= 0.99
+        assert np.allclose(np.diag(meta["affine"])[:3], [2.0, 1.0, 1.0])
+    labels, meta = open_volume(tmp_path / "bw" / "c_instances.ome.zarr")
+    assert ap50(whole, np.asarray(labels)) >= 0.99 and meta["spacing"] == (2.0, 1.0, 1.0)
+
+
+class LevelNet2d(LevelNet):
+    spatial_dims = 2
+
+
+def test_a_2d_tiff_blockwise_matches_the_whole_image(tmp_path):
+    _, lab = generate_nuclei((400, 520), seed=0)
+    image = ((lab % 7 + 1) * (lab > 0) * 1000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", image, imagej=True, resolution=(2, 2))  # pixels of 0.5
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"ckpt_path": "/none/model.pt", "spatial_dims": 2, "image_scale": 1.0, "shape_split": 0.0})
+    pre, inferer, post = (parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
+    path = [str(tmp_path / "a.tif")]
+    segment_files(path, pre, LevelNet2d(), inferer, post, str(tmp_path / "whole"))
+    settings = BlockwiseSettings(max_memory_gb=0.001, block_shape=[200, 200], halo=48)  # 2 x 3 blocks
+    segment_files(path, pre, LevelNet2d(), inferer, post, str(tmp_path / "bw"), blockwise=settings)
+    whole, whole_meta = read_image(tmp_path / "whole" / "a_instances.tif")
+    labels, meta = read_image(tmp_path / "bw" / "a_instances.tif")
+    assert whole.max() > 50 and ap50(whole, labels) >= 0.99
+    assert np.allclose(meta["spacing"], [0.5, 0.5]) and np.allclose(meta["spacing"], whole_meta["spacing"])
+
+
+def test_ome_zarr_channels_and_time_points_need_a_choice(tmp_path):
+    vol = np.random.default_rng(0).random((2, 3) + (8, 16, 16)).astype(np.float32)
+    _write_ome_zarr(tmp_path / "tc.ome.zarr", vol, "tczyx", [1.0, 1.0, 2.0, 0.5, 0.5])
+    path = str(tmp_path / "tc.ome.zarr")
+    with pytest.raises(ValueError, match=f"{path} has 2 time points.*--input_time_point"):
+        open_volume(path)
+    with pytest.raises(ValueError, match=f"{path} has 3 channel.*--input_channel"):
+        open_volume(path, input_time_point=1)
+    with pytest.raises(ValueError, match="--input_channel 3 is outside"):
+        open_volume(path, input_channel=3, input_time_point=1)
+    image, meta = open_volume(path, input_channel=2, input_time_point=1)
+    assert np.array_equal(np.asarray(image), vol[1, 2]) and meta["spacing"] == (2.0, 0.5, 0.5)
+
+
+def test_stores_that_cannot_be_opened_name_their_path(tmp_path):
+    broken = tmp_path / "broken.zarr"
+    broken.mkdir()
+    (broken / "zarr.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"Cannot open the Zarr store {broken}"):
+        open_volume(broken)
+    with pytest.raises(ValueError, match="does not exist"):
+        open_volume(tmp_path / "missing.zarr")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'plain.zarr'} has no OME-NGFF"):
+        open_volume(tmp_path / "plain.zarr")
+
+
+def test_an_existing_output_store_is_never_overwritten(tmp_path, inputs):
+    pre, inferer, post = _chain()
+    out = tmp_path / "out"
+    (out / "c_instances.ome.zarr").mkdir(parents=True)
+    settings = BlockwiseSettings(block_shape=[32, 64, 64], halo=12)
+    with pytest.raises(RuntimeError, match=f"The output store {out / 'c_instances.ome.zarr'} exists"):
+        segment_files([str(inputs / "c.ome.zarr")], pre, LevelNet(), inferer, post, str(out), blockwise=settings)
+    assert os.listdir(out / "c_instances.ome.zarr") == []
+
+
+def test_a_block_smaller_than_the_receptive_field_is_refused(tmp_path, inputs):
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    net = parser.get_parsed_content("network_def")
+    _, inferer, post = _chain()
+    path = str(inputs / "c.ome.zarr")
+    settings = BlockwiseSettings(block_shape=[16, 32, 32])
+    with pytest.raises(
+        ValueError, match=f"{path}: block_shape \\[16, 32, 32\\] is smaller than the network's receptive"
+    ):
+        segment_volume(path, str(tmp_path / "x.ome.zarr"), net, inferer, post, settings, 3)
+    assert not os.path.exists(tmp_path / "x.ome.zarr") and not os.path.exists(work_path(tmp_path / "x.ome.zarr"))
+
+
+class _FailOnce:
+    """Segments like :func:`_permuted`, but fails on the ``fail_at``-th block it sees; counts its calls."""
+
+    def __init__(self, fail_at: int | None) -> None:
+        self.fail_at, self.calls = fail_at, 0
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("interrupted")  # as a crash or a killed worker in the middle of the run
+        return _permuted(block)
+
+
+def test_an_interrupted_run_leaves_no_output_and_resumes(tmp_path):
+    gt = SyntheticEmbeddings(SHAPE, cell=14, seed=4).labels(FULL)
+    out = tmp_path / "r.ome.zarr"
+    first = _FailOnce(fail_at=5)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        segment_blockwise(gt, first, out, (16, 48, 48), 8, workers=1)
+    assert not out.exists()  # nothing under the output's name until it is complete
+    done = os.listdir(os.path.join(work_path(out), "blocks"))
+    assert len(done) == 4
+    second = _FailOnce(fail_at=None)
+    info: dict = {}
+    labels = np.asarray(segment_blockwise(gt, second, out, (16, 48, 48), 8, workers=1, info=info))
+    assert second.calls == 12 - 4 and info["resumed_blocks"] == 4
+    assert _same_partition(gt, labels) and not os.path.exists(work_path(out))
+    # other settings: the stale blocks are not reused
+    first = _FailOnce(fail_at=3)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        segment_blockwise(gt, first, tmp_path / "s.ome.zarr", (16, 48, 48), 8, workers=1)
+    again = _FailOnce(fail_at=None)
+    segment_blockwise(gt, again, tmp_path / "s.ome.zarr", (24, 48, 48), 8, workers=1)
+    assert again.calls == 8
+
+
+# ------------------------------------------------------------------------------------------------ the bundle
+
+
+def test_inference_config_reads_the_blockwise_settings():
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"max_memory_gb": 2, "scheduler": "tcp://127.0.0.1:8786", "block_shape": [64, 128, 128]})
+    settings = parser.get_parsed_content("blockwise")
+    assert isinstance(settings, BlockwiseSettings)
+    assert settings.budget_gb() == 2.0 and settings.scheduler == "tcp://127.0.0.1:8786"
+    assert settings.block_shape == [64, 128, 128] and settings.min_size == parser.get_parsed_content("min_size")
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    default = parser.get_parsed_content("blockwise")
+    assert default.max_memory_gb is None and 0 < default.budget_gb()
+    with pytest.raises(ValueError, match="max_memory_gb must be positive"):
+        BlockwiseSettings(max_memory_gb=0)
+
+
+@pytest.mark.slow
+def test_bundle_run_segments_an_ome_zarr_blockwise(tmp_path, inputs):
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"features": [8, 16, 32]})
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFER, "--meta_file", META]
+    cmd += ["--logging_file", str(ROOT / "configs" / "logging.conf")]
+    cmd += [
+        "--dataset_dir",
+        str(inputs / "c.ome.zarr"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--ckpt_path",
+        str(ckpt),
+    ]
+    cmd += ["--device", "cpu", "--features", "[8,16,32]", "--image_scale", "1", "--background", "none"]
+    cmd += ["--max_memory_gb", "2", "--block_shape", "[48,48,48]"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "blockwise: 4 blocks of [48, 48, 48] + halo [0, 48, 48] / [0, 16, 16]" in done.stdout + done.stderr
+    labels, meta = open_volume(tmp_path / "out" / "c_instances.ome.zarr")
+    assert labels.shape == SHAPE and meta["spacing"] == (2.0, 1.0, 1.0)
+    attrs = json.loads((tmp_path / "out" / "c_instances.ome.zarr" / ".zattrs").read_text())
+    assert attrs["multiscales"][0]["name"] == "c_instances.ome.zarr"
+    # again: the output exists -> a clear error naming it, exit code 1
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and f"{tmp_path / 'out' / 'c_instances.ome.zarr'} exists" in done.stdout + done.stderr
