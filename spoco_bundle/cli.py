@@ -115,7 +115,9 @@ def segment(
     dry_run: bool = False,
     **ids: Any,
 ) -> None:
-    """Segment every NIfTI / TIFF image in ``input`` (or that one file) into ``output`` (``configs/inference.json``).
+    """Segment every NIfTI / TIFF image and Zarr store in ``input`` (or that one) into ``output``
+    (``configs/inference.json``; volumes larger than ``--max_memory_gb`` and Zarr stores blockwise on dask,
+    ``--scheduler tcp://host:8786`` for a dask.distributed cluster: docs/large_volumes.md).
 
     Args:
         input: an image folder or file.
@@ -125,7 +127,7 @@ def segment(
         ckpt: weights to use instead (a ``model.pt``; its ``model.json`` card supplies the network settings).
         preview: also write ``output/preview.png``, the predicted instances outlined over each image.
         dry_run: print the ``monai.bundle`` command instead of running it.
-        ids: any ``configs/inference.json`` id, e.g. ``--clustering fast --shape_split 0``.
+        ids: any ``configs/inference.json`` id, e.g. ``--clustering fast --shape_split 0 --max_memory_gb 2``.
     """
     if model is not None and ckpt is not None:
         raise SystemExit("error: give --model or --ckpt, not both.")

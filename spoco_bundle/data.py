@@ -381,22 +381,30 @@ def validate_datalist(
 
 def image_files(path: str | os.PathLike) -> list[str]:
     """
-    Inputs to segment: ``path`` itself if it is a NIfTI/TIFF file, else every NIfTI/TIFF file directly in the
-    folder ``path`` (sorted, absolute paths).
+    Inputs to segment: ``path`` itself if it is a NIfTI/TIFF file or a Zarr store (``*.zarr``, ``*.ome.zarr``),
+    else every NIfTI/TIFF file and Zarr store directly in the folder ``path`` (sorted, absolute paths).
 
     Raises:
         ValueError: naming the path, when it does not exist or holds no such file.
     """
+    from spoco_bundle.blockwise.store import VOLUME_SUFFIXES, is_zarr
+
     path = os.path.abspath(os.fspath(path))
+    if is_zarr(path):
+        return [path]
     if os.path.isfile(path):
         if not _supported(os.path.basename(path)):
-            raise ValueError(f"Unsupported input file {path}: expected one of {IMAGE_SUFFIXES}.")
+            raise ValueError(f"Unsupported input file {path}: expected one of {VOLUME_SUFFIXES}.")
         return [path]
     if not os.path.isdir(path):
         raise ValueError(f"Input folder {path} does not exist.")
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if _supported(f) and not f.startswith("."))
+    files = sorted(
+        os.path.join(path, f)
+        for f in os.listdir(path)
+        if not f.startswith(".") and (_supported(f) or f.lower().endswith(".zarr"))
+    )
     if not files:
-        raise ValueError(f"Input folder {path} holds no {IMAGE_SUFFIXES} files.")
+        raise ValueError(f"Input folder {path} holds no {VOLUME_SUFFIXES} files.")
     return files
 
 

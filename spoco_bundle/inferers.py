@@ -235,6 +235,7 @@ def segment_files(
     device: str | torch.device = "cpu",
     foreground_mask_dir: str | os.PathLike | None = None,
     mask_key: str = "foreground_mask",
+    blockwise: Any = None,
 ) -> list[str]:
     """
     Segment every file: preprocessing -> inferer(network) -> postprocessing (clustering) -> write
@@ -255,14 +256,22 @@ def segment_files(
     ``.tif``). Inputs that are the outputs of other inputs (``a_instances.tif`` beside ``a.tif``: an earlier run
     into the input folder) are skipped with a warning.
 
+    With ``blockwise`` (a :class:`~spoco_bundle.blockwise.volume.BlockwiseSettings`), a Zarr / OME-Zarr input, or an
+    image whose whole-volume segmentation would need more than its memory budget, is segmented block by block on
+    dask instead (:func:`~spoco_bundle.blockwise.volume.segment_volume`; ``preprocessing`` is not used for it: the
+    image is read lazily and normalised by the whole volume's percentiles). A Zarr input is written as OME-Zarr
+    (``<stem>_instances.ome.zarr`` / ``.zarr``), built under a hidden temporary name that an interrupted run resumes
+    from; an output store that exists is an error for that input (never overwritten).
+
     Returns:
         the written paths.
     """
+    from spoco_bundle.blockwise.store import is_zarr
     from spoco_bundle.data import foreground_mask_file, foreground_mask_index
     from spoco_bundle.io import partial_path, write_label_image
 
     if not files:
-        raise ValueError("No input images (.nii, .nii.gz, .tif, .tiff) to segment.")
+        raise ValueError("No input images (.nii, .nii.gz, .tif, .tiff, .zarr) to segment.")
     earlier = _earlier_outputs(files)
     for path, source in earlier.items():
         logger.warning(
@@ -277,13 +286,20 @@ def segment_files(
     _check_writable_folder(output_dir)
     for out_path in out_paths:  # a killed earlier run's half-written output (only this run's names: see docs)
         stale = partial_path(out_path)
-        if os.path.isfile(stale):
+        if not is_zarr(out_path) and os.path.isfile(stale):
             os.remove(stale)
             logger.warning(f"removed {stale}, a partial output left by an interrupted earlier run")
     network.eval()
     written, failed = [], []
     for i, (path, out_path) in enumerate(zip(files, out_paths)):
         try:
+            if blockwise is not None and blockwise.wanted(path):
+                _segment_blockwise(path, out_path, network, inferer, postprocessing, blockwise, masks, device)
+                logger.info(f"[{i + 1}/{len(files)}] {path} -> {out_path}")
+                written.append(out_path)
+                continue
+            if is_zarr(path):
+                raise ValueError(f"{path} is a Zarr store, which is segmented blockwise only (blockwise settings).")
             t0 = time.perf_counter()
             item = {"image": path}
             if masks is not None:
@@ -322,6 +338,35 @@ def segment_files(
     return written
 
 
+def _segment_blockwise(
+    path: str,
+    out_path: str,
+    network: torch.nn.Module,
+    inferer: Inferer,
+    postprocessing: Callable,
+    settings: Any,
+    masks: dict | None,
+    device: str | torch.device,
+) -> None:
+    """One input of :func:`segment_files`, blockwise (:func:`spoco_bundle.blockwise.volume.segment_volume`)."""
+    from spoco_bundle.blockwise.volume import segment_volume
+
+    if masks is not None:
+        raise ValueError(
+            f"{path}: foreground masks (--foreground_mask_dir) are not supported for blockwise segmentation yet; "
+            "segment it without, or raise --max_memory_gb if the whole volume fits."
+        )
+    spatial_dims = int(getattr(getattr(network, "student", network), "spatial_dims", 3))
+    t0 = time.perf_counter()
+    info = segment_volume(path, out_path, network, inferer, postprocessing, settings, spatial_dims, device)
+    logger.info(
+        f"{path}: {info['objects']} instances, blockwise: {info['blocks']} blocks of {list(info['block_shape'])} "
+        f"+ halo {list(info['halo'])} / {list(info['halo_hi'])} ({info['resumed_blocks']} from an interrupted run), "
+        f"{info['matched']} matches "
+        f"across block borders ({time.perf_counter() - t0:.1f} s)"
+    )
+
+
 def _check_writable_folder(output_dir: str) -> None:
     """Create ``output_dir`` if needed and write (and remove) a hidden file there, so that a read-only or otherwise
     unwritable output folder fails before any image is segmented, not after each one is computed.
@@ -350,16 +395,16 @@ def _earlier_outputs(files: Sequence[str]) -> dict[str, str]:
     """The inputs that are outputs of another input, ``{output: its input}``: ``<stem>_instances.<any suffix>`` in
     the folder of an input ``<stem>.<any suffix>`` of ``files`` (what a run with the output folder = the input folder
     leaves there; a second run would otherwise segment them as images)."""
-    from spoco_bundle.io import split_image_suffix
+    from spoco_bundle.blockwise.store import split_volume_suffix
 
     by_stem = {}
     for path in files:
         folder, name = os.path.split(os.path.abspath(path))
-        by_stem.setdefault((folder, split_image_suffix(name)[0]), path)
+        by_stem.setdefault((folder, split_volume_suffix(name)[0]), path)
     earlier = {}
     for path in files:
         folder, name = os.path.split(os.path.abspath(path))
-        stem = split_image_suffix(name)[0]
+        stem = split_volume_suffix(name)[0]
         source = by_stem.get((folder, stem[: -len("_instances")])) if stem.endswith("_instances") else None
         if source is not None and source != path:
             earlier[path] = source
@@ -373,11 +418,11 @@ def _output_paths(files: Sequence[str], output_dir: str, output_ext: str | None)
         ValueError: naming the inputs, when two of them would be written to one output (same stem: ``a.nii.gz`` and
             ``a.tif`` with ``output_ext`` ``.tif``, ``a.tif`` and ``a.tiff`` with ``.tif``, ...), before any work.
     """
-    from spoco_bundle.io import split_image_suffix
+    from spoco_bundle.blockwise.store import split_volume_suffix
 
     out_paths, by_output = [], {}
     for path in files:
-        stem, ext = split_image_suffix(os.path.basename(path))
+        stem, ext = split_volume_suffix(os.path.basename(path))
         out_path = os.path.join(output_dir, f"{stem}_instances{output_ext or ext}")
         out_paths.append(out_path)
         by_output.setdefault(os.path.normcase(os.path.abspath(out_path)), []).append(path)
