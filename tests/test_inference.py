@@ -407,3 +407,20 @@ def test_a_constant_image_gives_an_empty_segmentation_and_a_warning(tmp_path):
     labels, _ = read_image(tmp_path / "out" / "blank16_instances.tif")
     assert labels.shape == (40, 60) and not np.asarray(labels).any()
     assert (tmp_path / "out" / "noise_instances.tif").is_file()  # the other image is segmented as usual
+
+
+def test_sliding_window_runs_on_device_and_stitches_on_output_device():
+    """GPU memory bounds the window, not the volume: windows go to ``device``, the stitched output to
+    ``output_device`` (default the CPU)."""
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    window = parser.get_parsed_content("sliding_window_inferer")
+    assert torch.device(window.device) == torch.device("cpu")
+    assert torch.device(window.sw_device) == torch.device(parser.get_parsed_content("device"))
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"device": "$torch.device('cpu')", "output_device": "meta", "patch_size": [32, 32]})
+    window = parser.get_parsed_content("sliding_window_inferer")
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    out = window(torch.rand(1, 1, 40, 50), net)  # windows on the CPU, the stitched output where asked
+    assert out.device.type == "meta" and tuple(out.shape) == (1, 2, 40, 50)
