@@ -30,17 +30,29 @@ def match_overlap(a: np.ndarray, b: np.ndarray, iou_threshold: float = 0.5) -> n
     if not 0 <= iou_threshold < 1:
         raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold!r}.")
     a, b = a.reshape(-1).astype(np.int64), b.reshape(-1).astype(np.int64)
-    either = (a > 0) | (b > 0)
-    a, b = a[either], b[either]
     if a.size == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    ids_a, size_a = np.unique(a[a > 0], return_counts=True)
-    ids_b, size_b = np.unique(b[b > 0], return_counts=True)
-    both = (a > 0) & (b > 0)
+    if min(a.min(), b.min()) < 0:
+        raise ValueError("labels must be non-negative (0 = background).")
+    # compact ids (a block's own ids are small already): object sizes by bincount, one int64 key per (a, b) pair
+    # (a 1-D unique, sorted by a then b; np.unique(axis=0) on pairs is several times slower)
+    ids_a, a = np.unique(a, return_inverse=True) if a.max() > (1 << 24) else (None, a)
+    ids_b, b = np.unique(b, return_inverse=True) if b.max() > (1 << 24) else (None, b)
+    a, b = a.reshape(-1), b.reshape(-1)
+    zero_a = 0 if ids_a is None else int(np.searchsorted(ids_a, 0)) if ids_a[0] == 0 else -1
+    zero_b = 0 if ids_b is None else int(np.searchsorted(ids_b, 0)) if ids_b[0] == 0 else -1
+    both = (a != zero_a) & (b != zero_b)
     if not both.any():
         return np.zeros((0, 2), dtype=np.int64)
-    pairs, n = np.unique(np.stack([a[both], b[both]], axis=1), axis=0, return_counts=True)
-    union = size_a[np.searchsorted(ids_a, pairs[:, 0])] + size_b[np.searchsorted(ids_b, pairs[:, 1])] - n
+    size_a, size_b = np.bincount(a), np.bincount(b)
+    base = len(size_b)
+    keys, n = np.unique(a[both] * base + b[both], return_counts=True)
+    pairs = np.stack([keys // base, keys % base], axis=1)
+    union = size_a[pairs[:, 0]] + size_b[pairs[:, 1]] - n
+    if ids_a is not None:
+        pairs[:, 0] = ids_a[pairs[:, 0]]
+    if ids_b is not None:
+        pairs[:, 1] = ids_b[pairs[:, 1]]
     keep = n / union > iou_threshold  # IoU within the overlap
     return pairs[keep].reshape(-1, 2)
 
