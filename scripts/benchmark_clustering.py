@@ -226,7 +226,7 @@ def _machine_info() -> list[str]:
 
         nb = f"yes ({numba.__version__})"
     else:
-        nb = "no (numpy fallback of cluster_fast)"
+        nb = "no (cluster_fast needs it: pip install numba)"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return [
         f"- CPU: {cpu}",

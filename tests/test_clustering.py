@@ -8,20 +8,23 @@ cluster, and optionally a blurred centre field (network outputs change over a vo
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
 import pytest
+from _fast_oracle import _core_mask, _grow, _to_orig, cluster_fast_reference
 from scipy import ndimage
 
 from spoco_bundle.clustering import (
-    HAVE_NUMBA,
+    _common,
     cluster_consistency,
     cluster_embeddings,
     cluster_fast,
     cluster_hdbscan,
     cluster_meanshift,
     cluster_watershed,
+    fast,
     filter_small,
     head_threshold,
     relabel_consecutive,
@@ -29,8 +32,6 @@ from spoco_bundle.clustering import (
     split_by_shape,
 )
 from spoco_bundle.metrics import ap50
-
-BACKENDS = ["numpy"] + (["numba"] if HAVE_NUMBA else [])
 
 
 def make_labels(shape, n_objects, radius=(4.0, 8.0), min_size=20, seed=0) -> np.ndarray:
@@ -105,10 +106,9 @@ def data3d():
     return lab, make_embeddings(lab, blur=0.5, seed=4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fast_recovers_objects(data2d, data3d, backend):
+def test_fast_recovers_objects(data2d, data3d):
     for lab, emb in (data2d, data3d):
-        seg = cluster_fast(emb, backend=backend)
+        seg = cluster_fast(emb)
         assert seg.dtype == np.int32 and seg.shape == lab.shape
         assert ap50(lab, seg) >= 0.95
         # consecutive ids and background (the largest cluster) removed
@@ -150,15 +150,6 @@ def test_fast_background_pockets_and_fg_mask(data2d):
     cut = int((sizes[i] + sizes[i + 1]) // 2)
     seg = cluster_fast(emb, min_size=cut)
     assert seg.max() == np.sum(sizes >= cut) and np.bincount(seg.ravel())[1:].min() >= cut
-
-
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
-def test_backends_agree(data2d, data3d):
-    # same labels, up to the rare voxel within reach of two touching components' means (see cluster_fast)
-    for lab, emb in (data2d, data3d):
-        a = cluster_fast(emb, backend="numba")
-        b = cluster_fast(emb, backend="numpy")
-        assert a.max() == b.max() and np.mean(a != b) < 1e-3
 
 
 def test_fast_not_worse_than_hdbscan():
@@ -249,8 +240,6 @@ def test_input_validation():
         cluster_fast(emb, background="smallest")
     with pytest.raises(ValueError, match="merge"):
         cluster_fast(emb, merge="sometimes")
-    with pytest.raises(ValueError, match="backend"):
-        cluster_fast(emb, backend="cuda")
     with pytest.raises(ValueError, match="same shape"):
         cluster_consistency(emb, emb[:, :4])
     with pytest.raises(ValueError, match="floating"):
@@ -265,18 +254,23 @@ def test_fast_speed_report(capsys):
     lab = make_labels((32, 256, 256), 400, (5, 10), seed=41)
     emb = make_embeddings(lab, seed=42)
     cluster_fast(emb[:, :4])  # compile (numba) outside the timing
-    for backend in BACKENDS:
-        t0 = time.perf_counter()
-        seg = cluster_fast(emb, backend=backend)
-        dt = time.perf_counter() - t0
-        with capsys.disabled():
-            print(
-                f"\ncluster_fast[{backend}] {lab.size / 1e6:.1f} Mvoxel: {dt:.2f} s, {lab.size / dt / 1e6:.1f} Mvoxel/s"
-            )
-        assert ap50(lab, seg) >= 0.95
+    t0 = time.perf_counter()
+    seg = cluster_fast(emb)
+    dt = time.perf_counter() - t0
+    with capsys.disabled():
+        print(f"\ncluster_fast {lab.size / 1e6:.1f} Mvoxel: {dt:.2f} s, {lab.size / dt / 1e6:.1f} Mvoxel/s")
+    assert ap50(lab, seg) >= 0.95
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+def test_fast_needs_numba(monkeypatch):
+    # numba is a dependency: without it cluster_fast (and what runs it) names the package instead of falling back
+    monkeypatch.setattr(_common, "HAVE_NUMBA", False)
+    emb = np.zeros((4, 8, 8), np.float32)
+    for call in (lambda: cluster_fast(emb), lambda: cluster_embeddings(emb, "consistency", emb_g=emb)):
+        with pytest.raises(ImportError, match="cluster_fast needs the numba package.*pip install numba"):
+            call()
+
+
 def test_fast_clustering_does_not_depend_on_thread_count():
     # weakly separated, noisy embeddings: many voxels are near several means, where the growth order matters
     import numba
@@ -296,6 +290,197 @@ def test_fast_clustering_does_not_depend_on_thread_count():
     assert results[0].max() > 1
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
+
+
+# ------------------------------------------------------------------------ fast: kernels against numpy references
+# tests/_fast_oracle.py holds the numpy twins of fast's numba kernels (the former numpy backend); every kernel must
+# give the same result as its twin on seeded random inputs: 2D (as (H, 1, W), how cluster_fast runs it) and 3D,
+# singleton axes, one or many channels, masks, exact threshold hits and tied distances.
+
+# work shapes (D, H, W): 3D, 2D as (H, 1, W), lines and single voxels
+SHAPES3 = [(1, 1, 1), (1, 1, 9), (9, 1, 1), (1, 9, 1), (23, 1, 17), (1, 17, 23), (2, 2, 2), (6, 11, 13), (12, 9, 20)]
+
+
+def _blocky(rng, e: int, shape3, cell: int, noise: float, integer: bool = False) -> np.ndarray:
+    """(E, D, H, W) float32: piecewise constant over cell^3 blocks (random centres) plus noise; ``integer``: small
+    integers, so that squared distances are exact and hit a threshold exactly."""
+    coarse = rng.normal(size=(e,) + tuple(-(-s // cell) for s in shape3)) * 2.0
+    emb = coarse[(slice(None),) + np.ix_(*[np.arange(s) // cell for s in shape3])]
+    emb = emb + noise * rng.normal(size=emb.shape)
+    if integer:
+        emb = np.round(emb * 2)
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def test_core_kernel_matches_numpy_reference():
+    rng = np.random.default_rng(100)
+    n_true = n_false = 0
+    for case, (shape3, e) in enumerate(itertools.product(SHAPES3, (1, 3, 16))):
+        integer = case % 3 == 0
+        emb4 = _blocky(rng, e, shape3, int(rng.integers(2, 6)), 0.3, integer)
+        # threshold: a random one, and (integer embeddings) one that squared distances hit exactly
+        for tau2 in (np.float32(rng.uniform(0.1, 2.0) * e), np.float32(int(rng.integers(1, 3 * e)))):
+            ref = _core_mask(emb4, float(tau2), 1)
+            np.testing.assert_array_equal(fast._k_core(emb4, tau2), ref, err_msg=f"{shape3} E={e} tau2={tau2}")
+            n_true, n_false = n_true + ref.sum(), n_false + (~ref).sum()
+    assert n_true > 1000 and n_false > 1000  # the cases are not trivially all core / no core
+    # a volume the reference splits into several chunks of slices (halos), worked in a thread pool
+    emb4 = _blocky(rng, 2, (9, 256, 256), 7, 0.3)
+    ref = _core_mask(emb4, 1.0, 2)
+    assert 0.2 < ref.mean() < 0.9
+    np.testing.assert_array_equal(fast._k_core(emb4, np.float32(1.0)), ref)
+
+
+def test_orig_index_kernel_matches_numpy_reference():
+    # padded flat index -> original flat index: the inner voxels in raster order are 0..N-1
+    for shape3 in SHAPES3:
+        geo = fast._Padded(shape3)
+        inner = np.zeros(geo.pshape, bool)
+        inner[geo.inner] = True
+        p = np.flatnonzero(inner)
+        expected = np.arange(int(np.prod(shape3)))
+        np.testing.assert_array_equal(_to_orig(geo, p), expected)
+        np.testing.assert_array_equal([fast._k_orig(q, geo.kernel_geo) for q in p], expected)
+
+
+def _growth_case(rng, shape3, e: int, n_seeds: int, masked: bool, duplicate_means: bool):
+    """Padded seed labels, growable mask, embeddings (E, N) and means (n + 1, E) for one growth problem."""
+    geo = fast._Padded(shape3)
+    n_vox = int(np.prod(shape3))
+    emb = _blocky(rng, e, shape3, int(rng.integers(2, 5)), 0.5).reshape(e, -1)
+    lab = np.zeros(n_vox, np.int32)
+    n = min(n_seeds, n_vox)
+    at = rng.choice(n_vox, size=min(n_vox, 2 * n), replace=False)
+    lab[at] = np.concatenate([np.arange(1, n + 1), rng.integers(1, n + 1, size=len(at) - n)]).astype(np.int32)
+    means = rng.normal(size=(n + 1, e)) * 2.0
+    if duplicate_means and n > 1:
+        means[2::2] = means[1:-1:2][: len(means[2::2])]  # tied distances: the first neighbour in offset order wins
+    plab = np.zeros(geo.pshape, np.int32)
+    plab[geo.inner] = lab.reshape(shape3)
+    pgrow = np.zeros(geo.pshape, bool)
+    pgrow[geo.inner] = lab.reshape(shape3) == 0
+    if masked:
+        pgrow[geo.inner] &= rng.random(shape3) < 0.8
+    return geo, plab, pgrow, emb, means
+
+
+def _kernel_growth(geo, plab, pgrow, emb, means, radius2, sweep: bool):
+    plab, pgrow = plab.copy(), pgrow.copy()
+    if sweep:
+        fast._k_sweep(plab.reshape(-1), pgrow.reshape(-1), geo.offsets, emb, means, radius2, geo.kernel_geo)
+    cand = fast._frontier(plab, pgrow, geo)
+    fast._k_grow(plab.reshape(-1), pgrow.reshape(-1), geo.offsets, cand, emb, means, radius2, geo.kernel_geo)
+    return plab, pgrow
+
+
+def test_growth_kernels_match_numpy_reference():
+    rng = np.random.default_rng(200)
+    grown = 0
+    for case, shape3 in enumerate(SHAPES3 * 4):
+        e = (1, 4, 16)[case % 3]
+        masked, dup = case % 2 == 1, case % 4 >= 2
+        geo, plab, pgrow, emb, means = _growth_case(rng, shape3, e, int(rng.integers(1, 40)), masked, dup)
+        n = len(means) - 1
+        # no limit, a radius around the typical voxel-mean distance, and one below the means' spacing
+        spacing = np.inf if n < 2 else min(np.linalg.norm(means[i] - means[j]) for i in range(1, n) for j in range(i))
+        for radius2 in (np.inf, 2.0 * e * rng.uniform(0.5, 2.0), (0.49 * spacing) ** 2):
+            ref_lab, ref_grow = plab.copy(), pgrow.copy()
+            _grow(ref_lab, ref_grow, geo, emb, means, radius2)
+            got_lab, got_grow = _kernel_growth(geo, plab, pgrow, emb, means, radius2, sweep=False)
+            msg = f"case {case} {shape3} E={e} masked={masked} tied={dup} radius2={radius2}"
+            np.testing.assert_array_equal(got_lab, ref_lab, err_msg=msg)
+            np.testing.assert_array_equal(got_grow, ref_grow, err_msg=msg)
+            grown += int((ref_lab != plab).sum())
+            if radius2 < (spacing / 2) ** 2:
+                # no voxel within the radius of two means: the raster sweep before the rounds changes nothing
+                got_lab, got_grow = _kernel_growth(geo, plab, pgrow, emb, means, radius2, sweep=True)
+                np.testing.assert_array_equal(got_lab, ref_lab, err_msg=msg + " (sweep)")
+                np.testing.assert_array_equal(got_grow, ref_grow, err_msg=msg + " (sweep)")
+    assert grown > 10_000
+
+
+def test_adjacent_pairs_kernel_matches_numpy_reference():
+    rng = np.random.default_rng(300)
+    for case, shape3 in enumerate(SHAPES3 + [(30, 30, 30)]):
+        # sparse random labels, dense random labels (many distinct pairs: the kernel's key buffer grows past 4096),
+        # blocky labels (few pairs, long runs of repeated keys)
+        for kind in ("sparse", "dense", "blocky"):
+            n = int(rng.integers(1, 20 if kind != "dense" else 30_000))
+            if kind == "blocky":
+                coarse = rng.integers(0, n + 1, size=tuple(-(-s // 3) for s in shape3))
+                lab = coarse[np.ix_(*[np.arange(s) // 3 for s in shape3])]
+            else:
+                lab = rng.integers(1, n + 1, size=shape3) * (rng.random(shape3) < (0.5 if kind == "sparse" else 1.0))
+            lab = np.ascontiguousarray(lab, dtype=np.int32)
+            keys = fast._k_adjacent_keys(lab, n)
+            ref = _common._adjacent_keys(lab, n)
+            np.testing.assert_array_equal(np.unique(keys), ref, err_msg=f"{shape3} {kind}")
+            if shape3 == (30, 30, 30) and kind == "dense":
+                assert len(keys) > 4096
+            means = rng.normal(size=(n + 1, 3))
+            for threshold in (0.5, 2.0, np.inf):
+                np.testing.assert_array_equal(
+                    _common._merge_adjacent(lab, means, threshold, keys), _common._merge_adjacent(lab, means, threshold)
+                )
+
+
+def test_means_kernel_matches_numpy_reference():
+    # below and above the sampling size (1 << 20 voxels: every step-th voxel, labels with < 4 samples from all)
+    rng = np.random.default_rng(400)
+    for n_vox, e, n in ((1, 1, 1), (50, 3, 7), (5000, 16, 300), ((1 << 20) + 12345, 2, 5000)):
+        lab = rng.integers(0, n + 1, size=n_vox).astype(np.int32)
+        lab[rng.random(n_vox) < 0.5] = 0
+        lab[lab == n] = 0  # an absent label
+        emb = rng.normal(size=(e, n_vox)).astype(np.float32)
+        got = _common._means(lab, emb, n, use_numba=True)
+        np.testing.assert_array_equal(got, _common._means(lab, emb, n, use_numba=False))
+        assert got.shape == (n + 1, e)
+
+
+def _e2e_cases():
+    """Seeded (embeddings, kwargs, separated) for cluster_fast: 2D and 3D, masks, background and merge modes, edge
+    cases; ``separated``: the losses' geometry (object means 2 delta_d apart), not weakly separated noise."""
+    rng = np.random.default_rng(500)
+    for seed in range(6):
+        shape = ((40, 40), (9, 20, 20), (1, 30), (30, 1), (2, 25, 1))[seed % 5]
+        lab = make_labels(shape, 6, (3, 8), min_size=4, seed=600 + seed)
+        emb = make_embeddings(lab, dim=(16, 4, 1)[seed % 3], blur=0.5 * (seed % 2), seed=700 + seed)
+        for kwargs in (
+            {},
+            {"fg_mask": lab > 0},
+            {"fg_mask": rng.random(lab.shape) < 0.7, "background": "largest"},
+            {"background": "none", "merge": "global", "min_size": 1},
+            {"merge": "none", "min_seed_size": 3, "fill_radius": 3.0},
+            {"delta_v": 0.3, "assign_radius": 1.0, "fill_radius": 1.5, "min_size": 2},
+        ):
+            yield emb, kwargs, True
+    # weakly separated noisy embeddings: many voxels within reach of several means
+    for _ in range(2):
+        noisy = rng.normal(size=(4, 8, 32, 32)).astype(np.float32) * 0.6
+        noisy[:, :, :16] += 0.8
+        noisy = np.cumsum(noisy, axis=3, dtype=np.float32) / 6
+        yield noisy, {"min_size": 1, "background": "none"}, False
+        yield noisy, {"min_size": 4, "fill_radius": 2.5, "merge": "none"}, False
+    yield np.zeros((4, 1, 1), np.float32), {"background": "none", "min_size": 1}, True  # a single voxel
+    yield np.zeros((4, 5, 6), np.float32), {}, True  # constant: one cluster, the background
+
+
+def test_fast_matches_numpy_reference_end_to_end(monkeypatch, data2d, data3d):
+    cases = list(_e2e_cases()) + [(emb, {}, True) for _, emb in (data2d, data3d)]
+    results = [cluster_fast(emb, **kwargs) for emb, kwargs, _ in cases]
+    assert sum(r.max() > 1 for r in results) > len(cases) // 2  # most cases have several objects
+    refs = [cluster_fast_reference(emb, **kwargs) for emb, kwargs, _ in cases]
+    # growth in breadth-first rounds only (as the reference): the same labels, voxel for voxel
+    with monkeypatch.context() as m:
+        m.setattr(fast, "_k_sweep", lambda *args: None)
+        for (emb, kwargs, _), ref in zip(cases, refs):
+            np.testing.assert_array_equal(cluster_fast(emb, **kwargs), ref, err_msg=f"{emb.shape} {kwargs}")
+    # the raster sweep first (the library's growth): on the losses' geometry the same labels up to the rare voxel
+    # within reach of two touching components' means (see cluster_fast); on weakly separated noise the visiting
+    # order decides many voxels
+    for (emb, kwargs, separated), default, ref in zip(cases, results, refs):
+        if separated:
+            assert default.max() == ref.max() and np.mean(default != ref) < 1e-3, (emb.shape, kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- watershed

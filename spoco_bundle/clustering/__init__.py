@@ -16,8 +16,7 @@ Methods, one module per family (:data:`CLUSTERING_METHODS` names them; :func:`cl
   within ``2 delta_v`` of every face neighbour are "core" voxels; connected components of core voxels are seeds;
   the remaining voxels (object borders, outliers) are grown into the adjacent seed with the nearest mean
   embedding; touching components with close means are merged. See its docstring for why and for the measured
-  speed. Its loops run compiled when numba is installed (optional; a numpy fallback gives the same labels, about
-  2-3 times slower).
+  speed. Its loops are numba-compiled kernels (numba is a dependency; without it the call raises ImportError).
 - :func:`cluster_hdbscan`, :func:`cluster_meanshift` (``density.py``): the reference's methods (hdbscan package,
   ``sklearn.cluster.MeanShift``), on a random subsample of at most ``max_points`` voxels; the other voxels are
   assigned to the nearest cluster mean (see :func:`assign_to_means`).

@@ -16,13 +16,21 @@ BACKGROUND_MODES = ("largest", "none", "auto")
 # Voxels per work chunk: small enough that per-channel float32 temporaries stay in cache (measured fastest).
 _CHUNK_VOXELS = 1 << 18
 
-try:  # optional: compiled kernels for cluster_fast (same results as the numpy code, faster)
+try:  # a dependency (pyproject.toml): cluster_fast's kernels; the watershed kernels fall back to scikit-image
     import numba
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - depends on the environment
     numba = None
     HAVE_NUMBA = False
+
+
+def _require_numba(what: str) -> None:
+    """Raise ImportError naming the package when numba is missing (``what`` runs only compiled)."""
+    if not HAVE_NUMBA:
+        raise ImportError(
+            f"{what} needs the numba package, a dependency of spoco_bundle that is not installed: pip install numba"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -168,12 +176,16 @@ def _final_lut(lut: np.ndarray, lab_sizes: np.ndarray, min_size: int, background
 def _merge_adjacent(lab: np.ndarray, means: np.ndarray, threshold: float, keys: np.ndarray | None = None) -> np.ndarray:
     """Lookup table merging touching labels whose mean embeddings are closer than ``threshold``.
 
-    ``keys``: precomputed ``min * (n + 1) + max`` codes of the touching label pairs (compiled kernel), if any.
+    ``keys``: precomputed ``min * (n + 1) + max`` codes of the touching label pairs (compiled kernel), if any;
+    default: :func:`_adjacent_keys`.
     """
     n = len(means) - 1
-    if keys is not None:
-        keys = np.unique(keys)
-        return _merge_pairs(keys // (n + 1), keys % (n + 1), means, threshold)
+    keys = _adjacent_keys(lab, n) if keys is None else np.unique(keys)
+    return _merge_pairs(keys // (n + 1), keys % (n + 1), means, threshold)
+
+
+def _adjacent_keys(lab: np.ndarray, n: int) -> np.ndarray:
+    """Sorted unique codes ``min * (n + 1) + max`` of touching label pairs (face neighbours, both > 0), int64."""
     keys = []
     for axis in range(lab.ndim):
         if lab.shape[axis] < 2:
@@ -184,8 +196,7 @@ def _merge_adjacent(lab: np.ndarray, means: np.ndarray, threshold: float, keys: 
         lo = np.minimum(a[m], b[m]).astype(np.int64)
         hi = np.maximum(a[m], b[m]).astype(np.int64)
         keys.append(np.unique(lo * (n + 1) + hi))
-    keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-    return _merge_pairs(keys // (n + 1), keys % (n + 1), means, threshold)
+    return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
 
 
 def _merge_pairs(i: np.ndarray, j: np.ndarray, means: np.ndarray, threshold: float) -> np.ndarray:
@@ -295,8 +306,8 @@ def assign_to_means(
 
 
 # ---------------------------------------------------------------------------------- compiled kernel (numba)
-# The loop of ``_means``, compiled only when numba is installed; same result (tests/test_clustering.py compares
-# the backends), so numba is an accelerator, not a dependency.
+# The loop of ``_means`` for cluster_fast (which needs numba); the numpy path of ``_means`` serves the watershed
+# method when numba is missing and is the reference tests/test_clustering.py checks this kernel against.
 
 
 def _k_means(lab, emb, n, step):  # pragma: no cover - runs compiled

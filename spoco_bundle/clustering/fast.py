@@ -2,21 +2,18 @@
 
 Voxels whose embedding is within ``2 delta_v`` of every face neighbour are "core" voxels; connected components of
 core voxels are seeds; the remaining voxels (object borders, outliers) are grown into the adjacent seed with the
-nearest mean embedding; touching components with close means are merged (see :func:`cluster_fast`). Its loops run
-compiled when numba is installed (optional: the ``_k_*`` kernels below; the numpy functions give the same labels,
-about 2-3 times slower).
+nearest mean embedding; touching components with close means are merged (see :func:`cluster_fast`). Its loops are
+the numba-compiled ``_k_*`` kernels below (numba is a dependency; without it ``cluster_fast`` raises ImportError).
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
 
 from spoco_bundle.clustering._common import (
-    _CHUNK_VOXELS,
     HAVE_NUMBA,
     _absorb_background,
     _apply_lut,
@@ -27,13 +24,15 @@ from spoco_bundle.clustering._common import (
     _means,
     _merge_adjacent,
     _merge_pairs,
+    _require_numba,
     numba,
 )
 
-# ------------------------------------------------------------------------------------- numpy implementation
+# ------------------------------------------------------------------------------------------------- helpers
 
 
 def _threads(num_threads: int | None) -> int:
+    """Worker threads: ``num_threads``, or by default the available cores, at most 4 (``split_by_shape``'s pool)."""
     if num_threads is not None:
         return max(1, int(num_threads))
     try:
@@ -49,61 +48,6 @@ def _as_3d(spatial: tuple[int, ...]) -> tuple[int, int, int]:
     return (spatial[0], 1, spatial[1])
 
 
-def _core_mask(emb4: np.ndarray, tau2: float, num_threads: int) -> np.ndarray:
-    """Voxels whose squared embedding distance to every existing face neighbour is below ``tau2``.
-
-    Chunks of whole slices along the first axis (with a one-slice halo), per-channel float32 accumulation
-    (no (E, N) temporaries), chunks in a thread pool (numpy releases the GIL in these loops).
-    """
-    e, d, h, w = emb4.shape
-    out = np.empty((d, h, w), dtype=bool)
-    step = max(1, _CHUNK_VOXELS // max(h * w, 1))
-
-    def pair_ok(blk: np.ndarray, axis: int) -> np.ndarray:
-        n = blk.shape[axis + 1]
-        a = [slice(None)] * 3
-        b = [slice(None)] * 3
-        a[axis], b[axis] = slice(1, n), slice(0, n - 1)
-        a, b = tuple(a), tuple(b)
-        acc = None
-        tmp = None
-        for c in range(e):
-            if acc is None:
-                acc = np.subtract(blk[c][a], blk[c][b])
-                np.multiply(acc, acc, out=acc)
-                tmp = np.empty_like(acc)
-            else:
-                np.subtract(blk[c][a], blk[c][b], out=tmp)
-                np.multiply(tmp, tmp, out=tmp)
-                acc += tmp
-        return acc < tau2
-
-    def work(z0: int) -> None:
-        z1 = min(z0 + step, d)
-        lo, hi = max(z0 - 1, 0), min(z1 + 1, d)
-        blk = emb4[:, lo:hi]
-        ok = np.ones((hi - lo, h, w), dtype=bool)
-        for axis, size in enumerate(ok.shape):
-            if size < 2:
-                continue
-            edge = pair_ok(blk, axis)
-            a = [slice(None)] * 3
-            b = [slice(None)] * 3
-            a[axis], b[axis] = slice(1, size), slice(0, size - 1)
-            ok[tuple(a)] &= edge
-            ok[tuple(b)] &= edge
-        out[z0:z1] = ok[z0 - lo : z0 - lo + (z1 - z0)]
-
-    starts = range(0, d, step)
-    if num_threads > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(num_threads) as pool:
-            list(pool.map(work, starts))
-    else:
-        for z0 in starts:
-            work(z0)
-    return out
-
-
 class _Padded:
     """Flat-index arithmetic on a label volume padded by one zero voxel along every non-singleton axis."""
 
@@ -116,15 +60,6 @@ class _Padded:
         self.offsets = np.array([sgn * pst[a] for a in range(3) if shape3[a] > 1 for sgn in (-1, 1)], dtype=np.int64)
         # what the compiled growth kernel needs to map padded to original flat indices
         self.kernel_geo = np.array(self.pshape[1:] + self.pad + shape3[1:], dtype=np.int64)
-
-    def to_orig(self, p: np.ndarray) -> np.ndarray:
-        _, ph, pw = self.pshape
-        _, h, w = self.shape
-        z = p // (ph * pw) - self.pad[0]
-        rem = p % (ph * pw)
-        y = rem // pw - self.pad[1]
-        x = rem % pw - self.pad[2]
-        return (z * h + y) * w + x
 
 
 def _frontier(plab: np.ndarray, pgrow: np.ndarray, geo: _Padded) -> np.ndarray:
@@ -141,76 +76,10 @@ def _frontier(plab: np.ndarray, pgrow: np.ndarray, geo: _Padded) -> np.ndarray:
     return np.flatnonzero(frontier)
 
 
-def _grow(
-    plab: np.ndarray,
-    pgrow: np.ndarray,
-    geo: _Padded,
-    emb_flat: np.ndarray,
-    means: np.ndarray,
-    radius2: float,
-) -> None:
-    """Breadth-first growth of the labels in ``plab`` (padded, modified in place) into ``pgrow`` voxels.
-
-    A growable voxel next to labelled voxels takes the label whose mean embedding is nearest among its
-    neighbours' labels, if that distance is below ``sqrt(radius2)`` (``inf``: no limit, and a voxel whose
-    neighbours all carry the same label takes it without any embedding arithmetic). Rounds are synchronous and
-    only neighbours of voxels labelled in the previous round are examined, so the total work is proportional
-    to the number of grown voxels.
-    """
-    lab_flat = plab.reshape(-1)
-    grow_flat = pgrow.reshape(-1)
-    mu_t = np.ascontiguousarray(means.T, dtype=np.float64)  # (E, K + 1); float64 like the numba kernel
-    offsets = geo.offsets
-    limited = bool(np.isfinite(radius2))
-    cand = _frontier(plab, pgrow, geo)
-    big = np.iinfo(np.int32).max
-    while cand.size:
-        done_p, done_l = [], []
-        for s in range(0, cand.size, _CHUNK_VOXELS):
-            p = cand[s : s + _CHUNK_VOXELS]
-            nl = lab_flat[p[None, :] + offsets[:, None]]  # (n_dir, m) neighbour labels
-            hi = nl.max(0)
-            lo = np.where(nl > 0, nl, big).min(0)
-            single = (hi > 0) & (lo == hi)
-            multi = (hi > 0) & (lo != hi)
-            best_lab = np.where(single, hi, 0)
-            if limited and single.any():
-                ps = np.flatnonzero(single)
-                diff = emb_flat[:, geo.to_orig(p[ps])].astype(np.float64) - mu_t[:, hi[ps]]
-                far = np.einsum("ij,ij->j", diff, diff) >= radius2
-                best_lab[ps[far]] = 0
-            if multi.any():
-                pm = np.flatnonzero(multi)
-                x = emb_flat[:, geo.to_orig(p[pm])].astype(np.float64)
-                best_d2 = np.full(pm.size, np.inf)
-                lab_m = np.zeros(pm.size, dtype=np.int32)
-                for row in nl[:, pm]:
-                    has = np.flatnonzero(row > 0)
-                    diff = x[:, has] - mu_t[:, row[has]]
-                    d2 = np.einsum("ij,ij->j", diff, diff)
-                    better = d2 < best_d2[has]
-                    best_d2[has[better]] = d2[better]
-                    lab_m[has[better]] = row[has[better]]
-                lab_m[best_d2 >= radius2] = 0
-                best_lab[pm] = lab_m
-            ok = best_lab > 0
-            done_p.append(p[ok])
-            done_l.append(best_lab[ok])
-        # synchronous update: labels of this round become visible in the next one
-        done = np.concatenate(done_p)
-        if done.size == 0:
-            break
-        lab_flat[done] = np.concatenate(done_l)
-        grow_flat[done] = False
-        nb = (done[None, :] + offsets[:, None]).reshape(-1)
-        nb = nb[grow_flat[nb]]
-        cand = np.unique(nb)
-
-
 # --------------------------------------------------------------------------------- compiled kernels (numba)
-# Pure loops, compiled only when numba is installed. Each mirrors a numpy function above (``_k_adjacent_keys``:
-# ``_merge_adjacent`` in _common.py) and gives the same result (tests/test_clustering.py checks that), so numba
-# is an accelerator, not a dependency.
+# Pure loops, compiled with numba (a dependency; the module still imports without it, cluster_fast then raises
+# ImportError). tests/_fast_oracle.py holds an independent numpy twin of each kernel (``_k_adjacent_keys``: the
+# numpy path of ``_merge_adjacent`` in _common.py), which tests/test_clustering.py checks the kernels against.
 
 
 def _k_core(emb4, tau2):  # pragma: no cover - runs compiled
@@ -407,14 +276,6 @@ if HAVE_NUMBA:
 # ------------------------------------------------------------------------------------------ fast clustering
 
 
-def _use_numba(backend: str) -> bool:
-    if backend not in ("auto", "numba", "numpy"):
-        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy', got {backend!r}.")
-    if backend == "numba" and not HAVE_NUMBA:
-        raise ValueError("backend='numba' needs the numba package; install it or use backend='numpy'.")
-    return HAVE_NUMBA and backend != "numpy"
-
-
 def cluster_fast(
     emb: np.ndarray,
     delta_v: float = 0.5,
@@ -428,8 +289,6 @@ def cluster_fast(
     merge: str = "adjacent",
     merge_threshold: float | None = None,
     min_seed_size: int = 1,
-    backend: str = "auto",
-    num_threads: int | None = None,
 ) -> np.ndarray:
     """Fast spatial clustering of embeddings, linear in the number of voxels.
 
@@ -458,12 +317,11 @@ def cluster_fast(
     5. Shared post-processing: ``min_size``, background, relabelling (see :mod:`spoco_bundle.clustering`).
 
     Cost: O(N E) for the core test, then O(N) (labelling, growth of the non-core voxels, merging); no (N, K)
-    matrices and no float64 copies of the volume. With numba installed the loops run compiled
-    (``backend="auto"``; the kernels compile once on first use and are cached on disk). Speed and peak memory of
-    both backends: ``scripts/benchmark_clustering.py``.
-    The backends give the same labels, except that the numba one grows in raster sweeps, which can differ for
-    the rare voxel within ``assign_radius`` of the means of two touching components (means closer than
-    ``2 assign_radius``).
+    matrices and no float64 copies of the volume. The loops run compiled by numba (the kernels compile once on
+    first use and are cached on disk). Speed and peak memory: ``scripts/benchmark_clustering.py``.
+    The growth within a finite radius starts with raster sweeps (labels travel far in one pass), then finishes
+    in breadth-first rounds; where a voxel is within ``assign_radius`` of the means of two touching components
+    (means closer than ``2 assign_radius``, rare) the visiting order decides which one it joins.
 
     Args:
         emb: embeddings ``(E, H, W)`` or ``(E, D, H, W)``.
@@ -478,17 +336,18 @@ def cluster_fast(
         merge: ``"adjacent"``, ``"global"`` or ``"none"``.
         merge_threshold: maximum distance between the means of merged components, default ``2 delta_v``.
         min_seed_size: smaller core components are not seeds (their voxels are grown into like border voxels).
-        backend: ``"auto"`` (numba when installed), ``"numba"`` or ``"numpy"``.
-        num_threads: threads for the core test of the numpy backend; default ``min(4, available cores)``.
 
     Returns:
         int32 labels of shape ``S``, 0 = background, 1..n consecutive.
+
+    Raises:
+        ImportError: numba is not installed.
     """
+    _require_numba("cluster_fast")
     emb = _check_embeddings(emb)
     spatial = emb.shape[1:]
     fg_mask = _check_mask(fg_mask, spatial)
     background = _check_background(background, fg_mask)
-    use_nb = _use_numba(backend)
     if merge not in ("adjacent", "global", "none"):
         raise ValueError(f"merge must be 'adjacent', 'global' or 'none', got {merge!r}.")
     edge_threshold = 2.0 * delta_v if edge_threshold is None else float(edge_threshold)
@@ -504,7 +363,7 @@ def cluster_fast(
 
     # 1-2: core voxels and seeds
     tau2 = np.float32(edge_threshold**2)
-    core = _k_core(emb4, tau2) if use_nb else _core_mask(emb4, float(tau2), _threads(num_threads))
+    core = _k_core(emb4, tau2)
     if fg3 is not None:
         core &= fg3
     seeds, n = ndimage.label(core, structure=ndimage.generate_binary_structure(3, 1), output=np.int32)
@@ -524,7 +383,7 @@ def cluster_fast(
     plab[geo.inner] = lut[seeds]
     del seeds
     seed_flat = np.ascontiguousarray(plab[geo.inner]).reshape(-1)
-    means = _means(seed_flat, emb_flat, n, use_nb)
+    means = _means(seed_flat, emb_flat, n, use_numba=True)
     del seed_flat
 
     # 3: growth into the non-core voxels
@@ -533,21 +392,17 @@ def cluster_fast(
     if fg3 is not None:
         pgrow[geo.inner] &= fg3
     for radius in (assign_radius, fill_radius) if fill_radius > assign_radius else (assign_radius,):
-        if use_nb:
-            if np.isfinite(radius):
-                _k_sweep(plab.reshape(-1), pgrow.reshape(-1), geo.offsets, emb_flat, means, radius**2, geo.kernel_geo)
-            cand = _frontier(plab, pgrow, geo)
-            _k_grow(plab.reshape(-1), pgrow.reshape(-1), geo.offsets, cand, emb_flat, means, radius**2, geo.kernel_geo)
-        else:
-            _grow(plab, pgrow, geo, emb_flat, means, radius**2)
+        if np.isfinite(radius):
+            _k_sweep(plab.reshape(-1), pgrow.reshape(-1), geo.offsets, emb_flat, means, radius**2, geo.kernel_geo)
+        cand = _frontier(plab, pgrow, geo)
+        _k_grow(plab.reshape(-1), pgrow.reshape(-1), geo.offsets, cand, emb_flat, means, radius**2, geo.kernel_geo)
     del pgrow
     lab = np.ascontiguousarray(plab[geo.inner])
     del plab
 
     # 4: merging and background pockets
     if merge == "adjacent":
-        keys = _k_adjacent_keys(lab, n) if use_nb else None
-        lut = _merge_adjacent(lab, means, merge_threshold, keys)
+        lut = _merge_adjacent(lab, means, merge_threshold, _k_adjacent_keys(lab, n))
     elif merge == "global" and n > 1:
         from scipy.spatial import cKDTree
 
