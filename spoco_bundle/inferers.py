@@ -1,11 +1,9 @@
-"""Inference helpers: two-view training inferer, student+teacher net for consistency clustering, file runner."""
+"""Inferers: two views for training, resampling to the training object size, student+teacher for consistency."""
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +13,7 @@ from monai.inferers import Inferer
 
 from spoco_bundle.transforms import Rescale, check_scale
 
-__all__ = ["TwoViewInferer", "ScaledInferer", "StudentTeacherNet", "network_for_clustering", "segment_files"]
+__all__ = ["TwoViewInferer", "ScaledInferer", "StudentTeacherNet", "network_for_clustering"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,227 +220,6 @@ class StudentTeacherNet(torch.nn.Module):
         g = self.teacher(x)
         e = self.embedding_dim
         return torch.cat([f[:, :e], g[:, :e], f[:, e:]], dim=1)
-
-
-def segment_files(
-    files: Sequence[str],
-    preprocessing: Callable,
-    network: torch.nn.Module,
-    inferer: Inferer,
-    postprocessing: Callable,
-    output_dir: str,
-    output_ext: str | None = None,
-    device: str | torch.device = "cpu",
-    foreground_mask_dir: str | os.PathLike | None = None,
-    mask_key: str = "foreground_mask",
-    blockwise: Any = None,
-) -> list[str]:
-    """
-    Segment every file: preprocessing -> inferer(network) -> postprocessing (clustering) -> write
-    ``output_dir/<stem>_instances<ext>`` (``ext`` = ``output_ext`` or the input's own suffix) with the input's
-    shape, axis order and voxel geometry.
-
-    With ``foreground_mask_dir``, each image's mask there (the one NIfTI/TIFF file with the image's stem, any of
-    the suffixes: :func:`~spoco_bundle.data.foreground_mask_file`) is passed to ``preprocessing`` under
-    ``mask_key`` beside the image (``{"image": path, mask_key: mask_path}``), for
-    :class:`~spoco_bundle.transforms.LoadForegroundMaskd` and :class:`~spoco_bundle.postprocessing.ForegroundMaskd`.
-
-    A file that fails (unreadable, wrong dimensionality, no or two masks, a mask of another shape, ...) is reported
-    by name and skipped; the others are still written; at the end a ``RuntimeError`` lists the failures (so the
-    command exits non-zero). Outputs are written atomically, so no partial file is left behind; the hidden
-    ``.<stem>_instances.partial<ext>`` of a run killed during a write is removed when a run writes that output
-    again. A mask folder that does not exist (or is the images' own folder) is an error before anything is done, and
-    so are two inputs that would be written to one output (same stem: ``a.nii.gz`` and ``a.tif`` with ``output_ext``
-    ``.tif``). Inputs that are the outputs of other inputs (``a_instances.tif`` beside ``a.tif``: an earlier run
-    into the input folder) are skipped with a warning.
-
-    With ``blockwise`` (a :class:`~spoco_bundle.blockwise.volume.BlockwiseSettings`), a Zarr / OME-Zarr input, or an
-    image whose whole-volume segmentation would need more than its memory budget, is segmented block by block on
-    dask instead (:func:`~spoco_bundle.blockwise.volume.segment_volume`; ``preprocessing`` is not used for it: the
-    image is read lazily and normalised by the whole volume's percentiles). A Zarr input is written as OME-Zarr
-    (``<stem>_instances.ome.zarr`` / ``.zarr``), built under a hidden temporary name that an interrupted run resumes
-    from; an output store that exists is an error for that input (never overwritten).
-
-    Returns:
-        the written paths.
-    """
-    from spoco_bundle.blockwise.store import is_zarr
-    from spoco_bundle.data import foreground_mask_file, foreground_mask_index
-    from spoco_bundle.io import partial_path, write_label_image
-
-    if not files:
-        raise ValueError("No input images (.nii, .nii.gz, .tif, .tiff, .zarr) to segment.")
-    earlier = _earlier_outputs(files)
-    for path, source in earlier.items():
-        logger.warning(
-            f"skipping {path}: the output of {source} from an earlier run (<stem>_instances beside its input); "
-            "to segment it anyway, pass the file itself as --dataset_dir"
-        )
-    files = [path for path in files if path not in earlier]
-    out_paths = _output_paths(files, output_dir, output_ext)
-    masks = None if foreground_mask_dir is None else foreground_mask_index(foreground_mask_dir, files)
-    if masks is not None:
-        logger.info(f"foreground masks from {os.path.abspath(foreground_mask_dir)} (in place of --background)")
-    _check_writable_folder(output_dir)
-    for out_path in out_paths:  # a killed earlier run's half-written output (only this run's names: see docs)
-        stale = partial_path(out_path)
-        if not is_zarr(out_path) and os.path.isfile(stale):
-            os.remove(stale)
-            logger.warning(f"removed {stale}, a partial output left by an interrupted earlier run")
-    network.eval()
-    written, failed = [], []
-    for i, (path, out_path) in enumerate(zip(files, out_paths)):
-        try:
-            if blockwise is not None and blockwise.wanted(path):
-                _segment_blockwise(path, out_path, network, inferer, postprocessing, blockwise, masks, device)
-                logger.info(f"[{i + 1}/{len(files)}] {path} -> {out_path}")
-                written.append(out_path)
-                continue
-            if is_zarr(path):
-                raise ValueError(f"{path} is a Zarr store, which is segmented blockwise only (blockwise settings).")
-            t0 = time.perf_counter()
-            item = {"image": path}
-            if masks is not None:
-                item[mask_key] = foreground_mask_file(path, masks, os.path.abspath(foreground_mask_dir))
-            data = preprocessing(item)
-            image = data["image"]
-            constant = bool(image.max() == image.min())
-            if constant:  # nothing to see: no network pass, an empty segmentation
-                logger.warning(f"[{i + 1}/{len(files)}] {path}: the image is constant (no contrast); 0 instances.")
-                t1 = t2 = time.perf_counter()
-                labels = np.zeros((1, *image.shape[1:]), dtype=np.int32)
-            else:
-                with torch.no_grad():
-                    pred = inferer(image[None].to(device), network)[0].cpu()
-                t1 = time.perf_counter()
-                data["pred"] = pred
-                labels = postprocessing(data)["pred"]
-                t2 = time.perf_counter()
-            meta = dict(getattr(image, "meta", {}))
-            write_label_image(out_path, np.asarray(labels)[0], meta)
-            n = int(np.asarray(labels).max())
-            mask_note = f" in mask {item[mask_key]}" if masks is not None else ""
-            if getattr(inferer, "auto", False) and not constant:  # the factor "auto" found for this image
-                mask_note += f" at image_scale {', '.join(f'{v:.3g}' for v in inferer.last_scale)} (auto)"
-            logger.info(
-                f"[{i + 1}/{len(files)}] {path}: {n} instances{mask_note} -> {out_path} "
-                f"(network {t1 - t0:.1f} s, clustering {t2 - t1:.1f} s)"
-            )
-            written.append(out_path)
-        except Exception as e:  # report and go on with the other files
-            e = _transform_error(e)
-            logger.error(f"[{i + 1}/{len(files)}] FAILED {path}: {type(e).__name__}: {e}")
-            failed.append(str(e) if str(e).startswith(path) else f"{path}: {e}")  # the path once
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(files)} inputs failed:\n" + "\n".join(failed))
-    return written
-
-
-def _segment_blockwise(
-    path: str,
-    out_path: str,
-    network: torch.nn.Module,
-    inferer: Inferer,
-    postprocessing: Callable,
-    settings: Any,
-    masks: dict | None,
-    device: str | torch.device,
-) -> None:
-    """One input of :func:`segment_files`, blockwise (:func:`spoco_bundle.blockwise.volume.segment_volume`)."""
-    from spoco_bundle.blockwise.volume import segment_volume
-
-    if masks is not None:
-        raise ValueError(
-            f"{path}: foreground masks (--foreground_mask_dir) are not supported for blockwise segmentation yet; "
-            "segment it without, or raise --max_memory_gb if the whole volume fits."
-        )
-    spatial_dims = int(getattr(getattr(network, "student", network), "spatial_dims", 3))
-    t0 = time.perf_counter()
-    info = segment_volume(path, out_path, network, inferer, postprocessing, settings, spatial_dims, device)
-    logger.info(
-        f"{path}: {info['objects']} instances, blockwise: {info['blocks']} blocks of {list(info['block_shape'])} "
-        f"+ halo {list(info['halo'])} / {list(info['halo_hi'])} ({info['resumed_blocks']} from an interrupted run), "
-        f"{info['matched']} matches "
-        f"across block borders ({time.perf_counter() - t0:.1f} s)"
-    )
-
-
-def _check_writable_folder(output_dir: str) -> None:
-    """Create ``output_dir`` if needed and write (and remove) a hidden file there, so that a read-only or otherwise
-    unwritable output folder fails before any image is segmented, not after each one is computed.
-
-    Raises:
-        PermissionError: naming the folder and the system's reason.
-    """
-    import tempfile
-
-    folder = os.path.abspath(output_dir)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"Output folder {folder} is a file: choose another --output_dir.")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_check_", dir=folder)
-    except OSError as e:
-        raise PermissionError(
-            f"Output folder {folder} is not writable ({e.strerror or e}): choose another --output_dir or make it "
-            "writable. Nothing was segmented."
-        ) from e
-    os.close(fd)
-    os.remove(probe)
-
-
-def _earlier_outputs(files: Sequence[str]) -> dict[str, str]:
-    """The inputs that are outputs of another input, ``{output: its input}``: ``<stem>_instances.<any suffix>`` in
-    the folder of an input ``<stem>.<any suffix>`` of ``files`` (what a run with the output folder = the input folder
-    leaves there; a second run would otherwise segment them as images)."""
-    from spoco_bundle.blockwise.store import split_volume_suffix
-
-    by_stem = {}
-    for path in files:
-        folder, name = os.path.split(os.path.abspath(path))
-        by_stem.setdefault((folder, split_volume_suffix(name)[0]), path)
-    earlier = {}
-    for path in files:
-        folder, name = os.path.split(os.path.abspath(path))
-        stem = split_volume_suffix(name)[0]
-        source = by_stem.get((folder, stem[: -len("_instances")])) if stem.endswith("_instances") else None
-        if source is not None and source != path:
-            earlier[path] = source
-    return earlier
-
-
-def _output_paths(files: Sequence[str], output_dir: str, output_ext: str | None) -> list[str]:
-    """``output_dir/<stem>_instances<ext>`` for each input, in order.
-
-    Raises:
-        ValueError: naming the inputs, when two of them would be written to one output (same stem: ``a.nii.gz`` and
-            ``a.tif`` with ``output_ext`` ``.tif``, ``a.tif`` and ``a.tiff`` with ``.tif``, ...), before any work.
-    """
-    from spoco_bundle.blockwise.store import split_volume_suffix
-
-    out_paths, by_output = [], {}
-    for path in files:
-        stem, ext = split_volume_suffix(os.path.basename(path))
-        out_path = os.path.join(output_dir, f"{stem}_instances{output_ext or ext}")
-        out_paths.append(out_path)
-        by_output.setdefault(os.path.normcase(os.path.abspath(out_path)), []).append(path)
-    clashes = [(out, ins) for out, ins in by_output.items() if len(ins) > 1]
-    if clashes:
-        hint = ", or leave out --output_ext (each input keeps its own suffix)" if output_ext else ""
-        raise ValueError(
-            "Inputs with the same name stem would be written to the same output file, the later replacing the "
-            f"earlier: rename one of each, or segment them into separate output folders{hint}. Nothing was "
-            "segmented.\n" + "\n".join(f"{' and '.join(ins)} would both be written to {out}" for out, ins in clashes)
-        )
-    return out_paths
-
-
-def _transform_error(e: BaseException) -> BaseException:
-    """The error a transform raised, not MONAI's ``RuntimeError("applying transform ...")`` wrapper(s) around it,
-    whose message names only the transform object."""
-    while isinstance(e, RuntimeError) and str(e).startswith("applying transform") and e.__cause__ is not None:
-        e = e.__cause__
-    return e
 
 
 def network_for_clustering(

@@ -712,7 +712,7 @@ class ClusterEmbeddingsd(MapTransform):
 class LoadForegroundMaskd(MapTransform):
     """
     Loads a given foreground mask for clustering (inference's ``foreground_mask_dir``): the file named under
-    ``keys`` (put there by :func:`~spoco_bundle.inferers.segment_files`) is read like the images (NIfTI/TIFF in
+    ``keys`` (put there by :func:`~spoco_bundle.engines.segment_files`) is read like the images (NIfTI/TIFF in
     storage order, :class:`~spoco_bundle.io.LoadVolumed`), its singleton axes dropped like the image's
     (:class:`EnsureSpatialDims`), checked against the already loaded image ``image_key`` and turned into a bool
     ``(1, *S)`` MetaTensor, nonzero = foreground, which :class:`~spoco_bundle.postprocessing.ForegroundMaskd` and

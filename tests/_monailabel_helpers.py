@@ -94,7 +94,7 @@ def cli_segmentation(bundle: Path, image: str, out_dir: Path) -> np.ndarray:
     """
     from monai.bundle import ConfigParser
 
-    from spoco_bundle.inferers import segment_files
+    from spoco_bundle.engines import segment_files
 
     parser = ConfigParser()
     parser.read_config(str(Path(bundle) / "configs" / "inference.json"))

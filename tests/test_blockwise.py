@@ -35,7 +35,7 @@ from spoco_bundle.blockwise import (
 from spoco_bundle.blockwise.synthetic import SyntheticEmbeddings
 from spoco_bundle.blockwise.volume import BlockwiseSettings, segment_volume
 from spoco_bundle.clustering import relabel_consecutive
-from spoco_bundle.inferers import segment_files
+from spoco_bundle.engines import segment_files
 from spoco_bundle.io import read_image
 from spoco_bundle.metrics import ap50
 from spoco_bundle.synthetic import generate_nuclei

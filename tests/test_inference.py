@@ -188,7 +188,7 @@ def test_inputs_that_would_share_an_output_are_refused_before_any_work(tmp_path)
         assert f"{names} would both be written to {tmp_path / 'out' / out}" in log
     assert not (tmp_path / "out").exists()  # refused before any work
     # without --output_ext each keeps its own suffix: no clash
-    from spoco_bundle.inferers import _output_paths
+    from spoco_bundle.engines import _output_paths
 
     files = [str(inputs / n) for n in ("a.nii.gz", "a.tif", "c.tif", "c.tiff")]
     assert [Path(p).name for p in _output_paths(files, str(tmp_path / "out"), None)] == [
