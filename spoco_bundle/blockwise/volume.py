@@ -1,4 +1,4 @@
-"""One image end to end, blockwise: what :func:`~spoco_bundle.inferers.segment_files` runs for a Zarr store or for
+"""One image end to end, blockwise: what :func:`~spoco_bundle.engines.segment_files` runs for a Zarr store or for
 a file whose segmentation would not fit the memory budget, and the settings that decide it (``blockwise`` in
 configs/inference.json)."""
 
@@ -32,8 +32,8 @@ BYTES_PER_VOXEL = 600
 FREE_MEMORY_SHARE = 0.5
 # voxels of the subsample the intensity percentiles are taken from
 PERCENTILE_SAMPLE = 1 << 23
-# side of the central crop "auto" image_scale measures the blob size on
-SCALE_CROP = 128
+# voxels of the central crop "auto" image_scale measures the blob size on (128^3 in 3D, 1448^2 in 2D)
+SCALE_CROP_VOXELS = 128**3
 
 
 def free_memory_gb() -> float:
@@ -127,10 +127,13 @@ def _fixed_scale_inferer(inferer: Any, network: Any, image: Any, lo: float, hi: 
     if not getattr(inferer, "auto", False):
         scale = getattr(inferer, "scale", (1.0,))
         return inferer, float(np.prod(scale)) ** (1 / len(scale))
-    crop = tuple(slice(max(0, (s - SCALE_CROP) // 2), max(0, (s - SCALE_CROP) // 2) + SCALE_CROP) for s in image.shape)
+    # a central crop of the same number of voxels in 2D and 3D (128^3, 1448^2): enough objects for a stable measure
+    side = int(round(SCALE_CROP_VOXELS ** (1 / image.ndim)))
+    crop = tuple(slice(max(0, (s - side) // 2), max(0, (s - side) // 2) + side) for s in image.shape)
     x = (np.asarray(image[crop].compute(), dtype=np.float32) - lo) / max(hi - lo, 1e-12)
     scale = inferer.find_scale(x[None], network)
-    logger.info(f"image_scale auto: {scale:.3g}, measured on the central {SCALE_CROP}-voxel crop")
+    shape = "x".join(str(c.stop - c.start) for c in crop)
+    logger.info(f"image_scale auto: {scale:.3g}, measured on the central {shape} crop")
     return ScaledInferer(inferer.inferer, scale), scale
 
 
