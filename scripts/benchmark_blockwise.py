@@ -9,10 +9,12 @@ stitched into an OME-Zarr; then the result is scored against the ground truth bl
 ground-truth objects split into parts of at least 10 % each, at a block border (two parts in disjoint sets of blocks:
 a stitching failure) or inside a block (a clustering error, also made on the whole volume).
 
-End-to-end mode (``--ckpt models/model.pt``, a 3D model with its model.json, e.g. from ``bash scripts/demo.sh``):
-synthetic nuclei images (spoco_bundle.synthetic.generate_nuclei, tiled into an OME-Zarr store tile by tile) are
+End-to-end mode (``--ckpt``: a model with its model.json; 3D, e.g. ``models/model.pt`` from ``bash scripts/demo.sh``,
+or 2D with ``--dims 2``, e.g. the shipped ``models/nuclei2d/model.pt``): synthetic nuclei images
+(spoco_bundle.synthetic.generate_nuclei, tiled into an OME-Zarr store tile by tile, with their ground truth) are
 segmented as ``monai.bundle run`` / ``spoco segment`` does it (``segment_files`` with the ``blockwise`` settings of
-configs/inference.json, ``--max_memory_gb``).
+configs/inference.json, ``--max_memory_gb``), and scored against the ground truth (AP50) and, up to ``--whole_max``,
+against the same input segmented in one block.
 
 Every size runs in its own child process; its peak resident memory (``ru_maxrss`` of that process, interpreter and
 libraries included) is reported. Scoring and the whole-volume run for AP50 blockwise vs whole (sizes up to
@@ -20,7 +22,8 @@ libraries included) is reported. Scoring and the whole-volume run for AP50 block
 
     .venv/bin/python scripts/benchmark_blockwise.py --sizes 1,4 [--block 128 --halo 16 --workers 2 --clustering fast]
     .venv/bin/python scripts/benchmark_blockwise.py --sizes 67,1000 --whole_max 0 --clustering fast
-    .venv/bin/python scripts/benchmark_blockwise.py --ckpt models/model.pt --sizes 4,128 --max_memory_gb 3
+    .venv/bin/python scripts/benchmark_blockwise.py --ckpt models/model.pt --sizes 4,16 --max_memory_gb 3
+    .venv/bin/python scripts/benchmark_blockwise.py --ckpt models/nuclei2d/model.pt --dims 2 --sizes 16,128
 
 Progress goes to stderr, the table to stdout.
 """
@@ -54,8 +57,12 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def volume_shape(mvoxels: float) -> tuple[int, int, int]:
-    """(d, 2d, 2d) with about ``mvoxels`` million voxels (as scripts/benchmark_clustering.py): 67 -> 256 x 512 x 512."""
+def volume_shape(mvoxels: float, dims: int = 3) -> tuple[int, ...]:
+    """(d, 2d, 2d) with about ``mvoxels`` million voxels (as scripts/benchmark_clustering.py): 67 -> 256 x 512 x 512;
+    in 2D a square: 128 -> 11314 x 11314."""
+    if dims == 2:
+        side = max(64, int(round(math.sqrt(mvoxels * 1e6))))
+        return side, side
     d = max(8, int(round((mvoxels * 1e6 / 4) ** (1 / 3))))
     return d, 2 * d, 2 * d
 
@@ -179,16 +186,22 @@ def _child_whole(args: dict) -> dict:
 
 
 def _write_nuclei_zarr(path: str, shape: tuple[int, ...], tile: tuple[int, ...], seed: int) -> None:
-    """Synthetic nuclei images, tile by tile (each tile its own generate_nuclei volume), into an OME-Zarr."""
+    """Synthetic nuclei images, tile by tile (each tile its own generate_nuclei image), into an OME-Zarr, and their
+    ground truth (ids unique over the whole image) into ``<path>.gt.zarr``."""
     from spoco_bundle.blockwise.store import create_label_store
     from spoco_bundle.synthetic import generate_nuclei
 
-    out = create_label_store(path, shape, tile, np.uint16, {"spacing": (2.0, 1.0, 1.0), "unit": "um"})
+    spacing = (2.0, 1.0, 1.0)[-len(shape) :] if len(shape) == 3 else (1.0, 1.0)
+    out = create_label_store(path, shape, tile, np.uint16, {"spacing": spacing, "unit": "um"})
+    gt = create_label_store(path + ".gt.zarr", shape, tile, np.uint32, {"spacing": spacing, "unit": "um"})
     grid = BlockGrid(shape, tile, 1)
+    top = 0
     for k, index in enumerate(grid.blocks()):
         core = grid.core(index)
-        image, _ = generate_nuclei(tuple(s.stop - s.start for s in core), seed=seed + k)
+        image, labels = generate_nuclei(tuple(s.stop - s.start for s in core), seed=seed + k)
         out[core] = np.clip(image * 1000, 0, 65535).astype(np.uint16)
+        gt[core] = np.where(labels > 0, labels.astype(np.uint32) + top, 0)
+        top += int(labels.max())
 
 
 def _child_network(args: dict) -> dict:
@@ -201,6 +214,8 @@ def _child_network(args: dict) -> dict:
     parser.update({"dataset_dir": args["input"], "max_memory_gb": args["max_memory_gb"]})
     if args.get("block"):
         parser.update({"block_shape": list(args["block"])})
+    if args.get("e2e_halo"):
+        parser.update({"halo": args["e2e_halo"]})
     t0 = time.perf_counter()
     parser.get_parsed_content("run")
     wall = time.perf_counter() - t0
@@ -245,8 +260,10 @@ def main(
     seed: int = 0,
     ckpt: str | None = None,
     max_memory_gb: float = 3.0,
-    tile: str | int = "64,256,256",
+    tile: str | int | None = None,
+    dims: int = 3,
     e2e_block: str | int | None = None,
+    e2e_halo: int | None = None,
     work_dir: str | None = None,
 ) -> None:
     """
@@ -260,9 +277,12 @@ def main(
         whole_max: largest size (Mvoxel) also segmented whole, for AP50 blockwise vs whole.
         ckpt: end-to-end mode: a 3D model (``model.pt`` with its ``model.json``).
         max_memory_gb: end-to-end mode: the memory budget given to the bundle.
-        tile: end-to-end mode: the generate_nuclei tile the input is made of.
+        tile: end-to-end mode: the generate_nuclei tile the input is made of (default 64,256,256; 2D 512,512).
+        dims: end-to-end mode: 3 (volumes of shape (d, 2d, 2d)) or 2 (square images, e.g. for ``--ckpt
+            models/nuclei2d/model.pt``).
         e2e_block: end-to-end mode: the block shape (default: from ``max_memory_gb``); sizes up to ``whole_max`` are
             also segmented in one block, for AP50 blockwise vs whole.
+        e2e_halo: end-to-end mode: the ``halo`` id of configs/inference.json (default: from the network).
         work_dir: where the stores are written (default: a temporary folder, removed at the end).
     """
     # fire turns "1,4" into a tuple
@@ -272,7 +292,7 @@ def main(
     rows = []
     try:
         for size in size_list:
-            shape = volume_shape(size)
+            shape = volume_shape(size, dims if ckpt is not None else 3)
             n = math.prod(shape)
             work = os.path.join(work_root, f"{size:g}")
             shutil.rmtree(work, ignore_errors=True)
@@ -316,34 +336,44 @@ def main(
             else:
                 path = os.path.join(work, "nuclei.ome.zarr")
                 _log(f"{size:g} Mvoxel {shape}: writing synthetic nuclei tiles ...")
-                _write_nuclei_zarr(path, shape, _per_axis(tile), seed)
+                tile = tile or ("512,512" if dims == 2 else "64,256,256")
+                _write_nuclei_zarr(path, shape, _per_axis(tile, dims), seed)
                 args = dict(ckpt=os.path.abspath(ckpt), input=path, work=work, max_memory_gb=max_memory_gb)
                 if e2e_block:
-                    args["block"] = _per_axis(e2e_block)
+                    args["block"] = _per_axis(e2e_block, dims)
+                if e2e_halo:
+                    args["e2e_halo"] = int(e2e_halo)
                 _log(f"{size:g} Mvoxel: segment_files blockwise, max_memory_gb {max_memory_gb} ...")
                 res, peak = _run_child("network", args)
-                vs_whole = "-"
+                from spoco_bundle.metrics import ap50
+
+                name = "nuclei_instances.ome.zarr"
+                _log(f"{size:g} Mvoxel: scoring against the ground truth ...")
+                gt = np.asarray(open_volume(path + ".gt.zarr")[0])
+                a = np.asarray(open_volume(os.path.join(work, name))[0])
+                gt_score, whole_gt, vs_whole = f"{ap50(gt, a):.4f}", "-", "-"
                 if size <= whole_max:  # the same input in one block (the whole-volume segmentation)
                     whole_work = os.path.join(work, "whole")
                     os.makedirs(whole_work)
                     _log(f"{size:g} Mvoxel: the same in one block ...")
                     _run_child("network", dict(args, work=whole_work, max_memory_gb=1000.0, block=None))
-                    from spoco_bundle.metrics import ap50
-
-                    name = "nuclei_instances.ome.zarr"
-                    a = np.asarray(open_volume(os.path.join(work, name))[0])
                     b = np.asarray(open_volume(os.path.join(whole_work, name))[0])
-                    vs_whole = f"{ap50(b, a):.4f}"
+                    vs_whole, whole_gt = f"{ap50(b, a):.4f}", f"{ap50(gt, b):.4f}"
+                del gt, a
                 rows.append(
                     [
                         f"{n / 1e6:.1f}",
                         "x".join(map(str, shape)),
-                        f"max_memory_gb {max_memory_gb}" + (f", blocks {e2e_block}" if e2e_block else ""),
+                        f"max_memory_gb {max_memory_gb}"
+                        + (f", blocks {e2e_block}" if e2e_block else "")
+                        + (f", halo {e2e_halo}" if e2e_halo else ""),
                         res["blocks"],
                         f"{res['wall_s']:.1f}",
                         f"{n / 1e6 / res['wall_s']:.3f}",
                         f"{peak:.2f}",
                         res["objects"],
+                        gt_score,
+                        whole_gt,
                         vs_whole,
                     ]
                 )
@@ -371,8 +401,11 @@ def main(
         what = f"synthetic embeddings (E=16 + foreground logit), clustering {clustering}, {workers} worker threads"
     else:
         head = ["Mvoxel", "shape", "settings", "blocks", "wall s", "Mvoxel/s", "peak RSS GiB", "objects"]
-        head += ["AP50 blockwise vs one block"]
-        what = f"end to end: network ({ckpt}) + post-processing, segment_files on an OME-Zarr of synthetic nuclei"
+        head += ["AP50 vs GT", "AP50 vs GT, one block", "AP50 blockwise vs one block"]
+        what = (
+            f"end to end: network ({ckpt}) + post-processing, segment_files on an OME-Zarr of synthetic nuclei "
+            f"({dims}D, tiles of {tile})"
+        )
     print(f"Blockwise segmentation: {what}.\nMachine: {_machine()}\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
