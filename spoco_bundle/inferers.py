@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,7 +61,10 @@ class ScaledInferer(Inferer):
     A number: (object size in the training images) / (object size in these images): nuclei twice as large as in
     training -> 0.5. Resampling is linear (bilinear / trilinear), with Gaussian anti-aliasing where it shrinks
     (MONAI's ``Resize``); the output (embeddings and foreground logit) is resampled back the same way. ``scale`` 1
-    runs ``inferer`` unchanged.
+    runs ``inferer`` unchanged. Around a ``SlidingWindowInferer`` the factor is moved (by at most half a voxel per
+    window stride) to make a stride a whole number ``k`` of image voxels, and the image is padded (reflected) to a
+    length that resamples without rounding: then a block of a large image that starts at a multiple of ``k`` gets
+    the whole image's network output (:func:`~spoco_bundle.blockwise.grid.window_scale`).
 
     ``"auto"``: the factor is found per image, without a model pass: the image's characteristic blob size
     (:func:`~spoco_bundle.object_size.blob_scale`) is compared with the same measure on the training images
@@ -117,20 +121,74 @@ class ScaledInferer(Inferer):
         self.last_scale = self.scale
         return self._run(inputs, network, self.scale, *args, **kwargs)
 
-    def _run(self, inputs: torch.Tensor, network: Callable, scale: tuple[float, ...], *args: Any, **kw) -> torch.Tensor:
-        """The wrapped inferer on ``inputs`` resampled by ``scale``, its output back on the input grid."""
-        if all(s == 1.0 for s in scale):
-            return self.inferer(inputs, network, *args, **kw)
+    def _run(
+        self,
+        inputs: torch.Tensor,
+        network: Callable,
+        scale: tuple[float, ...],
+        *args: Any,
+        margin: tuple[Sequence[int], Sequence[int]] | None = None,
+        **kw: Any,
+    ) -> torch.Tensor:
+        """The wrapped inferer on ``inputs`` resampled by ``scale``, its output back on the input grid (without
+        ``margin``: voxels before / after per axis that are resampled as context and then cut off)."""
         spatial = tuple(int(n) for n in inputs.shape[2:])
+        lo_m, hi_m = margin if margin is not None else ((0,) * len(spatial), (0,) * len(spatial))
+        inner = (..., *(slice(a, n - b) for a, b, n in zip(lo_m, hi_m, spatial)))
+        if all(s == 1.0 for s in scale):
+            return self.inferer(inputs[inner], network, *args, **kw)
         scale = scale * len(spatial) if len(scale) == 1 else scale
         if len(scale) != len(spatial):
             raise ValueError(
                 f"image_scale has {len(scale)} factors but the input has {len(spatial)} spatial axes {spatial}."
             )
+        x = _plain(inputs)
+        cut, pad = None, [0] * len(spatial)
+        grid = _window_grid(self.inferer, scale)
+        if grid is not None:
+            # a scale of whole sliding-window strides (stride / k), the image padded to resample without rounding:
+            # onto a grid that any part of the image starting at a multiple of k shares (blockwise)
+            scale, ks, strides = grid
+            if all(v == 1.0 for v in scale):
+                self.last_scale = scale
+                return self.inferer(inputs[inner], network, *args, **kw)
+            pad = [(-n) % (k // math.gcd(k, t)) for n, k, t in zip(spatial, ks, strides)]
+            if any(pad):
+                flat = [v for p in reversed(pad) for v in (0, p)]
+                mode = "reflect" if all(p < n for p, n in zip(pad, spatial)) else "replicate"
+                x = torch.nn.functional.pad(x, flat, mode=mode)
+            if margin is not None:
+                # margins of whole k / gcd(k, t) voxels are whole resampled voxels: cut off before the network; a
+                # margin cut short by the image's end stays (the part then ends where the whole image does)
+                units = [k // math.gcd(k, t) for k, t in zip(ks, strides)]
+                hi_cut = [b if b % u == 0 else 0 for b, u in zip(hi_m, units)]
+                if any(a % u for a, u in zip(lo_m, units)):
+                    raise ValueError(f"margin before {tuple(lo_m)} is not whole {tuple(units)} voxels.")
+                cut = [(a * t // k, b * t // k) for a, b, k, t in zip(lo_m, hi_cut, ks, strides)]
+        elif margin is not None:
+            raise ValueError("a margin needs a SlidingWindowInferer inside the ScaledInferer.")
+        self.last_scale = scale
         # the training-side resampling (Rescale) in, the same interpolation back onto the input's grid
         to_scaled = Rescale(scale, mode="linear")
-        x = torch.stack([_plain(to_scaled(item)) for item in _plain(inputs)])
-        return _resize_to(_plain(self.inferer(x, network, *args, **kw)), spatial)
+        x = torch.stack([_plain(to_scaled(item)) for item in x])
+        if cut is not None:
+            x = x[(..., *(slice(a, n - b) for (a, b), n in zip(cut, x.shape[2:])))]
+        kept = [(0, 0)] * len(spatial) if cut is None else [(a, b) for a, b in zip(lo_m, hi_cut)]
+        padded = tuple(n + p - a - b for n, p, (a, b) in zip(spatial, pad, kept))
+        out = _resize_to(_plain(self.inferer(x, network, *args, **kw)), padded)
+        return out[(..., *(slice(0, n - a - b) for n, a, b in zip(spatial, lo_m, hi_m)))]
+
+    def infer_inner(
+        self, inputs: torch.Tensor, network: Callable, margin: tuple[Sequence[int], Sequence[int]]
+    ) -> torch.Tensor:
+        """The output for ``inputs`` without ``margin`` (voxels before / after per spatial axis), which are only
+        resampled as context, at the fixed scale: a block of a large image read with a margin gets the whole
+        image's resampled input up to its edge. Margins are whole ``k / gcd(k, stride)`` voxels (see
+        :func:`~spoco_bundle.blockwise.grid.window_scale`), 0 where the block ends at the image's end."""
+        if self.auto:
+            raise ValueError("infer_inner needs a fixed scale, not 'auto'.")
+        self.last_scale = self.scale
+        return self._run(inputs, network, self.scale, margin=margin)
 
     def _training_blob_scales(self, network: Callable) -> tuple[float, float, float] | None:
         if self.blob_scales is not None:
@@ -186,6 +244,22 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     from monai.data import MetaTensor
 
     return t.as_tensor() if isinstance(t, MetaTensor) else t
+
+
+def _window_grid(inferer: Any, scale: Sequence[float]) -> tuple[tuple[float, ...], ...] | None:
+    """``(scale, k, stride)`` of :func:`~spoco_bundle.blockwise.grid.window_scale` for a ``SlidingWindowInferer`` whose
+    window has one size per scaled axis; None for other inferers."""
+    from monai.inferers import SlidingWindowInferer
+
+    from spoco_bundle.blockwise.grid import window_scale
+
+    if not isinstance(inferer, SlidingWindowInferer):
+        return None
+    roi = inferer.roi_size
+    roi = (int(roi),) * len(scale) if np.isscalar(roi) else tuple(int(r) for r in roi)
+    if len(roi) != len(scale) or min(roi) < 1:  # non-positive: the image's own size, no fixed grid
+        return None
+    return window_scale(scale, roi, inferer.overlap)
 
 
 def _resize_to(out: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:

@@ -11,7 +11,14 @@ Segmentation of volumes larger than memory, block by block on dask (local thread
 """
 
 from spoco_bundle.blockwise.blocks import ClusterBlock, NetworkBlock, postprocessing_chain
-from spoco_bundle.blockwise.grid import BlockGrid, choose_block_shape, receptive_field, window_halo, window_tail
+from spoco_bundle.blockwise.grid import (
+    BlockGrid,
+    choose_block_shape,
+    receptive_field,
+    window_halo,
+    window_scale,
+    window_tail,
+)
 from spoco_bundle.blockwise.segment import compute, segment_blockwise, work_path
 from spoco_bundle.blockwise.stitch import match_overlap, merge_ids
 from spoco_bundle.blockwise.store import ZARR_SUFFIXES, is_zarr, open_volume, split_volume_suffix
@@ -32,6 +39,7 @@ __all__ = [
     "segment_blockwise",
     "split_volume_suffix",
     "window_halo",
+    "window_scale",
     "window_tail",
     "work_path",
 ]

@@ -91,7 +91,12 @@ class NetworkBlock(ClusterBlock):
         spacing: voxel size per spatial axis.
         device: where the network runs.
 
-    Returns (call): int32 labels ``S``; a constant block (empty space around a sample) gives zeros, no network pass.
+    ``read_margin`` (per axis, None by default): when set, blocks are read with that many more voxels on each side
+    (less at the volume's border) and called with ``margin`` (the voxels before / after that are only context for
+    the inferer's resampling, :meth:`~spoco_bundle.inferers.ScaledInferer.infer_inner`).
+
+    Returns (call): int32 labels ``S`` (without the margin); a constant block (empty space around a sample) gives
+    zeros, no network pass.
     """
 
     def __init__(
@@ -108,13 +113,25 @@ class NetworkBlock(ClusterBlock):
         self.inferer = inferer
         self.lo, self.hi = float(intensity_range[0]), float(intensity_range[1])
         self.device = str(device)
+        self.read_margin: tuple[int, ...] | None = None
 
-    def __call__(self, block: np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def __call__(  # type: ignore[override]
+        self, block: np.ndarray, margin: tuple[Sequence[int], Sequence[int]] | None = None
+    ) -> np.ndarray:
         block = np.asarray(block)
-        if block.size == 0 or block.max() == block.min():
-            return np.zeros(block.shape, dtype=np.int32)
-        x = (block.astype(np.float32) - self.lo) / max(self.hi - self.lo, 1e-12)
+        if margin is not None and not any(map(any, margin)):
+            margin = None
+        inner = block
+        if margin is not None:
+            inner = block[tuple(slice(a, n - b) for a, b, n in zip(*margin, block.shape))]
+        if inner.size == 0 or inner.max() == inner.min():
+            return np.zeros(inner.shape, dtype=np.int32)
+        x = torch.from_numpy((block.astype(np.float32) - self.lo) / max(self.hi - self.lo, 1e-12))
+        x = x[None, None].to(self.device)
         self.network.eval()
         with torch.no_grad():
-            pred = self.inferer(torch.from_numpy(x)[None, None].to(self.device), self.network)[0]
+            if margin is None:
+                pred = self.inferer(x, self.network)[0]
+            else:  # context for the resampling only (ScaledInferer.infer_inner)
+                pred = self.inferer.infer_inner(x, self.network, margin)[0]
         return super().__call__(pred.detach().cpu().numpy())

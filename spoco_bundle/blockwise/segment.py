@@ -170,8 +170,16 @@ def _segment_one(
     from spoco_bundle.clustering import relabel_consecutive
 
     ext = grid.extended(index)
-    block = source.read(ext)
-    labels = np.asarray(segment_block(block))
+    read_margin = getattr(segment_block, "read_margin", None)
+    if read_margin is None:
+        labels = np.asarray(segment_block(source.read(ext)))
+    else:  # more context for the block's resampling (NetworkBlock): read with a margin, labels without it
+        wide = tuple(slice(max(0, e.start - m), min(n, e.stop + m)) for e, m, n in zip(ext, read_margin, grid.shape))
+        margin = (
+            tuple(e.start - w.start for e, w in zip(ext, wide)),
+            tuple(w.stop - e.stop for e, w in zip(ext, wide)),
+        )
+        labels = np.asarray(segment_block(source.read(wide), margin=margin))
     want = tuple(s.stop - s.start for s in ext)
     if labels.shape != want or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from spoco_bundle.blockwise.blocks import NetworkBlock
-from spoco_bundle.blockwise.grid import choose_block_shape, receptive_field, window_halo, window_tail
+from spoco_bundle.blockwise.grid import choose_block_shape, receptive_field, window_halo, window_scale, window_tail
 from spoco_bundle.blockwise.segment import check_output, segment_blockwise
 from spoco_bundle.blockwise.store import is_zarr, open_volume
 
@@ -32,6 +32,9 @@ BYTES_PER_VOXEL = 600
 FREE_MEMORY_SHARE = 0.5
 # voxels of the subsample the intensity percentiles are taken from
 PERCENTILE_SAMPLE = 1 << 23
+# image voxels at a cut image's edge whose resampling differs from the whole image's (linear interpolation,
+# anti-aliasing): a block is read with at least this margin
+RESAMPLED_EDGE = 8
 # voxels of the central crop "auto" image_scale measures the blob size on (128^3 in 3D, 1448^2 in 2D)
 SCALE_CROP_VOXELS = 128**3
 
@@ -57,8 +60,8 @@ class BlockwiseSettings:
             (its workers need this package and the input and output folders at the same paths).
         block_shape: core block per spatial axis (one number or a list); None: the largest that fits the budget.
         halo: more context on both sides of a block (for the clustering of large objects); None: the halos that keep
-            the sliding window's positions those of the whole volume (``grid.window_halo``), or, for a resampled
-            image, half of what the network sees around a voxel (its receptive field, at most the window).
+            the sliding window's positions those of the whole volume (``grid.window_halo``; for a resampled image
+            on the resampled grid), or, for another inferer, half of what the network sees around a voxel.
         workers: blocks segmented at once on local threads; None: as many as the budget and the cores allow.
         input_channel, input_time_point: the channel / time point of an OME-Zarr with several.
         intensity_percentiles: the normalisation's percentiles, taken over the whole volume (a subsample).
@@ -171,12 +174,17 @@ def segment_volume(
     ndim = image.ndim
     context = settings.halo
     context = None if context is None else ((int(context),) * ndim if np.isscalar(context) else tuple(context))
-    windows = _windows(inferer, scale, ndim)
-    tail = None
-    if windows is not None:  # blocks on the sliding window's grid: the whole volume's network output in every core
+    windows = _windows(inferer, ndim)
+    scales = tuple(getattr(inferer, "scale", (1.0,)))
+    tail, read_margin = None, None
+    if windows is not None and all(s == 1.0 for s in scales):
+        # blocks on the sliding window's grid: the whole volume's network output in every core
         halo_lo, halo_hi, step = window_halo(*windows, context=context)
         tail = window_tail(image.shape, windows[0], step)
-    else:  # resampled (image_scale != 1) or another inferer: half the field of view, about the same output
+    elif windows is not None:  # resampled: the same on the resampled grid (see ScaledInferer)
+        halo_lo, halo_hi, step, tail, read_margin = _resampled_window_halo(image.shape, *windows, scales, context)
+        scale = float(np.prod(window_scale(scales, *windows)[0])) ** (1 / ndim)
+    else:  # another inferer: half the field of view, about the same output
         halo_lo = halo_hi = context or (tuple(math.ceil(v / 2) for v in view) if view else (32,) * ndim)
         step = (1,) * ndim
     budget = settings.budget_gb() * 1e9
@@ -201,7 +209,8 @@ def segment_volume(
                 "(--block_shape) or more memory (--max_memory_gb)."
             )
     # whole strides of the sliding window (not below the field of view), unless the block is the whole axis
-    least = view or (1,) * ndim
+    # a halo reaches no further than a block
+    least = tuple(max(v, a, b) for v, a, b in zip(view or (1,) * ndim, halo_lo, halo_hi))
     aligned = tuple(
         b if b >= s else min(s, max(b // t, math.ceil(v / t)) * t)
         for b, s, t, v in zip(block, image.shape, step, least)
@@ -214,6 +223,7 @@ def segment_volume(
         ext = math.prod(b + h0 + h1 if b < s else b for b, h0, h1, s in zip(block, halo_lo, halo_hi, image.shape))
         workers = int(max(1, min(cores, budget // (ext * voxel_bytes))))
     segmenter = NetworkBlock(network, inferer, postprocessing, (lo, hi), meta.get("spacing"), device)
+    segmenter.read_margin = read_margin
     info: dict = {}
     segment_blockwise(
         image,
@@ -234,18 +244,57 @@ def segment_volume(
     return info
 
 
-def _windows(inferer: Any, scale: float, ndim: int) -> tuple[tuple[int, ...], Any] | None:
+def _windows(inferer: Any, ndim: int) -> tuple[tuple[int, ...], Any] | None:
     """``(roi, overlap)`` of the sliding window the network runs in, when its positions can be kept those of the
-    whole volume (a ``SlidingWindowInferer`` on the image's own grid, ``image_scale`` 1); else None."""
+    whole volume (a ``SlidingWindowInferer`` with a fixed window, alone or in a ``ScaledInferer``); else None."""
     from monai.inferers import SlidingWindowInferer
 
     sw = getattr(inferer, "inferer", inferer)
-    if scale != 1.0 or not isinstance(sw, SlidingWindowInferer):
+    if not isinstance(sw, SlidingWindowInferer):
         return None
-    roi = tuple(int(r) for r in sw.roi_size)
+    roi = sw.roi_size
+    roi = (int(roi),) * ndim if np.isscalar(roi) else tuple(int(r) for r in roi)
     if len(roi) != ndim or min(roi) < 1:
         return None
     return roi, sw.overlap
+
+
+def _resampled_window_halo(
+    shape: Sequence[int],
+    roi: tuple[int, ...],
+    overlap: Any,
+    scales: tuple[float, ...],
+    context: Sequence[int] | None,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[tuple[int, int] | None, ...], tuple[int, ...]]:
+    """:func:`~spoco_bundle.blockwise.grid.window_halo` and ``window_tail`` on the resampled grid, in image voxels.
+
+    With the scale of :func:`~spoco_bundle.blockwise.grid.window_scale` (``k`` image voxels per stride ``t``), blocks
+    of whole ``k``, these halos and blocks read with a margin of whole ``k / gcd(k, t)`` voxels (resampled, then cut
+    off: :meth:`~spoco_bundle.inferers.ScaledInferer.infer_inner`), a block's resampled image is the whole image's
+    and its sliding windows are the whole image's wherever they reach the core or the resampled voxel beyond it
+    that the core's output is interpolated from; hence a halo after the block of a whole window.
+
+    Returns:
+        ``(halo before, halo after, k, tail, margin)`` per axis.
+    """
+    moved, ks, strides = window_scale(scales, roi, overlap)
+    lo, hi, tail, margin = [], [], [], []
+    for ax, (n, r, k, t, s) in enumerate(zip(shape, roi, ks, strides, moved)):
+        c = 0 if context is None else math.ceil(context[ax] * s)
+        a, b = t * (r // t), r  # first windows that touch the voxel before the core / after it
+        a += t * math.ceil(max(0, c - a) / t)
+        b += t * math.ceil(max(0, c - b) / t)
+        lo.append(a * k // t)
+        hi.append(b * k // t)  # whole: k is a multiple of t / gcd(r - t, t)
+        unit = k // math.gcd(k, t)
+        margin.append(unit * math.ceil(RESAMPLED_EDGE / unit))
+        # the whole (padded) image's last window, moved back to end at its end; see window_tail
+        m = math.ceil(n / unit) * (t // math.gcd(k, t))
+        if m > r and (m - r) % t:
+            tail.append((max(0, (m - r - 1) * k // t), (m - r) // t * k))
+        else:
+            tail.append(None)
+    return tuple(lo), tuple(hi), ks, tuple(tail), tuple(margin)
 
 
 def _field_of_view(network: torch.nn.Module, inferer: Any, scale: float) -> tuple[int, ...] | None:
