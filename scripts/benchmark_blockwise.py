@@ -216,6 +216,8 @@ def _child_network(args: dict) -> dict:
         parser.update({"block_shape": list(args["block"])})
     if args.get("e2e_halo"):
         parser.update({"halo": args["e2e_halo"]})
+    if args.get("image_scale") is not None:
+        parser.update({"image_scale": args["image_scale"]})
     t0 = time.perf_counter()
     parser.get_parsed_content("run")
     wall = time.perf_counter() - t0
@@ -264,6 +266,7 @@ def main(
     dims: int = 3,
     e2e_block: str | int | None = None,
     e2e_halo: int | None = None,
+    e2e_image_scale: float | str = "auto",
     work_dir: str | None = None,
 ) -> None:
     """
@@ -283,6 +286,7 @@ def main(
         e2e_block: end-to-end mode: the block shape (default: from ``max_memory_gb``); sizes up to ``whole_max`` are
             also segmented in one block, for AP50 blockwise vs whole.
         e2e_halo: end-to-end mode: the ``halo`` id of configs/inference.json (default: from the network).
+        e2e_image_scale: end-to-end mode: the ``image_scale`` id (default ``auto``, as configs/inference.json).
         work_dir: where the stores are written (default: a temporary folder, removed at the end).
     """
     # fire turns "1,4" into a tuple
@@ -343,6 +347,8 @@ def main(
                     args["block"] = _per_axis(e2e_block, dims)
                 if e2e_halo:
                     args["e2e_halo"] = int(e2e_halo)
+                if e2e_image_scale != "auto":
+                    args["image_scale"] = float(e2e_image_scale)
                 _log(f"{size:g} Mvoxel: segment_files blockwise, max_memory_gb {max_memory_gb} ...")
                 res, peak = _run_child("network", args)
                 from spoco_bundle.metrics import ap50
@@ -366,7 +372,8 @@ def main(
                         "x".join(map(str, shape)),
                         f"max_memory_gb {max_memory_gb}"
                         + (f", blocks {e2e_block}" if e2e_block else "")
-                        + (f", halo {e2e_halo}" if e2e_halo else ""),
+                        + (f", halo {e2e_halo}" if e2e_halo else "")
+                        + (f", image_scale {e2e_image_scale}" if e2e_image_scale != "auto" else ""),
                         res["blocks"],
                         f"{res['wall_s']:.1f}",
                         f"{n / 1e6 / res['wall_s']:.3f}",
