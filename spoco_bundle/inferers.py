@@ -246,20 +246,28 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if isinstance(t, MetaTensor) else t
 
 
+def sliding_window(inferer: Any, ndim: int) -> tuple[tuple[int, ...], Any] | None:
+    """``(roi, overlap)`` of a ``SlidingWindowInferer`` (alone or inside a ``ScaledInferer``) with a fixed window of
+    ``ndim`` axes: the grid its windows lie on; None for other inferers or a window of the image's own size."""
+    from monai.inferers import SlidingWindowInferer
+
+    sw = inferer.inferer if isinstance(inferer, ScaledInferer) else inferer
+    if not isinstance(sw, SlidingWindowInferer):
+        return None
+    roi = sw.roi_size
+    roi = (int(roi),) * ndim if np.isscalar(roi) else tuple(int(r) for r in roi)
+    if len(roi) != ndim or min(roi) < 1:  # non-positive: the image's own size, no fixed grid
+        return None
+    return roi, sw.overlap
+
+
 def _window_grid(inferer: Any, scale: Sequence[float]) -> tuple[tuple[float, ...], ...] | None:
     """``(scale, k, stride)`` of :func:`~spoco_bundle.blockwise.grid.window_scale` for a ``SlidingWindowInferer`` whose
     window has one size per scaled axis; None for other inferers."""
-    from monai.inferers import SlidingWindowInferer
-
     from spoco_bundle.blockwise.grid import window_scale
 
-    if not isinstance(inferer, SlidingWindowInferer):
-        return None
-    roi = inferer.roi_size
-    roi = (int(roi),) * len(scale) if np.isscalar(roi) else tuple(int(r) for r in roi)
-    if len(roi) != len(scale) or min(roi) < 1:  # non-positive: the image's own size, no fixed grid
-        return None
-    return window_scale(scale, roi, inferer.overlap)
+    windows = sliding_window(inferer, len(scale))
+    return None if windows is None else window_scale(scale, *windows)
 
 
 def _resize_to(out: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:

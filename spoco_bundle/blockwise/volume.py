@@ -19,6 +19,7 @@ from spoco_bundle.blockwise.blocks import NetworkBlock
 from spoco_bundle.blockwise.grid import choose_block_shape, receptive_field, window_halo, window_scale, window_tail
 from spoco_bundle.blockwise.segment import check_output, segment_blockwise
 from spoco_bundle.blockwise.store import is_zarr, open_volume
+from spoco_bundle.inferers import sliding_window
 
 __all__ = ["BlockwiseSettings", "BYTES_PER_VOXEL", "segment_volume"]
 
@@ -174,7 +175,7 @@ def segment_volume(
     ndim = image.ndim
     context = settings.halo
     context = None if context is None else ((int(context),) * ndim if np.isscalar(context) else tuple(context))
-    windows = _windows(inferer, ndim)
+    windows = sliding_window(inferer, ndim)
     scales = tuple(getattr(inferer, "scale", (1.0,)))
     tail, read_margin = None, None
     if windows is not None and all(s == 1.0 for s in scales):
@@ -242,21 +243,6 @@ def segment_volume(
         info=info,
     )
     return info
-
-
-def _windows(inferer: Any, ndim: int) -> tuple[tuple[int, ...], Any] | None:
-    """``(roi, overlap)`` of the sliding window the network runs in, when its positions can be kept those of the
-    whole volume (a ``SlidingWindowInferer`` with a fixed window, alone or in a ``ScaledInferer``); else None."""
-    from monai.inferers import SlidingWindowInferer
-
-    sw = getattr(inferer, "inferer", inferer)
-    if not isinstance(sw, SlidingWindowInferer):
-        return None
-    roi = sw.roi_size
-    roi = (int(roi),) * ndim if np.isscalar(roi) else tuple(int(r) for r in roi)
-    if len(roi) != ndim or min(roi) < 1:
-        return None
-    return roi, sw.overlap
 
 
 def _resampled_window_halo(
