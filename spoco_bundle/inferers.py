@@ -152,7 +152,9 @@ class ScaledInferer(Inferer):
             if all(v == 1.0 for v in scale):
                 self.last_scale = scale
                 return self.inferer(inputs[inner], network, *args, **kw)
-            pad = [(-n) % (k // math.gcd(k, t)) for n, k, t in zip(spatial, ks, strides)]
+            # image voxels that resample to whole voxels
+            units = [k // math.gcd(k, t) for k, t in zip(ks, strides)]
+            pad = [(-n) % u for n, u in zip(spatial, units)]
             if any(pad):
                 flat = [v for p in reversed(pad) for v in (0, p)]
                 mode = "reflect" if all(p < n for p, n in zip(pad, spatial)) else "replicate"
@@ -160,7 +162,6 @@ class ScaledInferer(Inferer):
             if margin is not None:
                 # margins of whole k / gcd(k, t) voxels are whole resampled voxels: cut off before the network; a
                 # margin cut short by the image's end stays (the part then ends where the whole image does)
-                units = [k // math.gcd(k, t) for k, t in zip(ks, strides)]
                 hi_cut = [b if b % u == 0 else 0 for b, u in zip(hi_m, units)]
                 if any(a % u for a, u in zip(lo_m, units)):
                     raise ValueError(f"margin before {tuple(lo_m)} is not whole {tuple(units)} voxels.")
