@@ -34,12 +34,12 @@ RULES = ("0.2", "0.35", "0.5", "otsu")
 INFERENCE = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
 
 
-def _clusterer(threshold: float | str, min_size: int) -> ClusterEmbeddings:
-    """The inference default's post-processing (clustering, shape split, embedding size) with ``threshold``."""
+def _clusterer(threshold: float | str, min_size: int, embedding_dim: int) -> ClusterEmbeddings:
+    """The inference default's post-processing (clustering, shape split) with ``threshold``, for a model's E."""
     config = INFERENCE
     return ClusterEmbeddings(
         config["clustering"],
-        int(config["embedding_dim"]),
+        embedding_dim,
         "head",
         min_size,
         foreground_threshold=threshold,
@@ -54,7 +54,7 @@ def study(outputs, items, spatial_dims: int, min_size: int, rules=RULES) -> list
     labels = [it.labels for it in items]
     for rule in rules:
         value: float | str = rule if rule == "otsu" else float(rule)
-        cluster = _clusterer(value, min_size)
+        cluster = _clusterer(value, min_size, outputs[0].shape[0] - 1)  # E embeddings + the head's logit
         preds = [np.asarray(cluster(out, spacing=list(it.spacing)))[0] for out, it in zip(outputs, items)]
         row = {"rule": rule, **{k: v for k, v in score(preds, labels, spatial_dims).items() if k != "per_image"}}
         if rule == "otsu":
