@@ -53,6 +53,22 @@ RECIPES: dict[str, dict] = {
     "patch128": {"patch_size": [128, 128]},
     # the label frequency c estimated on a fifth of the annotated objects, which the head does not train on
     "calib0.2": {"calibration_holdout": 0.2},
+    "calib0.35": {"calibration_holdout": 0.35},
+    # unlabeled voxels the teacher confidently calls foreground are no longer the head's negatives
+    "self0.5": {"foreground_self_training": 0.5},
+    "self0.5_calib0.2": {"foreground_self_training": 0.5, "calibration_holdout": 0.2},
+    # the head's threshold by Lee & Liu's criterion on held-out annotated objects, with and without self-training
+    "leeliu_calib0.2": {"foreground_calibration": "lee_liu", "calibration_holdout": 0.2},
+    "self0.5_leeliu_calib0.2": {
+        "foreground_self_training": 0.5,
+        "foreground_calibration": "lee_liu",
+        "calibration_holdout": 0.2,
+    },
+    # the foreground head alone (every embedding term off): what the head learns without sharing the network
+    "head_only": {
+        f"loss#{k}": 0.0
+        for k in ("alpha", "beta", "gamma", "instance_weight", "unlabeled_weight", "consistency_weight")
+    },
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},

@@ -26,6 +26,7 @@ __all__ = [
     "TrainingProgressBar",
     "LossTermsLogger",
     "ForegroundCalibrationHandler",
+    "lee_liu_threshold",
     "ObjectSizeHandler",
     "TrainingTimeLimit",
     "TrainingLengthLogger",
@@ -210,13 +211,19 @@ class ForegroundCalibrationHandler:
         self.momentum = float(momentum)
         self._sum = 0.0
         self._weight = 0.0
+        self._hists: tuple[np.ndarray, np.ndarray] | None = None  # moving (annotated, all) histograms, "lee_liu"
 
     def state_dict(self) -> dict:
-        return {"sum": self._sum, "weight": self._weight}
+        state = {"sum": self._sum, "weight": self._weight}
+        if self._hists is not None:
+            state["histograms"] = [h.tolist() for h in self._hists]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._sum = float(state["sum"])
         self._weight = float(state["weight"])
+        hists = state.get("histograms")
+        self._hists = None if hists is None else tuple(np.asarray(h, dtype=np.float64) for h in hists)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -242,9 +249,50 @@ class ForegroundCalibrationHandler:
         self._sum = self.momentum * self._sum + (1.0 - self.momentum) * mean
         self._weight = self.momentum * self._weight + (1.0 - self.momentum)
         buf.fill_(self._sum / self._weight)
+        hists = getattr(loss, "last_foreground_histograms", None)
+        if getattr(loss, "foreground_calibration", "label_frequency") == "lee_liu" and hists is not None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                t = torch.stack(hists).to(buf.device)
+                torch.distributed.all_reduce(t)
+                hists = tuple(t.cpu())
+            new = tuple(h.cpu().numpy().astype(np.float64) for h in hists)
+            # unnormalised moving sums: a bias correction would divide both histograms alike
+            old = self._hists or tuple(np.zeros_like(h) for h in new)
+            self._hists = tuple(self.momentum * o + (1.0 - self.momentum) * n for o, n in zip(old, new))
+            # the network's calibration puts its 0.5 at g = c / 2: c = twice the threshold on g
+            buf.fill_(2.0 * lee_liu_threshold(*self._hists))
         weight = getattr(net, "fg_positive_weight", None)
         if weight is not None:
             weight.fill_(float(getattr(loss, "foreground_positive_weight", 1.0)))
+
+
+def lee_liu_threshold(annotated: np.ndarray, everything: np.ndarray) -> float:
+    """
+    The threshold on a positive-unlabeled head's probability ``g`` that maximises ``r^2 / P(g > t)``, where ``r`` is
+    the share of annotated-object voxels above it and ``P(g > t)`` the share of all voxels (Lee & Liu, ICML 2003).
+    For annotated objects drawn at random from all objects, ``r`` is the recall on all of them and ``r^2 / P(g > t)``
+    is ``precision * recall / P(foreground)``: the criterion ranks thresholds as precision x recall does, without
+    the label frequency ``c`` (which a head that fits its annotated objects overstates).
+
+    Args:
+        annotated, everything: histograms over :data:`~spoco_bundle.losses.LOGIT_BINS` equal bins of the head's
+            logit over +-:data:`~spoco_bundle.losses.LOGIT_RANGE` (:func:`~spoco_bundle.losses.foreground_histograms`).
+
+    Returns:
+        the threshold on ``g`` (a bin's lower edge, as a probability); 0.5 when either histogram is empty.
+    """
+    from spoco_bundle.losses import LOGIT_RANGE
+
+    a, e = np.asarray(annotated, dtype=np.float64), np.asarray(everything, dtype=np.float64)
+    if a.shape != e.shape or a.ndim != 1:
+        raise ValueError(f"histograms must be 1-D of one length, got {a.shape} and {e.shape}.")
+    if a.sum() <= 0 or e.sum() <= 0:
+        return 0.5
+    r = np.cumsum(a[::-1])[::-1] / a.sum()  # share at or above each bin's lower edge
+    q = np.cumsum(e[::-1])[::-1] / e.sum()
+    crit = np.where(q > 0, r**2 / np.maximum(q, 1e-300), 0.0)
+    edges = np.linspace(-LOGIT_RANGE, LOGIT_RANGE, len(a) + 1)
+    return float(1.0 / (1.0 + np.exp(-edges[int(np.argmax(crit))])))
 
 
 class ObjectSizeHandler:

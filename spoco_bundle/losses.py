@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.loss import _Loss
 
 __all__ = [
+    "foreground_histograms",
     "object_means",
     "kernel_scale",
     "sample_object_voxels",
@@ -1096,6 +1097,45 @@ def labelled_foreground_probability(
     return float(torch.sigmoid(x[sel] - math.log(positive_weight)).mean()), count
 
 
+# bins of the head's uncalibrated logit log(g / (1 - g)) for the Lee & Liu threshold: 0.1 wide, values beyond the
+# ends count in the end bins
+LOGIT_BINS = 240
+LOGIT_RANGE = 12.0
+
+
+def foreground_histograms(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    positive_weight: float = 1.0,
+    strokes: bool = False,
+    holdout: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histograms (:data:`LOGIT_BINS` bins over +-:data:`LOGIT_RANGE`) of the head's logit ``log(g / (1 - g))``
+    (weighting undone as in :func:`labelled_foreground_probability`) over the annotated-object voxels that estimate
+    the label frequency there (the same selection: calibration objects only with ``holdout``) and over every voxel
+    of the same images, float64 counts. They choose the Lee & Liu threshold, see
+    :func:`spoco_bundle.handlers.lee_liu_threshold`.
+
+    Inputs: logits ``(B, 1, *S)`` or ``(B, *S)``; target ``(B, 1, *S)`` or ``(B, *S)``.
+    """
+    b = logits.shape[0]
+    x = logits.detach().reshape(b, -1).float() - math.log(positive_weight)
+    labels = target.reshape(b, -1).to(x.device)
+    if labels.shape != x.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match.")
+    held = held_out_objects(labels, holdout)
+    images = torch.ones_like(labels[:, :1], dtype=torch.bool)
+    if not strokes:  # as labelled_foreground_probability: images with dense annotated background do not count
+        images = ~(labels < 0).any(1, keepdim=True)
+    annotated = (labels > 0 if held is None else held) & images
+
+    def hist(v: torch.Tensor) -> torch.Tensor:
+        v = v.clamp(-LOGIT_RANGE, LOGIT_RANGE)
+        return torch.histc(v, LOGIT_BINS, -LOGIT_RANGE, LOGIT_RANGE).double()
+
+    return hist(x[annotated]), hist(x[images.expand_as(x)])
+
+
 class ForegroundLoss(nn.Module):
     """
     Binary cross-entropy (with logits) of the optional foreground head. Two regimes, chosen per image:
@@ -1177,6 +1217,16 @@ class SpocoLoss(nn.Module):
             :class:`ForegroundLoss`.
         foreground_strokes: annotated background is a few painted strokes (``background_label`` other than 0):
             positive-unlabeled foreground BCE plus a stroke term, see :class:`ForegroundLoss`.
+        foreground_self_training: rho > 0: unlabeled voxels that the momentum teacher calls foreground with
+            confidence (its foreground probability at least rho times its mean over the annotated objects of the same
+            batch, i.e. a calibrated probability >= rho, see :class:`ForegroundLoss`) are left out of the foreground
+            BCE's negatives: the head stops being taught that the unannotated objects it already recognises are
+            background. 0 (default): off. Needs the teacher's foreground channel; positive-unlabeled images only.
+        foreground_calibration: how the head's threshold is found in training (see
+            :class:`~spoco_bundle.handlers.ForegroundCalibrationHandler`): ``"label_frequency"``, the mean of the
+            head over annotated voxels (Elkan & Noto's ``c``, ``last_label_frequency``), or ``"lee_liu"``, the
+            threshold that maximises recall^2 / P(predicted foreground) on the annotated voxels (Lee & Liu, ICML
+            2003), from the histograms ``last_foreground_histograms`` (:func:`foreground_histograms`).
         foreground_calibration_holdout: the calibration objects (ids marked by
             :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``) are left out of the
             foreground BCE and the label frequency ``c`` is estimated on them alone (``last_label_frequency``);
@@ -1212,6 +1262,8 @@ class SpocoLoss(nn.Module):
         foreground_positive_weight: float = 10.0,
         foreground_strokes: bool = False,
         foreground_calibration_holdout: bool = False,
+        foreground_self_training: float = 0.0,
+        foreground_calibration: str = "label_frequency",
         kernel_threshold: float = 0.5,
         instance_anchor: str = "mean",
         max_anchors: int = 20,
@@ -1238,6 +1290,18 @@ class SpocoLoss(nn.Module):
         self.foreground_positive_weight = _check_positive_weight(foreground_positive_weight)
         self.foreground_strokes = bool(foreground_strokes)
         self.foreground_calibration_holdout = bool(foreground_calibration_holdout)
+        if not 0.0 <= float(foreground_self_training) < math.inf:
+            raise ValueError(f"foreground_self_training must be a number >= 0, got {foreground_self_training}.")
+        self.foreground_self_training = float(foreground_self_training)
+        if foreground_calibration not in ("label_frequency", "lee_liu"):
+            raise ValueError(
+                f"foreground_calibration must be 'label_frequency' or 'lee_liu', got {foreground_calibration!r}."
+            )
+        self.foreground_calibration = foreground_calibration
+        # (annotated, all) histograms of the head's logit in the last call, for "lee_liu"; None: not computed
+        self.last_foreground_histograms: tuple[torch.Tensor, torch.Tensor] | None = None
+        # share of the positive-unlabeled images' unlabeled voxels left out by self-training in the last call
+        self.last_self_training_fraction = 0.0
         self.instance = InstanceDiceLoss(delta_v, kernel_threshold, instance_anchor, generator=generator)
         self.consistency = EmbeddingConsistencyLoss(
             delta_v, kernel_threshold, max_anchors, min_pool_fraction, generator=generator
@@ -1256,6 +1320,28 @@ class SpocoLoss(nn.Module):
             )
         return x[:, :e], (x[:, e] if c == e + 1 else None)
 
+    def _confident_unlabeled(self, teacher_logits: torch.Tensor, labels: torch.Tensor, held: torch.Tensor | None):
+        """(B, N) unlabeled voxels of positive-unlabeled images whose teacher probability reaches
+        ``foreground_self_training`` times the teacher's mean over the batch's annotated-object voxels (the label
+        frequency ``c`` as the teacher sees it; the weight ``w`` shifts both alike, so it is undone first)."""
+        p = torch.sigmoid(teacher_logits.float() - math.log(self.foreground_positive_weight))
+        pu = (
+            ~(labels < 0).any(1, keepdim=True)
+            if not self.foreground_strokes
+            else torch.ones_like(labels[:, :1], dtype=torch.bool)
+        )
+        annotated = (labels > 0) & pu
+        if held is not None:
+            annotated = annotated & ~held
+        unlabeled = (labels == 0) & pu
+        if not bool(annotated.any()) or not bool(unlabeled.any()):
+            self.last_self_training_fraction = 0.0
+            return torch.zeros_like(unlabeled)
+        c = p[annotated].mean()
+        confident = unlabeled & (p >= self.foreground_self_training * c)
+        self.last_self_training_fraction = float(confident.sum() / unlabeled.sum())
+        return confident
+
     def forward(self, pred: torch.Tensor | Sequence[torch.Tensor | None], target: torch.Tensor) -> torch.Tensor:
         if isinstance(pred, (tuple, list)):
             if len(pred) != 2:
@@ -1265,8 +1351,9 @@ class SpocoLoss(nn.Module):
             student, teacher = pred, None
         emb, fg = self._split(student, "student")
         b, e, *spatial = emb.shape
+        teacher_fg = None
         if teacher is not None:
-            teacher = self._split(teacher, "teacher")[0]
+            teacher, teacher_fg = self._split(teacher, "teacher")
             if teacher.shape != emb.shape:
                 raise ValueError(
                     f"teacher embeddings {tuple(teacher.shape)} do not match student embeddings {tuple(emb.shape)}."
@@ -1299,8 +1386,13 @@ class SpocoLoss(nn.Module):
             strokes = self.foreground_strokes
             hold = self.foreground_calibration_holdout
             held = held_out_objects(labels, hold)
+            if self.foreground_self_training > 0 and teacher_fg is not None:
+                confident = self._confident_unlabeled(teacher_fg.detach().reshape(b, -1), labels, held)
+                held = confident if held is None else held | confident
             terms["foreground"] = _foreground(fg.reshape(b, -1), labels, pw, strokes, held)
             self.last_label_frequency = labelled_foreground_probability(fg.reshape(b, -1), labels, pw, strokes, hold)
+            if self.foreground_calibration == "lee_liu":
+                self.last_foreground_histograms = foreground_histograms(fg.reshape(b, -1), labels, pw, strokes, hold)
 
         total = None
         for name, value in terms.items():
@@ -1311,4 +1403,6 @@ class SpocoLoss(nn.Module):
         values = torch.stack([terms[k].detach() for k in names] + [total.detach()]).tolist()
         self.last_terms = dict.fromkeys(self.terms, 0.0)
         self.last_terms.update(zip(names + ["total"], values))
+        if self.foreground_self_training > 0:
+            self.last_terms["self_trained"] = self.last_self_training_fraction
         return total

@@ -537,6 +537,55 @@ def test_held_out_calibration_separates_foreground():
     assert ((torch.sigmoid(logits) / c > 0.5) == fg).double().mean().item() > 0.98
 
 
+def _self_training_loss(rho: float, positive_weight: float = 1.0) -> SpocoLoss:
+    return SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
+                     foreground_positive_weight=positive_weight, foreground_self_training=rho)  # fmt: skip
+
+
+@pytest.mark.parametrize("positive_weight", [1.0, 10.0])
+def test_self_training_leaves_out_what_the_teacher_calls_foreground(positive_weight):
+    # one image, 8 voxels: object 1 annotated (teacher g = 0.8 on it), voxels 2-7 unlabeled with teacher g from
+    # 0.9 down to 0.05; rho = 0.5 leaves out the unlabeled voxels with g >= 0.5 * 0.8 = 0.4
+    target = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0]])[:, None, :, None]
+    g = torch.tensor([0.8, 0.8, 0.9, 0.6, 0.41, 0.39, 0.1, 0.05], dtype=torch.float64)
+    teacher_logit = torch.logit(g) + math.log(positive_weight)  # the head's odds are w times g's
+    teacher = torch.stack([torch.zeros(8, dtype=torch.float64), teacher_logit])[None, :, :, None]
+    student_logit = torch.randn(1, 1, 8, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    left_out = torch.tensor([False, False, True, True, True, False, False, False])
+
+    def value(x, rho):
+        return _self_training_loss(rho, positive_weight)((torch.cat([torch.zeros_like(x), x], 1), teacher), target)
+
+    _, grad = value_and_grad(lambda x: value(x, 0.5), student_logit)
+    assert (grad[0, 0, :, 0][left_out] == 0).all() and (grad[0, 0, :, 0][~left_out] != 0).all()
+    loss = _self_training_loss(0.5, positive_weight)
+    loss((torch.cat([torch.zeros_like(student_logit), student_logit], 1), teacher), target)
+    assert loss.last_terms["self_trained"] == pytest.approx(3 / 6)
+    # the same as the plain term on the 5 voxels that stay
+    keep = ~left_out
+    plain = value_and_grad(lambda x: ForegroundLoss(positive_weight)(x, target[:, :, keep]), student_logit[:, :, keep])
+    assert_close(value(student_logit, 0.5), plain[0])
+    # rho = 0: off, every voxel counts and no share is reported
+    _, grad = value_and_grad(lambda x: value(x, 0.0), student_logit)
+    assert (grad != 0).all()
+    off = _self_training_loss(0.0)
+    off((torch.cat([torch.zeros_like(student_logit), student_logit], 1), teacher), target)
+    assert "self_trained" not in off.last_terms and off.last_terms["foreground"] > 0
+
+
+def test_self_training_needs_annotated_objects_and_a_valid_rho():
+    target = torch.zeros(1, 1, 4, 1, dtype=torch.long)  # nothing annotated: no c to compare with, nothing left out
+    x = torch.randn(1, 1, 4, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pred = torch.cat([torch.zeros_like(x), x], 1)
+    _, grad = value_and_grad(
+        lambda s: _self_training_loss(0.5)((torch.cat([torch.zeros_like(s), s], 1), pred), target), x
+    )
+    assert (grad != 0).all()
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="foreground_self_training"):
+            SpocoLoss(foreground_self_training=bad)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the full loss
 # ---------------------------------------------------------------------------------------------------------------------

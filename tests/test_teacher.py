@@ -4,6 +4,7 @@ import copy
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -20,6 +21,7 @@ from spoco_bundle.handlers import (
     TrainingLengthLogger,
     TrainingTimeLimit,
     ValidateOnTerminate,
+    lee_liu_threshold,
 )
 from spoco_bundle.inferers import TwoViewInferer
 from spoco_bundle.losses import SpocoLoss
@@ -141,6 +143,63 @@ def test_foreground_calibration_handler_tracks_label_frequency():
     expected = [0.2, (0.2 + 2 * 0.4) / 3, (0.2 + 2 * 0.4 + 4 * 0.3) / 7]
     assert seen == [pytest.approx(v, rel=1e-6) for v in expected]
     assert float(net.fg_positive_weight) == 4.0  # the loss's weight, for the network to undo at inference
+
+
+def _logit_hist(values) -> np.ndarray:
+    from spoco_bundle.losses import LOGIT_BINS, LOGIT_RANGE
+
+    return np.histogram(np.clip(values, -LOGIT_RANGE, LOGIT_RANGE), LOGIT_BINS, (-LOGIT_RANGE, LOGIT_RANGE))[0]
+
+
+def test_lee_liu_threshold_maximises_precision_times_recall():
+    # head logits: foreground N(1, 1), background N(-3, 1), 1 : 4; a tenth of the foreground annotated. The criterion
+    # r^2 / P(g > t) = precision * recall / P(fg) for annotated voxels drawn at random, so its threshold is where the
+    # product of the (unknown) precision and recall peaks, without the label frequency
+    rng = np.random.default_rng(0)
+    fg, bg = rng.normal(1.0, 1.0, 20000), rng.normal(-3.0, 1.0, 80000)
+    t = lee_liu_threshold(_logit_hist(fg[:2000]), _logit_hist(np.concatenate([fg, bg])))
+    grid = np.linspace(-4, 3, 71)
+    pr = [((fg > x).sum() / max((fg > x).sum() + (bg > x).sum(), 1)) * (fg > x).mean() for x in grid]
+    assert math.log(t / (1 - t)) == pytest.approx(grid[int(np.argmax(pr))], abs=0.25)
+    # a label frequency of 0.1 does not move it: the same threshold from a fifth of those annotated voxels
+    t_fewer = lee_liu_threshold(_logit_hist(fg[:400]), _logit_hist(np.concatenate([fg, bg])))
+    assert math.log(t_fewer / (1 - t_fewer)) == pytest.approx(math.log(t / (1 - t)), abs=0.3)
+    assert lee_liu_threshold(np.zeros(240), _logit_hist(bg)) == 0.5  # nothing annotated: no decision
+    with pytest.raises(ValueError, match="histograms"):
+        lee_liu_threshold(np.zeros(3), np.zeros(4))
+
+
+def test_foreground_calibration_handler_lee_liu_sets_the_threshold():
+    # with foreground_calibration="lee_liu" the network's c is twice the criterion's threshold on g (the network puts
+    # its 0.5 at g = c / 2), from the loss's histograms of the iteration; the moving histograms resume exactly
+    net = EmbeddingUNet(spatial_dims=2, embedding_dim=2, features=(8, 8, 8))
+    loss = SpocoLoss(embedding_dim=2, foreground_positive_weight=4.0, foreground_calibration="lee_liu")
+    gen = torch.Generator().manual_seed(0)
+    label = torch.zeros(1, 1, 40, 40, dtype=torch.long)
+    label[0, 0, :20] = 1 + (torch.rand(20, 40, generator=gen) < 0.2).long()  # the top half foreground, 2 = annotated
+    label[label == 1] = 0
+    truth = torch.zeros(40, 40, dtype=torch.bool)
+    truth[:20] = True
+    logit = torch.where(truth, 1.0, -3.0) + torch.randn(40, 40, generator=gen)
+
+    def step(engine, _):
+        pred = torch.zeros(1, 3, 40, 40)
+        pred[0, 2] = logit + math.log(4.0)
+        return {"loss": loss(pred, label).item()}
+
+    engine = Engine(step)
+    engine.network, engine.loss_function = net, loss
+    handler = ForegroundCalibrationHandler(momentum=0.5)
+    handler.attach(engine)
+    engine.run(range(1), max_epochs=1)
+    annotated, everything = (h.numpy() for h in loss.last_foreground_histograms)
+    assert annotated.sum() == int((label > 0).sum()) and everything.sum() == 1600
+    assert float(net.fg_label_frequency) == pytest.approx(2 * lee_liu_threshold(annotated, everything))
+    resumed = ForegroundCalibrationHandler(momentum=0.5)
+    resumed.load_state_dict(copy.deepcopy(handler.state_dict()))
+    assert [h.tolist() for h in resumed._hists] == [h.tolist() for h in handler._hists]
+    with pytest.raises(ValueError, match="foreground_calibration"):
+        SpocoLoss(foreground_calibration="median")
 
 
 def test_training_time_limit_stops_and_anneals():
