@@ -89,8 +89,9 @@ def tune_split(split: Split, n_tune: int) -> Split:
     )
 
 
-def record_path(out_dir: Path, dataset: str, recipe: str, ratio: float, budget_s: float) -> Path:
-    return out_dir / dataset / recipe / f"ratio_{ratio:.2f}_{budget_s:g}s.json"
+def record_path(out_dir: Path, dataset: str, recipe: str, ratio: float, budget_s: float, seed: int = 0) -> Path:
+    tail = f"_seed{seed}" if seed else ""  # seed 0 keeps the names of the runs made before --seed existed
+    return out_dir / dataset / recipe / f"ratio_{ratio:.2f}_{budget_s:g}s{tail}.json"
 
 
 def _last_terms(log: Path) -> dict[str, float]:
@@ -106,17 +107,25 @@ def _last_terms(log: Path) -> dict[str, float]:
 
 
 def run_one(
-    split: Split, recipe: str, ratio: float, budget_s: float, threads: int, out_dir: Path, rescore: bool = False
+    split: Split,
+    recipe: str,
+    ratio: float,
+    budget_s: float,
+    threads: int,
+    out_dir: Path,
+    rescore: bool = False,
+    seed: int = 0,
 ) -> dict:
     """Train and score one recipe; returns (and caches) its record. ``rescore``: score the predictions a finished
-    run left in its folder (no training; its CPU time is then unknown)."""
-    path = record_path(out_dir, split.dataset, recipe, ratio, budget_s)
+    run left in its folder (no training; its CPU time is then unknown). ``seed``: the kept objects and the
+    training's random state."""
+    path = record_path(out_dir, split.dataset, recipe, ratio, budget_s, seed)
     work = path.with_suffix("")  # the run's folder: dataset.json, checkpoints, logs, predictions
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_start = os.getloadavg()[0]
     commit = git_commit() or "unknown"  # the code the run starts with
     truth = [item.labels for item in split.test]
-    run = RunSettings(budget_s=budget_s, clock="cpu", threads=threads, seed=0, overrides=RECIPES[recipe])
+    run = RunSettings(budget_s=budget_s, clock="cpu", threads=threads, seed=seed, overrides=RECIPES[recipe])
     if rescore:
         log = (work / "train.log").read_text(errors="replace") if (work / "train.log").is_file() else ""
         found = re.findall(r"reached after (\d+) iterations", log)
@@ -149,7 +158,8 @@ def run_one(
         "recipe": recipe,
         "overrides": RECIPES[recipe],
         "ratio": ratio,
-        "kept_digest": kept_digest(split, ratio, 0),
+        "kept_digest": kept_digest(split, ratio, seed),
+        "seed": seed,
         "budget_s": budget_s,
         "clock": "cpu",
         "threads": threads,
@@ -173,6 +183,11 @@ def run_one(
     return record
 
 
+def _name(record: dict) -> str:
+    """A run's recipe, with its seed where not 0."""
+    return record["recipe"] + (f" (seed {record['seed']})" if record.get("seed") else "")
+
+
 def table(records: list[dict]) -> str:
     head = (
         "| recipe | labelled | AP50 | mAP | fg precision | fg recall | AP50 (true mask) | iterations | CPU s | "
@@ -185,7 +200,7 @@ def table(records: list[dict]) -> str:
         # a rescored run's load figures are those of the rescoring, not of its training
         load = "-" if r.get("rescored") else f"{r['loadavg_start']:.1f}-{r['loadavg_end']:.1f}"
         rows.append(
-            f"| {r['recipe']} | {r['ratio']:.0%} | {r['head']['ap50']:.3f} | {r['head']['map']:.3f} | "
+            f"| {_name(r)} | {r['ratio']:.0%} | {r['head']['ap50']:.3f} | {r['head']['map']:.3f} | "
             f"{r['head']['fg_precision']:.2f} | {r['head']['fg_recall']:.2f} | {r['truth_mask']['ap50']:.3f} | "
             f"{r['iterations']} | {'-' if r['train_cpu_s'] is None else format(r['train_cpu_s'], '.0f')} | "
             + " | ".join(
@@ -210,6 +225,7 @@ def main() -> None:
     p.add_argument("--no_run", action="store_true", help="only print the table of cached runs")
     p.add_argument("--docs", default="", help="also write the report to this markdown file")
     p.add_argument("--rescore", action="store_true", help="score runs whose folder holds finished predictions")
+    p.add_argument("--seed", type=int, default=0, help="kept objects and training random state of the runs to do")
     args = p.parse_args()
 
     out_dir = Path(args.out_dir)
@@ -224,17 +240,16 @@ def main() -> None:
         (recipe, ratio)
         for recipe in recipes
         for ratio in ratios
-        if not record_path(out_dir, split.dataset, recipe, ratio, args.budget_s).is_file()
+        if not record_path(out_dir, split.dataset, recipe, ratio, args.budget_s, args.seed).is_file()
     ]
     if not args.no_run and todo:
         print(f"{len(todo)} runs to do on {split.name}: {todo}", flush=True)
         # processes, not threads: each run's CPU time is read from its own process's finished children
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = {
-                pool.submit(run_one, split, recipe, ratio, args.budget_s, args.threads, out_dir, args.rescore): (
-                    recipe,
-                    ratio,
-                )
+                pool.submit(
+                    run_one, split, recipe, ratio, args.budget_s, args.threads, out_dir, args.rescore, args.seed
+                ): (recipe, ratio)
                 for recipe, ratio in todo
             }
             for future, key in futures.items():
@@ -243,7 +258,9 @@ def main() -> None:
                     print(f"{key}: AP50 {r['head']['ap50']:.3f} (true mask {r['truth_mask']['ap50']:.3f})", flush=True)
                 except Exception as e:  # keep the other runs going; the error is in the run's log
                     print(f"{key}: failed: {e}", file=sys.stderr, flush=True)
-    records = [json.loads(f.read_text()) for f in sorted((out_dir / split.dataset).glob("*/ratio_*s.json"))]
+    found = (out_dir / split.dataset).glob("*/ratio_*s.json")
+    found = [*found, *(out_dir / split.dataset).glob("*/ratio_*s_seed*.json")]
+    records = [json.loads(f.read_text()) for f in sorted(found)]
     records = [r for r in records if r["split"] == split.name]
     text = report(split, records, _selection_flags(args), args.docs or "docs/learning_speed.md")
     print(text)
@@ -302,7 +319,7 @@ def report(split: Split, records: list[dict], flags: str = "", docs: str = "docs
         lines += [f"## {budget:g} CPU-s per run", "", table(rows), ""]
         for ratio in sorted({r["ratio"] for r in rows}):
             ranked = sorted((r for r in rows if r["ratio"] == ratio), key=lambda r: -r["head"]["ap50"])
-            order = ", ".join(f"{r['recipe']} {r['head']['ap50']:.3f}" for r in ranked)
+            order = ", ".join(f"{_name(r)} {r['head']['ap50']:.3f}" for r in ranked)
             lines += [f"- {ratio:.0%} labelled, AP50 best first: {order}"]
         lines += [""]
     return "\n".join(lines)

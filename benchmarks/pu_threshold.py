@@ -75,6 +75,7 @@ def study(run_dir: Path, record: dict, split, n_train: int, min_size: int) -> di
     lee_liu = lee_liu_threshold(h_ann, h_all)
     row = {
         "recipe": record["recipe"],
+        "seed": record.get("seed", 0),
         "iterations": record.get("iterations"),
         "pixel_ap": average_precision_score(fg, prob),
     }
@@ -92,8 +93,9 @@ def table(rows: list[dict]) -> list[str]:
     ]
     for r in sorted(rows, key=lambda r: -r["lee_liu"]["ap50"]):
         c, b, ll = r["calibrated"], r["best"], r["lee_liu"]
+        name = r["recipe"] + (f" (seed {r['seed']})" if r.get("seed") else "")
         lines.append(
-            f"| {r['recipe']} | {r['iterations']} | {r['pixel_ap']:.3f} | {c['ap50']:.3f} ({c['fg_precision']:.2f} / "
+            f"| {name} | {r['iterations']} | {r['pixel_ap']:.3f} | {c['ap50']:.3f} ({c['fg_precision']:.2f} / "
             f"{c['fg_recall']:.2f}) | {b['threshold']:.2f}: {b['ap50']:.3f} ({b['fg_precision']:.2f} / "
             f"{b['fg_recall']:.2f}) | {ll['threshold']:.2f}: **{ll['ap50']:.3f}** ({ll['fg_precision']:.2f} / "
             f"{ll['fg_recall']:.2f}) |"
@@ -110,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", required=True)
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--budget_s", type=float, default=900.0)
+    p.add_argument("--seeds", default="0", help="the runs' seeds (learning_speed --seed), comma separated")
     p.add_argument("--n_train", type=int, default=60, help="training images the Lee & Liu threshold is chosen on")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--docs", default="")
@@ -119,10 +122,13 @@ def main(argv=None) -> int:
     split = tune_split(split, args.tune)
     min_size = SETTINGS[split.spatial_dims]["min_size"]
     rows = []
-    for recipe in args.recipes.split(","):
-        path = record_path(Path(args.out_dir), split.dataset, recipe, args.ratio, args.budget_s)
+    seeds = [int(v) for v in args.seeds.split(",")]
+    for recipe, seed in [(r, s) for s in seeds for r in args.recipes.split(",")]:
+        path = record_path(Path(args.out_dir), split.dataset, recipe, args.ratio, args.budget_s, seed)
         if not path.is_file():
-            raise SystemExit(f"{path} not found: run python -m benchmarks.learning_speed --recipes {recipe} first.")
+            if seed == seeds[0]:
+                raise SystemExit(f"{path} not found: run python -m benchmarks.learning_speed --recipes {recipe} first.")
+            continue  # further seeds: only the recipes that were rerun
         record = json.loads(path.read_text())
         record.setdefault("recipe", recipe)
         cache = path.with_name(path.stem + "_pu_threshold.json")
@@ -142,13 +148,14 @@ def main(argv=None) -> int:
         "",
         "```bash",
         f".venv/bin/python -m benchmarks.learning_speed --recipes {args.recipes} --ratios {args.ratio:g} "
-        f"--budget_s {args.budget_s:g} --jobs 2 --out_dir {args.out_dir}",
+        f"--budget_s {args.budget_s:g} --jobs 2 --out_dir {args.out_dir} [--seed S]",
         f".venv/bin/python -m benchmarks.pu_threshold --recipes {args.recipes} --ratio {args.ratio:g} "
-        f"--budget_s {args.budget_s:g} --n_train {args.n_train} --out_dir {args.out_dir}",
+        f"--budget_s {args.budget_s:g} --n_train {args.n_train} --seeds {args.seeds} --out_dir {args.out_dir}",
         "```",
         "",
         f"- **Data**: {split.dataset}, training split only ({split.name}): trained on the first {len(split.train)} "
-        f"images with {args.ratio:.0%} of the objects kept (`SparseInstanceLabel(seed=0)`), scored on the last "
+        f"images with {args.ratio:.0%} of the objects kept (`SparseInstanceLabel(seed=S)`, the run's seed), scored on "
+        f"the last "
         f"{len(split.test)} (dense labels, never trained on).",
         f"- **Thresholds** on the network's calibrated head probability: 0.5 (the bundle's calibration by the label "
         f"frequency, as shipped); the best pixel F1 on the scored images (chosen with their dense labels: a reference, "
