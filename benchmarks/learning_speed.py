@@ -258,8 +258,12 @@ def main() -> None:
                     print(f"{key}: AP50 {r['head']['ap50']:.3f} (true mask {r['truth_mask']['ap50']:.3f})", flush=True)
                 except Exception as e:  # keep the other runs going; the error is in the run's log
                     print(f"{key}: failed: {e}", file=sys.stderr, flush=True)
-    found = (out_dir / split.dataset).glob("*/ratio_*s.json")
-    found = [*found, *(out_dir / split.dataset).glob("*/ratio_*s_seed*.json")]
+    # records only (ratio_<r>_<budget>s[_seed<S>].json), not the follow-up studies cached beside them
+    found = [
+        f
+        for f in (out_dir / split.dataset).glob("*/ratio_*.json")
+        if re.fullmatch(r"ratio_.*s(_seed\d+)?\.json", f.name)
+    ]
     records = [json.loads(f.read_text()) for f in sorted(found)]
     records = [r for r in records if r["split"] == split.name]
     text = report(split, records, _selection_flags(args), args.docs or "docs/learning_speed.md")
