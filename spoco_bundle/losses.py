@@ -1082,19 +1082,29 @@ def labelled_foreground_probability(
 
     Inputs: logits ``(B, 1, *S)`` or ``(B, *S)``; target ``(B, 1, *S)`` or ``(B, *S)``.
     """
+    x, sel, _ = _calibration_voxels(logits, target, positive_weight, strokes, holdout)
+    count = int(sel.sum())
+    if count == 0:
+        return float("nan"), 0
+    return float(torch.sigmoid(x[sel]).mean()), count
+
+
+def _calibration_voxels(
+    logits: torch.Tensor, target: torch.Tensor, positive_weight: float, strokes: bool, holdout: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, annotated, images)``: the head's ``(B, N)`` logits with the weighting undone (``- log w``), the
+    annotated voxels that calibrate it (calibration objects only with ``holdout``) and, ``(B, 1)``, the images
+    that take part (painted strokes keep an image positive-unlabeled; dense annotated background does not)."""
     b = logits.shape[0]
-    x = logits.detach().reshape(b, -1).float()
+    x = logits.detach().reshape(b, -1).float() - math.log(positive_weight)
     labels = target.reshape(b, -1).to(x.device)
     if labels.shape != x.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match.")
     held = held_out_objects(labels, holdout)
-    sel = labels > 0 if held is None else held
-    if not strokes:  # painted strokes keep an image positive-unlabeled; dense annotated background does not
-        sel = sel & ~(labels < 0).any(1, keepdim=True)
-    count = int(sel.sum())
-    if count == 0:
-        return float("nan"), 0
-    return float(torch.sigmoid(x[sel] - math.log(positive_weight)).mean()), count
+    images = torch.ones_like(labels[:, :1], dtype=torch.bool)
+    if not strokes:
+        images = ~(labels < 0).any(1, keepdim=True)
+    return x, (labels > 0 if held is None else held) & images, images
 
 
 # bins of the head's uncalibrated logit log(g / (1 - g)) for the Lee & Liu threshold: 0.1 wide, values beyond the
@@ -1118,16 +1128,7 @@ def foreground_histograms(
 
     Inputs: logits ``(B, 1, *S)`` or ``(B, *S)``; target ``(B, 1, *S)`` or ``(B, *S)``.
     """
-    b = logits.shape[0]
-    x = logits.detach().reshape(b, -1).float() - math.log(positive_weight)
-    labels = target.reshape(b, -1).to(x.device)
-    if labels.shape != x.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match.")
-    held = held_out_objects(labels, holdout)
-    images = torch.ones_like(labels[:, :1], dtype=torch.bool)
-    if not strokes:  # as labelled_foreground_probability: images with dense annotated background do not count
-        images = ~(labels < 0).any(1, keepdim=True)
-    annotated = (labels > 0 if held is None else held) & images
+    x, annotated, images = _calibration_voxels(logits, target, positive_weight, strokes, holdout)
 
     def hist(v: torch.Tensor) -> torch.Tensor:
         v = v.clamp(-LOGIT_RANGE, LOGIT_RANGE)
