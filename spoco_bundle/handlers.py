@@ -27,6 +27,7 @@ __all__ = [
     "LossTermsLogger",
     "ForegroundCalibrationHandler",
     "lee_liu_threshold",
+    "ForegroundThresholdPass",
     "ObjectSizeHandler",
     "TrainingTimeLimit",
     "TrainingLengthLogger",
@@ -293,6 +294,136 @@ def lee_liu_threshold(annotated: np.ndarray, everything: np.ndarray) -> float:
     crit = np.where(q > 0, r**2 / np.maximum(q, 1e-300), 0.0)
     edges = np.linspace(-LOGIT_RANGE, LOGIT_RANGE, len(a) + 1)
     return float(1.0 / (1.0 + np.exp(-edges[int(np.argmax(crit))])))
+
+
+class ForegroundThresholdPass:
+    """
+    Choose the positive-unlabeled head's threshold on whole training images with Lee & Liu's criterion
+    (:func:`lee_liu_threshold`) and store it in the network's ``fg_label_frequency`` buffer as ``c = 2 t`` (the
+    network's 0.5 then sits at ``g = t``). The estimate of ``c`` in training (:class:`ForegroundCalibrationHandler`)
+    comes out too high on the objects the head fits; the criterion needs no ``c`` and, on whole images, no patch
+    sampling bias (patches are centred on annotated objects): docs/pu_threshold.md.
+
+    The pass runs before every validation (the evaluator's ``EPOCH_STARTED``, so that what validation scores and the
+    best-model saver keeps is calibrated by it) or, without validation, when training completes: attach it before
+    the final checkpoint saver. Training images are taken in a fixed shuffled order until ``max_voxels`` (an image
+    larger than what is left is cropped to its centre), each with its sparse label after the deterministic
+    training transforms (annotated objects > 0, unlabeled 0, annotated background < 0): the annotated objects
+    (the calibration objects with ``calibration_holdout``) against every voxel of the images without annotated
+    background. With no such voxels (every image has annotated background: a supervised head) the buffer is left as
+    it is. Under DDP the histograms of every rank's images are summed.
+
+    Args:
+        data: the training datalist (``train#dataset.data``).
+        transform: loads an item and applies the deterministic training transforms, without padding.
+        inferer: runs the network on a whole image (the validation inferer).
+        loss: the :class:`~spoco_bundle.losses.SpocoLoss` (its ``foreground_positive_weight``,
+            ``foreground_strokes`` and ``foreground_calibration_holdout`` select the voxels as in training);
+            looked up as ``engine.loss_function`` when None.
+        network: the student (looked up as ``engine.network`` when None); a DDP wrapper is unwrapped.
+        evaluator: the run's validation engine, if any.
+        max_voxels: voxels of training images (on the network's grid) the pass looks at.
+        name: logger name.
+    """
+
+    def __init__(
+        self,
+        data: list[dict],
+        transform,
+        inferer,
+        loss: torch.nn.Module | None = None,
+        network: torch.nn.Module | None = None,
+        evaluator=None,
+        max_voxels: int = 2**22,
+        name: str = "spoco",
+    ) -> None:
+        if int(max_voxels) < 1:
+            raise ValueError(f"max_voxels must be at least 1, got {max_voxels}.")
+        self.data = list(data)
+        self.transform = transform
+        self.inferer = inferer
+        self.loss = loss
+        self.network = network
+        self.evaluator = evaluator
+        self.max_voxels = int(max_voxels)
+        self.logger = logging.getLogger(name)
+        self._trainer: Engine | None = None
+        self.threshold: float | None = None  # the last pass's t, for logs and tests
+
+    def attach(self, engine: Engine) -> None:
+        self._trainer = engine
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.EPOCH_STARTED, self)
+        else:
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        trainer = self._trainer if self._trainer is not None else engine
+        net = self.network if self.network is not None else getattr(trainer, "network", None)
+        loss = self.loss if self.loss is not None else getattr(trainer, "loss_function", None)
+        net = _unwrap(net)
+        buf = getattr(net, "fg_label_frequency", None)
+        if buf is None or not getattr(net, "foreground_head", True) or loss is None:
+            return
+        from spoco_bundle.losses import LOGIT_BINS, foreground_histograms
+
+        device = buf.device
+        hists = torch.zeros(2, LOGIT_BINS, dtype=torch.float64, device=device)
+        order = np.random.default_rng(0).permutation(len(self.data))  # fixed, and not biased to the list's start
+        left, images = self.max_voxels, 0
+        old = buf.clone()
+        was_training = net.training
+        net.eval()
+        try:
+            # at c = 1 the network's output is the head's logit with the weighting undone, log(g / (1 - g))
+            buf.fill_(1.0)
+            with torch.no_grad():
+                for i in order:
+                    if left <= 0:
+                        break
+                    item = self.transform(dict(self.data[i]))
+                    image, label = _centre_crop(item["image"], item["label"], left)
+                    left -= int(np.prod(image.shape[1:]))
+                    images += 1
+                    out = self.inferer(torch.as_tensor(image)[None].float().to(device), net)
+                    h = foreground_histograms(
+                        out[:, -1:].float(),
+                        torch.as_tensor(label)[None].to(device),
+                        1.0,
+                        bool(getattr(loss, "foreground_strokes", False)),
+                        bool(getattr(loss, "foreground_calibration_holdout", False)),
+                    )
+                    hists += torch.stack([t.to(device) for t in h])
+        finally:
+            buf.copy_(old)
+            net.train(was_training)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(hists)
+        annotated, everything = hists.cpu().numpy()
+        if annotated.sum() <= 0 or everything.sum() <= 0:
+            self.logger.info(
+                "foreground threshold: no annotated objects in images without annotated background, c kept"
+            )
+            return
+        self.threshold = lee_liu_threshold(annotated, everything)
+        buf.fill_(2.0 * self.threshold)
+        self.logger.info(
+            f"foreground threshold (Lee & Liu on {images} training image(s)): t = {self.threshold:.3f}, "
+            f"label frequency c {float(old):.3f} -> {float(buf):.3f}"
+        )
+
+
+def _centre_crop(image, label, max_voxels: int):
+    """``image`` and ``label`` (channel first) cropped to their centre so that they hold at most ``max_voxels``
+    voxels (the same factor on every spatial axis)."""
+    shape = np.asarray(image.shape[1:])
+    if np.prod(shape) <= max_voxels:
+        return image, label
+    f = (max_voxels / np.prod(shape)) ** (1.0 / len(shape))
+    size = np.maximum(1, np.floor(shape * f)).astype(int)
+    start = (shape - size) // 2
+    sl = (slice(None),) + tuple(slice(int(a), int(a + b)) for a, b in zip(start, size))
+    return image[sl], label[sl]
 
 
 class ObjectSizeHandler:

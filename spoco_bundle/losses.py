@@ -1227,7 +1227,10 @@ class SpocoLoss(nn.Module):
             :class:`~spoco_bundle.handlers.ForegroundCalibrationHandler`): ``"label_frequency"``, the mean of the
             head over annotated voxels (Elkan & Noto's ``c``, ``last_label_frequency``), or ``"lee_liu"``, the
             threshold that maximises recall^2 / P(predicted foreground) on the annotated voxels (Lee & Liu, ICML
-            2003), from the histograms ``last_foreground_histograms`` (:func:`foreground_histograms`).
+            2003), from the histograms ``last_foreground_histograms`` (:func:`foreground_histograms`), or
+            ``"lee_liu_images"``: ``c`` as ``"label_frequency"`` during training, replaced by the Lee & Liu threshold
+            of whole training images before validation and at the end
+            (:class:`~spoco_bundle.handlers.ForegroundThresholdPass`, which the config attaches).
         foreground_calibration_holdout: the calibration objects (ids marked by
             :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``) are left out of the
             foreground BCE and the label frequency ``c`` is estimated on them alone (``last_label_frequency``);
@@ -1294,9 +1297,10 @@ class SpocoLoss(nn.Module):
         if not 0.0 <= float(foreground_self_training) < math.inf:
             raise ValueError(f"foreground_self_training must be a number >= 0, got {foreground_self_training}.")
         self.foreground_self_training = float(foreground_self_training)
-        if foreground_calibration not in ("label_frequency", "lee_liu"):
+        if foreground_calibration not in ("label_frequency", "lee_liu", "lee_liu_images"):
             raise ValueError(
-                f"foreground_calibration must be 'label_frequency' or 'lee_liu', got {foreground_calibration!r}."
+                "foreground_calibration must be 'label_frequency', 'lee_liu' or 'lee_liu_images', got "
+                f"{foreground_calibration!r}."
             )
         self.foreground_calibration = foreground_calibration
         # (annotated, all) histograms of the head's logit in the last call, for "lee_liu"; None: not computed
