@@ -13,6 +13,7 @@ from spoco_bundle.handlers import (
     UNLIMITED_EPOCHS,
     BestCheckpointState,
     ForegroundCalibrationHandler,
+    ForegroundThresholdPass,
     LossTermsLogger,
     LossWeightWarmup,
     MomentumTeacherHandler,
@@ -200,6 +201,96 @@ def test_foreground_calibration_handler_lee_liu_sets_the_threshold():
     assert [h.tolist() for h in resumed._hists] == [h.tolist() for h in handler._hists]
     with pytest.raises(ValueError, match="foreground_calibration"):
         SpocoLoss(foreground_calibration="median")
+
+
+def _pass_data(n: int = 3) -> list[dict]:
+    """Images with a bright top-left square object (annotated, id 1) and a bright bottom-right one (unlabeled)."""
+    gen = torch.Generator().manual_seed(1)
+    items = []
+    for _ in range(n):
+        image = 0.1 * torch.rand(1, 32, 32, generator=gen)
+        image[0, 4:12, 4:12] += 1.0
+        image[0, 20:28, 20:28] += 1.0
+        label = torch.zeros(1, 32, 32, dtype=torch.long)
+        label[0, 4:12, 4:12] = 1
+        items.append({"image": image, "label": label})
+    return items
+
+
+def _head_logits(net: EmbeddingUNet, images: list[torch.Tensor]) -> list[np.ndarray]:
+    # log(g / (1 - g)) of the head: the eval-mode output of a copy calibrated at c = 1, weighting undone
+    ref = copy.deepcopy(net).eval()
+    ref.fg_label_frequency.fill_(1.0)
+    with torch.no_grad():
+        return [ref(im[None])[0, -1].numpy() for im in images]
+
+
+def test_foreground_threshold_pass_sets_c_from_whole_training_images():
+    from monai.inferers import SimpleInferer
+
+    torch.manual_seed(0)
+    net = EmbeddingUNet(spatial_dims=2, embedding_dim=2, features=(8, 8, 8))
+    net.fg_positive_weight.fill_(4.0)
+    net.fg_label_frequency.fill_(0.7)  # what training left: replaced
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    data = _pass_data()
+    loss = SpocoLoss(embedding_dim=2, foreground_positive_weight=4.0, foreground_calibration="lee_liu_images")
+    trainer = Engine(lambda e, b: None)
+    trainer.network, trainer.loss_function = net, loss
+    handler = ForegroundThresholdPass(data, lambda d: d, SimpleInferer())
+    handler.attach(trainer)
+    net.train()
+    trainer.run(range(1), max_epochs=1)  # runs at COMPLETED (no evaluator)
+    logits = _head_logits(net, [d["image"] for d in data])
+    annotated = sum(_logit_hist(lg[d["label"][0].numpy() > 0]) for lg, d in zip(logits, data))
+    everything = sum(_logit_hist(lg.ravel()) for lg in logits)
+    t = lee_liu_threshold(annotated, everything)
+    assert handler.threshold == pytest.approx(t) and float(net.fg_label_frequency) == pytest.approx(2 * t)
+    assert net.training  # the pass left the network's mode as it found it, and its weights alone
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items() if k != "fg_label_frequency")
+    # the network's calibrated 0.5 now sits at g = t
+    net.eval()
+    with torch.no_grad():
+        calibrated = net(data[0]["image"][None])[0, -1].numpy()
+    edge = math.log(t / (1 - t))
+    away = np.abs(logits[0] - edge) > 1e-3
+    assert np.array_equal((calibrated > 0)[away], (logits[0] > edge)[away])
+
+
+def test_foreground_threshold_pass_budget_strokes_and_evaluator():
+    from monai.inferers import SimpleInferer
+
+    torch.manual_seed(0)
+    net = EmbeddingUNet(spatial_dims=2, embedding_dim=2, features=(8, 8, 8))
+    data = _pass_data(2)
+    loss = SpocoLoss(embedding_dim=2)
+    seen = []
+
+    def inferer(x, network):
+        seen.append(tuple(x.shape[2:]))
+        return SimpleInferer()(x, network)
+
+    # max_voxels below one image: a centre crop of the first image in the pass's order, nothing else
+    trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    trainer.network, trainer.loss_function = net, loss
+    handler = ForegroundThresholdPass(data, lambda d: d, inferer, evaluator=evaluator, max_voxels=16 * 16)
+    handler.attach(trainer)
+    trainer.run(range(1), max_epochs=1)
+    assert seen == [] and float(net.fg_label_frequency) == 1.0  # with an evaluator: not at COMPLETED
+    evaluator.run(range(1), max_epochs=1)
+    assert seen == [(16, 16)] and float(net.fg_label_frequency) == pytest.approx(2 * handler.threshold)
+    # annotated background in every image: a supervised head, left as it is
+    painted = [{"image": d["image"], "label": torch.where(d["label"] > 0, d["label"], -1)} for d in data]
+    net.fg_label_frequency.fill_(0.3)
+    supervised = ForegroundThresholdPass(painted, lambda d: d, SimpleInferer(), network=net, loss=loss)
+    supervised(trainer)
+    assert float(net.fg_label_frequency) == pytest.approx(0.3) and supervised.threshold is None
+    # ... unless the background is strokes in a positive-unlabeled image
+    strokes = SpocoLoss(embedding_dim=2, foreground_strokes=True)
+    ForegroundThresholdPass(painted, lambda d: d, SimpleInferer(), network=net, loss=strokes)(trainer)
+    assert float(net.fg_label_frequency) != pytest.approx(0.3)
+    with pytest.raises(ValueError, match="max_voxels"):
+        ForegroundThresholdPass(data, lambda d: d, SimpleInferer(), max_voxels=0)
 
 
 def test_training_time_limit_stops_and_anneals():

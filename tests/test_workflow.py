@@ -513,6 +513,28 @@ def test_scribbles_train_a_calibrated_head_and_runs_repeat_bit_for_bit(tmp_path,
     assert proc.returncode != 0 and "need a background_label" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("n_val", [0, 1])
+def test_lee_liu_images_calibrates_the_saved_model(tmp_path, n_val):
+    # foreground_calibration lee_liu_images: the threshold pass runs before validation (n_val 1: the best-model
+    # saver keeps what it set) or at the end before the final saver (n_val 0); model.pt carries c = 2 t
+    import json
+    import re
+
+    data = tmp_path / "syn2d"
+    write_synthetic_dataset(data, n_train=2, n_val=n_val, n_test=0, shape=(64, 64), seed=2, ext=".tif", spatial_dims=2)
+    args = ["--spatial_dims", "2", "--epochs", "1", "--epoch_length", "2", "--val_interval", "1"]
+    args += ["--patch_size", "[48,48]", "--instance_ratio", "0.5", "--foreground_calibration", "lee_liu_images"]
+    proc = _run_training(tmp_path, data, *args)
+    log = proc.stdout + proc.stderr
+    found = re.findall(r"foreground threshold \(Lee & Liu on 2 training image\(s\)\): t = ([0-9.]+)", log)
+    assert len(found) == 1, log[-3000:]
+    models = tmp_path / "bundle" / "models"
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert float(state["fg_label_frequency"]) == pytest.approx(2 * float(found[0]), abs=2e-3)
+    card = json.loads((models / "model.json").read_text())
+    assert card["training"]["settings"]["foreground_calibration"] == "lee_liu_images"
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
