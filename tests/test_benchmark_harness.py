@@ -675,3 +675,32 @@ def test_inference_ids_carry_a_studied_network_shape() -> None:
 
     ids = run_ids({"info": {"overrides": {"patch_size": [192, 192], "features": [8, 16, 32, 64], "seed": 0}}})
     assert ids == {"patch_size": [192, 192], "features": [8, 16, 32, 64]}
+
+
+def test_study_table_sets_arms_side_by_side(dsb_small: Split, tmp_path: Path) -> None:
+    from benchmarks import study_table
+
+    crop = (slice(0, 96), slice(0, 96))
+    tiny = [
+        Item(it.name, it.image[crop], it.labels[crop], it.spacing, it.path, it.label_path)
+        for it in (dsb_small.train[0], dsb_small.test[0])
+    ]
+    split = Split("dsb2018", "tiny", 2, [tiny[0]], [tiny[1]])
+    aps = {}
+    for arm, seed in (("a", 0), ("b", 0), ("b", 1)):
+        out = tmp_path / f"{arm}{seed}"
+        settings = RunSettings(budget_s=60.0, clock="wall", threads=1, seed=seed, out_dir=str(out))
+        rec = run_one(split, "classical", 0.1, settings)
+        assert rec["status"] == "ok", rec.get("reason")
+        aps.setdefault(arm, []).append(rec["metrics"]["ap50"])
+    docs = tmp_path / "study.md"
+    study_table.main(
+        ["--arms", f"a={tmp_path / 'a0'}", "--arms", f"b={tmp_path / 'b0'},{tmp_path / 'b1'}"]
+        + ["--docs", str(docs), "--note", "tiny"]
+    )
+    text = docs.read_text()
+    runs = [line for line in text.splitlines() if line.startswith("| a |") or line.startswith("| b |")]
+    assert len(runs) == 3 + 2  # a row per run, then a mean per arm
+    assert f"| b | dsb2018 | 10% | 2 | {np.mean(aps['b']):.3f} |" in text and "- tiny" in text
+    with pytest.raises(SystemExit, match="no finished run records"):
+        study_table.main(["--arms", f"c={tmp_path / 'empty'}"])
