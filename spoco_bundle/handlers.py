@@ -300,9 +300,10 @@ class ForegroundThresholdPass:
     """
     Choose the positive-unlabeled head's threshold on whole training images with Lee & Liu's criterion
     (:func:`lee_liu_threshold`) and store it in the network's ``fg_label_frequency`` buffer as ``c = 2 t`` (the
-    network's 0.5 then sits at ``g = t``). The estimate of ``c`` in training (:class:`ForegroundCalibrationHandler`)
-    comes out too high on the objects the head fits; the criterion needs no ``c`` and, on whole images, no patch
-    sampling bias (patches are centred on annotated objects): docs/pu_threshold.md.
+    network's 0.5 then sits at ``g = t``). The criterion needs no ``c`` and, on whole images, has no patch sampling
+    bias (patches are centred on annotated objects), but it takes the recall over the annotated objects for the
+    recall over all objects: a head that memorised a few annotated objects (one 3D volume) makes it choose far too
+    high a threshold (docs/lee_liu_images.md). Experimental.
 
     The pass runs before every validation (the evaluator's ``EPOCH_STARTED``, so that what validation scores and the
     best-model saver keeps is calibrated by it) or, without validation, when training completes: attach it before
@@ -416,14 +417,14 @@ class ForegroundThresholdPass:
 def _centre_crop(image, label, max_voxels: int):
     """``image`` and ``label`` (channel first) cropped to their centre so that they hold at most ``max_voxels``
     voxels (the same factor on every spatial axis)."""
+    from monai.transforms import CenterSpatialCrop
+
     shape = np.asarray(image.shape[1:])
     if np.prod(shape) <= max_voxels:
         return image, label
     f = (max_voxels / np.prod(shape)) ** (1.0 / len(shape))
-    size = np.maximum(1, np.floor(shape * f)).astype(int)
-    start = (shape - size) // 2
-    sl = (slice(None),) + tuple(slice(int(a), int(a + b)) for a, b in zip(start, size))
-    return image[sl], label[sl]
+    crop = CenterSpatialCrop(np.maximum(1, np.floor(shape * f)).astype(int).tolist())
+    return crop(image), crop(label)
 
 
 class ObjectSizeHandler:
