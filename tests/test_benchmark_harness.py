@@ -151,13 +151,18 @@ def test_classical_segments_2d_and_3d(dsb_small: Split, gonuclear: list[Split]) 
     assert classical.estimate_radius(vol.image, vol.spacing) == pytest.approx(12.0, rel=0.5)  # ~12 px nuclei
 
 
-def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> None:
-    crop = (slice(0, 128), slice(0, 128))
+def _tiny_split(dsb_small: Split, size: int) -> tuple[Split, list[Item]]:
+    """A split of one training and one test image of ``dsb_small``, cropped to ``size`` x ``size``."""
+    crop = (slice(0, size), slice(0, size))
     tiny = [
         Item(it.name, it.image[crop], it.labels[crop], it.spacing, it.path, it.label_path)
         for it in (dsb_small.train[0], dsb_small.test[0])
     ]
-    split = Split("dsb2018", "tiny", 2, [tiny[0]], [tiny[1]])
+    return Split("dsb2018", "tiny", 2, [tiny[0]], [tiny[1]]), tiny
+
+
+def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> None:
+    split, tiny = _tiny_split(dsb_small, 128)
     settings = RunSettings(
         budget_s=60.0, clock="wall", threads=1, max_train=1, max_test=1, out_dir=str(tmp_path / "runs")
     )
@@ -680,12 +685,7 @@ def test_inference_ids_carry_a_studied_network_shape() -> None:
 def test_study_table_sets_arms_side_by_side(dsb_small: Split, tmp_path: Path) -> None:
     from benchmarks import study_table
 
-    crop = (slice(0, 96), slice(0, 96))
-    tiny = [
-        Item(it.name, it.image[crop], it.labels[crop], it.spacing, it.path, it.label_path)
-        for it in (dsb_small.train[0], dsb_small.test[0])
-    ]
-    split = Split("dsb2018", "tiny", 2, [tiny[0]], [tiny[1]])
+    split, _ = _tiny_split(dsb_small, 96)
     aps = {}
     for arm, seed in (("a", 0), ("b", 0), ("b", 1)):
         out = tmp_path / f"{arm}{seed}"
