@@ -1094,17 +1094,23 @@ def _calibration_voxels(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, annotated, images)``: the head's ``(B, N)`` logits with the weighting undone (``- log w``), the
     annotated voxels that calibrate it (calibration objects only with ``holdout``) and, ``(B, 1)``, the images
-    that take part (painted strokes keep an image positive-unlabeled; dense annotated background does not)."""
+    that take part (:func:`_positive_unlabeled_images`)."""
     b = logits.shape[0]
     x = logits.detach().reshape(b, -1).float() - math.log(positive_weight)
     labels = target.reshape(b, -1).to(x.device)
     if labels.shape != x.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match.")
     held = held_out_objects(labels, holdout)
-    images = torch.ones_like(labels[:, :1], dtype=torch.bool)
-    if not strokes:
-        images = ~(labels < 0).any(1, keepdim=True)
+    images = _positive_unlabeled_images(labels, strokes)
     return x, (labels > 0 if held is None else held) & images, images
+
+
+def _positive_unlabeled_images(labels: torch.Tensor, strokes: bool) -> torch.Tensor:
+    """``(B, 1)``: the images of ``(B, N)`` labels whose head trains positive-unlabeled (painted strokes keep an image
+    positive-unlabeled; dense annotated background does not)."""
+    if strokes:
+        return torch.ones_like(labels[:, :1], dtype=torch.bool)
+    return ~(labels < 0).any(1, keepdim=True)
 
 
 # bins of the head's uncalibrated logit log(g / (1 - g)) for the Lee & Liu threshold: 0.1 wide, values beyond the
@@ -1330,11 +1336,7 @@ class SpocoLoss(nn.Module):
         ``foreground_self_training`` times the teacher's mean over the batch's annotated-object voxels (the label
         frequency ``c`` as the teacher sees it; the weight ``w`` shifts both alike, so it is undone first)."""
         p = torch.sigmoid(teacher_logits.float() - math.log(self.foreground_positive_weight))
-        pu = (
-            ~(labels < 0).any(1, keepdim=True)
-            if not self.foreground_strokes
-            else torch.ones_like(labels[:, :1], dtype=torch.bool)
-        )
+        pu = _positive_unlabeled_images(labels, self.foreground_strokes)
         annotated = (labels > 0) & pu
         if held is not None:
             annotated = annotated & ~held
