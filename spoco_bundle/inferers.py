@@ -54,9 +54,13 @@ class TwoViewInferer(Inferer):
 
 class ScaledInferer(Inferer):
     """
-    Runs ``inferer`` on the input resampled by ``scale`` and resamples the output back onto the input's grid, so
-    that a model trained on objects of one size can segment images taken at another magnification. Clustering,
-    ``min_size`` and the written labels stay on the input's own grid.
+    Runs ``inferer`` on the input resampled by ``scale``, so that a model trained on objects of one size can segment
+    images taken at another magnification, and returns the output on the input's grid (resampled back) or, with
+    ``output_grid="network"``, on the grid the network saw. The bundle's inference clusters there (where objects
+    have their training size, so the clustering's voxel-based settings and ``min_size`` mean what they meant in
+    training) and resizes the labels onto the image's grid at the end
+    (:class:`~spoco_bundle.postprocessing.ResizeToMatchd`): clustering an output interpolated onto a grid 2-3x
+    finer or coarser than the network's loses touching objects' borders.
 
     A number: (object size in the training images) / (object size in these images): nuclei twice as large as in
     training -> 0.5. Resampling is linear (bilinear / trilinear), with Gaussian anti-aliasing where it shrinks
@@ -83,9 +87,13 @@ class ScaledInferer(Inferer):
         limits: for ``"auto"``: smallest and largest factor.
         min_band: for ``"auto"``: the range in which images are left alone spans at least this factor either side
             of the training median.
+        output_grid: ``"input"``: the output resampled back onto the input's grid (linear); ``"network"``: the
+            network's output as it is, on the resampled grid, cut to the input's extent (a reflected padding
+            removed): ``round(n * s)`` voxels along an axis of ``n`` input voxels resampled by ``s``.
 
     Shapes:
-        ``inputs``: ``(B, C, *S)``; returns ``(B, C_out, *S)``, the wrapped inferer's output at the input's size.
+        ``inputs``: ``(B, C, *S)``; returns ``(B, C_out, *S)``, the wrapped inferer's output at the input's size
+        (``output_grid="network"``: ``(B, C_out, *S')``, S' the resampled size).
 
     Raises:
         ValueError: a non-positive or non-finite scale, or one per axis that does not match the input's axes;
@@ -99,6 +107,7 @@ class ScaledInferer(Inferer):
         blob_scales: Sequence[float] | None = None,
         limits: tuple[float, float] = (0.2, 5.0),
         min_band: float = 1.25,
+        output_grid: str = "input",
     ) -> None:
         super().__init__()
         self.inferer = inferer
@@ -111,6 +120,9 @@ class ScaledInferer(Inferer):
         if not min_band >= 1:
             raise ValueError(f"min_band must be >= 1, got {min_band}.")
         self.min_band = float(min_band)
+        if output_grid not in ("input", "network"):
+            raise ValueError(f"output_grid must be 'input' or 'network', got {output_grid!r}.")
+        self.output_grid = output_grid
         self.last_scale: tuple[float, ...] = self.scale
         self._warned = False
 
@@ -176,7 +188,15 @@ class ScaledInferer(Inferer):
             x = x[(..., *(slice(a, n - b) for (a, b), n in zip(cut, x.shape[2:])))]
         kept = [(0, 0)] * len(spatial) if cut is None else [(a, b) for a, b in zip(lo_m, hi_cut)]
         padded = tuple(n + p - a - b for n, p, (a, b) in zip(spatial, pad, kept))
-        out = _resize_to(_plain(self.inferer(x, network, *args, **kw)), padded)
+        out = _plain(self.inferer(x, network, *args, **kw))
+        if self.output_grid == "network":
+            # the output starts where the inner part does (margins before are cut whole); cut off the padding and
+            # what is left of the margins after: the inner part's extent on the resampled grid
+            ends = [
+                int(round((n - a - b) * m / q)) for n, a, b, m, q in zip(spatial, lo_m, hi_m, out.shape[2:], padded)
+            ]
+            return out[(..., *(slice(0, max(e, 1)) for e in ends))]
+        out = _resize_to(out, padded)
         return out[(..., *(slice(0, n - a - b) for n, a, b in zip(spatial, lo_m, hi_m)))]
 
     def infer_inner(

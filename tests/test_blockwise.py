@@ -196,6 +196,43 @@ def test_resampled_blocks_give_the_whole_volume_network_output(scale):
             np.testing.assert_allclose(out[core], whole[(slice(None),) + grid.core(index)], atol=5e-4)
 
 
+@pytest.mark.parametrize("scale", [(0.7, 0.55), (1.4, 1.4)])
+def test_resampled_blocks_on_the_network_grid_give_the_whole_volume_network_output(scale):
+    # output_grid "network" (what inference clusters on): a block's output is the whole volume's, on the same grid
+    from spoco_bundle.blockwise.volume import _resampled_window_halo
+    from spoco_bundle.inferers import ScaledInferer
+
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"ckpt_path": "/none/model.pt", "features": [8, 16, 32], "spatial_dims": 2, "patch_size": [48, 64]})
+    net, sw = parser.get_parsed_content("network_def").eval(), parser.get_parsed_content("sliding_window_inferer")
+    inferer = ScaledInferer(sw, scale, output_grid="network")
+    lo, hi, k, _, margin = _resampled_window_halo((10**4, 10**4), tuple(sw.roi_size), sw.overlap, scale, None)
+    block = tuple(-(-max(a, b) // c) * c for a, b, c in zip(lo, hi, k))
+    shape = (3 * block[0] - 5, 3 * block[1] - 11)
+    tail = _resampled_window_halo(shape, tuple(sw.roi_size), sw.overlap, scale, None)[3]
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    grid = BlockGrid(shape, block, lo, hi, tail)
+    with torch.no_grad():
+        whole = inferer(torch.from_numpy(image)[None, None], net)[0].numpy()
+        ratio = [m / n for m, n in zip(whole.shape[1:], shape)]
+        for index in np.ndindex(*grid.grid_shape):
+            ext = grid.extended(index)
+            wide = tuple(slice(max(0, e.start - m), min(n, e.stop + m)) for e, m, n in zip(ext, margin, shape))
+            cut = (
+                tuple(e.start - w.start for e, w in zip(ext, wide)),
+                tuple(w.stop - e.stop for e, w in zip(ext, wide)),
+            )
+            out = inferer.infer_inner(torch.from_numpy(np.ascontiguousarray(image[wide]))[None, None], net, cut)[0]
+            out = out.numpy()
+            assert out.shape[1:] == tuple(round((e.stop - e.start) * r) for e, r in zip(ext, ratio))
+            # the core, on the network grid: block starts are whole k voxels, so the offsets are whole voxels
+            core, inner = grid.core(index), grid.core_in_extended(index)
+            mine = (slice(None),) + tuple(slice(round(c.start * r), round(c.stop * r)) for c, r in zip(inner, ratio))
+            theirs = (slice(None),) + tuple(slice(round(c.start * r), round(c.stop * r)) for c, r in zip(core, ratio))
+            np.testing.assert_allclose(out[mine], whole[theirs], atol=5e-4)
+
+
 def _permuted(block: np.ndarray) -> np.ndarray:
     """A 'segmentation' that finds the true objects but numbers them in its own order, as a block's clustering does."""
     labels = relabel_consecutive(block)

@@ -352,6 +352,36 @@ def test_scaled_inferer_runs_the_network_at_the_scaled_size_and_maps_back():
         assert torch.equal(ScaledInferer(sw, 1.0)(x, net), sw(x, net))
 
 
+def test_scaled_inferer_can_return_the_network_grid():
+    """output_grid="network": the network's own output, cut to the input's extent, which the "input" output is
+    resampled from; scale 1 is the wrapped inferer's output either way."""
+    from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+    from spoco_bundle.inferers import ScaledInferer
+
+    def identity(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, -x], dim=1)
+
+    x = _blobs((60, 80), sigma=6.0)
+    net = ScaledInferer(SimpleInferer(), 0.5, output_grid="network")(x, identity)
+    assert net.shape == (1, 2, 30, 40)
+    back = ScaledInferer(SimpleInferer(), 0.5)(x, identity)
+    from spoco_bundle.inferers import _resize_to
+
+    np.testing.assert_allclose(_resize_to(net, (60, 80)).numpy(), back.numpy(), atol=1e-6)
+    # through a sliding window, which moves the factor to whole strides and pads the image: the padding is cut off
+    sw = SlidingWindowInferer((32, 32), overlap=0.25)
+    for scale in (0.37, 1.6, (1.0, 0.45)):
+        inferer = ScaledInferer(sw, scale, output_grid="network")
+        out = inferer(x, identity)
+        moved = inferer.last_scale * (2 // len(inferer.last_scale))
+        assert out.shape[2:] == tuple(round(n * s) for n, s in zip((60, 80), moved))
+        # the blobs sit where the input's are: the output resized back matches the input
+        assert float((_resize_to(out[:, :1], (60, 80)) - x).abs().max()) < 0.12
+    with pytest.raises(ValueError, match="output_grid must be 'input' or 'network'"):
+        ScaledInferer(sw, 0.5, output_grid="image")
+
+
 @pytest.mark.parametrize("scale", [0, -1.0, float("nan"), float("inf"), [], "abc", [0.5, None]])
 def test_scaled_inferer_rejects_bad_scales(scale):
     from monai.inferers import SimpleInferer

@@ -23,6 +23,8 @@ from spoco_bundle.postprocessing import (
     ForegroundMaskd,
     RemoveSmallInstances,
     RemoveSmallInstancesd,
+    ResizeToMatch,
+    ResizeToMatchd,
     SplitByShape,
     SplitByShaped,
 )
@@ -305,3 +307,43 @@ def test_each_step_rejects_bad_options_and_input_clearly():
         RemoveSmallInstances(-1)
     with pytest.raises(ValueError, match="shape_split must be in"):  # the one-transform version, as before
         ClusterEmbeddings(shape_split=1.0)
+
+
+def test_resize_to_match_keeps_ids_and_centres():
+    labels = np.zeros((1, 9, 12), np.int32)
+    labels[0, 2:6, 3:9] = 2**25 + 3  # above 2**24: float32 interpolation would round it
+    labels[0, 7:9, 0:2] = 5
+    up = ResizeToMatch()(labels, (27, 36))
+    assert up.dtype == np.int32 and up.shape == (1, 27, 36)
+    assert set(np.unique(up)) == {0, 5, 2**25 + 3}
+    # voxel centres map onto voxel centres: each voxel becomes a 3x3 block, and shrinking gives the original back
+    np.testing.assert_array_equal(up[0], np.kron(labels[0], np.ones((3, 3), np.int32)))
+    np.testing.assert_array_equal(ResizeToMatch()(up, (9, 12)), labels)
+    t = torch.as_tensor(labels)
+    assert ResizeToMatch()(t, (9, 12)) is t  # the same shape: unchanged
+    assert ResizeToMatch()(t, (5, 7)).dtype == torch.int32
+    with pytest.raises(ValueError, match=r"cannot resize an input of spatial shape \(9, 12\) to \(4, 4, 4\)"):
+        ResizeToMatch()(labels, (4, 4, 4))
+
+
+def test_resize_to_matchd_takes_the_reference_shape_and_keeps_to_a_mask():
+    labels = np.ones((1, 10, 10), np.int32)
+    mask = np.zeros((1, 20, 20), bool)
+    mask[0, 3:17, 5:15] = True  # odd borders: a nearest-neighbour round trip would miss them by a voxel
+    step = ResizeToMatchd("pred", reference_key="image", mask_key="given")
+    out = step({"pred": labels, "image": np.zeros((1, 20, 20)), "given": mask})
+    np.testing.assert_array_equal(out["pred"][0], mask[0].astype(np.int32))
+    out = step({"pred": labels, "image": np.zeros((1, 20, 20))})  # no mask given: labels resized only
+    assert out["pred"].shape == (1, 20, 20) and out["pred"].all()
+    with pytest.raises(KeyError, match="no 'image' to take the spatial shape from"):
+        step({"pred": labels})
+
+
+def test_split_reads_the_voxel_size_of_a_resampled_grid():
+    """Labels on a grid resampled per axis (the network's): the split sees that grid's voxel size."""
+    from spoco_bundle.postprocessing import _grid_spacing
+
+    image = MetaTensor(torch.zeros(1, 20, 40, 40), affine=torch.diag(torch.tensor([2.0, 0.5, 0.5, 1.0])))
+    assert _grid_spacing(image, torch.zeros(1, 20, 20, 20)) == pytest.approx([2.0, 1.0, 1.0])
+    assert _grid_spacing(image, torch.zeros(1, 20, 40, 40)) == pytest.approx([2.0, 0.5, 0.5])
+    assert _grid_spacing(np.zeros((1, 20, 40, 40)), torch.zeros(1, 20, 20, 20)) is None

@@ -53,28 +53,39 @@ class ClusterBlock:
     Args:
         postprocessing: a dictionary transform from ``{"pred": (C, *S)}`` to instance labels ``(1, *S)`` under
             ``"pred"``.
-        spacing: voxel size per spatial axis, for the shape split (None: isotropic).
+        spacing: voxel size per spatial axis of the block, for the shape split (None: isotropic).
 
-    Returns (call): int32 labels ``S``.
+    Returns (call): int32 labels ``S``; with ``shape`` (the block's own, when ``pred`` lies on the resampled grid of
+    :class:`~spoco_bundle.inferers.ScaledInferer` ``output_grid="network"``): clustered on ``pred``'s grid (voxel
+    size scaled alike), then resized onto ``shape`` (:class:`~spoco_bundle.postprocessing.ResizeToMatch`).
     """
 
     def __init__(self, postprocessing: Callable[[dict], Mapping], spacing: Sequence[float] | None = None) -> None:
         self.postprocessing = postprocessing
         self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
 
-    def _image(self, spatial: tuple[int, ...]) -> Any:
-        """An empty MetaTensor carrying the voxel size for :class:`~spoco_bundle.postprocessing.SplitByShaped`."""
+    def _image(self, spatial: tuple[int, ...], spacing: Sequence[float] | None) -> Any:
+        """A MetaTensor of ``spatial`` size carrying the voxel size for
+        :class:`~spoco_bundle.postprocessing.SplitByShaped` (one zero, expanded: no memory)."""
         from monai.data import MetaTensor
 
         affine = np.eye(4)
-        if self.spacing is not None:
-            affine[range(len(self.spacing)), range(len(self.spacing))] = self.spacing
-        return MetaTensor(torch.zeros((1,) + (1,) * len(spatial)), affine=torch.as_tensor(affine))
+        if spacing is not None:
+            affine[range(len(spacing)), range(len(spacing))] = spacing
+        return MetaTensor(torch.zeros((1,) * (len(spatial) + 1)).expand(1, *spatial), affine=torch.as_tensor(affine))
 
-    def __call__(self, pred: np.ndarray) -> np.ndarray:
+    def __call__(self, pred: np.ndarray, shape: Sequence[int] | None = None) -> np.ndarray:
+        from spoco_bundle.postprocessing import ResizeToMatch
+
         pred = np.asarray(pred, dtype=np.float32)
-        data = self.postprocessing({"pred": pred, "image": self._image(pred.shape[1:])})
-        return _labels(data, "pred").astype(np.int32)
+        spacing = self.spacing
+        if shape is not None and spacing is not None:
+            spacing = tuple(v * n / m for v, n, m in zip(spacing, shape, pred.shape[1:]))
+        data = self.postprocessing({"pred": pred, "image": self._image(pred.shape[1:], spacing)})
+        labels = np.asarray(_labels(data, "pred"), dtype=np.int32)
+        if shape is not None:
+            labels = ResizeToMatch()(labels[None], shape)[0]
+        return labels
 
 
 class NetworkBlock(ClusterBlock):
@@ -134,4 +145,4 @@ class NetworkBlock(ClusterBlock):
                 pred = self.inferer(x, self.network)[0]
             else:  # context for the resampling only (ScaledInferer.infer_inner)
                 pred = self.inferer.infer_inner(x, self.network, margin)[0]
-        return super().__call__(pred.detach().cpu().numpy())
+        return super().__call__(pred.detach().cpu().numpy(), inner.shape)

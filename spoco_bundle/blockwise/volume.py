@@ -138,7 +138,7 @@ def _fixed_scale_inferer(inferer: Any, network: Any, image: Any, lo: float, hi: 
     scale = inferer.find_scale(x[None], network)
     shape = "x".join(str(c.stop - c.start) for c in crop)
     logger.info(f"image_scale auto: {scale:.3g}, measured on the central {shape} crop")
-    return ScaledInferer(inferer.inferer, scale), scale
+    return ScaledInferer(inferer.inferer, scale, output_grid=inferer.output_grid), scale
 
 
 def segment_volume(
