@@ -385,7 +385,10 @@ def cached_checkpoint(
     if not path.is_file():
         raise SystemExit(f"{path} not found: run python -m benchmarks.accuracy for {method} at {ratio:g} first.")
     record = json.loads(path.read_text())
-    ckpt = Path(record.get("info", {}).get("work_dir", "")) / "models" / "model.pt"
+    info = record.get("info", {})
+    if info.get("variant") == "shipped":  # no training: the shipped model itself
+        return splits[0], run_dir, record, REPO_ROOT / "models" / str(info.get("model")) / "model.pt"
+    ckpt = Path(info.get("work_dir", "")) / "models" / "model.pt"
     if not ckpt.is_file():
         raise SystemExit(f"{ckpt} (the checkpoint of {path}) is gone; rerun that run with --force.")
     return splits[0], run_dir, record, ckpt
