@@ -14,7 +14,10 @@ from monai.inferers import Inferer
 
 from spoco_bundle.transforms import Rescale, check_scale
 
-__all__ = ["TwoViewInferer", "ScaledInferer", "StudentTeacherNet", "network_for_clustering"]
+__all__ = ["AUTO_RULES", "TwoViewInferer", "ScaledInferer", "StudentTeacherNet", "network_for_clustering"]
+
+# where image_scale "auto" resamples an image whose blob size lies outside the training images' range
+AUTO_RULES = ("asymmetric", "halfway", "median", "edge")
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,9 @@ class ScaledInferer(Inferer):
     (``blob_scales``: their 10th, 50th and 90th percentiles, by default the network's ``image_blob_scale`` buffer
     recorded by :class:`~spoco_bundle.handlers.ObjectSizeHandler`). An image within the training images' range
     (widened to at least the median / ``min_band`` to the median x ``min_band``) is segmented as it is (1); one
-    outside it is resampled so that its blob size becomes the training median (factor limited to ``limits``). A
+    outside it is resampled (``rule``; factor limited to ``limits``): one with smaller blobs up to the range's lower
+    end only (enlarging interpolates, and blurred small objects are what a model knows least), one with larger blobs
+    down to halfway (geometrically) between the range's upper end and the training median. A
     model that recorded no training images' blob size is run at 1, with a warning. The factor used for the last
     input is ``last_scale``.
 
@@ -87,6 +92,9 @@ class ScaledInferer(Inferer):
         limits: for ``"auto"``: smallest and largest factor.
         min_band: for ``"auto"``: the range in which images are left alone spans at least this factor either side
             of the training median.
+        rule: for ``"auto"``: where an image outside the range is resampled to: ``"asymmetric"`` (above), or for
+            both directions alike ``"halfway"`` (geometrically between the range's nearer end and the median),
+            ``"median"`` or ``"edge"`` (the range's nearer end); docs/scale_rules.md compares them.
         output_grid: ``"input"``: the output resampled back onto the input's grid (linear); ``"network"``: the
             network's output as it is, on the resampled grid, cut to the input's extent (a reflected padding
             removed): ``round(n * s)`` voxels along an axis of ``n`` input voxels resampled by ``s``.
@@ -108,6 +116,7 @@ class ScaledInferer(Inferer):
         limits: tuple[float, float] = (0.2, 5.0),
         min_band: float = 1.25,
         output_grid: str = "input",
+        rule: str = "asymmetric",
     ) -> None:
         super().__init__()
         self.inferer = inferer
@@ -123,6 +132,9 @@ class ScaledInferer(Inferer):
         if output_grid not in ("input", "network"):
             raise ValueError(f"output_grid must be 'input' or 'network', got {output_grid!r}.")
         self.output_grid = output_grid
+        if rule not in AUTO_RULES:
+            raise ValueError(f"rule must be one of {AUTO_RULES}, got {rule!r}.")
+        self.rule = rule
         self.last_scale: tuple[float, ...] = self.scale
         self._warned = False
 
@@ -245,7 +257,13 @@ class ScaledInferer(Inferer):
             return 1.0
         if lo <= found <= hi:
             return 1.0  # within what the model was trained on: leave the image as it is
-        return float(np.clip(mid / found, *self.limits))
+        # resampling all the way to the median moves images whose objects were small or large at their own
+        # magnification too far; enlarging blurs, so an image with small blobs is enlarged only to the range's end
+        # (the choice measured on DSB2018 training images, docs/scale_rules.md)
+        edge = lo if found < lo else hi
+        rule = ("edge" if found < lo else "halfway") if self.rule == "asymmetric" else self.rule
+        target = {"halfway": math.sqrt(edge * mid), "median": mid, "edge": edge}[rule]
+        return float(np.clip(target / found, *self.limits))
 
     def _auto(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         scale = self.find_scale(_plain(inputs[0]).detach().cpu().numpy(), network)

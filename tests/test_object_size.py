@@ -158,22 +158,36 @@ def test_auto_scale_resamples_only_images_outside_the_training_range():
     assert inferer.last_scale == (1.0,) and net.seen == [(192, 192)] and torch.equal(out, torch.cat([same, same], 1))
     large = torch.as_tensor(_blob_image(20.0, size=256))[None, None]  # twice the training median
     out = inferer(large, net)
-    assert inferer.last_scale[0] == pytest.approx(0.5, rel=0.12)
+    # resampled halfway (geometrically) between the range's nearer end (radius 12.5: the median x 1.25) and the
+    # median (10): to radius sqrt(12.5 x 10)
+    assert inferer.last_scale[0] == pytest.approx((12.5 * 10) ** 0.5 / 20, rel=0.12)
     assert net.seen[-1] == (round(256 * inferer.last_scale[0]),) * 2 and out.shape == (1, 2, 256, 256)
     small = torch.as_tensor(_blob_image(4.0))[None, None]
     inferer(small, net)
-    assert inferer.last_scale[0] == pytest.approx(2.5, rel=0.12)
+    # enlarged only up to the range's lower end (radius 8)
+    assert inferer.last_scale[0] == pytest.approx(8 / 4, rel=0.12)
+    # the other rules, alike both ways: all the way to the median, to the range's nearer end, or halfway
+    for rule, radius_large, radius_small in (
+        ("median", 10.0, 10.0),
+        ("edge", 12.5, 8.0),
+        ("halfway", (12.5 * 10) ** 0.5, (8 * 10) ** 0.5),
+    ):
+        other = ScaledInferer(SimpleInferer(), "auto", rule=rule)
+        other(large, net)
+        assert other.last_scale[0] == pytest.approx(radius_large / 20, rel=0.12)
+        other(small, net)
+        assert other.last_scale[0] == pytest.approx(radius_small / 4, rel=0.12)
     # the training range given explicitly replaces the record
     given = ScaledInferer(SimpleInferer(), "auto", blob_scales=[v / 2 for v in trained])
     given(large, _Recorder())
-    assert given.last_scale[0] == pytest.approx(0.25, rel=0.12)
+    assert given.last_scale[0] == pytest.approx((6.25 * 5) ** 0.5 / 20, rel=0.12)
     # one training blob size (a single training volume): images within 1.25x either way are left alone
     b = blob_scale(_blob_image(10.0))
     single = ScaledInferer(SimpleInferer(), "auto", blob_scales=[b, b, b])
     single(torch.as_tensor(_blob_image(11.0))[None, None], _Recorder())
     assert single.last_scale == (1.0,)
     single(torch.as_tensor(_blob_image(15.0))[None, None], _Recorder())
-    assert single.last_scale[0] == pytest.approx(10.0 / 15.0, rel=0.12)
+    assert single.last_scale[0] == pytest.approx((12.5 * 10) ** 0.5 / 15, rel=0.12)
 
 
 def test_auto_scale_without_a_record_runs_at_one_and_says_so(caplog):
@@ -204,3 +218,5 @@ def test_auto_scale_arguments_are_checked(bad):
         ScaledInferer(SimpleInferer(), "auto", blob_scales=bad)
     with pytest.raises(ValueError, match="image_scale must be a positive number"):
         ScaledInferer(SimpleInferer(), "automatic")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        ScaledInferer(SimpleInferer(), "auto", rule="nearest")
