@@ -192,8 +192,9 @@ def test_resampled_blocks_give_the_whole_volume_network_output(scale):
             block = np.ascontiguousarray(image[wide])
             out = inferer.infer_inner(torch.from_numpy(block)[None, None], net, cut)[0].numpy()
             core = (slice(None),) + grid.core_in_extended(index)
-            # float32 interpolation coordinates differ by the block offset: differences of float rounding only
-            np.testing.assert_allclose(out[core], whole[(slice(None),) + grid.core(index)], atol=5e-4)
+            # float32 interpolation coordinates differ by the block offset: differences of float rounding only (a few
+            # 1e-4, more where a convolution of another extent rounds differently)
+            np.testing.assert_allclose(out[core], whole[(slice(None),) + grid.core(index)], atol=2e-3)
 
 
 @pytest.mark.parametrize("scale", [(0.7, 0.55), (1.4, 1.4)])
@@ -230,7 +231,9 @@ def test_resampled_blocks_on_the_network_grid_give_the_whole_volume_network_outp
             core, inner = grid.core(index), grid.core_in_extended(index)
             mine = (slice(None),) + tuple(slice(round(c.start * r), round(c.stop * r)) for c, r in zip(inner, ratio))
             theirs = (slice(None),) + tuple(slice(round(c.start * r), round(c.stop * r)) for c, r in zip(core, ratio))
-            np.testing.assert_allclose(out[mine], whole[theirs], atol=5e-4)
+            # float32 convolutions of other extents round differently (oneDNN picks its algorithm by size), by up to
+            # about 1e-3 on outputs of a few units; a block placed one voxel off differs by O(1)
+            np.testing.assert_allclose(out[mine], whole[theirs], atol=2e-3)
 
 
 def _permuted(block: np.ndarray) -> np.ndarray:
