@@ -64,24 +64,23 @@ class ClusterBlock:
         self.postprocessing = postprocessing
         self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
 
-    def _image(self, spatial: tuple[int, ...], spacing: Sequence[float] | None) -> Any:
-        """A MetaTensor of ``spatial`` size carrying the voxel size for
-        :class:`~spoco_bundle.postprocessing.SplitByShaped` (one zero, expanded: no memory)."""
+    def _image(self, spatial: tuple[int, ...]) -> Any:
+        """A MetaTensor of the block's ``spatial`` size carrying the voxel size for
+        :class:`~spoco_bundle.postprocessing.SplitByShaped`, which scales it onto a resampled ``pred``'s grid (one
+        zero, expanded: no memory)."""
         from monai.data import MetaTensor
 
         affine = np.eye(4)
-        if spacing is not None:
-            affine[range(len(spacing)), range(len(spacing))] = spacing
+        if self.spacing is not None:
+            affine[range(len(self.spacing)), range(len(self.spacing))] = self.spacing
         return MetaTensor(torch.zeros((1,) * (len(spatial) + 1)).expand(1, *spatial), affine=torch.as_tensor(affine))
 
     def __call__(self, pred: np.ndarray, shape: Sequence[int] | None = None) -> np.ndarray:
         from spoco_bundle.postprocessing import ResizeToMatch
 
         pred = np.asarray(pred, dtype=np.float32)
-        spacing = self.spacing
-        if shape is not None and spacing is not None:
-            spacing = tuple(v * n / m for v, n, m in zip(spacing, shape, pred.shape[1:]))
-        data = self.postprocessing({"pred": pred, "image": self._image(pred.shape[1:], spacing)})
+        own = pred.shape[1:] if shape is None else tuple(int(n) for n in shape)
+        data = self.postprocessing({"pred": pred, "image": self._image(own)})
         labels = np.asarray(_labels(data, "pred"), dtype=np.int32)
         if shape is not None:
             labels = ResizeToMatch()(labels[None], shape)[0]
