@@ -159,10 +159,10 @@ def test_blocks_on_the_sliding_window_grid_give_the_whole_volume_network_output(
             np.testing.assert_allclose(out[core], whole[(slice(None),) + grid.core(index)], atol=1e-4)
 
 
-@pytest.mark.parametrize("scale", [(0.7, 0.55), (1.4, 1.4)])
-def test_resampled_blocks_give_the_whole_volume_network_output(scale):
-    # image_scale != 1: ScaledInferer moves the scale to whole strides and pads to whole k; blocks and halos of
-    # whole k (halos of more than a window) then resample onto the whole volume's grid and its windows
+def _resampled_blocks(scale: tuple[float, float], output_grid: str = "input"):
+    """A real (untrained) 2D U-Net in a ScaledInferer around MONAI's SlidingWindowInferer, a random image of 3 x 3
+    blocks of whole k (the last ones cut short) and the margin a NetworkBlock is read with:
+    ``(inferer, network, image, grid, margin)``."""
     from spoco_bundle.blockwise.volume import _resampled_window_halo
     from spoco_bundle.inferers import ScaledInferer
 
@@ -170,27 +170,40 @@ def test_resampled_blocks_give_the_whole_volume_network_output(scale):
     parser.read_config(INFER)
     parser.update({"ckpt_path": "/none/model.pt", "features": [8, 16, 32], "spatial_dims": 2, "patch_size": [48, 64]})
     net, sw = parser.get_parsed_content("network_def").eval(), parser.get_parsed_content("sliding_window_inferer")
-    inferer = ScaledInferer(sw, scale)
+    inferer = ScaledInferer(sw, scale, output_grid=output_grid)
     lo, hi, k, _, margin = _resampled_window_halo((10**4, 10**4), tuple(sw.roi_size), sw.overlap, scale, None)
     block = tuple(-(-max(a, b) // c) * c for a, b, c in zip(lo, hi, k))  # whole k
     shape = (3 * block[0] - 5, 3 * block[1] - 11)  # the last blocks cut short
     tail = _resampled_window_halo(shape, tuple(sw.roi_size), sw.overlap, scale, None)[3]
     image = np.random.default_rng(0).random(shape, dtype=np.float32)
-    grid = BlockGrid(shape, block, lo, hi, tail)
+    return inferer, net, image, BlockGrid(shape, block, lo, hi, tail), margin
+
+
+def _blocks_read_with_margin(inferer, net, image: np.ndarray, grid: BlockGrid, margin):
+    """Per block, as segment_blockwise reads a NetworkBlock (its extended block with ``margin`` of context for the
+    resampling): ``(index, extended block, network output of the extended block)``."""
+    for index in np.ndindex(*grid.grid_shape):
+        ext = grid.extended(index)
+        wide = tuple(slice(max(0, e.start - m), min(n, e.stop + m)) for e, m, n in zip(ext, margin, image.shape))
+        cut = (
+            tuple(e.start - w.start for e, w in zip(ext, wide)),
+            tuple(w.stop - e.stop for e, w in zip(ext, wide)),
+        )
+        block = torch.from_numpy(np.ascontiguousarray(image[wide]))[None, None]
+        yield index, ext, inferer.infer_inner(block, net, cut)[0].numpy()
+
+
+@pytest.mark.parametrize("scale", [(0.7, 0.55), (1.4, 1.4)])
+def test_resampled_blocks_give_the_whole_volume_network_output(scale):
+    # image_scale != 1: ScaledInferer moves the scale to whole strides and pads to whole k; blocks and halos of
+    # whole k (halos of more than a window) then resample onto the whole volume's grid and its windows
+    inferer, net, image, grid, margin = _resampled_blocks(scale)
     assert grid.grid_shape == (3, 3)
     with torch.no_grad():
         whole = inferer(torch.from_numpy(image)[None, None], net)[0].numpy()
         moved = inferer.last_scale
         assert all(abs(m / s - 1) < 0.1 for m, s in zip(moved, scale)) and moved != scale
-        for index in np.ndindex(*grid.grid_shape):
-            ext = grid.extended(index)  # read with a margin, as segment_blockwise does for a NetworkBlock
-            wide = tuple(slice(max(0, e.start - m), min(n, e.stop + m)) for e, m, n in zip(ext, margin, shape))
-            cut = (
-                tuple(e.start - w.start for e, w in zip(ext, wide)),
-                tuple(w.stop - e.stop for e, w in zip(ext, wide)),
-            )
-            block = np.ascontiguousarray(image[wide])
-            out = inferer.infer_inner(torch.from_numpy(block)[None, None], net, cut)[0].numpy()
+        for index, _, out in _blocks_read_with_margin(inferer, net, image, grid, margin):
             core = (slice(None),) + grid.core_in_extended(index)
             # float32 interpolation coordinates differ by the block offset: differences of float rounding only (a few
             # 1e-4, more where a convolution of another extent rounds differently)
@@ -200,32 +213,11 @@ def test_resampled_blocks_give_the_whole_volume_network_output(scale):
 @pytest.mark.parametrize("scale", [(0.7, 0.55), (1.4, 1.4)])
 def test_resampled_blocks_on_the_network_grid_give_the_whole_volume_network_output(scale):
     # output_grid "network" (what inference clusters on): a block's output is the whole volume's, on the same grid
-    from spoco_bundle.blockwise.volume import _resampled_window_halo
-    from spoco_bundle.inferers import ScaledInferer
-
-    parser = ConfigParser()
-    parser.read_config(INFER)
-    parser.update({"ckpt_path": "/none/model.pt", "features": [8, 16, 32], "spatial_dims": 2, "patch_size": [48, 64]})
-    net, sw = parser.get_parsed_content("network_def").eval(), parser.get_parsed_content("sliding_window_inferer")
-    inferer = ScaledInferer(sw, scale, output_grid="network")
-    lo, hi, k, _, margin = _resampled_window_halo((10**4, 10**4), tuple(sw.roi_size), sw.overlap, scale, None)
-    block = tuple(-(-max(a, b) // c) * c for a, b, c in zip(lo, hi, k))
-    shape = (3 * block[0] - 5, 3 * block[1] - 11)
-    tail = _resampled_window_halo(shape, tuple(sw.roi_size), sw.overlap, scale, None)[3]
-    image = np.random.default_rng(0).random(shape, dtype=np.float32)
-    grid = BlockGrid(shape, block, lo, hi, tail)
+    inferer, net, image, grid, margin = _resampled_blocks(scale, output_grid="network")
     with torch.no_grad():
         whole = inferer(torch.from_numpy(image)[None, None], net)[0].numpy()
-        ratio = [m / n for m, n in zip(whole.shape[1:], shape)]
-        for index in np.ndindex(*grid.grid_shape):
-            ext = grid.extended(index)
-            wide = tuple(slice(max(0, e.start - m), min(n, e.stop + m)) for e, m, n in zip(ext, margin, shape))
-            cut = (
-                tuple(e.start - w.start for e, w in zip(ext, wide)),
-                tuple(w.stop - e.stop for e, w in zip(ext, wide)),
-            )
-            out = inferer.infer_inner(torch.from_numpy(np.ascontiguousarray(image[wide]))[None, None], net, cut)[0]
-            out = out.numpy()
+        ratio = [m / n for m, n in zip(whole.shape[1:], image.shape)]
+        for index, ext, out in _blocks_read_with_margin(inferer, net, image, grid, margin):
             assert out.shape[1:] == tuple(round((e.stop - e.start) * r) for e, r in zip(ext, ratio))
             # the core, on the network grid: block starts are whole k voxels, so the offsets are whole voxels
             core, inner = grid.core(index), grid.core_in_extended(index)
