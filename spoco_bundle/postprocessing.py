@@ -606,11 +606,11 @@ class ResizeToMatchd(MapTransform):
             raise KeyError(f"ResizeToMatchd: no {self.reference_key!r} to take the spatial shape from.")
         shape = tuple(d[self.reference_key].shape[1:])
         mask = d.get(self.mask_key) if self.mask_key is not None else None
+        inside = _given_mask(mask, shape)[None] if mask is not None else None
         for key in self.key_iterator(d):
             if d[key] is None:
                 continue
             d[key] = self.resize(d[key], shape)
-            if mask is not None:
-                inside = _given_mask(mask, shape)
-                d[key] = d[key] * convert_to_dst_type(inside[None], d[key], dtype=d[key].dtype)[0]
+            if inside is not None:
+                d[key] = d[key] * convert_to_dst_type(inside, d[key], dtype=d[key].dtype)[0]
         return d
