@@ -119,8 +119,9 @@ def report(records: list[dict], rules: list[str]) -> str:
         f"- **Data**: {records[0]['split']}: the {records[0]['n_test']} held-back *training* images of the "
         "learning-speed protocol (never trained on), resampled by each factor (image linear, labels nearest), scored "
         "against the resampled labels. The benchmark's validation images are not used.\n"
-        "- **Models**: the checkpoints of the runs below (`python -m benchmarks.learning_speed`, bundle defaults, 10 % "
-        "of the objects); inference with `configs/inference.json` (clustering on the network's grid).\n"
+        "- **Models**: the checkpoints of the runs below (`python -m benchmarks.learning_speed`, 10 % of the objects, "
+        "900 CPU-s, the bundle's training defaults of the run's commit with the `train.json` overrides named per "
+        "model); inference with `configs/inference.json` (clustering on the network's grid).\n"
         f"- **Machine**: {m.get('cpu', '?')}, {m.get('nproc', '?')} cores, torch {m.get('torch', '?')}, no GPU; "
         f"1-minute load average {load} (inference only, times not compared).\n"
         "- **Rules**: `none` = `--image_scale 1`; `matched` = the true factor (a reference); `median` / `edge` / "
@@ -135,7 +136,14 @@ def report(records: list[dict], rules: list[str]) -> str:
         for r in rows:
             cells = [f"{r[k]['ap50']:.3f}" if k in r else "-" for k in rules]
             body += f"| {r['factor']:g} | " + " | ".join(cells) + " |\n"
-        text += f"\n## `{rec['run_dir']}` (commit {rec['commit']})\n\nAP50:\n\n" + head + body + _means(rows, rules)
+        trained = rec.get("training", {})
+        how = f"trained at {trained.get('commit', '?')}, overrides {json.dumps(trained.get('overrides', {}))}; "
+        text += (
+            f"\n## `{rec['run_dir']}` ({how if trained else ''}inference at {rec['commit']})\n\nAP50:\n\n"
+            + head
+            + body
+            + _means(rows, rules)
+        )
     return text
 
 
@@ -177,7 +185,14 @@ def main() -> None:
             p.error(f"{ckpt} not found: train it with python -m benchmarks.learning_speed first.")
         cache = run_dir / "scale_rules.json"
         record = json.loads(cache.read_text()) if cache.is_file() else {"rows": {}}
-        if not args.no_run:
+        run_record = Path(f"{run_dir}.json")  # the learning-speed run's record: what the model was trained with
+        if run_record.is_file():
+            trained = json.loads(run_record.read_text())
+            record["training"] = {k: trained.get(k) for k in ("commit", "overrides", "seed", "iterations")}
+        factors = [float(v) for v in args.factors.split(",")]
+        todo = {f: [r for r in rules if r not in record["rows"].get(f"{f:g}", {})] for f in factors}
+        if not args.no_run and any(todo.values()):
+            # the set-up of the last run that added rows (the commit: the inference code that ran)
             record.update(
                 run_dir=os.path.relpath(run_dir, REPO_ROOT) if run_dir.is_absolute() else str(run_dir),
                 split=split.name,
@@ -186,12 +201,11 @@ def main() -> None:
                 commit=git_commit() or "unknown",
             )
             pipeline = _pipeline(ckpt)
-            for factor in (float(v) for v in args.factors.split(",")):
-                key = f"{factor:g}"
-                done = record["rows"].get(key, {})
-                todo = [r for r in rules if r not in done]
-                if todo:
-                    record["rows"][key] = {**done, **run_factor(pipeline, split, factor, todo)}
+            for factor, missing in todo.items():
+                if missing:
+                    key = f"{factor:g}"
+                    new = run_factor(pipeline, split, factor, missing)
+                    record["rows"][key] = {**record["rows"].get(key, {}), **new}
                     cache.write_text(json.dumps(record, indent=1))
         records.append(record)
     text = report(records, rules)
