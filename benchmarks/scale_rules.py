@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-from scipy import ndimage
 
 from benchmarks.data import REPO_ROOT, default_data_dir, load_benchmark, score
 from benchmarks.learning_speed import tune_split
 from benchmarks.records import git_commit, loadavg, machine_info
+from benchmarks.scale import rescale
 from spoco_bundle.inferers import AUTO_RULES
 
 RULES = ("none", "matched") + AUTO_RULES
@@ -78,10 +78,7 @@ def run_factor(pipeline, split, factor: float, rules: list[str]) -> dict:
     work = Path(tempfile.mkdtemp(prefix="spoco_scale_rules_"))
     paths, labels = [], []
     for item in split.test:
-        image = item.image.astype(np.float32)
-        lab = item.labels
-        if factor != 1.0:
-            image, lab = ndimage.zoom(image, factor, order=1), ndimage.zoom(lab, factor, order=0)
+        image, lab = rescale(item.image.astype(np.float32), item.labels, factor)
         path = work / f"{item.name}.tif"
         tifffile.imwrite(path, image)
         paths.append(str(path))
@@ -178,6 +175,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     (split,) = load_benchmark(args.dataset, args.data_dir)[:1]
     split = tune_split(split, args.tune)
+    factors = [float(v) for v in args.factors.split(",")]
     records = []
     for run_dir in (Path(v) for v in args.run_dir.split(",") if v):
         ckpt = run_dir / "models" / "model.pt"
@@ -189,7 +187,6 @@ def main() -> None:
         if run_record.is_file():
             trained = json.loads(run_record.read_text())
             record["training"] = {k: trained.get(k) for k in ("commit", "overrides", "seed", "iterations")}
-        factors = [float(v) for v in args.factors.split(",")]
         todo = {f: [r for r in rules if r not in record["rows"].get(f"{f:g}", {})] for f in factors}
         if not args.no_run and any(todo.values()):
             # the set-up of the last run that added rows (the commit: the inference code that ran)
