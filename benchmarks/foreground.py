@@ -310,8 +310,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_test", type=int, default=None)
     args = p.parse_args(argv)
     args.clusterings = [m.strip() for m in args.clusterings.split(",") if m.strip()]
-    # checked before the network runs; "consistency" needs the teacher's channels, which this breakdown has not
-    valid = sorted(m for m in CLUSTERING_METHODS if m != "consistency")
+    # checked before the network runs; "consistency" needs the teacher's channels, which this breakdown has not;
+    # "boundary" cuts along the head, not the embeddings this breakdown compares inside each mask
+    valid = sorted(m for m in CLUSTERING_METHODS if m not in ("consistency", "boundary"))
     if any(m not in valid for m in args.clusterings):
         p.error(f"--clusterings must be among {valid}, got {args.clusterings}")
     args.thresholds = sorted({float(t) for t in args.thresholds.split(",") if t.strip()} | {DEFAULT_THRESHOLD})

@@ -262,9 +262,10 @@ class ClusterInstances(Transform):
     given.
 
     Args:
-        method: ``"fast"`` (default), ``"watershed"``, ``"hdbscan"``, ``"meanshift"`` or ``"consistency"`` (then
+        method: ``"fast"`` (default), ``"watershed"``, ``"hdbscan"``, ``"meanshift"``, ``"consistency"`` (then
             the input holds ``2 * embedding_dim`` (+1) channels: student embeddings, teacher embeddings, see
-            :class:`~spoco_bundle.inferers.StudentTeacherNet`).
+            :class:`~spoco_bundle.inferers.StudentTeacherNet`) or ``"boundary"`` (cuts along the foreground head's
+            map, which it then needs: :func:`~spoco_bundle.clustering.cluster_boundary`).
         embedding_dim: E; the first E channels are the embeddings (a further channel, the foreground logit, is not
             used here: :class:`ForegroundMask`).
         background: what is background when no mask is given: ``"largest"`` drops the largest cluster (models
@@ -343,6 +344,13 @@ class ClusterInstances(Transform):
         )
         if self.method == "consistency":
             kwargs["emb_g"] = arr[e : 2 * e]
+        if self.method == "boundary":
+            if arr.shape[0] != e + 1:
+                raise ValueError(
+                    "clustering 'boundary' cuts along the foreground head's map: it needs a network with a foreground "
+                    f"head ({e + 1} channels), got {arr.shape[0]}."
+                )
+            kwargs["foreground"] = 1.0 / (1.0 + np.exp(-arr[e]))
         labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)
         return convert_to_dst_type(labels[None], pred, dtype=torch.int32)[0]
 

@@ -602,9 +602,9 @@ class ClusterEmbeddings(Transform):
     of :class:`~spoco_bundle.networks.EmbeddingUNet`.
 
     Args:
-        method: ``"fast"`` (default), ``"watershed"``, ``"hdbscan"``, ``"meanshift"`` or ``"consistency"`` (then
+        method: ``"fast"`` (default), ``"watershed"``, ``"hdbscan"``, ``"meanshift"``, ``"consistency"`` (then
             the input holds ``2 * embedding_dim`` (+1) channels: student embeddings, teacher embeddings, see
-            :class:`~spoco_bundle.inferers.StudentTeacherNet`).
+            :class:`~spoco_bundle.inferers.StudentTeacherNet`) or ``"boundary"`` (needs the foreground head).
         embedding_dim: E.
         background: ``"largest"``: drop the largest cluster (for models trained without annotated background);
             ``"head"``: keep only voxels with foreground probability > ``foreground_threshold`` (models trained with

@@ -15,7 +15,14 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
-from spoco_bundle.clustering import cluster_embeddings, head_threshold, split_by_shape
+from spoco_bundle.clustering import (
+    cluster_boundary,
+    cluster_embeddings,
+    filter_small,
+    head_threshold,
+    relabel_consecutive,
+    split_by_shape,
+)
 from spoco_bundle.postprocessing import (
     ClusterInstances,
     ClusterInstancesd,
@@ -128,6 +135,35 @@ def test_config_chain_gives_the_one_pass_labels_on_the_shipped_model(
         shape_split=shape_split,
     )
     np.testing.assert_array_equal(np.asarray(one(dict(data, pred=pred))["pred"][0]), want)
+
+
+@pytest.mark.parametrize("background, masked", [("none", False), ("head", False), ("none", True)])
+def test_config_chain_with_boundary_clustering_cuts_along_the_head(nuclei2d_output, background, masked):
+    """--clustering boundary in inference.json: the head's probability reaches cluster_boundary, which partitions
+    the image (background none) or keeps to the head's / a given mask."""
+    pred, image, mask = nuclei2d_output
+    chain, min_size = _config_chain(clustering="boundary", background=background, shape_split=0.0)
+    data = {"image": image, "pred": pred.clone()}
+    if masked:
+        data["foreground_mask"] = mask
+    got = np.asarray(chain(data)["pred"][0])
+    arr = np.asarray(pred, dtype=np.float32)
+    fg = None
+    if masked:
+        fg = np.asarray(mask[0])
+    elif background == "head":
+        fg = arr[-1] > 0.0
+    want = cluster_boundary(arr[:16], 1.0 / (1.0 + np.exp(-arr[-1])), min_size=1, fg_mask=fg)
+    if masked:  # seeds from the head inside the given mask: more than the one object the mask's own shape gives
+        head_only = cluster_boundary(arr[:16], 1.0 / (1.0 + np.exp(-arr[-1])), min_size=1)
+        assert want.max() > 3 and head_only.max() > want.max()
+    want = relabel_consecutive(filter_small(want, min_size))
+    np.testing.assert_array_equal(got, want)
+    assert want.max() > 3
+    if fg is None:  # a partition: no voxel left out but the small regions
+        assert (want > 0).mean() > 0.99
+    else:
+        assert not want[~fg].any()
 
 
 def test_otsu_threshold_and_the_other_methods_match_the_one_pass_labels(nuclei2d_output):

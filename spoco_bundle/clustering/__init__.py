@@ -22,6 +22,9 @@ Methods, one module per family (:data:`CLUSTERING_METHODS` names them; :func:`cl
   assigned to the nearest cluster mean (see :func:`assign_to_means`).
 - :func:`cluster_consistency` (``consistency.py``): the paper's consistency clustering with a second (EMA teacher)
   embedding.
+- :func:`cluster_boundary` (``boundary.py``): for objects separated by membranes (EM, epithelia): seeded watershed
+  on the foreground head's boundary map (takes the head's probability as ``foreground``), seeds at the maxima of
+  the foreground's distance transform.
 
 Shared post-processing (``_common.py``), in this order: ``fg_mask`` (voxels outside are never clustered: set to 0
 *before* clustering, which also makes clustering faster), minimum object size (``min_size`` voxels), background
@@ -46,6 +49,7 @@ from spoco_bundle.clustering._common import (
     relabel_consecutive,
     remove_background,
 )
+from spoco_bundle.clustering.boundary import cluster_boundary
 from spoco_bundle.clustering.consistency import cluster_consistency
 from spoco_bundle.clustering.density import cluster_hdbscan, cluster_meanshift
 from spoco_bundle.clustering.fast import cluster_fast
@@ -65,6 +69,7 @@ __all__ = [
     "cluster_meanshift",
     "cluster_watershed",
     "cluster_consistency",
+    "cluster_boundary",
     "split_by_shape",
     "assign_to_means",
     "remove_background",
@@ -79,6 +84,7 @@ CLUSTERING_METHODS: dict[str, Callable[..., np.ndarray]] = {
     "meanshift": cluster_meanshift,
     "watershed": cluster_watershed,
     "consistency": cluster_consistency,
+    "boundary": cluster_boundary,
 }
 
 
@@ -87,8 +93,9 @@ def cluster_embeddings(emb: np.ndarray, method: str = "fast", **kwargs) -> np.nd
 
     Args:
         emb: embeddings ``(E, H, W)`` or ``(E, D, H, W)``; for ``"consistency"`` the student's (pass the
-            teacher's as ``emb_g``).
-        method: one of ``"fast"``, ``"watershed"``, ``"hdbscan"``, ``"meanshift"``, ``"consistency"``.
+            teacher's as ``emb_g``); for ``"boundary"`` pass the head's probability as ``foreground``.
+        method: one of ``"fast"``, ``"watershed"``, ``"hdbscan"``, ``"meanshift"``, ``"consistency"``,
+            ``"boundary"``.
         kwargs: keyword arguments of the method's function.
     """
     if method not in CLUSTERING_METHODS:
@@ -97,4 +104,6 @@ def cluster_embeddings(emb: np.ndarray, method: str = "fast", **kwargs) -> np.nd
         if "emb_g" not in kwargs:
             raise ValueError("method 'consistency' needs the teacher embeddings as keyword argument emb_g.")
         return cluster_consistency(emb, kwargs.pop("emb_g"), **kwargs)
+    if method == "boundary" and "foreground" not in kwargs:
+        raise ValueError("method 'boundary' needs the foreground head's probability as keyword argument foreground.")
     return CLUSTERING_METHODS[method](emb, **kwargs)

@@ -1,0 +1,98 @@
+"""``boundary`` clustering: objects separated by membranes, cut along the foreground head's boundary map.
+
+For images where objects touch on all sides and a thin membrane (EM neurites, epithelia) or a dark gap separates
+them. The network's foreground head, trained on the annotated objects (label 0 between them is unlabeled or painted
+background), is low on the membranes: a seeded watershed on its background probability separates the objects
+where the embeddings of two *unannotated* neighbours are still too alike to cut (nothing in the sparse loss pushes
+them apart; see docs/data_kinds.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from spoco_bundle.clustering._common import _apply_lut, _check_background, _check_embeddings, _check_mask, _final_lut
+from spoco_bundle.clustering._morphology import h_minima, watershed
+
+
+def _check_foreground(foreground: np.ndarray, spatial: tuple[int, ...]) -> np.ndarray:
+    fg = np.asarray(foreground, dtype=np.float32)
+    if fg.shape != spatial:
+        raise ValueError(f"foreground probability has shape {fg.shape}, the embeddings' spatial shape is {spatial}.")
+    if not np.all(np.isfinite(fg)) or fg.min(initial=0.0) < 0 or fg.max(initial=0.0) > 1:
+        raise ValueError("foreground must be a probability map with finite values in [0, 1].")
+    return fg
+
+
+def cluster_boundary(
+    emb: np.ndarray,
+    foreground: np.ndarray,
+    delta_v: float = 0.5,
+    delta_d: float = 2.0,
+    min_size: int = 16,
+    fg_mask: np.ndarray | None = None,
+    background: str = "none",
+    threshold: float = 0.5,
+    h: float = 3.0,
+    sigma: float = 0.0,
+    spacing: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Seeded watershed on the foreground head's boundary map.
+
+    1. Seeds: the distance transform of the object interiors (``foreground > threshold``, inside ``fg_mask``),
+       in physical units when ``spacing`` is given, smoothed by one voxel; its h-maxima (maxima at least ``h``
+       above every path to a higher one: one seed per object interior, as in the classical membrane pipelines);
+       connected seeds are one marker.
+    2. Watershed from the markers over ``1 - foreground`` (Gaussian-smoothed by ``sigma`` voxels), inside
+       ``fg_mask`` when given, else over every voxel: a partition of the image into objects, membranes included,
+       as EM segmentations are scored (ARAND, VOI).
+    3. A connected part of the region without a seed is one object of its own; then the shared post-processing
+       (``min_size``, ``background``, consecutive ids; see :mod:`spoco_bundle.clustering`).
+
+    The embeddings are checked for shape only: the cut follows the head. Measured on ISBI 2012 (EM neurites,
+    ``python -m benchmarks.accuracy``): see docs/benchmarks_beyond_nuclei.md. ``delta_v`` and ``delta_d`` are
+    accepted for a uniform call signature and not used.
+
+    Args:
+        emb: embeddings ``(E, H, W)`` or ``(E, D, H, W)``.
+        foreground: the head's (calibrated) foreground probability, the embeddings' spatial shape, values in [0, 1].
+        min_size, fg_mask, background: shared post-processing, see :mod:`spoco_bundle.clustering`; ``background``
+            ``"auto"`` means ``"none"`` here (a partition keeps every region).
+        threshold: foreground probability above which a voxel is object interior for the seeds.
+        h: minimum height of a seed's dome in the distance transform, in voxels (or in ``spacing``'s unit):
+            larger merges more, smaller splits more.
+        sigma: smoothing of the boundary map in voxels (0: none).
+        spacing: voxel size per spatial axis for the distance transform (default isotropic).
+
+    Returns:
+        int32 labels of the spatial shape, 0 = background (outside ``fg_mask``, or removed small regions).
+    """
+    emb = _check_embeddings(emb)
+    spatial = emb.shape[1:]
+    fg = _check_foreground(foreground, spatial)
+    fg_mask = _check_mask(fg_mask, spatial)
+    background = "none" if background == "auto" else _check_background(background, fg_mask)
+    if not h > 0 or not sigma >= 0 or not 0 < threshold < 1:
+        raise ValueError(f"need h > 0, sigma >= 0 and 0 < threshold < 1; got {h}, {sigma}, {threshold}.")
+    if spacing is not None and (len(spacing) != len(spatial) or not all(float(s) > 0 for s in spacing)):
+        raise ValueError(f"spacing needs one positive value per spatial axis {spatial}, got {spacing}.")
+    region = np.ones(spatial, bool) if fg_mask is None else fg_mask
+    if not region.any():
+        return np.zeros(spatial, np.int32)
+    interior = fg > threshold if fg_mask is None else fg_mask & (fg > threshold)  # a given mask may span membranes
+    # smoothed by a voxel, as split_by_shape does: a ragged mask edge makes spurious maxima
+    dist = ndimage.gaussian_filter(ndimage.distance_transform_edt(interior, sampling=spacing), 1.0)
+    seeds = h_minima(-dist, float(h)).astype(bool) & interior & region  # the h-maxima of the distance
+    markers, n = ndimage.label(seeds)
+    elevation = 1.0 - (ndimage.gaussian_filter(fg, sigma) if sigma > 0 else fg)
+    labels = watershed(elevation, markers, mask=region)
+    rest = region & (labels == 0)  # no seed: no interior deeper than h, or no interior at all
+    if rest.any():
+        extra, k = ndimage.label(rest)
+        labels[rest] = extra[rest] + n
+        n += k
+    sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
+    return _apply_lut(labels, _final_lut(np.arange(n + 1), sizes, min_size, background))

@@ -1,0 +1,113 @@
+"""Tests of the ``boundary`` clustering (spoco_bundle.clustering.boundary) on synthetic tissue: cells tiling the image,
+separated by thin membranes where the foreground head is low, with embeddings that cannot tell neighbours apart
+(what the sparse loss leaves for unannotated neighbours)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from skimage.segmentation import find_boundaries
+
+from spoco_bundle.clustering import cluster_boundary, cluster_embeddings, cluster_watershed
+from spoco_bundle.metrics import adapted_rand_error, ap50
+from spoco_bundle.postprocessing import ClusterInstances
+
+
+def tissue(shape, n_cells, seed=0):
+    """A Voronoi tiling: cell ids 1..n, membranes (the tiling's boundaries, 1-2 voxels) set to 0; the head's
+    foreground probability: high inside cells, low on membranes, with noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, shape, size=(n_cells, len(shape)))
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    d = ((grid[..., None, :] - centres) ** 2).sum(-1)
+    cells = (np.argmin(d, -1) + 1).astype(np.int32)
+    membrane = find_boundaries(cells, mode="thick")
+    labels = np.where(membrane, 0, cells)
+    prob = np.where(membrane, 0.1, 0.9) + rng.normal(0, 0.05, shape)
+    return labels, np.clip(prob, 0, 1).astype(np.float32)
+
+
+def flat_embeddings(shape, seed=0):
+    """Embeddings that are the same for every cell up to small noise: no clustering of them separates neighbours."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 0.05, (4, *shape)).astype(np.float32)
+
+
+def test_boundary_separates_cells_that_embeddings_merge():
+    labels, prob = tissue((96, 96), 12)
+    emb = flat_embeddings(labels.shape)
+    seg = cluster_boundary(emb, prob, min_size=1)
+    assert seg.shape == labels.shape and seg.dtype == np.int32
+    assert (seg > 0).all()  # background "none": a partition, membranes included
+    assert adapted_rand_error(labels, seg, ignore_background=True) < 0.05
+    assert ap50(labels, np.where(labels > 0, seg, 0)) > 0.9
+    # the embeddings alone: one object
+    assert cluster_watershed(emb, background="none").max() <= 2
+    assert cluster_embeddings(emb, "boundary", foreground=prob, min_size=1).max() == seg.max()
+
+
+def test_boundary_3d_and_spacing():
+    labels, prob = tissue((24, 40, 40), 8, seed=1)
+    emb = flat_embeddings(labels.shape)
+    seg = cluster_boundary(emb, prob, spacing=(1.0, 1.0, 1.0))
+    assert adapted_rand_error(labels, seg, ignore_background=True) < 0.1
+    # a larger h (in spacing units) merges more: a coarse grid spacing makes the same h reach fewer seeds
+    coarse = cluster_boundary(emb, prob, spacing=(0.25, 0.25, 0.25))
+    assert coarse.max() < seg.max()
+
+
+def test_boundary_keeps_to_the_mask_and_unseeded_parts():
+    labels, prob = tissue((64, 64), 6, seed=2)
+    emb = flat_embeddings(labels.shape)
+    mask = labels > 0
+    mask[:, :8] = False
+    islet = np.zeros_like(mask)
+    islet[2:4, 2:4] = True  # a tiny part of the mask with no interior deep enough for a seed
+    mask[:, :8] |= islet[:, :8]
+    seg = cluster_boundary(emb, prob, fg_mask=mask, min_size=1)
+    assert not seg[~mask].any()
+    assert (seg[mask] > 0).all()
+    assert len(np.unique(seg[islet])) == 1 and seg[2, 2] not in np.unique(seg[:, 8:])
+    # min_size drops it
+    assert not cluster_boundary(emb, prob, fg_mask=mask, min_size=8)[islet].any()
+    assert not cluster_boundary(emb, prob, fg_mask=np.zeros_like(mask)).any()
+
+
+def test_boundary_h_controls_splitting():
+    labels, prob = tissue((96, 96), 12, seed=3)
+    emb = flat_embeddings(labels.shape)
+    counts = [cluster_boundary(emb, prob, h=h, min_size=1).max() for h in (0.5, 3.0, 20.0)]
+    assert counts[0] >= counts[1] > counts[2]
+
+
+def test_boundary_bad_input():
+    labels, prob = tissue((32, 32), 3)
+    emb = flat_embeddings(labels.shape)
+    with pytest.raises(ValueError, match="foreground probability has shape"):
+        cluster_boundary(emb, prob[:16])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        cluster_boundary(emb, prob * 3)
+    with pytest.raises(ValueError, match="need h > 0"):
+        cluster_boundary(emb, prob, h=0)
+    with pytest.raises(ValueError, match="spacing"):
+        cluster_boundary(emb, prob, spacing=(1.0,))
+    with pytest.raises(ValueError, match="needs the foreground head's probability"):
+        cluster_embeddings(emb, "boundary")
+
+
+def test_cluster_instances_boundary_uses_the_head():
+    labels, prob = tissue((64, 64), 8, seed=4)
+    emb = flat_embeddings(labels.shape)
+    logit = np.log(prob.clip(1e-4, 1 - 1e-4) / (1 - prob.clip(1e-4, 1 - 1e-4)))
+    pred = torch.as_tensor(np.concatenate([emb, logit[None]]))
+    out = ClusterInstances("boundary", embedding_dim=4, background="none")(pred)
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 64, 64)
+    assert np.array_equal(out[0].numpy(), cluster_boundary(emb, prob.clip(1e-4, 1 - 1e-4), min_size=1))
+    with pytest.raises(ValueError, match="needs a network with a foreground head"):
+        ClusterInstances("boundary", embedding_dim=4, background="none")(torch.as_tensor(emb))
+    # with a mask (the head's, or a given one) it clusters inside it only
+    mask = ndimage.binary_erosion(labels > 0)
+    out = ClusterInstances("boundary", embedding_dim=4, background="head")(pred, mask)
+    assert not out[0].numpy()[~mask].any()
