@@ -188,7 +188,8 @@ def repredict_one(
         metrics=score(predictions, [it.labels for it in split.test], split.spatial_dims, split.dataset),
         predicted_commit=git_commit(),
         predicted=time.strftime("%Y-%m-%d %H:%M:%S"),
-        clustering=spoco_runner.inference_clustering(overrides),
+        # the run's own inference ids (e.g. a data set's shape_split) under the overrides, as repredict used them
+        clustering=spoco_runner.inference_clustering({**spoco_runner.run_ids(rec), **(overrides or {})}),
         inference_overrides=overrides or {},
         repredict_seconds=round(time.perf_counter() - t0, 1),
     )

@@ -73,13 +73,15 @@ SETTINGS = {
 # the documented settings for data that are not round nuclei (docs/data_kinds.md), chosen on training images only
 DATASET_SETTINGS = {
     # densely packed neurite profiles, not star-convex: no split by shape, which cuts them along straight lines
-    # (chosen on 4 training images; on usiigaci's training images the split still helps)
-    "isbi2012": {"shape_split": 0.0},
+    # (chosen on 4 training images; on usiigaci's training images the split still helps); cut along the head's
+    # membrane map into a partition: the embeddings of unannotated neighbours are too alike to separate them
+    # (chosen on the training images, docs/data_kinds.md)
+    "isbi2012": {"shape_split": 0.0, "clustering": "boundary", "background": "none"},
     # tissue where every voxel belongs to a cell: no background to find
     "plant3d": {"background": "none"},
 }
 # the settings above that are inference.json ids (passed to training too, for its validation)
-_INFERENCE_SETTINGS = ("background", "shape_split")
+_INFERENCE_SETTINGS = ("background", "shape_split", "clustering")
 
 
 def settings_for(split: Split) -> dict:
