@@ -33,6 +33,7 @@ from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_data_type, convert_to_dst_type, convert_to_numpy
+from scipy.special import expit
 
 from spoco_bundle.clustering import (
     CLUSTERING_METHODS,
@@ -350,7 +351,7 @@ class ClusterInstances(Transform):
                     "clustering 'boundary' cuts along the foreground head's map: it needs a network with a foreground "
                     f"head ({e + 1} channels), got {arr.shape[0]}."
                 )
-            kwargs["foreground"] = 1.0 / (1.0 + np.exp(-arr[e]))
+            kwargs["foreground"] = expit(arr[e])  # the calibrated probability, without exp overflow
         labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)
         return convert_to_dst_type(labels[None], pred, dtype=torch.int32)[0]
 

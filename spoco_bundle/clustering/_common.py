@@ -8,6 +8,7 @@ object size, background removal, consecutive relabelling.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -96,6 +97,17 @@ def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
     if uniq[0] != 0:
         inv += 1
     return inv.reshape(out_shape)
+
+
+def _label_unseeded(labels: np.ndarray, region: np.ndarray, n: int) -> int:
+    """Give each connected part of ``region`` that a seeded watershed left at 0 (it held no seed: a small or uniform
+    object) an id of its own after ``n``, in place; returns the new number of ids."""
+    rest = region & (labels == 0)
+    if rest.any():
+        extra, k = ndimage.label(rest)
+        labels[rest] = extra[rest] + n
+        n += k
+    return n
 
 
 def _apply_lut(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:

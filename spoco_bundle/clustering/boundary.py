@@ -14,7 +14,14 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from spoco_bundle.clustering._common import _apply_lut, _check_background, _check_embeddings, _check_mask, _final_lut
+from spoco_bundle.clustering._common import (
+    _apply_lut,
+    _check_background,
+    _check_embeddings,
+    _check_mask,
+    _final_lut,
+    _label_unseeded,
+)
 from spoco_bundle.clustering._morphology import h_minima, watershed
 
 
@@ -89,10 +96,6 @@ def cluster_boundary(
     markers, n = ndimage.label(seeds)
     elevation = 1.0 - (ndimage.gaussian_filter(fg, sigma) if sigma > 0 else fg)
     labels = watershed(elevation, markers, mask=region)
-    rest = region & (labels == 0)  # no seed: no interior deeper than h, or no interior at all
-    if rest.any():
-        extra, k = ndimage.label(rest)
-        labels[rest] = extra[rest] + n
-        n += k
+    n = _label_unseeded(labels, region, n)  # no seed: no interior deeper than h, or no interior at all
     sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
     return _apply_lut(labels, _final_lut(np.arange(n + 1), sizes, min_size, background))

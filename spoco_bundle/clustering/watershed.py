@@ -16,6 +16,7 @@ from spoco_bundle.clustering._common import (
     _check_embeddings,
     _check_mask,
     _final_lut,
+    _label_unseeded,
     _means,
     _merge_adjacent,
     numba,
@@ -149,11 +150,7 @@ def cluster_watershed(
     labels = watershed(edges, markers, mask=region)
     # a connected part of the mask without a basin deeper than h (a small or perfectly uniform object) has no seed
     # and would be dropped by the watershed: it is one region of its own
-    rest = region & (labels == 0)
-    if rest.any():
-        extra, k = ndimage.label(rest)
-        labels[rest] = extra[rest] + n
-        n += k
+    n = _label_unseeded(labels, region, n)
     lut = np.arange(n + 1)
     sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
     merging = n > 1 and merge_threshold > 0
