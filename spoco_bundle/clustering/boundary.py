@@ -89,10 +89,10 @@ def cluster_boundary(
     region = np.ones(spatial, bool) if fg_mask is None else fg_mask
     if not region.any():
         return np.zeros(spatial, np.int32)
-    interior = fg > threshold if fg_mask is None else fg_mask & (fg > threshold)  # a given mask may span membranes
-    # smoothed by a voxel, as split_by_shape does: a ragged mask edge makes spurious maxima
+    interior = region & (fg > threshold)  # the head's, also inside a given mask (which may span membranes)
+    # smoothed by one voxel along every axis: a ragged mask edge makes spurious maxima
     dist = ndimage.gaussian_filter(ndimage.distance_transform_edt(interior, sampling=spacing), 1.0)
-    seeds = h_minima(-dist, float(h)).astype(bool) & interior & region  # the h-maxima of the distance
+    seeds = h_minima(-dist, float(h)).astype(bool) & interior  # the h-maxima of the distance
     markers, n = ndimage.label(seeds)
     elevation = 1.0 - (ndimage.gaussian_filter(fg, sigma) if sigma > 0 else fg)
     labels = watershed(elevation, markers, mask=region)
