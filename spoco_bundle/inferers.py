@@ -14,7 +14,14 @@ from monai.inferers import Inferer
 
 from spoco_bundle.transforms import Rescale, check_scale
 
-__all__ = ["AUTO_RULES", "TwoViewInferer", "ScaledInferer", "StudentTeacherNet", "network_for_clustering"]
+__all__ = [
+    "AUTO_RULES",
+    "TwoViewInferer",
+    "ScaledInferer",
+    "StudentTeacherNet",
+    "inference_window",
+    "network_for_clustering",
+]
 
 # where image_scale "auto" resamples an image whose blob size lies outside the training images' range
 AUTO_RULES = ("asymmetric", "halfway", "median", "edge")
@@ -298,6 +305,26 @@ def sliding_window(inferer: Any, ndim: int) -> tuple[tuple[int, ...], Any] | Non
     if len(roi) != ndim or min(roi) < 1:  # non-positive: the image's own size, no fixed grid
         return None
     return roi, sw.overlap
+
+
+def inference_window(patch_size: Sequence[int], factor: float = 5 / 3, multiple: int = 16) -> list[int]:
+    """
+    The sliding window of inference: the training ``patch_size`` enlarged by ``factor`` per axis and rounded up to a
+    multiple of ``multiple`` (a size the U-Net's down-sampling accepts), e.g. 192 -> 320.
+
+    Why larger than the patch: group norm normalises every window on its own statistics, and a window's border sees
+    less context than its centre; in windows of the training patch's size both show, as seams in the foreground and
+    as weaker objects where windows meet (measured in docs/inference_window.md). ``factor`` 1 gives the patch itself.
+
+    Raises:
+        ValueError: a non-positive patch axis, ``factor`` or ``multiple``.
+    """
+    if factor <= 0 or multiple < 1 or not len(patch_size) or min(int(p) for p in patch_size) < 1:
+        raise ValueError(
+            f"inference_window needs a positive patch size, factor and multiple, got {list(patch_size)}, {factor}, "
+            f"{multiple}."
+        )
+    return [int(math.ceil(int(p) * factor / multiple) * multiple) for p in patch_size]
 
 
 def _window_grid(inferer: Any, scale: Sequence[float]) -> tuple[tuple[float, ...], ...] | None:

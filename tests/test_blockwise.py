@@ -142,7 +142,8 @@ def test_blocks_on_the_sliding_window_grid_give_the_whole_volume_network_output(
     # window that touches a block's core is one of the whole volume's, so the core's output is the whole volume's
     parser = ConfigParser()
     parser.read_config(INFER)
-    parser.update({"ckpt_path": "/none/model.pt", "features": [8, 16, 32]})
+    # a window of the 3D training patch (the default window is larger): blocks of a stride stay small here
+    parser.update({"ckpt_path": "/none/model.pt", "features": [8, 16, 32], "window_size": [32, 64, 64]})
     net, inferer = parser.get_parsed_content("network_def").eval(), parser.get_parsed_content("sliding_window_inferer")
     roi = tuple(inferer.roi_size)
     image = np.random.default_rng(0).random((40, 152, 176), dtype=np.float32)
@@ -359,7 +360,9 @@ def test_a_2d_tiff_blockwise_matches_the_whole_image(tmp_path):
     tifffile.imwrite(tmp_path / "a.tif", image, imagej=True, resolution=(2, 2))  # pixels of 0.5
     parser = ConfigParser()
     parser.read_config(INFER)
-    parser.update({"ckpt_path": "/none/model.pt", "spatial_dims": 2, "image_scale": 1.0, "shape_split": 0.0})
+    # LevelNet2d has no receptive field, so a block must hold a whole window: the 2D training patch as window
+    ids = {"ckpt_path": "/none/model.pt", "spatial_dims": 2, "image_scale": 1.0, "shape_split": 0.0}
+    parser.update(dict(ids, window_size=[192, 192]))
     pre, inferer, post = (parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
     path = [str(tmp_path / "a.tif")]
     segment_files(path, pre, LevelNet2d(), inferer, post, str(tmp_path / "whole"))
@@ -496,7 +499,8 @@ def test_bundle_run_segments_an_ome_zarr_blockwise(tmp_path, inputs):
         str(ckpt),
     ]
     cmd += ["--device", "cpu", "--features", "[8,16,32]", "--image_scale", "1", "--background", "none"]
-    cmd += ["--max_memory_gb", "2", "--block_shape", "[48,48,48]"]
+    # the 3D training patch as window (the default is larger than this small volume): 4 blocks on its grid
+    cmd += ["--max_memory_gb", "2", "--block_shape", "[48,48,48]", "--window_size", "[32,64,64]"]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "blockwise: 4 blocks of [48, 48, 48] + halo [0, 48, 48] / [0, 16, 16]" in done.stdout + done.stderr

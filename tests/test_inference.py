@@ -454,3 +454,35 @@ def test_sliding_window_runs_on_device_and_stitches_on_output_device():
     net = torch.nn.Conv2d(1, 2, 3, padding=1)
     out = window(torch.rand(1, 1, 40, 50), net)  # windows on the CPU, the stitched output where asked
     assert out.device.type == "meta" and tuple(out.shape) == (1, 2, 40, 50)
+
+
+def test_inference_window_is_the_training_patch_enlarged():
+    from spoco_bundle.inferers import inference_window
+
+    assert inference_window([192, 192]) == [320, 320]
+    assert inference_window([32, 64, 64]) == [64, 112, 112]  # rounded up to a multiple of 16
+    assert inference_window([192, 192], factor=1) == [192, 192]
+    for bad in (dict(patch_size=[0, 64]), dict(patch_size=[64], factor=0), dict(patch_size=[])):
+        with pytest.raises(ValueError, match="inference_window"):
+            inference_window(**bad)
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"device": "$torch.device('cpu')", "patch_size": [192, 192]})
+    assert list(parser.get_parsed_content("sliding_window_inferer").roi_size) == [320, 320]
+
+
+def test_an_image_smaller_than_the_window_is_padded_with_its_own_border():
+    """A constant image smaller than the window gives a constant output: the window is filled by replicating the
+    image's border, not with zeros, so the image's edges look like its inside (zeros would mark them as dark
+    background and shift the group norm's statistics)."""
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"device": "$torch.device('cpu')", "patch_size": [32, 32]})
+    window = parser.get_parsed_content("sliding_window_inferer")
+    assert list(window.roi_size) == [64, 64]
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    with torch.no_grad():
+        out = window(torch.full((1, 1, 40, 50), 0.7), net)
+    assert tuple(out.shape) == (1, 2, 40, 50)
+    assert float((out - out[..., :1, :1]).abs().max()) < 1e-5

@@ -1,0 +1,214 @@
+"""
+Which sliding window inference should use, chosen on *training* images: each checkpoint segments images it never
+trained on with windows of several sizes (``configs/inference.json`` through ``monai.bundle run``, as a user does,
+with ``sliding_window_inferer#roi_size`` / ``#padding_mode`` overridden), scored against their dense labels.
+
+- ``--run_dir``: learning-speed runs (``python -m benchmarks.learning_speed``): their held-back training images
+  (``--tune``, never trained on), each alone and as ``--mosaic k`` tiles of k x k of them (larger images with the
+  objects at the training size, as a user's larger field of view).
+- ``--records``: accuracy-benchmark runs (``python -m benchmarks.accuracy``) of other data sets, scored on their
+  own *training* images (``--max_images`` of them): in-sample for the objects the run kept, so only the comparison
+  between windows means something.
+
+Windows: ``patch`` = the training patch with zero padding (the bundle's window up to 0.17); ``default`` =
+``configs/inference.json`` as it is; ``N`` / ``AxBxC``: that window, padded by replicating the border where the image
+is smaller.
+
+    .venv/bin/python -m benchmarks.window --run_dir eval/s38/ls/dsb2018/default/ratio_0.10_900s[,...]
+        [--records eval/s37/usiigaci/train16_val4/spoco/ratio_0.10.json[,...]] [--windows patch,256,320,384]
+        [--mosaic 1,2] [--docs docs/inference_window.md] [--no_run]
+
+Results are cached per checkpoint in ``<run_dir or work_dir>/window.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import tifffile
+
+from benchmarks.data import default_data_dir, load_benchmark, score
+from benchmarks.learning_speed import tune_split
+from benchmarks.methods.spoco import predict, run_ids
+from benchmarks.records import git_commit, load_record, loadavg, machine_info
+
+METRICS = ("ap50", "map", "sbd", "fg_precision", "fg_recall", "arand")
+
+
+def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict:
+    """``inference.json`` ids for a window name (see the module docstring)."""
+    if window == "default":
+        return {}
+    if window == "patch":
+        return {"sliding_window_inferer#roi_size": list(patch), "sliding_window_inferer#padding_mode": "constant"}
+    size = [int(v) for v in window.split("x")]
+    size = size * spatial_dims if len(size) == 1 else size
+    if len(size) != spatial_dims:
+        raise ValueError(f"window {window!r} has {len(size)} axes, the images {spatial_dims}.")
+    return {"sliding_window_inferer#roi_size": size, "sliding_window_inferer#padding_mode": "replicate"}
+
+
+def mosaics(items: list, k: int, folder: Path) -> list:
+    """k x k tiles of consecutive ``items`` (same shape) as one image each; labels offset per tile."""
+    if k == 1:
+        return items
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for m in range(len(items) // (k * k)):
+        tiles = items[m * k * k : (m + 1) * k * k]
+        images, labels, offset = [], [], 0
+        for t in tiles:
+            lab = t.labels.astype(np.int32)
+            lab = np.where(lab > 0, lab + offset, 0)
+            offset = int(lab.max())
+            images.append(t.image)
+            labels.append(lab)
+        image = np.concatenate([np.concatenate(images[r * k : (r + 1) * k], 1) for r in range(k)], 0)
+        label = np.concatenate([np.concatenate(labels[r * k : (r + 1) * k], 1) for r in range(k)], 0)
+        path = folder / f"mosaic{k}_{m:02d}.tif"
+        tifffile.imwrite(path, image)
+        out.append(SimpleNamespace(path=str(path), labels=label, name=path.stem))
+    return out
+
+
+def _score_windows(ckpt: Path, split, items, windows, base_ids: dict, patch, cache: Path, key: str, threads: int):
+    results = json.loads(cache.read_text()) if cache.is_file() else {}
+    work = Path(tempfile.mkdtemp(prefix="spoco_window_"))
+    for window in windows:
+        name = f"{key}/{window}"
+        if name in results:
+            continue
+        ids = dict(base_ids, **window_overrides(window, split.spatial_dims, patch))
+        load = loadavg()
+        preds = predict(ckpt, split, work, items=items, threads=threads, tag=f"_{key}_{window}", overrides=ids)
+        s = score(preds, [it.labels for it in items], split.spatial_dims, split.dataset)
+        results[name] = {m: s[m] for m in METRICS if m in s}
+        results[name].update(n_images=len(items), shape=list(items[0].labels.shape), load=[load, loadavg()])
+        print(f"[window] {cache.parent.name} {name}: AP50 {s['ap50']:.3f}", flush=True)
+        cache.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    windows = args.windows.split(",")
+    out = []
+    for run_dir in filter(None, args.run_dir.split(",")):
+        run_dir = Path(run_dir)
+        rec = json.loads(Path(f"{run_dir}.json").read_text())
+        splits = load_benchmark(rec["dataset"], args.data_dir)
+        base = next(s for s in splits if rec["split"].startswith(f"tune_{s.name}_"))
+        n_tune = int(rec["split"].rsplit("_", 1)[1])
+        split = tune_split(base, n_tune)
+        patch = rec["settings"].get("patch_size") or [192] * split.spatial_dims
+        ids = {"image_scale": rec["settings"].get("image_scale", 1.0)}
+        results = {}
+        for k in (int(v) for v in args.mosaic.split(",")):
+            items = mosaics(split.test, k, run_dir / "window_mosaics")
+            if not items:
+                continue
+            results = _score_windows(
+                run_dir / "models" / "model.pt",
+                split,
+                items,
+                windows,
+                ids,
+                patch,
+                run_dir / "window.json",
+                f"mosaic{k}",
+                args.threads,
+            )
+        out.append({"name": str(run_dir), "kind": "held-back training images", "record": rec, "results": results})
+    for path in filter(None, args.records.split(",")):
+        rec = load_record(Path(path))
+        split = next(s for s in load_benchmark(rec["dataset"], args.data_dir) if s.name == rec["split"])
+        items = split.train[: args.max_images]
+        work = Path(rec["info"]["work_dir"])
+        patch = rec["settings"].get("patch_size") or [192] * split.spatial_dims
+        results = _score_windows(
+            work / "models" / "model.pt",
+            split,
+            items,
+            windows,
+            run_ids(rec),
+            patch,
+            work / "window.json",
+            "train",
+            args.threads,
+        )
+        out.append({"name": path, "kind": "training images (in-sample)", "record": rec, "results": results})
+    return out
+
+
+def report(entries: list[dict], windows: list[str], command: str) -> str:
+    m = machine_info()
+    loads = [v for e in entries for r in e["results"].values() for v in r.get("load", []) if v is not None]
+    load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
+    text = (
+        "# Inference window: how large the sliding window should be\n\n"
+        "Generated by `python -m benchmarks.window` from its cache; do not edit by hand.\n\n"
+        f"```bash\n{command}\n```\n\n"
+        "- **Models**: the checkpoints named per table (900 CPU-s each, 1 thread; learning-speed runs trained on the "
+        "first training images and scored on the held-back rest, accuracy-benchmark runs scored on their own "
+        "training images, in-sample for the objects they kept). Labelled fraction and training commit per table.\n"
+        "- **Images**: `mosaic1` = the held-back images as they are; `mosaic2` = 2 x 2 tiles of them as one image "
+        "(a larger field of view at the same object size); `train` = the run's training images.\n"
+        "- **Windows**: `patch` = the training patch, zero padding (the bundle's window up to 0.17); a number = that "
+        "window per axis, images smaller than it padded by replicating their border; `default` = "
+        "`configs/inference.json` today. Overlap 0.25, Gaussian blending, everything else the bundle's inference.\n"
+        f"- **Machine**: {m.get('cpu', '?')}, {m.get('nproc', '?')} cores, torch {m.get('torch', '?')}, no GPU; "
+        f"1-minute load average {load} (inference only; times not compared). Commit {git_commit()}.\n"
+    )
+    for e in entries:
+        rec = e["record"]
+        keys = sorted({k.split("/")[0] for k in e["results"]})
+        metric = "arand" if any("arand" in r for r in e["results"].values()) else None
+        text += (
+            f"\n## `{e['name']}`\n\n{rec['dataset']}, {e['kind']}, {rec['ratio']:.0%} labelled, "
+            f"{rec.get('iterations', '?')} iterations, trained at {rec.get('commit', '?')}.\n\n"
+        )
+        cols = ["AP50", "mAP", "fg precision / recall"] + (["ARAND"] if metric else [])
+        text += "| images | window | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols) + "\n"
+        for key in keys:
+            for w in windows:
+                r = e["results"].get(f"{key}/{w}")
+                if not r:
+                    continue
+                shape = "x".join(str(v) for v in r["shape"])
+                cells = [f"{r['ap50']:.3f}", f"{r['map']:.3f}", f"{r['fg_precision']:.2f} / {r['fg_recall']:.2f}"]
+                cells += [f"{r['arand']:.3f}"] if metric else []
+                text += f"| {key} ({r['n_images']} x {shape}) | {w} | " + " | ".join(cells) + " |\n"
+    return text
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run_dir", default="", help="learning-speed run folders, comma-separated")
+    p.add_argument("--records", default="", help="accuracy-benchmark run records (.json), comma-separated")
+    p.add_argument("--windows", default="patch,256,320,384")
+    p.add_argument("--mosaic", default="1,2", help="k x k mosaics of the held-back images (1: as they are)")
+    p.add_argument("--max_images", type=int, default=6, help="training images per --records run")
+    p.add_argument("--data_dir", default=str(default_data_dir()))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--docs", default="")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    import sys
+
+    args = parse_args(argv)
+    entries = run(args)
+    command = ".venv/bin/python -m benchmarks.window " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = report(entries, args.windows.split(","), command)
+    print(text)
+    if args.docs:
+        Path(args.docs).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
