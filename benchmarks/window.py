@@ -11,8 +11,8 @@ with ``sliding_window_inferer#roi_size`` / ``#padding_mode`` overridden), scored
   between windows means something.
 
 Windows: ``patch`` = the training patch with zero padding (the bundle's window up to 0.17); ``default`` =
-``configs/inference.json`` as it is; ``N`` / ``AxBxC``: that window, padded by replicating the border where the image
-is smaller.
+``configs/inference.json`` as it is; ``N``: an N x N window for 2D runs, ``AxBxC`` one for 3D runs (each skipped for
+the other), padded by replicating the border where the image is smaller.
 
     .venv/bin/python -m benchmarks.window --run_dir eval/s38/ls/dsb2018/default/ratio_0.10_900s[,...]
         [--records eval/s37/usiigaci/train16_val4/spoco/ratio_0.10.json[,...]] [--windows patch,256,320,384]
@@ -40,16 +40,17 @@ from benchmarks.records import git_commit, load_record, loadavg, machine_info
 METRICS = ("ap50", "map", "sbd", "fg_precision", "fg_recall", "arand")
 
 
-def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict:
-    """``inference.json`` ids for a window name (see the module docstring)."""
+def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict | None:
+    """``inference.json`` ids for a window name (see the module docstring); None for a window of other dimensions
+    (``N`` is a 2D window, ``AxBxC`` a 3D one)."""
     if window == "default":
         return {}
     if window == "patch":
         return {"sliding_window_inferer#roi_size": list(patch), "sliding_window_inferer#padding_mode": "constant"}
     size = [int(v) for v in window.split("x")]
-    size = size * spatial_dims if len(size) == 1 else size
+    size = size * 2 if len(size) == 1 else size
     if len(size) != spatial_dims:
-        raise ValueError(f"window {window!r} has {len(size)} axes, the images {spatial_dims}.")
+        return None
     return {"sliding_window_inferer#roi_size": size, "sliding_window_inferer#padding_mode": "replicate"}
 
 
@@ -83,7 +84,10 @@ def _score_windows(ckpt: Path, split, items, windows, base_ids: dict, patch, cac
         name = f"{key}/{window}"
         if name in results:
             continue
-        ids = dict(base_ids, **window_overrides(window, split.spatial_dims, patch))
+        overrides = window_overrides(window, split.spatial_dims, patch)
+        if overrides is None:
+            continue
+        ids = dict(base_ids, **overrides)
         load = loadavg()
         preds = predict(ckpt, split, work, items=items, threads=threads, tag=f"_{key}_{window}", overrides=ids)
         s = score(preds, [it.labels for it in items], split.spatial_dims, split.dataset)
@@ -157,8 +161,8 @@ def report(entries: list[dict], windows: list[str], command: str) -> str:
         "training images, in-sample for the objects they kept). Labelled fraction and training commit per table.\n"
         "- **Images**: `mosaic1` = the held-back images as they are; `mosaic2` = 2 x 2 tiles of them as one image "
         "(a larger field of view at the same object size); `train` = the run's training images.\n"
-        "- **Windows**: `patch` = the training patch, zero padding (the bundle's window up to 0.17); a number = that "
-        "window per axis, images smaller than it padded by replicating their border; `default` = "
+        "- **Windows**: `patch` = the training patch, zero padding (the bundle's window up to 0.17); `N` = an N x N "
+        "2D window (`AxBxC` a 3D one), images smaller than it padded by replicating their border; `default` = "
         "`configs/inference.json` today. Overlap 0.25, Gaussian blending, everything else the bundle's inference.\n"
         f"- **Machine**: {m.get('cpu', '?')}, {m.get('nproc', '?')} cores, torch {m.get('torch', '?')}, no GPU; "
         f"1-minute load average {load} (inference only; times not compared). Commit {git_commit()}.\n"
