@@ -129,6 +129,20 @@ def test_block_shape_from_the_memory_budget():
     assert choose_block_shape((8, 4096, 4096), 10**6, (4, 16, 16))[0] == 8  # a thin axis stays whole
 
 
+def test_the_window_batch_comes_off_the_block_budget():
+    from spoco_bundle.blockwise.volume import WINDOW_BYTES_PER_VOXEL, block_budget
+    from spoco_bundle.inferers import sliding_window
+
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    inferer = parser.get_parsed_content("inferer")  # ScaledInferer around the sliding window
+    windows = sliding_window(inferer, 3)
+    batch = WINDOW_BYTES_PER_VOXEL * 4 * int(np.prod(windows[0]))  # sw_batch_size 4
+    assert windows[0] == (64, 112, 112) and block_budget(8e9, inferer, windows) == 8e9 - batch
+    assert block_budget(1e9, inferer, windows) == 0.25e9  # the batch alone exceeds it: a quarter stays
+    assert block_budget(8e9, inferer, None) == 8e9  # another inferer: nothing known to take off
+
+
 def test_receptive_field_of_the_bundle_network():
     parser = ConfigParser()
     parser.read_config(INFER)
@@ -326,7 +340,9 @@ def inputs(tmp_path_factory) -> Path:
 def _chain() -> tuple:
     parser = ConfigParser()
     parser.read_config(INFER)
-    parser.update({"ckpt_path": "/none/model.pt", "spatial_dims": 3, "image_scale": 1.0, "shape_split": 0.0})
+    # the 3D training patch as window (the default window is larger than these small volumes): several blocks
+    ids = {"ckpt_path": "/none/model.pt", "spatial_dims": 3, "image_scale": 1.0, "shape_split": 0.0}
+    parser.update(dict(ids, window_size=[32, 64, 64]))
     return tuple(parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
 
 

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 # and weights, the clustering's copies): about 390 measured for a 0.8-Mvoxel volume (default network, watershed),
 # with a margin; the end-to-end mode of scripts/benchmark_blockwise.py reports peak memory to check it against
 BYTES_PER_VOXEL = 600
+# network activations of one sliding-window batch, per voxel of its windows (default network, no gradients): 1.13 GB
+# for 4 windows of 64 x 112 x 112 measured on CPU (peak RSS); taken off the budget before blocks are sized
+WINDOW_BYTES_PER_VOXEL = 360
 # share of the free memory a run may take by default (the rest: the OS, other programs, estimate errors)
 FREE_MEMORY_SHARE = 0.5
 # voxels of the subsample the intensity percentiles are taken from
@@ -188,7 +191,7 @@ def segment_volume(
     else:  # another inferer: half the field of view, about the same output
         halo_lo = halo_hi = context or (tuple(math.ceil(v / 2) for v in view) if view else (32,) * ndim)
         step = (1,) * ndim
-    budget = settings.budget_gb() * 1e9
+    budget = block_budget(settings.budget_gb() * 1e9, inferer, windows)
     cores = os.cpu_count() or 1
     voxel_bytes = BYTES_PER_VOXEL * max(1.0, scale) ** ndim
     block = settings.block_shape
@@ -281,6 +284,16 @@ def _resampled_window_halo(
         else:
             tail.append(None)
     return tuple(lo), tuple(hi), ks, tuple(tail), tuple(margin)
+
+
+def block_budget(budget: float, inferer: Any, windows: tuple | None) -> float:
+    """Bytes left for blocks of ``budget``: one sliding-window batch (``sw_batch_size`` windows of ``windows[0]``) is
+    in the network at a time, whatever the block size, so its activations come off first (at least a quarter of the
+    budget stays: a window batch larger than the budget then shows as blocks too small for the network)."""
+    if windows is None:
+        return budget
+    batch = int(getattr(getattr(inferer, "inferer", inferer), "sw_batch_size", 1))
+    return max(budget - WINDOW_BYTES_PER_VOXEL * batch * math.prod(windows[0]), 0.25 * budget)
 
 
 def _field_of_view(network: torch.nn.Module, inferer: Any, scale: float) -> tuple[int, ...] | None:
