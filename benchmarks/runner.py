@@ -188,8 +188,10 @@ def repredict_one(
         metrics=score(predictions, [it.labels for it in split.test], split.spatial_dims, split.dataset),
         predicted_commit=git_commit(),
         predicted=time.strftime("%Y-%m-%d %H:%M:%S"),
-        # the run's own inference ids (e.g. a data set's shape_split) under the overrides, as repredict used them
-        clustering=spoco_runner.inference_clustering({**spoco_runner.run_ids(rec), **(overrides or {})}),
+        # as predict() merges them: the data set's settings, the run's own inference ids, the overrides
+        clustering=spoco_runner.inference_clustering(
+            {**spoco_runner.bundle_ids(split, "cpu"), **spoco_runner.run_ids(rec), **(overrides or {})}
+        ),
         inference_overrides=overrides or {},
         repredict_seconds=round(time.perf_counter() - t0, 1),
     )
