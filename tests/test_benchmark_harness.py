@@ -704,3 +704,34 @@ def test_study_table_sets_arms_side_by_side(dsb_small: Split, tmp_path: Path) ->
     assert f"| b | dsb2018 | 10% | 2 | {np.mean(aps['b']):.3f} |" in text and "- tiny" in text
     with pytest.raises(SystemExit, match="no finished run records"):
         study_table.main(["--arms", f"c={tmp_path / 'empty'}"])
+
+
+def test_window_study_names_and_mosaics(tmp_path):
+    """benchmarks.window: window names become inference.json ids of the right dimension, and a mosaic keeps every
+    tile's objects as distinct ids at their place."""
+    from types import SimpleNamespace
+
+    import tifffile
+
+    from benchmarks.window import mosaics, window_overrides
+
+    assert window_overrides("default", 2, [192, 192]) == {}
+    patch = window_overrides("patch", 3, [32, 64, 64])
+    assert patch["sliding_window_inferer#roi_size"] == [32, 64, 64]
+    assert patch["sliding_window_inferer#padding_mode"] == "constant"
+    assert window_overrides("320", 2, [192, 192])["sliding_window_inferer#roi_size"] == [320, 320]
+    assert window_overrides("64x112x112", 3, [32, 64, 64])["sliding_window_inferer#roi_size"] == [64, 112, 112]
+    assert window_overrides("320", 3, [32, 64, 64]) is None and window_overrides("8x8x8", 2, [192, 192]) is None
+    rng = np.random.default_rng(0)
+    tiles = []
+    for i in range(5):
+        lab = np.zeros((8, 10), np.int32)
+        lab[1:3, 1:3], lab[5:7, 4:9] = 1, 2
+        tiles.append(SimpleNamespace(image=rng.random((8, 10)).astype(np.float32) + i, labels=lab))
+    out = mosaics(tiles, 2, tmp_path)
+    assert len(out) == 1  # 5 tiles make one 2 x 2 mosaic, the rest is left out
+    m = out[0]
+    assert m.labels.shape == (16, 20) and len(np.unique(m.labels)) - 1 == 8
+    assert np.array_equal(tifffile.imread(m.path)[8:, 10:], tiles[3].image)
+    assert np.array_equal(m.labels[8:, 10:] > 0, tiles[3].labels > 0) and m.labels[8:, 10:].max() == 8
+    assert mosaics(tiles, 1, tmp_path) is tiles
