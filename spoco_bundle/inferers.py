@@ -20,6 +20,7 @@ __all__ = [
     "ScaledInferer",
     "StudentTeacherNet",
     "inference_window",
+    "check_window",
     "network_for_clustering",
 ]
 
@@ -325,6 +326,24 @@ def inference_window(patch_size: Sequence[int], factor: float = 5 / 3, multiple:
             f"{multiple}."
         )
     return [int(math.ceil(int(p) * factor / multiple) * multiple) for p in patch_size]
+
+
+def check_window(window: Sequence[int] | int, features: Sequence[int]) -> list[int] | int:
+    """``window`` checked against the network: each size a positive multiple of the U-Net's down-sampling
+    (``2 ** (len(features) - 1)``), so that a bad ``--window_size`` is an error naming it rather than a shape mismatch
+    inside the network.
+
+    Raises:
+        ValueError: a size that is not a positive multiple of the down-sampling.
+    """
+    sizes = [int(window)] if np.isscalar(window) else [int(v) for v in window]  # type: ignore[union-attr]
+    step = 2 ** (len(features) - 1)
+    if not sizes or any(v < step or v % step for v in sizes):
+        raise ValueError(
+            f"window_size {window!r} must be positive multiples of {step} (the U-Net with features {list(features)} "
+            f"down-samples by {step})."
+        )
+    return sizes[0] if np.isscalar(window) else sizes
 
 
 def _window_grid(inferer: Any, scale: Sequence[float]) -> tuple[tuple[float, ...], ...] | None:

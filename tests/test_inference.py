@@ -486,3 +486,20 @@ def test_an_image_smaller_than_the_window_is_padded_with_its_own_border():
         out = window(torch.full((1, 1, 40, 50), 0.7), net)
     assert tuple(out.shape) == (1, 2, 40, 50)
     assert float((out - out[..., :1, :1]).abs().max()) < 1e-5
+
+
+def test_a_window_the_network_cannot_take_is_an_error_naming_it():
+    from spoco_bundle.inferers import check_window
+
+    assert check_window([64, 112, 112], [16, 32, 64, 128]) == [64, 112, 112]
+    assert check_window(96, [16, 32, 64, 128]) == 96
+    for window in ([100, 100], [0, 64], [4, 8]):
+        with pytest.raises(ValueError, match=r"window_size .* multiples of 8"):
+            check_window(window, [16, 32, 64, 128])
+    check_window([100, 100], [16, 32])  # two levels: multiples of 2
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"device": "$torch.device('cpu')", "window_size": [100, 100]})
+    with pytest.raises(RuntimeError) as raised:  # the config parser wraps it; `monai.bundle run` ends on the cause
+        parser.get_parsed_content("sliding_window_inferer")
+    assert "window_size [100, 100] must be positive multiples of 8" in str(raised.value.__cause__)
