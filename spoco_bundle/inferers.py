@@ -308,10 +308,18 @@ def sliding_window(inferer: Any, ndim: int) -> tuple[tuple[int, ...], Any] | Non
     return roi, sw.overlap
 
 
-def inference_window(patch_size: Sequence[int], factor: float = 5 / 3, multiple: int = 16) -> list[int]:
+def _downsampling(features: Sequence[int]) -> int:
+    """How much the U-Net with ``features`` per level down-samples: every window size must be a multiple of it."""
+    return 2 ** (len(features) - 1)
+
+
+def inference_window(
+    patch_size: Sequence[int], factor: float = 5 / 3, multiple: int = 16, features: Sequence[int] | None = None
+) -> list[int]:
     """
     The sliding window of inference: the training ``patch_size`` enlarged by ``factor`` per axis and rounded up to a
-    multiple of ``multiple`` (a size the U-Net's down-sampling accepts), e.g. 192 -> 320.
+    multiple of ``multiple``, or of the down-sampling of a U-Net with ``features`` where that is larger (a size the
+    network accepts), e.g. 192 -> 320.
 
     Why larger than the patch: group norm normalises every window on its own statistics, and a window's border sees
     less context than its centre; in windows of the training patch's size both show, as seams in the foreground and
@@ -325,6 +333,7 @@ def inference_window(patch_size: Sequence[int], factor: float = 5 / 3, multiple:
             f"inference_window needs a positive patch size, factor and multiple, got {list(patch_size)}, {factor}, "
             f"{multiple}."
         )
+    multiple = max(multiple, _downsampling(features)) if features else multiple
     return [int(math.ceil(int(p) * factor / multiple) * multiple) for p in patch_size]
 
 
@@ -337,7 +346,7 @@ def check_window(window: Sequence[int] | int, features: Sequence[int]) -> list[i
         ValueError: a size that is not a positive multiple of the down-sampling.
     """
     sizes = [int(window)] if np.isscalar(window) else [int(v) for v in window]  # type: ignore[union-attr]
-    step = 2 ** (len(features) - 1)
+    step = _downsampling(features)
     if not sizes or any(v < step or v % step for v in sizes):
         raise ValueError(
             f"window_size {window!r} must be positive multiples of {step} (the U-Net with features {list(features)} "

@@ -462,6 +462,8 @@ def test_inference_window_is_the_training_patch_enlarged():
     assert inference_window([192, 192]) == [320, 320]
     assert inference_window([32, 64, 64]) == [64, 112, 112]  # rounded up to a multiple of 16
     assert inference_window([192, 192], factor=1) == [192, 192]
+    assert inference_window([32, 64, 64], features=[16, 32, 64, 128]) == [64, 112, 112]  # down-samples by 8
+    assert inference_window([32, 64, 64], features=[8, 16, 32, 64, 128, 256]) == [64, 128, 128]  # by 32
     for bad in (dict(patch_size=[0, 64]), dict(patch_size=[64], factor=0), dict(patch_size=[])):
         with pytest.raises(ValueError, match="inference_window"):
             inference_window(**bad)
