@@ -50,9 +50,6 @@ RECIPES: dict[str, dict] = {
     "fg1000": {"loss#foreground_weight": 1000.0},
     # cheaper iterations: half the feature maps (~4x fewer operations), or smaller patches
     "narrow": {"features": [8, 16, 32, 64]},
-    # push over neighbouring object pairs only, added to the all-pairs push (losses.SpocoLoss neighbour_weight)
-    "neighbour1": {"loss#neighbour_weight": 1.0},
-    "neighbour4": {"loss#neighbour_weight": 4.0},
     "patch128": {"patch_size": [128, 128]},
     # the label frequency c estimated on a fifth of the annotated objects, which the head does not train on
     "calib0.2": {"calibration_holdout": 0.2},

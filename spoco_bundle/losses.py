@@ -42,7 +42,6 @@ __all__ = [
     "select_consistency_anchors",
     "PullLoss",
     "PushLoss",
-    "neighbour_pairs",
     "MeanNormRegularizer",
     "InstanceDiceLoss",
     "UnlabeledPushLoss",
@@ -486,41 +485,6 @@ def _push(stats: _ObjectStats, delta_d: float) -> torch.Tensor:
     return hinge.sum((1, 2)) / (stats.n_obj * (stats.n_obj - 1)).clamp(min=1)
 
 
-def neighbour_pairs(labels: torch.Tensor, num: int, spatial: Sequence[int], radius: float) -> torch.Tensor:
-    """(B, K, K) bool: pairs of objects whose bounding boxes are at most ``radius`` voxels apart on every axis (0:
-    the boxes touch or overlap).
-
-    ``labels`` (B, N) compacted ids (1..K objects, <= 0 other voxels) of a ``spatial`` grid flattened in C order.
-    Bounding boxes over-approximate nearness (two long diagonal objects may count as neighbours without touching);
-    for the push that errs on the safe side: a pair too many is pushed, none that touches is missed.
-    """
-    b, n = labels.shape
-    index = labels.clamp(min=0)
-    lo = torch.full((b, num + 1, len(spatial)), n, dtype=torch.long, device=labels.device)
-    hi = torch.full((b, num + 1, len(spatial)), -1, dtype=torch.long, device=labels.device)
-    flat = torch.arange(n, device=labels.device)
-    stride = 1
-    for a in reversed(range(len(spatial))):
-        coord = ((flat // stride) % spatial[a]).expand(b, n)
-        lo[:, :, a].scatter_reduce_(1, index, coord, "amin")
-        hi[:, :, a].scatter_reduce_(1, index, coord, "amax")
-        stride *= spatial[a]
-    lo, hi = lo[:, 1:].to(torch.float32), hi[:, 1:].to(torch.float32)
-    gap = torch.maximum(lo.unsqueeze(2) - hi.unsqueeze(1), lo.unsqueeze(1) - hi.unsqueeze(2))  # (B, K, K, D)
-    near = (gap <= float(radius) + 1).all(-1)  # gap 1: adjacent voxels
-    return near & ~torch.eye(num, dtype=torch.bool, device=labels.device)
-
-
-def _neighbour_push(stats: _ObjectStats, delta_d: float, near: torch.Tensor) -> torch.Tensor:
-    """Push hinge averaged over the neighbouring pairs only (0 for an image without any)."""
-    means = stats.means
-    pair = near & stats.present.unsqueeze(2) & stats.present.unsqueeze(1)
-    sq = (means.unsqueeze(2) - means.unsqueeze(1)).square().sum(-1)
-    dist = torch.where(pair, sq, torch.ones_like(sq)).clamp(min=_sqrt_eps(sq.dtype)).sqrt()
-    hinge = torch.where(pair, F.relu(2 * delta_d - dist).square(), torch.zeros_like(sq))
-    return hinge.sum((1, 2)) / pair.sum((1, 2)).clamp(min=1).to(hinge.dtype)
-
-
 def _mean_norm(stats: _ObjectStats) -> torch.Tensor:
     norms = stats.means.square().sum(-1).clamp(min=_sqrt_eps(stats.means.dtype)).sqrt()
     return _per_object_mean(norms, stats)
@@ -592,14 +556,12 @@ def _embedding_terms(
     eps: float = 1e-6,
     generator: torch.Generator | None = None,
     vox: _Voxels | None = None,
-    neighbour: tuple[float, float, Sequence[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image (B,) values of the requested per-object terms, sharing object means and distance evaluations.
 
     ``delta_v`` -> "pull", ``delta_d`` -> "push", ``reg`` -> "reg", ``scale`` -> "instance" (kernel 2 sigma^2, with
-    ``anchor`` and Dice ``eps``), ``unlabeled_delta`` -> "unlabeled", ``neighbour`` ``(delta_d, radius, spatial
-    shape)`` -> "neighbour" (the push over neighbouring pairs, :func:`neighbour_pairs`). ``emb`` (B, E, N),
-    ``labels`` (B, N) raw ids; ``vox``: ``_prepare(emb)`` if already computed.
+    ``anchor`` and Dice ``eps``), ``unlabeled_delta`` -> "unlabeled". ``emb`` (B, E, N), ``labels`` (B, N) raw ids;
+    ``vox``: ``_prepare(emb)`` if already computed.
     """
     labels, num = _compact_labels(labels)
     if num > 0 and (scale is not None or unlabeled_delta is not None):
@@ -611,9 +573,6 @@ def _embedding_terms(
     out: dict[str, torch.Tensor] = {}
     if delta_d is not None:
         out["push"] = _push(stats, delta_d)
-    if neighbour is not None:
-        near = neighbour_pairs(labels, num, neighbour[2], neighbour[1])
-        out["neighbour"] = _neighbour_push(stats, neighbour[0], near)
     if reg:
         out["reg"] = _mean_norm(stats)
     if delta_v is None and scale is None and unlabeled_delta is None:
@@ -1241,8 +1200,8 @@ class SpocoLoss(nn.Module):
     """
     Full SPOCO training loss::
 
-        mean_b( alpha pull + beta push + neighbour_weight neighbour_push + gamma reg + instance_weight inst
-                + unlabeled_weight unlabeled_push ) + consistency_weight consistency + foreground_weight foreground
+        mean_b( alpha pull + beta push + gamma reg + instance_weight inst + unlabeled_weight unlabeled_push )
+            + consistency_weight consistency + foreground_weight foreground
 
     (see :class:`PullLoss`, :class:`PushLoss`, :class:`MeanNormRegularizer`, :class:`InstanceDiceLoss`,
     :class:`UnlabeledPushLoss`, :class:`EmbeddingConsistencyLoss`, :class:`ForegroundLoss`). Object means and the
@@ -1256,12 +1215,6 @@ class SpocoLoss(nn.Module):
         delta_d: push margin.
         alpha: weight of the pull term.
         beta: weight of the push term.
-        neighbour_weight: weight of the *neighbour push*: the push hinge averaged over the pairs of annotated objects
-            that lie within ``neighbour_radius`` voxels of each other (bounding boxes, :func:`neighbour_pairs`) only.
-            The push term averages over all pairs, so in densely annotated patches (tens of objects) the few
-            touching pairs, the only ones a spatial clustering must separate, get a small share of it; this term
-            gives them their own (as the neighbour-only push of Payer et al., MICCAI 2018). 0: off.
-        neighbour_radius: voxels between two objects' bounding boxes up to which they count as neighbours.
         gamma: weight of the mean-norm regulariser.
         instance_weight: weight of the instance Dice term.
         unlabeled_weight: weight of the unlabeled push term.
@@ -1302,7 +1255,7 @@ class SpocoLoss(nn.Module):
         target: (B, 1, *S) or (B, *S) integer labels: 0 unlabeled, 1..K objects, -1 annotated background.
     """
 
-    terms = ("pull", "push", "neighbour", "reg", "instance", "unlabeled", "consistency", "foreground")
+    terms = ("pull", "push", "reg", "instance", "unlabeled", "consistency", "foreground")
 
     def __init__(
         self,
@@ -1312,8 +1265,6 @@ class SpocoLoss(nn.Module):
         alpha: float = 1.0,
         beta: float = 1.0,
         gamma: float = 0.001,
-        neighbour_weight: float = 0.0,
-        neighbour_radius: float = 2.0,
         instance_weight: float = 1.0,
         unlabeled_weight: float = 1.0,
         consistency_weight: float = 1.0,
@@ -1334,16 +1285,12 @@ class SpocoLoss(nn.Module):
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}.")
         if delta_d <= 0:
             raise ValueError(f"delta_d must be positive, got {delta_d}.")
-        if neighbour_radius < 0:
-            raise ValueError(f"neighbour_radius must be >= 0, got {neighbour_radius}.")
-        self.neighbour_radius = float(neighbour_radius)
         self.embedding_dim = int(embedding_dim)
         self.delta_v = float(delta_v)
         self.delta_d = float(delta_d)
         self.weights = {
             "pull": float(alpha),
             "push": float(beta),
-            "neighbour": float(neighbour_weight),
             "reg": float(gamma),
             "instance": float(instance_weight),
             "unlabeled": float(unlabeled_weight),
@@ -1437,7 +1384,6 @@ class SpocoLoss(nn.Module):
             eps=inst.eps,
             generator=inst.generator,
             vox=vox,
-            neighbour=(self.delta_d, self.neighbour_radius, spatial) if w["neighbour"] else None,
         )
         terms = {name: value.mean() for name, value in per_image.items()}
         if teacher is not None and w["consistency"]:

@@ -30,7 +30,6 @@ from spoco_bundle.losses import (
     held_out_objects,
     kernel_scale,
     labelled_foreground_probability,
-    neighbour_pairs,
     object_means,
     sample_object_voxels,
     select_consistency_anchors,
@@ -117,29 +116,6 @@ def ref_push(emb, target, dd=DD):
                 if i != j:
                     total = total + F.relu(2 * dd - torch.linalg.norm(mus[i] - mus[j])) ** 2
         out.append(total / (k * (k - 1)) if k > 1 else total)
-    return torch.stack(out)
-
-
-def ref_neighbour(emb, target, radius, dd=DD):
-    """Push hinge over the ordered pairs whose bounding boxes are at most ``radius`` voxels apart on every axis."""
-    x, lab = _flat(emb, target)
-    spatial = target.shape[2:]
-    out = []
-    for b in range(x.shape[0]):
-        ids = _ids(lab[b])
-        mus = [x[b][:, lab[b] == k].mean(1) for k in ids]
-        boxes = []
-        for k in ids:
-            coords = np.stack(np.unravel_index(np.flatnonzero(lab[b].numpy() == k), spatial))
-            boxes.append((coords.min(1), coords.max(1)))
-        total, pairs = x.sum() * 0, 0
-        for i in range(len(ids)):
-            for j in range(len(ids)):
-                gap = np.maximum(boxes[i][0] - boxes[j][1], boxes[j][0] - boxes[i][1])
-                if i != j and (gap <= radius + 1).all():
-                    total = total + F.relu(2 * dd - torch.linalg.norm(mus[i] - mus[j])) ** 2
-                    pairs += 1
-        out.append(total / max(pairs, 1))
     return torch.stack(out)
 
 
@@ -626,7 +602,7 @@ def test_spoco_loss_matches_sum_of_references(spatial, foreground):
         student = torch.cat([student, fg], 1)
         teacher = torch.cat([teacher, fg], 1)
     weights = dict(alpha=1.3, beta=0.7, gamma=0.01, instance_weight=0.9, unlabeled_weight=1.1)
-    weights.update(consistency_weight=0.8, foreground_weight=0.6, neighbour_weight=1.7)
+    weights.update(consistency_weight=0.8, foreground_weight=0.6)
     loss = SpocoLoss(embedding_dim=emb_dim, generator=torch.Generator().manual_seed(5), **weights)
     value, grad = value_and_grad(lambda x: loss((x, teacher), target), student)
 
@@ -635,7 +611,6 @@ def test_spoco_loss_matches_sum_of_references(spatial, foreground):
         per_image = (
             weights["alpha"] * ref_pull(e, target)
             + weights["beta"] * ref_push(e, target)
-            + weights["neighbour_weight"] * ref_neighbour(e, target, 2.0)
             + weights["gamma"] * ref_reg(e, target)
             + weights["instance_weight"] * ref_instance(e, target)
             + weights["unlabeled_weight"] * ref_unlabeled(e, target)
@@ -650,22 +625,11 @@ def test_spoco_loss_matches_sum_of_references(spatial, foreground):
     assert_close(grad, ref_grad)
 
     terms = loss.last_terms
-    assert set(terms) == {
-        "pull",
-        "push",
-        "neighbour",
-        "reg",
-        "instance",
-        "unlabeled",
-        "consistency",
-        "foreground",
-        "total",
-    }
+    assert set(terms) == {"pull", "push", "reg", "instance", "unlabeled", "consistency", "foreground", "total"}
     assert all(isinstance(v, float) for v in terms.values())
     e = student[:, :emb_dim]
     for name, ref in (("pull", ref_pull), ("push", ref_push), ("reg", ref_reg), ("instance", ref_instance)):
         assert terms[name] == pytest.approx(ref(e, target).mean().item(), rel=1e-6)
-    assert terms["neighbour"] == pytest.approx(ref_neighbour(e, target, 2.0).mean().item(), rel=1e-6)
     assert terms["consistency"] == pytest.approx(ref_consistency(e, teacher[:, :emb_dim], target, 5).item(), rel=1e-6)
     assert terms["foreground"] == (
         pytest.approx(ref_foreground(student[:, emb_dim:], target).item()) if foreground else 0
@@ -1019,74 +983,3 @@ def test_spoco_loss_on_cuda_matches_cpu_at_training_size():
     v_gpu, g_gpu, _ = _loss_on("cuda", student, teacher, target, torch.float32)
     torch.testing.assert_close(v_gpu, v_cpu, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-3, atol=1e-7)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# neighbour push
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _blocks(spatial, boxes):
-    """Labels (1, 1, *spatial) with object k + 1 filling the box ``boxes[k]`` (a tuple of slices)."""
-    lab = torch.zeros(1, 1, *spatial, dtype=torch.long)
-    for k, box in enumerate(boxes):
-        lab[(0, 0, *box)] = k + 1
-    return lab
-
-
-def test_neighbour_pairs_are_boxes_within_radius():
-    s = slice
-    # 1 and 2 touch; 3 touches 2 diagonally only; 4 lies 3 voxels to the right of 2 (columns 9-11 between)
-    boxes = [(s(0, 3), s(0, 3)), (s(0, 3), s(3, 9)), (s(3, 5), s(9, 11)), (s(0, 3), s(12, 14))]
-    lab = _blocks((8, 16), boxes).reshape(1, -1)
-    near = neighbour_pairs(lab, 4, (8, 16), 0)
-    expected = torch.zeros(4, 4, dtype=torch.bool)
-    for i, j in ((0, 1), (1, 2)):
-        expected[i, j] = expected[j, i] = True
-    assert torch.equal(near[0], expected)
-    # 3 voxels apart (and more): neighbours from radius 3 on, never with themselves
-    for radius, four_two in ((2, False), (3, True), (100, True)):
-        near = neighbour_pairs(lab, 4, (8, 16), radius)[0]
-        assert bool(near[3, 1]) is four_two and bool(near[1, 3]) is four_two
-        assert not near.diagonal().any()
-    # 3D: two cubes apart along z only by 2 voxels
-    lab3 = _blocks((8, 4, 4), [(s(0, 2), s(0, 4), s(0, 4)), (s(4, 6), s(0, 4), s(0, 4))]).reshape(1, -1)
-    assert not neighbour_pairs(lab3, 2, (8, 4, 4), 1)[0, 0, 1]
-    assert neighbour_pairs(lab3, 2, (8, 4, 4), 2)[0, 0, 1]
-
-
-def test_neighbour_push_only_pushes_neighbours():
-    s = slice
-    # 1 and 2 touch, 3 is far away; every object has one embedding value, all equal: each pair at distance 0
-    lab = _blocks((10, 20), [(s(0, 3), s(0, 3)), (s(0, 3), s(3, 6)), (s(7, 10), s(15, 20))])
-    emb = torch.zeros(1, 4, 10, 20, dtype=torch.float64, requires_grad=True)
-    loss = SpocoLoss(
-        embedding_dim=4,
-        alpha=0,
-        beta=0,
-        gamma=0,
-        instance_weight=0,
-        unlabeled_weight=0,
-        consistency_weight=0,
-        neighbour_weight=1.0,
-        neighbour_radius=2,
-    )
-    value = loss(emb, lab)
-    # one neighbouring pair (both orders), hinge (2 delta_d - 0)^2
-    assert value.item() == pytest.approx((2 * DD) ** 2)
-    assert loss.last_terms["neighbour"] == pytest.approx((2 * DD) ** 2)
-    # a zero distance has no direction: move the touching objects apart a little and check the gradient reaches
-    # them and only them
-    emb2 = torch.zeros(1, 4, 10, 20, dtype=torch.float64)
-    emb2[0, 0][lab[0, 0] == 1] = 0.5
-    emb2.requires_grad_(True)
-    loss(emb2, lab).backward()
-    touched = emb2.grad.abs().sum(1)[0] > 0
-    assert torch.equal(touched, (lab[0, 0] == 1) | (lab[0, 0] == 2))
-    # no neighbouring pair: 0, attached to the graph
-    far = _blocks((10, 20), [(s(0, 3), s(0, 3)), (s(7, 10), s(15, 20))])
-    value = loss(emb, far)
-    value.backward()
-    assert value.item() == 0.0
-    with pytest.raises(ValueError, match="neighbour_radius"):
-        SpocoLoss(neighbour_radius=-1)
