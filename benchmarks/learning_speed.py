@@ -56,7 +56,6 @@ RECIPES: dict[str, dict] = {
     "calib0.35": {"calibration_holdout": 0.35},
     # unlabeled voxels the teacher confidently calls foreground are no longer the head's negatives
     "self0.5": {"foreground_self_training": 0.5},
-    "selfpos0.5": {"foreground_self_training": 0.5, "foreground_self_training_mode": "positive"},
     "self0.5_calib0.2": {"foreground_self_training": 0.5, "calibration_holdout": 0.2},
     # the head's threshold by Lee & Liu's criterion on held-out annotated objects, with and without self-training
     "leeliu_calib0.2": {"foreground_calibration": "lee_liu", "calibration_holdout": 0.2},

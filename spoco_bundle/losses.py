@@ -1035,11 +1035,10 @@ def _foreground(
     positive_weight: float = 1.0,
     strokes: bool = False,
     held: torch.Tensor | None = None,
-    pseudo: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BCE on (B, N) foreground logits; see :class:`ForegroundLoss` for which voxels count as what; ``held``: voxels
-    left out (the objects that calibrate the head); ``pseudo``: unlabeled voxels trained as annotated objects."""
-    pos = labels > 0 if pseudo is None else (labels > 0) | pseudo
+    left out (the objects that calibrate the head)."""
+    pos = labels > 0
     if strokes:  # positive-unlabeled on every voxel, plus the painted strokes as certain negatives of their own
         bce = F.binary_cross_entropy_with_logits(x, pos.to(x.dtype), reduction="none")
         bce = torch.where(pos, bce * positive_weight, bce)
@@ -1230,10 +1229,6 @@ class SpocoLoss(nn.Module):
             batch, i.e. a calibrated probability >= rho, see :class:`ForegroundLoss`) are left out of the foreground
             BCE's negatives: the head stops being taught that the unannotated objects it already recognises are
             background. 0 (default): off. Needs the teacher's foreground channel; positive-unlabeled images only.
-        foreground_self_training_mode: what those confident voxels become: ``"ignore"`` (default: left out of the
-            BCE) or ``"positive"`` (trained as annotated objects, with their weight). Left out, the head's output on
-            them stops rising once it reaches ``rho c``, right at the calibrated threshold ``c / 2`` for rho 0.5,
-            so half of them end below it; as positives they rise to the annotated objects' level.
         foreground_calibration: how the head's threshold is found in training (see
             :class:`~spoco_bundle.handlers.ForegroundCalibrationHandler`): ``"label_frequency"``, the mean of the
             head over annotated voxels (Elkan & Noto's ``c``, ``last_label_frequency``), or ``"lee_liu"``, the
@@ -1278,7 +1273,6 @@ class SpocoLoss(nn.Module):
         foreground_strokes: bool = False,
         foreground_calibration_holdout: bool = False,
         foreground_self_training: float = 0.0,
-        foreground_self_training_mode: str = "ignore",
         foreground_calibration: str = "label_frequency",
         kernel_threshold: float = 0.5,
         instance_anchor: str = "mean",
@@ -1309,7 +1303,6 @@ class SpocoLoss(nn.Module):
         if not 0.0 <= float(foreground_self_training) < math.inf:
             raise ValueError(f"foreground_self_training must be a number >= 0, got {foreground_self_training}.")
         self.foreground_self_training = float(foreground_self_training)
-        self.foreground_self_training_mode = look_up_option(foreground_self_training_mode, ("ignore", "positive"))
         if foreground_calibration not in ("label_frequency", "lee_liu", "lee_liu_images"):
             raise ValueError(
                 "foreground_calibration must be 'label_frequency', 'lee_liu' or 'lee_liu_images', got "
@@ -1400,14 +1393,10 @@ class SpocoLoss(nn.Module):
             strokes = self.foreground_strokes
             hold = self.foreground_calibration_holdout
             held = held_out_objects(labels, hold)
-            pseudo = None
             if self.foreground_self_training > 0 and teacher_fg is not None:
                 confident = self._confident_unlabeled(teacher_fg.detach().reshape(b, -1), labels, held)
-                if self.foreground_self_training_mode == "positive":
-                    pseudo = confident
-                else:
-                    held = confident if held is None else held | confident
-            terms["foreground"] = _foreground(fg.reshape(b, -1), labels, pw, strokes, held, pseudo)
+                held = confident if held is None else held | confident
+            terms["foreground"] = _foreground(fg.reshape(b, -1), labels, pw, strokes, held)
             self.last_label_frequency = labelled_foreground_probability(fg.reshape(b, -1), labels, pw, strokes, hold)
             if self.foreground_calibration == "lee_liu":
                 self.last_foreground_histograms = foreground_histograms(fg.reshape(b, -1), labels, pw, strokes, hold)

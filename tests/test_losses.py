@@ -537,10 +537,9 @@ def test_held_out_calibration_separates_foreground():
     assert ((torch.sigmoid(logits) / c > 0.5) == fg).double().mean().item() > 0.98
 
 
-def _self_training_loss(rho: float, positive_weight: float = 1.0, mode: str = "ignore") -> SpocoLoss:
+def _self_training_loss(rho: float, positive_weight: float = 1.0) -> SpocoLoss:
     return SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
-                     foreground_positive_weight=positive_weight, foreground_self_training=rho,
-                     foreground_self_training_mode=mode)  # fmt: skip
+                     foreground_positive_weight=positive_weight, foreground_self_training=rho)  # fmt: skip
 
 
 @pytest.mark.parametrize("positive_weight", [1.0, 10.0])
@@ -572,27 +571,6 @@ def test_self_training_leaves_out_what_the_teacher_calls_foreground(positive_wei
     off = _self_training_loss(0.0)
     off((torch.cat([torch.zeros_like(student_logit), student_logit], 1), teacher), target)
     assert "self_trained" not in off.last_terms and off.last_terms["foreground"] > 0
-
-
-@pytest.mark.parametrize("positive_weight", [1.0, 10.0])
-def test_self_training_positive_mode_trains_confident_voxels_as_objects(positive_weight):
-    # the layout of the test above: voxels 2-4 are what the teacher calls foreground with confidence
-    target = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0]])[:, None, :, None]
-    g = torch.tensor([0.8, 0.8, 0.9, 0.6, 0.41, 0.39, 0.1, 0.05], dtype=torch.float64)
-    teacher_logit = torch.logit(g) + math.log(positive_weight)
-    teacher = torch.stack([torch.zeros(8, dtype=torch.float64), teacher_logit])[None, :, :, None]
-    student_logit = torch.randn(1, 1, 8, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    loss = _self_training_loss(0.5, positive_weight, "positive")
-    value, grad = value_and_grad(
-        lambda x: loss((torch.cat([torch.zeros_like(x), x], 1), teacher), target), student_logit
-    )
-    assert loss.last_terms["self_trained"] == pytest.approx(3 / 6)
-    # the same as the plain term with voxels 2-4 annotated: every voxel counts, the confident ones pulled up
-    as_objects = torch.tensor([[1, 1, 2, 2, 2, 0, 0, 0]])[:, None, :, None]
-    assert_close(value, value_and_grad(lambda x: ForegroundLoss(positive_weight)(x, as_objects), student_logit)[0])
-    assert (grad[0, 0, 2:5, 0] < 0).all() and (grad[0, 0, 5:, 0] > 0).all()
-    with pytest.raises(ValueError, match="ignore"):
-        SpocoLoss(foreground_self_training=0.5, foreground_self_training_mode="negative")
 
 
 def test_self_training_needs_annotated_objects_and_a_valid_rho():
