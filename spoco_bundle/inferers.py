@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
+from spoco_bundle.networks import downsampling
 from spoco_bundle.transforms import Rescale, check_scale
 
 __all__ = [
@@ -308,11 +309,6 @@ def sliding_window(inferer: Any, ndim: int) -> tuple[tuple[int, ...], Any] | Non
     return roi, sw.overlap
 
 
-def _downsampling(features: Sequence[int]) -> int:
-    """How much the U-Net with ``features`` per level down-samples: every window size must be a multiple of it."""
-    return 2 ** (len(features) - 1)
-
-
 def inference_window(
     patch_size: Sequence[int], factor: float = 5 / 3, multiple: int = 16, features: Sequence[int] | None = None
 ) -> list[int]:
@@ -333,20 +329,20 @@ def inference_window(
             f"inference_window needs a positive patch size, factor and multiple, got {list(patch_size)}, {factor}, "
             f"{multiple}."
         )
-    multiple = max(multiple, _downsampling(features)) if features else multiple
+    multiple = max(multiple, downsampling(features)) if features else multiple
     return [int(math.ceil(int(p) * factor / multiple) * multiple) for p in patch_size]
 
 
 def check_window(window: Sequence[int] | int, features: Sequence[int]) -> list[int] | int:
     """``window`` checked against the network: each size a positive multiple of the U-Net's down-sampling
-    (``2 ** (len(features) - 1)``), so that a bad ``--window_size`` is an error naming it rather than a shape mismatch
-    inside the network.
+    (:func:`~spoco_bundle.networks.downsampling`), so that a bad ``--window_size`` is an error naming it rather than a
+    shape mismatch inside the network.
 
     Raises:
         ValueError: a size that is not a positive multiple of the down-sampling.
     """
     sizes = [int(window)] if np.isscalar(window) else [int(v) for v in window]  # type: ignore[union-attr]
-    step = _downsampling(features)
+    step = downsampling(features)
     if not sizes or any(v < step or v % step for v in sizes):
         raise ValueError(
             f"window_size {window!r} must be positive multiples of {step} (the U-Net with features {list(features)} "

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from monai.networks.nets import DynUNet
 
-__all__ = ["EmbeddingUNet", "make_teacher", "default_patch_size", "load_weights", "architecture"]
+__all__ = [
+    "EmbeddingUNet",
+    "make_teacher",
+    "default_patch_size",
+    "default_strides",
+    "downsampling",
+    "load_weights",
+    "architecture",
+]
 
 
 class EmbeddingUNet(DynUNet):
@@ -64,7 +73,7 @@ class EmbeddingUNet(DynUNet):
         if len(features) < 3:  # DynUNet's minimum: input level, one down-sampling, bottleneck
             raise ValueError(f"features needs at least three levels, got {features}.")
         if strides is None:
-            strides = [1] + [2] * (len(features) - 1)
+            strides = default_strides(features)
         if len(strides) != len(features):
             raise ValueError(f"strides ({len(strides)} levels) and features ({len(features)} levels) must match.")
         self.spatial_dims = spatial_dims
@@ -170,6 +179,18 @@ def make_teacher(student: torch.nn.Module) -> torch.nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def default_strides(features: Sequence[int]) -> list[int]:
+    """The U-Net's stride per level when none are given: the input level keeps its size, every further level halves
+    it."""
+    return [1] + [2] * (len(features) - 1)
+
+
+def downsampling(features: Sequence[int]) -> int:
+    """How much a U-Net with ``features`` per level and :func:`default_strides` down-samples: every input size must
+    be a multiple of it."""
+    return math.prod(default_strides(features))
 
 
 def default_patch_size(spatial_dims: int) -> list[int]:
