@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,8 @@ __all__ = [
     "SETTINGS",
     "DATASET_SETTINGS",
     "settings_for",
+    "Fit",
+    "fit",
     "fit_predict",
     "predict",
     "read_predictions",
@@ -108,37 +111,41 @@ def _run(args: list[str], log_path: Path, threads: int) -> str:
     return text
 
 
-def fit_predict(
+@dataclass
+class Fit:
+    """A finished training of :func:`fit`: its folder (checkpoint ``models/model.pt``, ``train.log``), the
+    ``train.json`` ids it ran with, its optimisation steps and its wall / CPU seconds."""
+
+    work: Path
+    ids: dict
+    iterations: int
+    wall_s: float
+    cpu_s: float
+
+
+def fit(
     split: Split,
     ratio: float,
     run: RunSettings,
     variant: str = "full",
     work_dir: str | os.PathLike | None = None,
     overrides: dict | None = None,
-) -> Result:
+) -> Fit:
     """Train the bundle on the split's training images for ``run.budget_s`` seconds (on ``run.clock``, with
-    ``run.threads`` threads) and segment its test images.
+    ``run.threads`` threads, on ``run.device``); no prediction.
 
-    ``overrides``: further ``train.json`` ids to set (default ``run.overrides``, for hyperparameter studies); they are
-    recorded in the result's ``info``. ``work_dir``: the run's folder (default: a new temporary one).
+    ``overrides``: further ``train.json`` ids to set (default ``run.overrides``, for hyperparameter studies).
+    ``work_dir``: the run's folder (default: a new temporary one).
     """
     overrides = run.overrides if overrides is None else overrides
-    if variant not in VARIANTS and variant not in ("mask", "shipped"):
-        raise ValueError(f"Unknown SPOCO variant {variant!r}; valid: {sorted(VARIANTS) + ['mask', 'shipped']}.")
-    device, threads = run.device, run.threads
-    if variant == "mask":
-        return _mask_given(split, ratio, run)
-    if variant in ("finetuned", "shipped") and split.spatial_dims != 2:
-        raise MethodUnavailable(f"the shipped {SHIPPED_2D} model is 2D; {split.dataset} is {split.spatial_dims}D")
-    if variant == "shipped":
-        return _shipped_as_is(split, run, work_dir)
-    settings = settings_for(split)
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown SPOCO training variant {variant!r}; valid: {sorted(VARIANTS)}.")
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"spoco_{split.dataset}_{variant}_"))
     work.mkdir(parents=True, exist_ok=True)
     datalist = {"training": [{"image": i.path, "label": i.label_path} for i in split.train], "validation": []}
     (work / "dataset.json").write_text(json.dumps(datalist, indent=1))
     train = dict(
-        bundle_ids(split, device),
+        bundle_ids(split, run.device),
         dataset_dir=str(work),
         ckpt_dir=str(work / "models"),
         output_dir=str(work / "runs"),
@@ -151,28 +158,58 @@ def fit_predict(
     )
     train.update(overrides)  # may replace the data set's patch_size / image_scale
     t0, c0 = time.perf_counter(), _children_cpu()
-    log = _bundle_run("configs/train.json", train, work / "train.log", threads, run_id="training")
-    train_wall, train_cpu = time.perf_counter() - t0, _children_cpu() - c0
+    log = _bundle_run("configs/train.json", train, work / "train.log", run.threads, run_id="training")
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     found = _ITERATIONS.findall(log)
-    iterations = int(found[-1]) if found else -1
+    return Fit(work=work, ids=train, iterations=int(found[-1]) if found else -1, wall_s=wall, cpu_s=cpu)
 
+
+def fit_predict(
+    split: Split,
+    ratio: float,
+    run: RunSettings,
+    variant: str = "full",
+    work_dir: str | os.PathLike | None = None,
+    overrides: dict | None = None,
+) -> Result:
+    """Train the bundle (:func:`fit`) and segment the split's test images with the trained model.
+
+    ``overrides``: further ``train.json`` ids to set (default ``run.overrides``, for hyperparameter studies); they are
+    recorded in the result's ``info``. ``work_dir``: the run's folder (default: a new temporary one).
+    """
+    if variant not in VARIANTS and variant not in ("mask", "shipped"):
+        raise ValueError(f"Unknown SPOCO variant {variant!r}; valid: {sorted(VARIANTS) + ['mask', 'shipped']}.")
+    if variant == "mask":
+        return _mask_given(split, ratio, run)
+    if variant in ("finetuned", "shipped") and split.spatial_dims != 2:
+        raise MethodUnavailable(f"the shipped {SHIPPED_2D} model is 2D; {split.dataset} is {split.spatial_dims}D")
+    if variant == "shipped":
+        return _shipped_as_is(split, run, work_dir)
+    trained = fit(split, ratio, run, variant, work_dir, overrides)
     t0 = time.perf_counter()
     # inference at the training's patch size and scale
-    shared = _inference_ids(train)
-    predictions = predict(work / "models" / "model.pt", split, work, device=device, threads=threads, overrides=shared)
+    shared = _inference_ids(trained.ids)
+    predictions = predict(
+        trained.work / "models" / "model.pt",
+        split,
+        trained.work,
+        device=run.device,
+        threads=run.threads,
+        overrides=shared,
+    )
     infer_wall = time.perf_counter() - t0
     info = {
         "variant": variant,
-        "train_cpu_s": round(train_cpu, 1),
+        "train_cpu_s": round(trained.cpu_s, 1),
         "inference_s": round(infer_wall, 1),
-        "threads": threads,
-        "work_dir": str(work),
-        "overrides": {k: v for k, v in train.items() if k != "device"},
+        "threads": run.threads,
+        "work_dir": str(trained.work),
+        "overrides": {k: v for k, v in trained.ids.items() if k != "device"},
         "background": shared.get("background", "head"),
-        "min_size": settings["min_size"],
+        "min_size": settings_for(split)["min_size"],
         "clustering": inference_clustering(shared),
     }
-    return Result(predictions=predictions, train_seconds=train_wall, iterations=iterations, info=info)
+    return Result(predictions=predictions, train_seconds=trained.wall_s, iterations=trained.iterations, info=info)
 
 
 def _shipped_as_is(split: Split, run: RunSettings, work_dir: str | os.PathLike | None) -> Result:
