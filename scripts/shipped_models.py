@@ -129,7 +129,8 @@ def train(args: argparse.Namespace) -> Path:
 
 def _scores(scores: dict, split, how: str) -> dict:
     keep = ("ap50", "map", "sbd", "n_gt", "n_pred")
-    return {"images": f"{split.dataset} {split.name}: {len(split.test)} held-out images", "how": how} | {
+    n = len(split.test)
+    return {"images": f"{split.dataset} {split.name}: {n} held-out image{'s' * (n != 1)}", "how": how} | {
         k: scores[k] for k in keep if k in scores
     }
 

@@ -153,11 +153,11 @@ def shipped_table(cards: Mapping[str, Mapping[str, Any]]) -> str:
         tr = card.get("training", {})
         machine = tr.get("machine", {})
         score_cell = f"{sc['ap50']:.3f} / {sc['map']:.3f} ({sc['images']})" if sc else "not scored"
-        train_cell = (
-            f"{tr.get('iterations')} iterations, {tr.get('train_cpu_s', 0):.0f} CPU-s on {machine.get('nproc')} "
-            f"{machine.get('cpu', 'CPU')} cores{' + ' + machine['cuda'] if machine.get('cuda') else ''}: "
-            f"`{tr.get('command')}`"
-        )
+        if tr.get("device", "cpu") != "cpu":  # a GPU run's budget is wall time
+            spent = f"{tr.get('train_wall_s', 0):.0f} s wall on one {machine.get('cuda') or 'GPU'}"
+        else:
+            spent = f"{tr.get('train_cpu_s', 0):.0f} CPU-s on {machine.get('nproc')} {machine.get('cpu', 'CPU')} cores"
+        train_cell = f"{tr.get('iterations')} iterations, {spent}: `{tr.get('command')}`"
         lines.append(f"| `{name}` | {card.get('description', '')} | {score_cell} | {train_cell} |")
     return "\n".join(lines)
 
