@@ -69,6 +69,10 @@ RECIPES: dict[str, dict] = {
         f"loss#{k}": 0.0
         for k in ("alpha", "beta", "gamma", "instance_weight", "unlabeled_weight", "consistency_weight")
     },
+    # large objects (phase-contrast cells 40-70 px across): trained and segmented at half / a third of the resolution,
+    # so that a patch and the network's field of view hold whole cells
+    "scale0.5": {"image_scale": 0.5},
+    "scale0.33": {"image_scale": 0.33},
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},
