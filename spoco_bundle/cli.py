@@ -2,10 +2,10 @@
 ``spoco``: the bundle's commands for people who don't speak ``monai.bundle``.
 
     spoco train DATA [--output_dir runs] [--ckpt_dir models] [--any_config_id VALUE ...] [--dry_run]
-    spoco segment IN OUT [--model nuclei2d | --ckpt PATH] [--preview] [--any_config_id VALUE ...] [--dry_run]
+    spoco segment IN OUT [--model nuclei2d | nuclei3d | --ckpt PATH] [--preview] [--any_config_id VALUE ...] [--dry_run]
     spoco evaluate DATA [--ckpt PATH] [--any_config_id VALUE ...] [--dry_run]
     spoco package --checkpoint models/model.pt --output_dir dist [--teacher models/teacher.pt]
-    spoco monailabel-deploy APP [--model nuclei2d | --ckpt PATH] [--name spoco] [--studies DIR] [--overwrite]
+    spoco monailabel-deploy APP [--model nuclei2d | nuclei3d | --ckpt PATH] [--name spoco] [--studies DIR] [--overwrite]
 
 ``train``, ``segment`` and ``evaluate`` are thin wrappers: each builds the ``python -m monai.bundle run ...``
 command line of the README (the bundle's configs, metadata and logging configuration, the ids given) and runs it

@@ -132,7 +132,8 @@ def test_pretrained_fine_tunes_from_a_shipped_model_and_refuses_other_architectu
     data = tmp_path / "syn2d"
     write_synthetic_dataset(data, n_train=2, n_val=0, n_test=0, shape=(64, 64), seed=4, ext=".tif", spatial_dims=2)
     bundle = tmp_path / "bundle"
-    shutil.copytree(ROOT / "models" / "nuclei2d", bundle / "models" / "nuclei2d")
+    for name in ("nuclei2d", "nuclei3d"):
+        shutil.copytree(ROOT / "models" / name, bundle / "models" / name)
     cmd = training_command(
         bundle, data, "--epochs", "1", "--epoch_length", "2", "--patch_size", "[48,48]", features=None
     )
@@ -162,6 +163,7 @@ def test_pretrained_fine_tunes_from_a_shipped_model_and_refuses_other_architectu
             "--features [8,16,32] contradicts its features [16,32,64,128]",  # its model.json says so, in one line
         ),
         (["--spatial_dims", "2", "--pretrained", str(tmp_path / "none.pt")], "none.pt not found"),
+        (["--spatial_dims", "2", "--pretrained", "nuclei3d"], "--spatial_dims 2 contradicts its spatial_dims 3"),
     ):
         proc = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
         # the summary line after the traceback (a checkpoint mismatch lists torch's details below it)
