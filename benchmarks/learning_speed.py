@@ -72,7 +72,10 @@ RECIPES: dict[str, dict] = {
     # large objects (phase-contrast cells 40-70 px across): trained and segmented at half / a third of the resolution,
     # so that a patch and the network's field of view hold whole cells
     "scale0.5": {"image_scale": 0.5},
-    "scale0.33": {"image_scale": 0.33},
+    # the foreground head with annotated background: every unlabeled pixel (dense labels, --ratios 1), or a few
+    # simulated strokes (the scribbles protocol's id), to tell positive-unlabeled learning from the head's capacity
+    "dense": {"background_label": 0},
+    "scribbles4": {"scribbles": 4, "background_label": 65535},
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},
