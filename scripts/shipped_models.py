@@ -108,8 +108,12 @@ def train(args: argparse.Namespace) -> Path:
         "training": {
             "command": f"python scripts/shipped_models.py train {args.name} {flags}",
             "data": f"{split.dataset} {split.name}: {len(split.train)} training images",
-            # the run's train.json ids, less its (temporary) folders and the device expression
-            "settings": {k: v for k, v in trained.ids.items() if k not in WORK_IDS + ("device",)},
+            # the training card's settings and the run's train.json ids, less its (temporary) folders and device
+            "settings": {
+                k: v
+                for k, v in {**card_in["training"]["settings"], **trained.ids}.items()
+                if k not in WORK_IDS + ("device",)
+            },
             **{k: card_in["training"][k] for k in measured if k in card_in["training"]},
             "budget": f"{args.budget_s:g} {args.clock} s ({args.threads} threads, {args.device})",
             "device": args.device,
