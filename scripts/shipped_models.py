@@ -172,6 +172,10 @@ def main(argv=None) -> int:
     if args.name is None:
         p.error(f"{args.action} needs a model name: {sorted(MODELS)}")
     if args.action == "train":
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device on this machine (train on the CPU with --device cpu)")
         train(args)
         if args.no_score:
             return 0
