@@ -675,6 +675,27 @@ def test_learning_speed_screen_scores_on_training_images_it_did_not_train_on(tmp
     assert _last_terms(tmp_path / "missing.log") == {}
 
 
+def test_learning_speed_report_states_the_commands_of_its_runs() -> None:
+    """The page's rerun lines name the recipes of each budget / fraction / seed that the tables show."""
+    from benchmarks.learning_speed import _run_commands
+
+    records = [
+        {"recipe": "dense", "ratio": 1.0, "budget_s": 900.0, "seed": 0},
+        {"recipe": "default", "ratio": 0.1, "budget_s": 900.0, "seed": 0},
+        {"recipe": "scale0.5", "ratio": 0.1, "budget_s": 900.0, "seed": 0},
+        {"recipe": "default", "ratio": 0.1, "budget_s": 1800.0, "seed": 1},
+    ]
+    lines = _run_commands(records, " --dataset usiigaci")
+    assert lines == [
+        ".venv/bin/python -m benchmarks.learning_speed --recipes default,scale0.5 --ratios 0.1 --budget_s 900 "
+        "--jobs 2 --dataset usiigaci",
+        ".venv/bin/python -m benchmarks.learning_speed --recipes dense --ratios 1 --budget_s 900 --jobs 2 "
+        "--dataset usiigaci",
+        ".venv/bin/python -m benchmarks.learning_speed --recipes default --ratios 0.1 --budget_s 1800 --jobs 2 "
+        "--seed 1 --dataset usiigaci",
+    ]
+
+
 def test_inference_ids_carry_a_studied_network_shape() -> None:
     from benchmarks.methods.spoco import run_ids
 
