@@ -76,6 +76,9 @@ RECIPES: dict[str, dict] = {
     # simulated strokes (the scribbles protocol's id), to tell positive-unlabeled learning from the head's capacity
     "dense": {"background_label": 0},
     "scribbles4": {"scribbles": 4, "background_label": 65535},
+    # the head's contact weighting (U-Net border weights): where annotated objects touch or nearly touch
+    "contact10": {"foreground_contact_weight": 10.0},
+    "dense_contact10": {"background_label": 0, "foreground_contact_weight": 10.0},
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},

@@ -36,6 +36,7 @@ from torch.nn.modules.loss import _Loss
 
 __all__ = [
     "foreground_histograms",
+    "object_contacts",
     "object_means",
     "kernel_scale",
     "sample_object_voxels",
@@ -1029,19 +1030,55 @@ def held_out_objects(labels: torch.Tensor, holdout: bool) -> torch.Tensor | None
     return labels > CALIBRATION_ID_OFFSET
 
 
+def object_contacts(labels: torch.Tensor, spatial: Sequence[int], radius: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where annotated objects meet, for the foreground head (the border weights of Ronneberger et al., 2015).
+
+    Returns ``(contact, gap)``, boolean ``(B, N)``: ``contact`` are annotated-object voxels with a voxel of another
+    annotated object in their ``3^d`` neighbourhood (where two objects touch directly), ``gap`` are the other
+    voxels (unlabeled or annotated background) whose ``(2 radius + 1)^d`` neighbourhood holds two or more annotated
+    objects (the narrow background between neighbours). A head that calls either foreground merges the two objects
+    in its mask.
+
+    Inputs: labels ``(B, N)`` integer (objects > 0), ``spatial`` the ``S`` with ``prod(S) = N`` (2 or 3 dims).
+    """
+    b = labels.shape[0]
+    spatial = tuple(int(s) for s in spatial)
+    if len(spatial) not in (2, 3):
+        raise ValueError(f"object_contacts needs 2 or 3 spatial dims, got {spatial}.")
+    pool = F.max_pool2d if len(spatial) == 2 else F.max_pool3d
+    ids = labels.reshape(b, 1, *spatial)
+    pos = ids > 0
+    # float32 holds the ids exactly (calibration ids stay below 2^24)
+    hi = torch.where(pos, ids, torch.zeros_like(ids)).float()
+    lo = torch.where(pos, -ids, torch.full_like(ids, -(1 << 24))).float()
+
+    def distinct(r: int) -> torch.Tensor:  # two or more object ids within the (2r + 1)^d window
+        top = pool(hi, 2 * r + 1, stride=1, padding=r)
+        bottom = -pool(lo, 2 * r + 1, stride=1, padding=r)
+        return (top > 0) & (bottom < top)
+
+    contact = pos & distinct(1)
+    gap = ~pos & distinct(max(int(radius), 1))
+    return contact.reshape(b, -1), gap.reshape(b, -1)
+
+
 def _foreground(
     x: torch.Tensor,
     labels: torch.Tensor,
     positive_weight: float = 1.0,
     strokes: bool = False,
     held: torch.Tensor | None = None,
+    voxel_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BCE on (B, N) foreground logits; see :class:`ForegroundLoss` for which voxels count as what; ``held``: voxels
-    left out (the objects that calibrate the head)."""
+    left out (the objects that calibrate the head); ``voxel_weight``: (B, N) factors on each voxel's BCE (the
+    averages still divide by the number of voxels that count)."""
     pos = labels > 0
     if strokes:  # positive-unlabeled on every voxel, plus the painted strokes as certain negatives of their own
         bce = F.binary_cross_entropy_with_logits(x, pos.to(x.dtype), reduction="none")
         bce = torch.where(pos, bce * positive_weight, bce)
+        if voxel_weight is not None:
+            bce = bce * voxel_weight
         if held is None:
             loss = bce.mean()
         else:
@@ -1061,6 +1098,8 @@ def _foreground(
     bce = F.binary_cross_entropy_with_logits(x, pos.to(x.dtype), reduction="none")
     if positive_weight != 1.0:  # only the positive-unlabeled images' positives are up-weighted
         bce = torch.where(pos & ~has_bg, bce * positive_weight, bce)
+    if voxel_weight is not None:
+        bce = bce * voxel_weight
     return torch.where(mask, bce, torch.zeros_like(bce)).sum() / count
 
 
@@ -1237,6 +1276,12 @@ class SpocoLoss(nn.Module):
             ``"lee_liu_images"``: ``c`` as ``"label_frequency"`` during training, replaced by the Lee & Liu threshold
             of whole training images before validation and at the end
             (:class:`~spoco_bundle.handlers.ForegroundThresholdPass`, which the config attaches).
+        foreground_contact_weight: w >= 1 turns on the head's contact weighting (:func:`object_contacts`, the border
+            weights of the U-Net paper): annotated-object voxels that touch another annotated object become the
+            head's negatives (its mask then keeps touching objects apart) and their BCE, and that of the unlabeled or
+            background voxels between two annotated objects, is multiplied by w. 0 (default): off.
+        foreground_contact_radius: how far (voxels) the background between two objects reaches, see
+            :func:`object_contacts`.
         foreground_calibration_holdout: the calibration objects (ids marked by
             :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``) are left out of the
             foreground BCE and the label frequency ``c`` is estimated on them alone (``last_label_frequency``);
@@ -1274,6 +1319,8 @@ class SpocoLoss(nn.Module):
         foreground_calibration_holdout: bool = False,
         foreground_self_training: float = 0.0,
         foreground_calibration: str = "label_frequency",
+        foreground_contact_weight: float = 0.0,
+        foreground_contact_radius: int = 2,
         kernel_threshold: float = 0.5,
         instance_anchor: str = "mean",
         max_anchors: int = 20,
@@ -1309,6 +1356,15 @@ class SpocoLoss(nn.Module):
                 f"{foreground_calibration!r}."
             )
         self.foreground_calibration = foreground_calibration
+        w = float(foreground_contact_weight)
+        if not (w == 0.0 or 1.0 <= w < math.inf):
+            raise ValueError(
+                f"foreground_contact_weight must be 0 (off) or a number >= 1, got {foreground_contact_weight}."
+            )
+        if int(foreground_contact_radius) < 1:
+            raise ValueError(f"foreground_contact_radius must be >= 1 voxel, got {foreground_contact_radius}.")
+        self.foreground_contact_weight = w
+        self.foreground_contact_radius = int(foreground_contact_radius)
         # (annotated, all) histograms of the head's logit in the last call, for "lee_liu"; None: not computed
         self.last_foreground_histograms: tuple[torch.Tensor, torch.Tensor] | None = None
         # share of the positive-unlabeled images' unlabeled voxels left out by self-training in the last call
@@ -1348,6 +1404,21 @@ class SpocoLoss(nn.Module):
         confident = unlabeled & (p >= self.foreground_self_training * c)
         self.last_self_training_fraction = float(confident.sum() / unlabeled.sum())
         return confident
+
+    def _contact_labels(self, labels: torch.Tensor, spatial: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's ``(B, N)`` labels and voxel weights with contact weighting (``foreground_contact_weight``):
+        contact voxels become negatives (annotated background in supervised images, unlabeled in positive-unlabeled
+        ones, which keeps each image in its regime), contact and gap voxels weigh w. Unchanged labels and no weights
+        when it is off."""
+        w = self.foreground_contact_weight
+        if w == 0.0:
+            return labels, None
+        contact, gap = object_contacts(labels, spatial, self.foreground_contact_radius)
+        supervised = ~_positive_unlabeled_images(labels, self.foreground_strokes)
+        negative = torch.where(supervised, torch.full_like(labels, -1), torch.zeros_like(labels))
+        head_labels = torch.where(contact, negative, labels)
+        weight = torch.where(contact | gap, torch.full(labels.shape, w, device=labels.device), torch.ones(()))
+        return head_labels, weight
 
     def forward(self, pred: torch.Tensor | Sequence[torch.Tensor | None], target: torch.Tensor) -> torch.Tensor:
         if isinstance(pred, (tuple, list)):
@@ -1392,14 +1463,16 @@ class SpocoLoss(nn.Module):
             pw = self.foreground_positive_weight
             strokes = self.foreground_strokes
             hold = self.foreground_calibration_holdout
-            held = held_out_objects(labels, hold)
+            head_labels, voxel_weight = self._contact_labels(labels, spatial)
+            held = held_out_objects(head_labels, hold)
             if self.foreground_self_training > 0 and teacher_fg is not None:
-                confident = self._confident_unlabeled(teacher_fg.detach().reshape(b, -1), labels, held)
+                confident = self._confident_unlabeled(teacher_fg.detach().reshape(b, -1), head_labels, held)
                 held = confident if held is None else held | confident
-            terms["foreground"] = _foreground(fg.reshape(b, -1), labels, pw, strokes, held)
-            self.last_label_frequency = labelled_foreground_probability(fg.reshape(b, -1), labels, pw, strokes, hold)
+            logits = fg.reshape(b, -1)
+            terms["foreground"] = _foreground(logits, head_labels, pw, strokes, held, voxel_weight)
+            self.last_label_frequency = labelled_foreground_probability(logits, head_labels, pw, strokes, hold)
             if self.foreground_calibration == "lee_liu":
-                self.last_foreground_histograms = foreground_histograms(fg.reshape(b, -1), labels, pw, strokes, hold)
+                self.last_foreground_histograms = foreground_histograms(logits, head_labels, pw, strokes, hold)
 
         total = None
         for name, value in terms.items():
