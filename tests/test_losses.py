@@ -30,6 +30,7 @@ from spoco_bundle.losses import (
     held_out_objects,
     kernel_scale,
     labelled_foreground_probability,
+    object_contacts,
     object_means,
     sample_object_voxels,
     select_consistency_anchors,
@@ -584,6 +585,91 @@ def test_self_training_needs_annotated_objects_and_a_valid_rho():
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="foreground_self_training"):
             SpocoLoss(foreground_self_training=bad)
+
+
+def ref_contacts(labels: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per voxel, loops: the distinct object ids within Chebyshev distance 1 (contact) / ``radius`` (gap)."""
+    contact, gap = np.zeros(labels.shape, bool), np.zeros(labels.shape, bool)
+    for idx in np.ndindex(labels.shape):
+
+        def ids(r: int) -> set:
+            box = tuple(slice(max(i - r, 0), i + r + 1) for i in idx)
+            return {int(v) for v in np.unique(labels[box]) if v > 0}
+
+        if labels[idx] > 0:
+            contact[idx] = len(ids(1) - {int(labels[idx])}) > 0
+        else:
+            gap[idx] = len(ids(radius)) >= 2
+    return contact, gap
+
+
+@pytest.mark.parametrize("spatial,radius", [((9, 11), 1), ((9, 11), 2), ((5, 6, 7), 2)])
+def test_object_contacts_match_reference(spatial, radius):
+    rng = np.random.default_rng(3)
+    labels = np.zeros((2, *spatial), np.int64)
+    for b in range(2):  # random boxes, some overlapping (the later wins), some background annotated
+        for k in range(1, 6):
+            lo = [int(rng.integers(0, s - 2)) for s in spatial]
+            box = tuple(slice(a, a + int(rng.integers(2, 4))) for a in lo)
+            labels[b][box] = k + (CALIBRATION_ID_OFFSET if k == 5 else 0)
+    labels[0][(slice(0, 1),) * len(spatial)] = -1
+    contact, gap = object_contacts(torch.as_tensor(labels).reshape(2, -1), spatial, radius)
+    for b in range(2):
+        ref_c, ref_g = ref_contacts(labels[b], radius)
+        assert ref_c.any() and ref_g.any()
+        np.testing.assert_array_equal(contact[b].reshape(spatial).numpy(), ref_c)
+        np.testing.assert_array_equal(gap[b].reshape(spatial).numpy(), ref_g)
+
+
+def _contact_loss(weight: float, positive_weight: float = 1.0) -> SpocoLoss:
+    return SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
+                     foreground_positive_weight=positive_weight, foreground_contact_weight=weight)  # fmt: skip
+
+
+@pytest.mark.parametrize("positive_weight", [1.0, 10.0])
+def test_contact_weighting_matches_reference(positive_weight):
+    # image 0: two touching objects and one two voxels away, annotated background elsewhere (supervised);
+    # image 1: the same objects without annotated background (positive-unlabeled)
+    lab = torch.zeros(8, 10, dtype=torch.long)
+    lab[1:5, 1:4], lab[1:5, 4:6], lab[1:5, 8:10] = 1, 2, 3
+    target = torch.stack([torch.where(lab == 0, -1, lab), lab])
+    target[0, 7, :3] = 0  # a few unlabeled voxels in the supervised image: still ignored
+    logits = torch.randn(2, 1, 8, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    w = 7.0
+    contact, gap = (t.reshape(2, 8, 10) for t in object_contacts(target.reshape(2, -1), (8, 10), 2))
+    assert contact[:, 1:5, 3:5].all() and contact.sum() == 16 and gap[:, 1:5, 6:8].all()
+    head = target.clone()
+    head[0][contact[0]] = -1
+    head[1][contact[1]] = 0
+    counts = torch.stack([head[0] != 0, torch.ones_like(head[1], dtype=torch.bool)])  # voxels that count
+
+    def reference(v: torch.Tensor) -> torch.Tensor:  # the batch's weighted BCE sum over the voxels that count
+        bce = F.binary_cross_entropy_with_logits(v[:, 0], (head > 0).double(), reduction="none")
+        bce = torch.where((head > 0) & (torch.arange(2) == 1)[:, None, None], positive_weight * bce, bce)
+        bce = torch.where(contact | gap, w * bce, bce)
+        return bce[counts].sum() / counts.sum()
+
+    embeddings = torch.zeros_like(logits)
+    loss = _contact_loss(w, positive_weight)
+    value, grad = value_and_grad(lambda v: loss(torch.cat([embeddings, v], 1), target), logits)
+    ref_value, ref_grad = value_and_grad(reference, logits)
+    assert_close(value, ref_value)
+    assert_close(grad, ref_grad)
+    # the label frequency is the mean over the annotated voxels that stay positive (image 1 only)
+    c, count = loss.last_label_frequency
+    g = torch.sigmoid(logits[1, 0] - math.log(positive_weight))
+    assert count == int((head[1] > 0).sum()) and c == pytest.approx(g[head[1] > 0].mean().item())
+    # off: the plain term on the original labels
+    assert_close(_contact_loss(0.0, positive_weight)(torch.cat([embeddings, logits], 1), target),
+                 ForegroundLoss(positive_weight)(logits, target))  # fmt: skip
+
+
+def test_contact_weighting_settings_are_checked():
+    for bad in (0.5, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="foreground_contact_weight"):
+            SpocoLoss(foreground_contact_weight=bad)
+    with pytest.raises(ValueError, match="foreground_contact_radius"):
+        SpocoLoss(foreground_contact_weight=2.0, foreground_contact_radius=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
