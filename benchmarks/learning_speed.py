@@ -84,6 +84,8 @@ RECIPES: dict[str, dict] = {
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},
 }
 
+PARTITION_KEYS = ("arand", "voi_split", "voi_merge")
+
 _TERMS = re.compile(r"Epoch (\d+) loss terms: (.*)")
 
 
@@ -183,7 +185,8 @@ def run_one(
         "train_wall_s": train_wall,
         "rescored": rescore,
         "loss_terms": _last_terms(work / "train.log"),
-        "head": {k: head[k] for k in ("ap50", "map", "sbd", "fg_precision", "fg_recall")},
+        # partition scores (ARAND, VOI) where the data set has them (EM, dense tissue)
+        "head": {k: head[k] for k in ("ap50", "map", "sbd", "fg_precision", "fg_recall", *PARTITION_KEYS) if k in head},
         "truth_mask": {k: truth_mask[k] for k in ("ap50", "map", "sbd")},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,10 +202,13 @@ def _name(record: dict) -> str:
 
 
 def table(records: list[dict]) -> str:
+    # ARAND / VOI columns where any run has them (EM, dense tissue)
+    partition = any("arand" in r["head"] for r in records)
+    extra = " ARAND | VOI split | VOI merge |" if partition else ""
     head = (
-        "| recipe | labelled | AP50 | mAP | fg precision | fg recall | AP50 (true mask) | iterations | CPU s | "
+        f"| recipe | labelled | AP50 | mAP |{extra} fg precision | fg recall | AP50 (true mask) | iterations | CPU s | "
         "pull | push | instance | consistency | foreground | commit | load |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|" + "---|" * (3 if partition else 0) + "---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in sorted(records, key=lambda r: (r["ratio"], r["budget_s"], -r["head"]["ap50"])):
@@ -211,7 +217,8 @@ def table(records: list[dict]) -> str:
         load = "-" if r.get("rescored") else f"{r['loadavg_start']:.1f}-{r['loadavg_end']:.1f}"
         rows.append(
             f"| {_name(r)} | {r['ratio']:.0%} | {r['head']['ap50']:.3f} | {r['head']['map']:.3f} | "
-            f"{r['head']['fg_precision']:.2f} | {r['head']['fg_recall']:.2f} | {r['truth_mask']['ap50']:.3f} | "
+            + "".join(f"{r['head'][k]:.3f} | " if k in r["head"] else "- | " for k in PARTITION_KEYS if partition)
+            + f"{r['head']['fg_precision']:.2f} | {r['head']['fg_recall']:.2f} | {r['truth_mask']['ap50']:.3f} | "
             f"{r['iterations']} | {'-' if r['train_cpu_s'] is None else format(r['train_cpu_s'], '.0f')} | "
             + " | ".join(
                 f"{t.get(k, float('nan')):.3f}" for k in ("pull", "push", "instance", "consistency", "foreground")
