@@ -38,6 +38,7 @@ __all__ = [
     "foreground_histograms",
     "object_contacts",
     "object_means",
+    "object_surfaces",
     "kernel_scale",
     "sample_object_voxels",
     "select_consistency_anchors",
@@ -1062,6 +1063,26 @@ def object_contacts(labels: torch.Tensor, spatial: Sequence[int], radius: int = 
     return contact.reshape(b, -1), gap.reshape(b, -1)
 
 
+def object_surfaces(labels: torch.Tensor, spatial: Sequence[int], radius: int = 1) -> torch.Tensor:
+    """Annotated-object voxels within ``radius`` voxels (Chebyshev) of a voxel with another label (another object,
+    unlabeled or background; the patch border does not count): an object's outer layer, ``(B, N)`` boolean. Where
+    objects tile the image (tissue), that layer is the membrane between cells.
+
+    Inputs: labels ``(B, N)`` integer (objects > 0), ``spatial`` the ``S`` with ``prod(S) = N`` (2 or 3 dims).
+    """
+    b = labels.shape[0]
+    spatial = tuple(int(s) for s in spatial)
+    if len(spatial) not in (2, 3):
+        raise ValueError(f"object_surfaces needs 2 or 3 spatial dims, got {spatial}.")
+    pool = F.max_pool2d if len(spatial) == 2 else F.max_pool3d
+    ids = labels.reshape(b, 1, *spatial)
+    pos = ids > 0
+    a = torch.where(pos, ids, torch.full_like(ids, -1)).float()  # float32 holds the ids exactly (< 2^24)
+    k, r = 2 * int(radius) + 1, int(radius)
+    top, bottom = pool(a, k, stride=1, padding=r), -pool(-a, k, stride=1, padding=r)
+    return (pos & ((top > a) | (bottom < a))).reshape(b, -1)
+
+
 def _foreground(
     x: torch.Tensor,
     labels: torch.Tensor,
@@ -1282,6 +1303,11 @@ class SpocoLoss(nn.Module):
             background voxels between two annotated objects, is multiplied by w. 0 (default): off.
         foreground_contact_radius: how far (voxels) the background between two objects reaches, see
             :func:`object_contacts`.
+        foreground_surface: r >= 1: the outer ``r`` voxels of every annotated object (:func:`object_surfaces`) are
+            the head's negatives, weighted like its positives (``foreground_positive_weight`` in positive-unlabeled
+            images): the head learns object *interiors* and the layer between them, the map that ``--clustering
+            boundary`` cuts along. For tissue where cells tile the image (the layer is the membrane) and for EM.
+            0 (default): off.
         foreground_calibration_holdout: the calibration objects (ids marked by
             :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``) are left out of the
             foreground BCE and the label frequency ``c`` is estimated on them alone (``last_label_frequency``);
@@ -1321,6 +1347,7 @@ class SpocoLoss(nn.Module):
         foreground_calibration: str = "label_frequency",
         foreground_contact_weight: float = 0.0,
         foreground_contact_radius: int = 2,
+        foreground_surface: int = 0,
         kernel_threshold: float = 0.5,
         instance_anchor: str = "mean",
         max_anchors: int = 20,
@@ -1364,6 +1391,9 @@ class SpocoLoss(nn.Module):
         if int(foreground_contact_radius) < 1:
             raise ValueError(f"foreground_contact_radius must be >= 1 voxel, got {foreground_contact_radius}.")
         self.foreground_contact_weight = w
+        if int(foreground_surface) < 0 or int(foreground_surface) != foreground_surface:
+            raise ValueError(f"foreground_surface must be a whole number of voxels >= 0, got {foreground_surface}.")
+        self.foreground_surface = int(foreground_surface)
         self.foreground_contact_radius = int(foreground_contact_radius)
         # (annotated, all) histograms of the head's logit in the last call, for "lee_liu"; None: not computed
         self.last_foreground_histograms: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -1406,18 +1436,27 @@ class SpocoLoss(nn.Module):
         return confident
 
     def _contact_labels(self, labels: torch.Tensor, spatial: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head's ``(B, N)`` labels and voxel weights with contact weighting (``foreground_contact_weight``):
-        contact voxels become negatives (annotated background in supervised images, unlabeled in positive-unlabeled
-        ones, which keeps each image in its regime), contact and gap voxels weigh w. Unchanged labels and no weights
-        when it is off."""
-        w = self.foreground_contact_weight
-        if w == 0.0:
+        """The head's ``(B, N)`` labels and voxel weights with ``foreground_surface`` and / or contact weighting
+        (``foreground_contact_weight``): surface and contact voxels become negatives (annotated background in
+        supervised images, unlabeled in positive-unlabeled ones, which keeps each image in its regime); surface voxels
+        weigh like positives, contact and gap voxels w times more. Unchanged labels and no weights when both are
+        off."""
+        w, r = self.foreground_contact_weight, self.foreground_surface
+        if w == 0.0 and r == 0:
             return labels, None
-        contact, gap = object_contacts(labels, spatial, self.foreground_contact_radius)
         supervised = ~_positive_unlabeled_images(labels, self.foreground_strokes)
         negative = torch.where(supervised, torch.full_like(labels, -1), torch.zeros_like(labels))
-        head_labels = torch.where(contact, negative, labels)
-        weight = torch.where(contact | gap, torch.full(labels.shape, w, device=labels.device), torch.ones(()))
+        weight = torch.ones(labels.shape, device=labels.device)
+        head_labels = labels
+        if r:
+            surface = object_surfaces(labels, spatial, r)
+            head_labels = torch.where(surface, negative, head_labels)
+            pw = torch.where(supervised, 1.0, self.foreground_positive_weight)
+            weight = torch.where(surface, pw.to(weight.dtype).expand_as(weight), weight)
+        if w:
+            contact, gap = object_contacts(labels, spatial, self.foreground_contact_radius)
+            head_labels = torch.where(contact, negative, head_labels)
+            weight = torch.where(contact | gap, weight * w, weight)
         return head_labels, weight
 
     def forward(self, pred: torch.Tensor | Sequence[torch.Tensor | None], target: torch.Tensor) -> torch.Tensor:

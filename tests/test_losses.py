@@ -32,6 +32,7 @@ from spoco_bundle.losses import (
     labelled_foreground_probability,
     object_contacts,
     object_means,
+    object_surfaces,
     sample_object_voxels,
     select_consistency_anchors,
 )
@@ -619,6 +620,65 @@ def test_object_contacts_match_reference(spatial, radius):
         assert ref_c.any() and ref_g.any()
         np.testing.assert_array_equal(contact[b].reshape(spatial).numpy(), ref_c)
         np.testing.assert_array_equal(gap[b].reshape(spatial).numpy(), ref_g)
+
+
+def ref_surfaces(labels: np.ndarray, radius: int) -> np.ndarray:
+    """Per object voxel, loops: another label (object, 0 or -1) within Chebyshev distance ``radius``."""
+    out = np.zeros(labels.shape, bool)
+    for idx in np.ndindex(labels.shape):
+        if labels[idx] > 0:
+            box = tuple(slice(max(i - radius, 0), i + radius + 1) for i in idx)
+            out[idx] = bool((labels[box] != labels[idx]).any())
+    return out
+
+
+@pytest.mark.parametrize("spatial,radius", [((9, 11), 1), ((9, 11), 2), ((5, 6, 7), 1)])
+def test_object_surfaces_match_reference(spatial, radius):
+    rng = np.random.default_rng(4)
+    labels = np.zeros((2, *spatial), np.int64)
+    for b in range(2):  # random boxes of 3-5 voxels a side, some overlapping (the later wins)
+        for k in range(1, 5):
+            lo = [int(rng.integers(0, s - 3)) for s in spatial]
+            labels[b][tuple(slice(a, a + int(rng.integers(3, 6))) for a in lo)] = k
+    labels[0][(slice(0, 1),) * len(spatial)] = -1
+    got = object_surfaces(torch.as_tensor(labels).reshape(2, -1), spatial, radius)
+    for b in range(2):
+        ref = ref_surfaces(labels[b], radius)
+        assert ref.any() and (radius > 1 or (~ref & (labels[b] > 0)).any())  # radius 1 leaves interiors
+        np.testing.assert_array_equal(got[b].reshape(spatial).numpy(), ref)
+    # one object filling the patch has no surface: the patch border is not an edge
+    assert not object_surfaces(torch.ones(1, 20, dtype=torch.long), (4, 5), 1).any()
+
+
+@pytest.mark.parametrize("positive_weight", [1.0, 10.0])
+def test_surface_negatives_match_reference(positive_weight):
+    # tissue: two cells tile image 1 (positive-unlabeled, one of them annotated); image 0 the same with annotated
+    # background instead of the unannotated cell (supervised)
+    lab = torch.zeros(6, 8, dtype=torch.long)
+    lab[:, :4] = 1
+    target = torch.stack([torch.where(lab == 0, -1, lab), lab])
+    logits = torch.randn(2, 1, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    surface = object_surfaces(target.reshape(2, -1), (6, 8), 1).reshape(2, 6, 8)
+    assert surface[:, :, 3].all() and surface.sum() == 12  # the column next to the other label, nothing else
+    head = target.clone()
+    head[0][surface[0]] = -1
+    head[1][surface[1]] = 0
+    pu = (torch.arange(2) == 1)[:, None, None]
+
+    def reference(v: torch.Tensor) -> torch.Tensor:
+        bce = F.binary_cross_entropy_with_logits(v[:, 0], (head > 0).double(), reduction="none")
+        bce = torch.where(((head > 0) | surface) & pu, positive_weight * bce, bce)
+        counts = torch.stack([head[0] != 0, torch.ones_like(head[1], dtype=torch.bool)])
+        return bce[counts].sum() / counts.sum()
+
+    loss = SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
+                     foreground_positive_weight=positive_weight, foreground_surface=1)  # fmt: skip
+    value, grad = value_and_grad(lambda v: loss(torch.cat([torch.zeros_like(v), v], 1), target), logits)
+    ref_value, ref_grad = value_and_grad(reference, logits)
+    assert_close(value, ref_value)
+    assert_close(grad, ref_grad)
+    with pytest.raises(ValueError, match="foreground_surface"):
+        SpocoLoss(foreground_surface=-1)
 
 
 def _contact_loss(weight: float, positive_weight: float = 1.0) -> SpocoLoss:
