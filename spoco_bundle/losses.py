@@ -1304,9 +1304,10 @@ class SpocoLoss(nn.Module):
         foreground_contact_radius: how far (voxels) the background between two objects reaches, see
             :func:`object_contacts`.
         foreground_surface: r >= 1: the outer ``r`` voxels of every annotated object (:func:`object_surfaces`) are
-            the head's negatives, weighted like its positives (``foreground_positive_weight`` in positive-unlabeled
-            images): the head learns object *interiors* and the layer between them, the map that ``--clustering
-            boundary`` cuts along. For tissue where cells tile the image (the layer is the membrane) and for EM.
+            the head's annotated background, so it trains supervised on the annotated objects alone (unlabeled voxels
+            say nothing): object *interiors* against the layer around them, the map that ``--clustering boundary``
+            cuts along. For tissue where cells tile the image and that layer is the membrane between them (with
+            ``background_label`` strokes the images stay positive-unlabeled, the layer joining the strokes).
             0 (default): off.
         foreground_calibration_holdout: the calibration objects (ids marked by
             :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``) are left out of the
@@ -1436,27 +1437,23 @@ class SpocoLoss(nn.Module):
         return confident
 
     def _contact_labels(self, labels: torch.Tensor, spatial: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head's ``(B, N)`` labels and voxel weights with ``foreground_surface`` and / or contact weighting
-        (``foreground_contact_weight``): surface and contact voxels become negatives (annotated background in
-        supervised images, unlabeled in positive-unlabeled ones, which keeps each image in its regime); surface voxels
-        weigh like positives, contact and gap voxels w times more. Unchanged labels and no weights when both are
-        off."""
+        """The head's ``(B, N)`` labels and voxel weights with ``foreground_surface`` (surface voxels become annotated
+        background) and / or contact weighting (``foreground_contact_weight``: contact voxels become negatives,
+        annotated background in supervised images and unlabeled in positive-unlabeled ones, which keeps each image
+        in its regime; contact and gap voxels weigh w). Unchanged labels and no weights when both are off."""
         w, r = self.foreground_contact_weight, self.foreground_surface
         if w == 0.0 and r == 0:
             return labels, None
-        supervised = ~_positive_unlabeled_images(labels, self.foreground_strokes)
-        negative = torch.where(supervised, torch.full_like(labels, -1), torch.zeros_like(labels))
-        weight = torch.ones(labels.shape, device=labels.device)
         head_labels = labels
-        if r:
-            surface = object_surfaces(labels, spatial, r)
-            head_labels = torch.where(surface, negative, head_labels)
-            pw = torch.where(supervised, 1.0, self.foreground_positive_weight)
-            weight = torch.where(surface, pw.to(weight.dtype).expand_as(weight), weight)
-        if w:
-            contact, gap = object_contacts(labels, spatial, self.foreground_contact_radius)
-            head_labels = torch.where(contact, negative, head_labels)
-            weight = torch.where(contact | gap, weight * w, weight)
+        if r:  # annotated background: the images become supervised, their unlabeled voxels say nothing
+            head_labels = torch.where(object_surfaces(labels, spatial, r), torch.full_like(labels, -1), labels)
+        if not w:
+            return head_labels, None
+        supervised = ~_positive_unlabeled_images(head_labels, self.foreground_strokes)
+        negative = torch.where(supervised, torch.full_like(labels, -1), torch.zeros_like(labels))
+        contact, gap = object_contacts(labels, spatial, self.foreground_contact_radius)
+        head_labels = torch.where(contact, negative, head_labels)
+        weight = torch.where(contact | gap, torch.full(labels.shape, w, device=labels.device), torch.ones(()))
         return head_labels, weight
 
     def forward(self, pred: torch.Tensor | Sequence[torch.Tensor | None], target: torch.Tensor) -> torch.Tensor:

@@ -650,33 +650,23 @@ def test_object_surfaces_match_reference(spatial, radius):
     assert not object_surfaces(torch.ones(1, 20, dtype=torch.long), (4, 5), 1).any()
 
 
-@pytest.mark.parametrize("positive_weight", [1.0, 10.0])
-def test_surface_negatives_match_reference(positive_weight):
-    # tissue: two cells tile image 1 (positive-unlabeled, one of them annotated); image 0 the same with annotated
-    # background instead of the unannotated cell (supervised)
-    lab = torch.zeros(6, 8, dtype=torch.long)
-    lab[:, :4] = 1
-    target = torch.stack([torch.where(lab == 0, -1, lab), lab])
-    logits = torch.randn(2, 1, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    surface = object_surfaces(target.reshape(2, -1), (6, 8), 1).reshape(2, 6, 8)
-    assert surface[:, :, 3].all() and surface.sum() == 12  # the column next to the other label, nothing else
-    head = target.clone()
-    head[0][surface[0]] = -1
-    head[1][surface[1]] = 0
-    pu = (torch.arange(2) == 1)[:, None, None]
-
-    def reference(v: torch.Tensor) -> torch.Tensor:
-        bce = F.binary_cross_entropy_with_logits(v[:, 0], (head > 0).double(), reduction="none")
-        bce = torch.where(((head > 0) | surface) & pu, positive_weight * bce, bce)
-        counts = torch.stack([head[0] != 0, torch.ones_like(head[1], dtype=torch.bool)])
-        return bce[counts].sum() / counts.sum()
-
+def test_surface_is_annotated_background():
+    # tissue: two cells tile the image, cell 1 annotated; without the option the head trains positive-unlabeled
+    # (every voxel counts), with it on cell 1's interior against its outer layer only (the other cell says nothing)
+    lab = torch.zeros(1, 6, 8, dtype=torch.long)
+    lab[:, :, :4] = 1
+    logits = torch.randn(1, 1, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    surface = object_surfaces(lab.reshape(1, -1), (6, 8), 1).reshape(1, 6, 8)
+    assert surface[:, :, 3].all() and surface.sum() == 6  # the column next to the other label, nothing else
+    head = torch.where(surface, -1, lab)
     loss = SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
-                     foreground_positive_weight=positive_weight, foreground_surface=1)  # fmt: skip
-    value, grad = value_and_grad(lambda v: loss(torch.cat([torch.zeros_like(v), v], 1), target), logits)
-    ref_value, ref_grad = value_and_grad(reference, logits)
+                     foreground_positive_weight=10.0, foreground_surface=1)  # fmt: skip
+    value, grad = value_and_grad(lambda v: loss(torch.cat([torch.zeros_like(v), v], 1), lab), logits)
+    ref_value, ref_grad = value_and_grad(lambda v: ForegroundLoss(10.0)(v, head), logits)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
+    assert (grad[0, 0][lab[0] == 0] == 0).all() and (grad[0, 0][lab[0] == 1] != 0).all()
+    assert loss.last_label_frequency[1] == 0  # a supervised image calibrates nothing
     with pytest.raises(ValueError, match="foreground_surface"):
         SpocoLoss(foreground_surface=-1)
 
