@@ -86,6 +86,8 @@ DATASET_SETTINGS = {
 }
 # the settings above that are inference.json ids (passed to training too, for its validation)
 _INFERENCE_SETTINGS = ("background", "shape_split", "clustering")
+# and those that are train.json ids only
+_TRAINING_SETTINGS = ("foreground_surface",)
 
 
 def settings_for(split: Split) -> dict:
@@ -157,6 +159,7 @@ def fit(
         time_clock=run.clock,
         **VARIANTS[variant],
     )
+    train.update({k: v for k, v in settings_for(split).items() if k in _TRAINING_SETTINGS})
     train.update(overrides)  # may replace the data set's patch_size / image_scale
     t0, c0 = time.perf_counter(), _children_cpu()
     log = _bundle_run("configs/train.json", train, work / "train.log", run.threads, run_id="training")
