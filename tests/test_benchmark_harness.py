@@ -756,3 +756,28 @@ def test_window_study_names_and_mosaics(tmp_path):
     assert np.array_equal(tifffile.imread(m.path)[8:, 10:], tiles[3].image)
     assert np.array_equal(m.labels[8:, 10:] > 0, tiles[3].labels > 0) and m.labels[8:, 10:].max() == 8
     assert mosaics(tiles, 1, tmp_path) is tiles
+
+
+def test_tune_split_cuts_a_single_volume_in_two(tmp_path):
+    # one 3D training volume (as GoNuclear, plant3d): the learning-speed protocol trains on the first half along x
+    # and scores the second, both written as real ImageJ TIFFs with the voxel size kept
+    import tifffile
+
+    from benchmarks.data import Split, _item
+    from benchmarks.learning_speed import tune_split
+
+    image = np.arange(4 * 5 * 8, dtype=np.uint8).reshape(4, 5, 8)
+    labels = np.zeros((4, 5, 8), np.uint16)
+    labels[:, :, 1:3], labels[:, :, 5:7] = 1, 2
+    spacing = {"resolution": (1 / 0.25, 1 / 0.25), "metadata": {"axes": "ZYX", "spacing": 0.5}}
+    tifffile.imwrite(tmp_path / "vol_image.tif", image, imagej=True, **spacing)
+    tifffile.imwrite(tmp_path / "vol_labels.tif", labels, imagej=True, **spacing)
+    item = _item(tmp_path / "vol_image.tif", tmp_path / "vol_labels.tif")
+    split = Split("plant3d", "x", 3, [item], [item])
+    tuned = tune_split(split, 1, cache_dir=tmp_path / "cache")
+    (first,), (second,) = tuned.train, tuned.test
+    np.testing.assert_array_equal(first.image, image[..., :4])
+    np.testing.assert_array_equal(second.labels, labels[..., 4:])
+    assert first.spacing == pytest.approx((0.5, 0.25, 0.25)) and first.label_path != second.label_path
+    with pytest.raises(ValueError, match="--tune"):
+        tune_split(split, 2)
