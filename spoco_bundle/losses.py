@@ -1031,6 +1031,21 @@ def held_out_objects(labels: torch.Tensor, holdout: bool) -> torch.Tensor | None
     return labels > CALIBRATION_ID_OFFSET
 
 
+def _label_windows(labels: torch.Tensor, spatial: Sequence[int], name: str):
+    """``(B, 1, *S)`` ids of ``(B, N)`` labels, their object mask and ``window_max(x, r)``: the maximum of ``x`` over
+    each voxel's ``(2r + 1)^d`` window (the patch border pads with -inf, so it never counts)."""
+    spatial = tuple(int(s) for s in spatial)
+    if len(spatial) not in (2, 3):
+        raise ValueError(f"{name} needs 2 or 3 spatial dims, got {spatial}.")
+    pool = F.max_pool2d if len(spatial) == 2 else F.max_pool3d
+    ids = labels.reshape(labels.shape[0], 1, *spatial)
+
+    def window_max(x: torch.Tensor, r: int) -> torch.Tensor:
+        return pool(x, 2 * r + 1, stride=1, padding=r)
+
+    return ids, ids > 0, window_max
+
+
 def object_contacts(labels: torch.Tensor, spatial: Sequence[int], radius: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Where annotated objects meet, for the foreground head (the border weights of Ronneberger et al., 2015).
 
@@ -1043,19 +1058,13 @@ def object_contacts(labels: torch.Tensor, spatial: Sequence[int], radius: int = 
     Inputs: labels ``(B, N)`` integer (objects > 0), ``spatial`` the ``S`` with ``prod(S) = N`` (2 or 3 dims).
     """
     b = labels.shape[0]
-    spatial = tuple(int(s) for s in spatial)
-    if len(spatial) not in (2, 3):
-        raise ValueError(f"object_contacts needs 2 or 3 spatial dims, got {spatial}.")
-    pool = F.max_pool2d if len(spatial) == 2 else F.max_pool3d
-    ids = labels.reshape(b, 1, *spatial)
-    pos = ids > 0
+    ids, pos, window_max = _label_windows(labels, spatial, "object_contacts")
     # float32 holds the ids exactly (calibration ids stay below 2^24)
     hi = torch.where(pos, ids, torch.zeros_like(ids)).float()
     lo = torch.where(pos, -ids, torch.full_like(ids, -(1 << 24))).float()
 
     def distinct(r: int) -> torch.Tensor:  # two or more object ids within the (2r + 1)^d window
-        top = pool(hi, 2 * r + 1, stride=1, padding=r)
-        bottom = -pool(lo, 2 * r + 1, stride=1, padding=r)
+        top, bottom = window_max(hi, r), -window_max(lo, r)
         return (top > 0) & (bottom < top)
 
     contact = pos & distinct(1)
@@ -1070,17 +1079,10 @@ def object_surfaces(labels: torch.Tensor, spatial: Sequence[int], radius: int = 
 
     Inputs: labels ``(B, N)`` integer (objects > 0), ``spatial`` the ``S`` with ``prod(S) = N`` (2 or 3 dims).
     """
-    b = labels.shape[0]
-    spatial = tuple(int(s) for s in spatial)
-    if len(spatial) not in (2, 3):
-        raise ValueError(f"object_surfaces needs 2 or 3 spatial dims, got {spatial}.")
-    pool = F.max_pool2d if len(spatial) == 2 else F.max_pool3d
-    ids = labels.reshape(b, 1, *spatial)
-    pos = ids > 0
+    ids, pos, window_max = _label_windows(labels, spatial, "object_surfaces")
     a = torch.where(pos, ids, torch.full_like(ids, -1)).float()  # float32 holds the ids exactly (< 2^24)
-    k, r = 2 * int(radius) + 1, int(radius)
-    top, bottom = pool(a, k, stride=1, padding=r), -pool(-a, k, stride=1, padding=r)
-    return (pos & ((top > a) | (bottom < a))).reshape(b, -1)
+    top, bottom = window_max(a, int(radius)), -window_max(-a, int(radius))
+    return (pos & ((top > a) | (bottom < a))).reshape(labels.shape[0], -1)
 
 
 def _foreground(
