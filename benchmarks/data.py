@@ -314,40 +314,48 @@ def load_benchmark(
     ]
 
 
+def _up_to_date(paths: Sequence[Path], newest: float) -> bool:
+    """Every derived file exists and is not older than its source (modification time ``newest``)."""
+    return all(p.is_file() and p.stat().st_mtime >= newest for p in paths)
+
+
+def _write_tiff(path: Path, array: np.ndarray, **kwargs) -> None:
+    """An ImageJ TIFF written whole or not at all (a reader never sees half a file)."""
+    import tifffile
+
+    tmp = path.with_name(path.name + ".part")
+    tifffile.imwrite(tmp, np.ascontiguousarray(array), imagej=True, **kwargs)
+    os.replace(tmp, path)
+
+
 def _plant3d_halves(folder: Path, cache_dir: str | os.PathLike | None) -> tuple[Item, Item]:
     """The training (x < 100) and test (x >= 100) halves of the plant volume, as files of their own (written when
     missing or older than the source)."""
-    import tifffile
-
     cache = Path(cache_dir or REPO_ROOT / "eval" / "data_cache") / "plant3d"
     image_path, label_path = _find(folder, "plant3d_image"), _find(folder, "plant3d_labels")
     newest = max(image_path.stat().st_mtime, label_path.stat().st_mtime)
     halves = {"train": np.s_[..., :PLANT3D_SPLIT_X], "test": np.s_[..., PLANT3D_SPLIT_X:]}
     paths = {h: (cache / f"plant3d_{h}_image.tif", cache / f"plant3d_{h}_labels.tif") for h in halves}
-    if not all(p.is_file() and p.stat().st_mtime >= newest for pair in paths.values() for p in pair):
+    if not _up_to_date([p for pair in paths.values() for p in pair], newest):
         image, _ = read_image(image_path)
         labels, _ = read_image(label_path)
         cache.mkdir(parents=True, exist_ok=True)
         for half, index in halves.items():
             for array, path in zip((np.asarray(image), np.asarray(labels)), paths[half]):
-                tmp = path.with_name(path.name + ".part")  # a reader never sees half a file
-                tifffile.imwrite(tmp, np.ascontiguousarray(array[index]), imagej=True, metadata={"axes": "ZYX"})
-                os.replace(tmp, path)
+                _write_tiff(path, array[index], metadata={"axes": "ZYX"})
     return _item(*paths["train"]), _item(*paths["test"])
 
 
 def _gonuclear_slices(folder: Path, volume: str, cache_dir: str | os.PathLike | None) -> list[Item]:
     """Every :data:`GONUCLEAR2D_STEP`-th z slice of GoNuclear volume ``volume`` as 2D items, their files written under
     ``<cache_dir>/gonuclear2d`` when missing or older than the source (an image and a label TIFF per slice)."""
-    import tifffile
-
     cache = Path(cache_dir or REPO_ROOT / "eval" / "data_cache") / "gonuclear2d"
     image_path, label_path = _find(folder, f"{volume}_image"), _find(folder, f"{volume}_labels")
     newest = max(image_path.stat().st_mtime, label_path.stat().st_mtime)
     source = _item(image_path, label_path)
     z = range(GONUCLEAR2D_STEP // 2, source.image.shape[0], GONUCLEAR2D_STEP)
     paths = [(cache / f"{volume}_z{i:03d}_image.tif", cache / f"{volume}_z{i:03d}_labels.tif") for i in z]
-    if not all(p.is_file() and p.stat().st_mtime >= newest for pair in paths for p in pair):
+    if not _up_to_date([p for pair in paths for p in pair], newest):
         cache.mkdir(parents=True, exist_ok=True)
         image, labels = read_image(image_path)[0], read_image(label_path)[0]
         # the volume's y / x voxel size, as an ImageJ TIFF states it
@@ -355,10 +363,35 @@ def _gonuclear_slices(folder: Path, volume: str, cache_dir: str | os.PathLike | 
         meta = {"axes": "YX", "unit": "um"} if source.spacing else {"axes": "YX"}
         for i, pair in zip(z, paths):
             for array, path in zip((np.asarray(image)[i], np.asarray(labels)[i]), pair):
-                tmp = path.with_name(path.name + ".part")  # a reader never sees half a file
-                tifffile.imwrite(tmp, np.ascontiguousarray(array), imagej=True, resolution=resolution, metadata=meta)
-                os.replace(tmp, path)
+                _write_tiff(path, array, resolution=resolution, metadata=meta)
     return [_item(*pair) for pair in paths]
+
+
+def volume_halves(item: Item, cache_dir: str | os.PathLike | None = None) -> tuple[Item, Item]:
+    """``item`` cut in two along its last axis, each half an image and a label TIFF of its own (ImageJ, the voxel
+    size kept) under ``<cache_dir>/tune_halves`` (default ``eval/data_cache``), written when missing or older than
+    the source; a half's label file name is its own, so its sparse-label selection is too."""
+    if int(item.labels.max(initial=0)) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{item.label_path}: ids above 65535 do not fit the halves' 16-bit label TIFFs.")
+    cache = Path(cache_dir or REPO_ROOT / "eval" / "data_cache") / "tune_halves"
+    newest = max(Path(item.path).stat().st_mtime, Path(item.label_path).stat().st_mtime)
+    stem, cut = item.name.removesuffix("_image"), item.image.shape[-1] // 2
+    parts = {"a": np.s_[..., :cut], "b": np.s_[..., cut:]}
+    paths = {t: (cache / f"{stem}_{t}_image.tif", cache / f"{stem}_{t}_labels.tif") for t in parts}
+    if not _up_to_date([p for pair in paths.values() for p in pair], newest):
+        meta: dict = {"axes": "ZYX" if item.image.ndim == 3 else "YX"}
+        kwargs: dict = {}
+        if item.spacing is not None:
+            kwargs["resolution"] = (1.0 / item.spacing[-1], 1.0 / item.spacing[-2])
+            if item.image.ndim == 3:
+                meta["spacing"] = item.spacing[0]
+        source = np.asarray(read_image(item.path)[0])  # the file's own dtype, not the float32 copy
+        cache.mkdir(parents=True, exist_ok=True)
+        for tag, index in parts.items():
+            for array, path in zip((source, item.labels.astype(np.uint16)), paths[tag]):
+                _write_tiff(path, array[index], metadata=meta, **kwargs)
+    first, second = (_item(*paths[t]) for t in parts)
+    return first, second
 
 
 def _make_split(dataset: str, name: str, spatial_dims: int, train: list[Item], test: list[Item]) -> Split:

@@ -29,13 +29,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
-from benchmarks.data import REPO_ROOT, Item, Split, _item, kept_digest, load_benchmark, score
+from benchmarks.data import REPO_ROOT, Split, kept_digest, load_benchmark, score, volume_halves
 from benchmarks.methods import spoco as spoco_runner
 from benchmarks.records import git_commit, machine_info
 from benchmarks.settings import RunSettings
-from spoco_bundle.io import read_image, split_image_suffix, write_label_image
+from spoco_bundle.io import split_image_suffix, write_label_image
 
 # train.json overrides per recipe ("default": the bundle as it ships)
 RECIPES: dict[str, dict] = {
@@ -98,9 +96,9 @@ _TERMS = re.compile(r"Epoch (\d+) loss terms: (.*)")
 def tune_split(split: Split, n_tune: int, cache_dir: str | os.PathLike | None = None) -> Split:
     """Train on all but the last ``n_tune`` training images of ``split``, test on those (dense labels). A split with
     a single training image (a 3D volume: GoNuclear, plant3d) is cut in two along its last axis instead (``n_tune``
-    1): the first half trains, the second scores (:func:`halves`, files under ``cache_dir``)."""
+    1): the first half trains, the second scores (:func:`~benchmarks.data.volume_halves`, files under ``cache_dir``)."""
     if len(split.train) == 1 and n_tune == 1:
-        first, second = halves(split.train[0], cache_dir)
+        first, second = volume_halves(split.train[0], cache_dir)
         return replace(split, name=f"tune_{split.name}_halves", train=[first], test=[second])
     if not 0 < n_tune < len(split.train):
         raise ValueError(f"--tune must be between 1 and {len(split.train) - 1} for {split.name}, got {n_tune}.")
@@ -110,40 +108,6 @@ def tune_split(split: Split, n_tune: int, cache_dir: str | os.PathLike | None = 
         train=split.train[:-n_tune],
         test=split.train[-n_tune:],
     )
-
-
-def halves(item: Item, cache_dir: str | os.PathLike | None = None) -> tuple[Item, Item]:
-    """``item`` cut in two along its last axis, each half an image and a label TIFF of its own (ImageJ, the voxel
-    size kept) under ``<cache_dir>/tune_halves`` (default ``eval/data_cache``), written when missing or older than
-    the source; a half's label file name is its own, so its sparse-label selection is too."""
-    import tifffile
-
-    cache = Path(cache_dir or REPO_ROOT / "eval" / "data_cache") / "tune_halves"
-    newest = max(Path(item.path).stat().st_mtime, Path(item.label_path).stat().st_mtime)
-    if int(item.labels.max(initial=0)) > np.iinfo(np.uint16).max:
-        raise ValueError(f"{item.label_path}: ids above 65535 do not fit the halves' 16-bit label TIFFs.")
-    cut = item.image.shape[-1] // 2
-    parts = {"a": np.s_[..., :cut], "b": np.s_[..., cut:]}
-    out = []
-    for tag, index in parts.items():
-        stem = item.name.removesuffix("_image")
-        paths = (cache / f"{stem}_{tag}_image.tif", cache / f"{stem}_{tag}_labels.tif")
-        if not all(p.is_file() and p.stat().st_mtime >= newest for p in paths):
-            cache.mkdir(parents=True, exist_ok=True)
-            axes = "ZYX" if item.image.ndim == 3 else "YX"
-            meta: dict = {"axes": axes}
-            kwargs: dict = {}
-            if item.spacing is not None:
-                kwargs["resolution"] = (1.0 / item.spacing[-1], 1.0 / item.spacing[-2])
-                if item.image.ndim == 3:
-                    meta["spacing"] = item.spacing[0]
-            source = read_image(item.path)[0]  # the file's own dtype, not the float32 copy
-            for array, path in zip((np.asarray(source), item.labels.astype(np.uint16)), paths):
-                tmp = path.with_name(path.name + ".part")  # a reader never sees half a file
-                tifffile.imwrite(tmp, np.ascontiguousarray(array[index]), imagej=True, metadata=meta, **kwargs)
-                os.replace(tmp, path)
-        out.append(_item(*paths))
-    return out[0], out[1]
 
 
 def record_path(out_dir: Path, dataset: str, recipe: str, ratio: float, budget_s: float, seed: int = 0) -> Path:

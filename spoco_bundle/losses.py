@@ -1438,7 +1438,7 @@ class SpocoLoss(nn.Module):
         self.last_self_training_fraction = float(confident.sum() / unlabeled.sum())
         return confident
 
-    def _contact_labels(self, labels: torch.Tensor, spatial: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _head_labels(self, labels: torch.Tensor, spatial: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The head's ``(B, N)`` labels and voxel weights with ``foreground_surface`` (surface voxels become annotated
         background) and / or contact weighting (``foreground_contact_weight``: contact voxels become negatives,
         annotated background in supervised images and unlabeled in positive-unlabeled ones, which keeps each image
@@ -1501,7 +1501,7 @@ class SpocoLoss(nn.Module):
             pw = self.foreground_positive_weight
             strokes = self.foreground_strokes
             hold = self.foreground_calibration_holdout
-            head_labels, voxel_weight = self._contact_labels(labels, spatial)
+            head_labels, voxel_weight = self._head_labels(labels, spatial)
             held = held_out_objects(head_labels, hold)
             if self.foreground_self_training > 0 and teacher_fg is not None:
                 confident = self._confident_unlabeled(teacher_fg.detach().reshape(b, -1), head_labels, held)
