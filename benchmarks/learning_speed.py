@@ -82,6 +82,7 @@ RECIPES: dict[str, dict] = {
     # the head learns object interiors against the annotated objects' outer voxel layer (membranes in tissue), cut
     # by the boundary clustering (ISBI's documented settings have it; plant3d's use no head, so it is set here)
     "surface1": {"foreground_surface": 1},
+    "surface2": {"foreground_surface": 2},
     "surface1_boundary": {"foreground_surface": 1, "clustering": "boundary", "background": "none", "shape_split": 0.0},
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
@@ -178,6 +179,8 @@ def run_one(
         "split": split.name,
         "recipe": recipe,
         "overrides": RECIPES[recipe],
+        # the benchmark's patch / scale / data-set settings the recipe's overrides went on top of
+        "benchmark_settings": spoco_runner.settings_for(split),
         "ratio": ratio,
         "kept_digest": kept_digest(split, ratio, seed),
         "seed": seed,
@@ -324,6 +327,25 @@ def _run_commands(records: list[dict], flags: str) -> list[str]:
     return lines or [f".venv/bin/python -m benchmarks.learning_speed --recipes default --jobs 2{flags}"]
 
 
+def _dataset_settings(split: Split, records: list[dict]) -> str:
+    """The benchmark's settings (patch, scale, data-set settings) the report's runs went on top of, in words; where
+    runs differ (a data-set setting added after some ran), which runs had which."""
+
+    def named(settings: dict | None) -> str:
+        if settings is None:
+            return "not recorded"
+        return ", ".join(f"`{k}` {json.dumps(v)}" for k, v in settings.items())
+
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        groups.setdefault(named(r.get("benchmark_settings")), []).append(f"{_name(r)} {r['budget_s']:g} s")
+    if len(groups) <= 1:
+        settings = next(iter(groups), named(spoco_runner.settings_for(split)))
+        return f"the benchmark's settings for {split.dataset} ({settings})"
+    parts = [f"({settings}: {', '.join(runs)})" for settings, runs in groups.items()]
+    return f"the benchmark's settings for {split.dataset}, which differ between runs {'; '.join(parts)}"
+
+
 def report(split: Split, records: list[dict], flags: str = "", docs: str = "docs/learning_speed.md") -> str:
     """Markdown: how the screen ran, then one table per budget; ``flags``: those that select its runs, ``docs``: the
     page (both for the commands it states)."""
@@ -342,9 +364,9 @@ def report(split: Split, records: list[dict], flags: str = "", docs: str = "docs
         f"- **Data**: {split.dataset}, training split only: train on its first {len(split.train)} images with the "
         f"kept objects of `SparseInstanceLabel(seed=0)`, score on its last {len(split.test)} images (dense labels, "
         "never seen in training). The benchmark's validation images are not used: settings are chosen here.",
-        "- **Recipes**: `configs/train.json` overrides (`RECIPES` in the script, each run's in its record); "
-        "everything else the bundle's defaults, inference with `configs/inference.json` defaults "
-        "(watershed + shape split, head foreground at 0.5).",
+        "- **Recipes**: `configs/train.json` overrides (`RECIPES` in the script, each run's in its record) on top of "
+        f"{_dataset_settings(split, records)}; everything else the bundle's defaults (`configs/train.json`, "
+        "`configs/inference.json`).",
         "- **Columns**: AP50 / mAP with the head's foreground (what a user gets); the predicted objects' pixels "
         "against the true foreground (precision / recall); AP50 with the true foreground given (what the embeddings "
         "separate on their own); the last epoch's unweighted loss terms; 1-minute load average at start-end.",

@@ -696,6 +696,47 @@ def test_learning_speed_report_states_the_commands_of_its_runs() -> None:
     ]
 
 
+def test_learning_speed_report_states_the_settings_each_run_had() -> None:
+    """The page names the benchmark settings its runs went on top of, and which runs had which where they differ
+    (a data-set setting added after some runs); a record from before the field says so instead of guessing."""
+    from benchmarks.learning_speed import _dataset_settings
+
+    split = Split(name="tune", dataset="isbi2012", spatial_dims=2, train=[], test=[])
+    old = {**spoco_runner.SETTINGS[2], "shape_split": 0.0}
+    new = {**old, "foreground_surface": 1}
+    same = [{"recipe": r, "seed": 0, "budget_s": 900.0, "benchmark_settings": new} for r in ("default", "surface2")]
+    text = _dataset_settings(split, same)
+    assert text.startswith("the benchmark's settings for isbi2012 (") and "`foreground_surface` 1" in text
+    assert "differ" not in text
+    mixed = [
+        {"recipe": "default", "seed": 0, "budget_s": 900.0, "benchmark_settings": old},
+        {"recipe": "default", "seed": 1, "budget_s": 1800.0, "benchmark_settings": new},
+        {"recipe": "contact10", "seed": 0, "budget_s": 900.0},
+    ]
+    text = _dataset_settings(split, mixed)
+    assert "differ between runs" in text
+    assert "`shape_split` 0.0: default 900 s)" in text
+    assert "`foreground_surface` 1: default (seed 1) 1800 s)" in text
+    assert "(not recorded: contact10 900 s)" in text
+
+
+def test_boundary_grid_scores_each_setting_on_the_same_outputs() -> None:
+    """Two touching squares with a low-probability membrane between them: a grid setting whose seeds find both
+    interiors partitions them exactly (ARAND 0); a high interior threshold finds no interior and merges them."""
+    from benchmarks.boundary_grid import grid
+
+    truth = np.zeros((40, 60), np.int32)
+    truth[:, :30], truth[:, 31:] = 1, 2
+    fg = np.full(truth.shape, 0.9, np.float32)
+    fg[:, 29:32] = 0.05  # the membrane (and the pixels either side)
+    logit = np.log(fg / (1 - fg))
+    out = np.concatenate([np.zeros((2, *truth.shape), np.float32), logit[None]])
+    result = grid([out], [truth], "isbi2012", 2, 2, 16, [(0.5, 2.0, 0.0), (0.95, 2.0, 0.0)])
+    assert result[(0.5, 2.0, 0.0)]["arand"] == pytest.approx(0.0, abs=1e-6)
+    assert result[(0.95, 2.0, 0.0)]["arand"] > 0.3
+    assert set(result[(0.5, 2.0, 0.0)]) == {"arand", "voi_split", "voi_merge", "ap50"}
+
+
 def test_inference_ids_carry_a_studied_network_shape() -> None:
     from benchmarks.methods.spoco import run_ids
 
