@@ -1,11 +1,15 @@
 """
 Post-processing grid of the ``boundary`` clustering (membrane-separated objects, ISBI 2012): the seeds' interior
-threshold, their dome height ``h`` and the boundary map's smoothing ``sigma``, scored on the held-back *training*
-images of learning-speed runs (:mod:`benchmarks.learning_speed`, ``--tune``), where a setting may be chosen.
+threshold, their dome height ``h``, the boundary map's smoothing ``sigma`` and the merging of weak contacts
+``merge``, scored on the held-back *training* images of learning-speed runs (:mod:`benchmarks.learning_speed`,
+``--tune``), where a setting may be chosen.
 
-    .venv/bin/python -m benchmarks.boundary_grid --dataset isbi2012 --tune 4 --out_dir eval/s42/ls \
-        --runs surface1:0,surface1:1 [--ratio 0.1] [--budget_s 900] [--thresholds 0.3,0.5,0.7] [--hs 1,2,3,5]
-        [--sigmas 0,1] [--threads 2] [--json eval/s42/boundary_grid.json]
+    .venv/bin/python -m benchmarks.boundary_grid --dataset isbi2012 --tune 4 --out_dir eval/s41/ls,eval/s42/ls \
+        --runs surface1:0,surface1:1,default:0:1800 [--ratio 0.1] [--budget_s 900] [--thresholds 0.3,0.5,0.7]
+        [--hs 1,2,3,5] [--sigmas 0,1] [--merges 0,0.5] [--threads 2] [--json eval/s42/boundary_grid.json]
+
+The threshold ``merge`` below which neighbouring regions merge (``boundary_merge`` of the configs) was chosen with
+it: ``--merges`` 0-0.8 on eight 10 % runs and one 100 % run (docs/benchmark_findings.md, "Weak contacts").
 
 Each run's checkpoint segments the held-back images once (the bundle's inference pieces,
 :func:`benchmarks.foreground.network_outputs`); every setting then cuts the same outputs with
@@ -44,11 +48,11 @@ def grid(
     spatial_dims: int,
     embedding_dim: int,
     min_size: int,
-    settings: list[tuple[float, float, float]],
-) -> dict[tuple[float, float, float], dict]:
-    """Scores (:data:`KEYS`) of every ``(threshold, h, sigma)`` in ``settings`` on one run's ``outputs``."""
+    settings: list[tuple[float, float, float, float]],
+) -> dict[tuple[float, float, float, float], dict]:
+    """Scores (:data:`KEYS`) of every ``(threshold, h, sigma, merge)`` in ``settings`` on one run's ``outputs``."""
     result = {}
-    for threshold, h, sigma in settings:
+    for threshold, h, sigma, merge in settings:
         predictions = [
             cluster_boundary(
                 out[:embedding_dim],
@@ -57,11 +61,12 @@ def grid(
                 threshold=threshold,
                 h=h,
                 sigma=sigma,
+                merge=merge,
             )
             for out in outputs
         ]
         scores = score(predictions, truth, spatial_dims, dataset)
-        result[(threshold, h, sigma)] = {k: float(scores[k]) for k in KEYS if k in scores}
+        result[(threshold, h, sigma, merge)] = {k: float(scores[k]) for k in KEYS if k in scores}
     return result
 
 
@@ -70,40 +75,51 @@ def main() -> None:
     p.add_argument("--dataset", default="isbi2012")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--tune", type=int, default=4)
-    p.add_argument("--out_dir", required=True, help="the learning-speed runs' folder")
-    p.add_argument("--runs", required=True, help="recipe:seed,... of finished learning-speed runs")
+    p.add_argument("--out_dir", required=True, help="the learning-speed runs' folder(s), comma-separated")
+    p.add_argument("--runs", required=True, help="recipe:seed[:budget_s],... of finished learning-speed runs")
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--budget_s", type=float, default=900.0)
     p.add_argument("--thresholds", default="0.3,0.5,0.7")
     p.add_argument("--hs", default="1,2,3,5")
     p.add_argument("--sigmas", default="0,1")
+    p.add_argument("--merges", default="0", help="boundary values below which neighbours merge (0: none)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     split = tune_split(load_benchmark(args.dataset, args.data_dir)[0], args.tune)
-    settings = list(itertools.product(_floats(args.thresholds), _floats(args.hs), _floats(args.sigmas)))
+    settings = list(
+        itertools.product(_floats(args.thresholds), _floats(args.hs), _floats(args.sigmas), _floats(args.merges))
+    )
     truth = [item.labels for item in split.test]
     embedding_dim = int(json.loads((spoco_runner.REPO_ROOT / "configs" / "train.json").read_text())["embedding_dim"])
     min_size = spoco_runner.settings_for(split)["min_size"]
     per_run = {}
     for run in args.runs.split(","):
-        recipe, seed = run.split(":")
-        record = record_path(Path(args.out_dir), split.dataset, recipe, args.ratio, args.budget_s, int(seed))
-        ckpt = record.with_suffix("") / "models" / "model.pt"
-        if not ckpt.is_file():
-            raise SystemExit(f"{ckpt}: no finished run {run} (train it with benchmarks.learning_speed first)")
+        recipe, seed, *budget = run.split(":")
+        budget_s = float(budget[0]) if budget else args.budget_s
+        ckpts = [
+            record_path(Path(d), split.dataset, recipe, args.ratio, budget_s, int(seed)).with_suffix("")
+            / "models"
+            / "model.pt"
+            for d in args.out_dir.split(",")
+        ]
+        ckpt = next((c for c in ckpts if c.is_file()), None)
+        if ckpt is None:
+            raise SystemExit(f"no finished run {run} in {args.out_dir} (train it with benchmarks.learning_speed)")
         ids = spoco_runner._inference_ids({**spoco_runner.settings_for(split), **RECIPES[recipe]})
         outputs = network_outputs(ckpt, split, split.test, ids=ids)
         per_run[run] = grid(outputs, truth, split.dataset, split.spatial_dims, embedding_dim, min_size, settings)
         print(f"scored {run}: {len(settings)} settings", flush=True)
     mean = {s: {k: float(np.mean([per_run[r][s][k] for r in per_run])) for k in KEYS} for s in settings}
-    print(f"\n| threshold | h | sigma | {' | '.join(KEYS)} |\n|---|---|---|" + "---|" * len(KEYS))
+    print(f"\n| threshold | h | sigma | merge | {' | '.join(KEYS)} |\n|---|---|---|---|" + "---|" * len(KEYS))
     for s in sorted(settings, key=lambda s: mean[s]["arand"]):
-        print(f"| {s[0]:g} | {s[1]:g} | {s[2]:g} | " + " | ".join(f"{mean[s][k]:.3f}" for k in KEYS) + " |")
+        print(f"| {s[0]:g} | {s[1]:g} | {s[2]:g} | {s[3]:g} | " + " | ".join(f"{mean[s][k]:.3f}" for k in KEYS) + " |")
     if args.json:
         rows = [
-            {"run": r, "threshold": s[0], "h": s[1], "sigma": s[2], **v} for r in per_run for s, v in per_run[r].items()
+            {"run": r, "threshold": s[0], "h": s[1], "sigma": s[2], "merge": s[3], **v}
+            for r in per_run
+            for s, v in per_run[r].items()
         ]
         Path(args.json).write_text(json.dumps({"split": split.name, "rows": rows}, indent=1))
 

@@ -282,6 +282,9 @@ class ClusterInstances(Transform):
             cluster size) and ``consistency`` (smaller clusters are dropped before its test). The other methods keep
             clusters of every size: removing small objects is :class:`RemoveSmallInstances`'s step (after the shape
             split; the result is the same as removing them while clustering).
+        boundary_merge: ``"boundary"`` only (the other methods have no such step): neighbouring regions whose mean
+            boundary value along their contact stays below it merge (:func:`~spoco_bundle.clustering.cluster_boundary`'s
+            ``merge``; 0: none; configs/inference.json's ``boundary_merge``).
         kwargs: further arguments of the clustering function.
 
     Input: the network output ``(C, *S)``, C = the embedding channels (+1 with the head); S of 2 or 3 axes.
@@ -302,9 +305,13 @@ class ClusterInstances(Transform):
         delta_v: float = 0.5,
         delta_d: float = 2.0,
         min_size: int = 1,
+        boundary_merge: float = 0.0,
         **kwargs: Any,
     ) -> None:
         self.method = _check_method(method)
+        if not 0 <= float(boundary_merge) < 1:
+            raise ValueError(f"boundary_merge must be in [0, 1), got {boundary_merge!r}.")
+        self.boundary_merge = float(boundary_merge)
         embedding_channels(embedding_dim, method)
         self.embedding_dim = int(embedding_dim)
         self.background = _check_background(background)
@@ -352,6 +359,7 @@ class ClusterInstances(Transform):
                     f"head ({e + 1} channels), got {arr.shape[0]}."
                 )
             kwargs["foreground"] = expit(arr[e])  # the calibrated probability, without exp overflow
+            kwargs["merge"] = self.boundary_merge
         labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)
         return convert_to_dst_type(labels[None], pred, dtype=torch.int32)[0]
 

@@ -295,6 +295,15 @@ def test_repredict_reuses_the_checkpoint_and_keeps_the_earlier_scores(dsb_small:
     assert json.loads(path.read_text())["clustering"] == "fast"
 
 
+def test_inference_clustering_names_the_boundary_merge() -> None:
+    """Records and tables name the post-processing a prediction used: the boundary clustering's merging of weak
+    contacts (configs' ``boundary_merge``) where it is on; the other methods have no such step."""
+    merge = json.loads((ROOT / "configs" / "inference.json").read_text())["boundary_merge"]
+    assert inference_clustering({"clustering": "boundary", "shape_split": 0}) == f"boundary + merge {merge:g}"
+    assert inference_clustering({"clustering": "boundary", "shape_split": 0, "boundary_merge": 0}) == "boundary"
+    assert inference_clustering({"clustering": "watershed", "shape_split": 0.1}) == "watershed + shape_split 0.1"
+
+
 def test_run_timeout_has_no_wall_limit_on_the_cpu_clock() -> None:
     # On the cpu clock wall time depends on the machine's load, so a fixed limit would kill finished runs.
     assert run_timeout(900, "wall") == 3 * 900 + 1800
@@ -722,7 +731,8 @@ def test_learning_speed_report_states_the_settings_each_run_had() -> None:
 
 def test_boundary_grid_scores_each_setting_on_the_same_outputs() -> None:
     """Two touching squares with a low-probability membrane between them: a grid setting whose seeds find both
-    interiors partitions them exactly (ARAND 0); a high interior threshold finds no interior and merges them."""
+    interiors partitions them exactly (ARAND 0); a high interior threshold finds no interior and merges them, and so
+    does merging contacts weaker than the membrane."""
     from benchmarks.boundary_grid import grid
 
     truth = np.zeros((40, 60), np.int32)
@@ -731,10 +741,12 @@ def test_boundary_grid_scores_each_setting_on_the_same_outputs() -> None:
     fg[:, 29:32] = 0.05  # the membrane (and the pixels either side)
     logit = np.log(fg / (1 - fg))
     out = np.concatenate([np.zeros((2, *truth.shape), np.float32), logit[None]])
-    result = grid([out], [truth], "isbi2012", 2, 2, 16, [(0.5, 2.0, 0.0), (0.95, 2.0, 0.0)])
-    assert result[(0.5, 2.0, 0.0)]["arand"] == pytest.approx(0.0, abs=1e-6)
-    assert result[(0.95, 2.0, 0.0)]["arand"] > 0.3
-    assert set(result[(0.5, 2.0, 0.0)]) == {"arand", "voi_split", "voi_merge", "ap50"}
+    settings = [(0.5, 2.0, 0.0, 0.0), (0.95, 2.0, 0.0, 0.0), (0.5, 2.0, 0.0, 0.97)]
+    result = grid([out], [truth], "isbi2012", 2, 2, 16, settings)
+    assert result[(0.5, 2.0, 0.0, 0.0)]["arand"] == pytest.approx(0.0, abs=1e-6)
+    assert result[(0.95, 2.0, 0.0, 0.0)]["arand"] > 0.3
+    assert result[(0.5, 2.0, 0.0, 0.97)]["arand"] > 0.3  # merging below the membrane's value joins the two
+    assert set(result[(0.5, 2.0, 0.0, 0.0)]) == {"arand", "voi_split", "voi_merge", "ap50"}
 
 
 def test_inference_ids_carry_a_studied_network_shape() -> None:

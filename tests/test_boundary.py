@@ -82,6 +82,32 @@ def test_boundary_h_controls_splitting():
     assert counts[0] >= counts[1] > counts[2]
 
 
+def test_boundary_merge_joins_parts_of_a_cell_cut_by_a_faint_inner_line():
+    """A faint line through every cell (an inner structure the head half calls membrane) splits each cell in two
+    seeds; merging contacts weaker than the membranes gives the cells back, and keeps neighbours and the mask."""
+    labels, prob = tissue((96, 96), 12, seed=4)
+    emb = flat_embeddings(labels.shape)
+    cut = prob.copy()
+    for cell, (rows, _) in enumerate(ndimage.find_objects(labels), start=1):
+        row = (rows.start + rows.stop) // 2
+        line = np.zeros_like(labels, bool)
+        line[row - 1 : row + 1] = True
+        cut[line & (labels == cell)] = 0.45  # a cut of probability 0.45: boundary value 0.55, membranes 0.9
+    split = cluster_boundary(emb, cut, h=1.0, min_size=1)
+    merged = cluster_boundary(emb, cut, h=1.0, min_size=1, merge=0.75)
+    err = [adapted_rand_error(labels, s, ignore_background=True) for s in (split, merged)]
+    assert err[0] > 0.2 and err[1] < 0.05
+    assert split.max() > labels.max() >= merged.max() > labels.max() - 2
+    assert np.array_equal(np.unique(merged), np.arange(1, merged.max() + 1))  # consecutive ids
+    # a merge threshold above the membranes' value joins everything
+    assert cluster_boundary(emb, cut, h=1.0, min_size=1, merge=0.99).max() == 1
+    # with a mask: nothing merges into the outside, which stays 0
+    mask = labels > 0
+    mask[:, :20] = False
+    masked = cluster_boundary(emb, cut, h=1.0, min_size=1, merge=0.75, fg_mask=mask)
+    assert not masked[~mask].any() and (masked[mask] > 0).all()
+
+
 def test_boundary_bad_input():
     labels, prob = tissue((32, 32), 3)
     emb = flat_embeddings(labels.shape)
@@ -93,6 +119,8 @@ def test_boundary_bad_input():
         cluster_boundary(emb, prob, h=0)
     with pytest.raises(ValueError, match="spacing"):
         cluster_boundary(emb, prob, spacing=(1.0,))
+    with pytest.raises(ValueError, match="0 <= merge < 1"):
+        cluster_boundary(emb, prob, merge=1.0)
     with pytest.raises(ValueError, match="needs the foreground head's probability"):
         cluster_embeddings(emb, "boundary")
 
@@ -111,3 +139,12 @@ def test_cluster_instances_boundary_uses_the_head():
     mask = ndimage.binary_erosion(labels > 0)
     out = ClusterInstances("boundary", embedding_dim=4, background="head")(pred, mask)
     assert not out[0].numpy()[~mask].any()
+    # the merging of weak contacts travels as boundary_merge (configs' id of the same name); other methods ignore it
+    merged = ClusterInstances("boundary", embedding_dim=4, background="none", boundary_merge=0.95)(pred)
+    p = prob.clip(1e-4, 1 - 1e-4)
+    assert np.array_equal(merged[0].numpy(), cluster_boundary(emb, p, min_size=1, merge=0.95))
+    assert merged.max() == 1  # every membrane (boundary value about 0.9) is below 0.95
+    fast = ClusterInstances("fast", embedding_dim=4, background="none", boundary_merge=0.5)(torch.as_tensor(emb))
+    assert np.array_equal(fast, ClusterInstances("fast", embedding_dim=4, background="none")(torch.as_tensor(emb)))
+    with pytest.raises(ValueError, match=r"boundary_merge must be in \[0, 1\)"):
+        ClusterInstances("boundary", embedding_dim=4, boundary_merge=-0.1)

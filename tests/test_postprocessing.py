@@ -139,10 +139,10 @@ def test_config_chain_gives_the_one_pass_labels_on_the_shipped_model(
 
 @pytest.mark.parametrize("background, masked", [("none", False), ("head", False), ("none", True)])
 def test_config_chain_with_boundary_clustering_cuts_along_the_head(nuclei2d_output, background, masked):
-    """--clustering boundary in inference.json: the head's probability reaches cluster_boundary, which partitions
-    the image (background none) or keeps to the head's / a given mask."""
+    """--clustering boundary in inference.json: the head's probability and --boundary_merge reach cluster_boundary,
+    which partitions the image (background none) or keeps to the head's / a given mask."""
     pred, image, mask = nuclei2d_output
-    chain, min_size = _config_chain(clustering="boundary", background=background, shape_split=0.0)
+    chain, min_size = _config_chain(clustering="boundary", background=background, shape_split=0.0, boundary_merge=0.3)
     data = {"image": image, "pred": pred.clone()}
     if masked:
         data["foreground_mask"] = mask
@@ -153,7 +153,7 @@ def test_config_chain_with_boundary_clustering_cuts_along_the_head(nuclei2d_outp
         fg = np.asarray(mask[0])
     elif background == "head":
         fg = arr[-1] > 0.0
-    want = cluster_boundary(arr[:16], 1.0 / (1.0 + np.exp(-arr[-1])), min_size=1, fg_mask=fg)
+    want = cluster_boundary(arr[:16], 1.0 / (1.0 + np.exp(-arr[-1])), min_size=1, fg_mask=fg, merge=0.3)
     if masked:  # seeds from the head inside the given mask: more than the one object the mask's own shape gives
         head_only = cluster_boundary(arr[:16], 1.0 / (1.0 + np.exp(-arr[-1])), min_size=1)
         assert want.max() > 3 and head_only.max() > want.max()

@@ -28,6 +28,7 @@ def postprocessing_chain(
     min_size: int = 16,
     delta_v: float = 0.5,
     delta_d: float = 2.0,
+    boundary_merge: float = 0.4,
 ) -> Callable[[dict], Mapping]:
     """The ``postprocessing`` of configs/inference.json with its ids as arguments (same defaults), on ``"pred"``."""
     from monai.transforms import Compose
@@ -38,7 +39,14 @@ def postprocessing_chain(
     return Compose(
         [
             ForegroundMaskd(threshold=foreground_threshold, method=clustering, **common),
-            ClusterInstancesd(method=clustering, delta_v=delta_v, delta_d=delta_d, min_size=min_size, **common),
+            ClusterInstancesd(
+                method=clustering,
+                delta_v=delta_v,
+                delta_d=delta_d,
+                min_size=min_size,
+                boundary_merge=boundary_merge,
+                **common,
+            ),
             SplitByShaped(keys="pred", h=shape_split, min_size=min_size),
             RemoveSmallInstancesd(keys="pred", min_size=min_size),
         ]

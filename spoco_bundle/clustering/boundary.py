@@ -34,6 +34,44 @@ def _check_foreground(foreground: np.ndarray, spatial: tuple[int, ...]) -> np.nd
     return fg
 
 
+def _contact_weight(graph, src: int, dst: int, n: int) -> dict:
+    """The merged region's contact with ``n``: the pixel-weighted mean of its two parts' contacts."""
+    default = {"weight": 0.0, "count": 0}
+    a, b = graph[src].get(n, default), graph[dst].get(n, default)
+    count = a["count"] + b["count"]
+    return {"count": count, "weight": (a["count"] * a["weight"] + b["count"] * b["weight"]) / count}
+
+
+def _merge_nothing(graph, src: int, dst: int) -> None:
+    """Node data needs no update: the contacts (edges) carry everything :func:`_contact_weight` uses."""
+
+
+def _merge_weak_contacts(labels: np.ndarray, elevation: np.ndarray, merge: float) -> tuple[np.ndarray, int]:
+    """Step 4 of :func:`cluster_boundary`: ``labels`` (0 outside the region) with weakly separated neighbours merged;
+    returns the new labels (ids 1..n, 0 kept) and n."""
+    from skimage import graph as skgraph
+
+    rag = skgraph.rag_boundary(labels, elevation.astype(np.float64), connectivity=1)
+    if rag.has_node(0):
+        rag.remove_node(0)  # outside the region (a given mask): never merged into
+    merged = skgraph.merge_hierarchical(
+        labels,
+        rag,
+        thresh=merge,
+        rag_copy=False,
+        in_place_merge=True,
+        merge_func=_merge_nothing,
+        weight_func=_contact_weight,
+    )
+    # merge_hierarchical numbers from 0 in the order it meets ids; keep 0 for the outside
+    merged = np.where(labels > 0, merged + 1, 0)
+    ids, relabelled = np.unique(merged, return_inverse=True)
+    relabelled = relabelled.reshape(labels.shape)
+    if ids[0] != 0:
+        relabelled += 1
+    return relabelled.astype(labels.dtype), int(relabelled.max())
+
+
 def cluster_boundary(
     emb: np.ndarray,
     foreground: np.ndarray,
@@ -46,6 +84,7 @@ def cluster_boundary(
     h: float = 3.0,
     sigma: float = 0.0,
     spacing: Sequence[float] | None = None,
+    merge: float = 0.0,
 ) -> np.ndarray:
     """Seeded watershed on the foreground head's boundary map.
 
@@ -56,8 +95,13 @@ def cluster_boundary(
     2. Watershed from the markers over ``1 - foreground`` (Gaussian-smoothed by ``sigma`` voxels), inside
        ``fg_mask`` when given, else over every voxel: a partition of the image into objects, membranes included,
        as EM segmentations are scored (ARAND, VOI).
-    3. A connected part of the region without a seed is one object of its own; then the shared post-processing
-       (``min_size``, ``background``, consecutive ids; see :mod:`spoco_bundle.clustering`).
+    3. A connected part of the region without a seed is one object of its own.
+    4. With ``merge`` > 0, neighbouring regions merge, the weakest contact first, while the mean boundary value
+       (``1 - foreground``, smoothed as above) along their contact stays below ``merge``: a seed too many (an
+       object cut by an inner structure the head calls membrane) costs no split where the cut is faint
+       (hierarchical merging of the region adjacency graph, :func:`skimage.graph.merge_hierarchical`).
+    Then the shared post-processing (``min_size``, ``background``, consecutive ids; see
+    :mod:`spoco_bundle.clustering`).
 
     The embeddings are checked for shape only: the cut follows the head. Measured on ISBI 2012 (EM neurites,
     ``python -m benchmarks.accuracy``): see docs/benchmarks_beyond_nuclei.md. ``delta_v`` and ``delta_d`` are
@@ -73,6 +117,7 @@ def cluster_boundary(
             larger merges more, smaller splits more.
         sigma: smoothing of the boundary map in voxels (0: none).
         spacing: voxel size per spatial axis for the distance transform (default isotropic).
+        merge: boundary value in [0, 1) below which neighbouring regions merge (0: no merging).
 
     Returns:
         int32 labels of the spatial shape, 0 = background (outside ``fg_mask``, or removed small regions).
@@ -82,8 +127,10 @@ def cluster_boundary(
     fg = _check_foreground(foreground, spatial)
     fg_mask = _check_mask(fg_mask, spatial)
     background = "none" if background == "auto" else _check_background(background, fg_mask)
-    if not h > 0 or not sigma >= 0 or not 0 < threshold < 1:
-        raise ValueError(f"need h > 0, sigma >= 0 and 0 < threshold < 1; got {h}, {sigma}, {threshold}.")
+    if not h > 0 or not sigma >= 0 or not 0 < threshold < 1 or not 0 <= merge < 1:
+        raise ValueError(
+            f"need h > 0, sigma >= 0, 0 < threshold < 1 and 0 <= merge < 1; got {h}, {sigma}, {threshold}, {merge}."
+        )
     if spacing is not None and (len(spacing) != len(spatial) or not all(float(s) > 0 for s in spacing)):
         raise ValueError(f"spacing needs one positive value per spatial axis {spatial}, got {spacing}.")
     region = np.ones(spatial, bool) if fg_mask is None else fg_mask
@@ -97,5 +144,7 @@ def cluster_boundary(
     elevation = 1.0 - (ndimage.gaussian_filter(fg, sigma) if sigma > 0 else fg)
     labels = watershed(elevation, markers, mask=region)
     n = _label_unseeded(labels, region, n)  # no seed: no interior deeper than h, or no interior at all
+    if merge > 0 and n > 1:
+        labels, n = _merge_weak_contacts(labels, elevation, merge)
     sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
     return _apply_lut(labels, _final_lut(np.arange(n + 1), sizes, min_size, background))
