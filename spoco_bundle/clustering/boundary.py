@@ -21,6 +21,7 @@ from spoco_bundle.clustering._common import (
     _check_mask,
     _final_lut,
     _label_unseeded,
+    relabel_consecutive,
 )
 from spoco_bundle.clustering._morphology import h_minima, watershed
 
@@ -64,12 +65,8 @@ def _merge_weak_contacts(labels: np.ndarray, elevation: np.ndarray, merge: float
         weight_func=_contact_weight,
     )
     # merge_hierarchical numbers from 0 in the order it meets ids; keep 0 for the outside
-    merged = np.where(labels > 0, merged + 1, 0)
-    ids, relabelled = np.unique(merged, return_inverse=True)
-    relabelled = relabelled.reshape(labels.shape)
-    if ids[0] != 0:
-        relabelled += 1
-    return relabelled.astype(labels.dtype), int(relabelled.max())
+    merged = relabel_consecutive(np.where(labels > 0, merged + 1, 0))
+    return merged, int(merged.max())
 
 
 def cluster_boundary(
