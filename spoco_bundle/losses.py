@@ -38,6 +38,7 @@ __all__ = [
     "foreground_histograms",
     "object_contacts",
     "object_means",
+    "object_rings",
     "object_surfaces",
     "kernel_scale",
     "sample_object_voxels",
@@ -1085,6 +1086,23 @@ def object_surfaces(labels: torch.Tensor, spatial: Sequence[int], radius: int = 
     return (pos & ((top > a) | (bottom < a))).reshape(labels.shape[0], -1)
 
 
+def object_rings(labels: torch.Tensor, spatial: Sequence[int], radius: int | Sequence[int] = 2) -> torch.Tensor:
+    """Unlabeled voxels within ``radius`` voxels (Chebyshev, per axis when a sequence) of an annotated object: the
+    ring of background around each object, ``(B, N)`` boolean. Where objects lie on a background (nuclei, cells on a
+    dish) that ring is background next to an object except where an unannotated object touches it.
+
+    Inputs: labels ``(B, N)`` integer (objects > 0, 0 unlabeled), ``spatial`` the ``S`` with ``prod(S) = N`` (2 or 3
+    dims).
+    """
+    ids, pos, _ = _label_windows(labels, spatial, "object_rings")
+    r = (int(radius),) * len(spatial) if isinstance(radius, (int, float)) else tuple(int(v) for v in radius)
+    if len(r) != len(spatial) or min(r) < 0:
+        raise ValueError(f"object_rings radius must be one or {len(spatial)} whole numbers >= 0, got {radius}.")
+    pool = F.max_pool2d if len(spatial) == 2 else F.max_pool3d
+    near = pool(pos.float(), tuple(2 * v + 1 for v in r), stride=1, padding=r) > 0
+    return (near & (ids == 0)).reshape(labels.shape[0], -1)
+
+
 def _foreground(
     x: torch.Tensor,
     labels: torch.Tensor,
@@ -1165,6 +1183,10 @@ def _calibration_voxels(
     held = held_out_objects(labels, holdout)
     images = _positive_unlabeled_images(labels, strokes)
     return x, (labels > 0 if held is None else held) & images, images
+
+
+def _any_ring(ring: int | Sequence[int]) -> bool:
+    return any(int(v) > 0 for v in ((ring,) if isinstance(ring, int) else ring))
 
 
 def _positive_unlabeled_images(labels: torch.Tensor, strokes: bool) -> torch.Tensor:
@@ -1311,6 +1333,12 @@ class SpocoLoss(nn.Module):
             cuts along. For tissue where cells tile the image and that layer is the membrane between them (with
             ``background_label`` strokes the images stay positive-unlabeled, the layer joining the strokes).
             0 (default): off.
+        foreground_ring: r >= 1 (or one value per spatial axis): the unlabeled voxels within ``r`` voxels of an
+            annotated object (:func:`object_rings`) are the head's annotated background, so it trains supervised on
+            the annotated objects against the background right around them (unlabeled voxels further out say
+            nothing; patches without an annotated object are left out of the head's loss). For objects on a real
+            background when only a few objects are annotated, where a positive-unlabeled head memorises them.
+            0 (default): off.
         foreground_calibration_holdout: the calibration objects (ids marked by
             :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``) are left out of the
             foreground BCE and the label frequency ``c`` is estimated on them alone (``last_label_frequency``);
@@ -1351,6 +1379,7 @@ class SpocoLoss(nn.Module):
         foreground_contact_weight: float = 0.0,
         foreground_contact_radius: int = 2,
         foreground_surface: int = 0,
+        foreground_ring: int | Sequence[int] = 0,
         kernel_threshold: float = 0.5,
         instance_anchor: str = "mean",
         max_anchors: int = 20,
@@ -1397,6 +1426,10 @@ class SpocoLoss(nn.Module):
         if int(foreground_surface) < 0 or int(foreground_surface) != foreground_surface:
             raise ValueError(f"foreground_surface must be a whole number of voxels >= 0, got {foreground_surface}.")
         self.foreground_surface = int(foreground_surface)
+        ring = [foreground_ring] if isinstance(foreground_ring, (int, float)) else list(foreground_ring)
+        if not ring or any(int(v) < 0 or int(v) != v for v in ring):
+            raise ValueError(f"foreground_ring must be whole numbers of voxels >= 0, got {foreground_ring}.")
+        self.foreground_ring: int | tuple[int, ...] = int(ring[0]) if len(ring) == 1 else tuple(int(v) for v in ring)
         self.foreground_contact_radius = int(foreground_contact_radius)
         # (annotated, all) histograms of the head's logit in the last call, for "lee_liu"; None: not computed
         self.last_foreground_histograms: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -1443,12 +1476,14 @@ class SpocoLoss(nn.Module):
         background) and / or contact weighting (``foreground_contact_weight``: contact voxels become negatives,
         annotated background in supervised images and unlabeled in positive-unlabeled ones, which keeps each image
         in its regime; contact and gap voxels weigh w). Unchanged labels and no weights when both are off."""
-        w, r = self.foreground_contact_weight, self.foreground_surface
-        if w == 0.0 and r == 0:
+        w, r, ring = self.foreground_contact_weight, self.foreground_surface, self.foreground_ring
+        if w == 0.0 and r == 0 and not _any_ring(ring):
             return labels, None
         head_labels = labels
         if r:  # annotated background: the images become supervised, their unlabeled voxels say nothing
             head_labels = torch.where(object_surfaces(labels, spatial, r), torch.full_like(labels, -1), labels)
+        if _any_ring(ring):  # likewise, with the background around the objects as the annotated background
+            head_labels = torch.where(object_rings(labels, spatial, ring), torch.full_like(labels, -1), head_labels)
         if not w:
             return head_labels, None
         supervised = ~_positive_unlabeled_images(head_labels, self.foreground_strokes)
@@ -1503,6 +1538,11 @@ class SpocoLoss(nn.Module):
             hold = self.foreground_calibration_holdout
             head_labels, voxel_weight = self._head_labels(labels, spatial)
             held = held_out_objects(head_labels, hold)
+            if _any_ring(self.foreground_ring) and not strokes:
+                # a patch without an annotated object has no ring: it says nothing about the foreground (as a
+                # positive-unlabeled patch it would teach that every object in it is background)
+                empty = ~(labels > 0).any(1, keepdim=True).expand_as(labels)
+                held = empty if held is None else held | empty
             if self.foreground_self_training > 0 and teacher_fg is not None:
                 confident = self._confident_unlabeled(teacher_fg.detach().reshape(b, -1), head_labels, held)
                 held = confident if held is None else held | confident

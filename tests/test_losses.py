@@ -32,6 +32,7 @@ from spoco_bundle.losses import (
     labelled_foreground_probability,
     object_contacts,
     object_means,
+    object_rings,
     object_surfaces,
     sample_object_voxels,
     select_consistency_anchors,
@@ -669,6 +670,59 @@ def test_surface_is_annotated_background():
     assert loss.last_label_frequency[1] == 0  # a supervised image calibrates nothing
     with pytest.raises(ValueError, match="foreground_surface"):
         SpocoLoss(foreground_surface=-1)
+
+
+def ref_rings(labels: np.ndarray, radius: tuple[int, ...]) -> np.ndarray:
+    """Per unlabeled voxel, loops: an object voxel within ``radius[axis]`` voxels along every axis."""
+    out = np.zeros(labels.shape, bool)
+    for idx in np.ndindex(labels.shape):
+        if labels[idx] == 0:
+            box = tuple(slice(max(i - r, 0), i + r + 1) for i, r in zip(idx, radius))
+            out[idx] = bool((labels[box] > 0).any())
+    return out
+
+
+@pytest.mark.parametrize("spatial,radius", [((9, 11), 1), ((9, 11), 2), ((5, 6, 7), (1, 2, 2)), ((5, 6, 7), 0)])
+def test_object_rings_match_reference(spatial, radius):
+    rng = np.random.default_rng(7)
+    labels = np.zeros((2, *spatial), np.int64)
+    for b in range(2):
+        for k in range(1, 4):
+            lo = [int(rng.integers(0, s - 2)) for s in spatial]
+            labels[b][tuple(slice(a, a + int(rng.integers(1, 3))) for a in lo)] = k
+    labels[0][(slice(0, 1),) * len(spatial)] = -1  # annotated background is not unlabeled: never part of a ring
+    got = object_rings(torch.as_tensor(labels).reshape(2, -1), spatial, radius)
+    r = (radius,) * len(spatial) if isinstance(radius, int) else radius
+    for b in range(2):
+        ref = ref_rings(labels[b], r)
+        assert ref.any() == (max(r) > 0)
+        np.testing.assert_array_equal(got[b].reshape(spatial).numpy(), ref)
+    with pytest.raises(ValueError, match="radius"):
+        object_rings(torch.as_tensor(labels).reshape(2, -1), spatial, (1, 2, 2, 2))
+
+
+def test_ring_is_annotated_background():
+    # image 0: one annotated object on an unlabeled image; image 1: no annotated object at all. With the ring the
+    # head trains on the object against the 1-voxel ring around it, nothing else; image 1 is left out (as a
+    # positive-unlabeled image it would teach that all of it is background)
+    lab = torch.zeros(2, 7, 8, dtype=torch.long)
+    lab[0, 2:5, 2:5] = 1
+    logits = torch.randn(2, 1, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    ring = object_rings(lab.reshape(2, -1), (7, 8), 1).reshape(2, 7, 8)
+    assert ring[0].sum() == 25 - 9 and not ring[1].any()
+    head = torch.where(ring, -1, lab)[:1]
+    loss = SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
+                     foreground_positive_weight=10.0, foreground_ring=1)  # fmt: skip
+    value, grad = value_and_grad(lambda v: loss(torch.cat([torch.zeros_like(v), v], 1), lab), logits)
+    ref_value, ref_grad = value_and_grad(lambda v: ForegroundLoss(10.0)(v, head), logits[:1])
+    assert_close(value, ref_value)
+    assert_close(grad[:1], ref_grad)
+    assert (grad[1] == 0).all()
+    assert (grad[0, 0][ring[0] | (lab[0] > 0)] != 0).all() and (grad[0, 0][~ring[0] & (lab[0] == 0)] == 0).all()
+    assert loss.last_label_frequency[1] == 0  # supervised: the head's 0.5 is its threshold
+    for bad in (-1, 1.5, [1, -2]):
+        with pytest.raises(ValueError, match="foreground_ring"):
+            SpocoLoss(foreground_ring=bad)
 
 
 def _contact_loss(weight: float, positive_weight: float = 1.0) -> SpocoLoss:
