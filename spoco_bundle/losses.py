@@ -1538,7 +1538,8 @@ class SpocoLoss(nn.Module):
             hold = self.foreground_calibration_holdout
             head_labels, voxel_weight = self._head_labels(labels, spatial)
             held = held_out_objects(head_labels, hold)
-            if _any_ring(self.foreground_ring) and not strokes:
+            ring = _any_ring(self.foreground_ring) and not strokes
+            if ring:
                 # a patch without an annotated object has no ring: it says nothing about the foreground (as a
                 # positive-unlabeled patch it would teach that every object in it is background)
                 empty = ~(labels > 0).any(1, keepdim=True).expand_as(labels)
@@ -1548,7 +1549,12 @@ class SpocoLoss(nn.Module):
                 held = confident if held is None else held | confident
             logits = fg.reshape(b, -1)
             terms["foreground"] = _foreground(logits, head_labels, pw, strokes, held, voxel_weight)
-            self.last_label_frequency = labelled_foreground_probability(logits, head_labels, pw, strokes, hold)
+            if ring:
+                # the ring makes every patch supervised or leaves it out; one that lies inside an object (no
+                # unlabeled voxel, so no ring) must not calibrate the head as if it were positive-unlabeled
+                self.last_label_frequency = (float("nan"), 0)
+            else:
+                self.last_label_frequency = labelled_foreground_probability(logits, head_labels, pw, strokes, hold)
             if self.foreground_calibration == "lee_liu":
                 self.last_foreground_histograms = foreground_histograms(logits, head_labels, pw, strokes, hold)
 

@@ -720,6 +720,9 @@ def test_ring_is_annotated_background():
     assert (grad[1] == 0).all()
     assert (grad[0, 0][ring[0] | (lab[0] > 0)] != 0).all() and (grad[0, 0][~ring[0] & (lab[0] == 0)] == 0).all()
     assert loss.last_label_frequency[1] == 0  # supervised: the head's 0.5 is its threshold
+    # a patch inside one object has no ring: it trains the head but does not calibrate it
+    loss(torch.zeros(1, 2, 7, 8), torch.ones(1, 7, 8, dtype=torch.long))
+    assert loss.last_label_frequency[1] == 0
     for bad in (-1, 1.5, [1, -2]):
         with pytest.raises(ValueError, match="foreground_ring"):
             SpocoLoss(foreground_ring=bad)
