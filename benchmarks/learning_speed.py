@@ -364,6 +364,19 @@ def _dataset_settings(split: Split, records: list[dict]) -> str:
     return f"the benchmark's settings for {split.dataset}, which differ between runs {'; '.join(parts)}"
 
 
+def _data_words(split: Split) -> str:
+    """What the tuning split trains on and scores, in words."""
+    if split.name.endswith("_halves"):  # one volume cut in two (tune_split with a single training image)
+        return (
+            f"train on `{split.train[0].name}`, the first half of the training volume cut along its last axis, with "
+            f"the kept objects of `SparseInstanceLabel(seed=S)`, score on `{split.test[0].name}`, the second half"
+        )
+    return (
+        f"train on its first {len(split.train)} images with the kept objects of `SparseInstanceLabel(seed=S)`, "
+        f"score on its last {len(split.test)} images"
+    )
+
+
 def report(split: Split, records: list[dict], flags: str = "", docs: str = "docs/learning_speed.md") -> str:
     """Markdown: how the screen ran, then one table per budget; ``flags``: those that select its runs, ``docs``: the
     page (both for the commands it states)."""
@@ -379,9 +392,8 @@ def report(split: Split, records: list[dict], flags: str = "", docs: str = "docs
         f".venv/bin/python -m benchmarks.learning_speed --no_run{flags} --docs {docs}",
         "```",
         "",
-        f"- **Data**: {split.dataset}, training split only: train on its first {len(split.train)} images with the "
-        f"kept objects of `SparseInstanceLabel(seed=0)`, score on its last {len(split.test)} images (dense labels, "
-        "never seen in training). The benchmark's validation images are not used: settings are chosen here.",
+        f"- **Data**: {split.dataset}, training split only: {_data_words(split)} (dense labels, never seen in "
+        "training). The benchmark's validation images are not used: settings are chosen here.",
         "- **Recipes**: `configs/train.json` overrides (`RECIPES` in the script, each run's in its record) on top of "
         f"{_dataset_settings(split, records)}; everything else the bundle's defaults (`configs/train.json`, "
         "`configs/inference.json`).",

@@ -834,3 +834,9 @@ def test_tune_split_cuts_a_single_volume_in_two(tmp_path):
     assert first.spacing == pytest.approx((0.5, 0.25, 0.25)) and first.label_path != second.label_path
     with pytest.raises(ValueError, match="--tune"):
         tune_split(split, 2)
+    # the screen's page says what it trained and scored on: halves of one volume, not "its first 1 images"
+    from benchmarks.learning_speed import _data_words
+
+    assert "`vol_a_image`, the first half of the training volume" in _data_words(tuned)
+    assert "`vol_b_image`, the second half" in _data_words(tuned)
+    assert "first 1 images" in _data_words(tune_split(Split("d", "y", 2, [item, item], [item]), 1))
