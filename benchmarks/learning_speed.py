@@ -88,6 +88,7 @@ RECIPES: dict[str, dict] = {
     # voxels; the rest says nothing), instead of positive-unlabeled against everything; in 3D [z, y, x] voxels
     "ring2": {"foreground_ring": 2},
     "ring1_2": {"foreground_ring": [1, 2, 2]},
+    "ring2_4": {"foreground_ring": [2, 4, 4]},
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},
