@@ -535,6 +535,19 @@ def test_lee_liu_images_calibrates_the_saved_model(tmp_path, n_val):
     assert card["training"]["settings"]["foreground_calibration"] == "lee_liu_images"
 
 
+def test_foreground_ring_trains_a_supervised_head_in_3d(tmp_path, tiny3d):
+    # --foreground_ring per axis (z first): the head learns the annotated objects against the ring around them, so
+    # no image is positive-unlabeled and the model carries no label frequency (c = 1, w = 1: the head's own 0.5)
+    import json
+
+    args = ["--epochs", "1", "--epoch_length", "2", "--instance_ratio", "0.5", "--patch_size", "[16,32,32]"]
+    _run_training(tmp_path, tiny3d, *args, "--foreground_ring", "[1,2,2]")
+    models = tmp_path / "bundle" / "models"
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert float(state["fg_label_frequency"]) == 1.0 and float(state["fg_positive_weight"]) == 1.0
+    assert json.loads((models / "model.json").read_text())["training"]["settings"]["foreground_ring"] == [1, 2, 2]
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
