@@ -1336,9 +1336,10 @@ class SpocoLoss(nn.Module):
         foreground_ring: r >= 1 (or one value per spatial axis): the unlabeled voxels within ``r`` voxels of an
             annotated object (:func:`object_rings`) are the head's annotated background, so it trains supervised on
             the annotated objects against the background right around them (unlabeled voxels further out say
-            nothing; patches without an annotated object are left out of the head's loss). For objects on a real
-            background when only a few objects are annotated, where a positive-unlabeled head memorises them.
-            0 (default): off.
+            nothing; patches without an annotated object are left out of the head's loss; no label frequency is
+            estimated). For objects on a real background when only a few objects are annotated, where a
+            positive-unlabeled head memorises them. With ``foreground_strokes`` the images stay positive-unlabeled
+            and the ring only joins the strokes as negatives. 0 (default): off.
         foreground_calibration_holdout: the calibration objects (ids marked by
             :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``) are left out of the
             foreground BCE and the label frequency ``c`` is estimated on them alone (``last_label_frequency``);
