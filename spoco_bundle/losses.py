@@ -1185,10 +1185,6 @@ def _calibration_voxels(
     return x, (labels > 0 if held is None else held) & images, images
 
 
-def _any_ring(ring: int | Sequence[int]) -> bool:
-    return any(int(v) > 0 for v in ((ring,) if isinstance(ring, int) else ring))
-
-
 def _positive_unlabeled_images(labels: torch.Tensor, strokes: bool) -> torch.Tensor:
     """``(B, 1)``: the images of ``(B, N)`` labels whose head trains positive-unlabeled (painted strokes keep an image
     positive-unlabeled; dense annotated background does not)."""
@@ -1431,6 +1427,7 @@ class SpocoLoss(nn.Module):
         if not ring or any(int(v) < 0 or int(v) != v for v in ring):
             raise ValueError(f"foreground_ring must be whole numbers of voxels >= 0, got {foreground_ring}.")
         self.foreground_ring: int | tuple[int, ...] = int(ring[0]) if len(ring) == 1 else tuple(int(v) for v in ring)
+        self._ring_on = max(int(v) for v in ring) > 0
         self.foreground_contact_radius = int(foreground_contact_radius)
         # (annotated, all) histograms of the head's logit in the last call, for "lee_liu"; None: not computed
         self.last_foreground_histograms: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -1476,15 +1473,17 @@ class SpocoLoss(nn.Module):
         """The head's ``(B, N)`` labels and voxel weights with ``foreground_surface`` (surface voxels become annotated
         background) and / or contact weighting (``foreground_contact_weight``: contact voxels become negatives,
         annotated background in supervised images and unlabeled in positive-unlabeled ones, which keeps each image
-        in its regime; contact and gap voxels weigh w). Unchanged labels and no weights when both are off."""
-        w, r, ring = self.foreground_contact_weight, self.foreground_surface, self.foreground_ring
-        if w == 0.0 and r == 0 and not _any_ring(ring):
+        in its regime; contact and gap voxels weigh w) and / or ``foreground_ring`` (the unlabeled voxels around the
+        objects become annotated background). Unchanged labels and no weights when all are off."""
+        w, r = self.foreground_contact_weight, self.foreground_surface
+        if w == 0.0 and r == 0 and not self._ring_on:
             return labels, None
         head_labels = labels
         if r:  # annotated background: the images become supervised, their unlabeled voxels say nothing
             head_labels = torch.where(object_surfaces(labels, spatial, r), torch.full_like(labels, -1), labels)
-        if _any_ring(ring):  # likewise, with the background around the objects as the annotated background
-            head_labels = torch.where(object_rings(labels, spatial, ring), torch.full_like(labels, -1), head_labels)
+        if self._ring_on:  # likewise, with the background around the objects as the annotated background
+            rings = object_rings(labels, spatial, self.foreground_ring)
+            head_labels = torch.where(rings, torch.full_like(labels, -1), head_labels)
         if not w:
             return head_labels, None
         supervised = ~_positive_unlabeled_images(head_labels, self.foreground_strokes)
@@ -1539,7 +1538,7 @@ class SpocoLoss(nn.Module):
             hold = self.foreground_calibration_holdout
             head_labels, voxel_weight = self._head_labels(labels, spatial)
             held = held_out_objects(head_labels, hold)
-            ring = _any_ring(self.foreground_ring) and not strokes
+            ring = self._ring_on and not strokes
             if ring:
                 # a patch without an annotated object has no ring: it says nothing about the foreground (as a
                 # positive-unlabeled patch it would teach that every object in it is background)
