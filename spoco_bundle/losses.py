@@ -1097,7 +1097,10 @@ def object_rings(labels: torch.Tensor, spatial: Sequence[int], radius: int | Seq
     ids, pos, _ = _label_windows(labels, spatial, "object_rings")
     r = (int(radius),) * len(spatial) if isinstance(radius, (int, float)) else tuple(int(v) for v in radius)
     if len(r) != len(spatial) or min(r) < 0:
-        raise ValueError(f"object_rings radius must be one or {len(spatial)} whole numbers >= 0, got {radius}.")
+        raise ValueError(
+            f"the ring radius (foreground_ring) must be one number or one per spatial axis ({len(spatial)}), whole "
+            f"and >= 0, got {radius}."
+        )
     pool = F.max_pool2d if len(spatial) == 2 else F.max_pool3d
     near = pool(pos.float(), tuple(2 * v + 1 for v in r), stride=1, padding=r) > 0
     return (near & (ids == 0)).reshape(labels.shape[0], -1)
