@@ -254,7 +254,7 @@ def main() -> None:
         "--split",
         default="",
         help="the data set's split whose training images are cut (default: its first, e.g. 1135to1136); records do "
-        "not name the split, so give each its own --out_dir",
+        "not name the split, so give each its own --out_dir (a record of another split there is an error)",
     )
     p.add_argument("--ratios", default="0.1")
     p.add_argument("--recipes", default=",".join(RECIPES))
@@ -283,12 +283,13 @@ def main() -> None:
     else:
         split = splits[0]
     split = tune_split(split, args.tune)
-    todo = [
-        (recipe, ratio)
-        for recipe in recipes
-        for ratio in ratios
-        if not record_path(out_dir, split.dataset, recipe, ratio, args.budget_s, args.seed).is_file()
-    ]
+    paths = {
+        (rc, r): record_path(out_dir, split.dataset, rc, r, args.budget_s, args.seed) for rc in recipes for r in ratios
+    }
+    for path in paths.values():  # the file name has no split: another split's record would pass for a finished run
+        if path.is_file() and (other := json.loads(path.read_text())["split"]) != split.name:
+            p.error(f"{path} is a run on {other}, not {split.name}: give each --split its own --out_dir")
+    todo = [key for key, path in paths.items() if not path.is_file()]
     if not args.no_run and todo:
         print(f"{len(todo)} runs to do on {split.name}: {todo}", flush=True)
         # processes, not threads: each run's CPU time is read from its own process's finished children

@@ -811,6 +811,24 @@ def test_window_study_names_and_mosaics(tmp_path):
     assert mosaics(tiles, 1, tmp_path) is tiles
 
 
+def test_learning_speed_split_refuses_another_splits_record(tmp_path, gonuclear):
+    # records are named without the split: a run of 1135's halves in the out_dir must not pass for one of 1136's
+    import subprocess
+    import sys
+
+    from benchmarks.learning_speed import record_path
+
+    path = record_path(tmp_path, "gonuclear", "default", 0.1, 900)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"split": "tune_1135to1136_halves"}))
+    base = [sys.executable, "-m", "benchmarks.learning_speed", "--dataset", "gonuclear", "--tune", "1", "--recipes"]
+    base += ["default", "--budget_s", "900", "--no_run", "--out_dir", str(tmp_path), "--data_dir", str(DATA_DIR)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for split, message in (("1136to1135", "is a run on tune_1135to1136_halves"), ("1135to1137", "unknown --split")):
+        proc = subprocess.run(base + ["--split", split], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_tune_split_cuts_a_single_volume_in_two(tmp_path):
     # one 3D training volume (as GoNuclear, plant3d): the learning-speed protocol trains on the first half along x
     # and scores the second, both written as real ImageJ TIFFs with the voxel size kept
