@@ -89,6 +89,8 @@ RECIPES: dict[str, dict] = {
     "ring2": {"foreground_ring": 2},
     "ring1_2": {"foreground_ring": [1, 2, 2]},
     "ring2_4": {"foreground_ring": [2, 4, 4]},
+    # the scribbles protocol with the ring: strokes and ring together are the head's annotated background
+    "scribbles4_ring1_2": {"scribbles": 4, "background_label": 65535, "foreground_ring": [1, 2, 2]},
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},

@@ -1335,10 +1335,11 @@ class SpocoLoss(nn.Module):
         foreground_ring: r >= 1 (or one value per spatial axis): the unlabeled voxels within ``r`` voxels of an
             annotated object (:func:`object_rings`) are the head's annotated background, so it trains supervised on
             the annotated objects against the background right around them (unlabeled voxels further out say
-            nothing; patches without an annotated object are left out of the head's loss; no label frequency is
+            nothing; patches with nothing annotated are left out of the head's loss; no label frequency is
             estimated). For objects on a real background when only a few objects are annotated, where a
-            positive-unlabeled head memorises them. With ``foreground_strokes`` the images stay positive-unlabeled
-            and the ring only joins the strokes as negatives. 0 (default): off.
+            positive-unlabeled head memorises them. With ``foreground_strokes`` the strokes join the ring as the
+            head's annotated background (supervised: the ring puts the boundaries where the unlabeled voxels
+            otherwise would, see :class:`ForegroundLoss`). 0 (default): off.
         foreground_calibration_holdout: the calibration objects (ids marked by
             :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``) are left out of the
             foreground BCE and the label frequency ``c`` is estimated on them alone (``last_label_frequency``);
@@ -1431,6 +1432,9 @@ class SpocoLoss(nn.Module):
             raise ValueError(f"foreground_ring must be whole numbers of voxels >= 0, got {foreground_ring}.")
         self.foreground_ring: int | tuple[int, ...] = int(ring[0]) if len(ring) == 1 else tuple(int(v) for v in ring)
         self._ring_on = max(int(v) for v in ring) > 0
+        # the ring makes the head supervised: painted strokes join its annotated background instead of keeping the
+        # images positive-unlabeled
+        self._head_strokes = self.foreground_strokes and not self._ring_on
         self.foreground_contact_radius = int(foreground_contact_radius)
         # (annotated, all) histograms of the head's logit in the last call, for "lee_liu"; None: not computed
         self.last_foreground_histograms: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -1459,7 +1463,7 @@ class SpocoLoss(nn.Module):
         ``foreground_self_training`` times the teacher's mean over the batch's annotated-object voxels (the label
         frequency ``c`` as the teacher sees it; the weight ``w`` shifts both alike, so it is undone first)."""
         p = torch.sigmoid(teacher_logits.float() - math.log(self.foreground_positive_weight))
-        pu = _positive_unlabeled_images(labels, self.foreground_strokes)
+        pu = _positive_unlabeled_images(labels, self._head_strokes)
         annotated = (labels > 0) & pu
         if held is not None:
             annotated = annotated & ~held
@@ -1489,7 +1493,7 @@ class SpocoLoss(nn.Module):
             head_labels = torch.where(rings, torch.full_like(labels, -1), head_labels)
         if not w:
             return head_labels, None
-        supervised = ~_positive_unlabeled_images(head_labels, self.foreground_strokes)
+        supervised = ~_positive_unlabeled_images(head_labels, self._head_strokes)
         negative = torch.where(supervised, torch.full_like(labels, -1), torch.zeros_like(labels))
         contact, gap = object_contacts(labels, spatial, self.foreground_contact_radius)
         head_labels = torch.where(contact, negative, head_labels)
@@ -1537,15 +1541,16 @@ class SpocoLoss(nn.Module):
             terms["consistency"] = self.consistency._flat_forward(f, teacher.detach().reshape(f.shape), labels, vox)
         if fg is not None and w["foreground"]:
             pw = self.foreground_positive_weight
-            strokes = self.foreground_strokes
+            strokes = self._head_strokes
             hold = self.foreground_calibration_holdout
             head_labels, voxel_weight = self._head_labels(labels, spatial)
             held = held_out_objects(head_labels, hold)
-            ring = self._ring_on and not strokes
+            ring = self._ring_on
             if ring:
-                # a patch without an annotated object has no ring: it says nothing about the foreground (as a
-                # positive-unlabeled patch it would teach that every object in it is background)
-                empty = ~(labels > 0).any(1, keepdim=True).expand_as(labels)
+                # a patch with nothing annotated has no ring: it says nothing about the foreground (as a
+                # positive-unlabeled patch it would teach that every object in it is background); one with strokes
+                # alone is supervised on them
+                empty = ~(labels != 0).any(1, keepdim=True).expand_as(labels)
                 held = empty if held is None else held | empty
             if self.foreground_self_training > 0 and teacher_fg is not None:
                 confident = self._confident_unlabeled(teacher_fg.detach().reshape(b, -1), head_labels, held)

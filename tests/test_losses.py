@@ -728,6 +728,27 @@ def test_ring_is_annotated_background():
             SpocoLoss(foreground_ring=bad)
 
 
+def test_ring_with_strokes_is_supervised():
+    # strokes (-1) join the ring as the head's annotated background: image 0 (an object and a stroke far from it) and
+    # image 1 (a stroke alone) train supervised, unlabeled voxels beyond the ring say nothing; image 2 (nothing
+    # annotated) is left out
+    lab = torch.zeros(3, 7, 8, dtype=torch.long)
+    lab[0, 2:5, 2:5] = 1
+    lab[:2, 6, 5:] = -1
+    logits = torch.randn(3, 1, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    ring = object_rings(lab.reshape(3, -1), (7, 8), 1).reshape(3, 7, 8)
+    head = torch.where(ring, -1, lab)[:2]
+    loss = SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
+                     foreground_positive_weight=10.0, foreground_strokes=True, foreground_ring=1)  # fmt: skip
+    value, grad = value_and_grad(lambda v: loss(torch.cat([torch.zeros_like(v), v], 1), lab), logits)
+    ref_value, ref_grad = value_and_grad(lambda v: ForegroundLoss(10.0)(v, head), logits[:2])
+    assert_close(value, ref_value)
+    assert_close(grad[:2], ref_grad)
+    assert (grad[:2, 0][head != 0] != 0).all() and (grad[:2, 0][head == 0] == 0).all()
+    assert (grad[2] == 0).all()
+    assert loss.last_label_frequency[1] == 0
+
+
 def _contact_loss(weight: float, positive_weight: float = 1.0) -> SpocoLoss:
     return SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
                      foreground_positive_weight=positive_weight, foreground_contact_weight=weight)  # fmt: skip
