@@ -368,7 +368,7 @@ def _dataset_settings(split: Split, records: list[dict]) -> str:
     return f"the benchmark's settings for {split.dataset}, which differ between runs {'; '.join(parts)}"
 
 
-def _data_words(split: Split) -> str:
+def data_words(split: Split) -> str:
     """What the tuning split trains on and scores, in words."""
     if split.name.endswith("_halves"):  # one volume cut in two (tune_split with a single training image)
         return (
@@ -396,7 +396,7 @@ def report(split: Split, records: list[dict], flags: str = "", docs: str = "docs
         f".venv/bin/python -m benchmarks.learning_speed --no_run{flags} --docs {docs}",
         "```",
         "",
-        f"- **Data**: {split.dataset}, training split only: {_data_words(split)} (dense labels, never seen in "
+        f"- **Data**: {split.dataset}, training split only: {data_words(split)} (dense labels, never seen in "
         "training). The benchmark's validation images are not used: settings are chosen here.",
         "- **Recipes**: `configs/train.json` overrides (`RECIPES` in the script, each run's in its record) on top of "
         f"{_dataset_settings(split, records)}; everything else the bundle's defaults (`configs/train.json`, "

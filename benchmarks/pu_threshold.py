@@ -1,14 +1,15 @@
 """
-Foreground threshold of a positive-unlabeled head, chosen after training (issue 24 item 2): the models of a
-learning-speed screen (:mod:`benchmarks.learning_speed`) segmented with their own calibration (the head's 0.5), at
-the threshold of the best pixel F1 on the scored images (chosen with their dense labels: a reference, not a
-method), and at the
-threshold of Lee & Liu's criterion ``recall^2 / P(predicted foreground)`` (:func:`spoco_bundle.handlers.
+Foreground threshold of a positive-unlabeled (or ring-trained) head, chosen after training (issue 24 item 2): the
+models of a learning-speed screen (:mod:`benchmarks.learning_speed`) segmented with their own calibration (the head's
+0.5), at the threshold of the best pixel F1 on the scored images (chosen with their dense labels: a reference, not a
+method), at the threshold of Lee & Liu's criterion ``recall^2 / P(predicted foreground)`` (:func:`spoco_bundle.handlers.
 lee_liu_threshold`) computed on the run's own *training* images with the annotated objects it trained on, which a
-user has too: no dense label enters the choice.
+user has too: no dense label enters the choice, and at Otsu's threshold of each scored image's head probabilities
+(the inference option ``--foreground_threshold otsu``).
 
     .venv/bin/python -m benchmarks.pu_threshold --out_dir eval/s19_ls --recipes default,self0.5 [--ratio 0.1]
         [--budget_s 900] [--n_train 60] [--threads 2] [--docs docs/pu_threshold.md]
+        [--dataset gonuclear --split 1135to1136 --tune 1]   # a learning_speed --split screen
 
 Scored on the learning-speed split's held-back training images (dense labels). 'pixel AP': average precision of
 the head's probability against the true foreground over those images' pixels (threshold-free: how well the head
@@ -27,9 +28,10 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from benchmarks.data import REPO_ROOT, load_benchmark, score, sparsify
 from benchmarks.foreground import network_outputs
-from benchmarks.learning_speed import record_path, tune_split
+from benchmarks.learning_speed import data_words, record_path, tune_split
 from benchmarks.methods.spoco import SETTINGS
 from benchmarks.records import machine_info
+from spoco_bundle.clustering.threshold import head_threshold
 from spoco_bundle.handlers import lee_liu_threshold
 from spoco_bundle.losses import LOGIT_BINS, LOGIT_RANGE
 from spoco_bundle.transforms import ClusterEmbeddings
@@ -37,14 +39,15 @@ from spoco_bundle.transforms import ClusterEmbeddings
 INFERENCE = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
 
 
-def _segment(outputs: list[np.ndarray], threshold: float, min_size: int) -> list[np.ndarray]:
-    """The inference default's post-processing (clustering, shape split) with the head at ``threshold``."""
+def _segment(outputs: list[np.ndarray], threshold: float | str, min_size: int) -> list[np.ndarray]:
+    """The inference default's post-processing (clustering, shape split) with the head at ``threshold`` (or
+    ``"otsu"``, per image: ``--foreground_threshold otsu``)."""
     cluster = ClusterEmbeddings(
         INFERENCE["clustering"],
         outputs[0].shape[0] - 1,
         "head",
         min_size,
-        foreground_threshold=float(np.clip(threshold, 1e-3, 0.999)),
+        foreground_threshold=threshold if isinstance(threshold, str) else float(np.clip(threshold, 1e-3, 0.999)),
         shape_split=float(INFERENCE.get("shape_split", 0) or 0),
     )
     return [np.asarray(cluster(out))[0] for out in outputs]
@@ -79,17 +82,27 @@ def study(run_dir: Path, record: dict, split, n_train: int, min_size: int) -> di
         "iterations": record.get("iterations"),
         "pixel_ap": average_precision_score(fg, prob),
     }
-    for name, t in (("calibrated", 0.5), ("best", best), ("lee_liu", lee_liu)):
+    for name, t in (("calibrated", 0.5), ("best", best), ("lee_liu", lee_liu), ("otsu", "otsu")):
         s = score(_segment(test, t, min_size), truth, split.spatial_dims, split.dataset)
+        if t == "otsu":  # the thresholds Otsu's rule picked, image by image
+            t = [head_threshold(o[e], "otsu") for o in test]
         row[name] = {"threshold": t, "ap50": s["ap50"], "fg_precision": s["fg_precision"], "fg_recall": s["fg_recall"]}
     return row
+
+
+def _otsu_cell(o: dict | None) -> str:
+    if o is None:  # a row cached before the Otsu column
+        return "-"
+    ts = o["threshold"]
+    t = f"{ts[0]:.2f}" if len(ts) == 1 else f"{min(ts):.2f}-{max(ts):.2f}"
+    return f"{t}: {o['ap50']:.3f} ({o['fg_precision']:.2f} / {o['fg_recall']:.2f})"
 
 
 def table(rows: list[dict]) -> list[str]:
     lines = [
         "| recipe | iterations | pixel AP | AP50 at 0.5 (P / R) | best-F1 threshold: AP50 (P / R) "
-        "| Lee & Liu on training images: threshold, AP50 (P / R) |",
-        "|---|---|---|---|---|---|",
+        "| Lee & Liu on training images: threshold, AP50 (P / R) | Otsu per image: thresholds, AP50 (P / R) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -r["lee_liu"]["ap50"]):
         c, b, ll = r["calibrated"], r["best"], r["lee_liu"]
@@ -98,7 +111,7 @@ def table(rows: list[dict]) -> list[str]:
             f"| {name} | {r['iterations']} | {r['pixel_ap']:.3f} | {c['ap50']:.3f} ({c['fg_precision']:.2f} / "
             f"{c['fg_recall']:.2f}) | {b['threshold']:.2f}: {b['ap50']:.3f} ({b['fg_precision']:.2f} / "
             f"{b['fg_recall']:.2f}) | {ll['threshold']:.2f}: **{ll['ap50']:.3f}** ({ll['fg_precision']:.2f} / "
-            f"{ll['fg_recall']:.2f}) |"
+            f"{ll['fg_recall']:.2f}) | {_otsu_cell(r.get('otsu'))} |"
         )
     return lines
 
@@ -107,6 +120,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="dsb2018")
     p.add_argument("--data_dir", default=None)
+    p.add_argument("--split", default="", help="the data set's split (default: its first), as learning_speed --split")
     p.add_argument("--tune", type=int, default=40)
     p.add_argument("--out_dir", default=str(REPO_ROOT / "eval" / "learning_speed"))
     p.add_argument("--recipes", required=True)
@@ -118,8 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--docs", default="")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    (split,) = load_benchmark(args.dataset, args.data_dir)[:1]
-    split = tune_split(split, args.tune)
+    splits = {s.name: s for s in load_benchmark(args.dataset, args.data_dir)}
+    if args.split and args.split not in splits:
+        p.error(f"unknown --split {args.split!r} for {args.dataset}; known: {sorted(splits)}")
+    split = tune_split(splits[args.split] if args.split else next(iter(splits.values())), args.tune)
     min_size = SETTINGS[split.spatial_dims]["min_size"]
     rows = []
     seeds = [int(v) for v in args.seeds.split(",")]
@@ -130,6 +146,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{path} not found: run python -m benchmarks.learning_speed --recipes {recipe} first.")
             continue  # further seeds: only the recipes that were rerun
         record = json.loads(path.read_text())
+        if record.get("split", split.name) != split.name:  # the file name has no split (see learning_speed)
+            raise SystemExit(f"{path} is a run on {record['split']}, not {split.name}: pass its --split.")
         record.setdefault("recipe", recipe)
         cache = path.with_name(path.stem + "_pu_threshold.json")
         if cache.is_file():
@@ -141,26 +159,27 @@ def main(argv=None) -> int:
         print(table([row])[-1], flush=True)
     m = machine_info()
     its = [r["iterations"] for r in rows]
+    data_flags = f"--dataset {args.dataset} --tune {args.tune} " + (f"--split {args.split} " if args.split else "")
     text = [
         "# Foreground threshold after training: Lee & Liu's criterion (issue 24)",
         "",
         "Generated by `python -m benchmarks.pu_threshold` from the cached learning-speed runs; do not edit by hand.",
         "",
         "```bash",
-        f".venv/bin/python -m benchmarks.learning_speed --recipes {args.recipes} --ratios {args.ratio:g} "
+        f".venv/bin/python -m benchmarks.learning_speed {data_flags}--recipes {args.recipes} --ratios {args.ratio:g} "
         f"--budget_s {args.budget_s:g} --jobs 2 --out_dir {args.out_dir} [--seed S]",
-        f".venv/bin/python -m benchmarks.pu_threshold --recipes {args.recipes} --ratio {args.ratio:g} "
+        f".venv/bin/python -m benchmarks.pu_threshold {data_flags}--recipes {args.recipes} --ratio {args.ratio:g} "
         f"--budget_s {args.budget_s:g} --n_train {args.n_train} --seeds {args.seeds} --out_dir {args.out_dir}",
         "```",
         "",
-        f"- **Data**: {split.dataset}, training split only ({split.name}): trained on the first {len(split.train)} "
-        f"images with {args.ratio:.0%} of the objects kept (`SparseInstanceLabel(seed=S)`, the run's seed), scored on "
-        f"the last "
-        f"{len(split.test)} (dense labels, never trained on).",
-        f"- **Thresholds** on the network's calibrated head probability: 0.5 (the bundle's calibration by the label "
-        f"frequency, as shipped); the best pixel F1 on the scored images (chosen with their dense labels: a reference, "
-        f"not a method); Lee & Liu's `recall^2 / P(g > t)` on the first {args.n_train} *training* images, recall over "
-        f"the annotated objects the run trained on (what a user has).",
+        f"- **Data**: {split.dataset}, training split only ({split.name}), {args.ratio:.0%} of the objects kept "
+        f"(S: the run's seed): {data_words(split)} (dense labels, never trained on).",
+        "- **Thresholds** on the network's calibrated head probability: 0.5 (the network's own threshold, as "
+        "shipped: calibrated by the label frequency for a positive-unlabeled head, the plain 0.5 of a supervised "
+        "one); the best pixel F1 on the scored images (chosen with their dense labels: a reference, not a method); "
+        f"Lee & Liu's `recall^2 / P(g > t)` on the first {args.n_train} *training* images, recall over "
+        f"the annotated objects the run trained on (what a user has); Otsu's threshold of each scored image's own head "
+        f"probabilities (`--foreground_threshold otsu`).",
         f"- **Machine**: {m.get('cpu')}, {m.get('nproc')} cores, torch {m.get('torch')}, no GPU; training runs 1 "
         f"thread each, two side by side ({min(its)}-{max(its)} iterations in the budget: pairs ran at different "
         f"speeds); this study {args.threads} threads, nothing else running.",

@@ -813,6 +813,7 @@ def test_window_study_names_and_mosaics(tmp_path):
 
 def test_learning_speed_split_refuses_another_splits_record(tmp_path, gonuclear):
     # records are named without the split: a run of 1135's halves in the out_dir must not pass for one of 1136's
+    # (neither for a screen nor for the threshold study of its models)
     import subprocess
     import sys
 
@@ -824,9 +825,13 @@ def test_learning_speed_split_refuses_another_splits_record(tmp_path, gonuclear)
     base = [sys.executable, "-m", "benchmarks.learning_speed", "--dataset", "gonuclear", "--tune", "1", "--recipes"]
     base += ["default", "--budget_s", "900", "--no_run", "--out_dir", str(tmp_path), "--data_dir", str(DATA_DIR)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for split, message in (("1136to1135", "is a run on tune_1135to1136_halves"), ("1135to1137", "unknown --split")):
-        proc = subprocess.run(base + ["--split", split], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    # the threshold study of a screen's models reads the same records
+    study = [sys.executable, "-m", "benchmarks.pu_threshold", "--dataset", "gonuclear", "--tune", "1", "--recipes"]
+    study += ["default", "--budget_s", "900", "--out_dir", str(tmp_path), "--data_dir", str(DATA_DIR)]
+    for cmd in (base, study):
+        for split, message in (("1136to1135", "is a run on tune_1135to1136_halves"), ("1135to1137", "unknown --split")):
+            proc = subprocess.run(cmd + ["--split", split], cwd=ROOT, env=env, capture_output=True, text=True)
+            assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_tune_split_cuts_a_single_volume_in_two(tmp_path):
@@ -853,8 +858,8 @@ def test_tune_split_cuts_a_single_volume_in_two(tmp_path):
     with pytest.raises(ValueError, match="--tune"):
         tune_split(split, 2)
     # the screen's page says what it trained and scored on: halves of one volume, not "its first 1 images"
-    from benchmarks.learning_speed import _data_words
+    from benchmarks.learning_speed import data_words
 
-    assert "`vol_a_image`, the first half of the training volume" in _data_words(tuned)
-    assert "`vol_b_image`, the second half" in _data_words(tuned)
-    assert "first 1 images" in _data_words(tune_split(Split("d", "y", 2, [item, item], [item]), 1))
+    assert "`vol_a_image`, the first half of the training volume" in data_words(tuned)
+    assert "`vol_b_image`, the second half" in data_words(tuned)
+    assert "first 1 images" in data_words(tune_split(Split("d", "y", 2, [item, item], [item]), 1))
