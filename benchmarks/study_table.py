@@ -40,11 +40,17 @@ def _rows(arms: list[tuple[str, list[str]]]) -> list[dict]:
                         "seed": rec.get("seed", 0),
                         "iterations": rec.get("iterations"),
                         "cpu": rec.get("train_cpu_seconds"),
-                        "commit": (rec.get("commit") or "")[:7],
+                        "commit": _short_commit(rec.get("commit") or ""),
                         **{k: m.get(k) for k in ("ap50", "map", "sbd", "fg_precision", "fg_recall")},
                     }
                 )
     return rows
+
+
+def _short_commit(commit: str) -> str:
+    """The commit's short hash, keeping a ``+dirty`` mark (uncommitted changes when the run started)."""
+    sha, plus, rest = commit.partition("+")
+    return sha[:7] + plus + rest
 
 
 def _cell(v, digits: int = 3) -> str:
@@ -63,11 +69,23 @@ def table(rows: list[dict]) -> list[str]:
             f"| {_cell(r['ap50'])} | {_cell(r['map'])} | {_cell(r['sbd'])} "
             f"| {_cell(r['fg_precision'], 2)} / {_cell(r['fg_recall'], 2)} | {r['commit']} |"
         )
+    lines += ["", "Mean over seeds and splits:", ""] + _means(rows)
+    # arms run on different seeds: their means are compared on the runs every arm of the data and ratio has
+    runs: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for r in rows:
+        runs[(r["dataset"], r["ratio"])][r["arm"]].add((r["split"], r["seed"]))
+    shared = {key: set.intersection(*arms.values()) for key, arms in runs.items()}
+    common = [r for r in rows if (r["split"], r["seed"]) in shared[(r["dataset"], r["ratio"])]]
+    if len(common) < len(rows):
+        lines += ["", "Mean over the runs every arm has (the same splits and seeds):", ""] + _means(common)
+    return lines
+
+
+def _means(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["dataset"], r["ratio"], r["arm"])].append(r)
-    lines += ["", "Mean over seeds and splits:", "", "| arm | data | labelled | runs | AP50 | mAP | SBD |"]
-    lines.append("|---|---|---|---|---|---|---|")
+    lines = ["| arm | data | labelled | runs | AP50 | mAP | SBD |", "|---|---|---|---|---|---|---|"]
     for (dataset, ratio, arm), rs in sorted(groups.items()):
         mean = {k: float(np.mean([r[k] for r in rs])) for k in ("ap50", "map", "sbd")}
         lines.append(

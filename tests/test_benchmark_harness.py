@@ -774,8 +774,10 @@ def test_study_table_sets_arms_side_by_side(dsb_small: Split, tmp_path: Path) ->
     )
     text = docs.read_text()
     runs = [line for line in text.splitlines() if line.startswith("| a |") or line.startswith("| b |")]
-    assert len(runs) == 3 + 2  # a row per run, then a mean per arm
+    assert len(runs) == 3 + 2 + 2  # a row per run, a mean per arm, then a mean per arm over the runs both have
     assert f"| b | dsb2018 | 10% | 2 | {np.mean(aps['b']):.3f} |" in text and "- tiny" in text
+    shared = text.split("every arm has")[1]  # b's seed 1 has no twin in a
+    assert f"| b | dsb2018 | 10% | 1 | {aps['b'][0]:.3f} |" in shared and "| a | dsb2018 | 10% | 1 |" in shared
     with pytest.raises(SystemExit, match="no finished run records"):
         study_table.main(["--arms", f"c={tmp_path / 'empty'}"])
 
