@@ -303,7 +303,9 @@ class ForegroundThresholdPass:
     network's 0.5 then sits at ``g = t``). The criterion needs no ``c`` and, on whole images, has no patch sampling
     bias (patches are centred on annotated objects), but it takes the recall over the annotated objects for the
     recall over all objects: a head that memorised a few annotated objects (one 3D volume) makes it choose far too
-    high a threshold (docs/lee_liu_images.md). Experimental.
+    high a threshold (docs/lee_liu_images.md). Experimental; with ``foreground_ring`` (a head trained supervised
+    on the annotated objects against the ring around them, whose plain 0.5 keeps only part of the unannotated
+    objects) it is the documented threshold (docs/foreground_ring_3d.md).
 
     The pass runs before every validation (the evaluator's ``EPOCH_STARTED``, so that what validation scores and the
     best-model saver keeps is calibrated by it) or, without validation, when training completes: attach it before

@@ -1306,7 +1306,8 @@ class SpocoLoss(nn.Module):
         foreground_positive_weight: weight of annotated voxels in the positive-unlabeled foreground BCE, see
             :class:`ForegroundLoss`.
         foreground_strokes: annotated background is a few painted strokes (``background_label`` other than 0):
-            positive-unlabeled foreground BCE plus a stroke term, see :class:`ForegroundLoss`.
+            positive-unlabeled foreground BCE plus a stroke term, see :class:`ForegroundLoss` (with
+            ``foreground_ring``: supervised, the strokes join the ring).
         foreground_self_training: rho > 0: unlabeled voxels that the momentum teacher calls foreground with
             confidence (its foreground probability at least rho times its mean over the annotated objects of the same
             batch, i.e. a calibrated probability >= rho, see :class:`ForegroundLoss`) are left out of the foreground
