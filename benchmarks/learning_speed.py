@@ -118,6 +118,24 @@ def tune_split(split: Split, n_tune: int, cache_dir: str | os.PathLike | None = 
     )
 
 
+def screen_split(dataset: str, data_dir: str | None, name: str, n_tune: int) -> Split:
+    """The screen's split (:func:`tune_split`) of the data set's split ``name`` (its first when empty); ValueError
+    for an unknown name."""
+    splits = load_benchmark(dataset, data_dir)
+    named = {s.name: s for s in splits}
+    if name and name not in named:
+        raise ValueError(f"unknown --split {name!r} for {dataset}; known: {sorted(named)}")
+    return tune_split(named[name] if name else splits[0], n_tune)
+
+
+def other_split(record: dict, split: Split) -> str:
+    """Why a record does not belong to ``split``'s screen ('' when it does): record files do not name the split, so
+    another split's record in the out_dir would pass for a finished run."""
+    if record.get("split", split.name) == split.name:
+        return ""
+    return f"is a run on {record['split']}, not {split.name}: pass its --split, or give each split its own --out_dir"
+
+
 def record_path(out_dir: Path, dataset: str, recipe: str, ratio: float, budget_s: float, seed: int = 0) -> Path:
     tail = f"_seed{seed}" if seed else ""  # seed 0 keeps the names of the runs made before --seed existed
     return out_dir / dataset / recipe / f"ratio_{ratio:.2f}_{budget_s:g}s{tail}.json"
@@ -276,21 +294,16 @@ def main() -> None:
     if unknown:
         p.error(f"unknown recipes {unknown}; known: {sorted(RECIPES)}")
     ratios = [float(r) for r in args.ratios.split(",")]
-    splits = load_benchmark(args.dataset, args.data_dir)
-    if args.split:
-        named = {s.name: s for s in splits}
-        if args.split not in named:
-            p.error(f"unknown --split {args.split!r} for {args.dataset}; known: {sorted(named)}")
-        split = named[args.split]
-    else:
-        split = splits[0]
-    split = tune_split(split, args.tune)
+    try:
+        split = screen_split(args.dataset, args.data_dir, args.split, args.tune)
+    except ValueError as e:
+        p.error(str(e))
     paths = {
         (rc, r): record_path(out_dir, split.dataset, rc, r, args.budget_s, args.seed) for rc in recipes for r in ratios
     }
-    for path in paths.values():  # the file name has no split: another split's record would pass for a finished run
-        if path.is_file() and (other := json.loads(path.read_text())["split"]) != split.name:
-            p.error(f"{path} is a run on {other}, not {split.name}: give each --split its own --out_dir")
+    for path in paths.values():
+        if path.is_file() and (wrong := other_split(json.loads(path.read_text()), split)):
+            p.error(f"{path} {wrong}")
     todo = [key for key, path in paths.items() if not path.is_file()]
     if not args.no_run and todo:
         print(f"{len(todo)} runs to do on {split.name}: {todo}", flush=True)

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from benchmarks.data import REPO_ROOT, load_benchmark, score, sparsify
+from benchmarks.data import REPO_ROOT, score, sparsify
 from benchmarks.foreground import network_outputs
-from benchmarks.learning_speed import data_words, record_path, tune_split
+from benchmarks.learning_speed import data_words, other_split, record_path, screen_split
 from benchmarks.methods.spoco import SETTINGS
 from benchmarks.records import machine_info
 from spoco_bundle.clustering.threshold import head_threshold
@@ -132,10 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--docs", default="")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    splits = {s.name: s for s in load_benchmark(args.dataset, args.data_dir)}
-    if args.split and args.split not in splits:
-        p.error(f"unknown --split {args.split!r} for {args.dataset}; known: {sorted(splits)}")
-    split = tune_split(splits[args.split] if args.split else next(iter(splits.values())), args.tune)
+    try:
+        split = screen_split(args.dataset, args.data_dir, args.split, args.tune)
+    except ValueError as e:
+        p.error(str(e))
     min_size = SETTINGS[split.spatial_dims]["min_size"]
     rows = []
     seeds = [int(v) for v in args.seeds.split(",")]
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{path} not found: run python -m benchmarks.learning_speed --recipes {recipe} first.")
             continue  # further seeds: only the recipes that were rerun
         record = json.loads(path.read_text())
-        if record.get("split", split.name) != split.name:  # the file name has no split (see learning_speed)
-            raise SystemExit(f"{path} is a run on {record['split']}, not {split.name}: pass its --split.")
+        if wrong := other_split(record, split):
+            raise SystemExit(f"{path} {wrong}")
         record.setdefault("recipe", recipe)
         cache = path.with_name(path.stem + "_pu_threshold.json")
         if cache.is_file():

@@ -1546,8 +1546,7 @@ class SpocoLoss(nn.Module):
             hold = self.foreground_calibration_holdout
             head_labels, voxel_weight = self._head_labels(labels, spatial)
             held = held_out_objects(head_labels, hold)
-            ring = self._ring_on
-            if ring:
+            if self._ring_on:
                 # a patch with nothing annotated has no ring: it says nothing about the foreground (as a
                 # positive-unlabeled patch it would teach that every object in it is background); one with strokes
                 # alone is supervised on them
@@ -1558,7 +1557,7 @@ class SpocoLoss(nn.Module):
                 held = confident if held is None else held | confident
             logits = fg.reshape(b, -1)
             terms["foreground"] = _foreground(logits, head_labels, pw, strokes, held, voxel_weight)
-            if ring:
+            if self._ring_on:
                 # the ring makes every patch supervised or leaves it out; one that lies inside an object (no
                 # unlabeled voxel, so no ring) must not calibrate the head as if it were positive-unlabeled
                 self.last_label_frequency = (float("nan"), 0)
