@@ -29,6 +29,7 @@ __all__ = [
     "lee_liu_threshold",
     "ForegroundThresholdPass",
     "ObjectSizeHandler",
+    "ForegroundRegimeHandler",
     "TrainingTimeLimit",
     "TrainingLengthLogger",
     "ValidateOnTerminate",
@@ -303,9 +304,10 @@ class ForegroundThresholdPass:
     network's 0.5 then sits at ``g = t``). The criterion needs no ``c`` and, on whole images, has no patch sampling
     bias (patches are centred on annotated objects), but it takes the recall over the annotated objects for the
     recall over all objects: a head that memorised a few annotated objects (one 3D volume) makes it choose far too
-    high a threshold (docs/lee_liu_images.md). Experimental; with ``foreground_ring`` (a head trained supervised
-    on the annotated objects against the ring around them, whose plain 0.5 keeps only part of the unannotated
-    objects) it is the documented threshold (docs/foreground_ring_3d.md).
+    high a threshold (docs/lee_liu_images.md). With ``foreground_ring`` (a head trained supervised on the annotated
+    objects against the ring around them, whose plain 0.5 keeps only part of the unannotated objects) it is the
+    threshold ``foreground_calibration="auto"`` chooses (docs/foreground_ring.md); when "auto" chose the label
+    frequency instead, the pass does nothing.
 
     The pass runs before every validation (the evaluator's ``EPOCH_STARTED``, so that what validation scores and the
     best-model saver keeps is calibrated by it) or, without validation, when training completes: attach it before
@@ -368,6 +370,8 @@ class ForegroundThresholdPass:
         buf = getattr(net, "fg_label_frequency", None)
         if buf is None or not getattr(net, "foreground_head", True) or loss is None:
             return
+        if getattr(loss, "foreground_calibration_auto", False) and loss.foreground_calibration != "lee_liu_images":
+            return  # foreground_calibration "auto" chose the label frequency (no ring)
         from spoco_bundle.losses import LOGIT_BINS, foreground_histograms
 
         device = buf.device
@@ -489,6 +493,65 @@ class ObjectSizeHandler:
             else:
                 log.warning("the training images have no structure to measure: image_scale 'auto' will not resample.")
                 net.image_blob_scale.zero_()
+
+
+class ForegroundRegimeHandler:
+    """
+    Decide ``foreground_ring="auto"`` when training starts, from the number of annotated objects the run sees and
+    their extent (:func:`~spoco_bundle.losses.auto_foreground_ring`): a ring of background around each object when
+    they are few, so that the head learns them supervised, the positive-unlabeled head when they are many. No ring
+    where every voxel is annotated (``background_label`` 0) or the head learns object surfaces or contacts
+    (``foreground_surface``, ``foreground_contact_weight``). The objects are counted as :class:`ObjectSizeHandler`
+    measures them (the files are read once for both); a resumed run decides again, alike. Nothing happens when
+    the loss's ring is not ``"auto"``. Attach it first: the other handlers read the loss's settings.
+
+    Args:
+        label_files: the training datalist's ``label`` entries.
+        instance_ratio, seed, background_label, image_scale: the training run's (see ``train.json``).
+        loss: the :class:`~spoco_bundle.losses.SpocoLoss` (looked up as ``engine.loss_function`` when None).
+        name: logger name.
+    """
+
+    def __init__(
+        self,
+        label_files: list[str],
+        instance_ratio: float = 1.0,
+        seed: int = 0,
+        image_scale: float | list[float] = 1.0,
+        background_label: int | None = None,
+        loss: torch.nn.Module | None = None,
+        name: str = "spoco",
+    ) -> None:
+        self.label_files = [str(f) for f in label_files]
+        self.instance_ratio = instance_ratio
+        self.seed = seed
+        self.image_scale = image_scale
+        self.background_label = background_label
+        self.loss = loss
+        self.logger = logging.getLogger(name)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from spoco_bundle.losses import AUTO_RING_MAX_OBJECTS, auto_foreground_ring
+        from spoco_bundle.object_size import training_object_count
+
+        loss = self.loss if self.loss is not None else getattr(engine, "loss_function", None)
+        if not getattr(loss, "foreground_ring_auto", False):
+            return
+        count, extents = training_object_count(
+            self.label_files, self.instance_ratio, self.seed, self.image_scale, self.background_label
+        )
+        ring = auto_foreground_ring(count, extents)
+        if self.background_label == 0 or loss.foreground_surface or loss.foreground_contact_weight:
+            ring = 0  # every voxel annotated, or the head's background is already the objects' own surfaces
+        loss.set_foreground_ring(ring)
+        many = "at most" if count <= AUTO_RING_MAX_OBJECTS else "more than"
+        self.logger.info(
+            f"foreground_ring 'auto': {count} annotated object(s), {many} {AUTO_RING_MAX_OBJECTS}: "
+            f"{list(ring) if isinstance(ring, tuple) else ring}"
+        )
 
 
 class TrainingTimeLimit:
@@ -1005,12 +1068,17 @@ class ModelCardWriter:
         diameter = getattr(net, "object_diameter", None)
         blobs = getattr(net, "image_blob_scale", None)
         voxel_size, voxel_unit = self._voxel
+        settings = _plain(self.settings)
+        loss = getattr(engine, "loss_function", None)
+        for key in ("foreground_ring", "foreground_calibration"):  # what "auto" chose, not "auto"
+            if settings.get(key) == "auto" and hasattr(loss, key):
+                settings[key] = _plain(getattr(loss, key))
         return {
             "description": "weights saved by a training of this bundle (configs/train.json)",
             "bundle_version": bundle_version(),
             "inference": _plain(self.inference),
             "training": {
-                "settings": _plain(self.settings),
+                "settings": settings,
                 "object_diameter": None if diameter is None else float(diameter),
                 "image_blob_scale": None if blobs is None else [float(v) for v in blobs.tolist()],
                 "voxel_size": voxel_size,

@@ -35,6 +35,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.loss import _Loss
 
 __all__ = [
+    "AUTO_RING_MAX_OBJECTS",
+    "auto_foreground_ring",
     "foreground_histograms",
     "object_contacts",
     "object_means",
@@ -55,6 +57,8 @@ __all__ = [
 
 # log of the smallest kernel value used (see module docstring)
 _LOG_FLOOR = -40.0
+# foreground_ring "auto": a training with at most this many annotated objects gets the ring (docs/foreground_ring.md)
+AUTO_RING_MAX_OBJECTS = 80
 # elements of one (B, K, voxels) block of anchor-to-voxel work: cache-sized on CPUs (per thread), large on GPUs
 _BLOCK_ELEMENTS_CPU = 2**19
 _BLOCK_ELEMENTS_GPU = 2**25
@@ -1086,6 +1090,24 @@ def object_surfaces(labels: torch.Tensor, spatial: Sequence[int], radius: int = 
     return (pos & ((top > a) | (bottom < a))).reshape(labels.shape[0], -1)
 
 
+def auto_foreground_ring(count: int, extents: Sequence[float]) -> int | tuple[int, ...]:
+    """The ``foreground_ring`` that ``"auto"`` chooses for a training with ``count`` annotated objects whose median
+    extent along each spatial axis is ``extents`` (voxels of the training grid,
+    :func:`~spoco_bundle.object_size.training_object_count`).
+
+    At most :data:`AUTO_RING_MAX_OBJECTS` objects: a positive-unlabeled head memorises a few annotated objects and
+    its calibrated threshold then misses most others, so the head trains on them against a ring of background
+    instead: 2 voxels thick along the axis where the objects are longest, proportionally thinner along the others
+    (at least 1; on anisotropic 3D grids such as GoNuclear's, [1, 2, 2]). More objects: 0 (off), the
+    positive-unlabeled head, which is then right and which the ring would slow down (docs/foreground_ring.md).
+    """
+    e = [float(v) for v in extents]
+    if count < 1 or count > AUTO_RING_MAX_OBJECTS or not e or not all(math.isfinite(v) and v > 0 for v in e):
+        return 0
+    r = [max(1, int(round(2.0 * v / max(e)))) for v in e]
+    return r[0] if len(set(r)) == 1 else tuple(r)
+
+
 def object_rings(labels: torch.Tensor, spatial: Sequence[int], radius: int | Sequence[int] = 2) -> torch.Tensor:
     """Unlabeled voxels within ``radius`` voxels (Chebyshev, per axis when a sequence) of an annotated object: the
     ring of background around each object, ``(B, N)`` boolean. Where objects lie on a background (nuclei, cells on a
@@ -1320,7 +1342,9 @@ class SpocoLoss(nn.Module):
             2003), from the histograms ``last_foreground_histograms`` (:func:`foreground_histograms`), or
             ``"lee_liu_images"``: ``c`` as ``"label_frequency"`` during training, replaced by the Lee & Liu threshold
             of whole training images before validation and at the end
-            (:class:`~spoco_bundle.handlers.ForegroundThresholdPass`, which the config attaches).
+            (:class:`~spoco_bundle.handlers.ForegroundThresholdPass`, which the config attaches), or ``"auto"``:
+            ``"lee_liu_images"``, except ``"label_frequency"`` for a head trained on object surfaces or contacts
+            (``foreground_surface``, ``foreground_contact_weight``), whose targets were chosen with it.
         foreground_contact_weight: w >= 1 turns on the head's contact weighting (:func:`object_contacts`, the border
             weights of the U-Net paper): annotated-object voxels that touch another annotated object become the
             head's negatives (its mask then keeps touching objects apart) and their BCE, and that of the unlabeled or
@@ -1340,7 +1364,9 @@ class SpocoLoss(nn.Module):
             estimated). For objects on a real background when only a few objects are annotated, where a
             positive-unlabeled head memorises them. With ``foreground_strokes`` the strokes join the ring as the
             head's annotated background (supervised: the ring puts the boundaries where the unlabeled voxels
-            otherwise would, see :class:`ForegroundLoss`). 0 (default): off.
+            otherwise would, see :class:`ForegroundLoss`). 0: off. ``"auto"``: off until :meth:`set_foreground_ring`
+            sets it when training starts (:class:`~spoco_bundle.handlers.ForegroundRegimeHandler`, with the value of
+            :func:`auto_foreground_ring` for the run's annotated objects).
         foreground_calibration_holdout: the calibration objects (ids marked by
             :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``) are left out of the
             foreground BCE and the label frequency ``c`` is estimated on them alone (``last_label_frequency``);
@@ -1381,7 +1407,7 @@ class SpocoLoss(nn.Module):
         foreground_contact_weight: float = 0.0,
         foreground_contact_radius: int = 2,
         foreground_surface: int = 0,
-        foreground_ring: int | Sequence[int] = 0,
+        foreground_ring: int | Sequence[int] | str = 0,
         kernel_threshold: float = 0.5,
         instance_anchor: str = "mean",
         max_anchors: int = 20,
@@ -1411,12 +1437,19 @@ class SpocoLoss(nn.Module):
         if not 0.0 <= float(foreground_self_training) < math.inf:
             raise ValueError(f"foreground_self_training must be a number >= 0, got {foreground_self_training}.")
         self.foreground_self_training = float(foreground_self_training)
-        if foreground_calibration not in ("label_frequency", "lee_liu", "lee_liu_images"):
+        if foreground_calibration not in ("label_frequency", "lee_liu", "lee_liu_images", "auto"):
             raise ValueError(
-                "foreground_calibration must be 'label_frequency', 'lee_liu' or 'lee_liu_images', got "
+                "foreground_calibration must be 'label_frequency', 'lee_liu', 'lee_liu_images' or 'auto', got "
                 f"{foreground_calibration!r}."
             )
-        self.foreground_calibration = foreground_calibration
+        self.foreground_calibration_auto = foreground_calibration == "auto"
+        self.foreground_calibration = foreground_calibration  # "auto" is decided below, with the head's targets
+        # "auto": decided when training starts (set_foreground_ring), off until then
+        self.foreground_ring_auto = isinstance(foreground_ring, str)
+        if self.foreground_ring_auto and foreground_ring != "auto":
+            raise ValueError(
+                f"foreground_ring must be whole numbers of voxels >= 0 or 'auto', got {foreground_ring!r}."
+            )
         w = float(foreground_contact_weight)
         if not (w == 0.0 or 1.0 <= w < math.inf):
             raise ValueError(
@@ -1428,15 +1461,11 @@ class SpocoLoss(nn.Module):
         if int(foreground_surface) < 0 or int(foreground_surface) != foreground_surface:
             raise ValueError(f"foreground_surface must be a whole number of voxels >= 0, got {foreground_surface}.")
         self.foreground_surface = int(foreground_surface)
-        ring = [foreground_ring] if isinstance(foreground_ring, (int, float)) else list(foreground_ring)
-        if not ring or any(int(v) < 0 or int(v) != v for v in ring):
-            raise ValueError(f"foreground_ring must be whole numbers of voxels >= 0, got {foreground_ring}.")
-        self.foreground_ring: int | tuple[int, ...] = int(ring[0]) if len(ring) == 1 else tuple(int(v) for v in ring)
-        self._ring_on = max(int(v) for v in ring) > 0
-        # the ring makes the head supervised: painted strokes join its annotated background instead of keeping the
-        # images positive-unlabeled
-        self._head_strokes = self.foreground_strokes and not self._ring_on
+        self.set_foreground_ring(0 if self.foreground_ring_auto else foreground_ring)
         self.foreground_contact_radius = int(foreground_contact_radius)
+        if self.foreground_calibration_auto:  # surface and contact heads keep what they were measured with
+            supervised_targets = self.foreground_surface > 0 or self.foreground_contact_weight > 0
+            self.foreground_calibration = "label_frequency" if supervised_targets else "lee_liu_images"
         # (annotated, all) histograms of the head's logit in the last call, for "lee_liu"; None: not computed
         self.last_foreground_histograms: tuple[torch.Tensor, torch.Tensor] | None = None
         # share of the positive-unlabeled images' unlabeled voxels left out by self-training in the last call
@@ -1476,6 +1505,18 @@ class SpocoLoss(nn.Module):
         confident = unlabeled & (p >= self.foreground_self_training * c)
         self.last_self_training_fraction = float(confident.sum() / unlabeled.sum())
         return confident
+
+    def set_foreground_ring(self, radius: int | Sequence[int]) -> None:
+        """Set ``foreground_ring`` (see the class's Args). Called by
+        :class:`~spoco_bundle.handlers.ForegroundRegimeHandler` when a training with ``"auto"`` starts."""
+        ring = [radius] if isinstance(radius, (int, float)) else list(radius)
+        if not ring or any(isinstance(v, bool) or int(v) < 0 or int(v) != v for v in ring):
+            raise ValueError(f"foreground_ring must be whole numbers of voxels >= 0, got {radius}.")
+        self.foreground_ring: int | tuple[int, ...] = int(ring[0]) if len(ring) == 1 else tuple(int(v) for v in ring)
+        self._ring_on = max(int(v) for v in ring) > 0
+        # the ring makes the head supervised: painted strokes join its annotated background instead of keeping the
+        # images positive-unlabeled
+        self._head_strokes = self.foreground_strokes and not self._ring_on
 
     def _head_labels(self, labels: torch.Tensor, spatial: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The head's ``(B, N)`` labels and voxel weights with ``foreground_surface`` (surface voxels become annotated

@@ -13,6 +13,7 @@ from spoco_bundle.handlers import (
     UNLIMITED_EPOCHS,
     BestCheckpointState,
     ForegroundCalibrationHandler,
+    ForegroundRegimeHandler,
     ForegroundThresholdPass,
     LossTermsLogger,
     LossWeightWarmup,
@@ -289,6 +290,14 @@ def test_foreground_threshold_pass_budget_strokes_and_evaluator():
     strokes = SpocoLoss(embedding_dim=2, foreground_strokes=True)
     ForegroundThresholdPass(painted, lambda d: d, SimpleInferer(), network=net, loss=strokes)(trainer)
     assert float(net.fg_label_frequency) != pytest.approx(0.3)
+    # foreground_calibration "auto": the pass sets the threshold, except for a surface head (label frequency)
+    surface = SpocoLoss(embedding_dim=2, foreground_calibration="auto", foreground_surface=1)
+    net.fg_label_frequency.fill_(0.3)
+    ForegroundThresholdPass(data, lambda d: d, SimpleInferer(), network=net, loss=surface)(trainer)
+    assert float(net.fg_label_frequency) == pytest.approx(0.3)
+    auto = SpocoLoss(embedding_dim=2, foreground_calibration="auto")
+    ForegroundThresholdPass(data, lambda d: d, SimpleInferer(), network=net, loss=auto)(trainer)
+    assert float(net.fg_label_frequency) != pytest.approx(0.3)
     with pytest.raises(ValueError, match="max_voxels"):
         ForegroundThresholdPass(data, lambda d: d, SimpleInferer(), max_voxels=0)
 
@@ -553,3 +562,36 @@ def test_best_checkpoint_state_keeps_the_best_score_across_a_resume(tmp_path):
     validate(forgetful, 0.1, 4.0)
     assert best() == 4.0
     assert BestCheckpointState(object()).state_dict() == {"saved": []}
+
+
+def test_foreground_regime_handler_decides_auto_from_the_annotated_objects(tmp_path):
+    # real label files: 6 annotated objects get a ring, thinner along the axis where they are short; 100 keep the
+    # positive-unlabeled head; dense labels (background_label 0), surface heads and explicit rings are left alone
+    import tifffile
+
+    from spoco_bundle.losses import AUTO_RING_MAX_OBJECTS
+
+    few = np.zeros((16, 48, 48), np.uint16)
+    for k, (y, x) in enumerate([(4, 4), (4, 24), (24, 4), (24, 24), (36, 36), (36, 12)], 1):
+        few[4:9, y : y + 8, x : x + 8] = k  # 5 x 8 x 8 boxes
+    many = np.zeros((110, 110), np.uint16)
+    for k in range(AUTO_RING_MAX_OBJECTS + 20):
+        y, x = divmod(k, 11)
+        many[10 * y + 2 : 10 * y + 8, 10 * x + 2 : 10 * x + 8] = k + 1
+    tifffile.imwrite(tmp_path / "few_labels.tif", few)
+    tifffile.imwrite(tmp_path / "many_labels.tif", many)
+
+    def decide(files, loss=None, **kwargs) -> SpocoLoss:
+        loss = SpocoLoss(foreground_ring="auto") if loss is None else loss
+        trainer = Engine(lambda e, b: None)
+        trainer.loss_function = loss
+        ForegroundRegimeHandler([str(tmp_path / f) for f in files], **kwargs).attach(trainer)
+        trainer.run(range(1), max_epochs=1)
+        return loss
+
+    assert decide(["few_labels.tif"]).foreground_ring == (1, 2, 2)
+    assert decide(["few_labels.tif"], image_scale=[2.0, 1.0, 1.0]).foreground_ring == 2  # 10 x 8 x 8 on that grid
+    assert decide(["many_labels.tif"]).foreground_ring == 0
+    assert decide(["few_labels.tif"], background_label=0).foreground_ring == 0
+    assert decide(["few_labels.tif"], SpocoLoss(foreground_ring="auto", foreground_surface=1)).foreground_ring == 0
+    assert decide(["few_labels.tif"], SpocoLoss(foreground_ring=3)).foreground_ring == 3

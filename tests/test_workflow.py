@@ -537,28 +537,40 @@ def test_lee_liu_images_calibrates_the_saved_model(tmp_path, n_val):
 
 def test_foreground_ring_trains_a_supervised_head_in_3d(tmp_path, tiny3d):
     # --foreground_ring per axis (z first): the head learns the annotated objects against the ring around them, so
-    # no image is positive-unlabeled and the model carries no label frequency (c = 1, w = 1: the head's own 0.5)
+    # no image is positive-unlabeled and with the label-frequency calibration the model carries none (c = 1, w = 1:
+    # the head's own 0.5)
     import json
     import re
 
     args = ["--epochs", "1", "--epoch_length", "2", "--instance_ratio", "0.5", "--patch_size", "[16,32,32]"]
-    _run_training(tmp_path, tiny3d, *args, "--foreground_ring", "[1,2,2]")
+    _run_training(
+        tmp_path, tiny3d, *args, "--foreground_ring", "[1,2,2]", "--foreground_calibration", "label_frequency"
+    )
     models = tmp_path / "bundle" / "models"
     state = torch.load(models / "model.pt", weights_only=True)
     assert float(state["fg_label_frequency"]) == 1.0 and float(state["fg_positive_weight"]) == 1.0
     assert json.loads((models / "model.json").read_text())["training"]["settings"]["foreground_ring"] == [1, 2, 2]
-    # the documented recipe for a handful of 3D nuclei with painted strokes: strokes join the ring, and the threshold
-    # pass sets the ring head's threshold on the training volumes (c = 2 t, still unweighted)
+    # the defaults ("auto") with a handful of annotated nuclei and painted strokes: the run counts the annotated
+    # objects, takes the ring (strokes join it), and the threshold pass sets the ring head's threshold on the
+    # training volumes (c = 2 t, still unweighted); the card records what "auto" chose
     args += ["--val_interval", "1", "--scribbles", "2", "--background_label", "65535"]
-    args += ["--foreground_ring", "[1,2,2]", "--foreground_calibration", "lee_liu_images"]
     (tmp_path / "strokes").mkdir()
     proc = _run_training(tmp_path / "strokes", tiny3d, *args)
     log = proc.stdout + proc.stderr
+    from spoco_bundle.losses import AUTO_RING_MAX_OBJECTS
+
+    pattern = rf"foreground_ring 'auto': (\d+) annotated object\(s\), at most {AUTO_RING_MAX_OBJECTS}: (.+)"
+    chosen = re.findall(pattern, log)
+    assert len(chosen) == 1 and int(chosen[0][0]) > 0, log[-3000:]
     found = re.findall(r"foreground threshold \(Lee & Liu on 2 training image\(s\)\): t = ([0-9.]+)", log)
     assert len(found) == 1, log[-3000:]
-    state = torch.load(tmp_path / "strokes" / "bundle" / "models" / "model.pt", weights_only=True)
+    models = tmp_path / "strokes" / "bundle" / "models"
+    state = torch.load(models / "model.pt", weights_only=True)
     assert float(state["fg_label_frequency"]) == pytest.approx(2 * float(found[0]), abs=2e-3)
     assert float(state["fg_positive_weight"]) == 1.0
+    settings = json.loads((models / "model.json").read_text())["training"]["settings"]
+    assert settings["foreground_calibration"] == "lee_liu_images"
+    assert settings["foreground_ring"] == json.loads(chosen[0][1])
 
 
 class _Terminal(io.StringIO):
