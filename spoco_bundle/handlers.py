@@ -306,8 +306,8 @@ class ForegroundThresholdPass:
     recall over all objects: a head that memorised a few annotated objects (one 3D volume) makes it choose far too
     high a threshold (docs/lee_liu_images.md). With ``foreground_ring`` (a head trained supervised on the annotated
     objects against the ring around them, whose plain 0.5 keeps only part of the unannotated objects) it is the
-    threshold ``foreground_calibration="auto"`` chooses (docs/foreground_ring.md); when "auto" chose the label
-    frequency instead, the pass does nothing.
+    threshold ``foreground_calibration="auto"`` chooses for it (docs/foreground_ring.md); with "auto" and no ring
+    the pass does nothing.
 
     The pass runs before every validation (the evaluator's ``EPOCH_STARTED``, so that what validation scores and the
     best-model saver keeps is calibrated by it) or, without validation, when training completes: attach it before
@@ -371,7 +371,7 @@ class ForegroundThresholdPass:
         if buf is None or not getattr(net, "foreground_head", True) or loss is None:
             return
         if getattr(loss, "foreground_calibration_auto", False) and loss.foreground_calibration != "lee_liu_images":
-            return  # foreground_calibration "auto" chose the label frequency (no ring)
+            return  # foreground_calibration "auto" without a ring: the label frequency
         from spoco_bundle.losses import LOGIT_BINS, foreground_histograms
 
         device = buf.device
@@ -498,15 +498,18 @@ class ObjectSizeHandler:
 class ForegroundRegimeHandler:
     """
     Decide ``foreground_ring="auto"`` when training starts, from the number of annotated objects the run sees and
-    their extent (:func:`~spoco_bundle.losses.auto_foreground_ring`): a ring of background around each object when
-    they are few, so that the head learns them supervised, the positive-unlabeled head when they are many. No ring
-    where every voxel is annotated (``background_label`` 0) or the head learns object surfaces or contacts
+    the training images' voxel size (:func:`~spoco_bundle.losses.auto_foreground_ring`): a ring of background
+    around each object when they are few, so that the head learns them supervised, the positive-unlabeled head when
+    they are many; with ``foreground_calibration="auto"`` the threshold follows (Lee & Liu's for a ring head). No
+    ring where every voxel is annotated (``background_label`` 0) or the head learns object surfaces or contacts
     (``foreground_surface``, ``foreground_contact_weight``). The objects are counted as :class:`ObjectSizeHandler`
-    measures them (the files are read once for both); a resumed run decides again, alike. Nothing happens when
-    the loss's ring is not ``"auto"``. Attach it first: the other handlers read the loss's settings.
+    measures them (the label files are read once for both); a resumed run decides again, alike. Nothing happens
+    when the loss's ring is not ``"auto"``. Attach it first: other handlers read the loss's settings.
 
     Args:
-        label_files: the training datalist's ``label`` entries.
+        image_files, label_files: the training datalist's ``image`` and ``label`` entries (the images' headers give
+            the voxel size).
+        spatial_dims: 2 or 3.
         instance_ratio, seed, background_label, image_scale: the training run's (see ``train.json``).
         loss: the :class:`~spoco_bundle.losses.SpocoLoss` (looked up as ``engine.loss_function`` when None).
         name: logger name.
@@ -514,7 +517,9 @@ class ForegroundRegimeHandler:
 
     def __init__(
         self,
+        image_files: list[str],
         label_files: list[str],
+        spatial_dims: int,
         instance_ratio: float = 1.0,
         seed: int = 0,
         image_scale: float | list[float] = 1.0,
@@ -522,7 +527,9 @@ class ForegroundRegimeHandler:
         loss: torch.nn.Module | None = None,
         name: str = "spoco",
     ) -> None:
+        self.image_files = [str(f) for f in image_files]
         self.label_files = [str(f) for f in label_files]
+        self.spatial_dims = int(spatial_dims)
         self.instance_ratio = instance_ratio
         self.seed = seed
         self.image_scale = image_scale
@@ -535,22 +542,28 @@ class ForegroundRegimeHandler:
 
     def __call__(self, engine: Engine) -> None:
         from spoco_bundle.losses import AUTO_RING_MAX_OBJECTS, auto_foreground_ring
-        from spoco_bundle.object_size import training_object_count
+        from spoco_bundle.object_size import training_object_count, training_voxel_size
+        from spoco_bundle.transforms import check_scale
 
         loss = self.loss if self.loss is not None else getattr(engine, "loss_function", None)
         if not getattr(loss, "foreground_ring_auto", False):
             return
-        count, extents = training_object_count(
-            self.label_files, self.instance_ratio, self.seed, self.image_scale, self.background_label
-        )
-        ring = auto_foreground_ring(count, extents)
-        if self.background_label == 0 or loss.foreground_surface or loss.foreground_contact_weight:
-            ring = 0  # every voxel annotated, or the head's background is already the objects' own surfaces
+        count = training_object_count(self.label_files, self.instance_ratio, self.seed, self.background_label)
+        ring: int | tuple[int, ...] = 0
+        if self.background_label != 0 and not (loss.foreground_surface or loss.foreground_contact_weight):
+            try:
+                voxel = training_voxel_size(self.image_files, self.spatial_dims)[0]
+            except ValueError as e:  # a header the reader cannot parse: the data checks name it elsewhere
+                self.logger.warning(f"foreground_ring 'auto': voxel size unknown ({e}), taken as isotropic")
+                voxel = None
+            voxel = voxel if voxel and len(voxel) == self.spatial_dims else [1.0] * self.spatial_dims
+            scale = np.broadcast_to(np.asarray(check_scale(self.image_scale), np.float64), (self.spatial_dims,))
+            ring = auto_foreground_ring(count, [v / f for v, f in zip(voxel, scale)])  # on the network's grid
         loss.set_foreground_ring(ring)
         many = "at most" if count <= AUTO_RING_MAX_OBJECTS else "more than"
         self.logger.info(
             f"foreground_ring 'auto': {count} annotated object(s), {many} {AUTO_RING_MAX_OBJECTS}: "
-            f"{list(ring) if isinstance(ring, tuple) else ring}"
+            f"{list(ring) if isinstance(ring, tuple) else ring} (foreground_calibration {loss.foreground_calibration})"
         )
 
 

@@ -1090,21 +1090,20 @@ def object_surfaces(labels: torch.Tensor, spatial: Sequence[int], radius: int = 
     return (pos & ((top > a) | (bottom < a))).reshape(labels.shape[0], -1)
 
 
-def auto_foreground_ring(count: int, extents: Sequence[float]) -> int | tuple[int, ...]:
-    """The ``foreground_ring`` that ``"auto"`` chooses for a training with ``count`` annotated objects whose median
-    extent along each spatial axis is ``extents`` (voxels of the training grid,
-    :func:`~spoco_bundle.object_size.training_object_count`).
+def auto_foreground_ring(count: int, voxel_size: Sequence[float]) -> int | tuple[int, ...]:
+    """The ``foreground_ring`` that ``"auto"`` chooses for a training with ``count`` annotated objects on a grid of
+    ``voxel_size`` (per spatial axis, any unit; ones where the files state none).
 
     At most :data:`AUTO_RING_MAX_OBJECTS` objects: a positive-unlabeled head memorises a few annotated objects and
-    its calibrated threshold then misses most others, so the head trains on them against a ring of background
-    instead: 2 voxels thick along the axis where the objects are longest, proportionally thinner along the others
-    (at least 1; on anisotropic 3D grids such as GoNuclear's, [1, 2, 2]). More objects: 0 (off), the
-    positive-unlabeled head, which is then right and which the ring would slow down (docs/foreground_ring.md).
+    its calibrated threshold then misses most others (GoNuclear with 3-5 annotated nuclei: pixel recall 0.03-0.5),
+    so the head trains on them against a ring of background instead: 2 voxels along the finest axis and as thick in
+    physical length along the others, at least 1 voxel ([1, 2, 2] on GoNuclear's 0.28 x 0.13 x 0.13 um grid, the
+    ring that was measured). More objects: 0 (off), the positive-unlabeled head (docs/foreground_ring.md).
     """
-    e = [float(v) for v in extents]
-    if count < 1 or count > AUTO_RING_MAX_OBJECTS or not e or not all(math.isfinite(v) and v > 0 for v in e):
+    v = [float(x) for x in voxel_size]
+    if count < 1 or count > AUTO_RING_MAX_OBJECTS or not v or not all(math.isfinite(x) and x > 0 for x in v):
         return 0
-    r = [max(1, int(round(2.0 * v / max(e)))) for v in e]
+    r = [max(1, int(round(2.0 * min(v) / x))) for x in v]
     return r[0] if len(set(r)) == 1 else tuple(r)
 
 
@@ -1343,8 +1342,8 @@ class SpocoLoss(nn.Module):
             ``"lee_liu_images"``: ``c`` as ``"label_frequency"`` during training, replaced by the Lee & Liu threshold
             of whole training images before validation and at the end
             (:class:`~spoco_bundle.handlers.ForegroundThresholdPass`, which the config attaches), or ``"auto"``:
-            ``"lee_liu_images"``, except ``"label_frequency"`` for a head trained on object surfaces or contacts
-            (``foreground_surface``, ``foreground_contact_weight``), whose targets were chosen with it.
+            ``"lee_liu_images"`` for a ring head (``foreground_ring``), ``"label_frequency"`` otherwise, decided
+            again whenever :meth:`set_foreground_ring` sets the ring.
         foreground_contact_weight: w >= 1 turns on the head's contact weighting (:func:`object_contacts`, the border
             weights of the U-Net paper): annotated-object voxels that touch another annotated object become the
             head's negatives (its mask then keeps touching objects apart) and their BCE, and that of the unlabeled or
@@ -1443,7 +1442,7 @@ class SpocoLoss(nn.Module):
                 f"{foreground_calibration!r}."
             )
         self.foreground_calibration_auto = foreground_calibration == "auto"
-        self.foreground_calibration = foreground_calibration  # "auto" is decided below, with the head's targets
+        self.foreground_calibration = foreground_calibration  # "auto": decided by set_foreground_ring below
         # "auto": decided when training starts (set_foreground_ring), off until then
         self.foreground_ring_auto = isinstance(foreground_ring, str)
         if self.foreground_ring_auto and foreground_ring != "auto":
@@ -1463,9 +1462,6 @@ class SpocoLoss(nn.Module):
         self.foreground_surface = int(foreground_surface)
         self.set_foreground_ring(0 if self.foreground_ring_auto else foreground_ring)
         self.foreground_contact_radius = int(foreground_contact_radius)
-        if self.foreground_calibration_auto:  # surface and contact heads keep what they were measured with
-            supervised_targets = self.foreground_surface > 0 or self.foreground_contact_weight > 0
-            self.foreground_calibration = "label_frequency" if supervised_targets else "lee_liu_images"
         # (annotated, all) histograms of the head's logit in the last call, for "lee_liu"; None: not computed
         self.last_foreground_histograms: tuple[torch.Tensor, torch.Tensor] | None = None
         # share of the positive-unlabeled images' unlabeled voxels left out by self-training in the last call
@@ -1507,7 +1503,8 @@ class SpocoLoss(nn.Module):
         return confident
 
     def set_foreground_ring(self, radius: int | Sequence[int]) -> None:
-        """Set ``foreground_ring`` (see the class's Args). Called by
+        """Set ``foreground_ring`` (see the class's Args); with ``foreground_calibration="auto"`` the calibration
+        follows: ``"lee_liu_images"`` with a ring, ``"label_frequency"`` without. Called by
         :class:`~spoco_bundle.handlers.ForegroundRegimeHandler` when a training with ``"auto"`` starts."""
         ring = [radius] if isinstance(radius, (int, float)) else list(radius)
         if not ring or any(isinstance(v, bool) or int(v) < 0 or int(v) != v for v in ring):
@@ -1517,6 +1514,8 @@ class SpocoLoss(nn.Module):
         # the ring makes the head supervised: painted strokes join its annotated background instead of keeping the
         # images positive-unlabeled
         self._head_strokes = self.foreground_strokes and not self._ring_on
+        if self.foreground_calibration_auto:
+            self.foreground_calibration = "lee_liu_images" if self._ring_on else "label_frequency"
 
     def _head_labels(self, labels: torch.Tensor, spatial: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The head's ``(B, N)`` labels and voxel weights with ``foreground_surface`` (surface voxels become annotated

@@ -116,27 +116,14 @@ def training_object_count(
     label_files: Sequence[str | os.PathLike],
     instance_ratio: float = 1.0,
     seed: int = 0,
-    image_scale: float | Sequence[float] = 1.0,
     background_label: int | None = None,
-) -> tuple[int, list[float]]:
+) -> int:
     """
-    How many objects a training run has annotated, and their median extent along each axis.
-
-    The objects are those :func:`training_object_diameter` measures (the same files, selection and reader; the
-    files are read once for both).
-
-    Returns:
-        the number of annotated objects in all files, and the median of their bounding boxes' extents per spatial
-        axis in voxels of the training grid (the ``image_scale`` of each axis applied; objects cut by the border
-        left out as for the diameter); NaNs without objects.
+    How many objects a training run has annotated, in all its label files: the objects
+    :func:`training_object_diameter` measures (the same files, selection and reader; the files are read once for
+    both).
     """
-    from spoco_bundle.transforms import check_scale
-
-    count, _, extents = _annotated(_file_keys(label_files), instance_ratio, seed, background_label)
-    if not extents.size:
-        return count, [float("nan")] * 3
-    scale = np.broadcast_to(np.asarray(check_scale(image_scale), dtype=np.float64), (extents.shape[1],))
-    return count, [float(v) for v in np.median(extents, axis=0) * scale]
+    return _annotated(_file_keys(label_files), instance_ratio, seed, background_label)[0]
 
 
 def _file_keys(label_files: Sequence[str | os.PathLike]) -> tuple[tuple[str, int, int], ...]:
@@ -155,17 +142,15 @@ def _file_keys(label_files: Sequence[str | os.PathLike]) -> tuple[tuple[str, int
 @functools.lru_cache(maxsize=4)
 def _annotated(
     label_files: tuple[tuple[str, int, int], ...], instance_ratio: float, seed: int, background_label: int | None
-) -> tuple[int, np.ndarray, np.ndarray]:
-    """(count, equivalent diameters, per-axis extents) of the kept objects of the ``(path, mtime, size)`` files:
-    the objects' number over all files; diameters and extents pooled, border objects left out as
-    :func:`equivalent_diameters` does. Cached: the handlers that start a training each ask for them."""
-    from scipy import ndimage
-
+) -> tuple[int, np.ndarray]:
+    """(count, equivalent diameters) of the kept objects of the ``(path, mtime, size)`` files: the objects' number
+    over all files, the diameters pooled (:func:`equivalent_diameters`, border objects left out). Cached: the
+    handlers that start a training each ask."""
     from spoco_bundle.io import read_image, split_image_suffix
     from spoco_bundle.transforms import SparseInstanceLabel
 
     select = SparseInstanceLabel(instance_ratio=instance_ratio, background_label=background_label, seed=seed)
-    count, diameters, extents = 0, [], []
+    count, diameters = 0, []
     for path, _, _ in label_files:
         lab = np.squeeze(read_image(path)[0])
         if lab.ndim not in (2, 3):
@@ -174,16 +159,9 @@ def _annotated(
             lab = np.rint(lab).astype(np.int64)
         # the name SparseInstanceLabeld derives from the label file, so the same objects are kept as in training
         kept = np.asarray(select(lab, name=split_image_suffix(path)[0]))
-        kept = np.where(kept > 0, kept, 0).astype(np.int64)
-        boxes = ndimage.find_objects(kept)
-        ids = [i + 1 for i, box in enumerate(boxes) if box is not None]
-        count += len(ids)
-        interior = [i for i in ids if all(s.start > 0 and s.stop < n for s, n in zip(boxes[i - 1], kept.shape))]
-        use = interior if len(interior) >= MIN_INTERIOR else ids
-        extents += [[s.stop - s.start for s in boxes[i - 1]] for i in use]
+        count += int(np.count_nonzero(np.bincount(np.where(kept > 0, kept, 0).astype(np.int64).ravel())[1:]))
         diameters.append(equivalent_diameters(kept))
-    pooled = np.concatenate(diameters) if diameters else np.zeros(0)
-    return count, pooled, np.asarray(extents, dtype=np.float64).reshape(-1, 3 if not extents else len(extents[0]))
+    return count, np.concatenate(diameters) if diameters else np.zeros(0)
 
 
 def _grid_factor(image_scale: float | Sequence[float]) -> float:

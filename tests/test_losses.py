@@ -752,29 +752,31 @@ def test_ring_with_strokes_is_supervised():
 
 
 def test_auto_ring_for_a_few_annotated_objects():
-    # 2 voxels along the objects' longest axis, proportionally fewer (at least 1) along the others; off for many
-    # objects, none, or no extent
-    assert auto_foreground_ring(5, [15.0, 23.5, 23.0]) == (1, 2, 2)  # GoNuclear's anisotropic grid
-    assert auto_foreground_ring(5, [14.0, 15.0]) == 2 and auto_foreground_ring(5, [20.0, 20.0, 20.0]) == 2
-    assert auto_foreground_ring(5, [3.0, 40.0, 40.0]) == (1, 2, 2)
-    assert auto_foreground_ring(AUTO_RING_MAX_OBJECTS, [10.0, 10.0]) == 2
-    assert auto_foreground_ring(AUTO_RING_MAX_OBJECTS + 1, [10.0, 10.0]) == 0
-    assert auto_foreground_ring(0, [10.0, 10.0]) == 0 and auto_foreground_ring(3, [math.nan] * 3) == 0
+    # 2 voxels along the finest axis, as thick in physical length along the others (at least 1); off for many
+    # objects, none, or no voxel size
+    assert auto_foreground_ring(5, [0.28, 0.127, 0.127]) == (1, 2, 2)  # GoNuclear's grid
+    assert auto_foreground_ring(5, [1.0, 1.0]) == 2 and auto_foreground_ring(5, [1.0, 1.0, 1.0]) == 2
+    assert auto_foreground_ring(5, [5.0, 1.0, 1.0]) == (1, 2, 2) and auto_foreground_ring(5, [0.5, 1.0]) == (2, 1)
+    assert auto_foreground_ring(AUTO_RING_MAX_OBJECTS, [1.0, 1.0]) == 2
+    assert auto_foreground_ring(AUTO_RING_MAX_OBJECTS + 1, [1.0, 1.0]) == 0
+    assert auto_foreground_ring(0, [1.0, 1.0]) == 0 and auto_foreground_ring(3, [math.nan] * 3) == 0
 
 
 def test_auto_ring_and_calibration():
     # ring "auto": off (a positive-unlabeled head, strokes its own term) until training sets it; strokes then join
-    # the ring. Calibration "auto": Lee & Liu on the training images, except for surface and contact heads
+    # the ring. Calibration "auto" follows the ring: Lee & Liu on the training images for a ring head
     loss = SpocoLoss(foreground_ring="auto", foreground_calibration="auto", foreground_strokes=True)
     assert loss.foreground_ring == 0 and not loss._ring_on and loss._head_strokes
-    assert loss.foreground_calibration == "lee_liu_images"
+    assert loss.foreground_calibration == "label_frequency"
     loss.set_foreground_ring((1, 2, 2))
     assert loss.foreground_ring == (1, 2, 2) and loss._ring_on and not loss._head_strokes
+    assert loss.foreground_calibration == "lee_liu_images"
     loss.set_foreground_ring(0)
-    assert not loss._ring_on and loss._head_strokes and loss.foreground_calibration == "lee_liu_images"
-    for kwargs in ({"foreground_surface": 1}, {"foreground_contact_weight": 10.0}):
-        assert SpocoLoss(foreground_calibration="auto", **kwargs).foreground_calibration == "label_frequency"
-    assert SpocoLoss(foreground_calibration="lee_liu").foreground_calibration == "lee_liu"
+    assert not loss._ring_on and loss._head_strokes and loss.foreground_calibration == "label_frequency"
+    assert SpocoLoss(foreground_ring=2, foreground_calibration="auto").foreground_calibration == "lee_liu_images"
+    fixed = SpocoLoss(foreground_ring="auto", foreground_calibration="lee_liu")
+    fixed.set_foreground_ring(2)
+    assert fixed.foreground_calibration == "lee_liu"  # a calibration given is never changed
     with pytest.raises(ValueError, match="foreground_ring"):
         SpocoLoss(foreground_ring="wide")
     with pytest.raises(ValueError, match="foreground_ring"):

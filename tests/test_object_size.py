@@ -91,24 +91,18 @@ def test_training_object_diameter_reads_files_and_counts_the_kept_objects(tmp_pa
     assert math.isnan(training_object_diameter([]))
 
 
-def test_training_object_count_counts_kept_objects_and_their_extent_per_axis(tmp_path):
-    """What foreground_ring "auto" decides on: every kept object in every file counts, the extents are the median
-    bounding box per axis on the training grid, and a label file rewritten under the same name is read again."""
-    lab = np.zeros((20, 64, 64), np.uint16)
-    for k, (z, y, x) in enumerate([(2, 4, 4), (2, 4, 36), (2, 36, 4), (2, 36, 36), (10, 20, 20), (10, 44, 44)], 1):
-        lab[z : z + 6, y : y + 12, x : x + 10] = k  # 6 x 12 x 10 boxes, none on the border
+def test_training_object_count_counts_the_kept_objects_of_every_file(tmp_path):
+    """What foreground_ring "auto" decides on: every kept object in every file, and a label file rewritten under the
+    same name is read again (MONAI Label trains again in one process after an annotator saved)."""
+    lab = _discs((64, 64), _grid_centres((64, 64), 16, 8), radius=4)  # 16 discs
     path = tmp_path / "a_labels.tif"
-    tifffile.imwrite(path, lab)
-    count, extents = training_object_count([path])
-    assert count == 6 and extents == [6.0, 12.0, 10.0]
-    assert training_object_count([path], image_scale=[1.0, 0.5, 0.5]) == (6, [6.0, 6.0, 5.0])
-    keep = SparseInstanceLabel(instance_ratio=0.5, seed=2)
-    n = len(np.unique(keep(lab, name="a_labels"))) - 1
-    assert training_object_count([path, path], instance_ratio=0.5, seed=2)[0] == 2 * n
-    tifffile.imwrite(path, np.where(lab > 2, 0, lab).astype(np.uint16))  # an annotator removed four objects
-    assert training_object_count([path])[0] == 2
-    count, extents = training_object_count([])
-    assert count == 0 and all(math.isnan(v) for v in extents)
+    tifffile.imwrite(path, lab.astype(np.uint16))
+    assert training_object_count([path]) == 16 and training_object_count([path, path]) == 32
+    keep = SparseInstanceLabel(instance_ratio=0.25, seed=3)
+    assert training_object_count([path], instance_ratio=0.25, seed=3) == len(np.unique(keep(lab, name="a_labels"))) - 1
+    tifffile.imwrite(path, np.where(lab > 2, 0, lab).astype(np.uint16))  # an annotator removed 14 objects
+    assert training_object_count([path]) == 2
+    assert training_object_count([]) == 0
 
 
 # ------------------------------------------------------------------------------------ blob size, image_scale auto

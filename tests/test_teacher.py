@@ -290,12 +290,12 @@ def test_foreground_threshold_pass_budget_strokes_and_evaluator():
     strokes = SpocoLoss(embedding_dim=2, foreground_strokes=True)
     ForegroundThresholdPass(painted, lambda d: d, SimpleInferer(), network=net, loss=strokes)(trainer)
     assert float(net.fg_label_frequency) != pytest.approx(0.3)
-    # foreground_calibration "auto": the pass sets the threshold, except for a surface head (label frequency)
-    surface = SpocoLoss(embedding_dim=2, foreground_calibration="auto", foreground_surface=1)
-    net.fg_label_frequency.fill_(0.3)
-    ForegroundThresholdPass(data, lambda d: d, SimpleInferer(), network=net, loss=surface)(trainer)
-    assert float(net.fg_label_frequency) == pytest.approx(0.3)
+    # foreground_calibration "auto": the pass acts only once the loss has a ring (the threshold of a ring head)
     auto = SpocoLoss(embedding_dim=2, foreground_calibration="auto")
+    net.fg_label_frequency.fill_(0.3)
+    ForegroundThresholdPass(data, lambda d: d, SimpleInferer(), network=net, loss=auto)(trainer)
+    assert float(net.fg_label_frequency) == pytest.approx(0.3)
+    auto.set_foreground_ring(1)
     ForegroundThresholdPass(data, lambda d: d, SimpleInferer(), network=net, loss=auto)(trainer)
     assert float(net.fg_label_frequency) != pytest.approx(0.3)
     with pytest.raises(ValueError, match="max_voxels"):
@@ -565,33 +565,45 @@ def test_best_checkpoint_state_keeps_the_best_score_across_a_resume(tmp_path):
 
 
 def test_foreground_regime_handler_decides_auto_from_the_annotated_objects(tmp_path):
-    # real label files: 6 annotated objects get a ring, thinner along the axis where they are short; 100 keep the
-    # positive-unlabeled head; dense labels (background_label 0), surface heads and explicit rings are left alone
+    # real files: a few annotated objects get a ring as thick in physical length on every axis (the NIfTI header's
+    # voxel size; none stated in a plain TIFF: isotropic) and Lee & Liu's threshold; many keep the positive-unlabeled
+    # head; dense labels (background_label 0), surface heads and explicit rings are left alone
+    import nibabel as nib
     import tifffile
 
     from spoco_bundle.losses import AUTO_RING_MAX_OBJECTS
 
     few = np.zeros((16, 48, 48), np.uint16)
     for k, (y, x) in enumerate([(4, 4), (4, 24), (24, 4), (24, 24), (36, 36), (36, 12)], 1):
-        few[4:9, y : y + 8, x : x + 8] = k  # 5 x 8 x 8 boxes
+        few[4:10, y : y + 8, x : x + 8] = k
+    affine = np.diag([0.28, 0.127, 0.127, 1.0])  # axes in storage order, as the bundle reads them
+    nib.save(nib.Nifti1Image(np.zeros(few.shape, np.float32), affine), str(tmp_path / "few.nii.gz"))
+    nib.save(nib.Nifti1Image(few.astype(np.int16), affine), str(tmp_path / "few_labels.nii.gz"))
+    tifffile.imwrite(tmp_path / "plain.tif", np.zeros(few.shape, np.uint8))
+    tifffile.imwrite(tmp_path / "plain_labels.tif", few)
     many = np.zeros((110, 110), np.uint16)
     for k in range(AUTO_RING_MAX_OBJECTS + 20):
         y, x = divmod(k, 11)
         many[10 * y + 2 : 10 * y + 8, 10 * x + 2 : 10 * x + 8] = k + 1
-    tifffile.imwrite(tmp_path / "few_labels.tif", few)
+    tifffile.imwrite(tmp_path / "many.tif", np.zeros(many.shape, np.uint8))
     tifffile.imwrite(tmp_path / "many_labels.tif", many)
 
-    def decide(files, loss=None, **kwargs) -> SpocoLoss:
-        loss = SpocoLoss(foreground_ring="auto") if loss is None else loss
+    def decide(name, dims=3, loss=None, **kwargs) -> SpocoLoss:
+        loss = SpocoLoss(foreground_ring="auto", foreground_calibration="auto") if loss is None else loss
         trainer = Engine(lambda e, b: None)
         trainer.loss_function = loss
-        ForegroundRegimeHandler([str(tmp_path / f) for f in files], **kwargs).attach(trainer)
+        image, label = (str(tmp_path / f"{name}{suffix}") for suffix in ("", "_labels"))
+        ext = ".nii.gz" if name == "few" else ".tif"
+        ForegroundRegimeHandler([image + ext], [label + ext], dims, **kwargs).attach(trainer)
         trainer.run(range(1), max_epochs=1)
         return loss
 
-    assert decide(["few_labels.tif"]).foreground_ring == (1, 2, 2)
-    assert decide(["few_labels.tif"], image_scale=[2.0, 1.0, 1.0]).foreground_ring == 2  # 10 x 8 x 8 on that grid
-    assert decide(["many_labels.tif"]).foreground_ring == 0
-    assert decide(["few_labels.tif"], background_label=0).foreground_ring == 0
-    assert decide(["few_labels.tif"], SpocoLoss(foreground_ring="auto", foreground_surface=1)).foreground_ring == 0
-    assert decide(["few_labels.tif"], SpocoLoss(foreground_ring=3)).foreground_ring == 3
+    loss = decide("few")
+    assert loss.foreground_ring == (1, 2, 2) and loss.foreground_calibration == "lee_liu_images"
+    assert decide("few", image_scale=[2.0, 1.0, 1.0]).foreground_ring == 2  # z voxels of 0.14 on the network's grid
+    assert decide("plain").foreground_ring == 2
+    loss = decide("many", dims=2)
+    assert loss.foreground_ring == 0 and loss.foreground_calibration == "label_frequency"
+    assert decide("few", background_label=0).foreground_ring == 0
+    assert decide("few", loss=SpocoLoss(foreground_ring="auto", foreground_surface=1)).foreground_ring == 0
+    assert decide("few", loss=SpocoLoss(foreground_ring=3)).foreground_ring == 3
