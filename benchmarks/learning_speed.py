@@ -87,6 +87,9 @@ RECIPES: dict[str, dict] = {
     # the head learns the annotated objects against the background right around them (the unlabeled voxels within r
     # voxels; the rest says nothing), instead of positive-unlabeled against everything; in 3D [z, y, x] voxels
     "ring2": {"foreground_ring": 2},
+    # the positive-unlabeled head with the label frequency whatever the number of annotated objects (the default up
+    # to 0.23; since 0.24 "default" gives a handful of annotated objects a ring)
+    "pu": {"foreground_ring": 0, "foreground_calibration": "label_frequency"},
     "ring1_2": {"foreground_ring": [1, 2, 2]},
     "ring2_4": {"foreground_ring": [2, 4, 4]},
     # the scribbles protocol with the ring: strokes and ring together are the head's annotated background
