@@ -85,15 +85,21 @@ RECIPES: dict[str, dict] = {
     "surface2": {"foreground_surface": 2},
     "surface1_boundary": {"foreground_surface": 1, "clustering": "boundary", "background": "none", "shape_split": 0.0},
     # the head learns the annotated objects against the background right around them (the unlabeled voxels within r
-    # voxels; the rest says nothing), instead of positive-unlabeled against everything; in 3D [z, y, x] voxels
-    "ring2": {"foreground_ring": 2},
+    # voxels; the rest says nothing), instead of positive-unlabeled against everything; in 3D [z, y, x] voxels. With
+    # the head's own 0.5, pinned: since 0.24 calibration "auto" would add Lee & Liu's threshold to a ring head
+    "ring2": {"foreground_ring": 2, "foreground_calibration": "label_frequency"},
     # the positive-unlabeled head with the label frequency whatever the number of annotated objects (the default up
     # to 0.23; since 0.24 "default" gives a handful of annotated objects a ring)
     "pu": {"foreground_ring": 0, "foreground_calibration": "label_frequency"},
-    "ring1_2": {"foreground_ring": [1, 2, 2]},
-    "ring2_4": {"foreground_ring": [2, 4, 4]},
+    "ring1_2": {"foreground_ring": [1, 2, 2], "foreground_calibration": "label_frequency"},
+    "ring2_4": {"foreground_ring": [2, 4, 4], "foreground_calibration": "label_frequency"},
     # the scribbles protocol with the ring: strokes and ring together are the head's annotated background
-    "scribbles4_ring1_2": {"scribbles": 4, "background_label": 65535, "foreground_ring": [1, 2, 2]},
+    "scribbles4_ring1_2": {
+        "scribbles": 4,
+        "background_label": 65535,
+        "foreground_ring": [1, 2, 2],
+        "foreground_calibration": "label_frequency",
+    },
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},

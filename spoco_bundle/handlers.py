@@ -502,9 +502,12 @@ class ForegroundRegimeHandler:
     around each object when they are few, so that the head learns them supervised, the positive-unlabeled head when
     they are many; with ``foreground_calibration="auto"`` the threshold follows (Lee & Liu's for a ring head). No
     ring where every voxel is annotated (``background_label`` 0) or the head learns object surfaces or contacts
-    (``foreground_surface``, ``foreground_contact_weight``). The objects are counted as :class:`ObjectSizeHandler`
-    measures them (the label files are read once for both); a resumed run decides again, alike. Nothing happens
-    when the loss's ring is not ``"auto"``. Attach it first: other handlers read the loss's settings.
+    (``foreground_surface``, ``foreground_contact_weight``). The objects are those :class:`ObjectSizeHandler`
+    measures (the label files are read once for both; the count includes objects cut by the image border). With a
+    ring the network's ``fg_positive_weight`` is reset to 1 (a fine-tuned positive-unlabeled model's weight would
+    otherwise stay). The decision is the handler's ``state_dict()``, kept in the resume checkpoint: a resumed run
+    keeps it even if the labels changed since. Nothing happens when the loss's ring is not ``"auto"``. Attach it
+    first: other handlers read the loss's settings.
 
     Args:
         image_files, label_files: the training datalist's ``image`` and ``label`` entries (the images' headers give
@@ -536,35 +539,69 @@ class ForegroundRegimeHandler:
         self.background_label = background_label
         self.loss = loss
         self.logger = logging.getLogger(name)
+        self.ring: int | tuple[int, ...] | None = None  # the decision (None: not taken, or not "auto")
+        self._engine: Engine | None = None
+
+    def state_dict(self) -> dict:
+        return {"ring": None if self.ring is None else _plain(self.ring)}
+
+    def load_state_dict(self, state: dict) -> None:
+        ring = state.get("ring")
+        if ring is None:
+            return
+        self.ring = int(ring) if isinstance(ring, (int, float)) else tuple(int(v) for v in ring)
+        if self._engine is not None:  # decided already at this run's start: the resumed run's decision wins
+            self._apply(self._engine, "kept from the resumed run")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
+
+    def _loss(self, engine: Engine):
+        return self.loss if self.loss is not None else getattr(engine, "loss_function", None)
+
+    def _apply(self, engine: Engine, why: str) -> None:
+        loss = self._loss(engine)
+        loss.set_foreground_ring(self.ring)
+        net = _unwrap(getattr(engine, "network", None))
+        if self.ring and getattr(net, "fg_positive_weight", None) is not None:
+            net.fg_positive_weight.fill_(1.0)
+        ring = list(self.ring) if isinstance(self.ring, tuple) else self.ring
+        self.logger.info(
+            f"foreground_ring 'auto': {why}: {ring} (foreground_calibration {loss.foreground_calibration})"
+        )
 
     def __call__(self, engine: Engine) -> None:
         from spoco_bundle.losses import AUTO_RING_MAX_OBJECTS, auto_foreground_ring
         from spoco_bundle.object_size import training_object_count, training_voxel_size
         from spoco_bundle.transforms import check_scale
 
-        loss = self.loss if self.loss is not None else getattr(engine, "loss_function", None)
+        loss = self._loss(engine)
         if not getattr(loss, "foreground_ring_auto", False):
             return
+        self._engine = engine
+        if self.ring is not None:  # a resumed run's decision, loaded before this event
+            self._apply(engine, "kept from the resumed run")
+            return
         count = training_object_count(self.label_files, self.instance_ratio, self.seed, self.background_label)
-        ring: int | tuple[int, ...] = 0
-        if self.background_label != 0 and not (loss.foreground_surface or loss.foreground_contact_weight):
+        many = "at most" if count <= AUTO_RING_MAX_OBJECTS else "more than"
+        why = f"{count} annotated object(s), {many} {AUTO_RING_MAX_OBJECTS}"
+        if self.background_label == 0:
+            self.ring, why = 0, why + ", but every voxel is annotated (background_label 0)"
+        elif loss.foreground_surface or loss.foreground_contact_weight:
+            self.ring, why = 0, why + ", but the head learns surfaces or contacts"
+        else:
             try:
                 voxel = training_voxel_size(self.image_files, self.spatial_dims)[0]
             except ValueError as e:  # a header the reader cannot parse: the data checks name it elsewhere
                 self.logger.warning(f"foreground_ring 'auto': voxel size unknown ({e}), taken as isotropic")
                 voxel = None
-            voxel = voxel if voxel and len(voxel) == self.spatial_dims else [1.0] * self.spatial_dims
+            if not voxel or len(voxel) != self.spatial_dims or not all(math.isfinite(v) and v > 0 for v in voxel):
+                voxel = [1.0] * self.spatial_dims
             scale = np.broadcast_to(np.asarray(check_scale(self.image_scale), np.float64), (self.spatial_dims,))
-            ring = auto_foreground_ring(count, [v / f for v, f in zip(voxel, scale)])  # on the network's grid
-        loss.set_foreground_ring(ring)
-        many = "at most" if count <= AUTO_RING_MAX_OBJECTS else "more than"
-        self.logger.info(
-            f"foreground_ring 'auto': {count} annotated object(s), {many} {AUTO_RING_MAX_OBJECTS}: "
-            f"{list(ring) if isinstance(ring, tuple) else ring} (foreground_calibration {loss.foreground_calibration})"
-        )
+            grid = [float(v / f) for v, f in zip(voxel, scale)]  # the voxel size on the network's grid
+            self.ring = auto_foreground_ring(count, grid)
+            why += f", voxel size {' x '.join(f'{v:.3g}' for v in grid)}"
+        self._apply(engine, why)
 
 
 class TrainingTimeLimit:
@@ -926,7 +963,7 @@ class ResumeCheckpointLoader:
         load_path: str,
         load_dict: dict,
         map_location=None,
-        optional: tuple[str, ...] | list[str] = ("fg_calibration", "time_limit", "best_model"),
+        optional: tuple[str, ...] | list[str] = ("fg_calibration", "time_limit", "best_model", "foreground_regime"),
         name: str = "spoco",
     ) -> None:
         if "trainer" not in load_dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import nibabel as nib
 import numpy as np
@@ -101,6 +102,8 @@ def test_training_object_count_counts_the_kept_objects_of_every_file(tmp_path):
     keep = SparseInstanceLabel(instance_ratio=0.25, seed=3)
     assert training_object_count([path], instance_ratio=0.25, seed=3) == len(np.unique(keep(lab, name="a_labels"))) - 1
     tifffile.imwrite(path, np.where(lab > 2, 0, lab).astype(np.uint16))  # an annotator removed 14 objects
+    st = path.stat()  # the same size: a later modification time (not left to the clock's resolution) marks it new
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert training_object_count([path]) == 2
     assert training_object_count([]) == 0
 

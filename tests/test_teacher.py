@@ -607,3 +607,30 @@ def test_foreground_regime_handler_decides_auto_from_the_annotated_objects(tmp_p
     assert decide("few", background_label=0).foreground_ring == 0
     assert decide("few", loss=SpocoLoss(foreground_ring="auto", foreground_surface=1)).foreground_ring == 0
     assert decide("few", loss=SpocoLoss(foreground_ring=3)).foreground_ring == 3
+    # the decision is the handler's resume state: a resumed run keeps it, whichever handler fires first
+    saved = ForegroundRegimeHandler([str(tmp_path / "few.nii.gz")], [str(tmp_path / "few_labels.nii.gz")], 3)
+    trainer = Engine(lambda e, b: None)
+    trainer.loss_function = SpocoLoss(foreground_ring="auto", foreground_calibration="auto")
+    saved.attach(trainer)
+    trainer.run(range(1), max_epochs=1)
+    assert saved.state_dict() == {"ring": [1, 2, 2]}
+    for loaded_first in (True, False):  # the labels have changed since: many objects now, but the run resumes
+        resumed = ForegroundRegimeHandler([str(tmp_path / "many.tif")], [str(tmp_path / "many_labels.tif")], 2)
+        trainer = Engine(lambda e, b: None)
+        trainer.loss_function = loss = SpocoLoss(foreground_ring="auto", foreground_calibration="auto")
+        if loaded_first:
+            resumed.load_state_dict({"ring": [1, 2]})
+        resumed.attach(trainer)
+        trainer.run(range(1), max_epochs=1)
+        if not loaded_first:
+            assert loss.foreground_ring == 0
+            resumed.load_state_dict({"ring": [1, 2]})
+        assert loss.foreground_ring == (1, 2) and loss.foreground_calibration == "lee_liu_images"
+    # a ring resets a fine-tuned positive-unlabeled model's weight
+    net = EmbeddingUNet(spatial_dims=3, embedding_dim=2, features=(8, 8, 8))
+    net.fg_positive_weight.fill_(10.0)
+    trainer = Engine(lambda e, b: None)
+    trainer.network, trainer.loss_function = net, SpocoLoss(foreground_ring="auto")
+    ForegroundRegimeHandler([str(tmp_path / "few.nii.gz")], [str(tmp_path / "few_labels.nii.gz")], 3).attach(trainer)
+    trainer.run(range(1), max_epochs=1)
+    assert float(net.fg_positive_weight) == 1.0

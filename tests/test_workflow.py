@@ -170,6 +170,8 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
         "0.5",
         "--patch_size",
         "[16,32,32]",
+        "--foreground_ring",
+        "0",  # the positive-unlabeled head (a handful of objects would get a ring by default)
     )
     log = proc.stdout + proc.stderr
     assert "loss terms: pull" in log and "consistency" in log
@@ -296,7 +298,7 @@ def test_resume_after_kill_continues_the_killed_run(tmp_path, tiny3d):
     models.mkdir(parents=True)
     torch.save({"trainer": {"iteration": 999}}, resume)  # an earlier run's file: a new run removes it at its start
     args = ["--epochs", "4", "--epoch_length", "10", "--resume_interval", "5", "--val_interval", "2"]
-    args += ["--patch_size", "[16,32,32]"]
+    args += ["--patch_size", "[16,32,32]", "--foreground_ring", "0"]  # a positive-unlabeled head: calibration state
     cmd = _training_command(tmp_path, tiny3d, *args)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved, deadline = None, time.monotonic() + 300
@@ -320,6 +322,7 @@ def test_resume_after_kill_continues_the_killed_run(tmp_path, tiny3d):
     assert 10 <= done < 40 and done % 5 == 0
     assert {p.name for p in models.iterdir()} <= {"resume.pt", ".resume.pt.partial"}  # one file, no pile-up
     assert saved["fg_calibration"]["weight"] > 0 and saved["time_limit"] == {"elapsed": 0.0}
+    assert saved["foreground_regime"] == {"ring": None}  # a ring given, not "auto": nothing decided
 
     # momentum 1 freezes the teacher: it must stay exactly the saved one (restored, not re-synced to the student)
     proc = _run_training(tmp_path, tiny3d, *args, "--momentum", "1.0", "--resume", "True")
@@ -492,13 +495,14 @@ def test_bad_data_fails_with_file_name(tmp_path, problem):
 
 @pytest.mark.slow
 def test_scribbles_train_a_calibrated_head_and_runs_repeat_bit_for_bit(tmp_path, monkeypatch):
-    # --scribbles paints strokes into dense labels (id --background_label): the head stays positive-unlabeled, so
-    # the model carries a label frequency c < 1; two runs with the same seed and thread count give identical weights
+    # --scribbles paints strokes into dense labels (id --background_label): without a ring the head stays
+    # positive-unlabeled, so the model carries a label frequency c < 1; two runs with the same seed and thread count
+    # give identical weights
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = tmp_path / "syn2d"
     write_synthetic_dataset(data, n_train=2, n_val=0, n_test=0, shape=(64, 64), seed=2, ext=".tif", spatial_dims=2)
     args = ["--spatial_dims", "2", "--epochs", "1", "--epoch_length", "3", "--patch_size", "[48,48]"]
-    args += ["--scribbles", "3", "--background_label", "65535", "--instance_ratio", "0.5"]
+    args += ["--foreground_ring", "0", "--scribbles", "3", "--background_label", "65535", "--instance_ratio", "0.5"]
     states = []
     for run in ("a", "b", "c"):
         (tmp_path / run).mkdir()
@@ -524,7 +528,7 @@ def test_lee_liu_images_calibrates_the_saved_model(tmp_path, n_val):
     write_synthetic_dataset(data, n_train=2, n_val=n_val, n_test=0, shape=(64, 64), seed=2, ext=".tif", spatial_dims=2)
     args = ["--spatial_dims", "2", "--epochs", "1", "--epoch_length", "2", "--val_interval", "1"]
     args += ["--patch_size", "[48,48]", "--instance_ratio", "0.5", "--foreground_calibration", "lee_liu_images"]
-    proc = _run_training(tmp_path, data, *args)
+    proc = _run_training(tmp_path, data, *args, "--foreground_ring", "0")  # the positive-unlabeled head
     log = proc.stdout + proc.stderr
     found = re.findall(r"foreground threshold \(Lee & Liu on 2 training image\(s\)\): t = ([0-9.]+)", log)
     assert len(found) == 1, log[-3000:]
