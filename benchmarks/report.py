@@ -631,7 +631,9 @@ def write_docs(
     lines += [
         "- **Methods**:",
         "  - SPOCO: `benchmarks/methods/spoco.py`: `monai.bundle run training` with `configs/train.json` "
-        "(bundle defaults; background not annotated, so the foreground head is trained positive-unlabeled), then "
+        "(bundle defaults; background not annotated, so the foreground head is trained positive-unlabeled, or, since "
+        "0.24, against a ring of background around the annotated objects where they are at most 80: "
+        "docs/foreground_ring.md), then "
         "`configs/inference.json` with `--background head` (variants: full loss; without the consistency term; "
         "without the unlabeled push; without the instance (Dice) term; the annotation protocols: with simulated "
         "background scribbles, with the true foreground mask given at inference). The git commit and settings of "
