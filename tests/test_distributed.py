@@ -157,6 +157,10 @@ def test_torchrun_two_processes_gloo(tmp_path):
     for k in saved:  # bitwise identical on both ranks, and what rank 0 wrote
         assert torch.equal(teachers[0][k], teachers[1][k]), k
         assert torch.equal(teachers[0][k], saved[k]), k
-    # ... and really an EMA of a trained student: close to it, not equal
-    diff = max((saved[k].float() - resume["model"][k].float()).abs().max().item() for k in saved)
+    # ... and really an EMA of a trained student: close to it, not equal (the head's threshold buffers are the
+    # student's alone: the Lee & Liu pass of a ring head sets them after the teacher's last update)
+    calibration = {"fg_label_frequency", "fg_positive_weight"}
+    diff = max(
+        (saved[k].float() - resume["model"][k].float()).abs().max().item() for k in saved if k not in calibration
+    )
     assert 0 < diff < 0.1

@@ -563,7 +563,8 @@ def test_foreground_ring_trains_a_supervised_head_in_3d(tmp_path, tiny3d):
     log = proc.stdout + proc.stderr
     from spoco_bundle.losses import AUTO_RING_MAX_OBJECTS
 
-    pattern = rf"foreground_ring 'auto': (\d+) annotated object\(s\), at most {AUTO_RING_MAX_OBJECTS}: (.+) \("
+    pattern = rf"foreground_ring 'auto': (\d+) annotated object\(s\), at most {AUTO_RING_MAX_OBJECTS}, voxel size "
+    pattern += r"[0-9.e x]+: (.+) \(foreground_calibration lee_liu_images\)"
     chosen = re.findall(pattern, log)
     assert len(chosen) == 1 and int(chosen[0][0]) > 0, log[-3000:]
     found = re.findall(r"foreground threshold \(Lee & Liu on 2 training image\(s\)\): t = ([0-9.]+)", log)
