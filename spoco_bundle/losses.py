@@ -1095,10 +1095,10 @@ def auto_foreground_ring(count: int, voxel_size: Sequence[float]) -> int | tuple
     ``voxel_size`` (per spatial axis, any unit; ones where the files state none).
 
     At most :data:`AUTO_RING_MAX_OBJECTS` objects: a positive-unlabeled head memorises a few annotated objects and
-    its calibrated threshold then misses most others (GoNuclear with 3-5 annotated nuclei: pixel recall 0.03-0.5),
-    so the head trains on them against a ring of background instead: 2 voxels along the finest axis and as thick in
-    physical length along the others, at least 1 voxel ([1, 2, 2] on GoNuclear's 0.28 x 0.13 x 0.13 um grid, the
-    ring that was measured). More objects: 0 (off), the positive-unlabeled head (docs/foreground_ring.md).
+    its calibrated threshold then misses most others, so the head trains on them against a ring of background
+    instead: 2 voxels along the finest axis and as thick in physical length along the others, at least 1 voxel
+    ([1, 2, 2] on GoNuclear's 0.28 x 0.13 x 0.13 um grid, the ring that was measured). More objects: 0 (off), the
+    positive-unlabeled head (docs/foreground_ring.md).
     """
     v = [float(x) for x in voxel_size]
     if count < 1 or count > AUTO_RING_MAX_OBJECTS or not v or not all(math.isfinite(x) and x > 0 for x in v):
