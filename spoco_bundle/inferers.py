@@ -20,6 +20,7 @@ __all__ = [
     "TwoViewInferer",
     "ScaledInferer",
     "StudentTeacherNet",
+    "FlippedHeadNet",
     "inference_window",
     "check_window",
     "network_for_clustering",
@@ -237,7 +238,8 @@ class ScaledInferer(Inferer):
             return self.blob_scales
         from spoco_bundle.distributed import unwrap
 
-        net = unwrap(network.student if isinstance(network, StudentTeacherNet) else network)
+        net = network.network if isinstance(network, FlippedHeadNet) else network
+        net = unwrap(net.student if isinstance(net, StudentTeacherNet) else net)
         buf = getattr(net, "image_blob_scale", None)
         if buf is None or not bool((buf > 0).all()):
             return None
@@ -394,16 +396,66 @@ class StudentTeacherNet(torch.nn.Module):
         return torch.cat([f[:, :e], g[:, :e], f[:, e:]], dim=1)
 
 
+class FlippedHeadNet(torch.nn.Module):
+    """
+    Test-time flips for the foreground head: the network runs on the input and on its mirror images along every
+    combination of spatial axes (4 views in 2D, 8 in 3D); the head's probability is the mean over the views (each
+    flipped back), the embeddings are the unflipped view's. Embeddings are not averaged: they are equivariant only
+    per object (an object's embedding in one view is arbitrary relative to another view's), so a mean could pull two
+    neighbours together.
+
+    The output has the wrapped network's layout (channels ``[..., foreground logit]``); attributes the inferers and
+    the blockwise path read (recorded object size, strides, kernel sizes) are the wrapped network's.
+
+    Args:
+        network: a network whose last output channel is a foreground logit (e.g.
+            :class:`~spoco_bundle.networks.EmbeddingUNet`, :class:`StudentTeacherNet`).
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, network: torch.nn.Module, spatial_dims: int) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        self.network = network
+        axes = [2 + a for a in range(spatial_dims)]
+        # every subset of the spatial axes, the empty one (no flip) first
+        self.flips = [tuple(a for i, a in enumerate(axes) if k >> i & 1) for k in range(2**spatial_dims)]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("network"), name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x)
+        prob = torch.sigmoid(out[:, -1:].float())
+        for dims in self.flips[1:]:
+            prob += torch.sigmoid(self.network(torch.flip(x, dims))[:, -1:].float()).flip(dims)
+        prob = (prob / len(self.flips)).clamp(1e-6, 1 - 1e-6)
+        return torch.cat([out[:, :-1], torch.logit(prob).to(out.dtype)], dim=1)
+
+
 def network_for_clustering(
-    network: torch.nn.Module, clustering: str, teacher_ckpt_path: str, embedding_dim: int = 16
+    network: torch.nn.Module,
+    clustering: str,
+    teacher_ckpt_path: str,
+    embedding_dim: int = 16,
+    test_time_flips: bool = False,
 ) -> torch.nn.Module:
     """
     The network inference runs: the student alone, or, for ``clustering="consistency"``, the student beside its
-    teacher loaded (strictly) from ``teacher_ckpt_path`` (written by training as ``teacher.pt``).
+    teacher loaded (strictly) from ``teacher_ckpt_path`` (written by training as ``teacher.pt``); with
+    ``test_time_flips``, inside :class:`FlippedHeadNet` (the head averaged over mirror images; a network without a
+    foreground head is returned as it is).
     """
-    if clustering != "consistency":
-        return network
-    from spoco_bundle.networks import load_weights
+    if clustering == "consistency":
+        from spoco_bundle.networks import load_weights
 
-    teacher = load_weights(copy.deepcopy(network), teacher_ckpt_path, map_location=next(network.parameters()).device)
-    return StudentTeacherNet(network, teacher, embedding_dim)
+        device = next(network.parameters()).device
+        teacher = load_weights(copy.deepcopy(network), teacher_ckpt_path, map_location=device)
+        network = StudentTeacherNet(network, teacher, embedding_dim)
+    if test_time_flips and getattr(network, "foreground_head", True):
+        network = FlippedHeadNet(network, int(getattr(network, "spatial_dims", 0) or network.student.spatial_dims))
+    return network

@@ -505,3 +505,53 @@ def test_a_window_the_network_cannot_take_is_an_error_naming_it():
     with pytest.raises(RuntimeError) as raised:  # the config parser wraps it; `monai.bundle run` ends on the cause
         parser.get_parsed_content("sliding_window_inferer")
     assert "window_size [100, 100] must be positive multiples of 8" in str(raised.value.__cause__)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_test_time_flips_make_the_head_flip_equivariant_and_keep_the_embeddings(spatial_dims):
+    from spoco_bundle.inferers import FlippedHeadNet, network_for_clustering
+
+    net = _network(spatial_dims).eval()
+    wrapped = network_for_clustering(net, "watershed", "", embedding_dim=16, test_time_flips=True)
+    assert isinstance(wrapped, FlippedHeadNet) and len(wrapped.flips) == 2**spatial_dims
+    shape = (1, 1) + ((8, 16, 24) if spatial_dims == 3 else (16, 24))
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain, out = net(x), wrapped(x)
+        flipped = wrapped(torch.flip(x, (2,)))
+    assert out.shape == plain.shape
+    torch.testing.assert_close(out[:, :-1], plain[:, :-1])  # the unflipped view's embeddings
+    # the mean over the flip group commutes with a flip; the random network's own head does not
+    torch.testing.assert_close(flipped[:, -1:], torch.flip(out[:, -1:], (2,)), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(net(torch.flip(x, (2,)))[:, -1:], torch.flip(plain[:, -1:], (2,)), atol=1e-4)
+
+
+def test_test_time_flips_keep_what_the_inferers_read_from_the_network():
+    from spoco_bundle.inferers import FlippedHeadNet, ScaledInferer, network_for_clustering
+
+    net = _network(2).eval()
+    net.image_blob_scale.copy_(torch.tensor([2.0, 3.0, 4.0]))
+    wrapped = FlippedHeadNet(net, 2)
+    assert wrapped.spatial_dims == 2 and wrapped.strides == net.strides
+    assert ScaledInferer(lambda x, n: n(x), scale="auto")._training_blob_scales(wrapped) == (2.0, 3.0, 4.0)
+    headless = ConfigParser()
+    headless.read_config(INFER)
+    headless.update({"features": [8, 16, 32], "spatial_dims": 2, "network_def#foreground_head": False})
+    plain = headless.get_parsed_content("network_def")
+    assert network_for_clustering(plain, "watershed", "", test_time_flips=True) is plain
+    with pytest.raises(ValueError, match="spatial_dims"):
+        FlippedHeadNet(net, 4)
+
+
+@pytest.mark.slow
+def test_inference_with_test_time_flips_on_a_real_file(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    tifffile.imwrite(inputs / "c.tif", np.random.default_rng(1).random((50, 70)).astype(np.float32))
+    ckpt = tmp_path / "model.pt"
+    _save_model(ckpt, 2)
+    args = ("--spatial_dims", "2", "--patch_size", "[32,32]", "--test_time_flips", "true")
+    proc = _infer(tmp_path, inputs, tmp_path / "out", ckpt, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    labels, _ = read_image(tmp_path / "out" / "c_instances.tif")
+    assert labels.shape == (50, 70)
