@@ -12,9 +12,10 @@ against their dense labels.
   between windows means something.
 
 Windows: ``patch`` = the training patch with zero padding (the bundle's window up to 0.17); ``default`` =
-``configs/inference.json`` as it is; ``N``: an N x N window for 2D runs, ``AxBxC`` one for 3D runs (each skipped for
-the other), padded by replicating the border where the image is smaller. Further inference options on the default
-window (:data:`OPTIONS`): ``flips`` = test-time flips of the foreground head (``test_time_flips``).
+``configs/inference.json``'s window; ``N``: an N x N window for 2D runs, ``AxBxC`` one for 3D runs (each skipped for
+the other), padded by replicating the border where the image is smaller; all without test-time flips. Further
+inference options on the default window (:data:`OPTIONS`): ``flips`` = test-time flips of the foreground head
+(``test_time_flips``).
 
     .venv/bin/python -m benchmarks.window --run_dir eval/s38/ls/dsb2018/default/ratio_0.10_900s[,...]
         [--records eval/s37/usiigaci/train16_val4/spoco/ratio_0.10.json[,...]] [--windows patch,256,320,384]
@@ -47,17 +48,25 @@ OPTIONS = {"flips": {"test_time_flips": True}}
 def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict | None:
     """``inference.json`` ids for a window name (see the module docstring); None for a window of other dimensions
     (``N`` is a 2D window, ``AxBxC`` a 3D one)."""
-    if window == "default":
-        return {}
+    if window == "default":  # as every window here: without test-time flips (the 2D default since 0.25)
+        return {"test_time_flips": False}
     if window in OPTIONS:
         return dict(OPTIONS[window])
     if window == "patch":
-        return {"sliding_window_inferer#roi_size": list(patch), "sliding_window_inferer#padding_mode": "constant"}
+        return {
+            "sliding_window_inferer#roi_size": list(patch),
+            "sliding_window_inferer#padding_mode": "constant",
+            "test_time_flips": False,
+        }
     size = [int(v) for v in window.split("x")]
     size = size * 2 if len(size) == 1 else size
     if len(size) != spatial_dims:
         return None
-    return {"sliding_window_inferer#roi_size": size, "sliding_window_inferer#padding_mode": "replicate"}
+    return {
+        "sliding_window_inferer#roi_size": size,
+        "sliding_window_inferer#padding_mode": "replicate",
+        "test_time_flips": False,
+    }
 
 
 def mosaics(items: list, k: int, folder: Path) -> list:
@@ -170,7 +179,8 @@ def report(entries: list[dict], windows: list[str], command: str) -> str:
         "(a larger field of view at the same object size); `train` = the run's training images.\n"
         "- **Windows**: `patch` = the training patch, zero padding (the bundle's window up to 0.17); `N` = an N x N "
         "2D window (`AxBxC` a 3D one), images smaller than it padded by replicating their border; `default` = "
-        "`configs/inference.json` today; `flips` = the default window with `test_time_flips` true (the head averaged "
+        "`configs/inference.json`'s window; all of these without test-time flips; `flips` = the default window with "
+        "`test_time_flips` true (the head averaged "
         "over the input's mirror images). Overlap 0.25, Gaussian blending, everything else the bundle's inference.\n"
         f"- **Machine**: {m.get('cpu', '?')}, {m.get('nproc', '?')} cores, torch {m.get('torch', '?')}, no GPU; "
         f"1-minute load average {load} (inference only; times not compared). Commit {git_commit()}.\n"
