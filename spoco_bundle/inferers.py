@@ -456,6 +456,7 @@ def network_for_clustering(
         device = next(network.parameters()).device
         teacher = load_weights(copy.deepcopy(network), teacher_ckpt_path, map_location=device)
         network = StudentTeacherNet(network, teacher, embedding_dim)
-    if test_time_flips and getattr(network, "foreground_head", True):
-        network = FlippedHeadNet(network, int(getattr(network, "spatial_dims", 0) or network.student.spatial_dims))
+    base = network.student if isinstance(network, StudentTeacherNet) else network
+    if test_time_flips and getattr(base, "foreground_head", True):
+        network = FlippedHeadNet(network, int(base.spatial_dims))
     return network

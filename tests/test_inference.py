@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 import subprocess
 import sys
@@ -527,7 +528,7 @@ def test_test_time_flips_make_the_head_flip_equivariant_and_keep_the_embeddings(
 
 
 def test_test_time_flips_keep_what_the_inferers_read_from_the_network():
-    from spoco_bundle.inferers import FlippedHeadNet, ScaledInferer, network_for_clustering
+    from spoco_bundle.inferers import FlippedHeadNet, ScaledInferer, StudentTeacherNet, network_for_clustering
 
     net = _network(2).eval()
     net.image_blob_scale.copy_(torch.tensor([2.0, 3.0, 4.0]))
@@ -539,6 +540,9 @@ def test_test_time_flips_keep_what_the_inferers_read_from_the_network():
     headless.update({"features": [8, 16, 32], "spatial_dims": 2, "network_def#foreground_head": False})
     plain = headless.get_parsed_content("network_def")
     assert network_for_clustering(plain, "watershed", "", test_time_flips=True) is plain
+    # beside its teacher too: the last channel is then a teacher embedding, never to be averaged as a head
+    pair = StudentTeacherNet(plain, copy.deepcopy(plain), embedding_dim=16)
+    assert network_for_clustering(pair, "watershed", "", test_time_flips=True) is pair
     with pytest.raises(ValueError, match="spatial_dims"):
         FlippedHeadNet(net, 4)
 
