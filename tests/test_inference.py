@@ -545,6 +545,8 @@ def test_test_time_flips_keep_what_the_inferers_read_from_the_network():
     assert network_for_clustering(pair, "watershed", "", test_time_flips=True) is pair
     with pytest.raises(ValueError, match="spatial_dims"):
         FlippedHeadNet(net, 4)
+    with pytest.raises(ValueError, match="--test_time_flips True or False\\), got 'false'"):
+        network_for_clustering(net, "watershed", "", test_time_flips="false")
 
 
 @pytest.mark.slow
@@ -554,7 +556,7 @@ def test_inference_with_test_time_flips_on_a_real_file(tmp_path):
     tifffile.imwrite(inputs / "c.tif", np.random.default_rng(1).random((50, 70)).astype(np.float32))
     ckpt = tmp_path / "model.pt"
     _save_model(ckpt, 2)
-    args = ("--spatial_dims", "2", "--patch_size", "[32,32]", "--test_time_flips", "true")
+    args = ("--spatial_dims", "2", "--patch_size", "[32,32]", "--test_time_flips", "True")
     proc = _infer(tmp_path, inputs, tmp_path / "out", ckpt, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     labels, _ = read_image(tmp_path / "out" / "c_instances.tif")
