@@ -450,7 +450,7 @@ def network_for_clustering(
     ``test_time_flips``, inside :class:`FlippedHeadNet` (the head averaged over mirror images; a network without a
     foreground head is returned as it is).
     """
-    if not isinstance(test_time_flips, bool):  # a string such as "false" would otherwise count as on
+    if not isinstance(test_time_flips, (bool, np.bool_)):  # a string such as "false" would otherwise count as on
         raise ValueError(
             f"test_time_flips must be a boolean (on the command line: --test_time_flips True or False), "
             f"got {test_time_flips!r}."

@@ -540,6 +540,7 @@ def test_test_time_flips_keep_what_the_inferers_read_from_the_network():
     headless.update({"features": [8, 16, 32], "spatial_dims": 2, "network_def#foreground_head": False})
     plain = headless.get_parsed_content("network_def")
     assert network_for_clustering(plain, "watershed", "", test_time_flips=True) is plain
+    assert network_for_clustering(net, "watershed", "", test_time_flips=np.int64(2) == 2) is not net  # numpy's bool
     # beside its teacher too: the last channel is then a teacher embedding, never to be averaged as a head
     pair = StudentTeacherNet(plain, copy.deepcopy(plain), embedding_dim=16)
     assert network_for_clustering(pair, "watershed", "", test_time_flips=True) is pair
