@@ -48,25 +48,20 @@ OPTIONS = {"flips": {"test_time_flips": True}}
 def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict | None:
     """``inference.json`` ids for a window name (see the module docstring); None for a window of other dimensions
     (``N`` is a 2D window, ``AxBxC`` a 3D one)."""
-    if window == "default":  # as every window here: without test-time flips (the 2D default since 0.25)
-        return {"test_time_flips": False}
     if window in OPTIONS:
         return dict(OPTIONS[window])
-    if window == "patch":
-        return {
-            "sliding_window_inferer#roi_size": list(patch),
-            "sliding_window_inferer#padding_mode": "constant",
-            "test_time_flips": False,
-        }
-    size = [int(v) for v in window.split("x")]
-    size = size * 2 if len(size) == 1 else size
-    if len(size) != spatial_dims:
-        return None
-    return {
-        "sliding_window_inferer#roi_size": size,
-        "sliding_window_inferer#padding_mode": "replicate",
-        "test_time_flips": False,
-    }
+    if window == "default":
+        window_ids = {}
+    elif window == "patch":
+        window_ids = {"sliding_window_inferer#roi_size": list(patch), "sliding_window_inferer#padding_mode": "constant"}
+    else:
+        size = [int(v) for v in window.split("x")]
+        size = size * 2 if len(size) == 1 else size
+        if len(size) != spatial_dims:
+            return None
+        window_ids = {"sliding_window_inferer#roi_size": size, "sliding_window_inferer#padding_mode": "replicate"}
+    # every window without test-time flips (the 2D default since 0.25), so that windows compare alone
+    return {**window_ids, "test_time_flips": False}
 
 
 def mosaics(items: list, k: int, folder: Path) -> list:
@@ -180,8 +175,8 @@ def report(entries: list[dict], windows: list[str], command: str) -> str:
         "- **Windows**: `patch` = the training patch, zero padding (the bundle's window up to 0.17); `N` = an N x N "
         "2D window (`AxBxC` a 3D one), images smaller than it padded by replicating their border; `default` = "
         "`configs/inference.json`'s window; all of these without test-time flips; `flips` = the default window with "
-        "`test_time_flips` true (the head averaged "
-        "over the input's mirror images). Overlap 0.25, Gaussian blending, everything else the bundle's inference.\n"
+        "`test_time_flips` true (the head averaged over the input's mirror images). Overlap 0.25, Gaussian blending, "
+        "everything else the bundle's inference.\n"
         f"- **Machine**: {m.get('cpu', '?')}, {m.get('nproc', '?')} cores, torch {m.get('torch', '?')}, no GPU; "
         f"1-minute load average {load} (inference only; times not compared). Commit {git_commit()}.\n"
     )

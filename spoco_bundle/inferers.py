@@ -411,13 +411,18 @@ class FlippedHeadNet(torch.nn.Module):
         network: a network whose last output channel is a foreground logit (e.g.
             :class:`~spoco_bundle.networks.EmbeddingUNet`, :class:`StudentTeacherNet`).
         spatial_dims: 2 or 3.
+        head_network: what the mirror images run through, with the same last channel as ``network`` (the student
+            of a :class:`StudentTeacherNet`, so that its teacher runs once); default ``network``.
     """
 
-    def __init__(self, network: torch.nn.Module, spatial_dims: int) -> None:
+    def __init__(
+        self, network: torch.nn.Module, spatial_dims: int, head_network: torch.nn.Module | None = None
+    ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
         self.network = network
+        self.head_network = network if head_network is None else head_network
         axes = [2 + a for a in range(spatial_dims)]
         # every subset of the spatial axes, the empty one (no flip) first
         self.flips = [tuple(a for i, a in enumerate(axes) if k >> i & 1) for k in range(2**spatial_dims)]
@@ -432,7 +437,7 @@ class FlippedHeadNet(torch.nn.Module):
         out = self.network(x)
         prob = torch.sigmoid(out[:, -1:].float())
         for dims in self.flips[1:]:
-            prob += torch.sigmoid(self.network(torch.flip(x, dims))[:, -1:].float()).flip(dims)
+            prob += torch.sigmoid(self.head_network(torch.flip(x, dims))[:, -1:].float()).flip(dims)
         prob = (prob / len(self.flips)).clamp(1e-6, 1 - 1e-6)
         return torch.cat([out[:, :-1], torch.logit(prob).to(out.dtype)], dim=1)
 
@@ -463,5 +468,5 @@ def network_for_clustering(
         network = StudentTeacherNet(network, teacher, embedding_dim)
     base = network.student if isinstance(network, StudentTeacherNet) else network
     if test_time_flips and getattr(base, "foreground_head", True):
-        network = FlippedHeadNet(network, int(base.spatial_dims))
+        network = FlippedHeadNet(network, int(base.spatial_dims), head_network=base)
     return network

@@ -544,6 +544,15 @@ def test_test_time_flips_keep_what_the_inferers_read_from_the_network():
     # beside its teacher too: the last channel is then a teacher embedding, never to be averaged as a head
     pair = StudentTeacherNet(plain, copy.deepcopy(plain), embedding_dim=16)
     assert network_for_clustering(pair, "watershed", "", test_time_flips=True) is pair
+    # with a head, the pair's head channel is the student's averaged over the flips (the teacher runs once)
+    headed = StudentTeacherNet(net, copy.deepcopy(net), embedding_dim=16)
+    wrapped = network_for_clustering(headed, "watershed", "", test_time_flips=True)
+    assert wrapped.head_network is net
+    x = torch.rand(1, 1, 16, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        alone = FlippedHeadNet(net, 2)(x)
+        torch.testing.assert_close(wrapped(x)[:, -1:], alone[:, -1:])
+        torch.testing.assert_close(wrapped(x)[:, :16], alone[:, :16])
     with pytest.raises(ValueError, match="spatial_dims"):
         FlippedHeadNet(net, 4)
     with pytest.raises(ValueError, match="--test_time_flips True or False\\), got 'false'"):
