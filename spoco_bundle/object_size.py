@@ -6,7 +6,8 @@ another magnification to one the model knows (``image_scale="auto"``, :class:`~s
   Gaussian). It needs no model, and it moves with the magnification; inference compares it with the training
   images' (:func:`training_blob_scales`).
 - :func:`training_object_diameter`: the median diameter of the annotated training objects, recorded for users
-  (model card, logs).
+  (model card, logs) and for inference's size filter (``min_diameter_ratio``,
+  :class:`~spoco_bundle.postprocessing.RemoveSmallInstances`).
 - :func:`training_voxel_size`: the training images' voxel size as their files state it (model card), to turn the
   diameter into a physical size.
 
@@ -28,9 +29,11 @@ import numpy as np
 
 __all__ = [
     "MIN_INTERIOR",
+    "ball_volume",
     "equivalent_diameters",
     "median_diameter",
     "training_object_diameter",
+    "recorded_object_diameter",
     "training_object_count",
     "blob_scale",
     "training_blob_scales",
@@ -43,6 +46,16 @@ logger = logging.getLogger(__name__)
 MIN_INTERIOR = 5
 # Gaussian scales (voxels) at which blob_scale looks for the image's characteristic blob size
 BLOB_SIGMAS = tuple(float(v) for v in np.exp(np.linspace(np.log(0.8), np.log(40.0), 24)))
+
+
+def ball_volume(diameter: float, spatial_dims: int) -> float:
+    """Area (2D) or volume (3D) in voxels of the disc or ball of ``diameter`` voxels: the inverse of
+    :func:`equivalent_diameters`."""
+    if spatial_dims == 2:
+        return math.pi * diameter**2 / 4.0
+    if spatial_dims == 3:
+        return math.pi * diameter**3 / 6.0
+    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
 
 
 def equivalent_diameters(labels: np.ndarray, exclude_border: bool = True) -> np.ndarray:
@@ -110,6 +123,34 @@ def training_object_diameter(
     """
     diameters = _annotated(_file_keys(label_files), instance_ratio, seed, background_label)[1]
     return (float(np.median(diameters)) if diameters.size else float("nan")) * _grid_factor(image_scale)
+
+
+def recorded_object_diameter(ckpt_path: str | os.PathLike) -> float:
+    """
+    The median diameter of the annotated training objects that a checkpoint's network records (its
+    ``object_diameter`` buffer, set by :class:`~spoco_bundle.handlers.ObjectSizeHandler` when training starts), in
+    voxels of the training grid, read from the file without building the network.
+
+    Returns:
+        the diameter; 0 when unknown: a model trained before bundle 0.9, or a file that is missing or unreadable
+        (loading the weights reports those).
+    """
+    import torch
+
+    if not os.path.isfile(ckpt_path):
+        return 0.0
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception:  # not a checkpoint: load_weights says so with the file's name
+        return 0.0
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a resume checkpoint: the student's
+    value = state.get("object_diameter") if isinstance(state, dict) else None
+    try:
+        diameter = float(value) if value is not None else 0.0
+    except (TypeError, ValueError, RuntimeError):
+        return 0.0
+    return diameter if math.isfinite(diameter) and diameter > 0 else 0.0
 
 
 def training_object_count(

@@ -10,7 +10,8 @@ the head)::
     ClusterInstancesd      cluster the embeddings (clustering) inside foreground_mask; without one, background
                            "largest" drops the largest cluster                  -> pred = labels (1, *S) int32
     SplitByShaped          split objects shaped like joined round objects (shape_split; 0: off)
-    RemoveSmallInstancesd  remove objects under min_size voxels, ids 1..n
+    RemoveSmallInstancesd  remove objects under min_size voxels or min_diameter_ratio of the training objects'
+                           diameter (recorded in the model), ids 1..n
     ResizeToMatchd         the labels onto the image's grid (nearest neighbour), when the network ran on a
                            resampled grid (image_scale; ScaledInferer output_grid "network": clustering and
                            min_size there, where objects have their training size); 0 outside a given mask
@@ -23,6 +24,7 @@ output's grid the same way (``ResizeToMatchd`` on ``foreground_mask``) before ``
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -501,34 +503,74 @@ def _grid_spacing(image: Any, labels: Any) -> list[float] | None:
 
 class RemoveSmallInstances(Transform):
     """
-    Remove objects smaller than ``min_size`` voxels and number the others 1..n in the order of their ids
-    (:func:`~spoco_bundle.clustering.filter_small`, :func:`~spoco_bundle.clustering.relabel_consecutive`).
+    Remove objects smaller than ``min_size`` voxels, or than a share of the model's training object size, and
+    number the others 1..n in the order of their ids (:func:`~spoco_bundle.clustering.filter_small`,
+    :func:`~spoco_bundle.clustering.relabel_consecutive`).
 
     An object is an id, whatever its connectivity: one nucleus in two pieces is one object of their total size.
     (MONAI's ``RemoveSmallObjects`` differs on instance labels: a map holding only id 1 is treated as a binary mask,
     whose connected pieces are measured apart, and the ids are not renumbered.)
 
+    With ``min_diameter_ratio`` r > 0 and a known ``object_diameter`` d (the median equivalent diameter of the
+    annotated training objects, recorded in the model, :mod:`spoco_bundle.object_size`), objects smaller than a ball
+    (a disk in 2D) of diameter r * d are removed too: the fragments a clustering leaves in bright background are
+    small next to the objects the model learned, while a fixed voxel count means a different size at every
+    magnification. The labels must lie on the grid the model was trained on (the bundle's inference clusters
+    there, :class:`~spoco_bundle.inferers.ScaledInferer` ``output_grid="network"``).
+
     Args:
         min_size: smallest kept object in voxels; 0 or 1 keeps every object.
+        min_diameter_ratio: smallest kept equivalent diameter as a share of ``object_diameter``; 0 = off.
+        object_diameter: the training objects' median diameter in voxels, as the model records it
+            (:func:`~spoco_bundle.object_size.recorded_object_diameter`); 0 = unknown (only ``min_size`` applies).
 
     Input: instance labels ``(1, *S)`` (non-negative integers, 0 = background), S of 2 or 3 axes.
 
     Output: int32 labels of the input's kind.
 
     Raises:
-        ValueError: a negative ``min_size``; labels of the wrong shape or type.
+        ValueError: a negative ``min_size``, ``min_diameter_ratio`` or ``object_diameter``; labels of the wrong shape
+            or type.
     """
 
     backend = [TransformBackends.NUMPY]
 
-    def __init__(self, min_size: int = 16) -> None:
+    def __init__(
+        self,
+        min_size: int = 16,
+        min_diameter_ratio: float = 0.0,
+        object_diameter: float = 0.0,
+    ) -> None:
         if int(min_size) < 0:
             raise ValueError(f"min_size must be >= 0, got {min_size!r}.")
+        try:
+            ratio = float(min_diameter_ratio)
+        except (TypeError, ValueError):
+            ratio = float("nan")
+        if isinstance(min_diameter_ratio, bool) or not ratio >= 0:
+            raise ValueError(f"min_diameter_ratio must be a number >= 0 (0: off), got {min_diameter_ratio!r}.")
         self.min_size = int(min_size)
+        self.min_diameter_ratio = ratio
+        try:
+            diameter = float(object_diameter)
+        except (TypeError, ValueError):
+            diameter = float("nan")
+        if not diameter >= 0:
+            raise ValueError(f"object_diameter must be a number >= 0 (0: unknown), got {object_diameter!r}.")
+        self.object_diameter = diameter
+
+    def smallest(self, spatial_dims: int) -> int:
+        """The smallest kept object in voxels for labels of ``spatial_dims`` axes (the larger of both limits)."""
+        from spoco_bundle.object_size import ball_volume
+
+        diameter = self.object_diameter * self.min_diameter_ratio
+        if not math.isfinite(diameter) or diameter <= 0:
+            return self.min_size
+        return max(self.min_size, math.ceil(ball_volume(diameter, spatial_dims)))
 
     def __call__(self, labels: NdarrayOrTensor) -> NdarrayOrTensor:
         arr = _check_labels(labels, "RemoveSmallInstances")
-        out = relabel_consecutive(filter_small(arr, self.min_size))
+        out = relabel_consecutive(filter_small(arr, self.smallest(arr.ndim - 1)))
         return convert_to_dst_type(out, labels, dtype=torch.int32)[0]
 
 
@@ -539,14 +581,23 @@ class RemoveSmallInstancesd(MapTransform):
     Args:
         keys: the instance labels.
         min_size: smallest kept object in voxels.
+        min_diameter_ratio, object_diameter: the limit relative to the training objects' size (see
+            :class:`RemoveSmallInstances`).
         allow_missing_keys: don't raise for missing keys.
     """
 
     backend = RemoveSmallInstances.backend
 
-    def __init__(self, keys: KeysCollection = "pred", min_size: int = 16, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        min_size: int = 16,
+        min_diameter_ratio: float = 0.0,
+        object_diameter: float = 0.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.remove = RemoveSmallInstances(min_size)
+        self.remove = RemoveSmallInstances(min_size, min_diameter_ratio, object_diameter)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

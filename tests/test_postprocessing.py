@@ -4,6 +4,7 @@ for a real image and on embeddings built here; and each step's checks of its inp
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from spoco_bundle.clustering import (
     relabel_consecutive,
     split_by_shape,
 )
+from spoco_bundle.object_size import ball_volume, equivalent_diameters
 from spoco_bundle.postprocessing import (
     ClusterInstances,
     ClusterInstancesd,
@@ -68,11 +70,20 @@ def _one_pass(
 
 
 def _config_chain(**ids):
-    """configs/inference.json's postprocessing with these ids (as --id value on the command line)."""
+    """configs/inference.json's postprocessing with these ids (as --id value on the command line), its min_size and
+    the smallest object its last step keeps in 2D (min_size, or the share min_diameter_ratio of the model's
+    training object diameter where that is larger)."""
     parser = ConfigParser()
     parser.read_config(INFER)
     parser.update({"bundle_root": str(ROOT), "model": "nuclei2d", "device": "$torch.device('cpu')", **ids})
-    return parser.get_parsed_content("postprocessing"), parser.get_parsed_content("min_size")
+    chain = parser.get_parsed_content("postprocessing")
+    last = [t for t in chain.transforms if isinstance(t, RemoveSmallInstancesd)]
+    return chain, parser.get_parsed_content("min_size"), last[-1].remove.smallest(2)
+
+
+def _final(labels: np.ndarray, smallest: int) -> np.ndarray:
+    """The chain's last size filter on labels of the one-pass reference."""
+    return relabel_consecutive(filter_small(labels, smallest))
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +123,16 @@ def test_config_chain_gives_the_one_pass_labels_on_the_shipped_model(
     nuclei2d_output, method, background, shape_split, masked
 ):
     pred, image, mask = nuclei2d_output
-    chain, min_size = _config_chain(clustering=method, background=background, shape_split=shape_split)
+    chain, min_size, smallest = _config_chain(clustering=method, background=background, shape_split=shape_split)
+    # nuclei2d records its training objects' diameter (12.96 px): the default share 0.45 keeps 27 px and more
+    assert smallest > min_size
     data = {"image": image, "pred": pred.clone()}
     if masked:
         data["foreground_mask"] = mask
     got = chain(data)["pred"]
     spacing = [float(v) for v in image.pixdim][:2]
-    want = _one_pass(pred, method, background, min_size, 0.5, shape_split, mask if masked else None, spacing)
+    one_pass = _one_pass(pred, method, background, min_size, 0.5, shape_split, mask if masked else None, spacing)
+    want = _final(one_pass, smallest)
     assert isinstance(got, torch.Tensor) and got.dtype == torch.int32 and got.shape == (1, *want.shape)
     np.testing.assert_array_equal(np.asarray(got[0]), want)
     assert want.max() > 3  # a real segmentation, ids 1..n
@@ -134,7 +148,7 @@ def test_config_chain_gives_the_one_pass_labels_on_the_shipped_model(
         min_size=min_size,
         shape_split=shape_split,
     )
-    np.testing.assert_array_equal(np.asarray(one(dict(data, pred=pred))["pred"][0]), want)
+    np.testing.assert_array_equal(np.asarray(one(dict(data, pred=pred))["pred"][0]), one_pass)
 
 
 @pytest.mark.parametrize("background, masked", [("none", False), ("head", False), ("none", True)])
@@ -142,7 +156,9 @@ def test_config_chain_with_boundary_clustering_cuts_along_the_head(nuclei2d_outp
     """--clustering boundary in inference.json: the head's probability and --boundary_merge reach cluster_boundary,
     which partitions the image (background none) or keeps to the head's / a given mask."""
     pred, image, mask = nuclei2d_output
-    chain, min_size = _config_chain(clustering="boundary", background=background, shape_split=0.0, boundary_merge=0.3)
+    chain, _, smallest = _config_chain(
+        clustering="boundary", background=background, shape_split=0.0, boundary_merge=0.3
+    )
     data = {"image": image, "pred": pred.clone()}
     if masked:
         data["foreground_mask"] = mask
@@ -157,7 +173,7 @@ def test_config_chain_with_boundary_clustering_cuts_along_the_head(nuclei2d_outp
     if masked:  # seeds from the head inside the given mask: more than the one object the mask's own shape gives
         head_only = cluster_boundary(arr[:16], 1.0 / (1.0 + np.exp(-arr[-1])), min_size=1)
         assert want.max() > 3 and head_only.max() > want.max()
-    want = relabel_consecutive(filter_small(want, min_size))
+    want = _final(want, smallest)
     np.testing.assert_array_equal(got, want)
     assert want.max() > 3
     if fg is None:  # a partition: no voxel left out but the small regions
@@ -169,8 +185,8 @@ def test_config_chain_with_boundary_clustering_cuts_along_the_head(nuclei2d_outp
 def test_otsu_threshold_and_the_other_methods_match_the_one_pass_labels(nuclei2d_output):
     pred, image, mask = nuclei2d_output
     spacing = [float(v) for v in image.pixdim][:2]
-    chain, min_size = _config_chain(clustering="fast", foreground_threshold="otsu")
-    want = _one_pass(pred, "fast", "head", min_size, "otsu", 0.1, spacing=spacing)
+    chain, min_size, smallest = _config_chain(clustering="fast", foreground_threshold="otsu")
+    want = _final(_one_pass(pred, "fast", "head", min_size, "otsu", 0.1, spacing=spacing), smallest)
     np.testing.assert_array_equal(np.asarray(chain({"image": image, "pred": pred})["pred"][0]), want)
     crop = pred[:, :128, :128]  # mean-shift is slow in 16-D
     for method, out, kw in [
@@ -281,6 +297,64 @@ def test_remove_small_instances_counts_an_id_whatever_its_pieces_and_renumbers()
     assert (out == 1).sum() == 23 and (out == 2).sum() == 25
     t = RemoveSmallInstancesd("pred", min_size=0)({"pred": torch.as_tensor(labels)})["pred"]
     assert t.dtype == torch.int32 and set(np.unique(t.numpy())) == {0, 1, 2, 3}  # nothing removed, renumbered
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_remove_small_instances_relative_to_the_training_objects(spatial_dims):
+    """min_diameter_ratio: objects whose equivalent diameter is under that share of the model's training object
+    diameter go, whatever min_size; ratio 0 or an unknown diameter (0): min_size alone."""
+    side = 12 if spatial_dims == 2 else 5
+    labels = np.zeros((1, *([40] * spatial_dims)), np.int32)
+    labels[(0, *[slice(0, 15)] * spatial_dims)] = 1  # diameter about 16.9 (2D) / 18.6 (3D)
+    labels[(0, *[slice(20, 20 + side)] * spatial_dims)] = 2  # 144 px (2D: d 13.5), 125 voxels (3D: d 6.2)
+    labels[(0, *[slice(35, 38)] * spatial_dims)] = 3  # 9 / 27 voxels
+    d = float(equivalent_diameters((labels[0] == 2).astype(np.int32), exclude_border=False)[0])
+    unknown = RemoveSmallInstancesd("pred", min_size=5, min_diameter_ratio=0.5, object_diameter=0.0)
+    assert set(np.unique(unknown({"pred": labels})["pred"])) == {0, 1, 2, 3}
+    just_over = RemoveSmallInstancesd("pred", min_size=5, min_diameter_ratio=0.5, object_diameter=2.0 * d * 1.01)
+    out = just_over({"pred": labels})["pred"]
+    assert set(np.unique(out)) == {0, 1} and (out > 0).sum() == (labels == 1).sum()  # 2 and 3 go, 1 is id 1
+    assert just_over.remove.smallest(spatial_dims) == math.ceil(ball_volume(d * 1.01, spatial_dims))
+    just_under = RemoveSmallInstances(5, 0.5, 2.0 * d * 0.99)
+    assert set(np.unique(just_under(labels))) == {0, 1, 2}  # 2 is just over the limit, 3 far under
+    assert RemoveSmallInstances(5, 0.0, 2.0 * d)(labels).max() == 3  # ratio 0: off
+    assert RemoveSmallInstances(100, 0.5, 2.0)(labels).max() == 2  # min_size the larger limit: 3 goes
+    for bad in (-0.1, "off", None, True):
+        with pytest.raises(ValueError, match=f"min_diameter_ratio must be a number >= 0 .*got {bad!r}"):
+            RemoveSmallInstances(16, bad)
+    for bad in (-1.0, "big", None):
+        with pytest.raises(ValueError, match=f"object_diameter must be a number >= 0 .*got {bad!r}"):
+            RemoveSmallInstances(16, 0.45, bad)
+
+
+def test_the_recorded_diameter_is_read_from_the_checkpoint_file(tmp_path):
+    """recorded_object_diameter reads the network's buffer from a plain or a resume checkpoint without building
+    the network; 0 for a model without the record and for a missing or unreadable file."""
+    from spoco_bundle.networks import EmbeddingUNet
+    from spoco_bundle.object_size import recorded_object_diameter
+
+    net = EmbeddingUNet(spatial_dims=2, in_channels=1, embedding_dim=8, features=(8, 16, 32, 64))
+    net.object_diameter.fill_(13.5)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    torch.save({"model": net.state_dict(), "optimizer": {}}, tmp_path / "resume.pt")
+    assert recorded_object_diameter(tmp_path / "model.pt") == pytest.approx(13.5)
+    assert recorded_object_diameter(tmp_path / "resume.pt") == pytest.approx(13.5)
+    old = {k: v for k, v in net.state_dict().items() if k not in ("object_diameter", "image_blob_scale")}
+    torch.save(old, tmp_path / "old.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    for path in ("old.pt", "text.pt", "missing.pt"):
+        assert recorded_object_diameter(tmp_path / path) == 0.0
+
+
+def test_ball_volume_inverts_the_equivalent_diameter():
+    for dims, volume in ((2, 150.0), (3, 2000.0)):
+        labels = np.zeros([60] * dims, np.int32)
+        labels[tuple(slice(0, round(volume ** (1 / dims))) for _ in range(dims))] = 1
+        v = float((labels > 0).sum())
+        d = float(equivalent_diameters(labels, exclude_border=False)[0])
+        assert ball_volume(d, dims) == pytest.approx(v)
+    with pytest.raises(ValueError, match="spatial_dims"):
+        ball_volume(3.0, 4)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
