@@ -791,11 +791,16 @@ def test_window_study_names_and_mosaics(tmp_path):
 
     from benchmarks.window import mosaics, window_overrides
 
-    assert window_overrides("default", 2, [192, 192]) == {"test_time_flips": False}
-    assert window_overrides("flips", 3, [32, 64, 64]) == {"test_time_flips": True}
+    off = {"test_time_flips": False, "min_diameter_ratio": 0}
+    assert window_overrides("default", 2, [192, 192]) == off
+    assert window_overrides("flips", 3, [32, 64, 64]) == dict(off, test_time_flips=True)
+    assert window_overrides("size0.45", 2, [192, 192]) == dict(off, min_diameter_ratio=0.45)
+    with pytest.raises(ValueError, match="size0.45"):
+        window_overrides("sizeable", 2, [192, 192])
     patch = window_overrides("patch", 3, [32, 64, 64])
     assert patch["sliding_window_inferer#roi_size"] == [32, 64, 64]
     assert patch["sliding_window_inferer#padding_mode"] == "constant" and patch["test_time_flips"] is False
+    assert patch["min_diameter_ratio"] == 0
     assert window_overrides("320", 2, [192, 192])["sliding_window_inferer#roi_size"] == [320, 320]
     assert window_overrides("64x112x112", 3, [32, 64, 64])["sliding_window_inferer#roi_size"] == [64, 112, 112]
     assert window_overrides("320", 3, [32, 64, 64]) is None and window_overrides("8x8x8", 2, [192, 192]) is None
