@@ -13,7 +13,9 @@ its summary ``docs/benchmarks.json`` (:mod:`benchmarks.report`).
 
 - Every (data set, split, method, ratio) is one run in its own subprocess (thread settings, memory, TensorFlow
   kept apart from torch). Its result is cached as ``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` with the
-  predictions beside it (``.npz``); a run whose JSON exists with the same settings is skipped (``--force`` reruns).
+  predictions beside it (``.npz``); a run whose JSON exists with the same settings is skipped (``--force`` reruns);
+  one that finished with other settings (another ``--seed``, budget or ``--overrides``) is not replaced: the run
+  is refused with what differs (``--force`` replaces it), so give each seed or study arm its own ``--out_dir``.
   So the grid (hours on 2 cores) can be run in pieces, e.g. one ``--methods``/``--ratios`` at a time.
 - Methods that cannot run here (SPOCO runner not written, ``.venv-bench`` missing) are recorded as "not run";
   failing runs as "failed" with the error; neither is cached. A data set missing under ``--data_dir`` is skipped.
@@ -60,6 +62,7 @@ from benchmarks.records import (
     is_cached,
     load_record,
     run_path,
+    settings_difference,
     write_record,
 )
 from benchmarks.report import write_docs
@@ -248,8 +251,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for ratio in args.ratios:
                         path = run_path(args.out_dir, dataset, split.name, method, ratio)
                         tag = f"{dataset} {split.name} {method} ratio {ratio:g}"
-                        if not args.force and is_cached(load_record(path), settings):
+                        old = load_record(path)
+                        if not args.force and is_cached(old, settings):
                             log(f"[benchmark] {tag}: cached ({path})")
+                            continue
+                        if not args.force and old and old.get("status") == "ok":
+                            # record paths do not carry the settings: another seed or study would overwrite it
+                            log(
+                                f"[benchmark] {tag}: not run: {path} holds a finished run with other settings "
+                                f"({settings_difference(old, settings)}); give this run its own --out_dir, or "
+                                "--force to replace that run"
+                            )
+                            failures += 1
                             continue
                         reason = unavailable[method]
                         if method == "stardist" and split.spatial_dims == 3 and not args.stardist3d:

@@ -141,6 +141,18 @@ def is_cached(record: dict[str, Any] | None, settings: RunSettings | dict[str, A
     return not spoco or _overrides(record.get("overrides")) == _overrides(fields.get("overrides"))
 
 
+def settings_difference(record: dict[str, Any], settings: RunSettings | dict[str, Any]) -> str:
+    """What differs between a finished run's record and the settings of a run that would replace it (the fields
+    :func:`is_cached` matches on), e.g. ``seed 0 -> 1``; '' when nothing does."""
+    fields = settings.cache_fields() if isinstance(settings, RunSettings) else settings
+    diffs = [f"{k} {record.get(k)} -> {fields.get(k)}" for k in CACHE_KEYS if record.get(k) != fields.get(k)]
+    if str(record.get("method", "")).startswith("spoco"):
+        old, new = _overrides(record.get("overrides")), _overrides(fields.get("overrides"))
+        if old != new:
+            diffs.append(f"overrides {old or {}} -> {new or {}}")
+    return ", ".join(diffs)
+
+
 def write_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Write a run record atomically (a temporary file renamed over it): a reader never sees half a record."""
     path = Path(path)

@@ -871,3 +871,25 @@ def test_tune_split_cuts_a_single_volume_in_two(tmp_path):
     assert "`vol_a_image`, the first half of the training volume" in data_words(tuned)
     assert "`vol_b_image`, the second half" in data_words(tuned)
     assert "first 1 images" in data_words(tune_split(Split("d", "y", 2, [item, item], [item]), 1))
+
+
+def test_a_run_with_other_settings_does_not_replace_a_finished_one(tmp_path: Path, capsys) -> None:
+    """Record paths do not carry the seed: a --seed 1 run into the out_dir of a finished seed-0 run is refused with
+    what differs (it once overwrote the seed-0 record), and --force replaces it."""
+    from benchmarks.accuracy import main
+
+    _need("dsb2018")
+    args = ["--datasets", "dsb2018", "--methods", "classical", "--ratios", "0.1", "--budget_s", "30", "--clock", "cpu"]
+    args += ["--threads", "1", "--max_train", "2", "--max_test", "1", "--data_dir", str(DATA_DIR), "--docs", ""]
+    args += ["--out_dir", str(tmp_path / "runs")]
+    assert main(args) == 0
+    path = next((tmp_path / "runs" / "dsb2018").glob("*/classical/ratio_0.10.json"))
+    first = path.read_text()
+    assert json.loads(first)["seed"] == 0
+    capsys.readouterr()
+    assert main(args + ["--seed", "1"]) == 1
+    assert path.read_text() == first
+    assert "holds a finished run with other settings (seed 0 -> 1)" in capsys.readouterr().err
+    assert main(args) == 0 and "cached" in capsys.readouterr().err  # the seed-0 run is still the cached one
+    assert main(args + ["--seed", "1", "--force"]) == 0
+    assert json.loads(path.read_text())["seed"] == 1
