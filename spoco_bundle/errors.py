@@ -6,6 +6,9 @@ ConfigExpression: ...")`` (and transforms' in ``RuntimeError("applying transform
 traceback. Importing ``spoco_bundle`` under ``python -m monai.bundle`` (the bundle's configs import it) installs
 :func:`print_error_summary` as ``sys.excepthook``: Python's traceback is printed as before, then one
 ``error: <type>: <message>`` summary of the root cause, so that it is the last thing the user reads.
+
+:func:`check_flag` is the check of the configs' boolean ids: on the command line only ``True`` / ``False`` become
+booleans, ``false`` arrives as text, which Python counts as true.
 """
 
 from __future__ import annotations
@@ -13,10 +16,25 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-__all__ = ["root_cause", "print_error_summary", "install_error_summary"]
+__all__ = ["root_cause", "print_error_summary", "install_error_summary", "check_flag"]
 
 # messages of MONAI's wrappers around the real error (raised ``from`` it)
 _WRAPPERS = ("Failed to evaluate", "Failed to instantiate", "applying transform")
+
+
+def check_flag(value: object, name: str) -> bool:
+    """
+    ``value`` of the boolean config id ``name`` as a ``bool``.
+
+    Raises:
+        ValueError: anything but a boolean (numpy's included), e.g. the text ``'false'`` that ``--name false`` gives,
+            naming the id and how to write it.
+    """
+    import numpy as np
+
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a boolean (on the command line: --{name} True or False), got {value!r}.")
+    return bool(value)
 
 
 def root_cause(error: BaseException) -> BaseException:

@@ -455,11 +455,9 @@ def network_for_clustering(
     ``test_time_flips``, inside :class:`FlippedHeadNet` (the head averaged over mirror images; a network without a
     foreground head is returned as it is).
     """
-    if not isinstance(test_time_flips, (bool, np.bool_)):  # a string such as "false" would otherwise count as on
-        raise ValueError(
-            f"test_time_flips must be a boolean (on the command line: --test_time_flips True or False), "
-            f"got {test_time_flips!r}."
-        )
+    from spoco_bundle.errors import check_flag
+
+    test_time_flips = check_flag(test_time_flips, "test_time_flips")  # the text "false" would count as on
     if clustering == "consistency":
         from spoco_bundle.networks import load_weights
 

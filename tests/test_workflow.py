@@ -596,3 +596,17 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", _Terminal())
     TrainingProgressBar().attach(engine)
     assert handlers() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["resume", "tensorboard"])
+def test_a_boolean_option_given_as_lowercase_text_fails_clearly(tmp_path, tiny3d, flag):
+    """`--resume false` arrives as the text 'false', which Python counts as true (it would have resumed, or kept
+    TensorBoard on): one error line naming the option, nothing trained or written."""
+    proc = _run_training(tmp_path, tiny3d, "--epochs", "1", f"--{flag}", "false", expect_ok=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: ValueError: {flag} must be a boolean (on the command line: --{flag} True or False), got 'false'."
+    )
+    models = tmp_path / "bundle" / "models"
+    assert not models.exists() or list(models.iterdir()) == []
