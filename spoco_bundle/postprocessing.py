@@ -501,6 +501,17 @@ def _grid_spacing(image: Any, labels: Any) -> list[float] | None:
 # ------------------------------------------------------------------------------------------ minimum size
 
 
+def _non_negative(value: Any, name: str, zero: str) -> float:
+    """``value`` as a float >= 0, else a ValueError naming the option (a command-line text, a bool, NaN)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number >= 0:
+        raise ValueError(f"{name} must be a number >= 0 ({zero}), got {value!r}.")
+    return number
+
+
 class RemoveSmallInstances(Transform):
     """
     Remove objects smaller than ``min_size`` voxels, or than a share of the model's training object size, and
@@ -543,21 +554,9 @@ class RemoveSmallInstances(Transform):
     ) -> None:
         if int(min_size) < 0:
             raise ValueError(f"min_size must be >= 0, got {min_size!r}.")
-        try:
-            ratio = float(min_diameter_ratio)
-        except (TypeError, ValueError):
-            ratio = float("nan")
-        if isinstance(min_diameter_ratio, bool) or not ratio >= 0:
-            raise ValueError(f"min_diameter_ratio must be a number >= 0 (0: off), got {min_diameter_ratio!r}.")
         self.min_size = int(min_size)
-        self.min_diameter_ratio = ratio
-        try:
-            diameter = float(object_diameter)
-        except (TypeError, ValueError):
-            diameter = float("nan")
-        if not diameter >= 0:
-            raise ValueError(f"object_diameter must be a number >= 0 (0: unknown), got {object_diameter!r}.")
-        self.object_diameter = diameter
+        self.min_diameter_ratio = _non_negative(min_diameter_ratio, "min_diameter_ratio", "0: off")
+        self.object_diameter = _non_negative(object_diameter, "object_diameter", "0: unknown")
 
     def smallest(self, spatial_dims: int) -> int:
         """The smallest kept object in voxels for labels of ``spatial_dims`` axes (the larger of both limits)."""
