@@ -34,6 +34,7 @@ __all__ = [
     "median_diameter",
     "training_object_diameter",
     "recorded_object_diameter",
+    "RecordedObjectDiameter",
     "training_object_count",
     "blob_scale",
     "training_blob_scales",
@@ -151,6 +152,32 @@ def recorded_object_diameter(ckpt_path: str | os.PathLike) -> float:
     except (TypeError, ValueError, RuntimeError):
         return 0.0
     return diameter if math.isfinite(diameter) and diameter > 0 else 0.0
+
+
+class RecordedObjectDiameter:
+    """
+    :func:`recorded_object_diameter` of ``ckpt_path`` as a number (``float(...)``), read again whenever the file
+    changes: a MONAI Label server retrains the model it segments with, and the new weights record the size of the new
+    annotations.
+    """
+
+    def __init__(self, ckpt_path: str | os.PathLike) -> None:
+        self.ckpt_path = ckpt_path
+        self._key: tuple[int, int] | None = None
+        self._value = 0.0
+
+    def __float__(self) -> float:
+        try:
+            stat = os.stat(self.ckpt_path)
+        except OSError:
+            return 0.0
+        key = (stat.st_mtime_ns, stat.st_size)
+        if key != self._key:
+            self._value, self._key = recorded_object_diameter(self.ckpt_path), key
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"RecordedObjectDiameter({str(self.ckpt_path)!r})"
 
 
 def training_object_count(

@@ -532,8 +532,9 @@ class RemoveSmallInstances(Transform):
     Args:
         min_size: smallest kept object in voxels; 0 or 1 keeps every object.
         min_diameter_ratio: smallest kept equivalent diameter as a share of ``object_diameter``; 0 = off.
-        object_diameter: the training objects' median diameter in voxels, as the model records it
-            (:func:`~spoco_bundle.object_size.recorded_object_diameter`); 0 = unknown (only ``min_size`` applies).
+        object_diameter: the training objects' median diameter in voxels, as the model records it; 0 = unknown (only
+            ``min_size`` applies). Read at every call (``float()``), so a
+            :class:`~spoco_bundle.object_size.RecordedObjectDiameter` follows a checkpoint that is retrained.
 
     Input: instance labels ``(1, *S)`` (non-negative integers, 0 = background), S of 2 or 3 axes.
 
@@ -556,13 +557,14 @@ class RemoveSmallInstances(Transform):
             raise ValueError(f"min_size must be >= 0, got {min_size!r}.")
         self.min_size = int(min_size)
         self.min_diameter_ratio = _non_negative(min_diameter_ratio, "min_diameter_ratio", "0: off")
-        self.object_diameter = _non_negative(object_diameter, "object_diameter", "0: unknown")
+        _non_negative(object_diameter, "object_diameter", "0: unknown")
+        self.object_diameter = object_diameter  # read at every call: a RecordedObjectDiameter follows its file
 
     def smallest(self, spatial_dims: int) -> int:
         """The smallest kept object in voxels for labels of ``spatial_dims`` axes (the larger of both limits)."""
         from spoco_bundle.object_size import ball_volume
 
-        diameter = self.object_diameter * self.min_diameter_ratio
+        diameter = _non_negative(self.object_diameter, "object_diameter", "0: unknown") * self.min_diameter_ratio
         if not math.isfinite(diameter) or diameter <= 0:
             return self.min_size
         return max(self.min_size, math.ceil(ball_volume(diameter, spatial_dims)))
@@ -592,7 +594,7 @@ class RemoveSmallInstancesd(MapTransform):
         keys: KeysCollection = "pred",
         min_size: int = 16,
         min_diameter_ratio: float = 0.0,
-        object_diameter: float = 0.0,
+        object_diameter: Any = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)

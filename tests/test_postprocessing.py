@@ -331,7 +331,7 @@ def test_the_recorded_diameter_is_read_from_the_checkpoint_file(tmp_path):
     """recorded_object_diameter reads the network's buffer from a plain or a resume checkpoint without building
     the network; 0 for a model without the record and for a missing or unreadable file."""
     from spoco_bundle.networks import EmbeddingUNet
-    from spoco_bundle.object_size import recorded_object_diameter
+    from spoco_bundle.object_size import RecordedObjectDiameter, recorded_object_diameter
 
     net = EmbeddingUNet(spatial_dims=2, in_channels=1, embedding_dim=8, features=(8, 16, 32, 64))
     net.object_diameter.fill_(13.5)
@@ -344,6 +344,14 @@ def test_the_recorded_diameter_is_read_from_the_checkpoint_file(tmp_path):
     (tmp_path / "text.pt").write_text("not a checkpoint")
     for path in ("old.pt", "text.pt", "missing.pt"):
         assert recorded_object_diameter(tmp_path / path) == 0.0
+    # what inference.json passes: read again when the file changes (a MONAI Label server retrains its model)
+    follows = RecordedObjectDiameter(tmp_path / "model.pt")
+    step = RemoveSmallInstances(1, 1.0, follows)
+    assert float(follows) == pytest.approx(13.5) and step.smallest(2) == math.ceil(ball_volume(13.5, 2))
+    net.object_diameter.fill_(20.0)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    assert step.smallest(2) == math.ceil(ball_volume(20.0, 2))
+    assert float(RecordedObjectDiameter(tmp_path / "missing.pt")) == 0.0
 
 
 def test_ball_volume_inverts_the_equivalent_diameter():
