@@ -116,9 +116,11 @@ def report(records: list[dict], rules: list[str]) -> str:
         f"- **Data**: {records[0]['split']}: the {records[0]['n_test']} held-back *training* images of the "
         "learning-speed protocol (never trained on), resampled by each factor (image linear, labels nearest), scored "
         "against the resampled labels. The benchmark's validation images are not used.\n"
-        "- **Models**: the checkpoints of the runs below (`python -m benchmarks.learning_speed`, 10 % of the objects, "
-        "900 CPU-s, the bundle's training defaults of the run's commit with the `train.json` overrides named per "
-        "model); inference with `configs/inference.json` (clustering on the network's grid).\n"
+        "- **Models**: the checkpoints of the runs below (`python -m benchmarks.learning_speed`, the labelled fraction "
+        "named per model, 900 CPU-s, the bundle's training defaults of the run's commit with the `train.json` "
+        "overrides named per model); inference with `configs/inference.json`'s preprocessing, network and "
+        "post-processing of the inference commit named per model (clustering on the network's grid; the network "
+        "alone, without test-time flips).\n"
         f"- **Machine**: {m.get('cpu', '?')}, {m.get('nproc', '?')} cores, torch {m.get('torch', '?')}, no GPU; "
         f"1-minute load average {load} (inference only, times not compared).\n"
         "- **Rules**: `none` = `--image_scale 1`; `matched` = the true factor (a reference); `median` / `edge` / "
@@ -134,7 +136,10 @@ def report(records: list[dict], rules: list[str]) -> str:
             cells = [f"{r[k]['ap50']:.3f}" if k in r else "-" for k in rules]
             body += f"| {r['factor']:g} | " + " | ".join(cells) + " |\n"
         trained = rec.get("training", {})
-        how = f"trained at {trained.get('commit', '?')}, overrides {json.dumps(trained.get('overrides', {}))}; "
+        labelled = f"{trained['ratio']:.0%} labelled, " if trained.get("ratio") is not None else ""
+        how = (
+            f"{labelled}trained at {trained.get('commit', '?')}, overrides {json.dumps(trained.get('overrides', {}))}; "
+        )
         text += (
             f"\n## `{rec['run_dir']}` ({how if trained else ''}inference at {rec['commit']})\n\nAP50:\n\n"
             + head
@@ -186,7 +191,7 @@ def main() -> None:
         run_record = Path(f"{run_dir}.json")  # the learning-speed run's record: what the model was trained with
         if run_record.is_file():
             trained = json.loads(run_record.read_text())
-            record["training"] = {k: trained.get(k) for k in ("commit", "overrides", "seed", "iterations")}
+            record["training"] = {k: trained.get(k) for k in ("commit", "overrides", "seed", "iterations", "ratio")}
         todo = {f: [r for r in rules if r not in record["rows"].get(f"{f:g}", {})] for f in factors}
         if not args.no_run and any(todo.values()):
             # the set-up of the last run that added rows (the commit: the inference code that ran)
