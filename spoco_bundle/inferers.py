@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
+from spoco_bundle.errors import check_flag
 from spoco_bundle.networks import downsampling
 from spoco_bundle.transforms import Rescale, check_scale
 
@@ -455,8 +456,6 @@ def network_for_clustering(
     ``test_time_flips``, inside :class:`FlippedHeadNet` (the head averaged over mirror images; a network without a
     foreground head is returned as it is).
     """
-    from spoco_bundle.errors import check_flag
-
     test_time_flips = check_flag(test_time_flips, "test_time_flips")  # the text "false" would count as on
     if clustering == "consistency":
         from spoco_bundle.networks import load_weights

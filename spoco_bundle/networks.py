@@ -15,6 +15,7 @@ __all__ = [
     "default_patch_size",
     "default_strides",
     "downsampling",
+    "read_state_dict",
     "load_weights",
     "architecture",
 ]
@@ -202,6 +203,24 @@ def default_patch_size(spatial_dims: int) -> list[int]:
     raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
 
 
+def read_state_dict(ckpt_path: str, map_location: str | torch.device = "cpu") -> dict:
+    """
+    The network state dict in a checkpoint file: a plain ``model.pt``, or the student of a resume checkpoint.
+
+    Raises:
+        ValueError: the file cannot be read, or holds no state dict (naming the file).
+    """
+    try:
+        state = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"Cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a resume checkpoint: take the student
+    if not isinstance(state, dict):
+        raise ValueError(f"Checkpoint {ckpt_path} does not hold a state dict (got {type(state).__name__}).")
+    return state
+
+
 def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """
     Load a plain state dict (``model.pt``) into ``network`` strictly, with an error that says what to fix.
@@ -226,14 +245,7 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
         shipped = available(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))
         hint = f", or segment with a shipped model: --model {' / '.join(shipped)}" if shipped else ""
         raise FileNotFoundError(f"Checkpoint {ckpt_path} not found (train first, or pass --ckpt_path{hint}).")
-    try:
-        state = torch.load(ckpt_path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"Cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}") from e
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a resume checkpoint: take the student
-    if not isinstance(state, dict):
-        raise ValueError(f"Checkpoint {ckpt_path} does not hold a state dict (got {type(state).__name__}).")
+    state = read_state_dict(ckpt_path, map_location)
     from spoco_bundle.shipped import check_network, flag_value
 
     check_network(network, ckpt_path)  # flags that contradict the checkpoint's model.json: one clear line

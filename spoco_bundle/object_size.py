@@ -136,17 +136,14 @@ def recorded_object_diameter(ckpt_path: str | os.PathLike) -> float:
         the diameter; 0 when unknown: a model trained before bundle 0.9, or a file that is missing or unreadable
         (loading the weights reports those).
     """
-    import torch
+    from spoco_bundle.networks import read_state_dict
 
     if not os.path.isfile(ckpt_path):
         return 0.0
     try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception:  # not a checkpoint: load_weights says so with the file's name
+        value = read_state_dict(str(ckpt_path)).get("object_diameter")
+    except ValueError:  # not a checkpoint: load_weights says so with the file's name
         return 0.0
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a resume checkpoint: the student's
-    value = state.get("object_diameter") if isinstance(state, dict) else None
     try:
         diameter = float(value) if value is not None else 0.0
     except (TypeError, ValueError, RuntimeError):
