@@ -14,6 +14,7 @@ as ``--inferer#blob_scales``; the record says which.
 
     .venv/bin/python -m benchmarks.scale [--dataset dsb2018] [--ratio 0.1] [--scales 0.5,0.75,1,1.5,2,3]
         [--method spoco] [--out_dir eval/benchmark] [--threads 2] [--max_test N] [--no_matched] [--no_auto]
+        [--auto_only]
 
 It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
 its work folder) and writes ``scale_ratio_<r>.json`` beside it; ``python -m benchmarks.accuracy --no_run`` puts the
@@ -35,6 +36,7 @@ from scipy import ndimage
 
 from benchmarks.data import REPO_ROOT, cached_checkpoint, default_data_dir, score
 from benchmarks.methods.spoco import predict
+from benchmarks.records import git_commit
 
 
 @dataclass
@@ -59,6 +61,8 @@ def scale_check(args: argparse.Namespace) -> Path:
     test = split.test[: args.max_test] if args.max_test else split.test
     work = Path(tempfile.mkdtemp(prefix=f"spoco_scale_{args.dataset}_"))
     blobs, blobs_source = _training_blob_scales(ckpt, split, run)
+    out = run_dir / f"scale_ratio_{args.ratio:.2f}.json"
+    earlier = _earlier_rows(out, args) if args.auto_only else {}
     rows = []
     for factor in args.scales:
         items = []
@@ -68,12 +72,15 @@ def scale_check(args: argparse.Namespace) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_image(img, path)
             items.append(_Scaled(str(path), lab))
-        t0 = time.perf_counter()
-        preds = predict(ckpt, split, work, items=items, threads=args.threads, tag=f"_{factor:g}")
-        scores = score(preds, [i.labels for i in items], split.spatial_dims)
-        row = {"scale": factor, "inference_s": round(time.perf_counter() - t0, 1), **scores}
-        msg = f"[scale] {args.dataset} {args.method} ratio {args.ratio:g} scale {factor:g}: AP50 {scores['ap50']:.3f}"
-        if factor != 1.0 and not args.no_matched:
+        if args.auto_only:
+            row = {k: v for k, v in earlier[factor].items() if k != "auto"}
+        else:
+            t0 = time.perf_counter()
+            preds = predict(ckpt, split, work, items=items, threads=args.threads, tag=f"_{factor:g}")
+            scores = score(preds, [i.labels for i in items], split.spatial_dims)
+            row = {"scale": factor, "inference_s": round(time.perf_counter() - t0, 1), **scores}
+        msg = f"[scale] {args.dataset} {args.method} ratio {args.ratio:g} scale {factor:g}: AP50 {row['ap50']:.3f}"
+        if factor != 1.0 and not args.no_matched and not args.auto_only:
             ids = {"image_scale": 1.0 / factor}
             preds = predict(ckpt, split, work, items=items, threads=args.threads, tag=f"_{factor:g}_m", overrides=ids)
             matched = score(preds, [i.labels for i in items], split.spatial_dims)
@@ -87,11 +94,18 @@ def scale_check(args: argparse.Namespace) -> Path:
             preds = predict(ckpt, split, work, items=items, threads=args.threads, tag=tag, overrides=ids)
             found = _found_scales(work / f"inference{tag}.log")
             auto = score(preds, [i.labels for i in items], split.spatial_dims)
-            row["auto"] = {"found_median": float(np.median(found)) if found else None, **auto}
+            row["auto"] = {
+                "found_median": float(np.median(found)) if found else None,
+                "rule": _default_rule(),
+                "commit": git_commit(),
+                **auto,
+            }
             msg += f", auto: {auto['ap50']:.3f} (median factor {row['auto']['found_median']})"
         rows.append(row)
         print(msg)
-    out = run_dir / f"scale_ratio_{args.ratio:.2f}.json"
+    if args.auto_only:  # the earlier record's other scales stay
+        merged = {**earlier, **{r["scale"]: r for r in rows}}
+        rows = [merged[f] for f in sorted(merged)]
     out.write_text(
         json.dumps(
             {
@@ -126,6 +140,26 @@ def _training_blob_scales(ckpt: Path, split, run: dict) -> tuple[tuple[float, ..
     return training_blob_scales([i.path for i in split.train], scale), "computed"
 
 
+def _earlier_rows(out: Path, args: argparse.Namespace) -> dict[float, dict]:
+    """``--auto_only``: the rows of the earlier run whose ``image_scale 1`` / matched results are kept."""
+    if not out.is_file():
+        raise SystemExit(f"--auto_only: no earlier run to update ({out} is missing); run without it first.")
+    rows = {float(r["scale"]): r for r in json.loads(out.read_text())["rows"]}
+    missing = [f for f in args.scales if f not in rows]
+    if missing:
+        raise SystemExit(f"--auto_only: {out} has no rows for scales {missing}; run those without it first.")
+    return rows
+
+
+def _default_rule() -> str:
+    """The ``rule`` ``image_scale auto`` uses in ``configs/inference.json`` (ScaledInferer's default)."""
+    import inspect
+
+    from spoco_bundle.inferers import ScaledInferer
+
+    return inspect.signature(ScaledInferer).parameters["rule"].default
+
+
 def _found_scales(log: Path) -> list[float]:
     """The factors ``image_scale auto`` chose, from the per-file lines of an inference log."""
     import re
@@ -151,6 +185,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_test", type=int, default=None)
     p.add_argument("--no_matched", action="store_true", help="skip the runs with the matching --image_scale")
     p.add_argument("--no_auto", action="store_true", help="skip the runs with --image_scale auto")
+    p.add_argument(
+        "--auto_only",
+        action="store_true",
+        help="rerun only --image_scale auto (e.g. after a change of its rule), keeping the earlier record's other runs",
+    )
     args = p.parse_args(argv)
     args.scales = [float(s) for s in args.scales.split(",") if s.strip()]
     if any(s <= 0 for s in args.scales):

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # where image_scale "auto" resamples an image whose blob size lies outside the training images' range
-AUTO_RULES = ("asymmetric", "halfway", "median", "edge")
+AUTO_RULES = ("halfway", "asymmetric", "median", "edge")
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +89,8 @@ class ScaledInferer(Inferer):
     (``blob_scales``: their 10th, 50th and 90th percentiles, by default the network's ``image_blob_scale`` buffer
     recorded by :class:`~spoco_bundle.handlers.ObjectSizeHandler`). An image within the training images' range
     (widened to at least the median / ``min_band`` to the median x ``min_band``) is segmented as it is (1); one
-    outside it is resampled (``rule``; factor limited to ``limits``): one with smaller blobs up to the range's lower
-    end only (enlarging interpolates, and blurred small objects are what a model knows least), one with larger blobs
-    down to halfway (geometrically) between the range's upper end and the training median. A
+    outside it is resampled (``rule``; factor limited to ``limits``) to halfway (geometrically) between the range's
+    nearer end and the training median, enlarged or shrunk alike. A
     model that recorded no training images' blob size is run at 1, with a warning. The factor used for the last
     input is ``last_scale``.
 
@@ -103,9 +102,9 @@ class ScaledInferer(Inferer):
         limits: for ``"auto"``: smallest and largest factor.
         min_band: for ``"auto"``: the range in which images are left alone spans at least this factor either side
             of the training median.
-        rule: for ``"auto"``: where an image outside the range is resampled to: ``"asymmetric"`` (above), or for
-            both directions alike ``"halfway"`` (geometrically between the range's nearer end and the median),
-            ``"median"`` or ``"edge"`` (the range's nearer end); docs/scale_rules.md compares them.
+        rule: for ``"auto"``: where an image outside the range is resampled to: ``"halfway"`` (above), ``"median"``,
+            ``"edge"`` (the range's nearer end), or ``"asymmetric"`` (the default up to bundle 0.26: to the range's
+            end when enlarged, halfway when shrunk); docs/scale_rules_enlarge.md compares them.
         output_grid: ``"input"``: the output resampled back onto the input's grid (linear); ``"network"``: the
             network's output as it is, on the resampled grid, cut to the input's extent (a reflected padding
             removed): ``round(n * s)`` voxels along an axis of ``n`` input voxels resampled by ``s``.
@@ -127,7 +126,7 @@ class ScaledInferer(Inferer):
         limits: tuple[float, float] = (0.2, 5.0),
         min_band: float = 1.25,
         output_grid: str = "input",
-        rule: str = "asymmetric",
+        rule: str = "halfway",
     ) -> None:
         super().__init__()
         self.inferer = inferer
@@ -269,9 +268,9 @@ class ScaledInferer(Inferer):
             return 1.0
         if lo <= found <= hi:
             return 1.0  # within what the model was trained on: leave the image as it is
-        # resampling all the way to the median moves images whose objects were small or large at their own
-        # magnification too far; enlarging blurs, so an image with small blobs is enlarged only to the range's end
-        # (the choice measured on DSB2018 training images, docs/scale_rules.md)
+        # all the way to the median moves images whose objects were small or large at their own magnification too
+        # far; only to the range's end leaves enlarged (blurred) images at the size the model segments worst
+        # (measured on DSB2018 training images: docs/scale_rules.md, docs/scale_rules_enlarge.md)
         edge = lo if found < lo else hi
         rule = ("edge" if found < lo else "halfway") if self.rule == "asymmetric" else self.rule
         target = {"halfway": math.sqrt(edge * mid), "median": mid, "edge": edge}[rule]

@@ -182,13 +182,14 @@ def test_auto_scale_resamples_only_images_outside_the_training_range():
     assert net.seen[-1] == (round(256 * inferer.last_scale[0]),) * 2 and out.shape == (1, 2, 256, 256)
     small = torch.as_tensor(_blob_image(4.0))[None, None]
     inferer(small, net)
-    # enlarged only up to the range's lower end (radius 8)
-    assert inferer.last_scale[0] == pytest.approx(8 / 4, rel=0.12)
-    # the other rules, alike both ways: all the way to the median, to the range's nearer end, or halfway
+    # enlarged alike: halfway between the range's lower end (radius 8) and the median
+    assert inferer.last_scale[0] == pytest.approx((8 * 10) ** 0.5 / 4, rel=0.12)
+    # the other rules: all the way to the median, to the range's nearer end, or (the default up to 0.26) to the
+    # range's end when enlarged and halfway when shrunk
     for rule, radius_large, radius_small in (
         ("median", 10.0, 10.0),
         ("edge", 12.5, 8.0),
-        ("halfway", (12.5 * 10) ** 0.5, (8 * 10) ** 0.5),
+        ("asymmetric", (12.5 * 10) ** 0.5, 8.0),
     ):
         other = ScaledInferer(SimpleInferer(), "auto", rule=rule)
         other(large, net)
