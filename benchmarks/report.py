@@ -125,6 +125,14 @@ def _scale_lines(scale_records: Sequence[dict[str, Any]], ok: dict, dataset: str
                 found = a.get("found_median") if a else None
                 row += f" {a['ap50']:.3f} ({_fmt(found)}) |" if a else " - |"
             lines.append(row)
+        runs = sorted({(r["auto"]["rule"], r["auto"]["commit"]) for r in rec["rows"] if "rule" in r.get("auto", {})})
+        if runs:
+            lines += [
+                "",
+                "`auto` column: "
+                + "; ".join(f"rule `{rule}` at commit {commit}" for rule, commit in runs)
+                + " (`python -m benchmarks.scale --auto_only`: only that column segmented again, same model).",
+            ]
         lines.append("")
     return lines
 

@@ -125,8 +125,9 @@ def report(records: list[dict], rules: list[str]) -> str:
         f"1-minute load average {load} (inference only, times not compared).\n"
         "- **Rules**: `none` = `--image_scale 1`; `matched` = the true factor (a reference); `median` / `edge` / "
         "`halfway` = `--image_scale auto` with `ScaledInferer(rule=...)`: an image outside the training range is "
-        "resampled to the training median, to the range's nearer end, or halfway (geometrically) between them; "
-        "`asymmetric` (the default): to the range's end when the image would be enlarged, halfway when shrunk.\n"
+        "resampled to the training median, to the range's nearer end, or halfway (geometrically) between them "
+        "(`halfway`: the default since bundle 0.27); `asymmetric` (the default up to 0.26): to the range's end when "
+        "the image would be enlarged, halfway when shrunk.\n"
     )
     head = "| factor | " + " | ".join(rules) + " |\n|---|" + "---|" * len(rules) + "\n"
     for rec in records:
