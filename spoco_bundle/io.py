@@ -148,8 +148,10 @@ class TiffReader(ImageReader):
       not a pixel size, so it is ignored.
     - Otherwise 1.0.
 
-    Multi-channel/RGB data and 4D+ stacks raise a ValueError naming the file (from :meth:`get_data`, so that
-    ``LoadImage`` does not fall back to another reader that would load them silently).
+    A grayscale image stored as colour (RGB / RGBA / gray + alpha samples with equal colour channels and one alpha
+    value, as image software often exports it) is read as its one channel (:func:`gray_from_colour`, logged).
+    Multi-channel data, colour images and 4D+ stacks raise a ValueError naming the file and the reason (from
+    :meth:`get_data`, so that ``LoadImage`` does not fall back to another reader that would load them silently).
 
     Args:
         series: index of the tifffile series to read (0: the first image/stack of the file).
@@ -190,6 +192,9 @@ class TiffReader(ImageReader):
                 raise ValueError(f"the file has {len(tif.series)} image series, series {self.series} requested")
             series = tif.series[self.series]
             axes, shape = series.axes, tuple(series.shape)
+            samples = axes.index("S") if "S" in axes and "C" not in axes else None
+            if samples is not None:  # RGB(A): accepted below when it is a grayscale image stored as colour
+                axes, shape = axes.replace("S", ""), shape[:samples] + shape[samples + 1 :]
             for ax, what in _CHANNEL_AXES.items():
                 if ax in axes:
                     hint = (
@@ -208,6 +213,11 @@ class TiffReader(ImageReader):
                     "single-channel stacks are supported"
                 }
             array = series.asarray(**kwargs)
+            if samples is not None:
+                array, problem = gray_from_colour(np.moveaxis(array, samples, -1))
+                if problem:
+                    return None, {"reject": problem}
+                logger.info(f"{filename}: a grayscale image stored as colour (equal colour channels), read as one")
             spacing, unit = self._spacing(tif, series, len(shape))
         if not array.dtype.isnative:  # torch has no big-endian dtypes
             array = array.astype(array.dtype.newbyteorder("="))
@@ -378,6 +388,26 @@ def read_image(filename: str | os.PathLike) -> tuple[np.ndarray, dict]:
     return array, meta
 
 
+def gray_from_colour(array: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """
+    One channel of ``array`` ``(*S, samples)`` (gray + alpha, RGB or RGBA samples last) when it is a grayscale image
+    stored as colour: equal colour channels and an alpha channel, if any, of one value. Else ``(None, reason)``.
+    """
+    n = array.shape[-1]
+    if n not in (2, 3, 4):
+        return None, f"has {n} colour samples per pixel; only single-channel grayscale images are supported"
+    colour = array[..., : 1 if n == 2 else 3]
+    what = f"{n} colour samples per pixel ({ {2: 'gray + alpha', 3: 'RGB', 4: 'RGBA'}[n] })"
+    if not all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(1, colour.shape[-1])):
+        return None, (
+            f"has {what} with different colour channels (a colour image); only single-channel grayscale images are "
+            "supported: save the stain's channel as its own image (e.g. Fiji: Image > Color > Split Channels)"
+        )
+    if n in (2, 4) and array[..., -1].min() != array[..., -1].max():
+        return None, f"has {what} with a varying transparency (alpha); save it without transparency first"
+    return np.ascontiguousarray(colour[..., 0]), ""
+
+
 def read_spacing(filename: str | os.PathLike) -> tuple[tuple[int, ...], tuple[float, ...], str]:
     """
     The shape, voxel size and its unit of a NIfTI or TIFF file from its header alone (the voxels are not read):
@@ -395,7 +425,7 @@ def read_spacing(filename: str | os.PathLike) -> tuple[tuple[int, ...], tuple[fl
         if _is_tiff(filename):
             with tifffile.TiffFile(filename) as tif:
                 series = tif.series[0]
-                shape = tuple(int(v) for v in series.shape)
+                shape = tuple(int(v) for i, v in enumerate(series.shape) if series.axes[i] != "S")  # as read_image
                 spacing, unit = TiffReader._spacing(tif, series, len(shape))
             return shape, tuple(float(v) for v in spacing), unit
         if _is_nifti(filename):

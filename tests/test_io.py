@@ -22,6 +22,7 @@ from spoco_bundle.io import (
     TiffWriter,
     image_readers,
     read_image,
+    read_spacing,
     split_image_suffix,
 )
 
@@ -141,11 +142,53 @@ def test_tiff_resolution_units(tmp_path):
 )
 def test_tiff_rejects_multichannel_and_4d(tmp_path, shape, kwargs):
     path = tmp_path / "bad_input.tif"
-    tifffile.imwrite(path, np.zeros(shape, np.uint8), **kwargs)
+    tifffile.imwrite(path, ramp(shape, np.uint8), **kwargs)  # the RGB one with different colour channels
     with pytest.raises(ValueError, match="bad_input.tif"):
         load(path)
     with pytest.raises(ValueError, match="bad_input.tif"):
         read_image(path)
+
+
+@pytest.mark.parametrize(
+    "layout, extra",
+    [("rgb", None), ("rgb_planar", None), ("rgba", 255), ("gray_alpha", 200)],
+)
+def test_tiff_grayscale_stored_as_colour_is_read_as_one_channel(tmp_path, caplog, layout, extra):
+    gray = ramp((7, 9), np.uint8)
+    n = {"rgb": 3, "rgb_planar": 3, "rgba": 4, "gray_alpha": 2}[layout]
+    samples = [gray] * (n if extra is None else n - 1) + ([] if extra is None else [np.full_like(gray, extra)])
+    path = tmp_path / f"{layout}.tif"
+    if layout == "rgb_planar":
+        tifffile.imwrite(path, np.stack(samples), photometric="rgb", planarconfig="separate")
+    elif layout == "gray_alpha":
+        tifffile.imwrite(path, np.stack(samples, -1), photometric="minisblack", extrasamples=["unassalpha"])
+    else:
+        tifffile.imwrite(path, np.stack(samples, -1), photometric="rgb")
+    assert "S" in tifffile.TiffFile(path).series[0].axes  # really stored with colour samples
+    with caplog.at_level(logging.INFO, logger="spoco_bundle.io"):
+        img = load(path)
+    assert tuple(img.shape) == (7, 9) and img.dtype == torch.uint8
+    np.testing.assert_array_equal(img.numpy(), gray)
+    assert "stored as colour" in caplog.text and path.name in caplog.text
+    array, _ = read_image(path)
+    np.testing.assert_array_equal(array, gray)
+    assert read_spacing(path)[0] == (7, 9)  # the header agrees with what is read
+
+
+@pytest.mark.parametrize("what", ["colour", "alpha"])
+def test_tiff_colour_image_or_varying_alpha_is_rejected_with_the_reason(tmp_path, what):
+    gray = ramp((7, 9), np.uint8)
+    path = tmp_path / f"{what}_input.tif"
+    if what == "colour":
+        tifffile.imwrite(path, np.stack([gray, gray, gray // 2], -1), photometric="rgb")
+        reason = "has 3 colour samples per pixel [(]RGB[)] with different colour channels"
+    else:
+        tifffile.imwrite(path, np.stack([gray, gray, gray, gray], -1), photometric="rgb")  # alpha = the ramp
+        reason = "varying transparency"
+    with pytest.raises(ValueError, match=f"{what}_input.tif.*{reason}"):
+        read_image(path)
+    with pytest.raises(ValueError, match=f"{what}_input.tif"):
+        load(path)
 
 
 def test_corrupt_tiff_error_names_file_and_does_not_fall_back(tmp_path):
