@@ -194,6 +194,9 @@ class TiffReader(ImageReader):
             axes, shape = series.axes, tuple(series.shape)
             samples = axes.index("S") if "S" in axes and "C" not in axes else None
             if samples is not None:  # RGB(A): accepted below when it is a grayscale image stored as colour
+                layout = colour_layout(series.keyframe, shape[samples])
+                if isinstance(layout, str):
+                    return None, {"reject": layout}
                 axes, shape = axes.replace("S", ""), shape[:samples] + shape[samples + 1 :]
             for ax, what in _CHANNEL_AXES.items():
                 if ax in axes:
@@ -214,7 +217,7 @@ class TiffReader(ImageReader):
                 }
             array = series.asarray(**kwargs)
             if samples is not None:
-                array, problem = gray_from_colour(np.moveaxis(array, samples, -1))
+                array, problem = gray_from_colour(np.moveaxis(array, samples, -1), *layout)
                 if problem:
                     return None, {"reject": problem}
                 logger.info(f"{filename}: a grayscale image stored as colour (equal colour channels), read as one")
@@ -388,24 +391,42 @@ def read_image(filename: str | os.PathLike) -> tuple[np.ndarray, dict]:
     return array, meta
 
 
-def gray_from_colour(array: np.ndarray) -> tuple[np.ndarray | None, str]:
+def colour_layout(page: Any, samples: int) -> tuple[int, bool] | str:
     """
-    One channel of ``array`` ``(*S, samples)`` (gray + alpha, RGB or RGBA samples last) when it is a grayscale image
-    stored as colour: equal colour channels and an alpha channel, if any, of one value. Else ``(None, reason)``.
+    ``(colour channels, alpha)`` of a TIFF page with ``samples`` samples per pixel that may be a grayscale image
+    stored as colour: RGB (3), RGB + alpha (4) or gray + alpha (2); else why it is refused (from the header alone).
     """
-    n = array.shape[-1]
-    if n not in (2, 3, 4):
-        return None, f"has {n} colour samples per pixel; only single-channel grayscale images are supported"
-    colour = array[..., : 1 if n == 2 else 3]
-    what = f"{n} colour samples per pixel ({ {2: 'gray + alpha', 3: 'RGB', 4: 'RGBA'}[n] })"
-    if not all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(1, colour.shape[-1])):
+    alpha = {tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA}
+    extras = tuple(page.extrasamples)
+    photometric = tifffile.PHOTOMETRIC(page.photometric)
+    if photometric == tifffile.PHOTOMETRIC.RGB and samples == 3 + len(extras) and len(extras) <= 1:
+        if not extras or extras[0] in alpha:
+            return 3, bool(extras)
+    if photometric == tifffile.PHOTOMETRIC.MINISBLACK and samples == 2 and len(extras) == 1 and extras[0] in alpha:
+        return 1, True
+    return (
+        f"has {samples} samples per pixel (photometric {photometric.name}, extra samples "
+        f"{[tifffile.EXTRASAMPLE(e).name for e in extras]}); only single-channel grayscale images (or grayscale "
+        "saved as RGB / RGBA) are supported, convert it to one channel first"
+    )
+
+
+def gray_from_colour(array: np.ndarray, colour: int, alpha: bool) -> tuple[np.ndarray | None, str]:
+    """
+    One channel of ``array`` ``(*S, samples)`` (``colour`` colour channels, then an alpha channel if ``alpha``; see
+    :func:`colour_layout`) when it is a grayscale image stored as colour: equal colour channels and one alpha value.
+    Else ``(None, reason)``.
+    """
+    kind = {(1, True): "gray + alpha", (3, False): "RGB", (3, True): "RGBA"}[(colour, alpha)]
+    what = f"{array.shape[-1]} colour samples per pixel ({kind})"
+    if not all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, colour)):
         return None, (
             f"has {what} with different colour channels (a colour image); only single-channel grayscale images are "
             "supported: save the stain's channel as its own image (e.g. Fiji: Image > Color > Split Channels)"
         )
-    if n in (2, 4) and array[..., -1].min() != array[..., -1].max():
+    if alpha and array[..., -1].min() != array[..., -1].max():
         return None, f"has {what} with a varying transparency (alpha); save it without transparency first"
-    return np.ascontiguousarray(colour[..., 0]), ""
+    return np.ascontiguousarray(array[..., 0]), ""
 
 
 def read_spacing(filename: str | os.PathLike) -> tuple[tuple[int, ...], tuple[float, ...], str]:

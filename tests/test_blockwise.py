@@ -390,6 +390,15 @@ def test_a_2d_tiff_blockwise_matches_the_whole_image(tmp_path):
     assert np.allclose(meta["spacing"], [0.5, 0.5]) and np.allclose(meta["spacing"], whole_meta["spacing"])
 
 
+def test_blockwise_refuses_a_tiff_with_colour_samples_from_its_header(tmp_path):
+    # the whole-image reader accepts a grayscale image saved as RGB after comparing its channels; blocks cannot
+    path = tmp_path / "gray_as_rgb.tif"
+    gray = np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)
+    tifffile.imwrite(path, np.stack([gray] * 3, -1), photometric="rgb")
+    with pytest.raises(ValueError, match="gray_as_rgb.tif stores colour samples.*single-channel"):
+        open_volume(path)
+
+
 def test_ome_zarr_channels_and_time_points_need_a_choice(tmp_path):
     vol = np.random.default_rng(0).random((2, 3) + (8, 16, 16)).astype(np.float32)
     _write_ome_zarr(tmp_path / "tc.ome.zarr", vol, "tczyx", [1.0, 1.0, 2.0, 0.5, 0.5])

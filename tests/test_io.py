@@ -175,16 +175,35 @@ def test_tiff_grayscale_stored_as_colour_is_read_as_one_channel(tmp_path, caplog
     assert read_spacing(path)[0] == (7, 9)  # the header agrees with what is read
 
 
-@pytest.mark.parametrize("what", ["colour", "alpha"])
+def test_tiff_grayscale_stack_stored_as_colour_is_read_as_a_stack(tmp_path):
+    vol = ramp((3, 7, 9), np.uint8)
+    path = tmp_path / "stack_rgb.tif"
+    tifffile.imwrite(path, np.stack([vol] * 3, -1), photometric="rgb")  # one RGB page per slice
+    assert tifffile.TiffFile(path).series[0].axes.endswith("YXS")
+    np.testing.assert_array_equal(read_image(path)[0], vol)
+    assert read_spacing(path)[0] == (3, 7, 9)
+
+
+@pytest.mark.parametrize("what", ["colour", "alpha", "cmyk", "two_channels"])
 def test_tiff_colour_image_or_varying_alpha_is_rejected_with_the_reason(tmp_path, what):
     gray = ramp((7, 9), np.uint8)
     path = tmp_path / f"{what}_input.tif"
     if what == "colour":
         tifffile.imwrite(path, np.stack([gray, gray, gray // 2], -1), photometric="rgb")
         reason = "has 3 colour samples per pixel [(]RGB[)] with different colour channels"
-    else:
+    elif what == "alpha":
         tifffile.imwrite(path, np.stack([gray, gray, gray, gray], -1), photometric="rgb")  # alpha = the ramp
         reason = "varying transparency"
+    elif what == "cmyk":  # equal C, M, Y would read as an inverted image: refused from the header
+        tifffile.imwrite(path, np.stack([gray, gray, gray, np.zeros_like(gray)], -1), photometric="separated")
+        reason = "4 samples per pixel [(]photometric SEPARATED"
+    else:  # two samples, the second not an alpha channel: two channels of data
+        tifffile.imwrite(
+            path, np.stack([gray, np.zeros_like(gray)], -1), photometric="minisblack", planarconfig="contig"
+        )
+        reason = "samples per pixel [(]photometric MINISBLACK"
+    if what == "two_channels":
+        assert "S" in tifffile.TiffFile(path).series[0].axes
     with pytest.raises(ValueError, match=f"{what}_input.tif.*{reason}"):
         read_image(path)
     with pytest.raises(ValueError, match=f"{what}_input.tif"):

@@ -90,6 +90,11 @@ def _open_file(path: str) -> tuple[da.Array, dict]:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes, dtype = series.axes, series.dtype
+        if "S" in axes and "C" not in axes:  # the reader checks colour samples on the whole image, not by blocks
+            raise ValueError(
+                f"TIFF file {path} stores colour samples per pixel (axes {axes!r}); a large image is read in blocks, "
+                "which needs a single-channel file: save it as one channel (grayscale) first."
+            )
         if any(ax in axes for ax in "CS") or len(shape) not in (2, 3):
             TiffReader().get_data(TiffReader().read(path))  # its error, naming the file and the axes
         affine = np.eye(4)
