@@ -62,7 +62,8 @@ def scale_check(args: argparse.Namespace) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f"spoco_scale_{args.dataset}_"))
     blobs, blobs_source = _training_blob_scales(ckpt, split, run)
     out = run_dir / f"scale_ratio_{args.ratio:.2f}.json"
-    earlier = _earlier_rows(out, args) if args.auto_only else {}
+    same = {"split": split.name, "checkpoint_run": run.get("info", {}).get("work_dir"), "n_test": len(test)}
+    earlier = _earlier_rows(out, args, same) if args.auto_only else {}
     rows = []
     for factor in args.scales:
         items = []
@@ -140,24 +141,30 @@ def _training_blob_scales(ckpt: Path, split, run: dict) -> tuple[tuple[float, ..
     return training_blob_scales([i.path for i in split.train], scale), "computed"
 
 
-def _earlier_rows(out: Path, args: argparse.Namespace) -> dict[float, dict]:
-    """``--auto_only``: the rows of the earlier run whose ``image_scale 1`` / matched results are kept."""
+def _earlier_rows(out: Path, args: argparse.Namespace, same: dict) -> dict[float, dict]:
+    """``--auto_only``: the rows of the earlier run whose ``image_scale 1`` / matched results are kept. It must be
+    of the same model and test images (``same``: header fields) and have exactly the scales asked for, so that no
+    row keeps an auto result of another rule."""
     if not out.is_file():
         raise SystemExit(f"--auto_only: no earlier run to update ({out} is missing); run without it first.")
-    rows = {float(r["scale"]): r for r in json.loads(out.read_text())["rows"]}
-    missing = [f for f in args.scales if f not in rows]
-    if missing:
-        raise SystemExit(f"--auto_only: {out} has no rows for scales {missing}; run those without it first.")
+    record = json.loads(out.read_text())
+    differ = {k: (record.get(k), v) for k, v in same.items() if record.get(k) != v}
+    if differ:
+        raise SystemExit(f"--auto_only: {out} is of another run (earlier, now): {differ}; run without it.")
+    rows = {float(r["scale"]): r for r in record["rows"]}
+    if sorted(rows) != sorted(args.scales):
+        raise SystemExit(f"--auto_only: {out} has the scales {sorted(rows)}; give exactly those (--scales).")
     return rows
 
 
 def _default_rule() -> str:
-    """The ``rule`` ``image_scale auto`` uses in ``configs/inference.json`` (ScaledInferer's default)."""
+    """The ``rule`` ``image_scale auto`` uses: ``configs/inference.json``'s, else ScaledInferer's default."""
     import inspect
 
     from spoco_bundle.inferers import ScaledInferer
 
-    return inspect.signature(ScaledInferer).parameters["rule"].default
+    config = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
+    return config["inferer"].get("rule", inspect.signature(ScaledInferer).parameters["rule"].default)
 
 
 def _found_scales(log: Path) -> list[float]:
@@ -191,6 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="rerun only --image_scale auto (e.g. after a change of its rule), keeping the earlier record's other runs",
     )
     args = p.parse_args(argv)
+    if args.auto_only and (args.no_auto or args.no_matched):
+        p.error("--auto_only reruns the auto column only; it takes neither --no_auto nor --no_matched")
     args.scales = [float(s) for s in args.scales.split(",") if s.strip()]
     if any(s <= 0 for s in args.scales):
         p.error(f"scales must be positive, got {args.scales}")
