@@ -35,9 +35,15 @@ def machine_info() -> dict[str, Any]:
     }
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                info["cpu"] = line.split(":", 1)[1].strip()
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "Model name" in fields:
+            info["cpu"] = fields["Model name"]
+        # a virtual machine's model name can be as bare as "AMD EPYC": the generation and clock tell machines of
+        # different speed apart (a CPU-second budget buys other numbers of iterations on them)
+        detail = [f"{k} {fields[k]}" for k in ("CPU family", "Model", "Stepping", "CPU MHz", "BogoMIPS") if k in fields]
+        if detail:
+            info["cpu_detail"] = ", ".join(detail)
     except (OSError, subprocess.SubprocessError):
         pass
     try:

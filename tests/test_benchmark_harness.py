@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from benchmarks.foreground import parse_args as foreground_args
 from benchmarks.methods import classical, membrane
 from benchmarks.methods import spoco as spoco_runner
 from benchmarks.methods.spoco import bundle_ids, inference_clustering, study_overrides
-from benchmarks.records import collect, collect_foreground, collect_scale, is_cached, load_record
+from benchmarks.records import collect, collect_foreground, collect_scale, is_cached, load_record, machine_info
 from benchmarks.report import _grid_budget, _protocol_lines, _study_overrides, write_docs
 from benchmarks.runner import method_unavailable_reason, repredict_one, rescore_one, run_one
 from benchmarks.scale import rescale
@@ -893,3 +894,10 @@ def test_a_run_with_other_settings_does_not_replace_a_finished_one(tmp_path: Pat
     assert main(args) == 0 and "cached" in capsys.readouterr().err  # the seed-0 run is still the cached one
     assert main(args + ["--seed", "1", "--force"]) == 0
     assert json.loads(path.read_text())["seed"] == 1
+
+
+@pytest.mark.skipif(shutil.which("lscpu") is None, reason="lscpu not installed")
+def test_machine_info_tells_cpu_generations_apart():
+    # a virtual machine may name its CPU only "AMD EPYC"; records need the family / model to compare budgets
+    info = machine_info()
+    assert "CPU family" in info["cpu_detail"] and "Model" in info["cpu_detail"] and info["nproc"] >= 1
