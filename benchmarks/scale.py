@@ -64,6 +64,7 @@ def scale_check(args: argparse.Namespace) -> Path:
     out = run_dir / f"scale_ratio_{args.ratio:.2f}.json"
     same = {"split": split.name, "checkpoint_run": run.get("info", {}).get("work_dir"), "n_test": len(test)}
     earlier = _earlier_rows(out, args, same) if args.auto_only else {}
+    auto_run = {"rule": _default_rule(), "commit": git_commit()}  # what every auto result of this run used
     rows = []
     for factor in args.scales:
         items = []
@@ -97,8 +98,7 @@ def scale_check(args: argparse.Namespace) -> Path:
             auto = score(preds, [i.labels for i in items], split.spatial_dims)
             row["auto"] = {
                 "found_median": float(np.median(found)) if found else None,
-                "rule": _default_rule(),
-                "commit": git_commit(),
+                **auto_run,
                 **auto,
             }
             msg += f", auto: {auto['ap50']:.3f} (median factor {row['auto']['found_median']})"
@@ -129,10 +129,9 @@ def scale_check(args: argparse.Namespace) -> Path:
 
 def _training_blob_scales(ckpt: Path, split, run: dict) -> tuple[tuple[float, ...], str]:
     """The model's recorded training images' blob sizes ("recorded"), else computed from its run ("computed")."""
-    import torch
+    from spoco_bundle.networks import read_state_dict
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    recorded = state.get("image_blob_scale")
+    recorded = read_state_dict(str(ckpt)).get("image_blob_scale")
     if recorded is not None and bool((recorded > 0).all()):
         return tuple(float(v) for v in recorded), "recorded"
     from spoco_bundle.object_size import training_blob_scales
