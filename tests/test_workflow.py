@@ -155,6 +155,24 @@ def test_calibration_objects_survive_the_training_transforms(tiny3d):
     assert held and trained
 
 
+@pytest.mark.parametrize("patch_size", [[16, 32, 32], [8, 40, 24]])
+def test_training_batches_for_any_patch_shape(tiny3d, patch_size):
+    # a patch that is not square in the rotation plane is not rotated (a quarter turn would change its shape and the
+    # batch would not collate); the smooth contrast field is sized from the patch and applied to each view
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"dataset_dir": str(tiny3d), "intensity_field": 1.0, "patch_size": patch_size})
+    fields = [t for t in parser.get_parsed_content("train#random_transforms") if "SmoothField" in type(t).__name__]
+    assert sorted(k for t in fields for k in t.keys) == ["image", "image_g"]
+    loader = parser.get_parsed_content("train#dataloader")
+    batches = [batch for _ in range(3) for batch in loader]
+    assert {tuple(b[k].shape) for b in batches for k in ("image", "image_g", "label")} == {(2, 1, *patch_size)}
+    before = torch.linspace(0, 1, int(torch.tensor(patch_size).prod())).reshape(1, *patch_size)
+    after = fields[0]({"image": before})["image"]
+    assert not torch.allclose(after, before, atol=0.01)  # a contrast change somewhere in the patch
+    assert float(after.min()) >= -1e-6 and float(after.max()) <= 1 + 1e-6  # rescaled to the input's range
+
+
 @pytest.mark.slow
 def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     proc = _run_training(
