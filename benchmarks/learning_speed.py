@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks.data import REPO_ROOT, Split, kept_digest, load_benchmark, score, volume_halves
 from benchmarks.methods import spoco as spoco_runner
-from benchmarks.records import git_commit, machine_info
+from benchmarks.records import git_commit, machine_info, reference_words
 from benchmarks.settings import RunSettings
 from spoco_bundle.io import split_image_suffix, write_label_image
 
@@ -100,6 +100,9 @@ RECIPES: dict[str, dict] = {
         "foreground_ring": [1, 2, 2],
         "foreground_calibration": "label_frequency",
     },
+    # a smooth random contrast (gamma) field on each view (MONAI RandSmoothFieldAdjustContrastd), so that regional
+    # brightness (haze, uneven illumination) is not what tells objects from background
+    "field0.5": {"intensity_field": 0.5},
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},
@@ -180,6 +183,7 @@ def run_one(
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_start = os.getloadavg()[0]
     commit = git_commit() or "unknown"  # the code the run starts with
+    machine = machine_info(reference=not rescore)  # the machine's speed before this run starts
     truth = [item.labels for item in split.test]
     run = RunSettings(budget_s=budget_s, clock="cpu", threads=threads, seed=seed, overrides=RECIPES[recipe])
     if rescore:
@@ -223,6 +227,7 @@ def run_one(
         "threads": threads,
         "settings": run.as_record(),
         "commit": commit,
+        "machine": machine,
         "started": started,
         "loadavg_start": round(load_start, 2),
         "loadavg_end": round(os.getloadavg()[0], 2),
@@ -431,6 +436,7 @@ def report(split: Split, records: list[dict], flags: str = "", docs: str = "docs
         "of process CPU seconds (enforced inside the training), two runs side by side. 'CPU s' (as measured by the "
         "script) is blank for runs scored from their saved predictions after a reporting error (`--rescore`) and "
         "for runs of the first grid whose count included the neighbour run (they shared one process).",
+        *([f"- **Speed**: {speed}"] if (speed := reference_words(records)) else []),
         "- **Reading it**: a screen at a short budget only says which recipe learns fastest *early*; keep a recipe "
         "only when it also wins at the budget that matters (the ranking lists under each table show whether the "
         "order holds from one budget to the next). 'AP50 (true mask)' falling while AP50 rises means the recipe "

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ def run_path(out_dir: str | os.PathLike, dataset: str, split: str, method: str, 
     return Path(out_dir) / dataset / split / method / f"ratio_{ratio:.2f}.json"
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, memory, torch version and GPU (when one is used) of this machine."""
+def machine_info(reference: bool = False) -> dict[str, Any]:
+    """CPU model, core count, memory, torch version and GPU (when one is used) of this machine; with ``reference``
+    also its :func:`reference_throughput` (``reference_it_per_cpu_s``, a few CPU-seconds to measure)."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -58,7 +60,48 @@ def machine_info() -> dict[str, Any]:
         info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:
         pass
+    if reference:
+        info["reference_it_per_cpu_s"] = reference_throughput()
     return info
+
+
+# the reference workload of :func:`reference_throughput`, stated in reports
+REFERENCE_WORKLOAD = (
+    "the 2D EmbeddingUNet (features 16-32-64-128), batch 2 x 1 x 128 x 128, forward + backward, 1 thread"
+)
+
+
+def reference_throughput(cpu_s: float = 3.0) -> float | None:
+    """Steps per CPU-second of :data:`REFERENCE_WORKLOAD` on this machine, measured for ``cpu_s`` seconds of this
+    process's CPU time after one warm-up step (None without torch).
+
+    Recorded with each benchmark run: a CPU-second budget buys different numbers of iterations on machines that an
+    ``lscpu`` model name does not tell apart. Under load from other jobs on shared cores it reads lower."""
+    try:
+        import torch
+
+        from spoco_bundle.networks import EmbeddingUNet
+    except ImportError:
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        net = EmbeddingUNet(spatial_dims=2, in_channels=1, embedding_dim=16, features=(16, 32, 64, 128))
+        x = torch.rand((2, 1, 128, 128), generator=torch.Generator().manual_seed(0))
+
+        def step() -> None:
+            net.zero_grad(set_to_none=True)
+            net(x).square().mean().backward()
+
+        step()
+        steps, start = 0, time.process_time()
+        while (spent := time.process_time() - start) < cpu_s:
+            step()
+            steps += 1
+        return round(steps / spent, 3)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def loadavg() -> float | None:
@@ -187,3 +230,16 @@ def collect_scale(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def collect_foreground(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Error-breakdown records (``python -m benchmarks.foreground``) under ``out_dir``."""
     return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/*/foreground_ratio_*.json"))]
+
+
+def reference_words(records: Sequence[dict]) -> str:
+    """A sentence on the :func:`reference_throughput` the runs' records carry ('' when none does): the figure that
+    says whether runs of one CPU-second budget ran on equally fast machines."""
+    values = [(r.get("machine") or {}).get("reference_it_per_cpu_s") for r in records]
+    found = [v for v in values if v]
+    if not found:
+        return ""
+    spread = f"{min(found):.2f}" if min(found) == max(found) else f"{min(found):.2f} to {max(found):.2f}"
+    n = len(values) - len(found)
+    missing = f"; not recorded by {n} older run{'s' if n > 1 else ''}" if n else ""
+    return f"reference throughput at the runs' start ({REFERENCE_WORKLOAD}): {spread} steps per CPU-second{missing}."

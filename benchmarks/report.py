@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.data import Split, label_counts, partition_scores
-from benchmarks.records import json_default
+from benchmarks.records import json_default, reference_words
 
 METHOD_LABELS = {
     "spoco": "SPOCO (ours, full loss)",
@@ -636,6 +636,8 @@ def write_docs(
             f"  - 1-minute load average at the start of the runs: {min(loads):.1f} to {max(loads):.1f} "
             f"(on {cores} cores, above {cores} means other jobs shared the CPU and wall times are inflated)."
         )
+    if speed := reference_words(list(ok.values())):
+        lines.append(f"  - {speed}")
     lines += [
         "- **Methods**:",
         "  - SPOCO: `benchmarks/methods/spoco.py`: `monai.bundle run training` with `configs/train.json` "

@@ -123,7 +123,7 @@ def run_one(split: Split, method: str, ratio: float, settings: RunSettings) -> d
         "kept_objects": kept,
         "total_objects": total,
         "kept_digest": kept_digest(split, ratio, settings.seed),
-        "machine": machine_info(),
+        "machine": machine_info(reference=True),
         "commit": git_commit(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "loadavg_start": loadavg(),

@@ -34,7 +34,16 @@ from benchmarks.foreground import parse_args as foreground_args
 from benchmarks.methods import classical, membrane
 from benchmarks.methods import spoco as spoco_runner
 from benchmarks.methods.spoco import bundle_ids, inference_clustering, study_overrides
-from benchmarks.records import collect, collect_foreground, collect_scale, is_cached, load_record, machine_info
+from benchmarks.records import (
+    collect,
+    collect_foreground,
+    collect_scale,
+    is_cached,
+    load_record,
+    machine_info,
+    reference_throughput,
+    reference_words,
+)
 from benchmarks.report import _grid_budget, _protocol_lines, _study_overrides, write_docs
 from benchmarks.runner import method_unavailable_reason, repredict_one, rescore_one, run_one
 from benchmarks.scale import rescale
@@ -901,3 +910,18 @@ def test_machine_info_tells_cpu_generations_apart():
     # a virtual machine may name its CPU only "AMD EPYC"; records need the family / model to compare budgets
     info = machine_info()
     assert "CPU family" in info["cpu_detail"] and "Model" in info["cpu_detail"] and info["nproc"] >= 1
+
+
+def test_reference_throughput_is_recorded_and_reported():
+    # the speed of the machine per CPU-second, so that runs of one CPU-second budget can be compared across machines
+    speed = reference_throughput(cpu_s=0.3)
+    assert speed is not None and speed > 0
+    assert "reference_it_per_cpu_s" not in machine_info()  # a few CPU-seconds: only where a run asks for it
+    runs = [
+        {"machine": {"reference_it_per_cpu_s": 2.5}},
+        {"machine": {"reference_it_per_cpu_s": 1.25}},
+        {"machine": {}},
+    ]
+    words = reference_words(runs)
+    assert "1.25 to 2.50 steps per CPU-second" in words and "not recorded by 1 older run." in words
+    assert reference_words([{"machine": {}}]) == ""
