@@ -86,20 +86,21 @@ def reference_throughput(cpu_s: float = 3.0) -> float | None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        net = EmbeddingUNet(spatial_dims=2, in_channels=1, embedding_dim=16, features=(16, 32, 64, 128))
-        x = torch.rand((2, 1, 128, 128), generator=torch.Generator().manual_seed(0))
+        with torch.random.fork_rng():  # the caller's random state stays as it was
+            torch.manual_seed(0)
+            net = EmbeddingUNet(spatial_dims=2, in_channels=1, embedding_dim=16, features=(16, 32, 64, 128))
+            x = torch.rand((2, 1, 128, 128))
 
-        def step() -> None:
-            net.zero_grad(set_to_none=True)
-            net(x).square().mean().backward()
+            def step() -> None:
+                net.zero_grad(set_to_none=True)
+                net(x).square().mean().backward()
 
-        step()
-        steps, start = 0, time.process_time()
-        while (spent := time.process_time() - start) < cpu_s:
             step()
-            steps += 1
-        return round(steps / spent, 3)
+            steps, start = 0, time.process_time()
+            while (spent := time.process_time() - start) < cpu_s:
+                step()
+                steps += 1
+            return round(steps / spent, 3)
     finally:
         torch.set_num_threads(threads)
 
@@ -241,5 +242,5 @@ def reference_words(records: Sequence[dict]) -> str:
         return ""
     spread = f"{min(found):.2f}" if min(found) == max(found) else f"{min(found):.2f} to {max(found):.2f}"
     n = len(values) - len(found)
-    missing = f"; not recorded by {n} older run{'s' if n > 1 else ''}" if n else ""
+    missing = f"; not recorded by {n} run{'s' if n > 1 else ''} (older, or rescored)" if n else ""
     return f"reference throughput at the runs' start ({REFERENCE_WORKLOAD}): {spread} steps per CPU-second{missing}."

@@ -914,8 +914,12 @@ def test_machine_info_tells_cpu_generations_apart():
 
 def test_reference_throughput_is_recorded_and_reported():
     # the speed of the machine per CPU-second, so that runs of one CPU-second budget can be compared across machines
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
     speed = reference_throughput(cpu_s=0.3)
     assert speed is not None and speed > 0
+    assert torch.equal(torch.rand(3), expected)  # the caller's random state is left alone
     assert "reference_it_per_cpu_s" not in machine_info()  # a few CPU-seconds: only where a run asks for it
     runs = [
         {"machine": {"reference_it_per_cpu_s": 2.5}},
@@ -923,5 +927,5 @@ def test_reference_throughput_is_recorded_and_reported():
         {"machine": {}},
     ]
     words = reference_words(runs)
-    assert "1.25 to 2.50 steps per CPU-second" in words and "not recorded by 1 older run." in words
+    assert "1.25 to 2.50 steps per CPU-second" in words and "not recorded by 1 run (older, or rescored)." in words
     assert reference_words([{"machine": {}}]) == ""
