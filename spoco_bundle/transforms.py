@@ -61,6 +61,7 @@ __all__ = [
     "ClusterEmbeddingsd",
     "LoadForegroundMaskd",
     "object_priority",
+    "smooth_field_grid",
     "SparseInstanceLabel",
     "SparseInstanceLabeld",
     "EnsureSpatialDims",
@@ -551,6 +552,30 @@ class Rescaled(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.rescalers[key](d[key])
         return d
+
+
+def smooth_field_grid(patch_size: Sequence[int], voxels_per_point: int = 32, minimum: int = 3) -> list[int]:
+    """The coarse grid of a MONAI smooth field (``RandSmoothField*``'s ``rand_size``) for a patch: about one point
+    per ``voxels_per_point`` voxels along each axis, at least ``minimum`` (at most the side).
+
+    MONAI upsamples the grid by the factor side / points, and for some pairs (e.g. 230 voxels from 7 points) the
+    upsampled field comes out one voxel short and the transform fails; the nearest point count whose factor
+    reproduces the side exactly is taken instead.
+
+    Raises:
+        ValueError: a side below 1 voxel, or ``voxels_per_point`` / ``minimum`` below 1.
+    """
+    if voxels_per_point < 1 or minimum < 1:
+        raise ValueError(f"voxels_per_point and minimum must be >= 1, got {voxels_per_point} and {minimum}.")
+    grid = []
+    for side in (int(s) for s in patch_size):
+        if side < 1:
+            raise ValueError(f"patch sides must be >= 1 voxel, got {list(patch_size)}.")
+        target = min(side, max(minimum, side // voxels_per_point))
+        # torch's interpolate: floor(points * (side / points)) in double precision; points == side always works
+        exact = [n for n in range(1, side + 1) if int(n * (side / n)) == side]
+        grid.append(min(exact, key=lambda n: (abs(n - target), -n)))
+    return grid
 
 
 def load_transforms(

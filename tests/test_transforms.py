@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 from monai.data import MetaTensor, list_data_collate
-from monai.transforms import EnsureChannelFirstd, LoadImaged, SaveImaged
+from monai.transforms import EnsureChannelFirstd, LoadImaged, RandSmoothFieldAdjustContrast, SaveImaged
 
 from spoco_bundle.clustering import cluster_embeddings
 from spoco_bundle.io import LoadVolumed, read_image
@@ -27,6 +27,7 @@ from spoco_bundle.transforms import (
     SparseInstanceLabel,
     SparseInstanceLabeld,
     load_transforms,
+    smooth_field_grid,
 )
 
 
@@ -476,3 +477,25 @@ def test_cluster_embeddings_passes_delta_d_to_every_method(method, min_size, kwa
         np.testing.assert_array_equal(results[0.5], results[2.0])
     else:  # the outliers (or those outside the subsample) join a cluster only within delta_d = 2
         assert (results[0.5] == 0).sum() > (results[2.0] == 0).sum()
+
+
+@pytest.mark.parametrize("patch", [[32, 64, 64], [192, 192], [230, 237], [7, 359], [1, 40]])
+def test_smooth_field_grid_fits_monai_upsampling(patch):
+    # MONAI's smooth field comes out one voxel short for some side / point pairs (230 from 7 points): the grid avoids
+    # them, so the contrast field always has the patch's shape
+    grid = smooth_field_grid(patch)
+    assert all(1 <= n <= side for n, side in zip(grid, patch)) and len(grid) == len(patch)
+    mode = "trilinear" if len(patch) == 3 else "bilinear"
+    field = RandSmoothFieldAdjustContrast(patch, grid, mode=mode, align_corners=True, prob=1.0, gamma=(0.5, 1.5))
+    field.set_random_state(0)
+    image = torch.rand(1, *patch)
+    assert field(image).shape == image.shape
+
+
+def test_smooth_field_grid_spacing_and_errors():
+    assert smooth_field_grid([32, 64, 64]) == [3, 3, 3]  # at least 3 points
+    assert smooth_field_grid([320, 640]) == [10, 20]  # one per 32 voxels
+    with pytest.raises(ValueError, match="patch sides"):
+        smooth_field_grid([0, 64])
+    with pytest.raises(ValueError, match="voxels_per_point"):
+        smooth_field_grid([64, 64], voxels_per_point=0)

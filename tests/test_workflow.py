@@ -155,13 +155,22 @@ def test_calibration_objects_survive_the_training_transforms(tiny3d):
     assert held and trained
 
 
-@pytest.mark.parametrize("patch_size", [[16, 32, 32], [8, 40, 24]])
-def test_training_batches_for_any_patch_shape(tiny3d, patch_size):
+@pytest.fixture(scope="module")
+def tiny2d(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("syn2d")
+    write_synthetic_dataset(out, n_train=2, n_val=1, n_test=0, shape=(64, 64), seed=1, spatial_dims=2)
+    return out
+
+
+@pytest.mark.parametrize("patch_size", [[16, 32, 32], [8, 40, 24], [48, 40]])
+def test_training_batches_for_any_patch_shape(tiny3d, tiny2d, patch_size):
     # a patch that is not square in the rotation plane is not rotated (a quarter turn would change its shape and the
     # batch would not collate); the smooth contrast field is sized from the patch and applied to each view
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({"dataset_dir": str(tiny3d), "intensity_field": 1.0, "patch_size": patch_size})
+    dims = len(patch_size)
+    data = tiny3d if dims == 3 else tiny2d
+    parser.update({"dataset_dir": str(data), "spatial_dims": dims, "intensity_field": 1.0, "patch_size": patch_size})
     fields = [t for t in parser.get_parsed_content("train#random_transforms") if "SmoothField" in type(t).__name__]
     assert sorted(k for t in fields for k in t.keys) == ["image", "image_g"]
     loader = parser.get_parsed_content("train#dataloader")
