@@ -103,7 +103,7 @@ RECIPES: dict[str, dict] = {
     # a smooth random contrast (gamma) field on each view (MONAI RandSmoothFieldAdjustContrastd), so that regional
     # brightness (haze, uneven illumination) is not what tells objects from background
     "field0.5": {"intensity_field": 0.5},
-    "field0": {"intensity_field": 0.0},  # without it (the 3D default since 0.28)
+    "field0": {"intensity_field": 0.0},  # without it (the default), pinned for the field screens
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},
