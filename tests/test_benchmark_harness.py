@@ -790,6 +790,11 @@ def test_study_table_sets_arms_side_by_side(dsb_small: Split, tmp_path: Path) ->
     assert f"| b | dsb2018 | 10% | 1 | {aps['b'][0]:.3f} |" in shared and "| a | dsb2018 | 10% | 1 |" in shared
     with pytest.raises(SystemExit, match="no finished run records"):
         study_table.main(["--arms", f"c={tmp_path / 'empty'}"])
+    with pytest.raises(SystemExit, match="no finished runs of"):  # --datasets keeps only the data sets named
+        study_table.main(["--arms", f"a={tmp_path / 'a0'}", "--datasets", "gonuclear"])
+    kept = tmp_path / "kept.md"
+    study_table.main(["--arms", f"a={tmp_path / 'a0'}", "--datasets", "gonuclear,dsb2018", "--docs", str(kept)])
+    assert "| a | dsb2018 |" in kept.read_text() and "--datasets gonuclear,dsb2018" in kept.read_text()
 
 
 def test_window_study_names_and_mosaics(tmp_path):
