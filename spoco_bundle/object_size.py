@@ -35,6 +35,7 @@ __all__ = [
     "training_object_diameter",
     "recorded_object_diameter",
     "RecordedObjectDiameter",
+    "NetworkObjectDiameter",
     "training_object_count",
     "blob_scale",
     "training_blob_scales",
@@ -175,6 +176,26 @@ class RecordedObjectDiameter:
 
     def __repr__(self) -> str:
         return f"RecordedObjectDiameter({str(self.ckpt_path)!r})"
+
+
+class NetworkObjectDiameter:
+    """
+    The ``object_diameter`` buffer of a network as a number (``float(...)``), read at every call: training's
+    validation filters its segmentations by the size that :class:`~spoco_bundle.handlers.ObjectSizeHandler` records
+    in the student when the run starts, as inference will with the saved model (0 until recorded: only ``min_size``
+    applies). A DDP wrapper is unwrapped.
+    """
+
+    def __init__(self, network) -> None:
+        self.network = network
+
+    def __float__(self) -> float:
+        net = getattr(self.network, "module", self.network)
+        value = getattr(net, "object_diameter", None)
+        return 0.0 if value is None else float(value)
+
+    def __repr__(self) -> str:
+        return f"NetworkObjectDiameter({type(self.network).__name__})"
 
 
 def training_object_count(

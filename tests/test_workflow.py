@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _bundle_cli import training_command
@@ -180,6 +181,25 @@ def test_training_batches_for_any_patch_shape(tiny3d, tiny2d, patch_size):
     after = fields[0]({"image": before})["image"]
     assert not torch.allclose(after, before, atol=0.01)  # a contrast change somewhere in the patch
     assert float(after.min()) >= -1e-6 and float(after.max()) <= 1 + 1e-6  # rescaled to the input's range
+
+
+def test_validation_removes_objects_small_next_to_the_recorded_training_objects():
+    # the best checkpoint is chosen on what inference will output: the size filter of the objects the student
+    # records when training starts (ObjectSizeHandler), min_size alone until then
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"spatial_dims": 2, "features": [8, 16, 32], "device": "$torch.device('cpu')"})
+    remove = parser.get_parsed_content("validate#postprocessing").transforms[-1]
+    network = parser.get_parsed_content("network")
+    yy, xx = np.mgrid[:64, :64]
+    labels = np.zeros((1, 64, 64), np.int32)
+    labels[0][(yy - 20) ** 2 + (xx - 20) ** 2 <= 10**2] = 1  # diameter about 20
+    labels[0][(yy - 50) ** 2 + (xx - 50) ** 2 <= 3**2] = 2  # 29 pixels: above min_size 16, diameter about 6
+    assert len(np.unique(remove({"pred": labels})["pred"])) == 3  # nothing recorded yet: both kept
+    with torch.no_grad():
+        network.object_diameter.fill_(20.0)
+    kept = remove({"pred": labels})["pred"]
+    assert len(np.unique(kept)) == 2 and kept[0, 20, 20] == 1  # under 0.45 x 20 pixels across: removed
 
 
 @pytest.mark.slow
