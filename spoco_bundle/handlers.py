@@ -18,6 +18,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.handlers.tensorboard_handlers import TensorBoardHandler
 
+from spoco_bundle.distributed import unwrap
+
 # max_epochs of a run that only its time budget ends (train.json sets it when time_limit_s is given)
 UNLIMITED_EPOCHS = 10**9
 
@@ -366,7 +368,7 @@ class ForegroundThresholdPass:
         trainer = self._trainer if self._trainer is not None else engine
         net = self.network if self.network is not None else getattr(trainer, "network", None)
         loss = self.loss if self.loss is not None else getattr(trainer, "loss_function", None)
-        net = _unwrap(net)
+        net = unwrap(net)
         buf = getattr(net, "fg_label_frequency", None)
         if buf is None or not getattr(net, "foreground_head", True) or loss is None:
             return
@@ -472,7 +474,7 @@ class ObjectSizeHandler:
     def __call__(self, engine: Engine) -> None:
         from spoco_bundle.object_size import training_blob_scales, training_object_diameter
 
-        net = _unwrap(self.network if self.network is not None else engine.network)  # type: ignore[attr-defined]
+        net = unwrap(self.network if self.network is not None else engine.network)  # type: ignore[attr-defined]
         log = logging.getLogger(__name__)
         if getattr(net, "object_diameter", None) is not None:
             d = training_object_diameter(
@@ -562,7 +564,7 @@ class ForegroundRegimeHandler:
     def _apply(self, engine: Engine, why: str) -> None:
         loss = self._loss(engine)
         loss.set_foreground_ring(self.ring)
-        net = _unwrap(getattr(engine, "network", None))
+        net = unwrap(getattr(engine, "network", None))
         if self.ring and getattr(net, "fg_positive_weight", None) is not None:
             net.fg_positive_weight.fill_(1.0)
         ring = list(self.ring) if isinstance(self.ring, tuple) else self.ring
@@ -843,12 +845,6 @@ class BestCheckpointState:
         checkpoint.load_state_dict({"_saved": saved})
 
 
-def _unwrap(obj):
-    if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        return obj.module
-    return obj
-
-
 def _is_main_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
@@ -926,7 +922,7 @@ class ResumeCheckpointSaver:
             self.logger.info(f"removed {self.save_path} of an earlier run: this run keeps its own state there")
 
     def __call__(self, engine: Engine) -> None:
-        state = {k: _unwrap(obj).state_dict() for k, obj in self.save_dict.items()}
+        state = {k: unwrap(obj).state_dict() for k, obj in self.save_dict.items()}
         self.save_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.partial_path, "wb") as f:
             torch.save(state, f)
@@ -1020,7 +1016,7 @@ class ResumeCheckpointLoader:
         prior_max_epochs = engine.state.max_epochs  # the length of this run, not the saved one's (as MONAI's loader)
         for k, obj in self.load_dict.items():
             if k in ckpt:
-                _unwrap(obj).load_state_dict(ckpt[k])
+                unwrap(obj).load_state_dict(ckpt[k])
             else:
                 self.logger.warning(f"{self.load_path} holds no {k!r} state (an earlier version): it starts afresh")
         self._checkpoint = None  # free the memory
@@ -1102,7 +1098,7 @@ class ModelCardWriter:
         from spoco_bundle.object_size import training_voxel_size
 
         self._seen = self._signature()  # an earlier run's weights: not this run's to describe
-        self._network = _unwrap(self.network if self.network is not None else engine.network)  # type: ignore
+        self._network = unwrap(self.network if self.network is not None else engine.network)  # type: ignore
         try:
             self._voxel = training_voxel_size(self.image_files, int(self.inference["spatial_dims"]))
         except ValueError as e:  # a detail of the card; the data were checked before training

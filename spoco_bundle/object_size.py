@@ -190,8 +190,9 @@ class NetworkObjectDiameter:
         self.network = network
 
     def __float__(self) -> float:
-        net = getattr(self.network, "module", self.network)
-        value = getattr(net, "object_diameter", None)
+        from spoco_bundle.distributed import unwrap
+
+        value = getattr(unwrap(self.network), "object_diameter", None)
         return 0.0 if value is None else float(value)
 
     def __repr__(self) -> str:

@@ -189,6 +189,9 @@ def test_validation_removes_objects_small_next_to_the_recorded_training_objects(
     parser = ConfigParser()
     parser.read_config(TRAIN)
     parser.update({"spatial_dims": 2, "features": [8, 16, 32], "device": "$torch.device('cpu')"})
+    inference = ConfigParser()
+    inference.read_config(str(ROOT / "configs" / "inference.json"))
+    assert parser["min_diameter_ratio"] == inference["min_diameter_ratio"]  # validation scores what inference outputs
     remove = parser.get_parsed_content("validate#postprocessing").transforms[-1]
     network = parser.get_parsed_content("network")
     yy, xx = np.mgrid[:64, :64]
