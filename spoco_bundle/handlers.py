@@ -1047,7 +1047,7 @@ class ModelCardWriter:
     Args:
         model_path: the checkpoint the card describes (``ckpt_dir/model.pt``); the card is ``model.json`` beside it.
         inference: the ``inference.json`` ids inference takes from the card (``spatial_dims``, ``features``,
-            ``embedding_dim``, ``patch_size``, ``min_size``, ``intensity_percentiles``).
+            ``embedding_dim``, ``patch_size``, ``min_size``, ``intensity_percentiles``, ``tophat``).
         settings: the run's ``train.json`` ids worth keeping (``evaluate.json`` takes its defaults from them).
         image_files: the training images, for their voxel size (headers only).
         network: the student (looked up as ``engine.network`` when None); a DDP wrapper is unwrapped.

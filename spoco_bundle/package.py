@@ -267,6 +267,7 @@ def _card_of(network: torch.nn.Module, parser, source: str) -> dict:
             "patch_size": [int(v) for v in parser.get_parsed_content("patch_size")],
             "min_size": int(parser.get_parsed_content("min_size")),
             "intensity_percentiles": [float(v) for v in parser.get_parsed_content("intensity_percentiles")],
+            "tophat": float(parser.get_parsed_content("tophat")),
         },
     }
 

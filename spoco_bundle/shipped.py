@@ -4,7 +4,7 @@ flags to rebuild the network that fits them. One schema serves the user's own tr
 
 - ``inference``: the ``configs/inference.json`` ids the model needs or was tuned with: ``spatial_dims``,
   ``features``, ``embedding_dim`` (they define the network's shape), ``patch_size``, ``min_size``,
-  ``intensity_percentiles``;
+  ``intensity_percentiles``, ``tophat`` (the preprocessing it was trained with);
 - ``training``: how it was trained: ``settings`` (the run's ``train.json`` ids, which ``configs/evaluate.json`` takes
   its defaults from), and for a training of this bundle the size of what it was trained on (``object_diameter``,
   ``image_blob_scale`` in voxels of the network's grid, the images' ``voxel_size`` and ``voxel_unit``), the
@@ -21,10 +21,10 @@ Training writes the card of ``ckpt_dir/model.pt`` whenever the weights are saved
 ``configs/inference.json`` reads the card of the checkpoint it loads (``ckpt_path``; ``--model <name>`` selects a
 shipped model's) through ``model_settings`` (a component that puts the bundle on ``sys.path`` first, like
 ``network_def``, so that MONAI's zoo commands resolve the network from an unpacked bundle): its ``spatial_dims``,
-``features``, ``embedding_dim``, ``patch_size``, ``min_size`` and ``intensity_percentiles`` default to the card's;
-any of them given on the command line still wins, and a given shape setting that contradicts the card is refused by
-:func:`~spoco_bundle.networks.load_weights` (:func:`check_network`) with one line naming both values. A checkpoint
-without a card (trained before bundle 0.10) is used with the config's defaults, as before.
+``features``, ``embedding_dim``, ``patch_size``, ``min_size``, ``intensity_percentiles`` and ``tophat`` default to the
+card's; any of them given on the command line still wins, and a given shape setting that contradicts the card is
+refused by :func:`~spoco_bundle.networks.load_weights` (:func:`check_network`) with one line naming both values. A
+checkpoint without a card (trained before bundle 0.10) is used with the config's defaults, as before.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def _section(ckpt_path: str | os.PathLike, *keys: str) -> dict[str, Any]:
 
 def inference_settings(ckpt_path: str | os.PathLike) -> dict[str, Any]:
     """The ``inference`` section of the card of ``ckpt_path``: ``configs/inference.json``'s defaults for
-    ``spatial_dims``, ``features``, ``embedding_dim``, ``patch_size``, ``min_size``, ``intensity_percentiles``;
+    ``spatial_dims``, ``features``, ``embedding_dim``, ``patch_size``, ``min_size``, ``intensity_percentiles``,
+    ``tophat``;
     ``{}`` without a card."""
     return _section(ckpt_path, "inference")
 

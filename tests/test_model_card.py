@@ -53,7 +53,7 @@ def trained(tmp_path_factory) -> dict:
     write_synthetic_dataset(data, n_train=2, n_val=1, n_test=0, shape=(64, 64), seed=2, ext=".tif", spatial_dims=2)
     bundle = root / "bundle"
     args = ["--spatial_dims", "2", "--epochs", "2", "--epoch_length", "2", "--val_interval", "1"]
-    args += ["--patch_size", "[32,32]", "--background_label", "0"]
+    args += ["--patch_size", "[32,32]", "--background_label", "0", "--tophat", "4.0"]
     cmd = training_command(bundle, data, *args, features=json.dumps(FEATURES))
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -75,6 +75,7 @@ def test_training_writes_the_card_beside_the_weights(trained):
         "patch_size": [32, 32],
         "min_size": 16,
         "intensity_percentiles": [1, 99.8],
+        "tophat": 4.0,
     }
     assert card["bundle_version"] == json.loads(Path(META).read_text())["version"]
     settings = card["training"]["settings"]
@@ -91,6 +92,12 @@ def test_training_writes_the_card_beside_the_weights(trained):
     # one reader for trainings and shipped models
     assert shipped.inference_settings(ckpt) == card["inference"]
     assert shipped.training_settings(ckpt)["spatial_dims"] == 2
+    # inference preprocesses as training did: the card's top-hat, unless given on the command line
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"ckpt_path": str(ckpt), "bundle_root": str(ROOT)})
+    tophats = [t for t in parser.get_parsed_content("preprocessing").transforms if type(t).__name__ == "TopHatd"]
+    assert [t.tophat.size_ratio for t in tophats] == [4.0]
 
 
 @pytest.mark.slow

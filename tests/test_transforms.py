@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from scipy import ndimage
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import EnsureChannelFirstd, LoadImaged, RandSmoothFieldAdjustContrast, SaveImaged
 
@@ -26,6 +27,8 @@ from spoco_bundle.transforms import (
     Rescaled,
     SparseInstanceLabel,
     SparseInstanceLabeld,
+    TopHat,
+    TopHatd,
     load_transforms,
     smooth_field_grid,
 )
@@ -499,3 +502,47 @@ def test_smooth_field_grid_spacing_and_errors():
         smooth_field_grid([0, 64])
     with pytest.raises(ValueError, match="voxels_per_point"):
         smooth_field_grid([64, 64], voxels_per_point=0)
+
+
+def _spots_on_a_ramp(shape: tuple[int, ...], ramp: float, radius: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Bright spots (height 1, Gaussian sigma ``radius``, every 16 voxels) over a background rising from 0 to
+    ``ramp`` along the last axis; and the spots' mask."""
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    centres = np.stack(np.meshgrid(*[np.arange(8, n - 4, 16) for n in shape], indexing="ij"), -1)
+    spots = np.zeros(shape, np.float32)
+    for centre in centres.reshape(-1, len(shape)):
+        r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
+        spots = np.maximum(spots, np.exp(-r2 / (2 * radius**2)))
+    return spots + ramp * grids[-1] / (shape[-1] - 1), spots > 0.5
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (48, 64, 64)])
+@pytest.mark.parametrize("ramp", [0.0, 3.0])
+def test_tophat_removes_a_background_ramp_and_keeps_the_spots(shape, ramp):
+    # a ramp three times the spots' height hides them from an intensity threshold; the top-hat flattens it (a ramp
+    # this steep also sets the plain blob scale at the end of its range: the box would be the whole image)
+    image, spots = _spots_on_a_ramp(shape, ramp)
+    out = TopHat(5.0)(MetaTensor(image[None], meta={"filename_or_obj": "ramp.tif"}))
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "ramp.tif" and out.dtype == torch.float32
+    out = out[0].numpy()
+    far = ~ndimage.binary_dilation(spots, iterations=4)
+    spread = np.percentile(out[far], 99) - np.percentile(out[far], 1)
+    assert spread < 0.25 + ramp / 5  # the background spanned `ramp`: at most a fifth of it is left
+    # the spots keep their height above the background at both ends of the ramp
+    half = shape[-1] // 2
+    peaks = [out[..., :half][spots[..., :half]].max(), out[..., half:][spots[..., half:]].max()]
+    assert min(peaks) > 0.7 and abs(peaks[0] - peaks[1]) < 0.2
+
+
+def test_tophat_off_constant_and_bad_ratio():
+    image = torch.rand(1, 32, 32)
+    assert TopHat(0.0)(image) is image  # off: the same object, untouched
+    constant = torch.full((1, 16, 16, 16), 7.0)
+    np.testing.assert_array_equal(TopHat(5.0)(constant), constant)  # no blobs to measure: left alone
+    out = TopHatd(["image", "image_g"], 5.0)({"image": image, "image_g": image.clone(), "label": 1})
+    np.testing.assert_allclose(out["image"], out["image_g"])
+    assert out["label"] == 1
+    assert not torch.allclose(out["image"], image)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="size_ratio"):
+            TopHat(bad)
