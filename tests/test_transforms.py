@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from scipy import ndimage
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import EnsureChannelFirstd, LoadImaged, RandSmoothFieldAdjustContrast, SaveImaged
+from scipy import ndimage
 
 from spoco_bundle.clustering import cluster_embeddings
 from spoco_bundle.io import LoadVolumed, read_image
