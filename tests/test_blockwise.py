@@ -366,6 +366,18 @@ def test_tiff_nifti_and_ome_zarr_blockwise_match_the_whole_volume_path(tmp_path,
     assert ap50(whole, np.asarray(labels)) >= 0.99 and meta["spacing"] == (2.0, 1.0, 1.0)
 
 
+def test_a_model_with_a_tophat_refuses_blockwise_and_writes_nothing(tmp_path, inputs):
+    # blockwise segmentation normalises blocks without the model's top-hat: refused per file, clearly, before any
+    # output; the whole-volume path of the same run is unaffected
+    pre, inferer, post = _chain()
+    files = [str(inputs / n) for n in ("a.tif", "c.ome.zarr")]
+    settings = BlockwiseSettings(max_memory_gb=100, tophat=5.0)  # a.tif fits in memory, the Zarr store never goes whole
+    with pytest.raises(RuntimeError) as err:
+        segment_files(files, pre, LevelNet(), inferer, post, str(tmp_path / "bw"), blockwise=settings)
+    assert "c.ome.zarr" in str(err.value) and "top-hat" in str(err.value) and "a.tif" not in str(err.value)
+    assert sorted(os.listdir(tmp_path / "bw")) == ["a_instances.tif"]
+
+
 class LevelNet2d(LevelNet):
     spatial_dims = 2
 
@@ -497,6 +509,7 @@ def test_inference_config_reads_the_blockwise_settings():
     assert isinstance(settings, BlockwiseSettings)
     assert settings.budget_gb() == 2.0 and settings.scheduler == "tcp://127.0.0.1:8786"
     assert settings.block_shape == [64, 128, 128] and settings.min_size == parser.get_parsed_content("min_size")
+    assert settings.tophat == parser.get_parsed_content("tophat") == 0.0
     parser = ConfigParser()
     parser.read_config(INFER)
     default = parser.get_parsed_content("blockwise")

@@ -69,6 +69,8 @@ class BlockwiseSettings:
         workers: blocks segmented at once on local threads; None: as many as the budget and the cores allow.
         input_channel, input_time_point: the channel / time point of an OME-Zarr with several.
         intensity_percentiles: the normalisation's percentiles, taken over the whole volume (a subsample).
+        tophat: the model's top-hat background subtraction (:class:`~spoco_bundle.transforms.TopHat`), which
+            blockwise segmentation does not apply: an image that would go blockwise is refused when it is not 0.
         min_size: objects under this many voxels after stitching are removed.
         iou_threshold: objects of neighbouring blocks overlapping with IoU above it are one object.
 
@@ -88,6 +90,7 @@ class BlockwiseSettings:
         intensity_percentiles: Sequence[float] = (1.0, 99.8),
         min_size: int = 16,
         iou_threshold: float = 0.5,
+        tophat: float = 0.0,
     ) -> None:
         if max_memory_gb is not None and not float(max_memory_gb) > 0:
             raise ValueError(f"max_memory_gb must be positive (or null: half the free memory), got {max_memory_gb!r}.")
@@ -101,6 +104,7 @@ class BlockwiseSettings:
         self.intensity_percentiles = (float(intensity_percentiles[0]), float(intensity_percentiles[1]))
         self.min_size = int(min_size)
         self.iou_threshold = float(iou_threshold)
+        self.tophat = float(tophat)
 
     def budget_gb(self) -> float:
         return self.max_memory_gb if self.max_memory_gb is not None else FREE_MEMORY_SHARE * free_memory_gb()
