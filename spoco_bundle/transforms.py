@@ -560,20 +560,22 @@ class Rescaled(MapTransform):
 def tophat_background(image: np.ndarray, size: float) -> np.ndarray:
     """The slowly varying background of a 2D / 3D image: a grey opening with a box of ``size`` voxels per side
     (bright structures narrower than the box disappear), smoothed. Computed on a block-averaged copy (factor
-    ``size / 8``) and resampled back linearly, so its cost stays low for large boxes and volumes."""
+    ``size / 8``; the image edge-padded to whole blocks) and resampled back linearly, so its cost stays low for large
+    boxes and volumes."""
     from scipy import ndimage
     from skimage.measure import block_reduce
 
     img = np.asarray(image, dtype=np.float32)
     k = max(1, int(size // 8))
-    small = img if k == 1 else block_reduce(img, (k,) * img.ndim, np.mean)
+    padded = np.pad(img, [(0, -n % k) for n in img.shape], mode="edge")
+    small = padded if k == 1 else block_reduce(padded, (k,) * img.ndim, np.mean)
     box = max(3, int(round(size / k)) | 1)
     opened = ndimage.grey_opening(small, size=(box,) * img.ndim, mode="reflect")
     smooth = ndimage.gaussian_filter(opened, sigma=box / 4.0, mode="reflect")
-    if k == 1:
-        return smooth
-    back = Resize(img.shape, mode="bilinear" if img.ndim == 2 else "trilinear", align_corners=True)
-    return np.asarray(back(torch.from_numpy(smooth)[None])[0], dtype=np.float32)
+    if k > 1:  # block centres -> voxel centres: a whole-number factor, corners not aligned
+        back = Resize(padded.shape, mode="bilinear" if img.ndim == 2 else "trilinear", align_corners=False)
+        smooth = np.asarray(back(torch.from_numpy(smooth)[None])[0], dtype=np.float32)
+    return smooth[tuple(slice(0, n) for n in img.shape)]
 
 
 class TopHat(Transform):

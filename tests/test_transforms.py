@@ -31,6 +31,7 @@ from spoco_bundle.transforms import (
     TopHatd,
     load_transforms,
     smooth_field_grid,
+    tophat_background,
 )
 
 
@@ -543,6 +544,8 @@ def test_tophat_off_constant_and_bad_ratio():
     np.testing.assert_allclose(out["image"], out["image_g"])
     assert out["label"] == 1
     assert not torch.allclose(out["image"], image)
+    # sides that are not whole blocks: the background of a constant is the constant up to the last voxel
+    np.testing.assert_allclose(tophat_background(np.full((37, 50, 61), 3.0), 27.0), 3.0, rtol=1e-6)
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="size_ratio"):
             TopHat(bad)
