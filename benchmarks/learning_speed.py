@@ -104,6 +104,9 @@ RECIPES: dict[str, dict] = {
     # brightness (haze, uneven illumination) is not what tells objects from background
     "field0.5": {"intensity_field": 0.5},
     "field0": {"intensity_field": 0.0},  # without it (the default), pinned for the field screens
+    # white top-hat background subtraction (box 5 blob scales) before the normalisation, in training and inference
+    "tophat5": {"tophat": 5.0},
+    "tophat0": {"tophat": 0.0},  # without it (the default), pinned for the top-hat screens
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},
