@@ -91,11 +91,7 @@ def inference_datalist(
         try:
             if blockwise is not None and blockwise.wanted(path):
                 item[BLOCKWISE_KEY] = True
-                if blockwise.tophat:
-                    raise ValueError(
-                        f"the top-hat background subtraction (--tophat {blockwise.tophat:g}, from the model's card) is "
-                        "not supported for blockwise segmentation yet; raise --max_memory_gb if the whole volume fits."
-                    )
+                blockwise.check_tophat()
                 if masks is not None:
                     raise ValueError(
                         "foreground masks (--foreground_mask_dir) are not supported for blockwise segmentation yet; "

@@ -447,6 +447,8 @@ class ObjectSizeHandler:
     Args:
         image_files, label_files: the training datalist's ``image`` and ``label`` entries.
         instance_ratio, seed, background_label, image_scale: the training run's (see ``train.json``).
+        tophat: the training's top-hat background subtraction: the blob sizes are measured after it, as inference
+            measures its images (:class:`~spoco_bundle.transforms.TopHat` runs before the inferer).
         network: the student (looked up as ``engine.network`` when None); a DDP wrapper is unwrapped.
     """
 
@@ -459,9 +461,11 @@ class ObjectSizeHandler:
         image_scale: float | list[float] = 1.0,
         background_label: int | None = None,
         network: torch.nn.Module | None = None,
+        tophat: float = 0.0,
     ) -> None:
         self.image_files = [str(f) for f in image_files]
         self.label_files = [str(f) for f in label_files]
+        self.tophat = float(tophat)
         self.instance_ratio = instance_ratio
         self.seed = seed
         self.image_scale = image_scale
@@ -484,7 +488,7 @@ class ObjectSizeHandler:
                 log.info(f"median diameter of the annotated training objects: {d:.1f} voxels (recorded in the model)")
             net.object_diameter.fill_(d if math.isfinite(d) else 0.0)
         if getattr(net, "image_blob_scale", None) is not None:
-            q = training_blob_scales(self.image_files, self.image_scale)
+            q = training_blob_scales(self.image_files, self.image_scale, self.tophat)
             if all(math.isfinite(v) for v in q):
                 log.info(
                     "blob size of the training images (10th / 50th / 90th percentile, voxels): "

@@ -27,8 +27,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# the card's network settings a deployment's own training must keep (configs/train.json ids)
-_CARD_TRAIN_IDS = ("spatial_dims", "features", "embedding_dim", "patch_size")
+# the card's network and preprocessing settings a deployment's own training must keep (configs/train.json ids)
+_CARD_TRAIN_IDS = ("spatial_dims", "features", "embedding_dim", "patch_size", "intensity_percentiles", "tophat")
 
 # BasicInferTask.__call__ copies the request's image path to this key; its Writer reads it for the output suffix
 MONAILABEL_IMAGE_PATH_KEY = "image_path"
@@ -202,8 +202,9 @@ def add_monailabel_postprocessing(config_file: str | os.PathLike) -> None:
 
 
 def _adopt_card(bundle: Path, settings: Mapping[str, Any]) -> None:
-    """Make the deployed copy's training config agree with the model card's network: MONAI Label trains with
-    ``configs/train.json``, and a 2D model must go on training in 2D with its own widths and patch."""
+    """Make the deployed copy's training config agree with the model card's network and preprocessing: MONAI Label
+    trains with ``configs/train.json``, and a 2D model must go on training in 2D with its own widths, patch,
+    normalisation and top-hat."""
     ids = {k: settings[k] for k in _CARD_TRAIN_IDS if k in settings}
     if ids:
         path = bundle / "configs" / "train.json"

@@ -334,11 +334,13 @@ def blob_scale(
 
 
 def training_blob_scales(
-    image_files: Sequence[str | os.PathLike], image_scale: float | Sequence[float] = 1.0
+    image_files: Sequence[str | os.PathLike], image_scale: float | Sequence[float] = 1.0, tophat: float = 0.0
 ) -> tuple[float, float, float]:
     """
     The 10th, 50th and 90th percentile of :func:`blob_scale` over the training images (read with
     :func:`~spoco_bundle.io.read_image`), times the training's ``image_scale`` (geometric mean): on the network's grid.
+    With ``tophat`` (the training's :class:`~spoco_bundle.transforms.TopHat`) each image is measured after it, as
+    inference measures the images it is given.
 
     Returns:
         three floats; NaN for each when no image has structure (or there is none).
@@ -351,6 +353,10 @@ def training_blob_scales(
         image = np.squeeze(read_image(path)[0])
         if image.ndim not in (2, 3):
             raise ValueError(f"{path}: a training image must be 2D or 3D (one channel), got shape {image.shape}.")
+        if tophat:
+            from spoco_bundle.transforms import TopHat
+
+            image = TopHat(tophat)(image[None])[0]
         values.append(blob_scale(image))
     found = np.asarray([v for v in values if np.isfinite(v)])
     if not found.size:

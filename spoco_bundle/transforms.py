@@ -558,10 +558,21 @@ class Rescaled(MapTransform):
 
 
 def tophat_background(image: np.ndarray, size: float) -> np.ndarray:
-    """The slowly varying background of a 2D / 3D image: a grey opening with a box of ``size`` voxels per side
-    (bright structures narrower than the box disappear), smoothed. Computed on a block-averaged copy (factor
-    ``size / 8``; the image edge-padded to whole blocks) and resampled back linearly, so its cost stays low for large
-    boxes and volumes."""
+    """
+    The slowly varying background of a 2D / 3D image: a grey opening with a box of about ``size`` voxels per side
+    (bright structures narrower than the box disappear), smoothed by a Gaussian of a quarter of the box.
+
+    Computed on a block-averaged copy (factor ``k = size // 8``; the image edge-padded to whole blocks) with a box of
+    an odd number of blocks (so up to about 12 % wider than ``size``), resampled back linearly. Like any opening it
+    runs low along a border the background rises towards.
+
+    Args:
+        image: ``(H, W)`` or ``(D, H, W)``.
+        size: box side in voxels.
+
+    Returns:
+        float32 array of the image's shape.
+    """
     from scipy import ndimage
     from skimage.measure import block_reduce
 
@@ -580,23 +591,25 @@ def tophat_background(image: np.ndarray, size: float) -> np.ndarray:
 
 class TopHat(Transform):
     """
-    White top-hat background subtraction (as Fiji's "Subtract Background"): removes a slowly varying background
-    (uneven illumination, a brighter side of a volume, autofluorescent tissue around nuclei) so that a bright object
-    means the same intensity everywhere in the image. Apply it before the intensity normalisation, with the same
-    ``size_ratio`` in training and inference.
+    White top-hat background subtraction, like Fiji's "Subtract Background" (which rolls a ball instead of a box):
+    removes a slowly varying background (uneven illumination, a brighter side of a volume, autofluorescent tissue
+    around nuclei) so that a bright object means the same intensity everywhere in the image. Apply it before the
+    intensity normalisation, with the same ``size_ratio`` in training and inference (``tophat`` in the configs; the
+    model card records it and inference takes it from there).
 
-    The box of the grey opening is ``size_ratio`` times the image's blob scale
+    The box of :func:`tophat_background` is ``size_ratio`` times the image's blob scale
     (:func:`~spoco_bundle.object_size.blob_scale`, the Gaussian sigma at which its blobs respond most, measured after
-    a coarse top-hat whose box is a quarter of the image's longest side), at least 3 voxels: it follows the
-    magnification, so one setting serves images of other sizes. Objects wider than the box lose their inside (a
-    box narrower than the objects turns them into rings); objects wider than a quarter of the image are not what
-    this is for. A constant image is returned unchanged.
+    a coarse top-hat whose box is a quarter of the image's longest side: a steep ramp would otherwise set it), at
+    least 3 voxels. It follows the magnification, so one setting serves images of other sizes, as long as one factor
+    relates them (``image_scale`` per axis changes the objects' shape in voxels, and the box stays a cube). Objects
+    wider than the box lose their inside (they become rings); objects wider than a quarter of the image are not what
+    this is for. An image without structure to measure (e.g. a constant) keeps its background.
 
     Args:
-        size_ratio: box side in blob scales (about 5 puts it at 2-3 nucleus diameters); 0 returns the input.
+        size_ratio: box side in blob scales (about 5 puts it at 1.5-2 nucleus diameters); 0 returns the input.
 
     Shapes:
-        ``(C, *S)`` -> ``(C, *S)``, float32; each channel separately.
+        ``(C, *S)`` -> ``(C, *S)``, float32 (the input itself when ``size_ratio`` is 0); each channel separately.
 
     Raises:
         ValueError: a negative or non-finite ``size_ratio``.

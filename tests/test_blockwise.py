@@ -376,6 +376,9 @@ def test_a_model_with_a_tophat_refuses_blockwise_and_writes_nothing(tmp_path, in
         segment_files(files, pre, LevelNet(), inferer, post, str(tmp_path / "bw"), blockwise=settings)
     assert "c.ome.zarr" in str(err.value) and "top-hat" in str(err.value) and "a.tif" not in str(err.value)
     assert sorted(os.listdir(tmp_path / "bw")) == ["a_instances.tif"]
+    with pytest.raises(ValueError, match="top-hat"):  # the public entry point refuses too, before any output
+        segment_volume(files[1], str(tmp_path / "v.ome.zarr"), LevelNet(), inferer, post, settings, 3)
+    assert not (tmp_path / "v.ome.zarr").exists()
 
 
 class LevelNet2d(LevelNet):
@@ -509,7 +512,8 @@ def test_inference_config_reads_the_blockwise_settings():
     assert isinstance(settings, BlockwiseSettings)
     assert settings.budget_gb() == 2.0 and settings.scheduler == "tcp://127.0.0.1:8786"
     assert settings.block_shape == [64, 128, 128] and settings.min_size == parser.get_parsed_content("min_size")
-    assert settings.tophat == parser.get_parsed_content("tophat") == 0.0
+    parser.update({"tophat": 5.0})  # the model card's (or the command line's) top-hat reaches the blockwise settings
+    assert parser.get_parsed_content("blockwise").tophat == 5.0
     parser = ConfigParser()
     parser.read_config(INFER)
     default = parser.get_parsed_content("blockwise")

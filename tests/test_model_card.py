@@ -26,6 +26,7 @@ from spoco_bundle.errors import root_cause
 from spoco_bundle.handlers import ModelCardWriter, add_log_file, instance_preview, remove_log_file
 from spoco_bundle.io import read_image
 from spoco_bundle.networks import EmbeddingUNet, load_weights
+from spoco_bundle.object_size import training_blob_scales
 from spoco_bundle.synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,10 @@ def test_training_writes_the_card_beside_the_weights(trained):
         card["training"]["object_diameter"] > 0
     )
     assert card["training"]["image_blob_scale"] == pytest.approx(state["image_blob_scale"].tolist())
+    # measured after the top-hat, as inference with image_scale "auto" measures the images it is given
+    listed = json.loads((trained["data"] / "dataset.json").read_text())["training"]
+    images = [str(trained["data"] / d["image"]) for d in listed]
+    assert images and card["training"]["image_blob_scale"] == pytest.approx(training_blob_scales(images, 1.0, 4.0))
     assert card["training"]["voxel_size"] == [1.0, 1.0]
     assert card["training"]["epoch"] in (1, 2)  # the epoch whose validation scored best
     assert not list(ckpt.parent.glob(".*partial"))  # written atomically
@@ -154,6 +159,12 @@ def test_evaluation_takes_its_settings_from_the_card(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "val_ap50" in (tmp_path / "scores" / "metrics.csv").read_text()
     assert "Metrics -- val_ap50" in (tmp_path / "scores" / "evaluate.log").read_text()
+    # the images are preprocessed as in training: the card's top-hat
+    parser = ConfigParser()
+    parser.read_config([TRAIN, EVALUATE])
+    parser.update({"bundle_root": str(trained["bundle"])})
+    tophats = [t for t in parser.get_parsed_content("validate#label_transforms") if type(t).__name__ == "TopHatd"]
+    assert [t.tophat.size_ratio for t in tophats] == [4.0]
 
 
 @pytest.mark.slow

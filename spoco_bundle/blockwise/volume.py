@@ -69,10 +69,10 @@ class BlockwiseSettings:
         workers: blocks segmented at once on local threads; None: as many as the budget and the cores allow.
         input_channel, input_time_point: the channel / time point of an OME-Zarr with several.
         intensity_percentiles: the normalisation's percentiles, taken over the whole volume (a subsample).
-        tophat: the model's top-hat background subtraction (:class:`~spoco_bundle.transforms.TopHat`), which
-            blockwise segmentation does not apply: an image that would go blockwise is refused when it is not 0.
         min_size: objects under this many voxels after stitching are removed.
         iou_threshold: objects of neighbouring blocks overlapping with IoU above it are one object.
+        tophat: the model's top-hat background subtraction (:class:`~spoco_bundle.transforms.TopHat`), which
+            blockwise segmentation does not apply: an image that would go blockwise is refused when it is not 0.
 
     Raises:
         ValueError: a non-positive memory budget.
@@ -108,6 +108,15 @@ class BlockwiseSettings:
 
     def budget_gb(self) -> float:
         return self.max_memory_gb if self.max_memory_gb is not None else FREE_MEMORY_SHARE * free_memory_gb()
+
+    def check_tophat(self) -> None:
+        """ValueError when the model preprocesses with a top-hat, which blockwise segmentation does not apply."""
+        if self.tophat:
+            raise ValueError(
+                f"the model's top-hat background subtraction (tophat {self.tophat:g}) is not supported for blockwise "
+                "segmentation (Zarr stores, volumes over --max_memory_gb) yet: segment the whole volume, or use a "
+                "model trained without it (--tophat 0)."
+            )
 
     def wanted(self, path: str) -> bool:
         """Whether ``path`` is segmented blockwise: a Zarr store, or whole-volume memory above the budget."""
@@ -168,8 +177,9 @@ def segment_volume(
 
     Raises:
         ValueError: naming the path: unreadable input, wrong dimensionality, a block smaller than the network's
-            receptive field, an existing output store.
+            receptive field, an existing output store; a model with a top-hat (``settings.tophat``).
     """
+    settings.check_tophat()
     check_output(out_path)  # before any work
     image, meta = open_volume(path, settings.input_channel, settings.input_time_point)
     if image.ndim != spatial_dims:
