@@ -618,9 +618,13 @@ class TopHat(Transform):
     backend = [TransformBackends.NUMPY]
 
     def __init__(self, size_ratio: float = 0.0) -> None:
-        if not (np.isfinite(size_ratio) and size_ratio >= 0):
+        try:
+            ratio = float(size_ratio)
+        except (TypeError, ValueError):
+            ratio = float("nan")
+        if not (np.isfinite(ratio) and ratio >= 0):
             raise ValueError(f"tophat size_ratio must be a number >= 0, got {size_ratio!r}.")
-        self.size_ratio = float(size_ratio)
+        self.size_ratio = ratio
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         if self.size_ratio == 0:

@@ -546,6 +546,6 @@ def test_tophat_off_constant_and_bad_ratio():
     assert not torch.allclose(out["image"], image)
     # sides that are not whole blocks: the background of a constant is the constant up to the last voxel
     np.testing.assert_allclose(tophat_background(np.full((37, 50, 61), 3.0), 27.0), 3.0, rtol=1e-6)
-    for bad in (-1.0, float("nan")):
+    for bad in (-1.0, float("nan"), "abc", None):  # e.g. a mistyped --tophat: one clear line, not numpy's
         with pytest.raises(ValueError, match="size_ratio"):
             TopHat(bad)
