@@ -259,7 +259,11 @@ def _grid_factor(image_scale: float | Sequence[float]) -> float:
 
 
 def blob_scale(
-    image: np.ndarray, sigmas: Sequence[float] = BLOB_SIGMAS, max_voxels: int = 1 << 21, noise: bool = True
+    image: np.ndarray,
+    sigmas: Sequence[float] = BLOB_SIGMAS,
+    max_voxels: int = 1 << 21,
+    noise: bool = True,
+    flatten: bool = True,
 ) -> float:
     """
     The characteristic blob size of an image: the Gaussian scale ``sigma`` (voxels) at which the energy of the
@@ -272,13 +276,17 @@ def blob_scale(
 
     The image is normalised to its 1-99.8 percentiles; a central crop of at most ``max_voxels`` is used, and large
     scales are computed on a block-averaged copy (factor ``sigma / 2``), which leaves the normalised energy nearly
-    unchanged and keeps the cost low for large volumes.
+    unchanged and keeps the cost low for large volumes. A slowly varying background (uneven illumination, a brighter
+    side of a volume) is taken off the crop first (``flatten``): a steep ramp otherwise puts the peak at the end of
+    the range, whatever the blobs' size.
 
     Args:
         image: ``(H, W)`` or ``(D, H, W)`` (a leading channel of size 1 is dropped).
         sigmas: increasing Gaussian scales in voxels.
         max_voxels: size of the central crop.
         noise: subtract the energy of white noise at the image's noise level (from neighbouring voxels' differences).
+        flatten: subtract the crop's coarse background first: :func:`~spoco_bundle.transforms.tophat_background`
+            with a box of a third of its longest side.
 
     Returns:
         sigma of the peak; the end of the range when the energy peaks there; NaN for a constant image.
@@ -293,6 +301,10 @@ def blob_scale(
         raise ValueError(f"image must be 2D or 3D (optionally with one channel), got shape {np.shape(image)}.")
     side = int(max_voxels ** (1.0 / img.ndim))
     img = img[tuple(slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in img.shape)]
+    if flatten and img.size:
+        from spoco_bundle.transforms import tophat_background
+
+        img = img - tophat_background(img, max(img.shape) / 3.0)
     lo, hi = np.percentile(img, (1.0, 99.8))
     if not hi > lo:
         return float("nan")

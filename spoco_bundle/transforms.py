@@ -563,8 +563,8 @@ def tophat_background(image: np.ndarray, size: float) -> np.ndarray:
     (bright structures narrower than the box disappear), smoothed by a Gaussian of a quarter of the box.
 
     Computed on a block-averaged copy (factor ``k = size // 8``; the image edge-padded to whole blocks) with a box of
-    an odd number of blocks (so up to about 12 % wider than ``size``), resampled back linearly. Like any opening it
-    runs low along a border the background rises towards.
+    an odd number of blocks (so up to about 12 % wider than ``size``), resampled back linearly. The copy is continued
+    past its border by odd reflection (a ramp goes on rising), so the background follows a ramp up to the border.
 
     Args:
         image: ``(H, W)`` or ``(D, H, W)``.
@@ -581,8 +581,14 @@ def tophat_background(image: np.ndarray, size: float) -> np.ndarray:
     padded = np.pad(img, [(0, -n % k) for n in img.shape], mode="edge")
     small = padded if k == 1 else block_reduce(padded, (k,) * img.ndim, np.mean)
     box = max(3, int(round(size / k)) | 1)
-    opened = ndimage.grey_opening(small, size=(box,) * img.ndim, mode="reflect")
+    # continued linearly past the border (odd reflection): an opening cuts the crest a plain reflection makes of a
+    # ramp, and the background would then run low along the border it rises towards
+    # (by at most the axis' own length less one: one reflection, no runaway extrapolation along a short axis)
+    pads = [min(box, n - 1) for n in small.shape]
+    ext = np.pad(small, [(p, p) for p in pads], mode="reflect", reflect_type="odd")
+    opened = ndimage.grey_opening(ext, size=(box,) * img.ndim, mode="reflect")
     smooth = ndimage.gaussian_filter(opened, sigma=box / 4.0, mode="reflect")
+    smooth = smooth[tuple(slice(p, p + n) for p, n in zip(pads, small.shape))]
     if k > 1:  # block centres -> voxel centres: a whole-number factor, corners not aligned
         back = Resize(padded.shape, mode="bilinear" if img.ndim == 2 else "trilinear", align_corners=False)
         smooth = np.asarray(back(torch.from_numpy(smooth)[None])[0], dtype=np.float32)
@@ -599,7 +605,7 @@ class TopHat(Transform):
 
     The box of :func:`tophat_background` is ``size_ratio`` times the image's blob scale
     (:func:`~spoco_bundle.object_size.blob_scale`, the Gaussian sigma at which its blobs respond most, measured after
-    a coarse top-hat whose box is a quarter of the image's longest side: a steep ramp would otherwise set it), at
+    a coarse top-hat whose box is a third of the measured crop's longest side: a steep ramp would otherwise set it), at
     least 3 voxels. It follows the magnification, so one setting serves images of other sizes, as long as one factor
     relates them (``image_scale`` per axis changes the objects' shape in voxels, and the box stays a cube). Objects
     wider than the box lose their inside (they become rings); objects wider than a quarter of the image are not what
@@ -634,10 +640,7 @@ class TopHat(Transform):
         arr = convert_to_numpy(img, dtype=np.float32)
         out = arr.copy()
         for c in range(arr.shape[0]):
-            # the blob scale of a steep background ramp is the ramp's (the end of the range): measure it once a
-            # coarse background (box: a quarter of the image) is gone
-            coarse = arr[c] - tophat_background(arr[c], max(arr.shape[1:]) / 4.0)
-            scale = blob_scale(coarse)
+            scale = blob_scale(arr[c])  # measured with the coarse background (a ramp) taken off
             if np.isfinite(scale):
                 out[c] = arr[c] - tophat_background(arr[c], max(3.0, self.size_ratio * scale))
         result, *_ = convert_to_dst_type(out, img, dtype=np.float32)

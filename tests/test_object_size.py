@@ -134,6 +134,24 @@ def test_blob_scale_moves_with_the_magnification():
         blob_scale(np.zeros(8, np.float32))
 
 
+def test_blob_scale_ignores_a_background_ramp():
+    from spoco_bundle.object_size import BLOB_SIGMAS, blob_scale
+
+    spots = _blob_image(6.0)
+    ramp = spots + np.linspace(0.0, 3.0, spots.shape[1], dtype=np.float32)[None, :]  # 3x the spots' height
+    assert blob_scale(ramp) == pytest.approx(blob_scale(spots), rel=0.1)
+    # measured as it is, the ramp (not the spots) sets the scale: at the range's end
+    assert blob_scale(ramp, flatten=False) > 3 * blob_scale(spots) and blob_scale(spots) < BLOB_SIGMAS[-1] / 4
+    # brighter in the middle (vignetting)
+    yy, xx = np.mgrid[:192, :192]
+    dome = spots + 2.0 * (1 - ((yy - 96) ** 2 + (xx - 96) ** 2) / 96**2).astype(np.float32)
+    assert blob_scale(dome) == pytest.approx(blob_scale(spots), rel=0.1) and blob_scale(dome, flatten=False) > 20
+    # a volume brighter along z, with a ball a third of its width: the ball keeps its size
+    ball = ndimage.gaussian_filter(_discs((48, 48, 48), [(24, 24, 24)], 8).astype(np.float32), 1.0)
+    slope = ball + np.linspace(0.0, 2.0, 48, dtype=np.float32)[:, None, None]
+    assert blob_scale(slope) == pytest.approx(blob_scale(ball, flatten=False), rel=0.15)
+
+
 def test_training_blob_scales_from_files(tmp_path):
     from spoco_bundle.object_size import blob_scale, training_blob_scales
 
