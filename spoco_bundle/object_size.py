@@ -301,7 +301,9 @@ def blob_scale(
         raise ValueError(f"image must be 2D or 3D (optionally with one channel), got shape {np.shape(image)}.")
     side = int(max_voxels ** (1.0 / img.ndim))
     img = img[tuple(slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in img.shape)]
-    if flatten and img.size:
+    if not img.size or not float(img.max() - img.min()) > 0:
+        return float("nan")  # constant: nothing to measure (flattening would leave rounding noise to measure)
+    if flatten:
         from spoco_bundle.transforms import tophat_background
 
         img = img - tophat_background(img, max(img.shape) / 3.0)

@@ -564,7 +564,9 @@ def tophat_background(image: np.ndarray, size: float) -> np.ndarray:
 
     Computed on a block-averaged copy (factor ``k = size // 8``; the image edge-padded to whole blocks) with a box of
     an odd number of blocks (so up to about 12 % wider than ``size``), resampled back linearly. The copy is continued
-    past its border by odd reflection (a ramp goes on rising), so the background follows a ramp up to the border.
+    past its border by odd reflection (a ramp goes on rising), bounded below by the mirrored opening (objects at the
+    border leave no dark copies), so the background follows a rising ramp closer to the border than a plain
+    reflection lets an opening do.
 
     Args:
         image: ``(H, W)`` or ``(D, H, W)``.
@@ -582,13 +584,15 @@ def tophat_background(image: np.ndarray, size: float) -> np.ndarray:
     small = padded if k == 1 else block_reduce(padded, (k,) * img.ndim, np.mean)
     box = max(3, int(round(size / k)) | 1)
     # continued linearly past the border (odd reflection): an opening cuts the crest a plain reflection makes of a
-    # ramp, and the background would then run low along the border it rises towards
-    # (by at most the axis' own length less one: one reflection, no runaway extrapolation along a short axis)
-    pads = [min(box, n - 1) for n in small.shape]
-    ext = np.pad(small, [(p, p) for p in pads], mode="reflect", reflect_type="odd")
+    # ramp, and the background would then run low along the border it rises towards. The odd reflection turns a
+    # bright object at the border into a dark one outside, which an opening keeps: never below the mirrored
+    # opening of the copy itself (objects gone). By at most the axis' length less one: no runaway extrapolation.
+    pads = [(p, p) for p in (min(box, n - 1) for n in small.shape)]
+    mirrored = np.pad(ndimage.grey_opening(small, size=(box,) * img.ndim, mode="reflect"), pads, mode="symmetric")
+    ext = np.maximum(np.pad(small, pads, mode="reflect", reflect_type="odd"), mirrored)
     opened = ndimage.grey_opening(ext, size=(box,) * img.ndim, mode="reflect")
     smooth = ndimage.gaussian_filter(opened, sigma=box / 4.0, mode="reflect")
-    smooth = smooth[tuple(slice(p, p + n) for p, n in zip(pads, small.shape))]
+    smooth = smooth[tuple(slice(p, p + n) for (p, _), n in zip(pads, small.shape))]
     if k > 1:  # block centres -> voxel centres: a whole-number factor, corners not aligned
         back = Resize(padded.shape, mode="bilinear" if img.ndim == 2 else "trilinear", align_corners=False)
         smooth = np.asarray(back(torch.from_numpy(smooth)[None])[0], dtype=np.float32)
@@ -608,7 +612,7 @@ class TopHat(Transform):
     a coarse top-hat whose box is a third of the measured crop's longest side: a steep ramp would otherwise set it), at
     least 3 voxels. It follows the magnification, so one setting serves images of other sizes, as long as one factor
     relates them (``image_scale`` per axis changes the objects' shape in voxels, and the box stays a cube). Objects
-    wider than the box lose their inside (they become rings); objects wider than a quarter of the image are not what
+    wider than the box lose their inside (they become rings); objects wider than a third of the image are not what
     this is for. An image without structure to measure (e.g. a constant) keeps its background.
 
     Args:

@@ -535,6 +535,20 @@ def test_tophat_removes_a_background_ramp_and_keeps_the_spots(shape, ramp):
     assert min(peaks) > 0.7 and abs(peaks[0] - peaks[1]) < 0.2
 
 
+def test_tophat_background_at_the_border():
+    # a ramp rising towards the border is followed up to it (a plain mirror makes a crest there, which the opening
+    # cuts: the background ran up to a sixth of the ramp low along that border)
+    ramp = np.linspace(0.0, 3.0, 128, dtype=np.float32)[None, :] * np.ones((96, 1), np.float32)
+    assert np.abs(tophat_background(ramp, 15.0) - ramp).max() < 0.1
+    # spots cut by the border (flat background 0), also along a short z axis: no dark copies past the border pull
+    # the background below 0
+    flat, _ = _spots_on_a_ramp((96, 128), 0.0)
+    cut = np.concatenate([flat[:, 8:], flat[:, :8]], axis=1)  # a column of spots on the x = 0 border
+    assert tophat_background(cut, 15.0).min() > -0.01
+    short, _ = _spots_on_a_ramp((16, 96, 96), 0.0)
+    assert tophat_background(short, 15.0).min() > -0.01 and tophat_background(short, 43.0).min() > -0.01
+
+
 def test_tophat_off_constant_and_bad_ratio():
     image = torch.rand(1, 32, 32)
     assert TopHat(0.0)(image) is image  # off: the same object, untouched
