@@ -12,6 +12,8 @@ the head)::
     SplitByShaped          split objects shaped like joined round objects (shape_split; 0: off)
     RemoveSmallInstancesd  remove objects under min_size voxels or min_diameter_ratio of the training objects'
                            diameter (recorded in the model), ids 1..n
+    GrowInstancesd         draw objects out into the voxels near them where the head's probability is above
+                           foreground_grow (below the mask's threshold; head masks only)
     ResizeToMatchd         the labels onto the image's grid (nearest neighbour), when the network ran on a
                            resampled grid (image_scale; ScaledInferer output_grid "network": clustering and
                            min_size there, where objects have their training size); 0 outside a given mask
@@ -42,6 +44,7 @@ from spoco_bundle.clustering import (
     check_foreground_threshold,
     cluster_embeddings,
     filter_small,
+    grow_into_foreground,
     head_threshold,
     relabel_consecutive,
     split_by_shape,
@@ -49,6 +52,7 @@ from spoco_bundle.clustering import (
 
 __all__ = [
     "BACKGROUND_CHOICES",
+    "check_grow_threshold",
     "check_network_output",
     "embedding_channels",
     "ForegroundMask",
@@ -59,6 +63,8 @@ __all__ = [
     "SplitByShaped",
     "RemoveSmallInstances",
     "RemoveSmallInstancesd",
+    "GrowInstances",
+    "GrowInstancesd",
     "ResizeToMatch",
     "ResizeToMatchd",
 ]
@@ -211,6 +217,15 @@ class ForegroundMask(Transform):
             return None
         return convert_to_dst_type(fg[None], pred, dtype=torch.bool)[0]
 
+    def probability(self, pred: NdarrayOrTensor) -> NdarrayOrTensor:
+        """The head's foreground probability ``(1, *S)`` (float32, the input's kind) of a network output ``(C, *S)``
+        with a head."""
+        shape = check_network_output(pred, self.embedding_dim, self.method, "ForegroundMask")
+        if shape[0] != self.n_emb + 1:
+            raise ValueError("the head's probability needs a network with a foreground head (one extra channel).")
+        logit = np.asarray(convert_data_type(pred[-1], np.ndarray, dtype=np.float32)[0])
+        return convert_to_dst_type(expit(logit)[None], pred, dtype=torch.float32)[0]
+
 
 class ForegroundMaskd(MapTransform):
     """
@@ -222,6 +237,8 @@ class ForegroundMaskd(MapTransform):
         keys: the network output (one key).
         mask_key: where a given mask is and the foreground goes (``"foreground_mask"``, as
             :class:`~spoco_bundle.transforms.LoadForegroundMaskd` and :class:`ClusterInstancesd`).
+        probability_key: where to put the head's foreground probability ``(1, *S)`` (float32) when the mask is the
+            head's (for :class:`GrowInstancesd`); None: nowhere. Nothing is put there for a given mask.
         allow_missing_keys: don't raise for a missing output.
         kwargs: arguments of :class:`ForegroundMask` (``background``, ``threshold``, ``embedding_dim``,
             ``method``).
@@ -237,6 +254,7 @@ class ForegroundMaskd(MapTransform):
         self,
         keys: KeysCollection = "pred",
         mask_key: str = "foreground_mask",
+        probability_key: str | None = None,
         allow_missing_keys: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -244,14 +262,18 @@ class ForegroundMaskd(MapTransform):
         if len(self.keys) != 1:
             raise ValueError(f"ForegroundMaskd makes one mask ('{mask_key}') from one output; got keys {self.keys}.")
         self.mask_key = mask_key
+        self.probability_key = probability_key
         self.foreground = ForegroundMask(**kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            mask = self.foreground(d[key], _mask_from(d, self.mask_key))
+            given = _mask_from(d, self.mask_key)
+            mask = self.foreground(d[key], given)
             if mask is not None:
                 d[self.mask_key] = mask
+                if self.probability_key is not None and given is None:
+                    d[self.probability_key] = self.foreground.probability(d[key])
         return d
 
 
@@ -604,6 +626,102 @@ class RemoveSmallInstancesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.remove(d[key])
+        return d
+
+
+# ------------------------------------------------------------------------------------------ growth to the head's edge
+
+
+def check_grow_threshold(value: Any) -> float:
+    """``foreground_grow`` as a float: 0 (off) or a probability in (0, 1); else a ValueError naming the option."""
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not 0 <= number < 1:
+        raise ValueError(f"foreground_grow must be 0 (off) or a probability in (0, 1), got {value!r}.")
+    return number
+
+
+class GrowInstances(Transform):
+    """
+    Draw objects out into the background voxels near them where the foreground head's probability is still above
+    ``threshold`` (:func:`~spoco_bundle.clustering.grow_into_foreground`): the head's mask at 0.5 decides which
+    objects there are, a lower threshold only how far each reaches. Objects are neither created, merged nor
+    removed; a voxel within ``distance`` of two objects joins the nearer.
+
+    Args:
+        threshold: probability a voxel needs to join an object, in (0, 1); 0 = off (the labels pass unchanged).
+        distance: how far an object may grow, in voxels of the finest axis (physical length along the others when
+            the call is given a spacing).
+
+    Input: instance labels ``(1, *S)`` and the head's probability ``S`` or ``(1, *S)`` (:class:`ForegroundMaskd`'s
+    ``probability_key``), S of 2 or 3 axes.
+
+    Output: int32 labels of the input's kind, same ids.
+
+    Raises:
+        ValueError: a threshold outside [0, 1) or a negative distance; labels of the wrong shape or type; a
+            probability of another shape.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, threshold: float = 0.0, distance: float = 2.0) -> None:
+        self.threshold = check_grow_threshold(threshold)
+        self.distance = _non_negative(distance, "foreground_grow_distance", "0: no growth")
+
+    def __call__(
+        self, labels: NdarrayOrTensor, probability: Any, spacing: Sequence[float] | None = None
+    ) -> NdarrayOrTensor:
+        arr = _check_labels(labels, "GrowInstances")
+        if self.threshold == 0 or self.distance == 0:
+            return labels
+        prob = np.asarray(convert_to_numpy(probability), dtype=np.float32)
+        if prob.ndim == arr.ndim:
+            prob = prob[0] if prob.shape[0] == 1 else prob
+        out = grow_into_foreground(arr[0], prob, self.threshold, self.distance, spacing)
+        return convert_to_dst_type(out[None], labels, dtype=torch.int32)[0]
+
+
+class GrowInstancesd(MapTransform):
+    """
+    Dictionary version of :class:`GrowInstances`; the labels pass unchanged when ``probability_key`` is absent
+    (a given foreground mask, or no head: nothing to grow by).
+
+    Args:
+        keys: the instance labels.
+        probability_key: the head's probability (:class:`ForegroundMaskd`'s ``probability_key``).
+        image_key: a MetaTensor image whose voxel size (scaled onto the labels' grid) measures ``distance``; none:
+            voxels.
+        threshold, distance: see :class:`GrowInstances`.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    backend = GrowInstances.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        probability_key: str = "foreground_probability",
+        image_key: str | None = "image",
+        threshold: float = 0.0,
+        distance: float = 2.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.probability_key = probability_key
+        self.image_key = image_key
+        self.grow = GrowInstances(threshold, distance)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        probability = d.get(self.probability_key)
+        if probability is None:
+            return d
+        image = d.get(self.image_key) if self.image_key is not None else None
+        for key in self.key_iterator(d):
+            d[key] = self.grow(d[key], probability, spacing=_grid_spacing(image, d[key]))
         return d
 
 

@@ -588,3 +588,20 @@ def test_a_bad_min_diameter_ratio_fails_before_any_output(tmp_path, bad):
     want = f"min_diameter_ratio must be a number >= 0 (0: off), got {bad if bad == '-0.5' else repr(bad)}"
     assert want in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("bad", ["off", "1.5"])
+def test_a_bad_foreground_grow_fails_before_any_output(tmp_path, bad):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    tifffile.imwrite(inputs / "c.tif", np.random.default_rng(1).random((40, 40)).astype(np.float32))
+    ckpt = tmp_path / "model.pt"
+    _save_model(ckpt, 2)
+    out = tmp_path / "out"
+    proc = _infer(
+        tmp_path, inputs, out, ckpt, "--spatial_dims", "2", "--patch_size", "[32,32]", "--foreground_grow", bad
+    )
+    assert proc.returncode != 0
+    want = f"foreground_grow must be 0 (off) or a probability in (0, 1), got {bad if bad == '1.5' else repr(bad)}"
+    assert want in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert not out.exists() or not any(out.iterdir())

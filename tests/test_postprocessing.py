@@ -20,6 +20,7 @@ from spoco_bundle.clustering import (
     cluster_boundary,
     cluster_embeddings,
     filter_small,
+    grow_into_foreground,
     head_threshold,
     relabel_consecutive,
     split_by_shape,
@@ -30,6 +31,8 @@ from spoco_bundle.postprocessing import (
     ClusterInstancesd,
     ForegroundMask,
     ForegroundMaskd,
+    GrowInstances,
+    GrowInstancesd,
     RemoveSmallInstances,
     RemoveSmallInstancesd,
     ResizeToMatch,
@@ -465,3 +468,104 @@ def test_split_reads_the_voxel_size_of_a_resampled_grid():
     assert _grid_spacing(image, torch.zeros(1, 20, 20, 20)) == pytest.approx([2.0, 1.0, 1.0])
     assert _grid_spacing(image, torch.zeros(1, 20, 40, 40)) == pytest.approx([2.0, 0.5, 0.5])
     assert _grid_spacing(np.zeros((1, 20, 40, 40)), torch.zeros(1, 20, 20, 20)) is None
+
+
+def _two_discs_and_a_halo() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels of two discs (radius 5, 3 px apart) as a 0.5 mask draws them, the head's probability (0.7 inside
+    radius 5, 0.45 out to radius 7, 0.1 beyond) and, far from both, a patch at 0.45 that no object is near."""
+    y, x = np.mgrid[:40, :60]
+    r1, r2 = np.hypot(y - 20, x - 14), np.hypot(y - 20, x - 27)
+    labels = np.zeros((40, 60), np.int32)
+    labels[r1 <= 5] = 1
+    labels[r2 <= 5] = 2
+    prob = np.full((40, 60), 0.1, np.float32)
+    prob[(r1 <= 7) | (r2 <= 7)] = 0.45
+    prob[labels > 0] = 0.7
+    prob[30:35, 48:53] = 0.45  # a faint blob alone: not an object, and growth makes none
+    return labels, prob, np.minimum(r1, r2)
+
+
+def test_grow_draws_objects_out_to_the_heads_softer_edge_only_near_them():
+    labels, prob, _ = _two_discs_and_a_halo()
+    y, x = np.mgrid[:40, :60]
+    r1, r2 = np.hypot(y - 20, x - 14), np.hypot(y - 20, x - 27)
+    got = grow_into_foreground(labels, prob, threshold=0.4, distance=2)
+    assert got.dtype == np.int32 and set(np.unique(got)) == {0, 1, 2}  # same objects, none new
+    assert not got[30:35, 48:53].any()  # the faint blob far from every object stays background
+    # each disc reaches radius 7 where nothing else is near (the far side of each)
+    assert (got[(r1 <= 7) & (x < 12)] == 1).all() and (got[(r2 <= 7) & (x > 29)] == 2).all()
+    # the gap between them is shared: every pixel joins its nearer disc, none is claimed by the farther
+    gap = (got > 0) & (labels == 0) & (x > 19) & (x < 22)
+    assert gap.any()
+    assert (got[gap & (r1 < r2)] == 1).all() and (got[gap & (r2 < r1)] == 2).all()
+    # below the threshold nothing joins; distance 0 or 1 limits the growth
+    assert np.array_equal(grow_into_foreground(labels, prob, threshold=0.5, distance=2), labels)
+    assert np.array_equal(grow_into_foreground(labels, prob, threshold=0.4, distance=0), labels)
+    one = grow_into_foreground(labels, prob, threshold=0.4, distance=1)
+    assert (labels > 0).sum() < (one > 0).sum() < (got > 0).sum()
+    assert np.array_equal(got[labels > 0], labels[labels > 0])  # what an object had, it keeps
+
+
+def test_grow_measures_its_distance_in_physical_units():
+    """Voxels twice as long along z: 2 voxels of growth in y and x are 1 voxel in z."""
+    labels = np.zeros((11, 21, 21), np.int32)
+    labels[4:7, 8:13, 8:13] = 3
+    prob = np.full(labels.shape, 0.45, np.float32)
+    got = grow_into_foreground(labels, prob, threshold=0.4, distance=2, spacing=(2.0, 1.0, 1.0))
+    zs, ys, xs = np.nonzero(got == 3)
+    assert (zs.min(), zs.max()) == (3, 7) and (ys.min(), ys.max()) == (6, 14) and (xs.min(), xs.max()) == (6, 14)
+    iso = grow_into_foreground(labels, prob, threshold=0.4, distance=2)
+    assert (np.nonzero(iso == 3)[0].min(), np.nonzero(iso == 3)[0].max()) == (2, 8)
+
+
+def test_grow_step_in_the_chain_uses_the_heads_probability_and_never_a_given_mask():
+    out, given = _built_output()
+    pred = torch.as_tensor(out)
+    pred[4] = torch.where(pred[4] < 0, torch.tensor(-0.2), pred[4])  # background at probability 0.45
+    steps = [
+        ForegroundMaskd("pred", probability_key="foreground_probability", embedding_dim=4),
+        ClusterInstancesd("pred", embedding_dim=4, method="fast", background="head", min_size=16),
+    ]
+    base = Compose(steps)({"pred": pred.clone()})
+    prob = base["foreground_probability"]
+    assert prob.dtype == torch.float32 and prob.shape == (1, 48, 64)
+    np.testing.assert_allclose(np.asarray(prob[0]), 1 / (1 + np.exp(-out[4].clip(-0.2, None))), rtol=1e-5)
+    grown = GrowInstancesd("pred", threshold=0.4, distance=2)(base)["pred"]
+    assert grown.dtype == torch.int32 and set(np.unique(np.asarray(grown))) == set(np.unique(np.asarray(base["pred"])))
+    assert (np.asarray(grown) > 0).sum() > (np.asarray(base["pred"]) > 0).sum()
+    assert GrowInstancesd("pred", threshold=0.0)(base)["pred"] is base["pred"]  # 0: off
+    # a given mask: no probability is stored, so the labels pass unchanged (the mask is the extent)
+    masked = Compose(steps)({"pred": pred.clone(), "foreground_mask": torch.as_tensor(given[None])})
+    assert "foreground_probability" not in masked
+    assert GrowInstancesd("pred", threshold=0.4)(masked)["pred"] is masked["pred"]
+
+
+def test_config_grows_objects_with_foreground_grow(nuclei2d_output):
+    """configs/inference.json: --foreground_grow 0.4 adds pixels to the shipped model's objects, the same objects
+    (off by default)."""
+    pred, image, _ = nuclei2d_output
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    assert parser.get_parsed_content("foreground_grow") == 0.0
+    sizes = {}
+    for grow in (0.0, 0.4):
+        chain, _, _ = _config_chain(foreground_grow=grow)
+        labels = np.asarray(chain({"image": image, "pred": pred.clone()})["pred"][0])
+        sizes[grow] = (int(labels.max()), int((labels > 0).sum()))
+    assert sizes[0.4][0] == sizes[0.0][0] > 3
+    assert sizes[0.4][1] > sizes[0.0][1]
+
+
+def test_grow_rejects_bad_options_clearly():
+    labels, prob, _ = _two_discs_and_a_halo()
+    for bad in (1.0, -0.1, "x", float("nan")):
+        with pytest.raises(ValueError, match="foreground_grow must be"):
+            GrowInstances(bad)
+    with pytest.raises(ValueError, match="foreground_grow_distance must be a number >= 0"):
+        GrowInstances(0.4, -1)
+    with pytest.raises(ValueError, match=r"probability has shape \(40, 59\), labels \(40, 60\)"):
+        GrowInstances(0.4)(labels[None], prob[:, 1:])
+    with pytest.raises(ValueError, match="GrowInstances expects integer instance labels"):
+        GrowInstances(0.4)(labels[None].astype(np.float32), prob)
+    with pytest.raises(ValueError, match="the growth threshold must be a probability"):
+        grow_into_foreground(labels, prob, threshold=0.0)

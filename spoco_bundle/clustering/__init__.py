@@ -32,7 +32,8 @@ removal (``background="largest"`` drops the largest remaining cluster, the refer
 only when no ``fg_mask`` is given), consecutive relabelling.
 
 After clustering: :func:`split_by_shape` (``shape.py``) splits objects shaped like joined round objects;
-:func:`head_threshold` (``threshold.py``) is the foreground head's probability threshold per image.
+:func:`grow_into_foreground` (``grow.py``) draws objects out to where the head's probability falls below a lower
+threshold; :func:`head_threshold` (``threshold.py``) is the foreground head's probability threshold per image.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from spoco_bundle.clustering.boundary import cluster_boundary
 from spoco_bundle.clustering.consistency import cluster_consistency
 from spoco_bundle.clustering.density import cluster_hdbscan, cluster_meanshift
 from spoco_bundle.clustering.fast import cluster_fast
+from spoco_bundle.clustering.grow import grow_into_foreground
 from spoco_bundle.clustering.shape import split_by_shape
 from spoco_bundle.clustering.threshold import check_foreground_threshold, head_threshold
 from spoco_bundle.clustering.watershed import cluster_watershed
@@ -71,6 +73,7 @@ __all__ = [
     "cluster_consistency",
     "cluster_boundary",
     "split_by_shape",
+    "grow_into_foreground",
     "assign_to_means",
     "remove_background",
     "filter_small",
