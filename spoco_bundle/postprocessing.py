@@ -606,6 +606,10 @@ class RemoveSmallInstancesd(MapTransform):
         min_size: smallest kept object in voxels.
         min_diameter_ratio, object_diameter: the limit relative to the training objects' size (see
             :class:`RemoveSmallInstances`).
+        mask_key: where a given foreground mask is kept (``"given_foreground_mask"`` in configs/inference.json); when
+            the item has one, only ``min_size`` applies. The relative limit removes the fragments a foreground head
+            leaves in bright background; inside a mask the user gives there are none, and it would only remove real
+            objects smaller than the training objects. None: the relative limit always applies.
         allow_missing_keys: don't raise for missing keys.
     """
 
@@ -617,15 +621,19 @@ class RemoveSmallInstancesd(MapTransform):
         min_size: int = 16,
         min_diameter_ratio: float = 0.0,
         object_diameter: Any = 0.0,
+        mask_key: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.remove = RemoveSmallInstances(min_size, min_diameter_ratio, object_diameter)
+        self.absolute = RemoveSmallInstances(min_size)
+        self.mask_key = mask_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        given = self.mask_key is not None and d.get(self.mask_key) is not None
         for key in self.key_iterator(d):
-            d[key] = self.remove(d[key])
+            d[key] = (self.absolute if given else self.remove)(d[key])
         return d
 
 
