@@ -11,7 +11,7 @@ the head)::
                            "largest" drops the largest cluster                  -> pred = labels (1, *S) int32
     SplitByShaped          split objects shaped like joined round objects (shape_split; 0: off)
     RemoveSmallInstancesd  remove objects under min_size voxels or min_diameter_ratio of the training objects'
-                           diameter (recorded in the model), ids 1..n
+                           diameter (recorded in the model; min_size alone inside a given mask), ids 1..n
     GrowInstancesd         draw objects out into the voxels near them where the head's probability is above
                            foreground_grow (below the mask's threshold; head masks only)
     ResizeToMatchd         the labels onto the image's grid (nearest neighbour), when the network ran on a
@@ -218,8 +218,11 @@ class ForegroundMask(Transform):
         return convert_to_dst_type(fg[None], pred, dtype=torch.bool)[0]
 
     def probability(self, pred: NdarrayOrTensor) -> NdarrayOrTensor:
-        """The head's foreground probability ``(1, *S)`` (float32, the input's kind) of a network output ``(C, *S)``
-        with a head."""
+        """The head's foreground probability ``(1, *S)`` (float32, the input's kind) of a network output ``(C, *S)``.
+
+        Raises:
+            ValueError: an input of the wrong shape, or a network without a foreground head.
+        """
         shape = check_network_output(pred, self.embedding_dim, self.method, "ForegroundMask")
         if shape[0] != self.n_emb + 1:
             raise ValueError("the head's probability needs a network with a foreground head (one extra channel).")
@@ -678,10 +681,19 @@ class GrowInstances(Transform):
     def __init__(self, threshold: float = 0.0, distance: float = 2.0) -> None:
         self.threshold = check_grow_threshold(threshold)
         self.distance = _non_negative(distance, "foreground_grow_distance", "0: no growth")
+        if not math.isfinite(self.distance):
+            raise ValueError(f"foreground_grow_distance must be a finite number >= 0 (0: no growth), got {distance!r}.")
 
     def __call__(
         self, labels: NdarrayOrTensor, probability: Any, spacing: Sequence[float] | None = None
     ) -> NdarrayOrTensor:
+        """
+        Args:
+            labels: instance labels ``(1, *S)``.
+            probability: the head's foreground probability ``S`` or ``(1, *S)``.
+            spacing: the labels' voxel size per axis (default: isotropic); ``distance`` is in units of its
+                smallest value.
+        """
         arr = _check_labels(labels, "GrowInstances")
         if self.threshold == 0 or self.distance == 0:
             return labels

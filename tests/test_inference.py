@@ -603,5 +603,6 @@ def test_a_bad_foreground_grow_fails_before_any_output(tmp_path, bad):
     )
     assert proc.returncode != 0
     want = f"foreground_grow must be 0 (off) or a probability in (0, 1), got {bad if bad == '1.5' else repr(bad)}"
-    assert want in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: ValueError: {want}"), proc.stderr[-2000:]  # at start-up, not per image
     assert not out.exists() or not any(out.iterdir())

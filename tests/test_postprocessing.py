@@ -546,6 +546,23 @@ def test_grow_measures_its_distance_in_physical_units():
     assert (np.nonzero(iso == 3)[0].min(), np.nonzero(iso == 3)[0].max()) == (2, 8)
 
 
+def test_grow_step_reads_the_voxel_size_from_the_image():
+    """GrowInstancesd measures its distance in units of the labels' finest axis, from the image's voxel size scaled
+    onto the labels' grid: an image of z 4 and y / x 0.5 with labels on a grid half as fine in y / x (so 4 and 1)
+    makes 4 voxels of growth 4 in y / x and 1 in z (unscaled it would be none in z)."""
+    labels = np.zeros((1, 9, 21, 21), np.int32)
+    labels[0, 3:6, 8:13, 8:13] = 1
+    prob = np.full(labels.shape, 0.45, np.float32)
+    image = MetaTensor(torch.zeros(1, 9, 42, 42), affine=torch.diag(torch.tensor([4.0, 0.5, 0.5, 1.0])))
+    step = GrowInstancesd("pred", threshold=0.4, distance=4)
+    got = np.asarray(step({"pred": labels, "foreground_probability": prob, "image": image})["pred"][0])
+    zs, ys, xs = np.nonzero(got == 1)
+    assert (zs.min(), zs.max()) == (2, 6) and (ys.min(), ys.max()) == (4, 16) and (xs.min(), xs.max()) == (4, 16)
+    # without an image: voxels, so z grows as far as y and x
+    plain = np.asarray(step({"pred": labels, "foreground_probability": prob})["pred"][0])
+    assert (np.nonzero(plain == 1)[0].min(), np.nonzero(plain == 1)[0].max()) == (0, 8)
+
+
 def test_grow_step_in_the_chain_uses_the_heads_probability_and_never_a_given_mask():
     out, given = _built_output()
     pred = torch.as_tensor(out)
@@ -578,7 +595,9 @@ def test_config_grows_objects_with_foreground_grow(nuclei2d_output):
     sizes = {}
     for grow in (0.0, 0.4):
         chain, _, _ = _config_chain(foreground_grow=grow)
-        labels = np.asarray(chain({"image": image, "pred": pred.clone()})["pred"][0])
+        out = chain({"image": image, "pred": pred.clone()})
+        assert ("foreground_probability" in out) == (grow > 0)  # off: no probability map kept
+        labels = np.asarray(out["pred"][0])
         sizes[grow] = (int(labels.max()), int((labels > 0).sum()))
     assert sizes[0.4][0] == sizes[0.0][0] > 3
     assert sizes[0.4][1] > sizes[0.0][1]
@@ -591,6 +610,8 @@ def test_grow_rejects_bad_options_clearly():
             GrowInstances(bad)
     with pytest.raises(ValueError, match="foreground_grow_distance must be a number >= 0"):
         GrowInstances(0.4, -1)
+    with pytest.raises(ValueError, match="foreground_grow_distance must be a finite number"):
+        GrowInstances(0.4, float("inf"))
     with pytest.raises(ValueError, match=r"probability has shape \(40, 59\), labels \(40, 60\)"):
         GrowInstances(0.4)(labels[None], prob[:, 1:])
     with pytest.raises(ValueError, match="GrowInstances expects integer instance labels"):
