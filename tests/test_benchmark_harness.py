@@ -299,6 +299,11 @@ def test_repredict_reuses_the_checkpoint_and_keeps_the_earlier_scores(dsb_small:
     assert {k: rescored[k] for k in ("ap50", "map", "sbd", "tp50")} == pytest.approx(
         {k: again["metrics"][k] for k in ("ap50", "map", "sbd", "tp50")}
     )
+    # a foreground-mask-given run repredicts inside its masks (the head would give other labels)
+    masked = run_one(split, "spoco_mask", 1.0, RunSettings(budget_s=4.0, out_dir=str(tmp_path / "runs")))
+    assert masked["status"] == "ok", masked.get("reason")
+    mask_path = tmp_path / "runs" / "dsb2018" / "tiny" / "spoco_mask" / "ratio_1.00.json"
+    assert repredict_one(mask_path, split, threads=2)["metrics"] == masked["metrics"]
     # without the checkpoint nothing is changed
     (Path(rec["info"]["work_dir"]) / "models" / "model.pt").unlink()
     assert repredict_one(path, split) is None

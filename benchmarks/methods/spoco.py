@@ -401,10 +401,12 @@ def repredict(
     """
     Segment the split's test images again with the checkpoint of a finished run (``record`` from the benchmark's
     cache) and today's ``configs/inference.json`` (plus ``overrides``), at the run's patch size and image scale:
-    to score new inference options (clustering) on the same trained models. Outputs go to ``<work_dir>/pred_re``.
+    to score new inference options (clustering) on the same trained models. A *foreground mask given* run
+    (``spoco_mask``) segments inside the true masks it wrote, as it did. Outputs go to ``<work_dir>/pred_re``
+    (``pred_mask_re``).
 
     Raises:
-        FileNotFoundError: the run's checkpoint is gone (its work folder is temporary).
+        FileNotFoundError: the run's checkpoint (or a mask run's masks) is gone (its work folder is temporary).
     """
     info = record.get("info", {})
     work = Path(info.get("work_dir", ""))
@@ -412,8 +414,15 @@ def repredict(
     if not info.get("work_dir") or not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint of this run not found: {ckpt}")
     ids = dict(run_ids(record), **(overrides or {}))
-    out = work / "pred_re"
+    tag = "_re"
+    if record.get("method") == "spoco_mask":
+        masks = work / "masks"
+        if not masks.is_dir():
+            raise FileNotFoundError(f"foreground masks of this run not found: {masks}")
+        ids.setdefault("foreground_mask_dir", str(masks))
+        tag = "_mask_re"
+    out = work / f"pred{tag}"
     if out.exists():  # no stale files from an earlier repredict
         for f in out.iterdir():
             f.unlink()
-    return predict(ckpt, split, work, device=device, threads=threads, tag="_re", overrides=ids)
+    return predict(ckpt, split, work, device=device, threads=threads, tag=tag, overrides=ids)
