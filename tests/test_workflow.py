@@ -17,6 +17,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from spoco_bundle.data import checked_datalist
 from spoco_bundle.handlers import UNLIMITED_EPOCHS, TrainingProgressBar
 from spoco_bundle.object_size import training_blob_scales, training_object_diameter
+from spoco_bundle.postprocessing import RemoveSmallInstancesd
 from spoco_bundle.synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +193,8 @@ def test_validation_removes_objects_small_next_to_the_recorded_training_objects(
     inference = ConfigParser()
     inference.read_config(str(ROOT / "configs" / "inference.json"))
     assert parser["min_diameter_ratio"] == inference["min_diameter_ratio"]  # validation scores what inference outputs
-    remove = parser.get_parsed_content("validate#postprocessing").transforms[-1]
+    steps = parser.get_parsed_content("validate#postprocessing").transforms
+    (remove,) = [t for t in steps if isinstance(t, RemoveSmallInstancesd)]
     network = parser.get_parsed_content("network")
     yy, xx = np.mgrid[:64, :64]
     labels = np.zeros((1, 64, 64), np.int32)
