@@ -56,18 +56,13 @@ def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict |
     (``N`` is a 2D window, ``AxBxC`` a 3D one)."""
     if window in OPTIONS:
         return dict(PINNED, **OPTIONS[window])
-    if window.startswith("size"):
-        try:
-            ratio = float(window[4:])
-        except ValueError:
-            raise ValueError(f"window {window!r}: size options are sizeR with a number R, e.g. size0.45") from None
-        return dict(PINNED, min_diameter_ratio=ratio)
-    if window.startswith("grow"):
-        try:
-            threshold = float(window[4:])
-        except ValueError:
-            raise ValueError(f"window {window!r}: growth options are growP, P a probability, e.g. grow0.4") from None
-        return dict(PINNED, foreground_grow=threshold)
+    for prefix, key, example in (("size", "min_diameter_ratio", "size0.45"), ("grow", "foreground_grow", "grow0.4")):
+        if window.startswith(prefix):
+            try:
+                value = float(window[len(prefix) :])
+            except ValueError:
+                raise ValueError(f"window {window!r}: name it {prefix} and a number, e.g. {example}") from None
+            return dict(PINNED, **{key: value})
     if window == "default":
         window_ids = {}
     elif window == "patch":

@@ -573,36 +573,24 @@ def test_inference_with_test_time_flips_on_a_real_file(tmp_path):
     assert labels.shape == (50, 70)
 
 
-@pytest.mark.parametrize("bad", ["off", "-0.5"])
-def test_a_bad_min_diameter_ratio_fails_before_any_output(tmp_path, bad):
+BAD_POSTPROCESSING_OPTIONS = [
+    ("min_diameter_ratio", "off", "min_diameter_ratio must be a number >= 0 (0: off), got 'off'"),
+    ("min_diameter_ratio", "-0.5", "min_diameter_ratio must be a number >= 0 (0: off), got -0.5"),
+    ("foreground_grow", "off", "foreground_grow must be 0 (off) or a probability in (0, 1), got 'off'"),
+    ("foreground_grow", "1.5", "foreground_grow must be 0 (off) or a probability in (0, 1), got 1.5"),
+]
+
+
+@pytest.mark.parametrize("option, bad, want", BAD_POSTPROCESSING_OPTIONS)
+def test_a_bad_postprocessing_option_fails_before_any_output(tmp_path, option, bad, want):
     inputs = tmp_path / "in"
     inputs.mkdir()
     tifffile.imwrite(inputs / "c.tif", np.random.default_rng(1).random((40, 40)).astype(np.float32))
     ckpt = tmp_path / "model.pt"
     _save_model(ckpt, 2)
     out = tmp_path / "out"
-    proc = _infer(
-        tmp_path, inputs, out, ckpt, "--spatial_dims", "2", "--patch_size", "[32,32]", "--min_diameter_ratio", bad
-    )
+    proc = _infer(tmp_path, inputs, out, ckpt, "--spatial_dims", "2", "--patch_size", "[32,32]", f"--{option}", bad)
     assert proc.returncode != 0
-    want = f"min_diameter_ratio must be a number >= 0 (0: off), got {bad if bad == '-0.5' else repr(bad)}"
-    assert want in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
-    assert not out.exists() or not any(out.iterdir())
-
-
-@pytest.mark.parametrize("bad", ["off", "1.5"])
-def test_a_bad_foreground_grow_fails_before_any_output(tmp_path, bad):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    tifffile.imwrite(inputs / "c.tif", np.random.default_rng(1).random((40, 40)).astype(np.float32))
-    ckpt = tmp_path / "model.pt"
-    _save_model(ckpt, 2)
-    out = tmp_path / "out"
-    proc = _infer(
-        tmp_path, inputs, out, ckpt, "--spatial_dims", "2", "--patch_size", "[32,32]", "--foreground_grow", bad
-    )
-    assert proc.returncode != 0
-    want = f"foreground_grow must be 0 (off) or a probability in (0, 1), got {bad if bad == '1.5' else repr(bad)}"
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: ValueError: {want}"), proc.stderr[-2000:]  # at start-up, not per image
     assert not out.exists() or not any(out.iterdir())
