@@ -208,9 +208,7 @@ class ForegroundMask(Transform):
         if mask is not None:
             fg = _given_mask(mask, shape[1:])
         elif self.background == "head":
-            if shape[0] != self.n_emb + 1:
-                raise ValueError("background='head' needs a network with a foreground head (one extra channel).")
-            logit = np.asarray(convert_data_type(pred[-1], np.ndarray, dtype=np.float32)[0])
+            logit = self._head_logit(pred, shape, "background='head'")
             t = head_threshold(logit, self.threshold)
             fg = logit > np.log(t / (1.0 - t))  # sigmoid(x) > t  <=>  x > logit(t)
         else:
@@ -224,10 +222,14 @@ class ForegroundMask(Transform):
             ValueError: an input of the wrong shape, or a network without a foreground head.
         """
         shape = check_network_output(pred, self.embedding_dim, self.method, "ForegroundMask")
-        if shape[0] != self.n_emb + 1:
-            raise ValueError("the head's probability needs a network with a foreground head (one extra channel).")
-        logit = np.asarray(convert_data_type(pred[-1], np.ndarray, dtype=np.float32)[0])
+        logit = self._head_logit(pred, shape, "the head's probability")
         return convert_to_dst_type(expit(logit)[None], pred, dtype=torch.float32)[0]
+
+    def _head_logit(self, pred: NdarrayOrTensor, shape: tuple[int, ...], what: str) -> np.ndarray:
+        """The foreground logit ``S`` (float32 numpy) of an output of (checked) ``shape``; ``what`` needs it."""
+        if shape[0] != self.n_emb + 1:
+            raise ValueError(f"{what} needs a network with a foreground head (one extra channel).")
+        return np.asarray(convert_data_type(pred[-1], np.ndarray, dtype=np.float32)[0])
 
 
 class ForegroundMaskd(MapTransform):
