@@ -528,12 +528,17 @@ def _grid_spacing(image: Any, labels: Any) -> list[float] | None:
 # ------------------------------------------------------------------------------------------ minimum size
 
 
+def _number(value: Any) -> float:
+    """``value`` as a float; NaN for what is not a number (a command-line text, a bool, None)."""
+    try:
+        return float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _non_negative(value: Any, name: str, zero: str) -> float:
     """``value`` as a float >= 0, else a ValueError naming the option (a command-line text, a bool, NaN)."""
-    try:
-        number = float(value) if not isinstance(value, bool) else float("nan")
-    except (TypeError, ValueError):
-        number = float("nan")
+    number = _number(value)
     if not number >= 0:
         raise ValueError(f"{name} must be a number >= 0 ({zero}), got {value!r}.")
     return number
@@ -647,10 +652,7 @@ class RemoveSmallInstancesd(MapTransform):
 
 def check_grow_threshold(value: Any) -> float:
     """``foreground_grow`` as a float: 0 (off) or a probability in (0, 1); else a ValueError naming the option."""
-    try:
-        number = float(value) if not isinstance(value, bool) else float("nan")
-    except (TypeError, ValueError):
-        number = float("nan")
+    number = _number(value)
     if not 0 <= number < 1:
         raise ValueError(f"foreground_grow must be 0 (off) or a probability in (0, 1), got {value!r}.")
     return number
