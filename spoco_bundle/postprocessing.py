@@ -41,6 +41,7 @@ from scipy.special import expit
 
 from spoco_bundle.clustering import (
     CLUSTERING_METHODS,
+    check_boundary_threshold,
     check_foreground_threshold,
     cluster_embeddings,
     filter_small,
@@ -314,6 +315,9 @@ class ClusterInstances(Transform):
         boundary_merge: ``"boundary"`` only (the other methods have no such step): neighbouring regions whose mean
             boundary value along their contact stays below it merge (:func:`~spoco_bundle.clustering.cluster_boundary`'s
             ``merge``; 0: none; configs/inference.json's ``boundary_merge``).
+        boundary_threshold: ``"boundary"`` only: the head's probability above which a voxel is an object interior
+            for the seeds, a number in (0, 1) or ``"median"`` (per image, the upper half of the head's map;
+            :func:`~spoco_bundle.clustering.cluster_boundary`'s ``threshold``; configs' ``boundary_threshold``).
         kwargs: further arguments of the clustering function.
 
     Input: the network output ``(C, *S)``, C = the embedding channels (+1 with the head); S of 2 or 3 axes.
@@ -335,12 +339,14 @@ class ClusterInstances(Transform):
         delta_d: float = 2.0,
         min_size: int = 1,
         boundary_merge: float = 0.0,
+        boundary_threshold: float | str = 0.5,
         **kwargs: Any,
     ) -> None:
         self.method = _check_method(method)
         if not 0 <= float(boundary_merge) < 1:
             raise ValueError(f"boundary_merge must be in [0, 1), got {boundary_merge!r}.")
         self.boundary_merge = float(boundary_merge)
+        self.boundary_threshold = check_boundary_threshold(boundary_threshold)
         embedding_channels(embedding_dim, method)
         self.embedding_dim = int(embedding_dim)
         self.background = _check_background(background)
@@ -389,6 +395,7 @@ class ClusterInstances(Transform):
                 )
             kwargs["foreground"] = expit(arr[e])  # the calibrated probability, without exp overflow
             kwargs["merge"] = self.boundary_merge
+            kwargs["threshold"] = self.boundary_threshold
         labels = cluster_embeddings(arr[:e], method=self.method, **kwargs).astype(np.int32)
         return convert_to_dst_type(labels[None], pred, dtype=torch.int32)[0]
 

@@ -50,7 +50,7 @@ from spoco_bundle.clustering._common import (
     relabel_consecutive,
     remove_background,
 )
-from spoco_bundle.clustering.boundary import cluster_boundary
+from spoco_bundle.clustering.boundary import check_boundary_threshold, cluster_boundary
 from spoco_bundle.clustering.consistency import cluster_consistency
 from spoco_bundle.clustering.density import cluster_hdbscan, cluster_meanshift
 from spoco_bundle.clustering.fast import cluster_fast
@@ -71,6 +71,7 @@ __all__ = [
     "cluster_meanshift",
     "cluster_watershed",
     "cluster_consistency",
+    "check_boundary_threshold",
     "cluster_boundary",
     "split_by_shape",
     "grow_into_foreground",

@@ -35,6 +35,20 @@ def _check_foreground(foreground: np.ndarray, spatial: tuple[int, ...]) -> np.nd
     return fg
 
 
+def check_boundary_threshold(threshold: float | str) -> float | str:
+    """``threshold`` of :func:`cluster_boundary` checked: a number in (0, 1) (returned as float) or ``"median"``;
+    ValueError naming the option otherwise."""
+    if threshold == "median":
+        return threshold
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 < value < 1:
+        raise ValueError(f"boundary_threshold must be a number in (0, 1) or 'median', got {threshold!r}.")
+    return value
+
+
 def _contact_weight(graph, src: int, dst: int, n: int) -> dict:
     """The merged region's contact with ``n``: the pixel-weighted mean of its two parts' contacts."""
     default = {"weight": 0.0, "count": 0}
@@ -77,7 +91,7 @@ def cluster_boundary(
     min_size: int = 16,
     fg_mask: np.ndarray | None = None,
     background: str = "none",
-    threshold: float = 0.5,
+    threshold: float | str = 0.5,
     h: float = 3.0,
     sigma: float = 0.0,
     spacing: Sequence[float] | None = None,
@@ -85,7 +99,9 @@ def cluster_boundary(
 ) -> np.ndarray:
     """Seeded watershed on the foreground head's boundary map.
 
-    1. Seeds: the distance transform of the object interiors (``foreground > threshold``, inside ``fg_mask``),
+    1. Seeds: the distance transform of the object interiors (``foreground > threshold``, inside ``fg_mask``;
+       ``threshold`` ``"median"``: the median of ``foreground`` over the region, so that the upper half of the map is
+       interior whatever the head's calibration),
        in physical units when ``spacing`` is given, smoothed by one voxel; its h-maxima (maxima at least ``h``
        above every path to a higher one: one seed per object interior, as in the classical membrane pipelines);
        connected seeds are one marker.
@@ -109,7 +125,9 @@ def cluster_boundary(
         foreground: the head's (calibrated) foreground probability, the embeddings' spatial shape, values in [0, 1].
         min_size, fg_mask, background: shared post-processing, see :mod:`spoco_bundle.clustering`; ``background``
             ``"auto"`` means ``"none"`` here (a partition keeps every region).
-        threshold: foreground probability above which a voxel is object interior for the seeds.
+        threshold: foreground probability above which a voxel is object interior for the seeds, or ``"median"``
+            (per image: the median over the clustered region; for tissue that cells tile, where a head trained on a
+            few cells can sit far above or below 0.5 on another volume).
         h: minimum height of a seed's dome in the distance transform, in voxels (or in ``spacing``'s unit):
             larger merges more, smaller splits more.
         sigma: smoothing of the boundary map in voxels (0: none).
@@ -124,15 +142,16 @@ def cluster_boundary(
     fg = _check_foreground(foreground, spatial)
     fg_mask = _check_mask(fg_mask, spatial)
     background = "none" if background == "auto" else _check_background(background, fg_mask)
-    if not h > 0 or not sigma >= 0 or not 0 < threshold < 1 or not 0 <= merge < 1:
-        raise ValueError(
-            f"need h > 0, sigma >= 0, 0 < threshold < 1 and 0 <= merge < 1; got {h}, {sigma}, {threshold}, {merge}."
-        )
+    median = check_boundary_threshold(threshold) == "median"
+    if not h > 0 or not sigma >= 0 or not 0 <= merge < 1:
+        raise ValueError(f"need h > 0, sigma >= 0 and 0 <= merge < 1; got {h}, {sigma}, {merge}.")
     if spacing is not None and (len(spacing) != len(spatial) or not all(float(s) > 0 for s in spacing)):
         raise ValueError(f"spacing needs one positive value per spatial axis {spatial}, got {spacing}.")
     region = np.ones(spatial, bool) if fg_mask is None else fg_mask
     if not region.any():
         return np.zeros(spatial, np.int32)
+    if median:
+        threshold = float(np.median(fg[region]))
     interior = region & (fg > threshold)  # the head's, also inside a given mask (which may span membranes)
     # smoothed by one voxel along every axis: a ragged mask edge makes spurious maxima
     dist = ndimage.gaussian_filter(ndimage.distance_transform_edt(interior, sampling=spacing), 1.0)
