@@ -84,6 +84,36 @@ RECIPES: dict[str, dict] = {
     "surface1": {"foreground_surface": 1},
     "surface2": {"foreground_surface": 2},
     "surface1_boundary": {"foreground_surface": 1, "clustering": "boundary", "background": "none", "shape_split": 0.0},
+    # membranes a few voxels thick (3D tissue): the head's negatives are the annotated cells' outer 2 voxels and the
+    # unlabeled voxels within 2 voxels outside them (the neighbour's side of the membrane), its positives the interiors
+    "surface2_ring2_boundary": {
+        "foreground_surface": 2,
+        "foreground_ring": 2,
+        "foreground_calibration": "label_frequency",
+        "clustering": "boundary",
+        "background": "none",
+        "shape_split": 0.0,
+    },
+    # the same with the ring head's default threshold (calibration "auto": Lee & Liu's criterion on the training
+    # volume), not the head's own 0.5
+    "surface2_ring2_boundary_auto": {
+        "foreground_surface": 2,
+        "foreground_ring": 2,
+        "foreground_calibration": "auto",
+        "clustering": "boundary",
+        "background": "none",
+        "shape_split": 0.0,
+    },
+    # the same at half the resolution (the same physical layer), twice the iterations in a budget
+    "surface1_ring1_boundary_half": {
+        "foreground_surface": 1,
+        "foreground_ring": 1,
+        "foreground_calibration": "label_frequency",
+        "clustering": "boundary",
+        "background": "none",
+        "shape_split": 0.0,
+        "image_scale": 0.5,
+    },
     # the head learns the annotated objects against the background right around them (the unlabeled voxels within r
     # voxels; the rest says nothing), instead of positive-unlabeled against everything; in 3D [z, y, x] voxels. With
     # the head's own 0.5, pinned: since 0.24 calibration "auto" would add Lee & Liu's threshold to a ring head

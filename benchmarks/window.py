@@ -18,7 +18,9 @@ the size filter relative to the training objects (``min_diameter_ratio`` 0) and 
 options on the default window (:data:`OPTIONS`): ``flips`` = test-time flips of the foreground head
 (``test_time_flips``); ``sizeR`` (e.g. ``size0.45``) = objects under R times the training objects' median diameter
 removed (``min_diameter_ratio`` R; ``size0`` is ``default``); ``growP`` (e.g. ``grow0.4``) = objects drawn out into
-the voxels within 2 of them whose head probability is above P (``foreground_grow`` P; ``grow0`` is ``default``).
+the voxels within 2 of them whose head probability is above P (``foreground_grow`` P; ``grow0`` is ``default``);
+``scaleF`` (e.g. ``scale1.25``) = the image resampled by F before the network and the result back (``image_scale``
+F; the benchmark's runs train and segment at 1, so ``scale1`` is ``default``).
 
     .venv/bin/python -m benchmarks.window --run_dir eval/s38/ls/dsb2018/default/ratio_0.10_900s[,...]
         [--records eval/s37/usiigaci/train16_val4/spoco/ratio_0.10.json[,...]] [--windows patch,256,320,384]
@@ -56,7 +58,11 @@ def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict |
     (``N`` is a 2D window, ``AxBxC`` a 3D one)."""
     if window in OPTIONS:
         return dict(PINNED, **OPTIONS[window])
-    for prefix, key, example in (("size", "min_diameter_ratio", "size0.45"), ("grow", "foreground_grow", "grow0.4")):
+    for prefix, key, example in (
+        ("size", "min_diameter_ratio", "size0.45"),
+        ("grow", "foreground_grow", "grow0.4"),
+        ("scale", "image_scale", "scale1.25"),
+    ):
         if window.startswith(prefix):
             try:
                 value = float(window[len(prefix) :])

@@ -816,10 +816,13 @@ def test_window_study_names_and_mosaics(tmp_path):
     assert window_overrides("flips", 3, [32, 64, 64]) == dict(off, test_time_flips=True)
     assert window_overrides("size0.45", 2, [192, 192]) == dict(off, min_diameter_ratio=0.45)
     assert window_overrides("grow0.4", 3, [32, 64, 64]) == dict(off, foreground_grow=0.4)
+    assert window_overrides("scale1.25", 2, [192, 192]) == dict(off, image_scale=1.25)
     with pytest.raises(ValueError, match="size0.45"):
         window_overrides("sizeable", 2, [192, 192])
     with pytest.raises(ValueError, match="grow0.4"):
         window_overrides("growth", 2, [192, 192])
+    with pytest.raises(ValueError, match="scale1.25"):
+        window_overrides("scaled", 2, [192, 192])
     patch = window_overrides("patch", 3, [32, 64, 64])
     assert patch["sliding_window_inferer#roi_size"] == [32, 64, 64]
     assert patch["sliding_window_inferer#padding_mode"] == "constant" and patch["test_time_flips"] is False

@@ -81,13 +81,22 @@ DATASET_SETTINGS = {
     # (chosen on the training images, docs/data_kinds.md); the head learns interiors against the annotated neurites'
     # outer pixel layer (foreground_surface, chosen on 4 held-back training slices, two seeds)
     "isbi2012": {"shape_split": 0.0, "clustering": "boundary", "background": "none", "foreground_surface": 1},
-    # tissue where every voxel belongs to a cell: no background to find
-    "plant3d": {"background": "none"},
+    # tissue where every voxel belongs to a cell: no background to find; cut along the head's membrane map, the head
+    # trained on the annotated cells' interiors against the membrane on both sides of their surface (their outer 2
+    # voxels and the 2 outside), with its own 0.5 (chosen on the training volume cut in two: docs/data_kinds.md)
+    "plant3d": {
+        "background": "none",
+        "clustering": "boundary",
+        "shape_split": 0.0,
+        "foreground_surface": 2,
+        "foreground_ring": 2,
+        "foreground_calibration": "label_frequency",
+    },
 }
 # the settings above that are inference.json ids (passed to training too, for its validation)
 _INFERENCE_SETTINGS = ("background", "shape_split", "clustering")
 # and those that are train.json ids only
-_TRAINING_SETTINGS = ("foreground_surface",)
+_TRAINING_SETTINGS = ("foreground_surface", "foreground_ring", "foreground_calibration")
 
 
 def settings_for(split: Split) -> dict:
