@@ -33,8 +33,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from spoco_bundle.shipped import eval_metrics  # noqa: E402
 
-# benchmark summaries the results table reads (docs/<page>.json beside docs/<page>.md); a data set's figures come
-# from the last page that holds it (a later page re-measured it with newer settings)
+# benchmark summaries the results table reads (docs/<page>.json beside docs/<page>.md); the figures of a (data set,
+# method, ratio) come from the last page that holds it (a later page re-measured it with newer settings)
 PAGES = ("benchmarks_protocols", "benchmarks_beyond_nuclei", "benchmarks_tissue")
 # pages with blocks, and the path from each to docs/ (for links)
 FRONT_PAGES = {"README.md": "docs/", "docs/README.md": ""}
@@ -106,8 +106,12 @@ def _cell(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
 def results_table(summaries: Sequence[Mapping[str, Any]], docs_link: str = "docs/") -> str:
     """The README's results table: AP50 per data set, labelled fraction and method, from the summaries;
     ``docs_link``: the path from the page to ``docs/``."""
-    newest = {r.get("dataset"): s["page"] for s in summaries for r in s["rows"]}
-    rows = [dict(r, page=s["page"]) for s in summaries for r in s["rows"] if newest[r.get("dataset")] == s["page"]]
+
+    def key(r: Mapping[str, Any]) -> tuple:
+        return r.get("dataset"), r.get("method"), r.get("ratio")
+
+    newest = {key(r): s["page"] for s in summaries for r in s["rows"]}
+    rows = [dict(r, page=s["page"]) for s in summaries for r in s["rows"] if newest[key(r)] == s["page"]]
     learned = [
         r for r in rows if r.get("method") not in ("classical", "classical_membrane") and r.get("status") == "ok"
     ]
@@ -132,7 +136,7 @@ def results_table(summaries: Sequence[Mapping[str, Any]], docs_link: str = "docs
         "",
         f"AP50 on held-out images (ARAND, lower is better, where it is the usual score); every learner trained for "
         f"the same budget per run ({how}; {' / '.join(machines)}) on the same kept objects; – = not run. Written by "
-        f"`scripts/sync_docs.py` from the benchmark's summaries (a data set on two pages: the later one's, which "
+        f"`scripts/sync_docs.py` from the benchmark's summaries (a run on two pages: the later one's, which "
         f"re-measured it); full tables, commands and machine load: {pages}.",
     ]
     return "\n".join(lines)

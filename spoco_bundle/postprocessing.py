@@ -347,6 +347,10 @@ class ClusterInstances(Transform):
             raise ValueError(f"boundary_merge must be in [0, 1), got {boundary_merge!r}.")
         self.boundary_merge = float(boundary_merge)
         self.boundary_threshold = check_boundary_threshold(boundary_threshold)
+        if method == "boundary" and {"threshold", "merge"} & set(kwargs):
+            raise ValueError(
+                "for clustering 'boundary' give boundary_threshold / boundary_merge, not threshold / merge."
+            )
         embedding_channels(embedding_dim, method)
         self.embedding_dim = int(embedding_dim)
         self.background = _check_background(background)

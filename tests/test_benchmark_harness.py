@@ -316,6 +316,8 @@ def test_inference_clustering_names_the_boundary_merge() -> None:
     merge = json.loads((ROOT / "configs" / "inference.json").read_text())["boundary_merge"]
     assert inference_clustering({"clustering": "boundary", "shape_split": 0}) == f"boundary + merge {merge:g}"
     assert inference_clustering({"clustering": "boundary", "shape_split": 0, "boundary_merge": 0}) == "boundary"
+    median = {"clustering": "boundary", "shape_split": 0, "boundary_merge": 0, "boundary_threshold": "median"}
+    assert inference_clustering(median) == "boundary + threshold median"
     assert inference_clustering({"clustering": "watershed", "shape_split": 0.1}) == "watershed + shape_split 0.1"
 
 

@@ -166,6 +166,12 @@ def test_median_threshold_finds_the_cells_of_a_head_calibrated_too_low():
     pred = torch.as_tensor(np.concatenate([emb, logit[None]]))
     out = ClusterInstances("boundary", embedding_dim=4, background="none", boundary_threshold="median")(pred)
     assert adapted_rand_error(labels, out[0].numpy(), ignore_background=True) < 0.05
+    # a saturated head (most voxels exactly 1): the median is 1, and the voxels at it are the interiors
+    saturated = np.where(labels > 0, 1.0, 0.1).astype(np.float32)
+    seg = cluster_boundary(emb, saturated, min_size=1, threshold="median")
+    assert adapted_rand_error(labels, seg, ignore_background=True) < 0.05
+    with pytest.raises(ValueError, match="give boundary_threshold / boundary_merge"):
+        ClusterInstances("boundary", embedding_dim=4, threshold=0.3)
     for bad in ("mean", 0, 1.0, None):
         with pytest.raises(ValueError, match="boundary_threshold must be a number in"):
             cluster_boundary(emb, low, threshold=bad)

@@ -44,13 +44,14 @@ def test_hand_edits_and_new_measurements_are_caught(tmp_path: Path) -> None:
     assert meta["eval_metrics"][card_path.parent.name]["ap50"] == 0.988
 
 
-def test_a_later_page_replaces_an_earlier_pages_figures_for_its_data_set() -> None:
-    def row(dataset: str, ap50: float) -> dict:
-        return {"dataset": dataset, "method": "spoco", "ratio": 0.1, "status": "ok", "ap50": ap50, "arand": 0.5}
+def test_a_later_page_replaces_an_earlier_pages_figures_for_its_runs() -> None:
+    def row(dataset: str, ap50: float, method: str = "spoco") -> dict:
+        return {"dataset": dataset, "method": method, "ratio": 0.1, "status": "ok", "ap50": ap50, "arand": 0.5}
 
-    old = {"page": "old", "rows": [row("plant3d", 0.111), row("isbi2012", 0.222)]}
+    old = {"page": "old", "rows": [row("plant3d", 0.111), row("isbi2012", 0.222), row("plant3d", 0.444, "stardist")]}
     new = {"page": "new", "rows": [row("plant3d", 0.333)]}
     table = sync_docs.results_table([old, new])
     plant = next(line for line in table.splitlines() if line.startswith("| plant tissue"))
     assert "0.33" in plant and "0.11" not in plant  # not the mean of both pages (0.22)
+    assert "0.44" in plant  # a method only the earlier page ran keeps its figure
     assert "0.22" in next(line for line in table.splitlines() if line.startswith("| ISBI"))

@@ -391,14 +391,17 @@ def study_overrides(record: dict) -> dict:
 
 def inference_clustering(overrides: dict | None = None) -> str:
     """The post-processing a prediction with ``overrides`` uses (``configs/inference.json``'s defaults otherwise):
-    the clustering method, ``+ merge m`` when ``boundary`` merges weak contacts, and ``+ shape_split h`` when objects
-    are split by shape."""
+    the clustering method, ``+ threshold t`` when ``boundary`` seeds from another head threshold than 0.5, ``+ merge
+    m`` when it merges weak contacts, and ``+ shape_split h`` when objects are split by shape."""
     config = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
     config.update(overrides or {})
     split = float(config.get("shape_split", 0) or 0)
-    merge = float(config.get("boundary_merge", 0) or 0) if config["clustering"] == "boundary" else 0.0
+    boundary = config["clustering"] == "boundary"
+    merge = float(config.get("boundary_merge", 0) or 0) if boundary else 0.0
+    threshold = config.get("boundary_threshold", 0.5) if boundary else 0.5
     return (
         str(config["clustering"])
+        + (f" + threshold {threshold if isinstance(threshold, str) else f'{threshold:g}'}" if threshold != 0.5 else "")
         + (f" + merge {merge:g}" if merge > 0 else "")
         + (f" + shape_split {split:g}" if split > 0 else "")
     )

@@ -29,6 +29,7 @@ def postprocessing_chain(
     delta_v: float = 0.5,
     delta_d: float = 2.0,
     boundary_merge: float = 0.4,
+    boundary_threshold: float | str = 0.5,
 ) -> Callable[[dict], Mapping]:
     """The ``postprocessing`` of configs/inference.json with its ids as arguments (same defaults), on ``"pred"``."""
     from monai.transforms import Compose
@@ -45,6 +46,7 @@ def postprocessing_chain(
                 delta_d=delta_d,
                 min_size=min_size,
                 boundary_merge=boundary_merge,
+                boundary_threshold=boundary_threshold,
                 **common,
             ),
             SplitByShaped(keys="pred", h=shape_split, min_size=min_size),

@@ -101,7 +101,7 @@ def cluster_boundary(
 
     1. Seeds: the distance transform of the object interiors (``foreground > threshold``, inside ``fg_mask``;
        ``threshold`` ``"median"``: the median of ``foreground`` over the region, so that the upper half of the map is
-       interior whatever the head's calibration),
+       interior whatever the head's calibration; under blockwise inference, the block's),
        in physical units when ``spacing`` is given, smoothed by one voxel; its h-maxima (maxima at least ``h``
        above every path to a higher one: one seed per object interior, as in the classical membrane pipelines);
        connected seeds are one marker.
@@ -153,6 +153,8 @@ def cluster_boundary(
     if median:
         threshold = float(np.median(fg[region]))
     interior = region & (fg > threshold)  # the head's, also inside a given mask (which may span membranes)
+    if median and not interior.any():  # more than half of the map at one value (a saturated or constant head)
+        interior = region & (fg >= threshold)
     # smoothed by one voxel along every axis: a ragged mask edge makes spurious maxima
     dist = ndimage.gaussian_filter(ndimage.distance_transform_edt(interior, sampling=spacing), 1.0)
     seeds = h_minima(-dist, float(h)).astype(bool) & interior  # the h-maxima of the distance
