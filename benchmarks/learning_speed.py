@@ -36,6 +36,17 @@ from benchmarks.settings import RunSettings
 from spoco_bundle.io import split_image_suffix, write_label_image
 
 # train.json overrides per recipe ("default": the bundle as it ships)
+# tissue whose labels cover the membranes (plant3d): the head learns interiors against the membrane on both sides
+# of the annotated cells' surfaces, with its own 0.5, cut by the boundary clustering into a partition
+_TISSUE_BOUNDARY = {
+    "foreground_surface": 2,
+    "foreground_ring": 2,
+    "foreground_calibration": "label_frequency",
+    "clustering": "boundary",
+    "background": "none",
+    "shape_split": 0.0,
+}
+
 RECIPES: dict[str, dict] = {
     "default": {},
     # the foreground term's weight: 300 (after a warm-up from 20) dominates the shared layers' gradients
@@ -86,32 +97,15 @@ RECIPES: dict[str, dict] = {
     "surface1_boundary": {"foreground_surface": 1, "clustering": "boundary", "background": "none", "shape_split": 0.0},
     # membranes a few voxels thick (3D tissue): the head's negatives are the annotated cells' outer 2 voxels and the
     # unlabeled voxels within 2 voxels outside them (the neighbour's side of the membrane), its positives the interiors
-    "surface2_ring2_boundary": {
-        "foreground_surface": 2,
-        "foreground_ring": 2,
-        "foreground_calibration": "label_frequency",
-        "clustering": "boundary",
-        "background": "none",
-        "shape_split": 0.0,
-    },
+    "surface2_ring2_boundary": dict(_TISSUE_BOUNDARY),
     # the same with the ring head's default threshold (calibration "auto": Lee & Liu's criterion on the training
     # volume), not the head's own 0.5
-    "surface2_ring2_boundary_auto": {
-        "foreground_surface": 2,
-        "foreground_ring": 2,
-        "foreground_calibration": "auto",
-        "clustering": "boundary",
-        "background": "none",
-        "shape_split": 0.0,
-    },
+    "surface2_ring2_boundary_auto": {**_TISSUE_BOUNDARY, "foreground_calibration": "auto"},
     # the same at half the resolution (the same physical layer), twice the iterations in a budget
     "surface1_ring1_boundary_half": {
+        **_TISSUE_BOUNDARY,
         "foreground_surface": 1,
         "foreground_ring": 1,
-        "foreground_calibration": "label_frequency",
-        "clustering": "boundary",
-        "background": "none",
-        "shape_split": 0.0,
         "image_scale": 0.5,
     },
     # the head learns the annotated objects against the background right around them (the unlabeled voxels within r
