@@ -62,6 +62,8 @@ RECIPES: dict[str, dict] = {
     # cheaper iterations: half the feature maps (~4x fewer operations), or smaller patches
     "narrow": {"features": [8, 16, 32, 64]},
     "patch128": {"patch_size": [128, 128]},
+    # one more level (down to 1/16): twice the field of view, for objects larger than the default network sees whole
+    "deep5": {"features": [16, 32, 64, 128, 256]},
     # the label frequency c estimated on a fifth of the annotated objects, which the head does not train on
     "calib0.2": {"calibration_holdout": 0.2},
     "calib0.35": {"calibration_holdout": 0.35},
@@ -94,6 +96,9 @@ RECIPES: dict[str, dict] = {
     # by the boundary clustering (ISBI's documented settings have it; plant3d's use no head, so it is set here)
     "surface1": {"foreground_surface": 1},
     "surface2": {"foreground_surface": 2},
+    # nuclei: the head learns interiors against the annotated objects' outer pixel layer and the background right
+    # around them, so that touching nuclei fall apart in its mask (grown back by a pixel at inference)
+    "surface1_ring2": {"foreground_surface": 1, "foreground_ring": 2, "foreground_calibration": "label_frequency"},
     "surface1_boundary": {"foreground_surface": 1, "clustering": "boundary", "background": "none", "shape_split": 0.0},
     # membranes a few voxels thick (3D tissue): the head's negatives are the annotated cells' outer 2 voxels and the
     # unlabeled voxels within 2 voxels outside them (the neighbour's side of the membrane), its positives the interiors

@@ -18,7 +18,8 @@ the size filter relative to the training objects (``min_diameter_ratio`` 0) and 
 options on the default window (:data:`OPTIONS`): ``flips`` = test-time flips of the foreground head
 (``test_time_flips``); ``sizeR`` (e.g. ``size0.45``) = objects under R times the training objects' median diameter
 removed (``min_diameter_ratio`` R; ``size0`` is ``default``); ``growP`` (e.g. ``grow0.4``) = objects drawn out into
-the voxels within 2 of them whose head probability is above P (``foreground_grow`` P; ``grow0`` is ``default``);
+the voxels within 2 of them whose head probability is above P (``foreground_grow`` P; ``grow0`` is ``default``),
+``growPdD`` (e.g. ``grow0.01d1``) within D instead (``foreground_grow_distance`` D);
 ``scaleF`` (e.g. ``scale1.25``) = the image resampled by F before the network and the result back (``image_scale``
 F; the benchmark's runs train and segment at 1, so ``scale1`` is ``default``).
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,6 +60,9 @@ def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict |
     (``N`` is a 2D window, ``AxBxC`` a 3D one)."""
     if window in OPTIONS:
         return dict(PINNED, **OPTIONS[window])
+    grow = re.fullmatch(r"grow([0-9.]+)d([0-9.]+)", window)  # growth with its distance, e.g. grow0.01d1
+    if grow:
+        return dict(PINNED, foreground_grow=float(grow[1]), foreground_grow_distance=float(grow[2]))
     for prefix, key, example in (
         ("size", "min_diameter_ratio", "size0.45"),
         ("grow", "foreground_grow", "grow0.4"),

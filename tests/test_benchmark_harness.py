@@ -819,6 +819,8 @@ def test_window_study_names_and_mosaics(tmp_path):
     assert window_overrides("size0.45", 2, [192, 192]) == dict(off, min_diameter_ratio=0.45)
     assert window_overrides("grow0.4", 3, [32, 64, 64]) == dict(off, foreground_grow=0.4)
     assert window_overrides("scale1.25", 2, [192, 192]) == dict(off, image_scale=1.25)
+    grown = dict(off, foreground_grow=0.01, foreground_grow_distance=1.0)
+    assert window_overrides("grow0.01d1", 2, [192, 192]) == grown
     with pytest.raises(ValueError, match="size0.45"):
         window_overrides("sizeable", 2, [192, 192])
     with pytest.raises(ValueError, match="grow0.4"):
