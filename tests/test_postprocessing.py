@@ -4,6 +4,7 @@ for a real image and on embeddings built here; and each step's checks of its inp
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -39,6 +40,8 @@ from spoco_bundle.postprocessing import (
     ResizeToMatchd,
     SplitByShape,
     SplitByShaped,
+    WarnFewInstances,
+    WarnFewInstancesd,
 )
 from spoco_bundle.transforms import ClusterEmbeddings, ClusterEmbeddingsd
 
@@ -618,3 +621,61 @@ def test_grow_rejects_bad_options_clearly():
         GrowInstances(0.4)(labels[None].astype(np.float32), prob)
     with pytest.raises(ValueError, match="the growth threshold must be a probability"):
         grow_into_foreground(labels, prob, threshold=0.0)
+
+
+def _discs(n: int, diameter: float, merged: bool = False) -> np.ndarray:
+    """``(1, H, W)`` labels: n discs of ``diameter`` on a grid, or (``merged``) all of them one object."""
+    step = int(diameter) + 4
+    side = int(math.ceil(math.sqrt(n)))
+    labels = np.zeros((side * step, side * step), np.int32)
+    yy, xx = np.mgrid[: labels.shape[0], : labels.shape[1]]
+    for k in range(n):
+        cy, cx = (k // side) * step + step / 2, (k % side) * step + step / 2
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= (diameter / 2) ** 2] = 1 if merged else k + 1
+    return labels[None]
+
+
+def test_warn_few_instances_names_the_image_where_objects_merged(caplog):
+    check = WarnFewInstances(object_diameter=10.0)
+    many, one = _discs(50, 10.0), _discs(50, 10.0, merged=True)
+    found, expected = check.counts(many)
+    assert found == 50 and 40 < expected < 60  # the discs' pixels hold about 50 discs of the training size
+    assert check.counts(one)[0] == 1
+    with caplog.at_level(logging.WARNING, logger="spoco_bundle.postprocessing"):
+        assert check(many, name="many.tif") is many  # labels pass unchanged
+        assert not caplog.records
+        assert check(one, name="one.tif") is one
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("one.tif: 1 object(s) found where") and "merged" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spoco_bundle.postprocessing"):
+        WarnFewInstances(object_diameter=0.0)(one)  # diameter unknown: no check
+        assert np.isnan(WarnFewInstances(object_diameter=0.0).counts(one)[1])
+        WarnFewInstances(object_diameter=10.0)(_discs(5, 10.0, merged=True))  # a few objects expected: no check
+        WarnFewInstances(object_diameter=10.0, min_expected=3)(_discs(5, 10.0, merged=True))  # 1 >= 0.1 x 5
+        WarnFewInstances(object_diameter=10.0, min_fraction=0.5, min_expected=3)(_discs(5, 10.0, merged=True))
+    assert len(caplog.records) == 1  # only the last: 1 of about 5, under half
+    for bad in (0, 1.5, "x"):
+        with pytest.raises(ValueError, match="min_fraction must be a number in"):
+            WarnFewInstances(10.0, min_fraction=bad)
+    with pytest.raises(ValueError, match="object_diameter must be a number >= 0"):
+        WarnFewInstances(-1.0)
+
+
+def test_the_chain_warns_with_the_file_name_when_the_segmentation_collapses(nuclei2d_output, caplog):
+    """configs/inference.json checks the count: a boundary cut whose threshold leaves seeds in only a few nuclei
+    tiles the image with a few regions, far fewer than it holds nuclei of the training size (a failed tissue head
+    looks so); the same output with the defaults, or cut as tissue at the head's 0.5 (one region per nucleus, grown
+    over the background), does not warn."""
+    pred, image, _ = nuclei2d_output
+    (check,) = [t for t in _config_chain()[0].transforms if isinstance(t, WarnFewInstancesd)]
+    assert float(check.check.object_diameter) > 0  # the shipped model's recorded diameter
+    with caplog.at_level(logging.WARNING, logger="spoco_bundle.postprocessing"):
+        _config_chain()[0]({"image": image, "pred": pred.clone()})
+        tissue = dict(background="none", clustering="boundary", shape_split=0.0)
+        _config_chain(**tissue)[0]({"image": image, "pred": pred.clone()})
+        assert not [r for r in caplog.records if "merged" in r.getMessage()]
+        out = _config_chain(**tissue, boundary_threshold=0.99)[0]({"image": image, "pred": pred.clone()})
+    warned = [r.getMessage() for r in caplog.records if "merged" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(str(image.meta["filename_or_obj"])), warned
+    assert int((np.asarray(out["pred"]) > 0).mean() > 0.99)  # the regions tile the image
