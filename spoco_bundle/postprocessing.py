@@ -56,8 +56,12 @@ from spoco_bundle.clustering import (
 
 logger = logging.getLogger(__name__)
 
+# what WarnFewInstances says a collapsed segmentation means (tests look for it)
+FEW_INSTANCES = "most objects are probably merged."
+
 __all__ = [
     "BACKGROUND_CHOICES",
+    "FEW_INSTANCES",
     "check_grow_threshold",
     "check_network_output",
     "embedding_channels",
@@ -671,16 +675,17 @@ class RemoveSmallInstancesd(MapTransform):
 class WarnFewInstances(Transform):
     """
     Warn when the objects found are far fewer than the labelled voxels hold objects of the model's training size:
-    the sign of a failed segmentation (most objects merged into a few, e.g. a foreground head that calls nearly the
-    whole of an image of tissue membrane, so that the boundary clustering finds one region). The labels pass
-    unchanged; the warning names the image and the expected and found counts.
+    the sign of a segmentation that collapsed into a few regions (e.g. a boundary head that calls nearly the whole of
+    an image of tissue membrane, so that ``--clustering boundary --background none`` finds a few regions that tile
+    it). The labels pass unchanged; the warning names the image and the expected and found counts. A head that calls
+    nearly everything *background* leaves little labelled area and is not caught.
 
     The expected count is the number of labelled voxels over the volume of a ball (a disk in 2D) of the training
-    objects' median diameter (recorded in the model, :mod:`spoco_bundle.object_size`); it is checked only when it is
-    at least ``min_expected``, so that an image with a few objects never warns. It overstates the count of a good
-    segmentation several times (the largest objects hold most of the area: 49 objects found where it expects 138
-    on a DSB2018 image with the shipped ``nuclei2d``, 21 of 226 on plant3d tissue), hence the small default
-    ``min_fraction``: only a collapse to a few regions warns (2 of 637 where a plant3d head failed).
+    objects' median diameter (recorded in the model, :mod:`spoco_bundle.object_size`). It overstates the count of a
+    good segmentation several times (the largest objects hold most of the area: 49 objects found where it expects
+    138 on a DSB2018 image with the shipped ``nuclei2d``, 21 of 226 on plant3d tissue), hence the small default
+    ``min_fraction``: only a collapse warns (2 of 637 where a plant3d head failed). As at least one object is found
+    in any labelled area, nothing warns below an expected ``max(min_expected, 1 / min_fraction)`` objects.
 
     Args:
         object_diameter: the training objects' median diameter in voxels of the labels' grid; 0 = unknown (no
@@ -688,9 +693,14 @@ class WarnFewInstances(Transform):
         min_fraction: warn when fewer than this share of the expected count is found, in (0, 1].
         min_expected: the smallest expected count that is checked.
 
-    Input: instance labels ``(1, *S)``, S of 2 or 3 axes; ``name`` (optional) the image's file for the message.
+    Input: instance labels ``(1, *S)`` (integers), S of 2 or 3 axes; ``name`` (optional) the image's file for the
+    message.
 
-    Output: the labels, unchanged.
+    Output: the labels, unchanged (the same object).
+
+    Raises:
+        ValueError: a negative ``object_diameter`` or ``min_expected``, a ``min_fraction`` outside (0, 1]; labels of
+            the wrong shape or type.
     """
 
     backend = [TransformBackends.NUMPY]
@@ -704,25 +714,27 @@ class WarnFewInstances(Transform):
         self.min_fraction = fraction
         self.min_expected = _non_negative(min_expected, "min_expected", "0: check every image")
 
-    def counts(self, labels: NdarrayOrTensor) -> tuple[int, float]:
-        """``(found, expected)`` objects of ``labels`` ``(1, *S)``; expected is NaN when the diameter is unknown."""
+    def counts(self, labels: NdarrayOrTensor) -> tuple[int, float, float]:
+        """``(found, expected, diameter)`` for ``labels`` ``(1, *S)``: objects found, objects of the diameter the
+        labelled area holds (NaN when the diameter is unknown), and the diameter read for it."""
         from spoco_bundle.object_size import ball_volume
 
         arr = _check_labels(labels, "WarnFewInstances")
-        found = len(np.unique(arr[arr > 0]))
+        sizes = np.bincount(arr.ravel().astype(np.int64, copy=False))[1:]  # voxels per id, one pass
+        found = int(np.count_nonzero(sizes))
         diameter = _non_negative(self.object_diameter, "object_diameter", "0: unknown")
         if not math.isfinite(diameter) or diameter <= 0:
-            return found, float("nan")
-        return found, float((arr > 0).sum()) / ball_volume(diameter, arr.ndim - 1)
+            return found, float("nan"), diameter
+        return found, float(sizes.sum()) / ball_volume(diameter, arr.ndim - 1), diameter
 
     def __call__(self, labels: NdarrayOrTensor, name: str | None = None) -> NdarrayOrTensor:
-        found, expected = self.counts(labels)
+        found, expected, diameter = self.counts(labels)
         if expected >= self.min_expected and found < self.min_fraction * expected:
             logger.warning(
                 f"{name or 'image'}: {found} object(s) found where the segmented area holds about {expected:.0f} "
-                f"of the training objects' size (median diameter {float(self.object_diameter):.1f} voxels): most "
-                "objects are probably merged. Check the foreground head's map (with --clustering boundary, a head "
-                "that calls nearly everything membrane: try --boundary_threshold median) or the image scale."
+                f"of the training objects' size (median diameter {diameter:.1f} voxels): {FEW_INSTANCES} Check the "
+                "foreground head's map (with the boundary clustering, a head that calls nearly everything membrane: "
+                "try boundary_threshold 'median', --boundary_threshold median) or the image scale."
             )
         return labels
 
@@ -733,7 +745,8 @@ class WarnFewInstancesd(MapTransform):
 
     Args:
         keys: the instance labels.
-        image_key: a MetaTensor whose ``filename_or_obj`` names the image in the warning.
+        image_key: an image (MetaTensor, or with a ``{image_key}_meta_dict``) whose ``filename_or_obj`` names it in
+            the warning; None, or an image without one: "image".
         object_diameter, min_fraction, min_expected: see :class:`WarnFewInstances`.
         allow_missing_keys: don't raise for missing keys.
     """
@@ -754,11 +767,14 @@ class WarnFewInstancesd(MapTransform):
         self.check = WarnFewInstances(object_diameter, min_fraction, min_expected)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from spoco_bundle.transforms import _filename
+
         d = dict(data)
-        image = d.get(self.image_key) if self.image_key is not None else None
-        name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+        name = None
+        if self.image_key is not None:
+            name = _filename(d.get(self.image_key), d.get(f"{self.image_key}_meta_dict"))
         for key in self.key_iterator(d):
-            self.check(d[key], name=None if name is None else str(name))
+            self.check(d[key], name=name)
         return d
 
 

@@ -553,3 +553,26 @@ def test_bundle_run_segments_an_ome_zarr_blockwise(tmp_path, inputs):
     # again: the output exists -> a clear error naming it, exit code 1
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and f"{tmp_path / 'out' / 'c_instances.ome.zarr'} exists" in done.stdout + done.stderr
+
+
+def test_blocks_run_the_chain_without_the_whole_image_count_check():
+    """A block is not an image: the object-count warning (WarnFewInstancesd) is left out of the blocks' chain, whose
+    description (the resume identity) is then that of the chain before the check existed."""
+    from monai.transforms import Compose
+
+    from spoco_bundle.blockwise.volume import _describe, _without_whole_image_checks
+    from spoco_bundle.postprocessing import WarnFewInstancesd
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(Path(__file__).resolve().parents[1]), "model": "nuclei2d"})
+    chain = parser.get_parsed_content("postprocessing")
+    assert any(isinstance(t, WarnFewInstancesd) for t in chain.transforms)
+    blocks = _without_whole_image_checks(chain)
+    assert [type(t) for t in blocks.transforms] == [
+        type(t) for t in chain.transforms if not isinstance(t, WarnFewInstancesd)
+    ]
+    assert len(chain.transforms) == len(blocks.transforms) + 1  # the config's own chain is untouched
+    before = Compose([t for t in chain.transforms if not isinstance(t, WarnFewInstancesd)])
+    assert _describe(blocks) == _describe(before)
+    assert _without_whole_image_checks(blocks) is blocks

@@ -4,6 +4,7 @@ configs/inference.json)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -181,6 +182,7 @@ def segment_volume(
     """
     settings.check_tophat()
     check_output(out_path)  # before any work
+    postprocessing = _without_whole_image_checks(postprocessing)
     image, meta = open_volume(path, settings.input_channel, settings.input_time_point)
     if image.ndim != spatial_dims:
         raise ValueError(f"{path} has {image.ndim} spatial axes {tuple(image.shape)}; the model is {spatial_dims}D.")
@@ -322,6 +324,24 @@ def _field_of_view(network: torch.nn.Module, inferer: Any, scale: float) -> tupl
     rf = rf or (10**9,) * n
     roi = tuple(int(r) for r in roi) if roi is not None else (10**9,) * n
     return tuple(math.ceil(min(a, b) / scale) for a, b in zip(rf, roi))
+
+
+def _without_whole_image_checks(postprocessing: Callable) -> Callable:
+    """The chain without :class:`~spoco_bundle.postprocessing.WarnFewInstancesd`: a block is not an image (its count
+    says nothing about the volume, and the block has no file name), and the resume identity stays that of the chain
+    before the check existed."""
+    from monai.transforms import Compose
+
+    from spoco_bundle.postprocessing import WarnFewInstancesd
+
+    if not isinstance(postprocessing, Compose):
+        return postprocessing
+    kept = [t for t in postprocessing.transforms if not isinstance(t, WarnFewInstancesd)]
+    if len(kept) == len(postprocessing.transforms):
+        return postprocessing
+    chain = copy.copy(postprocessing)  # every other setting of the Compose as it was
+    chain.transforms = kept
+    return chain
 
 
 def _describe(obj: Any, depth: int = 4) -> Any:
