@@ -125,13 +125,20 @@ def _scale_lines(scale_records: Sequence[dict[str, Any]], ok: dict, dataset: str
                 found = a.get("found_median") if a else None
                 row += f" {a['ap50']:.3f} ({_fmt(found)}) |" if a else " - |"
             lines.append(row)
-        runs = sorted({(r["auto"]["rule"], r["auto"]["commit"]) for r in rec["rows"] if "rule" in r.get("auto", {})})
+        autos = [r["auto"] for r in rec["rows"] if "rule" in r.get("auto", {})]
+        runs = sorted({(a["rule"], a["commit"]) for a in autos})
         if runs:
+            # records from before the flag: as session 48's, whose column was segmented again (--auto_only)
+            again = any(a.get("auto_only", True) for a in autos)
             lines += [
                 "",
                 "`auto` column: "
                 + "; ".join(f"rule `{rule}` at commit {commit}" for rule, commit in runs)
-                + " (`python -m benchmarks.scale --auto_only`: only that column segmented again, same model).",
+                + (
+                    " (`python -m benchmarks.scale --auto_only`: only that column segmented again, same model)."
+                    if again
+                    else "."
+                ),
             ]
         lines.append("")
     return lines

@@ -64,7 +64,8 @@ def scale_check(args: argparse.Namespace) -> Path:
     out = run_dir / f"scale_ratio_{args.ratio:.2f}.json"
     same = {"split": split.name, "checkpoint_run": run.get("info", {}).get("work_dir"), "n_test": len(test)}
     earlier = _earlier_rows(out, args, same) if args.auto_only else {}
-    auto_run = {"rule": _default_rule(), "commit": git_commit()}  # what every auto result of this run used
+    # what every auto result of this run used, and whether only that column was segmented again
+    auto_run = {"rule": _default_rule(), "commit": git_commit(), "auto_only": bool(args.auto_only)}
     rows = []
     for factor in args.scales:
         items = []

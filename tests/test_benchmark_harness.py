@@ -199,6 +199,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         scale.update(checkpoint_run=work, rows=[{"scale": 0.5, "ap50": ap, "map": 0.25, "sbd": 0.5}])
         scale["rows"][0]["matched"] = {"image_scale": 2.0, "ap50": 0.75, "map": 0.5, "sbd": 0.75}
         scale["rows"][0]["auto"] = {"found_median": 1.8125, "ap50": 0.7, "map": 0.5, "sbd": 0.75}
+        scale["rows"][0]["auto"].update(rule="halfway", commit="abc1234", auto_only=False)  # segmented with the rest
         scale["rows"].append({"scale": 1.0, "ap50": 0.8, "map": 0.5, "sbd": 0.75})
         scale["blob_scales_source"] = "computed"
         (path.parent / f"scale_ratio_0.10{work[-3:]}.json").write_text(json.dumps(scale))
@@ -229,6 +230,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert "| 0.5 | 0.625 | 0.250 | 0.500 | 0.750 (2) | 0.700 (1.812) |" in text and "0.875" not in text
     assert "| 1 | 0.800 | 0.500 | 0.750 | (same) | - |" in text and "matching `--image_scale 1/factor`" in text
     assert "`--image_scale auto`" in text and "computed from the run's training images" in text
+    assert "`auto` column: rule `halfway` at commit abc1234.\n" in text and "only that column" not in text
     assert "| truth (oracle) | 0.625 | 0.500 | 0.750 |" in text and "| 0.5 | 0.312 | 0.125 |" in text
     assert "precision 0.61, recall 0.97, predicted / true area 1.60" in text and "0.438" not in text
     assert "| head | 9 | 5 | 1 | 2 | 1 | 1.25 | 0.50 |" in text
