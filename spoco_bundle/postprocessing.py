@@ -682,10 +682,10 @@ class WarnFewInstances(Transform):
 
     The expected count is the number of labelled voxels over the volume of a ball (a disk in 2D) of the training
     objects' median diameter (recorded in the model, :mod:`spoco_bundle.object_size`). It overstates the count of a
-    good segmentation several times (the largest objects hold most of the area: 49 objects found where it expects
-    138 on a DSB2018 image with the shipped ``nuclei2d``, 21 of 226 on plant3d tissue), hence the small default
-    ``min_fraction``: only a collapse warns (2 of 637 where a plant3d head failed). As at least one object is found
-    in any labelled area, nothing warns below an expected ``max(min_expected, 1 / min_fraction)`` objects.
+    good segmentation several times (the largest objects hold most of the area; measured in
+    docs/benchmark_findings.md, session 54), hence the small default ``min_fraction``: only a collapse into a few
+    regions warns. As at least one object is found in any labelled area, nothing warns below an expected
+    ``max(min_expected, 1 / min_fraction)`` objects.
 
     Args:
         object_diameter: the training objects' median diameter in voxels of the labels' grid; 0 = unknown (no
