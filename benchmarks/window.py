@@ -60,7 +60,8 @@ def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict |
     (``N`` is a 2D window, ``AxBxC`` a 3D one)."""
     if window in OPTIONS:
         return dict(PINNED, **OPTIONS[window])
-    grow = re.fullmatch(r"grow([0-9.]+)d([0-9.]+)", window)  # growth with its distance, e.g. grow0.01d1
+    number = r"(\d+(?:\.\d+)?)"  # a malformed one falls through to the "grow" prefix's clear error below
+    grow = re.fullmatch(rf"grow{number}d{number}", window)  # growth with its distance, e.g. grow0.01d1
     if grow:
         return dict(PINNED, foreground_grow=float(grow[1]), foreground_grow_distance=float(grow[2]))
     for prefix, key, example in (

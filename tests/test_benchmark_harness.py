@@ -827,6 +827,8 @@ def test_window_study_names_and_mosaics(tmp_path):
         window_overrides("sizeable", 2, [192, 192])
     with pytest.raises(ValueError, match="grow0.4"):
         window_overrides("growth", 2, [192, 192])
+    with pytest.raises(ValueError, match="grow0.4"):
+        window_overrides("grow1..2d1", 2, [192, 192])
     with pytest.raises(ValueError, match="scale1.25"):
         window_overrides("scaled", 2, [192, 192])
     patch = window_overrides("patch", 3, [32, 64, 64])
