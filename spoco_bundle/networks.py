@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from monai.networks.nets import DynUNet
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "EmbeddingUNet",
@@ -34,6 +37,13 @@ class EmbeddingUNet(DynUNet):
     training): the logit is shifted by ``-(logit(c / 2) + log w)``, so that ``sigmoid > 0.5`` means "more likely
     foreground than not". Both are set by :class:`~spoco_bundle.handlers.ForegroundCalibrationHandler`.
 
+    ``input_gamma`` (a buffer, so that a checkpoint carries it to every use: inference, blockwise segmentation, MONAI
+    Label, the zoo package, fine-tuning) is a power law on the normalised input, ``sign(x) * |x| ** gamma``, before
+    the first convolution. Below 1 it lifts dim objects towards bright ones (0.1 becomes 0.32 at 0.5; 0 and 1 stay),
+    so that in images whose objects span a wide range of brightness the dim ones keep a contrast that the training's
+    intensity augmentation (noise, shifts of the normalised image) does not drown. The inferer resamples and measures
+    (``image_scale`` auto) the normalised image, without it.
+
     Args:
         spatial_dims: 2 or 3.
         in_channels: number of image channels.
@@ -46,6 +56,8 @@ class EmbeddingUNet(DynUNet):
         foreground_head: add the foreground logit channel.
         norm_name: normalisation, as accepted by DynUNet. Group norm is the default: per-sample like instance
             norm, but ~20 % faster on CPU with channels-last tensors (instance norm forces layout copies).
+        input_gamma: the exponent of the power law on the input (> 0; 1 leaves it alone). A loaded checkpoint
+            replaces it with its own.
         strict_load: refuse any ``load_state_dict`` whose keys do not match this network exactly, even when the
             caller passes ``strict=False`` (MONAI Label and MONAI's ``CheckpointLoader`` do by default, which would
             silently keep random weights on a mismatch). Set False to allow partial loads.
@@ -64,6 +76,7 @@ class EmbeddingUNet(DynUNet):
         strides: Sequence[Sequence[int] | int] | None = None,
         foreground_head: bool = True,
         norm_name: tuple | str = ("group", {"num_groups": 8}),
+        input_gamma: float = 1.0,
         strict_load: bool = True,
     ) -> None:
         if spatial_dims not in (2, 3):
@@ -73,6 +86,8 @@ class EmbeddingUNet(DynUNet):
         features = [int(f) for f in features]
         if len(features) < 3:  # DynUNet's minimum: input level, one down-sampling, bottleneck
             raise ValueError(f"features needs at least three levels, got {features}.")
+        if not (isinstance(input_gamma, (int, float)) and math.isfinite(input_gamma) and input_gamma > 0):
+            raise ValueError(f"input_gamma must be a finite number > 0, got {input_gamma!r}.")
         if strides is None:
             strides = default_strides(features)
         if len(strides) != len(features):
@@ -104,6 +119,7 @@ class EmbeddingUNet(DynUNet):
         # inference with image_scale "auto" resamples images whose blob size lies outside that range
         self.register_buffer("object_diameter", torch.zeros(()))
         self.register_buffer("image_blob_scale", torch.zeros(3))
+        self.register_buffer("input_gamma", torch.tensor(float(input_gamma)))
         if foreground_head:
             # start the foreground logit at P = 0.12 instead of 0.5: foreground is the minority class, and Adam moves a
             # bias by about the learning rate per step, too slowly for CPU-length runs to get there on their own
@@ -124,6 +140,8 @@ class EmbeddingUNet(DynUNet):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         else:
             x = x.contiguous(memory_format=torch.channels_last)
+        if bool(self.input_gamma != 1.0):
+            x = torch.sign(x) * x.abs().pow(self.input_gamma.to(x.dtype))
         out = self.output_block(self.skip_layers(x)).contiguous()
         if self.foreground_head and not self.training:
             # calibrate the positive-unlabeled head: g > c/2  <=>  P(foreground) > 1/2, where the weighted head's odds
@@ -137,7 +155,8 @@ class EmbeddingUNet(DynUNet):
 def _default_label_frequency(module: torch.nn.Module, state_dict: Mapping, prefix: str, *args) -> None:
     """``load_state_dict`` pre-hook: state dicts of bundle 0.1 lack ``fg_label_frequency`` (c = 1), those of 0.1 and
     0.2 lack ``fg_positive_weight`` (w = 1, their heads were trained unweighted), those before 0.9 lack
-    ``object_diameter`` and ``image_blob_scale`` (0 = unknown)."""
+    ``object_diameter`` and ``image_blob_scale`` (0 = unknown), those before 0.34 lack ``input_gamma`` (1: no power
+    law)."""
     if any(k.startswith(prefix + "output_block.") for k in state_dict):
         for name in ("fg_label_frequency", "fg_positive_weight"):
             if prefix + name not in state_dict:
@@ -145,6 +164,8 @@ def _default_label_frequency(module: torch.nn.Module, state_dict: Mapping, prefi
         for name, shape in (("object_diameter", ()), ("image_blob_scale", (3,))):
             if prefix + name not in state_dict:
                 state_dict[prefix + name] = torch.zeros(shape)  # type: ignore[index]
+        if prefix + "input_gamma" not in state_dict:
+            state_dict[prefix + "input_gamma"] = torch.ones(())  # type: ignore[index]
 
 
 def _refuse_partial_state_dict(
@@ -320,4 +341,12 @@ def with_pretrained(
     path = checkpoint(bundle_root, name) if name in available(bundle_root) else name
     if not os.path.isfile(path) and os.sep not in name and not name.endswith(".pt"):
         checkpoint(bundle_root, name)  # neither a file nor a shipped model: the error lists the shipped ones
-    return load_weights(network, path, map_location)
+    gamma = getattr(network, "input_gamma", None)
+    wanted = None if gamma is None else float(gamma)
+    network = load_weights(network, path, map_location)
+    if wanted is not None and float(network.input_gamma) != wanted:  # the weights were trained for theirs
+        logger.warning(
+            f"{path} was trained with input_gamma {float(network.input_gamma):g}; fine-tuning keeps it (the config's "
+            f"intensity_gamma {wanted:g} is not used)."
+        )
+    return network

@@ -54,7 +54,7 @@ def trained(tmp_path_factory) -> dict:
     write_synthetic_dataset(data, n_train=2, n_val=1, n_test=0, shape=(64, 64), seed=2, ext=".tif", spatial_dims=2)
     bundle = root / "bundle"
     args = ["--spatial_dims", "2", "--epochs", "2", "--epoch_length", "2", "--val_interval", "1"]
-    args += ["--patch_size", "[32,32]", "--background_label", "0", "--tophat", "4.0"]
+    args += ["--patch_size", "[32,32]", "--background_label", "0", "--tophat", "4.0", "--intensity_gamma", "0.5"]
     cmd = training_command(bundle, data, *args, features=json.dumps(FEATURES))
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -87,6 +87,8 @@ def test_training_writes_the_card_beside_the_weights(trained):
         card["training"]["object_diameter"] > 0
     )
     assert card["training"]["image_blob_scale"] == pytest.approx(state["image_blob_scale"].tolist())
+    # the power law on the input travels in the weights (inference builds the network with the default and loads it)
+    assert settings["intensity_gamma"] == 0.5 and float(state["input_gamma"]) == 0.5
     # measured after the top-hat, as inference with image_scale "auto" measures the images it is given
     listed = json.loads((trained["data"] / "dataset.json").read_text())["training"]
     images = [str(trained["data"] / d["image"]) for d in listed]
@@ -103,6 +105,7 @@ def test_training_writes_the_card_beside_the_weights(trained):
     parser.update({"ckpt_path": str(ckpt), "bundle_root": str(ROOT)})
     tophats = [t for t in parser.get_parsed_content("preprocessing").transforms if type(t).__name__ == "TopHatd"]
     assert [t.tophat.size_ratio for t in tophats] == [4.0]
+    assert float(parser.get_parsed_content("network").input_gamma) == 0.5
 
 
 @pytest.mark.slow

@@ -114,3 +114,42 @@ def test_checkpoint_without_label_frequency_loads_with_c_1(tmp_path):
     del state["output_block.conv.conv.bias"]
     with pytest.raises(RuntimeError):
         other.load_state_dict(state, strict=True)
+
+
+def test_input_gamma_is_a_power_law_on_the_input_and_travels_with_the_checkpoint():
+    torch.manual_seed(0)
+    net = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16), input_gamma=0.5).eval()
+    plain = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16)).eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k != "input_gamma"}, strict=False)
+    assert float(plain.input_gamma) == 1.0  # an old checkpoint (no buffer) means no power law
+    x = torch.rand(1, 1, 32, 32) * 2.0 - 0.2  # values below 0 and above 1, as percentile normalisation leaves them
+    torch.testing.assert_close(net(x), plain(torch.sign(x) * x.abs().sqrt()), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(net(x), plain(x), atol=1e-3)
+    # a network built with the default takes the checkpoint's exponent (inference, MONAI Label, the zoo package)
+    other = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16)).eval()
+    other.load_state_dict(net.state_dict())
+    assert float(other.input_gamma) == 0.5
+    torch.testing.assert_close(other(x), net(x))
+    assert float(make_teacher(net).input_gamma) == 0.5
+
+
+@pytest.mark.parametrize("gamma", [0, -1.0, float("nan"), float("inf"), "0.5"])
+def test_input_gamma_must_be_a_positive_number(gamma):
+    with pytest.raises(ValueError, match="input_gamma"):
+        EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16), input_gamma=gamma)
+
+
+def test_fine_tuning_keeps_the_checkpoints_input_gamma_and_says_so(tmp_path, caplog):
+    from spoco_bundle.networks import with_pretrained
+
+    kwargs = {"spatial_dims": 2, "embedding_dim": 4, "features": (8, 16, 16)}
+    path = tmp_path / "model.pt"
+    torch.save(EmbeddingUNet(**kwargs).state_dict(), path)  # trained without the power law
+    with caplog.at_level("WARNING", logger="spoco_bundle.networks"):
+        net = with_pretrained(EmbeddingUNet(**kwargs, input_gamma=0.5), str(path))
+    assert float(net.input_gamma) == 1.0  # the weights' own input, not the config's
+    assert "trained with input_gamma 1" in caplog.text and str(path) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spoco_bundle.networks"):
+        with_pretrained(EmbeddingUNet(**kwargs), str(path))
+    assert "input_gamma" not in caplog.text  # nothing to say when they agree
