@@ -953,3 +953,24 @@ def test_reference_throughput_is_recorded_and_reported():
     words = reference_words(runs)
     assert "1.25 to 2.50 steps per CPU-second" in words and "not recorded by 1 run (older, or rescored)." in words
     assert reference_words([{"machine": {}}]) == ""
+
+
+def test_every_learning_speed_recipe_overrides_ids_that_train_json_has() -> None:
+    """A recipe's override of an id that does not exist would train the defaults under the recipe's name; the
+    ``weak_aug`` recipe names augmentations by their place in the list, which must still be those transforms."""
+    from monai.bundle import ConfigParser
+
+    from benchmarks.learning_speed import RECIPES
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "train.json"))
+    for name, overrides in RECIPES.items():
+        for key in overrides:
+            # an id of its own, or an argument added to a component (e.g. loss#consistency_weight)
+            parent = parser.get(key.rsplit("#", 1)[0]) if "#" in key else None
+            known = key in parser or (isinstance(parent, dict) and "_target_" in parent)
+            assert known, f"recipe {name}: {key} is not an id of train.json"
+    for key, value in RECIPES["weak_aug"].items():
+        transform = parser.get(key.rsplit("#", 1)[0])
+        target = {"offsets": "RandShiftIntensityd", "std": "RandGaussianNoised"}[key.rsplit("#", 1)[1]]
+        assert transform["_target_"] == target and value < parser.get(key)
