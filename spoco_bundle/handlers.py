@@ -1123,6 +1123,8 @@ class ModelCardWriter:
         for key in ("foreground_ring", "foreground_calibration"):  # what "auto" chose, not "auto"
             if settings.get(key) == "auto" and hasattr(loss, key):
                 settings[key] = _plain(getattr(loss, key))
+        if "intensity_gamma" in settings and hasattr(net, "input_gamma"):  # the weights' own: --pretrained, resume
+            settings["intensity_gamma"] = float(net.input_gamma)
         return {
             "description": "weights saved by a training of this bundle (configs/train.json)",
             "bundle_version": bundle_version(),

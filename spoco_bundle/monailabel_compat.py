@@ -28,7 +28,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # the card's network and preprocessing settings a deployment's own training must keep (configs/train.json ids)
-_CARD_TRAIN_IDS = ("spatial_dims", "features", "embedding_dim", "patch_size", "intensity_percentiles", "tophat")
+_CARD_TRAIN_IDS = (
+    "spatial_dims",
+    "features",
+    "embedding_dim",
+    "patch_size",
+    "intensity_percentiles",
+    "tophat",
+    "intensity_gamma",
+)
 
 # BasicInferTask.__call__ copies the request's image path to this key; its Writer reads it for the output suffix
 MONAILABEL_IMAGE_PATH_KEY = "image_path"
@@ -176,6 +184,9 @@ def deploy_bundle(
     network = parser.get_parsed_content("network_def")
     if checkpoint is not None:  # load strictly now (an error here, not in the server); saved as the plain student
         load_weights(network, str(checkpoint))
+        # the power law on the input lives in the weights, not in the card's inference settings: the copy's own
+        # training (a fresh start too) keeps it
+        _adopt_card(dest, {"intensity_gamma": float(getattr(network, "input_gamma", 1.0))})
     torch.save(network.state_dict(), target)
     _describe_network(dest, network, [int(v) for v in parser.get_parsed_content("patch_size")])
     if checkpoint is None:

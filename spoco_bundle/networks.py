@@ -40,9 +40,9 @@ class EmbeddingUNet(DynUNet):
     ``input_gamma`` (a buffer, so that a checkpoint carries it to every use: inference, blockwise segmentation, MONAI
     Label, the zoo package, fine-tuning) is a power law on the normalised input, ``sign(x) * |x| ** gamma``, before
     the first convolution. Below 1 it lifts dim objects towards bright ones (0.1 becomes 0.32 at 0.5; 0 and 1 stay),
-    so that in images whose objects span a wide range of brightness the dim ones keep a contrast that the training's
-    intensity augmentation (noise, shifts of the normalised image) does not drown. The inferer resamples and measures
-    (``image_scale`` auto) the normalised image, without it.
+    for images whose objects span a wide range of brightness. It acts on what the network is given: in training that
+    is the augmented view, so the intensity augmentation (noise, shifts) works on the linear image and is bent with
+    it. The inferer resamples and measures (``image_scale`` auto) the normalised image, without it.
 
     Args:
         spatial_dims: 2 or 3.
@@ -140,8 +140,8 @@ class EmbeddingUNet(DynUNet):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         else:
             x = x.contiguous(memory_format=torch.channels_last)
-        if bool(self.input_gamma != 1.0):
-            x = torch.sign(x) * x.abs().pow(self.input_gamma.to(x.dtype))
+        # always applied (exactly x at 1): a branch on the buffer's value would wait for the device on every call
+        x = torch.sign(x) * x.abs().pow(self.input_gamma.to(x.dtype))
         out = self.output_block(self.skip_layers(x)).contiguous()
         if self.foreground_head and not self.training:
             # calibrate the positive-unlabeled head: g > c/2  <=>  P(foreground) > 1/2, where the weighted head's odds

@@ -228,7 +228,10 @@ def test_package_and_deployment_carry_the_card(trained, tmp_path):
     parser = ConfigParser()
     parser.read_config(str(dest / "configs" / "inference.json"))
     parser["bundle_root"] = str(dest)
-    load_weights(parser.get_parsed_content("network_def"), str(dest / "models" / "model.pt"))  # strict
+    net = load_weights(parser.get_parsed_content("network_def"), str(dest / "models" / "model.pt"))  # strict
+    # the power law on the input comes with the weights, and the copy's own training (a fresh start too) keeps it
+    assert float(net.input_gamma) == 0.5
+    assert json.loads((dest / "configs" / "train.json").read_text())["intensity_gamma"] == 0.5
 
 
 def test_packaging_a_checkpoint_without_card_writes_one(tmp_path):

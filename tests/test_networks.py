@@ -119,9 +119,9 @@ def test_checkpoint_without_label_frequency_loads_with_c_1(tmp_path):
 def test_input_gamma_is_a_power_law_on_the_input_and_travels_with_the_checkpoint():
     torch.manual_seed(0)
     net = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16), input_gamma=0.5).eval()
-    plain = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16)).eval()
-    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k != "input_gamma"}, strict=False)
-    assert float(plain.input_gamma) == 1.0  # an old checkpoint (no buffer) means no power law
+    plain = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16), input_gamma=2.0).eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k != "input_gamma"})
+    assert float(plain.input_gamma) == 1.0  # an old checkpoint (no buffer) means no power law, whatever was built
     x = torch.rand(1, 1, 32, 32) * 2.0 - 0.2  # values below 0 and above 1, as percentile normalisation leaves them
     torch.testing.assert_close(net(x), plain(torch.sign(x) * x.abs().sqrt()), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(net(x), plain(x), atol=1e-3)
@@ -131,6 +131,10 @@ def test_input_gamma_is_a_power_law_on_the_input_and_travels_with_the_checkpoint
     assert float(other.input_gamma) == 0.5
     torch.testing.assert_close(other(x), net(x))
     assert float(make_teacher(net).input_gamma) == 0.5
+    # TorchScript (ckpt_export) keeps the sign of the values below 0
+    torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=1e-5, atol=1e-5)
+    # at 1 the input passes exactly as it is
+    torch.testing.assert_close(plain(x), plain.output_block(plain.skip_layers(x)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("gamma", [0, -1.0, float("nan"), float("inf"), "0.5"])

@@ -141,7 +141,8 @@ def test_pretrained_fine_tunes_from_a_shipped_model_and_refuses_other_architectu
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = subprocess.run(
-        cmd + ["--spatial_dims", "2", "--pretrained", "nuclei2d", "--instance_ratio", "0.5"],
+        cmd
+        + ["--spatial_dims", "2", "--pretrained", "nuclei2d", "--instance_ratio", "0.5", "--intensity_gamma", "0.5"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -157,6 +158,11 @@ def test_pretrained_fine_tunes_from_a_shipped_model_and_refuses_other_architectu
     scale = float(start[key].abs().mean())
     assert 0 < moved < 0.2 * scale  # two steps away from the shipped weights, not from a random start
     assert float((teacher[key] - start[key]).abs().mean()) < moved  # the momentum teacher started there too
+    # the shipped weights were trained without a power law on the input: fine-tuning keeps theirs, says so, and
+    # the card records what the weights do
+    assert float(student["input_gamma"]) == 1.0 and "trained with input_gamma 1" in run.stdout + run.stderr
+    card = json.loads((bundle / "models" / "model.json").read_text())
+    assert card["training"]["settings"]["intensity_gamma"] == 1.0
     written = (bundle / "models" / "model.pt").stat().st_mtime_ns
     for bad, message in (
         (["--spatial_dims", "2", "--pretrained", "nucleus"], "no shipped model 'nucleus'"),
