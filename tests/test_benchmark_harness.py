@@ -958,6 +958,9 @@ def test_reference_throughput_is_recorded_and_reported():
 def test_every_learning_speed_recipe_overrides_ids_that_train_json_has() -> None:
     """A recipe's override of an id that does not exist would train the defaults under the recipe's name; the
     ``weak_aug`` recipe names augmentations by their place in the list, which must still be those transforms."""
+    import inspect
+    import pydoc
+
     from monai.bundle import ConfigParser
 
     from benchmarks.learning_speed import RECIPES
@@ -966,9 +969,12 @@ def test_every_learning_speed_recipe_overrides_ids_that_train_json_has() -> None
     parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "train.json"))
     for name, overrides in RECIPES.items():
         for key in overrides:
-            # an id of its own, or an argument added to a component (e.g. loss#consistency_weight)
+            # an id of its own, or an argument its component takes (e.g. loss#consistency_weight)
             parent = parser.get(key.rsplit("#", 1)[0]) if "#" in key else None
-            known = key in parser or (isinstance(parent, dict) and "_target_" in parent)
+            known = key in parser
+            if not known and isinstance(parent, dict) and "_target_" in parent:
+                component = pydoc.locate(parent["_target_"])
+                known = key.rsplit("#", 1)[1] in inspect.signature(component).parameters
             assert known, f"recipe {name}: {key} is not an id of train.json"
     for key, value in RECIPES["weak_aug"].items():
         transform = parser.get(key.rsplit("#", 1)[0])
