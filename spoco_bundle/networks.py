@@ -158,14 +158,12 @@ def _default_label_frequency(module: torch.nn.Module, state_dict: Mapping, prefi
     ``object_diameter`` and ``image_blob_scale`` (0 = unknown), those before 0.34 lack ``input_gamma`` (1: no power
     law)."""
     if any(k.startswith(prefix + "output_block.") for k in state_dict):
-        for name in ("fg_label_frequency", "fg_positive_weight"):
+        for name in ("fg_label_frequency", "fg_positive_weight", "input_gamma"):
             if prefix + name not in state_dict:
                 state_dict[prefix + name] = torch.ones(())  # type: ignore[index]
         for name, shape in (("object_diameter", ()), ("image_blob_scale", (3,))):
             if prefix + name not in state_dict:
                 state_dict[prefix + name] = torch.zeros(shape)  # type: ignore[index]
-        if prefix + "input_gamma" not in state_dict:
-            state_dict[prefix + "input_gamma"] = torch.ones(())  # type: ignore[index]
 
 
 def _refuse_partial_state_dict(
