@@ -175,7 +175,6 @@ def deploy_bundle(
         card = read_card(checkpoint)  # the model card first: the bundle's inference.json builds network_def from it
         if card is not None:
             write_card(target, card)
-            _adopt_card(dest, card.get("inference", {}))
     else:
         torch.manual_seed(0)  # the untrained network's initial weights, reproducibly
     from spoco_bundle.package import _parser
@@ -184,9 +183,10 @@ def deploy_bundle(
     network = parser.get_parsed_content("network_def")
     if checkpoint is not None:  # load strictly now (an error here, not in the server); saved as the plain student
         load_weights(network, str(checkpoint))
-        # the power law on the input lives in the weights, not in the card's inference settings: the copy's own
-        # training (a fresh start too) keeps it
-        _adopt_card(dest, {"intensity_gamma": float(getattr(network, "input_gamma", 1.0))})
+        # the card's settings, and the power law on the input, which lives in the weights rather than the card: the
+        # copy's own training (a fresh start too) keeps them
+        settings = dict(card.get("inference", {})) if card is not None else {}
+        _adopt_card(dest, {**settings, "intensity_gamma": float(getattr(network, "input_gamma", 1.0))})
     torch.save(network.state_dict(), target)
     _describe_network(dest, network, [int(v) for v in parser.get_parsed_content("patch_size")])
     if checkpoint is None:
