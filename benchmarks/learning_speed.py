@@ -136,9 +136,8 @@ RECIPES: dict[str, dict] = {
     # white top-hat background subtraction (box 5 blob scales) before the normalisation, in training and inference
     "tophat5": {"tophat": 5.0},
     "tophat0": {"tophat": 0.0},  # without it (the default), pinned for the top-hat screens
-    # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
-    # dim objects beside bright ones: a power law after the normalisation lifts them; or milder intensity
-    # augmentation (the consistency views' noise and shifts), which drowns their contrast
+    # dim objects beside bright ones (session 55, neither helped): a power law on the input lifts them; or milder
+    # intensity augmentation (the consistency views' shifts and noise), in case it drowns their contrast
     "gamma0.5": {"intensity_gamma": 0.5},
     "weak_aug": {
         "train#random_transforms#11#offsets": 0.03,
@@ -146,6 +145,7 @@ RECIPES: dict[str, dict] = {
         "train#random_transforms#13#std": 0.015,
         "train#random_transforms#14#std": 0.015,
     },
+    # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},
 }
