@@ -1,0 +1,31 @@
+"""benchmarks.label_audit: local contrast and matching of the ground-truth audit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.label_audit import _matches, local_contrast
+
+
+def test_local_contrast_tells_a_visible_object_from_an_invisible_one():
+    rng = np.random.default_rng(0)
+    image = rng.normal(10.0, 1.0, (64, 64))
+    labels = np.zeros((64, 64), np.int64)
+    yy, xx = np.indices((64, 64))
+    labels[(yy - 16) ** 2 + (xx - 16) ** 2 <= 9] = 1
+    labels[(yy - 44) ** 2 + (xx - 44) ** 2 <= 9] = 2
+    image[labels == 1] += 5.0  # bright; object 2 has the background's intensity
+    z = local_contrast(image, labels)
+    assert z[1] > 3 and abs(z[2]) < 1.5
+
+
+def test_matches_at_iou_half_are_one_to_one():
+    gt = np.zeros((10, 10), np.int64)
+    gt[0:2, 0:4] = 1  # 8 px
+    gt[5:9, 5:9] = 2
+    pred = np.zeros_like(gt)
+    pred[0:2, 0:2] = 3  # 4 of gt 1's 8 px: IoU exactly 0.5, a match
+    pred[5:9, 5:6] = 1  # a quarter of gt 2: no match
+    g, p, table = _matches(gt, pred)
+    assert g.tolist() == [1] and p.tolist() == [3]
+    assert table[2, 1] == 4
