@@ -140,11 +140,14 @@ RECIPES: dict[str, dict] = {
     # intensity augmentation (the consistency views' shifts and noise), in case it drowns their contrast
     "gamma0.5": {"intensity_gamma": 0.5},
     "weak_aug": {
-        "train#random_transforms#11#offsets": 0.03,
         "train#random_transforms#12#offsets": 0.03,
-        "train#random_transforms#13#std": 0.015,
+        "train#random_transforms#13#offsets": 0.03,
         "train#random_transforms#14#std": 0.015,
+        "train#random_transforms#15#std": 0.015,
     },
+    # copy-paste of annotated objects beside annotated objects in each patch (session 56): touching annotated pairs
+    "paste0.5": {"copy_paste": 0.5},
+    "paste1": {"copy_paste": 1.0, "train#random_transforms#6#max_objects": 4},
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},

@@ -1031,9 +1031,18 @@ def held_out_objects(labels: torch.Tensor, holdout: bool) -> torch.Tensor | None
     by :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``); None when ``holdout`` is off."""
     if not holdout:
         return None
-    from spoco_bundle.transforms import CALIBRATION_ID_OFFSET
+    from spoco_bundle.transforms import CALIBRATION_ID_OFFSET, PASTED_ID_OFFSET
 
-    return labels > CALIBRATION_ID_OFFSET
+    return (labels > CALIBRATION_ID_OFFSET) & (labels <= PASTED_ID_OFFSET)
+
+
+def pasted_objects(labels: torch.Tensor) -> torch.Tensor | None:
+    """Voxels of the copies :class:`~spoco_bundle.copy_paste.RandPasteObjects` pasted (ids above
+    :data:`~spoco_bundle.transforms.PASTED_ID_OFFSET`); None when there are none."""
+    from spoco_bundle.transforms import PASTED_ID_OFFSET
+
+    pasted = labels > PASTED_ID_OFFSET
+    return pasted if bool(pasted.any()) else None
 
 
 def _label_windows(labels: torch.Tensor, spatial: Sequence[int], name: str):
@@ -1584,8 +1593,13 @@ class SpocoLoss(nn.Module):
             pw = self.foreground_positive_weight
             strokes = self._head_strokes
             hold = self.foreground_calibration_holdout
-            head_labels, voxel_weight = self._head_labels(labels, spatial)
+            # pasted copies train the embeddings only: for the head they are neither objects nor unlabeled
+            pasted = pasted_objects(labels)
+            base = labels if pasted is None else torch.where(pasted, torch.zeros_like(labels), labels)
+            head_labels, voxel_weight = self._head_labels(base, spatial)
             held = held_out_objects(head_labels, hold)
+            if pasted is not None:
+                held = pasted if held is None else held | pasted
             if self._ring_on:
                 # a patch with nothing annotated has no ring: it says nothing about the foreground (as a
                 # positive-unlabeled patch it would teach that every object in it is background); one with strokes

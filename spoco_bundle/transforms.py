@@ -96,6 +96,9 @@ _M64 = np.uint64
 # ids above this mark calibration objects (SparseInstanceLabel calibration_holdout; read by SpocoLoss). Below 2**24 by
 # a margin: spatial transforms may carry labels as float32, which holds integers exactly only up to 2**24
 CALIBRATION_ID_OFFSET = 1 << 20
+# ids above this are copies pasted by spoco_bundle.copy_paste: objects for the embedding terms, left out of the
+# foreground head's loss and of its label frequency (a head trained on copies of the annotated objects memorises them)
+PASTED_ID_OFFSET = 1 << 21
 
 
 def object_priority(ids: np.ndarray, seed: int, name: str = "") -> np.ndarray:
