@@ -831,6 +831,16 @@ def test_window_study_names_and_mosaics(tmp_path):
         window_overrides("grow1..2d1", 2, [192, 192])
     with pytest.raises(ValueError, match="scale1.25"):
         window_overrides("scaled", 2, [192, 192])
+    # the seed depth reaches the clustering step of the inference config as parsed
+    from monai.bundle import ConfigParser
+
+    seeded = window_overrides("seed0.5", 2, [192, 192])
+    (key,) = set(seeded) - set(off)
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(ROOT), "spatial_dims": 2, key: seeded[key]})
+    step = parser.get_parsed_content(key.rsplit("#", 1)[0])
+    assert type(step).__name__ == "ClusterInstancesd" and step.cluster.kwargs == {"h": 0.5}
     patch = window_overrides("patch", 3, [32, 64, 64])
     assert patch["sliding_window_inferer#roi_size"] == [32, 64, 64]
     assert patch["sliding_window_inferer#padding_mode"] == "constant" and patch["test_time_flips"] is False

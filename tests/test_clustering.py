@@ -498,11 +498,12 @@ def test_watershed_recovers_objects(data2d, data3d):
 
 
 def _smooth_border_pair() -> tuple[np.ndarray, np.ndarray]:
-    """Two touching 16x12 objects whose embeddings ramp from one centre to the other over 8 pixels (steps of 0.375,
-    below the 2 delta_v = 1 that fast's core test tolerates), means 3 apart; background far away."""
+    """Two touching 16x12 objects whose embeddings ramp from one to the other over 4 pixels at their border (steps of
+    0.75: below the 2 delta_v = 1 that fast's core test tolerates, above the watershed's seed depth delta_v = 0.5),
+    means about 3 apart; background far away."""
     lab = np.zeros((32, 48), np.int32)
     lab[8:24, 12:24], lab[8:24, 24:36] = 1, 2
-    ramp = np.clip((np.arange(48) - 20) / 8.0, 0.0, 1.0).astype(np.float32)  # 0 up to x=20, 1 from x=28
+    ramp = np.clip((np.arange(48) - 22) / 4.0, 0.0, 1.0).astype(np.float32)  # 0 up to x=22, 1 from x=26
     emb = np.zeros((4, 32, 48), np.float32)
     emb[0] = 3.0 * ramp[None, :]
     emb[1][lab == 0] = 6.0
@@ -522,6 +523,21 @@ def test_watershed_cuts_touching_objects_with_a_smooth_border():
     assert 22 <= left.max() + 1 <= 26
     # a merge threshold above the means' distance joins them again
     assert cluster_watershed(emb, fg_mask=mask, background="none", merge_threshold=3.5).max() == 1
+
+
+def test_watershed_seed_depth_defaults_to_delta_v():
+    # one object with a shallow inner ridge (an embedding step of 0.3, texture): its two basins are under delta_v
+    # deep, so by default it stays one region (the merge step is off, so only the seeds decide); seeds of the old
+    # depth (0.4 delta_v = 0.2) cut it, and a smaller delta_v lowers the default with it
+    emb = np.zeros((4, 24, 40), np.float32)
+    emb[0, :, 20:] = 0.3
+    emb += 0.005 * np.random.default_rng(0).standard_normal(emb.shape).astype(np.float32)
+    mask = np.zeros((24, 40), bool)
+    mask[4:20, 4:36] = True
+    kwargs = dict(fg_mask=mask, background="none", merge_threshold=0, sigma=0)
+    assert cluster_watershed(emb, **kwargs).max() == 1
+    assert cluster_watershed(emb, h=0.2, **kwargs).max() == 2
+    assert cluster_watershed(emb, delta_v=0.2, **kwargs).max() == 2
 
 
 def test_watershed_keeps_objects_without_a_seed():

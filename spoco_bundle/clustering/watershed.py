@@ -107,8 +107,9 @@ def cluster_watershed(
 
     1. Edge map: per voxel the largest embedding distance to a face neighbour, Gaussian-smoothed by ``sigma``
        voxels (per axis if a sequence).
-    2. Seeds: the edge map's regional minima deeper than ``h`` (``0.4 delta_v``; scikit-image ``h_minima``) inside
-       ``fg_mask``; connected seeds are one marker.
+    2. Seeds: the edge map's regional minima deeper than ``h`` (``delta_v``: a basin at least as deep as the pull
+       margin, so texture inside an object seeds no second region; scikit-image ``h_minima``) inside ``fg_mask``;
+       connected seeds are one marker.
     3. Watershed from the markers over the edge map, inside ``fg_mask`` (scikit-image ``watershed``): every voxel
        goes to the basin it drains into, so two touching objects are cut at the ridge between them even when the
        embedding changes in steps smaller than ``2 delta_v`` across their border (where :func:`cluster_fast`'s
@@ -125,13 +126,14 @@ def cluster_watershed(
         delta_v: pull margin of training; sets the defaults of ``h`` and ``merge_threshold``.
         min_size, fg_mask, background: shared post-processing, see :mod:`spoco_bundle.clustering`.
         sigma: smoothing of the edge map in voxels (0: none).
-        h: minimum depth of a seed's basin, in embedding distance.
+        h: minimum depth of a seed's basin, in embedding distance (default ``delta_v``; up to bundle 0.34
+            ``0.4 delta_v``, docs/seed_depth.md).
         merge_threshold: touching regions with mean embeddings closer than this are merged (0: no merging).
     """
     emb = _check_embeddings(emb)
     fg_mask = _check_mask(fg_mask, emb.shape[1:])
     background = _check_background(background, fg_mask)
-    h = 0.4 * delta_v if h is None else float(h)
+    h = delta_v if h is None else float(h)
     merge_threshold = 2.0 * delta_v if merge_threshold is None else float(merge_threshold)
     sigmas = np.atleast_1d(np.asarray(sigma, dtype=np.float64))
     if not h > 0 or not merge_threshold >= 0 or not np.all(sigmas >= 0):
