@@ -525,6 +525,18 @@ def test_watershed_cuts_touching_objects_with_a_smooth_border():
     assert cluster_watershed(emb, fg_mask=mask, background="none", merge_threshold=3.5).max() == 1
 
 
+def test_watershed_gentle_border_needs_a_shallower_seed_depth():
+    # the same pair with the ramp spread over 8 pixels (steps of 0.375, under delta_v): the smoothed ridge is
+    # shallower than the default seed depth, so one object by default; seeds of 0.2 cut it at the border
+    lab, emb = _smooth_border_pair()
+    ramp = np.clip((np.arange(48) - 20) / 8.0, 0.0, 1.0).astype(np.float32)
+    emb[0] = 3.0 * ramp[None, :] + 0.01 * np.random.default_rng(1).standard_normal((32, 48)).astype(np.float32)
+    mask = lab > 0
+    assert cluster_watershed(emb, fg_mask=mask, background="none").max() == 1
+    seg = cluster_watershed(emb, fg_mask=mask, background="none", h=0.2)
+    assert seg.max() == 2 and ap50(lab, seg) == 1.0
+
+
 def test_watershed_seed_depth_defaults_to_delta_v():
     # one object with a shallow inner ridge (an embedding step of 0.3, texture): its two basins are under delta_v
     # deep, so by default it stays one region (the merge step is off, so only the seeds decide); seeds of the old

@@ -8,8 +8,9 @@ Methods, one module per family (:data:`CLUSTERING_METHODS` names them; :func:`cl
 
 - :func:`cluster_watershed` (``watershed.py``; the bundle's default, ``clustering`` in configs/inference.json):
   seeded watershed on the embedding-edge map (largest embedding distance to a face neighbour, smoothed), seeds at
-  its h-minima, then touching regions with close means merged (scikit-image). Cuts touching objects whose
-  embeddings change smoothly across the border, which ``fast`` links into one.
+  its h-minima at least ``delta_v`` deep, then touching regions with close means merged (scikit-image). Cuts
+  touching objects whose embeddings change across the border in steps ``fast`` links (under ``2 delta_v``) but
+  not gentler than the seed depth.
 - :func:`cluster_fast` (``fast.py``; the default ``method`` of :func:`cluster_embeddings` and the base clustering of
   ``consistency``): spatial, linear-time clustering built on the geometry the SPOCO losses train for (an object's
   voxels within ``delta_v`` of its mean, object means at least ``2 delta_d`` apart). Voxels whose embedding is

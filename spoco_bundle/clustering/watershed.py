@@ -113,7 +113,8 @@ def cluster_watershed(
     3. Watershed from the markers over the edge map, inside ``fg_mask`` (scikit-image ``watershed``): every voxel
        goes to the basin it drains into, so two touching objects are cut at the ridge between them even when the
        embedding changes in steps smaller than ``2 delta_v`` across their border (where :func:`cluster_fast`'s
-       core test links them).
+       core test links them), as long as the smoothed ridge rises more than ``h`` above both basins: steps between
+       about ``delta_v`` and ``2 delta_v`` by default; a gentler ramp stays one object unless ``h`` is lowered.
     4. Touching regions whose mean embeddings are closer than ``merge_threshold`` (``2 delta_v``) are merged
        (over-split objects); with ``background="largest"`` regions with a mean that close to the largest region's
        join it (enclosed background pockets), then the shared post-processing (see :mod:`spoco_bundle.clustering`).
