@@ -34,10 +34,12 @@ class RandPasteObjects(RandomizableTransform):
     object. A copy is flipped along every spatial axis with probability 0.5 each, written into the image (all
     channels, its own pixels only) and the label (a new id), over unlabeled (0) or annotated background (-1)
     voxels. A touching copy is centred on a random voxel of a target object's surface and moved away from the
-    target's centre one voxel at a time until it overlaps no annotated voxel; it counts as
+    target's centre one voxel at a time until it overlaps no annotated object voxel; it counts as
     touching when its mask, dilated by ``touch_distance`` voxels, meets the target (a copy that clears other
     annotated objects only further out does not). Positions that fail are
-    retried ``max_tries`` times, then the copy is skipped.
+    retried ``max_tries`` times (in the copy's mode: touching or anywhere), then the copy is skipped. Copies get ids
+    above :data:`~spoco_bundle.transforms.PASTED_ID_OFFSET`, which :class:`~spoco_bundle.losses.SpocoLoss` keeps out
+    of the foreground head.
 
     Args:
         prob: probability of pasting into a patch at all.
@@ -51,6 +53,10 @@ class RandPasteObjects(RandomizableTransform):
 
     Output: both of the input's kind; unchanged when the transform does not fire or the patch has no whole
     annotated object.
+
+    Raises:
+        ValueError: bad options; image and label of different spatial shapes; a label type that cannot hold the
+            copies' ids (8- or 16-bit integers).
     """
 
     def __init__(
@@ -84,6 +90,11 @@ class RandPasteObjects(RandomizableTransform):
             raise ValueError(
                 f"RandPasteObjects needs image (C, *S) and label (1, *S) with 2 or 3 spatial axes, got "
                 f"{tuple(img.shape)} and {tuple(lab.shape)}."
+            )
+        if np.issubdtype(lab.dtype, np.integer) and np.iinfo(lab.dtype).max <= PASTED_ID_OFFSET:
+            raise ValueError(
+                f"RandPasteObjects writes ids above {PASTED_ID_OFFSET}, which a {lab.dtype} label cannot hold: "
+                "cast the label to int32 / int64 first."
             )
         lab = lab[0].astype(np.int64, copy=True)
         img = img.copy()
@@ -124,8 +135,9 @@ class RandPasteObjects(RandomizableTransform):
             return None
         annotated = lab > 0
         half = (size - 1) / 2.0
+        touching = self.R.rand() < self.touch_prob  # once per copy: the share of touching copies is touch_prob
         for _ in range(self.max_tries):
-            if self.R.rand() < self.touch_prob:
+            if touching:
                 targets = np.unique(lab[annotated])
                 t = int(targets[self.R.randint(len(targets))])
                 obj = lab == t
@@ -194,5 +206,7 @@ class RandPasteObjectsd(RandomizableTransform, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
+            if self.image_key not in d:
+                raise KeyError(f"RandPasteObjectsd pastes into image key {self.image_key!r}, which the data lacks.")
             d[self.image_key], d[key] = self.paste(d[self.image_key], d[key])
         return d

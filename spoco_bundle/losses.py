@@ -1027,8 +1027,9 @@ class EmbeddingConsistencyLoss(nn.Module):
 
 
 def held_out_objects(labels: torch.Tensor, holdout: bool) -> torch.Tensor | None:
-    """Voxels of the calibration objects (ids above :data:`~spoco_bundle.transforms.CALIBRATION_ID_OFFSET`, marked
-    by :class:`~spoco_bundle.transforms.SparseInstanceLabel` ``calibration_holdout``); None when ``holdout`` is off."""
+    """Voxels of the calibration objects (ids above :data:`~spoco_bundle.transforms.CALIBRATION_ID_OFFSET` up to
+    :data:`~spoco_bundle.transforms.PASTED_ID_OFFSET`, marked by :class:`~spoco_bundle.transforms.SparseInstanceLabel`
+    ``calibration_holdout``); None when ``holdout`` is off."""
     if not holdout:
         return None
     from spoco_bundle.transforms import CALIBRATION_ID_OFFSET, PASTED_ID_OFFSET

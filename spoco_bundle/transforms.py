@@ -97,7 +97,8 @@ _M64 = np.uint64
 # a margin: spatial transforms may carry labels as float32, which holds integers exactly only up to 2**24
 CALIBRATION_ID_OFFSET = 1 << 20
 # ids above this are copies pasted by spoco_bundle.copy_paste: objects for the embedding terms, left out of the
-# foreground head's loss and of its label frequency (a head trained on copies of the annotated objects memorises them)
+# foreground head's loss and of its label frequency (a head trained on copies of the annotated objects memorises them);
+# the per-batch Lee & Liu histograms and the self-training fraction still count them as unlabeled voxels
 PASTED_ID_OFFSET = 1 << 21
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from _bundle_cli import training_command
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.utils import set_determinism
 
 from spoco_bundle.data import checked_datalist
 from spoco_bundle.handlers import UNLIMITED_EPOCHS, TrainingProgressBar
@@ -167,17 +168,35 @@ def tiny2d(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("patch_size", [[16, 32, 32], [8, 40, 24], [48, 40]])
 def test_training_batches_for_any_patch_shape(tiny3d, tiny2d, patch_size):
     # a patch that is not square in the rotation plane is not rotated (a quarter turn would change its shape and the
-    # batch would not collate); the smooth contrast field is sized from the patch and applied to each view
+    # batch would not collate); the smooth contrast field is sized from the patch and applied to each view; pasted
+    # copies come through as int64 ids of their own
     parser = ConfigParser()
     parser.read_config(TRAIN)
     dims = len(patch_size)
     data = tiny3d if dims == 3 else tiny2d
-    parser.update({"dataset_dir": str(data), "spatial_dims": dims, "intensity_field": 1.0, "patch_size": patch_size})
+    parser.update(
+        {
+            "dataset_dir": str(data),
+            "spatial_dims": dims,
+            "intensity_field": 1.0,
+            "patch_size": patch_size,
+            "copy_paste": 1.0,
+        }
+    )
     fields = [t for t in parser.get_parsed_content("train#random_transforms") if "SmoothField" in type(t).__name__]
     assert sorted(k for t in fields for k in t.keys) == ["image", "image_g"]
-    loader = parser.get_parsed_content("train#dataloader")
-    batches = [batch for _ in range(3) for batch in loader]
+    set_determinism(seed=0)  # the transforms' random states: the patches, and whether one holds an object to copy
+    try:
+        loader = parser.get_parsed_content("train#dataloader")
+        batches = [batch for _ in range(6) for batch in loader]
+    finally:
+        set_determinism(seed=None)
     assert {tuple(b[k].shape) for b in batches for k in ("image", "image_g", "label")} == {(2, 1, *patch_size)}
+    # copy-paste (every patch here): integer ids above PASTED_ID_OFFSET reach the loss, in the views' shared layout
+    from spoco_bundle.transforms import PASTED_ID_OFFSET
+
+    assert all(b["label"].dtype == torch.int64 for b in batches)
+    assert any((b["label"] > PASTED_ID_OFFSET).any() for b in batches)
     before = torch.linspace(0, 1, int(torch.tensor(patch_size).prod())).reshape(1, *patch_size)
     after = fields[0]({"image": before})["image"]
     assert not torch.allclose(after, before, atol=0.01)  # a contrast change somewhere in the patch
