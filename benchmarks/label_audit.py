@@ -82,7 +82,7 @@ def _prediction_row(split, path: str, stamp_area: int) -> str:
         pred = preds[item.name].astype(np.int64)
         g, p, table = _matches(gt, pred)
         area = np.bincount(gt.ravel(), minlength=table.shape[0])
-        ids = np.nonzero(area)[0][1:]
+        ids = np.flatnonzero(area[1:]) + 1
         c = local_contrast(item.image.astype(np.float64), gt)
         stamps = {int(i) for i in ids if area[i] == stamp_area}
         dim = {int(i) for i in ids if c.get(int(i), np.nan) < 1}
@@ -98,8 +98,8 @@ def _prediction_row(split, path: str, stamp_area: int) -> str:
         g_x += len(ids) - len(stamps)
         p_x += len(present) - len(stamp_pred)
     return (
-        f"{modal_hit} / {modal_n} | {dim_hit} / {dim_n} | {tp / (g_n + p_n - tp):.3f} | "
-        f"{tp_x / (g_x + p_x - tp_x):.3f}"
+        f"{modal_hit} / {modal_n} | {dim_hit} / {dim_n} | {tp / max(g_n + p_n - tp, 1):.3f} | "
+        f"{tp_x / max(g_x + p_x - tp_x, 1):.3f}"
     )
 
 
@@ -115,7 +115,7 @@ def audit(
     ]
     if command:
         lines += ["```bash", command, "```", ""]
-    stamp_area = None
+    stamp_area = modal_area(split)
     rows = []
     for part, items in (("training", split.train), ("test", split.test)):
         areas, z = [], []
@@ -127,8 +127,6 @@ def audit(
             z += list(c.values())
         areas, z = np.array(areas), np.array(z)
         top = Counter(areas.tolist()).most_common(3)
-        if stamp_area is None:
-            stamp_area = top[0][0]
         modal = areas == stamp_area
         rows.append(
             f"| {part} ({len(items)} images) | {len(areas)} | {', '.join(f'{a} px: {n}' for a, n in top)} | "
@@ -164,6 +162,12 @@ def audit(
     return "\n".join(lines)
 
 
+def modal_area(split) -> int:
+    """The most frequent object area (pixels) of the split's training labels."""
+    areas = Counter(int(a) for item in split.train for a in np.bincount(item.labels.ravel().astype(np.int64))[1:] if a)
+    return areas.most_common(1)[0][0]
+
+
 def stamp_figure(dataset: str, data_dir: str | None, path: str, count: int = 24, half: int = 20) -> None:
     """A grid of ``count`` crops (2 ``half`` px wide, each crop's own 1-99.5 % contrast) around the test split's
     objects of the training split's most frequent area, outlined, evenly spread over their local contrast."""
@@ -174,8 +178,7 @@ def stamp_figure(dataset: str, data_dir: str | None, path: str, count: int = 24,
     from skimage.segmentation import find_boundaries
 
     split = load_benchmark(dataset, data_dir)[0]
-    areas = Counter(int(a) for item in split.train for a in np.bincount(item.labels.ravel().astype(np.int64))[1:] if a)
-    stamp_area = areas.most_common(1)[0][0]
+    stamp_area = modal_area(split)
     found = []
     for item in split.test:
         lab = item.labels.astype(np.int64)

@@ -23,7 +23,7 @@ the voxels within 2 of them whose head probability is above P (``foreground_grow
 ``scaleF`` (e.g. ``scale1.25``) = the image resampled by F before the network and the result back (``image_scale``
 F; the benchmark's runs train and segment at 1, so ``scale1`` is ``default``); ``seedD`` (e.g. ``seed0.5``) = the
 ``watershed`` clustering's seed depth D, the least depth of a seed's basin in the embedding-edge map (keyword ``h``
-of :func:`~spoco_bundle.clustering.cluster_watershed`; runs clustered otherwise do not take it).
+of :func:`~spoco_bundle.clustering.cluster_watershed`; a run clustered otherwise is an error).
 
     .venv/bin/python -m benchmarks.window --run_dir eval/s38/ls/dsb2018/default/ratio_0.10_900s[,...]
         [--records eval/s37/usiigaci/train16_val4/spoco/ratio_0.10.json[,...]] [--windows patch,256,320,384]
@@ -73,8 +73,12 @@ def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict |
     grow = re.fullmatch(rf"grow{number}d{number}", window)  # growth with its distance, e.g. grow0.01d1
     if grow:
         return dict(PINNED, foreground_grow=float(grow[1]), foreground_grow_distance=float(grow[2]))
+    if window.startswith("seed"):
+        try:
+            return dict(PINNED, **{_cluster_kwarg("h"): float(window[len("seed") :])})
+        except ValueError:
+            raise ValueError(f"window {window!r}: name it seed and a number, e.g. seed0.5") from None
     for prefix, key, example in (
-        ("seed", _cluster_kwarg("h"), "seed0.5"),
         ("size", "min_diameter_ratio", "size0.45"),
         ("grow", "foreground_grow", "grow0.4"),
         ("scale", "image_scale", "scale1.25"),
@@ -124,7 +128,15 @@ def mosaics(items: list, k: int, folder: Path) -> list:
 def _score_windows(ckpt: Path, split, items, windows, base_ids: dict, patch, cache: Path, key: str, threads: int):
     results = json.loads(cache.read_text()) if cache.is_file() else {}
     work = Path(tempfile.mkdtemp(prefix="spoco_window_"))
+    clustering = (
+        base_ids.get("clustering") or json.loads((REPO_ROOT / "configs" / "inference.json").read_text())["clustering"]
+    )
     for window in windows:
+        if window.startswith("seed") and clustering != "watershed":
+            # the seed depth is the watershed's; cluster_boundary has an h of its own (a distance-transform depth)
+            raise ValueError(
+                f"window {window!r} sets the watershed's seed depth; {cache.parent} clusters with {clustering!r}."
+            )
         name = f"{key}/{window}"
         if name in results:
             continue

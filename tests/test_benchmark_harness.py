@@ -841,6 +841,13 @@ def test_window_study_names_and_mosaics(tmp_path):
     parser.update({"bundle_root": str(ROOT), "spatial_dims": 2, key: seeded[key]})
     step = parser.get_parsed_content(key.rsplit("#", 1)[0])
     assert type(step).__name__ == "ClusterInstancesd" and step.cluster.kwargs == {"h": 0.5}
+    with pytest.raises(ValueError, match="seed0.5"):
+        window_overrides("seedless", 2, [192, 192])
+    # cluster_boundary has an h of its own: a seed window on a run clustered that way is an error, not a silent change
+    from benchmarks.window import _score_windows
+
+    with pytest.raises(ValueError, match="clusters with 'boundary'"):
+        _score_windows(ROOT, None, [], ["seed0.5"], {"clustering": "boundary"}, [192, 192], tmp_path / "w.json", "k", 1)
     patch = window_overrides("patch", 3, [32, 64, 64])
     assert patch["sliding_window_inferer#roi_size"] == [32, 64, 64]
     assert patch["sliding_window_inferer#padding_mode"] == "constant" and patch["test_time_flips"] is False
