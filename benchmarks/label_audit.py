@@ -230,6 +230,9 @@ def main(argv=None) -> None:
     pairs = [tuple(x.split("=", 1)) for x in args.predictions.split(",") if x]
     if any(len(x) != 2 for x in pairs):
         p.error(f"--predictions wants NAME=PATH pairs, got {args.predictions!r}")
+    missing = [path for _, path in pairs if not Path(path).is_file()]
+    if missing:
+        p.error(f"--predictions: no such file {missing[0]} (a benchmark record's .npz beside its .json)")
     command = ".venv/bin/python -m benchmarks.label_audit " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = audit(args.dataset, args.data_dir, pairs, command)
     print(text)

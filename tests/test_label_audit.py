@@ -39,3 +39,13 @@ def test_a_ground_truth_object_matches_one_of_two_equal_candidates():
     pred[0:2, 2:4] = 2  # IoU 0.5 too: only one of them may match
     g, p, _ = _matches(gt, pred)
     assert g.tolist() == [1] and len(p) == 1 and p[0] in (1, 2)
+
+
+def test_a_missing_predictions_file_is_a_clear_error(capsys):
+    import pytest
+
+    from benchmarks.label_audit import main
+
+    with pytest.raises(SystemExit):
+        main(["--predictions", "x=no/such/file.npz"])
+    assert "no such file no/such/file.npz" in capsys.readouterr().err
