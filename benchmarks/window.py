@@ -35,6 +35,7 @@ Results are cached per checkpoint in ``<run_dir or work_dir>/window.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import tempfile
@@ -57,10 +58,15 @@ OPTIONS = {"flips": {"test_time_flips": True, "min_diameter_ratio": 0}}
 PINNED = {"test_time_flips": False, "min_diameter_ratio": 0, "foreground_grow": 0.0}
 
 
+@functools.cache
+def _inference_config() -> dict:
+    """``configs/inference.json``, read once."""
+    return json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
+
+
 def _cluster_kwarg(name: str) -> str:
     """The ``inference.json`` id of keyword ``name`` of its clustering step (``ClusterInstancesd``)."""
-    config = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
-    steps = [t["_target_"] for t in config["postprocessing"]["transforms"]]
+    steps = [t["_target_"] for t in _inference_config()["postprocessing"]["transforms"]]
     return f"postprocessing#transforms#{steps.index('spoco_bundle.postprocessing.ClusterInstancesd')}#{name}"
 
 
@@ -128,9 +134,7 @@ def mosaics(items: list, k: int, folder: Path) -> list:
 def _score_windows(ckpt: Path, split, items, windows, base_ids: dict, patch, cache: Path, key: str, threads: int):
     results = json.loads(cache.read_text()) if cache.is_file() else {}
     work = Path(tempfile.mkdtemp(prefix="spoco_window_"))
-    clustering = (
-        base_ids.get("clustering") or json.loads((REPO_ROOT / "configs" / "inference.json").read_text())["clustering"]
-    )
+    clustering = base_ids.get("clustering") or _inference_config()["clustering"]
     for window in windows:
         if window.startswith("seed") and clustering != "watershed":
             # the seed depth is the watershed's; cluster_boundary has an h of its own (a distance-transform depth)
