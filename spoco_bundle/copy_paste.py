@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.transforms import MapTransform, RandomizableTransform
+from monai.transforms import MapTransform, Randomizable, RandomizableTransform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 from scipy import ndimage
 
@@ -136,9 +136,9 @@ class RandPasteObjects(RandomizableTransform):
         annotated = lab > 0
         half = (size - 1) / 2.0
         touching = self.R.rand() < self.touch_prob  # once per copy: the share of touching copies is touch_prob
+        targets = np.unique(lab[annotated]) if touching else None
         for _ in range(self.max_tries):
             if touching:
-                targets = np.unique(lab[annotated])
                 t = int(targets[self.R.randint(len(targets))])
                 obj = lab == t
                 surface = np.argwhere(obj & ~ndimage.binary_erosion(obj))
@@ -168,7 +168,7 @@ class RandPasteObjects(RandomizableTransform):
         return None
 
 
-class RandPasteObjectsd(RandomizableTransform, MapTransform):
+class RandPasteObjectsd(Randomizable, MapTransform):
     """Dictionary version of :class:`RandPasteObjects`: pastes into ``image_key`` and the label ``keys`` together.
 
     Args:
@@ -192,8 +192,8 @@ class RandPasteObjectsd(RandomizableTransform, MapTransform):
         MapTransform.__init__(self, keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"RandPasteObjectsd pastes into one label key, got {self.keys}.")
+        # the array transform draws every random choice (whether to paste included): its state is the one to seed
         self.paste = RandPasteObjects(prob, max_objects, touch_prob, touch_distance, max_tries)
-        RandomizableTransform.__init__(self, self.paste.prob)
         self.image_key = image_key
 
     def set_random_state(
