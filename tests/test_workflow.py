@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import subprocess
 import sys
 import time
@@ -188,7 +189,7 @@ def test_training_batches_for_any_patch_shape(tiny3d, tiny2d, patch_size):
     set_determinism(seed=0)  # the transforms' random states: the patches, and whether one holds an object to copy
     try:
         loader = parser.get_parsed_content("train#dataloader")
-        batches = [batch for _ in range(6) for batch in loader]
+        batches = list(itertools.islice(loader, 12))
     finally:
         set_determinism(seed=None)
     assert {tuple(b[k].shape) for b in batches for k in ("image", "image_g", "label")} == {(2, 1, *patch_size)}
@@ -201,6 +202,26 @@ def test_training_batches_for_any_patch_shape(tiny3d, tiny2d, patch_size):
     after = fields[0]({"image": before})["image"]
     assert not torch.allclose(after, before, atol=0.01)  # a contrast change somewhere in the patch
     assert float(after.min()) >= -1e-6 and float(after.max()) <= 1 + 1e-6  # rescaled to the input's range
+
+
+def test_training_loader_spans_an_epoch_however_few_the_files(tiny3d):
+    # two training volumes, epoch_length 5: one pass of the loader is the whole epoch (each file in turn, no file a
+    # third time before the other's second), and its worker stays for the next pass, instead of ignite re-creating
+    # the iterator, and with it the worker processes, every second iteration
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"dataset_dir": str(tiny3d), "spatial_dims": 3, "patch_size": [16, 32, 32], "epoch_length": 5})
+    parser.update({"num_workers": 1})
+    loader = parser.get_parsed_content("train#dataloader")
+    assert len(loader) == 5 and loader.persistent_workers
+    order = list(loader.sampler)
+    assert sorted(order[:2]) == sorted(order[2:4]) == [0, 1]
+    first = iter(loader)
+    assert len(list(first)) == 5
+    assert iter(loader) is first  # the same iterator object and its worker, reset for the next pass
+    parser.update({"epoch_length": 1, "num_workers": 0})  # more files than iterations: a pass is the file list
+    loader = parser.get_parsed_content("train#dataloader", instantiate=True, lazy=False)
+    assert len(loader) == 2 and not loader.persistent_workers
 
 
 def test_validation_removes_objects_small_next_to_the_recorded_training_objects():

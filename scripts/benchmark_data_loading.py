@@ -1,0 +1,75 @@
+"""
+Data-loading benchmark: batches per second of ``configs/train.json``'s training loader, driven as the ignite trainer
+drives it (a new iterator whenever one runs out), for a training set of few files (one volume by default: the common
+3D case), with and without DataLoader worker processes.
+
+Two loader set-ups are compared: the default (one pass of the loader spans at least an epoch, ``train#sampler``, and
+the workers persist between passes) and a pass over the file list with workers started anew for each pass (the
+loader of bundle 0.35 and earlier, set here with ``train#sampler#num_samples`` = the number of files and
+``persistent_workers`` off). Training data: the built-in synthetic 3D nuclei unless ``--data_dir`` holds a
+``dataset.json`` (``training`` list).
+
+    .venv/bin/python scripts/benchmark_data_loading.py [--workers 0,2] [--batches 60] [--n_files 1] [--data_dir D]
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+from monai.bundle import ConfigParser
+from monai.utils import set_determinism
+
+from spoco_bundle.synthetic import write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUPS = {
+    "pass = epoch, persistent workers (default)": {},
+    "pass = file list, workers restarted (<= 0.35)": {
+        "train#sampler#num_samples": "$len(@train#dataset)",
+        "train#dataloader#persistent_workers": False,
+    },
+}
+
+
+def _rate(data_dir: str, workers: int, batches: int, overrides: dict) -> float:
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    parser.update({"dataset_dir": data_dir, "num_workers": workers, "instance_ratio": 1.0})
+    parser.update({"train#dataset#progress": False})
+    parser.update(overrides)
+    set_determinism(seed=0)
+    loader = parser.get_parsed_content("train#dataloader")
+    it, stamps = iter(loader), []
+    while len(stamps) < batches + 1:
+        try:
+            next(it)
+        except StopIteration:  # what ignite does when the data runs out before the epoch does
+            it = iter(loader)
+            continue
+        stamps.append(time.perf_counter())
+    set_determinism(seed=None)
+    return batches / (stamps[-1] - stamps[0])  # after the first batch (start-up and caching left out)
+
+
+def main(workers: str = "0,2", batches: int = 60, n_files: int = 1, data_dir: str | None = None) -> None:
+    counts = [int(w) for w in str(workers).split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if data_dir is None:
+            data_dir = tmp
+            write_synthetic_dataset(tmp, n_train=n_files, n_val=0, n_test=0, shape=(64, 128, 128), seed=0)
+            source = f"{n_files} synthetic 3D volume(s) of 64x128x128"
+        else:
+            source = data_dir
+        print(f"training loader of configs/train.json on {source}; {batches} batches after the first\n")
+        print("| loader | " + " | ".join(f"{w} workers: batches/s" for w in counts) + " |")
+        print("|---|" + "---|" * len(counts))
+        for name, overrides in SETUPS.items():
+            rates = [_rate(data_dir, w, batches, overrides) for w in counts]
+            print(f"| {name} | " + " | ".join(f"{r:.1f}" for r in rates) + " |")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
