@@ -7,13 +7,16 @@ Two loader set-ups are compared: the default (one pass of the loader spans at le
 the workers persist between passes) and a pass over the file list with workers started anew for each pass (the
 loader of bundle 0.35 and earlier, set here with ``train#sampler#num_samples`` = the number of files and
 ``persistent_workers`` off). Training data: the built-in synthetic 3D nuclei unless ``--data_dir`` holds a
-``dataset.json`` (``training`` list).
+``dataset.json`` (``training`` list; ``--spatial_dims 2`` for 2D images). Each set-up is measured ``--repeats``
+times, the set-ups taking turns, and the median is printed.
 
-    .venv/bin/python scripts/benchmark_data_loading.py [--workers 0,2] [--batches 60] [--n_files 1] [--data_dir D]
+    .venv/bin/python scripts/benchmark_data_loading.py [--workers 0,2] [--batches 60] [--repeats 3] [--n_files 1]
+        [--data_dir D --spatial_dims 3]
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,41 +37,54 @@ SETUPS = {
 }
 
 
-def _rate(data_dir: str, workers: int, batches: int, overrides: dict) -> float:
+def _rate(data_dir: str, spatial_dims: int, workers: int, batches: int, overrides: dict) -> float:
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "train.json"))
-    parser.update({"dataset_dir": data_dir, "num_workers": workers, "instance_ratio": 1.0})
-    parser.update({"train#dataset#progress": False})
-    parser.update(overrides)
+    parser.update({"dataset_dir": data_dir, "spatial_dims": spatial_dims, "num_workers": workers})
+    parser.update({"train#dataset#progress": False, **overrides})
     set_determinism(seed=0)
-    loader = parser.get_parsed_content("train#dataloader")
-    it, stamps = iter(loader), []
-    while len(stamps) < batches + 1:
-        try:
-            next(it)
-        except StopIteration:  # what ignite does when the data runs out before the epoch does
-            it = iter(loader)
-            continue
-        stamps.append(time.perf_counter())
-    set_determinism(seed=None)
+    try:
+        loader = parser.get_parsed_content("train#dataloader")
+        it, stamps = iter(loader), []
+        while len(stamps) < batches + 1:
+            try:
+                next(it)
+            except StopIteration:  # what ignite does when the data runs out before the epoch does
+                it = iter(loader)
+                continue
+            stamps.append(time.perf_counter())
+    finally:
+        set_determinism(seed=None)
     return batches / (stamps[-1] - stamps[0])  # after the first batch (start-up and caching left out)
 
 
-def main(workers: str = "0,2", batches: int = 60, n_files: int = 1, data_dir: str | None = None) -> None:
+def main(
+    workers: str = "0,2",
+    batches: int = 60,
+    repeats: int = 3,
+    n_files: int = 1,
+    data_dir: str | None = None,
+    spatial_dims: int = 3,
+) -> None:
     counts = [int(w) for w in str(workers).split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         if data_dir is None:
-            data_dir = tmp
+            data_dir, spatial_dims = tmp, 3
             write_synthetic_dataset(tmp, n_train=n_files, n_val=0, n_test=0, shape=(64, 128, 128), seed=0)
             source = f"{n_files} synthetic 3D volume(s) of 64x128x128"
         else:
             source = data_dir
-        print(f"training loader of configs/train.json on {source}; {batches} batches after the first\n")
+        rates: dict = {(name, w): [] for name in SETUPS for w in counts}
+        for _ in range(repeats):  # the set-ups take turns, so that a drift in machine load spreads over all of them
+            for name, overrides in SETUPS.items():
+                for w in counts:
+                    rates[name, w].append(_rate(data_dir, spatial_dims, w, batches, overrides))
+        print(f"training loader of configs/train.json on {source}; {batches} batches after the first, median of")
+        print(f"{repeats} measurements\n")
         print("| loader | " + " | ".join(f"{w} workers: batches/s" for w in counts) + " |")
         print("|---|" + "---|" * len(counts))
-        for name, overrides in SETUPS.items():
-            rates = [_rate(data_dir, w, batches, overrides) for w in counts]
-            print(f"| {name} | " + " | ".join(f"{r:.1f}" for r in rates) + " |")
+        for name in SETUPS:
+            print(f"| {name} | " + " | ".join(f"{statistics.median(rates[name, w]):.1f}" for w in counts) + " |")
 
 
 if __name__ == "__main__":

@@ -469,6 +469,28 @@ def foreground_mask_file(image: str | os.PathLike, index: Mapping[str, Sequence[
     return found[0]
 
 
+def epoch_samples(n_files: int, epoch_length: int) -> int:
+    """
+    Items in one pass of the training loader (``train#sampler``): the file list repeated, each time reshuffled, to
+    cover at least one epoch of ``epoch_length`` iterations. With fewer files than iterations a pass then spans the
+    epoch instead of ending (and, with ``num_workers``, restarting its worker processes) after every file; whole
+    repetitions keep each file drawn once before any file is drawn again, across passes too. With at least
+    ``epoch_length`` files a pass is the file list.
+
+    Raises:
+        ValueError: no training files, or an ``epoch_length`` that is not a positive whole number.
+    """
+    if n_files < 1:
+        raise ValueError("The training data list is empty: nothing to sample (check dataset_dir and its datalist).")
+    try:
+        whole = not isinstance(epoch_length, bool) and float(epoch_length).is_integer() and epoch_length >= 1
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        raise ValueError(f"epoch_length must be a positive whole number of iterations, got {epoch_length!r}.")
+    return n_files * -(-int(epoch_length) // n_files)
+
+
 def checked_datalist(
     dataset_dir: str | os.PathLike,
     section: str = "training",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from spoco_bundle.data import build_datalist, split_for_validation, validate_datalist
+from spoco_bundle.data import build_datalist, epoch_samples, split_for_validation, validate_datalist
 
 DATA_DIR = Path(os.environ.get("SPOCO_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 GONUCLEAR = DATA_DIR / "gonuclear"
@@ -260,3 +260,15 @@ def test_split_for_validation():
     assert split_for_validation(dl, 0.25, seed=4) != (train, val)
     assert split_for_validation(dl[:2], 0.01, seed=0)[1] != []  # at least one validation item
     assert len(split_for_validation(dl[:1], 0.5, seed=0)[0]) == 1  # training never empty
+
+
+def test_epoch_samples_whole_file_lists_covering_an_epoch():
+    assert epoch_samples(1, 100) == 100  # one volume: a pass is the epoch
+    assert epoch_samples(12, 100) == 108  # nine whole reshuffled lists
+    assert epoch_samples(268, 100) == 268  # more files than iterations: the file list
+    assert epoch_samples(3, 3.0) == 3
+    for bad in (0, -5, 2.5, None, True, "100"):
+        with pytest.raises(ValueError, match="epoch_length"):
+            epoch_samples(4, bad)
+    with pytest.raises(ValueError, match="empty"):
+        epoch_samples(0, 100)

@@ -205,20 +205,29 @@ def test_training_batches_for_any_patch_shape(tiny3d, tiny2d, patch_size):
 
 
 def test_training_loader_spans_an_epoch_however_few_the_files(tiny3d):
-    # two training volumes, epoch_length 5: one pass of the loader is the whole epoch (each file in turn, no file a
-    # third time before the other's second), and its worker stays for the next pass, instead of ignite re-creating
-    # the iterator, and with it the worker processes, every second iteration
+    # two training volumes, epoch_length 5: one pass of the loader covers the epoch (whole reshuffled file lists, so no
+    # file a third time before the other's second), and its worker stays for the next pass, instead of ignite
+    # re-creating the iterator, and with it the worker processes, every second iteration
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({"dataset_dir": str(tiny3d), "spatial_dims": 3, "patch_size": [16, 32, 32], "epoch_length": 5})
-    parser.update({"num_workers": 1})
+    ids = {
+        "dataset_dir": str(tiny3d),
+        "spatial_dims": 3,
+        "patch_size": [16, 32, 32],
+        "epoch_length": 5,
+        "num_workers": 1,
+    }
+    parser.update(ids)
     loader = parser.get_parsed_content("train#dataloader")
-    assert len(loader) == 5 and loader.persistent_workers
+    assert len(loader) == 6 and loader.persistent_workers
     order = list(loader.sampler)
-    assert sorted(order[:2]) == sorted(order[2:4]) == [0, 1]
+    assert sorted(order[:2]) == sorted(order[2:4]) == sorted(order[4:]) == [0, 1]
     first = iter(loader)
-    assert len(list(first)) == 5
-    assert iter(loader) is first  # the same iterator object and its worker, reset for the next pass
+    try:
+        assert len(list(first)) == 6
+        assert iter(loader) is first  # the same iterator object and its worker, reset for the next pass
+    finally:
+        del first, loader  # the persistent worker ends with its iterator
     parser.update({"epoch_length": 1, "num_workers": 0})  # more files than iterations: a pass is the file list
     loader = parser.get_parsed_content("train#dataloader", instantiate=True, lazy=False)
     assert len(loader) == 2 and not loader.persistent_workers
