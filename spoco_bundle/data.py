@@ -473,7 +473,7 @@ def epoch_samples(n_files: int, epoch_length: int) -> int:
     """
     Items in one pass of the training loader (``train#sampler``): the file list repeated, each time reshuffled, to
     cover at least one epoch of ``epoch_length`` iterations. With fewer files than iterations a pass then spans the
-    epoch instead of ending (and, with ``num_workers``, restarting its worker processes) after every file; whole
+    epoch instead of ending after the file list (and, with ``num_workers``, restarting its worker processes); whole
     repetitions keep each file drawn once before any file is drawn again, across passes too. With at least
     ``epoch_length`` files a pass is the file list.
 
