@@ -25,6 +25,7 @@ import fire
 from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
+from spoco_bundle.data import checked_datalist
 from spoco_bundle.synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,10 @@ def main(
             write_synthetic_dataset(tmp, n_train=n_files, n_val=0, n_test=0, shape=(64, 128, 128), seed=0)
             source = f"{n_files} synthetic 3D volume(s) of 64x128x128"
         else:
+            try:  # a missing folder or bad files: one clear line before any measurement
+                checked_datalist(data_dir, "training", spatial_dims)
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(f"error: {e}") from None
             source = data_dir
         rates: dict = {(name, w): [] for name in SETUPS for w in counts}
         for _ in range(repeats):  # the set-ups take turns, so that a drift in machine load spreads over all of them
