@@ -2,6 +2,6 @@
 
 from spoco_bundle.errors import install_error_summary as _install_error_summary
 
-__version__ = "0.36.0"
+__version__ = "0.37.0"
 
 _install_error_summary()  # under `python -m monai.bundle` only: the root cause of a failure is printed last

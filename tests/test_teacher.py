@@ -101,6 +101,26 @@ def test_gradients_reach_student_not_teacher():
     assert isinstance(inferer(x, student), torch.Tensor)
 
 
+def test_metatensor_batches_reach_the_networks_as_plain_tensors():
+    # the training DataLoader collates MetaTensors; their per-operation dispatch is what the inferer strips (the
+    # networks must see plain tensors, and the outputs must be those of the same data as plain tensors)
+    from monai.data import MetaTensor
+
+    student, teacher = _nets()
+    seen = []
+    hooks = [n.register_forward_pre_hook(lambda m, args: seen.append(type(args[0]))) for n in (student, teacher)]
+    inferer = TwoViewInferer(teacher)
+    x = torch.randn(2, 1, 32, 32)
+    x_g = x + 0.1 * torch.randn_like(x)
+    s, t = inferer(MetaTensor(x, meta={"filename_or_obj": "a.tif"}), student, MetaTensor(x_g))
+    for h in hooks:
+        h.remove()
+    assert seen == [torch.Tensor, torch.Tensor]
+    assert type(s) is torch.Tensor and type(t) is torch.Tensor and s.requires_grad
+    s_plain, t_plain = inferer(x, student, x_g)
+    assert torch.equal(s, s_plain) and torch.equal(t, t_plain)
+
+
 def test_teacher_lags_student_during_training():
     student, teacher = _nets()
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
