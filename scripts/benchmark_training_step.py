@@ -6,6 +6,11 @@ Default setting (issue #2): 3D patch 48x64x64, batch 2, feature maps 16-32-64, E
 built-in synthetic nuclei (all objects annotated = the loss's worst case; `--instance_ratio 0.1` for sparse).
 
     .venv/bin/python scripts/benchmark_training_step.py [--device cuda] [--iters 5] [--instance_ratio 1.0]
+        [--spatial_dims 2 --patch "[192,192]" --features "[16,32,64,128]"] [--metatensor]
+
+``--metatensor``: the batch comes as the training DataLoader collates it (MONAI ``MetaTensor``s), and a second row
+times the step with the networks called on those directly, as the training did up to bundle 0.36
+(``TwoViewInferer`` now hands them plain tensors: a MetaTensor's per-operation dispatch slows every layer).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 import fire
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
 from spoco_bundle.handlers import MomentumTeacherHandler
 from spoco_bundle.inferers import TwoViewInferer
@@ -32,7 +38,7 @@ def _sync(device: torch.device) -> None:
 def _batch(patch, batch_size, instance_ratio, device):
     images, labels = [], []
     for b in range(batch_size):
-        img, lab = generate_nuclei(shape=tuple(patch), spacing=(2.0, 1.0, 1.0), seed=b)
+        img, lab = generate_nuclei(shape=tuple(patch), spacing=(2.0, 1.0, 1.0)[-len(patch) :], seed=b)
         lab = SparseInstanceLabel(instance_ratio=instance_ratio, seed=b)(lab[None].astype(np.int64))
         images.append(torch.as_tensor(img[None] / img.max()))
         labels.append(torch.as_tensor(np.asarray(lab)))
@@ -50,51 +56,80 @@ def main(
     embedding_dim: int = 16,
     instance_ratio: float = 1.0,
     threads: int | None = None,
+    spatial_dims: int | None = None,
+    metatensor: bool = False,
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
+    dims = len(patch) if spatial_dims is None else int(spatial_dims)
+    if dims != len(patch):
+        raise SystemExit(f"error: --patch {tuple(patch)} has {len(patch)} axes, --spatial_dims is {dims}.")
     dev = torch.device(device)
     torch.manual_seed(0)
-    student = EmbeddingUNet(spatial_dims=3, embedding_dim=embedding_dim, features=features).to(dev)
+    student = EmbeddingUNet(spatial_dims=dims, embedding_dim=embedding_dim, features=features).to(dev)
     teacher = make_teacher(student)
     inferer = TwoViewInferer(teacher)
     ema = MomentumTeacherHandler(teacher, student, momentum=0.999)
     loss_fn = SpocoLoss(embedding_dim=embedding_dim)
     opt = torch.optim.Adam(student.parameters(), lr=2e-4, weight_decay=1e-5)
     x, x_g, y = _batch(patch, batch_size, instance_ratio, dev)
+    if metatensor:
+        x, x_g, y = (MetaTensor(t) for t in (x, x_g, y))
     n_obj = [int(y[b].max()) for b in range(batch_size)]
 
-    step_times, loss_times = [], []
-    for i in range(warmup + iters):
-        _sync(dev)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        pred = inferer(x, student, x_g)
-        loss = loss_fn(pred, y)
-        loss.backward()
-        opt.step()
-        ema()
-        _sync(dev)
-        t1 = time.perf_counter()
-        # the loss alone (forward + backward) on the same network outputs
-        s = pred[0].detach().requires_grad_(True)
-        _sync(dev)
-        t2 = time.perf_counter()
-        loss_fn((s, pred[1]), y).backward()
-        _sync(dev)
-        t3 = time.perf_counter()
-        if i >= warmup:
-            step_times.append(t1 - t0)
-            loss_times.append(t3 - t2)
-    step, lt = float(np.mean(step_times)), float(np.mean(loss_times))
+    def direct(x, network, x_g):  # the networks on the batch as it comes (bundle <= 0.36)
+        with torch.no_grad():
+            t = teacher(x_g)
+        return network(x), t
+
+    def times(forward) -> tuple[float, float]:
+        step_times, loss_times = [], []
+        for i in range(warmup + iters):
+            _sync(dev)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            pred = forward(x, student, x_g)
+            loss = loss_fn(pred, y)
+            loss.backward()
+            opt.step()
+            ema()
+            _sync(dev)
+            t1 = time.perf_counter()
+            # the loss alone (forward + backward) on the same network outputs
+            s = pred[0].detach().requires_grad_(True)
+            _sync(dev)
+            t2 = time.perf_counter()
+            loss_fn((s, pred[1]), y).backward()
+            _sync(dev)
+            t3 = time.perf_counter()
+            if i >= warmup:
+                step_times.append(t1 - t0)
+                loss_times.append(t3 - t2)
+        return float(np.mean(step_times)), float(np.mean(loss_times))
+
+    forwards = {"TwoViewInferer": inferer}
+    if metatensor:
+        forwards["networks on the MetaTensors (<= 0.36)"] = direct
+    # the set-ups take turns (two rounds each), so that a slower or faster period of the machine is shared
+    runs: dict[str, list] = {name: [] for name in forwards}
+    for _ in range(2 if metatensor else 1):
+        for name, forward in forwards.items():
+            runs[name].append(times(forward))
+    rows = {name: tuple(float(np.mean(v)) for v in zip(*r)) for name, r in runs.items()}
     print(
         f"device {dev}, torch threads {torch.get_num_threads()}, patch {tuple(patch)}, batch {batch_size}, "
-        f"features {tuple(features)}, E={embedding_dim}, annotated objects per patch {n_obj}"
+        f"features {tuple(features)}, E={embedding_dim}, annotated objects per patch {n_obj}, "
+        f"batch as {'MetaTensor' if metatensor else 'torch.Tensor'}"
     )
-    print("| s/iteration (mean of %d) | loss s/iteration | loss share |" % iters)
-    print("| --- | --- | --- |")
-    print(f"| {step:.3f} | {lt:.3f} | {100 * lt / step:.1f} % |")
-    return {"step_s": step, "loss_s": lt, "loss_share": lt / step}
+    print("| step | s/iteration (mean of %d) | loss s/iteration | loss share |" % (iters * len(runs["TwoViewInferer"])))
+    print("| --- | --- | --- | --- |")
+    for name, (step, lt) in rows.items():
+        print(f"| {name} | {step:.3f} | {lt:.3f} | {100 * lt / step:.1f} % |")
+    step, lt = rows["TwoViewInferer"]
+    out = {"step_s": step, "loss_s": lt, "loss_share": lt / step}
+    if metatensor:
+        out["step_s_metatensor_direct"] = rows["networks on the MetaTensors (<= 0.36)"][0]
+    return out
 
 
 if __name__ == "__main__":
