@@ -8,9 +8,10 @@ built-in synthetic nuclei (all objects annotated = the loss's worst case; `--ins
     .venv/bin/python scripts/benchmark_training_step.py [--device cuda] [--iters 5] [--instance_ratio 1.0]
         [--spatial_dims 2 --patch "[192,192]" --features "[16,32,64,128]"] [--metatensor]
 
-``--metatensor``: the batch comes as the training DataLoader collates it (MONAI ``MetaTensor``s), and a second row
-times the step with the networks called on those directly, as the training did up to bundle 0.36
-(``TwoViewInferer`` now hands them plain tensors: a MetaTensor's per-operation dispatch slows every layer).
+``--metatensor``: the batch comes as MONAI ``MetaTensor``s (with default metadata; the training DataLoader's carry
+more, so this is a lower bound of the overhead), and a second row times the step with the networks called on those
+directly, as the training did up to bundle 0.36 (``TwoViewInferer`` now hands them plain tensors: a MetaTensor's
+per-operation dispatch slows every layer). ``--spatial_dims`` without ``--patch`` takes the bundle's default patch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from monai.data import MetaTensor
 from spoco_bundle.handlers import MomentumTeacherHandler
 from spoco_bundle.inferers import TwoViewInferer
 from spoco_bundle.losses import SpocoLoss
-from spoco_bundle.networks import EmbeddingUNet, make_teacher
+from spoco_bundle.networks import EmbeddingUNet, default_patch_size, make_teacher
 from spoco_bundle.synthetic import generate_nuclei
 from spoco_bundle.transforms import SparseInstanceLabel
 
@@ -50,7 +51,7 @@ def main(
     device: str = "cpu",
     iters: int = 5,
     warmup: int = 2,
-    patch=(48, 64, 64),
+    patch=None,
     batch_size: int = 2,
     features=(16, 32, 64),
     embedding_dim: int = 16,
@@ -61,6 +62,8 @@ def main(
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
+    if patch is None:
+        patch = (48, 64, 64) if spatial_dims in (None, 3) else tuple(default_patch_size(int(spatial_dims)))
     dims = len(patch) if spatial_dims is None else int(spatial_dims)
     if dims != len(patch):
         raise SystemExit(f"error: --patch {tuple(patch)} has {len(patch)} axes, --spatial_dims is {dims}.")
@@ -77,10 +80,11 @@ def main(
         x, x_g, y = (MetaTensor(t) for t in (x, x_g, y))
     n_obj = [int(y[b].max()) for b in range(batch_size)]
 
-    def direct(x, network, x_g):  # the networks on the batch as it comes (bundle <= 0.36)
+    def direct(x, network, x_g):  # the networks on the batch as it comes (bundle <= 0.36's TwoViewInferer)
+        s = network(x)
         with torch.no_grad():
             t = teacher(x_g)
-        return network(x), t
+        return s, t
 
     def times(forward) -> tuple[float, float]:
         step_times, loss_times = [], []
