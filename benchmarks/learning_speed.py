@@ -85,6 +85,9 @@ RECIPES: dict[str, dict] = {
     # large objects (phase-contrast cells 40-70 px across): trained and segmented at half / a third of the resolution,
     # so that a patch and the network's field of view hold whole cells
     "scale0.5": {"image_scale": 0.5},
+    # small nuclei (DSB2018): trained and segmented at twice the resolution, so that the seam between two touching
+    # nuclei spans more than a pixel (the patch then holds a quarter of the area)
+    "scale2": {"image_scale": 2.0},
     # the foreground head with annotated background: every unlabeled pixel (dense labels, --ratios 1), or a few
     # simulated strokes (the scribbles protocol's id), to tell positive-unlabeled learning from the head's capacity
     "dense": {"background_label": 0},
