@@ -7,5 +7,7 @@ The accuracy benchmark of the SPOCO bundle and the studies built on it (a reposi
   :mod:`benchmarks.records`, :mod:`benchmarks.report`; the methods in :mod:`benchmarks.methods`);
 - ``python -m benchmarks.learning_speed``: training recipes screened on training images;
 - ``python -m benchmarks.foreground``, ``python -m benchmarks.threshold``, ``python -m benchmarks.scale``: error
-  breakdown, foreground threshold rules and scale robustness of a finished run's model.
+  breakdown, foreground threshold rules and scale robustness of a finished run's model;
+- ``python -m benchmarks.pixel_classifier``: a positive-unlabeled random-forest pixel classifier as the foreground
+  (screened against the head; not part of the bundle).
 """

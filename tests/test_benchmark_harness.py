@@ -997,3 +997,15 @@ def test_every_learning_speed_recipe_overrides_ids_that_train_json_has() -> None
         transform = parser.get(key.rsplit("#", 1)[0])
         target = {"offsets": "RandShiftIntensityd", "std": "RandGaussianNoised"}[key.rsplit("#", 1)[1]]
         assert transform["_target_"] == target and value < parser.get(key)
+
+
+def test_pixel_classifier_finds_nuclei_and_its_label_frequency(dsb_small: Split) -> None:
+    from benchmarks.pixel_classifier import fit, pixel_scores, predict
+
+    forest, c, shape = fit(dsb_small, ratio=0.5, sigma_max=8, samples=2000, trees=20)
+    assert 0.0 < c < 1.0 and shape[1] == 16  # 4 scales x (intensity, edges, 2 Hessian eigenvalues)
+    probabilities = predict(forest, dsb_small.test, sigma_max=8)
+    assert [p.shape for p in probabilities] == [item.image.shape for item in dsb_small.test]
+    # bright nuclei on a dark background: the filter features and the c / 2 rule find most of them, and little else
+    precision, recall = pixel_scores(probabilities, [item.labels > 0 for item in dsb_small.test], c / 2)
+    assert precision > 0.7 and recall > 0.7
