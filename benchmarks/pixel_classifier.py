@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.data import REPO_ROOT, normalize_image, sparsify
+from benchmarks.data import REPO_ROOT, Split, normalize_image, sparsify
 from benchmarks.learning_speed import screen_split
 from benchmarks.records import machine_info
 
@@ -31,7 +31,8 @@ THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 
 
 def features(image: np.ndarray, sigma_max: float) -> np.ndarray:
-    """Filter features ``(*S, F)`` of the percentile-normalised image (6 scales from 1 to ``sigma_max``)."""
+    """Filter features ``(*S, F)`` of the percentile-normalised image: intensity, edges and Hessian eigenvalues at 6
+    scales from 1 to ``sigma_max`` (4 scales when ``sigma_max`` <= 8)."""
     from skimage.feature import multiscale_basic_features
 
     return multiscale_basic_features(
@@ -46,7 +47,7 @@ def features(image: np.ndarray, sigma_max: float) -> np.ndarray:
     )
 
 
-def fit(split, ratio: float, sigma_max: float, samples: int, trees: int, seed: int = 0):
+def fit(split: Split, ratio: float, sigma_max: float, samples: int, trees: int, seed: int = 0):
     """The forest and ``c`` (mean out-of-bag score of the annotated pixels). Per training image ``samples / 2``
     annotated pixels (or all, if fewer) against ``samples`` unlabelled ones."""
     from sklearn.ensemble import RandomForestClassifier
@@ -54,12 +55,12 @@ def fit(split, ratio: float, sigma_max: float, samples: int, trees: int, seed: i
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for item in split.train:
-        f = features(item.image, sigma_max)
-        f = f.reshape(-1, f.shape[-1])
         sparse = sparsify(item, ratio, seed).ravel()
         pos, unl = np.flatnonzero(sparse > 0), np.flatnonzero(sparse == 0)
         if not pos.size:
             continue
+        f = features(item.image, sigma_max)
+        f = f.reshape(-1, f.shape[-1])
         pos = rng.choice(pos, min(pos.size, samples // 2), replace=False)
         unl = rng.choice(unl, min(unl.size, samples), replace=False)
         xs += [f[pos], f[unl]]
@@ -74,7 +75,7 @@ def fit(split, ratio: float, sigma_max: float, samples: int, trees: int, seed: i
     return forest, c, x.shape
 
 
-def predict(forest, items, sigma_max: float) -> list[np.ndarray]:
+def predict(forest, items: list, sigma_max: float) -> list[np.ndarray]:
     """The forest's foreground score of every pixel of each item (the image's shape)."""
     out = []
     for item in items:
