@@ -29,17 +29,14 @@ from spoco_bundle.losses import (
     SpocoLoss,
     UnlabeledPushLoss,
     auto_foreground_ring,
-    held_out_objects,
     kernel_scale,
     labelled_foreground_probability,
-    object_contacts,
     object_means,
     object_rings,
     object_surfaces,
     sample_object_voxels,
     select_consistency_anchors,
 )
-from spoco_bundle.transforms import CALIBRATION_ID_OFFSET
 
 RTOL, ATOL = 1e-6, 1e-9  # float64 module vs float64 reference
 
@@ -54,6 +51,7 @@ def single_thread():
 
 
 DV, DD, T, EPS = 0.5, 2.0, 0.5, 1e-6
+STROKES = 65535  # a background_label other than 0: the annotated background is a few painted strokes
 SCALE = DV**2 / -math.log(T)  # 2 sigma^2 with phi(delta_v) = t
 
 
@@ -454,7 +452,7 @@ def test_foreground_positive_weight_is_checked(bad):
     with pytest.raises(ValueError, match="positive_weight"):
         ForegroundLoss(bad)
     with pytest.raises(ValueError, match="positive_weight"):
-        SpocoLoss(foreground_positive_weight=bad)
+        SpocoLoss(foreground=ForegroundLoss(positive_weight=bad))
 
 
 def test_labelled_foreground_probability():
@@ -492,137 +490,40 @@ def test_positive_unlabeled_head_is_calibrated_by_label_frequency(positive_weigh
     assert (calibrated == fg).double().mean().item() > (0.99 if positive_weight == 1.0 else 0.97)
 
 
-def _foreground_term(logits: torch.Tensor, target: torch.Tensor, holdout: bool) -> torch.Tensor:
-    """SpocoLoss with its foreground term alone (1 embedding channel of zeros), on logits ``(B, 1, N)`` (as 2D)."""
-    logits, target = logits[..., None], target[..., None]
-    loss = SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
-                     foreground_positive_weight=1.0, foreground_calibration_holdout=holdout)  # fmt: skip
-    return loss(torch.cat([torch.zeros_like(logits), logits], 1), target)
+def test_stroke_regime_is_positive_unlabeled_plus_a_stroke_term():
+    # painted strokes (a background_label other than 0, by hand here): every voxel counts as in positive-unlabeled
+    # learning, and the strokes add a BCE term of their own
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 6, 7, requires_grad=True)
+    target = torch.zeros(2, 1, 6, 7, dtype=torch.long)
+    target[0, 0, :2] = 1  # image 0: an object and a stroke
+    target[0, 0, 5, :3] = -1
+    target[1, 0, 3:, 4:] = 2  # image 1: an object, no stroke in this patch
+    loss = ForegroundLoss(positive_weight=10.0, background_label=STROKES)(logits, target)
+    x, t = logits[:, 0].reshape(2, -1), target[:, 0].reshape(2, -1)
+    bce = F.binary_cross_entropy_with_logits(x, (t > 0).float(), reduction="none")
+    expected = torch.where(t > 0, 10 * bce, bce).mean() + bce[t < 0].mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad != 0)  # every voxel counts: unlabeled ones are the negatives of PU learning
+    # without strokes the same target is plain positive-unlabeled learning (image 0 would be supervised otherwise)
+    no_strokes = target.clamp_min(0)
+    pu = ForegroundLoss(positive_weight=10.0, background_label=STROKES)(logits, no_strokes)
+    assert pu.item() == pytest.approx(ForegroundLoss(positive_weight=10.0)(logits, no_strokes).item(), rel=1e-6)
 
 
-def test_calibration_objects_train_nothing_and_alone_estimate_c():
-    target = torch.arange(1, 201).reshape(2, 100)  # 200 objects of one voxel each, every third a calibration object
-    target[:, ::3] += CALIBRATION_ID_OFFSET
-    target[:, :10] = 0
-    held = held_out_objects(target, True)
-    assert held is not None and torch.equal(held, target > CALIBRATION_ID_OFFSET)
-    assert held_out_objects(target, False) is None
-    logits = torch.randn(2, 1, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    _, grad = value_and_grad(lambda x: _foreground_term(x, target, True), logits)
-    assert (grad[:, 0][held] == 0).all() and (grad[:, 0][~held] != 0).all()
-    mean, count = labelled_foreground_probability(logits, target, holdout=True)
-    assert count == int(held.sum()) and mean == pytest.approx(torch.sigmoid(logits[:, 0][held]).mean().item())
-    # without the holdout the same ids are ordinary objects
-    _, grad = value_and_grad(lambda x: _foreground_term(x, target, False), logits)
-    assert (grad != 0).all()
-
-
-def test_held_out_calibration_separates_foreground():
-    # as the calibration test above, with one id per annotated pixel and 30 % of them calibration objects (as
-    # SparseInstanceLabel marks them): c estimated on those alone calibrates the head that never saw them
-    gen = torch.Generator().manual_seed(0)
-    n = 4000
-    fg = torch.rand(n, generator=gen) < 0.3
-    x = fg.double() + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
-    annotated = fg & (torch.rand(n, generator=gen) < 0.2)
-    calibration = torch.rand(n, generator=gen) < 0.3
-    labels = torch.where(annotated, torch.arange(1, n + 1) + CALIBRATION_ID_OFFSET * calibration, 0)
-    held = held_out_objects(labels, True)
-    w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([w], lr=0.1)
-    for _ in range(600):
-        opt.zero_grad()
-        _foreground_term((w[0] * x + w[1])[None, None], labels[None], True).backward()
-        opt.step()
-    logits = (w[0] * x + w[1]).detach()
-    c, count = labelled_foreground_probability(logits[None], labels[None], holdout=True)
-    assert count == int(held.sum()) > 50
-    trained = (annotated & ~held).sum() / (fg & ~held).sum()  # the annotated-and-trained share of trained fg
-    assert c == pytest.approx(trained.item(), abs=0.03)
-    assert ((torch.sigmoid(logits) / c > 0.5) == fg).double().mean().item() > 0.98
-
-
-def _self_training_loss(rho: float, positive_weight: float = 1.0) -> SpocoLoss:
-    return SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
-                     foreground_positive_weight=positive_weight, foreground_self_training=rho)  # fmt: skip
-
-
-@pytest.mark.parametrize("positive_weight", [1.0, 10.0])
-def test_self_training_leaves_out_what_the_teacher_calls_foreground(positive_weight):
-    # one image, 8 voxels: object 1 annotated (teacher g = 0.8 on it), voxels 2-7 unlabeled with teacher g from
-    # 0.9 down to 0.05; rho = 0.5 leaves out the unlabeled voxels with g >= 0.5 * 0.8 = 0.4
-    target = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0]])[:, None, :, None]
-    g = torch.tensor([0.8, 0.8, 0.9, 0.6, 0.41, 0.39, 0.1, 0.05], dtype=torch.float64)
-    teacher_logit = torch.logit(g) + math.log(positive_weight)  # the head's odds are w times g's
-    teacher = torch.stack([torch.zeros(8, dtype=torch.float64), teacher_logit])[None, :, :, None]
-    student_logit = torch.randn(1, 1, 8, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    left_out = torch.tensor([False, False, True, True, True, False, False, False])
-
-    def value(x, rho):
-        return _self_training_loss(rho, positive_weight)((torch.cat([torch.zeros_like(x), x], 1), teacher), target)
-
-    _, grad = value_and_grad(lambda x: value(x, 0.5), student_logit)
-    assert (grad[0, 0, :, 0][left_out] == 0).all() and (grad[0, 0, :, 0][~left_out] != 0).all()
-    loss = _self_training_loss(0.5, positive_weight)
-    loss((torch.cat([torch.zeros_like(student_logit), student_logit], 1), teacher), target)
-    assert loss.last_terms["self_trained"] == pytest.approx(3 / 6)
-    # the same as the plain term on the 5 voxels that stay
-    keep = ~left_out
-    plain = value_and_grad(lambda x: ForegroundLoss(positive_weight)(x, target[:, :, keep]), student_logit[:, :, keep])
-    assert_close(value(student_logit, 0.5), plain[0])
-    # rho = 0: off, every voxel counts and no share is reported
-    _, grad = value_and_grad(lambda x: value(x, 0.0), student_logit)
-    assert (grad != 0).all()
-    off = _self_training_loss(0.0)
-    off((torch.cat([torch.zeros_like(student_logit), student_logit], 1), teacher), target)
-    assert "self_trained" not in off.last_terms and off.last_terms["foreground"] > 0
-
-
-def test_self_training_needs_annotated_objects_and_a_valid_rho():
-    target = torch.zeros(1, 1, 4, 1, dtype=torch.long)  # nothing annotated: no c to compare with, nothing left out
-    x = torch.randn(1, 1, 4, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    pred = torch.cat([torch.zeros_like(x), x], 1)
-    _, grad = value_and_grad(
-        lambda s: _self_training_loss(0.5)((torch.cat([torch.zeros_like(s), s], 1), pred), target), x
-    )
-    assert (grad != 0).all()
-    for bad in (-0.1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="foreground_self_training"):
-            SpocoLoss(foreground_self_training=bad)
-
-
-def ref_contacts(labels: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per voxel, loops: the distinct object ids within Chebyshev distance 1 (contact) / ``radius`` (gap)."""
-    contact, gap = np.zeros(labels.shape, bool), np.zeros(labels.shape, bool)
-    for idx in np.ndindex(labels.shape):
-
-        def ids(r: int) -> set:
-            box = tuple(slice(max(i - r, 0), i + r + 1) for i in idx)
-            return {int(v) for v in np.unique(labels[box]) if v > 0}
-
-        if labels[idx] > 0:
-            contact[idx] = len(ids(1) - {int(labels[idx])}) > 0
-        else:
-            gap[idx] = len(ids(radius)) >= 2
-    return contact, gap
-
-
-@pytest.mark.parametrize("spatial,radius", [((9, 11), 1), ((9, 11), 2), ((5, 6, 7), 2)])
-def test_object_contacts_match_reference(spatial, radius):
-    rng = np.random.default_rng(3)
-    labels = np.zeros((2, *spatial), np.int64)
-    for b in range(2):  # random boxes, some overlapping (the later wins), some background annotated
-        for k in range(1, 6):
-            lo = [int(rng.integers(0, s - 2)) for s in spatial]
-            box = tuple(slice(a, a + int(rng.integers(2, 4))) for a in lo)
-            labels[b][box] = k + (CALIBRATION_ID_OFFSET if k == 5 else 0)
-    labels[0][(slice(0, 1),) * len(spatial)] = -1
-    contact, gap = object_contacts(torch.as_tensor(labels).reshape(2, -1), spatial, radius)
-    for b in range(2):
-        ref_c, ref_g = ref_contacts(labels[b], radius)
-        assert ref_c.any() and ref_g.any()
-        np.testing.assert_array_equal(contact[b].reshape(spatial).numpy(), ref_c)
-        np.testing.assert_array_equal(gap[b].reshape(spatial).numpy(), ref_g)
+def test_spoco_loss_estimates_the_label_frequency_on_images_with_strokes():
+    emb = torch.randn(1, 5, 8, 8)  # 4 embedding channels + foreground logit
+    target = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    target[0, 0, :3, :3] = 1
+    target[0, 0, 6:, 6:] = 2
+    target[0, 0, 4, :5] = -1  # a stroke
+    dense = SpocoLoss(embedding_dim=4)  # annotated background taken as dense: the image is supervised, no c
+    dense(emb, target)
+    assert dense.statistics.label_frequency[1] == 0
+    strokes = SpocoLoss(embedding_dim=4, foreground=ForegroundLoss(background_label=STROKES))
+    strokes(emb, target)
+    assert strokes.statistics.label_frequency[1] == 13  # 9 + 4 annotated pixels: c from every image
 
 
 def ref_surfaces(labels: np.ndarray, radius: int) -> np.ndarray:
@@ -663,15 +564,15 @@ def test_surface_is_annotated_background():
     assert surface[:, :, 3].all() and surface.sum() == 6  # the column next to the other label, nothing else
     head = torch.where(surface, -1, lab)
     loss = SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
-                     foreground_positive_weight=10.0, foreground_surface=1)  # fmt: skip
+                     foreground=ForegroundLoss(10.0, surface=1))  # fmt: skip
     value, grad = value_and_grad(lambda v: loss(torch.cat([torch.zeros_like(v), v], 1), lab), logits)
     ref_value, ref_grad = value_and_grad(lambda v: ForegroundLoss(10.0)(v, head), logits)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
     assert (grad[0, 0][lab[0] == 0] == 0).all() and (grad[0, 0][lab[0] == 1] != 0).all()
-    assert loss.last_label_frequency[1] == 0  # a supervised image calibrates nothing
+    assert loss.statistics.label_frequency[1] == 0  # a supervised image calibrates nothing
     with pytest.raises(ValueError, match="foreground_surface"):
-        SpocoLoss(foreground_surface=-1)
+        ForegroundLoss(surface=-1)
 
 
 def ref_rings(labels: np.ndarray, radius: tuple[int, ...]) -> np.ndarray:
@@ -714,20 +615,20 @@ def test_ring_is_annotated_background():
     assert ring[0].sum() == 25 - 9 and not ring[1].any()
     head = torch.where(ring, -1, lab)[:1]
     loss = SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
-                     foreground_positive_weight=10.0, foreground_ring=1)  # fmt: skip
+                     foreground=ForegroundLoss(10.0, ring=1))  # fmt: skip
     value, grad = value_and_grad(lambda v: loss(torch.cat([torch.zeros_like(v), v], 1), lab), logits)
     ref_value, ref_grad = value_and_grad(lambda v: ForegroundLoss(10.0)(v, head), logits[:1])
     assert_close(value, ref_value)
     assert_close(grad[:1], ref_grad)
     assert (grad[1] == 0).all()
     assert (grad[0, 0][ring[0] | (lab[0] > 0)] != 0).all() and (grad[0, 0][~ring[0] & (lab[0] == 0)] == 0).all()
-    assert loss.last_label_frequency[1] == 0  # supervised: the head's 0.5 is its threshold
+    assert loss.statistics.label_frequency[1] == 0  # supervised: the head's 0.5 is its threshold
     # a patch inside one object has no ring: it trains the head but does not calibrate it
     loss(torch.zeros(1, 2, 7, 8), torch.ones(1, 7, 8, dtype=torch.long))
-    assert loss.last_label_frequency[1] == 0
+    assert loss.statistics.label_frequency[1] == 0
     for bad in (-1, 1.5, [1, -2]):
         with pytest.raises(ValueError, match="foreground_ring"):
-            SpocoLoss(foreground_ring=bad)
+            ForegroundLoss(ring=bad)
 
 
 def test_ring_with_strokes_is_supervised():
@@ -741,14 +642,34 @@ def test_ring_with_strokes_is_supervised():
     ring = object_rings(lab.reshape(3, -1), (7, 8), 1).reshape(3, 7, 8)
     head = torch.where(ring, -1, lab)[:2]
     loss = SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
-                     foreground_positive_weight=10.0, foreground_strokes=True, foreground_ring=1)  # fmt: skip
+                     foreground=ForegroundLoss(10.0, background_label=STROKES, ring=1))  # fmt: skip
     value, grad = value_and_grad(lambda v: loss(torch.cat([torch.zeros_like(v), v], 1), lab), logits)
     ref_value, ref_grad = value_and_grad(lambda v: ForegroundLoss(10.0)(v, head), logits[:2])
     assert_close(value, ref_value)
     assert_close(grad[:2], ref_grad)
     assert (grad[:2, 0][head != 0] != 0).all() and (grad[:2, 0][head == 0] == 0).all()
     assert (grad[2] == 0).all()
-    assert loss.last_label_frequency[1] == 0
+    assert loss.statistics.label_frequency[1] == 0
+
+
+def test_surface_and_ring_together():
+    # both widenings at once (foreground_surface 1 with foreground_ring 1, a setting of docs/benchmark_findings.md):
+    # the objects' outer layer and the unlabeled voxels within the ring of an annotated object (the whole object, as
+    # object_rings and the ring's documentation measure it) are the head's annotated background
+    lab = torch.zeros(1, 9, 10, dtype=torch.long)
+    lab[0, 2:6, 2:6] = 1
+    logits = torch.randn(1, 1, 9, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    surface = torch.as_tensor(ref_surfaces(lab[0].numpy(), 1))
+    ring = torch.as_tensor(ref_rings(lab[0].numpy(), (1, 1)))
+    assert surface.sum() == 12 and ring.sum() == 36 - 16
+    head = torch.where(surface | ring, -1, lab)
+    loss = SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
+                     foreground=ForegroundLoss(10.0, surface=1, ring=1))  # fmt: skip
+    value, grad = value_and_grad(lambda v: loss(torch.cat([torch.zeros_like(v), v], 1), lab), logits)
+    ref_value, ref_grad = value_and_grad(lambda v: ForegroundLoss(10.0)(v, head), logits)
+    assert (grad[0, 0][ring] != 0).all(), "the ring around the objects trains the head"
+    assert_close(value, ref_value)
+    assert_close(grad, ref_grad)
 
 
 def test_auto_ring_for_a_few_annotated_objects():
@@ -762,76 +683,21 @@ def test_auto_ring_for_a_few_annotated_objects():
     assert auto_foreground_ring(0, [1.0, 1.0]) == 0 and auto_foreground_ring(3, [math.nan] * 3) == 0
 
 
-def test_auto_ring_and_calibration():
+def test_auto_ring_is_off_until_set():
     # ring "auto": off (a positive-unlabeled head, strokes its own term) until training sets it; strokes then join
-    # the ring. Calibration "auto" follows the ring: Lee & Liu on the training images for a ring head
-    loss = SpocoLoss(foreground_ring="auto", foreground_calibration="auto", foreground_strokes=True)
-    assert loss.foreground_ring == 0 and not loss._ring_on and loss._head_strokes
-    assert loss.foreground_calibration == "label_frequency"
-    loss.set_foreground_ring((1, 2, 2))
-    assert loss.foreground_ring == (1, 2, 2) and loss._ring_on and not loss._head_strokes
-    assert loss.foreground_calibration == "lee_liu_images"
-    loss.set_foreground_ring(0)
-    assert not loss._ring_on and loss._head_strokes and loss.foreground_calibration == "label_frequency"
-    assert SpocoLoss(foreground_ring=2, foreground_calibration="auto").foreground_calibration == "lee_liu_images"
-    fixed = SpocoLoss(foreground_ring="auto", foreground_calibration="lee_liu")
-    fixed.set_foreground_ring(2)
-    assert fixed.foreground_calibration == "lee_liu"  # a calibration given is never changed
+    # the ring (how the threshold follows the ring: tests/test_teacher.py)
+    head = ForegroundLoss(ring="auto", background_label=STROKES)
+    assert head.ring == 0 and head.ring_auto and not head.ring_on and head.strokes and head.head_strokes
+    head.set_ring((1, 2, 2))
+    assert head.ring == (1, 2, 2) and head.ring_on and not head.head_strokes
+    head.set_ring(0)
+    assert not head.ring_on and head.head_strokes
+    fixed = ForegroundLoss(ring=3)
+    assert fixed.ring == 3 and fixed.ring_on and not fixed.ring_auto
     with pytest.raises(ValueError, match="foreground_ring"):
-        SpocoLoss(foreground_ring="wide")
+        ForegroundLoss(ring="wide")
     with pytest.raises(ValueError, match="foreground_ring"):
-        loss.set_foreground_ring([1, -1])
-
-
-def _contact_loss(weight: float, positive_weight: float = 1.0) -> SpocoLoss:
-    return SpocoLoss(1, alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0,
-                     foreground_positive_weight=positive_weight, foreground_contact_weight=weight)  # fmt: skip
-
-
-@pytest.mark.parametrize("positive_weight", [1.0, 10.0])
-def test_contact_weighting_matches_reference(positive_weight):
-    # image 0: two touching objects and one two voxels away, annotated background elsewhere (supervised);
-    # image 1: the same objects without annotated background (positive-unlabeled)
-    lab = torch.zeros(8, 10, dtype=torch.long)
-    lab[1:5, 1:4], lab[1:5, 4:6], lab[1:5, 8:10] = 1, 2, 3
-    target = torch.stack([torch.where(lab == 0, -1, lab), lab])
-    target[0, 7, :3] = 0  # a few unlabeled voxels in the supervised image: still ignored
-    logits = torch.randn(2, 1, 8, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    w = 7.0
-    contact, gap = (t.reshape(2, 8, 10) for t in object_contacts(target.reshape(2, -1), (8, 10), 2))
-    assert contact[:, 1:5, 3:5].all() and contact.sum() == 16 and gap[:, 1:5, 6:8].all()
-    head = target.clone()
-    head[0][contact[0]] = -1
-    head[1][contact[1]] = 0
-    counts = torch.stack([head[0] != 0, torch.ones_like(head[1], dtype=torch.bool)])  # voxels that count
-
-    def reference(v: torch.Tensor) -> torch.Tensor:  # the batch's weighted BCE sum over the voxels that count
-        bce = F.binary_cross_entropy_with_logits(v[:, 0], (head > 0).double(), reduction="none")
-        bce = torch.where((head > 0) & (torch.arange(2) == 1)[:, None, None], positive_weight * bce, bce)
-        bce = torch.where(contact | gap, w * bce, bce)
-        return bce[counts].sum() / counts.sum()
-
-    embeddings = torch.zeros_like(logits)
-    loss = _contact_loss(w, positive_weight)
-    value, grad = value_and_grad(lambda v: loss(torch.cat([embeddings, v], 1), target), logits)
-    ref_value, ref_grad = value_and_grad(reference, logits)
-    assert_close(value, ref_value)
-    assert_close(grad, ref_grad)
-    # the label frequency is the mean over the annotated voxels that stay positive (image 1 only)
-    c, count = loss.last_label_frequency
-    g = torch.sigmoid(logits[1, 0] - math.log(positive_weight))
-    assert count == int((head[1] > 0).sum()) and c == pytest.approx(g[head[1] > 0].mean().item())
-    # off: the plain term on the original labels
-    assert_close(_contact_loss(0.0, positive_weight)(torch.cat([embeddings, logits], 1), target),
-                 ForegroundLoss(positive_weight)(logits, target))  # fmt: skip
-
-
-def test_contact_weighting_settings_are_checked():
-    for bad in (0.5, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="foreground_contact_weight"):
-            SpocoLoss(foreground_contact_weight=bad)
-    with pytest.raises(ValueError, match="foreground_contact_radius"):
-        SpocoLoss(foreground_contact_weight=2.0, foreground_contact_radius=0)
+        head.set_ring([1, -1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -872,7 +738,7 @@ def test_spoco_loss_matches_sum_of_references(spatial, foreground):
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
 
-    terms = loss.last_terms
+    terms = loss.statistics.terms
     assert set(terms) == {"pull", "push", "reg", "instance", "unlabeled", "consistency", "foreground", "total"}
     assert all(isinstance(v, float) for v in terms.values())
     e = student[:, :emb_dim]
@@ -911,7 +777,7 @@ def test_spoco_loss_student_only_skips_consistency():
     expected = (ref_pull(student, target) + ref_push(student, target) + 0.001 * ref_reg(student, target)).mean()
     expected = expected + (ref_instance(student, target) + ref_unlabeled(student, target)).mean()
     assert_close(value, expected)
-    assert loss.last_terms["consistency"] == 0.0
+    assert loss.statistics.terms["consistency"] == 0.0
     assert_close(loss([student, None], target), expected)
 
 
@@ -922,7 +788,7 @@ def test_zero_weights_skip_terms():
     value = loss((student, teacher), target)
     assert_close(value, (ref_pull(student, target) + ref_unlabeled(student, target)).mean())
     for name in ("push", "instance", "consistency", "reg"):
-        assert loss.last_terms[name] == 0.0
+        assert loss.statistics.terms[name] == 0.0
     all_off = SpocoLoss(alpha=0, beta=0, gamma=0, instance_weight=0, unlabeled_weight=0, consistency_weight=0)
     x = student.clone().requires_grad_(True)
     out = all_off((x, teacher), target)
@@ -954,7 +820,7 @@ def _all_terms(student, target, teacher=None, emb_dim=None):
     value = loss((x, teacher) if teacher is not None else x, target)
     value.backward()
     assert torch.isfinite(x.grad).all()
-    return value, loss.last_terms, x.grad
+    return value, loss.statistics.terms, x.grad
 
 
 @pytest.mark.parametrize("spatial", SHAPES)
@@ -1150,17 +1016,17 @@ def test_many_objects_3d():
     value = loss(student.clone().requires_grad_(True), target)
     value.backward()
     for name, ref in expected.items():
-        assert loss.last_terms[name] == pytest.approx(ref, rel=1e-6), name
+        assert loss.statistics.terms[name] == pytest.approx(ref, rel=1e-6), name
     total = pull + push + 0.5 * reg + expected["instance"] + expected["unlabeled"]
     assert value.item() == pytest.approx(total, rel=1e-6)
 
 
 def test_small_blocks_and_recomputed_backward(monkeypatch):
     # force many voxel blocks and the memory-saving backward that recomputes every block instead of storing terms
-    import spoco_bundle.losses as losses
+    from spoco_bundle.losses import _core
 
-    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS_CPU", 2**9)
-    monkeypatch.setattr(losses, "_STORE_ELEMENTS", 0)
+    monkeypatch.setattr(_core, "_BLOCK_ELEMENTS_CPU", 2**9)
+    monkeypatch.setattr(_core, "_STORE_ELEMENTS", 0)
     student, target = make_case((5, 9, 8), emb_dim=4, seed=17)
     teacher = make_teacher(student, 18)
     loss = SpocoLoss(embedding_dim=4, generator=torch.Generator().manual_seed(6))
@@ -1202,7 +1068,7 @@ def _loss_on(device: str, student, teacher, target, dtype=torch.float64, seed: i
     x = student.to(device, dtype).detach().requires_grad_(True)
     value = loss((x, teacher.to(device, dtype)), target.to(device))
     value.backward()
-    return value.detach().cpu(), x.grad.cpu(), loss.last_terms
+    return value.detach().cpu(), x.grad.cpu(), loss.statistics.terms
 
 
 @needs_cuda
