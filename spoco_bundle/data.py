@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from spoco_bundle.io import IMAGE_SUFFIXES, read_image, split_image_suffix
+from spoco_bundle.io import IMAGE_SUFFIXES, VOLUME_SUFFIXES, is_zarr, read_image, split_image_suffix
+from spoco_bundle.labels import count_objects
 
 __all__ = [
     "image_files",
@@ -40,13 +41,14 @@ __all__ = [
     "foreground_mask_file",
     "checked_datalist",
     "build_datalist",
+    "epoch_sampler",
+    "epoch_samples",
     "validate_datalist",
     "split_for_validation",
     "spatial_squeeze_axes",
     "check_image_array",
     "check_label_array",
     "check_same_shape",
-    "count_objects",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,13 +167,6 @@ def check_same_shape(image_shape: Sequence[int], label_shape: Sequence[int], ima
             f"Image/label shape mismatch: image {image_name} has spatial shape {tuple(image_shape)}, label "
             f"{label_name} has {tuple(label_shape)}."
         )
-
-
-def count_objects(label: Any, background_label: int | None = None) -> int:
-    """Number of distinct nonzero ids in ``label``, not counting ``background_label``."""
-    ids = torch.unique(label) if isinstance(label, torch.Tensor) else np.unique(np.asarray(label))
-    ids = [int(i) for i in ids.tolist() if int(i) != 0 and (background_label is None or int(i) != background_label)]
-    return len(ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,8 +382,6 @@ def image_files(path: str | os.PathLike) -> list[str]:
     Raises:
         ValueError: naming the path, when it does not exist or holds no such file.
     """
-    from spoco_bundle.blockwise.store import VOLUME_SUFFIXES, is_zarr
-
     path = os.path.abspath(os.fspath(path))
     if is_zarr(path):
         return [path]
@@ -489,6 +482,12 @@ def epoch_samples(n_files: int, epoch_length: int) -> int:
     if not whole:
         raise ValueError(f"epoch_length must be a positive whole number of iterations, got {epoch_length!r}.")
     return n_files * -(-int(epoch_length) // n_files)
+
+
+def epoch_sampler(dataset: Sequence, epoch_length: int) -> torch.utils.data.RandomSampler:
+    """The training loader's sampler: the dataset's items in random order, as many as :func:`epoch_samples` puts in
+    one pass (the file list repeated, each time reshuffled)."""
+    return torch.utils.data.RandomSampler(dataset, num_samples=epoch_samples(len(dataset), epoch_length))
 
 
 def checked_datalist(

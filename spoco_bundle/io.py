@@ -31,7 +31,13 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "TIFF_SUFFIXES",
     "IMAGE_SUFFIXES",
+    "ZARR_SUFFIXES",
+    "VOLUME_SUFFIXES",
     "split_image_suffix",
+    "split_volume_suffix",
+    "is_zarr",
+    "filename_of",
+    "stem_of",
     "TiffReader",
     "NiftiTiffReader",
     "TiffWriter",
@@ -49,6 +55,9 @@ logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TIFF_SUFFIXES = (".tiff", ".tif")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES
+ZARR_SUFFIXES = (".ome.zarr", ".zarr")
+VOLUME_SUFFIXES = ZARR_SUFFIXES + IMAGE_SUFFIXES
+_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 
 # tifffile axis codes that are not spatial; anything else besides Y/X is taken as the stack (Z) axis
 _CHANNEL_AXES = {"C": "channels", "S": "colour samples per pixel (RGB)"}
@@ -69,6 +78,39 @@ def split_image_suffix(path: str | os.PathLike) -> tuple[str, str]:
         if lower.endswith(suffix):
             return name[: -len(suffix)], name[len(name) - len(suffix) :]
     return name, ""
+
+
+def split_volume_suffix(name: str | os.PathLike) -> tuple[str, str]:
+    """``(stem, suffix)`` like :func:`split_image_suffix`, also for ``.zarr`` / ``.ome.zarr``."""
+    name = os.path.basename(os.fspath(name).rstrip("/\\"))
+    for suffix in ZARR_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], name[len(name) - len(suffix) :]
+    return split_image_suffix(name)
+
+
+def is_zarr(path: str | os.PathLike) -> bool:
+    """A Zarr store: a folder named ``*.zarr`` or holding Zarr metadata."""
+    path = os.fspath(path)
+    if path.rstrip("/\\").lower().endswith(".zarr"):
+        return True
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _ZARR_MARKERS)
+
+
+def filename_of(data: Any, meta: Mapping | None = None) -> str | None:
+    """The file a loaded array came from: ``filename_or_obj`` of a MetaTensor, or of its meta dict; None if unknown."""
+    if hasattr(data, "meta") and isinstance(data.meta, Mapping):
+        meta = data.meta
+    name = (meta or {}).get("filename_or_obj")
+    return None if name is None else str(name)
+
+
+def stem_of(data: Mapping, key: Any) -> str:
+    """The file name of ``data[key]`` without folder and suffix (from its MetaTensor or ``{key}_meta_dict``): what
+    per-image choices (the sparse selection) are seeded with, so that a file gives the same choice wherever it is
+    stored; "" when unknown."""
+    name = filename_of(data.get(key), data.get(f"{key}_meta_dict"))
+    return "" if not name else split_image_suffix(name)[0]
 
 
 def _is_tiff(path: str | os.PathLike) -> bool:

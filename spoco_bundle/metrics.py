@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
+from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import CumulativeIterationMetric
 from scipy.sparse.csgraph import maximum_bipartite_matching
 
@@ -54,6 +55,7 @@ __all__ = [
     "segmentation_scores",
     "SCORE_NAMES",
     "InstanceMetric",
+    "metric_handlers",
 ]
 
 SCORE_NAMES = ("ap50", "map", "sbd", "arand", "voi_split", "voi_merge")
@@ -363,3 +365,15 @@ class InstanceMetric(CumulativeIterationMetric):
         if not isinstance(data, torch.Tensor) or data.numel() == 0:
             raise ValueError("InstanceMetric: no values to aggregate.")
         return data.float().mean()
+
+
+def metric_handlers(names: Sequence[str], prefix: str = "val_") -> dict[str, IgniteMetricHandler]:
+    """The validation metrics of an evaluator (``key_val_metric`` / ``additional_metrics``): one
+    ``IgniteMetricHandler`` of :class:`InstanceMetric` per name, on ``pred`` against ``label``, keeping per-image
+    values (``MetricsSaver``), named ``<prefix><name>``."""
+    return {
+        f"{prefix}{name}": IgniteMetricHandler(
+            InstanceMetric(name), output_transform=from_engine(["pred", "label"]), save_details=True
+        )
+        for name in names
+    }

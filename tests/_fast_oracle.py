@@ -11,8 +11,10 @@ tests/test_clustering.py checks the kernels against:
   visiting order decides);
 - :func:`_to_orig` -> ``fast._k_orig`` (padded to original flat index);
 - ``_common._merge_adjacent`` without ``keys`` (its numpy path, which the watershed method uses) ->
-  ``fast._k_adjacent_keys``; ``_common._means(..., use_numba=False)`` (the numpy path, watershed's without numba)
-  -> ``_common._k_means``.
+  ``fast._k_adjacent_keys``;
+- :func:`_means` (``_common._means``' numpy path, its former ``use_numba=False``, which the library dropped when
+  numba became required: copied here unchanged but for the switch) -> ``_common._means`` (the kernel
+  ``_common._k_means``).
 
 :func:`cluster_fast_reference` is ``cluster_fast`` with every kernel replaced by its numpy twin: the former numpy
 backend, end to end.
@@ -25,8 +27,8 @@ from unittest import mock
 
 import numpy as np
 
-from spoco_bundle.clustering import _common, fast
-from spoco_bundle.clustering._common import _CHUNK_VOXELS
+from spoco_bundle.clustering import fast
+from spoco_bundle.clustering._common import _CHUNK_VOXELS, _mean_step
 from spoco_bundle.clustering.fast import _frontier, _Padded
 
 # ------------------------------------------------------------------------------------- numpy implementation
@@ -164,6 +166,28 @@ def _grow(
         cand = np.unique(nb)
 
 
+def _means(flat_labels: np.ndarray, emb_flat: np.ndarray, n: int) -> np.ndarray:
+    """Mean embedding of every label 1..n (row 0 unused), shape (n + 1, E) float64.
+
+    On large inputs the means come from every ``step``-th voxel (see ``_mean_step``); labels that got fewer
+    than 4 samples are computed from all their voxels.
+    """
+    e = emb_flat.shape[0]
+    step = _mean_step(flat_labels.size)
+    lab_s = flat_labels[::step]
+    counts = np.bincount(lab_s, minlength=n + 1).astype(np.float64)
+    sums = np.stack([np.bincount(lab_s, weights=emb_flat[c, ::step], minlength=n + 1) for c in range(e)], 1)
+    few = counts < 4
+    few[0] = False
+    if step > 1 and few.any():
+        idx = np.flatnonzero(few[flat_labels])
+        lab_f = flat_labels[idx]
+        counts[few] = np.bincount(lab_f, minlength=n + 1)[few]
+        for c in range(e):
+            sums[few, c] = np.bincount(lab_f, weights=emb_flat[c, idx], minlength=n + 1)[few]
+    return sums / np.maximum(counts, 1)[:, None]
+
+
 # --------------------------------------------------------------------------- the numpy twins in the kernels' place
 
 
@@ -185,20 +209,15 @@ def grow_reference(lab, grow, offsets, cand, emb, mu, radius2, kernel_geo) -> No
     _grow(lab.reshape(geo.pshape), grow.reshape(geo.pshape), geo, emb, mu, radius2)
 
 
-def means_reference(flat_labels, emb_flat, n, use_numba=False):
-    """``_means`` through its numpy path."""
-    return _common._means(flat_labels, emb_flat, n, False)
-
-
 def cluster_fast_reference(emb: np.ndarray, **kwargs) -> np.ndarray:
     """``cluster_fast`` with the numpy twins in place of the kernels: no raster sweep (growth in breadth-first
-    rounds only), ``_merge_adjacent``'s numpy path for the touching pairs, ``_means``' numpy path."""
+    rounds only), ``_merge_adjacent``'s numpy path for the touching pairs, :func:`_means` for the seed means."""
     with mock.patch.multiple(
         fast,
         _k_core=core_reference,
         _k_sweep=lambda *args: None,
         _k_grow=grow_reference,
         _k_adjacent_keys=lambda lab, n: None,
-        _means=means_reference,
+        _means=_means,
     ):
         return fast.cluster_fast(emb, **kwargs)

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from _fast_oracle import _core_mask, _grow, _to_orig, cluster_fast_reference
+from _fast_oracle import _core_mask, _grow, _means, _to_orig, cluster_fast_reference
 from scipy import ndimage
 
 from spoco_bundle.clustering import (
@@ -26,7 +26,6 @@ from spoco_bundle.clustering import (
     cluster_watershed,
     fast,
     filter_small,
-    head_threshold,
     relabel_consecutive,
     remove_background,
     split_by_shape,
@@ -262,15 +261,6 @@ def test_fast_speed_report(capsys):
     assert ap50(lab, seg) >= 0.95
 
 
-def test_fast_needs_numba(monkeypatch):
-    # numba is a dependency: without it cluster_fast (and what runs it) names the package instead of falling back
-    monkeypatch.setattr(_common, "HAVE_NUMBA", False)
-    emb = np.zeros((4, 8, 8), np.float32)
-    for call in (lambda: cluster_fast(emb), lambda: cluster_embeddings(emb, "consistency", emb_g=emb)):
-        with pytest.raises(ImportError, match="cluster_fast needs the numba package.*pip install numba"):
-            call()
-
-
 def test_fast_clustering_does_not_depend_on_thread_count():
     # weakly separated, noisy embeddings: many voxels are near several means, where the growth order matters
     import numba
@@ -432,8 +422,8 @@ def test_means_kernel_matches_numpy_reference():
         lab[rng.random(n_vox) < 0.5] = 0
         lab[lab == n] = 0  # an absent label
         emb = rng.normal(size=(e, n_vox)).astype(np.float32)
-        got = _common._means(lab, emb, n, use_numba=True)
-        np.testing.assert_array_equal(got, _common._means(lab, emb, n, use_numba=False))
+        got = _common._means(lab, emb, n)
+        np.testing.assert_array_equal(got, _means(lab, emb, n))
         assert got.shape == (n + 1, e)
 
 
@@ -637,20 +627,3 @@ def test_split_by_shape_validation():
         split_by_shape(np.zeros((4, 4), np.float32))
     with pytest.raises(ValueError, match="spacing needs 2 positive values"):
         split_by_shape(np.zeros((4, 4), np.int32), spacing=(1.0, 0.0))
-
-
-def test_head_threshold_otsu_finds_the_gap_between_the_modes():
-    # a head whose objects sit at P ~ 0.25 (an over-estimated label frequency) and background at P ~ 0.02:
-    # the fixed 0.5 keeps nothing, Otsu's threshold falls between the two modes
-    rng = np.random.default_rng(0)
-    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
-    x = np.concatenate([rng.normal(logit(0.02), 0.3, 9000), rng.normal(logit(0.25), 0.3, 1000)])
-    t = head_threshold(x, "otsu")
-    assert 0.03 < t < 0.2
-    assert head_threshold(x, 0.5) == 0.5 and head_threshold(np.full(10, 3.0), "otsu") == 0.5
-    big = np.tile(x, 300)  # subsampled on a grid: the same split of the pixels (anywhere in the gap)
-    t_big = head_threshold(big, "otsu", max_samples=10_000)
-    assert (x > logit(t_big)).mean() == pytest.approx((x > logit(t)).mean(), abs=0.01)
-    for bad in (0.0, 1.0, "mean"):
-        with pytest.raises(ValueError, match="probability in \\(0, 1\\) or 'otsu'"):
-            head_threshold(x, bad)

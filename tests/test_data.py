@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from spoco_bundle.data import build_datalist, epoch_samples, split_for_validation, validate_datalist
+from spoco_bundle.data import build_datalist, epoch_sampler, epoch_samples, split_for_validation, validate_datalist
 
 DATA_DIR = Path(os.environ.get("SPOCO_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 GONUCLEAR = DATA_DIR / "gonuclear"
@@ -272,3 +272,13 @@ def test_epoch_samples_whole_file_lists_covering_an_epoch():
             epoch_samples(4, bad)
     with pytest.raises(ValueError, match="empty"):
         epoch_samples(0, 100)
+
+
+def test_epoch_sampler_draws_each_file_as_often_in_reshuffled_passes():
+    sampler = epoch_sampler(list(range(12)), 100)
+    drawn = list(iter(sampler))
+    assert len(sampler) == len(drawn) == 108  # epoch_samples(12, 100): nine whole lists
+    assert np.array_equal(np.bincount(drawn, minlength=12), np.full(12, 9))  # every file in every pass
+    assert any(drawn[k * 12 : (k + 1) * 12] != list(range(12)) for k in range(9))  # not the list's order
+    with pytest.raises(ValueError, match="empty"):
+        epoch_sampler([], 100)

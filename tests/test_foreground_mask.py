@@ -14,9 +14,17 @@ import tifffile
 import torch
 from monai.bundle import ConfigParser
 
+from spoco_bundle.bundle import inference_postprocessing
 from spoco_bundle.data import foreground_mask_file, foreground_mask_index
 from spoco_bundle.io import read_image
-from spoco_bundle.transforms import ClusterEmbeddings, ClusterEmbeddingsd, LoadForegroundMaskd
+from spoco_bundle.postprocessing import (
+    ClusterInstances,
+    ClusterInstancesd,
+    ForegroundMask,
+    ForegroundMaskd,
+    RemoveSmallInstances,
+)
+from spoco_bundle.transforms import LoadForegroundMaskd
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER = str(ROOT / "configs" / "inference.json")
@@ -76,7 +84,7 @@ def test_mask_file_rule_same_stem_any_suffix(tmp_path):
 # ------------------------------------------------------------------------------------------------ transforms
 
 
-def test_cluster_embeddings_keeps_to_a_given_mask():
+def test_the_postprocessing_keeps_to_a_given_mask():
     rng = np.random.default_rng(0)
     emb = np.zeros((4, 24, 30), np.float32)  # two objects, 4-D embeddings, no foreground head channel
     emb[0, :, 15:] = 5.0
@@ -84,19 +92,31 @@ def test_cluster_embeddings_keeps_to_a_given_mask():
     mask = np.zeros((24, 30), bool)
     mask[4:20, 5:25] = True
     for method in ("fast", "watershed"):
-        cluster = ClusterEmbeddings(method, embedding_dim=4, background="head", min_size=4)
-        labels = cluster(emb, fg_mask=mask)[0]
+        foreground = ForegroundMask("head", 0.5, embedding_dim=4, method=method)
+        cluster = ClusterInstances(method, embedding_dim=4, background="head", min_size=4)
+
+        def segment(fg_mask=None):  # the array steps of the chain: the foreground, clustering, small objects
+            return RemoveSmallInstances(4)(cluster(emb, foreground(emb, fg_mask)))
+
+        labels = segment(mask)[0]
         assert labels.max() == 2 and not labels[~mask].any() and labels[mask].all()
         with pytest.raises(ValueError, match="foreground head"):  # without the mask, "head" needs the channel
-            cluster(emb)
+            segment()
         with pytest.raises(ValueError, match=r"mask has shape \(24, 29\).*spatial shape \(24, 30\)"):
-            cluster(emb, fg_mask=mask[:, 1:])
-    # the dictionary version takes it from the data; a file name that was never loaded is an error
-    post = ClusterEmbeddingsd("pred", mask_key="foreground_mask", method="fast", embedding_dim=4, min_size=4)
-    out = post({"pred": torch.as_tensor(emb), "foreground_mask": torch.as_tensor(mask)[None]})["pred"]
+            segment(mask[:, 1:])
+    # configs/inference.json's chain takes it from the data
+    post = inference_postprocessing(
+        ROOT, embedding_dim=4, clustering="fast", background="largest", min_size=4, shape_split=0, min_diameter_ratio=0
+    )
+    image = torch.zeros(1, 24, 30)
+    out = post({"pred": torch.as_tensor(emb), "image": image, "foreground_mask": torch.as_tensor(mask)[None]})["pred"]
     assert torch.equal(out[0] > 0, torch.as_tensor(mask))
-    with pytest.raises(TypeError, match="still a file name .*m.tif.*LoadForegroundMaskd"):
-        post({"pred": torch.as_tensor(emb), "foreground_mask": "m.tif"})
+    # a file name that was never loaded is an error of the chain's foreground and clustering steps
+    for step in post.transforms:
+        if isinstance(step, (ForegroundMaskd, ClusterInstancesd)):
+            with pytest.raises(TypeError, match="still a file name .*m.tif.*LoadForegroundMaskd"):
+                step({"pred": torch.as_tensor(emb), "image": image, "foreground_mask": "m.tif"})
+    assert sum(isinstance(step, (ForegroundMaskd, ClusterInstancesd)) for step in post.transforms) == 2
 
 
 def test_load_foreground_mask_reads_checks_and_warns(tmp_path, caplog):

@@ -20,10 +20,14 @@ from spoco_bundle.io import (
     NiftiTiffReader,
     TiffReader,
     TiffWriter,
+    filename_of,
     image_readers,
+    is_zarr,
     read_image,
     read_spacing,
     split_image_suffix,
+    split_volume_suffix,
+    stem_of,
 )
 
 DATA_DIR = Path(os.environ.get("SPOCO_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -47,6 +51,27 @@ def test_split_image_suffix():
     assert split_image_suffix("c.TIF") == ("c", ".TIF")
     assert split_image_suffix("c.ome.tiff") == ("c.ome", ".tiff")
     assert split_image_suffix("notes.txt") == ("notes.txt", "")
+
+
+def test_split_volume_suffix_and_is_zarr(tmp_path):
+    assert split_volume_suffix("/a/b/vol.ome.zarr/") == ("vol", ".ome.zarr")
+    assert split_volume_suffix("vol.ZARR") == ("vol", ".ZARR")
+    assert split_volume_suffix("/a/x.nii.gz") == ("x", ".nii.gz")
+    assert is_zarr(tmp_path / "not_yet_written.zarr")  # by its name
+    store = tmp_path / "store"
+    store.mkdir()
+    assert not is_zarr(store)
+    (store / "zarr.json").write_text("{}")
+    assert is_zarr(store) and not is_zarr(tmp_path / "x.tif")
+
+
+def test_filename_and_stem_of_a_loaded_item():
+    image = MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": "/d/imagesTr/case7.nii.gz"})
+    assert filename_of(image) == "/d/imagesTr/case7.nii.gz" and filename_of(np.zeros(3)) is None
+    assert filename_of(np.zeros(3), {"filename_or_obj": Path("/d/m.tif")}) == "/d/m.tif"
+    data = {"image": image, "label": np.zeros(3), "label_meta_dict": {"filename_or_obj": "/d/l/case7_seg.tif"}}
+    assert stem_of(data, "image") == "case7" and stem_of(data, "label") == "case7_seg"
+    assert stem_of(data, "missing") == "" and stem_of({"x": torch.zeros(2)}, "x") == ""
 
 
 def test_nifti_3d_order_dtype_spacing(tmp_path):

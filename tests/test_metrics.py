@@ -264,3 +264,20 @@ def test_instance_metric_per_image_matches_segmentation_scores():
     assert float(metric.aggregate()) == pytest.approx(np.mean(expected))
     with pytest.raises(ValueError, match="Unknown metric"):
         InstanceMetric("dice")
+
+
+def test_metric_handlers_name_one_instance_metric_per_score():
+    from spoco_bundle.metrics import InstanceMetric, metric_handlers
+
+    handlers = metric_handlers(["ap50", "sbd"])
+    assert list(handlers) == ["val_ap50", "val_sbd"]
+    assert list(metric_handlers(["map"], prefix="")) == ["map"]
+    for name, handler in handlers.items():
+        assert isinstance(handler.metric_fn, InstanceMetric) and handler.metric_fn.name == name[len("val_") :]
+        assert handler.save_details  # per-image values for MetricsSaver
+        # what the evaluator's output holds under pred and label, for every image
+        output = [{"pred": np.ones((1, 4, 4)), "label": np.zeros((1, 4, 4))}] * 2
+        pred, label = handler._output_transform(output)
+        assert len(pred) == len(label) == 2
+    with pytest.raises(ValueError, match="Unknown metric"):
+        metric_handlers(["dice"])

@@ -1,6 +1,7 @@
-"""The post-processing chain of configs/inference.json (spoco_bundle.postprocessing): the same labels as the
-post-processing in one pass (what ClusterEmbeddings did before it became this chain), on the shipped model's output
-for a real image and on embeddings built here; and each step's checks of its input."""
+"""The post-processing chain of configs/inference.json (spoco_bundle.postprocessing, built from the config by
+spoco_bundle.bundle.inference_postprocessing): the same labels as the post-processing in one pass of the clustering
+package, on the shipped model's output for a real image and on embeddings built here; and each step's checks of its
+input."""
 
 from __future__ import annotations
 
@@ -17,24 +18,21 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
+from spoco_bundle.bundle import inference_postprocessing
 from spoco_bundle.clustering import (
     cluster_boundary,
     cluster_embeddings,
     filter_small,
-    grow_into_foreground,
-    head_threshold,
     relabel_consecutive,
     split_by_shape,
 )
-from spoco_bundle.object_size import ball_volume, equivalent_diameters
+from spoco_bundle.measure import ball_volume, equivalent_diameters
 from spoco_bundle.postprocessing import (
     FEW_INSTANCES,
     ClusterInstances,
     ClusterInstancesd,
     ForegroundMask,
     ForegroundMaskd,
-    GrowInstances,
-    GrowInstancesd,
     RemoveSmallInstances,
     RemoveSmallInstancesd,
     ResizeToMatch,
@@ -44,7 +42,6 @@ from spoco_bundle.postprocessing import (
     WarnFewInstances,
     WarnFewInstancesd,
 )
-from spoco_bundle.transforms import ClusterEmbeddings, ClusterEmbeddingsd
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER = str(ROOT / "configs" / "inference.json")
@@ -55,14 +52,14 @@ DSB_IMAGE = DATA / "dsb2018" / "images" / "0287e7ee5b007c91.tif"  # a validation
 def _one_pass(
     pred, method, background, min_size, threshold=0.5, shape_split=0.0, fg_mask=None, spacing=None, e=16, **kw
 ):
-    """The post-processing as one function of the clustering package, as ClusterEmbeddings ran it before it became
-    a chain of steps: the foreground (given mask, else the head for "head"), clustering with min_size and background
-    removal inside the clustering function, then the shape split."""
+    """The post-processing as one function of the clustering package, as it ran before it became a chain of steps:
+    the foreground (given mask, else the head for "head"), clustering with min_size and background removal inside
+    the clustering function, then the shape split."""
     arr = np.asarray(pred, dtype=np.float32)
     if fg_mask is not None:
         fg, bg = np.asarray(fg_mask).reshape(arr.shape[1:]) != 0, "none"
     elif background == "head":
-        t = head_threshold(arr[-1], threshold)
+        t = float(threshold)
         fg, bg = arr[-1] > np.log(t / (1.0 - t)), "none"
     else:
         fg, bg = None, background
@@ -86,6 +83,16 @@ def _config_chain(**ids):
     chain = parser.get_parsed_content("postprocessing")
     last = [t for t in chain.transforms if isinstance(t, RemoveSmallInstancesd)]
     return chain, parser.get_parsed_content("min_size"), last[-1].remove.smallest(2)
+
+
+def _array_chain(
+    pred, method, embedding_dim, background, min_size, shape_split=0.0, spacing=None, fg_mask=None, **kwargs
+):
+    """The post-processing transforms composed directly (array versions): the foreground (head at 0.5, or the given
+    mask), clustering, the shape split with the given voxel size, removal of objects under min_size."""
+    mask = ForegroundMask(background, 0.5, embedding_dim, method)(pred, fg_mask)
+    labels = ClusterInstances(method, embedding_dim, background, min_size=min_size, **kwargs)(pred, mask)
+    return RemoveSmallInstances(min_size)(SplitByShape(shape_split, min_size=min_size)(labels, spacing))
 
 
 def _final(labels: np.ndarray, smallest: int) -> np.ndarray:
@@ -146,16 +153,17 @@ def test_config_chain_gives_the_one_pass_labels_on_the_shipped_model(
     assert set(np.unique(want)) - {0} == set(range(1, int(want.max()) + 1))
     if masked:
         assert not want[~np.asarray(mask[0])].any()
-    # ClusterEmbeddings(d), the chain in one transform, gives the same
-    one = ClusterEmbeddingsd(
-        "pred",
-        mask_key="foreground_mask",
-        method=method,
+    # the chain with min_size alone (min_diameter_ratio 0) gives the one-pass labels themselves
+    min_size_only = inference_postprocessing(
+        ROOT,
+        model="nuclei2d",
+        clustering=method,
         background=background,
         min_size=min_size,
         shape_split=shape_split,
+        min_diameter_ratio=0,
     )
-    np.testing.assert_array_equal(np.asarray(one(dict(data, pred=pred))["pred"][0]), one_pass)
+    np.testing.assert_array_equal(np.asarray(min_size_only(dict(data, pred=pred))["pred"][0]), one_pass)
 
 
 @pytest.mark.parametrize("background, masked", [("none", False), ("head", False), ("none", True)])
@@ -189,12 +197,9 @@ def test_config_chain_with_boundary_clustering_cuts_along_the_head(nuclei2d_outp
         assert not want[~fg].any()
 
 
-def test_otsu_threshold_and_the_other_methods_match_the_one_pass_labels(nuclei2d_output):
+def test_the_other_methods_match_the_one_pass_labels(nuclei2d_output):
     pred, image, mask = nuclei2d_output
     spacing = [float(v) for v in image.pixdim][:2]
-    chain, min_size, smallest = _config_chain(clustering="fast", foreground_threshold="otsu")
-    want = _final(_one_pass(pred, "fast", "head", min_size, "otsu", 0.1, spacing=spacing), smallest)
-    np.testing.assert_array_equal(np.asarray(chain({"image": image, "pred": pred})["pred"][0]), want)
     crop = pred[:, :128, :128]  # mean-shift is slow in 16-D
     for method, out, kw in [
         ("hdbscan", pred, dict(max_points=2000)),  # min_size is HDBSCAN's minimum cluster size here
@@ -218,8 +223,7 @@ def test_otsu_threshold_and_the_other_methods_match_the_one_pass_labels(nuclei2d
                 data["foreground_mask"] = given
             want = _one_pass(out, method, background, 16, 0.5, 0.1, given if masked else None, spacing, **kw)
             np.testing.assert_array_equal(np.asarray(steps(data)["pred"][0]), want, err_msg=f"{method} {background}")
-            one = ClusterEmbeddings(method, 16, background, 16, shape_split=0.1, **kw)
-            got = one(out, spacing=spacing, fg_mask=given if masked else None)
+            got = _array_chain(out, method, 16, background, 16, 0.1, spacing, given if masked else None, **kw)
             np.testing.assert_array_equal(np.asarray(got[0]), want, err_msg=f"{method} {background}")
 
 
@@ -250,6 +254,15 @@ def test_built_embeddings_chain_matches_and_reads_as_the_method(method, backgrou
     out, mask = _built_output()
     n_found = {}
     for shape_split in (0.0, 0.1):
+        chain = inference_postprocessing(
+            ROOT,
+            embedding_dim=4,
+            clustering=method,
+            background=background,
+            min_size=16,
+            shape_split=shape_split,
+            min_diameter_ratio=0,
+        )
         for given in (None, mask):
             steps = Compose(
                 [
@@ -265,7 +278,11 @@ def test_built_embeddings_chain_matches_and_reads_as_the_method(method, backgrou
             got = np.asarray(steps(data)["pred"][0])
             want = _one_pass(out, method, background, 16, 0.5, shape_split, given, e=4)
             np.testing.assert_array_equal(got, want)
-            one = ClusterEmbeddings(method, 4, background, 16, shape_split=shape_split)(out, fg_mask=given)
+            # configs/inference.json's chain with min_size alone, on numpy arrays
+            data = {"pred": out, "image": np.zeros((1, 48, 64), np.float32)}
+            if given is not None:
+                data["foreground_mask"] = given[None]
+            one = chain(data)["pred"]
             assert isinstance(one, np.ndarray) and one.dtype == np.int32
             np.testing.assert_array_equal(one[0], want)
             n_found[shape_split, given is not None] = int(want.max())
@@ -291,6 +308,72 @@ def test_chain_keeps_the_output_kind_and_reads_spacing_from_the_image():
     by_image = SplitByShaped("pred", h=0.1, min_size=16)({"pred": labels.as_tensor(), "image": image})["pred"]
     np.testing.assert_array_equal(np.asarray(by_image), np.asarray(by_meta))
     assert SplitByShape(0.0)(labels) is labels  # 0: off
+
+
+def test_config_chain_shape_split_uses_the_image_spacing():
+    # one embedding everywhere (the network did not separate them) and a head that marks two spheres of radius 4 um
+    # overlapping along z; voxels 1 x 0.25 x 0.25 um
+    spacing = (1.0, 0.25, 0.25)
+    z, y, x = np.meshgrid(np.arange(20) * 1.0, np.arange(40) * 0.25, np.arange(40) * 0.25, indexing="ij")
+    fg = ((z - 6) ** 2 + (y - 5) ** 2 + (x - 5) ** 2 <= 16) | ((z - 13) ** 2 + (y - 5) ** 2 + (x - 5) ** 2 <= 16)
+    pred = np.zeros((17, 20, 40, 40), np.float32)
+    pred[16] = np.where(fg, 5.0, -5.0)
+    image = MetaTensor(torch.zeros(1, 20, 40, 40), affine=torch.diag(torch.tensor([*spacing, 1.0])))
+    ids = dict(embedding_dim=16, clustering="fast", background="head", min_size=16, min_diameter_ratio=0)
+    whole = inference_postprocessing(ROOT, shape_split=0.0, **ids)({"pred": torch.from_numpy(pred), "image": image})
+    assert set(np.unique(np.asarray(whole["pred"]))) == {0, 1}
+    split = inference_postprocessing(ROOT, shape_split=0.1, **ids)({"pred": torch.from_numpy(pred), "image": image})
+    split = np.asarray(split["pred"])[0]
+    assert set(np.unique(split)) == {0, 1, 2} and ((split > 0) == fg).all()
+    # the cut lies at the neck plane between the centres (z = 9.5 um): each part is one sphere's side
+    assert {int(np.unique(split[z < 9][fg[z < 9]])[0]), int(np.unique(split[z > 10][fg[z > 10]])[0])} == {1, 2}
+    with pytest.raises(RuntimeError) as caught:  # MONAI names the component; the cause names the option
+        inference_postprocessing(ROOT, shape_split=1.0)
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert "h (shape_split) must be in [0, 1)" in str(caught.value.__cause__)
+
+
+def _two_objects_with_outliers(seed: int = 0) -> np.ndarray:
+    """(4, 40, 40) embeddings: two objects (means 0 and 5 e_0) with little noise, and every 7th voxel an outlier
+    1.2 from its object's mean: within delta_d = 2, outside delta_d = 0.5."""
+    rng = np.random.default_rng(seed)
+    emb = np.zeros((4, 40, 40), np.float32)
+    emb[0, :, 20:] = 5.0
+    emb += 0.05 * rng.standard_normal(emb.shape).astype(np.float32)
+    flat = emb.reshape(4, -1)
+    out = np.arange(flat.shape[1])[3::7]
+    v = rng.standard_normal((4, out.size))
+    flat[:, out] += (1.2 * v / np.linalg.norm(v, axis=0)).astype(np.float32)
+    return emb
+
+
+@pytest.mark.parametrize(
+    "method, min_size, kwargs",
+    [
+        ("fast", 16, dict(fill_radius=0.0)),  # only the growth pass within delta_d
+        ("hdbscan", 16, dict(max_points=400)),  # voxels outside the subsample: nearest mean within delta_d
+        # each sampled outlier is a cluster of its own, which most other outliers join: min_size 1 keeps them
+        ("meanshift", 1, dict(max_points=400)),
+        ("consistency", 16, dict(fill_radius=0.0)),  # delta_d goes to the base clustering (fast)
+        ("watershed", 16, {}),  # accepts delta_d, does not use it
+    ],
+)
+def test_cluster_instances_passes_delta_d_to_every_method(method, min_size, kwargs):
+    emb = _two_objects_with_outliers()
+    pred = np.concatenate([emb, emb + 0.01]) if method == "consistency" else emb
+    common = dict(delta_v=0.5, min_size=min_size, fg_mask=None, background="none", **kwargs)
+    if method == "consistency":
+        common["emb_g"] = pred[4:]
+    results = {}
+    for delta_d in (0.5, 2.0):
+        got = np.asarray(_array_chain(torch.as_tensor(pred), method, 4, "none", min_size, delta_d=delta_d, **kwargs))[0]
+        # the transforms give what the clustering function gives with that delta_d
+        np.testing.assert_array_equal(got, cluster_embeddings(emb, method, delta_d=delta_d, **common))
+        results[delta_d] = got
+    if method == "watershed":
+        np.testing.assert_array_equal(results[0.5], results[2.0])
+    else:  # the outliers (or those outside the subsample) join a cluster only within delta_d = 2
+        assert (results[0.5] == 0).sum() > (results[2.0] == 0).sum()
 
 
 def test_remove_small_instances_counts_an_id_whatever_its_pieces_and_renumbers():
@@ -365,8 +448,7 @@ def test_a_given_mask_keeps_objects_smaller_than_the_training_objects():
 def test_the_recorded_diameter_is_read_from_the_checkpoint_file(tmp_path):
     """recorded_object_diameter reads the network's buffer from a plain or a resume checkpoint without building
     the network; 0 for a model without the record and for a missing or unreadable file."""
-    from spoco_bundle.networks import EmbeddingUNet
-    from spoco_bundle.object_size import RecordedObjectDiameter, recorded_object_diameter
+    from spoco_bundle.networks import EmbeddingUNet, RecordedObjectDiameter, recorded_object_diameter
 
     net = EmbeddingUNet(spatial_dims=2, in_channels=1, embedding_dim=8, features=(8, 16, 32, 64))
     net.object_diameter.fill_(13.5)
@@ -408,7 +490,7 @@ def test_each_step_rejects_bad_options_and_input_clearly():
     pred = torch.as_tensor(out)
     with pytest.raises(ValueError, match="background must be 'largest', 'head' or 'none', got 'auto'"):
         ForegroundMask("auto")
-    with pytest.raises(ValueError, match="foreground threshold must be a probability in"):
+    with pytest.raises(ValueError, match="foreground_threshold must be a probability in"):
         ForegroundMask("head", 1.5)
     with pytest.raises(ValueError, match="Unknown clustering method 'kmeans'"):
         ForegroundMask("head", 0.5, 4, "kmeans")
@@ -458,8 +540,6 @@ def test_each_step_rejects_bad_options_and_input_clearly():
             step(labels - 1)
     with pytest.raises(ValueError, match="min_size must be >= 0"):
         RemoveSmallInstances(-1)
-    with pytest.raises(ValueError, match="shape_split must be in"):  # the one-transform version, as before
-        ClusterEmbeddings(shape_split=1.0)
 
 
 def test_resize_to_match_keeps_ids_and_centres():
@@ -494,134 +574,12 @@ def test_resize_to_matchd_takes_the_reference_shape_and_keeps_to_a_mask():
 
 def test_split_reads_the_voxel_size_of_a_resampled_grid():
     """Labels on a grid resampled per axis (the network's): the split sees that grid's voxel size."""
-    from spoco_bundle.postprocessing import _grid_spacing
+    from spoco_bundle.postprocessing._common import _grid_spacing
 
     image = MetaTensor(torch.zeros(1, 20, 40, 40), affine=torch.diag(torch.tensor([2.0, 0.5, 0.5, 1.0])))
     assert _grid_spacing(image, torch.zeros(1, 20, 20, 20)) == pytest.approx([2.0, 1.0, 1.0])
     assert _grid_spacing(image, torch.zeros(1, 20, 40, 40)) == pytest.approx([2.0, 0.5, 0.5])
     assert _grid_spacing(np.zeros((1, 20, 40, 40)), torch.zeros(1, 20, 20, 20)) is None
-
-
-def _two_discs_and_a_halo() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labels of two discs (radius 5, 3 px apart) as a 0.5 mask draws them, the head's probability (0.7 inside
-    radius 5, 0.45 out to radius 7, 0.1 beyond) and, far from both, a patch at 0.45 that no object is near."""
-    y, x = np.mgrid[:40, :60]
-    r1, r2 = np.hypot(y - 20, x - 14), np.hypot(y - 20, x - 27)
-    labels = np.zeros((40, 60), np.int32)
-    labels[r1 <= 5] = 1
-    labels[r2 <= 5] = 2
-    prob = np.full((40, 60), 0.1, np.float32)
-    prob[(r1 <= 7) | (r2 <= 7)] = 0.45
-    prob[labels > 0] = 0.7
-    prob[30:35, 48:53] = 0.45  # a faint blob alone: not an object, and growth makes none
-    return labels, prob, np.minimum(r1, r2)
-
-
-def test_grow_draws_objects_out_to_the_heads_softer_edge_only_near_them():
-    labels, prob, _ = _two_discs_and_a_halo()
-    y, x = np.mgrid[:40, :60]
-    r1, r2 = np.hypot(y - 20, x - 14), np.hypot(y - 20, x - 27)
-    got = grow_into_foreground(labels, prob, threshold=0.4, distance=2)
-    assert got.dtype == np.int32 and set(np.unique(got)) == {0, 1, 2}  # same objects, none new
-    assert not got[30:35, 48:53].any()  # the faint blob far from every object stays background
-    # each disc reaches radius 7 where nothing else is near (the far side of each)
-    assert (got[(r1 <= 7) & (x < 12)] == 1).all() and (got[(r2 <= 7) & (x > 29)] == 2).all()
-    # the gap between them is shared: every pixel joins its nearer disc, none is claimed by the farther
-    gap = (got > 0) & (labels == 0) & (x > 19) & (x < 22)
-    assert gap.any()
-    assert (got[gap & (r1 < r2)] == 1).all() and (got[gap & (r2 < r1)] == 2).all()
-    # below the threshold nothing joins; distance 0 or 1 limits the growth
-    assert np.array_equal(grow_into_foreground(labels, prob, threshold=0.5, distance=2), labels)
-    assert np.array_equal(grow_into_foreground(labels, prob, threshold=0.4, distance=0), labels)
-    one = grow_into_foreground(labels, prob, threshold=0.4, distance=1)
-    assert (labels > 0).sum() < (one > 0).sum() < (got > 0).sum()
-    assert np.array_equal(got[labels > 0], labels[labels > 0])  # what an object had, it keeps
-
-
-def test_grow_measures_its_distance_in_physical_units():
-    """Voxels twice as long along z: 2 voxels of growth in y and x are 1 voxel in z."""
-    labels = np.zeros((11, 21, 21), np.int32)
-    labels[4:7, 8:13, 8:13] = 3
-    prob = np.full(labels.shape, 0.45, np.float32)
-    got = grow_into_foreground(labels, prob, threshold=0.4, distance=2, spacing=(2.0, 1.0, 1.0))
-    zs, ys, xs = np.nonzero(got == 3)
-    assert (zs.min(), zs.max()) == (3, 7) and (ys.min(), ys.max()) == (6, 14) and (xs.min(), xs.max()) == (6, 14)
-    iso = grow_into_foreground(labels, prob, threshold=0.4, distance=2)
-    assert (np.nonzero(iso == 3)[0].min(), np.nonzero(iso == 3)[0].max()) == (2, 8)
-
-
-def test_grow_step_reads_the_voxel_size_from_the_image():
-    """GrowInstancesd measures its distance in units of the labels' finest axis, from the image's voxel size scaled
-    onto the labels' grid: an image of z 4 and y / x 0.5 with labels on a grid half as fine in y / x (so 4 and 1)
-    makes 4 voxels of growth 4 in y / x and 1 in z (unscaled it would be none in z)."""
-    labels = np.zeros((1, 9, 21, 21), np.int32)
-    labels[0, 3:6, 8:13, 8:13] = 1
-    prob = np.full(labels.shape, 0.45, np.float32)
-    image = MetaTensor(torch.zeros(1, 9, 42, 42), affine=torch.diag(torch.tensor([4.0, 0.5, 0.5, 1.0])))
-    step = GrowInstancesd("pred", threshold=0.4, distance=4)
-    got = np.asarray(step({"pred": labels, "foreground_probability": prob, "image": image})["pred"][0])
-    zs, ys, xs = np.nonzero(got == 1)
-    assert (zs.min(), zs.max()) == (2, 6) and (ys.min(), ys.max()) == (4, 16) and (xs.min(), xs.max()) == (4, 16)
-    # without an image: voxels, so z grows as far as y and x
-    plain = np.asarray(step({"pred": labels, "foreground_probability": prob})["pred"][0])
-    assert (np.nonzero(plain == 1)[0].min(), np.nonzero(plain == 1)[0].max()) == (0, 8)
-
-
-def test_grow_step_in_the_chain_uses_the_heads_probability_and_never_a_given_mask():
-    out, given = _built_output()
-    pred = torch.as_tensor(out)
-    pred[4] = torch.where(pred[4] < 0, torch.tensor(-0.2), pred[4])  # background at probability 0.45
-    steps = [
-        ForegroundMaskd("pred", probability_key="foreground_probability", embedding_dim=4),
-        ClusterInstancesd("pred", embedding_dim=4, method="fast", background="head", min_size=16),
-    ]
-    base = Compose(steps)({"pred": pred.clone()})
-    prob = base["foreground_probability"]
-    assert prob.dtype == torch.float32 and prob.shape == (1, 48, 64)
-    np.testing.assert_allclose(np.asarray(prob[0]), 1 / (1 + np.exp(-out[4].clip(-0.2, None))), rtol=1e-5)
-    grown = GrowInstancesd("pred", threshold=0.4, distance=2)(base)["pred"]
-    assert grown.dtype == torch.int32 and set(np.unique(np.asarray(grown))) == set(np.unique(np.asarray(base["pred"])))
-    assert (np.asarray(grown) > 0).sum() > (np.asarray(base["pred"]) > 0).sum()
-    assert GrowInstancesd("pred", threshold=0.0)(base)["pred"] is base["pred"]  # 0: off
-    # a given mask: no probability is stored, so the labels pass unchanged (the mask is the extent)
-    masked = Compose(steps)({"pred": pred.clone(), "foreground_mask": torch.as_tensor(given[None])})
-    assert "foreground_probability" not in masked
-    assert GrowInstancesd("pred", threshold=0.4)(masked)["pred"] is masked["pred"]
-
-
-def test_config_grows_objects_with_foreground_grow(nuclei2d_output):
-    """configs/inference.json: --foreground_grow 0.4 adds pixels to the shipped model's objects, the same objects
-    (off by default)."""
-    pred, image, _ = nuclei2d_output
-    parser = ConfigParser()
-    parser.read_config(INFER)
-    assert parser.get_parsed_content("foreground_grow") == 0.0
-    sizes = {}
-    for grow in (0.0, 0.4):
-        chain, _, _ = _config_chain(foreground_grow=grow)
-        out = chain({"image": image, "pred": pred.clone()})
-        assert ("foreground_probability" in out) == (grow > 0)  # off: no probability map kept
-        labels = np.asarray(out["pred"][0])
-        sizes[grow] = (int(labels.max()), int((labels > 0).sum()))
-    assert sizes[0.4][0] == sizes[0.0][0] > 3
-    assert sizes[0.4][1] > sizes[0.0][1]
-
-
-def test_grow_rejects_bad_options_clearly():
-    labels, prob, _ = _two_discs_and_a_halo()
-    for bad in (1.0, -0.1, "x", float("nan")):
-        with pytest.raises(ValueError, match="foreground_grow must be"):
-            GrowInstances(bad)
-    with pytest.raises(ValueError, match="foreground_grow_distance must be a number >= 0"):
-        GrowInstances(0.4, -1)
-    with pytest.raises(ValueError, match="foreground_grow_distance must be a finite number"):
-        GrowInstances(0.4, float("inf"))
-    with pytest.raises(ValueError, match=r"probability has shape \(40, 59\), labels \(40, 60\)"):
-        GrowInstances(0.4)(labels[None], prob[:, 1:])
-    with pytest.raises(ValueError, match="GrowInstances expects integer instance labels"):
-        GrowInstances(0.4)(labels[None].astype(np.float32), prob)
-    with pytest.raises(ValueError, match="the growth threshold must be a probability"):
-        grow_into_foreground(labels, prob, threshold=0.0)
 
 
 def _discs(n: int, diameter: float, merged: bool = False, spatial_dims: int = 2) -> np.ndarray:

@@ -10,28 +10,19 @@ import pytest
 import tifffile
 import torch
 from monai.data import MetaTensor, list_data_collate
-from monai.transforms import EnsureChannelFirstd, LoadImaged, RandSmoothFieldAdjustContrast, SaveImaged
-from scipy import ndimage
+from monai.transforms import EnsureChannelFirstd, LoadImaged, SaveImaged
 
-from spoco_bundle.clustering import cluster_embeddings
 from spoco_bundle.io import LoadVolumed, read_image
 from spoco_bundle.transforms import (
-    CALIBRATION_ID_OFFSET,
     CheckImageLabel,
     CheckImageLabeld,
-    ClusterEmbeddings,
-    ClusterEmbeddingsd,
     EnsureSpatialDims,
     EnsureSpatialDimsd,
     Rescale,
     Rescaled,
     SparseInstanceLabel,
     SparseInstanceLabeld,
-    TopHat,
-    TopHatd,
     load_transforms,
-    smooth_field_grid,
-    tophat_background,
 )
 
 
@@ -82,28 +73,6 @@ def test_sparse_counts_and_consecutive_relabel(n, ratio):
         assert sorted(m.values()) == list(range(1, n + 1))  # keeps all
 
 
-def test_calibration_holdout_marks_a_fixed_share_of_the_kept_objects():
-    orig = dense_labels(54)
-    plain = SparseInstanceLabel(0.5, seed=3)(orig, name="img")
-    marked = SparseInstanceLabel(0.5, seed=3, calibration_holdout=0.3)(orig, name="img")
-    assert np.array_equal(plain > 0, marked > 0)  # the same objects are kept
-    held = np.unique(marked[marked > CALIBRATION_ID_OFFSET]) - CALIBRATION_ID_OFFSET
-    trained = np.unique(marked[(marked > 0) & (marked < CALIBRATION_ID_OFFSET)])
-    assert 0 < len(held) < 27 and len(held) + len(trained) == 27  # 27 kept objects
-    assert np.array_equal(held, np.arange(1, len(held) + 1)) and np.array_equal(trained, np.arange(1, len(trained) + 1))
-    again = SparseInstanceLabel(0.5, seed=3, calibration_holdout=0.3)(orig, name="img")
-    assert np.array_equal(again, marked)  # a fixed choice per (seed, name, id)
-    shares = [
-        (
-            np.unique(SparseInstanceLabel(1.0, seed=s, calibration_holdout=0.3)(orig, name="x")) > CALIBRATION_ID_OFFSET
-        ).sum()
-        for s in range(20)
-    ]
-    assert 0.2 < np.mean(shares) / 54 < 0.4  # each object with probability 0.3
-    with pytest.raises(ValueError, match="calibration_holdout"):
-        SparseInstanceLabel(0.5, calibration_holdout=1.0)
-
-
 def test_sparse_reproducible_independent_of_call_order():
     a = MetaTensor(torch.as_tensor(dense_labels(30, seed=1)), meta={"filename_or_obj": "/data/a_labels.nii.gz"})
     b = MetaTensor(torch.as_tensor(dense_labels(30, seed=2)), meta={"filename_or_obj": "/data/b_labels.tif"})
@@ -118,28 +87,6 @@ def test_sparse_reproducible_independent_of_call_order():
     # same file name elsewhere (or another format) -> same choice
     moved = MetaTensor(a.as_tensor().clone(), meta={"filename_or_obj": "/elsewhere/a_labels.tif"})
     torch.testing.assert_close(t1(moved).as_tensor(), out_a1.as_tensor())
-
-
-def test_sparse_choice_depends_on_name_and_seed():
-    t = SparseInstanceLabel(0.3, seed=0)
-    ids = np.arange(1, 51)
-    by_name = {tuple(t.kept_ids(ids, f"img_{i}")) for i in range(10)}
-    assert len(by_name) > 1
-    by_seed = {tuple(SparseInstanceLabel(0.3, seed=s).kept_ids(ids, "img")) for s in range(10)}
-    assert len(by_seed) > 1
-
-
-def test_sparse_selection_is_unbiased_and_nested():
-    ids = np.arange(1, 21)
-    counts = np.zeros(21)
-    for i in range(400):
-        counts[SparseInstanceLabel(0.25, seed=0).kept_ids(ids, f"image_{i:03d}")] += 1
-    freq = counts[1:] / 400  # each id should be kept ~25% of the time (sd ~2.2%), not e.g. always the lowest ids
-    assert np.all((freq > 0.13) & (freq < 0.37)), freq
-    for i in range(20):
-        small = set(SparseInstanceLabel(0.1, seed=0).kept_ids(ids, f"n{i}"))
-        large = set(SparseInstanceLabel(0.4, seed=0).kept_ids(ids, f"n{i}"))
-        assert small <= large
 
 
 def test_sparse_background_label_zero_dense_ground_truth():
@@ -410,156 +357,3 @@ def test_rescale_errors_name_the_problem():
         Rescale([0.5, 0.5])(img)
     with pytest.raises(ValueError, match="2 modes given for 3 keys"):
         Rescaled(["a", "b", "c"], 0.5, mode=["linear", "nearest"])
-
-
-# ------------------------------------------------------------------------------------------- ClusterEmbeddings
-
-
-def test_cluster_embeddings_shape_split_uses_the_image_spacing():
-    # one embedding everywhere (the network did not separate them) and a head that marks two spheres of radius 4 um
-    # overlapping along z; voxels 1 x 0.25 x 0.25 um
-    spacing = (1.0, 0.25, 0.25)
-    z, y, x = np.meshgrid(np.arange(20) * 1.0, np.arange(40) * 0.25, np.arange(40) * 0.25, indexing="ij")
-    fg = ((z - 6) ** 2 + (y - 5) ** 2 + (x - 5) ** 2 <= 16) | ((z - 13) ** 2 + (y - 5) ** 2 + (x - 5) ** 2 <= 16)
-    pred = np.zeros((17, 20, 40, 40), np.float32)
-    pred[16] = np.where(fg, 5.0, -5.0)
-    image = MetaTensor(torch.zeros(1, 20, 40, 40), affine=torch.diag(torch.tensor([*spacing, 1.0])))
-    kwargs = dict(keys="pred", method="fast", background="head", min_size=16)
-    whole = ClusterEmbeddingsd(**kwargs)({"pred": torch.from_numpy(pred), "image": image})["pred"]
-    assert set(np.unique(np.asarray(whole))) == {0, 1}
-    split = ClusterEmbeddingsd(shape_split=0.1, **kwargs)({"pred": torch.from_numpy(pred), "image": image})["pred"]
-    split = np.asarray(split)[0]
-    assert set(np.unique(split)) == {0, 1, 2} and ((split > 0) == fg).all()
-    # the cut lies at the neck plane between the centres (z = 9.5 um): each part is one sphere's side
-    assert {int(np.unique(split[z < 9][fg[z < 9]])[0]), int(np.unique(split[z > 10][fg[z > 10]])[0])} == {1, 2}
-    with pytest.raises(ValueError, match="shape_split must be in"):
-        ClusterEmbeddings(shape_split=1.0)
-
-
-def _two_objects_with_outliers(seed: int = 0) -> np.ndarray:
-    """(4, 40, 40) embeddings: two objects (means 0 and 5 e_0) with little noise, and every 7th voxel an outlier
-    1.2 from its object's mean: within delta_d = 2, outside delta_d = 0.5."""
-    rng = np.random.default_rng(seed)
-    emb = np.zeros((4, 40, 40), np.float32)
-    emb[0, :, 20:] = 5.0
-    emb += 0.05 * rng.standard_normal(emb.shape).astype(np.float32)
-    flat = emb.reshape(4, -1)
-    out = np.arange(flat.shape[1])[3::7]
-    v = rng.standard_normal((4, out.size))
-    flat[:, out] += (1.2 * v / np.linalg.norm(v, axis=0)).astype(np.float32)
-    return emb
-
-
-@pytest.mark.parametrize(
-    "method, min_size, kwargs",
-    [
-        ("fast", 16, dict(fill_radius=0.0)),  # only the growth pass within delta_d
-        ("hdbscan", 16, dict(max_points=400)),  # voxels outside the subsample: nearest mean within delta_d
-        # each sampled outlier is a cluster of its own, which most other outliers join: min_size 1 keeps them
-        ("meanshift", 1, dict(max_points=400)),
-        ("consistency", 16, dict(fill_radius=0.0)),  # delta_d goes to the base clustering (fast)
-        ("watershed", 16, {}),  # accepts delta_d, does not use it
-    ],
-)
-def test_cluster_embeddings_passes_delta_d_to_every_method(method, min_size, kwargs):
-    emb = _two_objects_with_outliers()
-    pred = np.concatenate([emb, emb + 0.01]) if method == "consistency" else emb
-    common = dict(delta_v=0.5, min_size=min_size, fg_mask=None, background="none", **kwargs)
-    if method == "consistency":
-        common["emb_g"] = pred[4:]
-    results = {}
-    for delta_d in (0.5, 2.0):
-        got = np.asarray(
-            ClusterEmbeddings(method, embedding_dim=4, background="none", min_size=min_size, delta_d=delta_d, **kwargs)(
-                torch.as_tensor(pred)
-            )
-        )[0]
-        # the transform gives what the clustering function gives with that delta_d
-        np.testing.assert_array_equal(got, cluster_embeddings(emb, method, delta_d=delta_d, **common))
-        results[delta_d] = got
-    if method == "watershed":
-        np.testing.assert_array_equal(results[0.5], results[2.0])
-    else:  # the outliers (or those outside the subsample) join a cluster only within delta_d = 2
-        assert (results[0.5] == 0).sum() > (results[2.0] == 0).sum()
-
-
-@pytest.mark.parametrize("patch", [[32, 64, 64], [192, 192], [230, 237], [7, 359], [1, 40]])
-def test_smooth_field_grid_fits_monai_upsampling(patch):
-    # MONAI's smooth field comes out one voxel short for some side / point pairs (230 from 7 points): the grid avoids
-    # them, so the contrast field always has the patch's shape
-    grid = smooth_field_grid(patch)
-    assert all(1 <= n <= side for n, side in zip(grid, patch)) and len(grid) == len(patch)
-    mode = "trilinear" if len(patch) == 3 else "bilinear"
-    field = RandSmoothFieldAdjustContrast(patch, grid, mode=mode, align_corners=True, prob=1.0, gamma=(0.5, 1.5))
-    field.set_random_state(0)
-    image = torch.rand(1, *patch)
-    assert field(image).shape == image.shape
-
-
-def test_smooth_field_grid_spacing_and_errors():
-    assert smooth_field_grid([32, 64, 64]) == [3, 3, 3]  # at least 3 points
-    assert smooth_field_grid([320, 640]) == [10, 20]  # one per 32 voxels
-    with pytest.raises(ValueError, match="patch sides"):
-        smooth_field_grid([0, 64])
-    with pytest.raises(ValueError, match="voxels_per_point"):
-        smooth_field_grid([64, 64], voxels_per_point=0)
-
-
-def _spots_on_a_ramp(shape: tuple[int, ...], ramp: float, radius: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
-    """Bright spots (height 1, Gaussian sigma ``radius``, every 16 voxels) over a background rising from 0 to
-    ``ramp`` along the last axis; and the spots' mask."""
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-    centres = np.stack(np.meshgrid(*[np.arange(8, n - 4, 16) for n in shape], indexing="ij"), -1)
-    spots = np.zeros(shape, np.float32)
-    for centre in centres.reshape(-1, len(shape)):
-        r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
-        spots = np.maximum(spots, np.exp(-r2 / (2 * radius**2)))
-    return spots + ramp * grids[-1] / (shape[-1] - 1), spots > 0.5
-
-
-@pytest.mark.parametrize("shape", [(96, 128), (48, 64, 64)])
-@pytest.mark.parametrize("ramp", [0.0, 3.0])
-def test_tophat_removes_a_background_ramp_and_keeps_the_spots(shape, ramp):
-    # a ramp three times the spots' height hides them from an intensity threshold; the top-hat flattens it (a ramp
-    # this steep also sets the plain blob scale at the end of its range: the box would be the whole image)
-    image, spots = _spots_on_a_ramp(shape, ramp)
-    out = TopHat(5.0)(MetaTensor(image[None], meta={"filename_or_obj": "ramp.tif"}))
-    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "ramp.tif" and out.dtype == torch.float32
-    out = out[0].numpy()
-    far = ~ndimage.binary_dilation(spots, iterations=4)
-    spread = np.percentile(out[far], 99) - np.percentile(out[far], 1)
-    assert spread < 0.25 + ramp / 5  # the background spanned `ramp`: at most a fifth of it is left
-    # the spots keep their height above the background at both ends of the ramp
-    half = shape[-1] // 2
-    peaks = [out[..., :half][spots[..., :half]].max(), out[..., half:][spots[..., half:]].max()]
-    assert min(peaks) > 0.7 and abs(peaks[0] - peaks[1]) < 0.2
-
-
-def test_tophat_background_at_the_border():
-    # a ramp rising towards the border is followed up to it (a plain mirror makes a crest there, which the opening
-    # cuts: the background ran up to a sixth of the ramp low along that border)
-    ramp = np.linspace(0.0, 3.0, 128, dtype=np.float32)[None, :] * np.ones((96, 1), np.float32)
-    assert np.abs(tophat_background(ramp, 15.0) - ramp).max() < 0.1
-    # spots cut by the border (flat background 0), also along a short z axis: no dark copies past the border pull
-    # the background below 0
-    flat, _ = _spots_on_a_ramp((96, 128), 0.0)
-    cut = np.concatenate([flat[:, 8:], flat[:, :8]], axis=1)  # a column of spots on the x = 0 border
-    assert tophat_background(cut, 15.0).min() > -0.01
-    short, _ = _spots_on_a_ramp((16, 96, 96), 0.0)
-    assert tophat_background(short, 15.0).min() > -0.01 and tophat_background(short, 43.0).min() > -0.01
-
-
-def test_tophat_off_constant_and_bad_ratio():
-    image = torch.rand(1, 32, 32)
-    assert TopHat(0.0)(image) is image  # off: the same object, untouched
-    constant = torch.full((1, 16, 16, 16), 7.0)
-    np.testing.assert_array_equal(TopHat(5.0)(constant), constant)  # no blobs to measure: left alone
-    out = TopHatd(["image", "image_g"], 5.0)({"image": image, "image_g": image.clone(), "label": 1})
-    np.testing.assert_allclose(out["image"], out["image_g"])
-    assert out["label"] == 1
-    assert not torch.allclose(out["image"], image)
-    # sides that are not whole blocks: the background of a constant is the constant up to the last voxel
-    np.testing.assert_allclose(tophat_background(np.full((37, 50, 61), 3.0), 27.0), 3.0, rtol=1e-6)
-    for bad in (-1.0, float("nan"), "abc", None):  # e.g. a mistyped --tophat: one clear line, not numpy's
-        with pytest.raises(ValueError, match="size_ratio"):
-            TopHat(bad)

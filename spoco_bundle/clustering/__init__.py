@@ -17,7 +17,7 @@ Methods, one module per family (:data:`CLUSTERING_METHODS` names them; :func:`cl
   within ``2 delta_v`` of every face neighbour are "core" voxels; connected components of core voxels are seeds;
   the remaining voxels (object borders, outliers) are grown into the adjacent seed with the nearest mean
   embedding; touching components with close means are merged. See its docstring for why and for the measured
-  speed. Its loops are numba-compiled kernels (numba is a dependency; without it the call raises ImportError).
+  speed. Its loops are numba-compiled kernels.
 - :func:`cluster_hdbscan`, :func:`cluster_meanshift` (``density.py``): the reference's methods (hdbscan package,
   ``sklearn.cluster.MeanShift``), on a random subsample of at most ``max_points`` voxels; the other voxels are
   assigned to the nearest cluster mean (see :func:`assign_to_means`).
@@ -32,9 +32,7 @@ Shared post-processing (``_common.py``), in this order: ``fg_mask`` (voxels outs
 removal (``background="largest"`` drops the largest remaining cluster, the reference's choice; ``"auto"`` does that
 only when no ``fg_mask`` is given), consecutive relabelling.
 
-After clustering: :func:`split_by_shape` (``shape.py``) splits objects shaped like joined round objects;
-:func:`grow_into_foreground` (``grow.py``) draws objects out to where the head's probability falls below a lower
-threshold; :func:`head_threshold` (``threshold.py``) is the foreground head's probability threshold per image.
+After clustering: :func:`split_by_shape` (``shape.py``) splits objects shaped like joined round objects.
 """
 
 from __future__ import annotations
@@ -45,26 +43,20 @@ import numpy as np
 
 from spoco_bundle.clustering._common import (
     BACKGROUND_MODES,
-    HAVE_NUMBA,
     assign_to_means,
     filter_small,
     relabel_consecutive,
     remove_background,
 )
 from spoco_bundle.clustering.boundary import check_boundary_threshold, cluster_boundary
-from spoco_bundle.clustering.consistency import cluster_consistency
+from spoco_bundle.clustering.consistency import BASE_METHODS, cluster_consistency
 from spoco_bundle.clustering.density import cluster_hdbscan, cluster_meanshift
 from spoco_bundle.clustering.fast import cluster_fast
-from spoco_bundle.clustering.grow import grow_into_foreground
 from spoco_bundle.clustering.shape import split_by_shape
-from spoco_bundle.clustering.threshold import check_foreground_threshold, head_threshold
 from spoco_bundle.clustering.watershed import cluster_watershed
 
 __all__ = [
-    "HAVE_NUMBA",
     "CLUSTERING_METHODS",
-    "head_threshold",
-    "check_foreground_threshold",
     "BACKGROUND_MODES",
     "cluster_embeddings",
     "cluster_fast",
@@ -75,7 +67,6 @@ __all__ = [
     "check_boundary_threshold",
     "cluster_boundary",
     "split_by_shape",
-    "grow_into_foreground",
     "assign_to_means",
     "remove_background",
     "filter_small",
@@ -83,14 +74,7 @@ __all__ = [
 ]
 
 
-CLUSTERING_METHODS: dict[str, Callable[..., np.ndarray]] = {
-    "fast": cluster_fast,
-    "hdbscan": cluster_hdbscan,
-    "meanshift": cluster_meanshift,
-    "watershed": cluster_watershed,
-    "consistency": cluster_consistency,
-    "boundary": cluster_boundary,
-}
+CLUSTERING_METHODS: dict[str, Callable[..., np.ndarray]] = {**BASE_METHODS, "consistency": cluster_consistency}
 
 
 def cluster_embeddings(emb: np.ndarray, method: str = "fast", **kwargs) -> np.ndarray:

@@ -7,6 +7,7 @@ object size, background removal, consecutive relabelling.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from scipy import ndimage
 from scipy.sparse import coo_matrix
@@ -16,23 +17,6 @@ BACKGROUND_MODES = ("largest", "none", "auto")
 
 # Voxels per work chunk: small enough that per-channel float32 temporaries stay in cache (measured fastest).
 _CHUNK_VOXELS = 1 << 18
-
-try:  # a dependency (pyproject.toml): cluster_fast's kernels; the watershed kernels fall back to scikit-image
-    import numba
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - depends on the environment
-    numba = None
-    HAVE_NUMBA = False
-
-
-def _require_numba(what: str) -> None:
-    """Raise ImportError naming the package when numba is missing (``what`` runs only compiled)."""
-    if not HAVE_NUMBA:
-        raise ImportError(
-            f"{what} needs the numba package, a dependency of spoco_bundle that is not installed: pip install numba"
-        )
-
 
 # ----------------------------------------------------------------------------------------------- validation
 
@@ -262,7 +246,7 @@ def _mean_step(n_vox: int, max_samples: int = 1 << 20) -> int:
     return step
 
 
-def _means(flat_labels: np.ndarray, emb_flat: np.ndarray, n: int, use_numba: bool = False) -> np.ndarray:
+def _means(flat_labels: np.ndarray, emb_flat: np.ndarray, n: int) -> np.ndarray:
     """Mean embedding of every label 1..n (row 0 unused), shape (n + 1, E) float64.
 
     On large inputs the means come from every ``step``-th voxel (see ``_mean_step``); labels that got fewer
@@ -270,12 +254,7 @@ def _means(flat_labels: np.ndarray, emb_flat: np.ndarray, n: int, use_numba: boo
     """
     e = emb_flat.shape[0]
     step = _mean_step(flat_labels.size)
-    if use_numba:
-        sums, counts = _k_means(flat_labels, emb_flat, n, step)
-    else:
-        lab_s = flat_labels[::step]
-        counts = np.bincount(lab_s, minlength=n + 1).astype(np.float64)
-        sums = np.stack([np.bincount(lab_s, weights=emb_flat[c, ::step], minlength=n + 1) for c in range(e)], 1)
+    sums, counts = _k_means(flat_labels, emb_flat, n, step)
     few = counts < 4
     few[0] = False
     if step > 1 and few.any():
@@ -318,8 +297,7 @@ def assign_to_means(
 
 
 # ---------------------------------------------------------------------------------- compiled kernel (numba)
-# The loop of ``_means`` for cluster_fast (which needs numba); the numpy path of ``_means`` serves the watershed
-# method when numba is missing and is the reference tests/test_clustering.py checks this kernel against.
+# The loop of ``_means``; tests/_fast_oracle.py holds the numpy reference tests/test_clustering.py checks it against.
 
 
 def _k_means(lab, emb, n, step):  # pragma: no cover - runs compiled
@@ -334,5 +312,4 @@ def _k_means(lab, emb, n, step):  # pragma: no cover - runs compiled
     return sums, counts
 
 
-if HAVE_NUMBA:
-    _k_means = numba.njit(cache=True)(_k_means)
+_k_means = numba.njit(cache=True)(_k_means)

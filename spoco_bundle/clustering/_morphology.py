@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import itertools
 
+import numba
 import numpy as np
-
-from spoco_bundle.clustering._common import HAVE_NUMBA, numba
 
 __all__ = ["reconstruction", "h_minima", "local_maxima", "dome_maxima", "watershed", "WATERSHED_LEVELS"]
 
@@ -128,10 +127,9 @@ def _k_maxima(image: np.ndarray, offs: np.ndarray, out: np.ndarray, starts: np.n
                 out[members[i]] = True
 
 
-if HAVE_NUMBA:
-    # nogil: split_by_shape runs them per object in threads
-    _k_dilate = numba.njit(cache=True, nogil=True)(_k_dilate)
-    _k_maxima = numba.njit(cache=True, nogil=True)(_k_maxima)
+# nogil: split_by_shape runs them per object in threads
+_k_dilate = numba.njit(cache=True, nogil=True)(_k_dilate)
+_k_maxima = numba.njit(cache=True, nogil=True)(_k_maxima)
 
 
 def _k_h_minima(image: np.ndarray, hv: np.ndarray, rv: np.ndarray, offs: np.ndarray) -> np.ndarray:
@@ -160,8 +158,7 @@ def _k_h_minima(image: np.ndarray, hv: np.ndarray, rv: np.ndarray, offs: np.ndar
     return out
 
 
-if HAVE_NUMBA:
-    _k_h_minima = numba.njit(cache=True)(_k_h_minima)
+_k_h_minima = numba.njit(cache=True)(_k_h_minima)
 
 
 def _k_dome_maxima(dist: np.ndarray, depth: float, within: np.ndarray, offs: np.ndarray) -> np.ndarray:
@@ -185,8 +182,7 @@ def _k_dome_maxima(dist: np.ndarray, depth: float, within: np.ndarray, offs: np.
     return out[1:-1, 1:-1, 1:-1] & within
 
 
-if HAVE_NUMBA:
-    _k_dome_maxima = numba.njit(cache=True, nogil=True)(_k_dome_maxima)
+_k_dome_maxima = numba.njit(cache=True, nogil=True)(_k_dome_maxima)
 
 
 def dome_maxima(image: np.ndarray, h: float, within: np.ndarray | None = None) -> np.ndarray:
@@ -199,8 +195,8 @@ def dome_maxima(image: np.ndarray, h: float, within: np.ndarray | None = None) -
     within = np.ones(image.shape, bool) if within is None else np.asarray(within, bool)
     if within.shape != image.shape:
         raise ValueError(f"within has shape {within.shape}, the image {image.shape}; they must match.")
-    if not HAVE_NUMBA or image.size == 0:
-        return local_maxima(reconstruction(image - h, image)) & within
+    if image.size == 0:
+        return np.zeros(image.shape, bool)
     img3 = image if image.ndim == 3 else image[None]
     win3 = within if within.ndim == 3 else within[None]
     padded_shape = tuple(n + 2 for n in img3.shape)
@@ -226,10 +222,6 @@ def reconstruction(seed: np.ndarray, mask: np.ndarray, method: str = "dilation")
     if method not in ("dilation", "erosion"):
         raise ValueError(f"method must be 'dilation' or 'erosion', got {method!r}.")
     dtype = np.float32 if mask.dtype in (np.float16, np.float32) else np.float64
-    if not HAVE_NUMBA:
-        from skimage.morphology import reconstruction as sk_reconstruction
-
-        return sk_reconstruction(seed, mask, method=method)
     sign = 1.0 if method == "dilation" else -1.0
     s = _padded_signed(seed, sign, dtype)
     m = _padded_signed(mask, sign, dtype)
@@ -251,9 +243,6 @@ def h_minima(image: np.ndarray, h: float) -> np.ndarray:
     if h == 0:
         raise ValueError("h = 0 is ambiguous: every regional minimum.")
     resolution = 2 * np.finfo(image.dtype).resolution  # scikit-image's tolerance: shifted by h + this x |image|
-    if not HAVE_NUMBA:
-        residue = reconstruction(image + h + resolution * np.abs(image), image, method="erosion") - image
-        return (residue >= h).astype(np.uint8)
     img3 = np.ascontiguousarray(image if image.ndim == 3 else image[None])
     hv, rv = np.array([h], image.dtype), np.array([resolution], image.dtype)
     out = _k_h_minima(img3, hv, rv, _offsets(tuple(n + 2 for n in img3.shape), image.ndim))
@@ -266,10 +255,6 @@ def local_maxima(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim not in (2, 3):
         raise ValueError(f"local_maxima expects a 2D or 3D image, got shape {image.shape}.")
-    if not HAVE_NUMBA:
-        from skimage.morphology import local_maxima as sk_local_maxima
-
-        return sk_local_maxima(image, allow_borders=True)
     if image.size == 0 or image.min() == image.max():  # scikit-image: a flat image has no maximum
         return np.zeros(image.shape, dtype=bool)
     padded = _padded(image.astype(np.float64), -np.inf)
@@ -329,8 +314,7 @@ def _k_watershed(levels: np.ndarray, n_levels: int, labels: np.ndarray, offs: np
             tail[lv] = q
 
 
-if HAVE_NUMBA:
-    _k_watershed = numba.njit(cache=True)(_k_watershed)
+_k_watershed = numba.njit(cache=True)(_k_watershed)
 
 # grey levels of the hierarchical queue: voxels within 1/4096 of the image's range of each other are flooded in the
 # order they were reached
@@ -354,10 +338,6 @@ def watershed(image: np.ndarray, markers: np.ndarray, mask: np.ndarray | None = 
             f"image, markers and mask must be 2D or 3D arrays of one shape, got {image.shape}, "
             f"{markers.shape}, {None if mask is None else mask.shape}."
         )
-    if not HAVE_NUMBA:
-        from skimage.segmentation import watershed as sk_watershed
-
-        return sk_watershed(image, markers, mask=mask).astype(np.int32)
     region = np.ones(image.shape, bool) if mask is None else np.asarray(mask, bool)
     lab = _padded(np.where(region, markers, -1).astype(np.int32), -1)
     if not region.any():

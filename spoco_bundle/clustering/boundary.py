@@ -4,7 +4,7 @@ For images where objects touch on all sides and a thin membrane (EM neurites, ep
 them. The network's foreground head, trained on the annotated objects (label 0 between them is unlabeled or painted
 background), is low on the membranes: a seeded watershed on its background probability separates the objects
 where the embeddings of two *unannotated* neighbours are still too alike to cut (nothing in the sparse loss pushes
-them apart; see docs/data_kinds.md).
+them apart; see docs/data.md).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def cluster_boundary(
     :mod:`spoco_bundle.clustering`).
 
     The embeddings are checked for shape only: the cut follows the head. Measured on ISBI 2012 (EM neurites,
-    ``python -m benchmarks.accuracy``): see docs/benchmarks_beyond_nuclei.md. ``delta_v`` and ``delta_d`` are
+    ``python -m research.accuracy``): see docs/results.md. ``delta_v`` and ``delta_d`` are
     accepted for a uniform call signature and not used.
 
     Args:

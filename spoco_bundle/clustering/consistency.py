@@ -13,6 +13,19 @@ from spoco_bundle.clustering._common import (
     _check_mask,
     _finalize,
 )
+from spoco_bundle.clustering.boundary import cluster_boundary
+from spoco_bundle.clustering.density import cluster_hdbscan, cluster_meanshift
+from spoco_bundle.clustering.fast import cluster_fast
+from spoco_bundle.clustering.watershed import cluster_watershed
+
+# the methods consistency clustering can start from (every method but itself; the package's CLUSTERING_METHODS adds it)
+BASE_METHODS = {
+    "fast": cluster_fast,
+    "hdbscan": cluster_hdbscan,
+    "meanshift": cluster_meanshift,
+    "watershed": cluster_watershed,
+    "boundary": cluster_boundary,
+}
 
 
 def _consistency_iou(
@@ -109,27 +122,23 @@ def cluster_consistency(
         iou_threshold: minimum median IoU of a kept cluster.
         n_samples: anchors per cluster.
         seed: anchor sampling seed.
-        method: base clustering of f, any name of :data:`~spoco_bundle.clustering.CLUSTERING_METHODS` except
-            ``"consistency"``.
+        method: base clustering of f, any name of :data:`BASE_METHODS`.
         min_size: minimum object size, applied before and after the consistency test.
         fg_mask: optional boolean foreground mask.
         background: ``"largest"``, ``"none"`` or ``"auto"``.
         kwargs: passed to the base clustering.
     """
-    from spoco_bundle.clustering import CLUSTERING_METHODS  # here: the registry lists this function (import cycle)
-
     emb_f = _check_embeddings(emb_f, "emb_f")
     emb_g = _check_embeddings(emb_g, "emb_g")
     if emb_f.shape != emb_g.shape:
         raise ValueError(f"emb_f and emb_g must have the same shape, got {emb_f.shape} and {emb_g.shape}.")
-    if method == "consistency" or method not in CLUSTERING_METHODS:
-        valid = sorted(k for k in CLUSTERING_METHODS if k != "consistency")
-        raise ValueError(f"method must be one of {valid}, got {method!r}.")
+    if method not in BASE_METHODS:
+        raise ValueError(f"method must be one of {sorted(BASE_METHODS)}, got {method!r}.")
     if n_samples < 1:
         raise ValueError(f"n_samples must be positive, got {n_samples}.")
     fg_mask = _check_mask(fg_mask, emb_f.shape[1:])
     background = _check_background(background, fg_mask)
-    labels = CLUSTERING_METHODS[method](
+    labels = BASE_METHODS[method](
         emb_f, delta_v=delta_v, min_size=min_size, fg_mask=fg_mask, background=background, **kwargs
     )
     median_iou = _consistency_iou(labels, emb_g.reshape(emb_g.shape[0], -1), fg_mask, delta_v, n_samples, seed)

@@ -3,18 +3,18 @@
 Voxels whose embedding is within ``2 delta_v`` of every face neighbour are "core" voxels; connected components of
 core voxels are seeds; the remaining voxels (object borders, outliers) are grown into the adjacent seed with the
 nearest mean embedding; touching components with close means are merged (see :func:`cluster_fast`). Its loops are
-the numba-compiled ``_k_*`` kernels below (numba is a dependency; without it ``cluster_fast`` raises ImportError).
+the numba-compiled ``_k_*`` kernels below.
 """
 
 from __future__ import annotations
 
 import os
 
+import numba
 import numpy as np
 from scipy import ndimage
 
 from spoco_bundle.clustering._common import (
-    HAVE_NUMBA,
     _absorb_background,
     _apply_lut,
     _check_background,
@@ -24,8 +24,6 @@ from spoco_bundle.clustering._common import (
     _means,
     _merge_adjacent,
     _merge_pairs,
-    _require_numba,
-    numba,
 )
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -77,9 +75,9 @@ def _frontier(plab: np.ndarray, pgrow: np.ndarray, geo: _Padded) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------- compiled kernels (numba)
-# Pure loops, compiled with numba (a dependency; the module still imports without it, cluster_fast then raises
-# ImportError). tests/_fast_oracle.py holds an independent numpy twin of each kernel (``_k_adjacent_keys``: the
-# numpy path of ``_merge_adjacent`` in _common.py), which tests/test_clustering.py checks the kernels against.
+# Pure loops, compiled with numba. tests/_fast_oracle.py holds an independent numpy twin of each kernel
+# (``_k_adjacent_keys``: the numpy path of ``_merge_adjacent`` in _common.py), which tests/test_clustering.py checks
+# the kernels against.
 
 
 def _k_core(emb4, tau2):  # pragma: no cover - runs compiled
@@ -264,13 +262,12 @@ def _k_adjacent_keys(lab, n):  # pragma: no cover - runs compiled
     return keys[:cnt]
 
 
-if HAVE_NUMBA:
-    _k_core = numba.njit(parallel=True, cache=True)(_k_core)
-    _k_nearest = numba.njit(cache=True, inline="always")(_k_nearest)
-    _k_orig = numba.njit(cache=True, inline="always")(_k_orig)
-    _k_grow = numba.njit(cache=True)(_k_grow)
-    _k_sweep = numba.njit(cache=True, parallel=True)(_k_sweep)
-    _k_adjacent_keys = numba.njit(cache=True)(_k_adjacent_keys)
+_k_core = numba.njit(parallel=True, cache=True)(_k_core)
+_k_nearest = numba.njit(cache=True, inline="always")(_k_nearest)
+_k_orig = numba.njit(cache=True, inline="always")(_k_orig)
+_k_grow = numba.njit(cache=True)(_k_grow)
+_k_sweep = numba.njit(cache=True, parallel=True)(_k_sweep)
+_k_adjacent_keys = numba.njit(cache=True)(_k_adjacent_keys)
 
 
 # ------------------------------------------------------------------------------------------ fast clustering
@@ -318,7 +315,7 @@ def cluster_fast(
 
     Cost: O(N E) for the core test, then O(N) (labelling, growth of the non-core voxels, merging); no (N, K)
     matrices and no float64 copies of the volume. The loops run compiled by numba (the kernels compile once on
-    first use and are cached on disk). Speed and peak memory: ``scripts/benchmark_clustering.py``.
+    first use and are cached on disk). Speed and peak memory: ``research/perf/benchmark_clustering.py``.
     The growth within a finite radius starts with raster sweeps (labels travel far in one pass), then finishes
     in breadth-first rounds; where a voxel is within ``assign_radius`` of the means of two touching components
     (means closer than ``2 assign_radius``, rare) the visiting order decides which one it joins.
@@ -339,11 +336,7 @@ def cluster_fast(
 
     Returns:
         int32 labels of shape ``S``, 0 = background, 1..n consecutive.
-
-    Raises:
-        ImportError: numba is not installed.
     """
-    _require_numba("cluster_fast")
     emb = _check_embeddings(emb)
     spatial = emb.shape[1:]
     fg_mask = _check_mask(fg_mask, spatial)
@@ -383,7 +376,7 @@ def cluster_fast(
     plab[geo.inner] = lut[seeds]
     del seeds
     seed_flat = np.ascontiguousarray(plab[geo.inner]).reshape(-1)
-    means = _means(seed_flat, emb_flat, n, use_numba=True)
+    means = _means(seed_flat, emb_flat, n)
     del seed_flat
 
     # 3: growth into the non-core voxels

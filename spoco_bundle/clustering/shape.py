@@ -31,8 +31,8 @@ def split_by_shape(
     inside the clustered objects). ``h`` relative to the object's size makes the
     rule independent of magnification. A split that would leave a part smaller than ``min_size`` voxels is not made.
 
-    Measured on DSB2018 validation images (``python -m benchmarks.foreground``, ``shape_split`` rows): see
-    docs/benchmarks.md.
+    Measured on DSB2018 validation images (``python -m research.foreground``, ``shape_split`` rows): see
+    research/README.md.
 
     Args:
         labels: instance labels ``(H, W)`` or ``(D, H, W)``, 0 = background.

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 from scipy import ndimage
 
 from spoco_bundle.clustering._common import (
-    HAVE_NUMBA,
     _absorb_background,
     _apply_lut,
     _check_background,
@@ -19,7 +19,6 @@ from spoco_bundle.clustering._common import (
     _label_unseeded,
     _means,
     _merge_adjacent,
-    numba,
 )
 from spoco_bundle.clustering._morphology import h_minima, watershed
 
@@ -27,28 +26,7 @@ from spoco_bundle.clustering._morphology import h_minima, watershed
 def _edge_strength(emb: np.ndarray) -> np.ndarray:
     """Per voxel the largest embedding distance to a face neighbour, float32."""
     emb4 = emb if emb.ndim == 4 else emb[:, None]
-    if HAVE_NUMBA:
-        return _k_edges(np.ascontiguousarray(emb4, dtype=np.float32)).reshape(emb.shape[1:])
-    return _edges_numpy(emb4).reshape(emb.shape[1:])
-
-
-def _edges_numpy(emb4: np.ndarray) -> np.ndarray:
-    """:func:`_edge_strength` in numpy, one channel at a time (no (E, *S) temporaries)."""
-    spatial = emb4.shape[1:]
-    out = np.zeros(spatial, np.float32)
-    for axis, n in enumerate(spatial):
-        if n < 2:
-            continue
-        lo = (slice(None),) * axis + (slice(None, -1),)
-        hi = (slice(None),) * axis + (slice(1, None),)
-        d2 = np.zeros(out[lo].shape, np.float32)
-        for channel in emb4:
-            diff = channel[hi] - channel[lo]
-            d2 += diff * diff
-        d = np.sqrt(d2)
-        np.maximum(out[lo], d, out=out[lo])
-        np.maximum(out[hi], d, out=out[hi])
-    return out
+    return _k_edges(np.ascontiguousarray(emb4, dtype=np.float32)).reshape(emb.shape[1:])
 
 
 def _k_edges(emb: np.ndarray) -> np.ndarray:
@@ -88,8 +66,7 @@ def _k_edges(emb: np.ndarray) -> np.ndarray:
     return out
 
 
-if HAVE_NUMBA:
-    _k_edges = numba.njit(cache=True, parallel=True)(_k_edges)
+_k_edges = numba.njit(cache=True, parallel=True)(_k_edges)
 
 
 def cluster_watershed(
@@ -119,16 +96,16 @@ def cluster_watershed(
        (over-split objects); with ``background="largest"`` regions with a mean that close to the largest region's
        join it (enclosed background pockets), then the shared post-processing (see :mod:`spoco_bundle.clustering`).
 
-    Measured on DSB2018 validation images (``python -m benchmarks.foreground``, same models and masks as ``fast``):
-    see docs/benchmarks.md. ``delta_d`` is accepted for a uniform call signature and not used.
+    Measured on DSB2018 validation images (``python -m research.foreground``, same models and masks as ``fast``):
+    research/README.md. ``delta_d`` is accepted for a uniform call signature and not used.
 
     Args:
         emb: embeddings ``(E, H, W)`` or ``(E, D, H, W)``.
         delta_v: pull margin of training; sets the defaults of ``h`` and ``merge_threshold``.
         min_size, fg_mask, background: shared post-processing, see :mod:`spoco_bundle.clustering`.
         sigma: smoothing of the edge map in voxels (0: none).
-        h: minimum depth of a seed's basin, in embedding distance (default ``delta_v``; up to bundle 0.34
-            ``0.4 delta_v``, docs/seed_depth.md).
+        h: minimum depth of a seed's basin, in embedding distance (default ``delta_v``; shallower basins split
+            textured objects: research/pages/seed_depth.md).
         merge_threshold: touching regions with mean embeddings closer than this are merged (0: no merging).
     """
     emb = _check_embeddings(emb)
@@ -158,7 +135,7 @@ def cluster_watershed(
     sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
     merging = n > 1 and merge_threshold > 0
     if merging or background == "largest":
-        means = _means(labels.reshape(-1), emb.reshape(emb.shape[0], -1), n, HAVE_NUMBA)
+        means = _means(labels.reshape(-1), emb.reshape(emb.shape[0], -1), n)
         if merging:
             lut = _merge_adjacent(labels, means, merge_threshold)
         if background == "largest":  # enclosed background pockets join the background, as in cluster_fast

@@ -1,27 +1,25 @@
-"""Object size: equivalent diameters and the training objects' diameter from real label files; the blob size of an
-image, the training images' range, and ``image_scale "auto"`` resampling images outside it."""
+"""spoco_bundle.measure: equivalent diameters of objects; the blob size of an image and ``image_scale "auto"``
+resampling images outside the training images' range; the coarse background taken off before the blob size is
+measured. (The training set's own measurements: tests/test_training_set.py.)"""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 
-import nibabel as nib
 import numpy as np
 import pytest
-import tifffile
 import torch
 from scipy import ndimage
 
-from spoco_bundle.object_size import (
+from spoco_bundle.measure import (
+    BLOB_SIGMAS,
     MIN_INTERIOR,
+    blob_scale,
+    coarse_background,
     equivalent_diameters,
     median_diameter,
-    training_object_count,
-    training_object_diameter,
 )
-from spoco_bundle.transforms import SparseInstanceLabel
 
 
 def _discs(shape: tuple[int, ...], centres: list[tuple[int, ...]], radius: float) -> np.ndarray:
@@ -66,48 +64,6 @@ def test_objects_cut_by_the_border_are_left_out_when_enough_others_remain():
     assert equivalent_diameters(np.where(cut > 0, -1, interior)).size == MIN_INTERIOR
 
 
-def test_training_object_diameter_reads_files_and_counts_the_kept_objects(tmp_path):
-    """The diameter training records: the objects its sparse selection keeps, from TIFF and NIfTI files, times the
-    training's image_scale; background_label ids are not objects."""
-    small = _discs((128, 128), _grid_centres((128, 128), 32, 16), radius=5)  # 16 discs of diameter 10
-    large = _discs((128, 128), _grid_centres((128, 128), 64, 32), radius=12)  # 4 discs of diameter 24
-    tifffile.imwrite(tmp_path / "a_labels.tif", small.astype(np.uint16))
-    nib.save(nib.Nifti1Image(large.T.astype(np.int16), np.eye(4)), str(tmp_path / "b_labels.nii.gz"))
-    files = [tmp_path / "a_labels.tif", tmp_path / "b_labels.nii.gz"]
-    # all objects: 16 of diameter 10 and 4 of 24 pooled -> the median is a small one's
-    assert training_object_diameter(files) == pytest.approx(10.0, rel=0.05)
-    assert training_object_diameter(files, image_scale=[0.5, 0.5]) == pytest.approx(5.0, rel=0.05)
-    # a sparse selection: exactly the objects SparseInstanceLabel keeps for these file names
-    keep = SparseInstanceLabel(instance_ratio=0.25, seed=3)
-    kept = [keep(small, name="a_labels"), keep(large, name="b_labels")]
-    assert training_object_diameter(files, instance_ratio=0.25, seed=3) == pytest.approx(median_diameter(kept))
-    # the id of painted background is no object: one disc of diameter 10, two of 30, one of them id 99
-    painted = _discs((128, 128), [(20, 20), (60, 60), (60, 100)], radius=15)
-    painted[painted == 1] = 0
-    painted[_discs((128, 128), [(20, 20)], radius=5) > 0] = 1
-    painted[painted == 3] = 99
-    tifffile.imwrite(tmp_path / "c_labels.tif", painted.astype(np.uint16))
-    assert training_object_diameter([tmp_path / "c_labels.tif"]) == pytest.approx(30.0, rel=0.05)
-    assert training_object_diameter([tmp_path / "c_labels.tif"], background_label=99) == pytest.approx(20.0, rel=0.05)
-    assert math.isnan(training_object_diameter([]))
-
-
-def test_training_object_count_counts_the_kept_objects_of_every_file(tmp_path):
-    """What foreground_ring "auto" decides on: every kept object in every file, and a label file rewritten under the
-    same name is read again (MONAI Label trains again in one process after an annotator saved)."""
-    lab = _discs((64, 64), _grid_centres((64, 64), 16, 8), radius=4)  # 16 discs
-    path = tmp_path / "a_labels.tif"
-    tifffile.imwrite(path, lab.astype(np.uint16))
-    assert training_object_count([path]) == 16 and training_object_count([path, path]) == 32
-    keep = SparseInstanceLabel(instance_ratio=0.25, seed=3)
-    assert training_object_count([path], instance_ratio=0.25, seed=3) == len(np.unique(keep(lab, name="a_labels"))) - 1
-    tifffile.imwrite(path, np.where(lab > 2, 0, lab).astype(np.uint16))  # an annotator removed 14 objects
-    st = path.stat()  # the same size: a later modification time (not left to the clock's resolution) marks it new
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert training_object_count([path]) == 2
-    assert training_object_count([]) == 0
-
-
 # ------------------------------------------------------------------------------------ blob size, image_scale auto
 
 
@@ -119,8 +75,6 @@ def _blob_image(radius: float, size: int = 192, noise: float = 0.0, seed: int = 
 
 
 def test_blob_scale_moves_with_the_magnification():
-    from spoco_bundle.object_size import blob_scale
-
     b5, b10, b20 = (blob_scale(_blob_image(r)) for r in (5.0, 10.0, 20.0))
     assert b10 / b5 == pytest.approx(2.0, rel=0.1) and b20 / b10 == pytest.approx(2.0, rel=0.1)
     # pixel noise as strong as the blobs does not pull the peak to the finest scale
@@ -135,8 +89,6 @@ def test_blob_scale_moves_with_the_magnification():
 
 
 def test_blob_scale_ignores_a_background_ramp():
-    from spoco_bundle.object_size import BLOB_SIGMAS, blob_scale
-
     spots = _blob_image(6.0)
     ramp = spots + np.linspace(0.0, 3.0, spots.shape[1], dtype=np.float32)[None, :]  # 3x the spots' height
     assert blob_scale(ramp) == pytest.approx(blob_scale(spots), rel=0.1)
@@ -150,20 +102,6 @@ def test_blob_scale_ignores_a_background_ramp():
     ball = ndimage.gaussian_filter(_discs((48, 48, 48), [(24, 24, 24)], 8).astype(np.float32), 1.0)
     slope = ball + np.linspace(0.0, 2.0, 48, dtype=np.float32)[:, None, None]
     assert blob_scale(slope) == pytest.approx(blob_scale(ball, flatten=False), rel=0.15)
-
-
-def test_training_blob_scales_from_files(tmp_path):
-    from spoco_bundle.object_size import blob_scale, training_blob_scales
-
-    files = []
-    for k, r in enumerate((4.0, 6.0, 8.0, 10.0, 12.0)):
-        files.append(tmp_path / f"img{k}.tif")
-        tifffile.imwrite(files[-1], _blob_image(r).astype(np.float32))
-    q = training_blob_scales(files)
-    b = [blob_scale(_blob_image(r)) for r in (4.0, 6.0, 8.0, 10.0, 12.0)]
-    assert q == pytest.approx(tuple(np.quantile(b, (0.1, 0.5, 0.9))), rel=1e-4)
-    assert training_blob_scales(files, image_scale=0.5) == pytest.approx(tuple(v / 2 for v in q), rel=1e-4)
-    assert all(math.isnan(v) for v in training_blob_scales([]))
 
 
 class _Recorder(torch.nn.Module):
@@ -184,7 +122,6 @@ def test_auto_scale_resamples_only_images_outside_the_training_range():
     from monai.inferers import SimpleInferer
 
     from spoco_bundle.inferers import ScaledInferer
-    from spoco_bundle.object_size import blob_scale
 
     trained = [blob_scale(_blob_image(r)) for r in (8.0, 10.0, 12.0)]  # the model saw blobs of radius 8-12
     net = _Recorder(tuple(trained))
@@ -202,18 +139,6 @@ def test_auto_scale_resamples_only_images_outside_the_training_range():
     inferer(small, net)
     # enlarged alike: halfway between the range's lower end (radius 8) and the median
     assert inferer.last_scale[0] == pytest.approx((8 * 10) ** 0.5 / 4, rel=0.12)
-    # the other rules: all the way to the median, to the range's nearer end, or (the default up to 0.26) to the
-    # range's end when enlarged and halfway when shrunk
-    for rule, radius_large, radius_small in (
-        ("median", 10.0, 10.0),
-        ("edge", 12.5, 8.0),
-        ("asymmetric", (12.5 * 10) ** 0.5, 8.0),
-    ):
-        other = ScaledInferer(SimpleInferer(), "auto", rule=rule)
-        other(large, net)
-        assert other.last_scale[0] == pytest.approx(radius_large / 20, rel=0.12)
-        other(small, net)
-        assert other.last_scale[0] == pytest.approx(radius_small / 4, rel=0.12)
     # the training range given explicitly replaces the record
     given = ScaledInferer(SimpleInferer(), "auto", blob_scales=[v / 2 for v in trained])
     given(large, _Recorder())
@@ -255,5 +180,37 @@ def test_auto_scale_arguments_are_checked(bad):
         ScaledInferer(SimpleInferer(), "auto", blob_scales=bad)
     with pytest.raises(ValueError, match="image_scale must be a positive number"):
         ScaledInferer(SimpleInferer(), "automatic")
-    with pytest.raises(ValueError, match="rule must be one of"):
-        ScaledInferer(SimpleInferer(), "auto", rule="nearest")
+
+
+# ------------------------------------------------------------------------------------------- coarse background
+
+
+def _spots_on_a_ramp(shape: tuple[int, ...], ramp: float, radius: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Bright spots (height 1, Gaussian sigma ``radius``, every 16 voxels) over a background rising from 0 to
+    ``ramp`` along the last axis; and the spots' mask."""
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    centres = np.stack(np.meshgrid(*[np.arange(8, n - 4, 16) for n in shape], indexing="ij"), -1)
+    spots = np.zeros(shape, np.float32)
+    for centre in centres.reshape(-1, len(shape)):
+        r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
+        spots = np.maximum(spots, np.exp(-r2 / (2 * radius**2)))
+    return spots + ramp * grids[-1] / (shape[-1] - 1), spots > 0.5
+
+
+def test_coarse_background_at_the_border():
+    # a ramp rising towards the border is followed up to it (a plain mirror makes a crest there, which the opening
+    # cuts: the background ran up to a sixth of the ramp low along that border)
+    ramp = np.linspace(0.0, 3.0, 128, dtype=np.float32)[None, :] * np.ones((96, 1), np.float32)
+    assert np.abs(coarse_background(ramp, 15.0) - ramp).max() < 0.1
+    # spots cut by the border (flat background 0), also along a short z axis: no dark copies past the border pull
+    # the background below 0
+    flat, _ = _spots_on_a_ramp((96, 128), 0.0)
+    cut = np.concatenate([flat[:, 8:], flat[:, :8]], axis=1)  # a column of spots on the x = 0 border
+    assert coarse_background(cut, 15.0).min() > -0.01
+    short, _ = _spots_on_a_ramp((16, 96, 96), 0.0)
+    assert coarse_background(short, 15.0).min() > -0.01 and coarse_background(short, 43.0).min() > -0.01
+
+
+def test_coarse_background_of_a_constant_is_the_constant():
+    # sides that are not whole blocks: the background of a constant is the constant up to the last voxel
+    np.testing.assert_allclose(coarse_background(np.full((37, 50, 61), 3.0), 27.0), 3.0, rtol=1e-6)
