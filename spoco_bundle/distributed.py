@@ -14,12 +14,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from spoco_bundle.networks import unwrap
+
 __all__ = [
     "local_device",
     "init_process_group",
     "is_main_process",
     "main_process_handlers",
-    "unwrap",
     "check_in_sync",
     "destroy_process_group",
 ]
@@ -84,8 +85,11 @@ def init_process_group(device: str | torch.device, timeout_minutes: float = 120.
 
 
 def is_main_process() -> bool:
-    """True on rank 0, and in a process that is not part of a process group."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """True on rank 0 of a process group, and in a process that is in none: alone, or launched by torchrun as rank 0
+    before the group is joined (``RANK``, which torchrun sets)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def main_process_handlers(handlers: Sequence | None) -> list | None:
@@ -97,13 +101,6 @@ def main_process_handlers(handlers: Sequence | None) -> list | None:
     if handlers is None or is_main_process():
         return None if handlers is None else list(handlers)
     return [h for h in handlers if type(h).__name__ not in _MAIN_ONLY]
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The plain network inside ``DistributedDataParallel`` / ``DataParallel`` (the module itself otherwise)."""
-    if isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        return module.module
-    return module
 
 
 @torch.no_grad()

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import CheckpointSaver
+from monai.transforms import Compose, RandGaussianNoised
 
 from spoco_bundle.handlers import (
     UNLIMITED_EPOCHS,
     BestCheckpointState,
-    ForegroundCalibrationHandler,
+    ForegroundCalibration,
     ForegroundRegimeHandler,
-    ForegroundThresholdPass,
     LossTermsLogger,
     LossWeightWarmup,
     MomentumTeacherHandler,
@@ -24,10 +25,14 @@ from spoco_bundle.handlers import (
     TrainingTimeLimit,
     ValidateOnTerminate,
     lee_liu_threshold,
+    resume_state,
 )
 from spoco_bundle.inferers import TwoViewInferer
-from spoco_bundle.losses import SpocoLoss
+from spoco_bundle.losses import ForegroundLoss, LossStatistics, SpocoLoss
 from spoco_bundle.networks import EmbeddingUNet, make_teacher
+from spoco_bundle.training_set import TrainingSet
+
+STROKES = 65535  # a background_label other than 0: the annotated background is a few painted strokes
 
 
 def _nets():
@@ -141,7 +146,7 @@ def test_foreground_calibration_handler_tracks_label_frequency():
     # the handler averages sigmoid(fg logit) over annotated voxels of images without annotated background, as
     # measured by the loss in the iteration
     net = EmbeddingUNet(spatial_dims=2, embedding_dim=2, features=(8, 8, 8))
-    loss = SpocoLoss(embedding_dim=2, foreground_positive_weight=4.0)
+    loss = SpocoLoss(embedding_dim=2, foreground=ForegroundLoss(positive_weight=4.0))
     label = torch.zeros(2, 1, 4, 4, dtype=torch.long)
     label[0, 0, :2] = 1  # image 0: 8 annotated voxels, no annotated background -> counts
     label[1, 0, 0] = -1  # image 1: annotated background -> left out, whatever its logits
@@ -157,7 +162,7 @@ def test_foreground_calibration_handler_tracks_label_frequency():
     engine = Engine(step)
     engine.network = net
     engine.loss_function = loss
-    ForegroundCalibrationHandler(momentum=0.5).attach(engine)
+    ForegroundCalibration("label_frequency", momentum=0.5).attach(engine)
     seen = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(float(net.fg_label_frequency)))
     engine.run(range(3), max_epochs=1)
@@ -165,6 +170,24 @@ def test_foreground_calibration_handler_tracks_label_frequency():
     expected = [0.2, (0.2 + 2 * 0.4) / 3, (0.2 + 2 * 0.4 + 4 * 0.3) / 7]
     assert seen == [pytest.approx(v, rel=1e-6) for v in expected]
     assert float(net.fg_positive_weight) == 4.0  # the loss's weight, for the network to undo at inference
+
+
+def test_foreground_calibration_auto_follows_the_ring():
+    # "auto": Lee & Liu on the training images for a ring head, the label frequency otherwise; a ring "auto" is off
+    # until training sets it, and the method follows whenever it is set. A method given is never changed
+    loss = SpocoLoss(foreground=ForegroundLoss(ring="auto", background_label=STROKES))
+    auto = ForegroundCalibration("auto", loss=loss)
+    assert auto.method_in_use() == "label_frequency"
+    loss.foreground.set_ring((1, 2, 2))
+    assert auto.method_in_use() == "lee_liu_images"
+    loss.foreground.set_ring(0)
+    assert auto.method_in_use() == "label_frequency"
+    ring = SpocoLoss(foreground=ForegroundLoss(ring=2))
+    assert ForegroundCalibration("auto").method_in_use(ring) == "lee_liu_images"
+    fixed = ForegroundCalibration("label_frequency", loss=loss)
+    loss.foreground.set_ring(2)
+    assert fixed.method_in_use() == "label_frequency" and auto.method_in_use() == "lee_liu_images"
+    assert ForegroundCalibration("lee_liu_images").method_in_use(SpocoLoss()) == "lee_liu_images"
 
 
 def _logit_hist(values) -> np.ndarray:
@@ -189,39 +212,6 @@ def test_lee_liu_threshold_maximises_precision_times_recall():
     assert lee_liu_threshold(np.zeros(240), _logit_hist(bg)) == 0.5  # nothing annotated: no decision
     with pytest.raises(ValueError, match="histograms"):
         lee_liu_threshold(np.zeros(3), np.zeros(4))
-
-
-def test_foreground_calibration_handler_lee_liu_sets_the_threshold():
-    # with foreground_calibration="lee_liu" the network's c is twice the criterion's threshold on g (the network puts
-    # its 0.5 at g = c / 2), from the loss's histograms of the iteration; the moving histograms resume exactly
-    net = EmbeddingUNet(spatial_dims=2, embedding_dim=2, features=(8, 8, 8))
-    loss = SpocoLoss(embedding_dim=2, foreground_positive_weight=4.0, foreground_calibration="lee_liu")
-    gen = torch.Generator().manual_seed(0)
-    label = torch.zeros(1, 1, 40, 40, dtype=torch.long)
-    label[0, 0, :20] = 1 + (torch.rand(20, 40, generator=gen) < 0.2).long()  # the top half foreground, 2 = annotated
-    label[label == 1] = 0
-    truth = torch.zeros(40, 40, dtype=torch.bool)
-    truth[:20] = True
-    logit = torch.where(truth, 1.0, -3.0) + torch.randn(40, 40, generator=gen)
-
-    def step(engine, _):
-        pred = torch.zeros(1, 3, 40, 40)
-        pred[0, 2] = logit + math.log(4.0)
-        return {"loss": loss(pred, label).item()}
-
-    engine = Engine(step)
-    engine.network, engine.loss_function = net, loss
-    handler = ForegroundCalibrationHandler(momentum=0.5)
-    handler.attach(engine)
-    engine.run(range(1), max_epochs=1)
-    annotated, everything = (h.numpy() for h in loss.last_foreground_histograms)
-    assert annotated.sum() == int((label > 0).sum()) and everything.sum() == 1600
-    assert float(net.fg_label_frequency) == pytest.approx(2 * lee_liu_threshold(annotated, everything))
-    resumed = ForegroundCalibrationHandler(momentum=0.5)
-    resumed.load_state_dict(copy.deepcopy(handler.state_dict()))
-    assert [h.tolist() for h in resumed._hists] == [h.tolist() for h in handler._hists]
-    with pytest.raises(ValueError, match="foreground_calibration"):
-        SpocoLoss(foreground_calibration="median")
 
 
 def _pass_data(n: int = 3) -> list[dict]:
@@ -255,10 +245,12 @@ def test_foreground_threshold_pass_sets_c_from_whole_training_images():
     net.fg_label_frequency.fill_(0.7)  # what training left: replaced
     state = {k: v.clone() for k, v in net.state_dict().items()}
     data = _pass_data()
-    loss = SpocoLoss(embedding_dim=2, foreground_positive_weight=4.0, foreground_calibration="lee_liu_images")
+    loss = SpocoLoss(embedding_dim=2, foreground=ForegroundLoss(positive_weight=4.0))
     trainer = Engine(lambda e, b: None)
     trainer.network, trainer.loss_function = net, loss
-    handler = ForegroundThresholdPass(data, lambda d: d, SimpleInferer())
+    # the pass loads each item with the training preprocessing up to its first random transform: not the noise
+    preprocessing = Compose([RandGaussianNoised("image", prob=1.0, std=1.0)])
+    handler = ForegroundCalibration("lee_liu_images", data, preprocessing, SimpleInferer())
     handler.attach(trainer)
     net.train()
     trainer.run(range(1), max_epochs=1)  # runs at COMPLETED (no evaluator)
@@ -294,7 +286,7 @@ def test_foreground_threshold_pass_budget_strokes_and_evaluator():
     # max_voxels below one image: a centre crop of the first image in the pass's order, nothing else
     trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
     trainer.network, trainer.loss_function = net, loss
-    handler = ForegroundThresholdPass(data, lambda d: d, inferer, evaluator=evaluator, max_voxels=16 * 16)
+    handler = ForegroundCalibration("lee_liu_images", data, (), inferer, evaluator=evaluator, max_voxels=16 * 16)
     handler.attach(trainer)
     trainer.run(range(1), max_epochs=1)
     assert seen == [] and float(net.fg_label_frequency) == 1.0  # with an evaluator: not at COMPLETED
@@ -303,23 +295,28 @@ def test_foreground_threshold_pass_budget_strokes_and_evaluator():
     # annotated background in every image: a supervised head, left as it is
     painted = [{"image": d["image"], "label": torch.where(d["label"] > 0, d["label"], -1)} for d in data]
     net.fg_label_frequency.fill_(0.3)
-    supervised = ForegroundThresholdPass(painted, lambda d: d, SimpleInferer(), network=net, loss=loss)
-    supervised(trainer)
+    supervised = ForegroundCalibration("lee_liu_images", painted, (), SimpleInferer(), network=net, loss=loss)
+    supervised.threshold_pass(trainer)
     assert float(net.fg_label_frequency) == pytest.approx(0.3) and supervised.threshold is None
     # ... unless the background is strokes in a positive-unlabeled image
-    strokes = SpocoLoss(embedding_dim=2, foreground_strokes=True)
-    ForegroundThresholdPass(painted, lambda d: d, SimpleInferer(), network=net, loss=strokes)(trainer)
+    strokes = SpocoLoss(embedding_dim=2, foreground=ForegroundLoss(background_label=STROKES))
+    ForegroundCalibration("lee_liu_images", painted, (), SimpleInferer(), network=net, loss=strokes).threshold_pass(
+        trainer
+    )
     assert float(net.fg_label_frequency) != pytest.approx(0.3)
     # foreground_calibration "auto": the pass acts only once the loss has a ring (the threshold of a ring head)
-    auto = SpocoLoss(embedding_dim=2, foreground_calibration="auto")
+    auto = SpocoLoss(embedding_dim=2, foreground=ForegroundLoss(ring="auto"))
     net.fg_label_frequency.fill_(0.3)
-    ForegroundThresholdPass(data, lambda d: d, SimpleInferer(), network=net, loss=auto)(trainer)
+    ForegroundCalibration("auto", data, (), SimpleInferer(), network=net, loss=auto).threshold_pass(trainer)
     assert float(net.fg_label_frequency) == pytest.approx(0.3)
-    auto.set_foreground_ring(1)
-    ForegroundThresholdPass(data, lambda d: d, SimpleInferer(), network=net, loss=auto)(trainer)
+    auto.foreground.set_ring(1)
+    ForegroundCalibration("auto", data, (), SimpleInferer(), network=net, loss=auto).threshold_pass(trainer)
     assert float(net.fg_label_frequency) != pytest.approx(0.3)
     with pytest.raises(ValueError, match="max_voxels"):
-        ForegroundThresholdPass(data, lambda d: d, SimpleInferer(), max_voxels=0)
+        ForegroundCalibration("lee_liu_images", data, (), SimpleInferer(), max_voxels=0)
+    for retired in ("median", "lee_liu"):  # per-patch Lee & Liu is retired: a setting asking for it is refused
+        with pytest.raises(ValueError, match="foreground_calibration"):
+            ForegroundCalibration(retired)
 
 
 def test_training_time_limit_stops_and_anneals():
@@ -370,17 +367,26 @@ def test_validate_on_terminate_scores_the_weights_the_time_limit_stopped_at():
 
     # the budget ends the run in epoch 1 of 1000-iteration epochs, before any epoch-level validation
     engine = Engine(lambda e, b: time.sleep(0.002))
-    TrainingTimeLimit(max_seconds=0.05).attach(engine)
+    limit = TrainingTimeLimit(max_seconds=0.05)
+    limit.attach(engine)
+    assert engine.state.max_epochs == UNLIMITED_EPOCHS  # set by the time limit: the budget alone ends the run
     validator = Validator()
-    ValidateOnTerminate(validator).attach(engine)
-    engine.run(range(3), max_epochs=UNLIMITED_EPOCHS, epoch_length=1000)
+    ValidateOnTerminate(validator, limit.max_seconds).attach(engine)
+    engine.run(range(3), epoch_length=1000)
     assert 1 < engine.state.iteration < 1000 and validator.epochs == [1]
     # a run that ends by its epochs is not terminated: the epoch-level validation is all there is
     validator.epochs.clear()
     engine = Engine(lambda e, b: None)
-    ValidateOnTerminate(validator).attach(engine)
+    ValidateOnTerminate(validator, 1000.0).attach(engine)
     engine.run(range(3), max_epochs=2)
     assert validator.epochs == []
+    # without a time budget (or without validation) nothing is attached: a run terminated otherwise is not scored
+    for validate_on_terminate in (ValidateOnTerminate(validator), ValidateOnTerminate(None, limit.max_seconds)):
+        engine = Engine(lambda e, b: None)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda e: e.terminate())
+        validate_on_terminate.attach(engine)
+        engine.run(range(3), max_epochs=2)
+        assert engine.state.iteration == 2 and validator.epochs == []
 
 
 def test_training_length_is_logged_once(caplog):
@@ -451,7 +457,7 @@ def test_foreground_calibration_state_continues_the_average():
 
     def run(handler, iterations):
         def step(engine, i):
-            loss.last_label_frequency = stats[i]
+            loss.statistics = LossStatistics(label_frequency=stats[i])  # as the loss measured it
             return {"loss": 0.0}
 
         engine = Engine(step)
@@ -462,10 +468,10 @@ def test_foreground_calibration_state_continues_the_average():
         engine.run(iterations, max_epochs=1)
         return seen
 
-    whole = run(ForegroundCalibrationHandler(momentum=0.5), [0, 1, 2])
-    first = ForegroundCalibrationHandler(momentum=0.5)
+    whole = run(ForegroundCalibration("label_frequency", momentum=0.5), [0, 1, 2])
+    first = ForegroundCalibration("label_frequency", momentum=0.5)
     run(first, [0])
-    resumed = ForegroundCalibrationHandler(momentum=0.5)
+    resumed = ForegroundCalibration("label_frequency", momentum=0.5)
     resumed.load_state_dict(copy.deepcopy(first.state_dict()))
     assert run(resumed, [1, 2]) == pytest.approx(whole[1:], rel=1e-12)
 
@@ -486,7 +492,7 @@ def test_resume_checkpoint_saver_keeps_one_complete_file(tmp_path, caplog):
     (tmp_path / ".resume.pt.partial").write_bytes(b"cut short")  # a write a kill interrupted
     net = torch.nn.Linear(2, 2)
     engine = Engine(lambda e, b: None)
-    ResumeCheckpointSaver(str(path), {"model": net, "trainer": engine}, interval=3).attach(engine)
+    ResumeCheckpointSaver(str(path), {"model": net}, interval=3).attach(engine)  # adds the trainer itself
     with caplog.at_level("INFO", logger="spoco"):
         engine.run(range(4), max_epochs=2)  # saves at iterations 3, 6 and at the end (8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resume.pt"]  # no partial file, no pile-up
@@ -501,7 +507,7 @@ def test_resume_checkpoint_saver_keeps_one_complete_file(tmp_path, caplog):
     counted.register_buffer("epochs", torch.zeros(()))
     engine = Engine(lambda e, b: None)
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: counted.epochs.add_(1))
-    ResumeCheckpointSaver(str(path), {"counted": counted, "trainer": engine}, interval=2, resume=True).attach(engine)
+    ResumeCheckpointSaver(str(path), {"counted": counted}, interval=2, resume=True).attach(engine)
     engine.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())
     engine.run(range(4), max_epochs=2)
     state = torch.load(path, weights_only=True)
@@ -513,18 +519,19 @@ def test_resume_checkpoint_loader_restores_or_says_why_not(tmp_path, caplog):
     net, engine = torch.nn.Linear(2, 2), Engine(lambda e, b: None)
     engine.state.max_epochs, engine.state.epoch_length = 3, 4
     with pytest.raises(FileNotFoundError, match=f"nothing to resume in {tmp_path}: resume.pt does not exist"):
-        ResumeCheckpointLoader(str(path), {"model": net, "trainer": engine}).attach(engine)
+        ResumeCheckpointLoader(str(path), {"model": net}).attach(engine)
     torch.save({"model": net.state_dict()}, path)
     with pytest.raises(ValueError, match=r"not a resume checkpoint of this bundle \(missing \['trainer'\]\)"):
-        ResumeCheckpointLoader(str(path), {"model": net, "trainer": engine}).attach(engine)
+        ResumeCheckpointLoader(str(path), {"model": net}).attach(engine)
     torch.save({"model": net.state_dict(), "trainer": {"iteration": 12, "epoch_length": 4, "max_epochs": 3}}, path)
     with pytest.raises(ValueError, match=r"is finished \(12 of 12 iterations, 3 epochs of 4\); nothing to resume"):
-        ResumeCheckpointLoader(str(path), {"model": net, "trainer": engine}).attach(engine)
+        ResumeCheckpointLoader(str(path), {"model": net}).attach(engine)
     limit = TrainingTimeLimit(max_seconds=10.0)
-    engine.state.max_epochs = UNLIMITED_EPOCHS
+    limit.attach(engine)  # as train.json's time_limit, before the loader: a run only its budget ends
+    assert engine.state.max_epochs == UNLIMITED_EPOCHS
     torch.save({"trainer": {"iteration": 5, "epoch_length": 4, "max_epochs": 3}, "time_limit": {"elapsed": 11}}, path)
     with pytest.raises(ValueError, match=r"has spent its time budget \(11 s of 10 s\)"):
-        ResumeCheckpointLoader(str(path), {"trainer": engine, "time_limit": limit}).attach(engine)
+        ResumeCheckpointLoader(str(path), {"time_limit": limit}).attach(engine)
 
     # a run stopped after iteration 6 of 3 x 4: restored, with this run's length; a state missing from an older
     # file (here the calibration's) starts afresh with a warning
@@ -533,9 +540,9 @@ def test_resume_checkpoint_loader_restores_or_says_why_not(tmp_path, caplog):
     trainer = Engine(lambda e, b: None)
     seen = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.iteration))
-    calibration = ForegroundCalibrationHandler()
+    calibration = ForegroundCalibration()
     trainer.state.max_epochs, trainer.state.epoch_length = 3, 4
-    ResumeCheckpointLoader(str(path), {"model": net, "trainer": trainer, "fg_calibration": calibration}).attach(trainer)
+    ResumeCheckpointLoader(str(path), {"model": net, "fg_calibration": calibration}).attach(trainer)
     with caplog.at_level("INFO", logger="spoco"):
         trainer.run(range(4), max_epochs=3, epoch_length=4)
     assert seen == list(range(7, 13)) and torch.equal(net.weight, saved.weight)
@@ -608,49 +615,74 @@ def test_foreground_regime_handler_decides_auto_from_the_annotated_objects(tmp_p
     tifffile.imwrite(tmp_path / "many.tif", np.zeros(many.shape, np.uint8))
     tifffile.imwrite(tmp_path / "many_labels.tif", many)
 
-    def decide(name, dims=3, loss=None, **kwargs) -> SpocoLoss:
-        loss = SpocoLoss(foreground_ring="auto", foreground_calibration="auto") if loss is None else loss
-        trainer = Engine(lambda e, b: None)
-        trainer.loss_function = loss
-        image, label = (str(tmp_path / f"{name}{suffix}") for suffix in ("", "_labels"))
+    def training_set(name, dims=3, **kwargs) -> TrainingSet:
         ext = ".nii.gz" if name == "few" else ".tif"
-        ForegroundRegimeHandler([image + ext], [label + ext], dims, **kwargs).attach(trainer)
-        trainer.run(range(1), max_epochs=1)
-        return loss
+        item = {"image": str(tmp_path / f"{name}{ext}"), "label": str(tmp_path / f"{name}_labels{ext}")}
+        return TrainingSet([item], dims, **kwargs)
 
-    loss = decide("few")
-    assert loss.foreground_ring == (1, 2, 2) and loss.foreground_calibration == "lee_liu_images"
-    assert decide("few", image_scale=[2.0, 1.0, 1.0]).foreground_ring == 2  # z voxels of 0.14 on the network's grid
-    assert decide("plain").foreground_ring == 2
-    loss = decide("many", dims=2)
-    assert loss.foreground_ring == 0 and loss.foreground_calibration == "label_frequency"
-    assert decide("few", background_label=0).foreground_ring == 0
-    assert decide("few", loss=SpocoLoss(foreground_ring="auto", foreground_surface=1)).foreground_ring == 0
-    assert decide("few", loss=SpocoLoss(foreground_ring=3)).foreground_ring == 3
+    def new_trainer(loss: SpocoLoss, dims: int = 3) -> Engine:
+        trainer = Engine(lambda e, b: None)  # with the network and the loss, as every trainer of the bundle has
+        trainer.network = EmbeddingUNet(spatial_dims=dims, embedding_dim=2, features=(8, 8, 8))
+        trainer.loss_function = loss
+        return trainer
+
+    def decide(name, dims=3, loss=None, **kwargs) -> tuple[ForegroundLoss, str]:
+        """The head's ring after the regime handler, and the calibration method "auto" then uses."""
+        loss = SpocoLoss(foreground=ForegroundLoss(ring="auto")) if loss is None else loss
+        trainer = new_trainer(loss, dims)
+        ForegroundRegimeHandler(training_set(name, dims, **kwargs)).attach(trainer)
+        calibration = ForegroundCalibration("auto")
+        calibration.attach(trainer)
+        trainer.run(range(1), max_epochs=1)
+        return loss.foreground, calibration.method_in_use()
+
+    head, method = decide("few")
+    assert head.ring == (1, 2, 2) and method == "lee_liu_images"
+    assert decide("few", image_scale=[2.0, 1.0, 1.0])[0].ring == 2  # z voxels of 0.14 on the network's grid
+    assert decide("plain")[0].ring == 2
+    head, method = decide("many", dims=2)
+    assert head.ring == 0 and method == "label_frequency"
+    assert decide("few", background_label=0)[0].ring == 0
+    assert decide("few", loss=SpocoLoss(foreground=ForegroundLoss(ring="auto", surface=1)))[0].ring == 0
+    assert decide("few", loss=SpocoLoss(foreground=ForegroundLoss(ring=3)))[0].ring == 3
     # the decision is the handler's resume state: a resumed run keeps it, whichever handler fires first
-    saved = ForegroundRegimeHandler([str(tmp_path / "few.nii.gz")], [str(tmp_path / "few_labels.nii.gz")], 3)
-    trainer = Engine(lambda e, b: None)
-    trainer.loss_function = SpocoLoss(foreground_ring="auto", foreground_calibration="auto")
+    saved = ForegroundRegimeHandler(training_set("few"))
+    trainer = new_trainer(SpocoLoss(foreground=ForegroundLoss(ring="auto")))
     saved.attach(trainer)
     trainer.run(range(1), max_epochs=1)
     assert saved.state_dict() == {"ring": [1, 2, 2]}
     for loaded_first in (True, False):  # the labels have changed since: many objects now, but the run resumes
-        resumed = ForegroundRegimeHandler([str(tmp_path / "many.tif")], [str(tmp_path / "many_labels.tif")], 2)
-        trainer = Engine(lambda e, b: None)
-        trainer.loss_function = loss = SpocoLoss(foreground_ring="auto", foreground_calibration="auto")
+        resumed = ForegroundRegimeHandler(training_set("many", 2))
+        loss = SpocoLoss(foreground=ForegroundLoss(ring="auto"))
+        trainer = new_trainer(loss, 2)
+        calibration = ForegroundCalibration("auto")
         if loaded_first:
             resumed.load_state_dict({"ring": [1, 2]})
         resumed.attach(trainer)
+        calibration.attach(trainer)
         trainer.run(range(1), max_epochs=1)
         if not loaded_first:
-            assert loss.foreground_ring == 0
+            assert loss.foreground.ring == 0
             resumed.load_state_dict({"ring": [1, 2]})
-        assert loss.foreground_ring == (1, 2) and loss.foreground_calibration == "lee_liu_images"
-    # a ring resets a fine-tuned positive-unlabeled model's weight
+        assert loss.foreground.ring == (1, 2) and calibration.method_in_use() == "lee_liu_images"
+    # a ring resets a fine-tuned positive-unlabeled model's weight (here with the loss given to the handler)
     net = EmbeddingUNet(spatial_dims=3, embedding_dim=2, features=(8, 8, 8))
     net.fg_positive_weight.fill_(10.0)
     trainer = Engine(lambda e, b: None)
-    trainer.network, trainer.loss_function = net, SpocoLoss(foreground_ring="auto")
-    ForegroundRegimeHandler([str(tmp_path / "few.nii.gz")], [str(tmp_path / "few_labels.nii.gz")], 3).attach(trainer)
+    trainer.network = net
+    loss = SpocoLoss(foreground=ForegroundLoss(ring="auto"))
+    ForegroundRegimeHandler(training_set("few"), loss).attach(trainer)
     trainer.run(range(1), max_epochs=1)
-    assert float(net.fg_positive_weight) == 1.0
+    assert float(net.fg_positive_weight) == 1.0 and loss.foreground.ring == (1, 2, 2)
+
+
+def test_resume_state_names_the_stateful_handlers_by_their_state_key(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    limit, calibration = TrainingTimeLimit(max_seconds=10.0), ForegroundCalibration("label_frequency")
+    handlers = [LossWeightWarmup(SpocoLoss(), iterations=0), limit, calibration, MomentumTeacherHandler(net)]
+    state = resume_state({"model": net}, handlers)
+    assert state == {"model": net, "time_limit": limit, "fg_calibration": calibration}  # the others keep no state
+    saver = CheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True)
+    assert isinstance(resume_state({}, [], best_saver=saver)["best_model"], BestCheckpointState)
+    with pytest.raises(ValueError, match="'time_limit'"):
+        resume_state({}, [limit, TrainingTimeLimit(max_seconds=5.0)])
