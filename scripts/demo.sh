@@ -16,15 +16,10 @@ echo "[demo] 1/4 synthetic data -> $data"
 "$py" -m spoco_bundle.synthetic --out_dir "$data"
 
 echo "[demo] 2/4 training with 10 % of the objects labelled -> $root/models/model.pt"
-"$py" -m monai.bundle run training \
-    --config_file configs/train.json --meta_file metadata.json --logging_file configs/logging.conf \
-    --bundle_root "$root" --dataset_dir "$data" --instance_ratio 0.1 \
-    --epochs 4 --epoch_length 50 --val_interval 1 "$@"
+"$root/.venv/bin/spoco" train "$data" --instance_ratio 0.1 --epochs 4 --epoch_length 50 --val_interval 1 "$@"
 
 echo "[demo] 3/4 segmenting the held-back volumes -> $out"
-"$py" -m monai.bundle run \
-    --config_file configs/inference.json --meta_file metadata.json --logging_file configs/logging.conf \
-    --bundle_root "$root" --dataset_dir "$data/imagesTs" --output_dir "$out"
+"$root/.venv/bin/spoco" segment "$data/imagesTs" "$out"
 
 echo "[demo] 4/4 scores against the dense ground truth"
 "$py" -m spoco_bundle.report --images "$data/imagesTs" --labels "$data/labelsTs" --predictions "$out"

@@ -8,7 +8,7 @@
     spoco monailabel-deploy APP [--model nuclei2d | nuclei3d | --ckpt PATH] [--name spoco] [--studies DIR] [--overwrite]
 
 ``train``, ``segment`` and ``evaluate`` are thin wrappers: each builds the ``python -m monai.bundle run ...``
-command line of the README (the bundle's configs, metadata and logging configuration, the ids given) and runs it
+command line (docs/install.md: the bundle's configs, metadata and logging configuration, the ids given) and runs it
 from the bundle's folder, so what they do is exactly what that command does; ``--dry_run`` prints the command
 instead. Paths are taken relative to the folder ``spoco`` is called from. ``segment --preview`` also writes
 ``OUT/preview.png``: the predicted instances outlined over each image (the middle slice of a volume).
@@ -29,6 +29,9 @@ from typing import Any
 
 import fire
 
+# the package's own modules are imported inside the commands: they load torch and MONAI, and `spoco --help` or a
+# mistyped command should answer at once
+
 __all__ = ["bundle_root", "bundle_command", "train", "segment", "evaluate", "monailabel_deploy", "main"]
 
 # ids that name files or folders: made absolute against the caller's folder (the command runs in the bundle's)
@@ -42,9 +45,9 @@ def bundle_root() -> Path:
     Raises:
         SystemExit: with one line saying where ``configs/`` was expected, when it is not there.
     """
-    from spoco_bundle.package import repository_root
+    from spoco_bundle.bundle import bundle_root as root_of_bundle
 
-    root = repository_root()
+    root = root_of_bundle()
     if not (root / "configs" / "train.json").is_file():
         raise SystemExit(
             f"error: the bundle's configs are not beside the installed package (expected {root / 'configs'}); "
@@ -95,7 +98,7 @@ def _own_checkpoint() -> str | None:
 
 
 def train(data: str, dry_run: bool = False, **ids: Any) -> None:
-    """Train on the images and sparse labels in ``data`` (``configs/train.json``; README "Your data").
+    """Train on the images and sparse labels in ``data`` (``configs/train.json``; docs/data.md).
 
     Args:
         data: the data folder (``imagesTr/`` + ``labelsTr/`` or a ``dataset.json``).
@@ -201,20 +204,20 @@ def monailabel_deploy(
         studies: the studies folder to put in the printed command.
         overwrite: replace an earlier deployment of ``name``.
     """
-    from spoco_bundle import shipped
-    from spoco_bundle.monailabel_compat import deploy_bundle
+    from spoco_bundle import cards
+    from spoco_bundle.monailabel import deploy_bundle
 
     if model is not None and ckpt is not None:
         raise SystemExit("error: give --model or --ckpt, not both.")
     try:
         if model is not None:
-            ckpt = shipped.checkpoint(bundle_root(), model)
+            ckpt = cards.checkpoint(bundle_root(), model)
         ckpt = ckpt if ckpt is not None else _own_checkpoint()
         dest = deploy_bundle(app, name=name, checkpoint=ckpt, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"error: {e}") from None
     serve = ["monailabel", "start_server", "--app", os.path.abspath(app), "--studies", studies, "--conf", "models"]
-    serve += [name, "--conf", "zoo_source", "github", "--uvicorn_app", "spoco_bundle.monailabel_server:app"]
+    serve += [name, "--conf", "zoo_source", "github", "--uvicorn_app", "spoco_bundle.monailabel.server:app"]
     print(f"deployed {ckpt or 'untrained weights'} as {dest}\nserve it (in .venv-monailabel): {shlex.join(serve)}")
 
 

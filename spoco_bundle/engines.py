@@ -23,7 +23,10 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_numpy
 from monai.utils.enums import CommonKeys as Keys
 
+from spoco_bundle.blockwise.volume import segment_volume
+from spoco_bundle.data import foreground_mask_file, foreground_mask_index
 from spoco_bundle.errors import root_cause
+from spoco_bundle.io import is_zarr, partial_path, split_volume_suffix, write_label_image
 
 __all__ = ["inference_datalist", "InferenceDataset", "SegmentationEvaluator", "segment_files"]
 
@@ -60,10 +63,6 @@ def inference_datalist(
         ValueError: no inputs (or only earlier outputs), or outputs that clash.
         PermissionError / NotADirectoryError: an output folder that cannot be used.
     """
-    from spoco_bundle.blockwise.store import is_zarr
-    from spoco_bundle.data import foreground_mask_file, foreground_mask_index
-    from spoco_bundle.io import partial_path
-
     files = [os.fspath(files)] if isinstance(files, (str, os.PathLike)) else [os.fspath(f) for f in files]
     if not files:
         raise ValueError("No input images (.nii, .nii.gz, .tif, .tiff, .zarr) to segment.")
@@ -91,7 +90,6 @@ def inference_datalist(
         try:
             if blockwise is not None and blockwise.wanted(path):
                 item[BLOCKWISE_KEY] = True
-                blockwise.check_tophat()
                 if masks is not None:
                     raise ValueError(
                         "foreground masks (--foreground_mask_dir) are not supported for blockwise segmentation yet; "
@@ -114,8 +112,6 @@ class InferenceDataset(Dataset):
     """
 
     def _transform(self, index: int) -> dict[str, Any]:
-        from spoco_bundle.blockwise.store import is_zarr
-
         item = self.data[index]
         if ERROR_KEY in item or item.get(BLOCKWISE_KEY):
             return dict(item)
@@ -178,8 +174,6 @@ class SegmentationEvaluator(SupervisedEvaluator):
             postprocessing=postprocessing,
             **kwargs,
         )
-        from spoco_bundle.io import write_label_image
-
         self.chain = postprocessing
         self.blockwise = blockwise
         self.writer = writer or write_label_image
@@ -234,8 +228,6 @@ class SegmentationEvaluator(SupervisedEvaluator):
         return {}
 
     def _segment_blockwise(self, path: str, out_path: str) -> None:
-        from spoco_bundle.blockwise.volume import segment_volume
-
         network = self.network
         spatial_dims = int(getattr(getattr(network, "student", network), "spatial_dims", 3))
         t0 = time.perf_counter()
@@ -305,8 +297,6 @@ def _earlier_outputs(files: Sequence[str]) -> dict[str, str]:
     """The inputs that are outputs of another input, ``{output: its input}``: ``<stem>_instances.<any suffix>`` in
     the folder of an input ``<stem>.<any suffix>`` of ``files`` (what a run with the output folder = the input folder
     leaves there; a second run would otherwise segment them as images)."""
-    from spoco_bundle.blockwise.store import split_volume_suffix
-
     by_stem = {}
     for path in files:
         folder, name = os.path.split(os.path.abspath(path))
@@ -328,8 +318,6 @@ def _output_paths(files: Sequence[str], output_dir: str, output_ext: str | None)
         ValueError: naming the inputs, when two of them would be written to one output (same stem: ``a.nii.gz`` and
             ``a.tif`` with ``output_ext`` ``.tif``, ``a.tif`` and ``a.tiff`` with ``.tif``, ...), before any work.
     """
-    from spoco_bundle.blockwise.store import split_volume_suffix
-
     out_paths, by_output = [], {}
     for path in files:
         stem, ext = split_volume_suffix(os.path.basename(path))

@@ -5,30 +5,31 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import Inferer
+from monai.data import MetaTensor
+from monai.inferers import Inferer, SlidingWindowInferer
+from monai.transforms import Resize
 
 from spoco_bundle.errors import check_flag
-from spoco_bundle.networks import downsampling
+from spoco_bundle.measure import blob_scale
+from spoco_bundle.networks import downsampling, load_weights, unwrap
 from spoco_bundle.transforms import Rescale, check_scale
 
 __all__ = [
-    "AUTO_RULES",
     "TwoViewInferer",
     "ScaledInferer",
     "StudentTeacherNet",
     "FlippedHeadNet",
     "inference_window",
+    "window_scale",
     "check_window",
     "network_for_clustering",
 ]
-
-# where image_scale "auto" resamples an image whose blob size lies outside the training images' range
-AUTO_RULES = ("halfway", "asymmetric", "median", "edge")
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class TwoViewInferer(Inferer):
         self, inputs: torch.Tensor, network: torch.nn.Module, second_view: torch.Tensor | None = None, *args: Any
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # plain tensors: a MetaTensor's per-operation dispatch cost 5-12 % of a CPU training step
-        # (scripts/benchmark_training_step.py --metatensor), and nothing downstream reads the batch's metadata
+        # (research/perf/benchmark_training_step.py --metatensor), and nothing downstream reads the batch's metadata
         student_out = network(_plain(inputs))
         if second_view is None:
             return student_out
@@ -84,14 +85,14 @@ class ScaledInferer(Inferer):
     runs ``inferer`` unchanged. Around a ``SlidingWindowInferer`` the factor is moved (by at most half a voxel per
     window stride) to make a stride a whole number ``k`` of image voxels, and the image is padded (reflected) to a
     length that resamples without rounding: then a block of a large image that starts at a multiple of ``k`` gets
-    the whole image's network output (:func:`~spoco_bundle.blockwise.grid.window_scale`).
+    the whole image's network output (:func:`window_scale`).
 
     ``"auto"``: the factor is found per image, without a model pass: the image's characteristic blob size
-    (:func:`~spoco_bundle.object_size.blob_scale`) is compared with the same measure on the training images
+    (:func:`~spoco_bundle.measure.blob_scale`) is compared with the same measure on the training images
     (``blob_scales``: their 10th, 50th and 90th percentiles, by default the network's ``image_blob_scale`` buffer
-    recorded by :class:`~spoco_bundle.handlers.ObjectSizeHandler`). An image within the training images' range
+    recorded by :class:`~spoco_bundle.handlers.TrainingSetRecorder`). An image within the training images' range
     (widened to at least the median / ``min_band`` to the median x ``min_band``) is segmented as it is (1); one
-    outside it is resampled (``rule``; factor limited to ``limits``) to halfway (geometrically) between the range's
+    outside it is resampled (factor limited to ``limits``) to halfway (geometrically) between the range's
     nearer end and the training median, enlarged or shrunk alike. A
     model that recorded no training images' blob size is run at 1, with a warning. The factor used for the last
     input is ``last_scale``.
@@ -104,9 +105,6 @@ class ScaledInferer(Inferer):
         limits: for ``"auto"``: smallest and largest factor.
         min_band: for ``"auto"``: the range in which images are left alone spans at least this factor either side
             of the training median.
-        rule: for ``"auto"``: where an image outside the range is resampled to: ``"halfway"`` (above), ``"median"``,
-            ``"edge"`` (the range's nearer end), or ``"asymmetric"`` (the default up to bundle 0.26: to the range's
-            end when enlarged, halfway when shrunk); docs/scale_rules_enlarge.md compares them.
         output_grid: ``"input"``: the output resampled back onto the input's grid (linear); ``"network"``: the
             network's output as it is, on the resampled grid, cut to the input's extent (a reflected padding
             removed): ``round(n * s)`` voxels along an axis of ``n`` input voxels resampled by ``s``.
@@ -128,7 +126,6 @@ class ScaledInferer(Inferer):
         limits: tuple[float, float] = (0.2, 5.0),
         min_band: float = 1.25,
         output_grid: str = "input",
-        rule: str = "halfway",
     ) -> None:
         super().__init__()
         self.inferer = inferer
@@ -144,9 +141,6 @@ class ScaledInferer(Inferer):
         if output_grid not in ("input", "network"):
             raise ValueError(f"output_grid must be 'input' or 'network', got {output_grid!r}.")
         self.output_grid = output_grid
-        if rule not in AUTO_RULES:
-            raise ValueError(f"rule must be one of {AUTO_RULES}, got {rule!r}.")
-        self.rule = rule
         self.last_scale: tuple[float, ...] = self.scale
         self._warned = False
 
@@ -229,7 +223,7 @@ class ScaledInferer(Inferer):
         """The output for ``inputs`` without ``margin`` (voxels before / after per spatial axis), which are only
         resampled as context, at the fixed scale: a block of a large image read with a margin gets the whole
         image's resampled input up to its edge. Margins are whole ``k / gcd(k, stride)`` voxels (see
-        :func:`~spoco_bundle.blockwise.grid.window_scale`), 0 where the block ends at the image's end."""
+        :func:`window_scale`), 0 where the block ends at the image's end."""
         if self.auto:
             raise ValueError("infer_inner needs a fixed scale, not 'auto'.")
         self.last_scale = self.scale
@@ -238,8 +232,6 @@ class ScaledInferer(Inferer):
     def _training_blob_scales(self, network: Callable) -> tuple[float, float, float] | None:
         if self.blob_scales is not None:
             return self.blob_scales
-        from spoco_bundle.distributed import unwrap
-
         net = network.network if isinstance(network, FlippedHeadNet) else network
         net = unwrap(net.student if isinstance(net, StudentTeacherNet) else net)
         buf = getattr(net, "image_blob_scale", None)
@@ -249,14 +241,12 @@ class ScaledInferer(Inferer):
 
     def find_scale(self, image: np.ndarray, network: Callable) -> float:
         """The factor ``"auto"`` uses for ``image`` ``(C, *S)`` (1 when the model has no record)."""
-        from spoco_bundle.object_size import blob_scale
-
         trained = self._training_blob_scales(network)
         if trained is None:
             if not self._warned:
                 logger.warning(
-                    "image_scale 'auto': the model records no blob size of its training images (trained before "
-                    "bundle 0.9); images are segmented at scale 1. Give a number as --image_scale to resample them."
+                    "image_scale 'auto': the model records no blob size of its training images; images are segmented "
+                    "at scale 1. Give a number as --image_scale to resample them."
                 )
                 self._warned = True
             return 1.0
@@ -272,11 +262,9 @@ class ScaledInferer(Inferer):
             return 1.0  # within what the model was trained on: leave the image as it is
         # all the way to the median moves images whose objects were small or large at their own magnification too
         # far; only to the range's end leaves enlarged (blurred) images at the size the model segments worst
-        # (measured on DSB2018 training images: docs/scale_rules.md, docs/scale_rules_enlarge.md)
+        # (measured on DSB2018 training images: research/pages/scale_rules_enlarge.md)
         edge = lo if found < lo else hi
-        rule = ("edge" if found < lo else "halfway") if self.rule == "asymmetric" else self.rule
-        target = {"halfway": math.sqrt(edge * mid), "median": mid, "edge": edge}[rule]
-        return float(np.clip(target / found, *self.limits))
+        return float(np.clip(math.sqrt(edge * mid) / found, *self.limits))
 
     def _auto(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         scale = self.find_scale(_plain(inputs[0]).detach().cpu().numpy(), network)
@@ -293,16 +281,12 @@ def _check_blob_scales(values: Sequence[float]) -> tuple[float, float, float]:
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor: resampled copies must not carry (and later be written with) a rescaled affine."""
-    from monai.data import MetaTensor
-
     return t.as_tensor() if isinstance(t, MetaTensor) else t
 
 
 def sliding_window(inferer: Any, ndim: int) -> tuple[tuple[int, ...], Any] | None:
     """``(roi, overlap)`` of a ``SlidingWindowInferer`` (alone or inside a ``ScaledInferer``) with a fixed window of
     ``ndim`` axes: the grid its windows lie on; None for other inferers or a window of the image's own size."""
-    from monai.inferers import SlidingWindowInferer
-
     sw = inferer.inferer if isinstance(inferer, ScaledInferer) else inferer
     if not isinstance(sw, SlidingWindowInferer):
         return None
@@ -323,7 +307,8 @@ def inference_window(
 
     Why larger than the patch: group norm normalises every window on its own statistics, and a window's border sees
     less context than its centre; in windows of the training patch's size both show, as seams in the foreground and
-    as weaker objects where windows meet (measured in docs/inference_window.md). ``factor`` 1 gives the patch itself.
+    as weaker objects where windows meet (measured in research/pages/inference_window.md). ``factor`` 1 gives the
+    patch itself.
 
     Raises:
         ValueError: a non-positive patch axis, ``factor`` or ``multiple``.
@@ -355,19 +340,47 @@ def check_window(window: Sequence[int] | int, features: Sequence[int]) -> list[i
     return sizes[0] if np.isscalar(window) else sizes
 
 
-def _window_grid(inferer: Any, scale: Sequence[float]) -> tuple[tuple[float, ...], ...] | None:
-    """``(scale, k, stride)`` of :func:`~spoco_bundle.blockwise.grid.window_scale` for a ``SlidingWindowInferer`` whose
-    window has one size per scaled axis; None for other inferers."""
-    from spoco_bundle.blockwise.grid import window_scale
+def window_scale(
+    scale: Sequence[float], roi: Sequence[int], overlap: float | Sequence[float]
+) -> tuple[tuple[float, ...], tuple[int, ...], tuple[int, ...]]:
+    """
+    An image scale moved (by about half a voxel per sliding-window stride) to ``stride / k`` with a whole number ``k``
+    per axis, so that a window stride of the resampled image is exactly ``k`` voxels of the image: a length of
+    ``k / gcd(k, stride)`` voxels (an image padded to it) is resampled without rounding, a block that starts at a
+    multiple of ``k`` resamples onto the whole image's resampled grid and its sliding windows onto the whole image's
+    windows, and ``k`` is a multiple of ``stride / gcd(roi - stride, stride)``, so that the halo after a block
+    (:func:`~spoco_bundle.blockwise.grid.window_halo`: ``roi - stride`` resampled voxels) is whole image voxels.
 
+    Args:
+        scale: the factor per spatial axis (or one for all).
+        roi, overlap: the ``SlidingWindowInferer``'s window and overlap.
+
+    Returns:
+        ``(scale, k, stride)`` per axis: the moved factors, the image voxels per stride and the stride in the
+        resampled image's voxels.
+    """
+    n = len(roi)
+    scales = [float(scale[0])] * n if len(scale) == 1 else [float(s) for s in scale]
+    overlaps = [float(overlap)] * n if np.isscalar(overlap) else [float(o) for o in overlap]  # type: ignore[arg-type]
+    if len(scales) != n or len(overlaps) != n:
+        raise ValueError(f"need one scale and overlap per window axis ({n}), got {scale!r} and {overlap!r}.")
+    strides = tuple(max(1, int(int(r) * (1 - o))) for r, o in zip(roi, overlaps))
+    ks = []
+    for r, t, s in zip(roi, strides, scales):
+        m = t // math.gcd(int(r) - t, t)
+        ks.append(max(1, round(t / s / m)) * m)
+    return tuple(t / k for t, k in zip(strides, ks)), tuple(ks), strides
+
+
+def _window_grid(inferer: Any, scale: Sequence[float]) -> tuple[tuple[float, ...], ...] | None:
+    """``(scale, k, stride)`` of :func:`window_scale` for a ``SlidingWindowInferer`` whose window has one size per
+    scaled axis; None for other inferers."""
     windows = sliding_window(inferer, len(scale))
     return None if windows is None else window_scale(scale, *windows)
 
 
 def _resize_to(out: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     """``(B, C, *S')`` resampled (linear, anti-aliased) to ``(B, C, *spatial)``."""
-    from monai.transforms import Resize
-
     if tuple(out.shape[2:]) == tuple(spatial):
         return out
     to_input = Resize(spatial, mode="bilinear" if len(spatial) == 2 else "trilinear", anti_aliasing=True)
@@ -447,22 +460,21 @@ class FlippedHeadNet(torch.nn.Module):
 def network_for_clustering(
     network: torch.nn.Module,
     clustering: str,
-    teacher_ckpt_path: str,
+    ckpt_path: str | os.PathLike,
     embedding_dim: int = 16,
     test_time_flips: bool = False,
 ) -> torch.nn.Module:
     """
     The network inference runs: the student alone, or, for ``clustering="consistency"``, the student beside its
-    teacher loaded (strictly) from ``teacher_ckpt_path`` (written by training as ``teacher.pt``); with
-    ``test_time_flips``, inside :class:`FlippedHeadNet` (the head averaged over mirror images; a network without a
-    foreground head is returned as it is).
+    teacher, loaded (strictly) from ``teacher.pt`` beside the student's checkpoint ``ckpt_path`` (training writes
+    both); with ``test_time_flips``, inside :class:`FlippedHeadNet` (the head averaged over mirror images; a network
+    without a foreground head is returned as it is).
     """
     test_time_flips = check_flag(test_time_flips, "test_time_flips")  # the text "false" would count as on
     if clustering == "consistency":
-        from spoco_bundle.networks import load_weights
-
         device = next(network.parameters()).device
-        teacher = load_weights(copy.deepcopy(network), teacher_ckpt_path, map_location=device)
+        teacher_path = os.path.join(os.path.dirname(os.fspath(ckpt_path)), "teacher.pt")
+        teacher = load_weights(copy.deepcopy(network), teacher_path, map_location=device)
         network = StudentTeacherNet(network, teacher, embedding_dim)
     base = network.student if isinstance(network, StudentTeacherNet) else network
     if test_time_flips and getattr(base, "foreground_head", True):

@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
 from monai.networks.nets import DynUNet
+
+from spoco_bundle.cards import available, check_network, checkpoint, flag_value
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +24,11 @@ __all__ = [
     "read_state_dict",
     "load_weights",
     "architecture",
+    "with_pretrained",
+    "unwrap",
+    "recorded_object_diameter",
+    "RecordedObjectDiameter",
+    "NetworkObjectDiameter",
 ]
 
 
@@ -35,14 +43,7 @@ class EmbeddingUNet(DynUNet):
     logit is calibrated with the buffers ``fg_label_frequency`` (the label frequency ``c`` of positive-unlabeled
     training, 1 when background was annotated) and ``fg_positive_weight`` (the weight ``w`` of annotated voxels in that
     training): the logit is shifted by ``-(logit(c / 2) + log w)``, so that ``sigmoid > 0.5`` means "more likely
-    foreground than not". Both are set by :class:`~spoco_bundle.handlers.ForegroundCalibrationHandler`.
-
-    ``input_gamma`` (a buffer, so that a checkpoint carries it to every use: inference, blockwise segmentation, MONAI
-    Label, the zoo package, fine-tuning) is a power law on the normalised input, ``sign(x) * |x| ** gamma``, before
-    the first convolution. Below 1 it lifts dim objects towards bright ones (0.1 becomes 0.32 at 0.5; 0 and 1 stay),
-    for images whose objects span a wide range of brightness. It acts on what the network is given: in training that
-    is the augmented view, so the intensity augmentation (noise, shifts) works on the linear image and is bent with
-    it. The inferer resamples and measures (``image_scale`` auto) the normalised image, without it.
+    foreground than not". Both are set by :class:`~spoco_bundle.handlers.ForegroundCalibration`.
 
     Args:
         spatial_dims: 2 or 3.
@@ -56,8 +57,6 @@ class EmbeddingUNet(DynUNet):
         foreground_head: add the foreground logit channel.
         norm_name: normalisation, as accepted by DynUNet. Group norm is the default: per-sample like instance
             norm, but ~20 % faster on CPU with channels-last tensors (instance norm forces layout copies).
-        input_gamma: the exponent of the power law on the input (> 0; 1 leaves it alone). A loaded checkpoint
-            replaces it with its own.
         strict_load: refuse any ``load_state_dict`` whose keys do not match this network exactly, even when the
             caller passes ``strict=False`` (MONAI Label and MONAI's ``CheckpointLoader`` do by default, which would
             silently keep random weights on a mismatch). Set False to allow partial loads.
@@ -76,7 +75,6 @@ class EmbeddingUNet(DynUNet):
         strides: Sequence[Sequence[int] | int] | None = None,
         foreground_head: bool = True,
         norm_name: tuple | str = ("group", {"num_groups": 8}),
-        input_gamma: float = 1.0,
         strict_load: bool = True,
     ) -> None:
         if spatial_dims not in (2, 3):
@@ -86,8 +84,6 @@ class EmbeddingUNet(DynUNet):
         features = [int(f) for f in features]
         if len(features) < 3:  # DynUNet's minimum: input level, one down-sampling, bottleneck
             raise ValueError(f"features needs at least three levels, got {features}.")
-        if not (isinstance(input_gamma, (int, float)) and math.isfinite(input_gamma) and input_gamma > 0):
-            raise ValueError(f"input_gamma must be a finite number > 0, got {input_gamma!r}.")
         if strides is None:
             strides = default_strides(features)
         if len(strides) != len(features):
@@ -113,13 +109,12 @@ class EmbeddingUNet(DynUNet):
         self.register_buffer("fg_label_frequency", torch.ones(()))
         # weight of annotated voxels in that training (ForegroundLoss positive_weight); 1.0 = unweighted
         self.register_buffer("fg_positive_weight", torch.ones(()))
-        # the size of what the model was trained on, recorded by spoco_bundle.handlers.ObjectSizeHandler (0 =
+        # the size of what the model was trained on, recorded by spoco_bundle.handlers.TrainingSetRecorder (0 =
         # unknown): the median diameter of the annotated objects, and the 10th / 50th / 90th percentile of the
-        # training images' blob size (spoco_bundle.object_size.blob_scale), both in voxels of the network's grid;
+        # training images' blob size (spoco_bundle.measure.blob_scale), both in voxels of the network's grid;
         # inference with image_scale "auto" resamples images whose blob size lies outside that range
         self.register_buffer("object_diameter", torch.zeros(()))
         self.register_buffer("image_blob_scale", torch.zeros(3))
-        self.register_buffer("input_gamma", torch.tensor(float(input_gamma)))
         if foreground_head:
             # start the foreground logit at P = 0.12 instead of 0.5: foreground is the minority class, and Adam moves a
             # bias by about the learning rate per step, too slowly for CPU-length runs to get there on their own
@@ -128,8 +123,8 @@ class EmbeddingUNet(DynUNet):
         # channels-last convolutions are faster in the backward pass on CPU (oneDNN) and neutral on GPU
         self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
         self.to(memory_format=self.memory_format)
-        # checkpoints of version 0.1 predate the buffer: their head was never calibrated, i.e. c = 1
-        self.register_load_state_dict_pre_hook(_default_label_frequency)
+        # checkpoints of earlier versions: buffers they predate get their neutral value, retired ones go
+        self.register_load_state_dict_pre_hook(_earlier_versions)
         if strict_load:
             self.register_load_state_dict_pre_hook(_refuse_partial_state_dict)
 
@@ -140,8 +135,6 @@ class EmbeddingUNet(DynUNet):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         else:
             x = x.contiguous(memory_format=torch.channels_last)
-        # always applied (exactly x at 1): a branch on the buffer's value would wait for the device on every call
-        x = torch.sign(x) * x.abs().pow(self.input_gamma.to(x.dtype))
         out = self.output_block(self.skip_layers(x)).contiguous()
         if self.foreground_head and not self.training:
             # calibrate the positive-unlabeled head: g > c/2  <=>  P(foreground) > 1/2, where the weighted head's odds
@@ -152,18 +145,28 @@ class EmbeddingUNet(DynUNet):
         return out  # standard layout for the losses and clustering
 
 
-def _default_label_frequency(module: torch.nn.Module, state_dict: Mapping, prefix: str, *args) -> None:
-    """``load_state_dict`` pre-hook: state dicts of bundle 0.1 lack ``fg_label_frequency`` (c = 1), those of 0.1 and
-    0.2 lack ``fg_positive_weight`` (w = 1, their heads were trained unweighted), those before 0.9 lack
-    ``object_diameter`` and ``image_blob_scale`` (0 = unknown), those before 0.34 lack ``input_gamma`` (1: no power
-    law)."""
-    if any(k.startswith(prefix + "output_block.") for k in state_dict):
-        for name in ("fg_label_frequency", "fg_positive_weight", "input_gamma"):
-            if prefix + name not in state_dict:
-                state_dict[prefix + name] = torch.ones(())  # type: ignore[index]
-        for name, shape in (("object_diameter", ()), ("image_blob_scale", (3,))):
-            if prefix + name not in state_dict:
-                state_dict[prefix + name] = torch.zeros(shape)  # type: ignore[index]
+# buffers of earlier versions for options that are gone, with the value that meant "not used"
+RETIRED_BUFFERS = {"input_gamma": 1.0}
+
+
+def _earlier_versions(module: torch.nn.Module, state_dict: Mapping, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: checkpoints of earlier versions still load. Buffers they predate take the value
+    that means "nothing recorded" (a head never calibrated: c = w = 1; object and blob size 0 = unknown); buffers of
+    retired options (:data:`RETIRED_BUFFERS`) are dropped when they hold their neutral value and refused otherwise
+    (the weights were trained for an input this version no longer makes)."""
+    if not any(k.startswith(prefix + "output_block.") for k in state_dict):
+        return
+    for name in ("fg_label_frequency", "fg_positive_weight"):
+        state_dict.setdefault(prefix + name, torch.ones(()))  # type: ignore[attr-defined]
+    for name, shape in (("object_diameter", ()), ("image_blob_scale", (3,))):
+        state_dict.setdefault(prefix + name, torch.zeros(shape))  # type: ignore[attr-defined]
+    for name, unused in RETIRED_BUFFERS.items():
+        value = state_dict.pop(prefix + name, None)  # type: ignore[attr-defined]
+        if value is not None and float(value) != unused:
+            raise ValueError(
+                f"the checkpoint was trained with {name} {float(value):g}, an option this version of the bundle no "
+                "longer has: segment with the bundle version that trained it, or retrain."
+            )
 
 
 def _refuse_partial_state_dict(
@@ -247,7 +250,7 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
     MONAI's own loaders (and MONAI Label) load non-strictly, which silently keeps random weights on a key mismatch;
     this is the guard against that.
 
-    The checkpoint's card (``model.json`` beside it, :mod:`spoco_bundle.shipped`) is checked first: a network whose
+    The checkpoint's card (``model.json`` beside it, :mod:`spoco_bundle.cards`) is checked first: a network whose
     ``spatial_dims``, ``features`` or ``embedding_dim`` contradicts it is refused with one line naming both values.
     Without a card, a network of another shape is refused with the shape read from the weights
     (:func:`architecture`).
@@ -256,20 +259,16 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
         FileNotFoundError: the checkpoint does not exist.
         ValueError: the file is not a state dict, or its keys/shapes do not match the network or its card.
     """
-    import os
-
     if not os.path.isfile(ckpt_path):
-        from spoco_bundle.shipped import available
-
         shipped = available(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))
         hint = f", or segment with a shipped model: --model {' / '.join(shipped)}" if shipped else ""
         raise FileNotFoundError(f"Checkpoint {ckpt_path} not found (train first, or pass --ckpt_path{hint}).")
     state = read_state_dict(ckpt_path, map_location)
-    from spoco_bundle.shipped import check_network, flag_value
-
     check_network(network, ckpt_path)  # flags that contradict the checkpoint's model.json: one clear line
     try:
         network.load_state_dict(state, strict=True)
+    except ValueError as e:  # a retired option the weights were trained with (_earlier_versions)
+        raise ValueError(f"Checkpoint {ckpt_path}: {e}") from None
     except RuntimeError as e:
         fg = bool(getattr(network, "foreground_head", True))
         ours, theirs = architecture(network.state_dict(), fg), architecture(state, fg)
@@ -281,7 +280,7 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
                 + ", ".join(f"{k} {theirs[k]}" for k in differ)
                 + ", network_def has "
                 + ", ".join(f"{k} {ours[k]}" for k in differ)
-                + f". Pass {flags} (it has no model.json to take them from: trained before bundle 0.10)."
+                + f". Pass {flags} (it has no model.json to take them from)."
             ) from None
         raise ValueError(
             f"Checkpoint {ckpt_path} does not match network_def (check spatial_dims, embedding_dim, features): {e}"
@@ -315,36 +314,105 @@ def architecture(state: Mapping[str, torch.Tensor], foreground_head: bool = True
 
 
 def with_pretrained(
-    network: torch.nn.Module, pretrained: str | None, bundle_root: str = ".", map_location: str | torch.device = "cpu"
+    network: torch.nn.Module,
+    pretrained: str | None = None,
+    bundle_root: str = ".",
+    map_location: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> torch.nn.Module:
     """
     ``network`` with the weights of ``pretrained`` loaded strictly (:func:`load_weights`), the starting point of a
-    fine-tuning run (``--pretrained`` in ``train.json``); the network itself for None.
+    fine-tuning run (``--pretrained`` in ``train.json``); the network itself for None. Moved to ``device`` if given.
 
     Args:
-        pretrained: a shipped model's name (``models/<name>/model.pt``, :mod:`spoco_bundle.shipped`) or the path of a
+        pretrained: a shipped model's name (``models/<name>/model.pt``, :mod:`spoco_bundle.cards`) or the path of a
             checkpoint (``model.pt`` of a training run).
 
     Raises:
         ValueError: an unknown name (listing the shipped models), or weights of another architecture.
         FileNotFoundError: a path that does not exist.
     """
-    if pretrained is None:
-        return network
-    import os
+    if pretrained is not None:
+        network = _load_pretrained(network, str(pretrained), bundle_root, map_location)
+    return network if device is None else network.to(device)
 
-    from spoco_bundle.shipped import available, checkpoint
 
-    name = str(pretrained)
+def _load_pretrained(
+    network: torch.nn.Module, name: str, bundle_root: str, map_location: str | torch.device
+) -> torch.nn.Module:
+    """The weights of shipped model ``name`` or of the file ``name``, loaded strictly."""
     path = checkpoint(bundle_root, name) if name in available(bundle_root) else name
     if not os.path.isfile(path) and os.sep not in name and not name.endswith(".pt"):
         checkpoint(bundle_root, name)  # neither a file nor a shipped model: the error lists the shipped ones
-    gamma = getattr(network, "input_gamma", None)
-    wanted = None if gamma is None else float(gamma)
-    network = load_weights(network, path, map_location)
-    if wanted is not None and float(network.input_gamma) != wanted:  # the weights were trained for theirs
-        logger.warning(
-            f"{path} was trained with input_gamma {float(network.input_gamma):g}; fine-tuning keeps it (the config's "
-            f"intensity_gamma {wanted:g} is not used)."
-        )
-    return network
+    return load_weights(network, path, map_location)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain network inside ``DistributedDataParallel`` / ``DataParallel`` (the module itself otherwise)."""
+    if isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        return module.module
+    return module
+
+
+def recorded_object_diameter(ckpt_path: str | os.PathLike) -> float:
+    """
+    The median diameter of the annotated training objects that a checkpoint's network records (its
+    ``object_diameter`` buffer, set when training starts), in voxels of the training grid, read from the file without
+    building the network.
+
+    Returns:
+        the diameter; 0 when unknown: a model that recorded none, or a file that is missing or unreadable (loading
+        the weights reports those).
+    """
+    if not os.path.isfile(ckpt_path):
+        return 0.0
+    try:
+        value = read_state_dict(str(ckpt_path)).get("object_diameter")
+        diameter = float(value) if value is not None else 0.0
+    except (TypeError, ValueError, RuntimeError):  # not a checkpoint: load_weights says so with the file's name
+        return 0.0
+    return diameter if math.isfinite(diameter) and diameter > 0 else 0.0
+
+
+class RecordedObjectDiameter:
+    """
+    :func:`recorded_object_diameter` of ``ckpt_path`` as a number (``float(...)``), read again whenever the file
+    changes: a MONAI Label server retrains the model it segments with, and the new weights record the size of the new
+    annotations.
+    """
+
+    def __init__(self, ckpt_path: str | os.PathLike) -> None:
+        self.ckpt_path = ckpt_path
+        self._key: tuple[int, int] | None = None
+        self._value = 0.0
+
+    def __float__(self) -> float:
+        try:
+            stat = os.stat(self.ckpt_path)
+        except OSError:
+            return 0.0
+        key = (stat.st_mtime_ns, stat.st_size)
+        if key != self._key:
+            self._value, self._key = recorded_object_diameter(self.ckpt_path), key
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"RecordedObjectDiameter({str(self.ckpt_path)!r})"
+
+
+class NetworkObjectDiameter:
+    """
+    The ``object_diameter`` buffer of a network as a number (``float(...)``), read at every call: training's
+    validation filters its segmentations by the size recorded in the student when the run starts, as inference will
+    with the saved model (0 until recorded: only ``min_size`` applies). A DDP wrapper is unwrapped.
+    """
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        self.network = network
+
+    def __float__(self) -> float:
+        value = getattr(unwrap(self.network), "object_diameter", None)
+        return 0.0 if value is None else float(value)
+
+    def __repr__(self) -> str:
+        return f"NetworkObjectDiameter({type(self.network).__name__})"

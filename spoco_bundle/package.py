@@ -6,7 +6,7 @@ Package a trained checkpoint as a MONAI model-zoo bundle: a folder in the zoo la
 
 The bundle holds ``configs/`` (every ``*.json`` of the source, ``logging.conf``, ``metadata.json`` as a real file),
 ``models/model.pt`` (the student's plain CPU state dict) with its ``models/model.json`` (the checkpoint's own
-model.json, which the packaged ``inference.json`` builds its network from, see :mod:`spoco_bundle.shipped`; for a
+model.json, which the packaged ``inference.json`` builds its network from, see :mod:`spoco_bundle.cards`; for a
 checkpoint without one, written from the packaged settings), ``models/model.ts`` (TorchScript from MONAI's
 ``ckpt_export``, checked against the eager network), optionally ``models/teacher.pt``, the ``spoco_bundle`` code,
 ``docs/`` (``README.md`` = model card, ``data_license.txt``, the other guides), ``LICENSE``, and
@@ -32,6 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.bundle import ckpt_export
+
+from spoco_bundle.bundle import bundle_root, config_parser
+from spoco_bundle.cards import bundle_version, eval_metrics, network_settings, read_card, write_card
+from spoco_bundle.networks import load_weights
 
 __all__ = ["META_SCHEMA_URL", "check_metadata", "network_data_format", "package_bundle", "torchscript_parity"]
 
@@ -172,17 +177,6 @@ def check_metadata(meta: Mapping) -> list[str]:
     return errors
 
 
-def _parser(config_file: Path, bundle_root: Path, meta_file: Path | None = None):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    if meta_file is not None:
-        parser.read_meta(str(meta_file))
-    parser["bundle_root"] = str(bundle_root)
-    return parser
-
-
 def network_data_format(meta_format: Mapping, network: torch.nn.Module, patch_size: list[int]) -> dict:
     """
     ``network_data_format`` for ``network`` with sliding-window patches of ``patch_size``: the documented format
@@ -255,10 +249,8 @@ def _zip_folder(folder: Path, zip_path: Path) -> None:
 
 
 def _card_of(network: torch.nn.Module, parser, source: str) -> dict:
-    """A model card (:mod:`spoco_bundle.shipped`) for weights that came without one: the settings of the packaged
+    """A model card (:mod:`spoco_bundle.cards`) for weights that came without one: the settings of the packaged
     ``inference.json`` they were loaded with."""
-    from spoco_bundle.shipped import bundle_version, network_settings
-
     return {
         "description": f"packaged from {source}, which had no model.json: settings of the packaged inference.json",
         "bundle_version": bundle_version(),
@@ -267,7 +259,6 @@ def _card_of(network: torch.nn.Module, parser, source: str) -> dict:
             "patch_size": [int(v) for v in parser.get_parsed_content("patch_size")],
             "min_size": int(parser.get_parsed_content("min_size")),
             "intensity_percentiles": [float(v) for v in parser.get_parsed_content("intensity_percentiles")],
-            "tophat": float(parser.get_parsed_content("tophat")),
         },
     }
 
@@ -308,11 +299,6 @@ def model_section(card: Mapping[str, Any] | None) -> str:
 
 def _append_model_section(path: Path, card: Mapping[str, Any] | None) -> None:
     path.write_text(path.read_text().rstrip("\n") + "\n" + model_section(card))
-
-
-def repository_root() -> Path:
-    """The folder holding ``spoco_bundle/`` and ``configs/``: a checkout of this repository or an unpacked bundle."""
-    return Path(__file__).resolve().parents[1]
 
 
 def package_bundle(
@@ -359,12 +345,47 @@ def package_bundle(
         ValueError: invalid metadata, an unknown override id, a checkpoint that does not match the network,
             or the output folder exists (without ``overwrite``).
     """
-    from spoco_bundle.networks import load_weights
-    from spoco_bundle.shipped import eval_metrics, read_card, write_card
-
-    src = Path(source_dir) if source_dir else repository_root()
+    src = Path(source_dir) if source_dir else bundle_root()
     out_root = Path(output_dir)
     bundle = out_root / name
+    meta = _check_sources(src, checkpoint, teacher)
+    if bundle.exists() and any(bundle.iterdir()):
+        if not overwrite:
+            raise ValueError(f"Output folder {bundle} exists and is not empty (pass --overwrite True to replace it).")
+        shutil.rmtree(bundle)
+    out_root.mkdir(parents=True, exist_ok=True)
+
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_root))  # build aside, then move into place
+    try:
+        stage = work / name
+        _stage_files(src, stage, overrides)
+        parser = config_parser(stage / "configs" / "inference.json", stage)
+        network, card = _stage_weights(stage, parser, checkpoint, teacher)
+        patch_size = [int(v) for v in parser.get_parsed_content("patch_size")]
+        meta["network_data_format"] = network_data_format(meta["network_data_format"], network, patch_size)
+        meta["eval_metrics"] = eval_metrics(card)  # the packaged model's own scores, from its card
+        _append_model_section(stage / "docs" / "README.md", card)
+        problems = check_metadata(meta)
+        if problems:
+            raise ValueError("packaged metadata is not valid:\n  " + "\n  ".join(problems))
+        _write_json(stage / "configs" / "metadata.json", meta)
+        if torchscript:
+            _export_torchscript(stage, network, patch_size)
+        _list_large_files(stage, large_file_mb, large_files_url)
+        shutil.move(str(stage), str(bundle))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    if make_zip:
+        zip_path = out_root / f"{name}_v{meta['version']}.zip"
+        _zip_folder(bundle, zip_path)
+        logger.info(f"zip: {zip_path} ({zip_path.stat().st_size / 1e6:.1f} MB)")
+    logger.info(f"bundle: {bundle}")
+    return str(bundle)
+
+
+def _check_sources(src: Path, checkpoint: str, teacher: str | None) -> dict:
+    """The bundle metadata of ``src``, after checking that the checkpoints and the files a package needs exist."""
     for path in (checkpoint, teacher):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"Checkpoint {path} not found.")
@@ -379,100 +400,80 @@ def package_bundle(
         raise ValueError(
             f"{src / 'configs' / 'metadata.json'} is not valid bundle metadata:\n  " + "\n  ".join(problems)
         )
-    if bundle.exists() and any(bundle.iterdir()):
-        if not overwrite:
-            raise ValueError(f"Output folder {bundle} exists and is not empty (pass --overwrite True to replace it).")
-        shutil.rmtree(bundle)
-    out_root.mkdir(parents=True, exist_ok=True)
+    return meta
 
-    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_root))  # build aside, then move into place
-    try:
-        stage = work / name
-        (stage / "configs").mkdir(parents=True)
-        (stage / "models").mkdir()
-        (stage / "docs").mkdir()
-        # configs, with the overrides written in
-        used = set()
-        for cfg in sorted((src / "configs").glob("*.json")):
-            if cfg.name == "metadata.json":
-                continue
-            content = json.loads(cfg.read_text())
-            for key, value in overrides.items():
-                if isinstance(content, dict) and key in content:
-                    content[key] = value
-                    used.add(key)
-            _write_json(stage / "configs" / cfg.name, content)
-        unknown = sorted(set(overrides) - used)
-        if unknown:
-            raise ValueError(f"Override ids {unknown} are not top-level ids of any config in {src / 'configs'}.")
-        shutil.copy2(src / "configs" / "logging.conf", stage / "configs" / "logging.conf")
-        _copy_code(src / "spoco_bundle", stage / "spoco_bundle")
-        shutil.copy2(src / "LICENSE", stage / "LICENSE")
-        for doc in sorted((src / "docs").iterdir()):  # the model card, data license and the other guides
-            if doc.is_file():
-                shutil.copy2(doc, stage / "docs" / doc.name)
 
-        # the checkpoint's model card first: the packaged inference.json builds network_def from it
-        card = read_card(checkpoint)
-        if card is not None:
-            write_card(stage / "models" / "model.pt", card)
-        # weights: strict load into the packaged network_def, saved as a plain CPU state dict
-        parser = _parser(stage / "configs" / "inference.json", stage)
-        network = parser.get_parsed_content("network_def")
-        load_weights(network, str(checkpoint), map_location="cpu")
-        torch.save(network.state_dict(), stage / "models" / "model.pt")
-        if card is None:  # a checkpoint from before bundle 0.10: the packaged model describes itself all the same
-            write_card(stage / "models" / "model.pt", _card_of(network, parser, Path(checkpoint).name))
-        if teacher is not None:
-            teacher_net = load_weights(copy.deepcopy(network), str(teacher), map_location="cpu")
-            torch.save(teacher_net.state_dict(), stage / "models" / "teacher.pt")
+def _stage_files(src: Path, stage: Path, overrides: dict[str, Any]) -> None:
+    """The configs (with ``overrides`` written into every config that defines the id), the code, the license and the
+    manual, copied into ``stage``."""
+    (stage / "configs").mkdir(parents=True)
+    (stage / "models").mkdir()
+    (stage / "docs").mkdir()
+    used = set()
+    for cfg in sorted((src / "configs").glob("*.json")):
+        if cfg.name == "metadata.json":
+            continue
+        content = json.loads(cfg.read_text())
+        for key, value in overrides.items():
+            if isinstance(content, dict) and key in content:
+                content[key] = value
+                used.add(key)
+        _write_json(stage / "configs" / cfg.name, content)
+    unknown = sorted(set(overrides) - used)
+    if unknown:
+        raise ValueError(f"Override ids {unknown} are not top-level ids of any config in {src / 'configs'}.")
+    shutil.copy2(src / "configs" / "logging.conf", stage / "configs" / "logging.conf")
+    _copy_code(src / "spoco_bundle", stage / "spoco_bundle")
+    shutil.copy2(src / "LICENSE", stage / "LICENSE")
+    for doc in sorted((src / "docs").iterdir()):  # the model card, data license and the other guides
+        if doc.is_file():
+            shutil.copy2(doc, stage / "docs" / doc.name)
 
-        patch_size = [int(s) for s in parser.get_parsed_content("patch_size")]
-        meta["network_data_format"] = network_data_format(meta["network_data_format"], network, patch_size)
-        meta["eval_metrics"] = eval_metrics(card)  # the packaged model's own scores, from its card
-        _append_model_section(stage / "docs" / "README.md", card or read_card(stage / "models" / "model.pt"))
-        problems = check_metadata(meta)
-        if problems:
-            raise ValueError("packaged metadata is not valid:\n  " + "\n  ".join(problems))
-        _write_json(stage / "configs" / "metadata.json", meta)
 
-        if torchscript:
-            from monai.bundle import ckpt_export
+def _stage_weights(stage: Path, parser, checkpoint: str, teacher: str | None) -> tuple[torch.nn.Module, dict]:
+    """The weights loaded strictly into the packaged ``network_def`` and saved as a plain CPU state dict, with their
+    model card (the checkpoint's, else one from the packaged config); the teacher likewise. Returns the network and
+    the card."""
+    card = read_card(checkpoint)
+    if card is not None:  # the card first: the packaged inference.json (``parser``) builds network_def from it
+        write_card(stage / "models" / "model.pt", card)
+    network = parser.get_parsed_content("network_def")
+    load_weights(network, str(checkpoint), map_location="cpu")
+    torch.save(network.state_dict(), stage / "models" / "model.pt")
+    if card is None:  # a checkpoint without a card: the packaged model describes itself all the same
+        card = _card_of(network, parser, Path(checkpoint).name)
+        write_card(stage / "models" / "model.pt", card)
+    if teacher is not None:
+        teacher_net = load_weights(copy.deepcopy(network), str(teacher), map_location="cpu")
+        torch.save(teacher_net.state_dict(), stage / "models" / "teacher.pt")
+    return network, card
 
-            ckpt_export(
-                net_id="network_def",
-                filepath=str(stage / "models" / "model.ts"),
-                ckpt_file=str(stage / "models" / "model.pt"),
-                meta_file=str(stage / "configs" / "metadata.json"),
-                config_file=str(stage / "configs" / "inference.json"),
-                bundle_root=str(stage),
-            )
-            diff = torchscript_parity(network, torch.jit.load(str(stage / "models" / "model.ts")), patch_size)
-            logger.info(f"models/model.ts matches the eager network (max |difference| {diff:.2e})")
 
-        limit = large_file_mb * 1024 * 1024
-        large = [f for f in sorted(stage.rglob("*")) if f.is_file() and f.stat().st_size > limit]
-        if large:
-            lines = ["large_files:"]
-            for f in large:
-                rel = f.relative_to(stage).as_posix()
-                url = f"{large_files_url.rstrip('/')}/{rel}" if large_files_url else ""
-                lines += [
-                    f'  - path: "{rel}"',
-                    f'    url: "{url}"',
-                    f'    hash_val: "{_md5(f)}"',
-                    '    hash_type: "md5"',
-                ]
-            (stage / "large_files.yml").write_text("\n".join(lines) + "\n")
-            if not large_files_url:
-                logger.warning(f"large_files.yml lists {len(large)} file(s) with empty urls: fill them in after upload")
-        shutil.move(str(stage), str(bundle))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def _export_torchscript(stage: Path, network: torch.nn.Module, patch_size: list[int]) -> None:
+    """``models/model.ts`` by MONAI's ``ckpt_export``, checked against the eager network."""
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(stage / "models" / "model.ts"),
+        ckpt_file=str(stage / "models" / "model.pt"),
+        meta_file=str(stage / "configs" / "metadata.json"),
+        config_file=str(stage / "configs" / "inference.json"),
+        bundle_root=str(stage),
+    )
+    diff = torchscript_parity(network, torch.jit.load(str(stage / "models" / "model.ts")), patch_size)
+    logger.info(f"models/model.ts matches the eager network (max |difference| {diff:.2e})")
 
-    if make_zip:
-        zip_path = out_root / f"{name}_v{meta['version']}.zip"
-        _zip_folder(bundle, zip_path)
-        logger.info(f"zip: {zip_path} ({zip_path.stat().st_size / 1e6:.1f} MB)")
-    logger.info(f"bundle: {bundle}")
-    return str(bundle)
+
+def _list_large_files(stage: Path, large_file_mb: float, large_files_url: str | None) -> None:
+    """``large_files.yml`` for the files above ``large_file_mb`` (the zoo keeps them outside its git repository)."""
+    limit = large_file_mb * 1024 * 1024
+    large = [f for f in sorted(stage.rglob("*")) if f.is_file() and f.stat().st_size > limit]
+    if not large:
+        return
+    lines = ["large_files:"]
+    for f in large:
+        rel = f.relative_to(stage).as_posix()
+        url = f"{large_files_url.rstrip('/')}/{rel}" if large_files_url else ""
+        lines += [f'  - path: "{rel}"', f'    url: "{url}"', f'    hash_val: "{_md5(f)}"', '    hash_type: "md5"']
+    (stage / "large_files.yml").write_text("\n".join(lines) + "\n")
+    if not large_files_url:
+        logger.warning(f"large_files.yml lists {len(large)} file(s) with empty urls: fill them in after upload")

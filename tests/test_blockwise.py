@@ -25,7 +25,6 @@ from spoco_bundle.blockwise import (
     match_overlap,
     merge_ids,
     open_volume,
-    postprocessing_chain,
     receptive_field,
     segment_blockwise,
     window_halo,
@@ -34,6 +33,7 @@ from spoco_bundle.blockwise import (
 )
 from spoco_bundle.blockwise.synthetic import SyntheticEmbeddings
 from spoco_bundle.blockwise.volume import BlockwiseSettings, segment_volume
+from spoco_bundle.bundle import inference_postprocessing
 from spoco_bundle.clustering import relabel_consecutive
 from spoco_bundle.engines import segment_files
 from spoco_bundle.io import read_image
@@ -45,6 +45,11 @@ INFER = str(ROOT / "configs" / "inference.json")
 META = str(ROOT / "metadata.json")
 SHAPE = (48, 96, 96)
 FULL = tuple(slice(0, s) for s in SHAPE)
+
+
+def _chain_of(method: str) -> object:
+    """The ``postprocessing`` of configs/inference.json with the clustering ``method``, no shape split, min_size 16."""
+    return inference_postprocessing(ROOT, clustering=method, shape_split=0.0, min_size=16)
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -266,7 +271,7 @@ def test_objects_crossing_block_borders_get_one_id(tmp_path):
 def test_blockwise_agrees_with_whole_volume_on_synthetic_embeddings(tmp_path, method):
     syn = SyntheticEmbeddings(SHAPE, seed=1)
     gt = syn.labels(FULL)
-    segment = ClusterBlock(postprocessing_chain(method, shape_split=0.0, min_size=16))
+    segment = ClusterBlock(_chain_of(method))
     whole = segment(syn[FULL])
     grid = BlockGrid(SHAPE, (24, 48, 48), 12)
     blockwise = np.asarray(segment_blockwise(syn, segment, tmp_path / "e.ome.zarr", grid.block_shape, 12, min_size=16))
@@ -280,7 +285,7 @@ def test_a_local_cluster_of_two_workers_gives_the_threaded_result(tmp_path):
     from distributed import Client, LocalCluster
 
     syn = SyntheticEmbeddings(SHAPE, seed=2)
-    segment = ClusterBlock(postprocessing_chain("fast", shape_split=0.0, min_size=16))
+    segment = ClusterBlock(_chain_of("fast"))
     threaded = np.asarray(segment_blockwise(syn, segment, tmp_path / "t.ome.zarr", (24, 48, 48), 12, min_size=16))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         address = cluster.scheduler_address
@@ -364,21 +369,6 @@ def test_tiff_nifti_and_ome_zarr_blockwise_match_the_whole_volume_path(tmp_path,
         assert np.allclose(np.diag(meta["affine"])[:3], [2.0, 1.0, 1.0])
     labels, meta = open_volume(tmp_path / "bw" / "c_instances.ome.zarr")
     assert ap50(whole, np.asarray(labels)) >= 0.99 and meta["spacing"] == (2.0, 1.0, 1.0)
-
-
-def test_a_model_with_a_tophat_refuses_blockwise_and_writes_nothing(tmp_path, inputs):
-    # blockwise segmentation normalises blocks without the model's top-hat: refused per file, clearly, before any
-    # output; the whole-volume path of the same run is unaffected
-    pre, inferer, post = _chain()
-    files = [str(inputs / n) for n in ("a.tif", "c.ome.zarr")]
-    settings = BlockwiseSettings(max_memory_gb=100, tophat=5.0)  # a.tif fits in memory, the Zarr store never goes whole
-    with pytest.raises(RuntimeError) as err:
-        segment_files(files, pre, LevelNet(), inferer, post, str(tmp_path / "bw"), blockwise=settings)
-    assert "c.ome.zarr" in str(err.value) and "top-hat" in str(err.value) and "a.tif" not in str(err.value)
-    assert sorted(os.listdir(tmp_path / "bw")) == ["a_instances.tif"]
-    with pytest.raises(ValueError, match="top-hat"):  # the public entry point refuses too, before any output
-        segment_volume(files[1], str(tmp_path / "v.ome.zarr"), LevelNet(), inferer, post, settings, 3)
-    assert not (tmp_path / "v.ome.zarr").exists()
 
 
 class LevelNet2d(LevelNet):
@@ -512,8 +502,6 @@ def test_inference_config_reads_the_blockwise_settings():
     assert isinstance(settings, BlockwiseSettings)
     assert settings.budget_gb() == 2.0 and settings.scheduler == "tcp://127.0.0.1:8786"
     assert settings.block_shape == [64, 128, 128] and settings.min_size == parser.get_parsed_content("min_size")
-    parser.update({"tophat": 5.0})  # the model card's (or the command line's) top-hat reaches the blockwise settings
-    assert parser.get_parsed_content("blockwise").tophat == 5.0
     parser = ConfigParser()
     parser.read_config(INFER)
     default = parser.get_parsed_content("blockwise")

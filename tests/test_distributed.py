@@ -98,7 +98,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # test-only addition: every rank dumps its teacher after training, so the ranks can be compared here
     dump = tmp_path / "dump_teacher.json"
     save = "$torch.save(@teacher.state_dict(), os.path.join(@ckpt_dir, f\"teacher_rank{os.environ['RANK']}.pt\"))"
-    dump.write_text(json.dumps({"+finalize": [save]}))
+    dump.write_text(json.dumps({"+imports": ["$import os"], "+finalize": [save]}))
     bundle = tmp_path / "bundle"
     cmd = [
         *_torchrun(),

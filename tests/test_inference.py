@@ -576,8 +576,6 @@ def test_inference_with_test_time_flips_on_a_real_file(tmp_path):
 BAD_POSTPROCESSING_OPTIONS = [
     ("min_diameter_ratio", "off", "min_diameter_ratio must be a number >= 0 (0: off), got 'off'"),
     ("min_diameter_ratio", "-0.5", "min_diameter_ratio must be a number >= 0 (0: off), got -0.5"),
-    ("foreground_grow", "off", "foreground_grow must be 0 (off) or a probability in (0, 1), got 'off'"),
-    ("foreground_grow", "1.5", "foreground_grow must be 0 (off) or a probability in (0, 1), got 1.5"),
     ("boundary_threshold", "mean", "boundary_threshold must be a number in (0, 1) or 'median', got 'mean'"),
     ("boundary_threshold", "1", "boundary_threshold must be a number in (0, 1) or 'median', got 1"),
 ]

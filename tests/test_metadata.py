@@ -27,8 +27,9 @@ META = json.loads((ROOT / "metadata.json").read_text())
 # third-party imports that are not needed to train, evaluate or run inference, with the reason
 OPTIONAL_IMPORTS = {
     "matplotlib": "only spoco_bundle.report's preview PNG",
-    "monailabel": "only spoco_bundle.monailabel_server, which runs inside a MONAI Label installation",
-    "fastapi": "only spoco_bundle.monailabel_server (a MONAI Label dependency)",
+    "monailabel": "only spoco_bundle.monailabel.server, which runs inside a MONAI Label installation",
+    "fastapi": "only spoco_bundle.monailabel.server (a MONAI Label dependency)",
+    "distributed": "only blockwise segmentation on a dask.distributed cluster (--scheduler tcp://...; extra 'cluster')",
 }
 
 

@@ -21,13 +21,13 @@ from _bundle_cli import training_command
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from spoco_bundle import shipped
+from spoco_bundle import cards
 from spoco_bundle.errors import root_cause
 from spoco_bundle.handlers import ModelCardWriter, add_log_file, instance_preview, remove_log_file
 from spoco_bundle.io import read_image
 from spoco_bundle.networks import EmbeddingUNet, load_weights
-from spoco_bundle.object_size import training_blob_scales
 from spoco_bundle.synthetic import write_synthetic_dataset
+from spoco_bundle.training_set import TrainingSet
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "configs" / "train.json")
@@ -54,7 +54,7 @@ def trained(tmp_path_factory) -> dict:
     write_synthetic_dataset(data, n_train=2, n_val=1, n_test=0, shape=(64, 64), seed=2, ext=".tif", spatial_dims=2)
     bundle = root / "bundle"
     args = ["--spatial_dims", "2", "--epochs", "2", "--epoch_length", "2", "--val_interval", "1"]
-    args += ["--patch_size", "[32,32]", "--background_label", "0", "--tophat", "4.0", "--intensity_gamma", "0.5"]
+    args += ["--patch_size", "[32,32]", "--background_label", "0"]
     cmd = training_command(bundle, data, *args, features=json.dumps(FEATURES))
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -76,36 +76,45 @@ def test_training_writes_the_card_beside_the_weights(trained):
         "patch_size": [32, 32],
         "min_size": 16,
         "intensity_percentiles": [1, 99.8],
-        "tophat": 4.0,
     }
     assert card["bundle_version"] == json.loads(Path(META).read_text())["version"]
+    # how it was trained, read from the run's objects: the network, the training set's selection, what "auto" chose
+    # for the foreground head (every voxel annotated: no ring, the label frequency), the trainer's length
     settings = card["training"]["settings"]
-    assert settings["features"] == FEATURES and settings["image_scale"] == 1.0 and settings["background_label"] == 0
+    assert settings == {
+        **card["inference"],
+        "images": 2,
+        "instance_ratio": 1.0,
+        "seed": 0,
+        "background_label": 0,
+        "image_scale": 1.0,
+        "foreground_ring": 0,
+        "foreground_surface": 0,
+        "foreground_strokes": False,
+        "foreground_calibration": "label_frequency",
+        "epochs": 2,
+        "epoch_length": 2,
+        "learning_rate": 0.002,
+    }
     # the size of what it was trained on: the same values as the weights' buffers, and the images' voxel size
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert card["training"]["object_diameter"] == pytest.approx(float(state["object_diameter"])) and (
         card["training"]["object_diameter"] > 0
     )
     assert card["training"]["image_blob_scale"] == pytest.approx(state["image_blob_scale"].tolist())
-    # the power law on the input travels in the weights (inference builds the network with the default and loads it)
-    assert settings["intensity_gamma"] == 0.5 and float(state["input_gamma"]) == 0.5
-    # measured after the top-hat, as inference with image_scale "auto" measures the images it is given
+    # measured on the training images as training sees them (image_scale 1), as inference with image_scale "auto"
+    # measures the images it is given
     listed = json.loads((trained["data"] / "dataset.json").read_text())["training"]
-    images = [str(trained["data"] / d["image"]) for d in listed]
-    assert images and card["training"]["image_blob_scale"] == pytest.approx(training_blob_scales(images, 1.0, 4.0))
+    data = [{k: str(trained["data"] / d[k]) for k in ("image", "label")} for d in listed]
+    training_set = TrainingSet(data, spatial_dims=2, background_label=0)
+    assert data and card["training"]["image_blob_scale"] == pytest.approx(list(training_set.blob_scales))
+    assert card["training"]["object_diameter"] == pytest.approx(training_set.object_diameter)
     assert card["training"]["voxel_size"] == [1.0, 1.0]
     assert card["training"]["epoch"] in (1, 2)  # the epoch whose validation scored best
     assert not list(ckpt.parent.glob(".*partial"))  # written atomically
     # one reader for trainings and shipped models
-    assert shipped.inference_settings(ckpt) == card["inference"]
-    assert shipped.training_settings(ckpt)["spatial_dims"] == 2
-    # inference preprocesses as training did: the card's top-hat, unless given on the command line
-    parser = ConfigParser()
-    parser.read_config(INFER)
-    parser.update({"ckpt_path": str(ckpt), "bundle_root": str(ROOT)})
-    tophats = [t for t in parser.get_parsed_content("preprocessing").transforms if type(t).__name__ == "TopHatd"]
-    assert [t.tophat.size_ratio for t in tophats] == [4.0]
-    assert float(parser.get_parsed_content("network").input_gamma) == 0.5
+    assert cards.inference_settings(ckpt) == card["inference"]
+    assert cards.training_settings(ckpt)["spatial_dims"] == 2
 
 
 @pytest.mark.slow
@@ -162,12 +171,19 @@ def test_evaluation_takes_its_settings_from_the_card(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "val_ap50" in (tmp_path / "scores" / "metrics.csv").read_text()
     assert "Metrics -- val_ap50" in (tmp_path / "scores" / "evaluate.log").read_text()
-    # the images are preprocessed as in training: the card's top-hat
+    # the network and the preprocessing are the training's: the card's training settings
     parser = ConfigParser()
     parser.read_config([TRAIN, EVALUATE])
     parser.update({"bundle_root": str(trained["bundle"])})
-    tophats = [t for t in parser.get_parsed_content("validate#label_transforms") if type(t).__name__ == "TopHatd"]
-    assert [t.tophat.size_ratio for t in tophats] == [4.0]
+    ids = ("spatial_dims", "features", "patch_size", "image_scale", "intensity_percentiles", "min_size")
+    assert {k: parser.get_parsed_content(k) for k in ids} == {
+        "spatial_dims": 2,
+        "features": FEATURES,
+        "patch_size": [32, 32],
+        "image_scale": 1.0,
+        "intensity_percentiles": [1, 99.8],
+        "min_size": 16,
+    }
 
 
 @pytest.mark.slow
@@ -190,7 +206,7 @@ def test_shape_checks_in_process(trained, tmp_path):
     assert "\n" not in message and message == (
         f"Checkpoint {bare} does not match network_def: its weights have spatial_dims 2, features [8, 16, 32, 64], "
         "network_def has spatial_dims 3, features [16, 32, 64, 128]. Pass --spatial_dims 2 --features [8,16,32,64] "
-        "(it has no model.json to take them from: trained before bundle 0.10)."
+        "(it has no model.json to take them from)."
     )
     parser = ConfigParser()
     parser.read_config(INFER)
@@ -200,7 +216,7 @@ def test_shape_checks_in_process(trained, tmp_path):
 
 @pytest.mark.slow
 def test_package_and_deployment_carry_the_card(trained, tmp_path):
-    from spoco_bundle.monailabel_compat import deploy_bundle
+    from spoco_bundle.monailabel import deploy_bundle
     from spoco_bundle.package import package_bundle
 
     card = json.loads((trained["ckpt"].parent / "model.json").read_text())
@@ -229,9 +245,14 @@ def test_package_and_deployment_carry_the_card(trained, tmp_path):
     parser.read_config(str(dest / "configs" / "inference.json"))
     parser["bundle_root"] = str(dest)
     net = load_weights(parser.get_parsed_content("network_def"), str(dest / "models" / "model.pt"))  # strict
-    # the power law on the input comes with the weights, and the copy's own training (a fresh start too) keeps it
-    assert float(net.input_gamma) == 0.5
-    assert json.loads((dest / "configs" / "train.json").read_text())["intensity_gamma"] == 0.5
+    assert net.spatial_dims == 2
+    # the copy's own training (a fresh start too) goes on with the card's network and preprocessing
+    train = json.loads((dest / "configs" / "train.json").read_text())
+    assert {k: train[k] for k in ("spatial_dims", "features", "patch_size")} == {
+        "spatial_dims": 2,
+        "features": FEATURES,
+        "patch_size": [32, 32],
+    }
 
 
 def test_packaging_a_checkpoint_without_card_writes_one(tmp_path):
@@ -250,12 +271,23 @@ def test_packaging_a_checkpoint_without_card_writes_one(tmp_path):
 
 
 def test_card_follows_this_runs_saves_only(tmp_path):
-    """An earlier run's model.pt keeps its card until this run writes new weights; then the card follows."""
+    """An earlier run's model.pt keeps its card until this run writes new weights; then the card follows, with the
+    settings read from the run's objects at the save."""
+    from spoco_bundle.losses import ForegroundLoss, SpocoLoss
+
+    tifffile.imwrite(tmp_path / "image.tif", np.zeros((24, 32), np.uint16), imagej=True, resolution=(2, 4))
+    tifffile.imwrite(tmp_path / "label.tif", np.ones((24, 32), np.uint16))
+    training_set = TrainingSet([{"image": str(tmp_path / "image.tif"), "label": str(tmp_path / "label.tif")}], 2)
     model = tmp_path / "model.pt"
     torch.save({"old": torch.zeros(1)}, model)
     net = EmbeddingUNet(spatial_dims=2, features=(8, 16, 32))
-    writer = ModelCardWriter(str(model), {"spatial_dims": 2, "features": [8, 16, 32]}, {"seed": 0}, [], net)
+    inference = {"patch_size": [16, 16], "min_size": 9, "intensity_percentiles": [2, 98]}
+    writer = ModelCardWriter(str(tmp_path), training_set, inference, foreground_calibration="auto", network=net)
     engine = Engine(lambda e, b: None)
+    # what the card reads of the trainer (SupervisedTrainer's attributes): the loss (a ring head: calibration "auto"
+    # is Lee & Liu's) and the optimizer
+    engine.loss_function = SpocoLoss(foreground=ForegroundLoss(ring=[1, 2]))  # type: ignore[attr-defined]
+    engine.optimizer = torch.optim.Adam(net.parameters(), lr=0.01)  # type: ignore[attr-defined]
     writer.attach(engine)
     engine.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: torch.save(net.state_dict(), model))
     engine.add_event_handler(Events.EPOCH_COMPLETED(once=2), writer)  # after the save, as in train.json's order
@@ -265,18 +297,70 @@ def test_card_follows_this_runs_saves_only(tmp_path):
     engine.run([0], max_epochs=3)
     assert seen == [False]  # epoch 1: the old weights, not described
     card = json.loads(card_file.read_text())
-    assert card["inference"]["features"] == [8, 16, 32] and card["training"]["epoch"] == 2
-    assert card["training"]["settings"] == {"seed": 0} and card["training"]["object_diameter"] == 0.0
+    assert card["inference"] == {"spatial_dims": 2, "features": [8, 16, 32], "embedding_dim": 16, **inference}
+    assert card["training"]["epoch"] == 2 and card["training"]["object_diameter"] == 0.0
+    assert card["training"]["settings"] == {
+        **card["inference"],
+        "images": 1,
+        "instance_ratio": 1.0,
+        "seed": 0,
+        "background_label": None,
+        "image_scale": 1.0,
+        "foreground_ring": [1, 2],
+        "foreground_surface": 0,
+        "foreground_strokes": False,
+        "foreground_calibration": "lee_liu_images",
+        "epochs": 3,
+        "epoch_length": 1,
+        "learning_rate": 0.01,
+    }
+    assert card["training"]["voxel_size"] == [0.25, 0.5] and "validation" not in card  # no validation engine
+    assert cards.training_settings(model) == card["training"]["settings"]
 
 
 def test_unreadable_card_names_the_file(tmp_path):
     (tmp_path / "model.json").write_text("{")
     with pytest.raises(ValueError, match=r"cannot read .*model\.json"):
-        shipped.inference_settings(tmp_path / "model.pt")
+        cards.inference_settings(tmp_path / "model.pt")
     (tmp_path / "model.json").write_text(json.dumps({"inference": [2]}))
     with pytest.raises(ValueError, match=r"model\.json: 'inference' must be a JSON object"):
-        shipped.inference_settings(tmp_path / "model.pt")
-    assert shipped.inference_settings(tmp_path / "none" / "model.pt") == {}  # no card: nothing to take
+        cards.inference_settings(tmp_path / "model.pt")
+    assert cards.inference_settings(tmp_path / "none" / "model.pt") == {}  # no card: nothing to take
+
+
+def test_a_card_with_a_retired_setting_loads_only_at_its_neutral_value(tmp_path):
+    """Cards of earlier versions record the top-hat (retired): ``"tophat": 0.0`` (not used) still loads and is left out
+    of the settings inference takes; another value is refused with a message naming the card, as are the shape
+    checks and loads that read it."""
+    assert cards.RETIRED_SETTINGS == {"tophat": 0.0}
+    ckpt = tmp_path / "model.pt"
+    torch.save(EmbeddingUNet(spatial_dims=2, features=(8, 16, 32)).state_dict(), ckpt)
+    inference = {"spatial_dims": 2, "features": [8, 16, 32], "embedding_dim": 16, "min_size": 16}
+    for tophat in (0.0, 0):
+        (tmp_path / "model.json").write_text(json.dumps({"inference": {**inference, "tophat": tophat}}))
+        assert cards.inference_settings(ckpt) == inference
+    load_weights(EmbeddingUNet(spatial_dims=2, features=(8, 16, 32)), str(ckpt))
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"ckpt_path": str(ckpt), "device": "$torch.device('cpu')"})
+    assert parser.get_parsed_content("spatial_dims") == 2 and parser.get_parsed_content("features") == [8, 16, 32]
+    (tmp_path / "model.json").write_text(json.dumps({"inference": {**inference, "tophat": 4.0}}))
+    expected = (
+        f"{tmp_path / 'model.json'}: the model was trained with tophat 4.0, preprocessing this version of the bundle "
+        "no longer has; segment with the bundle version that trained it, or retrain."
+    )
+    with pytest.raises(ValueError) as info:
+        cards.inference_settings(ckpt)
+    assert str(info.value) == expected
+    with pytest.raises(ValueError) as info:
+        load_weights(EmbeddingUNet(spatial_dims=2, features=(8, 16, 32)), str(ckpt))
+    assert str(info.value) == expected
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"ckpt_path": str(ckpt), "device": "$torch.device('cpu')"})
+    with pytest.raises(RuntimeError) as raised:  # the config parser wraps it; `monai.bundle run` ends on the cause
+        parser.get_parsed_content("spatial_dims")
+    assert str(root_cause(raised.value)) == expected
 
 
 def test_instance_preview_colours_each_object():
@@ -321,7 +405,10 @@ def test_training_voxel_size_from_headers(tmp_path):
     import nibabel as nib
 
     from spoco_bundle.io import read_spacing
-    from spoco_bundle.object_size import training_voxel_size
+
+    def voxel(files: list[Path], spatial_dims: int) -> tuple:
+        training_set = TrainingSet([{"image": str(f), "label": str(f)} for f in files], spatial_dims)
+        return training_set.voxel_size, training_set.voxel_unit
 
     vol = np.zeros((4, 6, 8), np.float32)
     for name, z in (("a", 2.0), ("b", 3.0), ("c", 3.0)):
@@ -330,9 +417,9 @@ def test_training_voxel_size_from_headers(tmp_path):
         nib.save(img, tmp_path / f"{name}.nii.gz")
     assert read_spacing(tmp_path / "a.nii.gz") == ((4, 6, 8), (2.0, 0.5, 0.25), "micron")
     files = [tmp_path / f"{n}.nii.gz" for n in "abc"]
-    assert training_voxel_size(files, 3) == ([3.0, 0.5, 0.25], "micron")  # the median per axis
+    assert voxel(files, 3) == ([3.0, 0.5, 0.25], "micron")  # the median per axis
     nib.save(nib.Nifti1Image(np.zeros((6, 8, 1), np.float32), np.diag([0.5, 0.25, 4.0, 1.0])), tmp_path / "p.nii")
-    assert training_voxel_size([tmp_path / "p.nii"], 2) == ([0.5, 0.25], "")  # a 2D image stored with a z axis
+    assert voxel([tmp_path / "p.nii"], 2) == ([0.5, 0.25], "")  # a 2D image stored with a z axis
     tifffile.imwrite(tmp_path / "t.tif", np.zeros((3, 6, 8), np.uint16), imagej=True, resolution=(1 / 0.4, 1 / 0.4),
                      metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"})  # fmt: skip
     shape, spacing, unit = read_spacing(tmp_path / "t.tif")

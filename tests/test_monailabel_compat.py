@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImaged
 
 from spoco_bundle.io import LoadVolumed, write_label_image
-from spoco_bundle.monailabel_compat import (
+from spoco_bundle.monailabel import (
     MONAILABEL_POSTPROCESSING,
     MonaiLabelWriterOrderd,
     add_monailabel_postprocessing,

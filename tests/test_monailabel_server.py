@@ -38,7 +38,7 @@ from _monailabel_helpers import (
     write_studies,
 )
 
-from spoco_bundle.monailabel_compat import deploy_bundle
+from spoco_bundle.monailabel import deploy_bundle
 
 pytestmark = [requires_monailabel, pytest.mark.monailabel]
 
@@ -128,7 +128,7 @@ def server(tmp_path_factory):
         "--port",
         str(port),
         "--uvicorn_app",
-        "spoco_bundle.monailabel_server:app",
+        "spoco_bundle.monailabel.server:app",
     ]
     with open(log, "wb") as fh:
         # own process group, so the finalizer also stops the training subprocess the server starts

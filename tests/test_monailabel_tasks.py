@@ -29,7 +29,7 @@ from _monailabel_helpers import (
     write_studies,
 )
 
-from spoco_bundle.monailabel_compat import deploy_bundle
+from spoco_bundle.monailabel import deploy_bundle
 
 pytestmark = [requires_monailabel, pytest.mark.monailabel]
 

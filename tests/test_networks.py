@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -116,44 +117,47 @@ def test_checkpoint_without_label_frequency_loads_with_c_1(tmp_path):
         other.load_state_dict(state, strict=True)
 
 
-def test_input_gamma_is_a_power_law_on_the_input_and_travels_with_the_checkpoint():
+def test_a_checkpoint_with_a_retired_buffer_loads_only_at_its_neutral_value():
+    # checkpoints of earlier versions hold input_gamma (a power law on the input, retired): at 1 the weights saw the
+    # input as this version gives it, so the buffer is dropped and the rest loads strictly; another value is refused
+    from spoco_bundle.networks import RETIRED_BUFFERS
+
+    assert RETIRED_BUFFERS == {"input_gamma": 1.0}
+    kwargs = {"spatial_dims": 2, "embedding_dim": 4, "features": (8, 16, 16)}
     torch.manual_seed(0)
-    net = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16), input_gamma=0.5).eval()
-    plain = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16), input_gamma=2.0).eval()
-    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k != "input_gamma"})
-    assert float(plain.input_gamma) == 1.0  # an old checkpoint (no buffer) means no power law, whatever was built
-    x = torch.rand(1, 1, 32, 32) * 2.0 - 0.2  # values below 0 and above 1, as percentile normalisation leaves them
-    torch.testing.assert_close(net(x), plain(torch.sign(x) * x.abs().sqrt()), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(net(x), plain(x), atol=1e-3)
-    # a network built with the default takes the checkpoint's exponent (inference, MONAI Label, the zoo package)
-    other = EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16)).eval()
-    other.load_state_dict(net.state_dict())
-    assert float(other.input_gamma) == 0.5
-    torch.testing.assert_close(other(x), net(x))
-    assert float(make_teacher(net).input_gamma) == 0.5
-    # TorchScript (ckpt_export) keeps the sign of the values below 0
-    torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=1e-5, atol=1e-5)
-    # at 1 the input passes exactly as it is
-    torch.testing.assert_close(plain(x), plain.output_block(plain.skip_layers(x)), rtol=0, atol=0)
+    net = EmbeddingUNet(**kwargs)
+    old = {**net.state_dict(), "input_gamma": torch.tensor(1.0)}
+    other = EmbeddingUNet(**kwargs)
+    other.load_state_dict(old, strict=True)
+    assert "input_gamma" not in other.state_dict() and not hasattr(other, "input_gamma")
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in other.state_dict().items())
+    # a non-strict load (MONAI Label, CheckpointLoader) and a teacher inside a parent module the same
+    make_teacher(other).load_state_dict(old, strict=False)
+    parent = torch.nn.ModuleDict({"net": EmbeddingUNet(**kwargs)})
+    parent.load_state_dict({f"net.{k}": v for k, v in old.items()}, strict=True)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError) as info:
+        other.load_state_dict({**net.state_dict(), "input_gamma": torch.tensor(0.5)}, strict=True)
+    assert str(info.value) == (
+        "the checkpoint was trained with input_gamma 0.5, an option this version of the bundle no longer has: "
+        "segment with the bundle version that trained it, or retrain."
+    )
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # nothing loaded
 
 
-@pytest.mark.parametrize("gamma", [0, -1.0, float("nan"), float("inf"), "0.5"])
-def test_input_gamma_must_be_a_positive_number(gamma):
-    with pytest.raises(ValueError, match="input_gamma"):
-        EmbeddingUNet(spatial_dims=2, embedding_dim=4, features=(8, 16, 16), input_gamma=gamma)
-
-
-def test_fine_tuning_keeps_the_checkpoints_input_gamma_and_says_so(tmp_path, caplog):
-    from spoco_bundle.networks import with_pretrained
+def test_a_retired_buffer_away_from_its_neutral_value_is_refused_by_load_weights(tmp_path):
+    from spoco_bundle.networks import load_weights, with_pretrained
 
     kwargs = {"spatial_dims": 2, "embedding_dim": 4, "features": (8, 16, 16)}
     path = tmp_path / "model.pt"
-    torch.save(EmbeddingUNet(**kwargs).state_dict(), path)  # trained without the power law
-    with caplog.at_level("WARNING", logger="spoco_bundle.networks"):
-        net = with_pretrained(EmbeddingUNet(**kwargs, input_gamma=0.5), str(path))
-    assert float(net.input_gamma) == 1.0  # the weights' own input, not the config's
-    assert "trained with input_gamma 1" in caplog.text and str(path) in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="spoco_bundle.networks"):
-        with_pretrained(EmbeddingUNet(**kwargs), str(path))
-    assert "input_gamma" not in caplog.text  # nothing to say when they agree
+    torch.save({**EmbeddingUNet(**kwargs).state_dict(), "input_gamma": torch.tensor(1.0)}, path)
+    load_weights(EmbeddingUNet(**kwargs), str(path))  # inference, packaging, MONAI Label deployment
+    with_pretrained(EmbeddingUNet(**kwargs), str(path))  # fine-tuning
+    torch.save({**EmbeddingUNet(**kwargs).state_dict(), "input_gamma": torch.tensor(2.0)}, path)
+    for load in (load_weights, with_pretrained):
+        with pytest.raises(ValueError) as info:
+            load(EmbeddingUNet(**kwargs), str(path))
+        assert str(info.value) == (
+            f"Checkpoint {path}: the checkpoint was trained with input_gamma 2, an option this version of the bundle "
+            "no longer has: segment with the bundle version that trained it, or retrain."
+        )

@@ -30,7 +30,7 @@ import torch
 from monai.bundle import ConfigParser
 from packaging.requirements import Requirement
 
-from spoco_bundle import shipped
+from spoco_bundle import cards
 from spoco_bundle.clustering import cluster_embeddings
 from spoco_bundle.io import read_image
 from spoco_bundle.losses import SpocoLoss
@@ -232,7 +232,7 @@ def test_bundle_layout_metadata_and_zip(packaged):
     repo_meta = json.loads((ROOT / "metadata.json").read_text())
     own = ("network_data_format", "eval_metrics")
     assert {k: v for k, v in meta.items() if k not in own} == {k: v for k, v in repo_meta.items() if k not in own}
-    assert meta["eval_metrics"] == shipped.eval_metrics(shipped.read_card(bundle / "models" / "model.pt"))
+    assert meta["eval_metrics"] == cards.eval_metrics(cards.read_card(bundle / "models" / "model.pt"))
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 17
     # configs: the repository's, with the override written into those that define it
     for cfg in (ROOT / "configs").glob("*.json"):
@@ -249,7 +249,7 @@ def test_bundle_layout_metadata_and_zip(packaged):
             assert (bundle / "docs" / doc.name).read_bytes() == doc.read_bytes()
     card = (bundle / "docs" / "README.md").read_text()
     assert card.startswith((ROOT / "docs" / "README.md").read_text().rstrip("\n"))
-    assert card.endswith(model_section(shipped.read_card(bundle / "models" / "model.pt")))
+    assert card.endswith(model_section(cards.read_card(bundle / "models" / "model.pt")))
     # weights: plain CPU state dicts equal to the inputs
     for name, src in (("model.pt", "ckpt.pt"), ("teacher.pt", "teacher.pt")):
         saved = torch.load(bundle / "models" / name, map_location="cpu", weights_only=True)

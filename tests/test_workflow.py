@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -18,9 +20,10 @@ from monai.utils import set_determinism
 
 from spoco_bundle.data import checked_datalist
 from spoco_bundle.handlers import UNLIMITED_EPOCHS, TrainingProgressBar
-from spoco_bundle.object_size import training_blob_scales, training_object_diameter
+from spoco_bundle.io import read_image, write_label_image
 from spoco_bundle.postprocessing import RemoveSmallInstancesd
 from spoco_bundle.synthetic import write_synthetic_dataset
+from spoco_bundle.training_set import TrainingSet
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "configs" / "train.json")
@@ -79,6 +82,7 @@ def test_check_properties(tmp_path, tiny3d):
         "val_interval",
     ):
         assert key in parser, key
+    # MONAI's check_properties (and tools that patch the list, like --tracking) read each handler's "_target_"
     assert all(isinstance(h, dict) for h in parser["train#handlers"])
 
 
@@ -136,29 +140,6 @@ def test_train_image_scale_resamples_images_and_labels_together(tiny3d):
     assert inside > outside + 0.2, (inside, outside)
 
 
-def test_calibration_objects_survive_the_training_transforms(tiny3d):
-    # the whole training pipeline (random crops and augmentation included, as float as they go): the calibration
-    # objects' ids stay above the offset, distinct, and the ordinary ones below it
-    from spoco_bundle.transforms import CALIBRATION_ID_OFFSET
-
-    parser = ConfigParser()
-    parser.read_config(TRAIN)
-    parser.update({"dataset_dir": str(tiny3d), "instance_ratio": 1.0, "calibration_holdout": 0.5})
-    transform = parser.get_parsed_content("train#preprocessing")
-    loss = parser.get_parsed_content("loss")
-    assert loss.foreground_calibration_holdout
-    held, trained = set(), set()
-    for item in parser.get_parsed_content("train#dataset#data"):
-        for _ in range(3):
-            out = transform(dict(item))
-            for sample in out if isinstance(out, list) else [out]:
-                ids = set(sample["label"].unique().tolist())
-                held |= {i for i in ids if i > CALIBRATION_ID_OFFSET}
-                trained |= {i for i in ids if 0 < i < CALIBRATION_ID_OFFSET}
-                assert CALIBRATION_ID_OFFSET not in ids  # no id rounded onto the offset
-    assert held and trained
-
-
 @pytest.fixture(scope="module")
 def tiny2d(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("syn2d")
@@ -169,39 +150,20 @@ def tiny2d(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("patch_size", [[16, 32, 32], [8, 40, 24], [48, 40]])
 def test_training_batches_for_any_patch_shape(tiny3d, tiny2d, patch_size):
     # a patch that is not square in the rotation plane is not rotated (a quarter turn would change its shape and the
-    # batch would not collate); the smooth contrast field is sized from the patch and applied to each view; pasted
-    # copies come through as int64 ids of their own
+    # batch would not collate); the labels come through as int64 ids
     parser = ConfigParser()
     parser.read_config(TRAIN)
     dims = len(patch_size)
     data = tiny3d if dims == 3 else tiny2d
-    parser.update(
-        {
-            "dataset_dir": str(data),
-            "spatial_dims": dims,
-            "intensity_field": 1.0,
-            "patch_size": patch_size,
-            "copy_paste": 1.0,
-        }
-    )
-    fields = [t for t in parser.get_parsed_content("train#random_transforms") if "SmoothField" in type(t).__name__]
-    assert sorted(k for t in fields for k in t.keys) == ["image", "image_g"]
-    set_determinism(seed=0)  # the transforms' random states: the patches, and whether one holds an object to copy
+    parser.update({"dataset_dir": str(data), "spatial_dims": dims, "patch_size": patch_size})
+    set_determinism(seed=0)  # the transforms' random states
     try:
         loader = parser.get_parsed_content("train#dataloader")
         batches = list(itertools.islice(loader, 12))
     finally:
         set_determinism(seed=None)
     assert {tuple(b[k].shape) for b in batches for k in ("image", "image_g", "label")} == {(2, 1, *patch_size)}
-    # copy-paste (every patch here): integer ids above PASTED_ID_OFFSET reach the loss, in the views' shared layout
-    from spoco_bundle.transforms import PASTED_ID_OFFSET
-
     assert all(b["label"].dtype == torch.int64 for b in batches)
-    assert any((b["label"] > PASTED_ID_OFFSET).any() for b in batches)
-    before = torch.linspace(0, 1, int(torch.tensor(patch_size).prod())).reshape(1, *patch_size)
-    after = fields[0]({"image": before})["image"]
-    assert not torch.allclose(after, before, atol=0.01)  # a contrast change somewhere in the patch
-    assert float(after.min()) >= -1e-6 and float(after.max()) <= 1 + 1e-6  # rescaled to the input's range
 
 
 def test_training_loader_spans_an_epoch_however_few_the_files(tiny3d):
@@ -235,10 +197,11 @@ def test_training_loader_spans_an_epoch_however_few_the_files(tiny3d):
 
 def test_validation_removes_objects_small_next_to_the_recorded_training_objects():
     # the best checkpoint is chosen on what inference will output: the size filter of the objects the student
-    # records when training starts (ObjectSizeHandler), min_size alone until then
+    # records when training starts (TrainingSetRecorder), min_size alone until then
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({"spatial_dims": 2, "features": [8, 16, 32], "device": "$torch.device('cpu')"})
+    ids = {"spatial_dims": 2, "features": [8, 16, 32], "device": "$torch.device('cpu')", "bundle_root": str(ROOT)}
+    parser.update(ids)
     inference = ConfigParser()
     inference.read_config(str(ROOT / "configs" / "inference.json"))
     assert parser["min_diameter_ratio"] == inference["min_diameter_ratio"]  # validation scores what inference outputs
@@ -287,13 +250,9 @@ def test_train_3d_writes_strict_student_checkpoint(tmp_path, tiny3d):
     assert 0.0 < float(state["fg_label_frequency"]) < 1.0
     assert float(state["fg_positive_weight"]) == 10.0  # the loss's default, undone at inference
     # the size of what it was trained on: the kept objects' median diameter and the images' blob size range
-    train = checked_datalist(str(tiny3d), "training", 3)
-    assert float(state["object_diameter"]) == pytest.approx(
-        training_object_diameter([d["label"] for d in train], instance_ratio=0.5, seed=0), rel=1e-5
-    )
-    assert state["image_blob_scale"].tolist() == pytest.approx(
-        list(training_blob_scales([d["image"] for d in train])), rel=1e-5
-    )
+    train = TrainingSet(checked_datalist(str(tiny3d), "training", 3), spatial_dims=3, instance_ratio=0.5, seed=0)
+    assert float(state["object_diameter"]) == pytest.approx(train.object_diameter, rel=1e-5)
+    assert state["image_blob_scale"].tolist() == pytest.approx(list(train.blob_scales), rel=1e-5)
     assert 0 < float(state["image_blob_scale"][0]) <= float(state["image_blob_scale"][2])
     resume = torch.load(models / "resume.pt", map_location="cpu", weights_only=True)
     assert {"model", "teacher", "optimizer", "trainer", "lr_scheduler"} <= set(resume)
@@ -594,35 +553,55 @@ def test_bad_data_fails_with_file_name(tmp_path, problem):
     assert not (tmp_path / "bundle" / "models" / "model.pt").exists()
 
 
+def _paint_strokes(dataset: Path, stroke_id: int) -> int:
+    """Paint strokes of background into the training labels of ``dataset``, as an annotator does beside the objects
+    they outlined: in each label file, three lines across the middle half of the image (of the middle slice of a
+    volume) where they are background more than 3 voxels from any object, set to ``stroke_id``. Returns how many
+    voxels were painted."""
+    from scipy import ndimage
+
+    painted = 0
+    for item in json.loads((dataset / "dataset.json").read_text())["training"]:
+        path = dataset / item["label"]
+        label, meta = read_image(path)
+        label = np.array(label)
+        plane = label[label.shape[0] // 2] if label.ndim == 3 else label
+        far = ndimage.distance_transform_edt(plane == 0) > 3
+        h, w = plane.shape
+        for row in (h // 4, h // 2, 3 * h // 4):
+            line = far[row, w // 4 : 3 * w // 4]
+            plane[row, w // 4 : 3 * w // 4][line] = stroke_id
+            painted += int(line.sum())
+        write_label_image(path, label, meta)
+    return painted
+
+
 @pytest.mark.slow
 def test_scribbles_train_a_calibrated_head_and_runs_repeat_bit_for_bit(tmp_path, monkeypatch):
-    # --scribbles paints strokes into dense labels (id --background_label): without a ring the head stays
-    # positive-unlabeled, so the model carries a label frequency c < 1; two runs with the same seed and thread count
-    # give identical weights
+    # strokes painted into the labels (id --background_label): without a ring the head stays positive-unlabeled, so
+    # the model carries a label frequency c < 1; two runs with the same seed and thread count give identical weights
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = tmp_path / "syn2d"
     write_synthetic_dataset(data, n_train=2, n_val=0, n_test=0, shape=(64, 64), seed=2, ext=".tif", spatial_dims=2)
+    assert _paint_strokes(data, 65535) > 0
     args = ["--spatial_dims", "2", "--epochs", "1", "--epoch_length", "3", "--patch_size", "[48,48]"]
-    args += ["--foreground_ring", "0", "--scribbles", "3", "--background_label", "65535", "--instance_ratio", "0.5"]
+    args += ["--foreground_ring", "0", "--background_label", "65535", "--instance_ratio", "0.5"]
     states = []
-    for run in ("a", "b", "c"):
-        (tmp_path / run).mkdir()
     for run in ("a", "b"):
+        (tmp_path / run).mkdir()
         _run_training(tmp_path / run, data, *args)
         states.append(torch.load(tmp_path / run / "bundle" / "models" / "model.pt", weights_only=True))
     assert 0.0 < float(states[0]["fg_label_frequency"]) < 1.0 and float(states[0]["fg_positive_weight"]) == 10.0
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    # without a background id the strokes have no label to get: a clear error before training
-    proc = _run_training(tmp_path / "c", data, *args[:-4], "--scribbles", "3", expect_ok=False)
-    assert proc.returncode != 0 and "need a background_label" in proc.stderr.strip().splitlines()[-1]
+    settings = json.loads((tmp_path / "a" / "bundle" / "models" / "model.json").read_text())["training"]["settings"]
+    assert settings["foreground_strokes"] is True and settings["background_label"] == 65535
 
 
 @pytest.mark.parametrize("n_val", [0, 1])
 def test_lee_liu_images_calibrates_the_saved_model(tmp_path, n_val):
     # foreground_calibration lee_liu_images: the threshold pass runs before validation (n_val 1: the best-model
     # saver keeps what it set) or at the end before the final saver (n_val 0); model.pt carries c = 2 t
-    import json
     import re
 
     data = tmp_path / "syn2d"
@@ -644,7 +623,6 @@ def test_foreground_ring_trains_a_supervised_head_in_3d(tmp_path, tiny3d):
     # --foreground_ring per axis (z first): the head learns the annotated objects against the ring around them, so
     # no image is positive-unlabeled and with the label-frequency calibration the model carries none (c = 1, w = 1:
     # the head's own 0.5)
-    import json
     import re
 
     args = ["--epochs", "1", "--epoch_length", "2", "--instance_ratio", "0.5", "--patch_size", "[16,32,32]"]
@@ -658,15 +636,17 @@ def test_foreground_ring_trains_a_supervised_head_in_3d(tmp_path, tiny3d):
     # the defaults ("auto") with a handful of annotated nuclei and painted strokes: the run counts the annotated
     # objects, takes the ring (strokes join it), and the threshold pass sets the ring head's threshold on the
     # training volumes (c = 2 t, still unweighted); the card records what "auto" chose
-    args += ["--val_interval", "1", "--scribbles", "2", "--background_label", "65535"]
-    (tmp_path / "strokes").mkdir()
-    proc = _run_training(tmp_path / "strokes", tiny3d, *args)
+    strokes = tmp_path / "strokes"
+    shutil.copytree(tiny3d, strokes / "data")
+    assert _paint_strokes(strokes / "data", 65535) > 0
+    args += ["--val_interval", "1", "--background_label", "65535"]
+    proc = _run_training(strokes, strokes / "data", *args)
     log = proc.stdout + proc.stderr
     from spoco_bundle.losses import AUTO_RING_MAX_OBJECTS
 
     pattern = rf"foreground_ring 'auto': (\d+) annotated object\(s\), at most {AUTO_RING_MAX_OBJECTS}, voxel size "
-    pattern += r"[0-9.e x]+: (.+) \(foreground_calibration lee_liu_images\)"
-    chosen = re.findall(pattern, log)
+    pattern += r"[0-9.e x]+: (\[[0-9, ]+\]|[0-9]+)$"
+    chosen = re.findall(pattern, log, flags=re.MULTILINE)
     assert len(chosen) == 1 and int(chosen[0][0]) > 0, log[-3000:]
     found = re.findall(r"foreground threshold \(Lee & Liu on 2 training image\(s\)\): t = ([0-9.]+)", log)
     assert len(found) == 1, log[-3000:]
@@ -676,7 +656,7 @@ def test_foreground_ring_trains_a_supervised_head_in_3d(tmp_path, tiny3d):
     assert float(state["fg_positive_weight"]) == 1.0
     settings = json.loads((models / "model.json").read_text())["training"]["settings"]
     assert settings["foreground_calibration"] == "lee_liu_images"
-    assert settings["foreground_ring"] == json.loads(chosen[0][1])
+    assert settings["foreground_ring"] == json.loads(chosen[0][1]) and settings["foreground_strokes"] is True
 
 
 class _Terminal(io.StringIO):

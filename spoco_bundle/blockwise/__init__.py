@@ -10,36 +10,30 @@ Segmentation of volumes larger than memory, block by block on dask (local thread
   :class:`BlockwiseSettings` (the ``blockwise`` of configs/inference.json: when and how).
 """
 
-from spoco_bundle.blockwise.blocks import ClusterBlock, NetworkBlock, postprocessing_chain
+from spoco_bundle.blockwise.blocks import ClusterBlock, NetworkBlock
 from spoco_bundle.blockwise.grid import (
     BlockGrid,
     choose_block_shape,
     receptive_field,
     window_halo,
-    window_scale,
     window_tail,
 )
 from spoco_bundle.blockwise.segment import compute, segment_blockwise, work_path
 from spoco_bundle.blockwise.stitch import match_overlap, merge_ids
-from spoco_bundle.blockwise.store import ZARR_SUFFIXES, is_zarr, open_volume, split_volume_suffix
+from spoco_bundle.blockwise.store import open_volume
 
 __all__ = [
     "BlockGrid",
     "ClusterBlock",
     "NetworkBlock",
-    "ZARR_SUFFIXES",
     "choose_block_shape",
     "compute",
-    "is_zarr",
     "match_overlap",
     "merge_ids",
     "open_volume",
-    "postprocessing_chain",
     "receptive_field",
     "segment_blockwise",
-    "split_volume_suffix",
     "window_halo",
-    "window_scale",
     "window_tail",
     "work_path",
 ]

@@ -9,50 +9,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
-__all__ = ["ClusterBlock", "NetworkBlock", "postprocessing_chain"]
+from spoco_bundle.postprocessing import ResizeToMatch
+
+__all__ = ["ClusterBlock", "NetworkBlock"]
 
 
 def _labels(data: Mapping, key: str) -> np.ndarray:
     labels = data[key]
     labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     return labels[0]  # (1, *S) -> S
-
-
-def postprocessing_chain(
-    clustering: str = "watershed",
-    embedding_dim: int = 16,
-    background: str = "head",
-    foreground_threshold: float = 0.5,
-    shape_split: float = 0.1,
-    min_size: int = 16,
-    delta_v: float = 0.5,
-    delta_d: float = 2.0,
-    boundary_merge: float = 0.4,
-    boundary_threshold: float | str = 0.5,
-) -> Callable[[dict], Mapping]:
-    """The ``postprocessing`` of configs/inference.json with its ids as arguments (same defaults), on ``"pred"``."""
-    from monai.transforms import Compose
-
-    from spoco_bundle.postprocessing import ClusterInstancesd, ForegroundMaskd, RemoveSmallInstancesd, SplitByShaped
-
-    common = dict(keys="pred", embedding_dim=embedding_dim, background=background)
-    return Compose(
-        [
-            ForegroundMaskd(threshold=foreground_threshold, method=clustering, **common),
-            ClusterInstancesd(
-                method=clustering,
-                delta_v=delta_v,
-                delta_d=delta_d,
-                min_size=min_size,
-                boundary_merge=boundary_merge,
-                boundary_threshold=boundary_threshold,
-                **common,
-            ),
-            SplitByShaped(keys="pred", h=shape_split, min_size=min_size),
-            RemoveSmallInstancesd(keys="pred", min_size=min_size),
-        ]
-    )
 
 
 class ClusterBlock:
@@ -78,16 +45,12 @@ class ClusterBlock:
         """A MetaTensor of the block's ``spatial`` size carrying the voxel size for
         :class:`~spoco_bundle.postprocessing.SplitByShaped`, which scales it onto a resampled ``pred``'s grid (one
         zero, expanded: no memory)."""
-        from monai.data import MetaTensor
-
         affine = np.eye(4)
         if self.spacing is not None:
             affine[range(len(self.spacing)), range(len(self.spacing))] = self.spacing
         return MetaTensor(torch.zeros((1,) * (len(spatial) + 1)).expand(1, *spatial), affine=torch.as_tensor(affine))
 
     def __call__(self, pred: np.ndarray, shape: Sequence[int] | None = None) -> np.ndarray:
-        from spoco_bundle.postprocessing import ResizeToMatch
-
         pred = np.asarray(pred, dtype=np.float32)
         own = pred.shape[1:] if shape is None else tuple(int(n) for n in shape)
         data = self.postprocessing({"pred": pred, "image": self._image(own)})

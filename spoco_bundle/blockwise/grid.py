@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlockGrid", "receptive_field", "choose_block_shape", "window_halo", "window_tail", "window_scale"]
+__all__ = ["BlockGrid", "receptive_field", "choose_block_shape", "window_halo", "window_tail"]
 
 
 def _per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
@@ -248,35 +248,3 @@ def window_tail(shape: Sequence[int], roi: Sequence[int], stride: Sequence[int])
     """Per axis, where the whole volume's last sliding window starts when it is off the stride grid (moved back to
     end at the border) and the grid position before it, else None: :class:`BlockGrid`'s ``tail``."""
     return tuple((s - r, (s - r) // t * t) if s > r and (s - r) % t else None for s, r, t in zip(shape, roi, stride))
-
-
-def window_scale(
-    scale: Sequence[float], roi: Sequence[int], overlap: float | Sequence[float]
-) -> tuple[tuple[float, ...], tuple[int, ...], tuple[int, ...]]:
-    """
-    An image scale moved (by about half a voxel per sliding-window stride) to ``stride / k`` with a whole number ``k``
-    per axis, so that a window stride of the resampled image is exactly ``k`` voxels of the image: a length of
-    ``k / gcd(k, stride)`` voxels (an image padded to it) is resampled without rounding, a block that starts at a
-    multiple of ``k`` resamples onto the whole image's resampled grid and its sliding windows onto the whole image's
-    windows, and ``k`` is a multiple of ``stride / gcd(roi - stride, stride)``, so that :func:`window_halo`'s halo
-    after a block (``roi - stride`` resampled voxels) is whole image voxels.
-
-    Args:
-        scale: the factor per spatial axis (or one for all).
-        roi, overlap: the ``SlidingWindowInferer``'s window and overlap.
-
-    Returns:
-        ``(scale, k, stride)`` per axis: the moved factors, the image voxels per stride and the stride in the
-        resampled image's voxels.
-    """
-    n = len(roi)
-    scales = [float(scale[0])] * n if len(scale) == 1 else [float(s) for s in scale]
-    overlaps = [float(overlap)] * n if np.isscalar(overlap) else [float(o) for o in overlap]  # type: ignore[arg-type]
-    if len(scales) != n or len(overlaps) != n:
-        raise ValueError(f"need one scale and overlap per window axis ({n}), got {scale!r} and {overlap!r}.")
-    strides = tuple(max(1, int(int(r) * (1 - o))) for r, o in zip(roi, overlaps))
-    ks = []
-    for r, t, s in zip(roi, strides, scales):
-        m = t // math.gcd(int(r) - t, t)
-        ks.append(max(1, round(t / s / m)) * m)
-    return tuple(t / k for t, k in zip(strides, ks)), tuple(ks), strides

@@ -34,14 +34,9 @@ import numpy as np
 
 from spoco_bundle.blockwise.grid import BlockGrid
 from spoco_bundle.blockwise.stitch import match_overlap, merge_ids, offsets
-from spoco_bundle.blockwise.store import (
-    create_label_store,
-    is_zarr,
-    read_json,
-    remove_store,
-    split_volume_suffix,
-    write_label_file,
-)
+from spoco_bundle.blockwise.store import create_label_store, open_volume, read_json, remove_store, write_label_file
+from spoco_bundle.clustering import relabel_consecutive
+from spoco_bundle.io import is_zarr, split_volume_suffix
 
 __all__ = ["segment_blockwise", "check_output", "work_path", "compute"]
 
@@ -87,7 +82,7 @@ def compute(tasks: Sequence[Any], scheduler: Any = None, workers: int | None = N
     t0 = time.perf_counter()
     terminal = sys.stderr.isatty()
     if scheduler is None or scheduler in ("threads", "synchronous", "sync"):
-        from dask.diagnostics import ProgressBar
+        from dask.diagnostics import ProgressBar  # dask's own submodule: imported when a run needs it
 
         kw: dict[str, Any] = {"scheduler": "threads" if scheduler is None else scheduler}
         if workers and kw["scheduler"] == "threads":
@@ -104,7 +99,13 @@ def compute(tasks: Sequence[Any], scheduler: Any = None, workers: int | None = N
 
 
 def _compute_distributed(tasks: Sequence[Any], scheduler: Any, terminal: bool) -> list[Any]:
-    from distributed import Client, progress
+    try:  # the optional `cluster` extra, and slow to import: only when a scheduler address is given
+        from distributed import Client, progress
+    except ImportError as e:
+        raise ImportError(
+            f"--scheduler {scheduler}: a dask.distributed cluster needs the `distributed` package, the bundle's "
+            "`cluster` extra (pip install -e '.[cluster]'; scripts/setup_env.sh installs it)."
+        ) from e
 
     own = not isinstance(scheduler, Client)
     try:
@@ -167,8 +168,6 @@ def _segment_one(
     scratch: _Scratch,
 ) -> np.ndarray:
     """Pass 1 for one block; returns the voxel count of each local id in its core (index 0: background)."""
-    from spoco_bundle.clustering import relabel_consecutive
-
     ext = grid.extended(index)
     read_margin = getattr(segment_block, "read_margin", None)
     if read_margin is None:
@@ -378,6 +377,4 @@ def segment_blockwise(
     remove_store(scratch.work)
     if suffix.lower().endswith(".zarr"):
         return da.from_zarr(output, component="0")
-    from spoco_bundle.blockwise.store import open_volume
-
     return open_volume(output)[0]

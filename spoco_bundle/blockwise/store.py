@@ -19,51 +19,26 @@ import numpy as np
 import tifffile
 
 from spoco_bundle.io import (
-    IMAGE_SUFFIXES,
+    VOLUME_SUFFIXES,
     TiffReader,
     _is_nifti,
     _is_tiff,
+    is_zarr,
     label_dtype,
+    partial_path,
     read_spacing,
-    split_image_suffix,
+    write_label_image,
 )
 
 __all__ = [
-    "ZARR_SUFFIXES",
-    "VOLUME_SUFFIXES",
-    "is_zarr",
-    "split_volume_suffix",
     "open_volume",
     "create_label_store",
     "write_label_file",
     "remove_store",
 ]
 
-ZARR_SUFFIXES = (".ome.zarr", ".zarr")
-VOLUME_SUFFIXES = ZARR_SUFFIXES + IMAGE_SUFFIXES
-_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 # OME-NGFF axis types that are not spatial, with the option that picks one index along them
 _NON_SPATIAL = {"channel": "input_channel", "time": "input_time_point"}
-
-
-def is_zarr(path: str | os.PathLike) -> bool:
-    """A Zarr store: a folder named ``*.zarr`` or holding Zarr metadata."""
-    path = os.fspath(path)
-    if path.rstrip("/\\").lower().endswith(".zarr"):
-        return True
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _ZARR_MARKERS)
-
-
-def split_volume_suffix(name: str | os.PathLike) -> tuple[str, str]:
-    """``(stem, suffix)`` like :func:`~spoco_bundle.io.split_image_suffix`, also for ``.zarr`` / ``.ome.zarr``."""
-    name = os.path.basename(os.fspath(name).rstrip("/\\"))
-    for suffix in ZARR_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)], name[len(name) - len(suffix) :]
-    return split_image_suffix(name)
-
-
-# --------------------------------------------------------------------------------------------------- reading
 
 
 class _LazyFile:
@@ -273,8 +248,6 @@ def write_label_file(labels: Any, filename: str, meta: Mapping | None = None) ->
     chunks), with the geometry of ``meta`` (as :func:`~spoco_bundle.io.write_label_image` writes whole arrays),
     under a temporary name renamed at the end.
     """
-    from spoco_bundle.io import partial_path, write_label_image
-
     meta = dict(meta or {})
     shape = tuple(labels.shape)
     if len(shape) == 2:  # a 2D image's labels fit where its network output did not: write it whole

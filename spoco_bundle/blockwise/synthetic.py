@@ -1,12 +1,12 @@
 """
 Synthetic embedding volumes of any size with known instances, generated region by region (a 1-Gvoxel volume of 16
 float32 channels is 64 GB; any region of it is computed on demand, the same whatever the blocks): for tests and
-scripts/benchmark_blockwise.py.
+research/perf/benchmark_blockwise.py.
 
 The objects: one seed per cell of a regular grid (``cell`` voxels), jittered; a voxel belongs to its nearest seed's
 object when it lies within that seed's radius and the seed is present (``present`` of the seeds), else to the
 background. Neighbouring objects touch where both radii reach their Voronoi border. Embeddings follow the geometry the
-SPOCO losses train for (as scripts/benchmark_clustering.py, E = 16, delta_v = 0.5, delta_d = 2.0): one centre per
+SPOCO losses train for (as research/perf/benchmark_clustering.py, E = 16, delta_v = 0.5, delta_d = 2.0): one centre per
 object drawn from N(0, 1.5^2) per dimension (neighbours are then almost always more than 2 delta_d apart in 16-D),
 plus noise of standard deviation ``noise`` per voxel and dimension (triangular, cheap to hash); the last channel
 is a foreground logit (+6 / -6 plus noise of standard deviation 1), as the network's head gives. All randomness is

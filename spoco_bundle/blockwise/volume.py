@@ -15,12 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import Compose
 
 from spoco_bundle.blockwise.blocks import NetworkBlock
-from spoco_bundle.blockwise.grid import choose_block_shape, receptive_field, window_halo, window_scale, window_tail
+from spoco_bundle.blockwise.grid import choose_block_shape, receptive_field, window_halo, window_tail
 from spoco_bundle.blockwise.segment import check_output, segment_blockwise
-from spoco_bundle.blockwise.store import is_zarr, open_volume
-from spoco_bundle.inferers import sliding_window
+from spoco_bundle.blockwise.store import open_volume
+from spoco_bundle.inferers import ScaledInferer, sliding_window, window_scale
+from spoco_bundle.io import is_zarr, read_spacing
+from spoco_bundle.postprocessing import WarnFewInstancesd
 
 __all__ = ["BlockwiseSettings", "BYTES_PER_VOXEL", "segment_volume"]
 
@@ -28,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 # peak memory of the whole-volume path per voxel (network output of 17 float32 channels, the sliding window's sums
 # and weights, the clustering's copies): about 390 measured for a 0.8-Mvoxel volume (default network, watershed),
-# with a margin; the end-to-end mode of scripts/benchmark_blockwise.py reports peak memory to check it against
+# with a margin; the end-to-end mode of research/perf/benchmark_blockwise.py reports peak memory to check it against
 BYTES_PER_VOXEL = 600
 # network activations of one sliding-window batch, per voxel of its windows (default network, no gradients): 1.13 GB
 # for 4 windows of 64 x 112 x 112 measured on CPU (peak RSS); taken off the budget before blocks are sized
@@ -72,8 +75,6 @@ class BlockwiseSettings:
         intensity_percentiles: the normalisation's percentiles, taken over the whole volume (a subsample).
         min_size: objects under this many voxels after stitching are removed.
         iou_threshold: objects of neighbouring blocks overlapping with IoU above it are one object.
-        tophat: the model's top-hat background subtraction (:class:`~spoco_bundle.transforms.TopHat`), which
-            blockwise segmentation does not apply: an image that would go blockwise is refused when it is not 0.
 
     Raises:
         ValueError: a non-positive memory budget.
@@ -91,7 +92,6 @@ class BlockwiseSettings:
         intensity_percentiles: Sequence[float] = (1.0, 99.8),
         min_size: int = 16,
         iou_threshold: float = 0.5,
-        tophat: float = 0.0,
     ) -> None:
         if max_memory_gb is not None and not float(max_memory_gb) > 0:
             raise ValueError(f"max_memory_gb must be positive (or null: half the free memory), got {max_memory_gb!r}.")
@@ -105,31 +105,72 @@ class BlockwiseSettings:
         self.intensity_percentiles = (float(intensity_percentiles[0]), float(intensity_percentiles[1]))
         self.min_size = int(min_size)
         self.iou_threshold = float(iou_threshold)
-        self.tophat = float(tophat)
 
     def budget_gb(self) -> float:
         return self.max_memory_gb if self.max_memory_gb is not None else FREE_MEMORY_SHARE * free_memory_gb()
-
-    def check_tophat(self) -> None:
-        """ValueError when the model preprocesses with a top-hat, which blockwise segmentation does not apply."""
-        if self.tophat:
-            raise ValueError(
-                f"the model's top-hat background subtraction (tophat {self.tophat:g}) is not supported for blockwise "
-                "segmentation (Zarr stores, volumes over --max_memory_gb) yet: segment the whole volume, or use a "
-                "model trained without it (--tophat 0)."
-            )
 
     def wanted(self, path: str) -> bool:
         """Whether ``path`` is segmented blockwise: a Zarr store, or whole-volume memory above the budget."""
         if is_zarr(path):
             return True
-        from spoco_bundle.io import read_spacing
-
         try:
             shape = read_spacing(path)[0]
         except ValueError:
             return False  # the whole-volume path reports it, as before
         return math.prod(shape) * BYTES_PER_VOXEL / 1e9 > self.budget_gb()
+
+
+def _blocks(
+    path: str,
+    shape: Sequence[int],
+    settings: BlockwiseSettings,
+    budget: float,
+    voxel_bytes: float,
+    view: Sequence[int] | None,
+    halo_lo: Sequence[int],
+    halo_hi: Sequence[int],
+    step: Sequence[int],
+) -> tuple[tuple[int, ...], int]:
+    """The core block shape (``settings.block_shape``, else the largest the memory ``budget`` allows, in whole strides
+    ``step`` of the sliding window) and how many blocks run at once.
+
+    Raises:
+        ValueError: naming ``path``, a block smaller than the network's receptive field ``view``.
+    """
+    ndim = len(shape)
+    cores = os.cpu_count() or 1
+    block = settings.block_shape
+    if block is None:
+        # one block when the volume fits the budget; else blocks for two at once (one in the network, which uses
+        # every core, one in the single-threaded clustering), as large as that allows: less halo to recompute
+        fits = math.prod(shape) * voxel_bytes <= budget
+        per_block = budget / (1 if fits else (settings.workers or min(2, cores))) / voxel_bytes
+        mean_halo = tuple(math.ceil((a + b) / 2) for a, b in zip(halo_lo, halo_hi))
+        block = choose_block_shape(shape, int(per_block), mean_halo, minimum=view)
+    block = (int(block),) * ndim if np.isscalar(block) else tuple(int(b) for b in block)  # type: ignore[arg-type]
+    block = tuple(min(b, s) for b, s in zip(block, shape))
+    if view is not None:
+        small = [ax for ax, (b, v, s) in enumerate(zip(block, view, shape)) if b < min(v, s)]
+        if small:
+            raise ValueError(
+                f"{path}: block_shape {list(block)} is smaller than the network's receptive field {list(view)} "
+                f"(voxels of this image; at most its sliding-window patch) along axis {small[0]}: give larger blocks "
+                "(--block_shape) or more memory (--max_memory_gb)."
+            )
+    # whole strides of the sliding window (not below the field of view), unless the block is the whole axis
+    # a halo reaches no further than a block
+    least = tuple(max(v, a, b) for v, a, b in zip(view or (1,) * ndim, halo_lo, halo_hi))
+    aligned = tuple(
+        b if b >= s else min(s, max(b // t, math.ceil(v / t)) * t) for b, s, t, v in zip(block, shape, step, least)
+    )
+    if settings.block_shape is not None and aligned != block:
+        logger.info(f"block_shape {list(block)} -> {list(aligned)}: whole strides {list(step)} of the sliding window")
+    block = aligned
+    workers = settings.workers
+    if workers is None:  # as many blocks at once as the budget holds
+        ext = math.prod(b + h0 + h1 if b < s else b for b, h0, h1, s in zip(block, halo_lo, halo_hi, shape))
+        workers = int(max(1, min(cores, budget // (ext * voxel_bytes))))
+    return block, workers
 
 
 def _percentiles(image: Any, percentiles: tuple[float, float]) -> tuple[float, float]:
@@ -143,8 +184,6 @@ def _percentiles(image: Any, percentiles: tuple[float, float]) -> tuple[float, f
 def _fixed_scale_inferer(inferer: Any, network: Any, image: Any, lo: float, hi: float) -> tuple[Any, float]:
     """For ``image_scale "auto"``: the factor measured once on a central crop, and an inferer with it fixed (every
     block resampled alike). Returns ``(inferer, factor)``."""
-    from spoco_bundle.inferers import ScaledInferer
-
     if not getattr(inferer, "auto", False):
         scale = getattr(inferer, "scale", (1.0,))
         return inferer, float(np.prod(scale)) ** (1 / len(scale))
@@ -178,9 +217,8 @@ def segment_volume(
 
     Raises:
         ValueError: naming the path: unreadable input, wrong dimensionality, a block smaller than the network's
-            receptive field, an existing output store; a model with a top-hat (``settings.tophat``).
+            receptive field, an existing output store.
     """
-    settings.check_tophat()
     check_output(out_path)  # before any work
     postprocessing = _without_whole_image_checks(postprocessing)
     image, meta = open_volume(path, settings.input_channel, settings.input_time_point)
@@ -208,40 +246,8 @@ def segment_volume(
         halo_lo = halo_hi = context or (tuple(math.ceil(v / 2) for v in view) if view else (32,) * ndim)
         step = (1,) * ndim
     budget = block_budget(settings.budget_gb() * 1e9, inferer, windows)
-    cores = os.cpu_count() or 1
     voxel_bytes = BYTES_PER_VOXEL * max(1.0, scale) ** ndim
-    block = settings.block_shape
-    if block is None:
-        # one block when the volume fits the budget; else blocks for two at once (one in the network, which uses
-        # every core, one in the single-threaded clustering), as large as that allows: less halo to recompute
-        fits = math.prod(image.shape) * voxel_bytes <= budget
-        per_block = budget / (1 if fits else (settings.workers or min(2, cores))) / voxel_bytes
-        mean_halo = tuple(math.ceil((a + b) / 2) for a, b in zip(halo_lo, halo_hi))
-        block = choose_block_shape(image.shape, int(per_block), mean_halo, minimum=view)
-    block = (int(block),) * ndim if np.isscalar(block) else tuple(int(b) for b in block)  # type: ignore[arg-type]
-    block = tuple(min(b, s) for b, s in zip(block, image.shape))
-    if view is not None:
-        small = [ax for ax, (b, v, s) in enumerate(zip(block, view, image.shape)) if b < min(v, s)]
-        if small:
-            raise ValueError(
-                f"{path}: block_shape {list(block)} is smaller than the network's receptive field {list(view)} "
-                f"(voxels of this image; at most its sliding-window patch) along axis {small[0]}: give larger blocks "
-                "(--block_shape) or more memory (--max_memory_gb)."
-            )
-    # whole strides of the sliding window (not below the field of view), unless the block is the whole axis
-    # a halo reaches no further than a block
-    least = tuple(max(v, a, b) for v, a, b in zip(view or (1,) * ndim, halo_lo, halo_hi))
-    aligned = tuple(
-        b if b >= s else min(s, max(b // t, math.ceil(v / t)) * t)
-        for b, s, t, v in zip(block, image.shape, step, least)
-    )
-    if settings.block_shape is not None and aligned != block:
-        logger.info(f"block_shape {list(block)} -> {list(aligned)}: whole strides {list(step)} of the sliding window")
-    block = aligned
-    workers = settings.workers
-    if workers is None:  # as many blocks at once as the budget holds
-        ext = math.prod(b + h0 + h1 if b < s else b for b, h0, h1, s in zip(block, halo_lo, halo_hi, image.shape))
-        workers = int(max(1, min(cores, budget // (ext * voxel_bytes))))
+    block, workers = _blocks(path, image.shape, settings, budget, voxel_bytes, view, halo_lo, halo_hi, step)
     segmenter = NetworkBlock(network, inferer, postprocessing, (lo, hi), meta.get("spacing"), device)
     segmenter.read_margin = read_margin
     info: dict = {}
@@ -273,7 +279,7 @@ def _resampled_window_halo(
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[tuple[int, int] | None, ...], tuple[int, ...]]:
     """:func:`~spoco_bundle.blockwise.grid.window_halo` and ``window_tail`` on the resampled grid, in image voxels.
 
-    With the scale of :func:`~spoco_bundle.blockwise.grid.window_scale` (``k`` image voxels per stride ``t``), blocks
+    With the scale of :func:`~spoco_bundle.inferers.window_scale` (``k`` image voxels per stride ``t``), blocks
     of whole ``k``, these halos and blocks read with a margin of whole ``k / gcd(k, t)`` voxels (resampled, then cut
     off: :meth:`~spoco_bundle.inferers.ScaledInferer.infer_inner`), a block's resampled image is the whole image's
     and its sliding windows are the whole image's wherever they reach the core or the resampled voxel beyond it
@@ -330,10 +336,6 @@ def _without_whole_image_checks(postprocessing: Callable) -> Callable:
     """The chain without :class:`~spoco_bundle.postprocessing.WarnFewInstancesd`: a block is not an image (its count
     says nothing about the volume, and the block has no file name), and the resume identity stays that of the chain
     before the check existed."""
-    from monai.transforms import Compose
-
-    from spoco_bundle.postprocessing import WarnFewInstancesd
-
     if not isinstance(postprocessing, Compose):
         return postprocessing
     kept = [t for t in postprocessing.transforms if not isinstance(t, WarnFewInstancesd)]

@@ -7,7 +7,7 @@ in the server log. Start the server with this app instead to get a JSON ``{"deta
 that tells the client whose fault it was::
 
     monailabel start_server --app apps/monaibundle --studies STUDIES --conf models spoco --conf zoo_source github \\
-        --uvicorn_app spoco_bundle.monailabel_server:app
+        --uvicorn_app spoco_bundle.monailabel.server:app
 
 - 404: the image is not a study of the datastore: an id the datastore does not know, or a path (absolute or
   relative, ``../..`` included) that does not resolve inside the studies folder, whether or not it exists there;

@@ -17,6 +17,11 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import MetaKeys
 
+from spoco_bundle.bundle import bundle_root, config_parser
+from spoco_bundle.cards import read_card, write_card
+from spoco_bundle.networks import load_weights
+from spoco_bundle.package import network_data_format
+
 __all__ = [
     "MonaiLabelWriterOrderd",
     "MONAILABEL_IMAGE_PATH_KEY",
@@ -28,15 +33,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # the card's network and preprocessing settings a deployment's own training must keep (configs/train.json ids)
-_CARD_TRAIN_IDS = (
-    "spatial_dims",
-    "features",
-    "embedding_dim",
-    "patch_size",
-    "intensity_percentiles",
-    "tophat",
-    "intensity_gamma",
-)
+_CARD_TRAIN_IDS = ("spatial_dims", "features", "embedding_dim", "patch_size", "intensity_percentiles")
 
 # BasicInferTask.__call__ copies the request's image path to this key; its Writer reads it for the output suffix
 MONAILABEL_IMAGE_PATH_KEY = "image_path"
@@ -44,7 +41,7 @@ MONAILABEL_IMAGE_PATH_KEY = "image_path"
 # what deploy_bundle appends to the deployed copy's inference ``postprocessing`` (not in the repository's
 # configs/inference.json: only MONAI Label's writer needs it)
 MONAILABEL_POSTPROCESSING = (
-    {"_target_": "spoco_bundle.monailabel_compat.MonaiLabelWriterOrderd", "keys": "pred", "ref_image": "image"},
+    {"_target_": "spoco_bundle.monailabel.MonaiLabelWriterOrderd", "keys": "pred", "ref_image": "image"},
 )
 
 
@@ -132,7 +129,7 @@ def deploy_bundle(
         name: bundle (model) name; MONAI Label derives the task type from it, so avoid "deepedit", "deepgrow",
             "detection" and "classification" in it.
         checkpoint: trained student weights (``models/model.pt`` of a training run), deployed with its
-            ``model.json`` (the network's settings, see :mod:`spoco_bundle.shipped`) when it has one. None: an
+            ``model.json`` (the network's settings, see :mod:`spoco_bundle.cards`) when it has one. None: an
             untrained network (``network_def`` of ``configs/inference.json`` with fixed seed 0) is saved, so that the
             model is listed and can be trained from the client; its segmentations are meaningless until then.
         source: the bundle to copy; defaults to the repository this module belongs to.
@@ -141,7 +138,7 @@ def deploy_bundle(
     Returns:
         the bundle folder in the app.
     """
-    source = Path(source) if source is not None else Path(__file__).resolve().parents[1]
+    source = Path(source) if source is not None else bundle_root()
     app = Path(app_dir)
     if not (app / "main.py").is_file():
         raise ValueError(
@@ -169,24 +166,17 @@ def deploy_bundle(
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"Checkpoint {checkpoint} not found.")
-        from spoco_bundle.networks import load_weights
-        from spoco_bundle.shipped import read_card, write_card
-
         card = read_card(checkpoint)  # the model card first: the bundle's inference.json builds network_def from it
         if card is not None:
             write_card(target, card)
     else:
         torch.manual_seed(0)  # the untrained network's initial weights, reproducibly
-    from spoco_bundle.package import _parser
-
-    parser = _parser(dest / "configs" / "inference.json", dest)  # the copy's own config (and card)
+    parser = config_parser(dest / "configs" / "inference.json", dest)  # the copy's own config (and card)
     network = parser.get_parsed_content("network_def")
     if checkpoint is not None:  # load strictly now (an error here, not in the server); saved as the plain student
         load_weights(network, str(checkpoint))
-        # the card's settings, and the power law on the input, which lives in the weights rather than the card: the
-        # copy's own training (a fresh start too) keeps them
-        settings = dict(card.get("inference", {})) if card is not None else {}
-        _adopt_card(dest, {**settings, "intensity_gamma": float(getattr(network, "input_gamma", 1.0))})
+        # the card's settings: the copy's own training (a fresh start too) keeps them
+        _adopt_card(dest, dict(card.get("inference", {})) if card is not None else {})
     torch.save(network.state_dict(), target)
     _describe_network(dest, network, [int(v) for v in parser.get_parsed_content("patch_size")])
     if checkpoint is None:
@@ -214,8 +204,8 @@ def add_monailabel_postprocessing(config_file: str | os.PathLike) -> None:
 
 def _adopt_card(bundle: Path, settings: Mapping[str, Any]) -> None:
     """Make the deployed copy's training config agree with the model card's network and preprocessing: MONAI Label
-    trains with ``configs/train.json``, and a 2D model must go on training in 2D with its own widths, patch,
-    normalisation and top-hat."""
+    trains with ``configs/train.json``, and a 2D model must go on training in 2D with its own widths, patch and
+    normalisation."""
     ids = {k: settings[k] for k in _CARD_TRAIN_IDS if k in settings}
     if ids:
         path = bundle / "configs" / "train.json"
@@ -227,8 +217,6 @@ def _adopt_card(bundle: Path, settings: Mapping[str, Any]) -> None:
 def _describe_network(bundle: Path, network: torch.nn.Module, patch_size: list[int]) -> None:
     """``network_data_format`` of the copy's metadata from the network it serves: MONAI Label reports the model's
     dimension from the length of ``inputs.image.spatial_shape``."""
-    from spoco_bundle.package import network_data_format
-
     path = bundle / "configs" / "metadata.json"
     meta = json.loads(path.read_text())
     meta["network_data_format"] = network_data_format(meta["network_data_format"], network, patch_size)
@@ -239,4 +227,4 @@ if __name__ == "__main__":
     import fire
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    fire.Fire(deploy_bundle, name="python -m spoco_bundle.monailabel_compat")
+    fire.Fire(deploy_bundle, name="python -m spoco_bundle.monailabel.deploy")

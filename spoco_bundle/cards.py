@@ -4,11 +4,10 @@ flags to rebuild the network that fits them. One schema serves the user's own tr
 
 - ``inference``: the ``configs/inference.json`` ids the model needs or was tuned with: ``spatial_dims``,
   ``features``, ``embedding_dim`` (they define the network's shape), ``patch_size``, ``min_size``,
-  ``intensity_percentiles``, ``tophat`` (the preprocessing it was trained with);
-- ``training``: how it was trained: ``settings`` (the run's ``train.json`` ids, which ``configs/evaluate.json`` takes
-  its defaults from), and for a training of this bundle the size of what it was trained on (``object_diameter``,
-  ``image_blob_scale`` in voxels of the network's grid, the images' ``voxel_size`` and ``voxel_unit``), the
-  iteration and time of the save;
+  ``intensity_percentiles``;
+- ``training``: how it was trained: ``settings`` (the run's settings), and for a training of this bundle the size of
+  what it was trained on (``object_diameter``, ``image_blob_scale`` in voxels of the network's grid, the images'
+  ``voxel_size`` and ``voxel_unit``), the iteration and time of the save;
 - ``bundle_version``: the bundle (``configs/metadata.json``) that wrote it;
 - ``validation`` (a training with a validation list): the best key metric of the run's validation, i.e. the score
   of the weights the best-model saver kept; ``scores`` (shipped models): scores on held-out images, each with the
@@ -19,12 +18,10 @@ Training writes the card of ``ckpt_dir/model.pt`` whenever the weights are saved
 ``models/<name>/model.json`` (written by ``scripts/shipped_models.py``, with a description and scores as well).
 
 ``configs/inference.json`` reads the card of the checkpoint it loads (``ckpt_path``; ``--model <name>`` selects a
-shipped model's) through ``model_settings`` (a component that puts the bundle on ``sys.path`` first, like
-``network_def``, so that MONAI's zoo commands resolve the network from an unpacked bundle): its ``spatial_dims``,
-``features``, ``embedding_dim``, ``patch_size``, ``min_size``, ``intensity_percentiles`` and ``tophat`` default to the
-card's; any of them given on the command line still wins, and a given shape setting that contradicts the card is
-refused by :func:`~spoco_bundle.networks.load_weights` (:func:`check_network`) with one line naming both values. A
-checkpoint without a card (trained before bundle 0.10) is used with the config's defaults, as before.
+shipped model's) through ``model_settings``: its ``inference`` ids are the defaults of inference; any of them given
+on the command line still wins, and a given shape setting that contradicts the card is refused by
+:func:`~spoco_bundle.networks.load_weights` (:func:`check_network`) with one line naming both values. A checkpoint
+without a card is used with the config's defaults.
 """
 
 from __future__ import annotations
@@ -55,6 +52,9 @@ __all__ = [
 
 # the card's inference settings that define the network's shape: a different value cannot load the weights
 SHAPE_SETTINGS = ("spatial_dims", "features", "embedding_dim")
+# inference settings that cards of earlier versions may hold for preprocessing this version no longer has, with the
+# value that meant "not used": such a card still loads; another value is refused (the weights expect that input)
+RETIRED_SETTINGS = {"tophat": 0.0}
 
 
 def _models_dir(bundle_root: str | os.PathLike) -> Path:
@@ -132,10 +132,21 @@ def _section(ckpt_path: str | os.PathLike, *keys: str) -> dict[str, Any]:
 
 def inference_settings(ckpt_path: str | os.PathLike) -> dict[str, Any]:
     """The ``inference`` section of the card of ``ckpt_path``: ``configs/inference.json``'s defaults for
-    ``spatial_dims``, ``features``, ``embedding_dim``, ``patch_size``, ``min_size``, ``intensity_percentiles``,
-    ``tophat``;
-    ``{}`` without a card."""
-    return _section(ckpt_path, "inference")
+    ``spatial_dims``, ``features``, ``embedding_dim``, ``patch_size``, ``min_size``, ``intensity_percentiles``;
+    ``{}`` without a card.
+
+    Raises:
+        ValueError: a card that asks for preprocessing this version does not have (:data:`RETIRED_SETTINGS`).
+    """
+    section = _section(ckpt_path, "inference")
+    for key, unused in RETIRED_SETTINGS.items():
+        value = section.pop(key, unused)
+        if value != unused:
+            raise ValueError(
+                f"{card_path(ckpt_path)}: the model was trained with {key} {value!r}, preprocessing this version of "
+                "the bundle no longer has; segment with the bundle version that trained it, or retrain."
+            )
+    return section
 
 
 def training_settings(ckpt_path: str | os.PathLike) -> dict[str, Any]:
@@ -216,9 +227,9 @@ def bundle_version() -> str:
         version = None
     if isinstance(version, str):
         return version
-    from spoco_bundle import __version__
+    from importlib.metadata import version as installed_version  # a package without its configs: as installed
 
-    return __version__
+    return installed_version("spoco-bundle")
 
 
 def eval_metrics(content: Mapping[str, Any] | None, digits: int = 3) -> dict[str, Any]:
