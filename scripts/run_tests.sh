@@ -5,7 +5,7 @@
 # (scripts/setup_monailabel.sh), without network access where this machine allows a private network namespace.
 # SPOCO_MONAILABEL_TESTS=0 leaves that second part out (quick local runs).
 # --fast (first argument): the everyday tier only: unit tests and one tiny end-to-end training, no tests marked
-# slow, packaging, distributed, monailabel or benchmark (markers in pyproject.toml, tiers in docs/testing.md).
+# slow, packaging, distributed, monailabel or benchmark (markers in pyproject.toml, tiers in docs/development.md).
 # Without it (CI, .ci/run) everything runs.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

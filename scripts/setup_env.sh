@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtual environment .venv at the repository root and install the project into it,
-# pinned by requirements/constraints.txt (torch included). Re-running is cheap: it reinstalls only when
-# pyproject.toml or the constraints changed. Usage: source-free, call `bash scripts/setup_env.sh [extra]`.
+# Create (or reuse) the virtual environment .venv at the repository root and install the project into it with its
+# optional features (the extras of pyproject.toml: `cluster`, a dask.distributed scheduler for large volumes), pinned
+# by requirements/constraints.txt (torch included). Re-running is cheap: it reinstalls only when pyproject.toml or the
+# constraints changed. Usage: `bash scripts/setup_env.sh [more extras, e.g. test,lint]`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-extras="${1:-}"
+extras="cluster${1:+,$1}"
 venv="$root/.venv"
 py="${PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ]; then
