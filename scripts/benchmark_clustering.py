@@ -383,8 +383,8 @@ def benchmark_real(data_dir: str | None) -> list[str]:
     (the accuracy benchmark's data); rows of a markdown table."""
     if REPO_ROOT not in sys.path:  # benchmarks/ is a repository tool, not installed
         sys.path.insert(0, REPO_ROOT)
-    from benchmarks.data import load_benchmark, score
-    from benchmarks.foreground import network_outputs
+    from research.data import load_benchmark, score
+    from research.foreground import network_outputs
     from spoco_bundle.shipped import inference_settings
     from spoco_bundle.transforms import ClusterEmbeddings
 

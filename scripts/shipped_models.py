@@ -19,7 +19,7 @@ writes ``models/<name>/model.json``: the training's own model card (its inferenc
 ``--model <name>``, :mod:`spoco_bundle.shipped`; the size of what it was trained on) plus what the model is, the exact
 training settings, iterations, CPU (or GPU wall) time, machine and commit. ``score``
 segments the model's held-out images with ``configs/inference.json`` and the model's settings (the defaults,
-``--image_scale auto``) and adds the scores (AP50, mAP, SBD, pooled as in ``python -m benchmarks.accuracy``) to
+``--image_scale auto``) and adds the scores (AP50, mAP, SBD, pooled as in ``python -m research.accuracy``) to
 ``model.json``; the front pages copy them from there.
 
 Models:
@@ -42,9 +42,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.data import default_data_dir, load_benchmark, score  # noqa: E402
-from benchmarks.methods.spoco import SETTINGS, fit, predict  # noqa: E402
-from benchmarks.settings import RunSettings  # noqa: E402
+from research.data import default_data_dir, load_benchmark, score  # noqa: E402
+from research.methods.spoco import SETTINGS, fit, predict  # noqa: E402
+from research.settings import RunSettings  # noqa: E402
 from scripts import sync_docs  # noqa: E402
 
 MODELS = {
@@ -75,7 +75,7 @@ def _split(name: str, data_dir: str):
 
 
 def train(args: argparse.Namespace) -> Path:
-    from benchmarks.records import git_commit, machine_info
+    from research.records import git_commit, machine_info
 
     split = _split(args.name, args.data_dir)
     work = REPO_ROOT / "eval" / "shipped" / args.name

@@ -4,7 +4,7 @@ One source for every number on the front pages: copies the measured figures that
 typed by hand and none can drift.
 
 - Block ``results`` (README and model card): the accuracy table, from the summaries ``docs/<page>.json`` that
-  ``python -m benchmarks.accuracy ... --docs docs/<page>.md`` writes beside each benchmark page (:data:`PAGES`).
+  ``python -m research.accuracy ... --docs docs/<page>.md`` writes beside each benchmark page (:data:`PAGES`).
 - Block ``shipped-models`` (README and model card): one row per shipped model, from ``models/<name>/model.json``
   (written by ``scripts/shipped_models.py``).
 - ``metadata.json`` ``eval_metrics``: the shipped models' held-out scores, from the same cards

@@ -76,8 +76,8 @@ def test_nuclei2d_segments_dsb_validation_images_through_the_cli(tmp_path):
     (``--image_scale auto``, the default, finds the factor); an unknown name is one clear line."""
     import tifffile
 
-    from benchmarks.data import score
-    from benchmarks.scale import rescale
+    from research.data import score
+    from research.scale import rescale
     from spoco_bundle.io import read_image
 
     ids = _dsb_validation(4)
@@ -203,7 +203,7 @@ def test_nuclei3d_segments_the_held_out_gonuclear_volume_through_the_cli(tmp_pat
     as there are, most of them matched."""
     import nibabel as nib
 
-    from benchmarks.data import score
+    from research.data import score
     from spoco_bundle.io import read_image
 
     images = tmp_path / "in"

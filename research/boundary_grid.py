@@ -1,10 +1,10 @@
 """
 Post-processing grid of the ``boundary`` clustering (membrane-separated objects, ISBI 2012): the seeds' interior
 threshold, their dome height ``h``, the boundary map's smoothing ``sigma`` and the merging of weak contacts
-``merge``, scored on the held-back *training* images of learning-speed runs (:mod:`benchmarks.learning_speed`,
+``merge``, scored on the held-back *training* images of learning-speed runs (:mod:`research.learning_speed`,
 ``--tune``), where a setting may be chosen.
 
-    .venv/bin/python -m benchmarks.boundary_grid --dataset isbi2012 --tune 4 --out_dir eval/s41/ls,eval/s42/ls \
+    .venv/bin/python -m research.boundary_grid --dataset isbi2012 --tune 4 --out_dir eval/s41/ls,eval/s42/ls \
         --runs surface1:0,surface1:1,default:0:1800 [--ratio 0.1] [--budget_s 900] [--thresholds 0.3,0.5,0.7]
         [--hs 1,2,3,5] [--sigmas 0,1] [--merges 0,0.5] [--threads 2] [--json eval/s42/boundary_grid.json]
 
@@ -12,7 +12,7 @@ The threshold ``merge`` below which neighbouring regions merge (``boundary_merge
 it: ``--merges`` 0-0.8 on eight 10 % runs and one 100 % run (docs/benchmark_findings.md, "Weak contacts").
 
 Each run's checkpoint segments the held-back images once (the bundle's inference pieces,
-:func:`benchmarks.foreground.network_outputs`); every setting then cuts the same outputs with
+:func:`research.foreground.network_outputs`); every setting then cuts the same outputs with
 :func:`spoco_bundle.clustering.cluster_boundary`. Prints a markdown table (mean over runs, ARAND first) and, with
 ``--json``, writes every run's scores.
 """
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from benchmarks.data import load_benchmark, score
-from benchmarks.foreground import network_outputs
-from benchmarks.learning_speed import RECIPES, record_path, tune_split
-from benchmarks.methods import spoco as spoco_runner
+from research.data import load_benchmark, score
+from research.foreground import network_outputs
+from research.learning_speed import RECIPES, record_path, tune_split
+from research.methods import spoco as spoco_runner
 from spoco_bundle.clustering import cluster_boundary
 
 KEYS = ("arand", "voi_split", "voi_merge", "ap50")
@@ -106,7 +106,7 @@ def main() -> None:
         ]
         ckpt = next((c for c in ckpts if c.is_file()), None)
         if ckpt is None:
-            raise SystemExit(f"no finished run {run} in {args.out_dir} (train it with benchmarks.learning_speed)")
+            raise SystemExit(f"no finished run {run} in {args.out_dir} (train it with research.learning_speed)")
         ids = spoco_runner._inference_ids({**spoco_runner.settings_for(split), **RECIPES[recipe]})
         outputs = network_outputs(ckpt, split, split.test, ids=ids)
         per_run[run] = grid(outputs, truth, split.dataset, split.spatial_dims, embedding_dim, min_size, settings)

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from benchmarks.data import Item, Result, Split, normalize_image, sparsify
-from benchmarks.settings import Budget, RunSettings, Stopwatch
+from research.data import Item, Result, Split, normalize_image, sparsify
+from research.settings import Budget, RunSettings, Stopwatch
 
 __all__ = ["GRID", "segment", "estimate_radius", "kept_object_recall_map", "fit_predict", "grid_search_result"]
 

@@ -1,4 +1,4 @@
-"""Tests of the accuracy benchmark's harness (the ``benchmarks`` package) on the real data of
+"""Tests of the accuracy benchmark's harness (the ``research`` package) on the real data of
 ``SPOCO_DATA_DIR`` (default: the repository's ``../shared/data``); skipped when the data is missing."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from monai.transforms import Compose
 from scipy import ndimage
 
-from benchmarks.accuracy import parse_args
-from benchmarks.data import (
+from research.accuracy import parse_args
+from research.data import (
     GONUCLEAR2D_STEP,
     Item,
     MethodUnavailable,
@@ -29,12 +29,12 @@ from benchmarks.data import (
     score,
     sparsify,
 )
-from benchmarks.foreground import foreground_breakdown, object_errors
-from benchmarks.foreground import parse_args as foreground_args
-from benchmarks.methods import classical, membrane
-from benchmarks.methods import spoco as spoco_runner
-from benchmarks.methods.spoco import bundle_ids, inference_clustering, study_overrides
-from benchmarks.records import (
+from research.foreground import foreground_breakdown, object_errors
+from research.foreground import parse_args as foreground_args
+from research.methods import classical, membrane
+from research.methods import spoco as spoco_runner
+from research.methods.spoco import bundle_ids, inference_clustering, study_overrides
+from research.records import (
     collect,
     collect_foreground,
     collect_scale,
@@ -44,15 +44,15 @@ from benchmarks.records import (
     reference_throughput,
     reference_words,
 )
-from benchmarks.report import _grid_budget, _protocol_lines, _study_overrides, write_docs
-from benchmarks.runner import method_unavailable_reason, repredict_one, rescore_one, run_one
-from benchmarks.scale import rescale
-from benchmarks.settings import RunSettings, run_timeout
+from research.report import _grid_budget, _protocol_lines, _study_overrides, write_docs
+from research.runner import method_unavailable_reason, repredict_one, rescore_one, run_one
+from research.scale import rescale
+from research.settings import RunSettings, run_timeout
 from spoco_bundle.io import read_image
 from spoco_bundle.metrics import adapted_rand_error
 from spoco_bundle.transforms import ClusterEmbeddings, SparseInstanceLabeld, load_transforms
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = default_data_dir()
 
 
@@ -221,7 +221,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         {"dsb2018": [split]},
         ["classical", "stardist"],
         [0.1, 1.0],
-        "python -m benchmarks.accuracy --test",
+        "python -m research.accuracy --test",
         "data",
         scale_records=collect_scale(tmp_path / "runs"),
         foreground_records=collect_foreground(tmp_path / "runs"),
@@ -238,7 +238,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert "| truth (oracle) | connected components + shape_split 0.1 | 0.625 | 0.500 | 1.000 |" in text
     # the command that reruns the grid states the grid and the budget of the runs shown
     grid = "--ratios 0.1,1 \\\n    --methods classical,stardist --budget_s 60 --clock wall --threads 1\n"
-    assert "-m benchmarks.accuracy --datasets dsb2018 " + grid in text
+    assert "-m research.accuracy --datasets dsb2018 " + grid in text
     rec = json.loads((tmp_path / "runs" / "dsb2018" / "tiny" / "classical" / "ratio_0.10.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith("| classical") and "| 10% |" in line)
     assert f"| {rec['metrics']['ap50']:.3f} | {rec['metrics']['map']:.3f} | {rec['metrics']['sbd']:.3f} |" in row
@@ -253,7 +253,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     assert os.path.basename(str(doc)) == "benchmarks.md" and torch.__version__ in text
     # its machine-readable twin (what scripts/sync_docs.py builds the README's results table from)
     summary = json.loads((tmp_path / "docs" / "benchmarks.json").read_text())
-    assert summary["command"] == "python -m benchmarks.accuracy --test"
+    assert summary["command"] == "python -m research.accuracy --test"
     assert [(r["method"], r["ratio"]) for r in summary["rows"]] == [("classical", 0.1), ("classical", 1.0)]
     assert summary["rows"][0]["ap50"] == rec["metrics"]["ap50"] and summary["rows"][0]["status"] == "ok"
     assert summary["rows"][0]["budget_s"] == 60.0 and summary["rows"][0]["clock"] == "wall"
@@ -266,7 +266,7 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
         {"dsb2018": [split]},
         ["classical"],
         [1.0],
-        "python -m benchmarks.accuracy --test",
+        "python -m research.accuracy --test",
         "data",
     )
     assert "images/benchmarks_long_dsb2018.png" in long_doc.read_text()
@@ -671,7 +671,7 @@ def test_membrane_baseline_chooses_its_polarity_on_the_training_images() -> None
 
 
 def test_stardist_peer_sees_the_image_scale_spoco_gets_and_answers_on_the_test_grid() -> None:
-    from benchmarks.methods.stardist_peer import _rescale, _resize_labels
+    from research.methods.stardist_peer import _rescale, _resize_labels
 
     labels = np.zeros((1022, 1023), np.int32)
     labels[100:300, 200:260] = 7
@@ -683,7 +683,7 @@ def test_stardist_peer_sees_the_image_scale_spoco_gets_and_answers_on_the_test_g
 
 
 def test_learning_speed_screen_scores_on_training_images_it_did_not_train_on(tmp_path: Path) -> None:
-    from benchmarks.learning_speed import _last_terms, tune_split
+    from research.learning_speed import _last_terms, tune_split
 
     items = [Item(f"t{i}", np.zeros((8, 8), np.float32), np.zeros((8, 8), np.int32), None, "", "") for i in range(5)]
     split = Split("dsb2018", "train5_val2", 2, items, [])
@@ -705,7 +705,7 @@ def test_learning_speed_screen_scores_on_training_images_it_did_not_train_on(tmp
 
 def test_learning_speed_report_states_the_commands_of_its_runs() -> None:
     """The page's rerun lines name the recipes of each budget / fraction / seed that the tables show."""
-    from benchmarks.learning_speed import _run_commands
+    from research.learning_speed import _run_commands
 
     records = [
         {"recipe": "dense", "ratio": 1.0, "budget_s": 900.0, "seed": 0},
@@ -715,11 +715,11 @@ def test_learning_speed_report_states_the_commands_of_its_runs() -> None:
     ]
     lines = _run_commands(records, " --dataset usiigaci")
     assert lines == [
-        ".venv/bin/python -m benchmarks.learning_speed --recipes default,scale0.5 --ratios 0.1 --budget_s 900 "
+        ".venv/bin/python -m research.learning_speed --recipes default,scale0.5 --ratios 0.1 --budget_s 900 "
         "--jobs 2 --dataset usiigaci",
-        ".venv/bin/python -m benchmarks.learning_speed --recipes dense --ratios 1 --budget_s 900 --jobs 2 "
+        ".venv/bin/python -m research.learning_speed --recipes dense --ratios 1 --budget_s 900 --jobs 2 "
         "--dataset usiigaci",
-        ".venv/bin/python -m benchmarks.learning_speed --recipes default --ratios 0.1 --budget_s 1800 --jobs 2 "
+        ".venv/bin/python -m research.learning_speed --recipes default --ratios 0.1 --budget_s 1800 --jobs 2 "
         "--seed 1 --dataset usiigaci",
     ]
 
@@ -727,7 +727,7 @@ def test_learning_speed_report_states_the_commands_of_its_runs() -> None:
 def test_learning_speed_report_states_the_settings_each_run_had() -> None:
     """The page names the benchmark settings its runs went on top of, and which runs had which where they differ
     (a data-set setting added after some runs); a record from before the field says so instead of guessing."""
-    from benchmarks.learning_speed import _dataset_settings
+    from research.learning_speed import _dataset_settings
 
     split = Split(name="tune", dataset="isbi2012", spatial_dims=2, train=[], test=[])
     old = {**spoco_runner.SETTINGS[2], "shape_split": 0.0}
@@ -752,7 +752,7 @@ def test_boundary_grid_scores_each_setting_on_the_same_outputs() -> None:
     """Two touching squares with a low-probability membrane between them: a grid setting whose seeds find both
     interiors partitions them exactly (ARAND 0); a high interior threshold finds no interior and merges them, and so
     does merging contacts weaker than the membrane."""
-    from benchmarks.boundary_grid import grid
+    from research.boundary_grid import grid
 
     truth = np.zeros((40, 60), np.int32)
     truth[:, :30], truth[:, 31:] = 1, 2
@@ -769,14 +769,14 @@ def test_boundary_grid_scores_each_setting_on_the_same_outputs() -> None:
 
 
 def test_inference_ids_carry_a_studied_network_shape() -> None:
-    from benchmarks.methods.spoco import run_ids
+    from research.methods.spoco import run_ids
 
     ids = run_ids({"info": {"overrides": {"patch_size": [192, 192], "features": [8, 16, 32, 64], "seed": 0}}})
     assert ids == {"patch_size": [192, 192], "features": [8, 16, 32, 64]}
 
 
 def test_study_table_sets_arms_side_by_side(dsb_small: Split, tmp_path: Path) -> None:
-    from benchmarks import study_table
+    from research import study_table
 
     split, _ = _tiny_split(dsb_small, 96)
     aps = {}
@@ -807,13 +807,13 @@ def test_study_table_sets_arms_side_by_side(dsb_small: Split, tmp_path: Path) ->
 
 
 def test_window_study_names_and_mosaics(tmp_path):
-    """benchmarks.window: window names become inference.json ids of the right dimension, and a mosaic keeps every
+    """research.window: window names become inference.json ids of the right dimension, and a mosaic keeps every
     tile's objects as distinct ids at their place."""
     from types import SimpleNamespace
 
     import tifffile
 
-    from benchmarks.window import mosaics, window_overrides
+    from research.window import mosaics, window_overrides
 
     off = {"test_time_flips": False, "min_diameter_ratio": 0, "foreground_grow": 0.0}
     assert window_overrides("default", 2, [192, 192]) == off
@@ -844,7 +844,7 @@ def test_window_study_names_and_mosaics(tmp_path):
     with pytest.raises(ValueError, match="seed0.5"):
         window_overrides("seedless", 2, [192, 192])
     # cluster_boundary has an h of its own: a seed window on a run clustered that way is an error, not a silent change
-    from benchmarks.window import _score_windows
+    from research.window import _score_windows
 
     with pytest.raises(ValueError, match="clusters with 'boundary'"):
         _score_windows(ROOT, None, [], ["seed0.5"], {"clustering": "boundary"}, [192, 192], tmp_path / "w.json", "k", 1)
@@ -876,16 +876,16 @@ def test_learning_speed_split_refuses_another_splits_record(tmp_path, gonuclear)
     import subprocess
     import sys
 
-    from benchmarks.learning_speed import record_path
+    from research.learning_speed import record_path
 
     path = record_path(tmp_path, "gonuclear", "default", 0.1, 900)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"split": "tune_1135to1136_halves"}))
-    base = [sys.executable, "-m", "benchmarks.learning_speed", "--dataset", "gonuclear", "--tune", "1", "--recipes"]
+    base = [sys.executable, "-m", "research.learning_speed", "--dataset", "gonuclear", "--tune", "1", "--recipes"]
     base += ["default", "--budget_s", "900", "--no_run", "--out_dir", str(tmp_path), "--data_dir", str(DATA_DIR)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # the threshold study of a screen's models reads the same records
-    study = [sys.executable, "-m", "benchmarks.pu_threshold", "--dataset", "gonuclear", "--tune", "1", "--recipes"]
+    study = [sys.executable, "-m", "research.pu_threshold", "--dataset", "gonuclear", "--tune", "1", "--recipes"]
     study += ["default", "--budget_s", "900", "--out_dir", str(tmp_path), "--data_dir", str(DATA_DIR)]
     for cmd in (base, study):
         for split, message in (("1136to1135", "is a run on tune_1135to1136_halves"), ("1135to1137", "unknown --split")):
@@ -898,8 +898,8 @@ def test_tune_split_cuts_a_single_volume_in_two(tmp_path):
     # and scores the second, both written as real ImageJ TIFFs with the voxel size kept
     import tifffile
 
-    from benchmarks.data import Split, _item
-    from benchmarks.learning_speed import tune_split
+    from research.data import Split, _item
+    from research.learning_speed import tune_split
 
     image = np.arange(4 * 5 * 8, dtype=np.uint8).reshape(4, 5, 8)
     labels = np.zeros((4, 5, 8), np.uint16)
@@ -917,7 +917,7 @@ def test_tune_split_cuts_a_single_volume_in_two(tmp_path):
     with pytest.raises(ValueError, match="--tune"):
         tune_split(split, 2)
     # the screen's page says what it trained and scored on: halves of one volume, not "its first 1 images"
-    from benchmarks.learning_speed import data_words
+    from research.learning_speed import data_words
 
     assert "`vol_a_image`, the first half of the training volume" in data_words(tuned)
     assert "`vol_b_image`, the second half" in data_words(tuned)
@@ -927,7 +927,7 @@ def test_tune_split_cuts_a_single_volume_in_two(tmp_path):
 def test_a_run_with_other_settings_does_not_replace_a_finished_one(tmp_path: Path, capsys) -> None:
     """Record paths do not carry the seed: a --seed 1 run into the out_dir of a finished seed-0 run is refused with
     what differs (it once overwrote the seed-0 record), and --force replaces it."""
-    from benchmarks.accuracy import main
+    from research.accuracy import main
 
     _need("dsb2018")
     args = ["--datasets", "dsb2018", "--methods", "classical", "--ratios", "0.1", "--budget_s", "30", "--clock", "cpu"]
@@ -980,10 +980,10 @@ def test_every_learning_speed_recipe_overrides_ids_that_train_json_has() -> None
 
     from monai.bundle import ConfigParser
 
-    from benchmarks.learning_speed import RECIPES
+    from research.learning_speed import RECIPES
 
     parser = ConfigParser()
-    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "train.json"))
+    parser.read_config(str(Path(__file__).resolve().parents[2] / "configs" / "train.json"))
     for name, overrides in RECIPES.items():
         for key in overrides:
             # an id of its own, or an argument its component takes (e.g. loss#consistency_weight)
@@ -1000,7 +1000,7 @@ def test_every_learning_speed_recipe_overrides_ids_that_train_json_has() -> None
 
 
 def test_pixel_classifier_finds_nuclei_and_its_label_frequency(dsb_small: Split) -> None:
-    from benchmarks.pixel_classifier import fit, pixel_scores, predict
+    from research.pixel_classifier import fit, pixel_scores, predict
 
     forest, c, shape = fit(dsb_small, ratio=0.5, sigma_max=8, samples=2000, trees=20)
     assert 0.0 < c < 1.0 and shape[1] == 16  # 4 scales x (intensity, edges, 2 Hessian eigenvalues)

@@ -3,11 +3,11 @@ Foreground threshold study of a trained benchmark model: the head's fixed thresh
 probability, the bundle's default) against thresholds found per image from the head's own probability map, scored
 on the *training* images (dense labels; where a setting may be chosen) and, beside them, on the test images.
 
-    .venv/bin/python -m benchmarks.threshold [--dataset dsb2018] [--split NAME] [--method spoco]
+    .venv/bin/python -m research.threshold [--dataset dsb2018] [--split NAME] [--method spoco]
         [--ratio 0.1] [--out_dir eval/benchmark] [--max_train 40] [--threads 2] [--rules 0.2,0.35,0.5,otsu]
 
 Each image's raw output (embeddings + calibrated foreground logit) comes from the bundle's inference pieces
-(:func:`benchmarks.foreground.network_outputs`) once; every rule then clusters it with the inference
+(:func:`research.foreground.network_outputs`) once; every rule then clusters it with the inference
 default (``ClusterEmbeddings`` with ``configs/inference.json``'s clustering and shape split). Rules: fixed
 thresholds, and ``otsu``: Otsu's threshold of the image's head probabilities (no label frequency needed). Prints a
 markdown table and writes ``threshold_ratio_<r>.json`` beside the run's record.
@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.data import REPO_ROOT, cached_checkpoint, default_data_dir, score
-from benchmarks.foreground import network_outputs
-from benchmarks.methods.spoco import SETTINGS, run_ids
+from research.data import REPO_ROOT, cached_checkpoint, default_data_dir, score
+from research.foreground import network_outputs
+from research.methods.spoco import SETTINGS, run_ids
 from spoco_bundle.clustering import head_threshold
 from spoco_bundle.transforms import ClusterEmbeddings
 

@@ -1,6 +1,6 @@
 """
 What a benchmark run's behaviour depends on beyond its data, method and labelled fraction: one
-:class:`RunSettings`, given on the command line (``python -m benchmarks.accuracy --budget_s ... --clock ...``),
+:class:`RunSettings`, given on the command line (``python -m research.accuracy --budget_s ... --clock ...``),
 handed to every method explicitly (no environment variables), passed to a run's own process as flags, and written
 into its record (``settings``; the cache keys also at the record's top level, as records always had them).
 Also the training-time budget (:class:`Budget`) and the guard against hanging runs (:func:`run_timeout`).
@@ -26,7 +26,7 @@ CACHE_KEYS = ("budget_s", "clock", "threads", "seed", "device", "max_train", "ma
 class RunSettings:
     """
     Everything a run's behaviour depends on besides its data, method and ratio: the flags of
-    ``python -m benchmarks.accuracy`` (:meth:`from_args`, :meth:`to_args`), recorded in every run record
+    ``python -m research.accuracy`` (:meth:`from_args`, :meth:`to_args`), recorded in every run record
     (:meth:`as_record`).
 
     Args:
@@ -80,10 +80,10 @@ class RunSettings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunSettings:
         """
-        The settings that the parsed flags of ``python -m benchmarks.accuracy`` give; the inverse of :meth:`to_args`.
+        The settings that the parsed flags of ``python -m research.accuracy`` give; the inverse of :meth:`to_args`.
 
         Args:
-            args: from :func:`benchmarks.accuracy.parse_args` (``overrides`` already a dict). Paths are made absolute:
+            args: from :func:`research.accuracy.parse_args` (``overrides`` already a dict). Paths are made absolute:
                 a run's own process and the bundle's subprocesses use them from other folders.
         """
 
@@ -107,7 +107,7 @@ class RunSettings:
         )
 
     def to_args(self) -> list[str]:
-        """The flags of ``python -m benchmarks.accuracy`` that give these settings to a run's own process."""
+        """The flags of ``python -m research.accuracy`` that give these settings to a run's own process."""
         out = ["--budget_s", str(self.budget_s), "--clock", self.clock, "--threads", str(self.threads)]
         out += ["--seed", str(self.seed), "--device", self.device]
         for flag, value in (

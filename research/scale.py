@@ -12,12 +12,12 @@ knowledge of the magnification).
 (:func:`spoco_bundle.object_size.training_blob_scales` on the run's training images and image scale) and passed
 as ``--inferer#blob_scales``; the record says which.
 
-    .venv/bin/python -m benchmarks.scale [--dataset dsb2018] [--ratio 0.1] [--scales 0.5,0.75,1,1.5,2,3]
+    .venv/bin/python -m research.scale [--dataset dsb2018] [--ratio 0.1] [--scales 0.5,0.75,1,1.5,2,3]
         [--method spoco] [--out_dir eval/benchmark] [--threads 2] [--max_test N] [--no_matched] [--no_auto]
         [--auto_only]
 
 It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
-its work folder) and writes ``scale_ratio_<r>.json`` beside it; ``python -m benchmarks.accuracy --no_run`` puts the
+its work folder) and writes ``scale_ratio_<r>.json`` beside it; ``python -m research.accuracy --no_run`` puts the
 table into ``docs/benchmarks.md``. Images: linear interpolation (``scipy.ndimage.zoom`` order 1), labels: nearest.
 """
 
@@ -34,9 +34,9 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-from benchmarks.data import REPO_ROOT, cached_checkpoint, default_data_dir, score
-from benchmarks.methods.spoco import predict
-from benchmarks.records import git_commit
+from research.data import REPO_ROOT, cached_checkpoint, default_data_dir, score
+from research.methods.spoco import predict
+from research.records import git_commit
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""benchmarks.label_audit: local contrast and matching of the ground-truth audit."""
+"""research.label_audit: local contrast and matching of the ground-truth audit."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.label_audit import _matches, local_contrast
+from research.label_audit import _matches, local_contrast
 
 
 def test_local_contrast_tells_a_visible_object_from_an_invisible_one():
@@ -44,7 +44,7 @@ def test_a_ground_truth_object_matches_one_of_two_equal_candidates():
 def test_a_missing_predictions_file_is_a_clear_error(capsys):
     import pytest
 
-    from benchmarks.label_audit import main
+    from research.label_audit import main
 
     with pytest.raises(SystemExit):
         main(["--predictions", "x=no/such/file.npz"])

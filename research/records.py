@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.data import REPO_ROOT, Split
-from benchmarks.settings import CACHE_KEYS, RunSettings
+from research.data import REPO_ROOT, Split
+from research.settings import CACHE_KEYS, RunSettings
 
 
 def run_path(out_dir: str | os.PathLike, dataset: str, split: str, method: str, ratio: float) -> Path:
@@ -120,7 +120,7 @@ def git_commit() -> str | None:
         out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         commit = out.stdout.strip() or None
         dirty = subprocess.run(
-            git + ["status", "--porcelain", "--untracked-files=no", "--", "configs", "spoco_bundle", "benchmarks"],
+            git + ["status", "--porcelain", "--untracked-files=no", "--", "configs", "spoco_bundle", "research"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -172,7 +172,7 @@ def _overrides(value: Any) -> Any:
 
 def is_cached(record: dict[str, Any] | None, settings: RunSettings | dict[str, Any]) -> bool:
     """
-    Whether ``record`` is an ``ok`` run made with the same settings (:data:`~benchmarks.settings.CACHE_KEYS`, for
+    Whether ``record`` is an ``ok`` run made with the same settings (:data:`~research.settings.CACHE_KEYS`, for
     SPOCO also the same ``overrides``), so that it need not run again.
 
     Matched on the record's top-level fields, which records of every version have: those written before the settings
@@ -224,12 +224,12 @@ def collect(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def collect_scale(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Scale-robustness records (``python -m benchmarks.scale``) under ``out_dir``."""
+    """Scale-robustness records (``python -m research.scale``) under ``out_dir``."""
     return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/*/scale_ratio_*.json"))]
 
 
 def collect_foreground(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Error-breakdown records (``python -m benchmarks.foreground``) under ``out_dir``."""
+    """Error-breakdown records (``python -m research.foreground``) under ``out_dir``."""
     return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/*/foreground_ratio_*.json"))]
 
 

@@ -5,12 +5,12 @@ and a random forest, trained on the kept objects' pixels against unlabelled pixe
 is: at half the label frequency ``c`` (Elkan & Noto), estimated on the annotated pixels' out-of-bag scores so that
 the forest's memory of its own training pixels does not inflate it.
 
-Trained on a learning-speed split's training images (:func:`benchmarks.learning_speed.screen_split`) and scored on
+Trained on a learning-speed split's training images (:func:`research.learning_speed.screen_split`) and scored on
 its held-back training images by the pixels' precision / recall against the true foreground, the figures the
 learning-speed pages give for the bundle's head. A table of other thresholds is printed beside it (read off the
 scored images: a reference for how well the forest ranks pixels, not a method).
 
-    .venv/bin/python -m benchmarks.pixel_classifier --dataset usiigaci --tune 4 [--ratio 0.1] [--sigma_max 16]
+    .venv/bin/python -m research.pixel_classifier --dataset usiigaci --tune 4 [--ratio 0.1] [--sigma_max 16]
         [--samples 40000] [--trees 100] [--out_dir eval/pixel_classifier]
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.data import REPO_ROOT, Split, normalize_image, sparsify
-from benchmarks.learning_speed import screen_split
-from benchmarks.records import machine_info
+from research.data import REPO_ROOT, Split, normalize_image, sparsify
+from research.learning_speed import screen_split
+from research.records import machine_info
 
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 

@@ -1,5 +1,5 @@
 """
-Data of the accuracy benchmark (``python -m benchmarks.accuracy``): data sets, sparse labels, scoring and the method
+Data of the accuracy benchmark (``python -m research.accuracy``): data sets, sparse labels, scoring and the method
 interface.
 
 Data (``data_dir``, default ``$SPOCO_DATA_DIR`` or the repository's ``../shared/data``):
@@ -176,7 +176,7 @@ class Result:
 class FitPredict(Protocol):
     """``fit_predict(split, ratio, settings) -> Result`` of every benchmark method: train on ``split``'s training
     images with ``ratio`` of their objects kept, within ``settings.budget_s`` on ``settings.clock`` with
-    ``settings.threads`` threads (:class:`~benchmarks.settings.RunSettings`), and segment its test images."""
+    ``settings.threads`` threads (:class:`~research.settings.RunSettings`), and segment its test images."""
 
     def __call__(self, split: Split, ratio: float, settings: Any) -> Result: ...
 
@@ -416,7 +416,7 @@ def cached_checkpoint(
     run_dir = Path(out_dir) / dataset / splits[0].name / method
     path = run_dir / f"ratio_{ratio:.2f}.json"
     if not path.is_file():
-        raise SystemExit(f"{path} not found: run python -m benchmarks.accuracy for {method} at {ratio:g} first.")
+        raise SystemExit(f"{path} not found: run python -m research.accuracy for {method} at {ratio:g} first.")
     record = json.loads(path.read_text())
     info = record.get("info", {})
     if info.get("variant") == "shipped":  # no training: the shipped model itself

@@ -1,9 +1,9 @@
 """
 Accuracy benchmark: SPOCO (and its ablations) against StarDist and a classical baseline, trained on the same sparse
 labels of real microscopy data, scored on held-back images; regenerates ``docs/benchmarks.md`` and its plots, and
-its summary ``docs/benchmarks.json`` (:mod:`benchmarks.report`).
+its summary ``docs/benchmarks.json`` (:mod:`research.report`).
 
-    .venv/bin/python -m benchmarks.accuracy [--data_dir ../shared/data]
+    .venv/bin/python -m research.accuracy [--data_dir ../shared/data]
         [--datasets dsb2018,gonuclear,usiigaci,isbi2012,plant3d]
         [--ratios 0.1,0.4,1.0] [--methods spoco,...,stardist,classical,classical_membrane]
         [--budget_s 600] [--clock wall|cpu] [--threads 2] [--seed 0] [--device cpu|cuda]
@@ -22,7 +22,7 @@ its summary ``docs/benchmarks.json`` (:mod:`benchmarks.report`).
 - ``--budget_s``: the training budget of every run, on ``--clock`` (``wall``: training wall time, ``cpu``: process
   CPU time, for a machine shared with other jobs), with ``--threads`` threads. Prediction / clustering / StarDist's
   threshold optimisation are outside the budget and reported separately.
-- Every setting is a flag (:class:`~benchmarks.settings.RunSettings`): the run's own process gets them as flags and
+- Every setting is a flag (:class:`~research.settings.RunSettings`): the run's own process gets them as flags and
   its record keeps them (``settings``); ``--overrides``: further ``configs/train.json`` ids of the SPOCO runs (a
   study; part of their cache identity).
 - ``--no_run``: only rebuild the docs from the cached results. ``--docs ''``: do not write docs.
@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.data import (
+from research.data import (
     DATASETS,
     DEFAULT_DATASETS,
     REPO_ROOT,
@@ -55,7 +55,7 @@ from benchmarks.data import (
     device_error,
     load_benchmark,
 )
-from benchmarks.records import (
+from research.records import (
     collect,
     collect_foreground,
     collect_scale,
@@ -65,8 +65,8 @@ from benchmarks.records import (
     settings_difference,
     write_record,
 )
-from benchmarks.report import write_docs
-from benchmarks.runner import (
+from research.report import write_docs
+from research.runner import (
     METHODS,
     STARDIST3D_SKIPPED,
     log,
@@ -75,7 +75,7 @@ from benchmarks.runner import (
     rescore_one,
     run_one,
 )
-from benchmarks.settings import RunSettings, run_timeout, thread_env
+from research.settings import RunSettings, run_timeout, thread_env
 
 DEFAULT_OUT_DIR = (REPO_ROOT / "eval" / "benchmark").resolve()
 DEFAULT_RATIOS = (0.1, 0.4, 1.0)
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             )
     elif not args.no_run:
         unavailable = {m: method_unavailable_reason(m, settings) for m in args.methods}
-        # the run's own process: thread limits, and this repository importable (it runs `-m benchmarks.accuracy`)
+        # the run's own process: thread limits, and this repository importable (it runs `-m research.accuracy`)
         path_env = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, **thread_env(settings.threads), "PYTHONPATH": path_env}
         for dataset, dsplits in splits.items():
@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         cmd = [
                             sys.executable,
                             "-m",
-                            "benchmarks.accuracy",
+                            "research.accuracy",
                             *settings.to_args(),
                             "--docs",
                             "",
@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 )
     if args.docs:
         command = " ".join(
-            [".venv/bin/python -m benchmarks.accuracy"]
+            [".venv/bin/python -m research.accuracy"]
             + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]
         )
         path = write_docs(

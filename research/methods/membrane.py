@@ -16,7 +16,7 @@ Per image (intensities normalised to the 1-99.8 percentiles):
    objects smaller than ``0.15`` of a disc / ball of radius ``r`` removed.
 
 Parameters (a 2 x 2 x 3 x 3 x 3 x 2 grid) are chosen on the training images with the sparse labels the learners get,
-by the criterion of :mod:`benchmarks.methods.classical` (recall-type mean AP of the kept objects); at most
+by the criterion of :mod:`research.methods.classical` (recall-type mean AP of the kept objects); at most
 :data:`TUNE_IMAGES` training images (a fixed random subset) and the time budget.
 """
 
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from benchmarks.data import Result, Split, normalize_image, sparsify
-from benchmarks.methods.classical import (
+from research.data import Result, Split, normalize_image, sparsify
+from research.methods.classical import (
     MIN_SIZE_REL,
     THRESHOLDS,
     _peaks,
@@ -39,7 +39,7 @@ from benchmarks.methods.classical import (
     kept_object_recall_map,
     tuning_images,
 )
-from benchmarks.settings import Budget, RunSettings
+from research.settings import Budget, RunSettings
 
 __all__ = ["GRID", "segment", "fit_predict"]
 

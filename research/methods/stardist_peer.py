@@ -19,7 +19,7 @@ Training (worker):
   ``seed``) are held out as StarDist's validation set (learning-rate schedule and threshold optimisation), as in
   StarDist's own examples;
 - images (and sparse labels, nearest neighbour) resampled by the data set's SPOCO ``image_scale``
-  (:func:`benchmarks.methods.spoco.settings_for`; 1 for every data set today), predictions resized back to
+  (:func:`research.methods.spoco.settings_for`; 1 for every data set today), predictions resized back to
   the test image's grid, so both learners see objects of the same size;
 - 3D: ``Config3D`` with 96 rays on a golden spiral, anisotropy from the (sparse) training labels' extents, grid
   ``(1, 2, 2)`` where z is coarser, ``train_patch_size=(48, 96, 96)``, ``train_batch_size=2`` (the 3D example's
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # the worker runs in .venv-bench, which has neither this repository nor its packages
-    from benchmarks.settings import RunSettings
+    from research.settings import RunSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 50  # validation (on the held-out images) after every 50 steps
@@ -100,14 +100,14 @@ def fit_predict(split: Any, ratio: float, run: RunSettings) -> Any:
     docstring).
 
     Args:
-        split: :class:`benchmarks.data.Split`.
+        split: :class:`research.data.Split`.
         ratio: fraction of objects kept per training image.
-        run: :class:`benchmarks.settings.RunSettings`; ``seed`` also seeds TensorFlow, numpy and the validation
+        run: :class:`research.settings.RunSettings`; ``seed`` also seeds TensorFlow, numpy and the validation
             hold-out; only the ``cpu`` device is supported (tensorflow-cpu), another is recorded and ignored.
     """
-    from benchmarks.data import MethodUnavailable, Result, sparsify
-    from benchmarks.methods.spoco import settings_for
-    from benchmarks.settings import run_timeout, thread_env
+    from research.data import MethodUnavailable, Result, sparsify
+    from research.methods.spoco import settings_for
+    from research.settings import run_timeout, thread_env
 
     ok, reason = available(run)
     if not ok:
@@ -320,5 +320,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(sys.argv[2])
     else:
-        print("usage: stardist_peer.py --worker FOLDER (started by benchmarks/methods/stardist_peer.py:fit_predict)")
+        print("usage: stardist_peer.py --worker FOLDER (started by research/methods/stardist_peer.py:fit_predict)")
         sys.exit(2)

@@ -18,13 +18,13 @@ predicted to true foreground area, and where the true objects go with the head's
 (:func:`object_errors`: matched, missed, merged with a neighbour, other), with the embedding distance between the
 means of merged neighbours (the push term asks for at least ``2 delta_d``).
 
-    .venv/bin/python -m benchmarks.foreground [--dataset dsb2018] [--ratio 0.1] [--method spoco]
+    .venv/bin/python -m research.foreground [--dataset dsb2018] [--ratio 0.1] [--method spoco]
         [--split NAME] [--thresholds 0.2,0.35,0.5,0.65,0.8] [--clusterings fast,watershed] [--shape_split 0.1]
         [--out_dir eval/benchmark]
         [--threads 2]
 
 It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
-its work folder) and writes ``foreground_ratio_<r>.json`` beside it; ``python -m benchmarks.accuracy --no_run`` puts
+its work folder) and writes ``foreground_ratio_<r>.json`` beside it; ``python -m research.accuracy --no_run`` puts
 the table into ``docs/benchmarks.md`` (records of an older checkpoint than the cached run's are left out).
 """
 
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from benchmarks.data import REPO_ROOT, cached_checkpoint, default_data_dir, device_error, score
-from benchmarks.methods.spoco import SETTINGS, bundle_ids, run_ids
+from research.data import REPO_ROOT, cached_checkpoint, default_data_dir, device_error, score
+from research.methods.spoco import SETTINGS, bundle_ids, run_ids
 from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings, cluster_fast, split_by_shape
 from spoco_bundle.transforms import ClusterEmbeddings
 
@@ -247,7 +247,7 @@ def _summary(fate: dict) -> dict:
 
 def network_outputs(ckpt: Path, split, items, device: str = "cpu", ids: dict | None = None) -> list[np.ndarray]:
     """Raw outputs ``(E + 1, *S)`` of the checkpoint on ``items``, with the bundle's inference config pieces;
-    ``ids``: the run's own inference ids (:func:`~benchmarks.methods.spoco.run_ids`: patch size, image scale)."""
+    ``ids``: the run's own inference ids (:func:`~research.methods.spoco.run_ids`: patch size, image scale)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()

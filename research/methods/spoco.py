@@ -5,7 +5,7 @@ in its own process, from the repository's files.
 
 The training data are the split's original (dense) label files, listed in a temporary ``dataset.json``; the config's
 own :class:`~spoco_bundle.transforms.SparseInstanceLabeld` keeps ``instance_ratio`` of the objects with ``seed``
-(the same objects :func:`benchmarks.data.sparsify` gives every other method) and leaves everything else 0 =
+(the same objects :func:`research.data.sparsify` gives every other method) and leaves everything else 0 =
 unlabeled; background is *not* annotated (``background_label`` null), so the foreground head is trained
 positive-unlabeled. Training stops at the time budget (``time_limit_s``; the learning rate follows a cosine over
 the budget); no validation data are used (the final model is the result: picking a checkpoint by a dense-label
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.data import REPO_ROOT, MethodUnavailable, Result, Split
-from benchmarks.settings import RunSettings, thread_env
+from research.data import REPO_ROOT, MethodUnavailable, Result, Split
+from research.settings import RunSettings, thread_env
 from spoco_bundle.io import read_image, split_image_suffix, write_label_image
 
 __all__ = [
@@ -251,7 +251,7 @@ def _shipped_as_is(split: Split, run: RunSettings, work_dir: str | os.PathLike |
 def _mask_given(split: Split, ratio: float, run: RunSettings) -> Result:
     """The *foreground mask given* protocol: the objects-only run's checkpoint, its test images segmented inside
     their true foreground (one mask file per image in ``<work>/masks``). Its training numbers are that run's."""
-    from benchmarks.records import load_record, run_path  # the harness owns the cache layout
+    from research.records import load_record, run_path  # the harness owns the cache layout
 
     if not run.out_dir:
         raise RuntimeError("the mask protocol needs the results folder of the 'spoco' runs (RunSettings.out_dir)")

@@ -1,6 +1,6 @@
 """
 Runs of the accuracy benchmark: the methods by name (:data:`METHODS`, each a ``fit_predict(split, ratio, settings)``
-in :mod:`benchmarks.methods`), one run in this process (:func:`run_one`), and the two ways to redo a finished run's
+in :mod:`research.methods`), one run in this process (:func:`run_one`), and the two ways to redo a finished run's
 predictions or scores without training (:func:`repredict_one`, :func:`rescore_one`).
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.data import MethodUnavailable, Result, Split, kept_digest, label_counts, score
-from benchmarks.records import (
+from research.data import MethodUnavailable, Result, Split, kept_digest, label_counts, score
+from research.records import (
     git_commit,
     load_record,
     loadavg,
@@ -29,21 +29,21 @@ from benchmarks.records import (
     save_predictions,
     write_record,
 )
-from benchmarks.settings import RunSettings
+from research.settings import RunSettings
 
 # method name -> (module with fit_predict, variant or None)
 METHODS: dict[str, tuple[str, str | None]] = {
-    "spoco": ("benchmarks.methods.spoco", "full"),
-    "spoco_no_consistency": ("benchmarks.methods.spoco", "no_consistency"),
-    "spoco_no_unlabeled_push": ("benchmarks.methods.spoco", "no_unlabeled_push"),
-    "spoco_no_instance": ("benchmarks.methods.spoco", "no_instance"),
-    "spoco_scribbles": ("benchmarks.methods.spoco", "scribbles"),
-    "spoco_mask": ("benchmarks.methods.spoco", "mask"),
-    "spoco_finetuned": ("benchmarks.methods.spoco", "finetuned"),
-    "spoco_shipped": ("benchmarks.methods.spoco", "shipped"),
-    "stardist": ("benchmarks.methods.stardist_peer", None),
-    "classical": ("benchmarks.methods.classical", None),
-    "classical_membrane": ("benchmarks.methods.membrane", None),
+    "spoco": ("research.methods.spoco", "full"),
+    "spoco_no_consistency": ("research.methods.spoco", "no_consistency"),
+    "spoco_no_unlabeled_push": ("research.methods.spoco", "no_unlabeled_push"),
+    "spoco_no_instance": ("research.methods.spoco", "no_instance"),
+    "spoco_scribbles": ("research.methods.spoco", "scribbles"),
+    "spoco_mask": ("research.methods.spoco", "mask"),
+    "spoco_finetuned": ("research.methods.spoco", "finetuned"),
+    "spoco_shipped": ("research.methods.spoco", "shipped"),
+    "stardist": ("research.methods.stardist_peer", None),
+    "classical": ("research.methods.classical", None),
+    "classical_membrane": ("research.methods.membrane", None),
 }
 
 STARDIST3D_SKIPPED = (
@@ -168,7 +168,7 @@ def repredict_one(
     Redo the predictions of the cached SPOCO run at ``path`` with its checkpoint (see ``--repredict``); returns the
     updated record, or None (with a message) when there is no finished SPOCO run or its checkpoint is gone.
     """
-    from benchmarks.methods import spoco as spoco_runner
+    from research.methods import spoco as spoco_runner
 
     rec = load_record(path)
     if not rec or rec.get("status") != "ok" or not str(rec.get("method", "")).startswith("spoco"):
