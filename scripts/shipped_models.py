@@ -42,10 +42,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from research.data import default_data_dir, load_benchmark, score  # noqa: E402
-from research.methods.spoco import SETTINGS, fit, predict  # noqa: E402
-from research.settings import RunSettings  # noqa: E402
 from scripts import sync_docs  # noqa: E402
+
+# the lab's harness (research/: data, the bundle's runs, scores) is imported where a model is trained or scored, so
+# that reading MODELS (as the tests do) needs nothing from research/
 
 MODELS = {
     "nuclei2d": {
@@ -69,13 +69,17 @@ def model_dir(name: str) -> Path:
     return REPO_ROOT / "models" / name
 
 
-def _split(name: str, data_dir: str):
+def _split(name: str, data_dir: str | None):
+    from research.data import load_benchmark
+
     splits = load_benchmark(MODELS[name]["dataset"], data_dir)
     return next(s for s in splits if s.name == MODELS[name]["split"])
 
 
 def train(args: argparse.Namespace) -> Path:
+    from research.methods.spoco import SETTINGS, fit
     from research.records import git_commit, machine_info
+    from research.settings import RunSettings
 
     split = _split(args.name, args.data_dir)
     work = REPO_ROOT / "eval" / "shipped" / args.name
@@ -140,6 +144,9 @@ def _scores(scores: dict, split, how: str) -> dict:
 
 
 def score_model(args: argparse.Namespace) -> dict:
+    from research.data import score
+    from research.methods.spoco import predict
+
     split = _split(args.name, args.data_dir)
     out = model_dir(args.name)
     card = json.loads((out / "model.json").read_text())
@@ -165,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--num_workers", type=int, default=0, help="data-loading processes of the training")
     p.add_argument("--no_score", action="store_true", help="train only (score later, e.g. on another machine)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data_dir", default=str(default_data_dir()))
+    p.add_argument("--data_dir", default=None, help="default: $SPOCO_DATA_DIR, else ../shared/data")
     args = p.parse_args(argv)
     if args.action == "docs":
         return sync_docs.main([])
