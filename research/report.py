@@ -580,7 +580,7 @@ def write_docs(
         "it can be run in pieces):",
         "",
         "```bash",
-        "bash scripts/setup_benchmark.sh   # .venv (project) + .venv-bench (StarDist, TensorFlow CPU)",
+        "bash research/setup_benchmark.sh   # .venv (project) + .venv-bench (StarDist, TensorFlow CPU)",
         f".venv/bin/python -m research.accuracy --datasets {','.join(splits)} "
         f"--ratios {','.join(f'{r:g}' for r in ratios)} \\",
         f"    --methods {','.join(methods)} {_grid_budget(budgets)}{study_flag}"

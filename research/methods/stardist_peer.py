@@ -3,7 +3,7 @@ StarDist peer of the accuracy benchmark: StarDist2D / StarDist3D (stardist 0.9.2
 scratch on the same sparse labels as every other method. StarDist has no notion of "unlabeled": the objects that
 were not kept are background to it (the handicap SPOCO removes).
 
-It runs in its own environment ``.venv-bench`` (``bash scripts/setup_benchmark.sh``; another interpreter with the
+It runs in its own environment ``.venv-bench`` (``bash research/setup_benchmark.sh``; another interpreter with the
 benchmark's ``--stardist_python``), as a subprocess: :func:`fit_predict` (benchmark side, project ``.venv``) writes
 the raw training images, their sparse labels and the test images to a temporary folder, runs this file with ``--worker``
 there, and reads the predictions back. The worker imports only numpy, TensorFlow and StarDist (``.venv-bench`` does
@@ -66,7 +66,7 @@ def available(settings: RunSettings) -> tuple[bool, str]:
     """(usable, reason if not): whether the StarDist interpreter of ``settings`` (:func:`bench_python`) exists."""
     py = bench_python(settings.stardist_python)
     if not (py.is_file() and os.access(py, os.X_OK)):
-        return False, f"{py} not found: run `bash scripts/setup_benchmark.sh` to install StarDist + TensorFlow CPU"
+        return False, f"{py} not found: run `bash research/setup_benchmark.sh` to install StarDist + TensorFlow CPU"
     return True, ""
 
 

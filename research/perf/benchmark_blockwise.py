@@ -20,10 +20,11 @@ Every size runs in its own child process; its peak resident memory (``ru_maxrss`
 libraries included) is reported. Scoring and the whole-volume run for AP50 blockwise vs whole (sizes up to
 ``--whole_max`` Mvoxel) run in other children, not part of the blockwise row's time or memory.
 
-    .venv/bin/python scripts/benchmark_blockwise.py --sizes 1,4 [--block 128 --halo 16 --workers 2 --clustering fast]
-    .venv/bin/python scripts/benchmark_blockwise.py --sizes 67,1000 --whole_max 0 --clustering fast
-    .venv/bin/python scripts/benchmark_blockwise.py --ckpt models/model.pt --sizes 4,16 --max_memory_gb 3
-    .venv/bin/python scripts/benchmark_blockwise.py --ckpt models/nuclei2d/model.pt --dims 2 --sizes 16,128
+    .venv/bin/python -m research.perf.benchmark_blockwise --sizes 1,4 [--block 128 --halo 16 --workers 2
+        --clustering fast]
+    .venv/bin/python -m research.perf.benchmark_blockwise --sizes 67,1000 --whole_max 0 --clustering fast
+    .venv/bin/python -m research.perf.benchmark_blockwise --ckpt models/model.pt --sizes 4,16 --max_memory_gb 3
+    .venv/bin/python -m research.perf.benchmark_blockwise --ckpt models/nuclei2d/model.pt --dims 2 --sizes 16,128
 
 Progress goes to stderr, the table to stdout.
 """
@@ -44,7 +45,7 @@ from pathlib import Path
 import fire
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run from anywhere: the repository's package
     sys.path.insert(0, str(ROOT))
 
@@ -58,8 +59,8 @@ def _log(msg: str) -> None:
 
 
 def volume_shape(mvoxels: float, dims: int = 3) -> tuple[int, ...]:
-    """(d, 2d, 2d) with about ``mvoxels`` million voxels (as scripts/benchmark_clustering.py): 67 -> 256 x 512 x 512;
-    in 2D a square: 128 -> 11314 x 11314."""
+    """(d, 2d, 2d) with about ``mvoxels`` million voxels (as research/perf/benchmark_clustering.py): 67 -> 256 x 512
+    x 512; in 2D a square: 128 -> 11314 x 11314."""
     if dims == 2:
         side = max(64, int(round(math.sqrt(mvoxels * 1e6))))
         return side, side

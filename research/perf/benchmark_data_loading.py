@@ -10,13 +10,14 @@ loader of bundle 0.35 and earlier, set here with ``train#sampler#num_samples`` =
 ``dataset.json`` (``training`` list; ``--spatial_dims 2`` for 2D images). Each set-up is measured ``--repeats``
 times, the set-ups taking turns, and the median is printed.
 
-    .venv/bin/python scripts/benchmark_data_loading.py [--workers 0,2] [--batches 60] [--repeats 3] [--n_files 1]
+    .venv/bin/python -m research.perf.benchmark_data_loading [--workers 0,2] [--batches 60] [--repeats 3] [--n_files 1]
         [--data_dir D --spatial_dims 3]
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +26,13 @@ import fire
 from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
-from spoco_bundle.data import checked_datalist
-from spoco_bundle.synthetic import write_synthetic_dataset
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: this repository's spoco_bundle (and research)
+    sys.path.insert(0, str(ROOT))
 
-ROOT = Path(__file__).resolve().parents[1]
+from spoco_bundle.data import checked_datalist  # noqa: E402
+from spoco_bundle.synthetic import write_synthetic_dataset  # noqa: E402
+
 SETUPS = {
     "pass = epoch, persistent workers (default)": {},
     "pass = file list, workers restarted (<= 0.35)": {

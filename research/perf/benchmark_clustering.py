@@ -12,7 +12,7 @@ Methods run with their default parameters (as the bundle's inference config uses
 ``meanshift`` cluster a random subsample (20k / 10k voxels) and assign the rest to the nearest cluster mean.
 ``consistency`` uses ``fast`` as its base clustering and a teacher embedding = student + N(0, 0.05^2) per dimension.
 
-    .venv/bin/python scripts/benchmark_clustering.py [--sizes 0.25,1,4,16] [--slow_limit_s 180] [--device cpu]
+    .venv/bin/python -m research.perf.benchmark_clustering [--sizes 0.25,1,4,16] [--slow_limit_s 180] [--device cpu]
         [--methods ...] [--real] [--data_dir ../shared/data]
 
 ``--real`` adds the inference default on real network outputs: the shipped ``nuclei2d`` model's outputs on the
@@ -33,13 +33,18 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import fire
 import numpy as np
 import torch
 from scipy import ndimage
 
-from spoco_bundle.clustering import (
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: this repository's spoco_bundle (and research)
+    sys.path.insert(0, str(ROOT))
+
+from spoco_bundle.clustering import (  # noqa: E402
     HAVE_NUMBA,
     cluster_consistency,
     cluster_fast,
@@ -48,14 +53,14 @@ from spoco_bundle.clustering import (
     cluster_watershed,
     split_by_shape,
 )
-from spoco_bundle.metrics import segmentation_scores
+from spoco_bundle.metrics import segmentation_scores  # noqa: E402
 
 EMBEDDING_DIM = 16
 DELTA_V = 0.5
 DELTA_D = 2.0
 TEACHER_NOISE = 0.05
 SLOW_METHODS = ("hdbscan", "meanshift", "consistency")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = str(ROOT)
 
 
 def inference_default() -> tuple[str, float]:
@@ -381,8 +386,6 @@ def benchmark_clustering(
 def benchmark_real(data_dir: str | None) -> list[str]:
     """The inference default and ``fast`` on the shipped nuclei2d model's outputs for the DSB2018 validation images
     (the accuracy benchmark's data); rows of a markdown table."""
-    if REPO_ROOT not in sys.path:  # benchmarks/ is a repository tool, not installed
-        sys.path.insert(0, REPO_ROOT)
     from research.data import load_benchmark, score
     from research.foreground import network_outputs
     from spoco_bundle.shipped import inference_settings

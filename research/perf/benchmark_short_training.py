@@ -8,7 +8,7 @@ as a user runs it) from random weights on 2 small synthetic 3D volumes with a th
 for each foreground weight / warm-up setting and epoch count, segments a held-back volume with
 ``configs/inference.json`` and prints a table (objects found vs true, AP50).
 
-    .venv/bin/python scripts/benchmark_short_training.py [--settings 20:0,100:0,300:0,300:300] [--epochs 2,25]
+    .venv/bin/python -m research.perf.benchmark_short_training [--settings 20:0,100:0,300:0,300:300] [--epochs 2,25]
         [--out_dir eval/short_training] [--threads 1]
 
 A setting ``W:N`` is ``loss#foreground_weight`` W with ``foreground_warmup_iterations`` N (0: no warm-up).
@@ -29,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: this repository's spoco_bundle
+    sys.path.insert(0, str(REPO_ROOT))
 SHAPE = (32, 64, 48)  # the size of the MONAI Label test's volumes
 RATIO = 0.33  # about a third of the objects labelled, as in tests/test_monailabel_server.py
 EPOCH_LENGTH = 2  # iterations per epoch: one pass over the 2 training volumes

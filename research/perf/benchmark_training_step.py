@@ -5,7 +5,7 @@ optimizer step + teacher EMA update) and the share of the step spent in the loss
 Default setting (issue #2): 3D patch 48x64x64, batch 2, feature maps 16-32-64, E=16, on CPU; labels from the
 built-in synthetic nuclei (all objects annotated = the loss's worst case; `--instance_ratio 0.1` for sparse).
 
-    .venv/bin/python scripts/benchmark_training_step.py [--device cuda] [--iters 5] [--instance_ratio 1.0]
+    .venv/bin/python -m research.perf.benchmark_training_step [--device cuda] [--iters 5] [--instance_ratio 1.0]
         [--spatial_dims 2 --patch "[192,192]" --features "[16,32,64,128]"] [--metatensor]
 
 ``--metatensor``: the batch comes as MONAI ``MetaTensor``s (with default metadata; the training DataLoader's carry
@@ -16,19 +16,25 @@ per-operation dispatch slows every layer). ``--spatial_dims`` without ``--patch`
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import fire
 import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from spoco_bundle.handlers import MomentumTeacherHandler
-from spoco_bundle.inferers import TwoViewInferer
-from spoco_bundle.losses import SpocoLoss
-from spoco_bundle.networks import EmbeddingUNet, default_patch_size, make_teacher
-from spoco_bundle.synthetic import generate_nuclei
-from spoco_bundle.transforms import SparseInstanceLabel
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: this repository's spoco_bundle (and research)
+    sys.path.insert(0, str(ROOT))
+
+from spoco_bundle.handlers import MomentumTeacherHandler  # noqa: E402
+from spoco_bundle.inferers import TwoViewInferer  # noqa: E402
+from spoco_bundle.losses import SpocoLoss  # noqa: E402
+from spoco_bundle.networks import EmbeddingUNet, default_patch_size, make_teacher  # noqa: E402
+from spoco_bundle.synthetic import generate_nuclei  # noqa: E402
+from spoco_bundle.transforms import SparseInstanceLabel  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
