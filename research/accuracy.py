@@ -1,13 +1,13 @@
 """
 Accuracy benchmark: SPOCO (and its ablations) against StarDist and a classical baseline, trained on the same sparse
-labels of real microscopy data, scored on held-back images; regenerates ``docs/benchmarks.md`` and its plots, and
-its summary ``docs/benchmarks.json`` (:mod:`research.report`).
+labels of real microscopy data, scored on held-back images; regenerates ``research/pages/benchmarks.md``, its plots
+(``research/figures/``) and its summary ``research/pages/benchmarks.json`` (:mod:`research.report`).
 
     .venv/bin/python -m research.accuracy [--data_dir ../shared/data]
         [--datasets dsb2018,gonuclear,usiigaci,isbi2012,plant3d]
         [--ratios 0.1,0.4,1.0] [--methods spoco,...,stardist,classical,classical_membrane]
         [--budget_s 600] [--clock wall|cpu] [--threads 2] [--seed 0] [--device cpu|cuda]
-        [--out_dir eval/benchmark] [--docs docs/benchmarks.md]
+        [--out_dir eval/benchmark] [--docs research/pages/benchmarks.md]
         [--splits 1135to1136] [--force] [--no_run] [--max_train N --max_test N]
         [--overrides '{"learning_rate": 0.005}'] [--cache_dir eval/data_cache] [--stardist_python PATH]
 
@@ -119,7 +119,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--splits", default="", help="run only these splits, e.g. 1135to1136 (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (SPOCO; StarDist and classical run on CPU)")
     p.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR))
-    p.add_argument("--docs", default=str(REPO_ROOT / "docs" / "benchmarks.md"), help="markdown to write ('' = none)")
+    p.add_argument(
+        "--docs", default=str(REPO_ROOT / "research" / "pages" / "benchmarks.md"), help="markdown to write ('' = none)"
+    )
     p.add_argument("--force", action="store_true", help="rerun runs that are cached")
     p.add_argument("--no_run", action="store_true", help="only rebuild the docs from cached results")
     p.add_argument("--max_train", type=int, default=None, help="use only the first N training images (checks)")

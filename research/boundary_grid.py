@@ -9,7 +9,7 @@ threshold, their dome height ``h``, the boundary map's smoothing ``sigma`` and t
         [--hs 1,2,3,5] [--sigmas 0,1] [--merges 0,0.5] [--threads 2] [--json eval/s42/boundary_grid.json]
 
 The threshold ``merge`` below which neighbouring regions merge (``boundary_merge`` of the configs) was chosen with
-it: ``--merges`` 0-0.8 on eight 10 % runs and one 100 % run (docs/benchmark_findings.md, "Weak contacts").
+it: ``--merges`` 0-0.8 on eight 10 % runs and one 100 % run (research/findings.md, "Weak contacts").
 
 Each run's checkpoint segments the held-back images once (the bundle's inference pieces,
 :func:`research.foreground.network_outputs`); every setting then cuts the same outputs with

@@ -25,7 +25,7 @@ means of merged neighbours (the push term asks for at least ``2 delta_d``).
 
 It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
 its work folder) and writes ``foreground_ratio_<r>.json`` beside it; ``python -m research.accuracy --no_run`` puts
-the table into ``docs/benchmarks.md`` (records of an older checkpoint than the cached run's are left out).
+the table into ``research/pages/benchmarks.md`` (records of an older checkpoint than the cached run's are left out).
 """
 
 from __future__ import annotations

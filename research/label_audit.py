@@ -13,7 +13,7 @@ information about the labels, never a score to report instead of AP50.
 
     .venv/bin/python -m research.label_audit --dataset dsb2018 \
         [--predictions "SPOCO 10 %=eval/s52/protocols/dsb2018/train268_val66/spoco/ratio_0.10.npz,..."] \
-        [--docs docs/label_audit_dsb2018.md] [--figure docs/images/label_audit_dsb2018.png]
+        [--docs research/pages/label_audit_dsb2018.md] [--figure research/figures/label_audit_dsb2018.png]
 """
 
 from __future__ import annotations

@@ -391,7 +391,7 @@ def main() -> None:
     ]
     records = [json.loads(f.read_text()) for f in sorted(found)]
     records = [r for r in records if r["split"] == split.name]
-    text = report(split, records, _selection_flags(args), args.docs or "docs/learning_speed.md")
+    text = report(split, records, _selection_flags(args), args.docs or "research/pages/learning_speed.md")
     print(text)
     if args.docs:
         Path(args.docs).write_text(text)
@@ -456,7 +456,7 @@ def data_words(split: Split) -> str:
     )
 
 
-def report(split: Split, records: list[dict], flags: str = "", docs: str = "docs/learning_speed.md") -> str:
+def report(split: Split, records: list[dict], flags: str = "", docs: str = "research/pages/learning_speed.md") -> str:
     """Markdown: how the screen ran, then one table per budget; ``flags``: those that select its runs, ``docs``: the
     page (both for the commands it states)."""
     flags = f" {flags}" if flags else ""

@@ -8,7 +8,7 @@ user has too: no dense label enters the choice, and at Otsu's threshold of each 
 (the inference option ``--foreground_threshold otsu``).
 
     .venv/bin/python -m research.pu_threshold --out_dir eval/s19_ls --recipes default,self0.5 [--ratio 0.1]
-        [--budget_s 900] [--n_train 60] [--threads 2] [--docs docs/pu_threshold.md]
+        [--budget_s 900] [--n_train 60] [--threads 2] [--docs research/pages/pu_threshold.md]
         [--dataset gonuclear --split 1135to1136 --tune 1]   # a learning_speed --split screen
 
 Scored on the learning-speed split's held-back training images (dense labels). 'pixel AP': average precision of

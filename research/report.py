@@ -525,6 +525,15 @@ def _study_overrides(records: Sequence[dict[str, Any]]) -> tuple[str | None, str
     return (only if only != "{}" else None), None
 
 
+def figures_dir(docs_path: str | os.PathLike) -> Path:
+    """Where a report's PNGs go: ``research/figures/`` for a page in ``research/pages/`` (``<pages>/../figures``),
+    else an ``images/`` folder beside the page."""
+    docs_path = Path(docs_path)
+    if docs_path.parent.name == "pages":
+        return docs_path.parent.parent / "figures"
+    return docs_path.parent / "images"
+
+
 def write_docs(
     records: list[dict[str, Any]],
     docs_path: str | os.PathLike,
@@ -539,8 +548,9 @@ def write_docs(
     out_dir: str | None = None,
 ) -> Path:
     """
-    Write the markdown report and its PNGs (``<docs dir>/images/benchmark_<dataset>*.png`` for ``benchmarks.md``,
-    ``<docs stem>_<dataset>*.png`` for any other name, so that two reports do not share plots) from run records.
+    Write the markdown report and its PNGs (in :func:`figures_dir`: ``benchmark_<dataset>*.png`` for
+    ``benchmarks.md``, ``<docs stem>_<dataset>*.png`` for any other name, so that two reports do not share plots) from
+    run records.
 
     Args:
         records: from :func:`collect`.
@@ -556,7 +566,7 @@ def write_docs(
         out_dir: results folder to state in the command that runs the grid (None: the default).
     """
     docs_path = Path(docs_path)
-    img_dir = docs_path.parent / "images"
+    img_dir = figures_dir(docs_path)
     img_prefix = "benchmark" if docs_path.stem == "benchmarks" else docs_path.stem
     ok = {(r["dataset"], r["split"], r["method"], round(r["ratio"], 4)): r for r in records if r.get("status") == "ok"}
     bad = {(r["dataset"], r["split"], r["method"], round(r["ratio"], 4)): r for r in records if r.get("status") != "ok"}
@@ -650,7 +660,7 @@ def write_docs(
         "  - SPOCO: `research/methods/spoco.py`: `monai.bundle run training` with `configs/train.json` "
         "(bundle defaults; background not annotated, so the foreground head is trained positive-unlabeled, or, since "
         "0.24, against a ring of background around the annotated objects where they are at most 80: "
-        "docs/foreground_ring.md), then "
+        "research/pages/foreground_ring.md), then "
         "`configs/inference.json` with `--background head` (variants: full loss; without the consistency term; "
         "without the unlabeled push; without the instance (Dice) term; the annotation protocols: with simulated "
         "background scribbles, with the true foreground mask given at inference). The git commit and settings of "

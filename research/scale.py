@@ -18,7 +18,8 @@ as ``--inferer#blob_scales``; the record says which.
 
 It reads the checkpoint of a finished benchmark run (``<out_dir>/<dataset>/<split>/<method>/ratio_<r>.json`` names
 its work folder) and writes ``scale_ratio_<r>.json`` beside it; ``python -m research.accuracy --no_run`` puts the
-table into ``docs/benchmarks.md``. Images: linear interpolation (``scipy.ndimage.zoom`` order 1), labels: nearest.
+table into ``research/pages/benchmarks.md``. Images: linear interpolation (``scipy.ndimage.zoom`` order 1), labels:
+nearest.
 """
 
 from __future__ import annotations

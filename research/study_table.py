@@ -5,7 +5,7 @@ its seeds, so that an option is compared with the default on the same splits, ke
 
     .venv/bin/python -m research.study_table --title "..." \\
         --arms default=eval/s20/acc_default,eval/s20/acc_default_s1 \\
-        --arms lee_liu_images=eval/s20/acc_lee,eval/s20/acc_lee_s1 [--docs docs/X.md] [--command "..."]
+        --arms lee_liu_images=eval/s20/acc_lee,eval/s20/acc_lee_s1 [--docs research/pages/X.md] [--command "..."]
 
 Each arm is ``name=out_dir[,out_dir...]``; every record under those folders is a row (its data set, split, seed,
 ratio, iterations, scores and the head's pixel precision / recall on the test images).

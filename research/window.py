@@ -27,7 +27,7 @@ of :func:`~spoco_bundle.clustering.cluster_watershed`; a run clustered otherwise
 
     .venv/bin/python -m research.window --run_dir eval/s38/ls/dsb2018/default/ratio_0.10_900s[,...]
         [--records eval/s37/usiigaci/train16_val4/spoco/ratio_0.10.json[,...]] [--windows patch,256,320,384]
-        [--mosaic 1,2] [--docs docs/inference_window.md]
+        [--mosaic 1,2] [--docs research/pages/inference_window.md]
 
 Results are cached per checkpoint in ``<run_dir or work_dir>/window.json``.
 """

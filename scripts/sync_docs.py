@@ -3,8 +3,9 @@ One source for every number on the front pages: copies the measured figures that
 (``docs/README.md``) and ``metadata.json`` show from the files the measuring scripts write, so no figure there is
 typed by hand and none can drift.
 
-- Block ``results`` (README and model card): the accuracy table, from the summaries ``docs/<page>.json`` that
-  ``python -m research.accuracy ... --docs docs/<page>.md`` writes beside each benchmark page (:data:`PAGES`).
+- Block ``results`` (README and model card): the accuracy table, from the summaries ``research/pages/<page>.json``
+  that ``python -m research.accuracy ... --docs research/pages/<page>.md`` writes beside each benchmark page
+  (:data:`PAGES`).
 - Block ``shipped-models`` (README and model card): one row per shipped model, from ``models/<name>/model.json``
   (written by ``scripts/shipped_models.py``).
 - ``metadata.json`` ``eval_metrics``: the shipped models' held-out scores, from the same cards
@@ -33,11 +34,13 @@ if str(REPO_ROOT) not in sys.path:
 
 from spoco_bundle.shipped import eval_metrics  # noqa: E402
 
-# benchmark summaries the results table reads (docs/<page>.json beside docs/<page>.md); the figures of a (data set,
+# benchmark summaries the results table reads (research/pages/<page>.json beside its page); the figures of a (data set,
 # method, ratio) come from the last page that holds it (a later page re-measured it with newer settings)
 PAGES = ("benchmarks_protocols", "benchmarks_beyond_nuclei", "benchmarks_tissue")
-# pages with blocks, and the path from each to docs/ (for links)
-FRONT_PAGES = {"README.md": "docs/", "docs/README.md": ""}
+# the lab's pages, where the summaries are (relative to the repository)
+RESEARCH_PAGES = "research/pages"
+# pages with blocks, and the path from each to the repository root (for links)
+FRONT_PAGES = {"README.md": "", "docs/README.md": "../"}
 # rows of the results table: (data set, its label, ratio)
 ROWS = (
     ("dsb2018", "DSB2018 nuclei 2D (66 validation images)", 0.1),
@@ -81,13 +84,13 @@ def _fmt(v: Any, digits: int = 2) -> str:
 # ------------------------------------------------------------------------------------------------ results table
 
 
-def load_summaries(docs: Path = REPO_ROOT / "docs") -> list[dict[str, Any]]:
+def load_summaries(pages: Path = REPO_ROOT / RESEARCH_PAGES) -> list[dict[str, Any]]:
     """The benchmark summaries of :data:`PAGES`, each with its ``page`` name added."""
     out = []
     for page in PAGES:
-        path = docs / f"{page}.json"
+        path = pages / f"{page}.json"
         if not path.is_file():
-            raise SystemExit(f"error: {path} is missing: regenerate it with the command in docs/{page}.md")
+            raise SystemExit(f"error: {path} is missing: regenerate it with the command in {RESEARCH_PAGES}/{page}.md")
         out.append({**json.loads(path.read_text()), "page": page})
     return out
 
@@ -103,9 +106,9 @@ def _cell(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
     return _fmt(ap50) + (f" (ARAND {_fmt(sum(arand) / len(arand))})" if dataset in PARTITION and arand else "")
 
 
-def results_table(summaries: Sequence[Mapping[str, Any]], docs_link: str = "docs/") -> str:
+def results_table(summaries: Sequence[Mapping[str, Any]], root_link: str = "") -> str:
     """The README's results table: AP50 per data set, labelled fraction and method, from the summaries;
-    ``docs_link``: the path from the page to ``docs/``."""
+    ``root_link``: the path from the page to the repository root."""
 
     def key(r: Mapping[str, Any]) -> tuple:
         return r.get("dataset"), r.get("method"), r.get("ratio")
@@ -125,7 +128,9 @@ def results_table(summaries: Sequence[Mapping[str, Any]], docs_link: str = "docs
             continue
         cells = [_cell([r for r in here if r.get("method") == m], dataset) for m, _ in COLUMNS]
         lines.append(f"| {label} | {ratio * 100:g} % | " + " | ".join(cells) + " |")
-    pages = ", ".join(f"[docs/{s['page']}.md]({docs_link}{s['page']}.md)" for s in summaries)
+    pages = ", ".join(
+        f"[{RESEARCH_PAGES}/{s['page']}.md]({root_link}{RESEARCH_PAGES}/{s['page']}.md)" for s in summaries
+    )
     how = "; ".join(
         f"{b:g} s of {'process CPU' if clock == 'cpu' else 'wall'} time, {threads} thread{'s' * (threads != 1)}, "
         f"device {device}"
@@ -175,7 +180,7 @@ def shipped_table(cards: Mapping[str, Mapping[str, Any]]) -> str:
 def planned(root: Path = REPO_ROOT) -> dict[Path, str]:
     """Every file this script owns a part of, with the text it should have."""
     cards = shipped_cards(root / "models")
-    summaries = load_summaries(root / "docs")
+    summaries = load_summaries(root / RESEARCH_PAGES)
     blocks: dict[str, Callable[[str], str]] = {
         "results": lambda link: results_table(summaries, link),
         "shipped-models": lambda link: shipped_table(cards),

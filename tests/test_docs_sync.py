@@ -17,7 +17,9 @@ def test_front_pages_are_in_sync_with_their_sources(capsys) -> None:
 
 
 def _copy(tmp: Path) -> Path:
-    for rel in [*sync_docs.FRONT_PAGES, "metadata.json"] + [f"docs/{p}.json" for p in sync_docs.PAGES]:
+    for rel in [*sync_docs.FRONT_PAGES, "metadata.json"] + [
+        f"{sync_docs.RESEARCH_PAGES}/{p}.json" for p in sync_docs.PAGES
+    ]:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp / rel)
     shutil.copytree(ROOT / "models", tmp / "models", ignore=shutil.ignore_patterns("*.pt", "*.ts"))

@@ -44,7 +44,7 @@ from research.records import (
     reference_throughput,
     reference_words,
 )
-from research.report import _grid_budget, _protocol_lines, _study_overrides, write_docs
+from research.report import _grid_budget, _protocol_lines, _study_overrides, figures_dir, write_docs
 from research.runner import method_unavailable_reason, repredict_one, rescore_one, run_one
 from research.scale import rescale
 from research.settings import RunSettings, run_timeout
@@ -275,6 +275,13 @@ def test_docs_from_cached_classical_runs(dsb_small: Split, tmp_path: Path) -> No
     # its summary holds the runs of its own grid only
     long_summary = json.loads((tmp_path / "docs" / "benchmarks_long.json").read_text())
     assert [(r["method"], r["ratio"]) for r in long_summary["rows"]] == [("classical", 1.0)]
+
+
+def test_pages_are_written_to_research_pages_and_their_plots_to_research_figures(tmp_path: Path) -> None:
+    # a page in research/pages/ puts its PNGs in research/figures/; any other folder keeps an images/ beside the page
+    assert figures_dir(tmp_path / "research" / "pages" / "benchmarks_x.md") == tmp_path / "research" / "figures"
+    assert figures_dir(tmp_path / "docs" / "x.md") == tmp_path / "docs" / "images"
+    assert Path(parse_args([]).docs) == ROOT / "research" / "pages" / "benchmarks.md"
 
 
 @pytest.mark.benchmark
