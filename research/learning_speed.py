@@ -35,6 +35,16 @@ from research.records import git_commit, machine_info, reference_words
 from research.settings import RunSettings
 from spoco_bundle.io import split_image_suffix, write_label_image
 
+
+def _augmentation_ids(target: str, argument: str, value) -> dict:
+    """``train#random_transforms#<i>#<argument>``: ``value`` for every transform ``target`` of ``configs/train.json``'s
+    random transforms (found by name: their places move when the list changes)."""
+    transforms = json.loads((REPO_ROOT / "configs" / "train.json").read_text())["train"]["random_transforms"]
+    return {
+        f"train#random_transforms#{i}#{argument}": value for i, t in enumerate(transforms) if t["_target_"] == target
+    }
+
+
 # train.json overrides per recipe ("default": the bundle as it ships)
 # tissue whose labels cover the membranes (plant3d): the head learns interiors against the membrane on both sides
 # of the annotated cells' surfaces, with its own 0.5, cut by the boundary clustering into a partition
@@ -47,6 +57,10 @@ _TISSUE_BOUNDARY = {
     "shape_split": 0.0,
 }
 
+# Retired recipes (their training options left the bundle; research/README.md, "Retired"): calib0.2, calib0.35,
+# self0.5, self0.5_calib0.2, leeliu_calib0.2, self0.5_leeliu_calib0.2, scribbles4, scribbles4_ring1_2, contact10,
+# dense_contact10, field0.5, field0, tophat5, tophat0, gamma0.5, paste0.5, paste1: in git at commit 7c97b4b
+# (git show 7c97b4b:benchmarks/learning_speed.py).
 RECIPES: dict[str, dict] = {
     "default": {},
     # the foreground term's weight: 300 (after a warm-up from 20) dominates the shared layers' gradients
@@ -64,19 +78,6 @@ RECIPES: dict[str, dict] = {
     "patch128": {"patch_size": [128, 128]},
     # one more level (down to 1/16): twice the field of view, for objects larger than the default network sees whole
     "deep5": {"features": [16, 32, 64, 128, 256]},
-    # the label frequency c estimated on a fifth of the annotated objects, which the head does not train on
-    "calib0.2": {"calibration_holdout": 0.2},
-    "calib0.35": {"calibration_holdout": 0.35},
-    # unlabeled voxels the teacher confidently calls foreground are no longer the head's negatives
-    "self0.5": {"foreground_self_training": 0.5},
-    "self0.5_calib0.2": {"foreground_self_training": 0.5, "calibration_holdout": 0.2},
-    # the head's threshold by Lee & Liu's criterion on held-out annotated objects, with and without self-training
-    "leeliu_calib0.2": {"foreground_calibration": "lee_liu", "calibration_holdout": 0.2},
-    "self0.5_leeliu_calib0.2": {
-        "foreground_self_training": 0.5,
-        "foreground_calibration": "lee_liu",
-        "calibration_holdout": 0.2,
-    },
     # the foreground head alone (every embedding term off): what the head learns without sharing the network
     "head_only": {
         f"loss#{k}": 0.0
@@ -88,13 +89,9 @@ RECIPES: dict[str, dict] = {
     # small nuclei (DSB2018): trained and segmented at twice the resolution, so that the seam between two touching
     # nuclei spans more than a pixel (the patch then holds a quarter of the area)
     "scale2": {"image_scale": 2.0},
-    # the foreground head with annotated background: every unlabeled pixel (dense labels, --ratios 1), or a few
-    # simulated strokes (the scribbles protocol's id), to tell positive-unlabeled learning from the head's capacity
+    # the foreground head with annotated background: every unlabeled pixel (dense labels, --ratios 1), to tell
+    # positive-unlabeled learning from the head's capacity
     "dense": {"background_label": 0},
-    "scribbles4": {"scribbles": 4, "background_label": 65535},
-    # the head's contact weighting (U-Net border weights): where annotated objects touch or nearly touch
-    "contact10": {"foreground_contact_weight": 10.0},
-    "dense_contact10": {"background_label": 0, "foreground_contact_weight": 10.0},
     # the head learns object interiors against the annotated objects' outer voxel layer (membranes in tissue), cut
     # by the boundary clustering (ISBI's documented settings have it; plant3d's use no head, so it is set here)
     "surface1": {"foreground_surface": 1},
@@ -125,32 +122,12 @@ RECIPES: dict[str, dict] = {
     "pu": {"foreground_ring": 0, "foreground_calibration": "label_frequency"},
     "ring1_2": {"foreground_ring": [1, 2, 2], "foreground_calibration": "label_frequency"},
     "ring2_4": {"foreground_ring": [2, 4, 4], "foreground_calibration": "label_frequency"},
-    # the scribbles protocol with the ring: strokes and ring together are the head's annotated background
-    "scribbles4_ring1_2": {
-        "scribbles": 4,
-        "background_label": 65535,
-        "foreground_ring": [1, 2, 2],
-        "foreground_calibration": "label_frequency",
-    },
-    # a smooth random contrast (gamma) field on each view (MONAI RandSmoothFieldAdjustContrastd), so that regional
-    # brightness (haze, uneven illumination) is not what tells objects from background
-    "field0.5": {"intensity_field": 0.5},
-    "field0": {"intensity_field": 0.0},  # without it (the default), pinned for the field screens
-    # white top-hat background subtraction (box 5 blob scales) before the normalisation, in training and inference
-    "tophat5": {"tophat": 5.0},
-    "tophat0": {"tophat": 0.0},  # without it (the default), pinned for the top-hat screens
-    # dim objects beside bright ones (session 55, neither helped): a power law on the input lifts them; or milder
-    # intensity augmentation (the consistency views' shifts and noise), in case it drowns their contrast
-    "gamma0.5": {"intensity_gamma": 0.5},
+    # dim objects beside bright ones (session 55, it did not help): milder intensity augmentation (the consistency
+    # views' shifts and noise), in case it drowns their contrast
     "weak_aug": {
-        "train#random_transforms#12#offsets": 0.03,
-        "train#random_transforms#13#offsets": 0.03,
-        "train#random_transforms#14#std": 0.015,
-        "train#random_transforms#15#std": 0.015,
+        **_augmentation_ids("RandShiftIntensityd", "offsets", 0.03),
+        **_augmentation_ids("RandGaussianNoised", "std", 0.015),
     },
-    # copy-paste of annotated objects beside annotated objects in each patch (session 56): touching annotated pairs
-    "paste0.5": {"copy_paste": 0.5},
-    "paste1": {"copy_paste": 1.0, "train#random_transforms#6#max_objects": 4},
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},

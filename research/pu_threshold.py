@@ -4,8 +4,9 @@ models of a learning-speed screen (:mod:`research.learning_speed`) segmented wit
 0.5), at the threshold of the best pixel F1 on the scored images (chosen with their dense labels: a reference, not a
 method), at the threshold of Lee & Liu's criterion ``recall^2 / P(predicted foreground)`` (:func:`spoco_bundle.handlers.
 lee_liu_threshold`) computed on the run's own *training* images with the annotated objects it trained on, which a
-user has too: no dense label enters the choice, and at Otsu's threshold of each scored image's head probabilities
-(the inference option ``--foreground_threshold otsu``).
+user has too: no dense label enters the choice. (Otsu's threshold of each scored image's head probabilities, the
+retired inference option ``--foreground_threshold otsu``, was a fourth column up to commit 7c97b4b: ``git show
+7c97b4b:benchmarks/pu_threshold.py``; cached rows that have it still show it.)
 
     .venv/bin/python -m research.pu_threshold --out_dir eval/s19_ls --recipes default,self0.5 [--ratio 0.1]
         [--budget_s 900] [--n_train 60] [--threads 2] [--docs research/pages/pu_threshold.md]
@@ -31,7 +32,6 @@ from research.foreground import network_outputs
 from research.learning_speed import data_words, other_split, record_path, screen_split
 from research.methods.spoco import SETTINGS
 from research.records import machine_info
-from spoco_bundle.clustering.threshold import head_threshold
 from spoco_bundle.handlers import lee_liu_threshold
 from spoco_bundle.losses import LOGIT_BINS, LOGIT_RANGE
 from spoco_bundle.transforms import ClusterEmbeddings
@@ -39,15 +39,14 @@ from spoco_bundle.transforms import ClusterEmbeddings
 INFERENCE = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
 
 
-def _segment(outputs: list[np.ndarray], threshold: float | str, min_size: int) -> list[np.ndarray]:
-    """The inference default's post-processing (clustering, shape split) with the head at ``threshold`` (or
-    ``"otsu"``, per image: ``--foreground_threshold otsu``)."""
+def _segment(outputs: list[np.ndarray], threshold: float, min_size: int) -> list[np.ndarray]:
+    """The inference default's post-processing (clustering, shape split) with the head at ``threshold``."""
     cluster = ClusterEmbeddings(
         INFERENCE["clustering"],
         outputs[0].shape[0] - 1,
         "head",
         min_size,
-        foreground_threshold=threshold if isinstance(threshold, str) else float(np.clip(threshold, 1e-3, 0.999)),
+        foreground_threshold=float(np.clip(threshold, 1e-3, 0.999)),
         shape_split=float(INFERENCE.get("shape_split", 0) or 0),
     )
     return [np.asarray(cluster(out))[0] for out in outputs]
@@ -82,16 +81,14 @@ def study(run_dir: Path, record: dict, split, n_train: int, min_size: int) -> di
         "iterations": record.get("iterations"),
         "pixel_ap": average_precision_score(fg, prob),
     }
-    for name, t in (("calibrated", 0.5), ("best", best), ("lee_liu", lee_liu), ("otsu", "otsu")):
+    for name, t in (("calibrated", 0.5), ("best", best), ("lee_liu", lee_liu)):
         s = score(_segment(test, t, min_size), truth, split.spatial_dims, split.dataset)
-        if t == "otsu":  # the thresholds Otsu's rule picked, image by image
-            t = [head_threshold(o[e], "otsu") for o in test]
         row[name] = {"threshold": t, "ap50": s["ap50"], "fg_precision": s["fg_precision"], "fg_recall": s["fg_recall"]}
     return row
 
 
 def _otsu_cell(o: dict | None) -> str:
-    if o is None:  # a row cached before the Otsu column
+    if o is None:  # a row cached before the Otsu column, or after it was retired
         return "-"
     ts = o["threshold"]
     t = f"{ts[0]:.2f}" if len(ts) == 1 else f"{min(ts):.2f}-{max(ts):.2f}"
@@ -99,10 +96,12 @@ def _otsu_cell(o: dict | None) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
+    otsu = any(r.get("otsu") for r in rows)  # cached rows from before Otsu's threshold was retired
     lines = [
         "| recipe | iterations | pixel AP | AP50 at 0.5 (P / R) | best-F1 threshold: AP50 (P / R) "
-        "| Lee & Liu on training images: threshold, AP50 (P / R) | Otsu per image: thresholds, AP50 (P / R) |",
-        "|---|---|---|---|---|---|---|",
+        "| Lee & Liu on training images: threshold, AP50 (P / R) |"
+        + (" Otsu per image: thresholds, AP50 (P / R) |" if otsu else ""),
+        "|---|---|---|---|---|---|" + ("---|" if otsu else ""),
     ]
     for r in sorted(rows, key=lambda r: -r["lee_liu"]["ap50"]):
         c, b, ll = r["calibrated"], r["best"], r["lee_liu"]
@@ -111,7 +110,7 @@ def table(rows: list[dict]) -> list[str]:
             f"| {name} | {r['iterations']} | {r['pixel_ap']:.3f} | {c['ap50']:.3f} ({c['fg_precision']:.2f} / "
             f"{c['fg_recall']:.2f}) | {b['threshold']:.2f}: {b['ap50']:.3f} ({b['fg_precision']:.2f} / "
             f"{b['fg_recall']:.2f}) | {ll['threshold']:.2f}: **{ll['ap50']:.3f}** ({ll['fg_precision']:.2f} / "
-            f"{ll['fg_recall']:.2f}) | {_otsu_cell(r.get('otsu'))} |"
+            f"{ll['fg_recall']:.2f}) |" + (f" {_otsu_cell(r.get('otsu'))} |" if otsu else "")
         )
     return lines
 
@@ -178,8 +177,13 @@ def main(argv=None) -> int:
         "shipped: calibrated by the label frequency for a positive-unlabeled head, the plain 0.5 of a supervised "
         "one); the best pixel F1 on the scored images (chosen with their dense labels: a reference, not a method); "
         f"Lee & Liu's `recall^2 / P(g > t)` on the first {args.n_train} *training* images, recall over "
-        f"the annotated objects the run trained on (what a user has); Otsu's threshold of each scored image's own head "
-        f"probabilities (`--foreground_threshold otsu`).",
+        f"the annotated objects the run trained on (what a user has)"
+        + (
+            "; Otsu's threshold of each scored image's own head probabilities (`--foreground_threshold otsu`, "
+            "retired: cached rows only)."
+            if any(r.get("otsu") for r in rows)
+            else "."
+        ),
         f"- **Machine**: {m.get('cpu')}, {m.get('nproc')} cores, torch {m.get('torch')}, no GPU; training runs 1 "
         f"thread each, two side by side ({min(its)}-{max(its)} iterations in the budget: pairs ran at different "
         f"speeds); this study {args.threads} threads, nothing else running.",

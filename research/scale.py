@@ -159,13 +159,11 @@ def _earlier_rows(out: Path, args: argparse.Namespace, same: dict) -> dict[float
 
 
 def _default_rule() -> str:
-    """The ``rule`` ``image_scale auto`` uses: ``configs/inference.json``'s, else ScaledInferer's default."""
-    import inspect
-
-    from spoco_bundle.inferers import ScaledInferer
-
-    config = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
-    return config["inferer"].get("rule", inspect.signature(ScaledInferer).parameters["rule"].default)
+    """The rule ``image_scale auto`` resamples by, recorded with every auto result: ``"halfway"`` (geometrically
+    halfway between the image's blob size and the training range's nearer end), the only one left since the other
+    rules (``ScaledInferer(rule=...)``, compared by the retired ``scale_rules.py``) were retired. Records written
+    before name the rule they used."""
+    return "halfway"
 
 
 def _found_scales(log: Path) -> list[float]:

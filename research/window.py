@@ -12,18 +12,15 @@ against their dense labels.
   between windows means something.
 
 Windows: ``patch`` = the training patch with zero padding (the bundle's window up to 0.17); ``default`` =
-``configs/inference.json``'s window; ``N``: an N x N window for 2D runs, ``AxBxC`` one for 3D runs (each skipped for
-the other), padded by replicating the border where the image is smaller; all without test-time flips, without
-the size filter relative to the training objects (``min_diameter_ratio`` 0) and without growth. Further inference
-options on the default window (:data:`OPTIONS`): ``flips`` = test-time flips of the foreground head
-(``test_time_flips``); ``sizeR`` (e.g. ``size0.45``) = objects under R times the training objects' median diameter
-removed (``min_diameter_ratio`` R; ``size0`` is ``default``); ``growP`` (e.g. ``grow0.4``) = objects drawn out into
-the voxels within 2 of them whose head probability is above P (``foreground_grow`` P; ``grow0`` is ``default``),
-``growPdD`` (e.g. ``grow0.01d1``) within D instead (``foreground_grow_distance`` D);
-``scaleF`` (e.g. ``scale1.25``) = the image resampled by F before the network and the result back (``image_scale``
-F; the benchmark's runs train and segment at 1, so ``scale1`` is ``default``); ``seedD`` (e.g. ``seed0.5``) = the
-``watershed`` clustering's seed depth D, the least depth of a seed's basin in the embedding-edge map (keyword ``h``
-of :func:`~spoco_bundle.clustering.cluster_watershed`; a run clustered otherwise is an error).
+``configs/inference.json``'s window; ``N``: an N x N window for 2D runs, ``AxBxC`` one for 3D runs (each skipped for the
+other), padded by replicating the border where the image is smaller; all without test-time flips and without the size
+filter relative to the training objects (``min_diameter_ratio`` 0). Further inference options on the default window
+(:data:`OPTIONS`): ``flips`` = test-time flips of the foreground head (``test_time_flips``); ``sizeR`` (e.g.
+``size0.45``) = objects under R times the training objects' median diameter removed (``min_diameter_ratio`` R; ``size0``
+is ``default``); ``scaleF`` (e.g. ``scale1.25``) = the image resampled by F before the network and the result back
+(``image_scale`` F; the benchmark's runs train and segment at 1, so ``scale1`` is ``default``); ``seedD`` (e.g.
+``seed0.5``) = the ``watershed`` clustering's seed depth D, the least depth of a seed's basin in the embedding-edge map
+(keyword ``h`` of :func:`~spoco_bundle.clustering.cluster_watershed`; a run clustered otherwise is an error).
 
     .venv/bin/python -m research.window --run_dir eval/s38/ls/dsb2018/default/ratio_0.10_900s[,...]
         [--records eval/s37/usiigaci/train16_val4/spoco/ratio_0.10.json[,...]] [--windows patch,256,320,384]
@@ -37,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,8 +50,9 @@ METRICS = ("ap50", "map", "sbd", "fg_precision", "fg_recall", "arand")
 # inference.json ids of the named options scored like windows (on the default window), each alone
 OPTIONS = {"flips": {"test_time_flips": True, "min_diameter_ratio": 0}}
 # every window and option without the options it does not name (the defaults since 0.25 / 0.26), so that each
-# compares alone and earlier cached results keep their meaning
-PINNED = {"test_time_flips": False, "min_diameter_ratio": 0, "foreground_grow": 0.0}
+# compares alone and earlier cached results keep their meaning. (The growth windows growP / growPdD, of the retired
+# inference option foreground_grow, are in git at commit 7c97b4b: git show 7c97b4b:benchmarks/window.py.)
+PINNED = {"test_time_flips": False, "min_diameter_ratio": 0}
 
 
 @functools.cache
@@ -75,10 +72,6 @@ def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict |
     (``N`` is a 2D window, ``AxBxC`` a 3D one)."""
     if window in OPTIONS:
         return dict(PINNED, **OPTIONS[window])
-    number = r"(\d+(?:\.\d+)?)"  # a malformed one falls through to the "grow" prefix's clear error below
-    grow = re.fullmatch(rf"grow{number}d{number}", window)  # growth with its distance, e.g. grow0.01d1
-    if grow:
-        return dict(PINNED, foreground_grow=float(grow[1]), foreground_grow_distance=float(grow[2]))
     if window.startswith("seed"):
         try:
             return dict(PINNED, **{_cluster_kwarg("h"): float(window[len("seed") :])})
@@ -86,7 +79,6 @@ def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict |
             raise ValueError(f"window {window!r}: name it seed and a number, e.g. seed0.5") from None
     for prefix, key, example in (
         ("size", "min_diameter_ratio", "size0.45"),
-        ("grow", "foreground_grow", "grow0.4"),
         ("scale", "image_scale", "scale1.25"),
     ):
         if window.startswith(prefix):
@@ -100,7 +92,12 @@ def window_overrides(window: str, spatial_dims: int, patch: list[int]) -> dict |
     elif window == "patch":
         window_ids = {"sliding_window_inferer#roi_size": list(patch), "sliding_window_inferer#padding_mode": "constant"}
     else:
-        size = [int(v) for v in window.split("x")]
+        try:
+            size = [int(v) for v in window.split("x")]
+        except ValueError:
+            raise ValueError(
+                f"unknown window {window!r}: patch, default, N, AxBxC, flips, sizeR, scaleF or seedD"
+            ) from None
         size = size * 2 if len(size) == 1 else size
         if len(size) != spatial_dims:
             return None
@@ -214,7 +211,7 @@ def report(entries: list[dict], windows: list[str], command: str) -> str:
     loads = [v for e in entries for r in e["results"].values() for v in r.get("load", []) if v is not None]
     load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
     text = (
-        "# Inference options chosen on training images: window, test-time flips, size filter, growth, seed depth\n\n"
+        "# Inference options chosen on training images: window, test-time flips, size filter, seed depth\n\n"
         "Generated by `python -m research.window` from its cache; do not edit by hand.\n\n"
         f"```bash\n{command}\n```\n\n"
         "- **Models**: the checkpoints named per table (900 CPU-s each, 1 thread; learning-speed runs trained on the "
@@ -224,12 +221,11 @@ def report(entries: list[dict], windows: list[str], command: str) -> str:
         "(a larger field of view at the same object size); `train` = the run's training images.\n"
         "- **Windows**: `patch` = the training patch, zero padding (the bundle's window up to 0.17); `N` = an N x N "
         "2D window (`AxBxC` a 3D one), images smaller than it padded by replicating their border; `default` = "
-        "`configs/inference.json`'s window; all of these without test-time flips, the size filter and growth "
+        "`configs/inference.json`'s window; all of these without test-time flips and the size filter "
         "(`min_diameter_ratio` 0); `flips` = the default window with `test_time_flips` true (the head averaged over "
         "the input's mirror images); `sizeR` = the default window with `min_diameter_ratio` R (objects whose "
         "equivalent diameter is under R times the median diameter of the run's annotated training objects removed); "
-        "`growP` = the default window with `foreground_grow` P (background pixels within 2 of an object whose head "
-        "probability is above P join the nearest object); `seedD` = the default window with the `watershed` "
+        "`seedD` = the default window with the `watershed` "
         "clustering's seeds at basins at least D deep in the embedding-edge map (in embedding distance; the default "
         "was 0.4 delta_v = 0.2 up to bundle 0.34, delta_v = 0.5 since). "
         "Overlap 0.25, Gaussian blending, everything else the bundle's inference.\n"

@@ -367,7 +367,7 @@ def _children_cpu() -> float:
 def _inference_ids(train_ids: dict) -> dict:
     """The training ids a checkpoint must be segmented with: its patch size, image scale, network shape (where a
     study changed it) and (where the data set sets them) background and shape split."""
-    keys = ("patch_size", "image_scale", "features", "embedding_dim", "tophat", *_INFERENCE_SETTINGS)
+    keys = ("patch_size", "image_scale", "features", "embedding_dim", *_INFERENCE_SETTINGS)
     return {k: train_ids[k] for k in keys if k in train_ids}
 
 

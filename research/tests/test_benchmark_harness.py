@@ -822,20 +822,15 @@ def test_window_study_names_and_mosaics(tmp_path):
 
     from research.window import mosaics, window_overrides
 
-    off = {"test_time_flips": False, "min_diameter_ratio": 0, "foreground_grow": 0.0}
+    off = {"test_time_flips": False, "min_diameter_ratio": 0}
     assert window_overrides("default", 2, [192, 192]) == off
     assert window_overrides("flips", 3, [32, 64, 64]) == dict(off, test_time_flips=True)
     assert window_overrides("size0.45", 2, [192, 192]) == dict(off, min_diameter_ratio=0.45)
-    assert window_overrides("grow0.4", 3, [32, 64, 64]) == dict(off, foreground_grow=0.4)
     assert window_overrides("scale1.25", 2, [192, 192]) == dict(off, image_scale=1.25)
-    grown = dict(off, foreground_grow=0.01, foreground_grow_distance=1.0)
-    assert window_overrides("grow0.01d1", 2, [192, 192]) == grown
     with pytest.raises(ValueError, match="size0.45"):
         window_overrides("sizeable", 2, [192, 192])
-    with pytest.raises(ValueError, match="grow0.4"):
-        window_overrides("growth", 2, [192, 192])
-    with pytest.raises(ValueError, match="grow0.4"):
-        window_overrides("grow1..2d1", 2, [192, 192])
+    with pytest.raises(ValueError, match="unknown window 'grow0.4'"):  # foreground_grow was retired
+        window_overrides("grow0.4", 2, [192, 192])
     with pytest.raises(ValueError, match="scale1.25"):
         window_overrides("scaled", 2, [192, 192])
     # the seed depth reaches the clustering step of the inference config as parsed
