@@ -374,9 +374,10 @@ def _protocol_lines(ok: dict, splits: dict[str, list[Split]], methods: Sequence[
         "",
         "What a user gives, each protocol with the bundle's defaults and the same kept objects: *objects only* (some "
         "objects outlined, background unlabeled; the head is trained positive-unlabeled); *objects + background "
-        "scribbles* (a few thin strokes on background per image, simulated by `spoco_bundle.scribbles` in the true "
-        "background: 4 strokes per image, in 3D on 3 slices, at most 2 % of the background; `--scribbles 4 "
-        "--background_label 65535`; the head stays positive-unlabeled and the strokes' mean loss is added, "
+        "scribbles* (a few thin strokes on background per image, simulated by `research/recipes/scribbles.py` in the "
+        "true background: 4 strokes per image, in 3D on 3 slices, at most 2 % of the background; the overlay "
+        "`research/configs/scribbles.json` after `configs/train.json`, `--background_label 65535`; the head stays "
+        "positive-unlabeled and the strokes' mean loss is added, "
         "`loss#foreground_strokes`); *foreground mask given* (the objects-only model, its embeddings clustered "
         "inside the true foreground, passed per image with `--foreground_mask_dir`). AP50 of a data set with two "
         "splits is the mean of both directions; 'fg precision / recall': pixels of the predicted objects against "

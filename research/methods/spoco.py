@@ -13,9 +13,10 @@ score would leak labels the sparse setting does not have).
 
 Variants (ablations of the paper's claims) set one loss weight to 0: ``no_consistency``, ``no_unlabeled_push``,
 ``no_instance``. The annotation protocols: ``full`` is *objects only*; ``scribbles`` adds simulated background strokes
-(:class:`~spoco_bundle.scribbles.SimulateScribbles`); ``mask`` is *foreground mask given*: no training of its own, the
-checkpoint of the finished ``spoco`` run of the same split and ratio (in the settings' ``out_dir``) segments the
-test images inside their true foreground (``foreground_mask_dir``, as a user passes a mask per image).
+(:class:`~research.recipes.scribbles.SimulateScribbles`, put into the training by the config overlay
+``research/configs/scribbles.json``: :data:`VARIANT_CONFIGS`); ``mask`` is *foreground mask given*: no training of its
+own, the checkpoint of the finished ``spoco`` run of the same split and ratio (in the settings' ``out_dir``) segments
+the test images inside their true foreground (``foreground_mask_dir``, as a user passes a mask per image).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,8 @@ from spoco_bundle.io import read_image, split_image_suffix, write_label_image
 
 __all__ = [
     "VARIANTS",
+    "VARIANT_CONFIGS",
+    "TRAIN_CONFIG",
     "SETTINGS",
     "DATASET_SETTINGS",
     "settings_for",
@@ -61,11 +65,17 @@ VARIANTS = {
     "no_unlabeled_push": {"loss#unlabeled_weight": 0.0},
     "no_instance": {"loss#instance_weight": 0.0},
     # objects + background scribbles: strokes simulated in the true background of the dense labels (id 65535, an id
-    # no object of the data sets uses), annotated background for the foreground head
-    "scribbles": {"scribbles": 4, "background_label": 65535},
+    # no object of the data sets uses), annotated background for the foreground head; the simulation comes with the
+    # overlay of VARIANT_CONFIGS (4 strokes per image, its id "scribbles")
+    "scribbles": {"background_label": 65535},
     # fine-tuning: the same training, started from the shipped 2D nuclei model's weights (issue 19)
     "finetuned": {"pretrained": SHIPPED_2D},
 }
+
+# the training config, and the overlays a variant adds after it (later files override earlier ones; paths relative to
+# the repository root)
+TRAIN_CONFIG = "configs/train.json"
+VARIANT_CONFIGS = {"scribbles": ("research/configs/scribbles.json",)}
 
 # per data set: training patch and inference options (everything else: the bundle's defaults)
 SETTINGS = {
@@ -126,13 +136,20 @@ def _run(args: list[str], log_path: Path, threads: int) -> str:
 @dataclass
 class Fit:
     """A finished training of :func:`fit`: its folder (checkpoint ``models/model.pt``, ``train.log``), the
-    ``train.json`` ids it ran with, its optimisation steps and its wall / CPU seconds."""
+    ``train.json`` ids it ran with, its optimisation steps, its wall / CPU seconds and its config files."""
 
     work: Path
     ids: dict
     iterations: int
     wall_s: float
     cpu_s: float
+    configs: tuple[str, ...] = (TRAIN_CONFIG,)
+
+
+def training_configs(variant: str) -> tuple[str, ...]:
+    """The config files of a training variant: ``configs/train.json``, then the variant's overlays
+    (:data:`VARIANT_CONFIGS`)."""
+    return (TRAIN_CONFIG, *VARIANT_CONFIGS.get(variant, ()))
 
 
 def fit(
@@ -170,11 +187,13 @@ def fit(
     )
     train.update({k: v for k, v in settings_for(split).items() if k in _TRAINING_SETTINGS})
     train.update(overrides)  # may replace the data set's patch_size / image_scale
+    configs = training_configs(variant)
     t0, c0 = time.perf_counter(), _children_cpu()
-    log = _bundle_run("configs/train.json", train, work / "train.log", run.threads, run_id="training")
+    log = _bundle_run(configs, train, work / "train.log", run.threads, run_id="training")
     wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     found = _ITERATIONS.findall(log)
-    return Fit(work=work, ids=train, iterations=int(found[-1]) if found else -1, wall_s=wall, cpu_s=cpu)
+    iterations = int(found[-1]) if found else -1
+    return Fit(work=work, ids=train, iterations=iterations, wall_s=wall, cpu_s=cpu, configs=configs)
 
 
 def fit_predict(
@@ -218,6 +237,7 @@ def fit_predict(
         "threads": run.threads,
         "work_dir": str(trained.work),
         "overrides": {k: v for k, v in trained.ids.items() if k != "device"},
+        "config_files": list(trained.configs),
         "background": shared.get("background", "head"),
         "min_size": settings_for(split)["min_size"],
         "clustering": inference_clustering(shared),
@@ -296,10 +316,25 @@ def bundle_ids(split: Split, device: str) -> dict:
     return ids
 
 
-def _bundle_run(config: str, ids: dict, log_path: Path, threads: int, run_id: str | None = None) -> str:
-    """``python -m monai.bundle run [run_id]`` with ``config`` and the repository's metadata/logging, ids as flags."""
+def config_file_arg(configs: str | Sequence[str]) -> str:
+    """``--config_file``'s value for one config file (its path) or several, later ones overriding earlier ones (the
+    list as MONAI's CLI reads it, e.g. ``['configs/train.json','research/configs/scribbles.json']``)."""
+    if isinstance(configs, str):
+        return configs
+    configs = list(configs)
+    if not configs or any("'" in c or "," in c for c in configs):
+        raise ValueError(f"config files must be named without quotes or commas, and at least one: {configs}")
+    return configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+
+
+def _bundle_run(
+    configs: str | Sequence[str], ids: dict, log_path: Path, threads: int, run_id: str | None = None
+) -> str:
+    """``python -m monai.bundle run [run_id]`` with ``configs`` (one file or several, :func:`config_file_arg`) and
+    the repository's metadata / logging, ids as flags."""
     args = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else [])
-    args += ["--config_file", config, "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf"]
+    args += ["--config_file", config_file_arg(configs)]
+    args += ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf"]
     args += [x for k, v in ids.items() for x in (f"--{k}", _cli_value(v))]
     return _run(args, log_path, threads)
 

@@ -1,19 +1,26 @@
-"""Simulated background scribbles (spoco_bundle.scribbles) and the supervised foreground regime they train."""
+"""Simulated background scribbles (research.recipes.scribbles) and the config overlay that puts them into the
+bundle's training (research/configs/scribbles.json, the accuracy benchmark's ``scribbles`` variant)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scipy import ndimage
 
-from spoco_bundle.losses import ForegroundLoss, SpocoLoss
-from spoco_bundle.scribbles import SimulateScribbles, SimulateScribblesd, scribble_slice
+from research.data import Item, Split
+from research.methods import spoco as spoco_runner
+from research.recipes.scribbles import SimulateScribbles, SimulateScribblesd, item_name, scribble_slice
+from research.settings import RunSettings
 from spoco_bundle.transforms import SparseInstanceLabeld
 
 B = 65535
+ROOT = Path(__file__).resolve().parents[2]
+OVERLAY = ROOT / "research" / "configs" / "scribbles.json"
 
 
 def _discs(shape=(128, 128), n=12, seed=0) -> np.ndarray:
@@ -110,35 +117,62 @@ def test_no_background_no_strokes():
     assert not SimulateScribbles(strokes=4, background_label=B).mask(full, "t").any()
 
 
-def test_stroke_regime_is_positive_unlabeled_plus_a_stroke_term():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 1, 6, 7, requires_grad=True)
-    target = torch.zeros(2, 1, 6, 7, dtype=torch.long)
-    target[0, 0, :2] = 1  # image 0: an object and a stroke
-    target[0, 0, 5, :3] = -1
-    target[1, 0, 3:, 4:] = 2  # image 1: an object, no stroke in this patch
-    loss = ForegroundLoss(positive_weight=10.0, strokes=True)(logits, target)
-    x, t = logits[:, 0].reshape(2, -1), target[:, 0].reshape(2, -1)
-    bce = F.binary_cross_entropy_with_logits(x, (t > 0).float(), reduction="none")
-    expected = torch.where(t > 0, 10 * bce, bce).mean() + bce[t < 0].mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    loss.backward()
-    assert torch.all(logits.grad != 0)  # every voxel counts: unlabeled ones are the negatives of PU learning
-    # without strokes the same target is plain positive-unlabeled learning (image 0 would be supervised otherwise)
-    no_strokes = target.clamp_min(0)
-    pu = ForegroundLoss(positive_weight=10.0, strokes=True)(logits, no_strokes)
-    assert pu.item() == pytest.approx(ForegroundLoss(positive_weight=10.0)(logits, no_strokes).item(), rel=1e-6)
+def test_item_name_is_the_file_stem_from_a_metatensor_or_a_meta_dict():
+    mt = MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": "/d/labels/cell_07.nii.gz"})
+    assert item_name({"label": mt}, "label") == "cell_07"
+    plain = {"label": np.zeros((1, 2, 2)), "label_meta_dict": {"filename_or_obj": "/d/x.tif"}}
+    assert item_name(plain, "label") == "x" and item_name({"label": np.zeros(2)}, "label") == ""
 
 
-def test_spoco_loss_estimates_the_label_frequency_on_images_with_strokes():
-    emb = torch.randn(1, 5, 8, 8)  # 4 embedding channels + foreground logit
-    target = torch.zeros(1, 1, 8, 8, dtype=torch.long)
-    target[0, 0, :3, :3] = 1
-    target[0, 0, 6:, 6:] = 2
-    target[0, 0, 4, :5] = -1  # a stroke
-    dense = SpocoLoss(embedding_dim=4)  # annotated background taken as dense: the image is supervised, no c
-    dense(emb, target)
-    assert dense.last_label_frequency[1] == 0
-    strokes = SpocoLoss(embedding_dim=4, foreground_strokes=True)
-    strokes(emb, target)
-    assert strokes.last_label_frequency[1] == 13  # 9 + 4 annotated pixels: c from every image
+def test_the_overlay_puts_the_simulation_in_front_of_train_json_transforms():
+    """The overlay, read after today's configs/train.json (as the scribbles variant passes both), replaces the
+    training's transforms by the simulated strokes first, then train.json's own; nothing trains here."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.json"), str(OVERLAY)])
+    expression = parser["train"]["preprocessing"]["transforms"]
+    assert expression == (
+        "$@load_transforms + [research.recipes.scribbles.SimulateScribblesd(keys='label', strokes=@scribbles, "
+        "background_label=@background_label, seed=@seed)] + @train#deterministic_transforms + "
+        "@train#random_transforms"
+    )
+    assert "$import research.recipes.scribbles" in parser["imports"] and parser["scribbles"] == 4
+    # MONAI binds "$import a.b.c" under the name "a.b.c": the expression's research.recipes... needs "research" too
+    assert "$import research" in parser["imports"]
+    assert "$import spoco_bundle.transforms" in parser["imports"]  # train.json's imports kept ("+imports" adds)
+    modules = parser.get_parsed_content("imports")
+    assert any(getattr(m, "__name__", "") == "research.recipes.scribbles" for m in modules)
+    # parsed with the ids the variant sets: the research transform with the overlay's strokes, before the rest
+    parser.update({"bundle_root": str(ROOT), "spatial_dims": 2, "background_label": B, "seed": 3})
+    transforms = parser.get_parsed_content("train#preprocessing").transforms
+    n_load = len(parser.get_parsed_content("load_transforms"))
+    simulate = transforms[n_load]
+    assert isinstance(simulate, SimulateScribblesd) and simulate.simulate.strokes == 4
+    assert simulate.simulate.background_label == B and simulate.simulate.seed == 3
+    assert len(transforms) == n_load + 1 + len(parser.get_parsed_content("train#deterministic_transforms")) + len(
+        parser.get_parsed_content("train#random_transforms")
+    )
+
+
+def test_the_scribbles_variant_trains_with_train_json_and_the_overlay(tmp_path, monkeypatch):
+    """The harness's command for the scribbles variant: both config files in one --config_file list, the strokes'
+    background id, and no `scribbles` id of train.json's own (retired); other variants train.json alone."""
+    commands = []
+
+    def run(args, log_path, threads):
+        commands.append(args)
+        return "Time limit reached after 3 iterations"
+
+    monkeypatch.setattr(spoco_runner, "_run", run)
+    item = Item("a", np.zeros((8, 8), np.float32), np.zeros((8, 8), np.int32), None, "a.tif", "a_labels.tif")
+    split = Split("dsb2018", "tiny", 2, [item], [item])
+    fit = spoco_runner.fit(split, 0.1, RunSettings(budget_s=1.0), "scribbles", tmp_path / "s")
+    args = commands[-1]
+    assert args[args.index("--config_file") + 1] == "['configs/train.json','research/configs/scribbles.json']"
+    assert args[args.index("--background_label") + 1] == "65535" and "--scribbles" not in args
+    assert fit.configs == ("configs/train.json", "research/configs/scribbles.json") and fit.iterations == 3
+    assert all((ROOT / c).is_file() for c in fit.configs)  # relative to the repository root, the runs' folder
+    spoco_runner.fit(split, 0.1, RunSettings(budget_s=1.0), "full", tmp_path / "f")
+    assert commands[-1][commands[-1].index("--config_file") + 1] == "configs/train.json"
+    assert "--background_label" not in commands[-1]
+    with pytest.raises(ValueError, match="without quotes or commas"):
+        spoco_runner.config_file_arg(["a,b.json"])
