@@ -470,7 +470,8 @@ def main(
     dev = torch.device(device)
     t_start = time.perf_counter()
     print("# Clustering benchmark\n")
-    print(f"Run at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; command: `{' '.join(sys.argv)}`\n")
+    command = " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT), *sys.argv[1:]])  # -m or a script
+    print(f"Run at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; command: `{command}`\n")
     print("## Machine\n")
     print("\n".join(_machine_info()))
 
