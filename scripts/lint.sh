@@ -8,7 +8,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bin="$root/.venv/bin"
-paths=(spoco_bundle tests scripts benchmarks)
+paths=(spoco_bundle tests scripts research)
 if [ "${1:-}" = "--fix" ]; then
     "$bin/isort" -q "${paths[@]}"
     "$bin/black" -q "${paths[@]}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv (with test and lint extras), check the code style (scripts/lint.sh: black, isort, flake8 at 120, the
-# model zoo's rule) and run the test suite. Arguments are passed on to pytest.
+# model zoo's rule) and run the test suite (tests/, and research/tests/: the lab's harness). Arguments are passed on
+# to pytest.
 # Then the MONAI Label tests (tests/test_monailabel_{tasks,server}.py, skipped in .venv) run in .venv-monailabel
 # (scripts/setup_monailabel.sh), without network access where this machine allows a private network namespace.
 # SPOCO_MONAILABEL_TESTS=0 leaves that second part out (quick local runs).
@@ -19,11 +20,11 @@ bash scripts/setup_env.sh test,lint
 status=0
 bash scripts/lint.sh || status=$?
 if [ "$fast" = 1 ]; then
-    "$root/.venv/bin/python" -m pytest tests -m "not (slow or packaging or distributed or monailabel or benchmark)" \
-        "$@" || status=$?
+    "$root/.venv/bin/python" -m pytest tests research/tests \
+        -m "not (slow or packaging or distributed or monailabel or benchmark)" "$@" || status=$?
     exit "$status"
 fi
-"$root/.venv/bin/python" -m pytest tests "$@" || status=$?
+"$root/.venv/bin/python" -m pytest tests research/tests "$@" || status=$?
 if [ "${SPOCO_MONAILABEL_TESTS:-1}" != 0 ]; then
     bash scripts/setup_monailabel.sh
     ml_tests=(tests/test_monailabel_tasks.py tests/test_monailabel_server.py)

@@ -14,12 +14,12 @@ the figures there are the scored ones.
 model's training data with *dense* labels (``instance_ratio 1``, ``background_label 0``: every unlabelled pixel is
 background, so the foreground head trains supervised), for a time budget (CPU seconds on the CPU; wall seconds with
 ``--device cuda --clock wall``, on a GPU machine, with ``--num_workers`` data-loading processes), and copies the
-weights to ``models/<name>/model.pt`` (the model records its training object size, see ``spoco_bundle.object_size``). It
+weights to ``models/<name>/model.pt`` (the model records its training object size, see ``spoco_bundle.measure``). It
 writes ``models/<name>/model.json``: the training's own model card (its inference settings, read by
-``--model <name>``, :mod:`spoco_bundle.shipped`; the size of what it was trained on) plus what the model is, the exact
+``--model <name>``, :mod:`spoco_bundle.cards`; the size of what it was trained on) plus what the model is, the exact
 training settings, iterations, CPU (or GPU wall) time, machine and commit. ``score``
 segments the model's held-out images with ``configs/inference.json`` and the model's settings (the defaults,
-``--image_scale auto``) and adds the scores (AP50, mAP, SBD, pooled as in ``python -m benchmarks.accuracy``) to
+``--image_scale auto``) and adds the scores (AP50, mAP, SBD, pooled as in ``python -m research.accuracy``) to
 ``model.json``; the front pages copy them from there.
 
 Models:
@@ -42,10 +42,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.data import default_data_dir, load_benchmark, score  # noqa: E402
-from benchmarks.methods.spoco import SETTINGS, fit, predict  # noqa: E402
-from benchmarks.settings import RunSettings  # noqa: E402
 from scripts import sync_docs  # noqa: E402
+
+# the lab's harness (research/: data, the bundle's runs, scores) is imported where a model is trained or scored, so
+# that reading MODELS (as the tests do) needs nothing from research/
 
 MODELS = {
     "nuclei2d": {
@@ -69,13 +69,17 @@ def model_dir(name: str) -> Path:
     return REPO_ROOT / "models" / name
 
 
-def _split(name: str, data_dir: str):
+def _split(name: str, data_dir: str | None):
+    from research.data import load_benchmark
+
     splits = load_benchmark(MODELS[name]["dataset"], data_dir)
     return next(s for s in splits if s.name == MODELS[name]["split"])
 
 
 def train(args: argparse.Namespace) -> Path:
-    from benchmarks.records import git_commit, machine_info
+    from research.methods.spoco import SETTINGS, fit
+    from research.records import git_commit, machine_info
+    from research.settings import RunSettings
 
     split = _split(args.name, args.data_dir)
     work = REPO_ROOT / "eval" / "shipped" / args.name
@@ -91,7 +95,7 @@ def train(args: argparse.Namespace) -> Path:
     shutil.copyfile(work / "models" / "model.pt", out / "model.pt")
     settings = SETTINGS[split.spatial_dims]
     # the training's own card (spoco_bundle.handlers.ModelCardWriter): what configs/inference.json takes from here
-    # with --model (spoco_bundle.shipped), the run's settings and the size of what it was trained on
+    # with --model (spoco_bundle.cards), the run's settings and the size of what it was trained on
     card_in = json.loads((work / "models" / "model.json").read_text())
     inference = {**card_in["inference"], "spatial_dims": split.spatial_dims, "min_size": settings["min_size"]}
     measured = ("object_diameter", "image_blob_scale", "voxel_size", "voxel_unit")
@@ -140,6 +144,9 @@ def _scores(scores: dict, split, how: str) -> dict:
 
 
 def score_model(args: argparse.Namespace) -> dict:
+    from research.data import score
+    from research.methods.spoco import predict
+
     split = _split(args.name, args.data_dir)
     out = model_dir(args.name)
     card = json.loads((out / "model.json").read_text())
@@ -165,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--num_workers", type=int, default=0, help="data-loading processes of the training")
     p.add_argument("--no_score", action="store_true", help="train only (score later, e.g. on another machine)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data_dir", default=str(default_data_dir()))
+    p.add_argument("--data_dir", default=None, help="default: $SPOCO_DATA_DIR, else ../shared/data")
     args = p.parse_args(argv)
     if args.action == "docs":
         return sync_docs.main([])

@@ -3,12 +3,17 @@ One source for every number on the front pages: copies the measured figures that
 (``docs/README.md``) and ``metadata.json`` show from the files the measuring scripts write, so no figure there is
 typed by hand and none can drift.
 
-- Block ``results`` (README and model card): the accuracy table, from the summaries ``docs/<page>.json`` that
-  ``python -m benchmarks.accuracy ... --docs docs/<page>.md`` writes beside each benchmark page (:data:`PAGES`).
+- Block ``results`` (model card; docs/results.md): the accuracy table, from the summaries ``research/pages/<page>.json``
+  that ``python -m research.accuracy ... --docs research/pages/<page>.md`` writes beside each benchmark page
+  (:data:`PAGES`).
+- Block ``results-short`` (README): one row per data set at 10 % labelled, SPOCO's protocols beside the best peer
+  trained on every object, from the same summaries.
 - Block ``shipped-models`` (README and model card): one row per shipped model, from ``models/<name>/model.json``
   (written by ``scripts/shipped_models.py``).
+- ``docs/results.md``, whole (never edited by hand): what is measured, the full results table, the shipped models and
+  how they were measured, with links to the lab's pages and the commands that regenerate them.
 - ``metadata.json`` ``eval_metrics``: the shipped models' held-out scores, from the same cards
-  (:func:`spoco_bundle.shipped.eval_metrics`; a zoo package made from one model reports that model's alone).
+  (:func:`spoco_bundle.cards.eval_metrics`; a zoo package made from one model reports that model's alone).
 
     .venv/bin/python scripts/sync_docs.py           # rewrite what is out of date
     .venv/bin/python scripts/sync_docs.py --check   # only list it (exit 1); the test suite runs this
@@ -31,13 +36,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from spoco_bundle.shipped import eval_metrics  # noqa: E402
+from spoco_bundle.cards import eval_metrics  # noqa: E402
 
-# benchmark summaries the results table reads (docs/<page>.json beside docs/<page>.md); the figures of a (data set,
+# benchmark summaries the results table reads (research/pages/<page>.json beside its page); the figures of a (data set,
 # method, ratio) come from the last page that holds it (a later page re-measured it with newer settings)
 PAGES = ("benchmarks_protocols", "benchmarks_beyond_nuclei", "benchmarks_tissue")
-# pages with blocks, and the path from each to docs/ (for links)
-FRONT_PAGES = {"README.md": "docs/", "docs/README.md": ""}
+# the lab's pages, where the summaries are (relative to the repository)
+RESEARCH_PAGES = "research/pages"
+# pages with blocks, the path from each to the repository root (for links) and its blocks
+FRONT_PAGES = {"README.md": "", "docs/README.md": "../"}
+PAGE_BLOCKS = {"README.md": ("results-short", "shipped-models"), "docs/README.md": ("results", "shipped-models")}
 # rows of the results table: (data set, its label, ratio)
 ROWS = (
     ("dsb2018", "DSB2018 nuclei 2D (66 validation images)", 0.1),
@@ -62,6 +70,18 @@ COLUMNS = (
 )
 # data whose usual score is a partition score: ARAND shown beside AP50
 PARTITION = ("isbi2012", "plant3d")
+# methods that do not train within the budget (the budget words leave them out)
+UNTRAINED = ("classical", "classical_membrane")
+# the README's short table: SPOCO's protocols at this labelled fraction, beside the best of these peers at 100 %
+SHORT_RATIO = 0.1
+SHORT_COLUMNS = (
+    ("spoco", "SPOCO, objects only"),
+    ("spoco_scribbles", "+ background strokes"),
+    ("spoco_mask", "foreground mask given"),
+)
+PEERS = (("stardist", "StarDist"), ("classical", "Otsu + watershed"), ("classical_membrane", "membrane watershed"))
+# the user page written whole from the summaries and the shipped models' cards
+RESULTS_PAGE = "docs/results.md"
 
 
 def _block(text: str, name: str, content: str, where: str) -> str:
@@ -81,13 +101,13 @@ def _fmt(v: Any, digits: int = 2) -> str:
 # ------------------------------------------------------------------------------------------------ results table
 
 
-def load_summaries(docs: Path = REPO_ROOT / "docs") -> list[dict[str, Any]]:
+def load_summaries(pages: Path = REPO_ROOT / RESEARCH_PAGES) -> list[dict[str, Any]]:
     """The benchmark summaries of :data:`PAGES`, each with its ``page`` name added."""
     out = []
     for page in PAGES:
-        path = docs / f"{page}.json"
+        path = pages / f"{page}.json"
         if not path.is_file():
-            raise SystemExit(f"error: {path} is missing: regenerate it with the command in docs/{page}.md")
+            raise SystemExit(f"error: {path} is missing: regenerate it with the command in {RESEARCH_PAGES}/{page}.md")
         out.append({**json.loads(path.read_text()), "page": page})
     return out
 
@@ -103,41 +123,151 @@ def _cell(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
     return _fmt(ap50) + (f" (ARAND {_fmt(sum(arand) / len(arand))})" if dataset in PARTITION and arand else "")
 
 
-def results_table(summaries: Sequence[Mapping[str, Any]], docs_link: str = "docs/") -> str:
-    """The README's results table: AP50 per data set, labelled fraction and method, from the summaries;
-    ``docs_link``: the path from the page to ``docs/``."""
+def _current(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The summaries' rows, each with its ``page``; a (data set, method, ratio) on two pages from the later page only
+    (which re-measured it)."""
 
     def key(r: Mapping[str, Any]) -> tuple:
         return r.get("dataset"), r.get("method"), r.get("ratio")
 
     newest = {key(r): s["page"] for s in summaries for r in s["rows"]}
-    rows = [dict(r, page=s["page"]) for s in summaries for r in s["rows"] if newest[key(r)] == s["page"]]
-    learned = [
-        r for r in rows if r.get("method") not in ("classical", "classical_membrane") and r.get("status") == "ok"
-    ]
+    return [dict(r, page=s["page"]) for s in summaries for r in s["rows"] if newest[key(r)] == s["page"]]
+
+
+def _at(rows: Sequence[Mapping[str, Any]], dataset: str, ratio: float) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r.get("dataset") == dataset and abs(float(r.get("ratio", -1)) - ratio) < 1e-9]
+
+
+def _budgets(rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
+    """The learners' training budgets (budget, clock, threads, device) in words, and their machines."""
+    learned = [r for r in rows if r.get("method") not in UNTRAINED and r.get("status") == "ok"]
     budgets = sorted({(r.get("budget_s"), r.get("clock"), r.get("threads"), r.get("device")) for r in learned}, key=str)
     machines = sorted({str(r.get("machine")) for r in learned if r.get("machine")})
-    header = "| data (held-out images) | labelled | " + " | ".join(h for _, h in COLUMNS) + " |"
-    lines = [header, "|---|---|" + "---|" * len(COLUMNS)]
-    for dataset, label, ratio in ROWS:
-        here = [r for r in rows if r.get("dataset") == dataset and abs(float(r.get("ratio", -1)) - ratio) < 1e-9]
-        if not here:
-            continue
-        cells = [_cell([r for r in here if r.get("method") == m], dataset) for m, _ in COLUMNS]
-        lines.append(f"| {label} | {ratio * 100:g} % | " + " | ".join(cells) + " |")
-    pages = ", ".join(f"[docs/{s['page']}.md]({docs_link}{s['page']}.md)" for s in summaries)
     how = "; ".join(
         f"{b:g} s of {'process CPU' if clock == 'cpu' else 'wall'} time, {threads} thread{'s' * (threads != 1)}, "
         f"device {device}"
         for b, clock, threads, device in budgets
         if b is not None
     )
+    return how, machines
+
+
+def _page_links(summaries: Sequence[Mapping[str, Any]], root_link: str) -> str:
+    return ", ".join(
+        f"[{RESEARCH_PAGES}/{s['page']}.md]({root_link}{RESEARCH_PAGES}/{s['page']}.md)" for s in summaries
+    )
+
+
+def results_table(summaries: Sequence[Mapping[str, Any]], root_link: str = "") -> str:
+    """The full results table (the model card, docs/results.md): AP50 per data set, labelled fraction and method,
+    from the summaries; ``root_link``: the path from the page to the repository root."""
+    rows = _current(summaries)
+    how, machines = _budgets(rows)
+    header = "| data (held-out images) | labelled | " + " | ".join(h for _, h in COLUMNS) + " |"
+    lines = [header, "|---|---|" + "---|" * len(COLUMNS)]
+    for dataset, label, ratio in ROWS:
+        here = _at(rows, dataset, ratio)
+        if not here:
+            continue
+        cells = [_cell([r for r in here if r.get("method") == m], dataset) for m, _ in COLUMNS]
+        lines.append(f"| {label} | {ratio * 100:g} % | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"AP50 on held-out images (ARAND, lower is better, where it is the usual score); every learner trained for "
         f"the same budget per run ({how}; {' / '.join(machines)}) on the same kept objects; – = not run. Written by "
         f"`scripts/sync_docs.py` from the benchmark's summaries (a run on two pages: the later one's, which "
-        f"re-measured it); full tables, commands and machine load: {pages}.",
+        f"re-measured it); full tables, commands and machine load: {_page_links(summaries, root_link)}.",
+    ]
+    return "\n".join(lines)
+
+
+def _best_peer(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
+    """The peer with the highest AP50 on ``rows`` (one data set and ratio): its name and figure, "–" for none."""
+    best = None
+    for method, name in PEERS:
+        ok = [r for r in rows if r.get("method") == method and r.get("status") == "ok"]
+        ok = [r for r in ok if isinstance(r.get("ap50"), (int, float))]
+        if ok and (best is None or sum(r["ap50"] for r in ok) / len(ok) > best[0]):
+            best = (sum(r["ap50"] for r in ok) / len(ok), name, ok)
+    return "–" if best is None else f"{best[1]} {_cell(best[2], dataset)}"
+
+
+def short_table(summaries: Sequence[Mapping[str, Any]], root_link: str = "") -> str:
+    """The README's short results table: one row per data set at 10 % labelled, SPOCO's three protocols beside the
+    best peer trained on every object (100 %); ``root_link``: the path from the page to the repository root."""
+    rows = _current(summaries)
+    header = (
+        "| data (held-out images), 10 % of the objects labelled | "
+        + " | ".join(h for _, h in SHORT_COLUMNS)
+        + " | best peer, 100 % labelled |"
+    )
+    lines = [header, "|---|" + "---|" * (len(SHORT_COLUMNS) + 1)]
+    for dataset, label in dict((d, label) for d, label, _ in ROWS).items():
+        sparse, dense = _at(rows, dataset, SHORT_RATIO), _at(rows, dataset, 1.0)
+        if not sparse and not dense:
+            continue
+        cells = [_cell([r for r in sparse if r.get("method") == m], dataset) for m, _ in SHORT_COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_best_peer(dense, dataset)} |")
+    lines += [
+        "",
+        "AP50 on held-out images (ARAND, lower is better, where it is the usual score); peers (StarDist, Otsu + "
+        "watershed, membrane watershed) trained for the same budget; – = not run. The full table (every method at "
+        f"10 % and 100 %), the shipped models and how all of it was measured: [docs/results.md]({root_link}"
+        f"{RESULTS_PAGE}).",
+    ]
+    return "\n".join(lines)
+
+
+def results_page(summaries: Sequence[Mapping[str, Any]], cards: Mapping[str, Mapping[str, Any]]) -> str:
+    """``docs/results.md``, whole: what is measured, the full results table, the shipped models and how they were
+    measured (budgets, machines, the pages and the commands that wrote them)."""
+    rows = _current(summaries)
+    how, machines = _budgets(rows)
+    commands = [s["command"] for s in summaries if s.get("command")]
+    lines = [
+        "# Results: the bundle on real microscopy",
+        "",
+        "<!-- Written by scripts/sync_docs.py from research/pages/*.json and models/*/model.json; do not edit by hand:",
+        "     run .venv/bin/python scripts/sync_docs.py -->",
+        "",
+        "What is measured: **AP50** (a predicted object matches a true one at IoU 0.5; TP / (TP + FP + FN), counted "
+        "over all test images) on **held-out images** with every object labelled, never seen in training; for EM "
+        "neurites and tissue, where a partition score is the usual one, ARAND (lower is better) beside it. "
+        "**Sparse labels**: 10 % of the objects of each training image annotated (chosen by a fixed hash of the "
+        "file name and object id), everything else unlabeled; 100 %: every object. SPOCO is this bundle with its "
+        "defaults (and the documented settings for cells, EM and tissue, [data_kinds.md](data_kinds.md)), trained "
+        "from the annotated objects only, with a few background strokes added (simulated in the true background, as "
+        "`--background_label` strokes), and, as a reference, clustered inside the true foreground mask. The **peers** "
+        "(StarDist trained from scratch, Otsu + watershed, a membrane watershed) are trained on the same labelled "
+        "objects for the same budget; objects not kept are background to them.",
+        "",
+        "## Accuracy",
+        "",
+        results_table(summaries, "../"),
+        "",
+        "## Shipped models",
+        "",
+        "Trained with every object labelled, scored with `configs/inference.json`'s defaults (`--model <name>`):",
+        "",
+        shipped_table(cards),
+        "",
+        "## How these were measured",
+        "",
+        f"Every learner trained for the same budget per run ({how}) on {' / '.join(machines)}; prediction and "
+        "clustering are outside the budget, and the classical baselines choose their parameters on the training "
+        "images' kept objects. Each figure is the mean over a data set's splits (GoNuclear: both directions). The "
+        f"runs, with their commits, machine load and every other score, are on the lab's pages "
+        f"{_page_links(summaries, '../')}; what they show: [research/findings.md](../research/findings.md); how the "
+        "benchmark works: [research/README.md](../research/README.md). Each page states the command of its grid, "
+        "which measures the runs again (hours on 2 cores; every run is cached under `eval/`, so a grid can run in "
+        "pieces; `bash research/setup_benchmark.sh` first, for StarDist). From the cached runs, these commands "
+        "rewrite the pages and their summaries, then this page, the README's table and the model card's:",
+        "",
+        "```bash",
+        *commands,
+        ".venv/bin/python scripts/sync_docs.py",
+        "```",
+        "",
     ]
     return "\n".join(lines)
 
@@ -175,18 +305,20 @@ def shipped_table(cards: Mapping[str, Mapping[str, Any]]) -> str:
 def planned(root: Path = REPO_ROOT) -> dict[Path, str]:
     """Every file this script owns a part of, with the text it should have."""
     cards = shipped_cards(root / "models")
-    summaries = load_summaries(root / "docs")
+    summaries = load_summaries(root / RESEARCH_PAGES)
     blocks: dict[str, Callable[[str], str]] = {
         "results": lambda link: results_table(summaries, link),
+        "results-short": lambda link: short_table(summaries, link),
         "shipped-models": lambda link: shipped_table(cards),
     }
     out: dict[Path, str] = {}
     for rel, link in FRONT_PAGES.items():
         path = root / rel
         text = path.read_text()
-        for name, render in blocks.items():
-            text = _block(text, name, render(link), rel)
+        for name in PAGE_BLOCKS[rel]:
+            text = _block(text, name, blocks[name](link), rel)
         out[path] = text
+    out[root / RESULTS_PAGE] = results_page(summaries, cards)
     # metadata.json keeps its hand-kept layout: only the eval_metrics line is written (as one line)
     meta_path = root / "metadata.json"
     metrics = json.dumps({name: eval_metrics(card) for name, card in cards.items()})
@@ -203,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="only list the files that are out of date (exit 1 if any)")
     args = p.parse_args(argv)
     plan = planned()
-    stale = [path for path, text in plan.items() if path.read_text() != text]
+    stale = [path for path, text in plan.items() if not path.is_file() or path.read_text() != text]
     for path in stale:
         rel = path.relative_to(REPO_ROOT)
         print(f"{rel}: out of date" if args.check else f"wrote {rel}")

@@ -1,1 +1,0 @@
-"""The methods of the accuracy benchmark, each a ``fit_predict(split, ratio, settings)`` (:mod:`benchmarks.runner`)."""
