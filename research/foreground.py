@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from research.chain import ClusterEmbeddings
 from research.data import REPO_ROOT, cached_checkpoint, default_data_dir, device_error, score
 from research.methods.spoco import SETTINGS, bundle_ids, run_ids
 from spoco_bundle.clustering import CLUSTERING_METHODS, cluster_embeddings, cluster_fast, split_by_shape
-from spoco_bundle.transforms import ClusterEmbeddings
 
 DEFAULT_THRESHOLD = 0.5
 MASKS = {

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
+from research.chain import ClusterEmbeddings
 from research.data import REPO_ROOT, score, sparsify
 from research.foreground import network_outputs
 from research.learning_speed import data_words, other_split, record_path, screen_split
@@ -34,7 +35,6 @@ from research.methods.spoco import SETTINGS
 from research.records import machine_info
 from spoco_bundle.handlers import lee_liu_threshold
 from spoco_bundle.losses import LOGIT_BINS, LOGIT_RANGE
-from spoco_bundle.transforms import ClusterEmbeddings
 
 INFERENCE = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
 

@@ -8,9 +8,9 @@ image's grid), and once with ``--image_scale auto`` (the default: the bundle fin
 knowledge of the magnification).
 
 ``auto`` compares each image's blob size with the training images'. Models trained since bundle 0.9 record it
-(:class:`~spoco_bundle.handlers.ObjectSizeHandler`); for an older checkpoint it is computed here the same way
-(:func:`spoco_bundle.object_size.training_blob_scales` on the run's training images and image scale) and passed
-as ``--inferer#blob_scales``; the record says which.
+(:class:`~spoco_bundle.handlers.TrainingSetRecorder`); for an older checkpoint it is computed here the same way
+(``blob_scales`` of :class:`spoco_bundle.training_set.TrainingSet` on the run's training images and image scale)
+and passed as ``--inferer#blob_scales``; the record says which.
 
     .venv/bin/python -m research.scale [--dataset dsb2018] [--ratio 0.1] [--scales 0.5,0.75,1,1.5,2,3]
         [--method spoco] [--out_dir eval/benchmark] [--threads 2] [--max_test N] [--no_matched] [--no_auto]
@@ -136,10 +136,11 @@ def _training_blob_scales(ckpt: Path, split, run: dict) -> tuple[tuple[float, ..
     recorded = read_state_dict(str(ckpt)).get("image_blob_scale")
     if recorded is not None and bool((recorded > 0).all()):
         return tuple(float(v) for v in recorded), "recorded"
-    from spoco_bundle.object_size import training_blob_scales
+    from spoco_bundle.training_set import TrainingSet
 
     scale = run.get("info", {}).get("overrides", {}).get("image_scale", 1.0)
-    return training_blob_scales([i.path for i in split.train], scale), "computed"
+    data = [{"image": i.path, "label": i.path} for i in split.train]  # only the images are read for blob sizes
+    return TrainingSet(data, split.spatial_dims, image_scale=scale).blob_scales, "computed"
 
 
 def _earlier_rows(out: Path, args: argparse.Namespace, same: dict) -> dict[float, dict]:

@@ -49,9 +49,18 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run from anywhere: the repository's package
     sys.path.insert(0, str(ROOT))
 
-from spoco_bundle.blockwise import BlockGrid, ClusterBlock, open_volume, postprocessing_chain  # noqa: E402
+from spoco_bundle.blockwise import BlockGrid, ClusterBlock, open_volume  # noqa: E402
 from spoco_bundle.blockwise.segment import segment_blockwise  # noqa: E402
 from spoco_bundle.blockwise.synthetic import SyntheticEmbeddings  # noqa: E402
+from spoco_bundle.bundle import inference_postprocessing  # noqa: E402
+
+
+def _chain(clustering: str, shape_split: float):
+    """inference.json's post-processing with the benchmark's clustering and split, min_size 16 and no size filter
+    relative to a model (the synthetic embeddings come from none)."""
+    return inference_postprocessing(
+        embedding_dim=16, clustering=clustering, shape_split=shape_split, min_size=16, min_diameter_ratio=0
+    )
 
 
 def _log(msg: str) -> None:
@@ -143,7 +152,7 @@ def _child_synthetic(args: dict) -> dict:
     """One blockwise run on a synthetic embedding volume (its peak memory is the row's)."""
     shape, block, halo = tuple(args["shape"]), tuple(args["block"]), tuple(args["halo"])
     syn = SyntheticEmbeddings(shape, seed=args["seed"])
-    segment = ClusterBlock(postprocessing_chain(args["clustering"], shape_split=args["shape_split"], min_size=16))
+    segment = ClusterBlock(_chain(args["clustering"], args["shape_split"]))
     out = os.path.join(args["work"], "blockwise.ome.zarr")
     shutil.rmtree(out, ignore_errors=True)
     info: dict = {}
@@ -179,7 +188,7 @@ def _child_whole(args: dict) -> dict:
     """The same volume segmented whole (one block), saved for AP50 blockwise vs whole."""
     shape = tuple(args["shape"])
     syn = SyntheticEmbeddings(shape, seed=args["seed"])
-    segment = ClusterBlock(postprocessing_chain(args["clustering"], shape_split=args["shape_split"], min_size=16))
+    segment = ClusterBlock(_chain(args["clustering"], args["shape_split"]))
     t0 = time.perf_counter()
     labels = segment(syn[tuple(slice(0, s) for s in shape)])
     np.save(os.path.join(args["work"], "whole.npy"), labels)

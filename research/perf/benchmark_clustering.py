@@ -45,7 +45,6 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: this repository'
     sys.path.insert(0, str(ROOT))
 
 from spoco_bundle.clustering import (  # noqa: E402
-    HAVE_NUMBA,
     cluster_consistency,
     cluster_fast,
     cluster_hdbscan,
@@ -226,12 +225,9 @@ def _machine_info() -> list[str]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    if HAVE_NUMBA:
-        import numba
+    import numba
 
-        nb = f"yes ({numba.__version__})"
-    else:
-        nb = "no (cluster_fast needs it: pip install numba)"
+    nb = f"yes ({numba.__version__})"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return [
         f"- CPU: {cpu}",
@@ -386,10 +382,10 @@ def benchmark_clustering(
 def benchmark_real(data_dir: str | None) -> list[str]:
     """The inference default and ``fast`` on the shipped nuclei2d model's outputs for the DSB2018 validation images
     (the accuracy benchmark's data); rows of a markdown table."""
+    from research.chain import ClusterEmbeddings
     from research.data import load_benchmark, score
     from research.foreground import network_outputs
-    from spoco_bundle.shipped import inference_settings
-    from spoco_bundle.transforms import ClusterEmbeddings
+    from spoco_bundle.cards import inference_settings
 
     ckpt = os.path.join(REPO_ROOT, "models", "nuclei2d", "model.pt")
     min_size = int(inference_settings(ckpt).get("min_size", 16))
@@ -490,7 +486,7 @@ def main(
     cluster_consistency(warm, make_teacher(warm))
     print(
         f"\nWarm-up (not timed below): one tiny call of cluster_fast ({warm_lab.size} voxels) took {t_warm:.1f} s "
-        f"(numba {'compile / cache load' if HAVE_NUMBA else 'not installed'}); tiny calls of the other methods "
+        f"(numba compile / cache load); tiny calls of the other methods "
         f"load their modules (synthetic warm-up data: {t_data:.1f} s)."
     )
 

@@ -16,6 +16,7 @@ from monai.transforms import Compose
 from scipy import ndimage
 
 from research.accuracy import parse_args
+from research.chain import ClusterEmbeddings
 from research.data import (
     GONUCLEAR2D_STEP,
     Item,
@@ -50,7 +51,7 @@ from research.scale import rescale
 from research.settings import RunSettings, run_timeout
 from spoco_bundle.io import read_image
 from spoco_bundle.metrics import adapted_rand_error
-from spoco_bundle.transforms import ClusterEmbeddings, SparseInstanceLabeld, load_transforms
+from spoco_bundle.transforms import SparseInstanceLabeld, load_transforms
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = default_data_dir()
