@@ -40,6 +40,7 @@ __all__ = [
     "foreground_mask_index",
     "foreground_mask_file",
     "checked_datalist",
+    "evaluation_datalist",
     "build_datalist",
     "epoch_sampler",
     "epoch_samples",
@@ -66,6 +67,14 @@ _FLOAT_LABEL_HINT = (
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# what fixes an image of this many dimensions given to the other kind of model
+_DIMS_HINT = {
+    2: "For 2D images train with --spatial_dims 2 (or --pretrained nuclei2d) and segment with a 2D model "
+    "(--model nuclei2d).",
+    3: "For volumes train with --spatial_dims 3 and segment with a 3D model (--model nuclei3d).",
+}
+
+
 def spatial_squeeze_axes(shape: Sequence[int], spatial_dims: int, filename: Any = None) -> tuple[int, ...]:
     """
     Axes to drop so that an array of ``shape`` has ``spatial_dims`` axes (see the module docstring for the rule).
@@ -87,7 +96,7 @@ def spatial_squeeze_axes(shape: Sequence[int], spatial_dims: int, filename: Any 
     if len(shape) < spatial_dims:
         raise ValueError(
             f"{filename}: image has {len(shape)} dimension(s) {shape}, but spatial_dims={spatial_dims} needs "
-            f"{spatial_dims}D single-channel images."
+            f"{spatial_dims}D single-channel images. {_DIMS_HINT[len(shape)] if len(shape) in _DIMS_HINT else ''}"
         )
     axes = list(range(len(shape)))
     drop = []
@@ -96,10 +105,15 @@ def spatial_squeeze_axes(shape: Sequence[int], spatial_dims: int, filename: Any 
     while len(axes) > spatial_dims and shape[axes[0]] == 1:
         drop.append(axes.pop(0))
     if len(axes) > spatial_dims:
+        hint = (
+            "Several channels or time points: choose one with --input_channel / --input_time_point (TIFF, NIfTI "
+            "and OME-Zarr files that name their axes)."
+        )
+        if len(axes) == 3:
+            hint = f"{_DIMS_HINT[3]} {hint}"
         raise ValueError(
             f"{filename}: image has shape {shape} ({len(shape)} dimensions), but spatial_dims={spatial_dims} needs "
-            f"{spatial_dims}D single-channel images (multi-channel, time series or {len(shape)}D data are not "
-            "supported; only singleton extra axes are dropped)."
+            f"{spatial_dims}D single-channel images (only singleton extra axes are dropped). {hint}"
         )
     return tuple(sorted(drop, reverse=True))
 
@@ -233,6 +247,12 @@ def _from_folders(dataset_dir: str, section: str) -> list[dict]:
             f"Dataset folder {dataset_dir} has neither a dataset.json nor imagesTr/ and labelsTr/ folders "
             f"(supported files: {', '.join(IMAGE_SUFFIXES)})."
         )
+    return _pairs(images_dir, labels_dir)
+
+
+def _pairs(images_dir: str, labels_dir: str) -> list[dict]:
+    """The ``{"image", "label"}`` pairs of two folders holding files of the same names (an nnU-Net style image
+    ``case_0000.nii.gz`` also pairs with ``case.nii.gz``), absolute paths."""
     labels = {n for n in os.listdir(labels_dir) if _supported(n) and os.path.isfile(os.path.join(labels_dir, n))}
     out, used = [], set()
     for name in sorted(os.listdir(images_dir)):
@@ -301,6 +321,8 @@ def validate_datalist(
     require_labels: bool = True,
     image_key: str = "image",
     label_key: str = "label",
+    input_channel: int | None = None,
+    input_time_point: int | None = None,
 ) -> dict:
     """
     Open every image/label pair and check it with the same rules as
@@ -318,6 +340,7 @@ def validate_datalist(
         require_labels: raise when an entry has no label (False: check images only, e.g. a test list).
         image_key: key of the image path.
         label_key: key of the label path.
+        input_channel, input_time_point: the channel / time point of images with several (as loading reads them).
 
     Returns:
         ``{"num_images", "num_labels", "num_objects", "objects_per_image", "min_spatial_shape",
@@ -336,7 +359,7 @@ def validate_datalist(
         if image_key not in item:
             raise ValueError(f"Data list entry {i} has no {image_key!r} path: {dict(item)!r}.")
         image_path = os.fspath(item[image_key])
-        image, meta = read_image(image_path)
+        image, meta = read_image(image_path, input_channel, input_time_point)
         drop = spatial_squeeze_axes(image.shape, spatial_dims, image_path)
         affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
         axis_spacing = np.sqrt((affine[:-1, :-1] ** 2).sum(0)).tolist() + [1.0] * image.ndim
@@ -495,6 +518,8 @@ def checked_datalist(
     section: str = "training",
     spatial_dims: int = 3,
     background_label: int | None = None,
+    input_channel: int | None = None,
+    input_time_point: int | None = None,
 ) -> list[dict]:
     """
     :func:`build_datalist` followed by :func:`validate_datalist` (for a non-empty list), logging a one-line summary:
@@ -502,12 +527,44 @@ def checked_datalist(
     """
     datalist = build_datalist(dataset_dir, section, spatial_dims)
     if datalist:
-        summary = validate_datalist(datalist, spatial_dims, background_label)
+        summary = validate_datalist(
+            datalist, spatial_dims, background_label, input_channel=input_channel, input_time_point=input_time_point
+        )
         logger.info(
             f"{section} data from {os.fspath(dataset_dir)}: {summary['num_images']} images, "
             f"{summary['num_objects']} annotated objects, shapes {summary['min_spatial_shape']}.."
             f"{summary['max_spatial_shape']}"
         )
+    return datalist
+
+
+def evaluation_datalist(
+    dataset_dir: str | os.PathLike,
+    spatial_dims: int = 3,
+    input_channel: int | None = None,
+    input_time_point: int | None = None,
+) -> list[dict]:
+    """
+    The image / dense-label pairs a model is scored on, checked (:func:`validate_datalist`), with one log line saying
+    which: the ``validation`` list of ``dataset.json``; else ``imagesTs/`` + ``labelsTs/``; else the training pairs
+    (``dataset.json``'s or ``imagesTr/`` + ``labelsTr/``), with a warning that the model may have been trained on
+    them.
+
+    Raises:
+        ValueError: naming the folder, when it holds none of these layouts, or a pair is unreadable or inconsistent.
+    """
+    dataset_dir = os.path.abspath(os.fspath(dataset_dir))
+    images_dir, labels_dir = os.path.join(dataset_dir, "imagesTs"), os.path.join(dataset_dir, "labelsTs")
+    datalist = build_datalist(dataset_dir, "validation", spatial_dims)
+    which = f"the validation list of {os.path.join(dataset_dir, 'dataset.json')}"
+    if not datalist and os.path.isdir(images_dir) and os.path.isdir(labels_dir):
+        datalist, which = _pairs(images_dir, labels_dir), f"the pairs of {images_dir} and {labels_dir}"
+    if not datalist:
+        datalist = build_datalist(dataset_dir, "training", spatial_dims)
+        which = f"the training pairs of {dataset_dir} (no validation list, no imagesTs/ + labelsTs/)"
+        logger.warning(f"scoring on {which}: images the model may have been trained on score higher than new ones")
+    validate_datalist(datalist, spatial_dims, input_channel=input_channel, input_time_point=input_time_point)
+    logger.info(f"scoring {len(datalist)} image(s): {which}")
     return datalist
 
 

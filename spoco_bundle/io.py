@@ -44,6 +44,7 @@ __all__ = [
     "image_readers",
     "read_image",
     "read_spacing",
+    "select_non_spatial",
     "LoadVolumed",
     "label_dtype",
     "write_label_image",
@@ -60,7 +61,8 @@ VOLUME_SUFFIXES = ZARR_SUFFIXES + IMAGE_SUFFIXES
 _ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 
 # tifffile axis codes that are not spatial; anything else besides Y/X is taken as the stack (Z) axis
-_CHANNEL_AXES = {"C": "channels", "S": "colour samples per pixel (RGB)"}
+# non-spatial axes of which the user picks one index, with the option that picks it
+NON_SPATIAL_OPTIONS = {"channel": "input_channel", "time": "input_time_point"}
 # ImageJ writes no standard unit spelling; map the usual micrometre spellings to one string
 _MICRON_UNITS = {"micron", "microns", "um", "\\u00b5m", "\u00b5m", "\u03bcm", "micrometer", "micrometre"}
 # ImageJ-compatible sample types (ImageJ cannot open 32-bit integer stacks)
@@ -159,6 +161,73 @@ def _ome_spacing(ome_xml: str) -> tuple[dict[str, float], str] | None:
     return {ax: _valid_spacing(v) for ax, v in sizes.items() if v is not None}, _normalise_unit(unit)
 
 
+def select_non_spatial(
+    source: str,
+    names: Sequence[str],
+    kinds: Sequence[str],
+    shape: Sequence[int],
+    input_channel: int | None = None,
+    input_time_point: int | None = None,
+    hint: str = "",
+) -> tuple[tuple[Any, ...], list[int]]:
+    """
+    The index that keeps the spatial axes of an array and one position along each channel / time axis.
+
+    Args:
+        source: what the array is, for the errors (e.g. ``"TIFF file /data/a.tif"``).
+        names: the axes' names (``"C"``, ``"t"``, ...), for the errors.
+        kinds: per axis ``"channel"``, ``"time"`` or anything else for a spatial axis.
+        shape: the array's shape.
+        input_channel, input_time_point: the chosen positions; None is allowed where the axis has one position.
+        hint: appended to the error for a channel axis without a choice.
+
+    Returns:
+        ``(index, spatial_axes)``: an index of ints and ``slice(None)`` for ``array[index]``, and the kept axes.
+
+    Raises:
+        ValueError: naming ``source``, the axis and the option, for several positions without a choice or a choice
+            outside the axis.
+    """
+    index: list[Any] = []
+    spatial: list[int] = []
+    for ax, (name, kind, size) in enumerate(zip(names, kinds, shape)):
+        if kind not in NON_SPATIAL_OPTIONS:
+            index.append(slice(None))
+            spatial.append(ax)
+            continue
+        option = NON_SPATIAL_OPTIONS[kind]
+        choice = input_channel if kind == "channel" else input_time_point
+        what = ("time point" if kind == "time" else "channel") + ("s" if size != 1 else "")
+        if choice is None and size > 1:
+            raise ValueError(
+                f"{source} has {size} {what} (axis {name!r}, shape {tuple(shape)}): choose one with --{option} "
+                f"(0..{size - 1}).{hint if kind == 'channel' else ''}"
+            )
+        choice = 0 if choice is None else int(choice)
+        if not 0 <= choice < size:
+            raise ValueError(
+                f"{source} has {size} {what} (axis {name!r}): --{option} {choice} is outside 0..{size - 1}."
+            )
+        index.append(choice)
+    return tuple(index), spatial
+
+
+def tiff_axis_kinds(axes: str, input_time_point: int | None = None) -> list[str]:
+    """
+    ``"channel"``, ``"time"`` or ``"space"`` for each of tifffile's series axes. ``C`` is a channel axis; ``T`` is
+    time when the file also has Z (or another stack axis) or a time point is chosen, else frames are read as the
+    stack's Z (as ImageJ files without axes metadata store z-stacks).
+    """
+    stack_axes = [a for a in axes if a not in "CTSYX"]
+    time_is_time = input_time_point is not None or bool(stack_axes)
+    return ["channel" if a == "C" else "time" if a == "T" and time_is_time else "space" for a in axes]
+
+
+def nifti_axis_kinds(ndim: int) -> list[str]:
+    """The NIfTI standard's axes: ``(i, j, k)`` space, the 4th time, the 5th the components (read as channels)."""
+    return ["space"] * min(ndim, 3) + ["time", "channel", "other"][: max(0, ndim - 3)] + ["other"] * max(0, ndim - 6)
+
+
 class _TiffImage(NamedTuple):
     """What :meth:`TiffReader.read` returns: the array and metadata, or the error that prevented reading."""
 
@@ -192,17 +261,25 @@ class TiffReader(ImageReader):
 
     A grayscale image stored as colour (RGB / RGBA / gray + alpha samples with equal colour channels and one alpha
     value, as image software often exports it) is read as its one channel (:func:`gray_from_colour`, logged).
-    Multi-channel data, colour images and 4D+ stacks raise a ValueError naming the file and the reason (from
+    A file with several channels (axis ``C``) or time points (``T`` beside a Z axis) gives the one that
+    ``input_channel`` / ``input_time_point`` choose (:func:`tiff_axis_kinds`). Several channels or time points without
+    a choice, colour images and 4D+ stacks raise a ValueError naming the file, the reason and the option (from
     :meth:`get_data`, so that ``LoadImage`` does not fall back to another reader that would load them silently).
 
     Args:
         series: index of the tifffile series to read (0: the first image/stack of the file).
+        input_channel: the channel to read from a multi-channel file.
+        input_time_point: the time point to read from a time series.
         kwargs: additional args for ``tifffile.TiffPageSeries.asarray``.
     """
 
-    def __init__(self, series: int = 0, **kwargs):
+    def __init__(
+        self, series: int = 0, input_channel: int | None = None, input_time_point: int | None = None, **kwargs
+    ):
         super().__init__()
         self.series = series
+        self.input_channel = input_channel
+        self.input_time_point = input_time_point
         self.kwargs = kwargs
 
     def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
@@ -240,18 +317,23 @@ class TiffReader(ImageReader):
                 if isinstance(layout, str):
                     return None, {"reject": layout}
                 axes, shape = axes.replace("S", ""), shape[:samples] + shape[samples + 1 :]
-            for ax, what in _CHANNEL_AXES.items():
-                if ax in axes:
-                    hint = (
-                        " If the file is a z-stack mislabelled as channels (tifffile's imagej=True without axes "
-                        "does this), save it again with metadata={'axes': 'ZYX'}"
-                        if ax == "C"
-                        else ""
-                    )
-                    return None, {
-                        "reject": f"has {shape[axes.index(ax)]} {what} (axes {axes!r}, shape {shape}); "
-                        f"only single-channel grayscale images are supported, convert it to one channel first.{hint}"
-                    }
+            if samples is None and "S" in axes:
+                return None, {
+                    "reject": f"has colour samples per pixel (RGB) (axes {axes!r}, shape {shape}); only "
+                    "single-channel grayscale images are supported, convert it to one channel first"
+                }
+            hint = (
+                " If the file is a z-stack mislabelled as channels (tifffile's imagej=True without axes "
+                "does this), save it again with metadata={'axes': 'ZYX'}."
+            )
+            kinds = tiff_axis_kinds(axes, self.input_time_point)
+            try:
+                index, kept = select_non_spatial(
+                    f"TIFF file {filename}", axes, kinds, shape, self.input_channel, self.input_time_point, hint
+                )
+            except ValueError as e:
+                return None, {"reject": str(e).replace(f"TIFF file {filename} ", "", 1)}
+            axes, shape = "".join(axes[i] for i in kept), tuple(shape[i] for i in kept)
             if len(shape) not in (2, 3) or axes[-2:] != "YX":
                 return None, {
                     "reject": f"has axes {axes!r} with shape {shape}; only 2D (Y, X) images and 3D (Z, Y, X) "
@@ -263,6 +345,7 @@ class TiffReader(ImageReader):
                 if problem:
                     return None, {"reject": problem}
                 logger.info(f"{filename}: a grayscale image stored as colour (equal colour channels), read as one")
+            array = np.ascontiguousarray(array[index])
             spacing, unit = self._spacing(tif, series, len(shape))
         if not array.dtype.isnative:  # torch has no big-endian dtypes
             array = array.astype(array.dtype.newbyteorder("="))
@@ -357,15 +440,29 @@ class NiftiTiffReader(ImageReader):
     logs an INFO line for every failure, which would print one line per loaded NIfTI file during training.
     Other suffixes raise in :meth:`read`, so ``LoadImage`` goes on to MONAI's default readers for them.
 
+    Channel and time-point choice: a NIfTI file's 4th axis is time and its 5th the components (channels), as the
+    NIfTI standard has it; TIFF as :class:`TiffReader`. Several of them without a choice raise a ValueError naming
+    the file and the option.
+
     Args:
         nibabel_kwargs: arguments for :class:`~monai.data.NibabelReader`.
         tiff_kwargs: arguments for :class:`TiffReader`.
+        input_channel: the channel to read from a multi-channel file.
+        input_time_point: the time point to read from a time series.
     """
 
-    def __init__(self, nibabel_kwargs: Mapping | None = None, tiff_kwargs: Mapping | None = None):
+    def __init__(
+        self,
+        nibabel_kwargs: Mapping | None = None,
+        tiff_kwargs: Mapping | None = None,
+        input_channel: int | None = None,
+        input_time_point: int | None = None,
+    ):
         super().__init__()
+        self.input_channel, self.input_time_point = input_channel, input_time_point
         self.nifti_reader = NibabelReader(**dict(nibabel_kwargs or {}))
-        self.tiff_reader = TiffReader(**dict(tiff_kwargs or {}))
+        choice = {"input_channel": input_channel, "input_time_point": input_time_point}
+        self.tiff_reader = TiffReader(**{**choice, **dict(tiff_kwargs or {})})
 
     def _reader_for(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> ImageReader | None:
         names = ensure_tuple(filename)
@@ -395,28 +492,48 @@ class NiftiTiffReader(ImageReader):
         reader, obj = img
         if isinstance(obj, ValueError):
             raise obj
-        try:
+        if reader is not self.nifti_reader:
             return reader.get_data(obj)
+        images = obj if isinstance(obj, (list, tuple)) else [obj]
+        name = ", ".join(getattr(i, "get_filename", lambda: None)() or "(unknown file)" for i in images)
+        if len(images) == 1 and len(images[0].shape) > 3:  # time points / channels: pick one (several files: stacked)
+            index, _ = select_non_spatial(
+                f"NIfTI file {name}",
+                ["i", "j", "k", "t", "c", "u", "v"][: len(images[0].shape)],
+                nifti_axis_kinds(len(images[0].shape)),
+                images[0].shape,
+                self.input_channel,
+                self.input_time_point,
+            )
+        try:
+            array, meta = reader.get_data(obj)
         except Exception as e:  # nibabel reads lazily: truncated data only fails here
-            if reader is self.nifti_reader:
-                name = getattr(obj, "get_filename", lambda: None)() or "(unknown file)"
-                raise ValueError(f"Cannot read NIfTI file {name}: {type(e).__name__}: {e}") from e
-            raise
+            raise ValueError(f"Cannot read NIfTI file {name}: {type(e).__name__}: {e}") from e
+        if len(images) == 1 and len(images[0].shape) > 3:
+            array = array[index]
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = float("nan")
+        return array, meta
 
 
-def image_readers() -> list[ImageReader]:
-    """Readers for ``LoadImaged(keys, reader=image_readers())``: NIfTI -> NibabelReader, TIFF -> TiffReader."""
-    return [NiftiTiffReader()]
+def image_readers(input_channel: int | None = None, input_time_point: int | None = None) -> list[ImageReader]:
+    """
+    Readers for ``LoadImaged(keys, reader=image_readers())``: NIfTI -> NibabelReader, TIFF -> TiffReader, reading
+    the chosen channel / time point of files with several.
+    """
+    return [NiftiTiffReader(input_channel=input_channel, input_time_point=input_time_point)]
 
 
-def read_image(filename: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """Read one NIfTI or TIFF file as ``(array, meta)`` in storage order, with the file's own dtype.
+def read_image(
+    filename: str | os.PathLike, input_channel: int | None = None, input_time_point: int | None = None
+) -> tuple[np.ndarray, dict]:
+    """Read one NIfTI or TIFF file as ``(array, meta)`` in storage order, with the file's own dtype (the chosen
+    channel / time point of a file with several).
 
     Raises:
         ValueError: naming the file, for an unsupported suffix or a file that cannot be read.
     """
     filename = os.fspath(filename)
-    reader = NiftiTiffReader()
+    reader = NiftiTiffReader(input_channel=input_channel, input_time_point=input_time_point)
     if not reader.verify_suffix(filename):
         raise ValueError(f"Unsupported image file {filename}: expected one of {IMAGE_SUFFIXES}.")
     try:
@@ -471,10 +588,13 @@ def gray_from_colour(array: np.ndarray, colour: int, alpha: bool) -> tuple[np.nd
     return np.ascontiguousarray(array[..., 0]), ""
 
 
-def read_spacing(filename: str | os.PathLike) -> tuple[tuple[int, ...], tuple[float, ...], str]:
+def read_spacing(
+    filename: str | os.PathLike, input_channel: int | None = None, input_time_point: int | None = None
+) -> tuple[tuple[int, ...], tuple[float, ...], str]:
     """
     The shape, voxel size and its unit of a NIfTI or TIFF file from its header alone (the voxels are not read):
-    what :func:`read_image` would give as the array's shape and the norms of its affine's columns (array order).
+    what :func:`read_image` would give as the array's shape (with the same channel / time-point choice) and the norms
+    of its affine's columns (array order).
 
     Returns:
         ``(shape, spacing, unit)``; ``unit`` as the file states it (NIfTI: ``"mm"``, ``"micron"``, ...; TIFF: as
@@ -488,16 +608,35 @@ def read_spacing(filename: str | os.PathLike) -> tuple[tuple[int, ...], tuple[fl
         if _is_tiff(filename):
             with tifffile.TiffFile(filename) as tif:
                 series = tif.series[0]
-                shape = tuple(int(v) for i, v in enumerate(series.shape) if series.axes[i] != "S")  # as read_image
+                axes = series.axes.replace("S", "")  # colour samples: read_image reads one channel or refuses
+                full = tuple(int(v) for i, v in enumerate(series.shape) if series.axes[i] != "S")
+                kinds = tiff_axis_kinds(axes, input_time_point)
+                _, kept = select_non_spatial(
+                    f"TIFF file {filename}", axes, kinds, full, input_channel, input_time_point
+                )
+                shape = tuple(full[i] for i in kept)
                 spacing, unit = TiffReader._spacing(tif, series, len(shape))
             return shape, tuple(float(v) for v in spacing), unit
         if _is_nifti(filename):
             img = nib.load(filename)
-            shape = tuple(int(v) for v in img.shape)
+            full = tuple(int(v) for v in img.shape)
+            _, kept = select_non_spatial(
+                f"NIfTI file {filename}",
+                "ijktcuv"[: len(full)],
+                nifti_axis_kinds(len(full)),
+                full,
+                input_channel,
+                input_time_point,
+            )
+            shape = tuple(full[i] for i in kept)
             affine = np.asarray(img.affine, dtype=np.float64)
             spacing = affine_to_spacing(affine, r=3).tolist() + [1.0] * max(0, len(shape) - 3)
             unit = img.header.get_xyzt_units()[0]
             return shape, tuple(float(v) for v in spacing[: len(shape)]), "" if unit == "unknown" else str(unit)
+    except ValueError as e:
+        if os.fspath(filename) in str(e):
+            raise
+        raise ValueError(f"Cannot read the header of image file {filename}: {type(e).__name__}: {e}") from e
     except Exception as e:
         raise ValueError(f"Cannot read the header of image file {filename}: {type(e).__name__}: {e}") from e
     raise ValueError(f"Unsupported image file {filename}: expected one of {IMAGE_SUFFIXES}.")
@@ -514,11 +653,23 @@ class LoadVolumed(LoadImaged):
         keys: keys of the file names to load.
         reader: defaults to :func:`image_readers`.
         dtype: defaults to None (keep the file's type).
+        input_channel: the channel to read from multi-channel files (with the default reader).
+        input_time_point: the time point to read from time series (with the default reader).
         kwargs: other :class:`~monai.transforms.LoadImaged` arguments.
     """
 
-    def __init__(self, keys, reader: Any = None, dtype: Any = None, **kwargs):
-        super().__init__(keys, reader=image_readers() if reader is None else reader, dtype=dtype, **kwargs)
+    def __init__(
+        self,
+        keys,
+        reader: Any = None,
+        dtype: Any = None,
+        input_channel: int | None = None,
+        input_time_point: int | None = None,
+        **kwargs,
+    ):
+        if reader is None:
+            reader = image_readers(input_channel, input_time_point)
+        super().__init__(keys, reader=reader, dtype=dtype, **kwargs)
 
 
 class TiffWriter(ImageWriter):

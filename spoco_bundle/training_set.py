@@ -45,6 +45,7 @@ class TrainingSet:
         data: the training datalist (``{"image": ..., "label": ...}`` items) or a dataset holding it as ``data``.
         spatial_dims: 2 or 3.
         instance_ratio, seed, background_label, image_scale: the run's (``configs/train.json``).
+        input_channel, input_time_point: the channel / time point of images with several (as loading reads them).
     """
 
     def __init__(
@@ -55,6 +56,8 @@ class TrainingSet:
         seed: int = 0,
         background_label: int | None = None,
         image_scale: float | Sequence[float] = 1.0,
+        input_channel: int | None = None,
+        input_time_point: int | None = None,
     ) -> None:
         items = list(getattr(data, "data", data))
         self.image_files = [str(d["image"]) for d in items]
@@ -64,6 +67,7 @@ class TrainingSet:
         self.seed = int(seed)
         self.background_label = background_label
         self.image_scale = check_scale(image_scale)
+        self.choice = {"input_channel": input_channel, "input_time_point": input_time_point}
 
     @property
     def grid_factor(self) -> float:
@@ -100,7 +104,7 @@ class TrainingSet:
     def blob_scales(self) -> tuple[float, float, float]:
         values = []
         for path in self.image_files:
-            image = np.squeeze(read_image(path)[0])
+            image = np.squeeze(read_image(path, **self.choice)[0])
             if image.ndim not in (2, 3):
                 raise ValueError(f"{path}: a training image must be 2D or 3D (one channel), got shape {image.shape}.")
             values.append(blob_scale(image))
@@ -114,7 +118,7 @@ class TrainingSet:
     def _voxel(self) -> tuple[list[float] | None, str]:
         sizes, units = [], []
         for path in self.image_files:
-            shape, spacing, unit = read_spacing(path)
+            shape, spacing, unit = read_spacing(path, **self.choice)
             drop = spatial_squeeze_axes(shape, self.spatial_dims, path)
             sizes.append([s for a, s in enumerate(spacing) if a not in drop])
             units.append(unit)

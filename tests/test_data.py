@@ -214,6 +214,19 @@ def test_validate_multichannel_2d_rejected(tmp_path):
         validate_datalist(dl, spatial_dims=2)
 
 
+def test_images_of_the_other_dimensionality_name_the_flag_that_fits(tmp_path):
+    flat = [pair(tmp_path, "flat", image((32, 40)), blobs((32, 40), 2))]
+    with pytest.raises(ValueError, match=r"flat_img.*spatial_dims=3 .*train with --spatial_dims 2"):
+        validate_datalist(flat, spatial_dims=3)
+    stack = [pair(tmp_path, "stack", image((6, 32, 40)), blobs((6, 32, 40), 2))]
+    with pytest.raises(ValueError, match=r"stack_img.*spatial_dims=2 .*train with --spatial_dims 3"):
+        validate_datalist(stack, spatial_dims=2)
+    channels = [pair(tmp_path, "channels", image((6, 32, 40, 1, 2)), blobs((6, 32, 40), 2))]  # NIfTI components
+    with pytest.raises(ValueError, match=r"channels_img.* has 2 channels .*--input_channel"):
+        validate_datalist(channels, spatial_dims=3)
+    assert validate_datalist(channels, spatial_dims=3, input_channel=1)["num_objects"] == 2
+
+
 def test_validate_no_objects_at_all(tmp_path):
     dl = [pair(tmp_path, n, image((3, 4, 9)), np.zeros((3, 4, 9), np.uint16)) for n in ("p", "q")]
     with pytest.raises(ValueError, match="annotated object"):
@@ -282,3 +295,39 @@ def test_epoch_sampler_draws_each_file_as_often_in_reshuffled_passes():
     assert any(drawn[k * 12 : (k + 1) * 12] != list(range(12)) for k in range(9))  # not the list's order
     with pytest.raises(ValueError, match="empty"):
         epoch_sampler([], 100)
+
+
+def test_evaluation_data_comes_from_the_layouts_training_reads(tmp_path, caplog):
+    from spoco_bundle.data import evaluation_datalist
+
+    def layout(root: Path, images: str, labels: str, names: tuple[str, ...]) -> list[dict]:
+        (root / images).mkdir(parents=True)
+        (root / labels).mkdir()
+        return [pair_in(root / images, root / labels, n) for n in names]
+
+    def pair_in(images: Path, labels: Path, name: str) -> dict:
+        save(images / f"{name}.nii.gz", image((3, 8, 9)))
+        save(labels / f"{name}.nii.gz", blobs((3, 8, 9), 2))
+        return {"image": str(images / f"{name}.nii.gz"), "label": str(labels / f"{name}.nii.gz")}
+
+    # imagesTr/ + labelsTr/ alone: the training pairs, with a warning that the model may have trained on them
+    only_training = layout(tmp_path / "a", "imagesTr", "labelsTr", ("x", "y"))
+    with caplog.at_level("INFO"):
+        assert evaluation_datalist(tmp_path / "a", 3) == only_training
+    assert "may have been trained on" in caplog.text and "scoring 2 image(s): the training pairs" in caplog.text
+    # imagesTs/ + labelsTs/ beside them: those
+    caplog.clear()
+    held_out = layout(tmp_path / "b", "imagesTs", "labelsTs", ("z",))
+    layout(tmp_path / "b", "imagesTr", "labelsTr", ("x",))
+    with caplog.at_level("INFO"):
+        assert evaluation_datalist(tmp_path / "b", 3) == held_out
+    assert "may have been trained on" not in caplog.text
+    assert f"scoring 1 image(s): the pairs of {tmp_path / 'b' / 'imagesTs'}" in caplog.text
+    # a dataset.json with a validation list: that list
+    pairs = layout(tmp_path / "c", "imagesTr", "labelsTr", ("p", "q", "r"))
+    (tmp_path / "c" / "dataset.json").write_text(json.dumps({"training": pairs[:2], "validation": pairs[2:]}))
+    assert evaluation_datalist(tmp_path / "c", 3) == pairs[2:]
+    # nothing to score: the folder is named
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ValueError, match=str(tmp_path / "d")):
+        evaluation_datalist(tmp_path / "d", 3)

@@ -355,3 +355,60 @@ def test_save_imaged_round_trip_through_loader(tmp_path):
     back = load(tmp_path / "out" / "src_labels.tif")
     np.testing.assert_array_equal(back.numpy(), arr)
     np.testing.assert_allclose(back.pixdim, [2.5, 0.25, 0.5])
+
+
+@pytest.mark.parametrize(
+    "kind, shape, axes, option, index",
+    [
+        ("tiff", (5, 3, 7, 9), "ZCYX", "input_channel", (slice(None), 2)),  # ImageJ hyperstack, 3 channels
+        ("tiff", (3, 7, 9), "CYX", "input_channel", (1,)),  # a 2D image with channels
+        ("tiff", (4, 5, 7, 9), "TZYX", "input_time_point", (3,)),  # a time series of z-stacks
+        ("nifti", (9, 7, 5, 4), None, "input_time_point", (slice(None),) * 3 + (3,)),  # NIfTI's 4th axis: time
+        ("nifti", (9, 7, 5, 1, 3), None, "input_channel", (slice(None),) * 3 + (0, 2)),  # 5th: components
+    ],
+    ids=["tiff-zcyx", "tiff-cyx", "tiff-tzyx", "nifti-time", "nifti-channels"],
+)
+def test_a_channel_or_time_point_is_chosen_or_the_option_is_named(tmp_path, kind, shape, axes, option, index):
+    from spoco_bundle.blockwise import open_volume
+
+    data = ramp(shape, np.uint16)
+    if kind == "tiff":
+        path = tmp_path / "multi.tif"
+        tifffile.imwrite(path, data, imagej=True, metadata={"axes": axes})
+    else:
+        path = tmp_path / "multi.nii.gz"
+        nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    choice = index[-1]
+    expected = data[index]
+    # without a choice: one line naming the file, how many there are and the option that picks one
+    for read in (read_image, lambda p: load(p), lambda p: open_volume(p)):
+        with pytest.raises(ValueError, match=rf"multi\.(tif|nii\.gz).* has {shape[len(index) - 1]} .*--{option} \("):
+            read(path)
+    with pytest.raises(ValueError, match=rf"multi\..*--{option} 9 is outside 0\.\.{shape[len(index) - 1] - 1}"):
+        read_image(path, **{option: 9})
+    # with it: that one, the same by every reader, with the image's spatial geometry
+    array, meta = read_image(path, **{option: choice})
+    np.testing.assert_array_equal(array, expected)
+    assert math.isnan(meta["original_channel_dim"])
+    assert read_spacing(path, **{option: choice})[0] == expected.shape
+    loaded = LoadVolumed("image", **{option: choice})({"image": str(path)})["image"]
+    np.testing.assert_array_equal(np.asarray(loaded), expected)
+    lazy, lazy_meta = open_volume(path, **{option: choice})
+    np.testing.assert_array_equal(lazy.compute(), expected)
+    assert len(lazy_meta["spacing"]) == expected.ndim
+
+
+def test_a_channel_choice_reads_the_image_and_leaves_the_labels(tmp_path):
+    from spoco_bundle.transforms import load_transforms
+
+    image = ramp((2, 7, 9), np.uint16)
+    tifffile.imwrite(tmp_path / "img.tif", image, imagej=True, metadata={"axes": "CYX"})
+    labels = np.zeros((7, 9), np.uint16)
+    labels[2:5, 3:6] = 1
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    items = {"image": str(tmp_path / "img.tif"), "label": str(tmp_path / "lab.tif")}
+    out = items
+    for transform in load_transforms(("image", "label"), spatial_dims=2, input_channel=1):
+        out = transform(out)
+    np.testing.assert_array_equal(np.asarray(out["image"][0]), image[1].astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(out["label"][0]), labels)

@@ -25,8 +25,11 @@ from spoco_bundle.io import (
     _is_tiff,
     is_zarr,
     label_dtype,
+    nifti_axis_kinds,
     partial_path,
     read_spacing,
+    select_non_spatial,
+    tiff_axis_kinds,
     write_label_image,
 )
 
@@ -36,9 +39,6 @@ __all__ = [
     "write_label_file",
     "remove_store",
 ]
-
-# OME-NGFF axis types that are not spatial, with the option that picks one index along them
-_NON_SPATIAL = {"channel": "input_channel", "time": "input_time_point"}
 
 
 class _LazyFile:
@@ -57,40 +57,50 @@ class _LazyFile:
         return np.asarray(nib.load(self.path).dataobj[key])
 
 
-def _open_file(path: str) -> tuple[da.Array, dict]:
-    """A NIfTI / TIFF file as a lazy array in storage order, with the metadata the label writers need."""
-    shape, spacing, unit = read_spacing(path)  # the header only; errors name the file
+def _open_file(path: str, input_channel: int | None, input_time_point: int | None) -> tuple[da.Array, dict]:
+    """A NIfTI / TIFF file as a lazy array in storage order (one channel / time point of files with several), with
+    the metadata the label writers need."""
+    shape, spacing, unit = read_spacing(path, input_channel, input_time_point)  # the header; errors name the file
     meta: dict[str, Any] = {"filename_or_obj": path, "spacing": spacing, "unit": unit}
     if _is_tiff(path):
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            axes, dtype = series.axes, series.dtype
+            axes, full_shape, dtype = series.axes, tuple(series.shape), series.dtype
         if "S" in axes and "C" not in axes:  # the reader checks colour samples on the whole image, not by blocks
             raise ValueError(
                 f"TIFF file {path} stores colour samples per pixel (axes {axes!r}); a large image is read in blocks, "
                 "which needs a single-channel file: save it as one channel (grayscale) first."
             )
-        if any(ax in axes for ax in "CS") or len(shape) not in (2, 3):
-            TiffReader().get_data(TiffReader().read(path))  # its error, naming the file and the axes
+        kinds = tiff_axis_kinds(axes, input_time_point)
+        index, kept = select_non_spatial(f"TIFF file {path}", axes, kinds, full_shape, input_channel, input_time_point)
+        if "S" in axes or len(kept) not in (2, 3) or "".join(axes[i] for i in kept)[-2:] != "YX":
+            reader = TiffReader(input_channel=input_channel, input_time_point=input_time_point)
+            reader.get_data(reader.read(path))  # its error, naming the file and the axes
         affine = np.eye(4)
         affine[range(len(spacing)), range(len(spacing))] = spacing
         meta.update(affine=affine, spacing_unit=unit)
         # tifffile decodes whole pages (or tiles): chunks of a few pages, cut across so that a block's read holds
         # its own region only (a page is then decoded once per chunk across it: more reading, flat memory)
-        chunks = tuple(min(s, c) for s, c in zip(shape, (32, 512, 512) if len(shape) == 3 else (2048, 2048)))
+        spatial_chunks = iter((32, 512, 512) if len(kept) == 3 else (2048, 2048))
     else:
         img = nib.load(path)
-        dtype = img.get_data_dtype()
-        if len(shape) not in (2, 3):
+        dtype, full_shape = img.get_data_dtype(), tuple(img.shape)
+        kinds = nifti_axis_kinds(len(full_shape))
+        index, kept = select_non_spatial(
+            f"NIfTI file {path}", "ijktcuv"[: len(full_shape)], kinds, full_shape, input_channel, input_time_point
+        )
+        if len(kept) not in (2, 3):
             raise ValueError(
-                f"NIfTI file {path} has shape {shape}; only 2D and 3D single-channel images are supported."
+                f"NIfTI file {path} has shape {full_shape}; only 2D and 3D single-channel images are supported."
             )
         meta.update(affine=np.asarray(img.affine, dtype=np.float64), xyzt_units=int(img.header["xyzt_units"]))
-        chunks = tuple(min(s, 128) for s in shape)
+        spatial_chunks = iter((128, 128, 128))
+    # one chunk per channel / time point, so that the choice reads only its own
+    chunks = tuple(min(size, next(spatial_chunks)) if ax in kept else 1 for ax, size in enumerate(full_shape))
     if not np.dtype(dtype).isnative:
         dtype = np.dtype(dtype).newbyteorder("=")
-    array = da.from_array(_LazyFile(path, tuple(shape), dtype), chunks=chunks, asarray=True, fancy=False)
-    return array, meta
+    array = da.from_array(_LazyFile(path, full_shape, dtype), chunks=chunks, asarray=True, fancy=False)
+    return array[index], meta
 
 
 def _ome_multiscales(attrs: Mapping) -> list | None:
@@ -134,26 +144,14 @@ def _open_zarr(path: str, input_channel: int | None, input_time_point: int | Non
         meta["unit"] = {"micrometer": "um"}.get(units[-1], units[-1]) if units else ""
     lazy = da.from_zarr(array)
     names = names or [f"dim_{i}" for i in range(lazy.ndim)]
-    index: list[Any] = []
-    spatial = []
-    for ax, (name, size) in enumerate(zip(names, lazy.shape)):
-        kind = types[ax] if ax < len(types) and types[ax] else {"c": "channel", "t": "time"}.get(name, "space")
-        if kind in _NON_SPATIAL:
-            option = _NON_SPATIAL[kind]
-            choice = input_channel if kind == "channel" else input_time_point
-            if choice is None and size > 1:
-                raise ValueError(
-                    f"The OME-Zarr {path} has {size} {kind} {'points' if kind == 'time' else 'channels'} "
-                    f"(axis {name!r}, shape {tuple(lazy.shape)}): choose one with --{option} (0..{size - 1})."
-                )
-            choice = 0 if choice is None else int(choice)
-            if not 0 <= choice < size:
-                raise ValueError(f"--{option} {choice} is outside the {size} along axis {name!r} of {path}.")
-            index.append(choice)
-        else:
-            index.append(slice(None))
-            spatial.append(ax)
-    lazy = lazy[tuple(index)]
+    kinds = [
+        types[ax] if ax < len(types) and types[ax] else {"c": "channel", "t": "time"}.get(name, "space")
+        for ax, name in enumerate(names)
+    ]
+    index, spatial = select_non_spatial(
+        f"The OME-Zarr {path}", names, kinds, lazy.shape, input_channel, input_time_point
+    )
+    lazy = lazy[index]
     if lazy.ndim not in (2, 3):
         raise ValueError(
             f"The Zarr array of {path} has {lazy.ndim} spatial axes {tuple(lazy.shape)}; only 2D and 3D single-channel "
@@ -191,7 +189,7 @@ def open_volume(
         raise ValueError(f"Input image {path} does not exist.")
     if not (_is_tiff(path) or _is_nifti(path)):
         raise ValueError(f"Unsupported input {path}: expected one of {VOLUME_SUFFIXES}.")
-    return _open_file(path)
+    return _open_file(path, input_channel, input_time_point)
 
 
 # --------------------------------------------------------------------------------------------------- writing

@@ -114,7 +114,7 @@ class BlockwiseSettings:
         if is_zarr(path):
             return True
         try:
-            shape = read_spacing(path)[0]
+            shape = read_spacing(path, self.input_channel, self.input_time_point)[0]
         except ValueError:
             return False  # the whole-volume path reports it, as before
         return math.prod(shape) * BYTES_PER_VOXEL / 1e9 > self.budget_gb()

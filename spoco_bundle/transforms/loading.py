@@ -211,6 +211,8 @@ def load_transforms(
     image_dtype: Any = np.float32,
     label_dtype: Any = torch.int64,
     allow_missing_keys: bool = False,
+    input_channel: int | None = None,
+    input_time_point: int | None = None,
 ) -> list[Transform]:
     """
     The loading steps, in storage order (no Orientation, no Spacing):
@@ -223,6 +225,7 @@ def load_transforms(
         image_dtype: type of the image after the checks.
         label_dtype: type of the labels after the checks.
         allow_missing_keys: e.g. to let one list serve data with and without labels.
+        input_channel, input_time_point: the channel / time point of images with several (labels have one).
 
     Returns:
         a list of transforms, to be placed first in a ``Compose`` (as separate entries, so that MONAI Label can
@@ -230,8 +233,21 @@ def load_transforms(
     """
     keys = ensure_tuple(keys)
     image_key, label_keys = keys[0], keys[1:]
+    if input_channel is None and input_time_point is None:
+        loaders = [LoadVolumed(keys, allow_missing_keys=allow_missing_keys)]
+    else:  # the choice is the image's; labels are single-channel
+        loaders = [
+            LoadVolumed(
+                image_key,
+                allow_missing_keys=allow_missing_keys,
+                input_channel=input_channel,
+                input_time_point=input_time_point,
+            )
+        ]
+        if label_keys:
+            loaders.append(LoadVolumed(label_keys, allow_missing_keys=allow_missing_keys))
     transforms: list[Transform] = [
-        LoadVolumed(keys, allow_missing_keys=allow_missing_keys),
+        *loaders,
         EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=allow_missing_keys),
         EnsureSpatialDimsd(keys, spatial_dims, allow_missing_keys=allow_missing_keys),
         CheckImageLabeld(keys, spatial_dims, allow_missing_keys=allow_missing_keys),
