@@ -2,6 +2,10 @@
 
 import copy
 import math
+import re
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -412,6 +416,25 @@ def test_training_length_is_logged_once(caplog):
     assert messages[1].startswith("Epoch 1 loss terms")
 
 
+def test_the_expected_duration_is_logged_from_the_first_iterations(caplog):
+    engine = Engine(lambda e, b: time.sleep(0.05))
+    TrainingLengthLogger(measure=4).attach(engine)
+    LossTermsLogger(SpocoLoss()).attach(engine)
+    with caplog.at_level("INFO", logger="spoco"):
+        engine.run(range(5), max_epochs=3, epoch_length=4)
+    messages = [r.getMessage() for r in caplog.records if r.name == "spoco"]
+    assert messages[0] == "training 3 epochs x 4 iterations = 12 iterations"
+    # measured over iterations 2-5 (the first warms up): 7 iterations left, the clock time they end
+    (speed,) = [m for m in messages if "per iteration" in m]
+    assert re.fullmatch(
+        r"0\.0\d s per iteration: 7 more iterations take about 0 s, done about \d\d:\d\d \(validation not counted\)",
+        speed,
+    ), speed
+    # each epoch's line says how long the rest takes, the last epoch's does not
+    epochs = [m for m in messages if m.startswith("Epoch ")]
+    assert [re.search(r"; about \d+ s left$", m) is not None for m in epochs] == [True, True, False], epochs
+
+
 def test_loss_weight_warmup_ramps_to_the_loss_weight():
     loss = SpocoLoss(embedding_dim=2, foreground_weight=300.0)
     warmup = LossWeightWarmup(loss, "foreground", start=20.0, iterations=4)
@@ -491,27 +514,55 @@ def test_resume_checkpoint_saver_keeps_one_complete_file(tmp_path, caplog):
     torch.save({"old": 1}, path)  # an earlier run's file
     (tmp_path / ".resume.pt.partial").write_bytes(b"cut short")  # a write a kill interrupted
     net = torch.nn.Linear(2, 2)
-    engine = Engine(lambda e, b: None)
-    ResumeCheckpointSaver(str(path), {"model": net}, interval=3).attach(engine)  # adds the trainer itself
+    engine = Engine(lambda e, b: time.sleep(0.06))
+    ResumeCheckpointSaver(str(path), {"model": net}, interval_s=0.1).attach(engine)  # adds the trainer itself
     with caplog.at_level("INFO", logger="spoco"):
-        engine.run(range(4), max_epochs=2)  # saves at iterations 3, 6 and at the end (8)
+        engine.run(range(4), max_epochs=2)  # saves every other iteration or so, and at the end (8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resume.pt"]  # no partial file, no pile-up
     state = torch.load(path, weights_only=True)
     assert state["trainer"]["iteration"] == 8 and set(state) == {"model", "trainer"}
     logged = [r.getMessage() for r in caplog.records if r.name == "spoco"]
-    assert sum("resume state saved" in m for m in logged) == 3 and any("of an earlier run" in m for m in logged)
+    assert 2 < sum("resume state saved" in m for m in logged) < 8 and any("of an earlier run" in m for m in logged)
     assert "saved" in logged[-1] and "(iteration 8)" in logged[-1]
 
     # an epoch's last iteration is saved after the epoch's own handlers (here: one that counts epochs)
     counted = torch.nn.Module()
     counted.register_buffer("epochs", torch.zeros(()))
-    engine = Engine(lambda e, b: None)
+    engine = Engine(lambda e, b: time.sleep(0.02))  # every iteration is due
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: counted.epochs.add_(1))
-    ResumeCheckpointSaver(str(path), {"counted": counted}, interval=2, resume=True).attach(engine)
+    ResumeCheckpointSaver(str(path), {"counted": counted}, interval_s=0.01, resume=True).attach(engine)
     engine.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())
     engine.run(range(4), max_epochs=2)
     state = torch.load(path, weights_only=True)
     assert state["trainer"]["iteration"] == 4 and float(state["counted"]["epochs"]) == 1.0
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_the_run_then_ends_the_process_by_it(tmp_path, sig):
+    # a job scheduler's kill (SIGTERM) or Ctrl-C (SIGINT) in iteration 3: the state after it is saved, then the
+    # process ends as the signal ends it (no traceback, no later iteration)
+    script = f"""
+import logging, os, signal, sys, torch
+from ignite.engine import Engine
+from spoco_bundle.handlers import ResumeCheckpointSaver
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+
+def step(engine, batch):
+    print("iteration", engine.state.iteration, flush=True)
+    if engine.state.iteration == 3:
+        os.kill(os.getpid(), signal.{sig})
+
+engine = Engine(step)
+saver = ResumeCheckpointSaver({str(tmp_path / "resume.pt")!r}, {{"model": torch.nn.Linear(2, 2)}}, interval_s=3600)
+saver.attach(engine)
+engine.run(range(10), max_epochs=2)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -getattr(signal, sig), done.stderr[-2000:]
+    assert "iteration 3" in done.stdout and "iteration 4" not in done.stdout
+    assert f"{sig}: stopped after iteration 3; --resume True continues" in done.stdout
+    assert torch.load(tmp_path / "resume.pt", weights_only=True)["trainer"]["iteration"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resume.pt"]
 
 
 def test_resume_checkpoint_loader_restores_or_says_why_not(tmp_path, caplog):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,39 +56,47 @@ class BestCheckpointState:
 class ResumeCheckpointSaver:
     """
     Keeps one resume checkpoint of the running training, for ``--resume True``: the state dicts of ``save_dict``
-    (student, teacher, optimizer, trainer, scheduler, stateful handlers) written to ``save_path`` every ``interval``
-    iterations and when the run ends (its epochs done or its time budget spent). Each write goes to a temporary file
-    next to it (``.<name>.partial``), is flushed to disk and then renamed over ``save_path``, so a run killed at any
-    moment leaves the previous complete state, never a truncated file, and only ever one file.
+    (student, teacher, optimizer, trainer, scheduler, stateful handlers) written to ``save_path`` whenever
+    ``interval_s`` seconds have passed since the last write (checked after each iteration), when the run ends (its
+    epochs done or its time budget spent), and when the process is asked to stop (SIGTERM, a job scheduler's kill, or
+    SIGINT, Ctrl-C): then after the iteration in progress, and the process then ends by that signal (exit status
+    ``128 + signal`` in a shell). A kill that
+    cannot be caught (SIGKILL) loses at most ``interval_s`` seconds and the iteration in progress. Each write goes to a
+    temporary file next to it (``.<name>.partial``), is flushed to disk and then renamed over ``save_path``, so a run
+    killed at any moment leaves the previous complete state, never a truncated file, and only ever one file.
 
     The file belongs to the run in progress: a run started without ``resume`` removes a ``save_path`` left by an
     earlier run when it starts, so ``--resume True`` can only continue the latest run. Rank 0 alone writes.
 
-    Attach it after the trainer's other handlers: a save that falls on an epoch's last iteration is made when the
-    epoch is complete, after the epoch's handlers (learning-rate step, validation), so that a run resumed from it
-    starts the next epoch with the state a continuous run would have.
+    Attach it after the trainer's other handlers: a save due on an epoch's last iteration is made when the epoch is
+    complete, after the epoch's handlers (learning-rate step, validation), so that a run resumed from it starts the
+    next epoch with the state a continuous run would have.
 
     Args:
         save_path: the checkpoint file (``ckpt_dir/resume.pt``).
         save_dict: name -> object with ``state_dict()``; a ``DistributedDataParallel`` network is unwrapped. The
             trainer the handler is attached to is added as ``"trainer"``.
-        interval: iterations between writes (counted on the trainer's iteration, so a resumed run keeps the rhythm);
-            0 writes only at the end.
+        interval_s: seconds (wall clock) between writes; 0 writes only at the end and on a stop signal.
         resume: whether this run continues from ``save_path`` (then the file is kept at the start).
         name: logger name.
     """
 
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(
-        self, save_path: str, save_dict: dict, interval: int = 100, resume: bool = False, name: str = "spoco"
+        self, save_path: str, save_dict: dict, interval_s: float = 60.0, resume: bool = False, name: str = "spoco"
     ) -> None:
-        if interval < 0:
-            raise ValueError(f"resume_interval must be >= 0 iterations, got {interval}.")
+        if not float(interval_s) >= 0:
+            raise ValueError(f"resume_interval_s must be >= 0 seconds, got {interval_s!r}.")
         self.save_path = Path(save_path)
         self.save_dict = save_dict
-        self.interval = int(interval)
+        self.interval_s = float(interval_s)
         self.resume = check_flag(resume, "resume")
         self.logger = logging.getLogger(name)
         self._last: int | None = None  # the iteration last saved
+        self._last_time = time.monotonic()
+        self._stop: int | None = None  # the stop signal received
+        self._previous: dict = {}  # signal -> the handler before ours
 
     @property
     def partial_path(self) -> Path:
@@ -96,26 +107,61 @@ class ResumeCheckpointSaver:
             return
         self.save_dict = {"trainer": engine, **self.save_dict}
         engine.add_event_handler(Events.STARTED, self._started)
-        if self.interval > 0:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._periodic)
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self._completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._restore_signals)
 
-    def _periodic(self, engine: Engine) -> None:
+    def _due(self) -> bool:
+        return self._stop is not None or (self.interval_s > 0 and time.monotonic() - self._last_time >= self.interval_s)
+
+    def _iteration_completed(self, engine: Engine) -> None:
         # an epoch's last iteration is saved once the epoch's handlers (the scheduler's step) have run
         length = engine.state.epoch_length
-        if not length or engine.state.iteration % length:
-            self(engine)
+        if self._due() and (not length or engine.state.iteration % length):
+            self._save_or_stop(engine)
 
     def _epoch_completed(self, engine: Engine) -> None:
-        if engine.state.iteration % self.interval == 0:
-            self(engine)
+        if self._due():
+            self._save_or_stop(engine)
+
+    def _save_or_stop(self, engine: Engine) -> None:
+        self(engine)
+        if self._stop is not None:  # end as the signal ends a process (exit status 128 + signal), its state saved
+            name = signal.Signals(self._stop).name
+            self.logger.warning(f"{name}: stopped after iteration {engine.state.iteration}; --resume True continues")
+            self._restore_signals()
+            signal.signal(self._stop, signal.SIG_DFL)
+            signal.raise_signal(self._stop)
 
     def _completed(self, engine: Engine) -> None:
+        self._restore_signals()
         if self._last != engine.state.iteration:
             self(engine)
 
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._stop is not None:  # asked twice: do what was asked before this handler was installed
+            self._restore_signals()
+            signal.raise_signal(signum)
+            return
+        self._stop = signum
+        name = signal.Signals(signum).name
+        self.logger.warning(f"{name}: saving the run's state after this iteration, then stopping")
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return
+        for sig in self.STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signals(self, *args) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
     def _started(self, engine: Engine) -> None:
+        self._last_time = time.monotonic()
+        self._install_signals()
         if self.partial_path.exists():
             self.partial_path.unlink()  # a write cut short by a kill; the file itself is intact
         if not self.resume and self.save_path.exists():
@@ -130,7 +176,7 @@ class ResumeCheckpointSaver:
             f.flush()
             os.fsync(f.fileno())
         os.replace(self.partial_path, self.save_path)
-        self._last = engine.state.iteration
+        self._last, self._last_time = engine.state.iteration, time.monotonic()
         self.logger.info(f"resume state saved: {self.save_path} (iteration {engine.state.iteration})")
 
 
@@ -186,8 +232,8 @@ class ResumeCheckpointLoader:
         if not path.is_file():
             raise FileNotFoundError(
                 f"--resume True: nothing to resume in {path.parent}: {path.name} does not exist (a run writes it every "
-                "resume_interval iterations and at its end). Start the run without --resume, or pass the --ckpt_dir "
-                "of the run to continue."
+                "resume_interval_s seconds, on a stop signal and at its end). Start the run without --resume, or pass "
+                "the --ckpt_dir of the run to continue."
             )
         try:
             ckpt = torch.load(path, map_location=self.map_location, weights_only=True)
@@ -237,9 +283,9 @@ class ResumeCheckpointLoader:
         )
 
 
-def resume_state(objects: dict, handlers: Sequence = (), best_saver=None) -> dict:
+def resume_state(state: dict, handlers: Sequence = (), best_saver=None) -> dict:
     """
-    What the resume checkpoint holds, by name: ``objects`` (network, teacher, optimizer, scheduler, ...), every
+    What the resume checkpoint holds, by name: ``state`` (network, teacher, optimizer, scheduler, ...), every
     handler of ``handlers`` (the trainer's) that keeps state of its own (a ``state_key`` with ``state_dict`` /
     ``load_state_dict``: the foreground regime and calibration, the time budget), under that key, and the memory of
     the best-model saver (:class:`BestCheckpointState`) as ``"best_model"``. The trainer itself is added by the resume
@@ -248,7 +294,7 @@ def resume_state(objects: dict, handlers: Sequence = (), best_saver=None) -> dic
     Raises:
         ValueError: two handlers with one ``state_key``.
     """
-    state = dict(objects)
+    state = dict(state)
     for handler in handlers or ():
         key = getattr(handler, "state_key", None)
         if key is None:

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -29,26 +30,48 @@ __all__ = [
 ]
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` as the most readable of s / min / h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 class TrainingLengthLogger:
     """
-    Logs once, before the first iteration a run trains (after a resumed run's state is loaded), how long the run will
-    be: ``epochs x epoch_length = N iterations``, or, with a time budget, that the budget ends it. Rank 0 only.
+    Says how long a run will take. Before the first iteration it trains (after a resumed run's state is loaded): its
+    length, ``epochs x epoch_length = N iterations``, or, with a time budget, that the budget ends it. After
+    ``measure`` more iterations (or ``measure_s`` seconds, whichever comes first; the first iteration, which warms up,
+    is not counted): the speed measured and what it means, the time the iterations take and the clock time they end
+    (validation not counted), or how many iterations the budget holds. Rank 0 only.
 
     Args:
-        time_limit_s: the budget of :class:`TrainingTimeLimit`, or None.
+        time_limit_s: the budget of :class:`~spoco_bundle.handlers.TrainingTimeLimit`, or None.
         clock: its clock, ``"wall"`` or ``"cpu"``.
+        measure, measure_s: how many iterations, at most how many seconds, the speed is measured over.
         name: logger name.
     """
 
-    def __init__(self, time_limit_s: float | None = None, clock: str = "wall", name: str = "spoco") -> None:
+    def __init__(
+        self,
+        time_limit_s: float | None = None,
+        clock: str = "wall",
+        measure: int = 10,
+        measure_s: float = 60.0,
+        name: str = "spoco",
+    ) -> None:
         self.time_limit_s = time_limit_s
         self.clock = clock
+        self.measure = max(1, int(measure))
+        self.measure_s = float(measure_s)
         self.logger = logging.getLogger(name)
+        self._start: tuple[int, float] | None = None  # (iteration, time) the measurement starts at
 
     def attach(self, engine: Engine) -> None:
         if not is_main_process():
             return
         engine.add_event_handler(Events.ITERATION_STARTED, self)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._speed)
 
     def __call__(self, engine: Engine) -> None:
         engine.remove_event_handler(self, Events.ITERATION_STARTED)
@@ -65,6 +88,26 @@ class TrainingLengthLogger:
             self.logger.info(
                 f"training {state.max_epochs} epochs x {state.epoch_length} iterations = {total} iterations{resumed}"
             )
+
+    def _speed(self, engine: Engine) -> None:
+        now, iteration = time.perf_counter(), engine.state.iteration
+        if self._start is None:  # the first iteration warms up (allocations, compilation): measured from its end
+            self._start = (iteration, now)
+            return
+        n, seconds = iteration - self._start[0], now - self._start[1]
+        if n < self.measure and seconds < self.measure_s:
+            return
+        engine.remove_event_handler(self._speed, Events.ITERATION_COMPLETED)
+        per = seconds / n
+        if self.time_limit_s is not None:
+            what = f"the budget of {_duration(self.time_limit_s)} holds about {int(self.time_limit_s / per)} iterations"
+            left = self.time_limit_s - seconds  # an estimate on the wall clock (the budget may count CPU time)
+        else:
+            remaining = engine.state.epoch_length * engine.state.max_epochs - iteration
+            left = remaining * per
+            what = f"{remaining} more iterations take about {_duration(left)}"
+        end = time.strftime("%H:%M", time.localtime(time.time() + max(left, 0.0)))
+        self.logger.info(f"{per:.2f} s per iteration: {what}, done about {end} (validation not counted)")
 
 
 class TrainingProgressBar:
@@ -94,11 +137,11 @@ class LossTermsLogger:
     """
     Logs the epoch mean of every SPOCO loss term (pull, push, instance, unlabeled, consistency, ...) at the end
     of each epoch, read from the loss's ``statistics`` (:class:`~spoco_bundle.losses.LossStatistics`) after each
-    iteration, and the learning rate of the epoch's last iteration.
+    iteration, the learning rate of the epoch's last iteration and, for a run of a fixed number of epochs, about how
+    long the remaining ones take at the pace so far (validation included): what a progress bar would tell, in the log.
 
     The same values are put into ``engine.state.metrics`` (``loss_<term>`` and ``lr``), where MONAI's epoch-level
-    trackers read them: ``TensorBoardStatsHandler`` and ``MLFlowHandler`` (``--tracking mlflow``) attached after this
-    handler plot them per epoch.
+    trackers read them: ``TensorBoardStatsHandler`` attached after this handler plots them per epoch.
 
     Args:
         loss: the ``SpocoLoss`` instance used by the trainer.
@@ -113,10 +156,27 @@ class LossTermsLogger:
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
         self._lr: float | None = None
+        self._started: tuple[int, float] | None = None  # (epoch, time) at the run's start
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+        engine.add_event_handler(Events.STARTED, self._start)
+
+    def _left(self, engine: Engine) -> str:
+        """``; about T left``: the run's remaining epochs at the pace of its epochs so far (validation included);
+        empty for a run that a time budget ends."""
+        state = engine.state
+        if state.max_epochs >= UNLIMITED_EPOCHS or self._started is None or state.epoch >= state.max_epochs:
+            return ""
+        epochs = state.epoch - self._started[0]
+        if epochs < 1:
+            return ""
+        per_epoch = (time.perf_counter() - self._started[1]) / epochs
+        return f"; about {_duration(per_epoch * (state.max_epochs - state.epoch))} left"
+
+    def _start(self, engine: Engine) -> None:
+        self._started = (engine.state.epoch, time.perf_counter())
 
     def _accumulate(self, engine: Engine) -> None:
         for k, v in self.loss.statistics.terms.items():
@@ -131,7 +191,7 @@ class LossTermsLogger:
             terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items())
             lr = "" if self._lr is None else f"  (lr {self._lr:.3g})"
             of = "" if engine.state.max_epochs >= UNLIMITED_EPOCHS else f"/{engine.state.max_epochs}"
-            self.logger.info(f"Epoch {engine.state.epoch}{of} loss terms: {terms}{lr}")
+            self.logger.info(f"Epoch {engine.state.epoch}{of} loss terms: {terms}{lr}{self._left(engine)}")
             engine.state.metrics.update({f"loss_{k}": v for k, v in means.items()})
             if self._lr is not None:
                 engine.state.metrics["lr"] = self._lr
