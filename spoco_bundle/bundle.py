@@ -11,15 +11,10 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
+from spoco_bundle.cards import bundle_root
 from spoco_bundle.networks import NetworkObjectDiameter
 
 __all__ = ["bundle_root", "config_parser", "inference_postprocessing"]
-
-
-def bundle_root() -> Path:
-    """The folder holding ``spoco_bundle/`` and ``configs/``: a checkout of the repository, an editable install or an
-    unpacked bundle."""
-    return Path(__file__).resolve().parents[1]
 
 
 def config_parser(

@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "bundle_root",
     "SHAPE_SETTINGS",
     "available",
     "card",
     "checkpoint",
     "settings",
+    "pretrained_settings",
     "card_path",
     "read_card",
     "inference_settings",
@@ -55,6 +57,12 @@ SHAPE_SETTINGS = ("spatial_dims", "features", "embedding_dim")
 # inference settings that cards of earlier versions may hold for preprocessing this version no longer has, with the
 # value that meant "not used": such a card still loads; another value is refused (the weights expect that input)
 RETIRED_SETTINGS = {"tophat": 0.0}
+
+
+def bundle_root() -> Path:
+    """The folder holding ``spoco_bundle/``, ``configs/`` and ``models/``: a checkout of the repository, an editable
+    install or an unpacked bundle."""
+    return Path(__file__).resolve().parents[1]
 
 
 def _models_dir(bundle_root: str | os.PathLike) -> Path:
@@ -92,6 +100,18 @@ def settings(bundle_root: str | os.PathLike, name: str | None) -> dict[str, Any]
     """The inference settings of the checkpoint :func:`checkpoint` selects (its card's ``inference`` section);
     ``{}`` when it has no card."""
     return inference_settings(checkpoint(bundle_root, name))
+
+
+def pretrained_settings(pretrained: str | os.PathLike | None, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The inference settings of the card of the weights a training starts from (``--pretrained``: a shipped model's
+    name, looked up in the bundle ``root``, default this one, or a ``model.pt``), which ``configs/train.json`` takes
+    its network and preprocessing defaults from; ``{}`` without ``pretrained`` or without a card."""
+    if pretrained is None:
+        return {}
+    name, root = str(pretrained), root if root is not None else bundle_root()
+    if name in available(root):
+        return settings(root, name)
+    return inference_settings(name) if os.path.isfile(name) else {}
 
 
 def card_path(ckpt_path: str | os.PathLike) -> Path:

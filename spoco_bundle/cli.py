@@ -1,11 +1,16 @@
 """
 ``spoco``: the bundle's commands for people who don't speak ``monai.bundle``.
 
-    spoco train DATA [--output_dir runs] [--ckpt_dir models] [--any_config_id VALUE ...] [--dry_run]
-    spoco segment IN OUT [--model nuclei2d | nuclei3d | --ckpt PATH] [--preview] [--any_config_id VALUE ...] [--dry_run]
-    spoco evaluate DATA [--ckpt PATH] [--any_config_id VALUE ...] [--dry_run]
-    spoco package --checkpoint models/model.pt --output_dir dist [--teacher models/teacher.pt]
-    spoco monailabel-deploy APP [--model nuclei2d | nuclei3d | --ckpt PATH] [--name spoco] [--studies DIR] [--overwrite]
+    spoco train DATA [--pretrained NAME|PATH] [--spatial_dims 2] [--time_limit_s S] [--any_config_id VALUE ...]
+    spoco segment IN OUT [--model NAME | --ckpt PATH] [--preview] [--any_config_id VALUE ...]
+    spoco evaluate DATA [--model NAME | --ckpt PATH] [--output_dir runs/evaluate] [--any_config_id VALUE ...]
+    spoco package [--model NAME | --ckpt PATH] --output_dir dist [--teacher models/teacher.pt]
+    spoco monailabel-deploy APP [--model NAME | --ckpt PATH] [--name spoco] [--studies DIR] [--overwrite]
+
+The weights of a command are ``--model NAME`` (a shipped model, ``models/<name>/``) or ``--ckpt PATH`` (a
+``model.pt`` with its ``model.json``); an explicit one always wins, and without either the ``models/model.pt`` of
+the current folder (where ``spoco train`` writes) is used, else the bundle's own, and the command says which, with
+its full path. ``--ckpt_path`` and ``--checkpoint`` are read as ``--ckpt`` with a note.
 
 ``train``, ``segment`` and ``evaluate`` are thin wrappers: each builds the ``python -m monai.bundle run ...``
 command line (docs/install.md: the bundle's configs, metadata and logging configuration, the ids given) and runs it
@@ -32,10 +37,79 @@ import fire
 # the package's own modules are imported inside the commands: they load torch and MONAI, and `spoco --help` or a
 # mistyped command should answer at once
 
-__all__ = ["bundle_root", "bundle_command", "train", "segment", "evaluate", "monailabel_deploy", "main"]
+__all__ = [
+    "OPTIONS",
+    "bundle_root",
+    "bundle_command",
+    "weights",
+    "train",
+    "segment",
+    "evaluate",
+    "package",
+    "monailabel_deploy",
+    "main",
+]
 
 # ids that name files or folders: made absolute against the caller's folder (the command runs in the bundle's)
 _PATH_IDS = ("dataset_dir", "output_dir", "ckpt_dir", "ckpt_path", "foreground_mask_dir", "pretrained", "bundle_root")
+
+
+# the main options of each command, one line each: `spoco <command> --help` lists them with their defaults, read from
+# the configs (any other id of the configs is accepted too)
+OPTIONS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "train": (
+        "train.json",
+        (
+            ("spatial_dims", "2 for 2D images, 3 for volumes (a --pretrained model's card sets it)"),
+            ("pretrained", "start from these weights: a shipped model's name (nuclei2d) or a model.pt (fine-tuning)"),
+            ("background_label", "the label id of painted background strokes; 0: dense labels whose 0 is background"),
+            ("instance_ratio", "share of each image's objects kept as annotated (simulates sparse labels)"),
+            ("time_limit_s", "train for this many seconds instead of epochs x epoch_length iterations"),
+            ("epochs", "epochs of epoch_length iterations (50 x 100: hours on a CPU, minutes on a GPU)"),
+            ("patch_size", "training patch: [32,64,64] in 3D, [192,192] in 2D (a --pretrained model's card sets it)"),
+            ("image_scale", "resample the images by this factor (e.g. [1,0.5,0.5] for finely sampled volumes)"),
+            ("foreground_surface", "objects separated by membranes (EM, tissue): the head learns their interiors"),
+            ("input_channel", "the channel of multi-channel images to train on (TIFF, NIfTI)"),
+            ("resume", "True: continue the run that was stopped, from ckpt_dir/resume.pt"),
+            ("output_dir", "TensorBoard events and train.log (default runs/ in the current folder)"),
+            (
+                "ckpt_dir",
+                "model.pt, its card model.json, teacher.pt, resume.pt (default models/ in the current folder)",
+            ),
+            ("device", "cpu, or cuda:0 (the default when there is a GPU)"),
+        ),
+    ),
+    "segment": (
+        "inference.json",
+        (
+            ("image_scale", "auto: images at another magnification are resampled; or a factor"),
+            ("clustering", "watershed, fast (large volumes), boundary (membranes), hdbscan, meanshift, consistency"),
+            ("background", "head: the model's foreground; largest; none (tissue without background)"),
+            ("foreground_mask_dir", "cluster inside your own masks: one per image, with the image's stem"),
+            ("min_size", "objects smaller than this many voxels are removed (default: the model card's)"),
+            ("shape_split", "split objects shaped like two joined round ones; 0: off"),
+            ("max_memory_gb", "volumes whose segmentation needs more are segmented block by block"),
+            ("scheduler", "tcp://host:port of a dask.distributed cluster for blockwise volumes"),
+            ("input_channel", "the channel of multi-channel images to segment (TIFF, NIfTI, OME-Zarr)"),
+            ("input_time_point", "the time point of time series to segment (TIFF, NIfTI, OME-Zarr)"),
+            ("output_ext", "e.g. .tif: the outputs' format (default: each input's own)"),
+            ("device", "cpu, or cuda:0 (the default when there is a GPU)"),
+        ),
+    ),
+}
+OPTIONS["evaluate"] = OPTIONS["segment"]
+
+
+def options_help(command: str) -> str:
+    """The main options of ``command`` (:data:`OPTIONS`), one line each, with their defaults from the config."""
+    config_name, options = OPTIONS[command]
+    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / config_name).read_text())
+    lines = [f"Main options (any id of configs/{config_name} is accepted too):"]
+    for key, text in options:
+        value = config.get(key)
+        computed = isinstance(value, dict) or str(value).startswith("$")  # the text says what it is
+        lines.append(f"  --{key}: {text}" if computed else f"  --{key} (default {json.dumps(value)}): {text}")
+    return "\n".join(lines)
 
 
 def bundle_root() -> Path:
@@ -45,7 +119,7 @@ def bundle_root() -> Path:
     Raises:
         SystemExit: with one line saying where ``configs/`` was expected, when it is not there.
     """
-    from spoco_bundle.bundle import bundle_root as root_of_bundle
+    from spoco_bundle.cards import bundle_root as root_of_bundle
 
     root = root_of_bundle()
     if not (root / "configs" / "train.json").is_file():
@@ -97,6 +171,53 @@ def _own_checkpoint() -> str | None:
     return path if os.path.isfile(path) else None
 
 
+# other spellings of --ckpt, read as it (the configs' id is ckpt_path, the zoo's)
+_CKPT_SPELLINGS = ("ckpt_path", "checkpoint")
+
+
+def weights(model: str | None, ckpt: str | None, ids: dict[str, Any], untrained_ok: bool = False) -> str | None:
+    """
+    The weights a command uses, as MONAI ids put into ``ids`` (``model`` or ``ckpt_path``), and their path (None
+    for untrained weights): ``--model NAME`` (a shipped model) or ``--ckpt PATH``, given explicitly, always win;
+    ``--ckpt_path`` / ``--checkpoint`` in ``ids`` are read as ``--ckpt`` with a note; without any, the
+    ``models/model.pt`` of the current folder, else the bundle's own (``untrained_ok``: else none), said on stderr
+    with its full path.
+
+    Raises:
+        SystemExit: ``--model`` and ``--ckpt`` together, two spellings naming different files, an unknown model.
+    """
+    for spelling in _CKPT_SPELLINGS:
+        if spelling in ids:
+            given = str(ids.pop(spelling))
+            print(f"note: --{spelling} is read as --ckpt, the weights option of every spoco command", file=sys.stderr)
+            if ckpt is not None and os.path.abspath(str(ckpt)) != os.path.abspath(given):
+                raise SystemExit(f"error: --ckpt {ckpt} and --{spelling} {given} name different weights: give one.")
+            ckpt = given
+    if model is not None and ckpt is not None:
+        raise SystemExit("error: give --model or --ckpt, not both.")
+    if model is not None:
+        from spoco_bundle import cards
+
+        try:
+            path = cards.checkpoint(bundle_root(), str(model))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        ids["model"] = model
+        return path
+    if ckpt is not None:
+        ids["ckpt_path"] = ckpt
+        return os.path.abspath(os.path.expanduser(str(ckpt)))
+    own, bundled = _own_checkpoint(), str(bundle_root() / "models" / "model.pt")
+    if own is not None:
+        print(f"weights: {own} (models/model.pt of this folder; --model or --ckpt to choose)", file=sys.stderr)
+        ids["ckpt_path"] = own
+        return own
+    if os.path.isfile(bundled) or not untrained_ok:
+        print(f"weights: {bundled} (the bundle's models/model.pt; --model or --ckpt to choose)", file=sys.stderr)
+        return bundled
+    return None
+
+
 def train(data: str, dry_run: bool = False, **ids: Any) -> None:
     """Train on the images and sparse labels in ``data`` (``configs/train.json``; docs/data.md).
 
@@ -132,14 +253,8 @@ def segment(
         dry_run: print the ``monai.bundle`` command instead of running it.
         ids: any ``configs/inference.json`` id, e.g. ``--clustering fast --shape_split 0 --max_memory_gb 2``.
     """
-    if model is not None and ckpt is not None:
-        raise SystemExit("error: give --model or --ckpt, not both.")
     ids = {**ids, "dataset_dir": input, "output_dir": output}
-    if model is not None:
-        ids["model"] = model
-    ckpt = ckpt if ckpt is not None or model is not None else _own_checkpoint()
-    if ckpt is not None:
-        ids["ckpt_path"] = ckpt
+    weights(model, ckpt, ids)
     _run(bundle_command(["inference.json"], ids), dry_run)
     if preview and not dry_run:
         print(f"preview: {write_preview(input, output)}")
@@ -166,21 +281,54 @@ def write_preview(input: str, output: str, count: int = 4) -> str:
     return draw_preview(rows, os.path.join(output, "preview.png"))
 
 
-def evaluate(data: str, ckpt: str | None = None, dry_run: bool = False, **ids: Any) -> None:
-    """Score a model on the validation list of ``data`` (dense labels; ``configs/evaluate.json``): AP50, mAP, SBD,
-    ARAND, VOI, written as CSV to ``output_dir``.
+def evaluate(
+    data: str,
+    model: str | None = None,
+    ckpt: str | None = None,
+    output_dir: str = os.path.join("runs", "evaluate"),
+    dry_run: bool = False,
+    **ids: Any,
+) -> None:
+    """Score a model on the images of ``data`` that have dense labels (``configs/inference.json`` +
+    ``configs/evaluate.json``): they are segmented exactly as ``spoco segment`` segments (the model card's settings,
+    ``image_scale`` auto, test-time flips) into ``output_dir``, and AP50, mAP, SBD, ARAND and VOI are written there as
+    CSV files. Which images: the ``validation`` list of ``data/dataset.json``, else ``imagesTs/`` + ``labelsTs/``, else
+    the training pairs (said in the log: those the model may have trained on).
 
     Args:
-        data: the data folder with a ``dataset.json`` whose ``validation`` list holds the images to score.
-        ckpt: the weights (default: ``models/model.pt`` of the current folder, else the bundle's).
+        data: the data folder (``dataset.json``, ``imagesTs/`` + ``labelsTs/``, or ``imagesTr/`` + ``labelsTr/``).
+        model: a shipped model by name; ckpt: a ``model.pt``; neither: as ``segment``.
+        output_dir: where the segmentations and the metric CSVs are written.
         dry_run: print the ``monai.bundle`` command instead of running it.
-        ids: any ``configs/evaluate.json`` / ``configs/train.json`` id.
+        ids: any ``configs/inference.json`` id, e.g. ``--clustering fast``.
     """
-    ids = {"output_dir": "runs", **ids, "dataset_dir": data}
-    ckpt = ckpt if ckpt is not None else _own_checkpoint()
-    if ckpt is not None:
-        ids["ckpt_path"] = ckpt
-    _run(bundle_command(["train.json", "evaluate.json"], ids), dry_run)
+    ids = {**ids, "dataset_dir": data, "output_dir": output_dir}
+    weights(model, ckpt, ids)
+    _run(bundle_command(["inference.json", "evaluate.json"], ids), dry_run)
+
+
+def package(
+    output_dir: str,
+    model: str | None = None,
+    ckpt: str | None = None,
+    teacher: str | None = None,
+    **kwargs: Any,
+) -> str:
+    """Package a model for the MONAI model zoo (``spoco_bundle.package.package_bundle``): the bundle folder and its
+    zip in ``output_dir``.
+
+    Args:
+        output_dir: where the bundle folder and zip are written.
+        model: a shipped model by name; ckpt: a ``model.pt``; neither: as ``segment``.
+        teacher: the momentum teacher's weights (``teacher.pt``), for ``--clustering consistency``.
+        kwargs: further arguments of ``package_bundle`` (``name``, ``overwrite``, ``torchscript``, ...).
+    """
+    from spoco_bundle.package import package_bundle
+
+    ids: dict[str, Any] = dict(kwargs)
+    path = weights(model, ckpt, ids)
+    extra = sorted(k for k in ids if k not in ("model", "ckpt_path"))
+    return package_bundle(path, output_dir, teacher=teacher, **{k: ids[k] for k in extra})
 
 
 def monailabel_deploy(
@@ -204,15 +352,10 @@ def monailabel_deploy(
         studies: the studies folder to put in the printed command.
         overwrite: replace an earlier deployment of ``name``.
     """
-    from spoco_bundle import cards
     from spoco_bundle.monailabel import deploy_bundle
 
-    if model is not None and ckpt is not None:
-        raise SystemExit("error: give --model or --ckpt, not both.")
+    ckpt = weights(model, ckpt, {}, untrained_ok=True)
     try:
-        if model is not None:
-            ckpt = cards.checkpoint(bundle_root(), model)
-        ckpt = ckpt if ckpt is not None else _own_checkpoint()
         dest = deploy_bundle(app, name=name, checkpoint=ckpt, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -221,11 +364,15 @@ def monailabel_deploy(
     print(f"deployed {ckpt or 'untrained weights'} as {dest}\nserve it (in .venv-monailabel): {shlex.join(serve)}")
 
 
-def main() -> None:
-    from spoco_bundle.package import package_bundle
+for _command in (train, segment, evaluate):  # the options before the Args section, where `--help` shows them
+    _head, _args = _command.__doc__.split("\n    Args:", 1)
+    _options = "\n".join(f"    {line}" for line in options_help(_command.__name__).splitlines())
+    _command.__doc__ = f"{_head.rstrip()}\n\n{_options}\n\n    Args:{_args}"
 
+
+def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    commands = {"train": train, "segment": segment, "evaluate": evaluate, "package": package_bundle}
+    commands = {"train": train, "segment": segment, "evaluate": evaluate, "package": package}
     commands["monailabel-deploy"] = monailabel_deploy
     fire.Fire(commands, name="spoco")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ PATH_KEY, OUTPUT_KEY, ERROR_KEY, BLOCKWISE_KEY = "path", "output", "error", "blo
 
 
 def inference_datalist(
-    files: Sequence[str] | str,
+    files: Sequence[str | Mapping[str, Any]] | str,
     output_dir: str,
     output_ext: str | None = None,
     foreground_mask_dir: str | os.PathLike | None = None,
@@ -45,7 +45,8 @@ def inference_datalist(
 ) -> list[dict[str, Any]]:
     """
     One item per input to segment: ``{"image": path, "path": path, "output": output_dir/<stem>_instances<ext>}``
-    (``ext`` = ``output_ext`` or the input's own suffix), with ``mask_key``: the image's foreground mask in
+    (``ext`` = ``output_ext`` or the input's own suffix; an input given as ``{"image": ..., "label": ...}`` keeps its
+    ``"label"``, to be scored against), with ``mask_key``: the image's foreground mask in
     ``foreground_mask_dir`` (the one NIfTI/TIFF file with its stem: :func:`~spoco_bundle.data.foreground_mask_file`),
     ``"blockwise": True`` where ``blockwise`` (a :class:`~spoco_bundle.blockwise.volume.BlockwiseSettings`) wants
     the input segmented block by block (a Zarr store, or a volume over the memory budget), and ``"error"`` (a message
@@ -63,7 +64,9 @@ def inference_datalist(
         ValueError: no inputs (or only earlier outputs), or outputs that clash.
         PermissionError / NotADirectoryError: an output folder that cannot be used.
     """
-    files = [os.fspath(files)] if isinstance(files, (str, os.PathLike)) else [os.fspath(f) for f in files]
+    entries = [files] if isinstance(files, (str, os.PathLike, Mapping)) else list(files)
+    labels = {os.fspath(e["image"]): os.fspath(e["label"]) for e in entries if isinstance(e, Mapping) and "label" in e}
+    files = [os.fspath(e["image"] if isinstance(e, Mapping) else e) for e in entries]
     if not files:
         raise ValueError("No input images (.nii, .nii.gz, .tif, .tiff, .zarr) to segment.")
     earlier = _earlier_outputs(files)
@@ -87,6 +90,8 @@ def inference_datalist(
             os.remove(stale)
             logger.warning(f"removed {stale}, a partial output left by an interrupted earlier run")
         item: dict[str, Any] = {"image": path, PATH_KEY: path, OUTPUT_KEY: out_path}
+        if path in labels:  # scored against it (configs/evaluate.json)
+            item["label"] = labels[path]
         try:
             if blockwise is not None and blockwise.wanted(path):
                 item[BLOCKWISE_KEY] = True
@@ -146,7 +151,10 @@ class SegmentationEvaluator(SupervisedEvaluator):
         postprocessing: embeddings -> instance labels (applied per item, under ``"pred"``).
         blockwise: :class:`~spoco_bundle.blockwise.volume.BlockwiseSettings` for ``"blockwise"`` items.
         writer: ``writer(path, labels (*S), meta)``.
-        kwargs: passed on to ``SupervisedEvaluator`` (e.g. ``val_handlers``).
+        fail_fast: stop at the first input that fails (scoring, ``configs/evaluate.json``: a score over the inputs
+            that worked would look like one over all), instead of going on with the others.
+        kwargs: passed on to ``SupervisedEvaluator`` (e.g. ``val_handlers``, ``key_val_metric``: items with a
+            ``"label"`` are scored on ``pred`` against it).
 
     Raises:
         ValueError: a loader with a batch size other than 1.
@@ -161,6 +169,7 @@ class SegmentationEvaluator(SupervisedEvaluator):
         postprocessing: Callable | None = None,
         blockwise: Any = None,
         writer: Callable[[str, np.ndarray, dict], Any] | None = None,
+        fail_fast: bool = False,
         **kwargs: Any,
     ) -> None:
         batch_size = getattr(val_data_loader, "batch_size", 1)
@@ -177,6 +186,7 @@ class SegmentationEvaluator(SupervisedEvaluator):
         self.chain = postprocessing
         self.blockwise = blockwise
         self.writer = writer or write_label_image
+        self.fail_fast = bool(fail_fast)
         self.written: list[str] = []
         self.failures: list[str] = []
         self.add_event_handler(Events.STARTED, self._reset)
@@ -206,8 +216,11 @@ class SegmentationEvaluator(SupervisedEvaluator):
             meta = dict(decollate_batch(image, detach=True)[0].meta) if hasattr(image, "meta") else {}
             if bool(image.max() == image.min()):  # nothing to see: no network pass, an empty segmentation
                 logger.warning(f"{tag} {path}: the image is constant (no contrast); 0 instances.")
-                self.writer(out_path, np.zeros(tuple(image.shape[2:]), dtype=np.int32), meta)
+                empty = np.zeros(tuple(image.shape[2:]), dtype=np.int32)
+                self.writer(out_path, empty, meta)
                 self.written.append(out_path)
+                if Keys.LABEL in batchdata:  # scored as what it is: nothing found
+                    return [{Keys.PRED: torch.from_numpy(empty)[None], Keys.LABEL: batchdata[Keys.LABEL][0]}]
                 return {}
             output = super()._iteration(engine, batchdata)  # network, then postprocessing per (decollated) item
             labels = np.asarray(convert_to_numpy(output[0][Keys.PRED]))[0]
@@ -224,6 +237,8 @@ class SegmentationEvaluator(SupervisedEvaluator):
 
     def _fail(self, tag: str, path: str, message: str) -> dict:
         logger.error(f"{tag} FAILED {message}")  # message: <path>: <type>: <cause>
+        if self.fail_fast:
+            raise RuntimeError(message)
         self.failures.append(message)
         return {}
 

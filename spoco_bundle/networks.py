@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from monai.networks.nets import DynUNet
 
-from spoco_bundle.cards import available, check_network, checkpoint, flag_value
+from spoco_bundle.cards import available, bundle_root, check_network, checkpoint, flag_value
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,10 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, map_location: str | t
     if not os.path.isfile(ckpt_path):
         shipped = available(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))
         hint = f", or segment with a shipped model: --model {' / '.join(shipped)}" if shipped else ""
-        raise FileNotFoundError(f"Checkpoint {ckpt_path} not found (train first, or pass --ckpt_path{hint}).")
+        raise FileNotFoundError(
+            f"Checkpoint {ckpt_path} not found (train first, or pass --ckpt PATH{hint}; --ckpt_path with monai.bundle "
+            "run)."
+        )
     state = read_state_dict(ckpt_path, map_location)
     check_network(network, ckpt_path)  # flags that contradict the checkpoint's model.json: one clear line
     try:
@@ -316,7 +319,7 @@ def architecture(state: Mapping[str, torch.Tensor], foreground_head: bool = True
 def with_pretrained(
     network: torch.nn.Module,
     pretrained: str | None = None,
-    bundle_root: str = ".",
+    root: str | os.PathLike | None = None,
     map_location: str | torch.device = "cpu",
     device: str | torch.device | None = None,
 ) -> torch.nn.Module:
@@ -325,25 +328,25 @@ def with_pretrained(
     fine-tuning run (``--pretrained`` in ``train.json``); the network itself for None. Moved to ``device`` if given.
 
     Args:
-        pretrained: a shipped model's name (``models/<name>/model.pt``, :mod:`spoco_bundle.cards`) or the path of a
-            checkpoint (``model.pt`` of a training run).
+        pretrained: a shipped model's name (``models/<name>/model.pt`` of the bundle ``root``, default this one,
+            :mod:`spoco_bundle.cards`) or the path of a checkpoint (``model.pt`` of a training run).
 
     Raises:
         ValueError: an unknown name (listing the shipped models), or weights of another architecture.
         FileNotFoundError: a path that does not exist.
     """
     if pretrained is not None:
-        network = _load_pretrained(network, str(pretrained), bundle_root, map_location)
+        network = _load_pretrained(network, str(pretrained), root if root is not None else bundle_root(), map_location)
     return network if device is None else network.to(device)
 
 
 def _load_pretrained(
-    network: torch.nn.Module, name: str, bundle_root: str, map_location: str | torch.device
+    network: torch.nn.Module, name: str, root: str | os.PathLike, map_location: str | torch.device
 ) -> torch.nn.Module:
-    """The weights of shipped model ``name`` or of the file ``name``, loaded strictly."""
-    path = checkpoint(bundle_root, name) if name in available(bundle_root) else name
+    """The weights of shipped model ``name`` (of the bundle ``root``) or of the file ``name``, loaded strictly."""
+    path = checkpoint(root, name) if name in available(root) else name
     if not os.path.isfile(path) and os.sep not in name and not name.endswith(".pt"):
-        checkpoint(bundle_root, name)  # neither a file nor a shipped model: the error lists the shipped ones
+        checkpoint(root, name)  # neither a file nor a shipped model: the error lists the shipped ones
     return load_weights(network, path, map_location)
 
 

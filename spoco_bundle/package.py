@@ -1,7 +1,7 @@
 """
 Package a trained checkpoint as a MONAI model-zoo bundle: a folder in the zoo layout and a zip of it.
 
-    python -m spoco_bundle package --checkpoint models/model.pt --output_dir dist [--teacher models/teacher.pt]
+    python -m spoco_bundle package --ckpt models/model.pt --output_dir dist [--teacher models/teacher.pt]
         [--name spoco_sparse_instance_segmentation] [--features "[8,16,32]" ...]
 
 The bundle holds ``configs/`` (every ``*.json`` of the source, ``logging.conf``, ``metadata.json`` as a real file),

@@ -49,16 +49,63 @@ def test_dry_run_prints_the_bundle_command_with_absolute_paths(tmp_path: Path) -
     assert flags["--dataset_dir"] == str(tmp_path / "data") and flags["--ckpt_dir"] == str(tmp_path / "models")
     assert json.loads(flags["--patch_size"]) == [128, 128] and flags["--spatial_dims"] == "2"
 
-    done = _spoco(["evaluate", "data", "--dry_run"], tmp_path)
-    flags = dict(zip(*[iter(shlex.split(done.stdout.strip().splitlines()[-1])[4:])] * 2))
-    assert json.loads(flags["--config_file"]) == [str(ROOT / "configs" / f) for f in ("train.json", "evaluate.json")]
+    done = _spoco(["evaluate", "data", "--model", "nuclei2d", "--dry_run"], tmp_path)
+    flags = _flags(done)
+    assert json.loads(flags["--config_file"]) == [
+        str(ROOT / "configs" / f) for f in ("inference.json", "evaluate.json")
+    ]
+    assert flags["--model"] == "nuclei2d" and "--ckpt_path" not in flags
+
+
+def _flags(done: subprocess.CompletedProcess) -> dict[str, str]:
+    """The ``--key value`` flags of the command a dry run printed."""
+    assert done.returncode == 0, done.stderr[-2000:]
+    cmd = shlex.split(done.stdout.strip().splitlines()[-1])
+    return dict(zip(*[iter(cmd[4:] if cmd[4].startswith("--") else cmd[5:])] * 2))
 
 
 def test_segment_uses_the_model_spoco_train_wrote_in_the_current_folder(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model.pt").write_bytes(b"")
     done = _spoco(["segment", "imgs", "out", "--dry_run"], tmp_path)
-    assert "--ckpt_path " + str(tmp_path / "models" / "model.pt") in done.stdout
+    assert _flags(done)["--ckpt_path"] == str(tmp_path / "models" / "model.pt")
+    assert f"weights: {tmp_path / 'models' / 'model.pt'} (models/model.pt of this folder" in done.stderr  # said
+
+
+@pytest.mark.parametrize("command", ["segment", "evaluate"])
+def test_explicit_weights_win_over_the_current_folders_model(tmp_path: Path, command: str) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"")  # a decoy: the model.pt a training left here
+    args = [command, "imgs"] + (["out"] if command == "segment" else []) + ["--dry_run"]
+    other = str(tmp_path / "other.pt")
+    for spelling in ("--ckpt", "--ckpt_path", "--checkpoint"):
+        done = _spoco(args + [spelling, "other.pt"], tmp_path)
+        assert _flags(done)["--ckpt_path"] == other, spelling
+        assert ("note: " in done.stderr) == (spelling != "--ckpt")  # one line: the other spellings are read as --ckpt
+        assert "weights: " not in done.stderr  # no default picked
+    flags = _flags(_spoco(args + ["--model", "nuclei2d"], tmp_path))
+    assert flags["--model"] == "nuclei2d" and "--ckpt_path" not in flags
+    both = _spoco(args + ["--ckpt", "a.pt", "--ckpt_path", "b.pt"], tmp_path)
+    assert both.returncode != 0 and "name different weights" in both.stderr.strip().splitlines()[-1]
+
+
+def test_help_lists_each_commands_main_options_from_one_table(tmp_path: Path) -> None:
+    from spoco_bundle.cli import OPTIONS
+
+    train = json.loads((ROOT / "configs" / "train.json").read_text())
+    for command, (_, options) in OPTIONS.items():
+        done = subprocess.run(
+            SPOCO + [command, "--help"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PAGER": "cat"},
+        )
+        text = done.stdout + done.stderr
+        for key, line in options:
+            assert f"--{key}" in text and line in text, (command, key)
+        if command == "train":  # defaults read from the config
+            assert f"--epochs (default {train['epochs']}): " in text
 
 
 def test_bad_input_is_one_clear_error(tmp_path: Path) -> None:
@@ -67,6 +114,33 @@ def test_bad_input_is_one_clear_error(tmp_path: Path) -> None:
     done = _spoco(["segment", str(tmp_path / "missing"), str(tmp_path / "out"), "--model", "nuclei2d"], tmp_path)
     assert done.returncode != 0
     assert "missing" in done.stderr.strip().splitlines()[-1]  # the bundle's `error:` line names the folder
+
+
+@pytest.mark.slow
+def test_a_decoy_model_in_the_current_folder_does_not_replace_the_given_one(tmp_path: Path) -> None:
+    import torch
+
+    from spoco_bundle.io import read_image
+    from spoco_bundle.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", n_train=0, n_val=0, n_test=1, shape=(96, 96), spatial_dims=2, seed=3)
+    shipped = ROOT / "models" / "nuclei2d"
+    (tmp_path / "models").mkdir()  # the decoy: the shipped model with its output layer negated, a valid other model
+    state = torch.load(shipped / "model.pt", map_location="cpu", weights_only=True)
+    last = [k for k in state if k.endswith(".weight") and state[k].ndim > 2][-1]
+    state[last] = -state[last]
+    torch.save(state, tmp_path / "models" / "model.pt")
+    shutil.copy(shipped / "model.json", tmp_path / "models" / "model.json")
+
+    def labels(*args: str) -> np.ndarray:
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        done = _spoco(["segment", "data/imagesTs", out.name, *args], tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return np.asarray(read_image(next(out.glob("*_instances*")))[0])
+
+    decoy, given, by_name = labels(), labels("--ckpt_path", str(shipped / "model.pt")), labels("--model", "nuclei2d")
+    assert np.array_equal(given, by_name)  # the given checkpoint is the one used
+    assert not np.array_equal(given, decoy)  # and the decoy would have segmented otherwise
 
 
 @pytest.mark.slow

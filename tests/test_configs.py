@@ -11,6 +11,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import CastToTyped, RandFlipd, SpatialPadd
 
 from spoco_bundle.bundle import config_parser, inference_postprocessing
+from spoco_bundle.errors import root_cause
 from spoco_bundle.handlers import deterministic_part
 from spoco_bundle.networks import EmbeddingUNet, NetworkObjectDiameter
 
@@ -72,3 +73,37 @@ def test_threshold_pass_takes_the_deterministic_training_steps_without_padding()
     cast, pad, flip = CastToTyped("image", "float32"), SpatialPadd("image", (4, 4)), RandFlipd("image", prob=1.0)
     assert list(deterministic_part([cast, pad, flip, cast]).transforms) == [cast]
     assert list(deterministic_part([flip, cast]).transforms) == []
+
+
+def test_training_from_a_pretrained_model_takes_its_cards_settings(tmp_path):
+    import shutil
+
+    card = json.loads((ROOT / "models" / "nuclei2d" / "model.json").read_text())
+    ids = ("spatial_dims", "features", "embedding_dim", "patch_size", "intensity_percentiles")
+
+    def resolved(**update) -> dict:
+        parser = config_parser(TRAIN)
+        parser.update(update)
+        return {k: parser.get_parsed_content(k) for k in ids}
+
+    # a shipped model by name: a 2D network without --spatial_dims 2
+    assert resolved(pretrained="nuclei2d") == {k: card["inference"][k] for k in ids}
+    assert resolved()["spatial_dims"] == 3  # without one: the bundle's defaults
+    # a model.pt of one's own: its card, and a flag given explicitly still wins
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copy(ROOT / "models" / "nuclei2d" / "model.pt", own / "model.pt")
+    card["inference"].update(patch_size=[96, 96], intensity_percentiles=[2, 99.5])
+    (own / "model.json").write_text(json.dumps(card))
+    assert resolved(pretrained=str(own / "model.pt"))["patch_size"] == [96, 96]
+    assert resolved(pretrained=str(own / "model.pt"), patch_size=[128, 128])["patch_size"] == [128, 128]
+    parser = config_parser(TRAIN)
+    parser.update({"pretrained": str(own / "model.pt")})
+    network = parser.get_parsed_content("network")  # the weights load into the network the card describes
+    assert network.spatial_dims == 2
+    # a contradicting flag is one clear error naming it
+    parser = config_parser(TRAIN)
+    parser.update({"pretrained": "nuclei2d", "spatial_dims": 3})
+    with pytest.raises(Exception) as error:
+        parser.get_parsed_content("network")
+    assert "--spatial_dims 3 contradicts its spatial_dims 2" in str(root_cause(error.value))

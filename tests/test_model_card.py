@@ -165,25 +165,43 @@ def test_a_flag_that_contradicts_the_card_is_one_clear_error(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluation_takes_its_settings_from_the_card(trained, tmp_path):
-    proc = _cli(tmp_path, "--config_file", f"['{TRAIN}','{EVALUATE}']", "--bundle_root", str(trained["bundle"]),
-                "--dataset_dir", str(trained["data"]), "--output_dir", str(tmp_path / "scores"))  # fmt: skip
+def test_evaluation_segments_as_inference_does_with_the_cards_settings(trained, tmp_path):
+    # a card whose inference settings differ from its training ones: evaluation scores what `segment` writes
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(trained["ckpt"], model / "model.pt")
+    card = json.loads((trained["ckpt"].parent / "model.json").read_text())
+    card["inference"]["min_size"] = 40
+    (model / "model.json").write_text(json.dumps(card))
+    ckpt, data = str(model / "model.pt"), trained["data"]
+    proc = _cli(tmp_path, "--config_file", f"['{INFER}','{EVALUATE}']", "--ckpt_path", ckpt, "--dataset_dir",
+                str(data), "--output_dir", str(tmp_path / "scores"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "val_ap50" in (tmp_path / "scores" / "metrics.csv").read_text()
     assert "Metrics -- val_ap50" in (tmp_path / "scores" / "evaluate.log").read_text()
-    # the network and the preprocessing are the training's: the card's training settings
+    validation = json.loads((data / "dataset.json").read_text())["validation"]
+    assert (
+        f"scoring {len(validation)} image(s): the validation list of {data / 'dataset.json'}"
+        in proc.stdout + proc.stderr
+    )
     parser = ConfigParser()
-    parser.read_config([TRAIN, EVALUATE])
-    parser.update({"bundle_root": str(trained["bundle"])})
-    ids = ("spatial_dims", "features", "patch_size", "image_scale", "intensity_percentiles", "min_size")
-    assert {k: parser.get_parsed_content(k) for k in ids} == {
-        "spatial_dims": 2,
-        "features": FEATURES,
-        "patch_size": [32, 32],
-        "image_scale": 1.0,
-        "intensity_percentiles": [1, 99.8],
-        "min_size": 16,
-    }
+    parser.read_config([INFER, EVALUATE])
+    parser.update({"ckpt_path": ckpt})
+    assert parser.get_parsed_content("min_size") == 40
+    # the same images segmented by inference.json alone: the same label files
+    images = tmp_path / "images"
+    images.mkdir()
+    for item in validation:
+        shutil.copy(data / item["image"], images)
+    proc = _cli(tmp_path, "--config_file", INFER, "--ckpt_path", ckpt, "--dataset_dir", str(images), "--output_dir",
+                str(tmp_path / "segmented"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted(p.name for p in (tmp_path / "segmented").iterdir())
+    assert written and written == sorted(p.name for p in (tmp_path / "scores").glob("*_instances*"))
+    for name in written:
+        np.testing.assert_array_equal(
+            read_image(tmp_path / "segmented" / name)[0], read_image(tmp_path / "scores" / name)[0]
+        )
 
 
 @pytest.mark.slow

@@ -221,10 +221,3 @@ def _describe_network(bundle: Path, network: torch.nn.Module, patch_size: list[i
     meta = json.loads(path.read_text())
     meta["network_data_format"] = network_data_format(meta["network_data_format"], network, patch_size)
     path.write_text(json.dumps(meta, indent=4) + "\n")
-
-
-if __name__ == "__main__":
-    import fire
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    fire.Fire(deploy_bundle, name="python -m spoco_bundle.monailabel.deploy")
