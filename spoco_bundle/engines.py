@@ -23,6 +23,7 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_numpy
 from monai.utils.enums import CommonKeys as Keys
 
+from spoco_bundle.blockwise import open_volume
 from spoco_bundle.blockwise.volume import segment_volume
 from spoco_bundle.data import foreground_mask_file, foreground_mask_index
 from spoco_bundle.errors import root_cause
@@ -211,6 +212,9 @@ class SegmentationEvaluator(SupervisedEvaluator):
                 self._segment_blockwise(path, out_path)
                 logger.info(f"{tag} {path} -> {out_path}")
                 self.written.append(out_path)
+                if Keys.LABEL in batchdata:  # scored on the written labels (a score needs the whole volume)
+                    pred, label = (open_volume(p)[0].compute() for p in (out_path, batchdata[Keys.LABEL][0]))
+                    return [{Keys.PRED: torch.as_tensor(pred)[None], Keys.LABEL: torch.as_tensor(label)[None]}]
                 return {}
             image = batchdata[Keys.IMAGE]
             meta = dict(decollate_batch(image, detach=True)[0].meta) if hasattr(image, "meta") else {}

@@ -188,6 +188,13 @@ def test_evaluation_segments_as_inference_does_with_the_cards_settings(trained, 
     parser.read_config([INFER, EVALUATE])
     parser.update({"ckpt_path": ckpt})
     assert parser.get_parsed_content("min_size") == 40
+    # volumes segmented block by block (over the memory budget) are scored too
+    proc = _cli(tmp_path, "--config_file", f"['{INFER}','{EVALUATE}']", "--ckpt_path", ckpt, "--dataset_dir",
+                str(data), "--output_dir", str(tmp_path / "blocks"), "--max_memory_gb", "1e-6")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = (tmp_path / "blocks" / "val_ap50_raw.csv").read_text().splitlines()
+    assert len(raw) == 1 + len(validation) and all(0 <= float(line.split(",")[-1]) <= 1 for line in raw[1:])
+    assert "blocks" in proc.stdout + proc.stderr  # segmented block by block
     # the same images segmented by inference.json alone: the same label files
     images = tmp_path / "images"
     images.mkdir()
