@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _shapes import discs, grid_centres
 from scipy import ndimage
 
 from spoco_bundle.measure import (
@@ -22,26 +23,11 @@ from spoco_bundle.measure import (
 )
 
 
-def _discs(shape: tuple[int, ...], centres: list[tuple[int, ...]], radius: float) -> np.ndarray:
-    """Instance labels: one disc / ball of ``radius`` per centre, ids 1..n."""
-    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    lab = np.zeros(shape, np.int32)
-    for k, c in enumerate(centres, 1):
-        lab[sum((g - ci) ** 2 for g, ci in zip(grid, c)) <= radius**2] = k
-    return lab
-
-
-def _grid_centres(shape: tuple[int, int], step: int, offset: int) -> list[tuple[int, int]]:
-    return [
-        (y, x) for y in range(offset, shape[0] - offset + 1, step) for x in range(offset, shape[1] - offset + 1, step)
-    ]
-
-
 def test_equivalent_diameters_of_discs_and_balls():
-    lab = _discs((120, 120), _grid_centres((120, 120), 30, 15), radius=8)
+    lab = discs((120, 120), grid_centres((120, 120), 30, 15), radius=8)
     d = equivalent_diameters(lab)
     assert d.shape == (16,) and np.allclose(d, 16.0, rtol=0.03)
-    ball = _discs((40, 40, 40), [(20, 20, 20)], radius=10)
+    ball = discs((40, 40, 40), [(20, 20, 20)], radius=10)
     assert equivalent_diameters(ball) == pytest.approx(20.0, rel=0.03)
     assert equivalent_diameters(np.zeros((5, 5), np.int32)).size == 0
     assert math.isnan(median_diameter([np.zeros((5, 5), np.int32)]))
@@ -52,7 +38,7 @@ def test_equivalent_diameters_of_discs_and_balls():
 
 
 def test_objects_cut_by_the_border_are_left_out_when_enough_others_remain():
-    interior = _discs((100, 100), _grid_centres((100, 100), 25, 20)[:MIN_INTERIOR], radius=6)
+    interior = discs((100, 100), grid_centres((100, 100), 25, 20)[:MIN_INTERIOR], radius=6)
     cut = np.zeros_like(interior)
     cut[:3, 40:60] = 99  # a sliver of a large object cut by the top border
     lab = np.where(cut > 0, cut, interior)
@@ -69,7 +55,7 @@ def test_objects_cut_by_the_border_are_left_out_when_enough_others_remain():
 
 def _blob_image(radius: float, size: int = 192, noise: float = 0.0, seed: int = 0) -> np.ndarray:
     """Bright discs of ``radius`` on a grid (as nuclei), slightly blurred, optional Gaussian noise."""
-    lab = _discs((size, size), _grid_centres((size, size), int(4 * radius), int(2 * radius)), radius)
+    lab = discs((size, size), grid_centres((size, size), int(4 * radius), int(2 * radius)), radius)
     img = ndimage.gaussian_filter((lab > 0).astype(np.float32), 1.0)
     return img + noise * np.random.default_rng(seed).standard_normal(img.shape).astype(np.float32)
 
@@ -80,8 +66,8 @@ def test_blob_scale_moves_with_the_magnification():
     # pixel noise as strong as the blobs does not pull the peak to the finest scale
     assert blob_scale(_blob_image(10.0, noise=0.5)) == pytest.approx(b10, rel=0.15)
     # 3D
-    ball = ndimage.gaussian_filter(_discs((48, 48, 48), [(24, 24, 24)], 8).astype(np.float32), 1.0)
-    big = ndimage.gaussian_filter(_discs((96, 96, 96), [(48, 48, 48)], 16).astype(np.float32), 1.0)
+    ball = ndimage.gaussian_filter(discs((48, 48, 48), [(24, 24, 24)], 8).astype(np.float32), 1.0)
+    big = ndimage.gaussian_filter(discs((96, 96, 96), [(48, 48, 48)], 16).astype(np.float32), 1.0)
     assert blob_scale(big) / blob_scale(ball) == pytest.approx(2.0, rel=0.15)
     assert math.isnan(blob_scale(np.ones((32, 32), np.float32)))
     with pytest.raises(ValueError, match="2D or 3D"):
@@ -99,7 +85,7 @@ def test_blob_scale_ignores_a_background_ramp():
     dome = spots + 2.0 * (1 - ((yy - 96) ** 2 + (xx - 96) ** 2) / 96**2).astype(np.float32)
     assert blob_scale(dome) == pytest.approx(blob_scale(spots), rel=0.1) and blob_scale(dome, flatten=False) > 20
     # a volume brighter along z, with a ball a third of its width: the ball keeps its size
-    ball = ndimage.gaussian_filter(_discs((48, 48, 48), [(24, 24, 24)], 8).astype(np.float32), 1.0)
+    ball = ndimage.gaussian_filter(discs((48, 48, 48), [(24, 24, 24)], 8).astype(np.float32), 1.0)
     slope = ball + np.linspace(0.0, 2.0, 48, dtype=np.float32)[:, None, None]
     assert blob_scale(slope) == pytest.approx(blob_scale(ball, flatten=False), rel=0.15)
 

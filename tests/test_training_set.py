@@ -10,26 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+from _shapes import discs, grid_centres
 from scipy import ndimage
 
 from spoco_bundle.measure import blob_scale, median_diameter
 from spoco_bundle.training_set import TrainingSet
 from spoco_bundle.transforms import SparseInstanceLabel
-
-
-def _discs(shape: tuple[int, ...], centres: list[tuple[int, ...]], radius: float) -> np.ndarray:
-    """Instance labels: one disc / ball of ``radius`` per centre, ids 1..n."""
-    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    lab = np.zeros(shape, np.int32)
-    for k, c in enumerate(centres, 1):
-        lab[sum((g - ci) ** 2 for g, ci in zip(grid, c)) <= radius**2] = k
-    return lab
-
-
-def _grid_centres(shape: tuple[int, int], step: int, offset: int) -> list[tuple[int, int]]:
-    return [
-        (y, x) for y in range(offset, shape[0] - offset + 1, step) for x in range(offset, shape[1] - offset + 1, step)
-    ]
 
 
 def _training_set(files, **kwargs) -> TrainingSet:
@@ -41,8 +27,8 @@ def _training_set(files, **kwargs) -> TrainingSet:
 def test_object_diameter_reads_files_and_counts_the_kept_objects(tmp_path):
     """The diameter training records: the objects its sparse selection keeps, from TIFF and NIfTI files, times the
     training's image_scale; background_label ids are not objects."""
-    small = _discs((128, 128), _grid_centres((128, 128), 32, 16), radius=5)  # 16 discs of diameter 10
-    large = _discs((128, 128), _grid_centres((128, 128), 64, 32), radius=12)  # 4 discs of diameter 24
+    small = discs((128, 128), grid_centres((128, 128), 32, 16), radius=5)  # 16 discs of diameter 10
+    large = discs((128, 128), grid_centres((128, 128), 64, 32), radius=12)  # 4 discs of diameter 24
     tifffile.imwrite(tmp_path / "a_labels.tif", small.astype(np.uint16))
     nib.save(nib.Nifti1Image(large.T.astype(np.int16), np.eye(4)), str(tmp_path / "b_labels.nii.gz"))
     files = [tmp_path / "a_labels.tif", tmp_path / "b_labels.nii.gz"]
@@ -54,9 +40,9 @@ def test_object_diameter_reads_files_and_counts_the_kept_objects(tmp_path):
     kept = [keep(small, name="a_labels"), keep(large, name="b_labels")]
     assert _training_set(files, instance_ratio=0.25, seed=3).object_diameter == pytest.approx(median_diameter(kept))
     # the id of painted background is no object: one disc of diameter 10, two of 30, one of them id 99
-    painted = _discs((128, 128), [(20, 20), (60, 60), (60, 100)], radius=15)
+    painted = discs((128, 128), [(20, 20), (60, 60), (60, 100)], radius=15)
     painted[painted == 1] = 0
-    painted[_discs((128, 128), [(20, 20)], radius=5) > 0] = 1
+    painted[discs((128, 128), [(20, 20)], radius=5) > 0] = 1
     painted[painted == 3] = 99
     tifffile.imwrite(tmp_path / "c_labels.tif", painted.astype(np.uint16))
     assert _training_set([tmp_path / "c_labels.tif"]).object_diameter == pytest.approx(30.0, rel=0.05)
@@ -69,7 +55,7 @@ def test_object_count_counts_the_kept_objects_of_every_file(tmp_path):
     """What foreground_ring "auto" decides on: every kept object in every file, and a label file rewritten under the
     same name is read again by the next run's training set (MONAI Label trains again in one process after an
     annotator saved)."""
-    lab = _discs((64, 64), _grid_centres((64, 64), 16, 8), radius=4)  # 16 discs
+    lab = discs((64, 64), grid_centres((64, 64), 16, 8), radius=4)  # 16 discs
     path = tmp_path / "a_labels.tif"
     tifffile.imwrite(path, lab.astype(np.uint16))
     assert _training_set([path]).object_count == 16 and _training_set([path, path]).object_count == 32
@@ -85,7 +71,7 @@ def test_object_count_counts_the_kept_objects_of_every_file(tmp_path):
 
 def _blob_image(radius: float, size: int = 192) -> np.ndarray:
     """Bright discs of ``radius`` on a grid (as nuclei), slightly blurred."""
-    lab = _discs((size, size), _grid_centres((size, size), int(4 * radius), int(2 * radius)), radius)
+    lab = discs((size, size), grid_centres((size, size), int(4 * radius), int(2 * radius)), radius)
     return ndimage.gaussian_filter((lab > 0).astype(np.float32), 1.0)
 
 
