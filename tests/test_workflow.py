@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,24 @@ def _run_training(tmp: Path, dataset: Path, *overrides: str, expect_ok: bool = T
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"training failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def _stop_when(
+    cmd: list[str], cwd: Path, ready: Callable[[float], bool], sig: int = signal.SIGKILL, timeout_s: float = 300
+) -> int:
+    """Run ``cmd`` until ``ready(seconds since the start)`` holds, then send it ``sig``; its exit status (negative:
+    ended by a signal). Fails when it ends by itself first."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < timeout_s and proc.poll() is None and not ready(time.monotonic() - start):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(sig)
+        return proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -361,23 +380,15 @@ def test_resume_after_kill_continues_the_killed_run(tmp_path, tiny3d):
     args = ["--epochs", "4", "--epoch_length", "10", "--resume_interval_s", "0.5", "--val_interval", "2"]
     args += ["--patch_size", "[16,32,32]", "--foreground_ring", "0"]  # a positive-unlabeled head: calibration state
     cmd = _training_command(tmp_path, tiny3d, *args)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved, deadline = None, time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:  # the file is replaced by a rename: whenever it exists it is complete
-                state = torch.load(resume, map_location="cpu", weights_only=True)
-            except FileNotFoundError:
-                state = None
-            if state is not None and 10 <= state["trainer"].get("iteration", 0) < 999:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.kill()  # SIGKILL: no handler runs
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def ten_iterations_saved(elapsed_s: float) -> bool:
+        try:  # the file is replaced by a rename: whenever it exists it is complete
+            state = torch.load(resume, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return False
+        return 10 <= state["trainer"].get("iteration", 0) < 999
+
+    _stop_when(cmd, tmp_path, ten_iterations_saved)  # SIGKILL: no handler runs
     saved = torch.load(resume, map_location="cpu", weights_only=True)  # the state the killed run left
     done = saved["trainer"]["iteration"]
     assert 10 <= done < 40
@@ -412,35 +423,17 @@ def test_a_3d_run_killed_after_90_s_resumes_and_a_stop_signal_saves(tmp_path, ti
     # the defaults a user trains with (network, patch, resume interval): a kill -9 after 90 s loses at most a minute
     models, log = tmp_path / "bundle" / "models", tmp_path / "bundle" / "runs" / "train.log"
     cmd = training_command(tmp_path / "bundle", tiny3d, features=None)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(90)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.kill()  # SIGKILL: no handler runs
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _stop_when(cmd, tmp_path, lambda elapsed_s: elapsed_s >= 90)  # SIGKILL: no handler runs
     done = torch.load(models / "resume.pt", map_location="cpu", weights_only=True)["trainer"]["iteration"]
     assert done > 0
 
     # resumed, then stopped as a job scheduler stops a job (SIGTERM): the state after the iteration in progress
-    proc = subprocess.Popen(
-        cmd + ["--resume", "True"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            resumed = log.read_text().split(f"resuming from {models / 'resume.pt'}", 1)[1:]
-            if resumed and "s per iteration" in resumed[0]:
-                break  # resumed, and trained 10 iterations (or a minute) since
-            time.sleep(0.5)
-        assert proc.poll() is None, "the resumed run ended before it could be stopped"
-        proc.terminate()
-        assert proc.wait(timeout=300) == -signal.SIGTERM
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def resumed_and_trained(elapsed_s: float) -> bool:
+        resumed = log.read_text().split(f"resuming from {models / 'resume.pt'}", 1)[1:]
+        return bool(resumed) and "s per iteration" in resumed[0]  # resumed, and 10 iterations (or a minute) since
+
+    assert _stop_when(cmd + ["--resume", "True"], tmp_path, resumed_and_trained, signal.SIGTERM) == -signal.SIGTERM
     text = log.read_text()
     assert f"resuming from {models / 'resume.pt'}: iteration {done}," in text
     stopped = int(text.split("SIGTERM: stopped after iteration ")[1].split(";")[0])
