@@ -4,6 +4,7 @@ configs/inference.json, or the chain alone on embeddings computed elsewhere. Bot
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,11 @@ class ClusterBlock:
         return labels
 
 
+# one block in the network at a time per process: two would hold two sliding-window batches of activations (the
+# memory budget counts one) and share the same cores; the other blocks' threads read and cluster meanwhile
+_NETWORK_LOCK = threading.Lock()
+
+
 class NetworkBlock(ClusterBlock):
     """
     The network and post-processing of configs/inference.json on one block of raw image intensities ``S``:
@@ -112,7 +118,7 @@ class NetworkBlock(ClusterBlock):
         x = torch.from_numpy((block.astype(np.float32) - self.lo) / max(self.hi - self.lo, 1e-12))
         x = x[None, None].to(self.device)
         self.network.eval()
-        with torch.no_grad():
+        with _NETWORK_LOCK, torch.inference_mode():
             if margin is None:
                 pred = self.inferer(x, self.network)[0]
             else:  # context for the resampling only (ScaledInferer.infer_inner)

@@ -29,12 +29,13 @@ __all__ = ["BlockwiseSettings", "BYTES_PER_VOXEL", "segment_volume"]
 
 logger = logging.getLogger(__name__)
 
-# peak memory of the whole-volume path per voxel (network output of 17 float32 channels, the sliding window's sums
-# and weights, the clustering's copies): about 390 measured for a 0.8-Mvoxel volume (default network, watershed),
-# with a margin; the end-to-end mode of research/perf/benchmark_blockwise.py reports peak memory to check it against
-BYTES_PER_VOXEL = 600
+# peak memory of the whole-volume path per voxel beyond one sliding-window batch (the network output of 17 float32
+# channels, the sliding window's sums and weights, the clustering's copies): research/perf/benchmark_inference.py
+# measures (peak - resident memory before) / voxels = 141 for a 32-Mvoxel volume (shipped nuclei3d, window batch
+# included; 138 between 16 and 32 Mvoxel), so 160 overestimates by about 15 % plus the batch
+BYTES_PER_VOXEL = 160
 # network activations of one sliding-window batch, per voxel of its windows (default network, no gradients): 1.13 GB
-# for 4 windows of 64 x 112 x 112 measured on CPU (peak RSS); taken off the budget before blocks are sized
+# for 4 windows of 64 x 112 x 112 measured on CPU (peak RSS); counted beside the volume's voxels
 WINDOW_BYTES_PER_VOXEL = 360
 # share of the free memory a run may take by default (the rest: the OS, other programs, estimate errors)
 FREE_MEMORY_SHARE = 0.5
@@ -54,13 +55,29 @@ def free_memory_gb() -> float:
     return psutil.virtual_memory().available / 1e9
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (interpreter, libraries, the model): part of any budget."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def window_batch_bytes(inferer: Any, ndim: int) -> float:
+    """The network's activations for one sliding-window batch of ``inferer`` (0 when it is not a sliding window)."""
+    windows = sliding_window(inferer, ndim) if inferer is not None else None
+    if windows is None:
+        return 0.0
+    batch = int(getattr(getattr(inferer, "inferer", inferer), "sw_batch_size", 1))
+    return WINDOW_BYTES_PER_VOXEL * batch * math.prod(windows[0])
+
+
 class BlockwiseSettings:
     """
     When and how an image is segmented blockwise (the ``blockwise`` object of configs/inference.json).
 
     An image is segmented blockwise when it is a Zarr store or when its whole-volume segmentation would need more
-    than ``max_memory_gb`` (estimated at :data:`BYTES_PER_VOXEL` per voxel). The blocks are then sized so that the
-    blocks in flight at once fit that budget too.
+    than ``max_memory_gb``: :data:`BYTES_PER_VOXEL` per voxel, one sliding-window batch of ``inferer`` and what the
+    process holds already. The blocks are then sized so that the blocks in flight at once fit that budget too.
 
     Args:
         max_memory_gb: the memory budget; None: :data:`FREE_MEMORY_SHARE` of the free memory at the start.
@@ -75,6 +92,7 @@ class BlockwiseSettings:
         intensity_percentiles: the normalisation's percentiles, taken over the whole volume (a subsample).
         min_size: objects under this many voxels after stitching are removed.
         iou_threshold: objects of neighbouring blocks overlapping with IoU above it are one object.
+        inferer: the sliding-window inferer inference uses (its batch of windows counts against the budget).
 
     Raises:
         ValueError: a non-positive memory budget.
@@ -92,6 +110,7 @@ class BlockwiseSettings:
         intensity_percentiles: Sequence[float] = (1.0, 99.8),
         min_size: int = 16,
         iou_threshold: float = 0.5,
+        inferer: Any = None,
     ) -> None:
         if max_memory_gb is not None and not float(max_memory_gb) > 0:
             raise ValueError(f"max_memory_gb must be positive (or null: half the free memory), got {max_memory_gb!r}.")
@@ -105,9 +124,15 @@ class BlockwiseSettings:
         self.intensity_percentiles = (float(intensity_percentiles[0]), float(intensity_percentiles[1]))
         self.min_size = int(min_size)
         self.iou_threshold = float(iou_threshold)
+        self.inferer = inferer
 
     def budget_gb(self) -> float:
         return self.max_memory_gb if self.max_memory_gb is not None else FREE_MEMORY_SHARE * free_memory_gb()
+
+    def whole_volume_gb(self, shape: Sequence[int]) -> float:
+        """The estimated peak memory of segmenting a volume of ``shape`` whole, in GB."""
+        need = math.prod(shape) * BYTES_PER_VOXEL + window_batch_bytes(self.inferer, len(shape)) + resident_bytes()
+        return need / 1e9
 
     def wanted(self, path: str) -> bool:
         """Whether ``path`` is segmented blockwise: a Zarr store, or whole-volume memory above the budget."""
@@ -117,7 +142,7 @@ class BlockwiseSettings:
             shape = read_spacing(path, self.input_channel, self.input_time_point)[0]
         except ValueError:
             return False  # the whole-volume path reports it, as before
-        return math.prod(shape) * BYTES_PER_VOXEL / 1e9 > self.budget_gb()
+        return self.whole_volume_gb(shape) > self.budget_gb()
 
 
 def _blocks(
@@ -245,7 +270,11 @@ def segment_volume(
     else:  # another inferer: half the field of view, about the same output
         halo_lo = halo_hi = context or (tuple(math.ceil(v / 2) for v in view) if view else (32,) * ndim)
         step = (1,) * ndim
-    budget = block_budget(settings.budget_gb() * 1e9, inferer, windows)
+    total = settings.budget_gb() * 1e9
+    # what the process holds already (libraries, the model) is not free for blocks
+    available = max(total - resident_bytes(), 0.25 * total)
+    inferer = fit_window_batch(inferer, windows, 0.5 * available)
+    budget = block_budget(available, inferer, windows)
     voxel_bytes = BYTES_PER_VOXEL * max(1.0, scale) ** ndim
     block, workers = _blocks(path, image.shape, settings, budget, voxel_bytes, view, halo_lo, halo_hi, step)
     segmenter = NetworkBlock(network, inferer, postprocessing, (lo, hi), meta.get("spacing"), device)
@@ -308,14 +337,34 @@ def _resampled_window_halo(
     return tuple(lo), tuple(hi), ks, tuple(tail), tuple(margin)
 
 
+def fit_window_batch(inferer: Any, windows: tuple | None, limit: float) -> Any:
+    """``inferer`` with its sliding window's batch cut to what ``limit`` bytes hold (at least one window): windows
+    are independent, so fewer at a time give the same output with less memory, leaving more of a small budget for
+    blocks (larger blocks, less halo to compute)."""
+    if windows is None:
+        return inferer
+    sw = getattr(inferer, "inferer", inferer)
+    batch = int(getattr(sw, "sw_batch_size", 1))
+    fit = max(1, min(batch, int(limit // (WINDOW_BYTES_PER_VOXEL * math.prod(windows[0])))))
+    if fit == batch:
+        return inferer
+    logger.info(f"sliding-window batch of {batch} -> {fit} windows, to leave memory for blocks")
+    sw = copy.copy(sw)
+    sw.sw_batch_size = fit
+    if not isinstance(inferer, ScaledInferer):
+        return sw
+    inferer = copy.copy(inferer)
+    inferer.inferer = sw
+    return inferer
+
+
 def block_budget(budget: float, inferer: Any, windows: tuple | None) -> float:
     """Bytes left for blocks of ``budget``: one sliding-window batch (``sw_batch_size`` windows of ``windows[0]``) is
     in the network at a time, whatever the block size, so its activations come off first (at least a quarter of the
     budget stays: a window batch larger than the budget then shows as blocks too small for the network)."""
     if windows is None:
         return budget
-    batch = int(getattr(getattr(inferer, "inferer", inferer), "sw_batch_size", 1))
-    return max(budget - WINDOW_BYTES_PER_VOXEL * batch * math.prod(windows[0]), 0.25 * budget)
+    return max(budget - window_batch_bytes(inferer, len(windows[0])), 0.25 * budget)
 
 
 def _field_of_view(network: torch.nn.Module, inferer: Any, scale: float) -> tuple[int, ...] | None:
