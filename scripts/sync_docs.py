@@ -82,6 +82,8 @@ SHORT_COLUMNS = (
 PEERS = (("stardist", "StarDist"), ("classical", "Otsu + watershed"), ("classical_membrane", "membrane watershed"))
 # the user page written whole from the summaries and the shipped models' cards
 RESULTS_PAGE = "docs/results.md"
+# the inference speed benchmark's summary (research/perf/benchmark_inference.py --page), copied into RESULTS_PAGE
+SPEED_PAGE = "benchmark_inference"
 
 
 def _block(text: str, name: str, content: str, where: str) -> str:
@@ -218,9 +220,37 @@ def short_table(summaries: Sequence[Mapping[str, Any]], root_link: str = "") -> 
     return "\n".join(lines)
 
 
-def results_page(summaries: Sequence[Mapping[str, Any]], cards: Mapping[str, Mapping[str, Any]]) -> str:
-    """``docs/results.md``, whole: what is measured, the full results table, the shipped models and how they were
-    measured (budgets, machines, the pages and the commands that wrote them)."""
+def load_speed(pages: Path = REPO_ROOT / RESEARCH_PAGES) -> dict[str, Any] | None:
+    """The inference speed benchmark's summary, None before it has run."""
+    path = pages / f"{SPEED_PAGE}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def speed_section(speed: Mapping[str, Any] | None) -> list[str]:
+    """The results page's speed section: the benchmark's table as it wrote it, with its machine and command."""
+    if not speed:
+        return []
+    return [
+        "## Speed",
+        "",
+        "Inference with the shipped models and `configs/inference.json`'s defaults, end to end (reading, network, "
+        "post-processing; `spoco segment`: the whole command, writing included), beside a plain MONAI "
+        "`SlidingWindowInferer` pass of the same network over the same inputs (x plain pass: time / its time). "
+        f"AP50 per image, averaged over images. {speed['setup']} How it works: "
+        f"[research/pages/{SPEED_PAGE}.md](../research/pages/{SPEED_PAGE}.md).",
+        "",
+        speed["table"],
+        "",
+    ]
+
+
+def results_page(
+    summaries: Sequence[Mapping[str, Any]],
+    cards: Mapping[str, Mapping[str, Any]],
+    speed: Mapping[str, Any] | None = None,
+) -> str:
+    """``docs/results.md``, whole: what is measured, the full results table, the shipped models, inference speed and
+    how they were measured (budgets, machines, the pages and the commands that wrote them)."""
     rows = _current(summaries)
     how, machines = _budgets(rows)
     commands = [s["command"] for s in summaries if s.get("command")]
@@ -251,6 +281,7 @@ def results_page(summaries: Sequence[Mapping[str, Any]], cards: Mapping[str, Map
         "",
         shipped_table(cards),
         "",
+        *speed_section(speed),
         "## How these were measured",
         "",
         f"Every learner trained for the same budget per run ({how}) on {' / '.join(machines)}; prediction and "
@@ -318,7 +349,7 @@ def planned(root: Path = REPO_ROOT) -> dict[Path, str]:
         for name in PAGE_BLOCKS[rel]:
             text = _block(text, name, blocks[name](link), rel)
         out[path] = text
-    out[root / RESULTS_PAGE] = results_page(summaries, cards)
+    out[root / RESULTS_PAGE] = results_page(summaries, cards, load_speed(root / RESEARCH_PAGES))
     # metadata.json keeps its hand-kept layout: only the eval_metrics line is written (as one line)
     meta_path = root / "metadata.json"
     metrics = json.dumps({name: eval_metrics(card) for name, card in cards.items()})

@@ -17,7 +17,7 @@ def test_front_pages_are_in_sync_with_their_sources(capsys) -> None:
 
 
 def _copy(tmp: Path) -> Path:
-    summaries = [f"{sync_docs.RESEARCH_PAGES}/{p}.json" for p in sync_docs.PAGES]
+    summaries = [f"{sync_docs.RESEARCH_PAGES}/{p}.json" for p in (*sync_docs.PAGES, sync_docs.SPEED_PAGE)]
     for rel in [*sync_docs.FRONT_PAGES, sync_docs.RESULTS_PAGE, "metadata.json", *summaries]:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp / rel)
@@ -109,3 +109,12 @@ def test_a_later_page_replaces_an_earlier_pages_figures_for_its_runs() -> None:
     assert "0.33" in plant and "0.11" not in plant  # not the mean of both pages (0.22)
     assert "0.44" in plant  # a method only the earlier page ran keeps its figure
     assert "0.22" in next(line for line in table.splitlines() if line.startswith("| ISBI"))
+
+
+def test_results_page_copies_the_speed_benchmarks_table_with_its_machine_and_command() -> None:
+    speed = sync_docs.load_speed()
+    assert speed is not None, "research/pages/benchmark_inference.json is missing: run the speed benchmark --page"
+    page = sync_docs.results_page(sync_docs.load_summaries(), sync_docs.shipped_cards(), speed)
+    assert "## Speed" in page and speed["table"] in page and speed["command"] in page and "no GPU" in page
+    assert "](../research/pages/benchmark_inference.md)" in page
+    assert "## Speed" not in sync_docs.results_page(sync_docs.load_summaries(), sync_docs.shipped_cards(), None)
