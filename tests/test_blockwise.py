@@ -604,3 +604,18 @@ def test_the_whole_volume_memory_estimate_is_above_the_measured_peak_and_within_
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["objects"] > 10
     assert result["measured"] <= result["estimate"] <= 2 * result["measured"], result
+
+
+def test_blocks_the_budget_cannot_hold_are_said_so(caplog):
+    from spoco_bundle.blockwise.volume import _blocks
+
+    # image_scale 0.5: the network's field of view and the whole-window halos in image voxels are twice as large
+    args = dict(view=(128, 224, 224), halo_lo=(96, 168, 168), halo_hi=(128, 224, 224), step=(32, 56, 56))
+    with caplog.at_level("WARNING", logger="spoco_bundle.blockwise.volume"):
+        block, workers = _blocks("big.tif", (200, 400, 400), BlockwiseSettings(), 0.3e9, 160, **args)
+    assert workers == 1 and all(b >= v for b, v in zip(block, args["view"]))
+    assert "big.tif" in caplog.text and "above the budget" in caplog.text and "--max_memory_gb" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spoco_bundle.blockwise.volume"):
+        _blocks("big.tif", (200, 400, 400), BlockwiseSettings(), 8e9, 160, **args)
+    assert "above the budget" not in caplog.text

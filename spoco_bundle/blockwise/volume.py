@@ -191,9 +191,16 @@ def _blocks(
     if settings.block_shape is not None and aligned != block:
         logger.info(f"block_shape {list(block)} -> {list(aligned)}: whole strides {list(step)} of the sliding window")
     block = aligned
+    ext = math.prod(min(s, b + h0 + h1) for b, h0, h1, s in zip(block, halo_lo, halo_hi, shape))
+    if settings.block_shape is None and ext * voxel_bytes > budget:
+        # the network's field of view (and the halos that keep the whole volume's windows) set a smallest block
+        logger.warning(
+            f"{path}: the smallest blocks this network allows, {list(block)} + halos, need about "
+            f"{ext * voxel_bytes / 1e9:.1f} GB, more than the memory budget leaves for blocks ({budget / 1e9:.1f} GB): "
+            "segmenting with them, above the budget. Raise --max_memory_gb to the memory you have."
+        )
     workers = settings.workers
     if workers is None:  # as many blocks at once as the budget holds
-        ext = math.prod(b + h0 + h1 if b < s else b for b, h0, h1, s in zip(block, halo_lo, halo_hi, shape))
         workers = int(max(1, min(cores, budget // (ext * voxel_bytes))))
     return block, workers
 
