@@ -8,5 +8,18 @@ research.perf.<name>`` from the repository root, or as a script (``python resear
   whole-volume inference;
 - :mod:`research.perf.benchmark_training_step`: the cost of one training step, piece by piece;
 - :mod:`research.perf.benchmark_data_loading`: training batches per second with and without loader workers;
-- :mod:`research.perf.benchmark_short_training`: what a short training reaches (iterations, AP50) at small budgets.
+- :mod:`research.perf.benchmark_short_training`: what a short training reaches (iterations, AP50) at small budgets;
+- :mod:`research.perf.benchmark_inference`: inference end to end beside a plain MONAI pass and StarDist.
 """
+
+import platform
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows, for the benchmarks' machine lines."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        return cpu

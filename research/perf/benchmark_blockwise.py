@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run from anywhere: the repository's package
     sys.path.insert(0, str(ROOT))
 
+from research.perf import cpu_model  # noqa: E402
 from spoco_bundle.blockwise import BlockGrid, ClusterBlock, open_volume  # noqa: E402
 from spoco_bundle.blockwise.segment import segment_blockwise  # noqa: E402
 from spoco_bundle.blockwise.synthetic import SyntheticEmbeddings  # noqa: E402
@@ -251,14 +252,8 @@ def _run_child(mode: str, args: dict) -> tuple[dict, float]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{cpu}, {os.cpu_count()} cores, load average {load}; python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, load average {load}; python {platform.python_version()}"
 
 
 def main(

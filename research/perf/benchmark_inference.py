@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -64,6 +63,7 @@ if str(ROOT) not in sys.path:  # run from anywhere: the repository's package
     sys.path.insert(0, str(ROOT))
 
 from research.data import default_data_dir  # noqa: E402
+from research.perf import cpu_model  # noqa: E402
 
 PAGE = ROOT / "research" / "pages" / "benchmark_inference"
 CASES = {
@@ -97,13 +97,7 @@ def _peak_gb() -> float:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
