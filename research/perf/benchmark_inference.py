@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run from anywhere: the repository's package
     sys.path.insert(0, str(ROOT))
 
-from research.data import default_data_dir  # noqa: E402
+from research.data import dataset_available, default_data_dir  # noqa: E402
 from research.perf import cpu_model  # noqa: E402
 
 PAGE = ROOT / "research" / "pages" / "benchmark_inference"
@@ -84,12 +84,6 @@ VARIANTS_2D = ({"test_time_flips": False}, {"image_scale": 1.0}, {"image_scale":
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _rss_gb() -> float:
-    """Resident memory of this process now (Linux), in GB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
 def _peak_gb() -> float:
@@ -196,6 +190,7 @@ def child_bundle(args: dict) -> dict:
     """configs/inference.json's chain, stage by stage, over the inputs; labels saved for the agreement rows."""
     import torch
 
+    from spoco_bundle.blockwise.volume import resident_bytes
     from spoco_bundle.metrics import ap50
 
     torch.set_num_threads(args["threads"])
@@ -207,7 +202,7 @@ def child_bundle(args: dict) -> dict:
     times = {"load": 0.0, "network": 0.0, "post": 0.0}
     voxels, scores, per_voxel = 0, [], []
     for k, (image, label) in enumerate(args["inputs"]):
-        before = _rss_gb()
+        before = resident_bytes() / 1e9
         t0 = time.perf_counter()
         item = pre({"image": image})
         t1 = time.perf_counter()
@@ -460,6 +455,9 @@ def main(
     if unknown:
         raise ValueError(f"unknown cases {unknown}; choose from {sorted(CASES)}.")
     data = Path(data_dir) if data_dir else default_data_dir()
+    missing = [c for c in cases if not dataset_available("gonuclear" if c == "gonuclear32" else c, data)]
+    if missing:
+        raise SystemExit(f"error: no data for {missing} in {data} (--data_dir, or SPOCO_DATA_DIR).")
     out = ROOT / out_dir if not os.path.isabs(out_dir) else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     all_results: dict[str, dict[str, dict]] = {}

@@ -62,13 +62,17 @@ def resident_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def _sw_batch(inferer: Any) -> int:
+    """Windows per batch of a ``SlidingWindowInferer``, alone or inside a ``ScaledInferer``."""
+    return int(getattr(getattr(inferer, "inferer", inferer), "sw_batch_size", 1))
+
+
 def window_batch_bytes(inferer: Any, ndim: int) -> float:
     """The network's activations for one sliding-window batch of ``inferer`` (0 when it is not a sliding window)."""
     windows = sliding_window(inferer, ndim) if inferer is not None else None
     if windows is None:
         return 0.0
-    batch = int(getattr(getattr(inferer, "inferer", inferer), "sw_batch_size", 1))
-    return WINDOW_BYTES_PER_VOXEL * batch * math.prod(windows[0])
+    return WINDOW_BYTES_PER_VOXEL * _sw_batch(inferer) * math.prod(windows[0])
 
 
 class BlockwiseSettings:
@@ -350,13 +354,12 @@ def fit_window_batch(inferer: Any, windows: tuple | None, limit: float) -> Any:
     blocks (larger blocks, less halo to compute)."""
     if windows is None:
         return inferer
-    sw = getattr(inferer, "inferer", inferer)
-    batch = int(getattr(sw, "sw_batch_size", 1))
-    fit = max(1, min(batch, int(limit // (WINDOW_BYTES_PER_VOXEL * math.prod(windows[0])))))
+    batch = _sw_batch(inferer)
+    fit = max(1, min(batch, int(limit // (window_batch_bytes(inferer, len(windows[0])) / batch))))
     if fit == batch:
         return inferer
     logger.info(f"sliding-window batch of {batch} -> {fit} windows, to leave memory for blocks")
-    sw = copy.copy(sw)
+    sw = copy.copy(getattr(inferer, "inferer", inferer))
     sw.sw_batch_size = fit
     if not isinstance(inferer, ScaledInferer):
         return sw
