@@ -57,6 +57,11 @@ _TISSUE_BOUNDARY = {
     "shape_split": 0.0,
 }
 
+_SHAPE_BRANCH = {
+    "network_def#_target_": "research.recipes.shape_branch.ShapeBranchUNet",
+    "loss#_target_": "research.recipes.shape_branch.ShapeBranchLoss",
+}
+
 # Retired recipes (their training options left the bundle; research/README.md, "Retired"): calib0.2, calib0.35,
 # self0.5, self0.5_calib0.2, leeliu_calib0.2, self0.5_leeliu_calib0.2, scribbles4, scribbles4_ring1_2, contact10,
 # dense_contact10, field0.5, field0, tophat5, tophat0, gamma0.5, paste0.5, paste1: in git at commit 7c97b4b
@@ -131,6 +136,17 @@ RECIPES: dict[str, dict] = {
     # fine-tuning from the shipped 2D nuclei model (issue 19), at the default and a lower learning rate
     "finetune": {"pretrained": "nuclei2d"},
     "finetune_lr5e-4": {"pretrained": "nuclei2d", "learning_rate": 0.0005},
+    # a branch of its own for an in-object distance map and affinities learned from the sparse masks
+    # (research/recipes/shape_branch.py), segmented with seeds from the distance map (research/shape_seeds.py);
+    # "_agree": the embeddings also follow the teacher's confident affinities on the unlabeled region
+    "shape_branch": _SHAPE_BRANCH,
+    "shape_branch_agree": {**_SHAPE_BRANCH, "loss#agreement_weight": 1.0},
+}
+
+# inference overlays after configs/inference.json for recipes whose network or post-processing is the study's
+INFERENCE_CONFIGS: dict[str, tuple[str, ...]] = {
+    "shape_branch": ("research/configs/shape_branch_inference.json",),
+    "shape_branch_agree": ("research/configs/shape_branch_inference.json",),
 }
 
 PARTITION_KEYS = ("arand", "voi_split", "voi_merge")
@@ -223,7 +239,8 @@ def run_one(
             raise RuntimeError(f"{work}: no finished run to rescore (no end of training in its train.log)")
         iterations, train_cpu, train_wall = int(found[-1]), None, None
     else:
-        result = spoco_runner.fit_predict(split, ratio, run, work_dir=work)
+        overlays = INFERENCE_CONFIGS.get(recipe, ())
+        result = spoco_runner.fit_predict(split, ratio, run, work_dir=work, inference_configs=overlays)
         predictions, iterations = result.predictions, result.iterations
         train_cpu, train_wall = result.info.get("train_cpu_s"), round(result.train_seconds, 1)
         # the same checkpoint inside the true foreground: what the embeddings separate without the head's errors
@@ -234,7 +251,7 @@ def run_one(
             write_label_image(masks / f"{stem}.tif", (item.labels > 0).astype("uint8"))
         ids = dict(spoco_runner.run_ids({"info": result.info}), foreground_mask_dir=str(masks))
         ckpt = work / "models" / "model.pt"
-        oracle = spoco_runner.predict(ckpt, split, work, threads=threads, tag="_mask", overrides=ids)
+        oracle = spoco_runner.predict(ckpt, split, work, threads=threads, tag="_mask", overrides=ids, configs=overlays)
     head = score(predictions, truth, split.spatial_dims, split.dataset)
     truth_mask = score(oracle, truth, split.spatial_dims, split.dataset)
     record = {

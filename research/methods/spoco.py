@@ -203,11 +203,13 @@ def fit_predict(
     variant: str = "full",
     work_dir: str | os.PathLike | None = None,
     overrides: dict | None = None,
+    inference_configs: Sequence[str] = (),
 ) -> Result:
     """Train the bundle (:func:`fit`) and segment the split's test images with the trained model.
 
     ``overrides``: further ``train.json`` ids to set (default ``run.overrides``, for hyperparameter studies); they are
     recorded in the result's ``info``. ``work_dir``: the run's folder (default: a new temporary one).
+    ``inference_configs``: overlays after ``configs/inference.json`` (a study's network or post-processing).
     """
     if variant not in VARIANTS and variant not in ("mask", "shipped"):
         raise ValueError(f"Unknown SPOCO variant {variant!r}; valid: {sorted(VARIANTS) + ['mask', 'shipped']}.")
@@ -228,6 +230,7 @@ def fit_predict(
         device=run.device,
         threads=run.threads,
         overrides=shared,
+        configs=inference_configs,
     )
     infer_wall = time.perf_counter() - t0
     info = {
@@ -238,6 +241,7 @@ def fit_predict(
         "work_dir": str(trained.work),
         "overrides": {k: v for k, v in trained.ids.items() if k != "device"},
         "config_files": list(trained.configs),
+        "inference_config_files": ["configs/inference.json", *inference_configs],
         "background": shared.get("background", "head"),
         "min_size": settings_for(split)["min_size"],
         "clustering": inference_clustering(shared),
@@ -348,10 +352,12 @@ def predict(
     threads: int = 2,
     tag: str = "",
     overrides: dict | None = None,
+    configs: Sequence[str] = (),
 ) -> list[np.ndarray]:
     """Segment ``items`` (default: the split's test items; objects with ``path`` and ``labels`` attributes) with
     ``configs/inference.json`` and the checkpoint, as a user does (``--background head``); returns int32 labels.
-    ``overrides``: further ``inference.json`` ids (e.g. ``image_scale``).
+    ``overrides``: further ``inference.json`` ids (e.g. ``image_scale``); ``configs``: overlays after
+    ``configs/inference.json`` (later files replace earlier files' top-level ids).
 
     Inputs are linked into ``<work_dir>/test<tag>``, predictions go to ``<work_dir>/pred<tag>``.
     """
@@ -373,7 +379,7 @@ def predict(
     )
     infer.setdefault("background", "head")  # the data set's own (bundle_ids) where it has one
     infer.update(overrides or {})
-    _bundle_run("configs/inference.json", infer, work / f"inference{tag}.log", threads)
+    _bundle_run(("configs/inference.json", *configs), infer, work / f"inference{tag}.log", threads)
     return read_predictions(items, work, tag)
 
 
