@@ -141,12 +141,13 @@ RECIPES: dict[str, dict] = {
     # "_agree": the embeddings also follow the teacher's confident affinities on the unlabeled region
     "shape_branch": _SHAPE_BRANCH,
     "shape_branch_agree": {**_SHAPE_BRANCH, "loss#agreement_weight": 1.0},
+    # GoNuclear's voxels are 2.2 times as deep as wide: the distance map in micrometres
+    "shape_branch_z2.2": {**_SHAPE_BRANCH, "loss#sampling": [2.2, 1.0, 1.0]},
 }
 
 # inference overlays after configs/inference.json for recipes whose network or post-processing is the study's
 INFERENCE_CONFIGS: dict[str, tuple[str, ...]] = {
-    "shape_branch": ("research/configs/shape_branch_inference.json",),
-    "shape_branch_agree": ("research/configs/shape_branch_inference.json",),
+    name: ("research/configs/shape_branch_inference.json",) for name in RECIPES if name.startswith("shape_branch")
 }
 
 PARTITION_KEYS = ("arand", "voi_split", "voi_merge")

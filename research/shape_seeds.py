@@ -37,7 +37,7 @@ from scipy import ndimage
 from scipy.special import expit
 
 from research.recipes.shape_branch import DEFAULT_OFFSETS, branch_channels, split_branch
-from spoco_bundle.clustering._morphology import watershed
+from spoco_bundle.clustering._morphology import h_minima, watershed
 from spoco_bundle.clustering.watershed import _edge_strength
 from spoco_bundle.postprocessing import ClusterInstances
 from spoco_bundle.postprocessing._common import _mask_from
@@ -109,16 +109,19 @@ def seeded_labels(
     region: np.ndarray,
     edges: np.ndarray | None = None,
     seed_threshold: float = 0.6,
+    seed_depth: float | None = None,
 ) -> np.ndarray:
     """
-    One object per connected part of ``distance > seed_threshold`` inside ``region``, grown over ``edges`` (default
-    ``1 - distance``) by a watershed inside ``region``; parts of ``region`` that hold no seed are objects of their
-    own. Returns int32 labels ``S``, 0 outside ``region``.
+    One object per connected part of ``distance > seed_threshold`` inside ``region`` (with ``seed_depth``: per peak
+    of ``distance`` inside ``region`` that rises more than ``seed_depth`` above the saddle to any higher peak, and
+    above ``seed_threshold``), grown over ``edges`` (default ``1 - distance``) by a watershed inside ``region``;
+    parts of ``region`` that hold no seed are objects of their own. Returns int32 labels ``S``, 0 outside
+    ``region``.
     """
     region = np.asarray(region, bool)
     if not region.any():
         return np.zeros(region.shape, np.int32)
-    markers, n = ndimage.label((distance > seed_threshold) & region)
+    markers, n = ndimage.label(_peak_seeds(distance, region, seed_threshold, seed_depth))
     surface = (1.0 - distance) if edges is None else edges
     labels = watershed(surface.astype(np.float32), markers, mask=region).astype(np.int32)
     rest = region & (labels == 0)
@@ -126,6 +129,41 @@ def seeded_labels(
         extra, _ = ndimage.label(rest)
         labels[rest] = extra[rest] + n
     return labels
+
+
+def _peak_seeds(distance: np.ndarray, region: np.ndarray, seed_threshold: float, seed_depth: float | None):
+    """Seed pixels: ``distance > seed_threshold`` inside ``region``, with ``seed_depth`` only at peaks that deep."""
+    seeds = (distance > seed_threshold) & region
+    if seed_depth is not None:
+        seeds &= h_minima(np.where(region, 1.0 - distance, 1.0).astype(np.float32), float(seed_depth)).astype(bool)
+    return seeds
+
+
+def split_by_peaks(
+    labels: np.ndarray, distance: np.ndarray, seed_threshold: float = 0.3, seed_depth: float = 0.1
+) -> np.ndarray:
+    """Each object of ``labels`` that holds two or more peaks of ``distance`` (:func:`seeded_labels`'s seeds) cut
+    among them by a watershed over ``1 - distance`` inside the object; the others as they are. Returns int32 labels,
+    consecutive."""
+    out = np.zeros(labels.shape, np.int32)
+    n = 0
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        obj = labels[box] == k
+        markers, count = ndimage.label(_peak_seeds(distance[box], obj, seed_threshold, seed_depth))
+        if count < 2:
+            out[box][obj] = n + 1
+            n += 1
+            continue
+        parts = watershed((1.0 - distance[box]).astype(np.float32), markers, mask=obj).astype(np.int32)
+        parts[obj & (parts == 0)] = count + 1  # pixels no seed reached (a separate piece of the object)
+        ids = np.unique(parts[obj])
+        lut = np.zeros(count + 2, np.int32)
+        lut[ids] = np.arange(n + 1, n + 1 + len(ids))
+        out[box][obj] = lut[parts[obj]]
+        n += len(ids)
+    return out
 
 
 class ShapeSeedsd(MapTransform):
@@ -143,6 +181,8 @@ class ShapeSeedsd(MapTransform):
             the face-neighbour affinities' boundary map) or ``"embeddings"`` (the embeddings' edge map, in units of
             ``2 delta_v``, plus ``1 - distance`` in equal parts).
         seed_threshold: distance above which pixels are seeds.
+        seed_depth: seeds only at peaks of the distance map this deep (:func:`seeded_labels`); None: every region
+            above ``seed_threshold``.
         embedding_dim: E.
         offsets: the network's offsets.
         cluster: :class:`~spoco_bundle.postprocessing.ClusterInstances`'s arguments for ``seeds="embeddings"``.
@@ -156,6 +196,7 @@ class ShapeSeedsd(MapTransform):
         seeds: str = "distance",
         edges: str = "distance",
         seed_threshold: float = 0.6,
+        seed_depth: float | None = None,
         embedding_dim: int = 16,
         offsets: Sequence[Sequence[int]] | None = None,
         delta_v: float = 0.5,
@@ -168,6 +209,7 @@ class ShapeSeedsd(MapTransform):
             raise ValueError(f"seed_threshold must lie in (0, 1), got {seed_threshold!r}.")
         self.branch_key, self.mask_key = branch_key, mask_key
         self.seeds, self.edges, self.seed_threshold = seeds, edges, float(seed_threshold)
+        self.seed_depth = None if seed_depth is None else float(seed_depth)
         self.embedding_dim, self.offsets, self.delta_v = int(embedding_dim), offsets, float(delta_v)
         self.cluster = (
             ClusterInstances(embedding_dim=embedding_dim, delta_v=delta_v, **cluster) if seeds == "embeddings" else None
@@ -180,6 +222,11 @@ class ShapeSeedsd(MapTransform):
             pred = d[key]
             if self.cluster is not None:
                 d[key] = self.cluster(pred, mask)
+                if self.seed_depth is not None:  # objects with two or more peaks of the distance map are cut
+                    branch = np.asarray(convert_data_type(d[self.branch_key], np.ndarray, dtype=np.float32)[0])
+                    labels = np.asarray(convert_data_type(d[key], np.ndarray)[0])[0].astype(np.int32)
+                    cut = split_by_peaks(labels, expit(branch[0]), self.seed_threshold, self.seed_depth)
+                    d[key] = convert_to_dst_type(cut[None], d[key], dtype=torch.int32)[0]
                 continue
             arr = np.asarray(convert_data_type(pred, np.ndarray, dtype=np.float32)[0])
             branch = np.asarray(convert_data_type(d[self.branch_key], np.ndarray, dtype=np.float32)[0])
@@ -196,7 +243,7 @@ class ShapeSeedsd(MapTransform):
             elif self.edges == "embeddings":
                 emb_edges = ndimage.gaussian_filter(_edge_strength(arr[: self.embedding_dim]), 1.0)
                 edges = 0.5 * (1.0 - distance) + 0.5 * np.clip(emb_edges / (2 * self.delta_v), 0, 1)
-            labels = seeded_labels(distance, region, edges, self.seed_threshold)
+            labels = seeded_labels(distance, region, edges, self.seed_threshold, self.seed_depth)
             d[key] = convert_to_dst_type(labels[None], pred, dtype=torch.int32)[0]
         return d
 
@@ -214,8 +261,31 @@ VARIANTS: dict[str, dict] = {
         "seed_threshold": 0.6,
         "shape_split": 0.0,
     },
+    "peaks0.1": {"shape_seeds": "distance", "seed_threshold": 0.3, "seed_depth": 0.1, "shape_split": 0.0},
+    "peaks0.05": {"shape_seeds": "distance", "seed_threshold": 0.3, "seed_depth": 0.05, "shape_split": 0.0},
+    "peaks0.2": {"shape_seeds": "distance", "seed_threshold": 0.3, "seed_depth": 0.2, "shape_split": 0.0},
+    "peaks0.1_embeddings_edges": {
+        "shape_seeds": "distance",
+        "shape_edges": "embeddings",
+        "seed_threshold": 0.3,
+        "seed_depth": 0.1,
+        "shape_split": 0.0,
+    },
+    "embeddings_peaks0.1": {"shape_seeds": "embeddings", "seed_threshold": 0.3, "seed_depth": 0.1},
+    "embeddings_peaks0.2": {"shape_seeds": "embeddings", "seed_threshold": 0.3, "seed_depth": 0.2},
+    "embeddings_peaks0.1_nosplit": {
+        "shape_seeds": "embeddings",
+        "seed_threshold": 0.3,
+        "seed_depth": 0.1,
+        "shape_split": 0.0,
+    },
     "distance0.6_split": {"shape_seeds": "distance", "shape_edges": "distance", "seed_threshold": 0.6},
 }
+
+
+def _record(run_dir: Path) -> dict:
+    """A learning-speed run's record, ``<run_dir>.json`` beside its folder."""
+    return json.loads((run_dir.parent / f"{run_dir.name}.json").read_text())
 
 
 def _screen_split(record: dict, data_dir: str | None):
@@ -236,7 +306,7 @@ def score_variants(run_dir: Path, variants: Sequence[str], threads: int, data_di
     from research.data import score
     from research.methods.spoco import predict, run_ids
 
-    record = json.loads(run_dir.with_suffix(".json").read_text())
+    record = _record(run_dir)
     split = _screen_split(record, data_dir)
     cache_path = run_dir / "shape_seeds.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
@@ -326,10 +396,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
     rows = []
     for run in [Path(r) for r in args.run_dir.split(",") if r]:
-        record = json.loads(run.with_suffix(".json").read_text())
+        record = _record(run)
         for variant, s in score_variants(run, variants, args.threads, args.data_dir).items():
             rows.append((record["recipe"], record["iterations"], variant, s))
-    baselines = [json.loads(Path(b).with_suffix(".json").read_text()) for b in args.baseline.split(",") if b]
+    baselines = [_record(Path(b)) for b in args.baseline.split(",") if b]
     command = (
         f".venv/bin/python -m research.shape_seeds --run_dir {args.run_dir}"
         + (f" --baseline {args.baseline}" if args.baseline else "")

@@ -18,7 +18,7 @@ from research.recipes.shape_branch import (
     distance_target,
     split_branch,
 )
-from research.shape_seeds import ShapeSeedsd, SplitShapeBranchd, affinity_boundaries, seeded_labels
+from research.shape_seeds import ShapeSeedsd, SplitShapeBranchd, affinity_boundaries, seeded_labels, split_by_peaks
 
 
 def _touching_pair() -> np.ndarray:
@@ -147,3 +147,18 @@ def test_the_overlay_keeps_the_bundle_chain_around_its_two_steps():
     replaced = [s for s in steps[1:] if s["_target_"] != "research.shape_seeds.ShapeSeedsd"]
     kept = [s for s in chain if s["_target_"] != "spoco_bundle.postprocessing.ClusterInstancesd"]
     assert replaced == kept
+
+
+def test_objects_with_two_distance_peaks_are_cut_and_others_stay_whole():
+    yy, xx = np.mgrid[:40, :60]
+    truth = np.zeros((40, 60), np.int64)
+    distance = np.zeros((40, 60))
+    for k, cx in enumerate((13, 26, 48), start=1):  # cones: a smooth map with one peak per disc, as a network's
+        r = np.hypot(yy - 20, xx - cx)
+        truth[(r <= 7) & (truth == 0)] = k
+        distance = np.maximum(distance, np.clip(1 - r / 8, 0, 1))
+    merged = np.where(truth == 2, 1, truth).astype(np.int32)  # the touching pair as one object, the third apart
+    cut = split_by_peaks(merged, distance, seed_threshold=0.3, seed_depth=0.1)
+    assert len(np.unique(cut[truth > 0])) == 3 and cut.max() == 3
+    assert (cut[truth == 3] == cut[20, 48]).all()
+    assert (cut[truth == 1] == cut[20, 13]).mean() > 0.95 and cut[20, 13] != cut[20, 26]
