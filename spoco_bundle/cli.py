@@ -3,6 +3,7 @@
 
     spoco train DATA [--pretrained NAME|PATH] [--spatial_dims 2] [--time_limit_s S] [--any_config_id VALUE ...]
     spoco segment IN OUT [--model NAME | --ckpt PATH] [--preview] [--any_config_id VALUE ...]
+    spoco suggest IN OUT [--model NAME | --ckpt PATH] [--top 10] [--any_config_id VALUE ...]
     spoco evaluate DATA [--model NAME | --ckpt PATH] [--output_dir runs/evaluate] [--any_config_id VALUE ...]
     spoco package [--model NAME | --ckpt PATH] --output_dir dist [--teacher models/teacher.pt]
     spoco monailabel-deploy APP [--model NAME | --ckpt PATH] [--name spoco] [--studies DIR] [--overwrite]
@@ -17,6 +18,9 @@ command line (docs/install.md: the bundle's configs, metadata and logging config
 from the bundle's folder, so what they do is exactly what that command does; ``--dry_run`` prints the command
 instead. Paths are taken relative to the folder ``spoco`` is called from. ``segment --preview`` also writes
 ``OUT/preview.png``: the predicted instances outlined over each image (the middle slice of a volume).
+``suggest`` segments as ``segment`` does and also says what to outline next (``configs/suggest.json``): per image
+``<stem>_suggestions.csv`` and ``.png`` (the objects the model is least sure of first) and ``suggestions.csv``
+(the images, the one to annotate next first).
 ``monailabel-deploy`` copies the bundle with a model into a MONAI Label ``monaibundle`` app and prints the command
 that serves it (docs/monailabel.md).
 """
@@ -44,6 +48,7 @@ __all__ = [
     "weights",
     "train",
     "segment",
+    "suggest",
     "evaluate",
     "package",
     "monailabel_deploy",
@@ -98,6 +103,7 @@ OPTIONS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     ),
 }
 OPTIONS["evaluate"] = OPTIONS["segment"]
+OPTIONS["suggest"] = OPTIONS["segment"]
 
 
 def options_help(command: str) -> str:
@@ -260,6 +266,37 @@ def segment(
         print(f"preview: {write_preview(input, output)}")
 
 
+def suggest(
+    input: str,
+    output: str,
+    model: str | None = None,
+    ckpt: str | None = None,
+    top: int = 10,
+    dry_run: bool = False,
+    **ids: Any,
+) -> None:
+    """Segment every image in ``input`` into ``output`` as ``spoco segment`` does, and say which objects to outline
+    next: per image ``<stem>_suggestions.csv`` (every object, the most unsure first: its score, the foreground
+    head's uncertainty and the embeddings' spread over it, centroid and bounding box in the image's voxels) and
+    ``<stem>_suggestions.png`` (the ``top`` objects outlined and numbered), and ``suggestions.csv`` ranking the images
+    by their ``top`` most unsure objects (``configs/inference.json`` + ``configs/suggest.json``). Volumes too large
+    to segment whole (``--max_memory_gb``) are segmented blockwise without suggestions.
+
+    Args:
+        input: an image folder or file.
+        output: the folder for the labels and the suggestions.
+        model: a shipped model by name; ckpt: a ``model.pt``; neither: as ``segment``.
+        top: objects per image in the preview and in the images' ranking.
+        dry_run: print the ``monai.bundle`` command instead of running it.
+        ids: any ``configs/inference.json`` id, as for ``segment``.
+    """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise SystemExit(f"error: --top must be a positive whole number of objects, got {top!r}.")
+    ids = {**ids, "dataset_dir": input, "output_dir": output, "suggest_top": top}
+    weights(model, ckpt, ids)
+    _run(bundle_command(["inference.json", "suggest.json"], ids), dry_run)
+
+
 def write_preview(input: str, output: str, count: int = 4) -> str:
     """Draw the first ``count`` segmented images of ``input`` with their predictions from ``output`` into
     ``output/preview.png`` (no ground truth needed)."""
@@ -364,7 +401,7 @@ def monailabel_deploy(
     print(f"deployed {ckpt or 'untrained weights'} as {dest}\nserve it (in .venv-monailabel): {shlex.join(serve)}")
 
 
-for _command in (train, segment, evaluate):  # the options before the Args section, where `--help` shows them
+for _command in (train, segment, suggest, evaluate):  # the options before the Args section, where `--help` shows them
     _head, _args = _command.__doc__.split("\n    Args:", 1)
     _options = "\n".join(f"    {line}" for line in options_help(_command.__name__).splitlines())
     _command.__doc__ = f"{_head.rstrip()}\n\n{_options}\n\n    Args:{_args}"
@@ -372,7 +409,7 @@ for _command in (train, segment, evaluate):  # the options before the Args secti
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    commands = {"train": train, "segment": segment, "evaluate": evaluate, "package": package}
+    commands = {"train": train, "segment": segment, "suggest": suggest, "evaluate": evaluate, "package": package}
     commands["monailabel-deploy"] = monailabel_deploy
     fire.Fire(commands, name="spoco")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose
+from monai.transforms import Compose, CopyItemsd
 
 from spoco_bundle.blockwise.blocks import NetworkBlock
 from spoco_bundle.blockwise.grid import choose_block_shape, receptive_field, window_halo, window_tail
@@ -23,7 +23,7 @@ from spoco_bundle.blockwise.segment import check_output, segment_blockwise
 from spoco_bundle.blockwise.store import open_volume
 from spoco_bundle.inferers import ScaledInferer, sliding_window, window_scale
 from spoco_bundle.io import is_zarr, read_spacing
-from spoco_bundle.postprocessing import WarnFewInstancesd
+from spoco_bundle.postprocessing import ObjectScoresd, WarnFewInstancesd
 
 __all__ = ["BlockwiseSettings", "BYTES_PER_VOXEL", "segment_volume"]
 
@@ -391,13 +391,21 @@ def _field_of_view(network: torch.nn.Module, inferer: Any, scale: float) -> tupl
     return tuple(math.ceil(min(a, b) / scale) for a, b in zip(rf, roi))
 
 
+def _whole_image_step(transform: Any) -> bool:
+    """A step of the chain that only means something on a whole image: the object count check, the object scores
+    and the copy of the network output they read."""
+    if isinstance(transform, (WarnFewInstancesd, ObjectScoresd)):
+        return True
+    return isinstance(transform, CopyItemsd) and "network_output" in getattr(transform, "names", ())
+
+
 def _without_whole_image_checks(postprocessing: Callable) -> Callable:
-    """The chain without :class:`~spoco_bundle.postprocessing.WarnFewInstancesd`: a block is not an image (its count
-    says nothing about the volume, and the block has no file name), and the resume identity stays that of the chain
-    before the check existed."""
+    """The chain without the steps of :func:`_whole_image_step`: a block is not an image (its object count says
+    nothing about the volume, its objects' scores are not the volume's, and the block has no file name), and the
+    resume identity stays that of the chain without them."""
     if not isinstance(postprocessing, Compose):
         return postprocessing
-    kept = [t for t in postprocessing.transforms if not isinstance(t, WarnFewInstancesd)]
+    kept = [t for t in postprocessing.transforms if not _whole_image_step(t)]
     if len(kept) == len(postprocessing.transforms):
         return postprocessing
     chain = copy.copy(postprocessing)  # every other setting of the Compose as it was

@@ -5,7 +5,8 @@
 - :mod:`.model_card`: what the model records about its training, and its card;
 - :mod:`.checkpoints`: the resume checkpoint and the best-model saver's memory;
 - :mod:`.schedule`: the time budget and the last validation;
-- :mod:`.logs`: the run's length, progress, loss terms, TensorBoard preview and log file.
+- :mod:`.logs`: the run's length, progress, loss terms, TensorBoard preview and log file;
+- :mod:`.suggestions`: inference's per-object scores written as what to outline next (``spoco suggest``).
 """
 
 from spoco_bundle.handlers.checkpoints import (
@@ -33,10 +34,12 @@ from spoco_bundle.handlers.logs import (
 )
 from spoco_bundle.handlers.model_card import ModelCardWriter, TrainingSetRecorder
 from spoco_bundle.handlers.schedule import UNLIMITED_EPOCHS, TrainingTimeLimit, ValidateOnTerminate
+from spoco_bundle.handlers.suggestions import SuggestionWriter
 from spoco_bundle.handlers.teacher import MomentumTeacherHandler
 
 __all__ = [
     "MomentumTeacherHandler",
+    "SuggestionWriter",
     "ForegroundRegimeHandler",
     "LossWeightWarmup",
     "ForegroundCalibration",

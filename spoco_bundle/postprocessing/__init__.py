@@ -14,6 +14,9 @@ the head); training's validation runs the same chain, read from that file (:mod:
                            diameter (recorded in the model; min_size alone inside a given mask), ids 1..n
     WarnFewInstancesd      warn (naming the file) when far fewer objects are found than the segmented area holds
                            of the training objects' size: most of them merged
+    ObjectScoresd          (spoco suggest only, object_scores true) per object how unsure the model is: the head's
+                           uncertainty and the embeddings' spread over it, from the output CopyItemsd kept as
+                           network_output before ForegroundMaskd          -> object_scores (a row per object)
     ResizeToMatchd         the labels onto the image's grid (nearest neighbour), when the network ran on a
                            resampled grid (image_scale; clustering and min_size there, where objects have their
                            training size); 0 outside a given mask
@@ -34,6 +37,7 @@ from spoco_bundle.postprocessing.size import (
     WarnFewInstances,
     WarnFewInstancesd,
 )
+from spoco_bundle.postprocessing.suggestions import SCORE_COLUMNS, ObjectScores, ObjectScoresd
 
 __all__ = [
     "BACKGROUND_CHOICES",
@@ -53,4 +57,7 @@ __all__ = [
     "WarnFewInstancesd",
     "ResizeToMatch",
     "ResizeToMatchd",
+    "SCORE_COLUMNS",
+    "ObjectScores",
+    "ObjectScoresd",
 ]

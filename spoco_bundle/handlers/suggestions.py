@@ -1,0 +1,169 @@
+"""What to outline next: the per-object scores of :class:`~spoco_bundle.postprocessing.ObjectScoresd` written per
+image as a ranked CSV and a preview, and the images ranked by their objects (``spoco suggest``, configs/suggest.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from monai.utils import convert_to_numpy
+from scipy import ndimage
+
+from spoco_bundle.io import split_image_suffix
+
+__all__ = ["SuggestionWriter", "object_table", "draw_suggestions"]
+
+logger = logging.getLogger("spoco")
+
+_AXES = {2: ("y", "x"), 3: ("z", "y", "x")}
+
+
+def object_table(labels: np.ndarray, scores: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The scored objects that ``labels`` (``S``, the image's grid) holds, most unsure first, each with its rank,
+    centroid and bounding box (``<axis>_min`` / ``<axis>_max``, inclusive) in the image's voxels."""
+    axes = _AXES[labels.ndim]
+    boxes = ndimage.find_objects(labels)
+    ids = [r["id"] for r in scores if r["id"] <= len(boxes) and boxes[r["id"] - 1] is not None]
+    centres = ndimage.center_of_mass(np.ones(labels.shape, np.uint8), labels, ids) if ids else []
+    where = {k: (c, boxes[k - 1]) for k, c in zip(ids, centres)}
+    rows = []
+    for r in sorted((r for r in scores if r["id"] in where), key=lambda r: -r["score"]):
+        centre, box = where[r["id"]]
+        row = {"rank": len(rows) + 1, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}
+        row.update({f"centroid_{a}": round(float(c), 1) for a, c in zip(axes, centre)})
+        for a, s in zip(axes, box):
+            row[f"{a}_min"], row[f"{a}_max"] = s.start, s.stop - 1
+        rows.append(row)
+    return rows
+
+
+def draw_suggestions(image: np.ndarray, labels: np.ndarray, rows: list[dict[str, Any]], top: int, path: str) -> str:
+    """``image`` with every object outlined in grey and the first ``top`` of ``rows`` in red, numbered by rank (a
+    volume: the maximum projections along z); written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    chosen = [r["id"] for r in rows[:top]]
+    if labels.ndim == 3:  # a volume: project; the top objects drawn over the rest
+        image = image.max(axis=0)
+        flat = labels.max(axis=0)
+        picked = np.where(np.isin(labels, chosen), labels, 0).max(axis=0)
+        labels = np.where(picked > 0, picked, flat)
+    lo, hi = np.percentile(image, (1, 99.8))
+    rgb = np.repeat(np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)[..., None], 3, axis=-1)
+    rgb[find_boundaries(labels, mode="inner")] = (0.55, 0.55, 0.55)
+    top_mask = np.isin(labels, chosen)
+    rgb[find_boundaries(np.where(top_mask, labels, 0), mode="inner") & top_mask] = (1.0, 0.15, 0.15)
+    h, w = labels.shape
+    fig, ax = plt.subplots(figsize=(min(12, 4 + w / 100), min(12, 4 + h / 100)))
+    ax.imshow(rgb, interpolation="nearest")
+    for r in rows[:top]:
+        ax.text(r["centroid_x"], r["centroid_y"], str(r["rank"]), color="yellow", fontsize=9, ha="center", va="center")
+    ax.set_title(f"{len(rows)} objects; the {min(top, len(rows))} most unsure in red, numbered by rank", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    tmp = f"{path}.part.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    tmp = f"{path}.part"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)  # never a half-written table
+
+
+class SuggestionWriter:
+    """
+    Writes the object scores of each segmented image (under ``scores_key`` in the evaluator's output, from
+    :class:`~spoco_bundle.postprocessing.ObjectScoresd`) beside its labels: ``<stem>_suggestions.csv`` (every
+    object, most unsure first: rank, id, score and its parts, voxels, centroid, bounding box in the image's voxels)
+    and ``<stem>_suggestions.png`` (the ``top`` objects outlined and numbered); when the run completes,
+    ``suggestions.csv`` in the output folder ranks the images by the mean score of their ``top`` most unsure objects
+    (the image to annotate next first). A volume segmented blockwise gets no suggestions (its network output is
+    never whole), said in the log.
+
+    Args:
+        top: objects per image in the preview and in the image's rank.
+        scores_key: where the chain put the scores.
+    """
+
+    def __init__(self, top: int = 10, scores_key: str = "object_scores") -> None:
+        if int(top) < 1:
+            raise ValueError(f"top must be a positive number of objects, got {top!r}.")
+        self.top = int(top)
+        self.scores_key = scores_key
+        self.images: list[dict[str, Any]] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._write_ranking)
+
+    def _reset(self, engine: Any) -> None:
+        self.images = []
+        self.folder: str | None = None
+
+    def __call__(self, engine: Any) -> None:
+        # MONAI's evaluators decollate the batch (one item per image; the bundle's inference has one per batch)
+        batch, output = engine.state.batch, engine.state.output
+        batch = batch[0] if isinstance(batch, list) else {k: v[0] for k, v in batch.items()}
+        path, out_path = str(batch["path"]), str(batch["output"])
+        item = output[0] if isinstance(output, list) and output else {}
+        if self.scores_key not in item:
+            if batch.get("blockwise") is not None:
+                logger.warning(
+                    f"{path}: segmented blockwise, so no suggestions (they need the network output of the whole "
+                    "volume): raise --max_memory_gb to segment it whole."
+                )
+            return
+        labels = np.asarray(convert_to_numpy(item["pred"]))[0].astype(np.int32)
+        image = np.asarray(convert_to_numpy(batch["image"]))[0].astype(np.float32)
+        rows = object_table(labels, item[self.scores_key])
+        folder = os.path.dirname(out_path)
+        stem = split_image_suffix(os.path.basename(out_path))[0]
+        stem = stem[: -len("_instances")] if stem.endswith("_instances") else stem
+        axes = _AXES[labels.ndim]
+        columns = ["rank", "id", "score", "head_uncertainty", "embedding_spread", "voxels"]
+        columns += [f"centroid_{a}" for a in axes] + [f"{a}_{end}" for a in axes for end in ("min", "max")]
+        _write_csv(os.path.join(folder, f"{stem}_suggestions.csv"), rows, columns)
+        if image.shape == labels.shape:
+            draw_suggestions(image, labels, rows, self.top, os.path.join(folder, f"{stem}_suggestions.png"))
+        top = rows[: self.top]
+        self.folder = folder
+        self.images.append(
+            {
+                "image": path,
+                "objects": len(rows),
+                "image_score": round(float(np.mean([r["score"] for r in top])), 4) if top else 0.0,
+                "most_unsure_id": top[0]["id"] if top else "",
+                "most_unsure_score": round(top[0]["score"], 4) if top else "",
+            }
+        )
+        if top:
+            logger.info(f"{path}: most unsure object {top[0]['id']} (score {top[0]['score']:.2f})")
+
+    def _write_ranking(self, engine: Any) -> None:
+        if not self.images or not self.folder:
+            return
+        ranked = sorted(self.images, key=lambda r: -r["image_score"])
+        for i, r in enumerate(ranked, start=1):
+            r["rank"] = i
+        path = os.path.join(self.folder, "suggestions.csv")
+        _write_csv(path, ranked, ["rank", "image", "image_score", "objects", "most_unsure_id", "most_unsure_score"])
+        logger.info(f"suggestions: {path} (images, the one to annotate next first)")
