@@ -167,3 +167,18 @@ def test_an_image_segmented_blockwise_gets_labels_and_says_why_no_suggestions(tm
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "segmented blockwise, so no suggestions" in done.stdout + done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0287e7ee5b007c91_instances.tif"]
+
+
+def test_a_volume_is_drawn_one_panel_per_suggested_object(tmp_path):
+    from spoco_bundle.handlers.suggestions import draw_suggestions
+
+    labels = np.zeros((12, 40, 40), np.int32)
+    labels[2:8, 5:15, 5:15], labels[4:10, 20:35, 22:30] = 1, 2
+    image = np.random.default_rng(0).random(labels.shape).astype(np.float32) + (labels > 0)
+    rows = object_table(labels, [{"id": 1, "score": 0.2}, {"id": 2, "score": 0.8}])
+    assert rows[0]["id"] == 2 and rows[0]["centroid_z"] == 6.5 and (rows[0]["z_min"], rows[0]["z_max"]) == (4, 9)
+    path = draw_suggestions(image, labels, rows, 2, str(tmp_path / "v.png"))
+    import matplotlib.image
+
+    assert matplotlib.image.imread(path).shape[1] > matplotlib.image.imread(path).shape[0]  # two panels side by side
+    assert not list(tmp_path.glob("*.part*"))

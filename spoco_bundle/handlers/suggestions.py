@@ -42,33 +42,59 @@ def object_table(labels: np.ndarray, scores: Sequence[dict[str, Any]]) -> list[d
     return rows
 
 
+def _rgb(image: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(image, (1, 99.8))
+    return np.repeat(np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)[..., None], 3, axis=-1)
+
+
+def _outlined(image: np.ndarray, labels: np.ndarray, chosen: Sequence[int]) -> np.ndarray:
+    """``image`` as RGB with every object's outline grey and those of ``chosen`` red."""
+    from skimage.segmentation import find_boundaries
+
+    rgb = _rgb(image)
+    rgb[find_boundaries(labels, mode="inner")] = (0.55, 0.55, 0.55)
+    top = np.isin(labels, chosen)
+    rgb[find_boundaries(np.where(top, labels, 0), mode="inner") & top] = (1.0, 0.15, 0.15)
+    return rgb
+
+
 def draw_suggestions(image: np.ndarray, labels: np.ndarray, rows: list[dict[str, Any]], top: int, path: str) -> str:
-    """``image`` with every object outlined in grey and the first ``top`` of ``rows`` in red, numbered by rank (a
-    volume: the maximum projections along z); written to ``path`` (PNG)."""
+    """The first ``top`` of ``rows`` drawn for an annotator, written to ``path`` (PNG): a 2D image whole, every
+    object outlined in grey and those in red, numbered by rank; a volume as one panel per object: the slice through
+    its centroid, cropped around it (a margin of half its size), titled with its rank, id, centroid and score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from skimage.segmentation import find_boundaries
 
-    chosen = [r["id"] for r in rows[:top]]
-    if labels.ndim == 3:  # a volume: project; the top objects drawn over the rest
-        image = image.max(axis=0)
-        flat = labels.max(axis=0)
-        picked = np.where(np.isin(labels, chosen), labels, 0).max(axis=0)
-        labels = np.where(picked > 0, picked, flat)
-    lo, hi = np.percentile(image, (1, 99.8))
-    rgb = np.repeat(np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)[..., None], 3, axis=-1)
-    rgb[find_boundaries(labels, mode="inner")] = (0.55, 0.55, 0.55)
-    top_mask = np.isin(labels, chosen)
-    rgb[find_boundaries(np.where(top_mask, labels, 0), mode="inner") & top_mask] = (1.0, 0.15, 0.15)
-    h, w = labels.shape
-    fig, ax = plt.subplots(figsize=(min(12, 4 + w / 100), min(12, 4 + h / 100)))
-    ax.imshow(rgb, interpolation="nearest")
-    for r in rows[:top]:
-        ax.text(r["centroid_x"], r["centroid_y"], str(r["rank"]), color="yellow", fontsize=9, ha="center", va="center")
-    ax.set_title(f"{len(rows)} objects; the {min(top, len(rows))} most unsure in red, numbered by rank", fontsize=9)
-    ax.axis("off")
+    chosen = rows[:top]
+    if labels.ndim == 2:
+        h, w = labels.shape
+        fig, ax = plt.subplots(figsize=(min(12, 4 + w / 100), min(12, 4 + h / 100)))
+        ax.imshow(_outlined(image, labels, [r["id"] for r in chosen]), interpolation="nearest")
+        for r in chosen:
+            ax.text(r["centroid_x"], r["centroid_y"], str(r["rank"]), color="yellow", fontsize=9, ha="center")
+        ax.set_title(f"{len(rows)} objects; the {len(chosen)} most unsure in red, numbered by rank", fontsize=9)
+        ax.axis("off")
+        axes = [ax]
+    else:
+        columns = min(5, max(1, len(chosen)))
+        n_rows = max(1, -(-len(chosen) // columns))
+        fig, axes_grid = plt.subplots(n_rows, columns, figsize=(3 * columns, 3.2 * n_rows), squeeze=False)
+        axes = list(axes_grid.ravel())
+        for ax, r in zip(axes, chosen):
+            z = int(round(r["centroid_z"]))
+            my, mx = (r["y_max"] - r["y_min"]) // 2 + 4, (r["x_max"] - r["x_min"]) // 2 + 4
+            ys = slice(max(0, r["y_min"] - my), r["y_max"] + my + 1)
+            xs = slice(max(0, r["x_min"] - mx), r["x_max"] + mx + 1)
+            ax.imshow(_outlined(image[z, ys, xs], labels[z, ys, xs], [r["id"]]), interpolation="nearest")
+            ax.set_title(
+                f"#{r['rank']}: id {r['id']}, score {r['score']:.2f}\nz {z}, y {r['centroid_y']:.0f}, "
+                f"x {r['centroid_x']:.0f}",
+                fontsize=8,
+            )
+        for ax in axes:
+            ax.axis("off")
     fig.tight_layout()
     tmp = f"{path}.part.png"
     fig.savefig(tmp, dpi=100)
