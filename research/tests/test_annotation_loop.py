@@ -1,0 +1,37 @@
+"""The simulated annotator's pieces that need no training: matching, random choice, the label files it writes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from research.annotation_loop import BACKGROUND, _iou_match, _random, _write_annotations
+from research.data import Item
+from spoco_bundle.io import read_image
+
+
+def _item(tmp_path, name: str = "a") -> Item:
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:8, 2:8], labels[10:18, 10:18], labels[2:6, 12:18] = 3, 7, 9
+    return Item(name, labels.astype(np.float32), labels, None, str(tmp_path / f"{name}.tif"), str(tmp_path / "l.tif"))
+
+
+def test_a_suggestion_matches_the_true_object_it_overlaps_by_more_than_half(tmp_path):
+    truth = _item(tmp_path).labels
+    pred = np.zeros_like(truth)
+    pred[2:8, 2:9] = 1  # 36 of 42 pixels: IoU 0.86
+    pred[10:18, 10:12] = 2  # 16 of object 7's 64: IoU 0.25
+    pred[0:2, 0:5] = 4  # background only
+    assert _iou_match(pred, truth, 1) == 3 and _iou_match(pred, truth, 2) == 0 and _iou_match(pred, truth, 4) == 0
+
+
+def test_random_choice_adds_only_unannotated_objects_and_the_files_hold_the_annotation(tmp_path):
+    item = _item(tmp_path)
+    added = _random([item], {"a": {3}}, 5, seed=0)
+    assert added == {"a": {7, 9}}  # only two were left
+    painted = {"a": np.zeros((20, 20), bool)}
+    painted["a"][0:2, 0:20] = True  # a false suggestion along the top: background where no true object lies
+    painted["a"][2:4, 2:4] = True  # ... but not inside object 3
+    (written,) = _write_annotations(tmp_path, [item], {"a": {3, 9}}, painted)
+    ann = np.asarray(read_image(written.label_path)[0])
+    assert set(np.unique(ann)) == {0, 3, 9, BACKGROUND}
+    assert (ann[0:2] == BACKGROUND).all() and (ann[2:8, 2:8] == 3).all() and (ann[10:18, 10:18] == 0).all()
