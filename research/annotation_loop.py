@@ -56,7 +56,7 @@ def _write_annotations(work: Path, pool: list[Item], chosen: dict[str, set[int]]
         ann = np.where(np.isin(item.labels, sorted(chosen[item.name])), item.labels, 0).astype(np.uint16)
         if item.name in painted:
             ann[painted[item.name] & (item.labels == 0)] = BACKGROUND
-        path = _annotation_path(work, item)
+        path = _annotation_path(work.resolve(), item)  # dataset.json resolves relative paths against itself
         write_label_image(path, ann)
         items.append(replace(item, label_path=str(path)))
     return items
