@@ -133,6 +133,7 @@ class SuggestionWriter:
         self.top = int(top)
         self.scores_key = scores_key
         self.images: list[dict[str, Any]] = []
+        self.folder: str | None = None
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -142,8 +143,7 @@ class SuggestionWriter:
         engine.add_event_handler(Events.COMPLETED, self._write_ranking)
 
     def _reset(self, engine: Any) -> None:
-        self.images = []
-        self.folder: str | None = None
+        self.images, self.folder = [], None
 
     def __call__(self, engine: Any) -> None:
         # MONAI's evaluators decollate the batch (one item per image; the bundle's inference has one per batch)
