@@ -7,9 +7,11 @@ pool's objects in one of two ways and fine-tunes the previous round's model on t
 budget (``--budget_s``):
 
 - ``suggest``: ``spoco suggest`` (``configs/suggest.json``) with the previous model on every pool image; going down
-  its objects by score (all images together), the annotator outlines the true object a suggestion matches (IoU above
-  0.5, not yet annotated) and paints a suggestion that matches no true object as background (its pixels outside
-  every true object, id 65535, ``--background_label 65535``), until the round's count of new objects is reached;
+  its objects by score (all images together), the annotator outlines the true objects a suggestion stands for (IoU
+  above 0.5, or at least half of the true object inside it: both nuclei of a merged pair; those not yet annotated)
+  and paints a false suggestion (no such object, at least half of it on true background) as background (its pixels
+  outside every true object, id 65535, ``--background_label 65535``), until the round's count of new objects is
+  reached;
 - ``random``: the same number of unannotated true objects, drawn at random.
 
 Every model is scored on the held-back training images (``--tune``; AP50 pooled and per image), never on the
@@ -62,18 +64,21 @@ def _write_annotations(work: Path, pool: list[Item], chosen: dict[str, set[int]]
     return items
 
 
-def _iou_match(pred: np.ndarray, truth: np.ndarray, k: int) -> int:
-    """The true object that predicted object ``k`` matches at IoU above 0.5 (0: none)."""
+def _matches(pred: np.ndarray, truth: np.ndarray, k: int) -> tuple[list[int], bool]:
+    """What an annotator does with suggested object ``k``: the true objects it stands for (IoU above 0.5, or at least
+    half of a true object inside it: both nuclei of a merged pair), and whether it is a false object (none of those,
+    and at least half of it on true background), whose background the annotator paints."""
     obj = pred == k
     ids, overlap = np.unique(truth[obj], return_counts=True)
-    best, inter = 0, 0
+    size = obj.sum()
+    hits = []
     for t, n in zip(ids, overlap):
-        if t and n > inter:
-            best, inter = int(t), int(n)
-    if not best:
-        return 0
-    union = obj.sum() + (truth == best).sum() - inter
-    return best if inter / union > 0.5 else 0
+        if t:
+            area = int((truth == t).sum())
+            if n / (size + area - n) > 0.5 or n >= 0.5 * area:
+                hits.append(int(t))
+    background = int(overlap[ids == 0].sum()) if (ids == 0).any() else 0
+    return hits, not hits and background >= 0.5 * size
 
 
 def _suggested(work: Path, split: Split, ckpt: Path, chosen: dict, n_add: int, threads: int):
@@ -94,13 +99,14 @@ def _suggested(work: Path, split: Split, ckpt: Path, chosen: dict, n_add: int, t
         if count >= n_add:
             break
         item, pred = by_name[name]
-        t = _iou_match(pred, item.labels, k)
-        if t == 0:
+        hits, is_false = _matches(pred, item.labels, k)
+        if is_false:
             painted[name] = painted.get(name, np.zeros(pred.shape, bool)) | (pred == k)
             false += 1
-        elif t not in chosen[name] and t not in added[name]:
-            added[name].add(t)
-            count += 1
+        for t in hits:
+            if t not in chosen[name] and t not in added[name] and count < n_add:
+                added[name].add(t)
+                count += 1
     return added, painted, false
 
 

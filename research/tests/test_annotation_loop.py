@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from research.annotation_loop import BACKGROUND, _iou_match, _random, _write_annotations
+from research.annotation_loop import BACKGROUND, _matches, _random, _write_annotations
 from research.data import Item
 from spoco_bundle.io import read_image
 
@@ -15,13 +15,17 @@ def _item(tmp_path, name: str = "a") -> Item:
     return Item(name, labels.astype(np.float32), labels, None, str(tmp_path / f"{name}.tif"), str(tmp_path / "l.tif"))
 
 
-def test_a_suggestion_matches_the_true_object_it_overlaps_by_more_than_half(tmp_path):
+def test_a_suggestion_stands_for_the_true_objects_it_covers_or_is_painted_as_background(tmp_path):
     truth = _item(tmp_path).labels
     pred = np.zeros_like(truth)
-    pred[2:8, 2:9] = 1  # 36 of 42 pixels: IoU 0.86
-    pred[10:18, 10:12] = 2  # 16 of object 7's 64: IoU 0.25
-    pred[0:2, 0:5] = 4  # background only
-    assert _iou_match(pred, truth, 1) == 3 and _iou_match(pred, truth, 2) == 0 and _iou_match(pred, truth, 4) == 0
+    pred[2:8, 2:9] = 1  # 36 of 42 pixels on object 3: IoU 0.86
+    pred[10:18, 10:12] = 2  # a sliver of object 7 (16 of its 64 pixels): neither a match nor a false object
+    pred[0:2, 0:5] = 4  # background only: a false object
+    pred[1:9, 11:19] = 5  # object 9 whole and much background around it: half of object 9 is inside
+    assert _matches(pred, truth, 1) == ([3], False) and _matches(pred, truth, 2) == ([], False)
+    assert _matches(pred, truth, 4) == ([], True) and _matches(pred, truth, 5) == ([9], False)
+    merged = np.where((truth == 7) | (truth == 9), 6, 0)  # two true objects merged into one suggestion
+    assert _matches(merged, truth, 6) == ([7, 9], False)
 
 
 def test_random_choice_adds_only_unannotated_objects_and_the_files_hold_the_annotation(tmp_path):
