@@ -12,6 +12,8 @@ budget (``--budget_s``):
   and paints a false suggestion (no such object, at least half of it on true background) as background (its pixels
   outside every true object, id 65535, ``--background_label 65535``), until the round's count of new objects is
   reached;
+- ``suggest_objects``: the same without painting background (only objects are outlined: the head keeps its
+  objects-only training);
 - ``random``: the same number of unannotated true objects, drawn at random.
 
 Every model is scored on the held-back training images (``--tune``; AP50 pooled and per image), never on the
@@ -43,6 +45,7 @@ from research.settings import RunSettings
 from spoco_bundle.io import split_image_suffix, write_label_image
 
 BACKGROUND = 65535  # the painted-background id (no object of the data sets uses it)
+ARMS = ("suggest", "suggest_objects", "random")
 SUGGEST = "configs/suggest.json"
 
 
@@ -142,9 +145,9 @@ def run_arm(args: argparse.Namespace, arm: str) -> list[dict]:
             continue
         t0 = time.perf_counter()
         false = 0
-        if arm == "suggest":
+        if arm in ("suggest", "suggest_objects"):
             added, new_paint, false = _suggested(work, split, ckpt, chosen, n_add, args.threads)
-            for k, v in new_paint.items():
+            for k, v in new_paint.items() if arm == "suggest" else ():
                 painted[k] = painted.get(k, np.zeros(v.shape, bool)) | v
         else:
             added = _random(pool, chosen, n_add, seed=r)
@@ -233,13 +236,13 @@ def report(args: argparse.Namespace, records: list[dict], command: str) -> str:
         f"- **Machine**: {machine.get('cpu')}, {machine.get('nproc')} cores, torch {machine.get('torch')}, no GPU; "
         f"{args.threads} thread per run, the arms side by side.",
         "",
-        "| arm | round | annotated objects | false suggestions painted | iterations | AP50 | AP50 per image | mAP | "
+        "| arm | round | annotated objects | false suggestions (painted in suggest) | iterations | AP50 | AP50 per image | mAP | "
         "head pixels P / R | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r["round"], r["arm"])):
         lines.append(
-            f"| {r['arm'] if r['round'] else 'both'} | {r['round']} | {r['annotated']} | {r['false_suggestions']} | "
+            f"| {r["arm"] if r["round"] else "all arms"} | {r['round']} | {r['annotated']} | {r['false_suggestions']} | "
             f"{r['iterations']} | {r['ap50']:.3f} | {r['ap50_per_image']:.3f} | {r['map']:.3f} | "
             f"{r['fg_precision']:.2f} / {r['fg_recall']:.2f} | {r['loadavg']} |"
         )
@@ -264,8 +267,8 @@ def main(argv=None) -> None:
     p.add_argument("--docs", default="")
     args = p.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
-    if set(arms) - {"suggest", "random"}:
-        p.error(f"--arms are suggest and random, got {arms}")
+    if set(arms) - set(ARMS):
+        p.error(f"--arms are {', '.join(ARMS)}; got {arms}")
     _round_zero(args, _split(args))
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(run_arm, [args] * len(arms), arms))
