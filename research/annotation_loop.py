@@ -236,13 +236,14 @@ def report(args: argparse.Namespace, records: list[dict], command: str) -> str:
         f"- **Machine**: {machine.get('cpu')}, {machine.get('nproc')} cores, torch {machine.get('torch')}, no GPU; "
         f"{args.threads} thread per run, the arms side by side.",
         "",
-        "| arm | round | annotated objects | false suggestions (painted in suggest) | iterations | AP50 | AP50 per image | mAP | "
-        "head pixels P / R | load |",
+        "| arm | round | annotated objects | false suggestions (painted in suggest) | iterations | AP50 | "
+        "AP50 per image | mAP | head pixels P / R | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r["round"], r["arm"])):
+        arm = r["arm"] if r["round"] else "all arms"
         lines.append(
-            f"| {r["arm"] if r["round"] else "all arms"} | {r['round']} | {r['annotated']} | {r['false_suggestions']} | "
+            f"| {arm} | {r['round']} | {r['annotated']} | {r['false_suggestions']} | "
             f"{r['iterations']} | {r['ap50']:.3f} | {r['ap50_per_image']:.3f} | {r['map']:.3f} | "
             f"{r['fg_precision']:.2f} / {r['fg_recall']:.2f} | {r['loadavg']} |"
         )
