@@ -990,10 +990,12 @@ def test_every_learning_speed_recipe_overrides_ids_that_train_json_has() -> None
     for name, overrides in RECIPES.items():
         for key in overrides:
             # an id of its own, or an argument its component takes (e.g. loss#consistency_weight)
-            parent = parser.get(key.rsplit("#", 1)[0]) if "#" in key else None
+            parent_id = key.rsplit("#", 1)[0]
+            parent = parser.get(parent_id) if "#" in key else None
             known = key in parser
             if not known and isinstance(parent, dict) and "_target_" in parent:
-                component = pydoc.locate(parent["_target_"])
+                # the recipe's own component where it replaces one (e.g. the shape branch's loss)
+                component = pydoc.locate(overrides.get(f"{parent_id}#_target_", parent["_target_"]))
                 known = key.rsplit("#", 1)[1] in inspect.signature(component).parameters
             assert known, f"recipe {name}: {key} is not an id of train.json"
     for key, value in RECIPES["weak_aug"].items():
