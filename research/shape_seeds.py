@@ -37,10 +37,11 @@ from scipy import ndimage
 from scipy.special import expit
 
 from research.recipes.shape_branch import DEFAULT_OFFSETS, branch_channels, split_branch
+from spoco_bundle.clustering._common import _label_unseeded
 from spoco_bundle.clustering._morphology import h_minima, watershed
 from spoco_bundle.clustering.watershed import _edge_strength
 from spoco_bundle.postprocessing import ClusterInstances
-from spoco_bundle.postprocessing._common import _mask_from
+from spoco_bundle.postprocessing._common import _given_mask, _mask_from
 
 __all__ = ["SplitShapeBranchd", "ShapeSeedsd", "seeded_labels", "affinity_boundaries", "VARIANTS"]
 
@@ -124,10 +125,7 @@ def seeded_labels(
     markers, n = ndimage.label(_peak_seeds(distance, region, seed_threshold, seed_depth))
     surface = (1.0 - distance) if edges is None else edges
     labels = watershed(surface.astype(np.float32), markers, mask=region).astype(np.int32)
-    rest = region & (labels == 0)
-    if rest.any():
-        extra, _ = ndimage.label(rest)
-        labels[rest] = extra[rest] + n
+    _label_unseeded(labels, region, n)
     return labels
 
 
@@ -231,11 +229,7 @@ class ShapeSeedsd(MapTransform):
             arr = np.asarray(convert_data_type(pred, np.ndarray, dtype=np.float32)[0])
             branch = np.asarray(convert_data_type(d[self.branch_key], np.ndarray, dtype=np.float32)[0])
             distance = expit(branch[0])
-            region = (
-                np.ones(arr.shape[1:], bool)
-                if mask is None
-                else np.asarray(convert_data_type(mask, np.ndarray)[0]).reshape(arr.shape[1:]).astype(bool)
-            )
+            region = np.ones(arr.shape[1:], bool) if mask is None else _given_mask(mask, arr.shape[1:])
             edges = None
             if self.edges == "affinity":
                 offsets = self.offsets or DEFAULT_OFFSETS[arr.ndim - 1]
