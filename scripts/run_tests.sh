@@ -5,6 +5,8 @@
 # Then the MONAI Label tests (tests/test_monailabel_{tasks,server}.py, skipped in .venv) run in .venv-monailabel
 # (scripts/setup_monailabel.sh), without network access where this machine allows a private network namespace.
 # SPOCO_MONAILABEL_TESTS=0 leaves that second part out (quick local runs).
+# The napari plugin's viewer tests need a display: without one, the suite runs under a virtual X server (xvfb-run,
+# set up by scripts/setup_display.sh); where that cannot be set up they are skipped, and the run says so at its end.
 # --fast (first argument): the everyday tier only: unit tests and one tiny end-to-end training, no tests marked
 # slow, packaging, distributed, monailabel or benchmark (markers in pyproject.toml, tiers in docs/development.md).
 # Without it (CI, .ci/run) everything runs.
@@ -16,15 +18,31 @@ if [ "${1:-}" = "--fast" ]; then
     fast=1
     shift
 fi
-bash scripts/setup_env.sh test,lint
+bash scripts/setup_env.sh test,lint,napari
+export MPLBACKEND="${MPLBACKEND:-Agg}"  # under the virtual display matplotlib would pick Qt
 status=0
+display=()
+no_display=""
+if [ -z "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then
+    if out="$(bash scripts/setup_display.sh 2>&1)"; then
+        display=(xvfb-run -a -s "-screen 0 1280x1024x24")
+    else
+        no_display="$out"
+    fi
+    [ -z "$out" ] || echo "$out"
+fi
+say_display() {
+    [ -z "$no_display" ] || echo "[run_tests] the napari viewer tests (tests/test_napari.py) were NOT run: no display ($no_display)"
+}
 bash scripts/lint.sh || status=$?
 if [ "$fast" = 1 ]; then
-    "$root/.venv/bin/python" -m pytest tests research/tests \
+    "${display[@]}" "$root/.venv/bin/python" -m pytest tests research/tests \
         -m "not (slow or packaging or distributed or monailabel or benchmark)" "$@" || status=$?
+    say_display
     exit "$status"
 fi
-"$root/.venv/bin/python" -m pytest tests research/tests "$@" || status=$?
+"${display[@]}" "$root/.venv/bin/python" -m pytest tests research/tests "$@" || status=$?
+say_display
 if [ "${SPOCO_MONAILABEL_TESTS:-1}" != 0 ]; then
     bash scripts/setup_monailabel.sh
     ml_tests=(tests/test_monailabel_tasks.py tests/test_monailabel_server.py)

@@ -30,6 +30,9 @@ OPTIONAL_IMPORTS = {
     "monailabel": "only spoco_bundle.monailabel.server, which runs inside a MONAI Label installation",
     "fastapi": "only spoco_bundle.monailabel.server (a MONAI Label dependency)",
     "distributed": "only blockwise segmentation on a dask.distributed cluster (--scheduler tcp://...; extra 'cluster')",
+    "napari": "only the napari plugin, spoco_bundle.napari.widget (extra 'napari')",
+    "magicgui": "only the napari plugin's widget (a napari dependency)",
+    "qtpy": "only the napari plugin's widget (a napari dependency)",
 }
 
 
