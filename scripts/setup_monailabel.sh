@@ -36,7 +36,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
-grep -v '^torch==' "$root/requirements/constraints.txt" >"$constraints"
+# the pins of requirements/monailabel.txt win over .venv's (torch, and packages both environments use, e.g. pydantic)
+awk -F'==' 'NR == FNR { if ($0 ~ /==/) own[tolower($1)] = 1; next }
+    !($0 ~ /==/) || !(tolower($1) in own)' "$root/requirements/monailabel.txt" "$root/requirements/constraints.txt" \
+    >"$constraints"
 cat "$root/requirements/monailabel.txt" >>"$constraints"
 
 echo "[setup_monailabel] installing monailabel 0.8.5, torch 2.14.1 + torchvision 0.29.1 and spoco_bundle[test] into $venv"

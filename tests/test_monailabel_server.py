@@ -312,6 +312,49 @@ def test_train_from_sparse_labels_then_infer_with_the_new_weights(server, tmp_pa
         np.testing.assert_array_equal(read_result(out), reference)  # the server uses the new weights
 
 
+def test_the_uncertain_strategy_serves_the_least_sure_unlabeled_study(server, tmp_path):
+    """``<model>_uncertain`` (after the training above: two studies are labelled): every unlabeled study that can be
+    segmented is scored with the current weights, the one with the highest score is served with its most unsure
+    objects, its ``spoco_suggestions`` label holds those objects by rank, and labelled studies are never served."""
+    strategy = f"{MODEL}_uncertain"
+    assert strategy in server.request("GET", "/info/").json()["strategies"]
+    r = server.request("POST", f"/activelearning/{strategy}")
+    assert r.status_code == 200, r.text
+    served = r.json()
+    assert served["id"] not in LABELLED and served["id"] in (NIFTI_IDS[2], TIFF_ID), served
+
+    infos = {}
+    for image_id in (NIFTI_IDS[2], TIFF_ID, "corrupt_000", "flat_000", *LABELLED):
+        r = server.request("GET", "/datastore/image/info", params={"image": image_id})
+        assert r.status_code == 200, r.text
+        infos[image_id] = r.json().get("spoco_uncertainty")
+    assert all(infos[i] is None for i in LABELLED)  # labelled studies are not scored
+    assert "error" in infos["corrupt_000"] and "error" in infos["flat_000"]  # bad studies are kept out, not fatal
+    scored = {i: infos[i] for i in (NIFTI_IDS[2], TIFF_ID)}
+    assert served["id"] == max(scored, key=lambda i: scored[i]["score"])
+    assert served["spoco_uncertainty"]["score"] == scored[served["id"]]["score"]  # the client gets the objects too
+    objects = served["spoco_uncertainty"]["objects"]
+    assert 1 <= len(objects) <= 10 and [o["rank"] for o in objects] == list(range(1, len(objects) + 1))
+    assert [o["score"] for o in objects] == sorted((o["score"] for o in objects), reverse=True)
+
+    # the label the client can show: the served study's segmentation, its most unsure objects by rank
+    r = server.request("GET", "/datastore/label", params={"label": served["id"], "tag": "spoco_suggestions"})
+    assert r.status_code == 200, r.text
+    ext = ".tif" if served["id"] == TIFF_ID else ".nii.gz"
+    (tmp_path / f"suggestions{ext}").write_bytes(r.content)
+    ranks = read_result(str(tmp_path / f"suggestions{ext}"))
+    assert ranks.shape == SHAPE and set(np.unique(ranks)) == {0, *range(1, len(objects) + 1)}
+    segmentation = cli_segmentation(server.bundle, server.images[served["id"]], tmp_path / "cli")
+    for o in objects:  # each ranked region is exactly the object of the command line's segmentation
+        np.testing.assert_array_equal(ranks == o["rank"], segmentation == o["id"])
+
+    # the scores are kept: asking again serves from them, the stored scores unchanged
+    again = server.request("POST", f"/activelearning/{strategy}").json()
+    assert again["spoco_uncertainty"] == served["spoco_uncertainty"]
+    stats = server.request("GET", "/datastore/", params={"output": "stats"}).json()
+    assert stats["label_tags"]["final"] == len(LABELLED)  # the suggestions label is no annotation
+
+
 def test_a_mismatched_checkpoint_is_an_error_not_random_weights(server, tmp_path):
     model_pt = server.bundle / "models" / "model.pt"
     good = model_pt.read_bytes()

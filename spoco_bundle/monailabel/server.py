@@ -24,11 +24,16 @@ Stock MONAI Label runs any path that exists on the server (``POST /infer/<model>
 datastore, and a refused path answers like an unknown id: the status does not tell which server paths exist. Client
 errors of inference (4xx) are logged as one line each, without a traceback; 500s keep theirs.
 
+The app also gets, for each deployed SPOCO bundle, the active-learning strategy ``<model>_uncertain``
+(:class:`~spoco_bundle.monailabel.strategy.UncertainObjects`: the study whose objects the model is least sure of,
+with those objects), beside the app's own strategies.
+
 Everything else (routes, datastore, tasks) is MONAI Label's own app object; the server keeps serving after an error.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -36,9 +41,13 @@ import os
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from monailabel.app import app
+from monailabel.config import settings
 from monailabel.endpoints import infer as _infer
+from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
+
+from spoco_bundle.monailabel.strategy import strategies_for
 
 __all__ = ["app", "run_inference"]
 
@@ -165,3 +174,24 @@ def run_inference(background_tasks, model, image="", session_id="", params="{}",
 _stock_run_inference = getattr(_infer.run_inference, "__wrapped__", _infer.run_inference)
 run_inference.__wrapped__ = _stock_run_inference
 _infer.run_inference = run_inference
+
+
+def _with_uncertain_objects(init):
+    """``MONAILabelApp.__init__``, then the app's SPOCO bundles' strategies added to its own (where the server runs
+    strategies at all: ``MONAI_LABEL_TASKS_STRATEGY``)."""
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if settings.MONAI_LABEL_TASKS_STRATEGY:
+            for name, strategy in strategies_for(getattr(self, "models", {})).items():
+                self._strategies.setdefault(name, strategy)
+                logger.info(f"+++ Adding Strategy:: {name} (the image whose objects the model is least sure of)")
+
+    return wrapped
+
+
+# the stock monaibundle app builds its strategies in its own main.py; the server adds this bundle's when the app
+# object is created (on the server's first request, after this module is imported)
+if not getattr(MONAILabelApp.__init__, "__wrapped__", None):
+    MONAILabelApp.__init__ = _with_uncertain_objects(MONAILabelApp.__init__)
