@@ -1,20 +1,21 @@
-"""The bundle's configs from Python: where the bundle is, a parser of one of its config files, and the post-processing
+"""The bundle's configs from Python: where the bundle is, a parser of one of its config files, a MONAI workflow of
+them (what ``monai.bundle run`` runs, for apps that run the bundle in their own process), and the post-processing
 chain of ``configs/inference.json``, which training's validation runs too (one definition, no copy to drift)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from spoco_bundle.cards import bundle_root
 from spoco_bundle.networks import NetworkObjectDiameter
 
-__all__ = ["bundle_root", "config_parser", "inference_postprocessing"]
+__all__ = ["bundle_root", "config_parser", "config_workflow", "inference_postprocessing"]
 
 
 def config_parser(
@@ -28,6 +29,23 @@ def config_parser(
         parser.read_meta(str(meta_file))
     parser["bundle_root"] = str(root if root is not None else bundle_root())
     return parser
+
+
+def config_workflow(
+    configs: Sequence[str], workflow_type: str, root: str | os.PathLike | None = None, **ids: Any
+) -> ConfigWorkflow:
+    """The ``ConfigWorkflow`` that ``python -m monai.bundle run`` would run: ``configs`` (names under
+    ``<root>/configs``, later ones override earlier ones), the bundle's ``metadata.json``, ``bundle_root`` ``root``
+    (default: this bundle's) and ``ids`` as config overrides. Not initialised yet."""
+    root = Path(root if root is not None else bundle_root())
+    files = [str(root / "configs" / name) for name in configs]
+    return ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(root / "configs" / "metadata.json"),
+        workflow_type=workflow_type,
+        bundle_root=str(root),
+        **ids,
+    )
 
 
 def inference_postprocessing(

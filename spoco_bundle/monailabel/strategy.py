@@ -32,6 +32,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from spoco_bundle.bundle import config_workflow
 from spoco_bundle.errors import root_cause
 from spoco_bundle.io import read_image, split_image_suffix, write_label_image
 
@@ -106,8 +107,6 @@ class UncertainObjects(Strategy):
     def score(self, images: list[str], datastore: Datastore, stamp: str | None = None) -> None:
         """Segment ``images`` (datastore ids) with the bundle and the suggestions overlay, and store each one's score,
         objects and ``spoco_suggestions`` label in the datastore."""
-        from monai.bundle import ConfigWorkflow
-
         stamp = stamp or self.model_stamp()
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="spoco-uncertain-") as tmp:
@@ -118,12 +117,10 @@ class UncertainObjects(Strategy):
                 uri = datastore.get_image_uri(image)
                 suffixes[image] = split_image_suffix(os.path.basename(uri))[1]
                 os.symlink(os.path.abspath(uri), source / f"{image}{suffixes[image]}")  # the output is named by id
-            configs = [str(self.bundle / "configs" / name) for name in ("inference.json", "suggest.json")]
-            workflow = ConfigWorkflow(
-                config_file=configs,
-                meta_file=str(self.bundle / "configs" / "metadata.json"),
-                workflow_type="infer",
-                bundle_root=str(self.bundle),
+            workflow = config_workflow(
+                ["inference.json", "suggest.json"],
+                "infer",
+                root=self.bundle,
                 ckpt_path=str(self.weights),
                 dataset_dir=str(source),
                 output_dir=str(out),

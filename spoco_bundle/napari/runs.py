@@ -25,6 +25,7 @@ import tifffile
 from ignite.engine import Events
 
 from spoco_bundle import cards
+from spoco_bundle.bundle import config_workflow
 from spoco_bundle.errors import root_cause
 from spoco_bundle.io import read_image
 
@@ -160,23 +161,6 @@ def _write_tiff(path: Path, array: np.ndarray, scale: Sequence[float] | None) ->
     tifffile.imwrite(path, array, resolution=resolution, resolutionunit="NONE", metadata=metadata)
 
 
-def _config(*names: str) -> list[str]:
-    return [str(cards.bundle_root() / "configs" / n) for n in names]
-
-
-def _workflow(configs: list[str], workflow_type: str, ids: dict[str, Any]):
-    from monai.bundle import ConfigWorkflow
-
-    root = cards.bundle_root()
-    return ConfigWorkflow(
-        config_file=configs if len(configs) > 1 else configs[0],
-        meta_file=str(root / "configs" / "metadata.json"),
-        workflow_type=workflow_type,
-        bundle_root=str(root),
-        **ids,
-    )
-
-
 @contextmanager
 def _root_causes(stop: threading.Event) -> Iterator[None]:
     """Errors of the bundle's workflows as their root cause (MONAI wraps them in ``RuntimeError("Failed to evaluate
@@ -224,7 +208,7 @@ def segment(
     with tempfile.TemporaryDirectory(prefix="spoco-napari-") as tmp:
         source, out = Path(tmp) / f"{_STEM}.tif", Path(tmp) / "out"
         _write_tiff(source, image, scale)
-        configs = _config("inference.json", *(["suggest.json"] if suggest_top else []))
+        configs = ["inference.json", *(["suggest.json"] if suggest_top else [])]
         run_ids = {**weights.ids(), **ids, "dataset_dir": str(source), "output_dir": str(out), "output_ext": ".tif"}
         if suggest_top:
             run_ids["suggest_top"] = int(suggest_top)
@@ -238,7 +222,7 @@ def segment(
                 progress(f"network pass {passes[0]}")
 
         with _root_causes(stop):
-            workflow = _workflow(configs, "infer", run_ids)
+            workflow = config_workflow(configs, "infer", **run_ids)
             workflow.initialize()
             try:
                 hook = workflow.evaluator.network.register_forward_pre_hook(before_pass)
@@ -330,7 +314,7 @@ def fine_tune(
                 engine.terminate()
 
         with _root_causes(threading.Event()):  # a stop during the training ends it with its checkpoint written
-            workflow = _workflow(_config("train.json"), "train", run_ids)
+            workflow = config_workflow(["train.json"], "train", **run_ids)
             workflow.initialize()
             try:
                 workflow.trainer.add_event_handler(Events.ITERATION_COMPLETED, after_iteration)
