@@ -250,6 +250,47 @@ def report(args: argparse.Namespace, records: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(args: argparse.Namespace, split: Split, records: list[dict], command: str) -> dict:
+    """What docs/results.md shows of a run (``scripts/sync_docs.py`` copies it): AP50 (pooled) per arm and round,
+    the annotated count of each round, the goal's two tests after the last round, the setup and the command."""
+    first = records[0]  # round 0, shared by the arms
+    by = {(r["arm"], r["round"]): r for r in records if r["round"]}
+    rounds = sorted({r["round"] for r in records})
+    arms = sorted({arm for arm, _ in by}, key=lambda a: (a != "random", a))
+    annotated = {n: next(r["annotated"] for r in records if r["round"] == n) for n in rounds}
+    counts = " | ".join(f"round {n} ({annotated[n]})" for n in rounds)
+    lines = [f"| arm (AP50; annotated objects) | {counts} |", "|---|" + "---|" * len(rounds)]
+    for arm in arms:
+        cells = [first if n == 0 else by.get((arm, n)) for n in rounds]
+        lines.append(f"| {arm} | " + " | ".join(f"{c['ap50']:.3f}" if c else "–" for c in cells) + " |")
+    last = rounds[-1]
+    random_ap = by[("random", last)]["ap50"] if ("random", last) in by else None
+    verdicts = {}
+    for arm in arms:
+        if arm == "random" or random_ap is None or (arm, last) not in by:
+            continue
+        ahead = by[(arm, last)]["ap50"] - random_ap
+        # the round whose AP50 first reaches random's final score, as a share of the objects added by the last round
+        added = annotated[last] - first["annotated"]
+        reached = [n for n in rounds[1:] if (arm, n) in by and by[(arm, n)]["ap50"] >= random_ap]
+        share = round((annotated[reached[0]] - first["annotated"]) / added, 2) if reached and added else None
+        verdicts[arm] = {"ahead_of_random": round(ahead, 3), "share_to_reach_random": share}
+    machine = machine_info()
+    setup = (
+        f"training images only ({len(split.train)} annotated, {len(split.test)} held back for scoring); "
+        f"{args.start:.0%} of the objects at round 0 ({args.first_budget_s:g} CPU-s), +{args.add:.0%} per round, each "
+        f"round fine-tuning the previous model for {args.budget_s:g} CPU-s; {machine.get('cpu')}, "
+        f"{machine.get('nproc')} cores, {args.threads} thread per run, the arms side by side, no GPU."
+    )
+    return {
+        "dataset": args.dataset,
+        "setup": setup,
+        "table": "\n".join(lines),
+        "verdicts": verdicts,
+        "command": command,
+    }
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="dsb2018")
@@ -284,6 +325,9 @@ def main(argv=None) -> None:
     print(text)
     if args.docs:
         Path(args.docs).write_text(text)
+        Path(args.docs).with_suffix(".json").write_text(
+            json.dumps(summary(args, _split(args), records, command), indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

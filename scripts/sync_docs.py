@@ -84,6 +84,7 @@ PEERS = (("stardist", "StarDist"), ("classical", "Otsu + watershed"), ("classica
 RESULTS_PAGE = "docs/results.md"
 # the inference speed benchmark's summary (research/perf/benchmark_inference.py --page), copied into RESULTS_PAGE
 SPEED_PAGE = "benchmark_inference"
+ANNOTATION_LOOP_PAGE = "annotation_loop"  # research/pages/annotation_loop_<data set>.json
 
 
 def _block(text: str, name: str, content: str, where: str) -> str:
@@ -244,10 +245,51 @@ def speed_section(speed: Mapping[str, Any] | None) -> list[str]:
     ]
 
 
+def annotation_loop_pages(pages: Path = REPO_ROOT / RESEARCH_PAGES) -> list[Path]:
+    """The simulated annotator's summaries (``research/annotation_loop.py --docs``), one per data set."""
+    return sorted(pages.glob(f"{ANNOTATION_LOOP_PAGE}_*.json"))
+
+
+def load_annotation_loops(pages: Path = REPO_ROOT / RESEARCH_PAGES) -> list[dict[str, Any]]:
+    """The contents of :func:`annotation_loop_pages`."""
+    return [json.loads(p.read_text()) for p in annotation_loop_pages(pages)]
+
+
+def _verdict(arm: str, v: Mapping[str, Any]) -> str:
+    share = v.get("share_to_reach_random")
+    reach = f"reaches it with {share:.0%} of the added objects" if share is not None else "never reaches it"
+    return f"`{arm}` {v['ahead_of_random']:+.3f} AP50 against random after the last round, and {reach}"
+
+
+def annotation_loop_section(loops: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The results page's section on ``spoco suggest``: does annotating the suggested objects train better than
+    annotating as many random ones? Each data set's table, the goal's two tests, setup and command."""
+    if not loops:
+        return []
+    lines = [
+        "## What to outline next: suggestions against random objects",
+        "",
+        "A simulated annotator, dense labels as the oracle, on training images only "
+        "([research/annotation_loop.py](../research/annotation_loop.py)): round 0 trains on a few objects, each "
+        "round adds as many objects again, either those `spoco suggest` ranks first with the previous model "
+        "(`suggest`: a suggestion matching no true object painted as background; `suggest_objects`: objects only) "
+        "or random ones, and fine-tunes the previous model for the same budget. AP50 (pooled) on held-back training "
+        "images. The goal: at equal annotated counts, suggestions ahead of random by at least 0.03 after the last "
+        "round, or at random's final score with at most 60 % of the added objects.",
+        "",
+    ]
+    for loop in loops:
+        verdicts = "; ".join(_verdict(a, v) for a, v in loop.get("verdicts", {}).items())
+        lines += [f"**{loop['dataset']}**: {loop['setup']}", "", loop["table"], "", f"{verdicts}.", ""]
+        lines += ["```bash", loop["command"], "```", ""]
+    return lines
+
+
 def results_page(
     summaries: Sequence[Mapping[str, Any]],
     cards: Mapping[str, Mapping[str, Any]],
     speed: Mapping[str, Any] | None = None,
+    loops: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """``docs/results.md``, whole: what is measured, the full results table, the shipped models, inference speed and
     how they were measured (budgets, machines, the pages and the commands that wrote them)."""
@@ -282,6 +324,7 @@ def results_page(
         shipped_table(cards),
         "",
         *speed_section(speed),
+        *annotation_loop_section(loops),
         "## How these were measured",
         "",
         f"Every learner trained for the same budget per run ({how}) on {' / '.join(machines)}; prediction and "
@@ -349,7 +392,9 @@ def planned(root: Path = REPO_ROOT) -> dict[Path, str]:
         for name in PAGE_BLOCKS[rel]:
             text = _block(text, name, blocks[name](link), rel)
         out[path] = text
-    out[root / RESULTS_PAGE] = results_page(summaries, cards, load_speed(root / RESEARCH_PAGES))
+    out[root / RESULTS_PAGE] = results_page(
+        summaries, cards, load_speed(root / RESEARCH_PAGES), load_annotation_loops(root / RESEARCH_PAGES)
+    )
     # metadata.json keeps its hand-kept layout: only the eval_metrics line is written (as one line)
     meta_path = root / "metadata.json"
     metrics = json.dumps({name: eval_metrics(card) for name, card in cards.items()})

@@ -18,6 +18,9 @@ def test_front_pages_are_in_sync_with_their_sources(capsys) -> None:
 
 def _copy(tmp: Path) -> Path:
     summaries = [f"{sync_docs.RESEARCH_PAGES}/{p}.json" for p in (*sync_docs.PAGES, sync_docs.SPEED_PAGE)]
+    summaries += [
+        p.relative_to(ROOT).as_posix() for p in sync_docs.annotation_loop_pages(ROOT / sync_docs.RESEARCH_PAGES)
+    ]
     for rel in [*sync_docs.FRONT_PAGES, sync_docs.RESULTS_PAGE, "metadata.json", *summaries]:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp / rel)
@@ -118,3 +121,13 @@ def test_results_page_copies_the_speed_benchmarks_table_with_its_machine_and_com
     assert "## Speed" in page and speed["table"] in page and speed["command"] in page and "no GPU" in page
     assert "](../research/pages/benchmark_inference.md)" in page
     assert "## Speed" not in sync_docs.results_page(sync_docs.load_summaries(), sync_docs.shipped_cards(), None)
+
+
+def test_results_page_copies_each_annotation_loop_with_its_verdict_and_command() -> None:
+    loops = sync_docs.load_annotation_loops()
+    assert loops, "research/pages/annotation_loop_*.json are missing: run research/annotation_loop.py --docs"
+    page = sync_docs.results_page(sync_docs.load_summaries(), sync_docs.shipped_cards(), None, loops)
+    for loop in loops:
+        assert loop["table"] in page and loop["command"] in page and loop["setup"] in page
+        for arm in loop["verdicts"]:
+            assert f"`{arm}` " in page

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
-from research.annotation_loop import BACKGROUND, _matches, _random, _write_annotations
-from research.data import Item
+from research.annotation_loop import BACKGROUND, _matches, _random, _write_annotations, summary
+from research.data import Item, Split
 from spoco_bundle.io import read_image
 
 
@@ -39,3 +41,24 @@ def test_random_choice_adds_only_unannotated_objects_and_the_files_hold_the_anno
     ann = np.asarray(read_image(written.label_path)[0])
     assert set(np.unique(ann)) == {0, 3, 9, BACKGROUND}
     assert (ann[0:2] == BACKGROUND).all() and (ann[2:8, 2:8] == 3).all() and (ann[10:18, 10:18] == 0).all()
+
+
+def test_the_summary_tests_the_goal_against_random_at_equal_counts(tmp_path):
+    args = argparse.Namespace(dataset="toy", start=0.05, add=0.05, first_budget_s=450, budget_s=240, threads=1)
+    split = Split("toy", "toy", 2, [_item(tmp_path, "a"), _item(tmp_path, "b")], [_item(tmp_path, "c")])
+    records = [{"arm": "random", "round": 0, "annotated": 10, "ap50": 0.5}]
+    for n, (rand, sugg) in enumerate([(0.60, 0.55), (0.70, 0.72), (0.74, 0.78)], start=1):
+        records += [
+            {"arm": "random", "round": n, "annotated": 10 + 10 * n, "ap50": rand},
+            {"arm": "suggest", "round": n, "annotated": 10 + 10 * n, "ap50": sugg},
+        ]
+    out = summary(args, split, records, "cmd")
+    # +0.04 after round 3; random's final 0.74 first reached in round 3 by suggest: all 30 added objects
+    assert out["verdicts"] == {"suggest": {"ahead_of_random": 0.04, "share_to_reach_random": 1.0}}
+    rows = ["| random | 0.500 | 0.600 | 0.700 | 0.740 |", "| suggest | 0.500 | 0.550 | 0.720 | 0.780 |"]
+    assert out["table"].splitlines()[2:] == rows
+    assert (
+        "round 3 (40)" in out["table"]
+        and "(2 annotated, 1 held back for scoring)" in out["setup"]
+        and out["command"] == "cmd"
+    )
