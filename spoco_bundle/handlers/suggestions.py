@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from spoco_bundle.io import split_image_suffix
 
-__all__ = ["SuggestionWriter", "object_table", "draw_suggestions"]
+__all__ = ["SuggestionWriter", "object_table", "draw_suggestions", "read_suggestions"]
 
 logger = logging.getLogger("spoco")
 
@@ -110,6 +110,16 @@ def _write_csv(path: str, rows: list[dict[str, Any]], columns: Sequence[str]) ->
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)  # never a half-written table
+
+
+def read_suggestions(path: str | os.PathLike) -> list[dict[str, int | float]]:
+    """The rows of a ``<stem>_suggestions.csv`` (:class:`SuggestionWriter`), most unsure first: ``rank``, ``id`` and
+    ``voxels`` as int, the scores, centroid and bounding box as float."""
+    with open(path, newline="") as f:
+        return [
+            {k: int(float(v)) if k in ("rank", "id", "voxels") else float(v) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
 
 
 class SuggestionWriter:

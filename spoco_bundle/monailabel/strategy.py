@@ -20,7 +20,6 @@ Scores are computed when a study has none from the current weights (new studies,
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import tempfile
@@ -34,6 +33,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from spoco_bundle.bundle import config_workflow
 from spoco_bundle.errors import root_cause
+from spoco_bundle.handlers.suggestions import read_suggestions
 from spoco_bundle.io import read_image, split_image_suffix, write_label_image
 
 __all__ = ["UncertainObjects", "INFO_KEY", "LABEL_TAG", "is_spoco_bundle", "strategies_for"]
@@ -148,11 +148,7 @@ class UncertainObjects(Strategy):
         if not table.is_file() or not labels_file.is_file():
             datastore.update_image_info(image, {INFO_KEY: {"model": stamp, "error": "could not be segmented"}})
             return False
-        with open(table, newline="") as f:
-            rows = list(csv.DictReader(f))[: self.top]
-        objects = [
-            {k: (float(v) if k not in ("rank", "id", "voxels") else int(float(v))) for k, v in r.items()} for r in rows
-        ]
+        objects = read_suggestions(table)[: self.top]
         score = float(np.mean([o["score"] for o in objects])) if objects else 0.0
         labels, meta = read_image(labels_file)
         ranked = np.zeros(labels.shape, np.uint16)

@@ -9,7 +9,6 @@ widget (:mod:`spoco_bundle.napari.widget`) runs these functions in a worker thre
 
 from __future__ import annotations
 
-import csv
 import os
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from ignite.engine import Events
 from spoco_bundle import cards
 from spoco_bundle.bundle import config_workflow
 from spoco_bundle.errors import root_cause
+from spoco_bundle.handlers.suggestions import read_suggestions
 from spoco_bundle.io import read_image
 
 __all__ = [
@@ -94,7 +94,7 @@ class Segmentation:
     parts, ``voxels``, ``centroid_<axis>`` and the bounding box, in the image's voxels)."""
 
     labels: np.ndarray
-    suggestions: list[dict[str, float]] = field(default_factory=list)
+    suggestions: list[dict[str, int | float]] = field(default_factory=list)
 
 
 def check_image(image: Any, weights: Weights, name: str = "image", rgb: bool = False) -> np.ndarray:
@@ -233,11 +233,8 @@ def segment(
         if stop.is_set():
             raise Stopped()
         labels = read_image(out / f"{_STEM}_instances.tif")[0]
-        rows: list[dict[str, float]] = []
         table = out / f"{_STEM}_suggestions.csv"
-        if suggest_top and table.is_file():
-            with open(table, newline="") as f:
-                rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = read_suggestions(table) if suggest_top and table.is_file() else []
     return Segmentation(labels=labels.astype(np.uint32, copy=False), suggestions=rows)
 
 

@@ -299,7 +299,7 @@ class SpocoWidget(Container):
             layer = self.viewer.add_labels(labels, name=name, scale=image.scale, translate=image.translate)
         return layer
 
-    def _put_suggestions(self, image: Image, rows: list[dict[str, float]]) -> None:
+    def _put_suggestions(self, image: Image, rows: list[dict[str, int | float]]) -> None:
         axes = "zyx"[-image.data.ndim :]
         points = np.array([[row[f"centroid_{a}"] for a in axes] for row in rows], dtype=float).reshape(-1, len(axes))
         features = {key: [row[key] for row in rows] for key in ("rank", "id", "score")} if rows else None
