@@ -280,7 +280,8 @@ def suggest(
     head's uncertainty and the embeddings' spread over it, centroid and bounding box in the image's voxels) and
     ``<stem>_suggestions.png`` (the ``top`` objects outlined and numbered), and ``suggestions.csv`` ranking the images
     by their ``top`` most unsure objects (``configs/inference.json`` + ``configs/suggest.json``). Volumes too large
-    to segment whole (``--max_memory_gb``) are segmented blockwise without suggestions.
+    to segment whole (``--max_memory_gb``) are segmented blockwise and scored block by block (an object cut by a
+    block face: its parts' sums).
 
     Args:
         input: an image folder or file.

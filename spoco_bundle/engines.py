@@ -34,6 +34,8 @@ __all__ = ["inference_datalist", "InferenceDataset", "SegmentationEvaluator", "s
 logger = logging.getLogger(__name__)
 
 PATH_KEY, OUTPUT_KEY, ERROR_KEY, BLOCKWISE_KEY = "path", "output", "error", "blockwise"
+# a blockwise run's suggestions table (rows with rank and geometry), in the evaluator's output
+OBJECT_TABLE_KEY = "object_table"
 
 
 def inference_datalist(
@@ -209,13 +211,19 @@ class SegmentationEvaluator(SupervisedEvaluator):
         t0 = time.perf_counter()
         try:
             if BLOCKWISE_KEY in batchdata:
-                self._segment_blockwise(path, out_path)
+                info = self._segment_blockwise(path, out_path)
                 logger.info(f"{tag} {path} -> {out_path}")
                 self.written.append(out_path)
+                item = {}
+                if "object_table" in info:  # spoco suggest: the table, and the volumes for its preview (lazy)
+                    channel, time_point = self.blockwise.input_channel, self.blockwise.input_time_point
+                    item[OBJECT_TABLE_KEY] = info["object_table"]
+                    item["image_volume"] = open_volume(path, channel, time_point)[0]
+                    item["labels_volume"] = open_volume(out_path)[0]
                 if Keys.LABEL in batchdata:  # scored on the written labels (a score needs the whole volume)
                     pred, label = (open_volume(p)[0].compute() for p in (out_path, batchdata[Keys.LABEL][0]))
-                    return [{Keys.PRED: torch.as_tensor(pred)[None], Keys.LABEL: torch.as_tensor(label)[None]}]
-                return {}
+                    item.update({Keys.PRED: torch.as_tensor(pred)[None], Keys.LABEL: torch.as_tensor(label)[None]})
+                return [item] if item else {}
             image = batchdata[Keys.IMAGE]
             meta = dict(decollate_batch(image, detach=True)[0].meta) if hasattr(image, "meta") else {}
             if bool(image.max() == image.min()):  # nothing to see: no network pass, an empty segmentation
@@ -246,7 +254,7 @@ class SegmentationEvaluator(SupervisedEvaluator):
         self.failures.append(message)
         return {}
 
-    def _segment_blockwise(self, path: str, out_path: str) -> None:
+    def _segment_blockwise(self, path: str, out_path: str) -> dict:
         network = self.network
         spatial_dims = int(getattr(getattr(network, "student", network), "spatial_dims", 3))
         t0 = time.perf_counter()
@@ -258,6 +266,7 @@ class SegmentationEvaluator(SupervisedEvaluator):
             f"+ halo {list(info['halo'])} / {list(info['halo_hi'])} ({info['resumed_blocks']} from an interrupted "
             f"run), {info['matched']} matches across block borders ({time.perf_counter() - t0:.1f} s)"
         )
+        return info
 
 
 def segment_files(

@@ -32,12 +32,15 @@ from spoco_bundle.blockwise import (
     work_path,
 )
 from spoco_bundle.blockwise.synthetic import SyntheticEmbeddings
-from spoco_bundle.blockwise.volume import BlockwiseSettings, segment_volume
+from spoco_bundle.blockwise.volume import BlockwiseSettings, _object_table, segment_volume
 from spoco_bundle.bundle import inference_postprocessing
 from spoco_bundle.clustering import relabel_consecutive
 from spoco_bundle.engines import segment_files
+from spoco_bundle.handlers.suggestions import object_table
 from spoco_bundle.io import read_image
 from spoco_bundle.metrics import ap50
+from spoco_bundle.postprocessing import ObjectScores
+from spoco_bundle.postprocessing.suggestions import score_rows
 from spoco_bundle.synthetic import generate_nuclei
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,6 +281,49 @@ def test_blockwise_agrees_with_whole_volume_on_synthetic_embeddings(tmp_path, me
     assert ap50(whole, blockwise) >= 0.99
     assert ap50(gt, blockwise) >= 0.95
     assert _crossing(blockwise, grid) > 20 and _split(gt, blockwise) == _split(gt, whole) == 0
+
+
+def test_objects_cut_by_blocks_are_scored_as_the_whole_volume_scores_them(tmp_path):
+    """``spoco suggest`` blockwise: each block's part of an object is summed into the object's scores, voxels,
+    centroid and box, which then equal the whole volume's; only the spread of an object cut by a face differs a
+    little (each part's voxels are measured about that part's mean)."""
+    syn = SyntheticEmbeddings(SHAPE, seed=1, noise=0.25)  # embeddings this noisy spread about half of each object
+    segment = ClusterBlock(_chain_of("watershed"), scores=ObjectScores(embedding_dim=16))
+    whole, maps = segment(syn[FULL])
+    flat = whole.reshape(-1)
+    n = int(whole.max())
+    sums = {k: np.bincount(flat, weights=m.reshape(-1), minlength=n + 1) for k, m in maps.items()}
+    expected = {r["id"]: r for r in object_table(whole, score_rows(np.bincount(flat, minlength=n + 1), sums))}
+    grid = BlockGrid(SHAPE, (24, 48, 48), 12)
+    block_of = np.zeros(SHAPE, dtype=np.int64)
+    for k, index in enumerate(grid.blocks()):
+        block_of[grid.core(index)] = k
+    info: dict = {}
+    out = segment_blockwise(syn, segment, tmp_path / "s.ome.zarr", grid.block_shape, 12, min_size=16, info=info)
+    blockwise = np.asarray(out)
+    rows = _object_table(info["object_sums"])
+    assert sorted(r["id"] for r in rows) == list(range(1, blockwise.max() + 1))  # every object ...
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))  # ... most unsure first
+    assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+    cut = whole_ = 0
+    for r in rows:
+        mine = blockwise == r["id"]
+        ids, n_same = np.unique(whole[mine], return_counts=True)
+        if len(ids) != 1 or n_same[0] != (whole == ids[0]).sum():
+            continue  # the two runs drew this object differently
+        e = expected[int(ids[0])]
+        for column in ("voxels", "z_min", "z_max", "y_min", "y_max", "x_min", "x_max"):
+            assert r[column] == e[column], (column, r, e)
+        for column in ("centroid_z", "centroid_y", "centroid_x", "head_uncertainty"):
+            assert r[column] == pytest.approx(e[column], abs=1e-4), (column, r, e)
+        if len(np.unique(block_of[mine])) > 1:
+            cut += 1
+            assert r["embedding_spread"] == pytest.approx(e["embedding_spread"], abs=0.05), (r, e)
+        else:
+            whole_ += 1
+            assert r["embedding_spread"] == pytest.approx(e["embedding_spread"], abs=1e-4), (r, e)
+    assert cut > 20 and whole_ > 20 and cut + whole_ >= 0.9 * len(rows)
+    assert 0.2 < np.mean([r["embedding_spread"] for r in rows]) < 0.8  # neither score is trivially 0 or 1
 
 
 @pytest.mark.slow

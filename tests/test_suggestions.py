@@ -47,8 +47,13 @@ def test_merged_and_hesitant_objects_score_above_a_clean_one():
     assert rows[1]["score"] < 0.1 < 0.9 < min(rows[2]["score"], rows[3]["score"])
     without_head = ObjectScores(embedding_dim=4)(out[:4], labels)  # the spread alone, no head uncertainty
     assert np.isnan(without_head[0]["head_uncertainty"]) and without_head[1]["score"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="grid"):
-        ObjectScores(embedding_dim=4)(out, labels[:, :16])
+    # labels on the image's grid, twice as fine as the output's: each object's voxels there, the same scores
+    fine = np.repeat(np.repeat(labels, 2, axis=1), 2, axis=2)
+    on_image = {r["id"]: r for r in ObjectScores(embedding_dim=4)(out, fine)}
+    assert on_image[2]["voxels"] == 4 * 200
+    assert all(on_image[k]["score"] == pytest.approx(rows[k]["score"], abs=1e-6) for k in rows)
+    with pytest.raises(ValueError, match="spatial axes"):
+        ObjectScores(embedding_dim=4)(out, labels[:, :16, 0])
     with pytest.raises(ValueError, match="delta_v"):
         ObjectScores(delta_v=0)
 
@@ -70,7 +75,7 @@ def test_the_table_ranks_objects_with_their_place_in_the_image():
     assert (rows[0]["y_min"], rows[0]["y_max"], rows[0]["x_min"], rows[0]["x_max"]) == (4, 13, 20, 39)
 
 
-def test_the_scores_are_off_in_inference_and_left_out_of_blocks():
+def test_the_scores_are_off_in_inference_and_taken_out_of_the_block_chain():
     plain = ConfigParser()
     plain.read_config(str(ROOT / "configs" / "inference.json"))
     steps = plain.get_parsed_content("postprocessing").transforms
@@ -79,8 +84,9 @@ def test_the_scores_are_off_in_inference_and_left_out_of_blocks():
     suggest.read_config([str(ROOT / "configs" / f) for f in ("inference.json", "suggest.json")])
     chain = suggest.get_parsed_content("postprocessing")
     assert len(chain.transforms) == len(steps) + 2
-    assert isinstance(chain.transforms[-2], ObjectScoresd)
-    # a block is not the image: no scores there, and the chain's resume identity stays that of plain inference
+    assert isinstance(chain.transforms[-1], ObjectScoresd)  # after the labels are on the image's grid
+    # a block is not the image: its chain leaves the scoring to the blockwise run (per-voxel maps summed per object
+    # over the blocks), so its steps and resume identity stay those of plain inference
     assert [type(t) for t in _without_whole_image_checks(chain).transforms] == [
         type(t) for t in _without_whole_image_checks(plain.get_parsed_content("postprocessing")).transforms
     ]
@@ -155,18 +161,50 @@ def test_suggest_builds_the_inference_command_with_its_overlay_and_checks_top(tm
 
 @pytest.mark.skipif(not (DATA / "dsb2018" / "split.json").is_file(), reason="needs ../shared/data/dsb2018")
 @pytest.mark.slow
-def test_an_image_segmented_blockwise_gets_labels_and_says_why_no_suggestions(tmp_path):
+def test_an_image_segmented_blockwise_gets_the_whole_image_suggestions(tmp_path):
+    """``spoco suggest`` on a real image with a memory budget that sends it blockwise: its table lists every object
+    it wrote with the whole-image run's scores (the network output in each block's core is the whole image's), the
+    faint nucleus first in both, and its preview is drawn object by object from the written files."""
+    from spoco_bundle.io import read_image
+
     images = tmp_path / "in"
     images.mkdir()
-    _faint_copy("0287e7ee5b007c91", images)
+    name = "0287e7ee5b007c91"
+    mask = _faint_copy(name, images)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    cmd = [sys.executable, "-m", "spoco_bundle", "suggest", "in", "out", "--model", "nuclei2d"]
-    done = subprocess.run(
-        cmd + ["--max_memory_gb", "0.05"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "segmented blockwise, so no suggestions" in done.stdout + done.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0287e7ee5b007c91_instances.tif"]
+    env["OMP_NUM_THREADS"] = "2"
+    cmd = [sys.executable, "-m", "spoco_bundle", "suggest", "in"]
+    tables, labels = {}, {}
+    for run, extra in (("whole", []), ("blocks", ["--max_memory_gb", "0.05"])):
+        done = subprocess.run(
+            cmd + [run, "--model", "nuclei2d", *extra],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        labels[run] = np.asarray(read_image(tmp_path / run / f"{name}_instances.tif")[0])
+        with open(tmp_path / run / f"{name}_suggestions.csv") as f:
+            tables[run] = {int(r["id"]): r for r in csv.DictReader(f)}
+        assert (tmp_path / run / f"{name}_suggestions.png").stat().st_size > 1000
+        assert (tmp_path / run / "suggestions.csv").is_file()
+        if run == "blocks":
+            assert "blockwise:" in done.stdout + done.stderr  # the budget did send it blockwise
+    found, overlap = np.unique(labels["blocks"][mask & (labels["blocks"] > 0)], return_counts=True)
+    first = min(tables["blocks"].values(), key=lambda r: int(r["rank"]))
+    assert int(first["id"]) == int(found[np.argmax(overlap)])
+    assert sorted(tables["blocks"]) == sorted(np.unique(labels["blocks"][labels["blocks"] > 0]))
+    same = 0
+    for k, row in tables["blocks"].items():
+        ids = np.unique(labels["whole"][labels["blocks"] == k])
+        if len(ids) == 1 and ids[0] and (labels["whole"] == ids[0]).sum() == int(row["voxels"]):
+            other = tables["whole"][int(ids[0])]
+            assert float(row["score"]) == pytest.approx(float(other["score"]), abs=0.02), (row, other)
+            assert (row["centroid_y"], row["x_min"]) == (other["centroid_y"], other["x_min"])
+            same += 1
+    assert same >= 0.9 * len(tables["blocks"])
 
 
 def test_a_volume_is_drawn_one_panel_per_suggested_object(tmp_path):

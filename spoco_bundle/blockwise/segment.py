@@ -31,6 +31,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+from scipy import ndimage
 
 from spoco_bundle.blockwise.grid import BlockGrid
 from spoco_bundle.blockwise.stitch import match_overlap, merge_ids, offsets
@@ -137,6 +138,10 @@ class _Scratch:
     def marker(self, index: Sequence[int]) -> str:
         return os.path.join(self.markers, "_".join(map(str, index)) + ".npy")
 
+    def sums(self, index: Sequence[int]) -> str:
+        """The block's per-object sums (written before its marker)."""
+        return os.path.join(self.markers, "_".join(map(str, index)) + ".sums.npz")
+
     def create(self, grid: BlockGrid) -> None:
         import zarr
 
@@ -171,14 +176,16 @@ def _segment_one(
     ext = grid.extended(index)
     read_margin = getattr(segment_block, "read_margin", None)
     if read_margin is None:
-        labels = np.asarray(segment_block(source.read(ext)))
+        result = segment_block(source.read(ext))
     else:  # more context for the block's resampling (NetworkBlock): read with a margin, labels without it
         wide = tuple(slice(max(0, e.start - m), min(n, e.stop + m)) for e, m, n in zip(ext, read_margin, grid.shape))
         margin = (
             tuple(e.start - w.start for e, w in zip(ext, wide)),
             tuple(w.stop - e.stop for e, w in zip(ext, wide)),
         )
-        labels = np.asarray(segment_block(source.read(wide), margin=margin))
+        result = segment_block(source.read(wide), margin=margin)
+    labels, maps = result if isinstance(result, tuple) else (result, None)
+    labels = np.asarray(labels)
     want = tuple(s.stop - s.start for s in ext)
     if labels.shape != want or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
@@ -186,7 +193,8 @@ def _segment_one(
             "the block's spatial shape are needed."
         )
     labels = relabel_consecutive(labels)  # local ids 1..n (int32)
-    core = labels[grid.core_in_extended(index)]
+    inner = grid.core_in_extended(index)
+    core = labels[inner]
     scratch.array("core")[grid.core(index)] = core
     for ax, n in enumerate(grid.grid_shape):
         for side, upper, has in (("lo", False, index[ax] > 0), ("hi", True, index[ax] + 1 < n)):
@@ -194,10 +202,63 @@ def _segment_one(
                 slab = grid.face_slab(labels, index, ax, upper_face=upper)
                 scratch.array(f"face{ax}_{side}")[_chunk(index, slab.shape)] = slab
     counts = np.bincount(core.reshape(-1), minlength=int(labels.max()) + 1).astype(np.int64)
+    if maps is not None:
+        origin = [c.start for c in grid.core(index)]
+        sums = object_sums(core, {k: np.asarray(m)[inner] for k, m in maps.items()}, origin, len(counts))
+        tmp = scratch.sums(index) + ".tmp.npz"
+        np.savez(tmp, **sums)
+        os.replace(tmp, scratch.sums(index))
     tmp = scratch.marker(index) + ".tmp.npy"
     np.save(tmp, counts)
     os.replace(tmp, scratch.marker(index))  # the block is done: written last, atomically
     return counts
+
+
+def object_sums(
+    labels: np.ndarray, maps: dict[str, np.ndarray], origin: Sequence[int], n: int
+) -> dict[str, np.ndarray]:
+    """
+    What a block's core contributes to each of its objects' scores and geometry, as quantities that add up (or take
+    the minimum / maximum) over the blocks an object spans: ``map:<name>`` the sum of each per-voxel map over the
+    object, ``coords`` the sum of its voxels' coordinates ``(n, ndim)``, ``first`` / ``last`` its bounding box
+    ``(n, ndim)`` (volume coordinates: ``origin`` is the core's first voxel), ``voxels`` its voxels there. Row ``k``
+    is local id ``k`` (0 and ids absent from the core: zero sums, an empty box).
+    """
+    ndim = labels.ndim
+    flat = labels.reshape(-1).astype(np.int64)
+    out = {f"map:{k}": np.bincount(flat, weights=m.reshape(-1), minlength=n)[:n] for k, m in maps.items()}
+    coords = np.zeros((n, ndim))
+    for ax in range(ndim):  # sum over an axis' planes: coordinate x voxels of the object in that plane
+        planes = np.moveaxis(labels, ax, 0).reshape(labels.shape[ax], -1)
+        for i, plane in enumerate(planes):
+            coords[:, ax] += (origin[ax] + i) * np.bincount(plane.astype(np.int64), minlength=n)[:n]
+    first = np.full((n, ndim), np.iinfo(np.int64).max, dtype=np.int64)
+    last = np.full((n, ndim), -1, dtype=np.int64)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is not None and k < n:
+            first[k] = [b.start + o for b, o in zip(box, origin)]
+            last[k] = [b.stop - 1 + o for b, o in zip(box, origin)]
+    voxels = np.bincount(flat, minlength=n)[:n]
+    return {**out, "voxels": voxels, "coords": coords, "first": first, "last": last}
+
+
+def _merge_sums(parts: Sequence[Any], lut: np.ndarray, n: int) -> dict[str, Any]:
+    """The blocks' :func:`object_sums` (in block order, rows = global ids) merged per final object through ``lut``:
+    ``voxels`` and ``maps`` (name -> sum) per id ``0..n``, ``centroid`` and the inclusive box ``first`` / ``last``
+    ``(n + 1, ndim)`` in volume coordinates."""
+    glued = {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files} if parts else {}
+    ndim = glued["coords"].shape[1]
+    ids = np.asarray(lut, dtype=np.int64)
+    maps = {k[4:]: np.bincount(ids, weights=v, minlength=n + 1) for k, v in glued.items() if k.startswith("map:")}
+    first = np.full((n + 1, ndim), np.iinfo(np.int64).max, dtype=np.int64)
+    last = np.full((n + 1, ndim), -1, dtype=np.int64)
+    np.minimum.at(first, ids, glued["first"])
+    np.maximum.at(last, ids, glued["last"])
+    coords = np.stack([np.bincount(ids, weights=c, minlength=n + 1) for c in glued["coords"].T], axis=1)
+    # voxels from the boxes' parts: every object voxel lies in exactly one core
+    voxels = np.bincount(ids, weights=glued["voxels"], minlength=n + 1).astype(np.int64)
+    centroid = coords / np.maximum(voxels, 1)[:, None]
+    return {"voxels": voxels, "maps": maps, "centroid": centroid, "first": first, "last": last}
 
 
 def _load_counts(scratch: _Scratch, index: tuple[int, ...]) -> np.ndarray:
@@ -237,8 +298,9 @@ class _Source:
         return np.asarray(part)
 
 
-def _settings(image: da.Array, grid: BlockGrid, iou: float, min_size: int, identity: str | None) -> dict:
+def _settings(image: da.Array, grid: BlockGrid, iou: float, min_size: int, identity: str | None, scored: bool) -> dict:
     return {
+        "scored": scored,
         "input": identity or dask.base.tokenize(image),
         "shape": list(image.shape),
         "block_shape": list(grid.block_shape),
@@ -278,7 +340,8 @@ def segment_blockwise(
         segment_block: ``(*C, *S_block) -> (*S_block)`` integer labels (0 = background): the network and
             post-processing of one block with its halo (:class:`~spoco_bundle.blockwise.blocks.NetworkBlock`), or a
             clustering of embeddings (:class:`~spoco_bundle.blockwise.blocks.ClusterBlock`). Must pickle for a
-            distributed cluster.
+            distributed cluster. One whose ``scores`` attribute is set returns ``(labels, maps)`` (per-voxel float
+            maps, name -> ``S_block``), whose sums per object are merged over the blocks (``info["object_sums"]``).
         output: the labels' file: ``.zarr`` / ``.ome.zarr`` (OME-Zarr, chunks = blocks), ``.tif`` / ``.tiff`` or
             ``.nii`` / ``.nii.gz`` (written slab by slab from the finished labels).
         block_shape: the core block (one value or one per spatial axis); blocks hold ``block + 2 halo`` voxels.
@@ -297,7 +360,9 @@ def segment_blockwise(
         identity: a string identifying the input and settings for resuming (default: dask's token of ``image``).
         resume: reuse the finished blocks of an interrupted run with the same settings.
         info: a dict to fill with what happened: ``objects``, ``blocks``, ``resumed_blocks``, ``pieces`` (objects
-            of the blocks' cores), ``matched`` (pairs matched across borders).
+            of the blocks' cores), ``matched`` (pairs matched across borders), and for a ``segment_block`` with
+            ``scores``, ``object_sums``: per final id ``voxels``, ``maps`` (name -> sum over the object),
+            ``centroid`` and the inclusive bounding box ``first`` / ``last`` in volume coordinates.
 
     Returns:
         the written labels as a lazy dask array (the output's level ``0`` for Zarr).
@@ -312,7 +377,8 @@ def segment_blockwise(
         spatial_dims = image.ndim if np.isscalar(block_shape) else len(block_shape)  # type: ignore[arg-type]
     grid = BlockGrid(image.shape[image.ndim - spatial_dims :], block_shape, halo, halo_hi, tail)
     scratch = _Scratch(work_path(output))
-    settings = _settings(image, grid, iou_threshold, min_size, identity)
+    scored = getattr(segment_block, "scores", None) is not None
+    settings = _settings(image, grid, iou_threshold, min_size, identity, scored)
     settings_file = os.path.join(scratch.work, "settings.json")
     if os.path.isdir(scratch.work) and not (resume and read_json(settings_file) == settings):
         logger.warning(f"removing {scratch.work}, an interrupted run with other settings or input")
@@ -359,6 +425,8 @@ def segment_blockwise(
     if info is not None:
         info.update(objects=n, blocks=len(blocks), resumed_blocks=len(done), pieces=int((sizes > 0).sum()))
         info.update(matched=len(pairs), block_shape=grid.block_shape, halo=grid.halo, halo_hi=grid.halo_hi)
+        if scored:
+            info["object_sums"] = _merge_sums([np.load(scratch.sums(i)) for i in blocks], lut, n)
     out_meta = dict(meta or {}, max_id=n, name=os.path.basename(output))
     remove_store(scratch.result)
     create_label_store(scratch.result, grid.shape, grid.block_shape, dtype, out_meta)

@@ -23,7 +23,8 @@ from spoco_bundle.blockwise.segment import check_output, segment_blockwise
 from spoco_bundle.blockwise.store import open_volume
 from spoco_bundle.inferers import ScaledInferer, sliding_window, window_scale
 from spoco_bundle.io import is_zarr, read_spacing
-from spoco_bundle.postprocessing import ObjectScoresd, WarnFewInstancesd
+from spoco_bundle.postprocessing import ObjectScores, ObjectScoresd, WarnFewInstancesd
+from spoco_bundle.postprocessing.suggestions import ranked_table, score_rows
 
 __all__ = ["BlockwiseSettings", "BYTES_PER_VOXEL", "segment_volume"]
 
@@ -249,13 +250,16 @@ def segment_volume(
     (:class:`BlockwiseSettings`), :class:`~spoco_bundle.blockwise.blocks.NetworkBlock` on each, stitched.
 
     Returns:
-        what :func:`~spoco_bundle.blockwise.segment.segment_blockwise` reports (``objects``, ``blocks``, ...).
+        what :func:`~spoco_bundle.blockwise.segment.segment_blockwise` reports (``objects``, ``blocks``, ...); for
+        a chain with :class:`~spoco_bundle.postprocessing.ObjectScoresd` (``spoco suggest``) also ``object_table``:
+        the suggestions rows (most unsure first), each object scored over all the blocks it spans.
 
     Raises:
         ValueError: naming the path: unreadable input, wrong dimensionality, a block smaller than the network's
             receptive field, an existing output store.
     """
     check_output(out_path)  # before any work
+    scores = _object_scores(postprocessing)
     postprocessing = _without_whole_image_checks(postprocessing)
     image, meta = open_volume(path, settings.input_channel, settings.input_time_point)
     if image.ndim != spatial_dims:
@@ -288,7 +292,7 @@ def segment_volume(
     budget = block_budget(available, inferer, windows)
     voxel_bytes = BYTES_PER_VOXEL * max(1.0, scale) ** ndim
     block, workers = _blocks(path, image.shape, settings, budget, voxel_bytes, view, halo_lo, halo_hi, step)
-    segmenter = NetworkBlock(network, inferer, postprocessing, (lo, hi), meta.get("spacing"), device)
+    segmenter = NetworkBlock(network, inferer, postprocessing, (lo, hi), meta.get("spacing"), device, scores)
     segmenter.read_margin = read_margin
     info: dict = {}
     segment_blockwise(
@@ -307,7 +311,27 @@ def segment_volume(
         identity=_identity(path, network, postprocessing, (lo, hi, scale)),
         info=info,
     )
+    if "object_sums" in info:
+        info["object_table"] = _object_table(info.pop("object_sums"))
     return info
+
+
+def _object_scores(postprocessing: Callable) -> ObjectScores | None:
+    """The chain's object scoring (``spoco suggest``), which a blockwise run does per block and merges."""
+    for t in getattr(postprocessing, "transforms", ()):
+        if isinstance(t, ObjectScoresd):
+            return t.scores
+    return None
+
+
+def _object_table(sums: dict) -> list[dict]:
+    """The merged per-object sums of a blockwise run as the suggestions table (most unsure first, with rank, voxels,
+    centroid and box): the rows the whole-volume path gives, each object's scores its means over all its blocks."""
+    voxels = sums["voxels"]
+    geometry = {
+        int(k): (sums["centroid"][k], sums["first"][k], sums["last"][k]) for k in np.flatnonzero(voxels[1:] > 0) + 1
+    }
+    return ranked_table(score_rows(voxels, sums["maps"]), geometry)
 
 
 def _resampled_window_halo(

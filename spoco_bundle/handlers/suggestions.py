@@ -15,31 +15,29 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage
 
 from spoco_bundle.io import split_image_suffix
+from spoco_bundle.postprocessing.suggestions import AXES, ranked_table
 
 __all__ = ["SuggestionWriter", "object_table", "draw_suggestions", "read_suggestions"]
 
-logger = logging.getLogger("spoco")
+# a 2D image up to this size is drawn whole in the preview; a larger one (segmented blockwise) object by object
+WHOLE_PREVIEW_PIXELS = 4096 * 4096
 
-_AXES = {2: ("y", "x"), 3: ("z", "y", "x")}
+logger = logging.getLogger("spoco")
 
 
 def object_table(labels: np.ndarray, scores: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The scored objects that ``labels`` (``S``, the image's grid) holds, most unsure first, each with its rank,
-    centroid and bounding box (``<axis>_min`` / ``<axis>_max``, inclusive) in the image's voxels."""
-    axes = _AXES[labels.ndim]
+    voxels, centroid and bounding box (``<axis>_min`` / ``<axis>_max``, inclusive) in the image's voxels
+    (:func:`~spoco_bundle.postprocessing.suggestions.ranked_table`; the scores may come from a resampled grid)."""
+    voxels = np.bincount(labels.reshape(-1).astype(np.int64))
+    scores = [{**r, "voxels": int(voxels[r["id"]])} for r in scores if r["id"] < len(voxels)]
     boxes = ndimage.find_objects(labels)
     ids = [r["id"] for r in scores if r["id"] <= len(boxes) and boxes[r["id"] - 1] is not None]
     centres = ndimage.center_of_mass(np.ones(labels.shape, np.uint8), labels, ids) if ids else []
-    where = {k: (c, boxes[k - 1]) for k, c in zip(ids, centres)}
-    rows = []
-    for r in sorted((r for r in scores if r["id"] in where), key=lambda r: -r["score"]):
-        centre, box = where[r["id"]]
-        row = {"rank": len(rows) + 1, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}
-        row.update({f"centroid_{a}": round(float(c), 1) for a, c in zip(axes, centre)})
-        for a, s in zip(axes, box):
-            row[f"{a}_min"], row[f"{a}_max"] = s.start, s.stop - 1
-        rows.append(row)
-    return rows
+    geometry = {
+        k: (c, [s.start for s in boxes[k - 1]], [s.stop - 1 for s in boxes[k - 1]]) for k, c in zip(ids, centres)
+    }
+    return ranked_table(scores, geometry)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -58,17 +56,20 @@ def _outlined(image: np.ndarray, labels: np.ndarray, chosen: Sequence[int]) -> n
     return rgb
 
 
-def draw_suggestions(image: np.ndarray, labels: np.ndarray, rows: list[dict[str, Any]], top: int, path: str) -> str:
+def draw_suggestions(image: Any, labels: Any, rows: list[dict[str, Any]], top: int, path: str) -> str:
     """The first ``top`` of ``rows`` drawn for an annotator, written to ``path`` (PNG): a 2D image whole, every
-    object outlined in grey and those in red, numbered by rank; a volume as one panel per object: the slice through
-    its centroid, cropped around it (a margin of half its size), titled with its rank, id, centroid and score."""
+    object outlined in grey and those in red, numbered by rank; a volume (or a 2D image above
+    :data:`WHOLE_PREVIEW_PIXELS`) as one panel per object: its crop (a margin of half its size; in 3D the slice
+    through its centroid), titled with its rank, id, centroid and score. ``image`` and ``labels`` may be lazy
+    arrays (dask, Zarr): only the crops are read."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     chosen = rows[:top]
-    if labels.ndim == 2:
+    if labels.ndim == 2 and labels.size <= WHOLE_PREVIEW_PIXELS:
+        image, labels = np.asarray(image), np.asarray(labels)
         h, w = labels.shape
         fig, ax = plt.subplots(figsize=(min(12, 4 + w / 100), min(12, 4 + h / 100)))
         ax.imshow(_outlined(image, labels, [r["id"] for r in chosen]), interpolation="nearest")
@@ -83,16 +84,17 @@ def draw_suggestions(image: np.ndarray, labels: np.ndarray, rows: list[dict[str,
         fig, axes_grid = plt.subplots(n_rows, columns, figsize=(3 * columns, 3.2 * n_rows), squeeze=False)
         axes = list(axes_grid.ravel())
         for ax, r in zip(axes, chosen):
-            z = int(round(r["centroid_z"]))
             my, mx = (r["y_max"] - r["y_min"]) // 2 + 4, (r["x_max"] - r["x_min"]) // 2 + 4
-            ys = slice(max(0, r["y_min"] - my), r["y_max"] + my + 1)
-            xs = slice(max(0, r["x_min"] - mx), r["x_max"] + mx + 1)
-            ax.imshow(_outlined(image[z, ys, xs], labels[z, ys, xs], [r["id"]]), interpolation="nearest")
-            ax.set_title(
-                f"#{r['rank']}: id {r['id']}, score {r['score']:.2f}\nz {z}, y {r['centroid_y']:.0f}, "
-                f"x {r['centroid_x']:.0f}",
-                fontsize=8,
+            crop = (
+                slice(max(0, r["y_min"] - my), r["y_max"] + my + 1),
+                slice(max(0, r["x_min"] - mx), r["x_max"] + mx + 1),
             )
+            where = f"y {r['centroid_y']:.0f}, x {r['centroid_x']:.0f}"
+            if labels.ndim == 3:
+                z = int(round(r["centroid_z"]))
+                crop, where = (z, *crop), f"z {z}, {where}"
+            ax.imshow(_outlined(np.asarray(image[crop]), np.asarray(labels[crop]), [r["id"]]), interpolation="nearest")
+            ax.set_title(f"#{r['rank']}: id {r['id']}, score {r['score']:.2f}\n{where}", fontsize=8)
         for ax in axes:
             ax.axis("off")
     fig.tight_layout()
@@ -129,19 +131,21 @@ class SuggestionWriter:
     object, most unsure first: rank, id, score and its parts, voxels, centroid, bounding box in the image's voxels)
     and ``<stem>_suggestions.png`` (the ``top`` objects outlined and numbered); when the run completes,
     ``suggestions.csv`` in the output folder ranks the images by the mean score of their ``top`` most unsure objects
-    (the image to annotate next first). A volume segmented blockwise gets no suggestions (its network output is
-    never whole), said in the log.
+    (the image to annotate next first). For a volume segmented blockwise the evaluator hands over the finished
+    table instead (each object scored over all the blocks it spans) with the image and labels as lazy arrays
+    (``image_volume``, ``labels_volume``), of which the preview reads only the crops it draws.
 
     Args:
         top: objects per image in the preview and in the image's rank.
         scores_key: where the chain put the scores.
+        table_key: where the evaluator puts a blockwise run's table.
     """
 
-    def __init__(self, top: int = 10, scores_key: str = "object_scores") -> None:
+    def __init__(self, top: int = 10, scores_key: str = "object_scores", table_key: str = "object_table") -> None:
         if int(top) < 1:
             raise ValueError(f"top must be a positive number of objects, got {top!r}.")
         self.top = int(top)
-        self.scores_key = scores_key
+        self.scores_key, self.table_key = scores_key, table_key
         self.images: list[dict[str, Any]] = []
         self.folder: str | None = None
 
@@ -161,20 +165,18 @@ class SuggestionWriter:
         batch = batch[0] if isinstance(batch, list) else {k: v[0] for k, v in batch.items()}
         path, out_path = str(batch["path"]), str(batch["output"])
         item = output[0] if isinstance(output, list) and output else {}
-        if self.scores_key not in item:
-            if batch.get("blockwise") is not None:
-                logger.warning(
-                    f"{path}: segmented blockwise, so no suggestions (they need the network output of the whole "
-                    "volume): raise --max_memory_gb to segment it whole."
-                )
+        if self.table_key in item:  # segmented blockwise: the table made from the blocks, the volumes read lazily
+            rows, image, labels = item[self.table_key], item["image_volume"], item["labels_volume"]
+        elif self.scores_key in item:
+            labels = np.asarray(convert_to_numpy(item["pred"]))[0].astype(np.int32)
+            image = np.asarray(convert_to_numpy(batch["image"]))[0].astype(np.float32)
+            rows = object_table(labels, item[self.scores_key])
+        else:  # a failed or constant image
             return
-        labels = np.asarray(convert_to_numpy(item["pred"]))[0].astype(np.int32)
-        image = np.asarray(convert_to_numpy(batch["image"]))[0].astype(np.float32)
-        rows = object_table(labels, item[self.scores_key])
         folder = os.path.dirname(out_path)
         stem = split_image_suffix(os.path.basename(out_path))[0]
         stem = stem[: -len("_instances")] if stem.endswith("_instances") else stem
-        axes = _AXES[labels.ndim]
+        axes = AXES[labels.ndim]
         columns = ["rank", "id", "score", "head_uncertainty", "embedding_spread", "voxels"]
         columns += [f"centroid_{a}" for a in axes] + [f"{a}_{end}" for a in axes for end in ("min", "max")]
         _write_csv(os.path.join(folder, f"{stem}_suggestions.csv"), rows, columns)

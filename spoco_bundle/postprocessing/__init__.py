@@ -14,12 +14,13 @@ the head); training's validation runs the same chain, read from that file (:mod:
                            diameter (recorded in the model; min_size alone inside a given mask), ids 1..n
     WarnFewInstancesd      warn (naming the file) when far fewer objects are found than the segmented area holds
                            of the training objects' size: most of them merged
-    ObjectScoresd          (spoco suggest only, object_scores true) per object how unsure the model is: the head's
-                           uncertainty and the embeddings' spread over it, from the output CopyItemsd kept as
-                           network_output before ForegroundMaskd          -> object_scores (a row per object)
     ResizeToMatchd         the labels onto the image's grid (nearest neighbour), when the network ran on a
                            resampled grid (image_scale; clustering and min_size there, where objects have their
                            training size); 0 outside a given mask
+    ObjectScoresd          (spoco suggest only, object_scores true) per object how unsure the model is: the head's
+                           uncertainty and the embeddings' spread over its voxels in the image, from the output
+                           CopyItemsd kept as network_output before ForegroundMaskd  -> object_scores (a row per
+                           object)
 
 A given foreground mask is kept as it is (``given_foreground_mask``, MONAI's ``CopyItemsd``) and resized onto the
 output's grid the same way (``ResizeToMatchd`` on ``foreground_mask``) before ``ForegroundMaskd``.
