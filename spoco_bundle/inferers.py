@@ -25,6 +25,9 @@ __all__ = [
     "ScaledInferer",
     "StudentTeacherNet",
     "FlippedHeadNet",
+    "ReducedPrecisionNet",
+    "PRECISIONS",
+    "native_bfloat16",
     "inference_window",
     "window_scale",
     "check_window",
@@ -232,7 +235,9 @@ class ScaledInferer(Inferer):
     def _training_blob_scales(self, network: Callable) -> tuple[float, float, float] | None:
         if self.blob_scales is not None:
             return self.blob_scales
-        net = network.network if isinstance(network, FlippedHeadNet) else network
+        net = network
+        while isinstance(net, (ReducedPrecisionNet, FlippedHeadNet)):
+            net = net.network
         net = unwrap(net.student if isinstance(net, StudentTeacherNet) else net)
         buf = getattr(net, "image_blob_scale", None)
         if buf is None or not bool((buf > 0).all()):
@@ -457,19 +462,94 @@ class FlippedHeadNet(torch.nn.Module):
         return torch.cat([out[:, :-1], torch.logit(prob).to(out.dtype)], dim=1)
 
 
+# the values of inference's ``precision``
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 convolutions natively: a CPU with AVX512-BF16 or AMX (oneDNN then runs
+    them at about twice the float32 speed; elsewhere bfloat16 would be emulated, slower). False for other devices:
+    their reduced precision is not measured here."""
+    if torch.device(device).type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch.cpu; absent -> False
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+class ReducedPrecisionNet(torch.nn.Module):
+    """
+    ``network`` computed in bfloat16 (``torch.autocast``: convolutions and matrix products in bfloat16, reductions
+    such as group norm in float32), its output returned as float32. The weights stay float32. Modules named
+    ``float32_modules`` (the U-Net's 1x1 output head) run in float32: their outputs are the embeddings, whose
+    distances the clustering compares, and bfloat16 would round them to steps of 1/16 between 8 and 16.
+
+    Attributes the inferers and the blockwise path read are the wrapped network's.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        dtype: torch.dtype = torch.bfloat16,
+        float32_modules: Sequence[str] = ("output_block",),
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.dtype = dtype
+        keep = tuple(float32_modules)
+        self._float32 = [m for name, m in network.named_modules() if name.rsplit(".", 1)[-1] in keep]
+
+    @staticmethod
+    def _enter_float32(module: torch.nn.Module, args: tuple) -> tuple:
+        device = args[0].device.type
+        module._spoco_autocast = (device, torch.is_autocast_enabled(device))  # type: ignore[assignment]
+        torch.set_autocast_enabled(device, False)
+        return tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+
+    @staticmethod
+    def _leave_float32(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        device, enabled = module.__dict__.pop("_spoco_autocast")
+        torch.set_autocast_enabled(device, enabled)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("network"), name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # hooks only for this call: the wrapped network, run on its own, stays as it is
+        handles = [m.register_forward_pre_hook(self._enter_float32) for m in self._float32]
+        handles += [m.register_forward_hook(self._leave_float32) for m in self._float32]
+        try:
+            with torch.autocast(device_type=x.device.type, dtype=self.dtype):
+                out = self.network(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return out.float()
+
+
 def network_for_clustering(
     network: torch.nn.Module,
     clustering: str,
     ckpt_path: str | os.PathLike,
     embedding_dim: int = 16,
     test_time_flips: bool = False,
+    precision: str = "float32",
 ) -> torch.nn.Module:
     """
     The network inference runs: the student alone, or, for ``clustering="consistency"``, the student beside its
     teacher, loaded (strictly) from ``teacher.pt`` beside the student's checkpoint ``ckpt_path`` (training writes
     both); with ``test_time_flips``, inside :class:`FlippedHeadNet` (the head averaged over mirror images; a network
-    without a foreground head is returned as it is).
+    without a foreground head is returned as it is); with ``precision`` ``"bfloat16"`` inside
+    :class:`ReducedPrecisionNet` (``"auto"``: where the network's device computes it natively,
+    :func:`native_bfloat16`).
+
+    Raises:
+        ValueError: a ``precision`` not in :data:`PRECISIONS`.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     test_time_flips = check_flag(test_time_flips, "test_time_flips")  # the text "false" would count as on
     if clustering == "consistency":
         device = next(network.parameters()).device
@@ -479,4 +559,7 @@ def network_for_clustering(
     base = network.student if isinstance(network, StudentTeacherNet) else network
     if test_time_flips and getattr(base, "foreground_head", True):
         network = FlippedHeadNet(network, int(base.spatial_dims), head_network=base)
+    device = next(base.parameters()).device
+    if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
+        network = ReducedPrecisionNet(network)
     return network

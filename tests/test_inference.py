@@ -559,6 +559,52 @@ def test_test_time_flips_keep_what_the_inferers_read_from_the_network():
         network_for_clustering(net, "watershed", "", test_time_flips="false")
 
 
+def test_bfloat16_runs_the_convolutions_in_bfloat16_and_the_embedding_head_in_float32():
+    from spoco_bundle.inferers import ReducedPrecisionNet, ScaledInferer, network_for_clustering
+
+    net = _network(2).eval()
+    net.image_blob_scale.copy_(torch.tensor([2.0, 3.0, 4.0]))
+    x = torch.rand(2, 1, 32, 48, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        exact = net(x)
+    seen: dict[str, torch.dtype] = {}
+    first_conv = net.input_block.conv1.conv
+    spy = [
+        first_conv.register_forward_hook(lambda m, a, out: seen.update(encoder=out.dtype)),
+        net.output_block.register_forward_hook(lambda m, a, out: seen.update(head_in=a[0].dtype, head=out.dtype)),
+    ]
+    wrapped = network_for_clustering(net, "watershed", "", precision="bfloat16")
+    assert isinstance(wrapped, ReducedPrecisionNet)
+    with torch.inference_mode():
+        out = wrapped(x)
+    for h in spy:
+        h.remove()
+    assert seen == {"encoder": torch.bfloat16, "head_in": torch.float32, "head": torch.float32}
+    assert out.dtype == torch.float32 and out.shape == exact.shape
+    assert 0 < float((out - exact).abs().max()) < 0.05 * float(exact.abs().max())  # rounded, not another result
+    # the wrapped network alone is untouched: no hooks left, autocast off, float32 results
+    assert not torch.is_autocast_enabled("cpu") and not net.output_block._forward_pre_hooks
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), exact, rtol=0, atol=0)
+    # what the inferers read from the network comes through
+    assert wrapped.spatial_dims == 2 and wrapped.strides == net.strides
+    assert ScaledInferer(lambda x, n: n(x), scale="auto")._training_blob_scales(wrapped) == (2.0, 3.0, 4.0)
+    flipped = network_for_clustering(net, "watershed", "", test_time_flips=True, precision="bfloat16")
+    assert ScaledInferer(lambda x, n: n(x), scale="auto")._training_blob_scales(flipped) == (2.0, 3.0, 4.0)
+
+
+def test_precision_auto_takes_bfloat16_only_where_the_cpu_computes_it_natively():
+    from spoco_bundle.inferers import ReducedPrecisionNet, native_bfloat16, network_for_clustering
+
+    net = _network(2).eval()
+    auto = network_for_clustering(net, "watershed", "", precision="auto")
+    assert isinstance(auto, ReducedPrecisionNet) == native_bfloat16("cpu")
+    assert network_for_clustering(net, "watershed", "", precision="float32") is net
+    assert not native_bfloat16("meta")  # other devices: not measured, float32
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, got 'float16'"):
+        network_for_clustering(net, "watershed", "", precision="float16")
+
+
 @pytest.mark.slow
 def test_inference_with_test_time_flips_on_a_real_file(tmp_path):
     inputs = tmp_path / "in"
@@ -578,6 +624,7 @@ BAD_POSTPROCESSING_OPTIONS = [
     ("min_diameter_ratio", "-0.5", "min_diameter_ratio must be a number >= 0 (0: off), got -0.5"),
     ("boundary_threshold", "mean", "boundary_threshold must be a number in (0, 1) or 'median', got 'mean'"),
     ("boundary_threshold", "1", "boundary_threshold must be a number in (0, 1) or 'median', got 1"),
+    ("precision", "float16", "precision must be one of auto, float32, bfloat16, got 'float16'"),
 ]
 
 

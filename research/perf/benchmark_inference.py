@@ -19,7 +19,8 @@ included):
   chain) in one process, timed per stage: load, network (``inference_network`` through the inferer, test-time flips
   and ``image_scale`` included), post-processing (the whole chain). ``bytes/voxel``: (peak - resident memory before
   the image was read) / voxels, the whole-volume path's memory per voxel (3D; 2D images are too small to tell).
-  In 2D, the same with test-time flips off and / or ``image_scale`` 1 (``VARIANTS_2D``): what each costs and buys.
+  The same in float32 (``precision`` ``auto`` computes in bfloat16 on a CPU with native bfloat16), and in 2D with
+  test-time flips off and / or ``image_scale`` 1 (``VARIANTS_2D``): what each costs and buys.
 - ``plain``: MONAI's ``SlidingWindowInferer`` (the model's window, overlap 0.25, 4 windows per batch, Gaussian
   weights) over the same normalised inputs with the same network, no flips, no resampling: what any MONAI bundle pays
   for one network pass. Its arithmetic rate (the network's FLOPs per window, torch's ``FlopCounterMode``, times the
@@ -79,7 +80,13 @@ CASES = {
     },
 }
 # the 2D variants every dsb2018 run adds beside the defaults
-VARIANTS_2D = ({"test_time_flips": False}, {"image_scale": 1.0}, {"image_scale": 1.0, "test_time_flips": False})
+VARIANTS_2D = (
+    {"precision": "float32"},
+    {"test_time_flips": False},
+    {"image_scale": 1.0},
+    {"image_scale": 1.0, "test_time_flips": False},
+)
+VARIANTS_3D = ({"precision": "float32"},)
 
 
 def _log(msg: str) -> None:
@@ -474,6 +481,7 @@ def main(
                 extra = {"dataset": case, "budget_s": float(stardist_budget_s), "data_dir": str(data)}
                 runs.append(("stardist", "stardist", extra))
         else:
+            runs += [(f"bundle:{_label(v)}", "bundle", {"settings": v}) for v in VARIANTS_3D]
             reference = str(saved / "0.npy")
             runs.append(("cli:defaults", "cli", {"settings": {}, "reference": reference}))
             for b in budgets:
