@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -476,12 +477,34 @@ def native_bfloat16(device: torch.device | str) -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+# per thread: how deep in ReducedPrecisionNet.forward, and the autocast states the float32 modules suspended
+_REDUCED = threading.local()
+
+
+def _float32_enter(module: torch.nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a module kept in float32: inside :class:`ReducedPrecisionNet` only, autocast suspended and
+    the inputs made float32."""
+    if not getattr(_REDUCED, "depth", 0):
+        return None
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    _REDUCED.saved = [*getattr(_REDUCED, "saved", []), (device, torch.is_autocast_enabled(device))]
+    torch.set_autocast_enabled(device, False)
+    return tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _float32_leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    if getattr(_REDUCED, "depth", 0) and getattr(_REDUCED, "saved", None):
+        device, enabled = _REDUCED.saved.pop()
+        torch.set_autocast_enabled(device, enabled)
+
+
 class ReducedPrecisionNet(torch.nn.Module):
     """
     ``network`` computed in bfloat16 (``torch.autocast``: convolutions and matrix products in bfloat16, reductions
     such as group norm in float32), its output returned as float32. The weights stay float32. Modules named
     ``float32_modules`` (the U-Net's 1x1 output head) run in float32: their outputs are the embeddings, whose
-    distances the clustering compares, and bfloat16 would round them to steps of 1/16 between 8 and 16.
+    distances the clustering compares, and bfloat16 would round them to steps of 1/16 between 8 and 16. (Their
+    hooks act only inside this wrapper's forward, per thread: the network run on its own stays float32.)
 
     Attributes the inferers and the blockwise path read are the wrapped network's.
     """
@@ -496,19 +519,11 @@ class ReducedPrecisionNet(torch.nn.Module):
         self.network = network
         self.dtype = dtype
         keep = tuple(float32_modules)
-        self._float32 = [m for name, m in network.named_modules() if name.rsplit(".", 1)[-1] in keep]
-
-    @staticmethod
-    def _enter_float32(module: torch.nn.Module, args: tuple) -> tuple:
-        device = args[0].device.type
-        module._spoco_autocast = (device, torch.is_autocast_enabled(device))  # type: ignore[assignment]
-        torch.set_autocast_enabled(device, False)
-        return tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
-
-    @staticmethod
-    def _leave_float32(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        device, enabled = module.__dict__.pop("_spoco_autocast")
-        torch.set_autocast_enabled(device, enabled)
+        for name, module in network.named_modules():
+            hooked = _float32_enter in module._forward_pre_hooks.values()
+            if name.rsplit(".", 1)[-1] in keep and not hooked:
+                module.register_forward_pre_hook(_float32_enter)
+                module.register_forward_hook(_float32_leave)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -517,15 +532,12 @@ class ReducedPrecisionNet(torch.nn.Module):
             return getattr(super().__getattr__("network"), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # hooks only for this call: the wrapped network, run on its own, stays as it is
-        handles = [m.register_forward_pre_hook(self._enter_float32) for m in self._float32]
-        handles += [m.register_forward_hook(self._leave_float32) for m in self._float32]
+        _REDUCED.depth = getattr(_REDUCED, "depth", 0) + 1
         try:
             with torch.autocast(device_type=x.device.type, dtype=self.dtype):
                 out = self.network(x)
         finally:
-            for h in handles:
-                h.remove()
+            _REDUCED.depth -= 1
         return out.float()
 
 

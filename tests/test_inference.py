@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import shutil
@@ -582,10 +583,17 @@ def test_bfloat16_runs_the_convolutions_in_bfloat16_and_the_embedding_head_in_fl
     assert seen == {"encoder": torch.bfloat16, "head_in": torch.float32, "head": torch.float32}
     assert out.dtype == torch.float32 and out.shape == exact.shape
     assert 0 < float((out - exact).abs().max()) < 0.05 * float(exact.abs().max())  # rounded, not another result
-    # the wrapped network alone is untouched: no hooks left, autocast off, float32 results
-    assert not torch.is_autocast_enabled("cpu") and not net.output_block._forward_pre_hooks
+    # the wrapped network alone is untouched: autocast off after the call, float32 results (also in a thread)
+    assert not torch.is_autocast_enabled("cpu")
     with torch.inference_mode():
         torch.testing.assert_close(net(x), exact, rtol=0, atol=0)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool, torch.inference_mode():
+        both = list(pool.map(lambda f: f(x), [wrapped, net, wrapped, net]))
+    torch.testing.assert_close(both[0], out, rtol=0, atol=0)
+    torch.testing.assert_close(both[1], exact, rtol=0, atol=0)
+    # wrapping twice hooks the head once
+    network_for_clustering(net, "watershed", "", precision="bfloat16")
+    assert len(net.output_block._forward_pre_hooks) == 1
     # what the inferers read from the network comes through
     assert wrapped.spatial_dims == 2 and wrapped.strides == net.strides
     assert ScaledInferer(lambda x, n: n(x), scale="auto")._training_blob_scales(wrapped) == (2.0, 3.0, 4.0)

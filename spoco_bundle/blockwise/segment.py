@@ -221,8 +221,8 @@ def object_sums(
     What a block's core contributes to each of its objects' scores and geometry, as quantities that add up (or take
     the minimum / maximum) over the blocks an object spans: ``map:<name>`` the sum of each per-voxel map over the
     object, ``coords`` the sum of its voxels' coordinates ``(n, ndim)``, ``first`` / ``last`` its bounding box
-    ``(n, ndim)`` (volume coordinates: ``origin`` is the core's first voxel), ``voxels`` its voxels there. Row ``k``
-    is local id ``k`` (0 and ids absent from the core: zero sums, an empty box).
+    ``(n, ndim)`` (volume coordinates: ``origin`` is the core's first voxel). Row ``k`` is local id ``k`` (0 and ids
+    absent from the core: zero sums, an empty box; the voxels are the block's counts).
     """
     ndim = labels.ndim
     flat = labels.reshape(-1).astype(np.int64)
@@ -238,14 +238,13 @@ def object_sums(
         if box is not None and k < n:
             first[k] = [b.start + o for b, o in zip(box, origin)]
             last[k] = [b.stop - 1 + o for b, o in zip(box, origin)]
-    voxels = np.bincount(flat, minlength=n)[:n]
-    return {**out, "voxels": voxels, "coords": coords, "first": first, "last": last}
+    return {**out, "coords": coords, "first": first, "last": last}
 
 
-def _merge_sums(parts: Sequence[Any], lut: np.ndarray, n: int) -> dict[str, Any]:
-    """The blocks' :func:`object_sums` (in block order, rows = global ids) merged per final object through ``lut``:
-    ``voxels`` and ``maps`` (name -> sum) per id ``0..n``, ``centroid`` and the inclusive box ``first`` / ``last``
-    ``(n + 1, ndim)`` in volume coordinates."""
+def _merge_sums(parts: Sequence[Any], lut: np.ndarray, n: int, sizes: np.ndarray) -> dict[str, Any]:
+    """The blocks' :func:`object_sums` (in block order, rows = global ids; ``sizes``: their core voxels) merged per
+    final object through ``lut``: ``voxels`` and ``maps`` (name -> sum) per id ``0..n``, ``centroid`` and the
+    inclusive box ``first`` / ``last`` ``(n + 1, ndim)`` in volume coordinates."""
     glued = {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files} if parts else {}
     ndim = glued["coords"].shape[1]
     ids = np.asarray(lut, dtype=np.int64)
@@ -255,8 +254,7 @@ def _merge_sums(parts: Sequence[Any], lut: np.ndarray, n: int) -> dict[str, Any]
     np.minimum.at(first, ids, glued["first"])
     np.maximum.at(last, ids, glued["last"])
     coords = np.stack([np.bincount(ids, weights=c, minlength=n + 1) for c in glued["coords"].T], axis=1)
-    # voxels from the boxes' parts: every object voxel lies in exactly one core
-    voxels = np.bincount(ids, weights=glued["voxels"], minlength=n + 1).astype(np.int64)
+    voxels = np.bincount(ids, weights=sizes, minlength=n + 1).astype(np.int64)
     centroid = coords / np.maximum(voxels, 1)[:, None]
     return {"voxels": voxels, "maps": maps, "centroid": centroid, "first": first, "last": last}
 
@@ -426,7 +424,7 @@ def segment_blockwise(
         info.update(objects=n, blocks=len(blocks), resumed_blocks=len(done), pieces=int((sizes > 0).sum()))
         info.update(matched=len(pairs), block_shape=grid.block_shape, halo=grid.halo, halo_hi=grid.halo_hi)
         if scored:
-            info["object_sums"] = _merge_sums([np.load(scratch.sums(i)) for i in blocks], lut, n)
+            info["object_sums"] = _merge_sums([np.load(scratch.sums(i)) for i in blocks], lut, n, sizes)
     out_meta = dict(meta or {}, max_id=n, name=os.path.basename(output))
     remove_store(scratch.result)
     create_label_store(scratch.result, grid.shape, grid.block_shape, dtype, out_meta)
