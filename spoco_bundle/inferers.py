@@ -237,7 +237,7 @@ class ScaledInferer(Inferer):
         if self.blob_scales is not None:
             return self.blob_scales
         net = network
-        while isinstance(net, (ReducedPrecisionNet, FlippedHeadNet)):
+        while isinstance(net, _NetworkWrapper):
             net = net.network
         net = unwrap(net.student if isinstance(net, StudentTeacherNet) else net)
         buf = getattr(net, "image_blob_scale", None)
@@ -417,7 +417,20 @@ class StudentTeacherNet(torch.nn.Module):
         return torch.cat([f[:, :e], g[:, :e], f[:, e:]], dim=1)
 
 
-class FlippedHeadNet(torch.nn.Module):
+class _NetworkWrapper(torch.nn.Module):
+    """A module around ``self.network`` whose other attributes are the wrapped network's (what the inferers and the
+    blockwise path read: strides, kernel sizes, the recorded object size, ...)."""
+
+    network: torch.nn.Module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("network"), name)
+
+
+class FlippedHeadNet(_NetworkWrapper):
     """
     Test-time flips for the foreground head: the network runs on the input and on its mirror images along every
     combination of spatial axes (4 views in 2D, 8 in 3D); the head's probability is the mean over the views (each
@@ -447,12 +460,6 @@ class FlippedHeadNet(torch.nn.Module):
         axes = [2 + a for a in range(spatial_dims)]
         # every subset of the spatial axes, the empty one (no flip) first
         self.flips = [tuple(a for i, a in enumerate(axes) if k >> i & 1) for k in range(2**spatial_dims)]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("network"), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.network(x)
@@ -498,7 +505,7 @@ def _float32_leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
         torch.set_autocast_enabled(device, enabled)
 
 
-class ReducedPrecisionNet(torch.nn.Module):
+class ReducedPrecisionNet(_NetworkWrapper):
     """
     ``network`` computed in bfloat16 (``torch.autocast``: convolutions and matrix products in bfloat16, reductions
     such as group norm in float32), its output returned as float32. The weights stay float32. Modules named
@@ -524,12 +531,6 @@ class ReducedPrecisionNet(torch.nn.Module):
             if name.rsplit(".", 1)[-1] in keep and not hooked:
                 module.register_forward_pre_hook(_float32_enter)
                 module.register_forward_hook(_float32_leave)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("network"), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _REDUCED.depth = getattr(_REDUCED, "depth", 0) + 1
