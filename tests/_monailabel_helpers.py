@@ -87,10 +87,12 @@ def write_bad_inputs(folder: Path) -> dict:
     return {"corrupt_000": str(corrupt), "flat_000": str(flat)}
 
 
-def cli_segmentation(bundle: Path, image: str, out_dir: Path) -> np.ndarray:
+def cli_segmentation(bundle: Path, image: str, out_dir: Path, precision: str = "float32") -> np.ndarray:
     """
     The reference: the bundle's own inference (``segment_files`` of configs/inference.json, as ``monai.bundle run``
-    calls it) on ``bundle/models/model.pt``, read back in the input's storage order.
+    calls it) on ``bundle/models/model.pt``, read back in the input's storage order; by default in float32, as MONAI
+    Label runs ``network_def`` (``precision auto`` computes in bfloat16 on a CPU that has it: the same objects, not
+    the same voxels); ``"auto"`` for what runs the bundle's own workflow (the ``<model>_uncertain`` strategy).
     """
     from monai.bundle import ConfigParser
 
@@ -98,7 +100,7 @@ def cli_segmentation(bundle: Path, image: str, out_dir: Path) -> np.ndarray:
 
     parser = ConfigParser()
     parser.read_config(str(Path(bundle) / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')"})
+    parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')", "precision": precision})
     written = segment_files(
         [image],
         parser.get_parsed_content("preprocessing"),
