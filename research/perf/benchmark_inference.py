@@ -39,6 +39,7 @@ the table goes to stdout and, with ``--page``, to ``research/pages/benchmark_inf
 
     .venv/bin/python -m research.perf.benchmark_inference [--cases dsb2018,gonuclear32] [--budgets 2]
         [--threads 2] [--data_dir ../shared/data] [--out_dir eval/inference_speed] [--page]
+        [--extra_cli '[{"max_memory_gb": 2, "blockwise#workers": 1}]']   (more 3D command rows, e.g. for a screen)
 
 One benchmark at a time on a 2-core machine (anything beside it slows torch several-fold).
 """
@@ -450,6 +451,7 @@ def main(
     out_dir: str = "eval/inference_speed",
     rerun: bool = False,
     page: bool = False,
+    extra_cli: str | list = "",
     child: str | None = None,
     args: str | None = None,
 ) -> None:
@@ -486,6 +488,9 @@ def main(
             runs.append(("cli:defaults", "cli", {"settings": {}, "reference": reference}))
             for b in budgets:
                 settings = {"max_memory_gb": b}
+                runs.append((f"cli:{_label(settings)}", "cli", {"settings": settings, "reference": reference}))
+            # screens: more `spoco segment` options (fire hands a JSON list over already parsed)
+            for settings in json.loads(extra_cli) if isinstance(extra_cli, str) and extra_cli else extra_cli or []:
                 runs.append((f"cli:{_label(settings)}", "cli", {"settings": settings, "reference": reference}))
         results: dict[str, dict] = {}
         for key, mode, extra in runs:
