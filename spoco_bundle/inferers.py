@@ -475,9 +475,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def native_bfloat16(device: torch.device | str) -> bool:
-    """Whether ``device`` computes bfloat16 convolutions natively: a CPU with AVX512-BF16 or AMX (oneDNN then runs
-    them at about twice the float32 speed; elsewhere bfloat16 would be emulated, slower). False for other devices:
-    their reduced precision is not measured here."""
+    """Whether ``device`` computes bfloat16 convolutions natively: a CPU with AVX512-BF16 or AMX (oneDNN's bfloat16
+    kernels; elsewhere bfloat16 would be emulated, slower than float32). False for other devices: their reduced
+    precision is not measured here."""
     if torch.device(device).type != "cpu":
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch.cpu; absent -> False
