@@ -494,7 +494,7 @@ def _float32_enter(module: torch.nn.Module, args: tuple) -> tuple | None:
     if not getattr(_REDUCED, "depth", 0):
         return None
     device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-    _REDUCED.saved = [*getattr(_REDUCED, "saved", []), (device, torch.is_autocast_enabled(device))]
+    _REDUCED.__dict__.setdefault("saved", []).append((device, torch.is_autocast_enabled(device)))
     torch.set_autocast_enabled(device, False)
     return tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
 

@@ -27,10 +27,8 @@ logger = logging.getLogger("spoco")
 
 def object_table(labels: np.ndarray, scores: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The scored objects that ``labels`` (``S``, the image's grid) holds, most unsure first, each with its rank,
-    voxels, centroid and bounding box (``<axis>_min`` / ``<axis>_max``, inclusive) in the image's voxels
-    (:func:`~spoco_bundle.postprocessing.suggestions.ranked_table`; the scores may come from a resampled grid)."""
-    voxels = np.bincount(labels.reshape(-1).astype(np.int64))
-    scores = [{**r, "voxels": int(voxels[r["id"]])} for r in scores if r["id"] < len(voxels)]
+    centroid and bounding box (``<axis>_min`` / ``<axis>_max``, inclusive) in the image's voxels
+    (:func:`~spoco_bundle.postprocessing.suggestions.ranked_table`)."""
     boxes = ndimage.find_objects(labels)
     ids = [r["id"] for r in scores if r["id"] <= len(boxes) and boxes[r["id"] - 1] is not None]
     centres = ndimage.center_of_mass(np.ones(labels.shape, np.uint8), labels, ids) if ids else []
