@@ -8,7 +8,7 @@ import importlib
 
 from spoco_bundle.errors import install_error_summary as _install_error_summary
 
-__version__ = "0.44.0"
+__version__ = "0.45.0"
 
 _SUBMODULES = (
     "blockwise",

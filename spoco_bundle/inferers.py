@@ -16,9 +16,10 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import Resize
 
+from spoco_bundle.backends import BACKENDS, OpenVINONet
 from spoco_bundle.errors import check_flag
 from spoco_bundle.measure import blob_scale
-from spoco_bundle.networks import downsampling, load_weights, unwrap
+from spoco_bundle.networks import NetworkWrapper, downsampling, load_weights, unwrap
 from spoco_bundle.transforms import Rescale, check_scale
 
 __all__ = [
@@ -237,7 +238,7 @@ class ScaledInferer(Inferer):
         if self.blob_scales is not None:
             return self.blob_scales
         net = network
-        while isinstance(net, _NetworkWrapper):
+        while isinstance(net, NetworkWrapper):
             net = net.network
         net = unwrap(net.student if isinstance(net, StudentTeacherNet) else net)
         buf = getattr(net, "image_blob_scale", None)
@@ -417,20 +418,7 @@ class StudentTeacherNet(torch.nn.Module):
         return torch.cat([f[:, :e], g[:, :e], f[:, e:]], dim=1)
 
 
-class _NetworkWrapper(torch.nn.Module):
-    """A module around ``self.network`` whose other attributes are the wrapped network's (what the inferers and the
-    blockwise path read: strides, kernel sizes, the recorded object size, ...)."""
-
-    network: torch.nn.Module
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("network"), name)
-
-
-class FlippedHeadNet(_NetworkWrapper):
+class FlippedHeadNet(NetworkWrapper):
     """
     Test-time flips for the foreground head: the network runs on the input and on its mirror images along every
     combination of spatial axes (4 views in 2D, 8 in 3D); the head's probability is the mean over the views (each
@@ -505,7 +493,7 @@ def _float32_leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
         torch.set_autocast_enabled(device, enabled)
 
 
-class ReducedPrecisionNet(_NetworkWrapper):
+class ReducedPrecisionNet(NetworkWrapper):
     """
     ``network`` computed in bfloat16 (``torch.autocast``: convolutions and matrix products in bfloat16, reductions
     such as group norm in float32), its output returned as float32. The weights stay float32. Modules named
@@ -549,6 +537,7 @@ def network_for_clustering(
     embedding_dim: int = 16,
     test_time_flips: bool = False,
     precision: str = "float32",
+    backend: str = "torch",
 ) -> torch.nn.Module:
     """
     The network inference runs: the student alone, or, for ``clustering="consistency"``, the student beside its
@@ -556,23 +545,36 @@ def network_for_clustering(
     both); with ``test_time_flips``, inside :class:`FlippedHeadNet` (the head averaged over mirror images; a network
     without a foreground head is returned as it is); with ``precision`` ``"bfloat16"`` inside
     :class:`ReducedPrecisionNet` (``"auto"``: where the network's device computes it natively,
-    :func:`native_bfloat16`).
+    :func:`native_bfloat16`). With ``backend`` ``"openvino"`` the networks (student, teacher) run in
+    :class:`~spoco_bundle.backends.OpenVINONet` instead, in the same precision.
 
     Raises:
-        ValueError: a ``precision`` not in :data:`PRECISIONS`.
+        ValueError: a ``precision`` not in :data:`PRECISIONS` or a ``backend`` not in
+            :data:`~spoco_bundle.backends.BACKENDS`; ``"openvino"`` for a network that is not on the CPU.
+        ImportError: ``"openvino"`` without the openvino package.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
     test_time_flips = check_flag(test_time_flips, "test_time_flips")  # the text "false" would count as on
     if clustering == "consistency":
         device = next(network.parameters()).device
         teacher_path = os.path.join(os.path.dirname(os.fspath(ckpt_path)), "teacher.pt")
         teacher = load_weights(copy.deepcopy(network), teacher_path, map_location=device)
         network = StudentTeacherNet(network, teacher, embedding_dim)
+    device = next(network.parameters()).device
+    reduced = precision == "bfloat16" or (precision == "auto" and native_bfloat16(device))
+    if backend == "openvino":
+        hint = "bf16" if reduced else "f32"
+        if isinstance(network, StudentTeacherNet):
+            network.student = OpenVINONet(network.student, hint)
+            network.teacher = OpenVINONet(network.teacher, hint)
+        else:
+            network = OpenVINONet(network, hint)
     base = network.student if isinstance(network, StudentTeacherNet) else network
     if test_time_flips and getattr(base, "foreground_head", True):
         network = FlippedHeadNet(network, int(base.spatial_dims), head_network=base)
-    device = next(base.parameters()).device
-    if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
+    if reduced and backend == "torch":
         network = ReducedPrecisionNet(network)
     return network

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from monai.networks.nets import DynUNet
@@ -17,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EmbeddingUNet",
+    "NetworkWrapper",
     "make_teacher",
     "default_patch_size",
     "default_strides",
@@ -135,14 +137,35 @@ class EmbeddingUNet(DynUNet):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         else:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.output_block(self.skip_layers(x)).contiguous()
+        return self.head(self.skip_layers(x))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The 1x1 output convolution on the last decoder level's ``features`` ``(B, features[0], *S)``, then
+        :meth:`calibrate`: the rest of :meth:`forward` after ``skip_layers``."""
+        return self.calibrate(self.output_block(features).contiguous())  # standard layout for losses and clustering
+
+    def calibrate(self, out: torch.Tensor) -> torch.Tensor:
+        """In eval mode, the foreground logit (the last channel of the head's output ``out``) calibrated in place."""
         if self.foreground_head and not self.training:
             # calibrate the positive-unlabeled head: g > c/2  <=>  P(foreground) > 1/2, where the weighted head's odds
             # are w times g's (a no-op for c = w = 1)
             half_c = (0.5 * self.fg_label_frequency).clamp(1e-6, 1 - 1e-6)
             shift = torch.log(half_c) - torch.log1p(-half_c) + torch.log(self.fg_positive_weight.clamp_min(1e-6))
-            out = torch.cat([out[:, :-1], out[:, -1:] - shift.to(out.dtype)], dim=1)
-        return out  # standard layout for the losses and clustering
+            out[:, -1:] -= shift.to(out.dtype)
+        return out
+
+
+class NetworkWrapper(torch.nn.Module):
+    """A module around ``self.network`` whose other attributes are the wrapped network's (what the inferers and the
+    blockwise path read: strides, kernel sizes, the recorded object size, ...)."""
+
+    network: torch.nn.Module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("network"), name)
 
 
 # buffers of earlier versions for options that are gone, with the value that meant "not used"

@@ -145,31 +145,39 @@ def test_nuclei2d_segments_dsb_validation_images_through_the_cli(tmp_path):
 
 @pytest.mark.skipif(not (DATA / "dsb2018" / "split.json").is_file(), reason="needs ../shared/data/dsb2018")
 @pytest.mark.slow
-def test_bfloat16_gives_the_float32_labels_of_the_shipped_nuclei2d():
-    """``precision`` bfloat16 (what ``auto`` takes on a CPU with native bfloat16) on real training images with the
-    whole chain (flips, clustering): the objects of float32, AP50 agreement >= 0.99 over the images."""
+@pytest.mark.parametrize(
+    "settings",
+    [{"precision": "bfloat16"}, {"backend": "openvino", "precision": "auto"}],
+    ids=["bfloat16", "openvino"],
+)
+def test_reduced_precision_and_openvino_give_the_float32_labels_of_the_shipped_nuclei2d(settings):
+    """``precision`` bfloat16 (what ``auto`` takes on a CPU with native bfloat16), and the OpenVINO back-end, on real
+    training images with the whole chain (flips, clustering): the objects of torch in float32, AP50 agreement >= 0.99
+    over the images."""
     import torch
 
     from spoco_bundle.io import read_image
 
+    if settings.get("backend") == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra (scripts/run_tests.sh installs it)")
     ids = json.loads((DATA / "dsb2018" / "split.json").read_text())["training"][:12]
     labels: dict[str, list[np.ndarray]] = {}
-    for precision in ("float32", "bfloat16"):
+    for name, ids_ in (("float32", {"precision": "float32"}), ("tried", settings)):
         parser = ConfigParser()
         parser.read_config(str(ROOT / "configs" / "inference.json"))
-        parser.update({"bundle_root": str(ROOT), "model": "nuclei2d", "precision": precision})
+        parser.update({"bundle_root": str(ROOT), "model": "nuclei2d", **ids_})
         network = parser.get_parsed_content("inference_network").eval()
         pre, inferer, post = (parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
-        labels[precision] = []
+        labels[name] = []
         for i in ids:
             item = pre({"image": str(DATA / "dsb2018" / "images" / f"{i}.tif")})
             with torch.inference_mode():
                 item["pred"] = inferer(item["image"][None], network)[0]
-            labels[precision].append(np.asarray(post(item)["pred"])[0])
+            labels[name].append(np.asarray(post(item)["pred"])[0])
     assert sum(int(x.max()) for x in labels["float32"]) > 100  # enough objects to tell 1 %
-    assert _pooled_ap50(labels["bfloat16"], labels["float32"]) >= 0.99
+    assert _pooled_ap50(labels["tried"], labels["float32"]) >= 0.99
     truth = [np.asarray(read_image(DATA / "dsb2018" / "labels" / f"{i}.tif")[0]) for i in ids]
-    assert _pooled_ap50(labels["bfloat16"], truth) >= _pooled_ap50(labels["float32"], truth) - 0.01
+    assert _pooled_ap50(labels["tried"], truth) >= _pooled_ap50(labels["float32"], truth) - 0.01
 
 
 @pytest.mark.slow

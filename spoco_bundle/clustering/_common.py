@@ -7,11 +7,19 @@ object size, background removal, consecutive relabelling.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+
+# the parallel kernels' threads: OpenMP first, as where TBB is missing. Numba would otherwise take TBB whenever the
+# process has loaded it (OpenVINO ships it), and TBB's worker pool is not safe across a fork from a non-main thread
+# (dask and MONAI Label start processes from threads). NUMBA_THREADING_LAYER(_PRIORITY) in the environment still rules.
+if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 BACKGROUND_MODES = ("largest", "none", "auto")
 
