@@ -237,7 +237,9 @@ def speed_section(speed: Mapping[str, Any] | None) -> list[str]:
         "Inference with the shipped models and `configs/inference.json`'s defaults, end to end (reading, network, "
         "post-processing; `spoco segment`: the whole command, writing included), beside a plain MONAI "
         "`SlidingWindowInferer` pass of the same network over the same inputs (x plain pass: time / its time). "
-        f"AP50 per image, averaged over images. {speed['setup']} How it works: "
+        "AP50 per image, averaged over images; labels vs defaults / float32: a row's labels scored against the "
+        "defaults' chain and the float32 chain's (AP50: 1 = the same objects). "
+        f"{speed['setup']} How it works: "
         f"[research/pages/{SPEED_PAGE}.md](../research/pages/{SPEED_PAGE}.md).",
         "",
         speed["table"],

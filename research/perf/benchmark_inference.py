@@ -20,7 +20,8 @@ included):
   and ``image_scale`` included), post-processing (the whole chain). ``bytes/voxel``: (peak - resident memory before
   the image was read) / voxels, the whole-volume path's memory per voxel (3D; 2D images are too small to tell).
   The same in float32 (``precision`` ``auto`` computes in bfloat16 on a CPU with native bfloat16), and in 2D with
-  test-time flips off and / or ``image_scale`` 1 (``VARIANTS_2D``): what each costs and buys.
+  test-time flips off and / or ``image_scale`` 1 (``VARIANTS_2D``): what each costs and buys; with OpenVINO
+  installed (the ``openvino`` extra), ``backend`` openvino too (3D: also as ``spoco segment --backend openvino``).
 - ``plain``: MONAI's ``SlidingWindowInferer`` (the model's window, overlap 0.25, 4 windows per batch, Gaussian
   weights) over the same normalised inputs with the same network, no flips, no resampling: what any MONAI bundle pays
   for one network pass. Its arithmetic rate (the network's FLOPs per window, torch's ``FlopCounterMode``, times the
@@ -31,7 +32,10 @@ included):
   case's images (its network and non-maximum suppression, TensorFlow CPU on the same threads); its AP50 per image.
 - ``spoco segment`` (3D): the command a user runs, defaults only (the memory budget picks whole-volume or blockwise),
   then with ``--max_memory_gb`` for each ``--budgets`` value; wall time of the command, the route it took, peak
-  memory of the command, AP50 against the ground truth and against the ``bundle`` row's labels (agreement).
+  memory of the command, AP50 against the ground truth.
+
+Every row but the first ``bundle`` row scores its labels against those of the ``bundle`` rows with the defaults and
+in float32 (AP50 of its labels against theirs, mean over images): agreement.
 
 Results are cached per row under ``--out_dir`` (a rerun measures only what is missing; ``--rerun`` measures again);
 the table goes to stdout and, with ``--page``, to ``research/pages/benchmark_inference.{md,json}``, from which
@@ -88,6 +92,8 @@ VARIANTS_2D = (
     {"image_scale": 1.0, "test_time_flips": False},
 )
 VARIANTS_3D = ({"precision": "float32"},)
+# with OpenVINO installed (the bundle's openvino extra), every case adds these rows: the chain and (3D) the command
+OPENVINO = {"backend": "openvino"}
 
 
 def _log(msg: str) -> None:
@@ -208,7 +214,7 @@ def child_bundle(args: dict) -> dict:
     inferer = parser.get_parsed_content("inferer")
     post = parser.get_parsed_content("postprocessing")
     times = {"load": 0.0, "network": 0.0, "post": 0.0}
-    voxels, scores, per_voxel = 0, [], []
+    voxels, scores, per_voxel, agree = 0, [], [], {}
     for k, (image, label) in enumerate(args["inputs"]):
         before = resident_bytes() / 1e9
         t0 = time.perf_counter()
@@ -226,9 +232,12 @@ def child_bundle(args: dict) -> dict:
         voxels += n
         per_voxel.append((_peak_gb() - before) * 1e9 / n)
         scores.append(ap50(_read(label), seg))
+        for name, folder in args.get("references", {}).items():
+            agree.setdefault(name, []).append(ap50(np.load(os.path.join(folder, f"{k}.npy")), seg))
         if args.get("save"):
             np.save(os.path.join(args["save"], f"{k}.npy"), seg)
-    return {**times, "voxels": voxels, "ap50": float(np.mean(scores)), "bytes_per_voxel": max(per_voxel)}
+    result = {**times, "voxels": voxels, "ap50": float(np.mean(scores)), "bytes_per_voxel": max(per_voxel)}
+    return {**result, "agreement": {name: float(np.mean(v)) for name, v in agree.items()}}
 
 
 def child_plain(args: dict) -> dict:
@@ -310,8 +319,7 @@ def child_cli(args: dict) -> dict:
     result = {"seconds": seconds, "peak_gb": peak, "voxels": int(seg.size), "ap50": ap50(_read(label), seg)}
     result["route"] = "blockwise" if " blocks of " in proc.stderr + proc.stdout else "whole"
     result["log_tail"] = (proc.stderr + proc.stdout)[-1500:]
-    if args.get("reference"):
-        result["agreement_ap50"] = ap50(np.load(args["reference"]), seg)
+    result["agreement"] = {name: ap50(np.load(path), seg) for name, path in args.get("references", {}).items()}
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -398,7 +406,8 @@ def _rows(case: str, results: dict[str, dict]) -> list[list[str]]:
             "stardist": f"StarDist 0.9.2 (all labels, {r.get('budget_s', 0):.0f} CPU-s of training): predict_instances",
         }[kind]
         bpv = f"{r['bytes_per_voxel']:.0f}" if kind == "bundle" and CASES[case]["dims"] == 3 else "–"
-        agree = f"{r['agreement_ap50']:.3f}" if "agreement_ap50" in r else "–"
+        agreement = {"defaults": r["agreement_ap50"]} if "agreement_ap50" in r else r.get("agreement", {})
+        agree = " / ".join(f"{agreement[k]:.3f}" if k in agreement else "–" for k in ("defaults", "float32"))
         rows.append(
             [
                 case,
@@ -428,7 +437,7 @@ HEADER = [
     "peak GB",
     "bytes / voxel",
     "AP50",
-    "AP50 vs chain",
+    "labels vs defaults / float32 (AP50)",
 ]
 
 
@@ -456,6 +465,8 @@ def main(
     args: str | None = None,
 ) -> None:
     """Measure what is not cached yet, print the table (and write the page with ``--page``)."""
+    from spoco_bundle.backends import openvino_available
+
     if child:
         return _child(child, json.loads(Path(args).read_text()))
     cases = [c for c in (cases.split(",") if isinstance(cases, str) else cases) if c]
@@ -470,36 +481,38 @@ def main(
     out = ROOT / out_dir if not os.path.isabs(out_dir) else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     all_results: dict[str, dict[str, dict]] = {}
+    openvino = (OPENVINO,) if openvino_available() else ()
     for case in cases:
         spec = CASES[case]
         inputs = case_inputs(case, data, out)
         common = {"model": spec["model"], "threads": threads, "inputs": inputs}
-        saved = out / f"{case}_labels"
+        saved, saved32 = out / f"{case}_labels", out / f"{case}_labels_float32"  # references of the agreement
         runs: list[tuple[str, str, dict]] = [("bundle:defaults", "bundle", {"settings": {}, "save": str(saved)})]
         runs += [("plain", "plain", {}), ("conv_peak", "conv_peak", {"dims": spec["dims"]})]
-        if spec["dims"] == 2:
-            runs += [(f"bundle:{_label(v)}", "bundle", {"settings": v}) for v in VARIANTS_2D]
-            if stardist_budget_s:
-                extra = {"dataset": case, "budget_s": float(stardist_budget_s), "data_dir": str(data)}
-                runs.append(("stardist", "stardist", extra))
-        else:
-            runs += [(f"bundle:{_label(v)}", "bundle", {"settings": v}) for v in VARIANTS_3D]
-            reference = str(saved / "0.npy")
-            runs.append(("cli:defaults", "cli", {"settings": {}, "reference": reference}))
-            for b in budgets:
-                settings = {"max_memory_gb": b}
-                runs.append((f"cli:{_label(settings)}", "cli", {"settings": settings, "reference": reference}))
+        for v in (VARIANTS_2D if spec["dims"] == 2 else VARIANTS_3D) + openvino:  # float32 first
+            extra = {"settings": v, "references": {"defaults": str(saved)}}
+            if v == {"precision": "float32"}:
+                extra["save"] = str(saved32)
+            else:
+                extra["references"]["float32"] = str(saved32)
+            runs.append((f"bundle:{_label(v)}", "bundle", extra))
+        if spec["dims"] == 2 and stardist_budget_s:
+            extra = {"dataset": case, "budget_s": float(stardist_budget_s), "data_dir": str(data)}
+            runs.append(("stardist", "stardist", extra))
+        if spec["dims"] == 3:
+            references = {"defaults": str(saved / "0.npy"), "float32": str(saved32 / "0.npy")}
+            cli = [{}, *openvino] + [{"max_memory_gb": b} for b in budgets]
             # screens: more `spoco segment` options (fire hands a JSON list over already parsed)
-            for settings in json.loads(extra_cli) if isinstance(extra_cli, str) and extra_cli else extra_cli or []:
-                runs.append((f"cli:{_label(settings)}", "cli", {"settings": settings, "reference": reference}))
+            cli += json.loads(extra_cli) if isinstance(extra_cli, str) and extra_cli else list(extra_cli or [])
+            runs += [(f"cli:{_label(v)}", "cli", {"settings": v, "references": references}) for v in cli]
         results: dict[str, dict] = {}
         for key, mode, extra in runs:
             cache = out / f"{case}__{key.replace(':', '__').replace(' ', '_').replace(',', '')}.json"
             if cache.exists() and not rerun:
                 results[key] = json.loads(cache.read_text())
                 continue
-            if mode == "bundle" and "save" in extra:
-                saved.mkdir(exist_ok=True)
+            if "save" in extra:
+                Path(extra["save"]).mkdir(exist_ok=True)
             _log(f"{case}: {key} ...")
             load = os.getloadavg()[0]
             r = _run_child(mode, {**common, **extra})
