@@ -597,5 +597,5 @@ def for_blocks(network: torch.nn.Module) -> torch.nn.Module:
     torch_nets = [n.network for n in nets]
     inner = StudentTeacherNet(*torch_nets, pair.embedding_dim) if pair is not None else torch_nets[0]
     if flips is not None:
-        inner = FlippedHeadNet(inner, int(torch_nets[0].spatial_dims), head_network=torch_nets[0])
+        inner = FlippedHeadNet(inner, len(flips.flips[-1]), head_network=torch_nets[0])
     return ReducedPrecisionNet(inner) if nets[0].precision == "bf16" else inner
