@@ -19,10 +19,9 @@ included):
   chain) in one process, timed per stage: load, network (``inference_network`` through the inferer, test-time flips
   and ``image_scale`` included), post-processing (the whole chain). ``bytes/voxel``: (peak - resident memory before
   the image was read) / voxels, the whole-volume path's memory per voxel (3D; 2D images are too small to tell).
-  The same in float32 (``precision`` ``auto`` computes in bfloat16 on a CPU with native bfloat16; in PyTorch), in 3D
-  with ``backend`` torch (``auto`` runs 3D through OpenVINO; also as ``spoco segment --backend torch``), and in 2D
-  with test-time flips off and / or ``image_scale`` 1, and with ``backend`` openvino (``VARIANTS_2D``): what each
-  costs and buys.
+  The same in float32 (``precision`` ``auto`` computes in bfloat16 on a CPU with native bfloat16), and in 2D with
+  test-time flips off and / or ``image_scale`` 1 (``VARIANTS_2D``): what each costs and buys; with OpenVINO
+  installed (the ``openvino`` extra), ``backend`` openvino too (3D: also as ``spoco segment --backend openvino``).
 - ``plain``: MONAI's ``SlidingWindowInferer`` (the model's window, overlap 0.25, 4 windows per batch, Gaussian
   weights) over the same normalised inputs with the same network, no flips, no resampling: what any MONAI bundle pays
   for one network pass. Its arithmetic rate (the network's FLOPs per window, torch's ``FlopCounterMode``, times the
@@ -91,12 +90,10 @@ VARIANTS_2D = (
     {"test_time_flips": False},
     {"image_scale": 1.0},
     {"image_scale": 1.0, "test_time_flips": False},
-    {"backend": "openvino"},
 )
-# the 3D variants (backend auto runs 3D through OpenVINO: the float32 reference and the comparison in torch), and
-# the `spoco segment` rows beside the defaults and the memory budgets
-VARIANTS_3D = ({"precision": "float32", "backend": "torch"}, {"backend": "torch"})
-CLI_3D = ({"backend": "torch"},)
+VARIANTS_3D = ({"precision": "float32"},)
+# with OpenVINO installed (the bundle's openvino extra), every case adds these rows: the chain and (3D) the command
+OPENVINO = {"backend": "openvino"}
 
 
 def _log(msg: str) -> None:
@@ -468,6 +465,8 @@ def main(
     args: str | None = None,
 ) -> None:
     """Measure what is not cached yet, print the table (and write the page with ``--page``)."""
+    from spoco_bundle.backends import openvino_available
+
     if child:
         return _child(child, json.loads(Path(args).read_text()))
     cases = [c for c in (cases.split(",") if isinstance(cases, str) else cases) if c]
@@ -482,6 +481,7 @@ def main(
     out = ROOT / out_dir if not os.path.isabs(out_dir) else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     all_results: dict[str, dict[str, dict]] = {}
+    openvino = (OPENVINO,) if openvino_available() else ()
     for case in cases:
         spec = CASES[case]
         inputs = case_inputs(case, data, out)
@@ -489,9 +489,9 @@ def main(
         saved, saved32 = out / f"{case}_labels", out / f"{case}_labels_float32"  # references of the agreement
         runs: list[tuple[str, str, dict]] = [("bundle:defaults", "bundle", {"settings": {}, "save": str(saved)})]
         runs += [("plain", "plain", {}), ("conv_peak", "conv_peak", {"dims": spec["dims"]})]
-        for v in VARIANTS_2D if spec["dims"] == 2 else VARIANTS_3D:  # float32 first
+        for v in (VARIANTS_2D if spec["dims"] == 2 else VARIANTS_3D) + openvino:  # float32 first
             extra = {"settings": v, "references": {"defaults": str(saved)}}
-            if v.get("precision") == "float32":
+            if v == {"precision": "float32"}:
                 extra["save"] = str(saved32)
             else:
                 extra["references"]["float32"] = str(saved32)
@@ -501,7 +501,7 @@ def main(
             runs.append(("stardist", "stardist", extra))
         if spec["dims"] == 3:
             references = {"defaults": str(saved / "0.npy"), "float32": str(saved32 / "0.npy")}
-            cli = [{}, *CLI_3D] + [{"max_memory_gb": b} for b in budgets]
+            cli = [{}, *openvino] + [{"max_memory_gb": b} for b in budgets]
             # screens: more `spoco segment` options (fire hands a JSON list over already parsed)
             cli += json.loads(extra_cli) if isinstance(extra_cli, str) and extra_cli else list(extra_cli or [])
             runs += [(f"cli:{_label(v)}", "cli", {"settings": v, "references": references}) for v in cli]

@@ -1,7 +1,7 @@
 """
-Inference precision and back-end: the same configs/inference.json chain in float32 and in bfloat16 (torch autocast),
-and through OpenVINO (``backend`` openvino, float32 and bfloat16), on training images (settings are chosen on them),
-timed and compared label for label with torch's float32.
+Inference precision and back-end: the same configs/inference.json chain in float32, in bfloat16 (torch autocast), and
+through OpenVINO (``backend`` openvino, float32 and bfloat16, when the package is installed), on training images
+(settings are chosen on them), timed and compared label for label with float32.
 
 Cases (``--cases``):
 
@@ -20,6 +20,7 @@ network outputs. All settings run in one process, float32 first, on the same inp
         [--settings float32,bfloat16,openvino_float32,openvino_bfloat16] [--data_dir ../shared/data]
         [--work eval/precision] [--page]
 
+OpenVINO's settings need ``pip install openvino`` (the bundle's ``openvino`` extra); without it they are left out.
 ``--page`` writes research/pages/benchmark_precision.{md,json}. One benchmark at a time on a 2-core machine.
 """
 
@@ -46,8 +47,8 @@ PAGE = ROOT / "research" / "pages" / "benchmark_precision"
 CASES = {"dsb2018_train": "nuclei2d", "gonuclear1135": "nuclei3d"}
 # inference.json ids per setting; the first is the reference
 SETTINGS = {
-    "float32": {"precision": "float32", "backend": "torch"},
-    "bfloat16": {"precision": "bfloat16", "backend": "torch"},
+    "float32": {"precision": "float32"},
+    "bfloat16": {"precision": "bfloat16"},
     "openvino_float32": {"precision": "float32", "backend": "openvino"},
     "openvino_bfloat16": {"precision": "bfloat16", "backend": "openvino"},
 }
@@ -142,6 +143,7 @@ def main(
     work: str = "eval/precision",
     page: bool = False,
 ) -> None:
+    from spoco_bundle.backends import openvino_available
     from spoco_bundle.inferers import native_bfloat16
 
     data = Path(data_dir) if data_dir else default_data_dir()
@@ -150,6 +152,9 @@ def main(
     unknown = [s for s in chosen if s not in SETTINGS]
     if unknown or not chosen or chosen[0] != "float32":
         raise SystemExit(f"--settings: float32 first, then any of {', '.join(SETTINGS)}; got {chosen}.")
+    if not openvino_available():
+        print("openvino is not installed: its settings are left out.")
+        chosen = [s for s in chosen if "backend" not in SETTINGS[s]]
     load = os.getloadavg()[0]
     all_results = {c: measure(c, case_inputs(c, data, Path(work)), threads, chosen) for c in names}
     text = table(all_results)

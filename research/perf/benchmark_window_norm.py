@@ -97,7 +97,7 @@ def measure(inputs: list[tuple[str, str]], threads: int) -> dict:
     torch.set_num_threads(threads)
     ((image, label),) = inputs
     truth = _read(label)
-    parser = _parser("nuclei3d", {"backend": "torch"})  # its norms are changed in place: torch runs what it has
+    parser = _parser("nuclei3d", {})
     network = parser.get_parsed_content("inference_network").eval()
     pre, inferer, post = (parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
     item = pre({"image": image})
