@@ -86,10 +86,9 @@ class OpenVINONet(NetworkWrapper):
     clustering compares (as in :class:`~spoco_bundle.inferers.ReducedPrecisionNet`).
 
     The network is converted on the first call (``openvino.convert_model``), and compiled once per input shape
-    (at most a few: a sliding window's batches). Calls from several threads are safe (an infer request per call: its
-    memory is freed when the call returns, as torch's is). The weights are those at conversion: load weights before
-    the first call. Pickles without the converted model (a dask.distributed worker converts its own). Inference only:
-    gradients do not flow through it.
+    (at most a few: a sliding window's batches). Calls from several threads are safe (one infer request per thread
+    and shape). The weights are those at conversion: load weights before the first call. Pickles without the
+    converted model (a dask.distributed worker converts its own). Inference only: gradients do not flow through it.
 
     Attributes the inferers and the blockwise path read are the wrapped network's.
 
@@ -98,8 +97,6 @@ class OpenVINONet(NetworkWrapper):
             ``calibrate``), on the CPU.
         precision: OpenVINO's ``INFERENCE_PRECISION_HINT``, ``"bf16"`` or ``"f32"``.
         threads: OpenVINO's ``INFERENCE_NUM_THREADS``; None: torch's thread count at compilation.
-        auto: chosen by ``backend`` ``"auto"`` (blockwise runs go back to torch,
-            :func:`~spoco_bundle.inferers.for_blocks`).
 
     Raises:
         ValueError: a network that is not an EmbeddingUNet, one that is not on the CPU, or an unknown
@@ -107,9 +104,7 @@ class OpenVINONet(NetworkWrapper):
         ImportError: OpenVINO cannot be imported.
     """
 
-    def __init__(
-        self, network: torch.nn.Module, precision: str = "bf16", threads: int | None = None, auto: bool = False
-    ) -> None:
+    def __init__(self, network: torch.nn.Module, precision: str = "bf16", threads: int | None = None) -> None:
         super().__init__()
         if not all(hasattr(network, name) for name in ("skip_layers", "output_block", "calibrate")):
             raise ValueError(f"backend 'openvino' needs an EmbeddingUNet, got {type(network).__name__}.")
@@ -126,17 +121,17 @@ class OpenVINONet(NetworkWrapper):
         self.network = network
         self.precision = precision
         self.threads = threads
-        self.auto = auto
         self._reset()
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._model: Any = None
         self._compiled: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
+        self._local = threading.local()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("_lock", "_model", "_compiled"):
+        for key in ("_lock", "_model", "_compiled", "_local"):
             state.pop(key, None)
         return state
 
@@ -144,10 +139,11 @@ class OpenVINONet(NetworkWrapper):
         self.__dict__.update(state)
         self._reset()
 
-    def _compiled_model(self, shape: tuple[int, ...]) -> Any:
-        """The model compiled for inputs of ``shape`` (converted and compiled when needed)."""
+    def _request(self, shape: tuple[int, ...]) -> Any:
+        """This thread's infer request for inputs of ``shape``."""
         import openvino as ov
 
+        requests = self._local.__dict__.setdefault("requests", {})
         with self._lock:
             if self._model is None:
                 # traced on the smallest input the U-Net takes, converted with free batch and spatial sizes
@@ -171,16 +167,17 @@ class OpenVINONet(NetworkWrapper):
                     self._compiled.popitem(last=False)
             else:
                 self._compiled.move_to_end(shape)
-        return compiled
+        request = requests.get(shape)
+        if request is None or request[0] is not compiled:
+            request = requests[shape] = (compiled, compiled.create_infer_request())
+        return request[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x).detach()  # a MetaTensor's metadata plays no part in the network
-        # a request per call: a request holds a window batch's activations for as long as it lives (between calls,
-        # while a block is clustered, that memory would count twice); making one costs little beside the pass
-        request = self._compiled_model(tuple(int(n) for n in x.shape)).create_infer_request()
+        request = self._request(tuple(int(n) for n in x.shape))
         inputs = np.ascontiguousarray(x.to("cpu", torch.float32).numpy())
         request.infer({0: inputs})
-        features = torch.from_numpy(request.get_output_tensor(0).data)  # the request's buffer, alive until return
+        features = torch.from_numpy(request.get_output_tensor(0).data)  # the request's buffer: read before the next
         # the 1x1 head as one matrix product per item (a third of a 1x1 convolution's time on this layout)
         conv = self.network.output_block.conv.conv
         weight, bias = conv.weight.detach().flatten(1), conv.bias.detach()[:, None]

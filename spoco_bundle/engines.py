@@ -27,7 +27,6 @@ from spoco_bundle.blockwise import open_volume
 from spoco_bundle.blockwise.volume import segment_volume
 from spoco_bundle.data import foreground_mask_file, foreground_mask_index
 from spoco_bundle.errors import root_cause
-from spoco_bundle.inferers import for_blocks
 from spoco_bundle.io import is_zarr, partial_path, split_volume_suffix, write_label_image
 
 __all__ = ["inference_datalist", "InferenceDataset", "SegmentationEvaluator", "segment_files"]
@@ -256,7 +255,7 @@ class SegmentationEvaluator(SupervisedEvaluator):
         return {}
 
     def _segment_blockwise(self, path: str, out_path: str) -> dict:
-        network = for_blocks(self.network)  # blockwise memory budgets are measured for torch
+        network = self.network
         spatial_dims = int(getattr(getattr(network, "student", network), "spatial_dims", 3))
         t0 = time.perf_counter()
         info = segment_volume(

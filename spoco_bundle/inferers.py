@@ -34,7 +34,6 @@ __all__ = [
     "window_scale",
     "check_window",
     "network_for_clustering",
-    "for_blocks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -557,7 +556,7 @@ def network_for_clustering(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
-    chosen = choose_backend(backend, network)  # of the plain network, before a teacher joins it
+    backend = choose_backend(backend, network)
     test_time_flips = check_flag(test_time_flips, "test_time_flips")  # the text "false" would count as on
     if clustering == "consistency":
         device = next(network.parameters()).device
@@ -566,36 +565,16 @@ def network_for_clustering(
         network = StudentTeacherNet(network, teacher, embedding_dim)
     device = next(network.parameters()).device
     reduced = precision == "bfloat16" or (precision == "auto" and native_bfloat16(device))
-    if chosen == "openvino":
-        hint, auto = "bf16" if reduced else "f32", backend == "auto"
+    if backend == "openvino":
+        hint = "bf16" if reduced else "f32"
         if isinstance(network, StudentTeacherNet):
-            network.student = OpenVINONet(network.student, hint, auto=auto)
-            network.teacher = OpenVINONet(network.teacher, hint, auto=auto)
+            network.student = OpenVINONet(network.student, hint)
+            network.teacher = OpenVINONet(network.teacher, hint)
         else:
-            network = OpenVINONet(network, hint, auto=auto)
+            network = OpenVINONet(network, hint)
     base = network.student if isinstance(network, StudentTeacherNet) else network
     if test_time_flips and getattr(base, "foreground_head", True):
         network = FlippedHeadNet(network, int(base.spatial_dims), head_network=base)
-    if reduced and not isinstance(base, OpenVINONet):
+    if reduced and backend == "torch":
         network = ReducedPrecisionNet(network)
     return network
-
-
-def for_blocks(network: torch.nn.Module) -> torch.nn.Module:
-    """
-    The network of a blockwise run: ``network`` (from :func:`network_for_clustering`) with the OpenVINO networks
-    that ``backend`` ``"auto"`` chose back in torch (in bfloat16 where they computed bfloat16), because the memory
-    budget of blockwise runs is measured for torch: OpenVINO keeps more memory per process. ``network`` itself where
-    there are none (torch, or ``backend`` ``"openvino"`` chosen explicitly).
-    """
-    flips = network if isinstance(network, FlippedHeadNet) else None
-    inner = flips.network if flips is not None else network
-    pair = inner if isinstance(inner, StudentTeacherNet) else None
-    nets = [pair.student, pair.teacher] if pair is not None else [inner]
-    if not all(isinstance(n, OpenVINONet) and n.auto for n in nets):
-        return network
-    torch_nets = [n.network for n in nets]
-    inner = StudentTeacherNet(*torch_nets, pair.embedding_dim) if pair is not None else torch_nets[0]
-    if flips is not None:
-        inner = FlippedHeadNet(inner, len(flips.flips[-1]), head_network=torch_nets[0])
-    return ReducedPrecisionNet(inner) if nets[0].precision == "bf16" else inner

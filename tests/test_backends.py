@@ -134,45 +134,6 @@ def test_auto_takes_openvino_for_3d_on_the_cpu_and_torch_for_2d():
     assert network_for_clustering(net3, "watershed", "", precision="float32", backend="torch") is net3
 
 
-def test_blockwise_runs_take_auto_openvino_networks_back_to_torch(tmp_path):
-    """Blockwise memory budgets are measured for torch: :func:`for_blocks` undoes what ``auto`` chose, keeps an
-    explicit ``openvino``, and gives the torch chain's outputs."""
-    from spoco_bundle.backends import OpenVINONet
-    from spoco_bundle.inferers import (
-        FlippedHeadNet,
-        ReducedPrecisionNet,
-        StudentTeacherNet,
-        for_blocks,
-        native_bfloat16,
-        network_for_clustering,
-    )
-
-    torch.save(_network(3, seed=5).state_dict(), tmp_path / "teacher.pt")
-    ckpt = tmp_path / "model.pt"
-    args = dict(clustering="consistency", ckpt_path=ckpt, embedding_dim=4, test_time_flips=True)
-    auto = network_for_clustering(_network(3), precision="auto", backend="auto", **args)
-    assert isinstance(auto, FlippedHeadNet) and isinstance(auto.network.student, OpenVINONet)
-    blocks = for_blocks(auto)
-    inner = blocks.network if isinstance(blocks, ReducedPrecisionNet) else blocks
-    assert isinstance(blocks, ReducedPrecisionNet) == native_bfloat16("cpu")
-    assert isinstance(inner, FlippedHeadNet) and isinstance(inner.network, StudentTeacherNet)
-    assert inner.network.student is auto.network.student.network and inner.head_network is inner.network.student
-    assert inner.network.teacher is auto.network.teacher.network and len(inner.flips) == 8
-    x = _input((1, 1, 16, 32, 32))
-    f32 = network_for_clustering(_network(3), precision="float32", backend="auto", **args)
-    with torch.inference_mode():
-        torch.testing.assert_close(
-            for_blocks(f32)(x),
-            network_for_clustering(_network(3), precision="float32", backend="torch", **args)(x),
-            rtol=0,
-            atol=0,
-        )
-    explicit = network_for_clustering(_network(3), precision="auto", backend="openvino", **args)
-    assert for_blocks(explicit) is explicit
-    plain = network_for_clustering(_network(3), "watershed", ckpt, precision="float32", backend="torch")
-    assert for_blocks(plain) is plain
-
-
 @pytest.mark.slow
 def test_spoco_segment_with_the_openvino_backend_writes_the_torch_labels_whole_and_blockwise(tmp_path):
     """The command a user runs, on a real TIFF, with ``--backend openvino --precision float32``, whole and blockwise
