@@ -18,7 +18,7 @@ if [ "${1:-}" = "--fast" ]; then
     fast=1
     shift
 fi
-bash scripts/setup_env.sh test,test-gui,lint,napari
+bash scripts/setup_env.sh test,test-gui,lint,napari,openvino
 export MPLBACKEND="${MPLBACKEND:-Agg}"  # under the virtual display matplotlib would pick Qt
 status=0
 display=()

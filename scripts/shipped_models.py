@@ -156,16 +156,10 @@ def score_model(args: argparse.Namespace) -> dict:
     ids = dict(card["inference"], image_scale="auto")
     preds = predict(out / "model.pt", split, work, threads=args.threads, overrides=ids)
     scores = score(preds, [i.labels for i in split.test], split.spatial_dims)
-    from spoco_bundle.backends import choose_backend
     from spoco_bundle.inferers import native_bfloat16
-    from spoco_bundle.networks import EmbeddingUNet
 
-    # what precision auto and backend auto took on this CPU
-    precision = "bfloat16" if native_bfloat16("cpu") else "float32"
-    backend = choose_backend("auto", EmbeddingUNet(spatial_dims=split.spatial_dims))
-    how = (
-        f"configs/inference.json defaults (image_scale auto; precision auto, backend auto: {precision}, {backend} here)"
-    )
+    precision = "bfloat16" if native_bfloat16("cpu") else "float32"  # what precision auto took on this CPU
+    how = f"configs/inference.json defaults (image_scale auto, precision auto: {precision} here)"
     card["scores"]["default_inference"] = _scores(scores, split, how)
     (out / "model.json").write_text(json.dumps(card, indent=1, default=float) + "\n")
     print(f"[shipped] {args.name} on {split.name}: AP50 {scores['ap50']:.3f}, mAP {scores['map']:.3f}")

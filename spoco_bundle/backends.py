@@ -1,9 +1,8 @@
-"""Back-ends of the network pass in inference: torch, or OpenVINO on a CPU (what ``auto`` takes for 3D volumes)."""
+"""Back-ends of the network pass in inference: torch, or OpenVINO on a CPU (the optional ``openvino`` extra)."""
 
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 import warnings
 from typing import Any
@@ -13,12 +12,10 @@ import torch
 
 from spoco_bundle.networks import NetworkWrapper
 
-__all__ = ["BACKENDS", "OpenVINONet", "openvino_available", "choose_backend"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["BACKENDS", "OpenVINONet", "openvino_available"]
 
 # the values of inference's ``backend``
-BACKENDS = ("auto", "torch", "openvino")
+BACKENDS = ("torch", "openvino")
 
 # compiled models kept per network: one per input shape (a sliding window's batch, its last smaller batch)
 _MAX_SHAPES = 8
@@ -40,31 +37,6 @@ def _smallest_input(network: torch.nn.Module, ndim: int) -> list[int]:
         for axis, s in enumerate([stride] * ndim if isinstance(stride, int) else stride):
             size[axis] *= int(s)
     return size
-
-
-def choose_backend(backend: str, network: torch.nn.Module) -> str:
-    """``backend`` (one of :data:`BACKENDS`), with ``"auto"`` resolved: OpenVINO for a 3D
-    :class:`~spoco_bundle.networks.EmbeddingUNet` on the CPU, where its network pass is faster than torch's and its
-    bfloat16 labels are closer to float32's (measured in research/pages/benchmark_precision.md); torch for 2D (no
-    faster there), other devices and other networks, and where OpenVINO cannot be imported (with a warning).
-
-    Raises:
-        ValueError: a ``backend`` not in :data:`BACKENDS`.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
-    if backend != "auto":
-        return backend
-    parameter = next(network.parameters(), None)
-    fits = all(hasattr(network, name) for name in ("skip_layers", "output_block", "calibrate"))
-    if not (fits and getattr(network, "spatial_dims", None) == 3 and parameter is not None):
-        return "torch"
-    if parameter.device.type != "cpu":
-        return "torch"
-    if not openvino_available():
-        logger.warning("backend auto: openvino cannot be imported, the network runs in torch (pip install openvino).")
-        return "torch"
-    return "openvino"
 
 
 class _Body(torch.nn.Module):
@@ -101,7 +73,7 @@ class OpenVINONet(NetworkWrapper):
     Raises:
         ValueError: a network that is not an EmbeddingUNet, one that is not on the CPU, or an unknown
             precision.
-        ImportError: OpenVINO cannot be imported.
+        ImportError: OpenVINO is not installed (``pip install "spoco-bundle[openvino]"``).
     """
 
     def __init__(self, network: torch.nn.Module, precision: str = "bf16", threads: int | None = None) -> None:
@@ -115,8 +87,8 @@ class OpenVINONet(NetworkWrapper):
             raise ValueError(f"OpenVINO precision must be 'bf16' or 'f32', got {precision!r}.")
         if not openvino_available():
             raise ImportError(
-                "backend 'openvino' needs the openvino package: pip install openvino (a dependency of spoco-bundle), "
-                "or use --backend torch."
+                "backend 'openvino' needs the openvino package: pip install \"spoco-bundle[openvino]\" (or "
+                "`pip install openvino`), or use --backend torch."
             )
         self.network = network
         self.precision = precision

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import Resize
 
-from spoco_bundle.backends import OpenVINONet, choose_backend
+from spoco_bundle.backends import BACKENDS, OpenVINONet
 from spoco_bundle.errors import check_flag
 from spoco_bundle.measure import blob_scale
 from spoco_bundle.networks import NetworkWrapper, downsampling, load_weights, unwrap
@@ -537,7 +537,7 @@ def network_for_clustering(
     embedding_dim: int = 16,
     test_time_flips: bool = False,
     precision: str = "float32",
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> torch.nn.Module:
     """
     The network inference runs: the student alone, or, for ``clustering="consistency"``, the student beside its
@@ -545,8 +545,7 @@ def network_for_clustering(
     both); with ``test_time_flips``, inside :class:`FlippedHeadNet` (the head averaged over mirror images; a network
     without a foreground head is returned as it is); with ``precision`` ``"bfloat16"`` inside
     :class:`ReducedPrecisionNet` (``"auto"``: where the network's device computes it natively,
-    :func:`native_bfloat16`). With ``backend`` ``"openvino"`` (``"auto"``: for a 3D network on the CPU,
-    :func:`~spoco_bundle.backends.choose_backend`) the networks (student, teacher) run in
+    :func:`native_bfloat16`). With ``backend`` ``"openvino"`` the networks (student, teacher) run in
     :class:`~spoco_bundle.backends.OpenVINONet` instead, in the same precision.
 
     Raises:
@@ -556,7 +555,8 @@ def network_for_clustering(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
-    backend = choose_backend(backend, network)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
     test_time_flips = check_flag(test_time_flips, "test_time_flips")  # the text "false" would count as on
     if clustering == "consistency":
         device = next(network.parameters()).device

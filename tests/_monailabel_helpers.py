@@ -87,15 +87,12 @@ def write_bad_inputs(folder: Path) -> dict:
     return {"corrupt_000": str(corrupt), "flat_000": str(flat)}
 
 
-def cli_segmentation(
-    bundle: Path, image: str, out_dir: Path, precision: str = "float32", backend: str = "torch"
-) -> np.ndarray:
+def cli_segmentation(bundle: Path, image: str, out_dir: Path, precision: str = "float32") -> np.ndarray:
     """
     The reference: the bundle's own inference (``segment_files`` of configs/inference.json, as ``monai.bundle run``
-    calls it) on ``bundle/models/model.pt``, read back in the input's storage order; by default in torch and float32,
-    as MONAI Label runs ``network_def`` (``precision auto`` computes in bfloat16 on a CPU that has it, ``backend auto``
-    3D through OpenVINO: the same objects, not the same voxels); ``"auto"`` for both for what runs the bundle's own
-    workflow (the ``<model>_uncertain`` strategy).
+    calls it) on ``bundle/models/model.pt``, read back in the input's storage order; by default in float32, as MONAI
+    Label runs ``network_def`` (``precision auto`` computes in bfloat16 on a CPU that has it: the same objects, not
+    the same voxels); ``"auto"`` for what runs the bundle's own workflow (the ``<model>_uncertain`` strategy).
     """
     from monai.bundle import ConfigParser
 
@@ -103,8 +100,7 @@ def cli_segmentation(
 
     parser = ConfigParser()
     parser.read_config(str(Path(bundle) / "configs" / "inference.json"))
-    ids = {"bundle_root": str(bundle), "device": "$torch.device('cpu')", "precision": precision, "backend": backend}
-    parser.update(ids)
+    parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')", "precision": precision})
     written = segment_files(
         [image],
         parser.get_parsed_content("preprocessing"),

@@ -613,16 +613,12 @@ def test_precision_auto_takes_bfloat16_only_where_the_cpu_computes_it_natively()
         network_for_clustering(net, "watershed", "", precision="float16")
 
 
-def test_without_openvino_auto_falls_back_to_torch_and_openvino_says_how_to_install_it(monkeypatch, caplog):
+def test_the_openvino_backend_without_openvino_says_how_to_install_it(monkeypatch):
     from spoco_bundle.inferers import network_for_clustering
 
-    monkeypatch.setitem(sys.modules, "openvino", None)  # what `import openvino` meets where it cannot be imported
-    net = _network(3).eval()
-    with caplog.at_level("WARNING", logger="spoco_bundle.backends"):
-        auto = network_for_clustering(net, "watershed", "", precision="float32", backend="auto")
-    assert auto is net and "openvino cannot be imported, the network runs in torch" in caplog.text
-    with pytest.raises(ImportError, match=r"backend 'openvino' needs the openvino package: pip install openvino"):
-        network_for_clustering(net, "watershed", "", backend="openvino")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what `import openvino` meets where it is not installed
+    with pytest.raises(ImportError, match=r"backend 'openvino' needs the openvino package: pip install"):
+        network_for_clustering(_network(2).eval(), "watershed", "", backend="openvino")
 
 
 @pytest.mark.slow
@@ -645,7 +641,7 @@ BAD_POSTPROCESSING_OPTIONS = [
     ("boundary_threshold", "mean", "boundary_threshold must be a number in (0, 1) or 'median', got 'mean'"),
     ("boundary_threshold", "1", "boundary_threshold must be a number in (0, 1) or 'median', got 1"),
     ("precision", "float16", "precision must be one of auto, float32, bfloat16, got 'float16'"),
-    ("backend", "onnx", "backend must be one of auto, torch, openvino, got 'onnx'"),
+    ("backend", "onnx", "backend must be one of torch, openvino, got 'onnx'"),
 ]
 
 

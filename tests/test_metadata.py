@@ -33,6 +33,7 @@ OPTIONAL_IMPORTS = {
     "napari": "only the napari plugin, spoco_bundle.napari.widget (extra 'napari')",
     "magicgui": "only the napari plugin's widget (a napari dependency)",
     "qtpy": "only the napari plugin's widget (a napari dependency)",
+    "openvino": "only inference's backend openvino, spoco_bundle.backends (extra 'openvino')",
 }
 
 

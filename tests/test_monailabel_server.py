@@ -345,9 +345,7 @@ def test_the_uncertain_strategy_serves_the_least_sure_unlabeled_study(server, tm
     ranks = read_result(str(tmp_path / f"suggestions{ext}"))
     assert ranks.shape == SHAPE and set(np.unique(ranks)) == {0, *range(1, len(objects) + 1)}
     # the strategy runs the bundle's own inference workflow in-process: its defaults, precision auto included
-    segmentation = cli_segmentation(
-        server.bundle, server.images[served["id"]], tmp_path / "cli", precision="auto", backend="auto"
-    )
+    segmentation = cli_segmentation(server.bundle, server.images[served["id"]], tmp_path / "cli", precision="auto")
     for o in objects:  # each ranked region is exactly the object of the command line's segmentation
         np.testing.assert_array_equal(ranks == o["rank"], segmentation == o["id"])
 

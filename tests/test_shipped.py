@@ -147,7 +147,7 @@ def test_nuclei2d_segments_dsb_validation_images_through_the_cli(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "settings",
-    [{"precision": "bfloat16", "backend": "torch"}, {"backend": "openvino", "precision": "auto"}],
+    [{"precision": "bfloat16"}, {"backend": "openvino", "precision": "auto"}],
     ids=["bfloat16", "openvino"],
 )
 def test_reduced_precision_and_openvino_give_the_float32_labels_of_the_shipped_nuclei2d(settings):
@@ -158,9 +158,11 @@ def test_reduced_precision_and_openvino_give_the_float32_labels_of_the_shipped_n
 
     from spoco_bundle.io import read_image
 
+    if settings.get("backend") == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra (scripts/run_tests.sh installs it)")
     ids = json.loads((DATA / "dsb2018" / "split.json").read_text())["training"][:12]
     labels: dict[str, list[np.ndarray]] = {}
-    for name, ids_ in (("float32", {"precision": "float32", "backend": "torch"}), ("tried", settings)):
+    for name, ids_ in (("float32", {"precision": "float32"}), ("tried", settings)):
         parser = ConfigParser()
         parser.read_config(str(ROOT / "configs" / "inference.json"))
         parser.update({"bundle_root": str(ROOT), "model": "nuclei2d", **ids_})
