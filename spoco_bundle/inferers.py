@@ -558,12 +558,11 @@ def network_for_clustering(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
     test_time_flips = check_flag(test_time_flips, "test_time_flips")  # the text "false" would count as on
+    device = next(network.parameters()).device
     if clustering == "consistency":
-        device = next(network.parameters()).device
         teacher_path = os.path.join(os.path.dirname(os.fspath(ckpt_path)), "teacher.pt")
         teacher = load_weights(copy.deepcopy(network), teacher_path, map_location=device)
         network = StudentTeacherNet(network, teacher, embedding_dim)
-    device = next(network.parameters()).device
     reduced = precision == "bfloat16" or (precision == "auto" and native_bfloat16(device))
     if backend == "openvino":
         hint = "bf16" if reduced else "f32"
